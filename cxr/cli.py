@@ -1,0 +1,315 @@
+"""``cxr``: one command for the whole stack.
+
+Subcommands import their heavy dependencies (TensorFlow, tritonclient,
+onnxruntime) lazily, so ``cxr predict`` works in a client-only install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from cxr.errors import CxrError
+
+logger = logging.getLogger("cxr")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
+DEFAULT_MODEL = "pneumonia"
+
+_EPILOG = """\
+typical flow:
+  cxr train --data ../shared/data/chest_xray --out runs/compact
+  cxr evaluate --model runs/compact/model.keras --data ../shared/data/chest_xray_site
+  cxr calibrate --model runs/compact/model.keras --data ../shared/data/chest_xray_site
+  cxr export --model runs/compact/model.keras --data ../shared/data/chest_xray
+  cxr serve &            # embedded CPU Triton on 127.0.0.1:8000/8001/8002
+  cxr predict ../shared/data/chest_xray_fullres --protocol grpc
+"""
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model on the Kaggle layout",
+        description="Train on DATA/train/{NORMAL,PNEUMONIA} with a patient-grouped, stratified, seeded "
+        "validation split carved from train. Writes model.keras, split.json, history.json, "
+        "accuracy.png and loss.png into --out.",
+    )
+    p.add_argument("--data", type=Path, required=True, help="Kaggle-layout root (holds train/)")
+    p.add_argument("--out", type=Path, required=True, help="run directory to create")
+    p.add_argument("--arch", default="compact", choices=["compact", "inception_v3"], help="architecture (default: compact)")
+    p.add_argument("--weights", type=Path, help="local InceptionV3 base weights (frozen when given); nothing is downloaded")
+    p.add_argument("--epochs", type=int, default=14)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3, help="peak Adam learning rate (cosine decay)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.15)
+    p.add_argument("--patience", type=int, default=5, help="early-stopping patience (epochs)")
+    p.add_argument("--no-augment", action="store_true", help="disable all augmentation")
+    p.add_argument("--no-flip", action="store_true", help="no horizontal flip (flipping mirrors the heart)")
+    p.add_argument("--no-photometric", action="store_true", help="only the report's geometric augmentation")
+    p.add_argument("--monitor", type=Path, help="external labelled folder scored each epoch (e.g. the site sample)")
+    p.add_argument("--select-on", choices=["val", "monitor"], default="val", help="checkpoint/early-stop metric")
+    p.add_argument("--limit-per-class", type=int, help="use at most N train images per class (smoke runs)")
+    p.add_argument("--width", type=int, default=16, help="compact CNN width multiplier")
+    p.add_argument("--cache-dir", type=Path, default=REPO_ROOT / ".cache", help="decoded-image cache")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from cxr.train.augment import AugmentConfig
+    from cxr.train.trainer import TrainConfig, train
+
+    augment = None if a.no_augment else AugmentConfig(flip=not a.no_flip, photometric=not a.no_photometric)
+    cfg = TrainConfig(
+        data_dir=a.data, out_dir=a.out, arch=a.arch, epochs=a.epochs, batch_size=a.batch_size,
+        learning_rate=a.lr, seed=a.seed, val_fraction=a.val_fraction, patience=a.patience,
+        augment=augment, weights=a.weights, monitor_dir=a.monitor, select_on=a.select_on,
+        limit_per_class=a.limit_per_class, cache_dir=a.cache_dir, width=a.width,
+    )
+    result = train(cfg)
+    print(f"model: {result.model_path}  best epoch {result.best_epoch} (score {result.best_score:.4f})  {result.seconds:.0f} s")
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="metrics with bootstrap intervals, plots and reports",
+        description="Evaluate a .keras (with its calibration.json) or .onnx model on a labelled folder "
+        "({NORMAL,PNEUMONIA}/ or a Kaggle root's test/). Writes report.json, report.md and ROC, PR, "
+        "reliability and confusion PNGs.",
+    )
+    p.add_argument("--model", type=Path, required=True, help="model.keras or model.onnx")
+    p.add_argument("--data", type=Path, required=True, help="labelled folder")
+    p.add_argument("--out", type=Path, help="report folder (default: eval_<data name> beside the model)")
+    p.add_argument("--threshold", type=float, help="override the stored threshold")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> int:
+    from cxr.train.evaluate import evaluate
+
+    out = a.out or a.model.parent / f"eval_{a.data.resolve().name}"
+    rep = evaluate(a.model, a.data, out, threshold=a.threshold, n_boot=a.n_boot, cache_dir=REPO_ROOT / ".cache")
+    print((out / "report.md").read_text().split("Confusion")[0])
+    print(f"reports and plots in {out}")
+    return 0 if rep["n"] else 1
+
+
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="fit the decision threshold (and probability scaling) on a labelled site sample",
+        description="What a hospital does before go-live: on a labelled local sample, fit probability scaling "
+        "(Platt by default, or temperature) and choose the threshold by a rule: the highest threshold whose "
+        "sensitivity is at least --target (default 0.95), or Youden's J. Stores calibration.json beside the "
+        "model; `cxr export` bakes the scaling into the ONNX and the threshold into the Triton configs.",
+    )
+    p.add_argument("--model", type=Path, required=True, help="model.keras")
+    p.add_argument("--data", type=Path, required=True, help="labelled site folder {NORMAL,PNEUMONIA}/")
+    p.add_argument("--rule", choices=["sensitivity", "youden"], default="sensitivity")
+    p.add_argument("--target", type=float, default=0.95, help="sensitivity target of the 'sensitivity' rule")
+    p.add_argument("--scaling", choices=["platt", "temperature", "none"], default="platt")
+    p.set_defaults(func=_cmd_calibrate)
+
+
+def _cmd_calibrate(a: argparse.Namespace) -> int:
+    from cxr.train.evaluate import calibrate
+
+    cal = calibrate(a.model, a.data, rule=a.rule, target=a.target, scaling=a.scaling, cache_dir=REPO_ROOT / ".cache")
+    m = cal.metrics
+    print(f"threshold {cal.threshold:.4f} ({cal.rule}), scaling {cal.scaling} (scale {cal.scale:.4f}, bias {cal.bias:.4f})")
+    print(f"on {cal.n_images} site images (in-sample): sensitivity {m['sensitivity']:.3f}, specificity "
+          f"{m['specificity']:.3f}, accuracy {m['accuracy']:.3f}, AUC {m['roc_auc']:.3f}, ECE {m['ece']:.3f}")
+    print(f"written {a.model.parent / 'calibration.json'}")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export to ONNX (FP32 + INT8) or TensorRT with parity checks, into the Triton repository",
+        description="Convert model.keras with tf2onnx (uint8 input 'image', output 'probability', dynamic "
+        "batch 'batch', calibration baked in), check parity against Keras on validation images (names, "
+        "shapes, max |dp| <= 1e-5, identical labels), quantize to INT8 (QDQ, refused if validation AUC "
+        "drops > 0.005), and write model files, Triton configs and the model card. --format tensorrt "
+        "builds a TensorRT plan from the exported ONNX on a GPU host.",
+    )
+    p.add_argument("--model", type=Path, help="model.keras (onnx format)")
+    p.add_argument("--data", type=Path, help="Kaggle-layout root used for training (parity and INT8 calibration images)")
+    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
+    p.add_argument("--name", default=DEFAULT_MODEL, help="model folder name")
+    p.add_argument("--version", type=int, default=1)
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--no-int8", action="store_true", help="skip the INT8 model")
+    p.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx")
+    p.add_argument("--fp16", action="store_true", help="TensorRT: build an FP16 engine")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    if a.format == "tensorrt":
+        from cxr.export.tensorrt import build_plan
+
+        onnx_path = a.repository / a.name / str(a.version) / "model.onnx"
+        plan = build_plan(onnx_path, onnx_path.with_name("model.plan"), fp16=a.fp16)
+        print(f"TensorRT plan: {plan}")
+        return 0
+    if a.model is None:
+        raise CxrError("--model is required for --format onnx")
+    from cxr.export.onnx_export import ExportConfig, command_line, export
+
+    cfg = ExportConfig(model_path=a.model, data_dir=a.data, repository=a.repository, model_name=a.name,
+                       version=a.version, opset=a.opset, int8=not a.no_int8, command=command_line())
+    results = export(cfg)
+    for prec, r in results.items():
+        par = r["parity"]
+        print(f"{prec}: {r['path']}  max|dp| {par['max_abs_diff']:.2e}  labels agree {par['label_agreement']:.4f}  "
+              f"val AUC {r['val_auc']:.4f}")
+    return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the embedded CPU Triton (real tritonserver from the nvidia-pytriton wheel)",
+        description="Start tritonserver on loopback with the model repository, wait until ready, print the "
+        "URLs, and stop cleanly on Ctrl-C or SIGTERM. Model sha256s are checked against their model cards "
+        "first; a mismatch refuses to serve.",
+    )
+    p.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
+    p.add_argument("--model-config-name", default="cpu", help="configs/<name>.pbtxt per model ('' = config.pbtxt)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--models", nargs="*", default=[], help="load only these models")
+    p.add_argument("--timeout-s", type=float, default=120.0, help="readiness deadline")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(a: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from cxr.serving.server import ServerConfig, TritonServer
+
+    cfg = ServerConfig(model_repository=a.model_repository, model_config_name=a.model_config_name or None,
+                       host=a.host, http_port=a.http_port, grpc_port=a.grpc_port, metrics_port=a.metrics_port,
+                       models=tuple(a.models), startup_timeout_s=a.timeout_s)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with TritonServer(cfg) as server:
+        print(f"Triton ready (pid {server.pid}):\n  HTTP    http://{cfg.http_url}\n  gRPC    {cfg.grpc_url}\n"
+              f"  metrics {cfg.metrics_url}\nCtrl-C to stop.", flush=True)
+        try:
+            while not stop.is_set():
+                if not server.running():
+                    raise CxrError(f"tritonserver exited:\n{server.log_tail()}")
+                stop.wait(1.0)
+        except KeyboardInterrupt:
+            pass
+        print("stopping Triton ...", flush=True)
+    return 0
+
+
+def _add_client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", help="server host:port (default 127.0.0.1:8001 gRPC / :8000 HTTP); for embedded, the repository")
+    p.add_argument("--protocol", choices=["grpc", "http", "embedded"], default="grpc")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--timeout-s", type=float, default=30.0, help="per-request deadline")
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="classify image files or folders",
+        description="Classify JPEG/PNG/DICOM files (folders are walked). A bad file fails alone with a one-line "
+        "error; the exit code is 1 when any input failed. With --out results.csv, rows are appended and "
+        "flushed as they complete, and a rerun skips inputs already done (by path and content hash).",
+    )
+    p.add_argument("inputs", nargs="+", type=Path, help="files or folders")
+    _add_client_args(p)
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.add_argument("--out", type=Path, help="write results here (csv appends and resumes)")
+    p.add_argument("--chunk", type=int, default=64, help="images preprocessed and sent per step")
+    p.set_defaults(func=_cmd_predict)
+
+
+def _cmd_predict(a: argparse.Namespace) -> int:
+    from cxr.client.batch import run_predict
+
+    return run_predict(a)
+
+
+def _add_health(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("health", help="server and model readiness and metadata")
+    _add_client_args(p)
+    p.set_defaults(func=_cmd_health)
+
+
+def _cmd_health(a: argparse.Namespace) -> int:
+    import json
+
+    from cxr.client import PneumoniaClient, RetryPolicy
+
+    with PneumoniaClient(a.url, protocol=a.protocol, model=a.model, timeout_s=a.timeout_s,
+                         retry=RetryPolicy(attempts=1)) as c:
+        ready = c.ready()
+        info = c.info
+        print(json.dumps({"ready": ready, "protocol": a.protocol, "model": info.name, "version": info.version,
+                          "max_batch_size": info.max_batch_size, "threshold": info.threshold,
+                          "labels": list(info.labels), "sha256": info.sha256, "server": c.server_metadata()},
+                         indent=1, default=str))
+        return 0 if ready else 1
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_train, _add_evaluate, _add_calibrate, _add_export, _add_serve, _add_predict, _add_health,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``cxr`` argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="cxr",
+        description="Chest X-ray pneumonia screening: train, evaluate, calibrate, export, serve on Triton, predict, "
+        "load-test.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cxr`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        return int(args.func(args) or 0)
+    except CxrError as exc:
+        print(f"cxr {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""The model contract: one home for everything the stack's parts must agree on.
+
+Training, export parity, the Triton model, the client, the UI and the load
+tests all import this module. It holds the input geometry, tensor names and
+dtypes, labels, and :func:`preprocess`, the one function that turns an image
+(any size, bit depth or colour mode) into the model's input.
+
+Geometry (decode, grayscale, resize) happens here; intensity scaling
+(``/255`` and per-image standardisation) happens inside the model graph, so
+ONNX and Triton inherit it and clients send raw ``uint8`` pixels.
+
+This module depends on numpy and Pillow only (no TensorFlow), so a client-only
+install can use it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from cxr.errors import InvalidInputError
+
+#: Side of the square model input, in pixels (the report's 224x224).
+IMAGE_SIZE = 224
+#: Channels of the model input: chest X-rays are grayscale. The InceptionV3
+#: variant replicates the channel to RGB inside its graph.
+CHANNELS = 1
+#: Shape of one preprocessed image (height, width, channels).
+IMAGE_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, CHANNELS)
+
+#: Input tensor: raw pixels, batch-first, NHWC.
+INPUT_NAME = "image"
+INPUT_DTYPE = np.dtype(np.uint8)
+INPUT_TRITON_DTYPE = "UINT8"
+#: Output tensor: calibrated probability of pneumonia, shape (batch, 1).
+OUTPUT_NAME = "probability"
+OUTPUT_DTYPE = np.dtype(np.float32)
+OUTPUT_TRITON_DTYPE = "FP32"
+OUTPUT_SHAPE = (1,)
+#: Name of the symbolic batch dimension in the exported ONNX.
+BATCH_DIM = "batch"
+
+#: Human-readable labels, index = class (0 negative, 1 positive).
+LABELS = ("Normal", "Pneumonia")
+#: Folder names of the Kaggle layout, index = class.
+CLASS_DIRS = ("NORMAL", "PNEUMONIA")
+#: Default decision threshold before a site calibration has been stored.
+DEFAULT_THRESHOLD = 0.5
+
+#: Triton config parameter keys through which threshold and labels travel.
+PARAM_THRESHOLD = "threshold"
+PARAM_LABELS = "labels"
+PARAM_SHA256 = "sha256"
+
+#: Largest accepted image, in pixels (decompression-bomb guard). The largest
+#: Kaggle original is 2890x2534 (7.3 MP); DR detectors reach about 4300x4300.
+MAX_PIXELS = 40_000_000
+#: Smallest accepted side, in pixels; thinner images carry no chest.
+MIN_SIDE = 32
+#: Largest accepted encoded file, in bytes.
+MAX_FILE_BYTES = 64 * 1024 * 1024
+
+#: Image file suffixes that directory walks pick up.
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm", ".dicom")
+
+ImageSource = Union[str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray]
+
+# A truncated JPEG must fail, not decode half grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def label_for(probability: float, threshold: float) -> str:
+    """Return the label for a probability: ``Pneumonia`` when ``p >= threshold``."""
+    return LABELS[1] if probability >= threshold else LABELS[0]
+
+
+def describe(source: ImageSource) -> str:
+    """Short name of an input for error messages."""
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    if isinstance(source, (bytes, bytearray)):
+        return f"<{len(source)} bytes>"
+    if isinstance(source, np.ndarray):
+        return f"<array {source.dtype} {source.shape}>"
+    return f"<{type(source).__name__}>"
+
+
+def _is_dicom(head: bytes) -> bool:
+    return len(head) >= 132 and head[128:132] == b"DICM"
+
+
+def _read_bytes(source: ImageSource, name: str) -> bytes:
+    if isinstance(source, (bytes, bytearray)):
+        data = bytes(source)
+    else:
+        path = Path(os.fspath(source))
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise InvalidInputError(f"{name}: cannot read file ({exc.strerror or exc})") from None
+        if size > MAX_FILE_BYTES:
+            raise InvalidInputError(f"{name}: file too large ({size} bytes > {MAX_FILE_BYTES})")
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise InvalidInputError(f"{name}: cannot read file ({exc.strerror or exc})") from None
+    if not data:
+        raise InvalidInputError(f"{name}: empty file")
+    return data
+
+
+def _array_to_gray_u8(array: np.ndarray, name: str) -> np.ndarray:
+    """Bring a decoded pixel array to 2-D uint8 grayscale.
+
+    8-bit data is kept as is; deeper integer data and float data are min-max
+    windowed to 0..255 (a 12-bit image in a 16-bit container would otherwise be
+    almost black).
+    """
+    if array.ndim == 3:
+        if array.shape[2] == 1:
+            array = array[:, :, 0]
+        elif array.shape[2] in (3, 4):
+            luma = array[:, :, :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])  # ITU-R 601, as PIL "L"
+            array = np.rint(luma).astype(np.uint8) if array.dtype == np.uint8 else luma
+        else:
+            raise InvalidInputError(f"{name}: unsupported channel count {array.shape[2]}")
+    elif array.ndim != 2:
+        raise InvalidInputError(f"{name}: expected a 2-D or 3-D pixel array, got shape {array.shape}")
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise InvalidInputError(f"{name}: unsupported pixel dtype {array.dtype}")
+    values = array.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise InvalidInputError(f"{name}: pixel data contains NaN or Inf")
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return np.zeros(values.shape, dtype=np.uint8)
+    return np.rint((values - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def _check_size(width: int, height: int, name: str) -> None:
+    if width * height > MAX_PIXELS:
+        raise InvalidInputError(
+            f"{name}: image too large ({width}x{height} = {width * height} pixels > {MAX_PIXELS}); "
+            "refusing to decode (decompression-bomb guard)"
+        )
+    if min(width, height) < MIN_SIDE:
+        raise InvalidInputError(f"{name}: image too small ({width}x{height}); need at least {MIN_SIDE} px per side")
+
+
+def _resize(gray: np.ndarray) -> np.ndarray:
+    if gray.shape != (IMAGE_SIZE, IMAGE_SIZE):
+        gray = np.asarray(Image.fromarray(gray).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR))
+    return gray.reshape(IMAGE_SHAPE)
+
+
+def _decode_pil(image: Image.Image, name: str, *, draft: bool) -> np.ndarray:
+    _check_size(image.width, image.height, name)
+    if getattr(image, "n_frames", 1) > 1:
+        raise InvalidInputError(f"{name}: multi-frame image ({image.n_frames} frames); send one frame per image")
+    if draft and image.format == "JPEG" and image.mode in ("L", "RGB", "CMYK", "YCbCr"):
+        # DCT-domain downscaling: decodes at 1/2..1/8 size, never below 2x the target.
+        image.draft(image.mode if image.mode == "L" else "RGB", (2 * IMAGE_SIZE, 2 * IMAGE_SIZE))
+    try:
+        image.load()
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise InvalidInputError(f"{name}: corrupt or truncated image ({exc})") from None
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image)
+    elif mode == "L":
+        array = np.asarray(image)
+    elif mode == "1":
+        array = np.asarray(image.convert("L"))
+    else:  # RGB, RGBA, LA, P, PA, CMYK, YCbCr, LAB, HSV ...: alpha dropped, luma kept
+        array = np.asarray(image.convert("RGB").convert("L"))
+    return _array_to_gray_u8(array, name)
+
+
+def preprocess_with_meta(
+    source: ImageSource, *, name: str | None = None, draft: bool = True
+) -> tuple[np.ndarray, dict[str, str]]:
+    """Turn one image into the model's input; also return metadata (``sop_instance_uid`` for DICOM).
+
+    Input contract:
+        ``source`` is a path, encoded bytes (JPEG, PNG, BMP, TIFF, GIF, WebP or
+        DICOM), a ``PIL.Image``, or a pixel array. Arrays are ``(H, W)``,
+        ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)``; ``uint8`` is used as is,
+        other integer dtypes and finite floats are min-max windowed to 0..255.
+        Sides must be at least :data:`MIN_SIDE` and the area at most
+        :data:`MAX_PIXELS`. Multi-frame images are refused.
+
+    Output contract:
+        ``numpy.ndarray`` of dtype ``uint8``, shape :data:`IMAGE_SHAPE`
+        ``(224, 224, 1)``, values 0..255 (grayscale, aspect ratio not kept, as
+        the training data).
+
+    Args:
+        source: The image.
+        name: Name used in error messages (defaults to the path or a summary).
+        draft: Let JPEG decoding downscale in the DCT domain (much faster on
+            multi-megapixel X-rays; differences are a few grey levels).
+
+    Raises:
+        InvalidInputError: The input cannot be read or violates the contract.
+    """
+    name = name or describe(source)
+    if isinstance(source, np.ndarray):
+        if source.ndim not in (2, 3):
+            raise InvalidInputError(f"{name}: expected a 2-D or 3-D pixel array, got shape {source.shape}")
+        _check_size(source.shape[1], source.shape[0], name)
+        return _resize(_array_to_gray_u8(source, name)), {}
+    if isinstance(source, Image.Image):
+        return _resize(_decode_pil(source, name, draft=draft)), {}
+    if not isinstance(source, (str, os.PathLike, bytes, bytearray)):
+        raise InvalidInputError(f"{name}: unsupported input type {type(source).__name__}")
+    data = _read_bytes(source, name)
+    if _is_dicom(data[:132]):
+        from cxr.dicom import read_dicom
+
+        gray, uid = read_dicom(data, name=name)
+        return _resize(gray), ({"sop_instance_uid": uid} if uid else {})
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise InvalidInputError(f"{name}: not an image (unrecognised format)") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise InvalidInputError(f"{name}: corrupt image header ({exc})") from None
+    except Image.DecompressionBombError as exc:  # pragma: no cover - our own guard fires first
+        raise InvalidInputError(f"{name}: {exc}") from None
+    with image:
+        return _resize(_decode_pil(image, name, draft=draft)), {}
+
+
+def preprocess(source: ImageSource, *, name: str | None = None, draft: bool = True) -> np.ndarray:
+    """Turn one image into the model's input (see :func:`preprocess_with_meta` for the contract)."""
+    return preprocess_with_meta(source, name=name, draft=draft)[0]
+
+
+def validate_batch(batch: np.ndarray, *, max_batch_size: int | None = None, name: str = "batch") -> np.ndarray:
+    """Check a batch against the input contract and return it unchanged.
+
+    Input contract: ``uint8`` array of shape ``(N, 224, 224, 1)`` with
+    ``1 <= N`` (and ``N <= max_batch_size`` when given).
+
+    Raises:
+        InvalidInputError: Wrong dtype, shape or batch size.
+    """
+    if not isinstance(batch, np.ndarray):
+        raise InvalidInputError(f"{name}: expected numpy.ndarray, got {type(batch).__name__}")
+    if batch.dtype != INPUT_DTYPE:
+        raise InvalidInputError(f"{name}: dtype must be {INPUT_DTYPE}, got {batch.dtype}")
+    if batch.ndim != 4 or batch.shape[1:] != IMAGE_SHAPE or batch.shape[0] < 1:
+        raise InvalidInputError(f"{name}: shape must be (N, {', '.join(map(str, IMAGE_SHAPE))}), got {batch.shape}")
+    if max_batch_size is not None and batch.shape[0] > max_batch_size:
+        raise InvalidInputError(f"{name}: batch of {batch.shape[0]} exceeds max_batch_size {max_batch_size}")
+    return batch
+
+
+def stack(images: Sequence[np.ndarray]) -> np.ndarray:
+    """Stack preprocessed images into one contract batch."""
+    return validate_batch(np.stack(list(images)).astype(INPUT_DTYPE, copy=False))

@@ -1,0 +1,48 @@
+"""One small exception hierarchy for the whole stack.
+
+Every error the project raises on purpose derives from :class:`CxrError`, so a
+caller (a screening pipeline, the CLI) can catch one type and still tell the
+cases apart.
+"""
+
+from __future__ import annotations
+
+
+class CxrError(Exception):
+    """Base class of every error raised by this project."""
+
+
+class InvalidInputError(CxrError, ValueError):
+    """An input (file, array, tensor) violates the preprocessing contract.
+
+    The message names the input and the reason in one line.
+    """
+
+
+class DataError(CxrError):
+    """A dataset folder is missing, empty or not in the Kaggle layout."""
+
+
+class ExportValidationError(CxrError):
+    """An exported model disagrees with its reference.
+
+    Attributes:
+        failures: Every failed check, collected before raising.
+    """
+
+    def __init__(self, failures: list[str]) -> None:
+        self.failures = list(failures)
+        lines = "\n".join(f"  - {f}" for f in self.failures)
+        super().__init__(f"export validation failed ({len(self.failures)} checks):\n{lines}")
+
+
+class ModelIntegrityError(CxrError):
+    """A model file's sha256 does not match its model card."""
+
+
+class ServerError(CxrError):
+    """The inference server could not be started, reached or used."""
+
+
+class RetryableServerError(ServerError):
+    """A transient server failure (unavailable, overloaded, timed out)."""

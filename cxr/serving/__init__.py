@@ -1,0 +1,1 @@
+"""Serving: the embedded CPU Triton and its Python-backend model (installed as ``cxr.serving``)."""

@@ -1,0 +1,289 @@
+"""The embedded CPU Triton: the real ``tritonserver`` binary from the ``nvidia-pytriton`` wheel.
+
+The wheel bundles Triton Inference Server 2.51 and its Python backend but no
+ONNX Runtime backend, so locally the ``cpu`` model config hosts onnxruntime in
+the Python backend. Two pitfalls are handled here: the backend stub must load
+*this* interpreter's ``libpython`` (its lib directory goes first in
+``LD_LIBRARY_PATH``), and it must see this environment's packages (numpy<2).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from cxr.errors import ServerError
+
+logger = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How to run the embedded Triton.
+
+    Attributes:
+        model_repository: The Triton model repository.
+        model_config_name: Selects ``configs/<name>.pbtxt`` in each model folder
+            (``cpu`` for this server; ``None`` uses ``config.pbtxt``).
+        host: Address for HTTP, gRPC and metrics (loopback by default).
+        http_port: HTTP/REST port.
+        grpc_port: gRPC port.
+        metrics_port: Prometheus metrics port.
+        models: Load only these models (explicit model control); all when empty.
+        startup_timeout_s: Deadline for readiness.
+        log_verbose: Triton's ``--log-verbose`` level.
+        verify_sha256: Refuse to serve a model whose ONNX sha256 differs from its model card.
+    """
+
+    model_repository: Path
+    model_config_name: str | None = "cpu"
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    models: tuple[str, ...] = ()
+    startup_timeout_s: float = 120.0
+    log_verbose: int = 0
+    verify_sha256: bool = True
+
+    def __post_init__(self) -> None:
+        ports = (self.http_port, self.grpc_port, self.metrics_port)
+        if any(not 0 < p < 65536 for p in ports):
+            raise ValueError(f"ports must be in 1..65535, got {ports}")
+        if len(set(ports)) != 3:
+            raise ValueError(f"HTTP, gRPC and metrics ports must differ, got {ports}")
+        if self.startup_timeout_s <= 0:
+            raise ValueError("startup_timeout_s must be > 0")
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+
+def _pytriton_dist() -> Path:
+    try:
+        import pytriton
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ServerError("the embedded server needs the 'serve' extra: pip install 'cxr-triton[serve]'") from exc
+    dist = Path(pytriton.__file__).parent / "tritonserver"
+    if not (dist / "bin" / "tritonserver").exists():
+        raise ServerError(f"no tritonserver binary in {dist}")
+    return dist
+
+
+def prepare_backends(workdir: Path) -> Path:
+    """Assemble ``<workdir>/backends/python`` with the stub for this Python; returns the backends dir."""
+    dist = _pytriton_dist()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise ServerError(f"the pytriton wheel has no Python backend stub for Python {version}")
+    target = workdir / "backends" / "python"
+    target.mkdir(parents=True, exist_ok=True)
+    for f in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        shutil.copy2(dist / "backends" / "python" / f, target / f)
+    shutil.copy2(stub, target / "triton_python_backend_stub")
+    return workdir / "backends"
+
+
+def server_env() -> dict[str, str]:
+    """Environment for ``tritonserver`` and its Python-backend stub."""
+    import pytriton
+
+    env = os.environ.copy()
+    libs = Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
+    env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+    # The stub embeds libpython but not this venv's site: hand it our import path (the
+    # repository root first, so an editable checkout's cxr package is found).
+    import cxr
+
+    paths = [str(Path(cxr.__file__).resolve().parent.parent)] + [p for p in sys.path if p and Path(p).is_dir()]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    return env
+
+
+def verify_repository(repository: Path, models: tuple[str, ...] = ()) -> None:
+    """Check each model's ONNX sha256 against its ``model_card.json``.
+
+    Raises:
+        ModelIntegrityError: A file differs from its card.
+    """
+    import json
+
+    from cxr.errors import ModelIntegrityError
+    from cxr.serving.integrity import sha256_file
+
+    for card_path in sorted(Path(repository).glob("*/model_card.json")):
+        name = card_path.parent.name
+        if models and name not in models:
+            continue
+        card = json.loads(card_path.read_text())
+        onnx = card_path.parent / card["file"]
+        actual = sha256_file(onnx) if onnx.exists() else "missing"
+        if actual != card["sha256"]:
+            raise ModelIntegrityError(f"{onnx}: sha256 {actual} does not match model card {card['sha256']}; refusing to serve")
+
+
+class TritonServer:
+    """A running ``tritonserver`` process; use as a context manager.
+
+    Example:
+        >>> with TritonServer(ServerConfig(Path("model_repository"))) as server:
+        ...     print(server.config.grpc_url)
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._workdir: tempfile.TemporaryDirectory[str] | None = None
+        self._log: deque[str] = deque(maxlen=400)
+        self._reader: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------
+    def command(self, backends: Path) -> list[str]:
+        c = self.config
+        cmd = [
+            str(_pytriton_dist() / "bin" / "tritonserver"),
+            f"--model-repository={Path(c.model_repository).resolve()}",
+            f"--backend-directory={backends}",
+            f"--http-address={c.host}", f"--http-port={c.http_port}",
+            f"--grpc-address={c.host}", f"--grpc-port={c.grpc_port}",
+            f"--metrics-address={c.host}", f"--metrics-port={c.metrics_port}",
+            "--allow-gpu-metrics=false", "--allow-cpu-metrics=true",
+            f"--log-verbose={c.log_verbose}",
+            "--exit-timeout-secs=10",
+        ]
+        if c.model_config_name:
+            cmd.append(f"--model-config-name={c.model_config_name}")
+        if c.models:
+            cmd.append("--model-control-mode=explicit")
+            cmd += [f"--load-model={m}" for m in c.models]
+        return cmd
+
+    def start(self) -> TritonServer:
+        """Start the process and wait until it is ready (or raise :class:`ServerError`)."""
+        if self._proc is not None:
+            raise ServerError("server already started")
+        repo = Path(self.config.model_repository)
+        if not repo.is_dir():
+            raise ServerError(f"model repository not found: {repo}")
+        if self.config.verify_sha256:
+            verify_repository(repo, self.config.models)
+        self._workdir = tempfile.TemporaryDirectory(prefix="cxr-triton-")
+        backends = prepare_backends(Path(self._workdir.name))
+        cmd = self.command(backends)
+        logger.info("starting %s", " ".join(cmd))
+        self._proc = subprocess.Popen(
+            cmd, env=server_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self._reader = threading.Thread(target=self._pump, daemon=True)
+        self._reader.start()
+        try:
+            self.wait_ready(self.config.startup_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _pump(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for raw in self._proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip()
+            self._log.append(line)
+            logger.debug("tritonserver: %s", line)
+
+    def log_tail(self, n: int = 40) -> str:
+        """The last ``n`` lines the server printed."""
+        return "\n".join(list(self._log)[-n:])
+
+    def is_ready(self) -> bool:
+        """``GET /v2/health/ready`` answers 200."""
+        try:
+            with urllib.request.urlopen(f"http://{self.config.http_url}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Poll readiness until ``timeout_s``; fail fast if the process exits."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise ServerError(f"tritonserver exited with code {self._proc.returncode}:\n{self.log_tail()}")
+            if self.is_ready():
+                logger.info("tritonserver ready: HTTP %s, gRPC %s, metrics %s",
+                            self.config.http_url, self.config.grpc_url, self.config.metrics_url)
+                return
+            time.sleep(0.25)
+        raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM, wait, then SIGKILL; always removes the work directory."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                logger.warning("tritonserver did not stop in %.0f s; killing", timeout_s)
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            except ProcessLookupError:
+                pass
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+            self._reader = None
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
+
+    def kill(self) -> None:
+        """SIGKILL the server at once (fault-injection tests)."""
+        if self._proc is not None and self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+            self._proc.wait()
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

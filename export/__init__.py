@@ -1,0 +1,1 @@
+"""ONNX / TensorRT export with parity validation (installed as ``cxr.export``)."""

@@ -1,0 +1,417 @@
+"""``cxr export``: Keras -> ONNX (tf2onnx) with parity validation, INT8 QDQ, model repository and card.
+
+Parity follows optimum's export validation: first tensor names, then shapes,
+then values within a tolerance, then identical thresholded labels; every
+failure is collected before one :class:`ExportValidationError` is raised.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import platform
+import shlex
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cxr import contract
+from cxr.errors import CxrError, ExportValidationError
+from cxr.export import triton_config
+from cxr.serving.integrity import sha256_file
+from cxr.train import metrics
+from cxr.train.scoring import Calibration, KerasScorer, OnnxScorer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+VALUE_TOLERANCE = 1e-5
+#: INT8 is refused when its validation AUC drops more than this below FP32.
+INT8_MAX_AUC_DROP = 0.005
+MAX_MODEL_BYTES = 10 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """Outcome of one parity check (reference vs candidate)."""
+
+    candidate: str
+    n_images: int
+    max_abs_diff: float
+    mean_abs_diff: float
+    label_agreement: float
+    threshold: float
+    failures: tuple[str, ...] = ()
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def _rename_value(graph, old: str, new: str) -> None:  # type: ignore[no-untyped-def]
+    if old == new:
+        return
+    for node in graph.node:
+        node.input[:] = [new if n == old else n for n in node.input]
+        node.output[:] = [new if n == old else n for n in node.output]
+    for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+        if vi.name == old:
+            vi.name = new
+
+
+def to_onnx(keras_model_path: Path, onnx_path: Path, calibration: Calibration, *, opset: int = DEFAULT_OPSET) -> Path:
+    """Convert a ``.keras`` model to ONNX with the contract's I/O and the calibration baked in.
+
+    The graph takes ``image`` (uint8, ``[batch, 224, 224, 1]``) and returns
+    ``probability`` (float32, ``[batch, 1]``) = ``sigmoid(scale * logit + bias)``.
+    """
+    import keras
+    import onnx
+    import tensorflow as tf
+    import tf2onnx
+
+    from cxr.train import models
+
+    model = keras.models.load_model(str(keras_model_path), compile=False)
+    logit_model = models.logit_model(model)
+    spec = (tf.TensorSpec((None, *contract.IMAGE_SHAPE), tf.uint8, name=contract.INPUT_NAME),)
+    scale, bias = float(calibration.scale), float(calibration.bias)  # Python floats become graph constants
+
+    @tf.function(input_signature=spec)
+    def serve(image: tf.Tensor) -> tf.Tensor:
+        z = logit_model([tf.cast(image, tf.float32)], training=False)
+        return tf.identity(tf.sigmoid(z * scale + bias), name=contract.OUTPUT_NAME)
+
+    proto, _ = tf2onnx.convert.from_function(serve, input_signature=spec, opset=opset)
+    graph = proto.graph
+    _rename_value(graph, graph.input[0].name, contract.INPUT_NAME)
+    _rename_value(graph, graph.output[0].name, contract.OUTPUT_NAME)
+    for vi in (graph.input[0], graph.output[0]):
+        vi.type.tensor_type.shape.dim[0].dim_param = contract.BATCH_DIM
+    proto.doc_string = f"cxr pneumonia model ({model.name}); calibration scale={calibration.scale:.6g} bias={calibration.bias:.6g}"
+    onnx.checker.check_model(proto)
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(onnx_path))
+    return onnx_path
+
+
+class _Reader:
+    """onnxruntime calibration data reader over contract batches."""
+
+    def __init__(self, images: np.ndarray, batch_size: int = 16) -> None:
+        self._it: Iterator[np.ndarray] = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._it, None)
+        return None if batch is None else {contract.INPUT_NAME: batch}
+
+
+def quantize_int8(fp32_path: Path, int8_path: Path, calibration_images: np.ndarray) -> Path:
+    """Static INT8 quantization (QDQ, per-channel weights, uint8 activations), calibrated on training images.
+
+    The final logit affine and sigmoid stay in float so probabilities keep
+    their resolution.
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    int8_path.parent.mkdir(parents=True, exist_ok=True)
+    pre = int8_path.with_suffix(".pre.onnx")
+    quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+    proto = onnx.load(str(pre))
+    exclude = [n.name for n in proto.graph.node if n.op_type in ("Sigmoid",)]
+    # keep the last MatMul/Gemm (the logit) in float as well
+    gemms = [n.name for n in proto.graph.node if n.op_type in ("MatMul", "Gemm")]
+    exclude += gemms[-1:]
+
+    class Reader(_Reader, CalibrationDataReader):
+        pass
+
+    quantize_static(
+        str(pre), str(int8_path), Reader(calibration_images), quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+    )
+    pre.unlink(missing_ok=True)
+    return int8_path
+
+
+def check_parity(
+    reference: np.ndarray, candidate_path: Path, images: np.ndarray, *, threshold: float,
+    tolerance: float | None = VALUE_TOLERANCE,
+) -> ParityReport:
+    """Compare an ONNX model against reference probabilities: names, shapes, values, labels.
+
+    ``tolerance=None`` skips the value check (INT8 is judged by its labels and AUC instead).
+    """
+    import onnxruntime as ort
+
+    failures: list[str] = []
+    sess = ort.InferenceSession(str(candidate_path), providers=["CPUExecutionProvider"])
+    ins, outs = sess.get_inputs(), sess.get_outputs()
+    if [i.name for i in ins] != [contract.INPUT_NAME]:
+        failures.append(f"input names {[i.name for i in ins]} != ['{contract.INPUT_NAME}']")
+    if [o.name for o in outs] != [contract.OUTPUT_NAME]:
+        failures.append(f"output names {[o.name for o in outs]} != ['{contract.OUTPUT_NAME}']")
+    if ins and ins[0].type != "tensor(uint8)":
+        failures.append(f"input type {ins[0].type} != tensor(uint8)")
+    if ins and list(ins[0].shape[1:]) != list(contract.IMAGE_SHAPE):
+        failures.append(f"input shape {ins[0].shape} != [batch, {', '.join(map(str, contract.IMAGE_SHAPE))}]")
+    if ins and ins[0].shape[0] != contract.BATCH_DIM:
+        failures.append(f"input batch dimension is {ins[0].shape[0]!r}, expected '{contract.BATCH_DIM}'")
+    if failures:  # values cannot be compared when the interface is wrong
+        return ParityReport(str(candidate_path), len(images), float("nan"), float("nan"), 0.0, threshold, tuple(failures))
+    out = np.concatenate(
+        [sess.run([contract.OUTPUT_NAME], {contract.INPUT_NAME: images[i : i + 64]})[0] for i in range(0, len(images), 64)]
+    )
+    if out.shape != (len(images), *contract.OUTPUT_SHAPE):
+        failures.append(f"output shape {out.shape} != ({len(images)}, {', '.join(map(str, contract.OUTPUT_SHAPE))})")
+    cand = out.reshape(-1).astype(np.float64)
+    ref = reference.reshape(-1).astype(np.float64)
+    if not np.isfinite(cand).all():
+        failures.append("candidate output holds NaN or Inf")
+    diff = np.abs(cand - ref)
+    max_diff, mean_diff = float(diff.max()), float(diff.mean())
+    if tolerance is not None and max_diff > tolerance:
+        worst = int(diff.argmax())
+        failures.append(f"max |dp| {max_diff:.3g} > {tolerance:g} (image {worst}: ref {ref[worst]:.6f}, onnx {cand[worst]:.6f})")
+    agree = float(np.mean((cand >= threshold) == (ref >= threshold)))
+    if tolerance is not None and agree < 1.0:
+        failures.append(f"thresholded labels differ on {int(round((1 - agree) * len(ref)))} of {len(ref)} images")
+    return ParityReport(str(candidate_path), len(images), max_diff, mean_diff, agree, threshold, tuple(failures))
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What ``cxr export`` does.
+
+    Attributes:
+        model_path: The trained ``.keras`` (its ``calibration.json`` and ``split.json`` beside it).
+        data_dir: Kaggle-layout root (its train split gives parity and INT8 calibration images).
+        repository: Triton model repository to write into.
+        model_name: Model folder name for FP32 (INT8 goes to ``<name>_int8``).
+        version: Model version folder.
+        opset: ONNX opset (>= 17).
+        int8: Also produce the INT8 QDQ model.
+        parity_images: Validation images used for parity (at most).
+        site_dir: Optional labelled site folder whose metrics go into the card.
+        command: The command line recorded in the card.
+    """
+
+    model_path: Path
+    data_dir: Path | None
+    repository: Path
+    model_name: str = "pneumonia"
+    version: int = 1
+    opset: int = DEFAULT_OPSET
+    int8: bool = True
+    parity_images: int = 256
+    site_dir: Path | None = None
+    command: str = ""
+
+    def __post_init__(self) -> None:
+        if self.opset < 17:
+            raise ValueError(f"opset must be >= 17, got {self.opset}")
+        if self.version < 1:
+            raise ValueError("version must be >= 1")
+        if self.parity_images < 1:
+            raise ValueError("parity_images must be >= 1")
+
+
+def _validation_images(cfg: ExportConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(val images, val labels, calibration images from the train side) of the model's own split."""
+    from cxr.train import data as data_mod
+    from cxr.train.data import Split
+
+    split_file = Path(cfg.model_path).parent / "split.json"
+    if cfg.data_dir is None or not split_file.exists():
+        logger.warning("no data or split.json: parity on generated images only")
+        rng = np.random.default_rng(0)
+        x = rng.integers(0, 256, (64, *contract.IMAGE_SHAPE), dtype=np.uint8)
+        return x, np.zeros(len(x), dtype=int), x
+    root = data_mod.split_dir(cfg.data_dir, "train")
+    split = Split.load(split_file)
+    val = [root / r for r in split.val]
+    y = np.array([1 if Path(r).parts[0] == contract.CLASS_DIRS[1] else 0 for r in split.val])
+    x = data_mod.load_images(val, cache_dir=Path(".cache"))
+    rng = np.random.default_rng(0)
+    calib_rel = rng.permutation(np.array(split.train))[:256]
+    x_cal = data_mod.load_images([root / r for r in sorted(calib_rel)], cache_dir=Path(".cache"))
+    return x, y, x_cal
+
+
+def export(cfg: ExportConfig) -> dict:
+    """Export FP32 (and INT8) ONNX into the repository, validate parity, write configs and the model card.
+
+    Raises:
+        ExportValidationError: A parity check failed (every failure listed), or
+            INT8 lost more than :data:`INT8_MAX_AUC_DROP` validation AUC.
+    """
+    model_path = Path(cfg.model_path)
+    if model_path.suffix != ".keras" or not model_path.exists():
+        raise CxrError(f"expected an existing .keras model, got {model_path}")
+    calibration = Calibration.beside(model_path)
+    if calibration.rule == "fixed":
+        logger.warning("no calibration.json beside %s: threshold 0.5, no scaling (run `cxr calibrate`)", model_path)
+    x_val, y_val, x_cal = _validation_images(cfg)
+    x_par = x_val[: cfg.parity_images] if len(x_val) > cfg.parity_images else x_val
+    keras_scorer = KerasScorer(model_path, calibration)
+    ref_val = keras_scorer(x_val)
+    ref_par = ref_val[: len(x_par)]
+
+    model_dir = Path(cfg.repository) / cfg.model_name
+    fp32 = to_onnx(model_path, model_dir / str(cfg.version) / "model.onnx", calibration, opset=cfg.opset)
+    failures: list[str] = []
+    fp32_parity = check_parity(ref_par, fp32, x_par, threshold=calibration.threshold)
+    failures += [f"fp32: {f}" for f in fp32_parity.failures]
+    if fp32.stat().st_size > MAX_MODEL_BYTES:
+        failures.append(f"fp32: {fp32.stat().st_size} bytes > {MAX_MODEL_BYTES}")
+    results: dict = {"fp32": {"path": str(fp32), "parity": asdict(fp32_parity)}}
+
+    if failures:  # the interface is wrong: nothing further can be measured
+        raise ExportValidationError(failures)
+    fp32_auc = metrics.roc_auc(y_val, OnnxScorer(fp32)(x_val)) if y_val.any() and not y_val.all() else float("nan")
+    results["fp32"]["val_auc"] = fp32_auc
+
+    int8_dir = Path(cfg.repository) / f"{cfg.model_name}_int8"
+    if cfg.int8:
+        int8 = quantize_int8(fp32, int8_dir / str(cfg.version) / "model.onnx", x_cal)
+        int8_parity = check_parity(ref_par, int8, x_par, threshold=calibration.threshold, tolerance=None)
+        failures += [f"int8: {f}" for f in int8_parity.failures]
+        int8_auc = metrics.roc_auc(y_val, OnnxScorer(int8)(x_val)) if y_val.any() and not y_val.all() else float("nan")
+        results["int8"] = {"path": str(int8), "parity": asdict(int8_parity), "val_auc": int8_auc,
+                           "auc_drop_vs_fp32": fp32_auc - int8_auc}
+        if np.isfinite(int8_auc) and fp32_auc - int8_auc > INT8_MAX_AUC_DROP:
+            failures.append(f"int8: validation AUC {int8_auc:.4f} is {fp32_auc - int8_auc:.4f} below FP32 {fp32_auc:.4f} "
+                            f"(limit {INT8_MAX_AUC_DROP})")
+        if int8.stat().st_size > MAX_MODEL_BYTES:
+            failures.append(f"int8: {int8.stat().st_size} bytes > {MAX_MODEL_BYTES}")
+    if failures:
+        (model_dir / "export_failures.json").write_text(json.dumps(failures, indent=1) + "\n")
+        raise ExportValidationError(failures)
+
+    fp32_sha = sha256_file(fp32)
+    triton_config.write_model_dir(model_dir, threshold=calibration.threshold, sha256=fp32_sha,
+                                  targets=("gpu", "gpu_fp16", "tensorrt_plan", "cpu"))
+    card = model_card(cfg, calibration, results, sha256=fp32_sha, precision="fp32")
+    write_card(model_dir, card)
+    if cfg.int8:
+        int8_sha = sha256_file(int8_dir / str(cfg.version) / "model.onnx")
+        triton_config.write_model_dir(int8_dir, threshold=calibration.threshold, sha256=int8_sha, targets=("cpu_ort", "cpu"))
+        write_card(int8_dir, model_card(cfg, calibration, results, sha256=int8_sha, precision="int8"))
+    _copy_python_model(model_dir, cfg.version)
+    if cfg.int8:
+        _copy_python_model(int8_dir, cfg.version)
+    return results
+
+
+PYTHON_MODEL_STUB = '''"""Triton Python-backend entry point (embedded CPU server); the logic lives in cxr.serving."""
+
+from cxr.serving.python_model import TritonPythonModel  # noqa: F401
+'''
+
+
+def _copy_python_model(model_dir: Path, version: int) -> None:
+    (model_dir / str(version) / "model.py").write_text(PYTHON_MODEL_STUB)
+
+
+def model_card(cfg: ExportConfig, calibration: Calibration, results: dict, *, sha256: str, precision: str) -> dict:
+    """Machine-readable model card (``model_card.json``)."""
+    run_dir = Path(cfg.model_path).parent
+    read = lambda name: json.loads((run_dir / name).read_text()) if (run_dir / name).exists() else None  # noqa: E731
+    train_cfg = read("train_config.json") or {}
+    history = read("history.json") or {}
+    evaluations = {}
+    for sub in sorted(run_dir.glob("eval_*/report.json")):
+        evaluations[sub.parent.name.removeprefix("eval_")] = json.loads(sub.read_text())
+    return {
+        "model": cfg.model_name if precision == "fp32" else f"{cfg.model_name}_int8",
+        "version": cfg.version,
+        "precision": precision,
+        "file": f"{cfg.version}/model.onnx",
+        "sha256": sha256,
+        "architecture": train_cfg.get("arch", "unknown"),
+        "contract": {
+            "input": {"name": contract.INPUT_NAME, "dtype": str(contract.INPUT_DTYPE), "shape": ["batch", *contract.IMAGE_SHAPE]},
+            "output": {"name": contract.OUTPUT_NAME, "dtype": str(contract.OUTPUT_DTYPE), "shape": ["batch", *contract.OUTPUT_SHAPE]},
+            "labels": list(contract.LABELS),
+            "preprocessing": "cxr.contract.preprocess: decode, grayscale (ITU-R 601 luma), bilinear resize to 224x224 "
+            "(aspect not kept); intensity scaling and per-image standardisation inside the graph",
+        },
+        "training": {
+            "data": train_cfg.get("data_dir"),
+            "config": train_cfg,
+            "best_epoch": history.get("best_epoch"),
+            "selected_on": history.get("select_on"),
+            "seconds": history.get("seconds"),
+            "n_train": history.get("n_train"),
+            "n_val": history.get("n_val"),
+            "class_weights": history.get("class_weights"),
+            "split": "patient-grouped, class-stratified, seeded; split.json in the run directory",
+        },
+        "calibration": asdict(calibration),
+        "export": {
+            "opset": cfg.opset,
+            "parity": results,
+            "tf2onnx_route": "tf2onnx.convert.from_function on a tf.function with an explicit uint8 input signature",
+        },
+        "evaluations": evaluations,
+        "commands": [cfg.command] if cfg.command else [],
+        "environment": {"python": sys.version.split()[0], "platform": platform.platform()},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_card(model_dir: Path, card: dict) -> None:
+    """Write ``model_card.json`` and a readable ``MODEL_CARD.md``."""
+    model_dir = Path(model_dir)
+    (model_dir / "model_card.json").write_text(json.dumps(card, indent=1, default=str) + "\n")
+    cal = card["calibration"]
+    lines = [
+        f"# Model card: {card['model']} (version {card['version']}, {card['precision'].upper()})",
+        "",
+        f"- file: `{card['file']}`, sha256 `{card['sha256']}`",
+        f"- architecture: `{card['architecture']}`; input `{contract.INPUT_NAME}` uint8 [batch, 224, 224, 1], "
+        f"output `{contract.OUTPUT_NAME}` float32 [batch, 1] (calibrated P(pneumonia))",
+        f"- training data: `{card['training']['data']}` ({card['training']['n_train']} train / {card['training']['n_val']} "
+        f"validation images, {card['training']['split']})",
+        f"- selected on: `{card['training']['selected_on']}`, best epoch {card['training']['best_epoch']}",
+        f"- threshold: **{cal['threshold']:.4f}**, rule `{cal['rule']}`"
+        + (f" (sensitivity target {cal['target']})" if cal.get("target") else "")
+        + f", fitted on `{cal['fitted_on']}` ({cal['n_images']} images); probability scaling `{cal['scaling']}` "
+        f"(scale {cal['scale']:.4f}, bias {cal['bias']:.4f})",
+        "",
+        "## Evaluations",
+        "",
+    ]
+    for name, rep in card["evaluations"].items():
+        lines.append(f"### {name} (`{rep['data']}`, n={rep['n']}, threshold {rep['threshold']:.4f})")
+        lines.append("")
+        lines.append("| metric | value | 95% CI |")
+        lines.append("|---|---|---|")
+        for k, m in rep["metrics"].items():
+            lo, hi = m["ci95"]
+            lines.append(f"| {k} | {m['value']:.3f} | {lo:.3f} - {hi:.3f} |")
+        lines.append("")
+    par = card["export"]["parity"]
+    lines.append("## Export parity (Keras vs onnxruntime)")
+    lines.append("")
+    for prec, r in par.items():
+        p = r["parity"]
+        lines.append(
+            f"- {prec}: {p['n_images']} validation images, max |dp| {p['max_abs_diff']:.2e}, label agreement "
+            f"{p['label_agreement']:.4f}, validation AUC {r['val_auc']:.4f}"
+        )
+    lines += ["", "## Commands", ""] + [f"    {c}" for c in card["commands"]] + [""]
+    (model_dir / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
+
+
+def command_line() -> str:
+    """The current command line, shell-quoted, for the card."""
+    return " ".join(shlex.quote(a) for a in ["cxr", *sys.argv[1:]])

@@ -1,0 +1,1 @@
+"""Locust load tests, capacity planning and benchmarks (installed as ``cxr.loadtest``)."""

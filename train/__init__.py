@@ -1,0 +1,1 @@
+"""Keras training, evaluation and calibration (installed as ``cxr.train``)."""

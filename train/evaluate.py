@@ -1,0 +1,189 @@
+"""``cxr evaluate`` and ``cxr calibrate``: metrics with bootstrap intervals, plots, reports, site calibration."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from cxr import contract
+from cxr.train import data as data_mod
+from cxr.train import metrics
+from cxr.train.scoring import CALIBRATION_FILE, Calibration, KerasScorer, Scorer, load_scorer
+
+logger = logging.getLogger(__name__)
+
+#: Metrics reported with intervals, in report order.
+REPORT_KEYS = (
+    "accuracy", "precision", "sensitivity", "specificity", "f1", "roc_auc", "pr_auc", "ece", "brier", "accuracy_at_0.5",
+)
+
+
+def load_labelled(folder: Path, *, cache_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Images, labels and paths of a ``{NORMAL,PNEUMONIA}`` folder (or a Kaggle root's ``test``/``val``)."""
+    folder = Path(folder)
+    if not any((folder / c).is_dir() for c in contract.CLASS_DIRS):
+        for split in ("test", "val"):
+            if (folder / split).is_dir():
+                folder = folder / split
+                break
+    samples = data_mod.list_samples(folder)
+    x = data_mod.load_images([s.path for s in samples], cache_dir=cache_dir)
+    y = np.array([s.label for s in samples], dtype=int)
+    return x, y, [str(s.path) for s in samples]
+
+
+def evaluate_arrays(y: np.ndarray, p: np.ndarray, threshold: float, *, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Point metrics, 95% bootstrap intervals and the confusion matrix."""
+    point = metrics.all_metrics(y, p, threshold)
+    ci = metrics.bootstrap_ci(y, p, lambda a, b: metrics.all_metrics(a, b, threshold), n_boot=n_boot, seed=seed)
+    return {
+        "threshold": threshold,
+        "n": int(len(y)),
+        "n_pneumonia": int(y.sum()),
+        "n_normal": int(len(y) - y.sum()),
+        "metrics": {k: {"value": point[k], "ci95": list(ci[k])} for k in REPORT_KEYS},
+        "confusion": metrics.confusion(y, p, threshold),
+        "bootstrap": {"n_boot": n_boot, "seed": seed, "method": "percentile, resampling images stratified by class"},
+    }
+
+
+def _fmt(v: float) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def markdown_report(report: dict, *, title: str) -> str:
+    """Render an evaluation report as Markdown."""
+    lines = [
+        f"# {title}",
+        "",
+        f"- model: `{report['model']}`",
+        f"- data: `{report['data']}` ({report['n']} images: {report['n_normal']} Normal, {report['n_pneumonia']} Pneumonia)",
+        f"- threshold: {report['threshold']:.4f} ({report.get('threshold_source', '')})",
+        "",
+        "| metric | value | 95% CI |",
+        "|---|---|---|",
+    ]
+    for k, m in report["metrics"].items():
+        lines.append(f"| {k} | {_fmt(m['value'])} | {_fmt(m['ci95'][0])} - {_fmt(m['ci95'][1])} |")
+    c = report["confusion"]
+    lines += [
+        "",
+        "Confusion matrix (rows true, columns predicted):",
+        "",
+        "| | pred Normal | pred Pneumonia |",
+        "|---|---|---|",
+        f"| true Normal | {c['tn']} | {c['fp']} |",
+        f"| true Pneumonia | {c['fn']} | {c['tp']} |",
+        "",
+        f"Intervals: {report['bootstrap']['n_boot']} bootstrap resamples ({report['bootstrap']['method']}).",
+        "",
+    ]
+    lines += [f"![{name}]({fname})" for name, fname in report.get("plots", {}).items()]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(
+    model_path: Path, data_dir: Path, out_dir: Path, *, threshold: float | None = None,
+    n_boot: int = 1000, cache_dir: Path | None = None, scorer: Scorer | None = None,
+) -> dict:
+    """Evaluate a ``.keras`` or ``.onnx`` model on a labelled folder; write JSON, Markdown and PNGs."""
+    from cxr.train import plots
+
+    scorer = scorer or load_scorer(model_path, threshold=threshold)
+    x, y, _ = load_labelled(data_dir, cache_dir=cache_dir)
+    p = scorer(x)
+    thr = float(threshold if threshold is not None else scorer.threshold)
+    report = evaluate_arrays(y, p, thr, n_boot=n_boot)
+    report.update(
+        model=str(model_path), data=str(data_dir),
+        threshold_source="--threshold" if threshold is not None else "stored calibration (or 0.5 when none)",
+    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report["plots"] = plots.evaluation_plots(y, p, thr, out_dir, title=Path(data_dir).name)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out_dir / "report.md").write_text(markdown_report(report, title=f"Evaluation on {Path(data_dir).name}"))
+    return report
+
+
+def fit_scaling(logits: np.ndarray, y: np.ndarray, scaling: str) -> tuple[float, float]:
+    """Fit ``(scale, bias)`` minimising the log-loss of ``sigmoid(scale * z + bias)``.
+
+    ``temperature`` fits the scale only; ``platt`` fits both (it also absorbs
+    the prior shift between the class-weighted training and the site's
+    prevalence); ``none`` returns ``(1, 0)``.
+    """
+    if scaling == "none":
+        return 1.0, 0.0
+    z = np.asarray(logits, dtype=np.float64)
+    t = np.asarray(y, dtype=np.float64)
+    a, b = 1.0, 0.0
+    for _ in range(100):  # Newton's method on a convex 1- or 2-parameter problem
+        s = a * z + b
+        p = 1.0 / (1.0 + np.exp(-s))
+        w = np.maximum(p * (1 - p), 1e-12)
+        g = np.array([np.sum((p - t) * z), np.sum(p - t)])
+        h = np.array([[np.sum(w * z * z), np.sum(w * z)], [np.sum(w * z), np.sum(w)]]) + 1e-9 * np.eye(2)
+        if scaling == "temperature":
+            step = np.array([g[0] / h[0, 0], 0.0])
+        else:
+            step = np.linalg.solve(h, g)
+        a, b = a - step[0], b - step[1]
+        if np.abs(step).max() < 1e-10:
+            break
+    if not (math.isfinite(a) and a > 0 and math.isfinite(b)):
+        raise ValueError(f"probability scaling did not converge (scale {a}, bias {b})")
+    return float(a), float(b)
+
+
+def choose_threshold(y: np.ndarray, p: np.ndarray, *, rule: str, target: float = 0.95) -> float:
+    """Decision threshold by a documented rule.
+
+    ``sensitivity``: the highest threshold whose sensitivity on the sample is
+    at least ``target`` (the best specificity that keeps the target), placed
+    midway to the next lower score so small score noise does not flip labels.
+    ``youden``: the threshold maximising sensitivity + specificity - 1.
+    """
+    y = np.asarray(y).astype(int)
+    p = np.asarray(p, dtype=np.float64)
+    fpr, tpr, thr = metrics.roc_curve(y, p)
+    cand = np.sort(np.unique(p))[::-1]
+    if rule == "sensitivity":
+        if not 0 < target <= 1:
+            raise ValueError(f"target must be in (0, 1], got {target}")
+        ok = np.flatnonzero(tpr[1:] >= target)
+        i = int(ok[0])
+    elif rule == "youden":
+        i = int(np.argmax(tpr[1:] - fpr[1:]))
+    else:
+        raise ValueError(f"unknown rule {rule!r}")
+    hi = float(thr[1:][i])
+    lower = cand[cand < hi]
+    t = (hi + float(lower[0])) / 2 if lower.size else hi
+    return float(min(max(t, 1e-6), 1 - 1e-6))
+
+
+def calibrate(
+    model_path: Path, data_dir: Path, *, rule: str = "sensitivity", target: float = 0.95,
+    scaling: str = "platt", cache_dir: Path | None = None,
+) -> Calibration:
+    """Fit scaling and threshold on a labelled site sample; write ``calibration.json`` beside the model."""
+    scorer = KerasScorer(model_path, Calibration())
+    x, y, _ = load_labelled(data_dir, cache_dir=cache_dir)
+    z = scorer.logits(x)
+    scale, bias = fit_scaling(z, y, scaling)
+    provisional = Calibration(scale=scale, bias=bias, scaling=scaling)
+    p = provisional.apply(z)
+    thr = choose_threshold(y, p, rule=rule, target=target)
+    cal = Calibration(
+        threshold=thr, scale=scale, bias=bias, rule=rule, target=target if rule == "sensitivity" else None,
+        scaling=scaling, fitted_on=str(data_dir), n_images=int(len(y)), metrics=metrics.all_metrics(y, p, thr),
+    )
+    cal.save(Path(model_path).parent / CALIBRATION_FILE)
+    logger.info("calibration: %s", asdict(cal))
+    return cal

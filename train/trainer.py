@@ -1,0 +1,230 @@
+"""``cxr train``: Keras training on the Kaggle layout with a patient-grouped validation split."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cxr import contract
+from cxr.errors import DataError
+from cxr.train import data as data_mod
+from cxr.train.augment import AugmentConfig
+
+logger = logging.getLogger(__name__)
+
+SELECT_ON = ("val", "monitor")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run (written to ``train_config.json``).
+
+    Attributes:
+        data_dir: Kaggle-layout root holding ``train/`` (and optionally ``val/``).
+        out_dir: Run directory for the model, split, history and figures.
+        arch: Architecture name (``compact`` or ``inception_v3``).
+        epochs: Maximum epochs.
+        batch_size: Mini-batch size.
+        learning_rate: Peak Adam learning rate (cosine-decayed over the run).
+        seed: Seed for the split, shuffling, augmentation and initialisation.
+        val_fraction: Share of train images (by patient) held out for validation.
+        patience: Early-stopping patience in epochs on the selection metric.
+        augment: Augmentation ranges (``None`` disables augmentation).
+        weights: Local weights file for the InceptionV3 base.
+        monitor_dir: Optional labelled external folder (``NORMAL``/``PNEUMONIA``)
+            scored every epoch (``monitor_auc`` in the history).
+        select_on: ``val`` (train-validation AUC) or ``monitor`` (external AUC)
+            for the best checkpoint and early stopping.
+        limit_per_class: Use at most this many train images per class (tiny runs).
+        cache_dir: Where decoded image arrays are cached.
+        width: Width multiplier of the compact CNN.
+    """
+
+    data_dir: Path
+    out_dir: Path
+    arch: str = "compact"
+    epochs: int = 14
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    seed: int = 0
+    val_fraction: float = 0.15
+    patience: int = 5
+    augment: AugmentConfig | None = field(default_factory=AugmentConfig)
+    weights: Path | None = None
+    monitor_dir: Path | None = None
+    select_on: str = "val"
+    limit_per_class: int | None = None
+    cache_dir: Path | None = None
+    width: int = 16
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.select_on not in SELECT_ON:
+            raise ValueError(f"select_on must be one of {SELECT_ON}, got {self.select_on!r}")
+        if self.select_on == "monitor" and self.monitor_dir is None:
+            raise ValueError("select_on='monitor' needs monitor_dir")
+        if self.limit_per_class is not None and self.limit_per_class < 2:
+            raise ValueError("limit_per_class must be >= 2")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Paths and summary of a finished run."""
+
+    run_dir: Path
+    model_path: Path
+    best_epoch: int
+    best_score: float
+    seconds: float
+
+
+def _limit(samples: list[data_mod.Sample], k: int, seed: int) -> list[data_mod.Sample]:
+    rng = random.Random(seed)
+    out: list[data_mod.Sample] = []
+    for label in (0, 1):
+        group = [s for s in samples if s.label == label]
+        rng.shuffle(group)
+        out.extend(group[:k])
+    return sorted(out, key=lambda s: str(s.path))
+
+
+def _labels(samples: list[data_mod.Sample]) -> np.ndarray:
+    return np.array([s.label for s in samples], dtype=np.float32)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train a model and write the run directory.
+
+    Writes ``model.keras`` (best checkpoint), ``split.json``,
+    ``train_config.json``, ``history.json``, ``accuracy.png`` ("Model
+    accuracy") and ``loss.png`` ("Model loss").
+    """
+    import keras
+    import tensorflow as tf
+
+    from cxr.train import models, plots
+    from cxr.train.augment import augment_batch
+
+    t0 = time.time()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(cfg.seed)
+
+    train_root = data_mod.split_dir(cfg.data_dir, "train")
+    samples = data_mod.list_samples(train_root)
+    if cfg.limit_per_class:
+        samples = _limit(samples, cfg.limit_per_class, cfg.seed)
+    split = data_mod.make_split(samples, root=train_root, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    split.save(out / "split.json")
+    by_rel = {str(s.path.relative_to(train_root)): s for s in samples}
+    tr = [by_rel[r] for r in split.train]
+    va = [by_rel[r] for r in split.val]
+    if not va or len({s.label for s in va}) < 2:
+        raise DataError("validation split needs both classes; use more data or a larger val_fraction")
+    logger.info(
+        "split: train %d images (%d patients), val %d images (%d patients)",
+        len(tr), len({s.patient for s in tr}), len(va), len({s.patient for s in va}),
+    )
+    config_payload = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    (out / "train_config.json").write_text(json.dumps(config_payload, indent=1, default=str) + "\n")
+
+    cache = cfg.cache_dir
+    x_tr = data_mod.load_images([s.path for s in tr], cache_dir=cache, progress=True)
+    x_va = data_mod.load_images([s.path for s in va], cache_dir=cache, progress=True)
+    y_tr, y_va = _labels(tr), _labels(va)
+    weights = data_mod.class_weights(y_tr)
+    logger.info("class weights (balanced): %s", weights)
+
+    monitor: tuple[np.ndarray, np.ndarray] | None = None
+    if cfg.monitor_dir is not None:
+        mon = data_mod.list_samples(cfg.monitor_dir)
+        monitor = (data_mod.load_images([s.path for s in mon], cache_dir=cache), _labels(mon))
+
+    aug_cfg = cfg.augment
+
+    def _augment(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        x = tf.cast(x, tf.float32)
+        if aug_cfg is not None:
+            x = augment_batch(x, aug_cfg)
+        return x, y
+
+    sw = np.where(y_tr == 1, weights[1], weights[0]).astype(np.float32)
+    ds = (
+        tf.data.Dataset.from_tensor_slices((x_tr, y_tr[:, None], sw))
+        .shuffle(len(x_tr), seed=cfg.seed, reshuffle_each_iteration=True)
+        .batch(cfg.batch_size)
+        .map(lambda x, y, w: (*_augment(x, y), w), num_parallel_calls=tf.data.AUTOTUNE)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    val_ds = tf.data.Dataset.from_tensor_slices((x_va.astype(np.float32), y_va[:, None])).batch(64)
+
+    kwargs: dict[str, object] = {}
+    if cfg.arch == "compact":
+        kwargs["width"] = cfg.width
+    if cfg.arch == "inception_v3" and cfg.weights is not None:
+        kwargs["weights"] = cfg.weights
+    model = models.build(cfg.arch, **kwargs)
+    steps = int(np.ceil(len(x_tr) / cfg.batch_size))
+    schedule = keras.optimizers.schedules.CosineDecay(
+        cfg.learning_rate * 0.1, decay_steps=max(1, steps * cfg.epochs - steps), alpha=0.02,
+        warmup_target=cfg.learning_rate, warmup_steps=steps,
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(schedule),
+        loss=keras.losses.BinaryCrossentropy(),
+        metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
+    )
+
+    from cxr.train.metrics import roc_auc
+
+    class MonitorCallback(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            if monitor is None or logs is None:
+                return
+            p = self.model.predict(monitor[0].astype(np.float32), batch_size=64, verbose=0).ravel()
+            logs["monitor_auc"] = roc_auc(monitor[1], np.clip(p, 0, 1))
+            logger.info("epoch %d: monitor_auc %.4f", epoch + 1, logs["monitor_auc"])
+
+    select_key = "val_auc" if cfg.select_on == "val" else "monitor_auc"
+    model_path = out / "model.keras"
+    callbacks = [
+        MonitorCallback(),
+        keras.callbacks.ModelCheckpoint(str(model_path), monitor=select_key, mode="max", save_best_only=True),
+        keras.callbacks.EarlyStopping(monitor=select_key, mode="max", patience=cfg.patience, restore_best_weights=True),
+        keras.callbacks.CSVLogger(str(out / "history.csv")),
+    ]
+    history = model.fit(
+        ds,
+        validation_data=val_ds,
+        epochs=cfg.epochs,
+        callbacks=callbacks,
+        verbose=1 if sys.stdout.isatty() else 2,
+    )
+    hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+    scores = hist[select_key]
+    best_epoch = int(np.nanargmax(scores)) + 1
+    seconds = time.time() - t0
+    (out / "history.json").write_text(
+        json.dumps(
+            {"history": hist, "select_on": select_key, "best_epoch": best_epoch, "best_score": scores[best_epoch - 1],
+             "seconds": seconds, "class_weights": weights, "n_train": len(tr), "n_val": len(va),
+             "input_shape": list(contract.IMAGE_SHAPE), "cpu_count": os.cpu_count()},
+            indent=1,
+        ) + "\n"
+    )
+    plots.training_curves(hist, out)
+    logger.info("best epoch %d (%s %.4f); %.0f s; model at %s", best_epoch, select_key, scores[best_epoch - 1], seconds, model_path)
+    return TrainResult(out, model_path, best_epoch, float(scores[best_epoch - 1]), seconds)
