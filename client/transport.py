@@ -38,8 +38,10 @@ class ModelInfo:
 
 
 def _params_to_info(name: str, version: str, config: dict) -> ModelInfo:
-    params = {k: (v.get("string_value", v.get("stringValue", "")) if isinstance(v, dict) else str(v))
-              for k, v in (config.get("parameters") or {}).items()}
+    params: dict[str, str] = {
+        k: str(v.get("string_value", v.get("stringValue", "")) if isinstance(v, dict) else v)
+        for k, v in (config.get("parameters") or {}).items()
+    }
     labels = tuple(params.get(contract.PARAM_LABELS, ",".join(contract.LABELS)).split(","))
     if len(labels) != 2:
         raise ServerError(f"model {name}: expected two labels, got {labels}")
@@ -215,7 +217,7 @@ class EmbeddedTransport(Transport):
         if not model_dir.is_dir():
             raise ServerError(f"embedded: no model folder {model_dir}")
         if not version:
-            versions = sorted((int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()))
+            versions = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
             if not versions:
                 raise ServerError(f"embedded: no version folder in {model_dir}")
             version = str(versions[-1])

@@ -95,7 +95,7 @@ def _is_dicom(head: bytes) -> bool:
     return len(head) >= 132 and head[128:132] == b"DICM"
 
 
-def _read_bytes(source: ImageSource, name: str) -> bytes:
+def _read_bytes(source: str | os.PathLike | bytes | bytearray, name: str) -> bytes:
     if isinstance(source, (bytes, bytearray)):
         data = bytes(source)
     else:
@@ -165,8 +165,9 @@ def _resize(gray: np.ndarray) -> np.ndarray:
 
 def _decode_pil(image: Image.Image, name: str, *, draft: bool) -> np.ndarray:
     _check_size(image.width, image.height, name)
-    if getattr(image, "n_frames", 1) > 1:
-        raise InvalidInputError(f"{name}: multi-frame image ({image.n_frames} frames); send one frame per image")
+    frames = int(getattr(image, "n_frames", 1))
+    if frames > 1:
+        raise InvalidInputError(f"{name}: multi-frame image ({frames} frames); send one frame per image")
     if draft and image.format == "JPEG" and image.mode in ("L", "RGB", "CMYK", "YCbCr"):
         # DCT-domain downscaling: decodes at 1/2..1/8 size, never below 2x the target.
         image.draft(image.mode if image.mode == "L" else "RGB", (2 * IMAGE_SIZE, 2 * IMAGE_SIZE))
@@ -175,9 +176,7 @@ def _decode_pil(image: Image.Image, name: str, *, draft: bool) -> np.ndarray:
     except (OSError, ValueError, SyntaxError) as exc:
         raise InvalidInputError(f"{name}: corrupt or truncated image ({exc})") from None
     mode = image.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        array = np.asarray(image)
-    elif mode == "L":
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F") or mode == "L":
         array = np.asarray(image)
     elif mode == "1":
         array = np.asarray(image.convert("L"))
@@ -235,8 +234,8 @@ def preprocess_with_meta(
         raise InvalidInputError(f"{name}: not an image (unrecognised format)") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise InvalidInputError(f"{name}: corrupt image header ({exc})") from None
-    except Image.DecompressionBombError as exc:  # pragma: no cover - our own guard fires first
-        raise InvalidInputError(f"{name}: {exc}") from None
+    except Image.DecompressionBombError as exc:  # PIL's own guard for absurd headers
+        raise InvalidInputError(f"{name}: image too large, refusing to decode ({exc})") from None
     with image:
         return _resize(_decode_pil(image, name, draft=draft)), {}
 

@@ -187,6 +187,13 @@ def check_parity(
     return ParityReport(str(candidate_path), len(images), max_diff, mean_diff, agree, threshold, tuple(failures))
 
 
+def int8_gate(fp32_auc: float, int8_auc: float, *, max_drop: float = INT8_MAX_AUC_DROP) -> list[str]:
+    """The INT8 acceptance rule: refuse when validation AUC drops more than ``max_drop`` below FP32."""
+    if np.isfinite(int8_auc) and np.isfinite(fp32_auc) and fp32_auc - int8_auc > max_drop:
+        return [f"int8: validation AUC {int8_auc:.4f} is {fp32_auc - int8_auc:.4f} below FP32 {fp32_auc:.4f} (limit {max_drop})"]
+    return []
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     """What ``cxr export`` does.
@@ -287,9 +294,7 @@ def export(cfg: ExportConfig) -> dict:
         int8_auc = metrics.roc_auc(y_val, OnnxScorer(int8)(x_val)) if y_val.any() and not y_val.all() else float("nan")
         results["int8"] = {"path": str(int8), "parity": asdict(int8_parity), "val_auc": int8_auc,
                            "auc_drop_vs_fp32": fp32_auc - int8_auc}
-        if np.isfinite(int8_auc) and fp32_auc - int8_auc > INT8_MAX_AUC_DROP:
-            failures.append(f"int8: validation AUC {int8_auc:.4f} is {fp32_auc - int8_auc:.4f} below FP32 {fp32_auc:.4f} "
-                            f"(limit {INT8_MAX_AUC_DROP})")
+        failures += int8_gate(fp32_auc, int8_auc)
         if int8.stat().st_size > MAX_MODEL_BYTES:
             failures.append(f"int8: {int8.stat().st_size} bytes > {MAX_MODEL_BYTES}")
     if failures:

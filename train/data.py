@@ -148,7 +148,8 @@ def make_split(samples: Sequence[Sample], *, root: Path, val_fraction: float = 0
             val_keys.add(k)
             taken += len(by_patient[k])
     patients_val = {k[1] for k in val_keys}
-    train, val = [], []
+    train: list[str] = []
+    val: list[str] = []
     for s in samples:
         rel = str(s.path.relative_to(root))
         (val if s.patient in patients_val else train).append(rel)

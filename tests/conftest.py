@@ -1,0 +1,102 @@
+"""Shared fixtures: data (real when ../shared is present, generated otherwise) and a real Triton server."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFilter
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared" / "data"
+REAL_TRAIN = SHARED / "chest_xray"
+REAL_SITE = SHARED / "chest_xray_site"
+REAL_FULLRES = SHARED / "chest_xray_fullres"
+SHIPPED_REPOSITORY = REPO / "model_repository"
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def have_real_data() -> bool:
+    return (REAL_TRAIN / "train" / "NORMAL").is_dir() and (REAL_SITE / "NORMAL").is_dir()
+
+
+def synthetic_xray(seed: int, *, pneumonia: bool, size: tuple[int, int] = (256, 240)) -> Image.Image:
+    """A crude chest-X-ray-like grayscale image: dark lungs in a bright body; opacities when 'pneumonia'."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    img = Image.new("L", size, 30)
+    d = ImageDraw.Draw(img)
+    d.ellipse([w * 0.08, h * 0.05, w * 0.92, h * 0.98], fill=170)
+    for cx in (0.3, 0.7):
+        d.ellipse([w * (cx - 0.17), h * 0.15, w * (cx + 0.17), h * 0.85], fill=60 + int(rng.integers(0, 20)))
+    if pneumonia:
+        for _ in range(3):
+            x, y = rng.uniform(0.2, 0.8) * w, rng.uniform(0.3, 0.8) * h
+            r = rng.uniform(0.05, 0.12) * w
+            d.ellipse([x - r, y - r, x + r, y + r], fill=140)
+    img = img.filter(ImageFilter.GaussianBlur(3))
+    noise = rng.normal(0, 6, (h, w))
+    return Image.fromarray(np.clip(np.asarray(img, dtype=np.float64) + noise, 0, 255).astype(np.uint8))
+
+
+def make_dataset(root: Path, *, n_per_class: int, split: str | None = "train", seed: int = 0) -> Path:
+    """Write a Kaggle-layout folder of synthetic images with Kaggle-style file names."""
+    base = root / split if split else root
+    for label, cls in enumerate(("NORMAL", "PNEUMONIA")):
+        (base / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            patient = i // 2  # two images per patient, to exercise grouping
+            name = f"IM-{1000 + patient:04d}-{i % 2 + 1:04d}.jpeg" if label == 0 else f"person{patient}_bacteria_{i}.jpeg"
+            synthetic_xray(seed * 100_000 + label * 10_000 + i, pneumonia=bool(label)).save(base / cls / name, quality=92)
+    return root
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Kaggle-layout root with train/: the real data when present, generated otherwise."""
+    if have_real_data():
+        return REAL_TRAIN
+    return make_dataset(tmp_path_factory.mktemp("kaggle"), n_per_class=40)
+
+
+@pytest.fixture(scope="session")
+def site_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Labelled site folder: the real sample when present, generated otherwise."""
+    if have_real_data():
+        return REAL_SITE
+    return make_dataset(tmp_path_factory.mktemp("site"), n_per_class=16, split=None, seed=1)
+
+
+@pytest.fixture(scope="session")
+def sample_images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """A few realistic inputs: full-resolution originals when present, generated large images otherwise."""
+    if REAL_FULLRES.is_dir():
+        files = sorted(REAL_FULLRES.rglob("*.jpeg"))
+        return files[:6] + files[-6:]
+    d = tmp_path_factory.mktemp("samples")
+    out = []
+    for i in range(12):
+        p = d / f"sample_{i}.jpeg"
+        synthetic_xray(500 + i, pneumonia=i % 2 == 1, size=(1200, 1000)).save(p, quality=90)
+        out.append(p)
+    return out
+
+
+@pytest.fixture(scope="session")
+def triton_server() -> Iterator[object]:
+    """The real tritonserver on free loopback ports, serving the shipped repository; always stopped."""
+    from cxr.serving.server import ServerConfig, TritonServer, free_ports
+
+    http, grpc, metrics = free_ports(3)
+    cfg = ServerConfig(model_repository=SHIPPED_REPOSITORY, http_port=http, grpc_port=grpc, metrics_port=metrics,
+                       startup_timeout_s=120)
+    server = TritonServer(cfg)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,164 @@
+"""The preprocessing contract: shapes, dtypes, ranges, and every violation path."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxr import contract
+from cxr.errors import CxrError, InvalidInputError
+
+
+def _encode(img: Image.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _gradient(w: int = 300, h: int = 260) -> np.ndarray:
+    return (np.add.outer(np.arange(h), np.arange(w)) % 256).astype(np.uint8)
+
+
+def _check(out: np.ndarray) -> None:
+    assert out.shape == contract.IMAGE_SHAPE == (224, 224, 1)
+    assert out.dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _encode(Image.fromarray(_gradient()), "JPEG"),
+        lambda: _encode(Image.fromarray(_gradient()), "PNG"),
+        lambda: _encode(Image.fromarray(np.dstack([_gradient()] * 3)), "JPEG"),
+        lambda: _encode(Image.fromarray(np.dstack([_gradient()] * 3 + [np.full((260, 300), 255, np.uint8)])), "PNG"),
+        lambda: _encode(Image.fromarray(_gradient()).convert("P"), "PNG"),
+        lambda: _encode(Image.fromarray(np.dstack([_gradient()] * 3)).convert("CMYK"), "JPEG"),
+        lambda: _encode(Image.fromarray(_gradient()).convert("1"), "PNG"),
+        lambda: _encode(Image.fromarray(_gradient().astype(np.uint16) * 16), "PNG"),  # 12-bit data in 16-bit PNG
+        lambda: _encode(Image.fromarray(_gradient()), "TIFF"),
+        lambda: _encode(Image.fromarray(_gradient()), "BMP"),
+    ],
+    ids=["jpeg-L", "png-L", "jpeg-RGB", "png-RGBA", "png-P", "jpeg-CMYK", "png-1bit", "png-16bit", "tiff", "bmp"],
+)
+def test_encoded_inputs_meet_the_output_contract(make) -> None:  # type: ignore[no-untyped-def]
+    out = contract.preprocess(make())
+    _check(out)
+    assert out.max() > out.min()  # content survives
+
+
+def test_16bit_is_windowed_to_full_range() -> None:
+    arr = np.linspace(1000, 4000, 300 * 260).reshape(260, 300).astype(np.uint16)
+    out = contract.preprocess(_encode(Image.fromarray(arr), "PNG"))
+    assert out.min() <= 2 and out.max() >= 253
+
+
+def test_grayscale_8bit_is_kept_exactly_at_model_size() -> None:
+    arr = _gradient(224, 224)
+    np.testing.assert_array_equal(contract.preprocess(arr)[:, :, 0], arr)
+    np.testing.assert_array_equal(contract.preprocess(_encode(Image.fromarray(arr), "PNG"))[:, :, 0], arr)
+
+
+def test_rgb_with_equal_channels_equals_grayscale() -> None:
+    arr = _gradient()
+    gray = contract.preprocess(arr)
+    rgb = contract.preprocess(np.dstack([arr] * 3))
+    np.testing.assert_array_equal(gray, rgb)
+
+
+def test_path_and_bytes_agree(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    data = _encode(Image.fromarray(_gradient(1600, 1400)), "JPEG")
+    p = tmp_path / "x.jpeg"
+    p.write_bytes(data)
+    np.testing.assert_array_equal(contract.preprocess(p), contract.preprocess(data))
+
+
+def test_jpeg_draft_decoding_is_close_to_full_decoding() -> None:
+    rng = np.random.default_rng(0)
+    arr = np.clip(_gradient(2000, 1800).astype(float) + rng.normal(0, 5, (1800, 2000)), 0, 255).astype(np.uint8)
+    data = _encode(Image.fromarray(arr), "JPEG", quality=95)
+    fast = contract.preprocess(data, draft=True).astype(int)
+    full = contract.preprocess(data, draft=False).astype(int)
+    assert np.abs(fast - full).mean() < 3.0
+
+
+def test_float_array_in_unit_range_and_bool() -> None:
+    _check(contract.preprocess(np.random.default_rng(0).random((100, 120))))
+    _check(contract.preprocess(np.random.default_rng(0).random((100, 120)) > 0.5))
+
+
+def _png_with_claimed_size(w: int, h: int) -> bytes:
+    """A tiny valid PNG whose header claims w x h (a decompression bomb)."""
+    data = bytearray(_encode(Image.new("L", (40, 40)), "PNG"))
+    ihdr = struct.pack(">II", w, h) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("source", "reason"),
+    [
+        (b"", "empty file"),
+        (b"this is not an image at all" * 10, "not an image"),
+        (_encode(Image.fromarray(_gradient()), "JPEG")[:400], "corrupt or truncated"),
+        (_png_with_claimed_size(100_000, 100_000), "too large"),
+        (_encode(Image.new("L", (1, 1)), "PNG"), "too small"),
+        (_encode(Image.new("L", (4000, 8)), "PNG"), "too small"),
+        (np.full((64, 64), np.nan), "NaN or Inf"),
+        (np.zeros((2, 64, 64, 3), np.uint8), "2-D or 3-D"),
+        (np.zeros((64, 64, 2), np.uint8), "channel count"),
+        (np.zeros((64, 64), np.complex64), "unsupported pixel dtype"),
+        (12345, "unsupported input type"),
+    ],
+    ids=["empty", "text", "truncated-jpeg", "bomb", "1x1", "thin", "nan", "4d", "2ch", "complex", "int"],
+)
+def test_violations_raise_one_line_errors_naming_the_input(source, reason) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InvalidInputError) as info:
+        contract.preprocess(source, name="case.x")  # type: ignore[arg-type]
+    msg = str(info.value)
+    assert reason in msg and msg.startswith("case.x") and "\n" not in msg
+    assert isinstance(info.value, CxrError)
+
+
+def test_multiframe_gif_is_refused() -> None:
+    frames = [Image.fromarray(_gradient()), Image.fromarray(255 - _gradient())]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    with pytest.raises(InvalidInputError, match="multi-frame"):
+        contract.preprocess(buf.getvalue())
+
+
+def test_missing_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InvalidInputError, match="cannot read file"):
+        contract.preprocess(tmp_path / "nope.jpeg")
+
+
+@pytest.mark.parametrize(
+    ("batch", "reason"),
+    [
+        (np.zeros((2, 224, 224, 1), np.float32), "dtype"),
+        (np.zeros((2, 224, 224, 3), np.uint8), "shape"),
+        (np.zeros((224, 224, 1), np.uint8), "shape"),
+        (np.zeros((0, 224, 224, 1), np.uint8), "shape"),
+        (np.zeros((9, 224, 224, 1), np.uint8), "exceeds max_batch_size"),
+        ([1, 2, 3], "numpy.ndarray"),
+    ],
+)
+def test_validate_batch_violations(batch, reason) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InvalidInputError, match=reason):
+        contract.validate_batch(batch, max_batch_size=8)  # type: ignore[arg-type]
+
+
+def test_validate_batch_accepts_contract_batch() -> None:
+    b = np.zeros((3, 224, 224, 1), np.uint8)
+    assert contract.validate_batch(b) is b
+
+
+def test_label_for_threshold_is_inclusive() -> None:
+    assert contract.label_for(0.3, 0.3) == "Pneumonia"
+    assert contract.label_for(0.2999, 0.3) == "Normal"

@@ -1,0 +1,82 @@
+"""Patient ids and the patient-grouped, stratified, seeded split."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from cxr.errors import DataError
+from cxr.train import data as data_mod
+from tests.conftest import make_dataset
+
+
+@pytest.mark.parametrize(
+    ("name", "patient"),
+    [
+        ("person1000_bacteria_2931.jpeg", "person1000"),
+        ("person1000_virus_1681.jpeg", "person1000"),
+        ("IM-0115-0001.jpeg", "IM-0115"),
+        ("NORMAL2-IM-0381-0001.jpeg", "NORMAL2-IM-0381"),
+        ("odd_name.png", "odd_name"),
+    ],
+)
+def test_patient_id(name: str, patient: str) -> None:
+    assert data_mod.patient_id(name) == patient
+
+
+def test_im_and_normal2_series_are_separate_patients() -> None:
+    assert data_mod.patient_id("IM-0381-0001.jpeg") != data_mod.patient_id("NORMAL2-IM-0381-0001.jpeg")
+
+
+def test_split_has_no_patient_in_two_sides(train_data) -> None:  # type: ignore[no-untyped-def]
+    root = data_mod.split_dir(train_data, "train")
+    samples = data_mod.list_samples(root)
+    split = data_mod.make_split(samples, root=root, val_fraction=0.15, seed=0)
+    patients = {str(s.path.relative_to(root)): s.patient for s in samples}
+    train_p = {patients[r] for r in split.train}
+    val_p = {patients[r] for r in split.val}
+    assert train_p and val_p and not (train_p & val_p)
+    assert len(split.train) + len(split.val) == len(samples)
+    # stratified: each class's validation share is near the fraction
+    by_class = Counter(r.split("/")[0] for r in split.val)
+    totals = Counter(str(s.path.relative_to(root)).split("/")[0] for s in samples)
+    for cls, n in totals.items():
+        assert 0.10 <= by_class[cls] / n <= 0.30, (cls, by_class[cls], n)
+
+
+def test_split_is_reproducible_and_seeded(tmp_path, train_data) -> None:  # type: ignore[no-untyped-def]
+    root = data_mod.split_dir(train_data, "train")
+    samples = data_mod.list_samples(root)
+    a = data_mod.make_split(samples, root=root, seed=3)
+    a.save(tmp_path / "split.json")
+    assert data_mod.Split.load(tmp_path / "split.json") == a
+    assert data_mod.make_split(samples, root=root, seed=3) == a
+    assert data_mod.make_split(samples, root=root, seed=4).val != a.val
+
+
+def test_layout_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(DataError, match="Kaggle layout"):
+        data_mod.list_samples(tmp_path)
+    (tmp_path / "NORMAL").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        data_mod.list_samples(tmp_path)
+
+
+def test_class_weights_balance_the_classes() -> None:
+    import numpy as np
+
+    w = data_mod.class_weights(np.array([0] * 10 + [1] * 30))
+    assert w[0] * 10 == pytest.approx(w[1] * 30)
+    with pytest.raises(DataError):
+        data_mod.class_weights(np.ones(5))
+
+
+def test_load_images_caches(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    root = make_dataset(tmp_path / "d", n_per_class=3)
+    paths = [s.path for s in data_mod.list_samples(root / "train")]
+    a = data_mod.load_images(paths, cache_dir=tmp_path / "cache")
+    assert a.shape == (6, 224, 224, 1) and a.dtype.name == "uint8"
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
+    np_b = data_mod.load_images(paths, cache_dir=tmp_path / "cache")
+    assert (a == np_b).all()

@@ -1,0 +1,126 @@
+"""Integration: train a tiny model for one epoch, calibrate, evaluate, export to ONNX, parity (real TF, tf2onnx, ORT)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cxr import contract
+from cxr.errors import ExportValidationError
+
+pytestmark = pytest.mark.slow
+
+
+def cxr(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run([sys.executable, "-m", "cxr.cli", *args], capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"cxr {' '.join(args)} failed:\n{r.stdout}\n{r.stderr[-4000:]}"
+    return r
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, train_data: Path, site_data: Path) -> Path:
+    run = tmp_path_factory.mktemp("run")
+    cxr("train", "--data", str(train_data), "--out", str(run), "--epochs", "1", "--limit-per-class", "40",
+        "--batch-size", "16", "--val-fraction", "0.25", "--monitor", str(site_data),
+        "--cache-dir", str(tmp_path_factory.mktemp("cache")))
+    return run
+
+
+def test_training_writes_the_run_directory(tiny_run: Path) -> None:
+    for name in ("model.keras", "split.json", "history.json", "history.csv", "train_config.json", "accuracy.png", "loss.png"):
+        assert (tiny_run / name).exists(), name
+    hist = json.loads((tiny_run / "history.json").read_text())
+    assert {"loss", "val_loss", "accuracy", "val_accuracy", "val_auc", "monitor_auc"} <= set(hist["history"])
+    assert hist["best_epoch"] == 1 and hist["class_weights"]["0"] > 0
+
+
+def test_calibrate_evaluate_export_parity(tiny_run: Path, train_data: Path, site_data: Path, tmp_path: Path) -> None:
+    # A one-epoch model has near-constant logits; Platt scaling would blow them up, so no scaling here.
+    cxr("calibrate", "--model", str(tiny_run / "model.keras"), "--data", str(site_data), "--scaling", "none")
+    cal = json.loads((tiny_run / "calibration.json").read_text())
+    assert cal["rule"] == "sensitivity" and 0 < cal["threshold"] < 1 and cal["metrics"]["sensitivity"] >= 0.95
+
+    cxr("evaluate", "--model", str(tiny_run / "model.keras"), "--data", str(site_data), "--n-boot", "100",
+        "--out", str(tiny_run / "eval_site"))
+    rep = json.loads((tiny_run / "eval_site" / "report.json").read_text())
+    for key in ("accuracy", "precision", "sensitivity", "specificity", "f1", "roc_auc", "pr_auc", "ece", "brier", "accuracy_at_0.5"):
+        lo, hi = rep["metrics"][key]["ci95"]
+        assert lo <= rep["metrics"][key]["value"] + 1e-9 and rep["metrics"][key]["value"] <= hi + 1e-9
+    for png in ("roc.png", "pr.png", "reliability.png", "confusion.png"):
+        assert (tiny_run / "eval_site" / png).stat().st_size > 1000
+    assert rep["threshold"] == pytest.approx(cal["threshold"])
+
+    repo = tmp_path / "repo"
+    # INT8 of a one-epoch model is judged by noise; its own test below covers quantization and the gate.
+    r = cxr("export", "--model", str(tiny_run / "model.keras"), "--data", str(train_data), "--repository", str(repo),
+            "--no-int8")
+    assert "fp32" in r.stdout
+    card = json.loads((repo / "pneumonia" / "model_card.json").read_text())
+    par = card["export"]["parity"]["fp32"]["parity"]
+    assert par["max_abs_diff"] <= 1e-5 and par["label_agreement"] == 1.0 and par["n_images"] >= 16
+    assert card["calibration"]["threshold"] == pytest.approx(cal["threshold"])
+    assert "site" in card["evaluations"] and card["commands"][0].startswith("cxr export")
+
+    import onnx
+    import onnxruntime as ort
+
+    m = onnx.load(str(repo / "pneumonia" / "1" / "model.onnx"))
+    assert max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    sess = ort.InferenceSession(str(repo / "pneumonia" / "1" / "model.onnx"))
+    (inp,), (out,) = sess.get_inputs(), sess.get_outputs()
+    assert (inp.name, inp.type, inp.shape) == (contract.INPUT_NAME, "tensor(uint8)", [contract.BATCH_DIM, 224, 224, 1])
+    assert (out.name, out.shape) == (contract.OUTPUT_NAME, [contract.BATCH_DIM, 1])
+    assert (repo / "pneumonia" / "configs" / "cpu.pbtxt").exists() and (repo / "pneumonia" / "1" / "model.py").exists()
+
+
+def test_int8_quantization_and_gate(tiny_run: Path, tmp_path: Path) -> None:
+    import onnx
+
+    from cxr.export.onnx_export import check_parity, int8_gate, quantize_int8, to_onnx
+    from cxr.train.scoring import Calibration, OnnxScorer
+
+    fp32 = to_onnx(tiny_run / "model.keras", tmp_path / "fp32.onnx", Calibration())
+    x = np.random.default_rng(0).integers(0, 256, (32, 224, 224, 1), dtype=np.uint8)
+    int8 = quantize_int8(fp32, tmp_path / "int8" / "model.onnx", x)
+    ops = {n.op_type for n in onnx.load(str(int8)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    rep = check_parity(OnnxScorer(fp32)(x), int8, x, threshold=0.5, tolerance=None)
+    assert rep.ok and rep.n_images == 32 and rep.max_abs_diff < 0.2
+    assert int8_gate(0.95, 0.946) == [] and int8_gate(0.95, 0.94)  # 0.004 passes, 0.010 is refused
+
+
+def test_parity_failures_are_collected_into_one_typed_error(tiny_run: Path, tmp_path: Path) -> None:
+    from cxr.export.onnx_export import check_parity
+
+    onnx_files = list(tiny_run.parent.glob("**/pneumonia/1/model.onnx"))
+    if not onnx_files:  # export test not run in this session: export now
+        from cxr.export.onnx_export import to_onnx
+        from cxr.train.scoring import Calibration
+
+        onnx_path = to_onnx(tiny_run / "model.keras", tmp_path / "m.onnx", Calibration())
+    else:
+        onnx_path = onnx_files[0]
+    x = np.random.default_rng(0).integers(0, 256, (8, 224, 224, 1), dtype=np.uint8)
+    wrong_reference = np.r_[np.zeros(4), np.ones(4)]  # certainly far from the model's outputs
+    rep = check_parity(wrong_reference, onnx_path, x, threshold=0.5)
+    assert not rep.ok
+    assert any("max |dp|" in f for f in rep.failures) and any("labels differ" in f for f in rep.failures)
+    err = ExportValidationError(list(rep.failures))
+    assert len(err.failures) == len(rep.failures) and f"({len(rep.failures)} checks)" in str(err)
+
+
+def test_inception_v3_builds_with_the_contract() -> None:
+    from cxr.train import models
+
+    m = models.build("inception_v3")
+    assert m.input_shape == (None, 224, 224, 1) and m.output_shape == (None, 1)
+    assert m.get_layer("dense").units == 128
+    with pytest.raises(Exception, match="weights file not found"):
+        models.build("inception_v3", weights="/nonexistent.h5")
+
+

@@ -1,0 +1,172 @@
+"""End to end against the real tritonserver (embedded CPU Triton) over gRPC and HTTP."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import threading
+import urllib.request
+
+import numpy as np
+import pytest
+
+from cxr import contract
+from cxr.client import PneumoniaClient
+from cxr.errors import InvalidInputError
+from tests.conftest import SHIPPED_REPOSITORY
+
+pytestmark = pytest.mark.slow
+
+PROTOCOLS = ["grpc", "http"]
+
+
+def _url(server, protocol: str) -> str:  # type: ignore[no-untyped-def]
+    return server.config.grpc_url if protocol == "grpc" else server.config.http_url
+
+
+@pytest.fixture(scope="module")
+def embedded() -> PneumoniaClient:
+    with PneumoniaClient(str(SHIPPED_REPOSITORY), protocol="embedded") as c:
+        yield c
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_triton_matches_in_process_onnxruntime(triton_server, embedded, sample_images, protocol) -> None:  # type: ignore[no-untyped-def]
+    with PneumoniaClient(_url(triton_server, protocol), protocol=protocol, timeout_s=60) as client:
+        served = client.predict(sample_images)
+    local = embedded.predict(sample_images)
+    assert len(served) == len(local) == len(sample_images)
+    for s, e in zip(served, local):
+        assert s.ok and e.ok, (s.error, e.error)
+        assert abs(s.probability - e.probability) <= 1e-5  # type: ignore[operator]
+        assert s.label == e.label and s.label in contract.LABELS
+        assert s.threshold == e.threshold and s.model_name == "pneumonia" and s.model_version == "1"
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_threshold_and_labels_come_from_the_served_model(triton_server, protocol) -> None:  # type: ignore[no-untyped-def]
+    card = json.loads((SHIPPED_REPOSITORY / "pneumonia" / "model_card.json").read_text())
+    with PneumoniaClient(_url(triton_server, protocol), protocol=protocol) as client:
+        assert client.info.threshold == pytest.approx(card["calibration"]["threshold"], abs=1e-6)
+        assert client.info.labels == contract.LABELS and client.info.sha256 == card["sha256"]
+        assert client.info.max_batch_size == 64 and client.ready()
+
+
+def _stats(server, model: str = "pneumonia") -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    with urllib.request.urlopen(f"http://{server.config.http_url}/v2/models/{model}/stats", timeout=10) as r:
+        s = json.load(r)["model_stats"][0]
+    return int(s["inference_count"]), int(s["execution_count"])
+
+
+def test_dynamic_batcher_forms_batches_under_concurrency(triton_server) -> None:  # type: ignore[no-untyped-def]
+    n0, e0 = _stats(triton_server)
+    x = np.random.default_rng(0).integers(0, 256, (1, 224, 224, 1), dtype=np.uint8)
+    with PneumoniaClient(triton_server.config.grpc_url, protocol="grpc", batch_size=1, max_in_flight=16) as client:
+        threads = [threading.Thread(target=lambda: [client.infer_batch(x) for _ in range(8)]) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    n1, e1 = _stats(triton_server)
+    inferences, executions = n1 - n0, e1 - e0
+    assert inferences == 64
+    assert inferences / executions > 1.0, f"average executed batch {inferences / executions:.2f}"
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize(
+    ("shape", "dtype", "message"),
+    [((1, 224, 224, 3), "UINT8", "shape"), ((1, 224, 224, 1), "FP32", "data"), ((65, 224, 224, 1), "UINT8", "batch")],
+    ids=["wrong-shape", "wrong-dtype", "over-max-batch"],
+)
+def test_bad_tensors_get_a_clear_error(triton_server, protocol, shape, dtype, message) -> None:  # type: ignore[no-untyped-def]
+    if protocol == "grpc":
+        import tritonclient.grpc as tc
+    else:
+        import tritonclient.http as tc  # type: ignore[no-redef]
+    from tritonclient.utils import InferenceServerException
+
+    client = tc.InferenceServerClient(_url(triton_server, protocol))
+    arr = np.zeros(shape, dtype=np.uint8 if dtype == "UINT8" else np.float32)
+    inp = tc.InferInput(contract.INPUT_NAME, list(shape), dtype)
+    inp.set_data_from_numpy(arr)
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("pneumonia", [inp])
+    assert message in str(info.value).lower()
+    client.close()
+
+
+def test_client_validates_before_sending(triton_server) -> None:  # type: ignore[no-untyped-def]
+    with PneumoniaClient(triton_server.config.grpc_url) as client:
+        with pytest.raises(InvalidInputError):
+            client.infer_batch(np.zeros((2, 224, 224, 1), np.float32))
+        big = np.zeros((100, 224, 224, 1), np.uint8)  # over max_batch_size: split by the client
+        assert client.infer_batch(big).shape == (100,)
+
+
+def test_bad_file_fails_alone(triton_server, sample_images, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    bad = tmp_path / "broken.jpeg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with PneumoniaClient(triton_server.config.grpc_url) as client:
+        preds = client.predict([sample_images[0], bad, sample_images[1]])
+    assert preds[0].ok and preds[2].ok
+    assert not preds[1].ok and str(bad) in preds[1].error and preds[1].label is None  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_cli_predict_csv_and_health(triton_server, sample_images, tmp_path, protocol) -> None:  # type: ignore[no-untyped-def]
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    out = tmp_path / "results.csv"
+    url = _url(triton_server, protocol)
+    cmd = [sys.executable, "-m", "cxr.cli", "predict", *map(str, sample_images[:4]), str(bad), "--url", url,
+           "--protocol", protocol, "--format", "csv", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr  # one input failed
+    assert "notes.txt: not an image" in r.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0].keys())[:6] == ["path", "label", "probability", "threshold", "model_name", "model_version"]
+    assert "error" in rows[0]
+    assert len(rows) == 5 and [r_["error"] == "" for r_ in rows] == [True] * 4 + [False]
+    h = subprocess.run([sys.executable, "-m", "cxr.cli", "health", "--url", url, "--protocol", protocol],
+                       capture_output=True, text=True, timeout=120)
+    assert h.returncode == 0, h.stderr
+    info = json.loads(h.stdout)
+    assert info["ready"] is True and info["model"] == "pneumonia" and info["version"] == "1"
+
+
+def test_metrics_port_answers(triton_server) -> None:  # type: ignore[no-untyped-def]
+    with urllib.request.urlopen(triton_server.config.metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    assert "nv_inference_count" in text
+
+
+def test_int8_model_is_served(triton_server, sample_images) -> None:  # type: ignore[no-untyped-def]
+    with PneumoniaClient(triton_server.config.grpc_url, model="pneumonia_int8") as client:
+        preds = client.predict(sample_images[:4])
+    assert all(p.ok and 0 <= p.probability <= 1 for p in preds)  # type: ignore[operator]
+
+
+def test_tampered_model_refuses_to_serve(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    from cxr.errors import ModelIntegrityError
+    from cxr.serving.server import ServerConfig, TritonServer, free_ports
+
+    repo = tmp_path / "repo"
+    shutil.copytree(SHIPPED_REPOSITORY / "pneumonia", repo / "pneumonia")
+    onnx = repo / "pneumonia" / "1" / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes() + b"\0")
+    h, g, m = free_ports(3)
+    cfg = ServerConfig(model_repository=repo, http_port=h, grpc_port=g, metrics_port=m)
+    with pytest.raises(ModelIntegrityError, match="refusing to serve"):
+        TritonServer(cfg).start()
+    # and the backend itself refuses too, even if the launcher check is bypassed
+    cfg2 = ServerConfig(model_repository=repo, http_port=h, grpc_port=g, metrics_port=m, verify_sha256=False,
+                        startup_timeout_s=30)
+    server = TritonServer(cfg2)
+    with pytest.raises(Exception):  # noqa: B017 - not ready: the model failed to load
+        server.start()
+    assert "does not match" in server.log_tail(200)

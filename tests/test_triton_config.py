@@ -1,0 +1,88 @@
+"""Every shipped Triton config parses with tritonclient's model_config_pb2 and matches the contract."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from cxr import contract
+from cxr.export import triton_config
+from tests.conftest import SHIPPED_REPOSITORY
+
+CONFIGS = sorted(SHIPPED_REPOSITORY.glob("*/config.pbtxt")) + sorted(SHIPPED_REPOSITORY.glob("*/configs/*.pbtxt"))
+
+
+def _parse(path: Path) -> mc.ModelConfig:
+    return text_format.Parse(path.read_text(), mc.ModelConfig())
+
+
+def _model_dir(path: Path) -> Path:
+    return path.parent if path.name == "config.pbtxt" else path.parent.parent
+
+
+def test_repository_has_models_and_configs() -> None:
+    names = {p.parent.name for p in SHIPPED_REPOSITORY.glob("*/model_card.json")}
+    assert {"pneumonia", "pneumonia_int8"} <= names
+    assert len(CONFIGS) >= 6
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(SHIPPED_REPOSITORY)))
+def test_config_matches_contract(path: Path) -> None:
+    cfg = _parse(path)
+    assert cfg.name == _model_dir(path).name
+    assert cfg.max_batch_size >= 16
+    assert [i.name for i in cfg.input] == [contract.INPUT_NAME]
+    assert mc.DataType.Name(cfg.input[0].data_type) == f"TYPE_{contract.INPUT_TRITON_DTYPE}"
+    assert list(cfg.input[0].dims) == list(contract.IMAGE_SHAPE)
+    assert [o.name for o in cfg.output] == [contract.OUTPUT_NAME]
+    assert mc.DataType.Name(cfg.output[0].data_type) == f"TYPE_{contract.OUTPUT_TRITON_DTYPE}"
+    assert list(cfg.output[0].dims) == list(contract.OUTPUT_SHAPE)
+    assert cfg.HasField("dynamic_batching")
+    db = cfg.dynamic_batching
+    assert 0 < db.max_queue_delay_microseconds <= 20_000
+    assert all(1 <= b <= cfg.max_batch_size for b in db.preferred_batch_size)
+    qp = db.default_queue_policy
+    assert qp.timeout_action == mc.ModelQueuePolicy.REJECT and qp.max_queue_size > 0 and qp.default_timeout_microseconds > 0
+    assert len(cfg.model_warmup) >= 1
+    params = {k: v.string_value for k, v in cfg.parameters.items()}
+    card = json.loads((_model_dir(path) / "model_card.json").read_text())
+    assert float(params[contract.PARAM_THRESHOLD]) == pytest.approx(card["calibration"]["threshold"], abs=1e-6)
+    assert params[contract.PARAM_LABELS].split(",") == list(contract.LABELS)
+    assert params[contract.PARAM_SHA256] == card["sha256"]
+
+
+def test_targets_select_the_right_backends() -> None:
+    fp32 = SHIPPED_REPOSITORY / "pneumonia"
+    default = _parse(fp32 / "config.pbtxt")
+    assert default.backend == "onnxruntime" and default.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    accel = default.optimization.execution_accelerators.gpu_execution_accelerator
+    assert accel[0].name == "tensorrt" and accel[0].parameters["precision_mode"] == "FP32"
+    fp16 = _parse(fp32 / "configs" / "gpu_fp16.pbtxt")
+    assert fp16.optimization.execution_accelerators.gpu_execution_accelerator[0].parameters["precision_mode"] == "FP16"
+    plan = _parse(fp32 / "configs" / "tensorrt_plan.pbtxt")
+    assert plan.platform == "tensorrt_plan" and plan.default_model_filename == "model.plan"
+    cpu = _parse(fp32 / "configs" / "cpu.pbtxt")
+    assert cpu.backend == "python" and cpu.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    int8 = _parse(SHIPPED_REPOSITORY / "pneumonia_int8" / "config.pbtxt")
+    assert int8.backend == "onnxruntime" and int8.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+
+
+def test_shipped_configs_are_what_the_generator_writes() -> None:
+    """No hand edits drift from export/triton_config.py."""
+    for model, targets in (("pneumonia", ("gpu", "gpu_fp16", "tensorrt_plan", "cpu")), ("pneumonia_int8", ("cpu_ort", "cpu"))):
+        d = SHIPPED_REPOSITORY / model
+        card = json.loads((d / "model_card.json").read_text())
+        for t in targets:
+            expected = triton_config.render(model, t, threshold=card["calibration"]["threshold"], sha256=card["sha256"])
+            assert (d / "configs" / f"{t}.pbtxt").read_text() == expected
+
+
+def test_batching_policy_validation() -> None:
+    with pytest.raises(ValueError):
+        triton_config.BatchingPolicy(max_batch_size=8, preferred_batch_sizes=(16,))
+    with pytest.raises(ValueError):
+        triton_config.render("m", "nope", threshold=0.5, sha256="x")
