@@ -271,8 +271,77 @@ def _cmd_health(a: argparse.Namespace) -> int:
         return 0 if ready else 1
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="serving benchmarks as side-by-side ratios (JSON + table)",
+        description="Measure, in one run on this machine: raw onnxruntime throughput, Triton gRPC over it, "
+        "dynamic batching gain at 16 concurrent requests (with p99s), INT8 speed-up, one core's "
+        "preprocessing rate over the server's throughput, and the compact model over InceptionV3. Starts its "
+        "own embedded Triton servers on free ports. A benchmark, not a test.",
+    )
+    p.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--images-dir", type=Path, default=REPO_ROOT.parent / "shared" / "data" / "chest_xray_fullres",
+                   help="full-resolution X-rays for the preprocessing rate (generated when missing)")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results.json")
+    p.add_argument("--seconds", type=float, default=8.0, help="length of each timed window")
+    p.add_argument("--no-inception", action="store_true", help="skip the InceptionV3 baseline (needs TensorFlow)")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(a: argparse.Namespace) -> int:
+    from cxr.loadtest.bench import BenchConfig, run_bench, table
+
+    res = run_bench(BenchConfig(repository=a.model_repository, model=a.model, images_dir=a.images_dir, out=a.out,
+                                seconds=a.seconds, inception=not a.no_inception))
+    text = table(res)
+    a.out.with_suffix(".md").write_text(text + "\n")
+    print(text)
+    print(f"\nwritten {a.out} and {a.out.with_suffix('.md')}")
+    return 0
+
+
+def _add_capacity(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "capacity",
+        help="Locust user sweep against a running Triton, with the planning arithmetic",
+        description="For each user count, run a bounded headless Locust against the server, record "
+        "throughput and p50/p95/p99, and Triton's queue vs compute time and average batch. Finds the highest "
+        "throughput meeting the p95 objective and computes studies/hour per server and servers needed for a "
+        "target rate with headroom. Writes capacity.md, .csv, .json and PNG plots.",
+    )
+    p.add_argument("--grpc-url", default="127.0.0.1:8001")
+    p.add_argument("--http-url", default="127.0.0.1:8000", help="for Triton's statistics API")
+    p.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--users", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    p.add_argument("--step-seconds", type=int, default=20)
+    p.add_argument("--images-per-request", type=int, default=1)
+    p.add_argument("--images-dir", type=Path, default=REPO_ROOT.parent / "shared" / "data" / "chest_xray_fullres")
+    p.add_argument("--slo-p95-ms", type=float, default=500.0)
+    p.add_argument("--images-per-study", type=int, default=1)
+    p.add_argument("--target-studies-per-hour", type=float, default=10_000.0)
+    p.add_argument("--headroom", type=float, default=0.3, help="fraction of capacity kept free")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "capacity")
+    p.set_defaults(func=_cmd_capacity)
+
+
+def _cmd_capacity(a: argparse.Namespace) -> int:
+    from cxr.loadtest.capacity import CapacityConfig, sweep
+
+    res = sweep(CapacityConfig(grpc_url=a.grpc_url, http_url=a.http_url, model=a.model, users=tuple(a.users),
+                               step_seconds=a.step_seconds, images_per_request=a.images_per_request,
+                               images_dir=a.images_dir, slo_p95_ms=a.slo_p95_ms, images_per_study=a.images_per_study,
+                               target_studies_per_hour=a.target_studies_per_hour, headroom=a.headroom,
+                               protocol=a.protocol, out_dir=a.out))
+    print((a.out / "capacity.md").read_text())
+    return 0 if res["plan"]["meets_slo"] else 1
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train, _add_evaluate, _add_calibrate, _add_export, _add_serve, _add_predict, _add_health,
+    _add_bench, _add_capacity,
 ]
 
 

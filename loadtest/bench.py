@@ -1,0 +1,275 @@
+"""``cxr bench``: serving benchmarks measured side by side in one run, reported as ratios.
+
+Not a test: numbers depend on the machine. Every figure is measured in the
+same process run on the same machine, and the JSON records the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cxr import contract
+
+logger = logging.getLogger(__name__)
+
+#: Keys the JSON always has (ratios unless the name says otherwise).
+REQUIRED_KEYS = (
+    "ort_images_per_s", "triton_vs_ort", "batching_gain", "p99_ms_batching", "p99_ms_no_batching",
+    "int8_speedup", "preprocess_vs_server", "compact_vs_inception",
+)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What ``cxr bench`` measures.
+
+    Attributes:
+        repository: Model repository holding ``<model>`` and ``<model>_int8``.
+        model: FP32 model name.
+        images_dir: Full-resolution images for the preprocessing rate (generated when absent).
+        out: JSON output file.
+        seconds: Duration of each timed window.
+        batch_sizes: Batch sizes tried for raw onnxruntime throughput.
+        concurrency: Concurrent single-image requests for the batching comparison.
+        inception: Measure the InceptionV3 baseline (needs TensorFlow + tf2onnx once; cached).
+    """
+
+    repository: Path
+    model: str = "pneumonia"
+    images_dir: Path | None = None
+    out: Path = Path("bench/results.json")
+    seconds: float = 8.0
+    batch_sizes: tuple[int, ...] = (1, 8, 16, 32, 64)
+    concurrency: int = 16
+    inception: bool = True
+
+    def __post_init__(self) -> None:
+        if self.seconds <= 0:
+            raise ValueError("seconds must be > 0")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ValueError("batch_sizes must be positive")
+        if self.concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+
+
+def _timed(fn: Callable[[], int], seconds: float, *, warmup: int = 2) -> float:
+    """Items per second of ``fn`` (which returns items done) over ``seconds``."""
+    for _ in range(warmup):
+        fn()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        n += fn()
+    return n / (time.perf_counter() - t0)
+
+
+def ort_throughput(onnx_path: Path, batch_sizes: tuple[int, ...], seconds: float) -> dict[int, float]:
+    """In-process onnxruntime images/s per batch size (all cores, all graph optimisations)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    out = {}
+    for b in batch_sizes:
+        x = rng.integers(0, 256, (b, *contract.IMAGE_SHAPE), dtype=np.uint8)
+        out[b] = _timed(lambda x=x, b=b: (sess.run(None, {contract.INPUT_NAME: x}), b)[1], seconds / len(batch_sizes) * 2)
+    return out
+
+
+def preprocess_rate(images_dir: Path | None, seconds: float) -> tuple[float, str]:
+    """Images/s of :func:`contract.preprocess` on one core over full-resolution files."""
+    files: list[Path] = []
+    if images_dir is not None and Path(images_dir).is_dir():
+        files = sorted(p for p in Path(images_dir).rglob("*") if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
+    source = str(images_dir)
+    if not files:
+        from PIL import Image
+
+        tmp = Path(tempfile.mkdtemp(prefix="cxr-bench-"))
+        rng = np.random.default_rng(0)
+        for i in range(8):
+            a = rng.normal(120, 40, (2000, 2300)).clip(0, 255).astype(np.uint8)
+            Image.fromarray(a).save(tmp / f"g{i}.jpeg", quality=90)
+        files = sorted(tmp.glob("*.jpeg"))
+        source = "generated 2300x2000 JPEGs"
+    blobs = [f.read_bytes() for f in files]  # measure decode + resize, not disk
+    i = [0]
+
+    def one() -> int:
+        contract.preprocess(blobs[i[0] % len(blobs)])
+        i[0] += 1
+        return 1
+
+    return _timed(one, seconds), f"{source} ({len(files)} files)"
+
+
+def _batching_repo(src_repo: Path, model: str, dst: Path, *, batching: bool) -> Path:
+    """A copy of one model folder whose cpu config has dynamic batching on or off."""
+    from cxr.export import triton_config
+
+    card = json.loads((src_repo / model / "model_card.json").read_text())
+    shutil.copytree(src_repo / model, dst / model)
+    text = triton_config.render(model, "cpu", threshold=card["calibration"]["threshold"], sha256=card["sha256"])
+    if not batching:
+        start = text.index("dynamic_batching {")
+        end = text.index("\n}\n", start) + 3
+        text = text[:start] + text[end:]
+    (dst / model / "configs" / "cpu.pbtxt").write_text(text)
+    return dst
+
+
+def triton_load(url: str, model: str, *, concurrency: int, batch: int, seconds: float) -> dict[str, float]:
+    """Closed-loop load through the project's client: ``concurrency`` threads, ``batch`` images per request."""
+    from cxr.client import PneumoniaClient
+
+    x = np.random.default_rng(1).integers(0, 256, (batch, *contract.IMAGE_SHAPE), dtype=np.uint8)
+    latencies: list[float] = []
+    lock = threading.Lock()
+    with PneumoniaClient(url, protocol="grpc", model=model, batch_size=batch, max_in_flight=concurrency, timeout_s=60) as c:
+        for _ in range(3):
+            c.infer_batch(x)
+        stop = time.perf_counter() + seconds
+        count = [0]
+
+        def worker() -> None:
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                c.transport.infer(x, timeout_s=60)
+                dt = time.perf_counter() - t0
+                with lock:
+                    latencies.append(dt)
+                    count[0] += batch
+
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - t0
+    lat = np.array(latencies) * 1000
+    return {"images_per_s": count[0] / elapsed, "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)), "requests": float(len(lat))}
+
+
+def _served(repo: Path, models: tuple[str, ...], fn: Callable[[str], dict]) -> dict:
+    from cxr.serving.server import ServerConfig, TritonServer, free_ports
+
+    h, g, m = free_ports(3)
+    with TritonServer(ServerConfig(model_repository=repo, http_port=h, grpc_port=g, metrics_port=m, models=models)) as s:
+        return fn(s.config.grpc_url)
+
+
+def inception_onnx(cache_dir: Path) -> Path:
+    """The report's InceptionV3 (random weights: speed does not depend on them) as ONNX, cached."""
+    path = cache_dir / "inception_v3_bench.onnx"
+    if path.exists():
+        return path
+    from cxr.export.onnx_export import to_onnx
+    from cxr.train import models
+    from cxr.train.scoring import Calibration
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    keras_path = cache_dir / "inception_v3_bench.keras"
+    models.build("inception_v3").save(str(keras_path))
+    to_onnx(keras_path, path, Calibration())
+    keras_path.unlink()
+    return path
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    """Measure everything and write ``cfg.out``; returns the result dict."""
+    repo = Path(cfg.repository)
+    fp32 = repo / cfg.model / "1" / "model.onnx"
+    int8 = repo / f"{cfg.model}_int8" / "1" / "model.onnx"
+    res: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
+                 "model": cfg.model, "seconds_per_window": cfg.seconds}
+    logger.info("onnxruntime FP32 ...")
+    ort_fp32 = ort_throughput(fp32, cfg.batch_sizes, cfg.seconds)
+    best_b = max(ort_fp32, key=lambda b: ort_fp32[b])
+    res["ort_by_batch"] = {str(b): v for b, v in ort_fp32.items()}
+    res["ort_best_batch"] = best_b
+    res["ort_images_per_s"] = ort_fp32[best_b]
+
+    logger.info("onnxruntime INT8 ...")
+    ort_int8 = ort_throughput(int8, cfg.batch_sizes, cfg.seconds)
+    res["ort_int8_by_batch"] = {str(b): v for b, v in ort_int8.items()}
+    res["int8_speedup"] = max(ort_int8.values()) / res["ort_images_per_s"]
+
+    with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
+        on = _batching_repo(repo, cfg.model, Path(tmp) / "on", batching=True)
+        off = _batching_repo(repo, cfg.model, Path(tmp) / "off", batching=False)
+
+        def on_runs(url: str) -> dict:
+            sat = triton_load(url, cfg.model, concurrency=4, batch=16, seconds=cfg.seconds)
+            single = triton_load(url, cfg.model, concurrency=cfg.concurrency, batch=1, seconds=cfg.seconds)
+            return {"saturation": sat, "single": single}
+
+        logger.info("Triton with dynamic batching ...")
+        with_b = _served(on, (cfg.model,), on_runs)
+        logger.info("Triton without dynamic batching ...")
+        without_b = _served(off, (cfg.model,), lambda url: triton_load(url, cfg.model, concurrency=cfg.concurrency,
+                                                                          batch=1, seconds=cfg.seconds))
+    res["triton_images_per_s"] = with_b["saturation"]["images_per_s"]
+    res["triton_vs_ort"] = res["triton_images_per_s"] / res["ort_images_per_s"]
+    res["batching_images_per_s"] = with_b["single"]["images_per_s"]
+    res["no_batching_images_per_s"] = without_b["images_per_s"]
+    res["batching_gain"] = res["batching_images_per_s"] / res["no_batching_images_per_s"]
+    res["p99_ms_batching"] = with_b["single"]["p99_ms"]
+    res["p99_ms_no_batching"] = without_b["p99_ms"]
+
+    logger.info("preprocessing on one core ...")
+    rate, source = preprocess_rate(cfg.images_dir, cfg.seconds)
+    res["preprocess_images_per_s_one_core"] = rate
+    res["preprocess_source"] = source
+    res["preprocess_vs_server"] = rate / res["triton_images_per_s"]
+
+    if cfg.inception:
+        logger.info("InceptionV3 baseline ...")
+        inc = ort_throughput(inception_onnx(Path(".cache")), cfg.batch_sizes, cfg.seconds)
+        res["inception_ort_by_batch"] = {str(b): v for b, v in inc.items()}
+        res["compact_vs_inception"] = res["ort_images_per_s"] / max(inc.values())
+    else:
+        res["compact_vs_inception"] = None
+    res["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    return res
+
+
+def table(res: dict) -> str:
+    """Markdown table of the headline figures."""
+    def f(v: object, unit: str = "") -> str:
+        return "n/a" if v is None else f"{v:.2f}{unit}" if isinstance(v, float) else str(v)
+
+    rows = [
+        ("ort_images_per_s", f(res["ort_images_per_s"]), f"in-process onnxruntime FP32, best batch {res['ort_best_batch']} (images/s)", ""),
+        ("triton_vs_ort", f(res["triton_vs_ort"]), f"Triton gRPC at saturation {f(res['triton_images_per_s'])} img/s over ORT", ">= 0.9"),
+        ("batching_gain", f(res["batching_gain"]), f"{f(res['batching_images_per_s'])} vs {f(res['no_batching_images_per_s'])} img/s, 16 concurrent 1-image requests", ">= 1.3"),
+        ("p99_ms_batching", f(res["p99_ms_batching"]), "p99 latency with dynamic batching (ms)", ""),
+        ("p99_ms_no_batching", f(res["p99_ms_no_batching"]), "p99 latency without (ms)", ""),
+        ("int8_speedup", f(res["int8_speedup"]), "INT8 QDQ over FP32, onnxruntime, best batch each", ""),
+        ("preprocess_vs_server", f(res["preprocess_vs_server"]), f"one core preprocesses {f(res['preprocess_images_per_s_one_core'])} img/s ({res['preprocess_source']})", ">= 2"),
+        ("compact_vs_inception", f(res["compact_vs_inception"]), "compact CNN over InceptionV3, onnxruntime, best batch each", ">= 8"),
+    ]
+    lines = ["| key | value | what | target |", "|---|---|---|---|"]
+    lines += [f"| `{k}` | {v} | {w} | {t} |" for k, v, w, t in rows]
+    m = res["machine"]
+    lines.append("")
+    lines.append(f"Measured {res['created']} on {m['cpus']} CPUs ({m['platform']}), {res['seconds_per_window']:.0f} s per window.")
+    return "\n".join(lines)
+

@@ -1,0 +1,167 @@
+"""Locust users for the pneumonia model on Triton: gRPC and HTTP (binary tensors).
+
+Run headless and bounded, against loopback by default::
+
+    locust -f loadtest/locustfile.py TritonGrpcUser --headless -u 16 -r 16 -t 60s \\
+        --host 127.0.0.1:8001 --images-dir ../shared/data/chest_xray_fullres --images-per-request 1
+
+Distributed (more load than one machine makes)::
+
+    locust -f loadtest/locustfile.py TritonGrpcUser --master --headless -u 64 -r 16 -t 5m --expect-workers 4
+    locust -f loadtest/locustfile.py TritonGrpcUser --worker --master-host MASTER_IP   # on each load machine
+
+Requests carry real preprocessed X-rays (the contract's preprocess) from
+``--images-dir``, or generated images when it is missing. Each request is
+reported to Locust's ``request`` event with its latency, so Locust's
+statistics are right; clients are closed in ``on_stop`` (a gRPC run can
+otherwise hang on exit).
+"""
+
+from __future__ import annotations
+
+# gevent must patch gRPC before any gRPC use, or calls run one at a time and no batches form.
+import grpc.experimental.gevent as grpc_gevent  # isort: skip
+
+grpc_gevent.init_gevent()
+
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+from locust import User, between, events, task  # noqa: E402
+
+from cxr import contract  # noqa: E402
+from cxr.errors import InvalidInputError  # noqa: E402
+
+_IMAGES: np.ndarray | None = None
+
+
+@events.init_command_line_parser.add_listener
+def _options(parser) -> None:  # type: ignore[no-untyped-def]
+    parser.add_argument("--images-dir", default="../shared/data/chest_xray_fullres", help="X-rays to send (preprocessed once)")
+    parser.add_argument("--images-per-request", type=int, default=1, help="images in each request's batch")
+    parser.add_argument("--model-name", default="pneumonia", help="served model")
+    parser.add_argument("--max-images", type=int, default=64, help="distinct images loaded")
+
+
+def load_images(directory: str, limit: int) -> np.ndarray:
+    """Preprocessed contract images from a folder, or generated ones when it has none."""
+    files = sorted(p for p in Path(directory).rglob("*") if p.suffix.lower() in contract.IMAGE_SUFFIXES)[:limit] \
+        if Path(directory).is_dir() else []
+    imgs = []
+    for f in files:
+        try:
+            imgs.append(contract.preprocess(f))
+        except InvalidInputError:
+            continue
+    if not imgs:
+        rng = np.random.default_rng(0)
+        imgs = [rng.integers(0, 256, contract.IMAGE_SHAPE, dtype=np.uint8) for _ in range(8)]
+    return np.stack(imgs)
+
+
+@events.quit.add_listener
+def _hard_exit(exit_code: int, **_kw) -> None:  # type: ignore[no-untyped-def]
+    """Exit once Locust has written everything: gRPC's gevent threads can otherwise keep the process alive."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
+
+
+@events.test_start.add_listener
+def _preload(environment, **_kw) -> None:  # type: ignore[no-untyped-def]
+    """Decode the images before users spawn, so a short run never stops a user mid-start."""
+    if environment.parsed_options is not None:
+        _images(environment)
+
+
+def _images(env) -> np.ndarray:  # type: ignore[no-untyped-def]
+    global _IMAGES
+    if _IMAGES is None:
+        opts = env.parsed_options
+        _IMAGES = load_images(opts.images_dir, opts.max_images)
+    return _IMAGES
+
+
+class _TritonUser(User):
+    abstract = True
+    wait_time = between(0, 0)
+    protocol = ""
+
+    def on_start(self) -> None:
+        opts = self.environment.parsed_options
+        self.model = opts.model_name
+        self.n = max(1, int(opts.images_per_request))
+        self.images = _images(self.environment)
+        self.rng = np.random.default_rng()
+        self.client = self.make_client(self.host or self.default_host)
+
+    def on_stop(self) -> None:
+        client = getattr(self, "client", None)
+        if client is not None:
+            client.close()
+
+    def batch(self) -> np.ndarray:
+        idx = self.rng.integers(0, len(self.images), self.n)
+        return self.images[idx]
+
+    def fire(self, fn) -> None:  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        exc = None
+        length = 0
+        try:
+            out = fn()
+            if out is None or out.size != self.n:
+                raise RuntimeError(f"expected {self.n} probabilities, got {None if out is None else out.shape}")
+            length = int(out.nbytes)
+        except Exception as e:  # noqa: BLE001 - reported to Locust
+            exc = e
+        events.request.fire(
+            request_type=self.protocol, name=f"{self.model} x{self.n}", response_time=(time.perf_counter() - t0) * 1000,
+            response_length=length, exception=exc, context={},
+        )
+
+
+class TritonGrpcUser(_TritonUser):
+    """tritonclient.grpc (gevent-patched)."""
+
+    default_host = "127.0.0.1:8001"
+    protocol = "grpc"
+
+    def make_client(self, url: str):  # type: ignore[no-untyped-def]
+        import tritonclient.grpc as g
+
+        self._mod = g
+        return g.InferenceServerClient(url=url)
+
+    @task
+    def infer(self) -> None:
+        g = self._mod
+        x = self.batch()
+        inp = g.InferInput(contract.INPUT_NAME, list(x.shape), contract.INPUT_TRITON_DTYPE)
+        inp.set_data_from_numpy(x)
+        self.fire(lambda: self.client.infer(self.model, [inp], client_timeout=30).as_numpy(contract.OUTPUT_NAME))
+
+
+class TritonHttpUser(_TritonUser):
+    """tritonclient.http with binary tensor data (geventhttpclient)."""
+
+    default_host = "127.0.0.1:8000"
+    protocol = "http"
+
+    def make_client(self, url: str):  # type: ignore[no-untyped-def]
+        import tritonclient.http as h
+
+        self._mod = h
+        return h.InferenceServerClient(url=url.removeprefix("http://"), network_timeout=30)
+
+    @task
+    def infer(self) -> None:
+        h = self._mod
+        x = self.batch()
+        inp = h.InferInput(contract.INPUT_NAME, list(x.shape), contract.INPUT_TRITON_DTYPE)
+        inp.set_data_from_numpy(x, binary_data=True)
+        out = h.InferRequestedOutput(contract.OUTPUT_NAME, binary_data=True)
+        self.fire(lambda: self.client.infer(self.model, [inp], outputs=[out]).as_numpy(contract.OUTPUT_NAME))

@@ -1,0 +1,74 @@
+"""Locust, the capacity report and the bench JSON on short bounded runs against the real test server."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cxr.loadtest.capacity import LOCUSTFILE, CapacityConfig, plan, sweep
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("user_class", ["TritonGrpcUser", "TritonHttpUser"])
+def test_bounded_headless_locust_run(triton_server, sample_images, tmp_path, user_class) -> None:  # type: ignore[no-untyped-def]
+    host = triton_server.config.grpc_url if "Grpc" in user_class else triton_server.config.http_url
+    prefix = tmp_path / "run"
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), user_class, "--headless", "-u", "4", "-r", "4",
+           "-t", "4s", "--host", host, "--csv", str(prefix), "--only-summary", "--stop-timeout", "5",
+           "--images-dir", str(sample_images[0].parent), "--images-per-request", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=90)  # the outer bound: a hung run fails here
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {row["Name"]: row for row in csv.DictReader(open(f"{prefix}_stats.csv"))}
+    agg = rows["Aggregated"]
+    assert int(agg["Request Count"]) > 0 and int(agg["Failure Count"]) == 0
+    assert "pneumonia x2" in rows
+
+
+def test_capacity_report_from_a_short_sweep(triton_server, sample_images, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cfg = CapacityConfig(grpc_url=triton_server.config.grpc_url, http_url=triton_server.config.http_url,
+                         users=(1, 4), step_seconds=3, images_dir=sample_images[0].parent, slo_p95_ms=10_000,
+                         target_studies_per_hour=50_000, out_dir=tmp_path / "cap")
+    res = sweep(cfg)
+    assert [s["users"] for s in res["steps"]] == [1, 4]
+    for s in res["steps"]:
+        assert s["requests"] > 0 and s["failures"] == 0 and s["images_per_s"] > 0
+        assert s["p50_ms"] <= s["p95_ms"] <= s["p99_ms"] and s["avg_batch"] >= 1.0
+    p = res["plan"]
+    assert p["meets_slo"] and p["servers_needed"] >= 1
+    for f in ("capacity.md", "capacity.csv", "capacity.json", "throughput_latency.png", "queue_compute.png"):
+        assert (tmp_path / "cap" / f).stat().st_size > 100
+    assert "server(s)** like this one" in (tmp_path / "cap" / "capacity.md").read_text()
+
+
+def test_planning_arithmetic() -> None:
+    cfg = CapacityConfig(slo_p95_ms=100, images_per_study=2, target_studies_per_hour=500_000, headroom=0.25)
+    steps = [{"users": 1, "images_per_s": 50.0, "p95_ms": 40.0, "failures": 0},
+             {"users": 8, "images_per_s": 120.0, "p95_ms": 90.0, "failures": 0},
+             {"users": 16, "images_per_s": 150.0, "p95_ms": 300.0, "failures": 0}]
+    p = plan(steps, cfg)
+    assert p["best_users"] == 8
+    assert p["studies_per_hour_per_server"] == pytest.approx(120 * 3600 / 2)
+    assert p["servers_needed"] == 4  # 500000 / (216000 * 0.75 = 162000) = 3.09 -> 4
+    assert not plan([{**steps[2]}], cfg)["meets_slo"]
+
+
+def test_bench_json_schema_on_a_tiny_run(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from cxr.loadtest.bench import REQUIRED_KEYS
+    from tests.conftest import SHIPPED_REPOSITORY
+
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "cxr.cli", "bench", "--model-repository", str(SHIPPED_REPOSITORY),
+                        "--seconds", "0.5", "--out", str(out), "--no-inception"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for k in REQUIRED_KEYS:
+        assert k in res
+    for k in ("ort_images_per_s", "triton_vs_ort", "batching_gain", "int8_speedup", "preprocess_vs_server"):
+        assert isinstance(res[k], float) and res[k] > 0
+    assert res["compact_vs_inception"] is None  # skipped on request, said so rather than invented
+    assert "| `triton_vs_ort` |" in r.stdout
