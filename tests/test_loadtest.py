@@ -23,7 +23,8 @@ def test_bounded_headless_locust_run(triton_server, sample_images, tmp_path, use
            "--images-dir", str(sample_images[0].parent), "--images-per-request", "2"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=90)  # the outer bound: a hung run fails here
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = {row["Name"]: row for row in csv.DictReader(open(f"{prefix}_stats.csv"))}
+    with open(f"{prefix}_stats.csv") as f:
+        rows = {row["Name"]: row for row in csv.DictReader(f)}
     agg = rows["Aggregated"]
     assert int(agg["Request Count"]) > 0 and int(agg["Failure Count"]) == 0
     assert "pneumonia x2" in rows
