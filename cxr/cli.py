@@ -90,14 +90,16 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="report folder (default: eval_<data name> beside the model)")
     p.add_argument("--threshold", type=float, help="override the stored threshold")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    p.add_argument("--split", type=Path, help="a run's split.json: evaluate its validation side (DATA is the Kaggle root)")
     p.set_defaults(func=_cmd_evaluate)
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from cxr.train.evaluate import evaluate
 
-    out = a.out or a.model.parent / f"eval_{a.data.resolve().name}"
-    rep = evaluate(a.model, a.data, out, threshold=a.threshold, n_boot=a.n_boot, cache_dir=REPO_ROOT / ".cache")
+    out = a.out or a.model.parent / ("eval_trainval" if a.split else f"eval_{a.data.resolve().name}")
+    rep = evaluate(a.model, a.data, out, threshold=a.threshold, n_boot=a.n_boot, cache_dir=REPO_ROOT / ".cache",
+                   split_file=a.split)
     print((out / "report.md").read_text().split("Confusion")[0])
     print(f"reports and plots in {out}")
     return 0 if rep["n"] else 1
@@ -339,10 +341,50 @@ def _cmd_capacity(a: argparse.Namespace) -> int:
     return 0 if res["plan"]["meets_slo"] else 1
 
 
+def _add_ui(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ui",
+        help="the Gradio screening page (Pneumonia Detection using Chest X-Ray)",
+        description="Drop or upload X-rays, Submit, read Normal/Pneumonia with probability, threshold and model "
+        "version, and a Grad-CAM heatmap; several images give a table with a CSV download. Predictions go "
+        "through the project client (the running Triton over gRPC by default). Binds 127.0.0.1; no public "
+        "share link unless --share; uploads are deleted after each response.",
+    )
+    _add_client_args(p)
+    p.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY, help="for the Grad-CAM files")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="create a public Gradio share link (off by default)")
+    p.add_argument("--max-file-mb", type=int, default=32, help="upload size limit per file")
+    p.set_defaults(func=_cmd_ui)
+
+
+def _cmd_ui(a: argparse.Namespace) -> int:
+    from cxr.ui import UiConfig, launch
+
+    launch(UiConfig(url=a.url, protocol=a.protocol, model=a.model, repository=a.model_repository, host=a.host,
+                    port=a.port, share=a.share, max_file_mb=a.max_file_mb))
+    return 0
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train, _add_evaluate, _add_calibrate, _add_export, _add_serve, _add_predict, _add_health,
-    _add_bench, _add_capacity,
+    _add_bench, _add_capacity, _add_ui,
 ]
+
+
+def _record_command(args: argparse.Namespace) -> None:
+    """Append model-building commands to the run's ``commands.txt`` (the model card lists them)."""
+    import shlex
+
+    run_dir = getattr(args, "out", None) if args.command == "train" else None
+    if args.command in ("calibrate", "evaluate", "export") and getattr(args, "model", None) is not None:
+        run_dir = args.model.parent
+    if run_dir is None:
+        return
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(run_dir) / "commands.txt", "a") as f:
+        f.write(" ".join(shlex.quote(a) for a in ["cxr", *sys.argv[1:]]) + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -371,6 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    _record_command(args)
     try:
         return int(args.func(args) or 0)
     except CxrError as exc:

@@ -64,7 +64,8 @@ def test_calibrate_evaluate_export_parity(tiny_run: Path, train_data: Path, site
     par = card["export"]["parity"]["fp32"]["parity"]
     assert par["max_abs_diff"] <= 1e-5 and par["label_agreement"] == 1.0 and par["n_images"] >= 16
     assert card["calibration"]["threshold"] == pytest.approx(cal["threshold"])
-    assert "site" in card["evaluations"] and card["commands"][0].startswith("cxr export")
+    assert "site" in card["evaluations"]
+    assert card["commands"][0].startswith("cxr train") and card["commands"][-1].startswith("cxr export")
 
     import onnx
     import onnxruntime as ort

@@ -23,9 +23,21 @@ REPORT_KEYS = (
 )
 
 
-def load_labelled(folder: Path, *, cache_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Images, labels and paths of a ``{NORMAL,PNEUMONIA}`` folder (or a Kaggle root's ``test``/``val``)."""
+def load_labelled(
+    folder: Path, *, cache_dir: Path | None = None, split_file: Path | None = None
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Images, labels and paths of a ``{NORMAL,PNEUMONIA}`` folder (or a Kaggle root's ``test``/``val``).
+
+    With ``split_file`` (a training run's ``split.json``), the validation side of
+    that split under ``folder``'s ``train/`` is loaded instead.
+    """
     folder = Path(folder)
+    if split_file is not None:
+        root = data_mod.split_dir(folder, "train")
+        split = data_mod.Split.load(split_file)
+        paths = [root / r for r in split.val]
+        y = np.array([contract.CLASS_DIRS.index(Path(r).parts[0]) for r in split.val], dtype=int)
+        return data_mod.load_images(paths, cache_dir=cache_dir), y, [str(p) for p in paths]
     if not any((folder / c).is_dir() for c in contract.CLASS_DIRS):
         for split in ("test", "val"):
             if (folder / split).is_dir():
@@ -89,25 +101,26 @@ def markdown_report(report: dict, *, title: str) -> str:
 
 def evaluate(
     model_path: Path, data_dir: Path, out_dir: Path, *, threshold: float | None = None,
-    n_boot: int = 1000, cache_dir: Path | None = None, scorer: Scorer | None = None,
+    n_boot: int = 1000, cache_dir: Path | None = None, scorer: Scorer | None = None, split_file: Path | None = None,
 ) -> dict:
     """Evaluate a ``.keras`` or ``.onnx`` model on a labelled folder; write JSON, Markdown and PNGs."""
     from cxr.train import plots
 
     scorer = scorer or load_scorer(model_path, threshold=threshold)
-    x, y, _ = load_labelled(data_dir, cache_dir=cache_dir)
+    x, y, _ = load_labelled(data_dir, cache_dir=cache_dir, split_file=split_file)
     p = scorer(x)
     thr = float(threshold if threshold is not None else scorer.threshold)
     report = evaluate_arrays(y, p, thr, n_boot=n_boot)
     report.update(
-        model=str(model_path), data=str(data_dir),
+        model=str(model_path), data=f"{data_dir} (validation side of {split_file})" if split_file else str(data_dir),
         threshold_source="--threshold" if threshold is not None else "stored calibration (or 0.5 when none)",
     )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report["plots"] = plots.evaluation_plots(y, p, thr, out_dir, title=Path(data_dir).name)
+    report["plots"] = plots.evaluation_plots(y, p, thr, out_dir, title="train-validation" if split_file else Path(data_dir).name)
     (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out_dir / "report.md").write_text(markdown_report(report, title=f"Evaluation on {Path(data_dir).name}"))
+    title = "train-validation split" if split_file else Path(data_dir).name
+    (out_dir / "report.md").write_text(markdown_report(report, title=f"Evaluation on {title}"))
     return report
 
 
