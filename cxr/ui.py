@@ -135,7 +135,8 @@ def build_app(cfg: UiConfig):  # type: ignore[no-untyped-def]
             clear = gr.Button("Clear", elem_id="clear")
             submit = gr.Button("Submit", variant="primary", elem_id="submit")
         result = gr.Markdown(elem_id="result")
-        gallery = gr.Gallery(label="Grad-CAM heatmap (red: regions that drove the answer)", elem_id="gradcam", columns=3)
+        gallery = gr.Gallery(label="Grad-CAM heatmap (red: regions that drove the answer)", elem_id="gradcam", columns=3,
+                             height=420, object_fit="contain")
         table = gr.Dataframe(headers=COLUMNS, label="Results", elem_id="table", interactive=False)
         download = gr.File(label="Results CSV", elem_id="csv")
         gr.Markdown(f"Model `{client.info.name}` v{client.info.version} via {cfg.protocol}; threshold "

@@ -1,0 +1,120 @@
+"""The Gradio page in a real headless browser (Debian's Chromium driven by Playwright) against the real Triton."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from cxr.serving.server import free_port
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
+SCREENSHOTS = Path(__file__).resolve().parent.parent / "out" / "ui"
+
+
+@pytest.fixture(scope="module")
+def ui_url(triton_server, tmp_path_factory) -> str:  # type: ignore[no-untyped-def]
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"no Chromium at {CHROMIUM}: install Debian's 'chromium' package (scripts/test.sh does)")
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    log = open(tmp_path_factory.mktemp("ui") / "ui.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "cxr.cli", "ui", "--url", triton_server.config.grpc_url,
+                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"cxr ui exited: {Path(log.name).read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("cxr ui did not come up")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def page(ui_url):  # type: ignore[no-untyped-def]
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"],
+        )
+        pg = browser.new_page(viewport={"width": 1280, "height": 1400})
+        pg.goto(ui_url)
+        yield pg
+        browser.close()
+
+
+def _cli_label(path: Path, triton_server) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+    r = subprocess.run([sys.executable, "-m", "cxr.cli", "predict", str(path), "--url", triton_server.config.grpc_url,
+                        "--format", "csv"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    row = r.stdout.splitlines()[1].split(",")
+    return row[1], row[2]
+
+
+def test_upload_submit_matches_cli_then_clear_then_non_image(page, triton_server, sample_images, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.get_by_text("Drop a chest X-ray image here").wait_for(timeout=60_000)
+    assert page.get_by_role("heading", name="Pneumonia Detection using Chest X-Ray").is_visible()
+    assert page.title() == "Pneumonia Detection using Chest X-Ray"
+
+    image = sample_images[-1]
+    page.locator("#upload input[type=file]").set_input_files(str(image))
+    page.locator("#upload").get_by_text(image.stem).wait_for(timeout=30_000)  # upload finished
+    page.locator("#submit").click()
+    result = page.locator("#result")
+    result.get_by_text("probability").wait_for(timeout=60_000)
+    text = result.inner_text()
+    label, prob = _cli_label(image, triton_server)
+    assert f"{label} ({image.name}): probability {float(prob):.3f}" in text, text
+    page.locator("#gradcam img").first.wait_for(timeout=30_000)
+    page.screenshot(path=str(SCREENSHOTS / "ui_result.png"), full_page=True)
+
+    page.locator("#clear").click()
+    page.wait_for_function("() => !document.querySelector('#result').innerText.includes('probability')", timeout=30_000)
+
+    bad = tmp_path / "report.txt"
+    bad.write_text("this is a radiology report, not an image")
+    page.locator("#upload input[type=file]").set_input_files(str(bad))
+    page.locator("#upload").get_by_text(bad.stem).wait_for(timeout=30_000)
+    page.locator("#submit").click()
+    result.get_by_text("not an image").wait_for(timeout=60_000)
+    assert "report.txt" in result.inner_text()
+    page.screenshot(path=str(SCREENSHOTS / "ui_non_image.png"), full_page=True)
+
+
+def test_several_images_give_a_table_and_csv(page, sample_images) -> None:  # type: ignore[no-untyped-def]
+    page.locator("#clear").click()
+    page.wait_for_function("() => document.querySelector('#result').innerText.trim() === ''", timeout=30_000)
+    page.locator("#upload").get_by_text("Drop File Here").wait_for(timeout=30_000)
+    page.locator("#upload input[type=file]").set_input_files([str(p) for p in sample_images[:3]])
+    page.locator("#upload").get_by_text(sample_images[2].stem).wait_for(timeout=30_000)  # upload finished (stem and suffix are shown apart)
+    page.locator("#submit").click()
+    page.locator("#table").get_by_text(sample_images[2].name).wait_for(timeout=60_000)
+    page.screenshot(path=str(SCREENSHOTS / "ui_table.png"), full_page=True)
+    table = page.locator("#table").inner_text()
+    for p in sample_images[:3]:
+        assert p.name in table
+    link = page.locator("#csv a").first
+    link.wait_for(timeout=30_000)
+    assert (link.get_attribute("href") or "").endswith(".csv")
