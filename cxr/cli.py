@@ -341,6 +341,34 @@ def _cmd_capacity(a: argparse.Namespace) -> int:
     return 0 if res["plan"]["meets_slo"] else 1
 
 
+def _add_soak(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "soak",
+        help="bounded soak at a fraction of measured saturation, with memory readings",
+        description="Measure saturation, then offer --fraction of it (open loop) for --duration-s seconds; report "
+        "failures, latency percentiles and the RSS of the server (with --server-pid) and of the client at start "
+        "and end. Exit 1 if any request failed.",
+    )
+    p.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--server-pid", type=int, help="tritonserver pid, to report its memory")
+    p.add_argument("--duration-s", type=float, default=120.0)
+    p.add_argument("--fraction", type=float, default=0.8)
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "soak.json")
+    p.set_defaults(func=_cmd_soak)
+
+
+def _cmd_soak(a: argparse.Namespace) -> int:
+    import json
+
+    from cxr.loadtest.soak import SoakConfig, soak
+
+    rep = soak(SoakConfig(grpc_url=a.url, server_pid=a.server_pid, model=a.model, duration_s=a.duration_s,
+                          fraction=a.fraction, out=a.out))
+    print(json.dumps(rep, indent=1))
+    return 1 if rep["failed"] else 0
+
+
 def _add_ui(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "ui",
@@ -369,7 +397,7 @@ def _cmd_ui(a: argparse.Namespace) -> int:
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train, _add_evaluate, _add_calibrate, _add_export, _add_serve, _add_predict, _add_health,
-    _add_bench, _add_capacity, _add_ui,
+    _add_bench, _add_capacity, _add_soak, _add_ui,
 ]
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from cxr.cli import build_parser
 
-SUBCOMMANDS = ["train", "evaluate", "calibrate", "export", "serve", "predict", "health", "bench", "capacity", "ui"]
+SUBCOMMANDS = ["train", "evaluate", "calibrate", "export", "serve", "predict", "health", "bench", "capacity", "soak", "ui"]
 
 
 def test_top_level_help_lists_subcommands(capsys: pytest.CaptureFixture[str]) -> None:

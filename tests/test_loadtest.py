@@ -73,3 +73,17 @@ def test_bench_json_schema_on_a_tiny_run(tmp_path) -> None:  # type: ignore[no-u
         assert isinstance(res[k], float) and res[k] > 0
     assert res["compact_vs_inception"] is None  # skipped on request, said so rather than invented
     assert "| `triton_vs_ort` |" in r.stdout
+
+
+def test_bounded_soak_at_80_percent_has_no_failures_and_stable_memory(triton_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from cxr.loadtest.soak import SoakConfig, soak
+
+    rep = soak(SoakConfig(grpc_url=triton_server.config.grpc_url, server_pid=triton_server.pid, duration_s=30,
+                          saturation_s=4, out=tmp_path / "soak.json"))
+    assert rep["failed"] == 0 and rep["succeeded"] == rep["requests"] > 0
+    assert rep["achieved_images_per_s"] > 0.5 * rep["offered_images_per_s"]
+    s0, s1 = rep["rss_start"]["server_rss_mb"], rep["rss_end"]["server_rss_mb"]
+    c0, c1 = rep["rss_start"]["client_rss_mb"], rep["rss_end"]["client_rss_mb"]
+    assert s0 and s1 and s1 < s0 * 1.25 + 50, (s0, s1)  # server memory stable
+    assert c1 < c0 * 1.25 + 50, (c0, c1)
+    assert json.loads((tmp_path / "soak.json").read_text())["requests"] == rep["requests"]
