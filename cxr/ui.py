@@ -143,7 +143,11 @@ def build_app(cfg: UiConfig):  # type: ignore[no-untyped-def]
                     f"{client.info.threshold:.3f} (from the served model).")
         submit.click(classify, inputs=files, outputs=[result, gallery, table, download], api_name="classify")
         clear.click(lambda: (None, "", [], None, None), outputs=[files, result, gallery, table, download])
-    app.cxr_cleanup = lambda: (client.close(), shutil.rmtree(workdir, ignore_errors=True))  # type: ignore[attr-defined]
+    def cleanup() -> None:
+        client.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    app.cxr_cleanup = cleanup
     return app
 
 

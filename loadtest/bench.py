@@ -82,10 +82,15 @@ def ort_throughput(onnx_path: Path, batch_sizes: tuple[int, ...], seconds: float
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
-    out = {}
+    out: dict[int, float] = {}
     for b in batch_sizes:
         x = rng.integers(0, 256, (b, *contract.IMAGE_SHAPE), dtype=np.uint8)
-        out[b] = _timed(lambda x=x, b=b: (sess.run(None, {contract.INPUT_NAME: x}), b)[1], seconds / len(batch_sizes) * 2)
+
+        def run(x: np.ndarray = x) -> int:
+            sess.run(None, {contract.INPUT_NAME: x})
+            return len(x)
+
+        out[b] = _timed(run, seconds / len(batch_sizes) * 2)
     return out
 
 
@@ -106,11 +111,11 @@ def preprocess_rate(images_dir: Path | None, seconds: float) -> tuple[float, str
         files = sorted(tmp.glob("*.jpeg"))
         source = "generated 2300x2000 JPEGs"
     blobs = [f.read_bytes() for f in files]  # measure decode + resize, not disk
-    i = [0]
+    counter = [0]
 
     def one() -> int:
-        contract.preprocess(blobs[i[0] % len(blobs)])
-        i[0] += 1
+        contract.preprocess(blobs[counter[0] % len(blobs)])
+        counter[0] += 1
         return 1
 
     return _timed(one, seconds), f"{source} ({len(files)} files)"

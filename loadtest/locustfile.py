@@ -89,6 +89,10 @@ class _TritonUser(User):
     abstract = True
     wait_time = between(0, 0)
     protocol = ""
+    default_host = ""
+
+    def make_client(self, url: str):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
 
     def on_start(self) -> None:
         opts = self.environment.parsed_options

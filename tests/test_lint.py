@@ -1,0 +1,20 @@
+"""ruff and mypy, as configured in pyproject.toml, are part of the suite."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_ruff() -> None:
+    r = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:]
+
+
+def test_mypy() -> None:
+    r = subprocess.run([sys.executable, "-m", "mypy", "cxr", "client", "export", "train", "loadtest"], cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:]
