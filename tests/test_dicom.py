@@ -101,3 +101,15 @@ def test_patient_tags_never_logged(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level("DEBUG")
     contract.preprocess(make_dicom(_ramp()))
     assert "Secret" not in caplog.text and "PID-12345" not in caplog.text
+
+
+@pytest.mark.parametrize("syntax", ["RLELossless", "JPEG2000Lossless"])
+def test_compressed_transfer_syntaxes(syntax: str) -> None:
+    import pydicom.uid
+
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(_ramp())))
+    ds.compress(getattr(pydicom.uid, syntax))  # RLE: pydicom; JPEG 2000: the pylibjpeg-openjpeg plugin
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    assert pydicom.dcmread(io.BytesIO(buf.getvalue())).file_meta.TransferSyntaxUID.is_compressed
+    np.testing.assert_array_equal(contract.preprocess(buf.getvalue()), contract.preprocess(make_dicom(_ramp())))
