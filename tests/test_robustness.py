@@ -225,7 +225,7 @@ def test_overload_is_rejected_fast_and_retried(tmp_path) -> None:  # type: ignor
                     assert "queue" in str(exc).lower()
                     rejected += 1
             assert rejected > 0 and time.monotonic() - t0 < 30
-        with PneumoniaClient(s.config.grpc_url, batch_size=1, max_in_flight=16,
-                             retry=RetryPolicy(attempts=20, backoff_s=0.05, max_backoff_s=0.5)) as c:
+        with PneumoniaClient(s.config.grpc_url, batch_size=1, max_in_flight=4,
+                             retry=RetryPolicy(attempts=60, backoff_s=0.05, max_backoff_s=1.0)) as c:
             assert c.infer_batch(np.zeros((64, 224, 224, 1), np.uint8)).shape == (64,)
     assert os.path.exists(repo)
