@@ -21,7 +21,7 @@ DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
 _RETRYABLE = (
     "unavailable", "deadline", "timed out", "timeout", "connection refused", "connection reset",
     "exceeds maximum queue size", "request timeout expired", "failed to connect", "socket closed",
-    "broken pipe", "not ready", "server is shutting down", "eof", "connect", "unable to find model",
+    "broken pipe", "not ready", "server is stopping", "server is shutting down", "eof", "connect",
 )
 
 
