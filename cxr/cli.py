@@ -169,7 +169,8 @@ def _cmd_export(a: argparse.Namespace) -> int:
     from cxr.export.onnx_export import ExportConfig, command_line, export
 
     cfg = ExportConfig(model_path=a.model, data_dir=a.data, repository=a.repository, model_name=a.name,
-                       version=a.version, opset=a.opset, int8=not a.no_int8, command=command_line())
+                       version=a.version, opset=a.opset, int8=not a.no_int8, command=command_line(),
+                       cache_dir=REPO_ROOT / ".cache")
     results = export(cfg)
     for prec, r in results.items():
         par = r["parity"]

@@ -244,8 +244,8 @@ class ExportConfig:
         opset: ONNX opset (>= 17).
         int8: Also produce the INT8 QDQ model.
         parity_images: Validation images used for parity (at most).
-        site_dir: Optional labelled site folder whose metrics go into the card.
         command: The command line recorded in the card.
+        cache_dir: Decoded-image cache (``None``: no cache).
     """
 
     model_path: Path
@@ -256,8 +256,8 @@ class ExportConfig:
     opset: int = DEFAULT_OPSET
     int8: bool = True
     parity_images: int = 256
-    site_dir: Path | None = None
     command: str = ""
+    cache_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.opset < 17:
@@ -283,10 +283,10 @@ def _validation_images(cfg: ExportConfig) -> tuple[np.ndarray, np.ndarray, np.nd
     split = Split.load(split_file)
     val = [root / r for r in split.val]
     y = np.array([1 if Path(r).parts[0] == contract.CLASS_DIRS[1] else 0 for r in split.val])
-    x = data_mod.load_images(val, cache_dir=Path(".cache"))
+    x = data_mod.load_images(val, cache_dir=cfg.cache_dir)
     rng = np.random.default_rng(0)
     calib_rel = rng.permutation(np.array(split.train))[:256]
-    x_cal = data_mod.load_images([root / r for r in sorted(calib_rel)], cache_dir=Path(".cache"))
+    x_cal = data_mod.load_images([root / r for r in sorted(calib_rel)], cache_dir=cfg.cache_dir)
     return x, y, x_cal
 
 

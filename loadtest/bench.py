@@ -244,7 +244,7 @@ def run_bench(cfg: BenchConfig) -> dict:
 
     if cfg.inception:
         logger.info("InceptionV3 baseline ...")
-        inc = ort_throughput(inception_onnx(Path(".cache")), cfg.batch_sizes, cfg.seconds)
+        inc = ort_throughput(inception_onnx(Path(__file__).resolve().parent.parent / ".cache"), cfg.batch_sizes, cfg.seconds)
         res["inception_ort_by_batch"] = {str(b): v for b, v in inc.items()}
         res["compact_vs_inception"] = res["ort_images_per_s"] / max(inc.values())
     else:
