@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -118,7 +118,6 @@ class PneumoniaClient:
         self.protocol = protocol
         self.timeout_s = timeout_s
         self.retry = retry or RetryPolicy()
-        self._transport_args = (protocol, url, model, model_version)
         self.transport: Transport = self._with_retries(
             lambda: make_transport(protocol, url, model, model_version, timeout_s=timeout_s), "connect"
         )
@@ -171,17 +170,6 @@ class PneumoniaClient:
             return name, None, str(exc), None
         except Exception as exc:  # noqa: BLE001 - one bad file must not sink the batch
             return name, None, f"{name}: unexpected error while reading ({type(exc).__name__}: {exc})", None
-
-    def predict_iter(self, images: Iterable[contract.ImageSource], *, chunk: int = 64) -> Iterator[list[Prediction]]:
-        """Yield predictions chunk by chunk, in input order (for streaming writers)."""
-        buf: list[contract.ImageSource] = []
-        for img in images:
-            buf.append(img)
-            if len(buf) >= chunk:
-                yield self.predict(buf)
-                buf = []
-        if buf:
-            yield self.predict(buf)
 
     def predict(self, images: Sequence[contract.ImageSource]) -> list[Prediction]:
         """Classify images; a bad input fails alone (its ``error`` is set) and the rest complete.
