@@ -405,6 +405,8 @@ def model_card(cfg: ExportConfig, calibration: Calibration, results: dict, *, sh
             "tf2onnx_route": "tf2onnx.convert.from_function on a tf.function with an explicit uint8 input signature",
         },
         "evaluations": evaluations,
+        "evaluations_of": "the calibrated Keras model (= the FP32 ONNX within the parity tolerance)"
+        + ("; this INT8 model's own validation AUC is under export.parity.int8" if precision == "int8" else ""),
         "commands": _commands(run_dir, cfg.command),
         "environment": {"python": sys.version.split()[0], "platform": platform.platform()},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -438,6 +440,8 @@ def write_card(model_dir: Path, card: dict) -> None:
         f"(scale {cal['scale']:.4f}, bias {cal['bias']:.4f})",
         "",
         "## Evaluations",
+        "",
+        f"Of {card['evaluations_of']}.",
         "",
     ]
     for name, rep in card["evaluations"].items():
