@@ -39,7 +39,7 @@ class ModelInfo:
 
 def _params_to_info(name: str, version: str, config: dict) -> ModelInfo:
     params: dict[str, str] = {
-        k: str(v.get("string_value", v.get("stringValue", "")) if isinstance(v, dict) else v)
+        k: str(v.get("string_value", "") if isinstance(v, dict) else v)
         for k, v in (config.get("parameters") or {}).items()
     }
     labels = tuple(params.get(contract.PARAM_LABELS, ",".join(contract.LABELS)).split(","))
@@ -106,7 +106,6 @@ class GrpcTransport(Transport):
         except Exception as exc:  # noqa: BLE001 - tritonclient raises its own type
             raise classify_error(exc, f"grpc {self.url} model {self.model}") from None
         versions = meta.get("versions") or [self.version or "1"]
-        cfg["max_batch_size"] = cfg.get("max_batch_size", cfg.get("maxBatchSize", 1))
         return _params_to_info(self.model, self.version or str(versions[-1]), cfg)
 
     def infer(self, batch: np.ndarray, *, timeout_s: float) -> np.ndarray:

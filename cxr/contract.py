@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from cxr.errors import InvalidInputError
 
@@ -70,9 +69,6 @@ MAX_FILE_BYTES = 64 * 1024 * 1024
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm", ".dicom")
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray]
-
-# A truncated JPEG must fail, not decode half grey.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 def label_for(probability: float, threshold: float) -> str:
@@ -263,8 +259,3 @@ def validate_batch(batch: np.ndarray, *, max_batch_size: int | None = None, name
     if max_batch_size is not None and batch.shape[0] > max_batch_size:
         raise InvalidInputError(f"{name}: batch of {batch.shape[0]} exceeds max_batch_size {max_batch_size}")
     return batch
-
-
-def stack(images: Sequence[np.ndarray]) -> np.ndarray:
-    """Stack preprocessed images into one contract batch."""
-    return validate_batch(np.stack(list(images)).astype(INPUT_DTYPE, copy=False))

@@ -41,24 +41,18 @@ def read_dicom(data: bytes, *, name: str) -> tuple[np.ndarray, str | None]:
     except Exception as exc:  # noqa: BLE001
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
         raise InvalidInputError(f"{name}: cannot decode DICOM pixel data (transfer syntax {syntax}: {type(exc).__name__})") from None
-    if pixels.ndim != 2:
-        if pixels.ndim == 3 and pixels.shape[-1] == 3:
-            pixels = pixels.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-        else:
-            raise InvalidInputError(f"{name}: unsupported DICOM pixel shape {pixels.shape}")
-    from cxr.contract import MAX_PIXELS, MIN_SIDE
+    if not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[-1] == 3)):
+        raise InvalidInputError(f"{name}: unsupported DICOM pixel shape {pixels.shape}")
+    from cxr.contract import MAX_PIXELS, MIN_SIDE, _array_to_gray_u8
 
-    h, w = pixels.shape
+    h, w = pixels.shape[:2]
     if h * w > MAX_PIXELS or min(h, w) < MIN_SIDE:
         raise InvalidInputError(f"{name}: DICOM image size {w}x{h} outside the accepted range")
-    values = apply_modality_lut(pixels, ds).astype(np.float64)
-    has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
-    if has_voi:
-        values = apply_voi_lut(values, ds, index=0).astype(np.float64)
-    if not np.isfinite(values).all():
-        raise InvalidInputError(f"{name}: DICOM pixel data contains NaN or Inf")
-    lo, hi = float(values.min()), float(values.max())
-    scaled = np.zeros_like(values) if hi <= lo else (values - lo) * (255.0 / (hi - lo))
+    values = apply_modality_lut(pixels, ds)
+    if "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds):
+        values = apply_voi_lut(values, ds, index=0)
+    # The contract's conversion: luma for colour, NaN/Inf refused, min-max window to 0..255.
+    gray = _array_to_gray_u8(np.asarray(values, dtype=np.float64), name)
     if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-        scaled = 255.0 - scaled  # MONOCHROME1: high values are dark
-    return np.rint(scaled).astype(np.uint8), uid
+        gray = 255 - gray  # MONOCHROME1: high values are dark
+    return gray, uid

@@ -33,17 +33,12 @@ class GradCam:
         self._session = ort.InferenceSession(str(d / "features.onnx"), providers=["CPUExecutionProvider"])
         head = np.load(d / "head.npz")
         self.w1, self.b1 = head["w1"].astype(np.float64), head["b1"].astype(np.float64)
-        self.w2, self.b2 = head["w2"].astype(np.float64)[:, 0], float(head["b2"][0])
+        self.w2 = head["w2"].astype(np.float64)[:, 0]  # the bias b2 shifts the logit, not its gradient
 
     def features(self, image: np.ndarray) -> np.ndarray:
         """Last convolutional maps ``(h, w, C)`` for one contract image ``(224, 224, 1) uint8``."""
         batch = contract.validate_batch(image[None], name="image")
         return self._session.run(["features"], {contract.INPUT_NAME: batch})[0][0].astype(np.float64)
-
-    def logit(self, feats: np.ndarray) -> float:
-        """The head's raw logit from feature maps (uncalibrated)."""
-        h = feats.mean(axis=(0, 1)) @ self.w1 + self.b1
-        return float(np.maximum(h, 0) @ self.w2 + self.b2)
 
     def heatmap(self, image: np.ndarray) -> np.ndarray:
         """Grad-CAM map in [0, 1], shape ``(224, 224)`` float32, for one contract image."""

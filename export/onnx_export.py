@@ -64,6 +64,34 @@ def _rename_value(graph, old: str, new: str) -> None:  # type: ignore[no-untyped
             vi.name = new
 
 
+def _convert(head, onnx_path: Path, output_name: str, *, opset: int, doc: str) -> Path:  # type: ignore[no-untyped-def]
+    """Convert ``head`` (float32 pixels -> tensor) behind the contract's uint8 ``image`` input to ONNX.
+
+    The input is named ``image`` with batch dimension ``batch``; the single output is ``output_name``.
+    """
+    import onnx
+    import tensorflow as tf
+    import tf2onnx
+
+    spec = (tf.TensorSpec((None, *contract.IMAGE_SHAPE), tf.uint8, name=contract.INPUT_NAME),)
+
+    @tf.function(input_signature=spec)
+    def graph_fn(image: tf.Tensor) -> tf.Tensor:
+        return tf.identity(head(tf.cast(image, tf.float32)), name=output_name)
+
+    proto, _ = tf2onnx.convert.from_function(graph_fn, input_signature=spec, opset=opset)
+    graph = proto.graph
+    _rename_value(graph, graph.input[0].name, contract.INPUT_NAME)
+    _rename_value(graph, graph.output[0].name, output_name)
+    for vi in (graph.input[0], graph.output[0]):
+        vi.type.tensor_type.shape.dim[0].dim_param = contract.BATCH_DIM
+    proto.doc_string = doc
+    onnx.checker.check_model(proto)
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(onnx_path))
+    return onnx_path
+
+
 def to_onnx(keras_model_path: Path, onnx_path: Path, calibration: Calibration, *, opset: int = DEFAULT_OPSET) -> Path:
     """Convert a ``.keras`` model to ONNX with the contract's I/O and the calibration baked in.
 
@@ -71,33 +99,17 @@ def to_onnx(keras_model_path: Path, onnx_path: Path, calibration: Calibration, *
     ``probability`` (float32, ``[batch, 1]``) = ``sigmoid(scale * logit + bias)``.
     """
     import keras
-    import onnx
     import tensorflow as tf
-    import tf2onnx
 
     from cxr.train import models
 
     model = keras.models.load_model(str(keras_model_path), compile=False)
     logit_model = models.logit_model(model)
-    spec = (tf.TensorSpec((None, *contract.IMAGE_SHAPE), tf.uint8, name=contract.INPUT_NAME),)
     scale, bias = float(calibration.scale), float(calibration.bias)  # Python floats become graph constants
-
-    @tf.function(input_signature=spec)
-    def serve(image: tf.Tensor) -> tf.Tensor:
-        z = logit_model([tf.cast(image, tf.float32)], training=False)
-        return tf.identity(tf.sigmoid(z * scale + bias), name=contract.OUTPUT_NAME)
-
-    proto, _ = tf2onnx.convert.from_function(serve, input_signature=spec, opset=opset)
-    graph = proto.graph
-    _rename_value(graph, graph.input[0].name, contract.INPUT_NAME)
-    _rename_value(graph, graph.output[0].name, contract.OUTPUT_NAME)
-    for vi in (graph.input[0], graph.output[0]):
-        vi.type.tensor_type.shape.dim[0].dim_param = contract.BATCH_DIM
-    proto.doc_string = f"cxr pneumonia model ({model.name}); calibration scale={calibration.scale:.6g} bias={calibration.bias:.6g}"
-    onnx.checker.check_model(proto)
-    onnx_path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(proto, str(onnx_path))
-    return onnx_path
+    return _convert(
+        lambda x: tf.sigmoid(logit_model([x], training=False) * scale + bias), onnx_path, contract.OUTPUT_NAME,
+        opset=opset, doc=f"cxr pneumonia model ({model.name}); calibration scale={scale:.6g} bias={bias:.6g}",
+    )
 
 
 def export_explainer(keras_model_path: Path, out_dir: Path, *, opset: int = DEFAULT_OPSET) -> Path:
@@ -108,26 +120,13 @@ def export_explainer(keras_model_path: Path, out_dir: Path, *, opset: int = DEFA
     :mod:`cxr.explain`); no TensorFlow is needed at run time.
     """
     import keras
-    import onnx
-    import tensorflow as tf
-    import tf2onnx
 
     from cxr.train import models  # noqa: F401  (custom layers)
 
     model = keras.models.load_model(str(keras_model_path), compile=False)
     feats = keras.Model(model.inputs, model.get_layer("gap").input)
-    spec = (tf.TensorSpec((None, *contract.IMAGE_SHAPE), tf.uint8, name=contract.INPUT_NAME),)
-
-    @tf.function(input_signature=spec)
-    def features(image: tf.Tensor) -> tf.Tensor:
-        return tf.identity(feats([tf.cast(image, tf.float32)], training=False), name="features")
-
-    proto, _ = tf2onnx.convert.from_function(features, input_signature=spec, opset=opset)
-    graph = proto.graph
-    _rename_value(graph, graph.input[0].name, contract.INPUT_NAME)
-    _rename_value(graph, graph.output[0].name, "features")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    onnx.save(proto, str(out_dir / "features.onnx"))
+    _convert(lambda x: feats([x], training=False), out_dir / "features.onnx", "features", opset=opset,
+             doc=f"cxr Grad-CAM features ({model.name})")
     w1, b1 = model.get_layer("dense").get_weights()
     w2, b2 = model.get_layer("logit").get_weights()
     np.savez(out_dir / "head.npz", w1=w1, b1=b1, w2=w2, b2=b2)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import os
 import signal
 import subprocess
@@ -20,7 +19,7 @@ from cxr.client import PneumoniaClient, RetryPolicy
 from cxr.client.transport import classify_error
 from cxr.errors import InvalidInputError, RetryableServerError, ServerError
 from tests.conftest import SHIPPED_REPOSITORY, synthetic_xray
-from tests.test_contract import _png_with_claimed_size
+from tests.test_contract import _encode, _png_with_claimed_size
 from tests.test_dicom import _ramp, make_dicom
 
 pytestmark = pytest.mark.slow
@@ -47,11 +46,11 @@ def hostile_corpus(d: Path) -> tuple[list[Path], list[Path]]:
     bad = []
     for name, data in [
         ("empty.jpeg", b""),
-        ("truncated.jpeg", (lambda b: b.getvalue()[:300])(_jpeg(base))),
+        ("truncated.jpeg", _encode(base, "JPEG")[:300]),
         ("notes.png", b"plain text pretending to be a png"),
         ("bomb.png", _png_with_claimed_size(60_000, 60_000)),
-        ("pixel.png", _png(Image.new("L", (1, 1)))),
-        ("thin.png", _png(Image.new("L", (3000, 4)))),
+        ("pixel.png", _encode(Image.new("L", (1, 1)), "PNG")),
+        ("thin.png", _encode(Image.new("L", (3000, 4)), "PNG")),
         ("frames.gif", _multi(base, "GIF")),
         ("frames.tiff", _multi(base, "TIFF")),
         ("nopixels.dcm", make_dicom(None)),
@@ -61,22 +60,8 @@ def hostile_corpus(d: Path) -> tuple[list[Path], list[Path]]:
     return good, bad
 
 
-def _jpeg(img: Image.Image) -> io.BytesIO:
-    b = io.BytesIO()
-    img.save(b, format="JPEG")
-    return b
-
-
-def _png(img: Image.Image) -> bytes:
-    b = io.BytesIO()
-    img.save(b, format="PNG")
-    return b.getvalue()
-
-
 def _multi(img: Image.Image, fmt: str) -> bytes:
-    b = io.BytesIO()
-    img.save(b, format=fmt, save_all=True, append_images=[img.rotate(5), img.rotate(10)])
-    return b.getvalue()
+    return _encode(img, fmt, save_all=True, append_images=[img.rotate(5), img.rotate(10)])
 
 
 def _rows(path: Path) -> list[dict]:
