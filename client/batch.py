@@ -1,8 +1,25 @@
-"""``cxr predict``: batch screening of files and folders with lossless, resumable CSV output."""
+"""``cxr predict``: batch screening of files and folders, exactly one final row per input.
+
+With ``--out results.csv`` the run keeps a journal beside the CSV
+(``results.csv.journal``): every chunk's rows are appended to it with one
+``write`` and fsynced before the next chunk starts, so a crash (SIGKILL of the
+client, a server outage past the retries) loses at most the chunk in flight.
+A rerun of the same command:
+
+* skips inputs whose latest journal row is final (``ok``, ``not_assessable``,
+  or an input ``error`` for the same file content);
+* retries inputs whose latest row is a transient failure (server unavailable,
+  deadline, overload, or a server error) and inputs whose content changed;
+* then rewrites ``results.csv`` atomically (temporary file, fsync, rename)
+  with one row per input, in input order, from the journal's latest rows.
+
+The exit code is 0 only when every input has a final answer that is not an
+error (``not_assessable`` counts as an answer), 1 otherwise, 2 when no input
+was found.
+"""
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import io
@@ -11,13 +28,57 @@ import logging
 import os
 import sys
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from cxr import contract
 
 logger = logging.getLogger(__name__)
 
-CSV_COLUMNS = ("path", "label", "probability", "threshold", "model_name", "model_version", "error", "sha256", "sop_instance_uid")
+#: CSV columns: the first nine are those of earlier releases, in the same order.
+CSV_COLUMNS = (
+    "path", "label", "probability", "threshold", "model_name", "model_version", "error", "sha256", "sop_instance_uid",
+    "status", "reason", "ood_score",
+)
+JOURNAL_COLUMNS = (*CSV_COLUMNS, "retryable")
+JOURNAL_SUFFIX = ".journal"
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """What ``cxr predict`` does.
+
+    Attributes:
+        inputs: Files or folders (walked recursively for image suffixes).
+        url: Server address (comma lists are for fleets), or the repository for ``embedded``.
+        protocol: ``grpc``, ``http`` or ``embedded``.
+        model: Served model name.
+        timeout_s: Per-request deadline.
+        format: ``table``, ``json`` or ``csv``.
+        out: Output file; for ``csv`` it is resumable (journal beside it).
+        chunk: Images decoded and sent per step (and journaled together).
+        eligibility: A DICOM eligibility rules file overriding the served rules.
+    """
+
+    inputs: tuple[Path, ...]
+    url: str | None = None
+    protocol: str = "grpc"
+    model: str = "pneumonia"
+    timeout_s: float = 30.0
+    format: str = "table"
+    out: Path | None = None
+    chunk: int = 64
+    eligibility: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ValueError("give at least one input")
+        if self.format not in ("table", "json", "csv"):
+            raise ValueError(f"format must be table, json or csv, got {self.format!r}")
+        if self.chunk < 1:
+            raise ValueError("chunk must be >= 1")
+        if self.timeout_s <= 0:
+            raise ValueError("timeout_s must be > 0")
 
 
 def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
@@ -33,52 +94,114 @@ def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
 
 def file_sha256(path: Path) -> str:
     """Content hash used to recognise inputs already done ('' if unreadable)."""
+    h = hashlib.sha256()
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
     except OSError:
         return ""
+    return h.hexdigest()
 
 
-def _repair_and_read(out: Path) -> set[tuple[str, str]]:
-    """Drop a torn last line left by a crash; return the (path, sha256) pairs already written."""
-    if not out.exists() or out.stat().st_size == 0:
-        return set()
-    data = out.read_bytes()
-    if not data.endswith(b"\n"):
-        keep = data[: data.rfind(b"\n") + 1]
-        logger.warning("%s: dropping a partial last row left by an interrupted run", out)
-        with open(out, "r+b") as f:
-            f.truncate(len(keep))
-        data = keep
-    rows = list(csv.DictReader(io.StringIO(data.decode("utf-8"))))
-    return {(r["path"], r.get("sha256", "")) for r in rows}
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-class CsvAppender:
-    """Appends complete rows, each written with one ``write`` and flushed + fsynced per chunk."""
+class Journal:
+    """Append-only record of results; the latest row per path wins.
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.done = _repair_and_read(path)
-        new = not path.exists() or path.stat().st_size == 0
-        self._f = open(path, "a", newline="", encoding="utf-8")  # noqa: SIM115
+    Attributes:
+        path: The journal file.
+        latest: Latest row per input path.
+    """
+
+    def __init__(self, path: Path, *, seed_csv: Path | None = None) -> None:
+        self.path = Path(path)
+        self.latest: dict[str, dict] = {}
+        if not self.path.exists() and seed_csv is not None and seed_csv.exists() and seed_csv.stat().st_size:
+            self._seed(seed_csv)
+        self._read()
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        self._f = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115
         if new:
-            self._write_rows([dict(zip(CSV_COLUMNS, CSV_COLUMNS))])
+            self._write([dict(zip(JOURNAL_COLUMNS, JOURNAL_COLUMNS))])
 
-    def _write_rows(self, rows: list[dict]) -> None:
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    def _seed(self, csv_path: Path) -> None:
+        """Adopt the rows of a results CSV written by an earlier release (their errors are retried)."""
+        rows = list(csv.DictReader(io.StringIO(csv_path.read_text(encoding="utf-8"))))
         for r in rows:
-            w.writerow(r)
+            r.setdefault("status", contract.Status.ERROR.value if r.get("error") else contract.Status.OK.value)
+            r["retryable"] = "1" if r.get("error") else "0"
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=JOURNAL_COLUMNS, extrasaction="ignore", lineterminator="\n")
+            w.writeheader()
+            w.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self.path)
+
+    def _read(self) -> None:
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return
+        data = self.path.read_bytes()
+        if not data.endswith(b"\n"):  # a torn last row from a crash: drop it
+            keep = data[: data.rfind(b"\n") + 1]
+            logger.warning("%s: dropping a partial last row left by an interrupted run", self.path)
+            with open(self.path, "r+b") as f:
+                f.truncate(len(keep))
+                f.flush()
+                os.fsync(f.fileno())
+            data = keep
+        for r in csv.DictReader(io.StringIO(data.decode("utf-8"))):
+            self.latest[r["path"]] = r
+
+    def _write(self, rows: list[dict]) -> None:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=JOURNAL_COLUMNS, extrasaction="ignore", lineterminator="\n")
+        w.writerows(rows)
         self._f.write(buf.getvalue())
         self._f.flush()
         os.fsync(self._f.fileno())
 
     def append(self, rows: list[dict]) -> None:
-        self._write_rows(rows)
+        """Record rows durably (one write, flushed and fsynced)."""
+        self._write(rows)
+        for r in rows:
+            self.latest[r["path"]] = r
+
+    def is_final(self, path: str, sha: str) -> bool:
+        """True when the latest row for ``path`` needs no rerun."""
+        r = self.latest.get(path)
+        if r is None or r.get("sha256", "") != sha:
+            return False
+        return not (r.get("status") == contract.Status.ERROR.value and r.get("retryable") == "1")
 
     def close(self) -> None:
         self._f.close()
+
+
+def materialise(journal: Journal, paths: list[Path], out: Path) -> list[dict]:
+    """Write ``out`` atomically with one row per input (latest journal row), in input order; return the rows."""
+    rows = [journal.latest[str(p)] for p in paths if str(p) in journal.latest]
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(out)
+    _fsync_dir(out.parent)
+    return rows
 
 
 def _row(pred, sha: str) -> dict:  # type: ignore[no-untyped-def]
@@ -92,75 +215,99 @@ def _row(pred, sha: str) -> dict:  # type: ignore[no-untyped-def]
         "error": pred.error or "",
         "sha256": sha,
         "sop_instance_uid": pred.sop_instance_uid or "",
+        "status": pred.status.value,
+        "reason": pred.reason or "",
+        "ood_score": "" if pred.ood_score is None else f"{pred.ood_score:.4f}",
+        "retryable": "1" if pred.retryable else "0",
     }
 
 
-def run_predict(a: argparse.Namespace) -> int:
+def run_predict(opts: PredictOptions) -> int:
     """Implementation of ``cxr predict`` (see ``cxr predict --help``)."""
     from tqdm import tqdm
 
     from cxr.client import PneumoniaClient
+    from cxr.eligibility import Eligibility
 
-    paths = expand_inputs(a.inputs)
+    paths = expand_inputs(opts.inputs)
     if not paths:
         print("cxr predict: no input files found", file=sys.stderr)
         return 2
-    appender = CsvAppender(a.out) if (a.out and a.format == "csv") else None
+    journal = None
+    if opts.out is not None and opts.format == "csv":
+        journal = Journal(opts.out.with_name(opts.out.name + JOURNAL_SUFFIX), seed_csv=opts.out)
     todo = []
     for p in paths:
         sha = file_sha256(p)
-        if appender is not None and (str(p), sha) in appender.done:
+        if journal is not None and journal.is_final(str(p), sha):
             continue
         todo.append((p, sha))
-    skipped = len(paths) - len(todo)
-    if skipped:
-        print(f"resuming: {skipped} of {len(paths)} inputs already in {a.out}", file=sys.stderr)
+    if journal is not None and len(todo) < len(paths):
+        retry = sum(1 for p, _ in todo if str(p) in journal.latest)
+        print(f"resuming: {len(paths) - len(todo)} of {len(paths)} inputs already final in {opts.out}"
+              + (f"; retrying {retry}" if retry else ""), file=sys.stderr)
     rows: list[dict] = []
-    failed = 0
-    with PneumoniaClient(a.url, protocol=a.protocol, model=a.model, timeout_s=a.timeout_s) as client:
-        bar = tqdm(total=len(todo), unit="img", desc="predict", disable=len(todo) < 2 or not sys.stderr.isatty())
-        for start in range(0, len(todo), a.chunk):
-            part = todo[start : start + a.chunk]
-            preds = client.predict([str(p) for p, _ in part])
-            chunk_rows = [_row(pr, sha) for pr, (_, sha) in zip(preds, part)]
-            for pr in preds:
-                if pr.error:
-                    failed += 1
-                    print(f"error: {pr.error}", file=sys.stderr)
-            if appender is not None:
-                appender.append(chunk_rows)
-            else:
-                rows += chunk_rows
-            bar.update(len(part))
-        bar.close()
-    if appender is not None:
-        appender.close()
-        print(f"{len(todo)} results appended to {a.out} ({failed} failed)", file=sys.stderr)
+    rules = Eligibility.load(opts.eligibility) if opts.eligibility else None
+    try:
+        with PneumoniaClient(opts.url, protocol=opts.protocol, model=opts.model, timeout_s=opts.timeout_s,
+                             eligibility=rules) as client:
+            bar = tqdm(total=len(todo), unit="img", desc="predict", disable=len(todo) < 2 or not sys.stderr.isatty())
+            for start in range(0, len(todo), opts.chunk):
+                part = todo[start : start + opts.chunk]
+                preds = client.predict([str(p) for p, _ in part])
+                chunk_rows = [_row(pr, sha) for pr, (_, sha) in zip(preds, part)]
+                for pr in preds:
+                    if pr.status is contract.Status.ERROR:
+                        print(f"error: {pr.reason}", file=sys.stderr)
+                if journal is not None:
+                    journal.append(chunk_rows)
+                else:
+                    rows += chunk_rows
+                bar.update(len(part))
+            bar.close()
+    finally:
+        if journal is not None:
+            journal.close()
+    if journal is not None:
+        assert opts.out is not None
+        rows = materialise(journal, paths, opts.out)
     else:
-        _emit(rows, a.format, a.out)
-    return 1 if failed else 0
+        _emit(rows, opts.format, opts.out)
+    counts = {s.value: sum(1 for r in rows if r["status"] == s.value) for s in contract.Status}
+    missing = len(paths) - len(rows)
+    print(f"{len(rows)} of {len(paths)} inputs answered: {counts['ok']} ok, {counts['not_assessable']} not assessable, "
+          f"{counts['error']} errors" + (f", {missing} without a result" if missing else "")
+          + (f" (written to {opts.out})" if opts.out else ""), file=sys.stderr)
+    return 1 if counts["error"] or missing else 0
 
 
 def _emit(rows: list[dict], fmt: str, out: Path | None) -> None:
     stream = open(out, "w", newline="", encoding="utf-8") if out else sys.stdout  # noqa: SIM115
     try:
         if fmt == "json":
+            clean = []
             for r in rows:
-                r["probability"] = float(r["probability"]) if r["probability"] else None
-                r["threshold"] = float(r["threshold"])
-            stream.write(json.dumps(rows, indent=1) + "\n")
+                c = {k: r[k] for k in CSV_COLUMNS}
+                c["probability"] = float(r["probability"]) if r["probability"] else None
+                c["threshold"] = float(r["threshold"])
+                c["ood_score"] = float(r["ood_score"]) if r["ood_score"] else None
+                for k in ("label", "error", "reason", "sop_instance_uid"):
+                    c[k] = c[k] or None
+                clean.append(c)
+            stream.write(json.dumps(clean, indent=1) + "\n")
         elif fmt == "csv":
-            w = csv.DictWriter(stream, fieldnames=CSV_COLUMNS, lineterminator="\n")
+            w = csv.DictWriter(stream, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
             w.writeheader()
             w.writerows(rows)
         else:
             width = max([len(r["path"]) for r in rows] + [4])
-            stream.write(f"{'path':<{width}}  {'label':<9}  {'prob':>6}  {'thr':>6}  model\n")
+            stream.write(f"{'path':<{width}}  {'status':<14}  {'label':<9}  {'P(pneumonia)':>12}  {'thr':>6}  detail\n")
             for r in rows:
-                prob = r["probability"][:6] if r["probability"] else "-"
-                label = r["label"] or "ERROR"
-                tail = r["error"] if r["error"] else f"{r['model_name']} v{r['model_version']}"
-                stream.write(f"{r['path']:<{width}}  {label:<9}  {prob:>6}  {r['threshold'][:6]:>6}  {tail}\n")
+                prob = contract.format_probability(float(r["probability"])) if r["probability"] else "-"
+                label = r["label"] or "-"
+                tail = r["reason"] if r["reason"] else f"{r['model_name']} v{r['model_version']}"
+                status = r["status"].upper() if r["status"] != contract.Status.OK.value else "ok"
+                stream.write(f"{r['path']:<{width}}  {status:<14}  {label:<9}  {prob:>12}  {r['threshold'][:6]:>6}  {tail}\n")
     finally:
         if out:
             stream.close()

@@ -12,39 +12,66 @@ from dataclasses import dataclass
 import numpy as np
 
 from cxr import contract
-from cxr.client.transport import PROTOCOLS, ModelInfo, Transport, make_transport
-from cxr.errors import CxrError, InvalidInputError, RetryableServerError
+from cxr.client.transport import PROTOCOLS, ModelInfo, Scores, Transport, make_transport
+from cxr.eligibility import Eligibility
+from cxr.errors import CxrError, InvalidInputError, NotAssessableError, RetryableServerError
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Prediction:
-    """One image's result.
+    """One input's final answer.
 
     Attributes:
         source: The input's name (path, or a summary for in-memory inputs).
-        label: ``Normal`` or ``Pneumonia``; ``None`` when ``error`` is set.
-        probability: Calibrated probability of pneumonia; ``None`` on error.
+        status: ``ok``, ``not_assessable`` or ``error`` (:class:`cxr.contract.Status`).
+        label: ``Normal`` or ``Pneumonia`` when ``status`` is ``ok``, else ``None``.
+        probability: Calibrated P(pneumonia) when ``status`` is ``ok``, else ``None``
+            (a not-assessable input's number would be a guess).
         threshold: Decision threshold read from the served model.
         model_name: Served model name.
         model_version: Served model version.
-        error: One-line reason when this input failed, else ``None``.
+        reason: One line naming the rule (``not_assessable``) or the failure (``error``); ``None`` when ok.
         sop_instance_uid: DICOM SOP Instance UID, when the input was DICOM.
+        ood_score: The served ``ood_score`` (``None`` when not computed).
+        ood_threshold: The served OOD threshold (``None`` when the model has no OOD output).
+        retryable: For errors: a transient server failure (unavailable, deadline, overload, server error) that
+            a rerun should retry; ``False`` for input errors, which stay final until the file changes.
     """
 
     source: str
+    status: contract.Status
     label: str | None
     probability: float | None
     threshold: float
     model_name: str
     model_version: str
-    error: str | None = None
+    reason: str | None = None
     sop_instance_uid: str | None = None
+    ood_score: float | None = None
+    ood_threshold: float | None = None
+    retryable: bool = False
+
+    def __post_init__(self) -> None:
+        status = contract.Status(self.status)
+        object.__setattr__(self, "status", status)
+        if (status is contract.Status.OK) != (self.label is not None and self.probability is not None):
+            raise ValueError(f"{self.source}: a label and probability come with status ok, and only with it")
+        if (status is contract.Status.OK) == bool(self.reason):
+            raise ValueError(f"{self.source}: a reason comes with not_assessable and error, and only with them")
+        if self.retryable and status is not contract.Status.ERROR:
+            raise ValueError("only errors are retryable")
 
     @property
     def ok(self) -> bool:
-        return self.error is None
+        """The model judged the image (``status == ok``)."""
+        return self.status is contract.Status.OK
+
+    @property
+    def error(self) -> str | None:
+        """The failure when ``status == error`` (kept for callers of the two-outcome API)."""
+        return self.reason if self.status is contract.Status.ERROR else None
 
 
 @dataclass(frozen=True)
@@ -91,6 +118,8 @@ class PneumoniaClient:
             capped at 16 so several requests overlap).
         retry: Retry policy for unavailable / overloaded / timed-out servers.
         preprocess_workers: Threads decoding images.
+        eligibility: DICOM eligibility rules overriding the served ones (default: the
+            rules the served config publishes, else the shipped default).
     """
 
     def __init__(
@@ -105,6 +134,7 @@ class PneumoniaClient:
         batch_size: int | None = None,
         retry: RetryPolicy | None = None,
         preprocess_workers: int = 2,
+        eligibility: Eligibility | None = None,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -122,6 +152,12 @@ class PneumoniaClient:
         if batch_size is not None and not 1 <= batch_size <= mbs:
             raise ValueError(f"batch_size must be in [1, {mbs}] (the model's max_batch_size)")
         self.batch_size = batch_size or min(mbs, 16)
+        if eligibility is not None:
+            self.eligibility = eligibility
+        elif self.info.eligibility:
+            self.eligibility = Eligibility.from_json(self.info.eligibility)
+        else:
+            self.eligibility = Eligibility.default()
         self._pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="cxr-infer")
         self._pre_pool = ThreadPoolExecutor(max_workers=preprocess_workers, thread_name_prefix="cxr-pre")
 
@@ -143,56 +179,87 @@ class PneumoniaClient:
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
-    def infer_batch(self, batch: np.ndarray) -> np.ndarray:
-        """Probabilities ``(N,)`` for a contract batch ``(N, 224, 224, 1) uint8`` of any N (split as needed).
+    def _infer_chunk(self, chunk: np.ndarray) -> Scores:
+        return self._with_retries(lambda: self.transport.infer(chunk, timeout_s=self.timeout_s), "infer")
+
+    def infer_scores(self, batch: np.ndarray) -> Scores:
+        """Every model output for a contract batch ``(N, 224, 224, 1) uint8`` of any N (split as needed).
 
         Raises:
             InvalidInputError: The batch violates the contract.
-            ServerError: The server failed after the retries.
+            ServerError: A chunk failed after the retries.
         """
         contract.validate_batch(batch)
-        chunks = [batch[i : i + self.batch_size] for i in range(0, len(batch), self.batch_size)]
-        futures = [
-            self._pool.submit(self._with_retries, lambda c=c: self.transport.infer(c, timeout_s=self.timeout_s), "infer")
-            for c in chunks
-        ]
-        return np.concatenate([f.result() for f in futures])
+        futures = [self._pool.submit(self._infer_chunk, batch[i : i + self.batch_size])
+                   for i in range(0, len(batch), self.batch_size)]
+        parts = [f.result() for f in futures]
+        ood = None if any(p.ood_score is None for p in parts) else np.concatenate([p.ood_score for p in parts])  # type: ignore[misc]
+        return Scores(np.concatenate([p.probability for p in parts]), ood)
 
-    def _prepare(self, source: contract.ImageSource) -> tuple[str, np.ndarray | None, str | None, str | None]:
+    def infer_batch(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities ``(N,)`` for a contract batch (see :meth:`infer_scores`)."""
+        return self.infer_scores(batch).probability
+
+    def _prepare(self, source: contract.ImageSource) -> tuple[str, np.ndarray | None, Prediction | None, str | None]:
+        """Decode one input; an unreadable or ineligible input gets its final :class:`Prediction` here."""
         name = contract.describe(source)
+        info = self.info
         try:
-            array, meta = contract.preprocess_with_meta(source, name=name)
+            array, meta = contract.preprocess_with_meta(source, name=name, eligibility=self.eligibility)
             return name, array, None, meta.get("sop_instance_uid")
+        except NotAssessableError as exc:
+            status, reason = contract.Status.NOT_ASSESSABLE, str(exc)
         except InvalidInputError as exc:
-            return name, None, str(exc), None
+            status, reason = contract.Status.ERROR, str(exc)
         except Exception as exc:  # noqa: BLE001 - one bad file must not sink the batch
-            return name, None, f"{name}: unexpected error while reading ({type(exc).__name__}: {exc})", None
+            status, reason = contract.Status.ERROR, f"{name}: unexpected error while reading ({type(exc).__name__}: {exc})"
+        reason = reason.splitlines()[0]
+        return name, None, Prediction(name, status, None, None, info.threshold, info.name, info.version, reason,
+                                      ood_threshold=info.ood_threshold), None
 
     def predict(self, images: Sequence[contract.ImageSource]) -> list[Prediction]:
-        """Classify images; a bad input fails alone (its ``error`` is set) and the rest complete.
+        """Give every input exactly one final :class:`Prediction`, in order.
 
-        Server failures that outlast the retries are reported per image as errors too.
+        An unreadable input is an ``error``; an input the eligibility rules, the
+        pixel rules or the served OOD score refuse is ``not_assessable``; the
+        rest are ``ok``. Inputs are sent in chunks of ``batch_size``: a chunk
+        that still fails after the retries fails alone (its images are
+        ``error`` with ``retryable`` set for transient failures), and every
+        other chunk keeps its results.
         """
         prepared = list(self._pre_pool.map(self._prepare, images))
         info = self.info
-        good = [i for i, (_, arr, err, _) in enumerate(prepared) if err is None]
-        probs: dict[int, float] = {}
-        server_error: str | None = None
-        if good:
-            batch = np.stack([prepared[i][1] for i in good])  # type: ignore[misc]
+        good = [i for i, (_, arr, _, _) in enumerate(prepared) if arr is not None]
+        chunks = [good[i : i + self.batch_size] for i in range(0, len(good), self.batch_size)]
+        futures = [self._pool.submit(self._infer_chunk, np.stack([prepared[i][1] for i in idx])) for idx in chunks]  # type: ignore[misc]
+        answers: dict[int, Prediction] = {}
+        for idx, fut in zip(chunks, futures):
             try:
-                p = self.infer_batch(batch)
-                probs = {i: float(v) for i, v in zip(good, p)}
+                scores = fut.result()
             except CxrError as exc:
-                server_error = f"inference failed: {exc}".splitlines()[0]
-        out = []
-        for i, (name, _, err, uid) in enumerate(prepared):
-            if err is None and server_error is not None:
-                err = f"{name}: {server_error}"
-            prob = probs.get(i)
-            label = None if prob is None else (info.labels[1] if prob >= info.threshold else info.labels[0])
-            out.append(Prediction(name, label, prob, info.threshold, info.name, info.version, err, uid))
-        return out
+                retryable = isinstance(exc, RetryableServerError) or not isinstance(exc, InvalidInputError)
+                msg = f"inference failed: {exc}".splitlines()[0]
+                for i in idx:
+                    name, _, _, uid = prepared[i]
+                    answers[i] = Prediction(name, contract.Status.ERROR, None, None, info.threshold, info.name,
+                                            info.version, f"{name}: {msg}", uid, ood_threshold=info.ood_threshold,
+                                            retryable=retryable)
+                continue
+            for k, i in enumerate(idx):
+                answers[i] = self._judge(prepared[i][0], prepared[i][3], float(scores.probability[k]),
+                                         None if scores.ood_score is None else float(scores.ood_score[k]))
+        return [answers[i] if pre is None else pre for i, (_, _, pre, _) in enumerate(prepared)]
+
+    def _judge(self, name: str, uid: str | None, prob: float, ood: float | None) -> Prediction:
+        info = self.info
+        if ood is not None and contract.is_out_of_distribution(ood, info.ood_threshold):
+            reason = str(contract.not_assessable(name, "out_of_distribution",
+                                                 f"ood_score {ood:.2f} > {info.ood_threshold:.2f}"))
+            return Prediction(name, contract.Status.NOT_ASSESSABLE, None, None, info.threshold, info.name, info.version,
+                              reason, uid, ood, info.ood_threshold)
+        label = contract.label_for(prob, info.threshold, info.labels)
+        return Prediction(name, contract.Status.OK, label, prob, info.threshold, info.name, info.version, None, uid, ood,
+                          info.ood_threshold)
 
     # -- misc -------------------------------------------------------------
     def ready(self) -> bool:

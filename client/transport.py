@@ -17,17 +17,29 @@ logger = logging.getLogger(__name__)
 PROTOCOLS = ("grpc", "http", "embedded")
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
 
-# Substrings of Triton errors that mean "try again later" (overload, queue policy, restarts).
-_RETRYABLE = (
-    "unavailable", "deadline", "timed out", "timeout", "connection refused", "connection reset",
-    "exceeds maximum queue size", "request timeout expired", "failed to connect", "socket closed",
-    "broken pipe", "not ready", "server is stopping", "server is shutting down", "eof", "connect",
-)
+#: gRPC status codes that mean "try again later": the server is down or restarting, overloaded
+#: (Triton answers a full queue or a queue timeout with UNAVAILABLE), or the deadline passed.
+_GRPC_RETRYABLE = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED"}
+_GRPC_INVALID = {"INVALID_ARGUMENT", "OUT_OF_RANGE", "FAILED_PRECONDITION"}
+#: HTTP statuses that mean the same.
+_HTTP_RETRYABLE = {408, 429, 502, 503, 504}
+_HTTP_INVALID = {400, 413, 422}
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What a client learns from the served model."""
+    """What a client learns from the served model (config parameters and outputs).
+
+    Attributes:
+        name: Served model name.
+        version: Served version.
+        max_batch_size: The model's max_batch_size.
+        threshold: Decision threshold on ``probability``.
+        labels: ``(negative, positive)`` labels.
+        sha256: sha256 of the served model file ('' if not published).
+        ood_threshold: Largest ``ood_score`` still assessable; ``None`` when the model has no ``ood_score`` output.
+        eligibility: JSON text of the served DICOM eligibility rules ('' if not published).
+    """
 
     name: str
     version: str
@@ -35,6 +47,20 @@ class ModelInfo:
     threshold: float
     labels: tuple[str, ...]
     sha256: str = ""
+    ood_threshold: float | None = None
+    eligibility: str = ""
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return contract.OUTPUT_NAMES if self.ood_threshold is not None else (contract.OUTPUT_NAME,)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """One batch's model outputs: ``probability (N,)`` and ``ood_score (N,)`` (``None`` without an OOD output)."""
+
+    probability: np.ndarray
+    ood_score: np.ndarray | None = None
 
 
 def _params_to_info(name: str, version: str, config: dict) -> ModelInfo:
@@ -45,6 +71,11 @@ def _params_to_info(name: str, version: str, config: dict) -> ModelInfo:
     labels = tuple(params.get(contract.PARAM_LABELS, ",".join(contract.LABELS)).split(","))
     if len(labels) != 2:
         raise ServerError(f"model {name}: expected two labels, got {labels}")
+    outputs = {o.get("name") for o in config.get("output") or []}
+    ood_threshold = params.get(contract.PARAM_OOD_THRESHOLD)
+    if (contract.OOD_OUTPUT_NAME in outputs) != bool(ood_threshold):
+        raise ServerError(f"model {name}: '{contract.OOD_OUTPUT_NAME}' output and '{contract.PARAM_OOD_THRESHOLD}' "
+                          "parameter must come together (regenerate the config with `cxr configs`)")
     return ModelInfo(
         name=name,
         version=version,
@@ -52,30 +83,46 @@ def _params_to_info(name: str, version: str, config: dict) -> ModelInfo:
         threshold=float(params.get(contract.PARAM_THRESHOLD, contract.DEFAULT_THRESHOLD)),
         labels=labels,
         sha256=params.get(contract.PARAM_SHA256, ""),
+        ood_threshold=float(ood_threshold) if ood_threshold else None,
+        eligibility=params.get(contract.PARAM_ELIGIBILITY, ""),
     )
 
 
-def classify_error(exc: Exception, where: str) -> Exception:
-    """Map a transport exception to :class:`RetryableServerError`, :class:`InvalidInputError` or :class:`ServerError`."""
-    text = str(exc)
-    low = text.lower()
-    status = ""
+def classify_error(exc: BaseException, where: str) -> Exception:
+    """Map a transport exception to :class:`RetryableServerError`, :class:`InvalidInputError` or :class:`ServerError`.
+
+    Decided on the gRPC status code or the HTTP status that tritonclient
+    reports, and on the exception type for failures below HTTP (refused or
+    reset connections, socket timeouts); never on message text.
+    """
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     status_fn = getattr(exc, "status", None)
-    if callable(status_fn):
-        status = str(status_fn() or "")
-    if "StatusCode.UNAVAILABLE" in status or "DEADLINE_EXCEEDED" in status or any(s in low for s in _RETRYABLE):
-        return RetryableServerError(f"{where}: {text}")
-    if "StatusCode.INVALID_ARGUMENT" in status or "unexpected datatype" in low or "unexpected shape" in low:
-        return InvalidInputError(f"{where}: {text}")
-    return ServerError(f"{where}: {text}")
+    status = str(status_fn() or "") if callable(status_fn) else ""
+    if status.startswith("StatusCode."):
+        code = status.removeprefix("StatusCode.")
+        if code in _GRPC_RETRYABLE:
+            return RetryableServerError(f"{where}: {code}: {text}")
+        if code in _GRPC_INVALID:
+            return InvalidInputError(f"{where}: {code}: {text}")
+        return ServerError(f"{where}: {code}: {text}")
+    if status.isdigit():
+        http = int(status)
+        if http in _HTTP_RETRYABLE:
+            return RetryableServerError(f"{where}: HTTP {http}: {text}")
+        if http in _HTTP_INVALID:
+            return InvalidInputError(f"{where}: HTTP {http}: {text}")
+        return ServerError(f"{where}: HTTP {http}: {text}")
+    if isinstance(exc, (OSError, TimeoutError, ConnectionError)) or type(exc).__name__ in ("Timeout", "LocalProtocolError"):
+        return RetryableServerError(f"{where}: {type(exc).__name__}: {text}")
+    return ServerError(f"{where}: {type(exc).__name__}: {text}")
 
 
 class Transport:
-    """Sends contract batches and returns probabilities ``(N,)``."""
+    """Sends contract batches and returns the model's outputs as :class:`Scores`."""
 
     info: ModelInfo
 
-    def infer(self, batch: np.ndarray, *, timeout_s: float) -> np.ndarray:  # pragma: no cover - interface
+    def infer(self, batch: np.ndarray, *, timeout_s: float) -> Scores:  # pragma: no cover - interface
         raise NotImplementedError
 
     def ready(self) -> bool:  # pragma: no cover - interface
@@ -108,15 +155,15 @@ class GrpcTransport(Transport):
         versions = meta.get("versions") or [self.version or "1"]
         return _params_to_info(self.model, self.version or str(versions[-1]), cfg)
 
-    def infer(self, batch: np.ndarray, *, timeout_s: float) -> np.ndarray:
+    def infer(self, batch: np.ndarray, *, timeout_s: float) -> Scores:
         inp = self._mod.InferInput(contract.INPUT_NAME, list(batch.shape), contract.INPUT_TRITON_DTYPE)
         inp.set_data_from_numpy(batch)
-        out = self._mod.InferRequestedOutput(contract.OUTPUT_NAME)
+        outs = [self._mod.InferRequestedOutput(n) for n in self.info.outputs]
         try:
-            res = self._client.infer(self.model, [inp], model_version=self.version, outputs=[out], client_timeout=timeout_s)
+            res = self._client.infer(self.model, [inp], model_version=self.version, outputs=outs, client_timeout=timeout_s)
         except Exception as exc:  # noqa: BLE001
             raise classify_error(exc, f"grpc {self.url}") from None
-        return _check_output(res.as_numpy(contract.OUTPUT_NAME), len(batch))
+        return _scores(res.as_numpy, self.info, len(batch))
 
     def ready(self) -> bool:
         try:
@@ -163,16 +210,16 @@ class HttpTransport(Transport):
                 self._all.append(c)
         return c
 
-    def infer(self, batch: np.ndarray, *, timeout_s: float) -> np.ndarray:
+    def infer(self, batch: np.ndarray, *, timeout_s: float) -> Scores:
         inp = self._mod.InferInput(contract.INPUT_NAME, list(batch.shape), contract.INPUT_TRITON_DTYPE)
         inp.set_data_from_numpy(batch, binary_data=True)
-        out = self._mod.InferRequestedOutput(contract.OUTPUT_NAME, binary_data=True)
+        outs = [self._mod.InferRequestedOutput(n, binary_data=True) for n in self.info.outputs]
         try:
-            res = self._client().infer(self.model, [inp], model_version=self.version, outputs=[out])
+            res = self._client().infer(self.model, [inp], model_version=self.version, outputs=outs)
         except Exception as exc:  # noqa: BLE001
             self._local.client = None  # a broken connection is not reused
             raise classify_error(exc, f"http {self.url}") from None
-        return _check_output(res.as_numpy(contract.OUTPUT_NAME), len(batch))
+        return _scores(res.as_numpy, self.info, len(batch))
 
     def ready(self) -> bool:
         try:
@@ -195,23 +242,21 @@ class HttpTransport(Transport):
 
 
 def read_config(model_dir: Path, config_name: str | None = None) -> dict:
-    """Parse a model folder's ``config.pbtxt`` (or ``configs/<name>.pbtxt``) into a dict."""
-    from google.protobuf import json_format, text_format
-    from tritonclient.grpc import model_config_pb2
+    """Parse a model folder's ``config.pbtxt`` (or ``configs/<name>.pbtxt``) into a dict (as Triton serves it)."""
+    from google.protobuf import json_format
+
+    from cxr.export import triton_config
 
     path = Path(model_dir) / "configs" / f"{config_name}.pbtxt" if config_name else Path(model_dir) / "config.pbtxt"
     if not path.exists():
         raise ServerError(f"model config not found: {path}")
-    cfg = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
-    return json_format.MessageToDict(cfg, preserving_proto_field_name=True)
+    return json_format.MessageToDict(triton_config.read(path), preserving_proto_field_name=True)
 
 
 class EmbeddedTransport(Transport):
     """The served ONNX run in-process with onnxruntime: same API and results, no server."""
 
     def __init__(self, repository: str | Path, model: str, version: str, *, threads: int = 0) -> None:
-        import onnxruntime as ort
-
         model_dir = Path(repository) / model
         if not model_dir.is_dir():
             raise ServerError(f"embedded: no model folder {model_dir}")
@@ -229,28 +274,37 @@ class EmbeddedTransport(Transport):
 
             if sha256_file(onnx_path) != self.info.sha256:
                 raise ModelIntegrityError(f"{onnx_path}: sha256 does not match its config; refusing to load")
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        self._session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        from cxr.serving.ort_session import make_session
+
+        self._session = make_session(onnx_path, threads=threads)
+        have = {o.name for o in self._session.get_outputs()}
+        if set(self.info.outputs) - have:
+            raise ServerError(f"embedded: {onnx_path} lacks outputs {sorted(set(self.info.outputs) - have)} named in its config")
         self._lock = threading.Lock()
 
-    def infer(self, batch: np.ndarray, *, timeout_s: float) -> np.ndarray:
+    def infer(self, batch: np.ndarray, *, timeout_s: float) -> Scores:
         with self._lock:  # onnxruntime already uses every core; serialise calls
-            out = self._session.run([contract.OUTPUT_NAME], {contract.INPUT_NAME: batch})[0]
-        return _check_output(out, len(batch))
+            outs = dict(zip(self.info.outputs, self._session.run(list(self.info.outputs), {contract.INPUT_NAME: batch})))
+        return _scores(outs.get, self.info, len(batch))
 
     def ready(self) -> bool:
         return True
 
 
-def _check_output(out: np.ndarray | None, n: int) -> np.ndarray:
+def _check_output(out: np.ndarray | None, n: int, name: str) -> np.ndarray:
     if out is None or out.size != n:
-        raise ServerError(f"server answered {None if out is None else out.shape} for a batch of {n} (empty tensor: numpy 2 in the Python backend?)")
+        raise ServerError(f"server answered {None if out is None else out.shape} for '{name}' of a batch of {n} "
+                          "(empty tensor: numpy 2 in the Python backend?)")
     out = out.reshape(-1).astype(np.float32, copy=False)
-    if not np.isfinite(out).all():
+    if name == contract.OUTPUT_NAME and not np.isfinite(out).all():
         raise ServerError("server answered NaN or Inf probabilities")
     return out
+
+
+def _scores(get, info: ModelInfo, n: int) -> Scores:  # type: ignore[no-untyped-def]
+    prob = _check_output(get(contract.OUTPUT_NAME), n, contract.OUTPUT_NAME)
+    ood = _check_output(get(contract.OOD_OUTPUT_NAME), n, contract.OOD_OUTPUT_NAME) if info.ood_threshold is not None else None
+    return Scores(prob, ood)
 
 
 def make_transport(protocol: str, url: str | None, model: str, version: str, *, timeout_s: float) -> Transport:
@@ -260,7 +314,7 @@ def make_transport(protocol: str, url: str | None, model: str, version: str, *, 
     if protocol == "http":
         return HttpTransport(url or DEFAULT_URLS["http"], model, version, timeout_s=timeout_s)
     if protocol == "embedded":
-        from cxr.cli import DEFAULT_REPOSITORY
+        from cxr.paths import DEFAULT_REPOSITORY
 
         return EmbeddedTransport(url or DEFAULT_REPOSITORY, model, version)
     raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")

@@ -14,21 +14,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cxr.errors import CxrError
+from cxr.paths import DEFAULT_CACHE, DEFAULT_MODEL, DEFAULT_REPOSITORY, REPO_ROOT
 
 logger = logging.getLogger("cxr")
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
-DEFAULT_MODEL = "pneumonia"
 
 _EPILOG = """\
 typical flow:
   cxr train --data ../shared/data/chest_xray --out runs/compact
   cxr evaluate --model runs/compact/model.keras --data ../shared/data/chest_xray_site
   cxr calibrate --model runs/compact/model.keras --data ../shared/data/chest_xray_site
-  cxr export --model runs/compact/model.keras --data ../shared/data/chest_xray
+  cxr export --model runs/compact/model.keras --data ../shared/data/chest_xray --site ../shared/data/chest_xray_site
   cxr serve &            # embedded CPU Triton on 127.0.0.1:8000/8001/8002
-  cxr predict ../shared/data/chest_xray_fullres --protocol grpc
+  cxr predict ../shared/data/chest_xray_fullres --protocol grpc --format csv --out results.csv
+
+every answer has a status: ok (Normal/Pneumonia), not_assessable (no label, a reason naming the
+rule: route it to a human reader) or error (unreadable input, or a server failure to retry).
 """
 
 
@@ -57,7 +57,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--select-on", choices=["val", "monitor"], default="val", help="checkpoint/early-stop metric")
     p.add_argument("--limit-per-class", type=int, help="use at most N train images per class (smoke runs)")
     p.add_argument("--width", type=int, default=16, help="compact CNN width multiplier")
-    p.add_argument("--cache-dir", type=Path, default=REPO_ROOT / ".cache", help="decoded-image cache")
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="decoded-image cache")
     p.set_defaults(func=_cmd_train)
 
 
@@ -98,7 +98,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     from cxr.train.evaluate import evaluate
 
     out = a.out or a.model.parent / ("eval_trainval" if a.split else f"eval_{a.data.resolve().name}")
-    rep = evaluate(a.model, a.data, out, threshold=a.threshold, n_boot=a.n_boot, cache_dir=REPO_ROOT / ".cache",
+    rep = evaluate(a.model, a.data, out, threshold=a.threshold, n_boot=a.n_boot, cache_dir=DEFAULT_CACHE,
                    split_file=a.split)
     print((out / "report.md").read_text().split("Confusion")[0])
     print(f"reports and plots in {out}")
@@ -109,28 +109,128 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "calibrate",
         help="fit the decision threshold (and probability scaling) on a labelled site sample",
-        description="What a hospital does before go-live: on a labelled local sample, fit probability scaling "
-        "(Platt by default, or temperature) and choose the threshold by a rule: the highest threshold whose "
-        "sensitivity is at least --target (default 0.95), or Youden's J. Stores calibration.json beside the "
-        "model; `cxr export` bakes the scaling into the ONNX and the threshold into the Triton configs.",
+        description="What a hospital does before go-live: on a labelled local sample, choose the threshold by a "
+        "rule. sensitivity_lcb (default): the highest threshold whose one-sided Clopper-Pearson lower confidence "
+        "bound of sensitivity, at --confidence, meets --target, so the promise holds on unseen images of the "
+        "same kind, not only in-sample; sensitivity: the point estimate meets --target; youden: Youden's J. "
+        "On a training run's model.keras it also fits probability scaling (Platt by default) and stores "
+        "calibration.json for `cxr export`. On an exported model folder (<repository>/<model>) it keeps the "
+        "scaling baked into the graph, sets the threshold from the served probabilities, and rewrites the "
+        "model card and Triton configs (of every --also folder too).",
     )
-    p.add_argument("--model", type=Path, required=True, help="model.keras")
+    p.add_argument("--model", type=Path, required=True, help="model.keras, or an exported model folder")
     p.add_argument("--data", type=Path, required=True, help="labelled site folder {NORMAL,PNEUMONIA}/")
-    p.add_argument("--rule", choices=["sensitivity", "youden"], default="sensitivity")
-    p.add_argument("--target", type=float, default=0.95, help="sensitivity target of the 'sensitivity' rule")
-    p.add_argument("--scaling", choices=["platt", "temperature", "none"], default="platt")
+    p.add_argument("--rule", choices=["sensitivity_lcb", "sensitivity", "youden"], default="sensitivity_lcb")
+    p.add_argument("--target", "--target-sensitivity", type=float, default=0.95, dest="target",
+                   help="sensitivity target (default 0.95)")
+    p.add_argument("--confidence", type=float, default=0.9, help="confidence of the lower bound (default 0.9)")
+    p.add_argument("--scaling", choices=["platt", "temperature", "none"], default="platt", help="model.keras only")
+    p.add_argument("--also", type=Path, nargs="*", default=[], help="exported folders that share the threshold (INT8)")
     p.set_defaults(func=_cmd_calibrate)
 
 
 def _cmd_calibrate(a: argparse.Namespace) -> int:
+    if a.model.is_dir():
+        from cxr.export import repository
+        from cxr.export.onnx_export import command_line
+
+        r = repository.recalibrate([a.model, *a.also], a.data, rule=a.rule, target=a.target, confidence=a.confidence,
+                                   cache_dir=DEFAULT_CACHE, command=command_line())
+        print(f"threshold {r['threshold']:.4f} ({a.rule}) on {r['n_used']} site images ({r['n_refused_ood']} refused "
+              f"as out of distribution): sensitivity {r['sensitivity']:.3f} ({r['tp']}/{r['n_pos']}, lower bound "
+              f"{r['sensitivity_lower_bound']:.3f} at {a.confidence:.0%}), specificity {r['specificity']:.3f}, "
+              f"accuracy {r['accuracy']:.3f}, AUC {r['roc_auc']:.3f} (in-sample)")
+        print(f"model card and configs rewritten in {', '.join(str(d) for d in [a.model, *a.also])}")
+        return 0
     from cxr.train.evaluate import calibrate
 
-    cal = calibrate(a.model, a.data, rule=a.rule, target=a.target, scaling=a.scaling, cache_dir=REPO_ROOT / ".cache")
+    cal = calibrate(a.model, a.data, rule=a.rule, target=a.target, confidence=a.confidence, scaling=a.scaling,
+                    cache_dir=DEFAULT_CACHE)
     m = cal.metrics
     print(f"threshold {cal.threshold:.4f} ({cal.rule}), scaling {cal.scaling} (scale {cal.scale:.4f}, bias {cal.bias:.4f})")
-    print(f"on {cal.n_images} site images (in-sample): sensitivity {m['sensitivity']:.3f}, specificity "
-          f"{m['specificity']:.3f}, accuracy {m['accuracy']:.3f}, AUC {m['roc_auc']:.3f}, ECE {m['ece']:.3f}")
+    print(f"on {cal.n_images} site images (in-sample): sensitivity {m['sensitivity']:.3f} (lower bound "
+          f"{m['sensitivity_lower_bound']:.3f} at {a.confidence:.0%}), specificity {m['specificity']:.3f}, "
+          f"accuracy {m['accuracy']:.3f}, AUC {m['roc_auc']:.3f}, ECE {m['ece']:.3f}")
     print(f"written {a.model.parent / 'calibration.json'}")
+    return 0
+
+
+def _add_ood_fit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ood-fit",
+        help="fit the model's ood_score output (out-of-distribution refusal) and its threshold",
+        description="Add (or refit) the second output, ood_score, of an exported model: the Mahalanobis distance "
+        "of its pooled features from the training images' features, computed in the ONNX graph. The threshold "
+        "keeps 99.5%% of the train-validation images and of the site sample. Rewrites the model file, its "
+        "sha256, the model card and the Triton configs. No out-of-distribution data is used to fit it.",
+    )
+    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
+    p.add_argument("--name", default=DEFAULT_MODEL, help="model folder")
+    p.add_argument("--data", type=Path, required=True, help="Kaggle-layout root the model was trained on")
+    p.add_argument("--split", type=Path, required=True, help="the training run's split.json")
+    p.add_argument("--site", type=Path, help="labelled site sample (counts towards the threshold)")
+    p.set_defaults(func=_cmd_ood_fit)
+
+
+def _cmd_ood_fit(a: argparse.Namespace) -> int:
+    from cxr.export import repository
+    from cxr.export.onnx_export import command_line
+
+    r = repository.refit_ood(a.repository / a.name, data_dir=a.data, split_file=a.split, site_dir=a.site,
+                             cache_dir=DEFAULT_CACHE, command=command_line())
+    print(f"ood_score: {r['features']} features, shrinkage {r['shrinkage']:.3g}, threshold {r['threshold']:.4f}; "
+          + ", ".join(f"{k}: {v:.2%} of {r['n'][k]} flagged" for k, v in r["flagged"].items()))
+    return 0
+
+
+def _add_ood_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ood-eval",
+        help="refusal rates on non-chest inputs and on real chest X-rays (docs/model/ood.md)",
+        description="Run every refusal rule (DICOM header rules, pixel rules, the served ood_score) over a corpus "
+        "of inputs that are not frontal chest X-rays (generated blanks, noise, text, screenshots and colour "
+        "images; real photographs and other modalities shipped in scikit-image, matplotlib and pydicom-data; "
+        "inverted and rotated X-rays from --xrays) and over real chest X-ray folders. Writes Markdown, JSON "
+        "and a PNG of score distributions.",
+    )
+    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
+    p.add_argument("--name", default=DEFAULT_MODEL)
+    p.add_argument("--real", type=Path, nargs="*", default=[], help="folders of real chest X-rays (flag rate)")
+    p.add_argument("--split", type=Path, help="a run's split.json: its validation side under --data is a real set")
+    p.add_argument("--data", type=Path, help="Kaggle-layout root for --split")
+    p.add_argument("--xrays", type=Path, help="labelled chest X-ray folder to invert and rotate")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "model")
+    p.set_defaults(func=_cmd_ood_eval)
+
+
+def _cmd_ood_eval(a: argparse.Namespace) -> int:
+    from cxr.train.ood_eval import OodEvalConfig, run
+
+    rep = run(OodEvalConfig(repository=a.repository, model=a.name, real_dirs=tuple(a.real), split_file=a.split,
+                            data_dir=a.data, xray_folder=a.xrays, out_dir=a.out, cache_dir=DEFAULT_CACHE))
+    print((a.out / "ood.md").read_text())
+    return 0 if rep["meets_targets"] else 1
+
+
+def _add_configs(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "configs",
+        help="regenerate a model's Triton configs from its model card and eligibility.json",
+        description="Rewrite config.pbtxt and configs/*.pbtxt of exported models from model_card.json (threshold, "
+        "OOD threshold, sha256) and eligibility.json (the DICOM rules a site may edit).",
+    )
+    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
+    p.add_argument("--name", nargs="*", help="model folders (default: every model with a card)")
+    p.set_defaults(func=_cmd_configs)
+
+
+def _cmd_configs(a: argparse.Namespace) -> int:
+    from cxr.export import repository
+
+    names = a.name or sorted(p.parent.name for p in a.repository.glob("*/model_card.json"))
+    for n in names:
+        for path in repository.write_configs(a.repository / n):
+            print(path)
     return 0
 
 
@@ -148,6 +248,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, help="Kaggle-layout root used for training (parity and INT8 calibration images)")
     p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
     p.add_argument("--name", default=DEFAULT_MODEL, help="model folder name")
+    p.add_argument("--site", type=Path, help="labelled site sample; the OOD threshold keeps 99.5%% of it too")
     p.add_argument("--version", type=int, default=1)
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--no-int8", action="store_true", help="skip the INT8 model")
@@ -170,9 +271,13 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
     cfg = ExportConfig(model_path=a.model, data_dir=a.data, repository=a.repository, model_name=a.name,
                        version=a.version, opset=a.opset, int8=not a.no_int8, command=command_line(),
-                       cache_dir=REPO_ROOT / ".cache")
+                       cache_dir=DEFAULT_CACHE, site_dir=a.site)
     results = export(cfg)
     for prec, r in results.items():
+        if prec == "ood":
+            for name, o in r.items():
+                print(f"{name}: ood_score threshold {o['threshold']:.4f}, flagged {o['flagged']}")
+            continue
         par = r["parity"]
         print(f"{prec}: {r['path']}  max|dp| {par['max_abs_diff']:.2e}  labels agree {par['label_agreement']:.4f}  "
               f"val AUC {r['val_auc']:.4f}")
@@ -234,22 +339,29 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict",
         help="classify image files or folders",
-        description="Classify JPEG/PNG/DICOM files (folders are walked). A bad file fails alone with a one-line "
-        "error; the exit code is 1 when any input failed. With --out results.csv, rows are appended and "
-        "flushed as they complete, and a rerun skips inputs already done (by path and content hash).",
+        description="Classify JPEG/PNG/DICOM files (folders are walked). Every input gets exactly one answer: "
+        "status ok (label Normal/Pneumonia and P(pneumonia)), not_assessable (no label; the reason names the "
+        "rule: DICOM header, blank, colour, aspect ratio, or out of distribution) or error (a one-line reason). "
+        "Exit code 0 when every input has an answer that is not an error, 1 otherwise. With --format csv "
+        "--out results.csv, each chunk is journaled durably beside the CSV; a rerun retries transient "
+        "failures (server unavailable, deadline, overload, server error) and changed files, keeps final "
+        "answers, and rewrites the CSV atomically with one row per input.",
     )
     p.add_argument("inputs", nargs="+", type=Path, help="files or folders")
     _add_client_args(p)
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
-    p.add_argument("--out", type=Path, help="write results here (csv appends and resumes)")
-    p.add_argument("--chunk", type=int, default=64, help="images preprocessed and sent per step")
+    p.add_argument("--out", type=Path, help="write results here (csv: resumable, one row per input)")
+    p.add_argument("--chunk", type=int, default=64, help="images preprocessed, sent and journaled per step")
+    p.add_argument("--eligibility", type=Path, help="DICOM eligibility rules file (default: the served model's)")
     p.set_defaults(func=_cmd_predict)
 
 
 def _cmd_predict(a: argparse.Namespace) -> int:
-    from cxr.client.batch import run_predict
+    from cxr.client.batch import PredictOptions, run_predict
 
-    return run_predict(a)
+    return run_predict(PredictOptions(inputs=tuple(a.inputs), url=a.url, protocol=a.protocol, model=a.model,
+                                      timeout_s=a.timeout_s, format=a.format, out=a.out, chunk=a.chunk,
+                                      eligibility=a.eligibility))
 
 
 def _add_health(sub: argparse._SubParsersAction) -> None:
@@ -269,7 +381,10 @@ def _cmd_health(a: argparse.Namespace) -> int:
         info = c.info
         print(json.dumps({"ready": ready, "protocol": a.protocol, "model": info.name, "version": info.version,
                           "max_batch_size": info.max_batch_size, "threshold": info.threshold,
-                          "labels": list(info.labels), "sha256": info.sha256, "server": c.server_metadata()},
+                          "labels": list(info.labels), "outputs": list(info.outputs),
+                          "ood_threshold": info.ood_threshold, "sha256": info.sha256,
+                          "eligibility": json.loads(info.eligibility) if info.eligibility else None,
+                          "server": c.server_metadata()},
                          indent=1, default=str))
         return 0 if ready else 1
 
@@ -397,8 +512,8 @@ def _cmd_ui(a: argparse.Namespace) -> int:
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_train, _add_evaluate, _add_calibrate, _add_export, _add_serve, _add_predict, _add_health,
-    _add_bench, _add_capacity, _add_soak, _add_ui,
+    _add_train, _add_evaluate, _add_calibrate, _add_export, _add_ood_fit, _add_ood_eval, _add_configs, _add_serve,
+    _add_predict, _add_health, _add_bench, _add_capacity, _add_soak, _add_ui,
 ]
 
 
@@ -408,6 +523,8 @@ def _record_command(args: argparse.Namespace) -> None:
 
     run_dir = getattr(args, "out", None) if args.command == "train" else None
     if args.command in ("calibrate", "evaluate", "export") and getattr(args, "model", None) is not None:
+        if args.model.is_dir():  # an exported model folder: its card records the command
+            return
         run_dir = args.model.parent
     if run_dir is None:
         return

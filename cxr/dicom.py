@@ -8,51 +8,106 @@ compressed transfer syntaxes that pydicom's installed handlers support
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
+import warnings
+from collections.abc import Iterator
 
 import numpy as np
 
-from cxr.errors import InvalidInputError
+from cxr.errors import InvalidInputError, NotAssessableError
 
 
-def read_dicom(data: bytes, *, name: str) -> tuple[np.ndarray, str | None]:
-    """Decode DICOM bytes to a 2-D uint8 image and its SOP Instance UID.
+@contextlib.contextmanager
+def _quiet_pydicom() -> Iterator[None]:
+    """pydicom logs tracebacks and warnings for damaged files; the caller reports one line instead."""
+    log = logging.getLogger("pydicom")
+    level, propagate = log.level, log.propagate
+    log.setLevel(logging.CRITICAL + 1)
+    log.propagate = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.setLevel(level)
+        log.propagate = propagate
+
+
+def read_dicom(data: bytes, *, name: str, eligibility: object | None = None) -> tuple[np.ndarray, str | None, float]:
+    """Decode DICOM bytes to a 2-D uint8 image, its SOP Instance UID and its mean chroma.
+
+    Files without the 128-byte preamble are read too. The header is checked
+    against the eligibility rules (``eligibility``: an
+    :class:`~cxr.eligibility.Eligibility`, ``None`` for the shipped rules,
+    ``False`` for none) before any pixel is decoded.
 
     Raises:
-        InvalidInputError: Not readable, no pixel data, multi-frame, or an
-            unsupported transfer syntax. Messages never include patient tags.
+        InvalidInputError: Not readable, no pixel data, or an unsupported
+            transfer syntax. Messages never include patient tags.
+        NotAssessableError: The header breaks an eligibility rule.
     """
     try:
         import pydicom
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise InvalidInputError(f"{name}: DICOM input needs pydicom (pip install 'cxr-triton[client]')") from exc
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data))
-    except Exception as exc:  # noqa: BLE001
-        raise InvalidInputError(f"{name}: unreadable DICOM ({type(exc).__name__})") from None
-    uid = str(ds.get("SOPInstanceUID", "")) or None
-    if "PixelData" not in ds:
-        raise InvalidInputError(f"{name}: DICOM has no pixel data")
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        raise InvalidInputError(f"{name}: multi-frame DICOM ({ds.NumberOfFrames} frames); send one frame per image")
-    try:
-        pixels = ds.pixel_array
-    except Exception as exc:  # noqa: BLE001
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
-        raise InvalidInputError(f"{name}: cannot decode DICOM pixel data (transfer syntax {syntax}: {type(exc).__name__})") from None
-    if not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[-1] == 3)):
-        raise InvalidInputError(f"{name}: unsupported DICOM pixel shape {pixels.shape}")
-    from cxr.contract import MAX_PIXELS, MIN_SIDE, _array_to_gray_u8
+    from cxr.contract import MAX_PIXELS, MIN_SIDE, _array_to_gray_u8, chroma_of
+    from cxr.eligibility import Eligibility
 
-    h, w = pixels.shape[:2]
-    if h * w > MAX_PIXELS or min(h, w) < MIN_SIDE:
-        raise InvalidInputError(f"{name}: DICOM image size {w}x{h} outside the accepted range")
-    values = apply_modality_lut(pixels, ds)
-    if "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds):
-        values = apply_voi_lut(values, ds, index=0)
+    with _quiet_pydicom():
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+            public = [e.tag for e in ds if not e.tag.is_private]  # force=True defers parsing errors to access
+        except Exception as exc:  # noqa: BLE001
+            raise InvalidInputError(f"{name}: unreadable DICOM ({type(exc).__name__})") from None
+        if not public:
+            raise InvalidInputError(f"{name}: unreadable DICOM (no standard data elements)")
+        uid = str(ds.get("SOPInstanceUID", "") or "") or None
+        if eligibility is not False:
+            rules = eligibility if isinstance(eligibility, Eligibility) else Eligibility.default()
+            try:
+                rules.check(ds, name)
+            except NotAssessableError as exc:
+                # A radiograph without pixels is a damaged file (error), not an image the model cannot judge.
+                if "PixelData" not in ds and exc.rule != "dicom_modality":
+                    raise InvalidInputError(f"{name}: DICOM has no pixel data") from None
+                raise
+        if "PixelData" not in ds:
+            raise InvalidInputError(f"{name}: DICOM has no pixel data")
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        if frames > 1:
+            raise InvalidInputError(f"{name}: multi-frame DICOM ({frames} frames); send one frame per image")
+        try:
+            pixels = ds.pixel_array
+        except Exception as exc:  # noqa: BLE001
+            syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
+            raise InvalidInputError(f"{name}: cannot decode DICOM pixel data (transfer syntax {syntax}: {type(exc).__name__})") from None
+        if not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[-1] == 3)):
+            raise InvalidInputError(f"{name}: unsupported DICOM pixel shape {pixels.shape}")
+        h, w = pixels.shape[:2]
+        if h * w > MAX_PIXELS or min(h, w) < MIN_SIDE:
+            raise InvalidInputError(f"{name}: DICOM image size {w}x{h} outside the accepted range")
+        photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+        chroma = 0.0
+        if photometric == "PALETTE COLOR":  # indices into a colour table, never grey levels
+            from pydicom.pixels import apply_color_lut
+
+            pixels = apply_color_lut(pixels, ds)
+        elif photometric.startswith("YBR") and pixels.ndim == 3:
+            from pydicom.pixels import convert_color_space
+
+            pixels = convert_color_space(pixels, photometric, "RGB")
+        if pixels.ndim == 3:
+            chroma = chroma_of(pixels)
+            values = pixels
+        else:
+            values = apply_modality_lut(pixels, ds)
+            if "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds):
+                values = apply_voi_lut(values, ds, index=0)
     # The contract's conversion: luma for colour, NaN/Inf refused, min-max window to 0..255.
     gray = _array_to_gray_u8(np.asarray(values, dtype=np.float64), name)
-    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+    if photometric == "MONOCHROME1":
         gray = 255 - gray  # MONOCHROME1: high values are dark
-    return gray, uid
+    return gray, uid, chroma

@@ -19,6 +19,21 @@ class InvalidInputError(CxrError, ValueError):
     """
 
 
+class NotAssessableError(CxrError):
+    """A readable input that the model cannot judge (not a frontal chest radiograph, blank, colour ...).
+
+    Not an error of the input's encoding: callers report it as the
+    ``not_assessable`` status, with this one-line message as the reason.
+
+    Attributes:
+        rule: The rule that refused it (a key of :data:`cxr.contract.RULES`).
+    """
+
+    def __init__(self, message: str, *, rule: str) -> None:
+        super().__init__(message)
+        self.rule = rule
+
+
 class DataError(CxrError):
     """A dataset folder is missing, empty or not in the Kaggle layout."""
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from cxr import contract
 from cxr.errors import CxrError, ExportValidationError
-from cxr.export import triton_config
+from cxr.export import repository
 from cxr.serving.integrity import sha256_file
 from cxr.train import metrics
 from cxr.train.scoring import Calibration, KerasScorer, OnnxScorer
@@ -186,10 +186,10 @@ def check_parity(
 
     ``tolerance=None`` skips the value check (INT8 is judged by its labels and AUC instead).
     """
-    import onnxruntime as ort
+    from cxr.serving.ort_session import make_session
 
     failures: list[str] = []
-    sess = ort.InferenceSession(str(candidate_path), providers=["CPUExecutionProvider"])
+    sess = make_session(candidate_path)
     ins, outs = sess.get_inputs(), sess.get_outputs()
     if [i.name for i in ins] != [contract.INPUT_NAME]:
         failures.append(f"input names {[i.name for i in ins]} != ['{contract.INPUT_NAME}']")
@@ -245,6 +245,7 @@ class ExportConfig:
         parity_images: Validation images used for parity (at most).
         command: The command line recorded in the card.
         cache_dir: Decoded-image cache (``None``: no cache).
+        site_dir: Labelled site sample; the OOD threshold keeps 99.5% of it (and of train-validation).
     """
 
     model_path: Path
@@ -257,6 +258,7 @@ class ExportConfig:
     parity_images: int = 256
     command: str = ""
     cache_dir: Path | None = None
+    site_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.opset < 17:
@@ -338,18 +340,25 @@ def export(cfg: ExportConfig) -> dict:
         raise ExportValidationError(failures)
 
     export_explainer(model_path, model_dir / "explain", opset=cfg.opset)
-    fp32_sha = sha256_file(fp32)
-    triton_config.write_model_dir(model_dir, threshold=calibration.threshold, sha256=fp32_sha,
-                                  targets=("gpu", "gpu_fp16", "tensorrt_plan", "cpu"))
-    card = model_card(cfg, calibration, results, sha256=fp32_sha, precision="fp32")
-    write_card(model_dir, card)
-    if cfg.int8:
-        int8_sha = sha256_file(int8_dir / str(cfg.version) / "model.onnx")
-        triton_config.write_model_dir(int8_dir, threshold=calibration.threshold, sha256=int8_sha, targets=("cpu_ort", "cpu"))
-        write_card(int8_dir, model_card(cfg, calibration, results, sha256=int8_sha, precision="int8"))
     _copy_python_model(model_dir, cfg.version)
-    if cfg.int8:
-        _copy_python_model(int8_dir, cfg.version)
+    dirs = [(model_dir, "fp32")] + ([(int8_dir, "int8")] if cfg.int8 else [])
+    for d, precision in dirs:
+        sha = sha256_file(d / str(cfg.version) / "model.onnx")
+        card = model_card(cfg, calibration, results, sha256=sha, precision=precision)
+        card["serving"] = {"targets": list(repository.TARGETS[precision])}
+        write_card(d, card)
+        if precision == "int8":
+            _copy_python_model(d, cfg.version)
+    # The second output, ood_score, fitted on this model's own training split (each precision on its own features).
+    split_file = Path(cfg.model_path).parent / "split.json"
+    if cfg.data_dir is not None and split_file.exists():
+        for d, _ in dirs:
+            results.setdefault("ood", {})[d.name] = repository.refit_ood(
+                d, data_dir=cfg.data_dir, split_file=split_file, site_dir=cfg.site_dir, cache_dir=cfg.cache_dir)
+    else:
+        logger.warning("no training data or split.json: the model is exported without an ood_score output")
+        for d, _ in dirs:
+            repository.write_configs(d)
     return results
 
 
@@ -424,33 +433,64 @@ def write_card(model_dir: Path, card: dict) -> None:
     model_dir = Path(model_dir)
     (model_dir / "model_card.json").write_text(json.dumps(card, indent=1, default=str) + "\n")
     cal = card["calibration"]
+    m = cal.get("metrics", {})
+    ood = card.get("ood") or {}
     lines = [
         f"# Model card: {card['model']} (version {card['version']}, {card['precision'].upper()})",
         "",
+        "A screening aid, not a diagnosis. Inputs it cannot judge get `not_assessable` with a reason and no label; "
+        "route them to a human reader.",
+        "",
         f"- file: `{card['file']}`, sha256 `{card['sha256']}`",
-        f"- architecture: `{card['architecture']}`; input `{contract.INPUT_NAME}` uint8 [batch, 224, 224, 1], "
-        f"output `{contract.OUTPUT_NAME}` float32 [batch, 1] (calibrated P(pneumonia))",
+        f"- architecture: `{card['architecture']}`; input `{contract.INPUT_NAME}` uint8 [batch, 224, 224, 1]; outputs "
+        f"`{contract.OUTPUT_NAME}` float32 [batch, 1] (calibrated P(pneumonia))"
+        + (f" and `{contract.OOD_OUTPUT_NAME}` float32 [batch, 1] (out-of-distribution score)" if ood else ""),
         f"- training data: `{card['training']['data']}` ({card['training']['n_train']} train / {card['training']['n_val']} "
         f"validation images, {card['training']['split']})",
         f"- selected on: `{card['training']['selected_on']}`, best epoch {card['training']['best_epoch']}",
+        "",
+        "## Operating point",
+        "",
         f"- threshold: **{cal['threshold']:.4f}**, rule `{cal['rule']}`"
-        + (f" (sensitivity target {cal['target']})" if cal.get("target") else "")
+        + (f" (sensitivity target {cal['target']}" + (f", one-sided Clopper-Pearson bound at {cal['confidence']:.0%} confidence"
+                                                      if cal.get("confidence") else "") + ")" if cal.get("target") else "")
         + f", fitted on `{cal['fitted_on']}` ({cal['n_images']} images); probability scaling `{cal['scaling']}` "
         f"(scale {cal['scale']:.4f}, bias {cal['bias']:.4f})",
-        "",
-        "## Evaluations",
-        "",
-        f"Of {card['evaluations_of']}.",
-        "",
     ]
+    if "sensitivity_lower_bound" in m:
+        lines += [
+            f"- on that sample (in-sample for the threshold): sensitivity **{m['sensitivity']:.3f}** "
+            f"({m['tp']}/{m['n_pos']}; lower bound {m['sensitivity_lower_bound']:.3f} at {m['confidence']:.0%} confidence), "
+            f"specificity {m['specificity']:.3f} ({m['tn']}/{m['n_neg']}; lower bound {m['specificity_lower_bound']:.3f}), "
+            f"accuracy {m['accuracy']:.3f}, AUC {m['roc_auc']:.3f}",
+            "- the bound, not the point estimate, is what the rule promises for unseen images of the same kind",
+        ]
+    if cal.get("previous_threshold") is not None:
+        lines.append(f"- previous threshold: {cal['previous_threshold']:.4f}")
+    if ood:
+        fl = ", ".join(f"{k} {v:.2%} of {ood['n'][k]}" for k, v in ood["flagged"].items())
+        lines += [
+            "",
+            "## Out-of-distribution refusal",
+            "",
+            f"- `{contract.OOD_OUTPUT_NAME}`: {ood['method']}; {ood['features']} features from "
+            f"{', '.join(f'`{t}`' for t in ood['taps'])}; covariance shrinkage {ood['shrinkage']:.3g} "
+            f"(chosen by validation likelihood); fitted on {ood['n_train']} training images",
+            f"- threshold **{ood['threshold']:.4f}** (served as config parameter `{contract.PARAM_OOD_THRESHOLD}`): the "
+            f"smallest that keeps at least {ood['pass_rate_target']:.1%} of each set of real chest X-rays; flagged: {fl}",
+            f"- export parity of `{contract.OOD_OUTPUT_NAME}` (graph vs float64 reference): max relative difference "
+            f"{ood['parity_max_rel_diff']:.2e}",
+            "- refusal rates per category of non-chest inputs: `docs/model/ood.md`",
+        ]
+    lines += ["", "## Evaluations", "", f"Of {card['evaluations_of']}.", ""]
     for name, rep in card["evaluations"].items():
         lines.append(f"### {name} (`{rep['data']}`, n={rep['n']}, threshold {rep['threshold']:.4f})")
         lines.append("")
         lines.append("| metric | value | 95% CI |")
         lines.append("|---|---|---|")
-        for k, m in rep["metrics"].items():
-            lo, hi = m["ci95"]
-            lines.append(f"| {k} | {m['value']:.3f} | {lo:.3f} - {hi:.3f} |")
+        for k, mm in rep["metrics"].items():
+            lo, hi = mm["ci95"]
+            lines.append(f"| {k} | {mm['value']:.3f} | {lo:.3f} - {hi:.3f} |")
         lines.append("")
     par = card["export"]["parity"]
     lines.append("## Export parity (Keras vs onnxruntime)")

@@ -11,19 +11,27 @@ Targets (selected with ``tritonserver --model-config-name NAME``):
 * ``configs/cpu.pbtxt``: the embedded CPU Triton of this project (Python
   backend hosting onnxruntime; the pytriton wheel has no ORT backend).
 
-Every config carries the same inputs and outputs, dynamic batching with a
-queue policy that rejects overload fast, warmup, and the decision threshold,
-labels and model sha256 as string parameters that clients read.
+Every config carries the same inputs and outputs (``probability`` and
+``ood_score``), dynamic batching with a queue policy that rejects overload
+fast, warmup, and the decision threshold, OOD threshold, labels, DICOM
+eligibility rules and model sha256 as string parameters that clients read.
+Configs are built as ``model_config_pb2.ModelConfig`` messages and written
+with ``text_format``; nothing here formats protobuf text by hand.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
 
 from cxr import contract
 
 TARGETS = ("gpu", "gpu_fp16", "tensorrt_plan", "cpu_ort", "cpu")
+GPU_TARGETS = ("gpu", "gpu_fp16", "tensorrt_plan")
 
 
 @dataclass(frozen=True)
@@ -64,109 +72,144 @@ CPU_POLICY = BatchingPolicy(max_batch_size=64, max_queue_delay_us=5000, preferre
 GPU_POLICY = BatchingPolicy(max_batch_size=64, max_queue_delay_us=1000, preferred_batch_sizes=(16, 32, 64), instances=2)
 
 
-def _io_block() -> str:
-    h, w, c = contract.IMAGE_SHAPE
-    return (
-        f'input [\n  {{\n    name: "{contract.INPUT_NAME}"\n    data_type: TYPE_{contract.INPUT_TRITON_DTYPE}\n'
-        f"    dims: [ {h}, {w}, {c} ]\n  }}\n]\n"
-        f'output [\n  {{\n    name: "{contract.OUTPUT_NAME}"\n    data_type: TYPE_{contract.OUTPUT_TRITON_DTYPE}\n'
-        f"    dims: [ {', '.join(map(str, contract.OUTPUT_SHAPE))} ]\n  }}\n]\n"
-    )
+@dataclass(frozen=True)
+class ServedParams:
+    """What a config tells clients, as string parameters (generic Triton clients read them too).
+
+    Attributes:
+        threshold: Decision threshold on ``probability``.
+        sha256: sha256 of the model file (the Python backend and clients check it).
+        ood_threshold: Largest ``ood_score`` still assessable (``None``: the model has no OOD output).
+        eligibility: JSON text of the DICOM eligibility rules.
+    """
+
+    threshold: float
+    sha256: str
+    ood_threshold: float | None = None
+    eligibility: str = ""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        if self.ood_threshold is not None and not self.ood_threshold > 0:
+            raise ValueError(f"ood_threshold must be > 0, got {self.ood_threshold}")
+
+    def as_parameters(self) -> dict[str, str]:
+        params = {
+            contract.PARAM_THRESHOLD: f"{self.threshold:.6f}",
+            contract.PARAM_LABELS: ",".join(contract.LABELS),
+            contract.PARAM_SHA256: self.sha256,
+        }
+        if self.ood_threshold is not None:
+            params[contract.PARAM_OOD_THRESHOLD] = f"{self.ood_threshold:.9g}"
+        if self.eligibility:
+            params[contract.PARAM_ELIGIBILITY] = json.dumps(json.loads(self.eligibility), separators=(",", ":"))
+        return params
 
 
-def _batching_block(policy: BatchingPolicy) -> str:
-    preferred = ", ".join(map(str, policy.preferred_batch_sizes))
-    return (
-        "dynamic_batching {\n"
-        f"  preferred_batch_size: [ {preferred} ]\n"
-        f"  max_queue_delay_microseconds: {policy.max_queue_delay_us}\n"
-        "  default_queue_policy {\n"
-        "    timeout_action: REJECT\n"
-        f"    default_timeout_microseconds: {policy.queue_timeout_us}\n"
-        "    allow_timeout_override: true\n"
-        f"    max_queue_size: {policy.max_queue_size}\n"
-        "  }\n"
-        "}\n"
-    )
+def _dtype(triton_dtype: str) -> int:
+    return mc.DataType.Value(f"TYPE_{triton_dtype}")
 
 
-def _warmup_block(batch_size: int) -> str:
-    h, w, c = contract.IMAGE_SHAPE
-    return (
-        "model_warmup [\n  {\n"
-        f'    name: "zeros_batch{batch_size}"\n    batch_size: {batch_size}\n'
-        f'    inputs {{\n      key: "{contract.INPUT_NAME}"\n      value {{\n'
-        f"        data_type: TYPE_{contract.INPUT_TRITON_DTYPE}\n        dims: [ {h}, {w}, {c} ]\n        zero_data: true\n"
-        "      }\n    }\n  }\n]\n"
-    )
-
-
-def _params_block(params: dict[str, str]) -> str:
-    return "".join(
-        f'parameters {{\n  key: "{k}"\n  value: {{ string_value: "{v}" }}\n}}\n' for k, v in sorted(params.items())
-    )
-
-
-def render(
-    name: str, target: str, *, threshold: float, sha256: str, policy: BatchingPolicy | None = None,
+def build(
+    name: str, target: str, params: ServedParams, *, policy: BatchingPolicy | None = None,
     onnx_file: str = "model.onnx",
-) -> str:
-    """The ``config.pbtxt`` text of one model for one target."""
+) -> mc.ModelConfig:
+    """The ``ModelConfig`` message of one model for one target."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     if policy is None:
-        policy = GPU_POLICY if target in ("gpu", "gpu_fp16", "tensorrt_plan") else CPU_POLICY
-    params = {
-        contract.PARAM_THRESHOLD: f"{threshold:.6f}",
-        contract.PARAM_LABELS: ",".join(contract.LABELS),
-        contract.PARAM_SHA256: sha256,
-    }
-    head = f'# Generated by `cxr export` (target: {target}); edit export/triton_config.py, not this file.\nname: "{name}"\n'
+        policy = GPU_POLICY if target in GPU_TARGETS else CPU_POLICY
+    cfg = mc.ModelConfig(name=name, max_batch_size=policy.max_batch_size)
+    values = params.as_parameters()
     if target in ("gpu", "gpu_fp16", "cpu_ort"):
-        head += 'backend: "onnxruntime"\n'
-        head += f'default_model_filename: "{onnx_file}"\n'
+        cfg.backend = "onnxruntime"
+        cfg.default_model_filename = onnx_file
     elif target == "tensorrt_plan":
-        head += 'platform: "tensorrt_plan"\ndefault_model_filename: "model.plan"\n'
+        cfg.platform = "tensorrt_plan"
+        cfg.default_model_filename = "model.plan"
     else:
-        head += 'backend: "python"\n'
-        params["onnx_file"] = onnx_file
-        params["intra_op_threads"] = "0"
-    head += f"max_batch_size: {policy.max_batch_size}\n"
-    kind = "KIND_GPU" if target in ("gpu", "gpu_fp16", "tensorrt_plan") else "KIND_CPU"
-    body = _io_block()
-    body += f"instance_group [\n  {{\n    count: {policy.instances}\n    kind: {kind}\n  }}\n]\n"
-    body += _batching_block(policy)
+        cfg.backend = "python"
+        values["onnx_file"] = onnx_file
+        values["intra_op_threads"] = "0"
+    cfg.input.add(name=contract.INPUT_NAME, data_type=_dtype(contract.INPUT_TRITON_DTYPE), dims=list(contract.IMAGE_SHAPE))
+    cfg.output.add(name=contract.OUTPUT_NAME, data_type=_dtype(contract.OUTPUT_TRITON_DTYPE), dims=list(contract.OUTPUT_SHAPE))
+    if params.ood_threshold is not None:
+        cfg.output.add(name=contract.OOD_OUTPUT_NAME, data_type=_dtype(contract.OOD_OUTPUT_TRITON_DTYPE), dims=[1])
+    kind = mc.ModelInstanceGroup.KIND_GPU if target in GPU_TARGETS else mc.ModelInstanceGroup.KIND_CPU
+    cfg.instance_group.add(count=policy.instances, kind=kind)
+    db = cfg.dynamic_batching
+    db.preferred_batch_size.extend(policy.preferred_batch_sizes)
+    db.max_queue_delay_microseconds = policy.max_queue_delay_us
+    qp = db.default_queue_policy
+    qp.timeout_action = mc.ModelQueuePolicy.REJECT
+    qp.default_timeout_microseconds = policy.queue_timeout_us
+    qp.allow_timeout_override = True
+    qp.max_queue_size = policy.max_queue_size
     if target in ("gpu", "gpu_fp16"):
-        precision = "FP16" if target == "gpu_fp16" else "FP32"
-        body += (
-            "optimization {\n  execution_accelerators {\n    gpu_execution_accelerator: [\n      {\n"
-            '        name: "tensorrt"\n'
-            f'        parameters {{ key: "precision_mode" value: "{precision}" }}\n'
-            '        parameters { key: "max_workspace_size_bytes" value: "1073741824" }\n'
-            '        parameters { key: "trt_engine_cache_enable" value: "1" }\n'
-            '        parameters { key: "trt_engine_cache_path" value: "/tmp/triton_trt_cache" }\n'
-            "      }\n    ]\n  }\n}\n"
-        )
-    body += _warmup_block(min(8, policy.max_batch_size))
-    return head + body + _params_block(params)
+        acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+        acc.parameters["precision_mode"] = "FP16" if target == "gpu_fp16" else "FP32"
+        acc.parameters["max_workspace_size_bytes"] = "1073741824"
+        acc.parameters["trt_engine_cache_enable"] = "1"
+        acc.parameters["trt_engine_cache_path"] = "/tmp/triton_trt_cache"
+    batch = min(8, policy.max_batch_size)
+    warm = cfg.model_warmup.add(name=f"zeros_batch{batch}", batch_size=batch)
+    warm.inputs[contract.INPUT_NAME].data_type = _dtype(contract.INPUT_TRITON_DTYPE)
+    warm.inputs[contract.INPUT_NAME].dims.extend(contract.IMAGE_SHAPE)
+    warm.inputs[contract.INPUT_NAME].zero_data = True
+    for k, v in sorted(values.items()):
+        cfg.parameters[k].string_value = v
+    return cfg
 
 
-def write_model_dir(
-    model_dir: Path, *, threshold: float, sha256: str, targets: tuple[str, ...], onnx_file: str = "model.onnx",
-) -> list[Path]:
-    """Write ``config.pbtxt`` (first target), ``configs/<target>.pbtxt`` (all) and ``labels.txt``."""
+def render(name: str, target: str, params: ServedParams, *, policy: BatchingPolicy | None = None,
+           onnx_file: str = "model.onnx") -> str:
+    """The ``config.pbtxt`` text of one model for one target."""
+    cfg = build(name, target, params, policy=policy, onnx_file=onnx_file)
+    head = f"# Generated by cxr (target: {target}); edit export/triton_config.py or run `cxr configs`, not this file.\n"
+    return head + text_format.MessageToString(cfg)
+
+
+def parse(text: str) -> mc.ModelConfig:
+    """Parse ``config.pbtxt`` text."""
+    return text_format.Parse(text, mc.ModelConfig())
+
+
+def read(path: Path) -> mc.ModelConfig:
+    """Read a ``config.pbtxt`` file."""
+    return parse(Path(path).read_text())
+
+
+def write(path: Path, cfg: mc.ModelConfig, *, target: str = "custom") -> Path:
+    """Write a ``ModelConfig`` as ``config.pbtxt`` text."""
+    head = f"# Generated by cxr (target: {target}); edit export/triton_config.py or run `cxr configs`, not this file.\n"
+    Path(path).write_text(head + text_format.MessageToString(cfg))
+    return Path(path)
+
+
+def parameters(cfg: mc.ModelConfig) -> dict[str, str]:
+    """A config's string parameters."""
+    return {k: v.string_value for k, v in cfg.parameters.items()}
+
+
+def write_model_dir(model_dir: Path, params: ServedParams, *, targets: tuple[str, ...], onnx_file: str = "model.onnx") -> list[Path]:
+    """Write ``config.pbtxt`` (first target), ``configs/<target>.pbtxt`` (all) and ``labels.txt``.
+
+    ``labels.txt`` is not written: with a single sigmoid output, Triton's
+    classification extension would rank the one value and always answer index
+    0 ("Normal"). Labels and threshold travel as parameters instead.
+    """
     model_dir = Path(model_dir)
     name = model_dir.name
     (model_dir / "configs").mkdir(parents=True, exist_ok=True)
+    (model_dir / "labels.txt").unlink(missing_ok=True)
     written = []
     for i, target in enumerate(targets):
-        text = render(name, target, threshold=threshold, sha256=sha256, onnx_file=onnx_file)
+        text = render(name, target, params, onnx_file=onnx_file)
         if i == 0:
             (model_dir / "config.pbtxt").write_text(text)
             written.append(model_dir / "config.pbtxt")
         path = model_dir / "configs" / f"{target}.pbtxt"
         path.write_text(text)
         written.append(path)
-    (model_dir / "labels.txt").write_text("\n".join(contract.LABELS) + "\n")  # line i = class i
-    written.append(model_dir / "labels.txt")
     return written

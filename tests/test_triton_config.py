@@ -38,9 +38,10 @@ def test_config_matches_contract(path: Path) -> None:
     assert [i.name for i in cfg.input] == [contract.INPUT_NAME]
     assert mc.DataType.Name(cfg.input[0].data_type) == f"TYPE_{contract.INPUT_TRITON_DTYPE}"
     assert list(cfg.input[0].dims) == list(contract.IMAGE_SHAPE)
-    assert [o.name for o in cfg.output] == [contract.OUTPUT_NAME]
+    assert [o.name for o in cfg.output] == list(contract.OUTPUT_NAMES)
     assert mc.DataType.Name(cfg.output[0].data_type) == f"TYPE_{contract.OUTPUT_TRITON_DTYPE}"
-    assert list(cfg.output[0].dims) == list(contract.OUTPUT_SHAPE)
+    assert mc.DataType.Name(cfg.output[1].data_type) == f"TYPE_{contract.OOD_OUTPUT_TRITON_DTYPE}"
+    assert list(cfg.output[0].dims) == list(contract.OUTPUT_SHAPE) == list(cfg.output[1].dims)
     assert cfg.HasField("dynamic_batching")
     db = cfg.dynamic_batching
     assert 0 < db.max_queue_delay_microseconds <= 20_000
@@ -53,6 +54,11 @@ def test_config_matches_contract(path: Path) -> None:
     assert float(params[contract.PARAM_THRESHOLD]) == pytest.approx(card["calibration"]["threshold"], abs=1e-6)
     assert params[contract.PARAM_LABELS].split(",") == list(contract.LABELS)
     assert params[contract.PARAM_SHA256] == card["sha256"]
+    assert float(params[contract.PARAM_OOD_THRESHOLD]) == pytest.approx(card["ood"]["threshold"], rel=1e-7)
+    served_rules = json.loads(params[contract.PARAM_ELIGIBILITY])
+    assert served_rules == json.loads((_model_dir(path) / "eligibility.json").read_text())
+    # No labels.txt: with one sigmoid output, Triton's classification extension would always answer index 0.
+    assert not (_model_dir(path) / "labels.txt").exists() and not any(o.label_filename for o in cfg.output)
 
 
 def test_targets_select_the_right_backends() -> None:
@@ -73,16 +79,28 @@ def test_targets_select_the_right_backends() -> None:
 
 def test_shipped_configs_are_what_the_generator_writes() -> None:
     """No hand edits drift from export/triton_config.py."""
+    from cxr.export import repository
+
     for model, targets in (("pneumonia", ("gpu", "gpu_fp16", "tensorrt_plan", "cpu")), ("pneumonia_int8", ("cpu_ort", "cpu"))):
         d = SHIPPED_REPOSITORY / model
-        card = json.loads((d / "model_card.json").read_text())
+        params = repository.served_params(d)
         for t in targets:
-            expected = triton_config.render(model, t, threshold=card["calibration"]["threshold"], sha256=card["sha256"])
-            assert (d / "configs" / f"{t}.pbtxt").read_text() == expected
+            assert (d / "configs" / f"{t}.pbtxt").read_text() == triton_config.render(model, t, params)
+        assert (d / "config.pbtxt").read_text() == triton_config.render(model, targets[0], params)
+
+
+def test_configs_round_trip_through_model_config_pb2() -> None:
+    params = triton_config.ServedParams(threshold=0.4, sha256="ab" * 32, ood_threshold=12.5,
+                                        eligibility='{"schema": "x", "q": "it\'s \\"quoted\\""}')
+    cfg = triton_config.parse(triton_config.render("m", "cpu", params))
+    got = triton_config.parameters(cfg)
+    assert got[contract.PARAM_OOD_THRESHOLD] == "12.5" and json.loads(got[contract.PARAM_ELIGIBILITY])["q"] == 'it\'s "quoted"'
+    with pytest.raises(ValueError):
+        triton_config.ServedParams(threshold=1.5, sha256="x")
 
 
 def test_batching_policy_validation() -> None:
     with pytest.raises(ValueError):
         triton_config.BatchingPolicy(max_batch_size=8, preferred_batch_sizes=(16,))
     with pytest.raises(ValueError):
-        triton_config.render("m", "nope", threshold=0.5, sha256="x")
+        triton_config.render("m", "nope", triton_config.ServedParams(threshold=0.5, sha256="x"))

@@ -154,22 +154,58 @@ def fit_scaling(logits: np.ndarray, y: np.ndarray, scaling: str) -> tuple[float,
     return float(a), float(b)
 
 
-def choose_threshold(y: np.ndarray, p: np.ndarray, *, rule: str, target: float = 0.95) -> float:
+def sensitivity_lower_bound(tp: int, n_pos: int, confidence: float) -> float:
+    """One-sided Clopper-Pearson lower confidence bound of a sensitivity ``tp / n_pos`` (exact binomial)."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if n_pos < 1 or not 0 <= tp <= n_pos:
+        raise ValueError(f"need 0 <= tp <= n_pos and n_pos >= 1, got tp={tp}, n_pos={n_pos}")
+    if tp == 0:
+        return 0.0
+    from scipy.stats import beta
+
+    return float(beta.ppf(1 - confidence, tp, n_pos - tp + 1))
+
+
+def choose_threshold(
+    y: np.ndarray, p: np.ndarray, *, rule: str, target: float = 0.95, confidence: float = 0.9,
+) -> float:
     """Decision threshold by a documented rule.
 
     ``sensitivity``: the highest threshold whose sensitivity on the sample is
-    at least ``target`` (the best specificity that keeps the target), placed
-    midway to the next lower score so small score noise does not flip labels.
+    at least ``target`` (the best specificity that keeps the target).
+    ``sensitivity_lcb``: the highest threshold whose one-sided Clopper-Pearson
+    lower bound of sensitivity, at ``confidence``, is at least ``target``: the
+    promise then holds on unseen data of the same kind with that confidence,
+    not only in-sample.
     ``youden``: the threshold maximising sensitivity + specificity - 1.
+
+    The threshold is placed midway to the next lower score, so that small
+    score noise does not flip labels.
+
+    Raises:
+        ValueError: Unknown rule, a target out of range, or a sample too small
+            for the bound to reach the target.
     """
     y = np.asarray(y).astype(int)
     p = np.asarray(p, dtype=np.float64)
     fpr, tpr, thr = metrics.roc_curve(y, p)
     cand = np.sort(np.unique(p))[::-1]
-    if rule == "sensitivity":
+    n_pos = int(y.sum())
+    if rule in ("sensitivity", "sensitivity_lcb"):
         if not 0 < target <= 1:
             raise ValueError(f"target must be in (0, 1], got {target}")
-        ok = np.flatnonzero(tpr[1:] >= target)
+        if rule == "sensitivity":
+            ok = np.flatnonzero(tpr[1:] >= target)
+        else:
+            bounds = np.array([sensitivity_lower_bound(int(round(t * n_pos)), n_pos, confidence) for t in tpr[1:]])
+            ok = np.flatnonzero(bounds >= target)
+            if not ok.size:
+                raise ValueError(
+                    f"{n_pos} positives cannot show sensitivity >= {target} at {confidence:.0%} confidence "
+                    f"(the bound with every positive found is {sensitivity_lower_bound(n_pos, n_pos, confidence):.4f}); "
+                    "use a larger sample or a lower confidence"
+                )
         i = int(ok[0])
     elif rule == "youden":
         i = int(np.argmax(tpr[1:] - fpr[1:]))
@@ -181,9 +217,23 @@ def choose_threshold(y: np.ndarray, p: np.ndarray, *, rule: str, target: float =
     return float(min(max(t, 1e-6), 1 - 1e-6))
 
 
+def operating_point(y: np.ndarray, p: np.ndarray, threshold: float, *, confidence: float = 0.9) -> dict[str, float]:
+    """Point estimates at ``threshold`` plus the one-sided lower bounds of sensitivity and specificity."""
+    y = np.asarray(y).astype(int)
+    pred = np.asarray(p) >= threshold
+    tp, n_pos = int((pred & (y == 1)).sum()), int((y == 1).sum())
+    tn, n_neg = int((~pred & (y == 0)).sum()), int((y == 0).sum())
+    out = dict(metrics.all_metrics(y, p, threshold))
+    out["confidence"] = confidence
+    out["sensitivity_lower_bound"] = sensitivity_lower_bound(tp, n_pos, confidence) if n_pos else float("nan")
+    out["specificity_lower_bound"] = sensitivity_lower_bound(tn, n_neg, confidence) if n_neg else float("nan")
+    out["tp"], out["n_pos"], out["tn"], out["n_neg"] = tp, n_pos, tn, n_neg
+    return out
+
+
 def calibrate(
-    model_path: Path, data_dir: Path, *, rule: str = "sensitivity", target: float = 0.95,
-    scaling: str = "platt", cache_dir: Path | None = None,
+    model_path: Path, data_dir: Path, *, rule: str = "sensitivity_lcb", target: float = 0.95,
+    confidence: float = 0.9, scaling: str = "platt", cache_dir: Path | None = None,
 ) -> Calibration:
     """Fit scaling and threshold on a labelled site sample; write ``calibration.json`` beside the model."""
     scorer = KerasScorer(model_path, Calibration())
@@ -192,10 +242,12 @@ def calibrate(
     scale, bias = fit_scaling(z, y, scaling)
     provisional = Calibration(scale=scale, bias=bias, scaling=scaling)
     p = provisional.apply(z)
-    thr = choose_threshold(y, p, rule=rule, target=target)
+    thr = choose_threshold(y, p, rule=rule, target=target, confidence=confidence)
     cal = Calibration(
-        threshold=thr, scale=scale, bias=bias, rule=rule, target=target if rule == "sensitivity" else None,
-        scaling=scaling, fitted_on=str(data_dir), n_images=int(len(y)), metrics=metrics.all_metrics(y, p, thr),
+        threshold=thr, scale=scale, bias=bias, rule=rule, target=target if rule.startswith("sensitivity") else None,
+        confidence=confidence if rule == "sensitivity_lcb" else None,
+        scaling=scaling, fitted_on=str(data_dir), n_images=int(len(y)),
+        metrics=operating_point(y, p, thr, confidence=confidence),
     )
     cal.save(Path(model_path).parent / CALIBRATION_FILE)
     logger.info("calibration: %s", asdict(cal))

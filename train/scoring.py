@@ -22,7 +22,7 @@ from cxr.errors import CxrError
 logger = logging.getLogger(__name__)
 
 CALIBRATION_FILE = "calibration.json"
-RULES = ("sensitivity", "youden", "fixed")
+RULES = ("sensitivity", "sensitivity_lcb", "youden", "fixed")
 SCALINGS = ("none", "temperature", "platt")
 
 
@@ -34,8 +34,9 @@ class Calibration:
         threshold: Predict Pneumonia when the calibrated probability is >= this.
         scale: Multiplies the logit (``1 / temperature``).
         bias: Added to the scaled logit (Platt scaling; 0 for pure temperature).
-        rule: How the threshold was chosen (``sensitivity``, ``youden``, ``fixed``).
-        target: Sensitivity target of the ``sensitivity`` rule.
+        rule: How the threshold was chosen (``sensitivity``, ``sensitivity_lcb``, ``youden``, ``fixed``).
+        target: Sensitivity target of the ``sensitivity`` rules.
+        confidence: Confidence of the one-sided lower bound (``sensitivity_lcb``).
         scaling: ``none``, ``temperature`` or ``platt``.
         fitted_on: The folder the sample came from.
         n_images: Images in that sample.
@@ -47,12 +48,15 @@ class Calibration:
     bias: float = 0.0
     rule: str = "fixed"
     target: float | None = None
+    confidence: float | None = None
     scaling: str = "none"
     fitted_on: str | None = None
     n_images: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.confidence is not None and not 0 < self.confidence < 1:
+            raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
         if not (math.isfinite(self.scale) and self.scale > 0):
@@ -124,12 +128,9 @@ class OnnxScorer:
     """Probabilities from an exported ONNX model (onnxruntime, CPU)."""
 
     def __init__(self, model_path: Path, *, threshold: float | None = None, batch_size: int = 64, threads: int = 0) -> None:
-        import onnxruntime as ort
+        from cxr.serving.ort_session import make_session
 
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        self.session = make_session(model_path, threads=threads)
         self.threshold = threshold if threshold is not None else contract.DEFAULT_THRESHOLD
         self.batch_size = batch_size
 

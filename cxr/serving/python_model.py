@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -32,22 +31,19 @@ class OnnxBatchRunner:
     """The backend's logic without Triton: validate, concatenate, run, split (unit-tested directly)."""
 
     def __init__(self, onnx_path: Path, *, max_batch_size: int, expected_sha256: str | None, threads: int = 0) -> None:
-        import onnxruntime as ort
+        from cxr.serving.ort_session import make_session
 
         if expected_sha256:
             actual = sha256_file(onnx_path)
             if actual != expected_sha256:
                 raise RuntimeError(f"{onnx_path}: sha256 {actual} does not match config {expected_sha256}; refusing to load")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        self.session = make_session(onnx_path, threads=threads)
+        self.output_names = [o.name for o in self.session.get_outputs()]
         self.max_batch_size = max_batch_size
 
-    def run(self, batches: list[np.ndarray | None]) -> list[np.ndarray | str]:
-        """Probabilities per request, or an error message for a request that violates the contract."""
-        results: list[np.ndarray | str] = []
+    def run(self, batches: list[np.ndarray | None]) -> list[dict[str, np.ndarray] | str]:
+        """Every output per request (name -> array), or an error message for a request that violates the contract."""
+        results: list[dict[str, np.ndarray] | str] = []
         good: list[np.ndarray] = []
         for i, x in enumerate(batches):
             try:
@@ -55,18 +51,18 @@ class OnnxBatchRunner:
                     raise ValueError(f"missing input '{contract.INPUT_NAME}'")
                 contract.validate_batch(x, max_batch_size=self.max_batch_size, name=f"request {i} input '{contract.INPUT_NAME}'")
                 good.append(x)
-                results.append(np.empty(0))  # placeholder
+                results.append({})  # placeholder
             except ValueError as exc:
                 results.append(str(exc))
         if good:
-            out = self.session.run([contract.OUTPUT_NAME], {contract.INPUT_NAME: np.concatenate(good)})[0]
-            out = out.astype(contract.OUTPUT_DTYPE, copy=False)
+            outs = self.session.run(self.output_names, {contract.INPUT_NAME: np.concatenate(good)})
+            outs = [o.astype(np.float32, copy=False) for o in outs]
             start = 0
             for i, r in enumerate(results):
                 if isinstance(r, str):
                     continue
                 n = len(batches[i])  # type: ignore[arg-type]
-                results[i] = out[start : start + n]
+                results[i] = {name: o[start : start + n] for name, o in zip(self.output_names, outs)}
                 start += n
         return results
 
@@ -97,7 +93,7 @@ class TritonPythonModel:
             if isinstance(result, str):
                 responses.append(pb.InferenceResponse(output_tensors=[], error=pb.TritonError(result)))
             else:
-                responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor(contract.OUTPUT_NAME, result)]))
+                responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor(k, v) for k, v in result.items()]))
         return responses
 
     def finalize(self) -> None:

@@ -1,0 +1,322 @@
+"""The learned out-of-distribution score: a second model output, ``ood_score``, added to the ONNX graph.
+
+The score is the Mahalanobis distance of the network's own pooled features
+from the training X-rays' features (Lee et al. 2018), computed inside the
+served graph so that Triton, the embedded runtime and every client see the same
+number:
+
+* taps: the penultimate features (the global average pool feeding the head)
+  and the same pooling over an earlier stage (twice the spatial resolution),
+  each ``log1p``-transformed (the ReLU features are skewed) and concatenated;
+* a mean and a covariance fitted on the training side of the model's split,
+  with the covariance shrunk towards a scaled identity,
+  ``(1 - a) S + a tr(S)/p I``, where ``a`` maximises the Gaussian likelihood
+  of the *validation* side (no out-of-distribution data is used to fit it);
+* ``ood_score = || (f - mu) L ||`` with ``L L^T`` the inverse covariance,
+  shape ``[batch, 1]``.
+
+The threshold is chosen on real chest X-rays only: the smallest value that at
+least :data:`PASS_RATE` of the train-validation images and of the site sample
+stay at or below. Measured alternatives (feature norm, energy, Mahalanobis on
+the 128-unit dense layer or on one tap) are compared in ``docs/model/ood.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cxr import contract
+from cxr.errors import CxrError, ExportValidationError
+
+logger = logging.getLogger(__name__)
+
+#: Prefix of every node and initializer the OOD head adds (so it can be found and replaced).
+PREFIX = "ood/"
+#: Keras layer names whose outputs are tapped, per architecture (the GAP output first).
+TAPS = {
+    "compact_cnn": ("gap", "s2b_relu"),
+    "inception_v3": ("gap", "mixed7"),
+}
+#: Fraction of real chest X-rays that must pass (on each of train-validation and the site sample).
+PASS_RATE = 0.995
+#: Shrinkage candidates searched by validation likelihood.
+SHRINKAGE_GRID = tuple(float(a) for a in np.logspace(-5, -0.3, 30))
+#: ood_score parity tolerance, relative (float32 graph vs float64 reference).
+OOD_RTOL = 1e-4
+
+
+@dataclass(frozen=True)
+class OodFit:
+    """A fitted Mahalanobis head.
+
+    Attributes:
+        taps: ONNX tensor names tapped, in order.
+        mean: Feature mean ``(p,)``.
+        chol: ``L`` with ``L @ L.T`` the shrunk precision ``(p, p)``.
+        shrinkage: The chosen ``a``.
+        n_train: Training images the mean and covariance come from.
+    """
+
+    taps: tuple[str, ...]
+    mean: np.ndarray = field(repr=False)
+    chol: np.ndarray = field(repr=False)
+    shrinkage: float = 0.0
+    n_train: int = 0
+
+    def __post_init__(self) -> None:
+        p = self.mean.shape[0]
+        if self.mean.ndim != 1 or self.chol.shape != (p, p):
+            raise ValueError(f"mean {self.mean.shape} and chol {self.chol.shape} do not match")
+        if not (np.isfinite(self.mean).all() and np.isfinite(self.chol).all()):
+            raise ValueError("OOD fit holds NaN or Inf")
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        """Reference scores ``(N,)`` in float64 from transformed features ``(N, p)``."""
+        z = (np.asarray(features, np.float64) - self.mean) @ self.chol
+        return np.sqrt((z * z).sum(axis=1))
+
+
+def _load(model: Path | object):  # type: ignore[no-untyped-def]
+    import onnx
+
+    return onnx.load(str(model)) if isinstance(model, (str, Path)) else model
+
+
+def strip(model):  # type: ignore[no-untyped-def]
+    """A copy of ``model`` without any OOD head (the base graph with its one ``probability`` output)."""
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(_load(model))
+    g = m.graph
+    keep = [n for n in g.node if not n.name.startswith(PREFIX)]
+    del g.node[:]
+    g.node.extend(keep)
+    inits = [i for i in g.initializer if not i.name.startswith(PREFIX)]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    outs = [o for o in g.output if o.name != contract.OOD_OUTPUT_NAME]
+    del g.output[:]
+    g.output.extend(outs)
+    return m
+
+
+def find_taps(model, layers: tuple[str, ...] | None = None) -> tuple[str, ...]:  # type: ignore[no-untyped-def]
+    """ONNX tensor names of the tapped layers (by Keras layer name inside tf2onnx's node names).
+
+    The GAP tap is the output of the squeeze after the head's global average
+    pool (2-D); other taps are ReLU / concat outputs (4-D, NCHW).
+    """
+    g = _load(model).graph
+    if layers is None:
+        arch = next((a for a in TAPS if any(f"{a}_logit" in n.name or n.name.startswith(f"{a}/") for n in g.node)), None)
+        if arch is None:
+            raise CxrError("cannot tell the architecture from the ONNX node names; pass the tap layers explicitly")
+        layers = TAPS[arch]
+    names = []
+    for layer in layers:
+        hits = [o for n in g.node for o in n.output if f"/{layer}_1/" in o or f"/{layer}/" in o]
+        if not hits:
+            raise CxrError(f"no tensor of layer {layer!r} in the ONNX graph")
+        names.append(hits[-1])  # the layer's last op: the squeezed GAP, the ReLU, the concat
+    return tuple(names)
+
+
+class FeatureExtractor:
+    """Runs the base graph with the taps as extra outputs; returns the transformed features ``(N, p)``."""
+
+    def __init__(self, model, taps: tuple[str, ...], *, threads: int = 0, log: bool = True) -> None:  # type: ignore[no-untyped-def]
+        import onnx
+
+        from cxr.serving.ort_session import make_session
+
+        m = strip(model)
+        for t in taps:
+            m.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+        self.taps = taps
+        self.log = log
+        self.session = make_session(m.SerializeToString(), threads=threads)
+
+    def __call__(self, images: np.ndarray, *, batch_size: int = 128) -> np.ndarray:
+        contract.validate_batch(images)
+        parts = []
+        for i in range(0, len(images), batch_size):
+            outs = self.session.run(list(self.taps), {contract.INPUT_NAME: images[i : i + batch_size]})
+            pooled = [_pool(o).astype(np.float64) for o in outs]
+            parts.append(np.concatenate([np.log1p(f) if self.log else f for f in pooled], axis=1))
+        return np.concatenate(parts)
+
+
+def _pool(a: np.ndarray) -> np.ndarray:
+    return a.mean(axis=(2, 3)) if a.ndim == 4 else a.reshape(len(a), -1)
+
+
+def fit(train_features: np.ndarray, val_features: np.ndarray, taps: tuple[str, ...]) -> OodFit:
+    """Mean and shrunk covariance from training features; shrinkage by validation likelihood."""
+    x = np.asarray(train_features, np.float64)
+    v = np.asarray(val_features, np.float64)
+    if len(x) < 10 or len(v) < 5:
+        raise CxrError(f"too few images to fit the OOD head ({len(x)} train, {len(v)} validation)")
+    mean = x.mean(axis=0)
+    cov = np.cov(x - mean, rowvar=False, bias=True)
+    p = cov.shape[0]
+    scale = float(np.trace(cov)) / p
+    best: tuple[float, float] | None = None
+    for a in SHRINKAGE_GRID:
+        c = (1 - a) * cov + a * scale * np.eye(p)
+        sign, logdet = np.linalg.slogdet(c)
+        if sign <= 0:
+            continue
+        d = np.linalg.solve(c, (v - mean).T).T
+        ll = -0.5 * (logdet + float(np.einsum("ij,ij->i", v - mean, d).mean()))
+        if best is None or ll > best[0]:
+            best = (ll, a)
+    if best is None:
+        raise CxrError("OOD covariance is singular at every shrinkage")
+    a = best[1]
+    precision = np.linalg.inv((1 - a) * cov + a * scale * np.eye(p))
+    chol = np.linalg.cholesky((precision + precision.T) / 2)
+    return OodFit(taps=taps, mean=mean, chol=chol, shrinkage=a, n_train=len(x))
+
+
+def choose_threshold(scores: dict[str, np.ndarray], *, pass_rate: float = PASS_RATE) -> float:
+    """The smallest threshold that at least ``pass_rate`` of every named set of real X-rays stays at or below."""
+    thr = 0.0
+    for name, s in scores.items():
+        s = np.sort(np.asarray(s, np.float64))
+        if not len(s):
+            raise CxrError(f"no scores for {name}")
+        k = int(np.ceil(pass_rate * len(s))) - 1  # index of the order statistic that keeps >= pass_rate
+        thr = max(thr, float(s[k]))
+    return float(np.nextafter(np.float32(thr), np.float32(np.inf)))  # representable, and >= every kept score
+
+
+def attach(model, ood: OodFit):  # type: ignore[no-untyped-def]
+    """Return ``model`` (without any previous head) with the ``ood_score`` output appended."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = strip(model)
+    g = m.graph
+    opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
+    pooled = []
+    for i, t in enumerate(ood.taps):
+        src = t
+        if _rank(m, t) == 4:  # NCHW maps: global average pool, then flatten to (N, C)
+            g.node.append(helper.make_node("GlobalAveragePool", [t], [f"{PREFIX}gap{i}"], name=f"{PREFIX}gap{i}"))
+            g.node.append(helper.make_node("Flatten", [f"{PREFIX}gap{i}"], [f"{PREFIX}flat{i}"], name=f"{PREFIX}flat{i}", axis=1))
+            src = f"{PREFIX}flat{i}"
+        pooled.append(src)
+    # log1p(x) = Log(x + 1); the tapped features are ReLU outputs (>= 0)
+    g.initializer.append(numpy_helper.from_array(np.array(1.0, np.float32), f"{PREFIX}one"))
+    logs = []
+    for i, src in enumerate(pooled):
+        g.node.append(helper.make_node("Add", [src, f"{PREFIX}one"], [f"{PREFIX}plus1_{i}"], name=f"{PREFIX}plus1_{i}"))
+        g.node.append(helper.make_node("Log", [f"{PREFIX}plus1_{i}"], [f"{PREFIX}log{i}"], name=f"{PREFIX}log{i}"))
+        logs.append(f"{PREFIX}log{i}")
+    g.node.append(helper.make_node("Concat", logs, [f"{PREFIX}features"], name=f"{PREFIX}concat", axis=1))
+    g.initializer.append(numpy_helper.from_array(ood.mean.astype(np.float32), f"{PREFIX}mean"))
+    g.initializer.append(numpy_helper.from_array(ood.chol.astype(np.float32), f"{PREFIX}chol"))
+    g.node.append(helper.make_node("Sub", [f"{PREFIX}features", f"{PREFIX}mean"], [f"{PREFIX}centred"], name=f"{PREFIX}centre"))
+    g.node.append(helper.make_node("MatMul", [f"{PREFIX}centred", f"{PREFIX}chol"], [f"{PREFIX}whitened"], name=f"{PREFIX}whiten"))
+    if opset >= 18:
+        g.initializer.append(numpy_helper.from_array(np.array([1], np.int64), f"{PREFIX}axes"))
+        g.node.append(helper.make_node("ReduceSumSquare", [f"{PREFIX}whitened", f"{PREFIX}axes"], [f"{PREFIX}d2"],
+                                       name=f"{PREFIX}d2", keepdims=1))
+    else:
+        g.node.append(helper.make_node("ReduceSumSquare", [f"{PREFIX}whitened"], [f"{PREFIX}d2"], name=f"{PREFIX}d2",
+                                       axes=[1], keepdims=1))
+    g.node.append(helper.make_node("Sqrt", [f"{PREFIX}d2"], [contract.OOD_OUTPUT_NAME], name=f"{PREFIX}distance"))
+    g.output.append(helper.make_tensor_value_info(contract.OOD_OUTPUT_NAME, TensorProto.FLOAT, [contract.BATCH_DIM, 1]))
+    onnx.checker.check_model(m)
+    return m
+
+
+def _rank(model, tensor: str) -> int:  # type: ignore[no-untyped-def]
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        if vi.name == tensor:
+            return len(vi.type.tensor_type.shape.dim)
+    raise CxrError(f"cannot infer the rank of {tensor}")
+
+
+@dataclass(frozen=True)
+class OodReport:
+    """What the fit measured (stored in the model card)."""
+
+    taps: tuple[str, ...]
+    features: int
+    shrinkage: float
+    n_train: int
+    threshold: float
+    pass_rate_target: float
+    flagged: dict[str, float]
+    n: dict[str, int]
+    parity_max_rel_diff: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def build(
+    onnx_path: Path, train_images: np.ndarray, real_sets: dict[str, np.ndarray], *, out_path: Path | None = None,
+    layers: tuple[str, ...] | None = None,
+) -> OodReport:
+    """Fit the OOD head for the ONNX at ``onnx_path`` and write the model with it (in place by default).
+
+    Args:
+        onnx_path: The model (with or without a previous OOD head).
+        train_images: Training-side contract images (mean and covariance).
+        real_sets: Held-out real chest X-rays by name; the first is the
+            validation set that picks the shrinkage; the threshold keeps
+            :data:`PASS_RATE` of each set.
+        out_path: Where to write (default: ``onnx_path``).
+        layers: Keras layer names to tap (default: by architecture, :data:`TAPS`).
+
+    Raises:
+        ExportValidationError: The graph's ``ood_score`` disagrees with the float64 reference.
+    """
+    base = strip(onnx_path)
+    taps = find_taps(base, layers)
+    extractor = FeatureExtractor(base, taps)
+    f_train = extractor(train_images)
+    feats = {k: extractor(v) for k, v in real_sets.items()}
+    first = next(iter(feats))
+    ood = fit(f_train, feats[first], taps)
+    ref = {k: ood.score(f) for k, f in feats.items()}
+    threshold = choose_threshold(ref)
+    model = attach(base, ood)
+    out_path = Path(out_path or onnx_path)
+    import onnx
+
+    onnx.save(model, str(out_path))
+    # parity: the served graph's ood_score against the float64 reference, on every held-out image
+    from cxr.serving.ort_session import make_session
+
+    sess = make_session(str(out_path))
+    worst = 0.0
+    failures = []
+    for k, imgs in real_sets.items():
+        got = np.concatenate([sess.run([contract.OOD_OUTPUT_NAME], {contract.INPUT_NAME: imgs[i : i + 128]})[0]
+                              for i in range(0, len(imgs), 128)])
+        if got.shape != (len(imgs), 1):
+            failures.append(f"ood_score shape {got.shape} != ({len(imgs)}, 1)")
+            continue
+        rel = np.abs(got[:, 0] - ref[k]) / np.maximum(1.0, np.abs(ref[k]))
+        worst = max(worst, float(rel.max()))
+    if worst > OOD_RTOL:
+        failures.append(f"ood_score max relative difference {worst:.3g} > {OOD_RTOL:g}")
+    if failures:
+        raise ExportValidationError(failures)
+    flagged = {k: float(np.mean(v > threshold)) for k, v in ref.items()}
+    logger.info("OOD head: %d features, shrinkage %.3g, threshold %.3f, flagged %s", len(ood.mean), ood.shrinkage,
+                threshold, flagged)
+    return OodReport(taps=taps, features=len(ood.mean), shrinkage=ood.shrinkage, n_train=ood.n_train,
+                     threshold=threshold, pass_rate_target=PASS_RATE, flagged=flagged,
+                     n={k: len(v) for k, v in real_sets.items()}, parity_max_rel_diff=worst)

@@ -1,0 +1,179 @@
+"""Maintain exported models in a Triton model repository without their Keras source.
+
+A hospital or an operator holds the model repository, not the training run.
+These operations work on ``<repository>/<model>/`` alone:
+
+* :func:`write_configs`: regenerate every Triton config of a model from its
+  model card and ``eligibility.json`` (``cxr configs``), e.g. after a site
+  edited the eligibility rules;
+* :func:`refit_ood`: (re)fit the ``ood_score`` output on the training images
+  and choose its threshold on real chest X-rays (``cxr ood-fit``);
+* :func:`recalibrate`: choose a new decision threshold on a labelled site
+  sample from the served model's own probabilities (``cxr calibrate --model
+  <repository>/<model>``); the probability scaling baked into the graph is
+  kept.
+
+Each updates the model file's sha256, the model card (JSON and Markdown) and
+the configs together.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from cxr import contract, eligibility
+from cxr.errors import CxrError
+from cxr.export import triton_config
+from cxr.serving.integrity import sha256_file
+
+logger = logging.getLogger(__name__)
+
+#: Config targets per precision: the first is written as ``config.pbtxt``.
+TARGETS = {"fp32": ("gpu", "gpu_fp16", "tensorrt_plan", "cpu"), "int8": ("cpu_ort", "cpu")}
+
+
+def read_card(model_dir: Path) -> dict:
+    path = Path(model_dir) / "model_card.json"
+    if not path.exists():
+        raise CxrError(f"{model_dir}: no model_card.json (export the model with `cxr export` first)")
+    return json.loads(path.read_text())
+
+
+def onnx_path(model_dir: Path, card: dict | None = None) -> Path:
+    card = card or read_card(model_dir)
+    return Path(model_dir) / card.get("file", "1/model.onnx")
+
+
+def ensure_eligibility(model_dir: Path) -> Path:
+    """The model folder's ``eligibility.json`` (the shipped default is copied in when missing)."""
+    path = Path(model_dir) / eligibility.FILE_NAME
+    if not path.exists():
+        path.write_text(eligibility.default_text())
+    eligibility.Eligibility.load(path)  # validate before it is served
+    return path
+
+
+def served_params(model_dir: Path, card: dict | None = None) -> triton_config.ServedParams:
+    card = card or read_card(model_dir)
+    ood = card.get("ood") or {}
+    return triton_config.ServedParams(
+        threshold=float(card["calibration"]["threshold"]),
+        sha256=card["sha256"],
+        ood_threshold=float(ood["threshold"]) if ood.get("threshold") else None,
+        eligibility=ensure_eligibility(model_dir).read_text(),
+    )
+
+
+def write_configs(model_dir: Path, card: dict | None = None) -> list[Path]:
+    """Regenerate the model's Triton configs from its card and eligibility rules."""
+    card = card or read_card(model_dir)
+    targets = tuple(card.get("serving", {}).get("targets") or TARGETS[card.get("precision", "fp32")])
+    return triton_config.write_model_dir(Path(model_dir), served_params(model_dir, card), targets=targets)
+
+
+def save_card(model_dir: Path, card: dict) -> None:
+    from cxr.export.onnx_export import write_card
+
+    card["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    write_card(Path(model_dir), card)
+
+
+def _check_sha(model_dir: Path, card: dict) -> Path:
+    path = onnx_path(model_dir, card)
+    if sha256_file(path) != card["sha256"]:
+        raise CxrError(f"{path}: sha256 does not match its model card; refusing to modify it")
+    return path
+
+
+def refit_ood(
+    model_dir: Path, *, data_dir: Path, split_file: Path, site_dir: Path | None, cache_dir: Path | None = None,
+    command: str = "",
+) -> dict:
+    """Fit the OOD head of one model on its training split and write model, card and configs.
+
+    Args:
+        model_dir: ``<repository>/<model>``.
+        data_dir: Kaggle-layout root the model was trained on.
+        split_file: The training run's ``split.json`` (train side fits, validation side picks shrinkage).
+        site_dir: Labelled site sample (its images count towards the threshold's pass rate).
+    """
+    from cxr.export import ood_head
+    from cxr.train import data as data_mod
+    from cxr.train.evaluate import load_labelled
+
+    model_dir = Path(model_dir)
+    card = read_card(model_dir)
+    path = _check_sha(model_dir, card)
+    root = data_mod.split_dir(data_dir, "train")
+    split = data_mod.Split.load(split_file)
+    x_train = data_mod.load_images([root / r for r in split.train], cache_dir=cache_dir, progress=True)
+    real = {"train_validation": data_mod.load_images([root / r for r in split.val], cache_dir=cache_dir)}
+    if site_dir is not None:
+        real["site"] = load_labelled(site_dir, cache_dir=cache_dir)[0]
+    report = ood_head.build(path, x_train, real)
+    card["sha256"] = sha256_file(path)
+    card["ood"] = {**report.as_dict(), "method": "Mahalanobis distance of log1p pooled features (ood_head)",
+                   "fitted_on": {"train": str(data_dir), "split": str(split_file), "site": str(site_dir) if site_dir else None}}
+    card["contract"]["outputs"] = [
+        {"name": contract.OUTPUT_NAME, "dtype": "float32", "shape": ["batch", 1]},
+        {"name": contract.OOD_OUTPUT_NAME, "dtype": "float32", "shape": ["batch", 1]},
+    ]
+    if command:
+        card.setdefault("commands", []).append(command)
+    save_card(model_dir, card)
+    write_configs(model_dir, card)
+    return card["ood"]
+
+
+def recalibrate(
+    model_dirs: list[Path], site_dir: Path, *, rule: str = "sensitivity_lcb", target: float = 0.95,
+    confidence: float = 0.9, cache_dir: Path | None = None, command: str = "",
+) -> dict:
+    """Choose a threshold on the first model's site probabilities and store it for every model given.
+
+    The probability scaling baked into the ONNX graph stays; only the decision
+    threshold moves. Images the eligibility rules or the OOD score refuse are
+    left out of the fit (they get no label in service either).
+    """
+    from cxr.train.evaluate import choose_threshold, load_labelled, operating_point
+
+    first = Path(model_dirs[0])
+    card = read_card(first)
+    path = _check_sha(first, card)
+    x, y, _ = load_labelled(site_dir, cache_dir=cache_dir)
+    p, ood = _scores(path, x)
+    ood_thr = (card.get("ood") or {}).get("threshold")
+    keep = np.ones(len(y), bool) if ood_thr is None else ~np.array([contract.is_out_of_distribution(s, ood_thr) for s in ood])
+    thr = choose_threshold(y[keep], p[keep], rule=rule, target=target, confidence=confidence)
+    point = operating_point(y[keep], p[keep], thr, confidence=confidence)
+    for d in model_dirs:
+        c = read_card(d)
+        cal = c["calibration"]
+        cal.update(threshold=thr, rule=rule, target=target, confidence=confidence if rule == "sensitivity_lcb" else None,
+                   fitted_on=str(site_dir), n_images=int(keep.sum()), metrics=point,
+                   threshold_fitted_on_model=f"{first.name} (served ONNX probabilities; scaling baked into the graph kept)",
+                   previous_threshold=c["calibration"].get("threshold"))
+        if command:
+            c.setdefault("commands", []).append(command)
+        save_card(Path(d), c)
+        write_configs(Path(d), c)
+    return {"threshold": thr, "n_used": int(keep.sum()), "n_refused_ood": int((~keep).sum()), **point}
+
+
+def _scores(path: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``probability`` and ``ood_score`` (NaN when the model has none) for contract images."""
+    from cxr.serving.ort_session import make_session
+
+    sess = make_session(path)
+    names = [o.name for o in sess.get_outputs()]
+    probs, oods = [], []
+    for i in range(0, len(x), 128):
+        out = dict(zip(names, sess.run(names, {contract.INPUT_NAME: x[i : i + 128]})))
+        probs.append(out[contract.OUTPUT_NAME].reshape(-1))
+        oods.append(out[contract.OOD_OUTPUT_NAME].reshape(-1) if contract.OOD_OUTPUT_NAME in out else np.full(len(out[contract.OUTPUT_NAME]), np.nan))
+    return np.concatenate(probs).astype(np.float64), np.concatenate(oods).astype(np.float64)
