@@ -212,6 +212,30 @@ def _cmd_ood_eval(a: argparse.Namespace) -> int:
     return 0 if rep["meets_targets"] else 1
 
 
+def _add_explain_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "explain-eval",
+        help="measure which Grad-CAM stage explains the served model best (docs/model/gradcam.md)",
+        description="On films the served model answers Pneumonia, compare Grad-CAM at each stage (and a random "
+        "map) by deletion: grey out the top 5/10/20%% of pixels by the map and measure the fall of P(pneumonia). "
+        "Also reports the model-randomisation sanity check and where the peaks fall.",
+    )
+    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
+    p.add_argument("--name", default=DEFAULT_MODEL)
+    p.add_argument("--data", type=Path, required=True, help="labelled folder {NORMAL,PNEUMONIA}/")
+    p.add_argument("--limit", type=int, default=60, help="films used at most")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "model")
+    p.set_defaults(func=_cmd_explain_eval)
+
+
+def _cmd_explain_eval(a: argparse.Namespace) -> int:
+    from cxr.train.explain_eval import ExplainEvalConfig, run
+
+    run(ExplainEvalConfig(repository=a.repository, model=a.name, data=a.data, out_dir=a.out, limit=a.limit))
+    print((a.out / "gradcam.md").read_text())
+    return 0
+
+
 def _add_configs(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "configs",
@@ -489,8 +513,9 @@ def _add_ui(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "ui",
         help="the Gradio screening page (Pneumonia Detection using Chest X-Ray)",
-        description="Drop or upload X-rays, Submit, read Normal/Pneumonia with probability, threshold and model "
-        "version, and a Grad-CAM heatmap; several images give a table with a CSV download. Predictions go "
+        description="Drop or upload X-rays, Submit, read Normal/Pneumonia with P(pneumonia), threshold and model "
+        "version, or Not assessable with the reason; a Pneumonia answer gets a Grad-CAM heatmap over the whole "
+        "film (when the local model file is the served one); several images give a table with a CSV download. Predictions go "
         "through the project client (the running Triton over gRPC by default). Binds 127.0.0.1; no public "
         "share link unless --share; uploads are deleted after each response.",
     )
@@ -512,7 +537,7 @@ def _cmd_ui(a: argparse.Namespace) -> int:
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_train, _add_evaluate, _add_calibrate, _add_export, _add_ood_fit, _add_ood_eval, _add_configs, _add_serve,
+    _add_train, _add_evaluate, _add_calibrate, _add_export, _add_ood_fit, _add_ood_eval, _add_explain_eval, _add_configs, _add_serve,
     _add_predict, _add_health, _add_bench, _add_capacity, _add_soak, _add_ui,
 ]
 

@@ -344,29 +344,43 @@ def preprocess_with_meta(
         NotAssessableError: The input is readable but breaks an eligibility rule.
     """
     name = name or describe(source)
+    gray, meta, chroma = decode_gray(source, name=name, draft=draft, eligibility=eligibility if rules else False)
+    if rules:
+        assess_pixels(gray, name, chroma=chroma)
+    return _resize(gray), meta
+
+
+def decode_gray(
+    source: ImageSource, *, name: str | None = None, draft: bool = False, eligibility: object | None = False,
+) -> tuple[np.ndarray, dict[str, str], float]:
+    """Decode any accepted input to 2-D uint8 grayscale at its own size (no pixel rules, no resize).
+
+    Returns the image, its metadata (``sop_instance_uid`` for DICOM) and its
+    mean chroma (0 for grey inputs). ``eligibility``: DICOM header rules
+    (``False``: none, ``None``: the shipped rules).
+
+    Raises:
+        InvalidInputError: The input cannot be read or violates the contract.
+        NotAssessableError: A DICOM header breaks an eligibility rule.
+    """
+    name = name or describe(source)
     if isinstance(source, np.ndarray):
         if source.ndim not in (2, 3):
             raise InvalidInputError(f"{name}: expected a 2-D or 3-D pixel array, got shape {source.shape}")
         _check_size(source.shape[1], source.shape[0], name)
-        gray = _array_to_gray_u8(source, name)
-        if rules:
-            assess_pixels(gray, name, chroma=chroma_of(source) if source.ndim == 3 and source.shape[2] >= 3 else 0.0)
-        return _resize(gray), {}
+        chroma = chroma_of(source) if source.ndim == 3 and source.shape[2] >= 3 else 0.0
+        return _array_to_gray_u8(source, name), {}, chroma
     if isinstance(source, Image.Image):
         gray, chroma = _decode_pil(source, name, draft=draft)
-        if rules:
-            assess_pixels(gray, name, chroma=chroma)
-        return _resize(gray), {}
+        return gray, {}, chroma
     if not isinstance(source, (str, os.PathLike, bytes, bytearray)):
         raise InvalidInputError(f"{name}: unsupported input type {type(source).__name__}")
     data = _read_bytes(source, name)
     if _is_dicom(data[:132]):
         from cxr.dicom import read_dicom
 
-        gray, uid, chroma = read_dicom(data, name=name, eligibility=eligibility if rules else False)
-        if rules:
-            assess_pixels(gray, name, chroma=chroma)
-        return _resize(gray), ({"sop_instance_uid": uid} if uid else {})
+        gray, uid, chroma = read_dicom(data, name=name, eligibility=eligibility)
+        return gray, ({"sop_instance_uid": uid} if uid else {}), chroma
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
@@ -377,9 +391,7 @@ def preprocess_with_meta(
         raise InvalidInputError(f"{name}: image too large, refusing to decode ({exc})") from None
     with image:
         gray, chroma = _decode_pil(image, name, draft=draft)
-    if rules:
-        assess_pixels(gray, name, chroma=chroma)
-    return _resize(gray), {}
+    return gray, {}, chroma
 
 
 def preprocess(source: ImageSource, *, name: str | None = None, draft: bool = True, rules: bool = True) -> np.ndarray:

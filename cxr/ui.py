@@ -2,9 +2,11 @@
 
 Predictions go through the project's client (the running Triton over gRPC by
 default, ``--protocol embedded`` in-process), so the page never disagrees with
-``cxr predict``. The Grad-CAM heatmap comes from the served model's
-``explain/`` companion (an ONNX of the last convolutional features plus the
-head weights; see :mod:`cxr.explain`), not from a separate Keras model.
+``cxr predict``: each file is *Normal*, *Pneumonia*, *Not assessable* (with the
+rule that refused it) or an *Error*. The Grad-CAM heatmap is drawn only for a
+Pneumonia answer, over the whole film, and only when the local model file is
+the one the server serves (same sha256); otherwise the page says it is
+unavailable and why (see :mod:`cxr.explain`).
 
 Safe defaults: binds 127.0.0.1, no public share link unless ``--share``, an
 upload size limit, uploads deleted after each response.
@@ -29,11 +31,22 @@ logger = logging.getLogger(__name__)
 TITLE = "Pneumonia Detection using Chest X-Ray"
 USAGE = (
     "Drop a chest X-ray image here or click to upload (JPEG, PNG or DICOM; several at once give a table), "
-    "then press **Submit**. **Clear** resets the page. The answer is *Normal* or *Pneumonia*, with the "
-    "probability, the decision threshold in use and the model version. The heatmap (Grad-CAM) shows which "
-    "regions drove the answer. A screening aid, not a diagnosis."
+    "then press **Submit**. **Clear** resets the page. The answer is *Normal* or *Pneumonia* with P(pneumonia), "
+    "the decision threshold in use and the model version, or *Not assessable* with the reason when the image is "
+    "not one the model can judge (not a frontal chest X-ray, blank, colour, unusual): have a person read those. "
+    "For a Pneumonia answer, the heatmap (Grad-CAM) marks the regions that raised P(pneumonia). "
+    "A screening aid, not a diagnosis."
 )
-COLUMNS = ["file", "label", "probability", "threshold", "model_version", "error"]
+COLUMNS = ["file", "status", "label", "P(pneumonia)", "threshold", "model_version", "reason"]
+#: Labels get a symbol and a word, not colour alone.
+BADGES = {"Pneumonia": "▲ PNEUMONIA", "Normal": "● NORMAL", "not_assessable": "◆ NOT ASSESSABLE", "error": "✖ ERROR"}
+CSS = """
+.cxr-answer { padding: 0.5em 0.8em; margin: 0.4em 0; border-left: 6px solid; border-radius: 4px; }
+.cxr-pneumonia { border-color: #b91c1c; background: #fef2f2; }
+.cxr-normal { border-color: #15803d; background: #f0fdf4; }
+.cxr-not-assessable { border-color: #6b7280; background: #f3f4f6; border-left-style: dashed; }
+.cxr-error { border-color: #92400e; background: #fffbeb; border-left-style: dotted; }
+"""
 
 
 @dataclass(frozen=True)
@@ -71,44 +84,68 @@ def _short(name: str) -> str:
     return Path(name).name
 
 
-def make_classifier(client, gradcam, workdir: Path) -> Callable:  # type: ignore[no-untyped-def]
-    """The Submit handler: (markdown, Grad-CAM gallery, table rows, CSV path) for a list of uploaded files."""
-    from cxr.explain import overlay
+def _answer_html(name: str, pred, labels: tuple[str, ...]) -> str:  # type: ignore[no-untyped-def]
+    import html
+
+    from cxr.contract import Status, format_probability
+
+    n = html.escape(name)
+    if pred.status is Status.OK:
+        cls = "cxr-pneumonia" if pred.label == labels[1] else "cxr-normal"
+        return (f'<div class="cxr-answer {cls}"><b>{BADGES.get(pred.label, pred.label)}</b> ({n}): P(pneumonia) '
+                f"{format_probability(pred.probability)}, threshold {pred.threshold:.3f}, model {html.escape(pred.model_name)} "
+                f"v{html.escape(pred.model_version)}</div>")
+    reason = html.escape((pred.reason or "").replace(pred.source, name))
+    if pred.status is Status.NOT_ASSESSABLE:
+        return (f'<div class="cxr-answer cxr-not-assessable"><b>{BADGES["not_assessable"]}</b> ({n}): Not assessable: '
+                f"{reason}. Route to a human reader.</div>")
+    return f'<div class="cxr-answer cxr-error"><b>{BADGES["error"]}</b> ({n}): {reason}</div>'
+
+
+def make_classifier(client, gradcam, workdir: Path, *, gradcam_note: str = "") -> Callable:  # type: ignore[no-untyped-def]
+    """The Submit handler: (HTML answers, Grad-CAM gallery, table rows, CSV path) for a list of uploaded files."""
+    from cxr.contract import format_probability
+    from cxr.explain import film_for_display, overlay
 
     def classify(files: list | None):  # type: ignore[no-untyped-def]
         paths = [str(getattr(f, "name", f)) for f in (files or [])]
         if not paths:
             return "Please upload at least one image.", [], [], None
+        notes: list[str] = []
         try:
             preds = client.predict(paths)
             cams = []
             for path, pred in zip(paths, preds):
-                if pred.ok and gradcam is not None:
-                    img = contract.preprocess(path)  # decoded again only for the picture
-                    cams.append((overlay(img, gradcam.heatmap(img)), f"{_short(path)}: {pred.label} {pred.probability:.3f}"))
+                if not (pred.ok and pred.label == client.info.labels[1]):
+                    continue  # positive evidence only, and only for a Pneumonia answer
+                if gradcam is None:
+                    notes.append(f"Heatmap unavailable: {gradcam_note}")
+                    continue
+                film = film_for_display(path)
+                heat = gradcam.heatmap(contract.preprocess(path), size=(film.shape[1], film.shape[0]))
+                cams.append((overlay(film, heat), f"{_short(path)}: Pneumonia, P(pneumonia) "
+                                                   f"{format_probability(pred.probability)}"))
         finally:
             for p in paths:  # uploads are not kept after the response
                 try:
                     os.remove(p)
                 except OSError:
                     pass
-        rows, lines = [], []
+        rows, blocks = [], []
         for path, pred in zip(paths, preds):
             name = _short(path)
-            err = (pred.error or "").replace(path, name)
-            rows.append([name, pred.label or "", "" if pred.probability is None else round(pred.probability, 4),
-                         round(pred.threshold, 4), f"{pred.model_name} v{pred.model_version}", err])
-            if pred.ok:
-                lines.append(f"**{pred.label}** ({name}): probability {pred.probability:.3f}, threshold "
-                             f"{pred.threshold:.3f}, model {pred.model_name} v{pred.model_version}")
-            else:
-                lines.append(f"**Error** ({name}): {err}")
+            reason = (pred.reason or "").replace(path, name)
+            rows.append([name, pred.status.value, pred.label or "",
+                         "" if pred.probability is None else format_probability(pred.probability),
+                         round(pred.threshold, 4), f"{pred.model_name} v{pred.model_version}", reason])
+            blocks.append(_answer_html(name, pred, client.info.labels))
+        blocks += [f"<p><i>{n}</i></p>" for n in dict.fromkeys(notes)]
         csv_path = workdir / "results.csv"
         with open(csv_path, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(COLUMNS)
             w.writerows(rows)
-        return "\n\n".join(lines), cams, rows, str(csv_path)
+        return "\n".join(blocks), cams, rows, str(csv_path)
 
     return classify
 
@@ -121,26 +158,29 @@ def build_app(cfg: UiConfig):  # type: ignore[no-untyped-def]
     from cxr.explain import GradCam
 
     client = PneumoniaClient(cfg.url, protocol=cfg.protocol, model=cfg.model)
+    note = ""
     try:
-        gradcam = GradCam(Path(cfg.repository) / cfg.model)
+        gradcam = GradCam(Path(cfg.repository) / cfg.model, served_sha256=client.info.sha256)
     except CxrError as exc:
+        note = str(exc)
         logger.warning("Grad-CAM unavailable: %s", exc)
         gradcam = None
     workdir = Path(tempfile.mkdtemp(prefix="cxr-ui-"))
-    classify = make_classifier(client, gradcam, workdir)
-    with gr.Blocks(title=TITLE) as app:
+    classify = make_classifier(client, gradcam, workdir, gradcam_note=note)
+    with gr.Blocks(title=TITLE, css=CSS) as app:
         gr.Markdown(f"# {TITLE}\n\n{USAGE}")
         files = gr.File(label="Chest X-ray image(s)", file_count="multiple", elem_id="upload")
         with gr.Row():
             clear = gr.Button("Clear", elem_id="clear")
             submit = gr.Button("Submit", variant="primary", elem_id="submit")
-        result = gr.Markdown(elem_id="result")
-        gallery = gr.Gallery(label="Grad-CAM heatmap (red: regions that drove the answer)", elem_id="gradcam", columns=3,
-                             height=420, object_fit="contain")
+        result = gr.HTML(elem_id="result")
+        gallery = gr.Gallery(label="Grad-CAM for Pneumonia answers (yellow to red: regions that raised P(pneumonia))",
+                             elem_id="gradcam", columns=2, height="auto", object_fit="contain", preview=False)
         table = gr.Dataframe(headers=COLUMNS, label="Results", elem_id="table", interactive=False)
         download = gr.File(label="Results CSV", elem_id="csv")
         gr.Markdown(f"Model `{client.info.name}` v{client.info.version} via {cfg.protocol}; threshold "
-                    f"{client.info.threshold:.3f} (from the served model).")
+                    f"{client.info.threshold:.3f} (from the served model)"
+                    + (f"; heatmap unavailable: {note}" if note else "") + ".")
         submit.click(classify, inputs=files, outputs=[result, gallery, table, download], api_name="classify")
         clear.click(lambda: (None, "", [], None, None), outputs=[files, result, gallery, table, download])
     def cleanup() -> None:

@@ -67,6 +67,8 @@ def _rename_value(graph, old: str, new: str) -> None:  # type: ignore[no-untyped
 def _convert(head, onnx_path: Path, output_name: str, *, opset: int, doc: str) -> Path:  # type: ignore[no-untyped-def]
     """Convert ``head`` (float32 pixels -> tensor) behind the contract's uint8 ``image`` input to ONNX.
 
+    (Grad-CAM needs no separate export: :mod:`cxr.explain` works on this graph.)
+
     The input is named ``image`` with batch dimension ``batch``; the single output is ``output_name``.
     """
     import onnx
@@ -110,27 +112,6 @@ def to_onnx(keras_model_path: Path, onnx_path: Path, calibration: Calibration, *
         lambda x: tf.sigmoid(logit_model([x], training=False) * scale + bias), onnx_path, contract.OUTPUT_NAME,
         opset=opset, doc=f"cxr pneumonia model ({model.name}); calibration scale={scale:.6g} bias={bias:.6g}",
     )
-
-
-def export_explainer(keras_model_path: Path, out_dir: Path, *, opset: int = DEFAULT_OPSET) -> Path:
-    """Write the Grad-CAM companion: ``features.onnx`` (last convolutional maps) and ``head.npz``.
-
-    The head is GAP -> Dense(relu) -> Dense(logit), so Grad-CAM's channel
-    weights are exact closed-form functions of the dense weights (see
-    :mod:`cxr.explain`); no TensorFlow is needed at run time.
-    """
-    import keras
-
-    from cxr.train import models  # noqa: F401  (custom layers)
-
-    model = keras.models.load_model(str(keras_model_path), compile=False)
-    feats = keras.Model(model.inputs, model.get_layer("gap").input)
-    _convert(lambda x: feats([x], training=False), out_dir / "features.onnx", "features", opset=opset,
-             doc=f"cxr Grad-CAM features ({model.name})")
-    w1, b1 = model.get_layer("dense").get_weights()
-    w2, b2 = model.get_layer("logit").get_weights()
-    np.savez(out_dir / "head.npz", w1=w1, b1=b1, w2=w2, b2=b2)
-    return out_dir
 
 
 class _Reader:
@@ -339,7 +320,6 @@ def export(cfg: ExportConfig) -> dict:
         (model_dir / "export_failures.json").write_text(json.dumps(failures, indent=1) + "\n")
         raise ExportValidationError(failures)
 
-    export_explainer(model_path, model_dir / "explain", opset=cfg.opset)
     _copy_python_model(model_dir, cfg.version)
     dirs = [(model_dir, "fp32")] + ([(int8_dir, "int8")] if cfg.int8 else [])
     for d, precision in dirs:

@@ -27,15 +27,18 @@ grpc_gevent.init_gevent()
 import os  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from collections import Counter  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 from locust import User, between, events, task  # noqa: E402
 
 from cxr import contract  # noqa: E402
-from cxr.errors import InvalidInputError  # noqa: E402
+from cxr.errors import InvalidInputError, NotAssessableError  # noqa: E402
 
 _IMAGES: np.ndarray | None = None
+#: Served answers by status: every successful response is an answer, labelled or not assessable.
+ANSWERS: Counter[str] = Counter()
 
 
 @events.init_command_line_parser.add_listener
@@ -54,12 +57,19 @@ def load_images(directory: str, limit: int) -> np.ndarray:
     for f in files:
         try:
             imgs.append(contract.preprocess(f))
-        except InvalidInputError:
+        except (InvalidInputError, NotAssessableError):
             continue
     if not imgs:
         rng = np.random.default_rng(0)
         imgs = [rng.integers(0, 256, contract.IMAGE_SHAPE, dtype=np.uint8) for _ in range(8)]
     return np.stack(imgs)
+
+
+@events.test_stop.add_listener
+def _report_answers(environment, **_kw) -> None:  # type: ignore[no-untyped-def]
+    total = sum(ANSWERS.values())
+    if total:
+        print(f"served answers: {total} images, " + ", ".join(f"{k} {v}" for k, v in sorted(ANSWERS.items())), file=sys.stderr)
 
 
 @events.quit.add_listener
@@ -90,6 +100,7 @@ class _TritonUser(User):
     wait_time = between(0, 0)
     protocol = ""
     default_host = ""
+    config_kwargs: dict = {}
 
     def make_client(self, url: str):  # type: ignore[no-untyped-def]
         raise NotImplementedError
@@ -101,6 +112,14 @@ class _TritonUser(User):
         self.images = _images(self.environment)
         self.rng = np.random.default_rng()
         self.client = self.make_client(self.host or self.default_host)
+        self.ood_threshold = self.read_ood_threshold()
+
+    def read_ood_threshold(self) -> float | None:
+        """The served OOD threshold (config parameter), as every client applies it."""
+        cfg = self.client.get_model_config(self.model, **self.config_kwargs)
+        cfg = cfg.get("config", cfg)
+        value = (cfg.get("parameters") or {}).get(contract.PARAM_OOD_THRESHOLD, {}).get("string_value")
+        return float(value) if value else None
 
     def on_stop(self) -> None:
         client = getattr(self, "client", None)
@@ -112,14 +131,21 @@ class _TritonUser(User):
         return self.images[idx]
 
     def fire(self, fn) -> None:  # type: ignore[no-untyped-def]
+        """Time one request; both outputs must come back. A not-assessable image (ood_score above the
+        served threshold) is a served answer like a label: counted in ``ANSWERS``, not as a failure."""
         t0 = time.perf_counter()
         exc = None
         length = 0
         try:
-            out = fn()
-            if out is None or out.size != self.n:
-                raise RuntimeError(f"expected {self.n} probabilities, got {None if out is None else out.shape}")
-            length = int(out.nbytes)
+            res = fn()
+            prob, ood = res.as_numpy(contract.OUTPUT_NAME), res.as_numpy(contract.OOD_OUTPUT_NAME)
+            for name, out in ((contract.OUTPUT_NAME, prob), (contract.OOD_OUTPUT_NAME, ood)):
+                if out is None or out.size != self.n:
+                    raise RuntimeError(f"expected {self.n} values of {name}, got {None if out is None else out.shape}")
+            length = int(prob.nbytes + ood.nbytes)
+            refused = int(sum(contract.is_out_of_distribution(float(v), self.ood_threshold) for v in ood.reshape(-1)))
+            ANSWERS[contract.Status.NOT_ASSESSABLE.value] += refused
+            ANSWERS[contract.Status.OK.value] += self.n - refused
         except Exception as e:  # noqa: BLE001 - reported to Locust
             exc = e
         events.request.fire(
@@ -133,6 +159,7 @@ class TritonGrpcUser(_TritonUser):
 
     default_host = "127.0.0.1:8001"
     protocol = "grpc"
+    config_kwargs = {"as_json": True}
 
     def make_client(self, url: str):  # type: ignore[no-untyped-def]
         import tritonclient.grpc as g
@@ -146,7 +173,8 @@ class TritonGrpcUser(_TritonUser):
         x = self.batch()
         inp = g.InferInput(contract.INPUT_NAME, list(x.shape), contract.INPUT_TRITON_DTYPE)
         inp.set_data_from_numpy(x)
-        self.fire(lambda: self.client.infer(self.model, [inp], client_timeout=30).as_numpy(contract.OUTPUT_NAME))
+        outs = [g.InferRequestedOutput(n) for n in contract.OUTPUT_NAMES]
+        self.fire(lambda: self.client.infer(self.model, [inp], outputs=outs, client_timeout=30))
 
 
 class TritonHttpUser(_TritonUser):
@@ -167,5 +195,5 @@ class TritonHttpUser(_TritonUser):
         x = self.batch()
         inp = h.InferInput(contract.INPUT_NAME, list(x.shape), contract.INPUT_TRITON_DTYPE)
         inp.set_data_from_numpy(x, binary_data=True)
-        out = h.InferRequestedOutput(contract.OUTPUT_NAME, binary_data=True)
-        self.fire(lambda: self.client.infer(self.model, [inp], outputs=[out]).as_numpy(contract.OUTPUT_NAME))
+        outs = [h.InferRequestedOutput(n, binary_data=True) for n in contract.OUTPUT_NAMES]
+        self.fire(lambda: self.client.infer(self.model, [inp], outputs=outs))
