@@ -58,6 +58,7 @@ class PredictOptions:
         out: Output file; for ``csv`` it is resumable (journal beside it).
         chunk: Images decoded and sent per step (and journaled together).
         eligibility: A DICOM eligibility rules file overriding the served rules.
+        retries: Tries per request before a chunk's images are recorded as transient errors (a rerun retries them).
     """
 
     inputs: tuple[Path, ...]
@@ -69,8 +70,11 @@ class PredictOptions:
     out: Path | None = None
     chunk: int = 64
     eligibility: Path | None = None
+    retries: int = 6
 
     def __post_init__(self) -> None:
+        if self.retries < 1:
+            raise ValueError("retries must be >= 1")
         if not self.inputs:
             raise ValueError("give at least one input")
         if self.format not in ("table", "json", "csv"):
@@ -224,9 +228,6 @@ def _row(pred, sha: str) -> dict:  # type: ignore[no-untyped-def]
 
 def run_predict(opts: PredictOptions) -> int:
     """Implementation of ``cxr predict`` (see ``cxr predict --help``)."""
-    from tqdm import tqdm
-
-    from cxr.client import PneumoniaClient
     from cxr.eligibility import Eligibility
 
     paths = expand_inputs(opts.inputs)
@@ -249,22 +250,8 @@ def run_predict(opts: PredictOptions) -> int:
     rows: list[dict] = []
     rules = Eligibility.load(opts.eligibility) if opts.eligibility else None
     try:
-        with PneumoniaClient(opts.url, protocol=opts.protocol, model=opts.model, timeout_s=opts.timeout_s,
-                             eligibility=rules) as client:
-            bar = tqdm(total=len(todo), unit="img", desc="predict", disable=len(todo) < 2 or not sys.stderr.isatty())
-            for start in range(0, len(todo), opts.chunk):
-                part = todo[start : start + opts.chunk]
-                preds = client.predict([str(p) for p, _ in part])
-                chunk_rows = [_row(pr, sha) for pr, (_, sha) in zip(preds, part)]
-                for pr in preds:
-                    if pr.status is contract.Status.ERROR:
-                        print(f"error: {pr.reason}", file=sys.stderr)
-                if journal is not None:
-                    journal.append(chunk_rows)
-                else:
-                    rows += chunk_rows
-                bar.update(len(part))
-            bar.close()
+        if todo:  # nothing left to do needs no server: the CSV is only rewritten from the journal
+            _screen(opts, todo, rules, journal, rows)
     finally:
         if journal is not None:
             journal.close()
@@ -279,6 +266,31 @@ def run_predict(opts: PredictOptions) -> int:
           f"{counts['error']} errors" + (f", {missing} without a result" if missing else "")
           + (f" (written to {opts.out})" if opts.out else ""), file=sys.stderr)
     return 1 if counts["error"] or missing else 0
+
+
+def _screen(opts: PredictOptions, todo: list[tuple[Path, str]], rules, journal: Journal | None,  # type: ignore[no-untyped-def]
+            rows: list[dict]) -> None:
+    """Send ``todo`` chunk by chunk; journal each chunk (or collect its rows when there is no journal)."""
+    from tqdm import tqdm
+
+    from cxr.client import PneumoniaClient, RetryPolicy
+
+    with PneumoniaClient(opts.url, protocol=opts.protocol, model=opts.model, timeout_s=opts.timeout_s,
+                         eligibility=rules, retry=RetryPolicy(attempts=opts.retries)) as client:
+        bar = tqdm(total=len(todo), unit="img", desc="predict", disable=len(todo) < 2 or not sys.stderr.isatty())
+        for start in range(0, len(todo), opts.chunk):
+            part = todo[start : start + opts.chunk]
+            preds = client.predict([str(p) for p, _ in part])
+            chunk_rows = [_row(pr, sha) for pr, (_, sha) in zip(preds, part)]
+            for pr in preds:
+                if pr.status is contract.Status.ERROR:
+                    print(f"error: {pr.reason}", file=sys.stderr)
+            if journal is not None:
+                journal.append(chunk_rows)
+            else:
+                rows += chunk_rows
+            bar.update(len(part))
+        bar.close()
 
 
 def _emit(rows: list[dict], fmt: str, out: Path | None) -> None:

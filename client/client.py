@@ -38,6 +38,7 @@ class Prediction:
         ood_threshold: The served OOD threshold (``None`` when the model has no OOD output).
         retryable: For errors: a transient server failure (unavailable, deadline, overload, server error) that
             a rerun should retry; ``False`` for input errors, which stay final until the file changes.
+        rule: For ``not_assessable``: the rule that refused the input (a key of :data:`cxr.contract.RULES`).
     """
 
     source: str
@@ -52,9 +53,12 @@ class Prediction:
     ood_score: float | None = None
     ood_threshold: float | None = None
     retryable: bool = False
+    rule: str | None = None
 
     def __post_init__(self) -> None:
         status = contract.Status(self.status)
+        if (status is contract.Status.NOT_ASSESSABLE) != (self.rule is not None) or (self.rule and self.rule not in contract.RULES):
+            raise ValueError(f"{self.source}: not_assessable needs the rule that refused it (and only it has one)")
         object.__setattr__(self, "status", status)
         if (status is contract.Status.OK) != (self.label is not None and self.probability is not None):
             raise ValueError(f"{self.source}: a label and probability come with status ok, and only with it")
@@ -120,6 +124,8 @@ class PneumoniaClient:
         preprocess_workers: Threads decoding images.
         eligibility: DICOM eligibility rules overriding the served ones (default: the
             rules the served config publishes, else the shipped default).
+        transport: A ready :class:`Transport` to use instead of connecting to ``url``
+            (tests, custom transports); ``protocol`` and ``url`` are then ignored.
     """
 
     def __init__(
@@ -135,6 +141,7 @@ class PneumoniaClient:
         retry: RetryPolicy | None = None,
         preprocess_workers: int = 2,
         eligibility: Eligibility | None = None,
+        transport: Transport | None = None,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -145,7 +152,7 @@ class PneumoniaClient:
         self.protocol = protocol
         self.timeout_s = timeout_s
         self.retry = retry or RetryPolicy()
-        self.transport: Transport = self._with_retries(
+        self.transport: Transport = transport or self._with_retries(
             lambda: make_transport(protocol, url, model, model_version, timeout_s=timeout_s), "connect"
         )
         mbs = self.info.max_batch_size
@@ -208,14 +215,15 @@ class PneumoniaClient:
             array, meta = contract.preprocess_with_meta(source, name=name, eligibility=self.eligibility)
             return name, array, None, meta.get("sop_instance_uid")
         except NotAssessableError as exc:
-            status, reason = contract.Status.NOT_ASSESSABLE, str(exc)
+            status, reason, rule = contract.Status.NOT_ASSESSABLE, str(exc), exc.rule
         except InvalidInputError as exc:
-            status, reason = contract.Status.ERROR, str(exc)
+            status, reason, rule = contract.Status.ERROR, str(exc), None
         except Exception as exc:  # noqa: BLE001 - one bad file must not sink the batch
-            status, reason = contract.Status.ERROR, f"{name}: unexpected error while reading ({type(exc).__name__}: {exc})"
+            status, reason, rule = (contract.Status.ERROR, f"{name}: unexpected error while reading "
+                                    f"({type(exc).__name__}: {exc})", None)
         reason = reason.splitlines()[0]
         return name, None, Prediction(name, status, None, None, info.threshold, info.name, info.version, reason,
-                                      ood_threshold=info.ood_threshold), None
+                                      ood_threshold=info.ood_threshold, rule=rule), None
 
     def predict(self, images: Sequence[contract.ImageSource]) -> list[Prediction]:
         """Give every input exactly one final :class:`Prediction`, in order.
@@ -237,7 +245,7 @@ class PneumoniaClient:
             try:
                 scores = fut.result()
             except CxrError as exc:
-                retryable = isinstance(exc, RetryableServerError) or not isinstance(exc, InvalidInputError)
+                retryable = not isinstance(exc, InvalidInputError)  # unavailable, deadline, overload, server error
                 msg = f"inference failed: {exc}".splitlines()[0]
                 for i in idx:
                     name, _, _, uid = prepared[i]
@@ -256,7 +264,7 @@ class PneumoniaClient:
             reason = str(contract.not_assessable(name, "out_of_distribution",
                                                  f"ood_score {ood:.2f} > {info.ood_threshold:.2f}"))
             return Prediction(name, contract.Status.NOT_ASSESSABLE, None, None, info.threshold, info.name, info.version,
-                              reason, uid, ood, info.ood_threshold)
+                              reason, uid, ood, info.ood_threshold, rule="out_of_distribution")
         label = contract.label_for(prob, info.threshold, info.labels)
         return Prediction(name, contract.Status.OK, label, prob, info.threshold, info.name, info.version, None, uid, ood,
                           info.ood_threshold)

@@ -377,6 +377,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="write results here (csv: resumable, one row per input)")
     p.add_argument("--chunk", type=int, default=64, help="images preprocessed, sent and journaled per step")
     p.add_argument("--eligibility", type=Path, help="DICOM eligibility rules file (default: the served model's)")
+    p.add_argument("--retries", type=int, default=6, help="tries per request before its images are left for a rerun")
     p.set_defaults(func=_cmd_predict)
 
 
@@ -385,7 +386,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
 
     return run_predict(PredictOptions(inputs=tuple(a.inputs), url=a.url, protocol=a.protocol, model=a.model,
                                       timeout_s=a.timeout_s, format=a.format, out=a.out, chunk=a.chunk,
-                                      eligibility=a.eligibility))
+                                      eligibility=a.eligibility, retries=a.retries))
 
 
 def _add_health(sub: argparse._SubParsersAction) -> None:

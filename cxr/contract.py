@@ -394,9 +394,12 @@ def decode_gray(
     return gray, {}, chroma
 
 
-def preprocess(source: ImageSource, *, name: str | None = None, draft: bool = True, rules: bool = True) -> np.ndarray:
+def preprocess(
+    source: ImageSource, *, name: str | None = None, draft: bool = True, rules: bool = True,
+    eligibility: object | None = None,
+) -> np.ndarray:
     """Turn one image into the model's input (see :func:`preprocess_with_meta` for the contract)."""
-    return preprocess_with_meta(source, name=name, draft=draft, rules=rules)[0]
+    return preprocess_with_meta(source, name=name, draft=draft, rules=rules, eligibility=eligibility)[0]
 
 
 def validate_batch(batch: np.ndarray, *, max_batch_size: int | None = None, name: str = "batch") -> np.ndarray:

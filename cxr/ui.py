@@ -46,6 +46,7 @@ CSS = """
 .cxr-normal { border-color: #15803d; background: #f0fdf4; }
 .cxr-not-assessable { border-color: #6b7280; background: #f3f4f6; border-left-style: dashed; }
 .cxr-error { border-color: #92400e; background: #fffbeb; border-left-style: dotted; }
+.cxr-cam { margin: 0.5em 0; max-width: 900px; }
 """
 
 
@@ -97,9 +98,26 @@ def _answer_html(name: str, pred, labels: tuple[str, ...]) -> str:  # type: igno
                 f"v{html.escape(pred.model_version)}</div>")
     reason = html.escape((pred.reason or "").replace(pred.source, name))
     if pred.status is Status.NOT_ASSESSABLE:
+        detail = html.escape((pred.reason or "").split(f"({pred.rule}): ", 1)[-1])
         return (f'<div class="cxr-answer cxr-not-assessable"><b>{BADGES["not_assessable"]}</b> ({n}): Not assessable: '
-                f"{reason}. Route to a human reader.</div>")
+                f"{html.escape(contract.RULES[pred.rule])} (<code>{pred.rule}</code>: {detail}). "
+                "Route to a human reader.</div>")
     return f'<div class="cxr-answer cxr-error"><b>{BADGES["error"]}</b> ({n}): {reason}</div>'
+
+
+def _figure(rgb, caption: str) -> str:  # type: ignore[no-untyped-def]
+    """An inline <figure> of the whole film (width scales, aspect ratio kept, never cropped)."""
+    import base64
+    import html
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=88)
+    data = base64.b64encode(buf.getvalue()).decode()
+    return (f'<figure class="cxr-cam"><img alt="Grad-CAM of {html.escape(caption)}" src="data:image/jpeg;base64,{data}" '
+            f'style="max-width:100%;height:auto;display:block"><figcaption>{html.escape(caption)}</figcaption></figure>')
 
 
 def make_classifier(client, gradcam, workdir: Path, *, gradcam_note: str = "") -> Callable:  # type: ignore[no-untyped-def]
@@ -110,7 +128,7 @@ def make_classifier(client, gradcam, workdir: Path, *, gradcam_note: str = "") -
     def classify(files: list | None):  # type: ignore[no-untyped-def]
         paths = [str(getattr(f, "name", f)) for f in (files or [])]
         if not paths:
-            return "Please upload at least one image.", [], [], None
+            return "Please upload at least one image.", "", [], None
         notes: list[str] = []
         try:
             preds = client.predict(paths)
@@ -123,8 +141,8 @@ def make_classifier(client, gradcam, workdir: Path, *, gradcam_note: str = "") -
                     continue
                 film = film_for_display(path)
                 heat = gradcam.heatmap(contract.preprocess(path), size=(film.shape[1], film.shape[0]))
-                cams.append((overlay(film, heat), f"{_short(path)}: Pneumonia, P(pneumonia) "
-                                                   f"{format_probability(pred.probability)}"))
+                cams.append(_figure(overlay(film, heat), f"{_short(path)}: Pneumonia, P(pneumonia) "
+                                                          f"{format_probability(pred.probability)}"))
         finally:
             for p in paths:  # uploads are not kept after the response
                 try:
@@ -145,7 +163,7 @@ def make_classifier(client, gradcam, workdir: Path, *, gradcam_note: str = "") -
             w = csv.writer(f)
             w.writerow(COLUMNS)
             w.writerows(rows)
-        return "\n".join(blocks), cams, rows, str(csv_path)
+        return "\n".join(blocks), "\n".join(cams), rows, str(csv_path)
 
     return classify
 
@@ -174,15 +192,15 @@ def build_app(cfg: UiConfig):  # type: ignore[no-untyped-def]
             clear = gr.Button("Clear", elem_id="clear")
             submit = gr.Button("Submit", variant="primary", elem_id="submit")
         result = gr.HTML(elem_id="result")
-        gallery = gr.Gallery(label="Grad-CAM for Pneumonia answers (yellow to red: regions that raised P(pneumonia))",
-                             elem_id="gradcam", columns=2, height="auto", object_fit="contain", preview=False)
+        gr.Markdown("**Grad-CAM** for Pneumonia answers: yellow to red marks the regions that raised P(pneumonia).")
+        gallery = gr.HTML(elem_id="gradcam")
         table = gr.Dataframe(headers=COLUMNS, label="Results", elem_id="table", interactive=False)
         download = gr.File(label="Results CSV", elem_id="csv")
         gr.Markdown(f"Model `{client.info.name}` v{client.info.version} via {cfg.protocol}; threshold "
                     f"{client.info.threshold:.3f} (from the served model)"
                     + (f"; heatmap unavailable: {note}" if note else "") + ".")
         submit.click(classify, inputs=files, outputs=[result, gallery, table, download], api_name="classify")
-        clear.click(lambda: (None, "", [], None, None), outputs=[files, result, gallery, table, download])
+        clear.click(lambda: (None, "", "", None, None), outputs=[files, result, gallery, table, download])
     def cleanup() -> None:
         client.close()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -41,9 +41,20 @@ def test_training_writes_the_run_directory(tiny_run: Path) -> None:
 
 def test_calibrate_evaluate_export_parity(tiny_run: Path, train_data: Path, site_data: Path, tmp_path: Path) -> None:
     # A one-epoch model has near-constant logits; Platt scaling would blow them up, so no scaling here.
-    cxr("calibrate", "--model", str(tiny_run / "model.keras"), "--data", str(site_data), "--scaling", "none")
+    if len(list((site_data / "PNEUMONIA").glob("*"))) < 60:
+        # 16 generated positives cannot show sensitivity >= 0.95 at 90% confidence: the default rule says so
+        r = subprocess.run([sys.executable, "-m", "cxr.cli", "calibrate", "--model", str(tiny_run / "model.keras"),
+                            "--data", str(site_data), "--scaling", "none"], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 2 and "cannot show sensitivity >= 0.95 at 90% confidence" in r.stderr, r.stderr[-2000:]
+        rule = "sensitivity"
+    else:
+        rule = "sensitivity_lcb"
+    cxr("calibrate", "--model", str(tiny_run / "model.keras"), "--data", str(site_data), "--scaling", "none",
+        "--rule", rule)
     cal = json.loads((tiny_run / "calibration.json").read_text())
-    assert cal["rule"] == "sensitivity" and 0 < cal["threshold"] < 1 and cal["metrics"]["sensitivity"] >= 0.95
+    assert cal["rule"] == rule and 0 < cal["threshold"] < 1 and cal["metrics"]["sensitivity"] >= 0.95
+    if rule == "sensitivity_lcb":
+        assert cal["metrics"]["sensitivity_lower_bound"] >= 0.95 and cal["confidence"] == 0.9
 
     cxr("evaluate", "--model", str(tiny_run / "model.keras"), "--data", str(site_data), "--n-boot", "100",
         "--out", str(tiny_run / "eval_site"))
@@ -73,10 +84,19 @@ def test_calibrate_evaluate_export_parity(tiny_run: Path, train_data: Path, site
     m = onnx.load(str(repo / "pneumonia" / "1" / "model.onnx"))
     assert max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) >= 17
     sess = ort.InferenceSession(str(repo / "pneumonia" / "1" / "model.onnx"))
-    (inp,), (out,) = sess.get_inputs(), sess.get_outputs()
+    (inp,), (out, ood) = sess.get_inputs(), sess.get_outputs()
     assert (inp.name, inp.type, inp.shape) == (contract.INPUT_NAME, "tensor(uint8)", [contract.BATCH_DIM, 224, 224, 1])
     assert (out.name, out.shape) == (contract.OUTPUT_NAME, [contract.BATCH_DIM, 1])
+    assert (ood.name, ood.shape) == (contract.OOD_OUTPUT_NAME, [contract.BATCH_DIM, 1])
+    assert card["ood"]["threshold"] > 0 and card["ood"]["parity_max_rel_diff"] <= 1e-4  # both outputs checked
     assert (repo / "pneumonia" / "configs" / "cpu.pbtxt").exists() and (repo / "pneumonia" / "1" / "model.py").exists()
+    assert (repo / "pneumonia" / "eligibility.json").exists() and not (repo / "pneumonia" / "labels.txt").exists()
+    from cxr.client import PneumoniaClient
+
+    with PneumoniaClient(str(repo), protocol="embedded") as c:  # the exported folder serves both outputs
+        assert c.info.ood_threshold == pytest.approx(card["ood"]["threshold"], rel=1e-7)
+        scores = c.infer_scores(np.zeros((2, 224, 224, 1), np.uint8))
+        assert scores.ood_score is not None and scores.ood_score.shape == (2,)
 
 
 def test_int8_quantization_and_gate(tiny_run: Path, tmp_path: Path) -> None:

@@ -33,15 +33,28 @@ def embedded() -> PneumoniaClient:
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_triton_matches_in_process_onnxruntime(triton_server, embedded, sample_images, protocol) -> None:  # type: ignore[no-untyped-def]
-    with PneumoniaClient(_url(triton_server, protocol), protocol=protocol, timeout_s=60) as client:
+def test_transport_parity_triton_vs_embedded(triton_server, embedded, sample_images, protocol) -> None:  # type: ignore[no-untyped-def]
+    """Both outputs through Triton's Python backend equal in-process onnxruntime on the same file.
+
+    Both sides run onnxruntime on the same ONNX, so this checks the transport and the backend's batching
+    (concatenate, split, two outputs per request), not the runtime; export parity against Keras (and the
+    ood_score's float64 reference) is checked where the model is exported.
+    """
+    x = np.stack([contract.preprocess(p, rules=False) for p in sample_images])
+    with PneumoniaClient(_url(triton_server, protocol), protocol=protocol, timeout_s=60, batch_size=3) as client:
+        served_scores = client.infer_scores(x)
         served = client.predict(sample_images)
+    local_scores = embedded.infer_scores(x)
+    np.testing.assert_allclose(served_scores.probability, local_scores.probability, atol=1e-5)
+    np.testing.assert_allclose(served_scores.ood_score, local_scores.ood_score, rtol=1e-5)  # type: ignore[arg-type]
     local = embedded.predict(sample_images)
     assert len(served) == len(local) == len(sample_images)
     for s, e in zip(served, local):
-        assert s.ok and e.ok, (s.error, e.error)
-        assert abs(s.probability - e.probability) <= 1e-5  # type: ignore[operator]
-        assert s.label == e.label and s.label in contract.LABELS
+        assert s.status == e.status and s.label == e.label, (s.reason, e.reason)
+        assert s.status in (contract.Status.OK, contract.Status.NOT_ASSESSABLE)
+        assert abs(s.ood_score - e.ood_score) <= 1e-5 * max(1.0, e.ood_score)  # type: ignore[operator]
+        if s.ok:
+            assert abs(s.probability - e.probability) <= 1e-5  # type: ignore[operator]
         assert s.threshold == e.threshold and s.model_name == "pneumonia" and s.model_version == "1"
 
 
@@ -52,6 +65,8 @@ def test_threshold_and_labels_come_from_the_served_model(triton_server, protocol
         assert client.info.threshold == pytest.approx(card["calibration"]["threshold"], abs=1e-6)
         assert client.info.labels == contract.LABELS and client.info.sha256 == card["sha256"]
         assert client.info.max_batch_size == 64 and client.ready()
+        assert client.info.ood_threshold == pytest.approx(card["ood"]["threshold"], rel=1e-7)
+        assert client.info.outputs == contract.OUTPUT_NAMES and '"Modality"' in client.info.eligibility
 
 
 def _stats(server, model: str = "pneumonia") -> tuple[int, int]:  # type: ignore[no-untyped-def]
@@ -111,8 +126,9 @@ def test_bad_file_fails_alone(triton_server, sample_images, tmp_path) -> None:  
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with PneumoniaClient(triton_server.config.grpc_url) as client:
         preds = client.predict([sample_images[0], bad, sample_images[1]])
-    assert preds[0].ok and preds[2].ok
-    assert not preds[1].ok and str(bad) in preds[1].error and preds[1].label is None  # type: ignore[operator]
+    assert preds[0].status is not contract.Status.ERROR and preds[2].status is not contract.Status.ERROR
+    assert preds[1].status is contract.Status.ERROR and not preds[1].retryable
+    assert str(bad) in preds[1].error and preds[1].label is None  # type: ignore[operator]
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
@@ -127,14 +143,39 @@ def test_cli_predict_csv_and_health(triton_server, sample_images, tmp_path, prot
     assert r.returncode == 1, r.stderr  # one input failed
     assert "notes.txt: not an image" in r.stderr
     rows = list(csv.DictReader(out.open()))
-    assert list(rows[0].keys())[:6] == ["path", "label", "probability", "threshold", "model_name", "model_version"]
-    assert "error" in rows[0]
-    assert len(rows) == 5 and [r_["error"] == "" for r_ in rows] == [True] * 4 + [False]
+    assert list(rows[0].keys())[:9] == ["path", "label", "probability", "threshold", "model_name", "model_version",
+                                        "error", "sha256", "sop_instance_uid"]  # today's columns, in order
+    assert {"status", "reason", "ood_score"} <= set(rows[0])
+    assert len(rows) == 5 and [r_["status"] != "error" for r_ in rows] == [True] * 4 + [False]
+    for row in rows[:4]:
+        assert (row["label"] != "") == (row["status"] == "ok") and row["ood_score"] != ""
+        assert (row["reason"] != "") == (row["status"] != "ok")
     h = subprocess.run([sys.executable, "-m", "cxr.cli", "health", "--url", url, "--protocol", protocol],
                        capture_output=True, text=True, timeout=120)
     assert h.returncode == 0, h.stderr
     info = json.loads(h.stdout)
     assert info["ready"] is True and info["model"] == "pneumonia" and info["version"] == "1"
+    assert info["outputs"] == list(contract.OUTPUT_NAMES) and info["ood_threshold"] > 0
+    assert info["eligibility"]["conditions"]["Modality"]["allowed"] == ["CR", "DX"]
+
+
+@pytest.mark.parametrize("protocol", [*PROTOCOLS, "embedded"])
+def test_only_not_assessable_rows_exit_zero(triton_server, tmp_path, protocol) -> None:  # type: ignore[no-untyped-def]
+    from PIL import Image
+
+    for i, level in enumerate((0, 128, 255)):
+        Image.new("L", (300, 300), level).save(tmp_path / f"blank{i}.png")
+    url = str(SHIPPED_REPOSITORY) if protocol == "embedded" else _url(triton_server, protocol)
+    for fmt in ("json", "table"):
+        r = subprocess.run([sys.executable, "-m", "cxr.cli", "predict", str(tmp_path), "--url", url, "--protocol",
+                            protocol, "--format", fmt], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        if fmt == "json":
+            rows = json.loads(r.stdout)
+            assert [x["status"] for x in rows] == ["not_assessable"] * 3
+            assert all(x["label"] is None and x["probability"] is None and "blank_image" in x["reason"] for x in rows)
+        else:
+            assert r.stdout.count("NOT_ASSESSABLE") == 3 and "blank_image" in r.stdout
 
 
 def test_metrics_port_answers(triton_server) -> None:  # type: ignore[no-untyped-def]
@@ -146,7 +187,9 @@ def test_metrics_port_answers(triton_server) -> None:  # type: ignore[no-untyped
 def test_int8_model_is_served(triton_server, sample_images) -> None:  # type: ignore[no-untyped-def]
     with PneumoniaClient(triton_server.config.grpc_url, model="pneumonia_int8") as client:
         preds = client.predict(sample_images[:4])
-    assert all(p.ok and 0 <= p.probability <= 1 for p in preds)  # type: ignore[operator]
+        assert client.info.ood_threshold is not None
+    assert all(p.status is not contract.Status.ERROR and p.ood_score is not None for p in preds)
+    assert all(0 <= p.probability <= 1 for p in preds if p.ok)  # type: ignore[operator]
 
 
 def test_tampered_model_refuses_to_serve(tmp_path) -> None:  # type: ignore[no-untyped-def]

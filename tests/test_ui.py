@@ -64,12 +64,13 @@ def page(ui_url):  # type: ignore[no-untyped-def]
         browser.close()
 
 
-def _cli_label(path: Path, triton_server) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+def _cli_answer(path: Path, triton_server) -> dict:  # type: ignore[no-untyped-def]
+    import json
+
     r = subprocess.run([sys.executable, "-m", "cxr.cli", "predict", str(path), "--url", triton_server.config.grpc_url,
-                        "--format", "csv"], capture_output=True, text=True, timeout=120)
+                        "--format", "json"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    row = r.stdout.splitlines()[1].split(",")
-    return row[1], row[2]
+    return json.loads(r.stdout)[0]
 
 
 def test_upload_submit_matches_cli_then_clear_then_non_image(page, triton_server, sample_images, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -83,15 +84,34 @@ def test_upload_submit_matches_cli_then_clear_then_non_image(page, triton_server
     page.locator("#upload").get_by_text(image.stem).wait_for(timeout=30_000)  # upload finished
     page.locator("#submit").click()
     result = page.locator("#result")
-    result.get_by_text("probability").wait_for(timeout=60_000)
+    result.locator(".cxr-answer").first.wait_for(timeout=60_000)
     text = result.inner_text()
-    label, prob = _cli_label(image, triton_server)
-    assert f"{label} ({image.name}): probability {float(prob):.3f}" in text, text
-    page.locator("#gradcam img").first.wait_for(timeout=30_000)
+    cli = _cli_answer(image, triton_server)
+    if cli["status"] == "ok":
+        from cxr.contract import format_probability
+        from cxr.ui import BADGES
+
+        assert f"{BADGES[cli['label']]} ({image.name}): P(pneumonia) {format_probability(cli['probability'])}" in text, text
+        assert "probability" not in text.replace("P(pneumonia)", "")
+    else:
+        assert cli["status"] == "not_assessable" and f"({image.name}): Not assessable:" in text, text
+        assert result.locator(".cxr-not-assessable").count() == 1
+    if cli["label"] == "Pneumonia":  # positive evidence, for Pneumonia answers only
+        img = page.locator("#gradcam img").first
+        img.wait_for(timeout=30_000)
+        w, h = img.evaluate("i => [i.naturalWidth, i.naturalHeight]")
+        from PIL import Image
+
+        ow, oh = Image.open(image).size
+        assert abs(w / h - ow / oh) < 0.02, (w, h, ow, oh)  # the whole film, aspect ratio kept ...
+        bw, bh = img.evaluate("i => [i.getBoundingClientRect().width, i.getBoundingClientRect().height]")
+        assert abs(bw / bh - ow / oh) < 0.02, (bw, bh)  # ... and shown whole, not cropped
+    else:
+        assert page.locator("#gradcam img").count() == 0
     page.screenshot(path=str(SCREENSHOTS / "ui_result.png"), full_page=True)
 
     page.locator("#clear").click()
-    page.wait_for_function("() => !document.querySelector('#result').innerText.includes('probability')", timeout=30_000)
+    page.wait_for_function("() => document.querySelector('#result').innerText.trim() === ''", timeout=30_000)
 
     bad = tmp_path / "report.txt"
     bad.write_text("this is a radiology report, not an image")
@@ -99,8 +119,26 @@ def test_upload_submit_matches_cli_then_clear_then_non_image(page, triton_server
     page.locator("#upload").get_by_text(bad.stem).wait_for(timeout=30_000)
     page.locator("#submit").click()
     result.get_by_text("not an image").wait_for(timeout=60_000)
-    assert "report.txt" in result.inner_text()
+    assert "report.txt" in result.inner_text() and result.locator(".cxr-error").count() == 1
     page.screenshot(path=str(SCREENSHOTS / "ui_non_image.png"), full_page=True)
+
+
+def test_blank_image_is_not_assessable_without_heatmap(page, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from PIL import Image
+
+    page.locator("#clear").click()
+    page.wait_for_function("() => document.querySelector('#result').innerText.trim() === ''", timeout=30_000)
+    blank = tmp_path / "blank.png"
+    Image.new("L", (600, 500), 255).save(blank)
+    page.locator("#upload input[type=file]").set_input_files(str(blank))
+    page.locator("#upload").get_by_text(blank.stem).wait_for(timeout=30_000)
+    page.locator("#submit").click()
+    answer = page.locator("#result .cxr-not-assessable")
+    answer.wait_for(timeout=60_000)
+    text = answer.inner_text()
+    assert "NOT ASSESSABLE" in text and "blank_image" in text and "Pneumonia" not in text
+    assert page.locator("#gradcam img").count() == 0
+    page.screenshot(path=str(SCREENSHOTS / "ui_not_assessable.png"), full_page=True)
 
 
 def test_several_images_give_a_table_and_csv(page, sample_images) -> None:  # type: ignore[no-untyped-def]

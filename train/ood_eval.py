@@ -145,8 +145,7 @@ def _rule(pred) -> str:  # type: ignore[no-untyped-def]
         return "answered"
     if pred.status is contract.Status.ERROR:
         return "error (unreadable)"
-    text = pred.reason or ""
-    return next((r for r in contract.RULES if f"({r})" in text), "not_assessable")
+    return pred.rule
 
 
 def compare_scores(cfg: OodEvalConfig, items: list, real: dict[str, list[Path]]) -> list[dict]:

@@ -1,0 +1,111 @@
+"""Grad-CAM on the served model: exact gradients, the sanity checks, and the served-model guard."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cxr import contract
+from cxr.explain import COMPACT_LAYERS, DEFAULT_LAYER, ExplanationUnavailable, GradCam, overlay
+from cxr.serving.integrity import sha256_file
+from tests.conftest import REPO, SHIPPED_REPOSITORY
+
+MODEL_DIR = SHIPPED_REPOSITORY / "pneumonia"
+SHA = sha256_file(MODEL_DIR / "1" / "model.onnx")
+
+
+@pytest.fixture(scope="module")
+def films(sample_images: list[Path]) -> np.ndarray:
+    return np.stack([contract.preprocess(p, rules=False) for p in sample_images])
+
+
+@pytest.fixture(scope="module", params=COMPACT_LAYERS)
+def cam(request: pytest.FixtureRequest) -> GradCam:
+    return GradCam(MODEL_DIR, served_sha256=SHA, layer=request.param)
+
+
+def test_numpy_tail_reproduces_the_graph_logit(cam: GradCam, films: np.ndarray) -> None:
+    for f in films[:4]:
+        a, z_graph = cam.activations(f)
+        z_numpy, _ = cam.tail.forward(a)
+        assert abs(z_numpy - z_graph) < 1e-4 * max(1.0, abs(z_graph))
+
+
+def test_gradient_matches_finite_differences(cam: GradCam, films: np.ndarray) -> None:
+    a, _ = cam.activations(films[0])
+    _, cache = cam.tail.forward(a)
+    grad = cam.tail.backward(cache)
+    assert grad.shape == a.shape
+    rng = np.random.default_rng(0)
+    active = np.argwhere(np.abs(grad) > 1e-6)
+    for idx in active[rng.choice(len(active), size=min(6, len(active)), replace=False)]:
+        idx = tuple(idx)
+        h = 1e-4 * max(1.0, abs(a[idx]))
+        up, down = a.copy(), a.copy()
+        up[idx] += h
+        down[idx] -= h
+        fd = (cam.tail.forward(up)[0] - cam.tail.forward(down)[0]) / (2 * h)
+        if abs(fd - grad[idx]) > 1e-4 * max(1.0, abs(grad[idx])):  # a max-pool tie can split the gradient: check its half
+            assert abs(2 * fd - grad[idx]) <= 1e-4 * max(1.0, abs(grad[idx])), (idx, fd, grad[idx])
+
+
+def test_map_changes_when_the_head_is_randomised() -> None:
+    """Adebayo et al. (2018): an explanation that survives randomising the model explains nothing."""
+    cam = GradCam(MODEL_DIR, served_sha256=SHA)
+    rand = cam.with_random_head(seed=3)
+    corr = []
+    report = json.loads((REPO / "docs" / "model" / "gradcam.json").read_text())
+    assert report["layers"][cam.layer]["randomised_head_correlation"] < 0.5
+    for f in _films_for(cam):
+        a, b = cam.cam(f).ravel(), rand.cam(f).ravel()
+        if a.std() > 0 and b.std() > 0:
+            corr.append(float(np.corrcoef(a, b)[0, 1]))
+    assert corr and np.mean(corr) < 0.9, corr
+
+
+def _films_for(cam: GradCam) -> list[np.ndarray]:
+    from tests.conftest import REAL_SITE, have_real_data, synthetic_xray
+
+    if have_real_data():
+        return [contract.preprocess(p) for p in sorted((REAL_SITE / "PNEUMONIA").glob("*.jpeg"))[:6]]
+    return [contract.preprocess(np.asarray(synthetic_xray(s, pneumonia=True)), rules=False) for s in range(6)]
+
+
+def test_peaks_differ_across_films() -> None:
+    cam = GradCam(MODEL_DIR, served_sha256=SHA)
+    peaks = {np.unravel_index(int(cam.cam(f).argmax()), cam.cam(f).shape) for f in _films_for(cam)}
+    assert len(peaks) >= 3, peaks
+
+
+def test_default_layer_is_the_measured_choice() -> None:
+    report = json.loads((REPO / "docs" / "model" / "gradcam.json").read_text())
+    assert DEFAULT_LAYER["compact_cnn"] == report["best_layer"] == GradCam(MODEL_DIR, served_sha256=SHA).layer
+    assert report["sha256"] == SHA, "docs/model/gradcam.md is of another model: rerun `cxr explain-eval`"
+
+
+def test_heatmap_keeps_the_film_size_and_aspect(films: np.ndarray) -> None:
+    cam = GradCam(MODEL_DIR, served_sha256=SHA)
+    heat = cam.heatmap(films[0], size=(900, 600))
+    assert heat.shape == (600, 900) and heat.dtype == np.float32 and heat.min() >= 0 and heat.max() <= 1
+    film = np.full((600, 900), 100, np.uint8)
+    out = overlay(film, heat)
+    assert out.shape == (600, 900, 3)
+    cold = heat < 0.2
+    if cold.any():  # below the floor the film is left as it was
+        assert (out[cold] == 100).all()
+
+
+def test_unavailable_when_the_local_file_is_not_the_served_model(tmp_path: Path) -> None:
+    with pytest.raises(ExplanationUnavailable, match="not the served model"):
+        GradCam(MODEL_DIR, served_sha256="0" * 64)
+    with pytest.raises(ExplanationUnavailable, match="no model files"):
+        GradCam(tmp_path / "nowhere", served_sha256=SHA)
+    copy = tmp_path / "pneumonia"
+    shutil.copytree(MODEL_DIR, copy)
+    (copy / "1" / "model.onnx").write_bytes((copy / "1" / "model.onnx").read_bytes() + b"\0")
+    with pytest.raises(ExplanationUnavailable):
+        GradCam(copy, served_sha256=SHA)

@@ -1,0 +1,124 @@
+"""The threshold that keeps its promise (Clopper-Pearson rule) and the ood_score head (fit, graph, threshold)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from scipy.stats import binomtest
+
+from cxr import contract
+from cxr.errors import CxrError
+from cxr.export import ood_head
+from cxr.serving.integrity import sha256_file
+from cxr.serving.ort_session import make_session
+from cxr.train.evaluate import choose_threshold, operating_point, sensitivity_lower_bound
+from tests.conftest import SHIPPED_REPOSITORY
+
+ONNX = SHIPPED_REPOSITORY / "pneumonia" / "1" / "model.onnx"
+
+
+@pytest.mark.parametrize(("k", "n"), [(130, 133), (133, 133), (50, 60), (1, 5)])
+@pytest.mark.parametrize("confidence", [0.8, 0.9, 0.95])
+def test_lower_bound_is_the_one_sided_clopper_pearson(k: int, n: int, confidence: float) -> None:
+    expected = binomtest(k, n).proportion_ci(confidence_level=2 * confidence - 1, method="exact").low
+    assert sensitivity_lower_bound(k, n, confidence) == pytest.approx(expected, rel=1e-9)
+    assert sensitivity_lower_bound(0, n, confidence) == 0.0
+
+
+def test_lcb_rule_picks_the_highest_threshold_whose_bound_meets_the_target() -> None:
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(133, int), np.zeros(78, int)]
+    p = np.r_[rng.beta(6, 2, 133), rng.beta(2, 6, 78)]
+    t = choose_threshold(y, p, rule="sensitivity_lcb", target=0.95, confidence=0.9)
+    tp = int(((p >= t) & (y == 1)).sum())
+    assert sensitivity_lower_bound(tp, 133, 0.9) >= 0.95
+    # one positive fewer above the threshold would break the bound: no higher threshold qualifies
+    higher = np.sort(p[(y == 1) & (p >= t)])[0]
+    tp_higher = int(((p > higher) & (y == 1)).sum())
+    assert sensitivity_lower_bound(tp_higher, 133, 0.9) < 0.95
+    point = choose_threshold(y, p, rule="sensitivity", target=0.95)
+    assert t <= point  # the bound asks for at least as many positives found as the point estimate
+
+
+def test_lcb_rule_says_when_the_sample_is_too_small() -> None:
+    y = np.r_[np.ones(20, int), np.zeros(20, int)]
+    p = np.r_[np.full(20, 0.9), np.full(20, 0.1)]
+    with pytest.raises(ValueError, match="cannot show sensitivity"):
+        choose_threshold(y, p, rule="sensitivity_lcb", target=0.95, confidence=0.9)
+
+
+def test_operating_point_reports_bounds() -> None:
+    y = np.array([1, 1, 1, 0, 0])
+    m = operating_point(y, np.array([0.9, 0.8, 0.2, 0.1, 0.7]), 0.5, confidence=0.9)
+    assert (m["tp"], m["n_pos"], m["tn"], m["n_neg"]) == (2, 3, 1, 2)
+    assert m["sensitivity_lower_bound"] == pytest.approx(sensitivity_lower_bound(2, 3, 0.9))
+
+
+def test_shipped_card_states_point_estimate_and_bound() -> None:
+    card = json.loads((SHIPPED_REPOSITORY / "pneumonia" / "model_card.json").read_text())
+    cal = card["calibration"]
+    assert cal["rule"] == "sensitivity_lcb" and cal["target"] == 0.95 and cal["confidence"] == 0.9
+    m = cal["metrics"]
+    assert m["sensitivity_lower_bound"] >= 0.95 and m["sensitivity"] >= m["sensitivity_lower_bound"]
+    assert m["sensitivity_lower_bound"] == pytest.approx(sensitivity_lower_bound(m["tp"], m["n_pos"], 0.9))
+    md = (SHIPPED_REPOSITORY / "pneumonia" / "MODEL_CARD.md").read_text()
+    assert "lower bound" in md and f"{cal['threshold']:.4f}" in md
+
+
+# -- the OOD head ------------------------------------------------------------------------------------------------
+
+def test_threshold_keeps_the_pass_rate_of_every_set() -> None:
+    rng = np.random.default_rng(0)
+    sets = {"a": rng.normal(10, 2, 786), "b": rng.normal(11, 2, 211)}
+    thr = ood_head.choose_threshold(sets, pass_rate=0.995)
+    for s in sets.values():
+        assert np.mean(s <= thr) >= 0.995
+    assert min(np.mean(s <= np.nextafter(np.sort(s)[int(np.ceil(0.995 * len(s))) - 1], -np.inf)) for s in sets.values()) < 0.995
+
+
+def test_shipped_model_has_both_outputs_and_its_head_is_replaceable() -> None:
+    model = onnx.load(str(ONNX))
+    assert [o.name for o in model.graph.output] == list(contract.OUTPUT_NAMES)
+    base = ood_head.strip(model)
+    assert [o.name for o in base.graph.output] == [contract.OUTPUT_NAME]
+    assert not any(n.name.startswith(ood_head.PREFIX) for n in base.graph.node)
+    taps = ood_head.find_taps(base)
+    assert len(taps) == 2 and "gap" in taps[0]
+
+
+def test_graph_score_equals_the_float64_reference(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Fit a head on random features of the shipped base graph, attach it, and compare the served value."""
+    base = ood_head.strip(onnx.load(str(ONNX)))
+    taps = ood_head.find_taps(base)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (64, *contract.IMAGE_SHAPE), dtype=np.uint8)
+    fx = ood_head.FeatureExtractor(base, taps)
+    feats = fx(x)
+    fit = ood_head.fit(feats[:48], feats[48:], taps)
+    model = ood_head.attach(base, fit)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    got = make_session(path).run([contract.OOD_OUTPUT_NAME], {contract.INPUT_NAME: x})[0]
+    assert got.shape == (64, 1) and got.dtype == np.float32
+    ref = fit.score(feats)
+    np.testing.assert_allclose(got[:, 0], ref, rtol=ood_head.OOD_RTOL)
+    prob_before = make_session(ONNX).run([contract.OUTPUT_NAME], {contract.INPUT_NAME: x})[0]
+    prob_after = make_session(path).run([contract.OUTPUT_NAME], {contract.INPUT_NAME: x})[0]
+    np.testing.assert_array_equal(prob_before, prob_after)  # the head never touches the probability
+
+
+def test_fit_refuses_too_few_images() -> None:
+    with pytest.raises(CxrError, match="too few"):
+        ood_head.fit(np.zeros((5, 3)), np.zeros((5, 3)), ("t",))
+
+
+def test_card_sha_and_ood_threshold_match_the_file() -> None:
+    for model in ("pneumonia", "pneumonia_int8"):
+        card = json.loads((SHIPPED_REPOSITORY / model / "model_card.json").read_text())
+        assert card["sha256"] == sha256_file(SHIPPED_REPOSITORY / model / card["file"])
+        ood = card["ood"]
+        assert all(v <= 1 - ood["pass_rate_target"] for v in ood["flagged"].values())
+        assert ood["parity_max_rel_diff"] <= ood_head.OOD_RTOL
