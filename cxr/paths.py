@@ -12,3 +12,13 @@ DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
 DEFAULT_MODEL = "pneumonia"
 #: Decoded-image cache of the training and evaluation tools.
 DEFAULT_CACHE = REPO_ROOT / ".cache"
+
+
+def relative(path: str | Path) -> str:
+    """``path`` relative to the repository when it lies inside it or beside it (``../shared/...``), so that
+    committed reports never carry a machine's absolute paths; other paths are returned as given."""
+    import os
+
+    p = Path(path).resolve()
+    rel = os.path.relpath(p, REPO_ROOT)
+    return rel if not rel.startswith(os.pardir + os.sep + os.pardir) else str(path)

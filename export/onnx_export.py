@@ -22,6 +22,7 @@ import numpy as np
 from cxr import contract
 from cxr.errors import CxrError, ExportValidationError
 from cxr.export import repository
+from cxr.paths import relative
 from cxr.serving.integrity import sha256_file
 from cxr.train import metrics
 from cxr.train.scoring import Calibration, KerasScorer, OnnxScorer
@@ -184,7 +185,7 @@ def check_parity(
     if ins and ins[0].shape[0] != contract.BATCH_DIM:
         failures.append(f"input batch dimension is {ins[0].shape[0]!r}, expected '{contract.BATCH_DIM}'")
     if failures:  # values cannot be compared when the interface is wrong
-        return ParityReport(str(candidate_path), len(images), float("nan"), float("nan"), 0.0, threshold, tuple(failures))
+        return ParityReport(relative(candidate_path), len(images), float("nan"), float("nan"), 0.0, threshold, tuple(failures))
     out = np.concatenate(
         [sess.run([contract.OUTPUT_NAME], {contract.INPUT_NAME: images[i : i + 64]})[0] for i in range(0, len(images), 64)]
     )
@@ -202,7 +203,7 @@ def check_parity(
     agree = float(np.mean((cand >= threshold) == (ref >= threshold)))
     if tolerance is not None and agree < 1.0:
         failures.append(f"thresholded labels differ on {int(round((1 - agree) * len(ref)))} of {len(ref)} images")
-    return ParityReport(str(candidate_path), len(images), max_diff, mean_diff, agree, threshold, tuple(failures))
+    return ParityReport(relative(candidate_path), len(images), max_diff, mean_diff, agree, threshold, tuple(failures))
 
 
 def int8_gate(fp32_auc: float, int8_auc: float, *, max_drop: float = INT8_MAX_AUC_DROP) -> list[str]:
@@ -299,7 +300,7 @@ def export(cfg: ExportConfig) -> dict:
     failures += [f"fp32: {f}" for f in fp32_parity.failures]
     if fp32.stat().st_size > MAX_MODEL_BYTES:
         failures.append(f"fp32: {fp32.stat().st_size} bytes > {MAX_MODEL_BYTES}")
-    results: dict = {"fp32": {"path": str(fp32), "parity": asdict(fp32_parity)}}
+    results: dict = {"fp32": {"path": relative(fp32), "parity": asdict(fp32_parity)}}
 
     if failures:  # the interface is wrong: nothing further can be measured
         raise ExportValidationError(failures)
@@ -312,7 +313,7 @@ def export(cfg: ExportConfig) -> dict:
         int8_parity = check_parity(ref_par, int8, x_par, threshold=calibration.threshold, tolerance=None)
         failures += [f"int8: {f}" for f in int8_parity.failures]
         int8_auc = metrics.roc_auc(y_val, OnnxScorer(int8)(x_val)) if y_val.any() and not y_val.all() else float("nan")
-        results["int8"] = {"path": str(int8), "parity": asdict(int8_parity), "val_auc": int8_auc,
+        results["int8"] = {"path": relative(int8), "parity": asdict(int8_parity), "val_auc": int8_auc,
                            "auc_drop_vs_fp32": fp32_auc - int8_auc}
         failures += int8_gate(fp32_auc, int8_auc)
         if int8.stat().st_size > MAX_MODEL_BYTES:

@@ -22,6 +22,7 @@ import numpy as np
 
 from cxr import contract
 from cxr.errors import NotAssessableError
+from cxr.paths import relative
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def preprocess_rate(images_dir: Path | None, seconds: float) -> tuple[float, str
     files: list[Path] = []
     if images_dir is not None and Path(images_dir).is_dir():
         files = sorted(p for p in Path(images_dir).rglob("*") if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
-    source = str(images_dir)
+    source = relative(images_dir) if images_dir is not None else "none"
     if not files:
         from PIL import Image
 

@@ -21,6 +21,8 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cxr.paths import relative
+
 logger = logging.getLogger(__name__)
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
@@ -155,7 +157,7 @@ def sweep(cfg: CapacityConfig) -> dict:
                     "compute_ms_per_request": d["compute_ns"] / d["success_count"] / 1e6 if d["success_count"] else 0.0}
             steps.append(step)
             logger.info("  %.1f img/s, p95 %.0f ms, batch %.2f", step["images_per_s"], step["p95_ms"], step["avg_batch"])
-    result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+    result = {"config": {k: (relative(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
               "steps": steps, "plan": plan(steps, cfg)}
     (out / "capacity.json").write_text(json.dumps(result, indent=1) + "\n")
     with open(out / "capacity.csv", "w", newline="") as f:
@@ -215,7 +217,8 @@ def markdown(result: dict) -> str:
         "# Capacity report",
         "",
         f"Model `{cfg['model']}` over {cfg['protocol']} at `{cfg['grpc_url'] if cfg['protocol'] == 'grpc' else cfg['http_url']}`, "
-        f"{cfg['images_per_request']} image(s) per request, {cfg['step_seconds']} s per step, images from `{cfg['images_dir']}`.",
+        f"{cfg['images_per_request']} image(s) per request, {cfg['step_seconds']} s per step, images from "
+        f"`{relative(cfg['images_dir'])}`.",
         "",
         "| users | images/s | p50 ms | p95 ms | p99 ms | failures | avg batch | queue ms/req | compute ms/req |",
         "|---|---|---|---|---|---|---|---|---|",

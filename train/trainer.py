@@ -138,7 +138,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         "split: train %d images (%d patients), val %d images (%d patients)",
         len(tr), len({s.patient for s in tr}), len(va), len({s.patient for s in va}),
     )
-    config_payload = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    from cxr.paths import relative
+
+    config_payload = {k: (relative(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     (out / "train_config.json").write_text(json.dumps(config_payload, indent=1, default=str) + "\n")
 
     cache = cfg.cache_dir
