@@ -44,11 +44,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="run directory to create")
     p.add_argument("--arch", default="compact", choices=["compact", "inception_v3"], help="architecture (default: compact)")
     p.add_argument("--weights", type=Path, help="local InceptionV3 base weights (frozen when given); nothing is downloaded")
-    p.add_argument("--epochs", type=int, default=14)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=14, help="maximum epochs (early stopping may end sooner)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per training step")
     p.add_argument("--lr", type=float, default=2e-3, help="peak Adam learning rate (cosine decay)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-fraction", type=float, default=0.15)
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation and augmentation")
+    p.add_argument("--val-fraction", type=float, default=0.15, help="share of patients held out for validation")
     p.add_argument("--patience", type=int, default=5, help="early-stopping patience (epochs)")
     p.add_argument("--no-augment", action="store_true", help="disable all augmentation")
     p.add_argument("--no-flip", action="store_true", help="no horizontal flip (flipping mirrors the heart)")
@@ -120,7 +120,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", type=Path, required=True, help="model.keras, or an exported model folder")
     p.add_argument("--data", type=Path, required=True, help="labelled site folder {NORMAL,PNEUMONIA}/")
-    p.add_argument("--rule", choices=["sensitivity_lcb", "sensitivity", "youden"], default="sensitivity_lcb")
+    p.add_argument("--rule", choices=["sensitivity_lcb", "sensitivity", "youden"], default="sensitivity_lcb", help="threshold rule (default sensitivity_lcb)")
     p.add_argument("--target", "--target-sensitivity", type=float, default=0.95, dest="target",
                    help="sensitivity target (default 0.95)")
     p.add_argument("--confidence", type=float, default=0.9, help="confidence of the lower bound (default 0.9)")
@@ -164,7 +164,7 @@ def _add_ood_fit(sub: argparse._SubParsersAction) -> None:
         "keeps 99.5%% of the train-validation images and of the site sample. Rewrites the model file, its "
         "sha256, the model card and the Triton configs. No out-of-distribution data is used to fit it.",
     )
-    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
+    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="Triton model repository")
     p.add_argument("--name", default=DEFAULT_MODEL, help="model folder")
     p.add_argument("--data", type=Path, required=True, help="Kaggle-layout root the model was trained on")
     p.add_argument("--split", type=Path, required=True, help="the training run's split.json")
@@ -193,13 +193,13 @@ def _add_ood_eval(sub: argparse._SubParsersAction) -> None:
         "inverted and rotated X-rays from --xrays) and over real chest X-ray folders. Writes Markdown, JSON "
         "and a PNG of score distributions.",
     )
-    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
-    p.add_argument("--name", default=DEFAULT_MODEL)
+    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="Triton model repository")
+    p.add_argument("--name", default=DEFAULT_MODEL, help="model folder in the repository")
     p.add_argument("--real", type=Path, nargs="*", default=[], help="folders of real chest X-rays (flag rate)")
     p.add_argument("--split", type=Path, help="a run's split.json: its validation side under --data is a real set")
     p.add_argument("--data", type=Path, help="Kaggle-layout root for --split")
     p.add_argument("--xrays", type=Path, help="labelled chest X-ray folder to invert and rotate")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "model")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "model", help="report or result file/folder to write")
     p.set_defaults(func=_cmd_ood_eval)
 
 
@@ -220,11 +220,11 @@ def _add_explain_eval(sub: argparse._SubParsersAction) -> None:
         "map) by deletion: grey out the top 5/10/20%% of pixels by the map and measure the fall of P(pneumonia). "
         "Also reports the model-randomisation sanity check and where the peaks fall.",
     )
-    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
-    p.add_argument("--name", default=DEFAULT_MODEL)
+    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="Triton model repository")
+    p.add_argument("--name", default=DEFAULT_MODEL, help="model folder in the repository")
     p.add_argument("--data", type=Path, required=True, help="labelled folder {NORMAL,PNEUMONIA}/")
     p.add_argument("--limit", type=int, default=60, help="films used at most")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "model")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "model", help="report or result file/folder to write")
     p.set_defaults(func=_cmd_explain_eval)
 
 
@@ -243,7 +243,7 @@ def _add_configs(sub: argparse._SubParsersAction) -> None:
         description="Rewrite config.pbtxt and configs/*.pbtxt of exported models from model_card.json (threshold, "
         "OOD threshold, sha256) and eligibility.json (the DICOM rules a site may edit).",
     )
-    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
+    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="Triton model repository")
     p.add_argument("--name", nargs="*", help="model folders (default: every model with a card)")
     p.set_defaults(func=_cmd_configs)
 
@@ -270,13 +270,13 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", type=Path, help="model.keras (onnx format)")
     p.add_argument("--data", type=Path, help="Kaggle-layout root used for training (parity and INT8 calibration images)")
-    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
+    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="Triton model repository")
     p.add_argument("--name", default=DEFAULT_MODEL, help="model folder name")
     p.add_argument("--site", type=Path, help="labelled site sample; the OOD threshold keeps 99.5%% of it too")
-    p.add_argument("--version", type=int, default=1)
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--version", type=int, default=1, help="model version folder")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
     p.add_argument("--no-int8", action="store_true", help="skip the INT8 model")
-    p.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx")
+    p.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx", help="onnx (default) or a TensorRT plan from the exported ONNX")
     p.add_argument("--fp16", action="store_true", help="TensorRT: build an FP16 engine")
     p.set_defaults(func=_cmd_export)
 
@@ -316,12 +316,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "URLs, and stop cleanly on Ctrl-C or SIGTERM. Model sha256s are checked against their model cards "
         "first; a mismatch refuses to serve.",
     )
-    p.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
+    p.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY, help="Triton model repository")
     p.add_argument("--model-config-name", default="cpu", help="configs/<name>.pbtxt per model ('' = config.pbtxt)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP port")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port")
     p.add_argument("--models", nargs="*", default=[], help="load only these models")
     p.add_argument("--timeout-s", type=float, default=120.0, help="readiness deadline")
     p.set_defaults(func=_cmd_serve)
@@ -354,8 +354,8 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
 def _add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help="server host:port (default 127.0.0.1:8001 gRPC / :8000 HTTP); for embedded, the repository")
-    p.add_argument("--protocol", choices=["grpc", "http", "embedded"], default="grpc")
-    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--protocol", choices=["grpc", "http", "embedded"], default="grpc", help="grpc, http, or embedded (in-process onnxruntime, no server)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="served model name")
     p.add_argument("--timeout-s", type=float, default=30.0, help="per-request deadline")
 
 
@@ -373,7 +373,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("inputs", nargs="+", type=Path, help="files or folders")
     _add_client_args(p)
-    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table", help="table (people), json or csv (pipelines)")
     p.add_argument("--out", type=Path, help="write results here (csv: resumable, one row per input)")
     p.add_argument("--chunk", type=int, default=64, help="images preprocessed, sent and journaled per step")
     p.add_argument("--eligibility", type=Path, help="DICOM eligibility rules file (default: the served model's)")
@@ -390,7 +390,13 @@ def _cmd_predict(a: argparse.Namespace) -> int:
 
 
 def _add_health(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("health", help="server and model readiness and metadata")
+    p = sub.add_parser(
+        "health",
+        help="server and model readiness and metadata",
+        description="Ask the server whether it and the model are ready, and print what a client learns from it as "
+        "JSON: model name and version, max batch size, decision threshold, labels, outputs, OOD threshold, model "
+        "sha256 and the DICOM eligibility rules. Exit code 0 when ready, 1 otherwise.",
+    )
     _add_client_args(p)
     p.set_defaults(func=_cmd_health)
 
@@ -419,17 +425,23 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "bench",
         help="serving benchmarks as side-by-side ratios (JSON + table)",
         description="Measure, in one run on this machine: raw onnxruntime throughput, Triton gRPC over it, "
-        "dynamic batching gain at 16 concurrent requests (with p99s), INT8 speed-up, one core's "
+        "dynamic batching gain at 16 concurrent requests (with p99s), tail latency at concurrency 1 and 8 "
+        "(p99 over p50, stalls over 250 ms per 1000 requests) for the shipped config and the earlier one side by "
+        "side, the project client over NVIDIA's perf_analyzer at the same concurrency, INT8 speed-up, one core's "
         "preprocessing rate over the server's throughput, and the compact model over InceptionV3. Starts its "
         "own embedded Triton servers on free ports. A benchmark, not a test.",
     )
-    p.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
-    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY, help="Triton model repository")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="served model name")
     p.add_argument("--images-dir", type=Path, default=REPO_ROOT.parent / "shared" / "data" / "chest_xray_fullres",
                    help="full-resolution X-rays for the preprocessing rate (generated when missing)")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results.json")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results.json", help="report or result file/folder to write")
     p.add_argument("--seconds", type=float, default=8.0, help="length of each timed window")
     p.add_argument("--no-inception", action="store_true", help="skip the InceptionV3 baseline (needs TensorFlow)")
+    p.add_argument("--tail-seconds", type=float, default=25.0,
+                   help="length of each tail-latency probe (1-image requests at concurrency 1 and 8)")
+    p.add_argument("--perf-analyzer-root", type=Path, default=REPO_ROOT / ".cache" / "perf_analyzer",
+                   help="chroot made by ../shared/tools/perf_analyzer_setup.sh (skipped, and said so, when missing)")
     p.set_defaults(func=_cmd_bench)
 
 
@@ -437,7 +449,8 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     from cxr.loadtest.bench import BenchConfig, run_bench, table
 
     res = run_bench(BenchConfig(repository=a.model_repository, model=a.model, images_dir=a.images_dir, out=a.out,
-                                seconds=a.seconds, inception=not a.no_inception))
+                                seconds=a.seconds, inception=not a.no_inception, tail_seconds=a.tail_seconds,
+                                perf_analyzer_root=a.perf_analyzer_root))
     text = table(res)
     a.out.with_suffix(".md").write_text(text + "\n")
     print(text)
@@ -454,26 +467,28 @@ def _add_capacity(sub: argparse._SubParsersAction) -> None:
         "throughput meeting the p95 objective and computes studies/hour per server and servers needed for a "
         "target rate with headroom. Writes capacity.md, .csv, .json and PNG plots.",
     )
-    p.add_argument("--grpc-url", default="127.0.0.1:8001")
+    p.add_argument("--grpc-url", default="127.0.0.1:8001", help="Triton gRPC host:port the Locust users load")
     p.add_argument("--http-url", default="127.0.0.1:8000", help="for Triton's statistics API")
-    p.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--users", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
-    p.add_argument("--step-seconds", type=int, default=20)
-    p.add_argument("--images-per-request", type=int, default=1)
-    p.add_argument("--images-dir", type=Path, default=REPO_ROOT.parent / "shared" / "data" / "chest_xray_fullres")
-    p.add_argument("--slo-p95-ms", type=float, default=500.0)
-    p.add_argument("--images-per-study", type=int, default=1)
-    p.add_argument("--target-studies-per-hour", type=float, default=10_000.0)
+    p.add_argument("--metrics-url", default="127.0.0.1:8002", help="Triton's metrics port (server-side latency summaries)")
+    p.add_argument("--protocol", choices=["grpc", "http"], default="grpc", help="grpc, http, or embedded (in-process onnxruntime, no server)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="served model name")
+    p.add_argument("--users", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], help="user counts to sweep")
+    p.add_argument("--step-seconds", type=int, default=20, help="length of each step")
+    p.add_argument("--images-per-request", type=int, default=1, help="images in each request")
+    p.add_argument("--images-dir", type=Path, default=REPO_ROOT.parent / "shared" / "data" / "chest_xray_fullres", help="X-rays the users send (preprocessed once)")
+    p.add_argument("--slo-p95-ms", type=float, default=500.0, help="latency objective on p95")
+    p.add_argument("--images-per-study", type=int, default=1, help="images per study (PA + lateral = 2)")
+    p.add_argument("--target-studies-per-hour", type=float, default=10_000.0, help="planning target")
     p.add_argument("--headroom", type=float, default=0.3, help="fraction of capacity kept free")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "capacity")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "capacity", help="report or result file/folder to write")
     p.set_defaults(func=_cmd_capacity)
 
 
 def _cmd_capacity(a: argparse.Namespace) -> int:
     from cxr.loadtest.capacity import CapacityConfig, sweep
 
-    res = sweep(CapacityConfig(grpc_url=a.grpc_url, http_url=a.http_url, model=a.model, users=tuple(a.users),
+    res = sweep(CapacityConfig(grpc_url=a.grpc_url, http_url=a.http_url, metrics_url=a.metrics_url, model=a.model,
+                               users=tuple(a.users),
                                step_seconds=a.step_seconds, images_per_request=a.images_per_request,
                                images_dir=a.images_dir, slo_p95_ms=a.slo_p95_ms, images_per_study=a.images_per_study,
                                target_studies_per_hour=a.target_studies_per_hour, headroom=a.headroom,
@@ -491,11 +506,11 @@ def _add_soak(sub: argparse._SubParsersAction) -> None:
         "and end. Exit 1 if any request failed.",
     )
     p.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
-    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="served model name")
     p.add_argument("--server-pid", type=int, help="tritonserver pid, to report its memory")
-    p.add_argument("--duration-s", type=float, default=120.0)
-    p.add_argument("--fraction", type=float, default=0.8)
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "soak.json")
+    p.add_argument("--duration-s", type=float, default=120.0, help="soak length (bounded)")
+    p.add_argument("--fraction", type=float, default=0.8, help="offered load as a fraction of measured saturation")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "soak.json", help="report or result file/folder to write")
     p.set_defaults(func=_cmd_soak)
 
 
@@ -522,8 +537,8 @@ def _add_ui(sub: argparse._SubParsersAction) -> None:
     )
     _add_client_args(p)
     p.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY, help="for the Grad-CAM files")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default; see the README before changing it)")
+    p.add_argument("--port", type=int, default=7860, help="port of the page")
     p.add_argument("--share", action="store_true", help="create a public Gradio share link (off by default)")
     p.add_argument("--max-file-mb", type=int, default=32, help="upload size limit per file")
     p.set_defaults(func=_cmd_ui)

@@ -65,9 +65,16 @@ class BatchingPolicy:
             raise ValueError("instances must be >= 1")
 
 
-#: Tuned for the embedded CPU server: one instance (onnxruntime already uses
-#: every core), a 5 ms window so concurrent requests meet in one batch.
-CPU_POLICY = BatchingPolicy(max_batch_size=64, max_queue_delay_us=5000, preferred_batch_sizes=(8, 16, 32), instances=1)
+#: Tuned for the embedded CPU server: two instances (two Python-backend stubs, each running onnxruntime on every
+#: core, spinning off) and no preferred batch sizes, with a 5 ms window. Measured on 2 cores: one instance with
+#: preferred sizes 8/16/32 stalled about 2.5 requests in 1,000 for 500 ms (Triton's dynamic batcher only wakes its
+#: thread on enqueue when a payload slot is free *and* the queue has reached the next preferred batch size; otherwise
+#: the request waits for the batcher's 500 ms idle timeout when the release callback's wake-up came before the
+#: batcher slept). Two instances keep a slot free, and without preferred sizes the size clause always holds, so every
+#: enqueue wakes the batcher: no stall in 20,000 requests, and 6% more throughput at 16 concurrent requests.
+CPU_POLICY = BatchingPolicy(max_batch_size=64, max_queue_delay_us=5000, preferred_batch_sizes=(), instances=2)
+#: The earlier CPU policy, kept for the side-by-side stall measurement in ``cxr bench``.
+LEGACY_CPU_POLICY = BatchingPolicy(max_batch_size=64, max_queue_delay_us=5000, preferred_batch_sizes=(8, 16, 32), instances=1)
 #: Production GPU: two instances overlap copies and compute; a short window.
 GPU_POLICY = BatchingPolicy(max_batch_size=64, max_queue_delay_us=1000, preferred_batch_sizes=(16, 32, 64), instances=2)
 

@@ -30,7 +30,12 @@ logger = logging.getLogger(__name__)
 REQUIRED_KEYS = (
     "ort_images_per_s", "triton_vs_ort", "batching_gain", "p99_ms_batching", "p99_ms_no_batching",
     "int8_speedup", "preprocess_vs_server", "compact_vs_inception",
+    "p99_over_p50_c1", "p99_over_p50_c8", "stalls_per_1000", "legacy_stalls_per_1000", "client_vs_perf_analyzer",
 )
+#: A request slower than this is a stall.
+STALL_MS = 250.0
+#: Where ``../shared/tools/perf_analyzer_setup.sh`` is expected to have put perf_analyzer (a Debian 13 chroot).
+DEFAULT_PERF_ANALYZER_ROOT = Path(__file__).resolve().parent.parent / ".cache" / "perf_analyzer"
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,8 @@ class BenchConfig:
         batch_sizes: Batch sizes tried for raw onnxruntime throughput.
         concurrency: Concurrent single-image requests for the batching comparison.
         inception: Measure the InceptionV3 baseline (needs TensorFlow + tf2onnx once; cached).
+        tail_seconds: Length of each tail-latency probe (1-image requests back to back, at concurrency 1 and 8).
+        perf_analyzer_root: Chroot holding NVIDIA's perf_analyzer (``None`` or missing: that ratio is skipped, said so).
     """
 
     repository: Path
@@ -56,8 +63,12 @@ class BenchConfig:
     batch_sizes: tuple[int, ...] = (1, 8, 16, 32, 64)
     concurrency: int = 16
     inception: bool = True
+    tail_seconds: float = 25.0
+    perf_analyzer_root: Path | None = DEFAULT_PERF_ANALYZER_ROOT
 
     def __post_init__(self) -> None:
+        if self.tail_seconds <= 0:
+            raise ValueError("tail_seconds must be > 0")
         if self.seconds <= 0:
             raise ValueError("seconds must be > 0")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -124,16 +135,73 @@ def preprocess_rate(images_dir: Path | None, seconds: float) -> tuple[float, str
     return _timed(one, seconds), f"{source} ({len(files)} files)"
 
 
-def _batching_repo(src_repo: Path, model: str, dst: Path, *, batching: bool) -> Path:
-    """A copy of one model folder whose cpu config has dynamic batching on or off."""
+def _variant_repo(src_repo: Path, model: str, dst: Path, *, variant: str) -> Path:
+    """A copy of one model folder whose cpu config is the shipped one, ``legacy`` (one instance, preferred batch
+    sizes: the configuration that stalled), or ``no_batching``."""
     from cxr.export import repository, triton_config
 
     shutil.copytree(src_repo / model, dst / model)
-    cfg = triton_config.build(model, "cpu", repository.served_params(src_repo / model))
-    if not batching:
+    policy = triton_config.LEGACY_CPU_POLICY if variant == "legacy" else None
+    cfg = triton_config.build(model, "cpu", repository.served_params(src_repo / model), policy=policy)
+    if variant == "no_batching":
         cfg.ClearField("dynamic_batching")
-    triton_config.write(dst / model / "configs" / "cpu.pbtxt", cfg, target="cpu, no dynamic batching" if not batching else "cpu")
+    triton_config.write(dst / model / "configs" / "cpu.pbtxt", cfg, target=f"cpu ({variant})")
     return dst
+
+
+def tail_probe(url: str, model: str, *, concurrency: int, seconds: float) -> dict[str, float]:
+    """Closed loop of 1-image requests (both outputs) from ``concurrency`` threads: percentiles and stalls."""
+    import tritonclient.grpc as grpcclient
+
+    x = np.random.default_rng(2).integers(0, 256, (1, *contract.IMAGE_SHAPE), dtype=np.uint8)
+    latencies: list[float] = []
+    lock = threading.Lock()
+    stop = time.perf_counter() + seconds
+
+    def worker() -> None:
+        client = grpcclient.InferenceServerClient(url)
+        outs = [grpcclient.InferRequestedOutput(n) for n in contract.OUTPUT_NAMES]
+        try:
+            while time.perf_counter() < stop:
+                inp = grpcclient.InferInput(contract.INPUT_NAME, list(x.shape), contract.INPUT_TRITON_DTYPE)
+                inp.set_data_from_numpy(x)
+                t0 = time.perf_counter()
+                client.infer(model, [inp], outputs=outs, client_timeout=30)
+                dt = (time.perf_counter() - t0) * 1000
+                with lock:
+                    latencies.append(dt)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lat = np.array(latencies)
+    return {"requests": float(len(lat)), "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+            "max_ms": float(lat.max()), "stalls": float((lat > STALL_MS).sum()),
+            "requests_per_s": float(len(lat) / seconds)}
+
+
+def perf_analyzer(root: Path | None, url: str, model: str, *, concurrency: int, seconds: float) -> dict | None:
+    """NVIDIA perf_analyzer's throughput (1-image requests at ``concurrency``), or ``None`` when it is not installed."""
+    import re
+    import subprocess
+
+    binary = "/opt/pa/perf_analyzer/bin/perf_analyzer"
+    if root is None or not (Path(root) / binary.lstrip("/")).exists():
+        return None
+    cmd = ["chroot", str(root), binary, "-m", model, "-u", url, "-i", "grpc", "-b", "1",
+           "--concurrency-range", str(concurrency), "--measurement-interval", str(int(seconds * 1000)),
+           "--stability-percentage", "60", "--max-trials", "6"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=int(seconds * 10) + 120)
+    m = re.search(r"Throughput:\s*([0-9.]+)\s*infer/sec", r.stdout)
+    if r.returncode != 0 or not m:
+        raise RuntimeError(f"perf_analyzer failed (exit {r.returncode}): {(r.stdout + r.stderr)[-1500:]}")
+    p99 = re.search(r"p99 latency:\s*([0-9]+)\s*usec", r.stdout)
+    return {"infer_per_s": float(m.group(1)), "p99_ms": float(p99.group(1)) / 1000 if p99 else None,
+            "command": " ".join(cmd[2:])}
 
 
 def triton_load(url: str, model: str, *, concurrency: int, batch: int, seconds: float) -> dict[str, float]:
@@ -215,16 +283,26 @@ def run_bench(cfg: BenchConfig) -> dict:
     res["int8_speedup"] = max(ort_int8.values()) / res["ort_images_per_s"]
 
     with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
-        on = _batching_repo(repo, cfg.model, Path(tmp) / "on", batching=True)
-        off = _batching_repo(repo, cfg.model, Path(tmp) / "off", batching=False)
+        shipped = _variant_repo(repo, cfg.model, Path(tmp) / "shipped", variant="shipped")
+        legacy = _variant_repo(repo, cfg.model, Path(tmp) / "legacy", variant="legacy")
+        off = _variant_repo(repo, cfg.model, Path(tmp) / "off", variant="no_batching")
 
-        def on_runs(url: str) -> dict:
+        def shipped_runs(url: str) -> dict:
             sat = triton_load(url, cfg.model, concurrency=4, batch=16, seconds=cfg.seconds)
             single = triton_load(url, cfg.model, concurrency=cfg.concurrency, batch=1, seconds=cfg.seconds)
-            return {"saturation": sat, "single": single}
+            c1 = tail_probe(url, cfg.model, concurrency=1, seconds=cfg.tail_seconds)
+            c8 = tail_probe(url, cfg.model, concurrency=8, seconds=cfg.tail_seconds)
+            pa = perf_analyzer(cfg.perf_analyzer_root, url, cfg.model, concurrency=cfg.concurrency, seconds=cfg.seconds)
+            return {"saturation": sat, "single": single, "c1": c1, "c8": c8, "perf_analyzer": pa}
 
-        logger.info("Triton with dynamic batching ...")
-        with_b = _served(on, (cfg.model,), on_runs)
+        def legacy_runs(url: str) -> dict:
+            return {"c1": tail_probe(url, cfg.model, concurrency=1, seconds=cfg.tail_seconds),
+                    "c8": tail_probe(url, cfg.model, concurrency=8, seconds=cfg.tail_seconds)}
+
+        logger.info("Triton, shipped config (dynamic batching, two instances) ...")
+        with_b = _served(shipped, (cfg.model,), shipped_runs)
+        logger.info("Triton, the earlier config (one instance, preferred batch sizes) ...")
+        old = _served(legacy, (cfg.model,), legacy_runs)
         logger.info("Triton without dynamic batching ...")
         without_b = _served(off, (cfg.model,), lambda url: triton_load(url, cfg.model, concurrency=cfg.concurrency,
                                                                           batch=1, seconds=cfg.seconds))
@@ -235,6 +313,20 @@ def run_bench(cfg: BenchConfig) -> dict:
     res["batching_gain"] = res["batching_images_per_s"] / res["no_batching_images_per_s"]
     res["p99_ms_batching"] = with_b["single"]["p99_ms"]
     res["p99_ms_no_batching"] = without_b["p99_ms"]
+    res["tail"] = {"shipped": {"c1": with_b["c1"], "c8": with_b["c8"]}, "legacy": old}
+    res["p99_over_p50_c1"] = with_b["c1"]["p99_ms"] / with_b["c1"]["p50_ms"]
+    res["p99_over_p50_c8"] = with_b["c8"]["p99_ms"] / with_b["c8"]["p50_ms"]
+    n_new = with_b["c1"]["requests"] + with_b["c8"]["requests"]
+    n_old = old["c1"]["requests"] + old["c8"]["requests"]
+    res["stalls_per_1000"] = 1000 * (with_b["c1"]["stalls"] + with_b["c8"]["stalls"]) / n_new
+    res["legacy_stalls_per_1000"] = 1000 * (old["c1"]["stalls"] + old["c8"]["stalls"]) / n_old
+    pa = with_b["perf_analyzer"]
+    res["perf_analyzer"] = pa
+    res["client_images_per_s_at_peer_concurrency"] = with_b["single"]["images_per_s"]
+    res["client_vs_perf_analyzer"] = with_b["single"]["images_per_s"] / pa["infer_per_s"] if pa else None
+    if pa is None:
+        res["perf_analyzer_note"] = (f"perf_analyzer not found under {relative(cfg.perf_analyzer_root) if cfg.perf_analyzer_root else '-'}"
+                                     "; run ../shared/tools/perf_analyzer_setup.sh .cache/perf_analyzer")
 
     logger.info("preprocessing on one core ...")
     rate, source = preprocess_rate(cfg.images_dir, cfg.seconds)
@@ -256,6 +348,12 @@ def run_bench(cfg: BenchConfig) -> dict:
     return res
 
 
+def _tail_text(res: dict, key: str) -> str:
+    t = res["tail"]["shipped"][key]
+    return (f"{key}: p50 {t['p50_ms']:.1f} ms, p99 {t['p99_ms']:.1f} ms, max {t['max_ms']:.0f} ms over {t['requests']:.0f} "
+            "1-image requests (shipped config)")
+
+
 def table(res: dict) -> str:
     """Markdown table of the headline figures."""
     def f(v: object, unit: str = "") -> str:
@@ -270,6 +368,16 @@ def table(res: dict) -> str:
         ("int8_speedup", f(res["int8_speedup"]), "INT8 QDQ over FP32, onnxruntime, best batch each", ""),
         ("preprocess_vs_server", f(res["preprocess_vs_server"]), f"one core preprocesses {f(res['preprocess_images_per_s_one_core'])} img/s ({res['preprocess_source']})", ">= 2"),
         ("compact_vs_inception", f(res["compact_vs_inception"]), "compact CNN over InceptionV3, onnxruntime, best batch each", ">= 8"),
+        ("p99_over_p50_c1", f(res["p99_over_p50_c1"]), _tail_text(res, "c1"), "<= 3"),
+        ("p99_over_p50_c8", f(res["p99_over_p50_c8"]), _tail_text(res, "c8"), "<= 3"),
+        ("stalls_per_1000", f(res["stalls_per_1000"]), f"requests over {STALL_MS:.0f} ms per 1000, shipped config, c1 + c8 "
+         f"({res['tail']['shipped']['c1']['requests'] + res['tail']['shipped']['c8']['requests']:.0f} requests)", "<= 0.5"),
+        ("legacy_stalls_per_1000", f(res["legacy_stalls_per_1000"]), "the same, the earlier config (one instance, preferred "
+         f"batch sizes 8/16/32; {res['tail']['legacy']['c1']['requests'] + res['tail']['legacy']['c8']['requests']:.0f} requests)", ""),
+        ("client_vs_perf_analyzer", f(res["client_vs_perf_analyzer"]),
+         (f"project client {f(res['client_images_per_s_at_peer_concurrency'])} img/s vs perf_analyzer "
+          f"{f(res['perf_analyzer']['infer_per_s'])} infer/s, 1-image requests at concurrency 16")
+         if res["perf_analyzer"] else res.get("perf_analyzer_note", "perf_analyzer not run"), "~1"),
     ]
     lines = ["| key | value | what | target |", "|---|---|---|---|"]
     lines += [f"| `{k}` | {v} | {w} | {t} |" for k, v, w, t in rows]

@@ -14,6 +14,7 @@ import csv
 import json
 import logging
 import math
+import re
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,7 @@ class CapacityConfig:
     Attributes:
         grpc_url: Triton gRPC ``host:port`` the users load.
         http_url: Triton HTTP ``host:port`` (statistics API).
+        metrics_url: Triton metrics ``host:port`` (server-side latency summaries, cross-checked against the client).
         model: Served model name.
         users: User counts to sweep.
         step_seconds: Duration of each step (Locust ``-t``).
@@ -50,6 +52,7 @@ class CapacityConfig:
 
     grpc_url: str = "127.0.0.1:8001"
     http_url: str = "127.0.0.1:8000"
+    metrics_url: str = "127.0.0.1:8002"
     model: str = "pneumonia"
     users: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     step_seconds: int = 20
@@ -87,6 +90,32 @@ def triton_stats(http_url: str, model: str) -> dict[str, float]:
         "queue_ns": float(inf["queue"]["ns"]),
         "compute_ns": float(inf["compute_input"]["ns"] + inf["compute_infer"]["ns"] + inf["compute_output"]["ns"]),
     }
+
+
+def server_latency(metrics_url: str, model: str) -> dict[str, float]:
+    """Triton's own request latency from ``/metrics`` (``cxr serve`` turns on ``summary_latencies``).
+
+    Returns the cumulative ``sum_us`` and ``count`` (for exact per-step means) and the summary's current
+    quantiles ``p50_us``, ``p90_us``, ``p99_us`` (Triton's sliding window; empty when summaries are off).
+    """
+    with urllib.request.urlopen(f"http://{metrics_url}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    pat = re.compile(r'^nv_inference_request_summary_us(_sum|_count)?\{([^}]*)\} ([0-9.eE+-]+)$')
+    for line in text.splitlines():
+        m = pat.match(line)
+        if not m or f'model="{model}"' not in m.group(2):
+            continue
+        suffix, labels, value = m.groups()
+        if suffix == "_sum":
+            out["sum_us"] = float(value)
+        elif suffix == "_count":
+            out["count"] = float(value)
+        else:
+            q = re.search(r'quantile="([0-9.]+)"', labels)
+            if q and q.group(1) in ("0.5", "0.9", "0.99"):
+                out[{"0.5": "p50_us", "0.9": "p90_us", "0.99": "p99_us"}[q.group(1)]] = float(value)
+    return out
 
 
 def run_locust(cfg: CapacityConfig, users: int, prefix: Path) -> dict[str, float]:
@@ -147,14 +176,21 @@ def sweep(cfg: CapacityConfig) -> dict:
         for users in cfg.users:
             logger.info("capacity step: %d users for %d s", users, cfg.step_seconds)
             before = triton_stats(cfg.http_url, cfg.model)
+            lat0 = server_latency(cfg.metrics_url, cfg.model)
             client = run_locust(cfg, users, Path(tmp) / f"u{users}")
             after = triton_stats(cfg.http_url, cfg.model)
+            lat1 = server_latency(cfg.metrics_url, cfg.model)
             d = {k: after[k] - before[k] for k in after}
+            n = lat1.get("count", 0.0) - lat0.get("count", 0.0)
+            server = {"server_mean_ms": (lat1["sum_us"] - lat0["sum_us"]) / n / 1000 if n > 0 else float("nan"),
+                      "server_p50_ms": lat1.get("p50_us", float("nan")) / 1000,
+                      "server_p99_ms": lat1.get("p99_us", float("nan")) / 1000}
             step = {"users": users, **client,
                     "images_per_s": client["requests_per_s"] * cfg.images_per_request,
                     "avg_batch": d["inference_count"] / d["execution_count"] if d["execution_count"] else 0.0,
                     "queue_ms_per_request": d["queue_ns"] / d["success_count"] / 1e6 if d["success_count"] else 0.0,
-                    "compute_ms_per_request": d["compute_ns"] / d["success_count"] / 1e6 if d["success_count"] else 0.0}
+                    "compute_ms_per_request": d["compute_ns"] / d["success_count"] / 1e6 if d["success_count"] else 0.0,
+                    **server}
             steps.append(step)
             logger.info("  %.1f img/s, p95 %.0f ms, batch %.2f", step["images_per_s"], step["p95_ms"], step["avg_batch"])
     result = {"config": {k: (relative(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
@@ -220,12 +256,22 @@ def markdown(result: dict) -> str:
         f"{cfg['images_per_request']} image(s) per request, {cfg['step_seconds']} s per step, images from "
         f"`{relative(cfg['images_dir'])}`.",
         "",
-        "| users | images/s | p50 ms | p95 ms | p99 ms | failures | avg batch | queue ms/req | compute ms/req |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| users | images/s | p50 ms | p95 ms | p99 ms | failures | avg batch | queue ms/req | compute ms/req "
+        "| server mean ms | server p50 ms | server p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in steps:
         lines.append(f"| {s['users']} | {s['images_per_s']:.1f} | {s['p50_ms']:.0f} | {s['p95_ms']:.0f} | {s['p99_ms']:.0f} | "
-                     f"{s['failures']:.0f} | {s['avg_batch']:.2f} | {s['queue_ms_per_request']:.1f} | {s['compute_ms_per_request']:.1f} |")
+                     f"{s['failures']:.0f} | {s['avg_batch']:.2f} | {s['queue_ms_per_request']:.1f} | {s['compute_ms_per_request']:.1f} "
+                     f"| {s.get('server_mean_ms', float('nan')):.1f} | {s.get('server_p50_ms', float('nan')):.1f} "
+                     f"| {s.get('server_p99_ms', float('nan')):.1f} |")
+    lines += [
+        "",
+        "Cross-check: the client's figures (Locust, end to end) against Triton's own request latency from `:8002/metrics` "
+        "(`--metrics-config summary_latencies=true`). The server mean is exact per step (from the summary's sum and "
+        "count); its p50/p99 come from Triton's sliding window (about a minute), which can include the previous step. "
+        "The client sees the server's latency plus the network, gRPC and its own scheduling.",
+    ]
     lines += ["", "## Planning", ""]
     if p["meets_slo"]:
         lines += [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
@@ -9,7 +10,8 @@ import pytest
 
 from cxr.cli import build_parser
 
-SUBCOMMANDS = ["train", "evaluate", "calibrate", "export", "serve", "predict", "health", "bench", "capacity", "soak", "ui"]
+SUBCOMMANDS = ["train", "evaluate", "calibrate", "export", "ood-fit", "ood-eval", "explain-eval", "configs", "serve",
+               "predict", "health", "bench", "capacity", "soak", "ui"]
 
 
 def test_top_level_help_lists_subcommands(capsys: pytest.CaptureFixture[str]) -> None:
@@ -21,13 +23,32 @@ def test_top_level_help_lists_subcommands(capsys: pytest.CaptureFixture[str]) ->
         assert cmd in text
 
 
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_every_subcommand_is_listed_and_tested() -> None:
+    assert sorted(_subparsers()) == sorted(SUBCOMMANDS)
+
+
 @pytest.mark.parametrize("cmd", SUBCOMMANDS)
 def test_subcommand_help(cmd: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each subcommand explains itself in sentences, and every option says what it is."""
+    sub = _subparsers()[cmd]
+    assert sub.description and len(sub.description) >= 80 and sub.description.rstrip().endswith(".")
+    undocumented = [a.option_strings or [a.dest] for a in sub._actions
+                    if not isinstance(a, argparse._HelpAction) and not (a.help and a.help.strip())]
+    assert not undocumented, f"options without help: {undocumented}"
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args([cmd, "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"usage: cxr {cmd}") and len(out) > 200
+    assert out.startswith(f"usage: cxr {cmd}")
+    for a in sub._actions:
+        for opt in a.option_strings:
+            assert opt in out
 
 
 def test_console_script_runs() -> None:

@@ -32,7 +32,7 @@ def test_bounded_headless_locust_run(triton_server, sample_images, tmp_path, use
 
 def test_capacity_report_from_a_short_sweep(triton_server, sample_images, tmp_path) -> None:  # type: ignore[no-untyped-def]
     cfg = CapacityConfig(grpc_url=triton_server.config.grpc_url, http_url=triton_server.config.http_url,
-                         users=(1, 4), step_seconds=3, images_dir=sample_images[0].parent, slo_p95_ms=10_000,
+                         metrics_url=f"127.0.0.1:{triton_server.config.metrics_port}", users=(1, 4), step_seconds=3, images_dir=sample_images[0].parent, slo_p95_ms=10_000,
                          target_studies_per_hour=50_000, out_dir=tmp_path / "cap")
     res = sweep(cfg)
     assert [s["users"] for s in res["steps"]] == [1, 4]
@@ -44,6 +44,9 @@ def test_capacity_report_from_a_short_sweep(triton_server, sample_images, tmp_pa
     for f in ("capacity.md", "capacity.csv", "capacity.json", "throughput_latency.png", "queue_compute.png"):
         assert (tmp_path / "cap" / f).stat().st_size > 100
     assert "server(s)** like this one" in (tmp_path / "cap" / "capacity.md").read_text()
+    for s in res["steps"]:  # the server's own latency (summary_latencies) next to the client's
+        assert 0 < s["server_mean_ms"] <= s["avg_ms"] + 1, s
+        assert s["server_p50_ms"] > 0 and s["server_p99_ms"] >= s["server_p50_ms"]
 
 
 def test_planning_arithmetic() -> None:
@@ -64,7 +67,8 @@ def test_bench_json_schema_on_a_tiny_run(tmp_path) -> None:  # type: ignore[no-u
 
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "cxr.cli", "bench", "--model-repository", str(SHIPPED_REPOSITORY),
-                        "--seconds", "0.5", "--out", str(out), "--no-inception"], capture_output=True, text=True, timeout=600)
+                        "--seconds", "0.5", "--tail-seconds", "1", "--out", str(out), "--no-inception",
+                        "--perf-analyzer-root", str(tmp_path / "none")], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     for k in REQUIRED_KEYS:
@@ -72,7 +76,15 @@ def test_bench_json_schema_on_a_tiny_run(tmp_path) -> None:  # type: ignore[no-u
     for k in ("ort_images_per_s", "triton_vs_ort", "batching_gain", "int8_speedup", "preprocess_vs_server"):
         assert isinstance(res[k], float) and res[k] > 0
     assert res["compact_vs_inception"] is None  # skipped on request, said so rather than invented
-    assert "| `triton_vs_ort` |" in r.stdout
+    assert res["client_vs_perf_analyzer"] is None and "perf_analyzer not found" in res["perf_analyzer_note"]
+    for key in ("p99_over_p50_c1", "p99_over_p50_c8"):
+        assert isinstance(res[key], float) and res[key] >= 1.0
+    for variant in ("shipped", "legacy"):
+        for c in ("c1", "c8"):
+            t = res["tail"][variant] if variant == "legacy" else res["tail"]["shipped"]
+            assert t[c]["requests"] > 0 and t[c]["p50_ms"] <= t[c]["p99_ms"] <= t[c]["max_ms"]
+    assert res["stalls_per_1000"] >= 0 and res["legacy_stalls_per_1000"] >= 0
+    assert "| `triton_vs_ort` |" in r.stdout and "| `stalls_per_1000` |" in r.stdout
 
 
 def test_bounded_soak_at_80_percent_has_no_failures_and_stable_memory(triton_server, tmp_path) -> None:  # type: ignore[no-untyped-def]

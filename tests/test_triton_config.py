@@ -104,3 +104,14 @@ def test_batching_policy_validation() -> None:
         triton_config.BatchingPolicy(max_batch_size=8, preferred_batch_sizes=(16,))
     with pytest.raises(ValueError):
         triton_config.render("m", "nope", triton_config.ServedParams(threshold=0.5, sha256="x"))
+
+
+def test_cpu_config_keeps_the_dynamic_batcher_awake() -> None:
+    """The 500 ms stalls: Triton 2.51's dynamic batcher wakes its thread on enqueue only when a payload slot is free
+    and the queue has reached the next preferred batch size; otherwise a request can wait out the batcher's 500 ms
+    idle timeout. The CPU configs remove both preconditions (measured by `cxr bench`: stalls_per_1000)."""
+    for model in ("pneumonia", "pneumonia_int8"):
+        cfg = _parse(SHIPPED_REPOSITORY / model / "configs" / "cpu.pbtxt")
+        assert sum(g.count for g in cfg.instance_group) >= 2
+        assert list(cfg.dynamic_batching.preferred_batch_size) == []
+    assert triton_config.LEGACY_CPU_POLICY.instances == 1  # kept only for the side-by-side bench

@@ -192,6 +192,8 @@ class TritonServer:
             f"--grpc-address={c.host}", f"--grpc-port={c.grpc_port}",
             f"--metrics-address={c.host}", f"--metrics-port={c.metrics_port}",
             "--allow-gpu-metrics=false", "--allow-cpu-metrics=true",
+            # p50/p90/p99 request, queue and compute latencies on :8002/metrics (nv_inference_*_summary_us)
+            "--metrics-config=summary_latencies=true",
             f"--log-verbose={c.log_verbose}",
             "--exit-timeout-secs=10",
         ]
