@@ -28,10 +28,11 @@ import logging
 import os
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cxr import contract
+from cxr.security import TlsClient
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ class PredictOptions:
         chunk: Images decoded and sent per step (and journaled together).
         eligibility: A DICOM eligibility rules file overriding the served rules.
         retries: Tries per request before a chunk's images are recorded as transient errors (a rerun retries them).
+        tls: TLS settings for the server (:class:`cxr.security.TlsClient`).
+        config_key: Key for a server that restricts model-config.
     """
 
     inputs: tuple[Path, ...]
@@ -71,6 +74,8 @@ class PredictOptions:
     chunk: int = 64
     eligibility: Path | None = None
     retries: int = 6
+    tls: TlsClient | None = None
+    config_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.retries < 1:
@@ -276,7 +281,8 @@ def _screen(opts: PredictOptions, todo: list[tuple[Path, str]], rules, journal: 
     from cxr.client import PneumoniaClient, RetryPolicy
 
     with PneumoniaClient(opts.url, protocol=opts.protocol, model=opts.model, timeout_s=opts.timeout_s,
-                         eligibility=rules, retry=RetryPolicy(attempts=opts.retries)) as client:
+                         eligibility=rules, retry=RetryPolicy(attempts=opts.retries), tls=opts.tls,
+                         config_key=opts.config_key) as client:
         bar = tqdm(total=len(todo), unit="img", desc="predict", disable=len(todo) < 2 or not sys.stderr.isatty())
         for start in range(0, len(todo), opts.chunk):
             part = todo[start : start + opts.chunk]

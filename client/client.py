@@ -15,6 +15,7 @@ from cxr import contract
 from cxr.client.transport import PROTOCOLS, ModelInfo, Scores, Transport, make_transport
 from cxr.eligibility import Eligibility
 from cxr.errors import CxrError, InvalidInputError, NotAssessableError, RetryableServerError
+from cxr.security import TlsClient
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +127,8 @@ class PneumoniaClient:
             rules the served config publishes, else the shipped default).
         transport: A ready :class:`Transport` to use instead of connecting to ``url``
             (tests, custom transports); ``protocol`` and ``url`` are then ignored.
+        tls: TLS settings (:class:`cxr.security.TlsClient`: the CA, and the client certificate for mutual TLS).
+        config_key: The key for a server that restricts model-config (``cxr serve --config-key-file``).
     """
 
     def __init__(
@@ -142,6 +145,8 @@ class PneumoniaClient:
         preprocess_workers: int = 2,
         eligibility: Eligibility | None = None,
         transport: Transport | None = None,
+        tls: TlsClient | None = None,
+        config_key: str | None = None,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -153,7 +158,8 @@ class PneumoniaClient:
         self.timeout_s = timeout_s
         self.retry = retry or RetryPolicy()
         self.transport: Transport = transport or self._with_retries(
-            lambda: make_transport(protocol, url, model, model_version, timeout_s=timeout_s), "connect"
+            lambda: make_transport(protocol, url, model, model_version, timeout_s=timeout_s, tls=tls,
+                                   config_key=config_key), "connect"
         )
         mbs = self.info.max_batch_size
         if batch_size is not None and not 1 <= batch_size <= mbs:

@@ -11,6 +11,7 @@ import numpy as np
 
 from cxr import contract
 from cxr.errors import InvalidInputError, RetryableServerError, ServerError
+from cxr.security import CONFIG_HEADER, TlsClient, TlsError, diagnose, grpc_header, split_host_port
 
 logger = logging.getLogger(__name__)
 
@@ -138,20 +139,30 @@ class Transport:
 class GrpcTransport(Transport):
     """tritonclient.grpc; one channel shared by every thread (gRPC channels are thread-safe)."""
 
-    def __init__(self, url: str, model: str, version: str, *, timeout_s: float) -> None:
+    def __init__(self, url: str, model: str, version: str, *, timeout_s: float, tls: TlsClient | None = None,
+                 config_key: str | None = None) -> None:
         import tritonclient.grpc as grpcclient
 
         self._mod = grpcclient
         self.url, self.model, self.version = url, model, version
-        self._client = grpcclient.InferenceServerClient(url=url)
+        self.tls = tls
+        self._config_headers = {grpc_header(CONFIG_HEADER): config_key} if config_key else None
+        self._client = grpcclient.InferenceServerClient(url=url, **(tls.grpc_kwargs() if tls else {}))
         self.info = self._load_info(timeout_s)
 
     def _load_info(self, timeout_s: float) -> ModelInfo:
         try:
             meta = self._client.get_model_metadata(self.model, self.version, as_json=True, client_timeout=timeout_s)
-            cfg = self._client.get_model_config(self.model, self.version, as_json=True, client_timeout=timeout_s)["config"]
+            cfg = self._client.get_model_config(self.model, self.version, as_json=True, client_timeout=timeout_s,
+                                                headers=self._config_headers)["config"]
         except Exception as exc:  # noqa: BLE001 - tritonclient raises its own type
-            raise classify_error(exc, f"grpc {self.url} model {self.model}") from None
+            err = classify_error(exc, f"grpc {self.url} model {self.model}")
+            if self.tls is not None and isinstance(err, RetryableServerError):
+                host, port = split_host_port(self.url)
+                why = diagnose(host, port, self.tls)
+                if not why.startswith(("cannot connect", "TLS handshake succeeded", "TLS handshake timed out")):
+                    raise TlsError(f"grpc {self.url}: {why}") from None
+            raise err from None
         versions = meta.get("versions") or [self.version or "1"]
         return _params_to_info(self.model, self.version or str(versions[-1]), cfg)
 
@@ -179,13 +190,19 @@ class GrpcTransport(Transport):
 
 
 class HttpTransport(Transport):
-    """tritonclient.http with binary tensor data; one connection per thread (the client is not thread-safe)."""
+    """tritonclient.http with binary tensor data; one connection per thread (the client is not thread-safe).
 
-    def __init__(self, url: str, model: str, version: str, *, timeout_s: float) -> None:
+    With ``tls``, it speaks HTTPS (Triton's HTTP has no TLS: this is for the TLS-terminating proxy in front).
+    """
+
+    def __init__(self, url: str, model: str, version: str, *, timeout_s: float, tls: TlsClient | None = None,
+                 config_key: str | None = None) -> None:
         import tritonclient.http as httpclient
 
         self._mod = httpclient
-        self.url, self.model, self.version = url, model, version
+        self.url, self.model, self.version = url.removeprefix("https://").removeprefix("http://"), model, version
+        self.tls = tls
+        self._config_headers = {CONFIG_HEADER: config_key} if config_key else None
         self._timeout_s = timeout_s
         self._local = threading.local()
         self._all: list = []
@@ -193,7 +210,7 @@ class HttpTransport(Transport):
         try:
             c = self._client()
             meta = c.get_model_metadata(self.model, self.version)
-            cfg = c.get_model_config(self.model, self.version)
+            cfg = c.get_model_config(self.model, self.version, headers=self._config_headers)
         except Exception as exc:  # noqa: BLE001
             raise classify_error(exc, f"http {self.url} model {self.model}") from None
         versions = meta.get("versions") or [self.version or "1"]
@@ -202,8 +219,14 @@ class HttpTransport(Transport):
     def _client(self):  # type: ignore[no-untyped-def]
         c = getattr(self._local, "client", None)
         if c is None:
+            kw: dict = {}
+            if self.tls is not None:
+                opts = {"ca_certs": str(self.tls.ca)}
+                if self.tls.cert is not None:
+                    opts.update(certfile=str(self.tls.cert), keyfile=str(self.tls.key))
+                kw = {"ssl": True, "ssl_options": opts, "insecure": False}
             c = self._mod.InferenceServerClient(
-                url=self.url, connection_timeout=self._timeout_s, network_timeout=self._timeout_s
+                url=self.url, connection_timeout=self._timeout_s, network_timeout=self._timeout_s, **kw
             )
             self._local.client = c
             with self._lock:
@@ -307,12 +330,13 @@ def _scores(get, info: ModelInfo, n: int) -> Scores:  # type: ignore[no-untyped-
     return Scores(prob, ood)
 
 
-def make_transport(protocol: str, url: str | None, model: str, version: str, *, timeout_s: float) -> Transport:
+def make_transport(protocol: str, url: str | None, model: str, version: str, *, timeout_s: float,
+                   tls: TlsClient | None = None, config_key: str | None = None) -> Transport:
     """Create the transport for ``protocol`` (``grpc``, ``http`` or ``embedded``)."""
     if protocol == "grpc":
-        return GrpcTransport(url or DEFAULT_URLS["grpc"], model, version, timeout_s=timeout_s)
+        return GrpcTransport(url or DEFAULT_URLS["grpc"], model, version, timeout_s=timeout_s, tls=tls, config_key=config_key)
     if protocol == "http":
-        return HttpTransport(url or DEFAULT_URLS["http"], model, version, timeout_s=timeout_s)
+        return HttpTransport(url or DEFAULT_URLS["http"], model, version, timeout_s=timeout_s, tls=tls, config_key=config_key)
     if protocol == "embedded":
         from cxr.paths import DEFAULT_REPOSITORY
 

@@ -324,6 +324,14 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port")
     p.add_argument("--models", nargs="*", default=[], help="load only these models")
     p.add_argument("--timeout-s", type=float, default=120.0, help="readiness deadline")
+    g = p.add_argument_group("transport security")
+    g.add_argument("--tls-cert", type=Path, help="server certificate (PEM): gRPC speaks TLS; HTTP and metrics stay on loopback")
+    g.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    g.add_argument("--tls-client-ca", type=Path, help="CA of accepted client certificates: TLS becomes mutual")
+    g.add_argument("--admin-key-file", type=Path,
+                   help="restrict model-repository, shared-memory, statistics, trace and logging to header admin-key")
+    g.add_argument("--config-key-file", type=Path, help="restrict model-config to header config-key (the clients' key)")
+    g.add_argument("--allow-insecure", action="store_true", help="allow a non-loopback --host without TLS (not for patient data)")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -331,15 +339,25 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from cxr.security import TlsServer
     from cxr.serving.server import ServerConfig, TritonServer
 
-    cfg = ServerConfig(model_repository=a.model_repository, model_config_name=a.model_config_name or None,
-                       host=a.host, http_port=a.http_port, grpc_port=a.grpc_port, metrics_port=a.metrics_port,
-                       models=tuple(a.models), startup_timeout_s=a.timeout_s)
+    if (a.tls_cert is None) != (a.tls_key is None) or (a.tls_client_ca and not a.tls_cert):
+        raise CxrError("give --tls-cert and --tls-key together (and --tls-client-ca only with them)")
+    try:
+        tls = TlsServer(a.tls_cert, a.tls_key, a.tls_client_ca) if a.tls_cert else None
+        cfg = ServerConfig(model_repository=a.model_repository, model_config_name=a.model_config_name or None,
+                           host=a.host, http_port=a.http_port, grpc_port=a.grpc_port, metrics_port=a.metrics_port,
+                           models=tuple(a.models), startup_timeout_s=a.timeout_s, tls=tls,
+                           admin_key_file=a.admin_key_file, config_key_file=a.config_key_file,
+                           allow_insecure=a.allow_insecure)
+    except ValueError as exc:
+        raise CxrError(str(exc)) from None
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with TritonServer(cfg) as server:
-        print(f"Triton ready (pid {server.pid}):\n  HTTP    http://{cfg.http_url}\n  gRPC    {cfg.grpc_url}\n"
+        tls_note = (" (TLS" + (", mutual" if cfg.tls.mutual else "") + ")") if cfg.tls else ""
+        print(f"Triton ready (pid {server.pid}):\n  HTTP    http://{cfg.http_url}\n  gRPC    {cfg.grpc_url}{tls_note}\n"
               f"  metrics {cfg.metrics_url}\nCtrl-C to stop.", flush=True)
         try:
             while not stop.is_set():
@@ -357,6 +375,29 @@ def _add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", choices=["grpc", "http", "embedded"], default="grpc", help="grpc, http, or embedded (in-process onnxruntime, no server)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="served model name")
     p.add_argument("--timeout-s", type=float, default=30.0, help="per-request deadline")
+    _add_tls_client_args(p)
+
+
+def _add_tls_client_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("transport security")
+    g.add_argument("--tls-ca", type=Path, help="CA bundle the server's certificate must verify against (turns TLS on)")
+    g.add_argument("--tls-cert", type=Path, help="this client's certificate, for mutual TLS")
+    g.add_argument("--tls-key", type=Path, help="this client's private key, for mutual TLS")
+    g.add_argument("--config-key-file", type=Path, help="key for a server that restricts model-config (header config-key)")
+
+
+def _client_security(a: argparse.Namespace) -> dict:
+    """``tls`` and ``config_key`` keyword arguments for PneumoniaClient from the TLS options."""
+    from cxr.security import TlsClient, read_key
+
+    if (a.tls_cert or a.tls_key) and not a.tls_ca:
+        raise CxrError("--tls-cert/--tls-key need --tls-ca (the CA that signed the server's certificate)")
+    try:
+        tls = TlsClient(ca=a.tls_ca, cert=a.tls_cert, key=a.tls_key) if a.tls_ca else None
+    except ValueError as exc:
+        raise CxrError(str(exc)) from None
+    key = read_key(a.config_key_file, "config key") if a.config_key_file else None
+    return {"tls": tls, "config_key": key}
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
@@ -386,7 +427,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
 
     return run_predict(PredictOptions(inputs=tuple(a.inputs), url=a.url, protocol=a.protocol, model=a.model,
                                       timeout_s=a.timeout_s, format=a.format, out=a.out, chunk=a.chunk,
-                                      eligibility=a.eligibility, retries=a.retries))
+                                      eligibility=a.eligibility, retries=a.retries, **_client_security(a)))
 
 
 def _add_health(sub: argparse._SubParsersAction) -> None:
@@ -406,7 +447,7 @@ def _cmd_health(a: argparse.Namespace) -> int:
 
     from cxr.client import PneumoniaClient, RetryPolicy
 
-    with PneumoniaClient(a.url, protocol=a.protocol, model=a.model, timeout_s=a.timeout_s,
+    with PneumoniaClient(a.url, protocol=a.protocol, model=a.model, timeout_s=a.timeout_s, **_client_security(a),
                          retry=RetryPolicy(attempts=1)) as c:
         ready = c.ready()
         info = c.info
@@ -470,6 +511,7 @@ def _add_capacity(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grpc-url", default="127.0.0.1:8001", help="Triton gRPC host:port the Locust users load")
     p.add_argument("--http-url", default="127.0.0.1:8000", help="for Triton's statistics API")
     p.add_argument("--metrics-url", default="127.0.0.1:8002", help="Triton's metrics port (server-side latency summaries)")
+    p.add_argument("--admin-key-file", type=Path, help="admin key for a server that restricts its statistics API")
     p.add_argument("--protocol", choices=["grpc", "http"], default="grpc", help="grpc, http, or embedded (in-process onnxruntime, no server)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="served model name")
     p.add_argument("--users", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], help="user counts to sweep")
@@ -486,8 +528,11 @@ def _add_capacity(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_capacity(a: argparse.Namespace) -> int:
     from cxr.loadtest.capacity import CapacityConfig, sweep
+    from cxr.security import read_key
 
-    res = sweep(CapacityConfig(grpc_url=a.grpc_url, http_url=a.http_url, metrics_url=a.metrics_url, model=a.model,
+    admin_key = read_key(a.admin_key_file, "admin key") if a.admin_key_file else None
+    res = sweep(CapacityConfig(grpc_url=a.grpc_url, http_url=a.http_url, metrics_url=a.metrics_url, admin_key=admin_key,
+                               model=a.model,
                                users=tuple(a.users),
                                step_seconds=a.step_seconds, images_per_request=a.images_per_request,
                                images_dir=a.images_dir, slo_p95_ms=a.slo_p95_ms, images_per_study=a.images_per_study,
@@ -541,20 +586,117 @@ def _add_ui(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=7860, help="port of the page")
     p.add_argument("--share", action="store_true", help="create a public Gradio share link (off by default)")
     p.add_argument("--max-file-mb", type=int, default=32, help="upload size limit per file")
+    g = p.add_argument_group("access")
+    g.add_argument("--auth-file", type=Path, help="credentials file (cxr ui-passwd): the page asks for a login")
+    g.add_argument("--https-cert", type=Path, help="certificate for HTTPS (with --https-key)")
+    g.add_argument("--https-key", type=Path, help="private key for HTTPS")
     p.set_defaults(func=_cmd_ui)
 
 
 def _cmd_ui(a: argparse.Namespace) -> int:
     from cxr.ui import UiConfig, launch
 
-    launch(UiConfig(url=a.url, protocol=a.protocol, model=a.model, repository=a.model_repository, host=a.host,
-                    port=a.port, share=a.share, max_file_mb=a.max_file_mb))
+    try:
+        cfg = UiConfig(url=a.url, protocol=a.protocol, model=a.model, repository=a.model_repository, host=a.host,
+                       port=a.port, share=a.share, max_file_mb=a.max_file_mb, auth_file=a.auth_file,
+                       https_cert=a.https_cert, https_key=a.https_key, **_client_security(a))
+    except ValueError as exc:
+        raise CxrError(str(exc)) from None
+    launch(cfg)
+    return 0
+
+
+def _add_proxy(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "proxy",
+        help="TLS in front of Triton's HTTP (and optionally gRPC) with nginx",
+        description="Triton's HTTP endpoint has no TLS. Run nginx (Debian's package) terminating HTTPS, with client "
+        "certificates when --client-ca is given, and proxying to Triton's loopback HTTP port; optionally a TLS gRPC "
+        "listener proxied to Triton's gRPC port. --print writes the nginx.conf and exits, for a site's own nginx.",
+    )
+    p.add_argument("--listen-host", default="127.0.0.1", help="address nginx listens on")
+    p.add_argument("--https-port", type=int, default=8443, help="HTTPS port")
+    p.add_argument("--triton-http", default="127.0.0.1:8000", help="Triton's HTTP host:port (loopback)")
+    p.add_argument("--cert", type=Path, required=True, help="server certificate (PEM)")
+    p.add_argument("--key", type=Path, required=True, help="server private key (PEM)")
+    p.add_argument("--client-ca", type=Path, help="require client certificates from this CA (mutual TLS)")
+    p.add_argument("--grpc-port", type=int, help="also a TLS gRPC listener on this port")
+    p.add_argument("--triton-grpc", help="Triton's gRPC host:port for --grpc-port")
+    p.add_argument("--print", action="store_true", help="print the nginx.conf and exit")
+    p.set_defaults(func=_cmd_proxy)
+
+
+def _cmd_proxy(a: argparse.Namespace) -> int:
+    import signal
+    import tempfile
+    import threading
+
+    from cxr.serving.proxy import NginxProxy, ProxyConfig, render_nginx_conf
+
+    try:
+        cfg = ProxyConfig(https_port=a.https_port, triton_http=a.triton_http, cert=a.cert, key=a.key,
+                          listen_host=a.listen_host, client_ca=a.client_ca, grpc_port=a.grpc_port, triton_grpc=a.triton_grpc)
+    except ValueError as exc:
+        raise CxrError(str(exc)) from None
+    if a.print:
+        print(render_nginx_conf(cfg, workdir=Path(tempfile.gettempdir()) / "cxr-nginx"))
+        return 0
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with NginxProxy(cfg):
+        print(f"nginx: https://{a.listen_host}:{a.https_port} -> http://{a.triton_http}"
+              + (f"; grpcs {a.listen_host}:{a.grpc_port} -> {a.triton_grpc}" if a.grpc_port else "") + "; Ctrl-C to stop",
+              flush=True)
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def _add_ui_passwd(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ui-passwd",
+        help="add or replace a user in the screening page's credentials file",
+        description="Read a password (twice, without echo; or one line from standard input when it is not a "
+        "terminal) and write USER:scrypt$salt$hash into FILE, created with mode 600. Plain-text passwords never "
+        "touch the disk. Use the file with `cxr ui --auth-file FILE`.",
+    )
+    p.add_argument("file", type=Path, help="credentials file")
+    p.add_argument("user", help="user name (letters, digits, '.', '_' or '-')")
+    p.set_defaults(func=_cmd_ui_passwd)
+
+
+def _cmd_ui_passwd(a: argparse.Namespace) -> int:
+    import getpass
+    import re
+
+    from cxr.ui import hash_password
+
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", a.user):
+        raise CxrError("user names are 1-64 letters, digits, '.', '_' or '-'")
+    if sys.stdin.isatty():
+        pw = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != pw:
+            raise CxrError("the passwords differ")
+    else:
+        pw = sys.stdin.readline().rstrip("\n")
+    try:
+        entry = f"{a.user}:{hash_password(pw)}"
+    except ValueError as exc:
+        raise CxrError(str(exc)) from None
+    lines = [ln for ln in (a.file.read_text().splitlines() if a.file.exists() else []) if not ln.startswith(f"{a.user}:")]
+    fd = os.open(a.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join([*lines, entry]) + "\n")
+    os.chmod(a.file, 0o600)
+    print(f"{a.user} written to {a.file}")
     return 0
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train, _add_evaluate, _add_calibrate, _add_export, _add_ood_fit, _add_ood_eval, _add_explain_eval, _add_configs, _add_serve,
-    _add_predict, _add_health, _add_bench, _add_capacity, _add_soak, _add_ui,
+    _add_predict, _add_health, _add_bench, _add_capacity, _add_soak, _add_ui, _add_ui_passwd, _add_proxy,
 ]
 
 

@@ -126,12 +126,19 @@ IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".we
 ImageSource = Union[str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray]
 
 
-def label_for(probability: float, threshold: float, labels: tuple[str, ...] = LABELS) -> str:
-    """Return the label for a probability: ``labels[1]`` (Pneumonia) when ``p >= threshold``.
+def is_positive(probability: float | np.ndarray, threshold: float) -> bool | np.ndarray:
+    """The decision rule, the one place it lives: positive (Pneumonia) when ``probability >= threshold``.
 
-    This is the one place that applies the decision rule.
+    Works on a number or elementwise on an array.
     """
-    return labels[1] if probability >= threshold else labels[0]
+    if isinstance(probability, np.ndarray):
+        return probability >= threshold
+    return bool(probability >= threshold)
+
+
+def label_for(probability: float, threshold: float, labels: tuple[str, ...] = LABELS) -> str:
+    """Return the label for a probability: ``labels[1]`` (Pneumonia) when :func:`is_positive`."""
+    return labels[1] if is_positive(probability, threshold) else labels[0]
 
 
 def is_out_of_distribution(ood_score: float, ood_threshold: float | None) -> bool:

@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cxr import contract
@@ -63,6 +63,12 @@ class UiConfig:
         port: Port.
         share: Create a public Gradio share link (off unless asked).
         max_file_mb: Upload size limit per file.
+        auth_file: Credentials file (``user:scrypt$...`` lines, made by ``cxr ui-passwd``): the page asks for a
+            login. Required on any address but loopback.
+        https_cert: Certificate for HTTPS (required, with ``https_key``, on any address but loopback).
+        https_key: Its private key.
+        tls: TLS settings for reaching Triton (:class:`cxr.security.TlsClient`).
+        config_key: Key for a server that restricts model-config.
     """
 
     url: str | None = None
@@ -73,12 +79,94 @@ class UiConfig:
     port: int = 7860
     share: bool = False
     max_file_mb: int = 32
+    auth_file: Path | None = None
+    https_cert: Path | None = None
+    https_key: Path | None = None
+    tls: object | None = None
+    config_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        from cxr.security import is_loopback
+
         if self.max_file_mb < 1:
             raise ValueError("max_file_mb must be >= 1")
         if not 0 < self.port < 65536:
             raise ValueError("port must be in 1..65535")
+        if (self.https_cert is None) != (self.https_key is None):
+            raise ValueError("give --https-cert and --https-key together")
+        if not is_loopback(self.host) and (self.auth_file is None or self.https_cert is None):
+            raise ValueError(f"refusing to serve the page on {self.host} without a login and HTTPS: give --auth-file "
+                             "(make it with `cxr ui-passwd`) and --https-cert/--https-key, or bind 127.0.0.1 behind "
+                             "an authenticating proxy")
+        if self.share and self.auth_file is None:
+            raise ValueError("a public share link needs --auth-file")
+        if self.auth_file is not None:
+            load_credentials(self.auth_file)  # fail early on a bad file
+
+
+_SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
+
+
+def _scrypt(password: str, salt: bytes) -> str:
+    import hashlib
+
+    digest = hashlib.scrypt(password.encode(), salt=salt, **_SCRYPT)  # type: ignore[arg-type]
+    return f"scrypt${salt.hex()}${digest.hex()}"
+
+
+def hash_password(password: str) -> str:
+    """``scrypt$<salt hex>$<hash hex>`` for a credentials file (passwords of at least 8 characters)."""
+    import secrets
+
+    if len(password) < 8:
+        raise ValueError("passwords must have at least 8 characters")
+    return _scrypt(password, secrets.token_bytes(16))
+
+
+def load_credentials(path: Path) -> dict[str, str]:
+    """``user -> scrypt$...`` from a credentials file (``user:scrypt$salt$hash`` per line; ``#`` comments).
+
+    Raises:
+        CxrError: Unreadable, readable by others, empty, or a malformed line (plain-text passwords are refused).
+    """
+    import stat
+
+    p = Path(path)
+    try:
+        mode = p.stat().st_mode
+        lines = p.read_text().splitlines()
+    except OSError as exc:
+        raise CxrError(f"cannot read credentials file {p}: {exc.strerror or exc}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise CxrError(f"credentials file {p} is readable by others; chmod 600 it")
+    users: dict[str, str] = {}
+    for n, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, _, hashed = line.partition(":")
+        if not user or not hashed.startswith("scrypt$") or hashed.count("$") != 2:
+            raise CxrError(f"{p}:{n}: expected user:scrypt$salt$hash (make entries with `cxr ui-passwd`)")
+        users[user] = hashed
+    if not users:
+        raise CxrError(f"credentials file {p} holds no user")
+    return users
+
+
+def check_password(users: dict[str, str], user: str, password: str) -> bool:
+    """Constant-time check of one login against the credentials."""
+    import hmac
+
+    stored = users.get(user)
+    if stored is None:
+        _scrypt(password, b"\0" * 16)  # spend the same time for unknown users
+        return False
+    _, salt, _ = stored.split("$")
+    try:
+        candidate = _scrypt(password, bytes.fromhex(salt))
+    except ValueError:
+        return False
+    return hmac.compare_digest(candidate, stored)
 
 
 def _short(name: str) -> str:
@@ -175,7 +263,8 @@ def build_app(cfg: UiConfig):  # type: ignore[no-untyped-def]
     from cxr.client import PneumoniaClient
     from cxr.explain import GradCam
 
-    client = PneumoniaClient(cfg.url, protocol=cfg.protocol, model=cfg.model)
+    client = PneumoniaClient(cfg.url, protocol=cfg.protocol, model=cfg.model, tls=cfg.tls,  # type: ignore[arg-type]
+                             config_key=cfg.config_key)
     note = ""
     try:
         gradcam = GradCam(Path(cfg.repository) / cfg.model, served_sha256=client.info.sha256)
@@ -215,9 +304,15 @@ def launch(cfg: UiConfig) -> None:
     tmp = tempfile.mkdtemp(prefix="cxr-ui-uploads-")
     os.environ["GRADIO_TEMP_DIR"] = tmp
     app = build_app(cfg)
+    auth = None
+    if cfg.auth_file is not None:
+        users = load_credentials(cfg.auth_file)
+        auth = lambda user, password: check_password(users, user, password)  # noqa: E731
     try:
         app.launch(server_name=cfg.host, server_port=cfg.port, share=cfg.share, max_file_size=f"{cfg.max_file_mb}mb",
-                   show_error=True)
+                   show_error=True, auth=auth, auth_message="Sign in to the screening page.",
+                   ssl_certfile=str(cfg.https_cert) if cfg.https_cert else None,
+                   ssl_keyfile=str(cfg.https_key) if cfg.https_key else None)
     finally:
         app.cxr_cleanup()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -200,7 +200,7 @@ def check_parity(
     if tolerance is not None and max_diff > tolerance:
         worst = int(diff.argmax())
         failures.append(f"max |dp| {max_diff:.3g} > {tolerance:g} (image {worst}: ref {ref[worst]:.6f}, onnx {cand[worst]:.6f})")
-    agree = float(np.mean((cand >= threshold) == (ref >= threshold)))
+    agree = float(np.mean(contract.is_positive(cand, threshold) == contract.is_positive(ref, threshold)))
     if tolerance is not None and agree < 1.0:
         failures.append(f"thresholded labels differ on {int(round((1 - agree) * len(ref)))} of {len(ref)} images")
     return ParityReport(relative(candidate_path), len(images), max_diff, mean_diff, agree, threshold, tuple(failures))

@@ -31,6 +31,7 @@ REQUIRED_KEYS = (
     "ort_images_per_s", "triton_vs_ort", "batching_gain", "p99_ms_batching", "p99_ms_no_batching",
     "int8_speedup", "preprocess_vs_server", "compact_vs_inception",
     "p99_over_p50_c1", "p99_over_p50_c8", "stalls_per_1000", "legacy_stalls_per_1000", "client_vs_perf_analyzer",
+    "tls_vs_plaintext",
 )
 #: A request slower than this is a stall.
 STALL_MS = 250.0
@@ -204,14 +205,15 @@ def perf_analyzer(root: Path | None, url: str, model: str, *, concurrency: int, 
             "command": " ".join(cmd[2:])}
 
 
-def triton_load(url: str, model: str, *, concurrency: int, batch: int, seconds: float) -> dict[str, float]:
+def triton_load(url: str, model: str, *, concurrency: int, batch: int, seconds: float, tls=None) -> dict[str, float]:  # type: ignore[no-untyped-def]
     """Closed-loop load through the project's client: ``concurrency`` threads, ``batch`` images per request."""
     from cxr.client import PneumoniaClient
 
     x = np.random.default_rng(1).integers(0, 256, (batch, *contract.IMAGE_SHAPE), dtype=np.uint8)
     latencies: list[float] = []
     lock = threading.Lock()
-    with PneumoniaClient(url, protocol="grpc", model=model, batch_size=batch, max_in_flight=concurrency, timeout_s=60) as c:
+    with PneumoniaClient(url, protocol="grpc", model=model, batch_size=batch, max_in_flight=concurrency, timeout_s=60,
+                         tls=tls) as c:
         for _ in range(3):
             c.infer_batch(x)
         stop = time.perf_counter() + seconds
@@ -238,12 +240,29 @@ def triton_load(url: str, model: str, *, concurrency: int, batch: int, seconds: 
             "p99_ms": float(np.percentile(lat, 99)), "requests": float(len(lat))}
 
 
-def _served(repo: Path, models: tuple[str, ...], fn: Callable[[str], dict]) -> dict:
+def _served(repo: Path, models: tuple[str, ...], fn: Callable[[str], dict], *, tls=None) -> dict:  # type: ignore[no-untyped-def]
     from cxr.serving.server import ServerConfig, TritonServer, free_ports
 
     h, g, m = free_ports(3)
-    with TritonServer(ServerConfig(model_repository=repo, http_port=h, grpc_port=g, metrics_port=m, models=models)) as s:
+    with TritonServer(ServerConfig(model_repository=repo, http_port=h, grpc_port=g, metrics_port=m, models=models,
+                                   tls=tls)) as s:
         return fn(s.config.grpc_url)
+
+
+def tls_saturation(repo: Path, model: str, seconds: float) -> dict | None:
+    """Saturation throughput over mutual TLS (a development PKI made on the spot), or ``None`` without cryptography."""
+    try:
+        import cryptography  # noqa: F401
+    except ImportError:
+        return None
+    from cxr.security import TlsClient, TlsServer, make_dev_pki
+
+    with tempfile.TemporaryDirectory(prefix="cxr-bench-pki-") as d:
+        pki = make_dev_pki(Path(d))
+        client = TlsClient(pki["ca"], pki["client_cert"], pki["client_key"])
+        server = TlsServer(pki["server_cert"], pki["server_key"], pki["ca"])
+        return _served(repo, (model,), lambda url: triton_load(url, model, concurrency=4, batch=16, seconds=seconds,
+                                                                  tls=client), tls=server)
 
 
 def inception_onnx(cache_dir: Path) -> Path:
@@ -303,6 +322,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         with_b = _served(shipped, (cfg.model,), shipped_runs)
         logger.info("Triton, the earlier config (one instance, preferred batch sizes) ...")
         old = _served(legacy, (cfg.model,), legacy_runs)
+        logger.info("Triton, shipped config over mutual TLS ...")
+        tls_sat = tls_saturation(shipped, cfg.model, cfg.seconds)
         logger.info("Triton without dynamic batching ...")
         without_b = _served(off, (cfg.model,), lambda url: triton_load(url, cfg.model, concurrency=cfg.concurrency,
                                                                           batch=1, seconds=cfg.seconds))
@@ -320,6 +341,8 @@ def run_bench(cfg: BenchConfig) -> dict:
     n_old = old["c1"]["requests"] + old["c8"]["requests"]
     res["stalls_per_1000"] = 1000 * (with_b["c1"]["stalls"] + with_b["c8"]["stalls"]) / n_new
     res["legacy_stalls_per_1000"] = 1000 * (old["c1"]["stalls"] + old["c8"]["stalls"]) / n_old
+    res["tls_images_per_s"] = tls_sat["images_per_s"] if tls_sat else None
+    res["tls_vs_plaintext"] = tls_sat["images_per_s"] / res["triton_images_per_s"] if tls_sat else None
     pa = with_b["perf_analyzer"]
     res["perf_analyzer"] = pa
     res["client_images_per_s_at_peer_concurrency"] = with_b["single"]["images_per_s"]
@@ -374,6 +397,9 @@ def table(res: dict) -> str:
          f"({res['tail']['shipped']['c1']['requests'] + res['tail']['shipped']['c8']['requests']:.0f} requests)", "<= 0.5"),
         ("legacy_stalls_per_1000", f(res["legacy_stalls_per_1000"]), "the same, the earlier config (one instance, preferred "
          f"batch sizes 8/16/32; {res['tail']['legacy']['c1']['requests'] + res['tail']['legacy']['c8']['requests']:.0f} requests)", ""),
+        ("tls_vs_plaintext", f(res["tls_vs_plaintext"]),
+         f"gRPC over mutual TLS {f(res['tls_images_per_s'])} img/s vs plaintext {f(res['triton_images_per_s'])}, "
+         "saturation (4 x 16-image requests)" if res["tls_vs_plaintext"] else "not measured (needs cryptography)", ""),
         ("client_vs_perf_analyzer", f(res["client_vs_perf_analyzer"]),
          (f"project client {f(res['client_images_per_s_at_peer_concurrency'])} img/s vs perf_analyzer "
           f"{f(res['perf_analyzer']['infer_per_s'])} infer/s, 1-image requests at concurrency 16")

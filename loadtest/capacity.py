@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cxr.paths import relative
@@ -37,6 +37,7 @@ class CapacityConfig:
         grpc_url: Triton gRPC ``host:port`` the users load.
         http_url: Triton HTTP ``host:port`` (statistics API).
         metrics_url: Triton metrics ``host:port`` (server-side latency summaries, cross-checked against the client).
+        admin_key: Sent as header ``admin-key`` to the statistics API when the server restricts it.
         model: Served model name.
         users: User counts to sweep.
         step_seconds: Duration of each step (Locust ``-t``).
@@ -53,6 +54,7 @@ class CapacityConfig:
     grpc_url: str = "127.0.0.1:8001"
     http_url: str = "127.0.0.1:8000"
     metrics_url: str = "127.0.0.1:8002"
+    admin_key: str | None = field(default=None, repr=False)
     model: str = "pneumonia"
     users: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     step_seconds: int = 20
@@ -78,9 +80,13 @@ class CapacityConfig:
             raise ValueError("protocol must be grpc or http")
 
 
-def triton_stats(http_url: str, model: str) -> dict[str, float]:
-    """Cumulative counters of one model from ``/v2/models/<model>/stats``."""
-    with urllib.request.urlopen(f"http://{http_url}/v2/models/{model}/stats", timeout=10) as r:
+def triton_stats(http_url: str, model: str, admin_key: str | None = None) -> dict[str, float]:
+    """Cumulative counters of one model from ``/v2/models/<model>/stats`` (sends the admin key when given)."""
+    from cxr.security import ADMIN_HEADER
+
+    req = urllib.request.Request(f"http://{http_url}/v2/models/{model}/stats",
+                                 headers={ADMIN_HEADER: admin_key} if admin_key else {})
+    with urllib.request.urlopen(req, timeout=10) as r:
         s = json.load(r)["model_stats"][0]
     inf = s["inference_stats"]
     return {
@@ -175,10 +181,10 @@ def sweep(cfg: CapacityConfig) -> dict:
     with tempfile.TemporaryDirectory(prefix="cxr-capacity-") as tmp:
         for users in cfg.users:
             logger.info("capacity step: %d users for %d s", users, cfg.step_seconds)
-            before = triton_stats(cfg.http_url, cfg.model)
+            before = triton_stats(cfg.http_url, cfg.model, cfg.admin_key)
             lat0 = server_latency(cfg.metrics_url, cfg.model)
             client = run_locust(cfg, users, Path(tmp) / f"u{users}")
-            after = triton_stats(cfg.http_url, cfg.model)
+            after = triton_stats(cfg.http_url, cfg.model, cfg.admin_key)
             lat1 = server_latency(cfg.metrics_url, cfg.model)
             d = {k: after[k] - before[k] for k in after}
             n = lat1.get("count", 0.0) - lat0.get("count", 0.0)
@@ -193,7 +199,7 @@ def sweep(cfg: CapacityConfig) -> dict:
                     **server}
             steps.append(step)
             logger.info("  %.1f img/s, p95 %.0f ms, batch %.2f", step["images_per_s"], step["p95_ms"], step["avg_batch"])
-    result = {"config": {k: (relative(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+    result = {"config": {k: (relative(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "admin_key"},
               "steps": steps, "plan": plan(steps, cfg)}
     (out / "capacity.json").write_text(json.dumps(result, indent=1) + "\n")
     with open(out / "capacity.csv", "w", newline="") as f:

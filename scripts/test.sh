@@ -9,12 +9,16 @@ if [ ! -x "$VENV/bin/python" ]; then "$PY" -m venv "$VENV"; fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -e '.[all]'
 "$VENV/bin/python" -m pip check
-# The UI test drives Debian's Chromium with Playwright (Playwright's own browser download is not used).
-if ! command -v chromium >/dev/null 2>&1; then
+# Real parts the tests start: Debian's Chromium (the UI test drives it with Playwright; Playwright's own browser
+# download is not used) and nginx (the TLS-terminating proxy test).
+need=()
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || need+=(nginx)
+if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
   else
-    echo "warning: chromium not installed and not root; the UI test will fail (apt-get install chromium)" >&2
+    echo "warning: ${need[*]} not installed and not root; their tests will fail (apt-get install ${need[*]})" >&2
   fi
 fi
 export TF_CPP_MIN_LOG_LEVEL=2

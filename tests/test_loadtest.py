@@ -77,6 +77,7 @@ def test_bench_json_schema_on_a_tiny_run(tmp_path) -> None:  # type: ignore[no-u
         assert isinstance(res[k], float) and res[k] > 0
     assert res["compact_vs_inception"] is None  # skipped on request, said so rather than invented
     assert res["client_vs_perf_analyzer"] is None and "perf_analyzer not found" in res["perf_analyzer_note"]
+    assert isinstance(res["tls_vs_plaintext"], float) and res["tls_vs_plaintext"] > 0  # mutual TLS, measured
     for key in ("p99_over_p50_c1", "p99_over_p50_c8"):
         assert isinstance(res[key], float) and res[key] >= 1.0
     for variant in ("shipped", "legacy"):

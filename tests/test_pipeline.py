@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cxr import contract
-from cxr.errors import ExportValidationError
+from cxr.errors import CxrError, ExportValidationError
 
 pytestmark = pytest.mark.slow
 
@@ -141,7 +141,7 @@ def test_inception_v3_builds_with_the_contract() -> None:
     m = models.build("inception_v3")
     assert m.input_shape == (None, 224, 224, 1) and m.output_shape == (None, 1)
     assert m.get_layer("dense").units == 128
-    with pytest.raises(Exception, match="weights file not found"):
+    with pytest.raises(CxrError, match="weights file not found"):
         models.build("inception_v3", weights="/nonexistent.h5")
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from cxr import contract
 from cxr.client import PneumoniaClient
-from cxr.errors import InvalidInputError
+from cxr.errors import InvalidInputError, ServerError
 from tests.conftest import SHIPPED_REPOSITORY
 
 pytestmark = pytest.mark.slow
@@ -210,6 +210,26 @@ def test_tampered_model_refuses_to_serve(tmp_path) -> None:  # type: ignore[no-u
     cfg2 = ServerConfig(model_repository=repo, http_port=h, grpc_port=g, metrics_port=m, verify_sha256=False,
                         startup_timeout_s=30)
     server = TritonServer(cfg2)
-    with pytest.raises(Exception):  # noqa: B017 - not ready: the model failed to load
+    with pytest.raises(ServerError, match="not ready|exited"):  # the model failed to load
         server.start()
     assert "does not match" in server.log_tail(200)
+
+
+def test_triton_classification_extension_offers_no_misleading_label(triton_server) -> None:  # type: ignore[no-untyped-def]
+    """With one sigmoid output, class_count=1 ranks the single value: a labels file would make every answer index 0,
+    "Normal". No labels file ships, so a generic client gets "value:0" and no label; the label comes from the
+    threshold and labels parameters (checked above)."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(triton_server.config.grpc_url)
+    x = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 1), dtype=np.uint8)
+    inp = grpcclient.InferInput(contract.INPUT_NAME, list(x.shape), contract.INPUT_TRITON_DTYPE)
+    inp.set_data_from_numpy(x)
+    out = grpcclient.InferRequestedOutput(contract.OUTPUT_NAME, class_count=1)
+    res = client.infer("pneumonia", [inp], outputs=[out]).as_numpy(contract.OUTPUT_NAME)
+    client.close()
+    for entry in res.reshape(-1):
+        text = entry.decode() if isinstance(entry, bytes) else str(entry)
+        value, index = text.split(":")[:2]
+        assert index == "0" and 0.0 <= float(value) <= 1.0
+        assert not any(label in text for label in contract.LABELS)

@@ -156,3 +156,51 @@ def test_several_images_give_a_table_and_csv(page, sample_images) -> None:  # ty
     link = page.locator("#csv a").first
     link.wait_for(timeout=30_000)
     assert (link.get_attribute("href") or "").endswith(".csv")
+
+
+def test_login_refuses_a_wrong_password_in_chromium(triton_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`cxr ui --auth-file`: Gradio's login in front of the page, credentials from a scrypt file (cxr ui-passwd)."""
+    from playwright.sync_api import sync_playwright
+
+    creds = tmp_path / "users"
+    r = subprocess.run([sys.executable, "-m", "cxr.cli", "ui-passwd", str(creds), "reader"], input="correct horse battery\n",
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert oct(creds.stat().st_mode & 0o777) == "0o600" and "correct horse" not in creds.read_text()
+    port = free_port()
+    log = open(tmp_path / "ui.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "cxr.cli", "ui", "--url", triton_server.config.grpc_url, "--port",
+                             str(port), "--auth-file", str(creds)], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "ui.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(url, timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                        args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+            page = browser.new_page()
+            page.goto(url)
+            page.get_by_label("username").fill("reader")
+            page.get_by_label("password").fill("wrong password")
+            page.get_by_role("button", name="Login").click()
+            page.get_by_text("Incorrect Credentials", exact=False).wait_for(timeout=30_000)
+            assert page.get_by_role("heading", name="Pneumonia Detection using Chest X-Ray").count() == 0
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOTS / "ui_login_refused.png"))
+            page.goto(url)  # a fresh login form
+            page.get_by_label("username").fill("reader")
+            page.get_by_label("password").fill("correct horse battery")
+            page.get_by_role("button", name="Login").click()
+            page.get_by_role("heading", name="Pneumonia Detection using Chest X-Ray").wait_for(timeout=60_000)
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()

@@ -220,7 +220,7 @@ def choose_threshold(
 def operating_point(y: np.ndarray, p: np.ndarray, threshold: float, *, confidence: float = 0.9) -> dict[str, float]:
     """Point estimates at ``threshold`` plus the one-sided lower bounds of sensitivity and specificity."""
     y = np.asarray(y).astype(int)
-    pred = np.asarray(p) >= threshold
+    pred = contract.is_positive(np.asarray(p, dtype=np.float64), threshold)
     tp, n_pos = int((pred & (y == 1)).sum()), int((y == 1).sum())
     tn, n_neg = int((~pred & (y == 0)).sum()), int((y == 0).sum())
     out = dict(metrics.all_metrics(y, p, threshold))

@@ -62,7 +62,7 @@ def run(cfg: ExplainEvalConfig) -> dict:
     with PneumoniaClient(str(cfg.repository), protocol="embedded", model=cfg.model) as client:
         scores = client.infer_scores(x)
         info = client.info
-        keep = [i for i in range(len(x)) if y[i] == 1 and scores.probability[i] >= info.threshold
+        keep = [i for i in range(len(x)) if y[i] == 1 and contract.is_positive(float(scores.probability[i]), info.threshold)
                 and not contract.is_out_of_distribution(float(scores.ood_score[i]) if scores.ood_score is not None else 0.0,
                                                         info.ood_threshold)][: cfg.limit]
         films = x[keep]

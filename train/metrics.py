@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from cxr import contract
+
 
 def _check(y_true: np.ndarray, y_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     y_true = np.asarray(y_true).astype(int).ravel()
@@ -76,7 +78,7 @@ def pr_auc(y_true: np.ndarray, y_prob: np.ndarray) -> float:
 def confusion(y_true: np.ndarray, y_prob: np.ndarray, threshold: float) -> dict[str, int]:
     """Confusion counts at ``threshold`` (positive when ``p >= threshold``)."""
     y_true, y_prob = _check(y_true, y_prob)
-    pred = y_prob >= threshold
+    pred = contract.is_positive(y_prob, threshold)
     return {
         "tp": int((pred & (y_true == 1)).sum()),
         "fp": int((pred & (y_true == 0)).sum()),

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cxr.errors import ServerError
+from cxr.security import TlsServer, is_loopback, read_key, redact, restricted_flags
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,12 @@ class ServerConfig:
         startup_timeout_s: Deadline for readiness.
         log_verbose: Triton's ``--log-verbose`` level.
         verify_sha256: Refuse to serve a model whose ONNX sha256 differs from its model card.
+        tls: gRPC TLS (mutual when it names a client CA). With TLS on, HTTP and metrics stay on loopback
+            (Triton's HTTP has no TLS: put the nginx proxy of :mod:`cxr.serving.proxy` in front).
+        admin_key_file: Restrict model-repository, shared-memory, statistics, trace and logging to requests
+            carrying header ``admin-key`` with this file's key (gRPC and HTTP).
+        config_key_file: Restrict model-config to header ``config-key`` (the clients' key).
+        allow_insecure: Allow a non-loopback ``host`` without TLS (refused otherwise).
     """
 
     model_repository: Path
@@ -76,8 +83,15 @@ class ServerConfig:
     startup_timeout_s: float = 120.0
     log_verbose: int = 0
     verify_sha256: bool = True
+    tls: TlsServer | None = None
+    admin_key_file: Path | None = None
+    config_key_file: Path | None = None
+    allow_insecure: bool = False
 
     def __post_init__(self) -> None:
+        if not is_loopback(self.host) and self.tls is None and not self.allow_insecure:
+            raise ValueError(f"refusing to serve patient images in plaintext on {self.host}: give TLS settings "
+                             "(--tls-cert, --tls-key, --tls-client-ca) or --allow-insecure")
         ports = (self.http_port, self.grpc_port, self.metrics_port)
         if any(not 0 < p < 65536 for p in ports):
             raise ValueError(f"ports must be in 1..65535, got {ports}")
@@ -87,8 +101,13 @@ class ServerConfig:
             raise ValueError("startup_timeout_s must be > 0")
 
     @property
+    def local_host(self) -> str:
+        """Where HTTP and metrics bind: loopback when TLS is on (they have no TLS), else ``host``."""
+        return "127.0.0.1" if self.tls is not None else self.host
+
+    @property
     def http_url(self) -> str:
-        return f"{self.host}:{self.http_port}"
+        return f"{self.local_host}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
@@ -96,7 +115,7 @@ class ServerConfig:
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{self.host}:{self.metrics_port}/metrics"
+        return f"http://{self.local_host}:{self.metrics_port}/metrics"
 
 
 def _pytriton_dist() -> Path:
@@ -180,6 +199,8 @@ class TritonServer:
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
         self._log: deque[str] = deque(maxlen=400)
         self._reader: threading.Thread | None = None
+        self._admin_key = read_key(config.admin_key_file, "admin key") if config.admin_key_file else None
+        self._config_key = read_key(config.config_key_file, "config key") if config.config_key_file else None
 
     # -- lifecycle -------------------------------------------------------
     def command(self, backends: Path) -> list[str]:
@@ -188,15 +209,18 @@ class TritonServer:
             str(_pytriton_dist() / "bin" / "tritonserver"),
             f"--model-repository={Path(c.model_repository).resolve()}",
             f"--backend-directory={backends}",
-            f"--http-address={c.host}", f"--http-port={c.http_port}",
+            f"--http-address={c.local_host}", f"--http-port={c.http_port}",
             f"--grpc-address={c.host}", f"--grpc-port={c.grpc_port}",
-            f"--metrics-address={c.host}", f"--metrics-port={c.metrics_port}",
+            f"--metrics-address={c.local_host}", f"--metrics-port={c.metrics_port}",
             "--allow-gpu-metrics=false", "--allow-cpu-metrics=true",
             # p50/p90/p99 request, queue and compute latencies on :8002/metrics (nv_inference_*_summary_us)
             "--metrics-config=summary_latencies=true",
             f"--log-verbose={c.log_verbose}",
             "--exit-timeout-secs=10",
         ]
+        if c.tls is not None:
+            cmd += c.tls.tritonserver_flags()
+        cmd += restricted_flags(self._admin_key, self._config_key)
         if c.model_config_name:
             cmd.append(f"--model-config-name={c.model_config_name}")
         if c.models:
@@ -216,7 +240,7 @@ class TritonServer:
         self._workdir = tempfile.TemporaryDirectory(prefix="cxr-triton-")
         backends = prepare_backends(Path(self._workdir.name))
         cmd = self.command(backends)
-        logger.info("starting %s", " ".join(cmd))
+        logger.info("starting %s", " ".join(redact(cmd, [k for k in (self._admin_key, self._config_key) if k])))
         self._proc = subprocess.Popen(
             cmd, env=server_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
         )
