@@ -35,6 +35,7 @@ from locust import User, between, events, task  # noqa: E402
 
 from cxr import contract  # noqa: E402
 from cxr.errors import InvalidInputError, NotAssessableError  # noqa: E402
+from cxr.security import CONFIG_HEADER, TlsClient, grpc_header, read_key  # noqa: E402
 
 _IMAGES: np.ndarray | None = None
 #: Served answers by status: every successful response is an answer, labelled or not assessable.
@@ -47,6 +48,10 @@ def _options(parser) -> None:  # type: ignore[no-untyped-def]
     parser.add_argument("--images-per-request", type=int, default=1, help="images in each request's batch")
     parser.add_argument("--model-name", default="pneumonia", help="served model")
     parser.add_argument("--max-images", type=int, default=64, help="distinct images loaded")
+    parser.add_argument("--tls-ca", default="", help="CA of the server's certificate (turns TLS on)")
+    parser.add_argument("--tls-cert", default="", help="client certificate, for mutual TLS")
+    parser.add_argument("--tls-key", default="", help="client private key, for mutual TLS")
+    parser.add_argument("--config-key-file", default="", help="key for a server that restricts model-config")
 
 
 def load_images(directory: str, limit: int) -> np.ndarray:
@@ -105,8 +110,15 @@ class _TritonUser(User):
     def make_client(self, url: str):  # type: ignore[no-untyped-def]
         raise NotImplementedError
 
+    @staticmethod
+    def config_header(name: str) -> str:
+        raise NotImplementedError
+
     def on_start(self) -> None:
         opts = self.environment.parsed_options
+        self.tls = (TlsClient(Path(opts.tls_ca), Path(opts.tls_cert) if opts.tls_cert else None,
+                              Path(opts.tls_key) if opts.tls_key else None) if opts.tls_ca else None)
+        self.config_key = read_key(Path(opts.config_key_file), "config key") if opts.config_key_file else None
         self.model = opts.model_name
         self.n = max(1, int(opts.images_per_request))
         self.images = _images(self.environment)
@@ -116,7 +128,8 @@ class _TritonUser(User):
 
     def read_ood_threshold(self) -> float | None:
         """The served OOD threshold (config parameter), as every client applies it."""
-        cfg = self.client.get_model_config(self.model, **self.config_kwargs)
+        headers = {self.config_header(CONFIG_HEADER): self.config_key} if self.config_key else None
+        cfg = self.client.get_model_config(self.model, headers=headers, **self.config_kwargs)
         cfg = cfg.get("config", cfg)
         value = (cfg.get("parameters") or {}).get(contract.PARAM_OOD_THRESHOLD, {}).get("string_value")
         return float(value) if value else None
@@ -161,11 +174,15 @@ class TritonGrpcUser(_TritonUser):
     protocol = "grpc"
     config_kwargs = {"as_json": True}
 
+    @staticmethod
+    def config_header(name: str) -> str:
+        return grpc_header(name)
+
     def make_client(self, url: str):  # type: ignore[no-untyped-def]
         import tritonclient.grpc as g
 
         self._mod = g
-        return g.InferenceServerClient(url=url)
+        return g.InferenceServerClient(url=url, **(self.tls.grpc_kwargs() if self.tls else {}))
 
     @task
     def infer(self) -> None:
@@ -183,11 +200,21 @@ class TritonHttpUser(_TritonUser):
     default_host = "127.0.0.1:8000"
     protocol = "http"
 
+    @staticmethod
+    def config_header(name: str) -> str:
+        return name
+
     def make_client(self, url: str):  # type: ignore[no-untyped-def]
         import tritonclient.http as h
 
         self._mod = h
-        return h.InferenceServerClient(url=url.removeprefix("http://"), network_timeout=30)
+        kw: dict = {}
+        if self.tls is not None:  # HTTPS through the TLS proxy (Triton's HTTP has none)
+            opts = {"ca_certs": str(self.tls.ca)}
+            if self.tls.cert is not None:
+                opts.update(certfile=str(self.tls.cert), keyfile=str(self.tls.key))
+            kw = {"ssl": True, "ssl_options": opts, "insecure": False}
+        return h.InferenceServerClient(url=url.removeprefix("http://").removeprefix("https://"), network_timeout=30, **kw)
 
     @task
     def infer(self) -> None:

@@ -182,6 +182,30 @@ def test_nginx_terminates_tls_for_http_with_client_certificates(secure_server, p
         assert info.value.code == 400
         with pytest.raises((urllib.error.URLError, ConnectionError)):  # plaintext to the TLS port
             urllib.request.urlopen(f"http://127.0.0.1:{https_port}/v2/health/ready", timeout=10).read()
+        # gRPC over TLS through nginx too (for sites that want one TLS front)
+        with PneumoniaClient(f"127.0.0.1:{grpcs_port}", protocol="grpc", tls=tls, config_key=CONFIG_KEY,
+                             retry=RetryPolicy(attempts=1)) as c:
+            assert c.infer_scores(np.zeros((1, *contract.IMAGE_SHAPE), np.uint8)).probability.shape == (1,)
+
+
+def test_locust_users_speak_mutual_tls(secure_server, pki, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import csv
+    import subprocess
+    import sys
+
+    from cxr.loadtest.capacity import LOCUSTFILE
+
+    key = _key_file(tmp_path / "config.key", CONFIG_KEY)
+    prefix = tmp_path / "run"
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "TritonGrpcUser", "--headless", "-u", "2", "-r", "2",
+           "-t", "3s", "--host", secure_server.config.grpc_url, "--csv", str(prefix), "--only-summary",
+           "--stop-timeout", "5", "--tls-ca", str(pki["ca"]), "--tls-cert", str(pki["client_cert"]),
+           "--tls-key", str(pki["client_key"]), "--config-key-file", str(key)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(f"{prefix}_stats.csv") as f:
+        agg = {row["Name"]: row for row in csv.DictReader(f)}["Aggregated"]
+    assert int(agg["Request Count"]) > 0 and int(agg["Failure Count"]) == 0
 
 
 def test_server_refuses_plaintext_on_a_network_address() -> None:

@@ -1,0 +1,212 @@
+"""Screening results as DICOM: a Comprehensive SR (TID 1500) per input, and the Grad-CAM overlay as Secondary Capture.
+
+The SR goes into the source's study and patient, in a series of its own
+(Modality SR), and references the source image. Its one measurement group
+(TID 1501) carries:
+
+* the algorithm (TID 4019: name, version, and the model's sha256 and the
+  decision threshold as parameters);
+* for an answer: the finding, Pneumonia (SNOMED CT 233604007), Present or
+  Absent at the stored threshold, the calibrated probability and the threshold
+  as numeric measurements;
+* for a not-assessable input: no finding, and an evaluation "Not assessable"
+  whose value names the rule.
+
+UIDs are derived from the source SOP Instance UID and the model's sha256
+(``pydicom.uid.generate_uid`` with those as entropy), so a resend never makes a
+duplicate in the PACS. Patient and study attributes are copied only as far as
+filing the SR in the right study needs (identifiers, name, study date and
+time, accession number); birth date and sex stay empty.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+from cxr import contract
+
+#: Coding scheme of this project's own concepts (no standard code exists for them).
+LOCAL_SCHEME = "99CXR"
+SERIES_NUMBER = 9901
+SC_SERIES_NUMBER = 9902
+DEVICE_NAME = "cxr-triton"
+#: Copied from the source, and nothing else of the patient or study.
+PLACEMENT_ATTRIBUTES = (
+    "PatientID", "PatientName", "IssuerOfPatientID", "StudyInstanceUID", "StudyID", "StudyDate", "StudyTime",
+    "AccessionNumber", "ReferringPhysicianName",
+)
+
+
+@dataclass(frozen=True)
+class Result:
+    """What goes into the SR.
+
+    Attributes:
+        status: ``ok`` or ``not_assessable`` (an unreadable input gets no SR).
+        label: The label when ``ok``.
+        probability: Calibrated P(pneumonia) when ``ok``.
+        threshold: The decision threshold in use.
+        rule: The refusal rule when ``not_assessable``.
+        reason: One line, when ``not_assessable``.
+        model_name: Served model name.
+        model_version: Served model version.
+        model_sha256: Served model's sha256.
+    """
+
+    status: contract.Status
+    threshold: float
+    model_name: str
+    model_version: str
+    model_sha256: str
+    label: str | None = None
+    probability: float | None = None
+    rule: str | None = None
+    reason: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.status not in (contract.Status.OK, contract.Status.NOT_ASSESSABLE):
+            raise ValueError("an SR is made for ok and not_assessable results only")
+        if self.status is contract.Status.OK and (self.label is None or self.probability is None):
+            raise ValueError("an ok result needs a label and a probability")
+        if self.status is contract.Status.NOT_ASSESSABLE and self.rule not in contract.RULES:
+            raise ValueError("a not_assessable result needs its rule")
+        if not self.model_sha256:
+            raise ValueError("the model's sha256 is needed (it makes the result UIDs)")
+
+
+def result_uids(source: Dataset, model_sha256: str) -> dict[str, str]:
+    """Deterministic UIDs of the SR (and the heatmap SC) made for ``source`` by the model with ``model_sha256``."""
+    sop = str(source.SOPInstanceUID)
+    study = str(source.StudyInstanceUID)
+    return {
+        "sr_series": generate_uid(entropy_srcs=[study, model_sha256, "cxr-sr-series"]),
+        "sr_instance": generate_uid(entropy_srcs=[sop, model_sha256, "cxr-sr"]),
+        "sc_series": generate_uid(entropy_srcs=[study, model_sha256, "cxr-sc-series"]),
+        "sc_instance": generate_uid(entropy_srcs=[sop, model_sha256, "cxr-sc"]),
+    }
+
+
+def placement_evidence(source: Dataset) -> Dataset:
+    """The source reduced to what places the SR in its study and references the image (no pixels, no more PHI)."""
+    ev = Dataset()
+    for kw in (*PLACEMENT_ATTRIBUTES, "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "Modality"):
+        if kw in source:
+            setattr(ev, kw, source.data_element(kw).value)
+    for kw in ("PatientName", "PatientID", "StudyID", "AccessionNumber", "ReferringPhysicianName", "StudyDate", "StudyTime"):
+        if kw not in ev:
+            setattr(ev, kw, "")
+    ev.PatientBirthDate = ""
+    ev.PatientSex = ""
+    return ev
+
+
+def _code(value: str, meaning: str, scheme: str = LOCAL_SCHEME):  # type: ignore[no-untyped-def]
+    import highdicom as hd
+
+    return hd.sr.CodedConcept(value=value, scheme_designator=scheme, meaning=meaning[:64])
+
+
+PNEUMONIA = ("233604007", "SCT", "Pneumonia")
+PRESENT = ("52101004", "SCT", "Present")
+ABSENT = ("2667000", "SCT", "Absent")
+CHEST_XRAY = ("399208008", "SCT", "Plain chest X-ray")
+
+
+def build_sr(source: Dataset, result: Result):  # type: ignore[no-untyped-def]
+    """A ``highdicom.sr.ComprehensiveSR`` for one screened instance."""
+    import highdicom as hd
+
+    uids = result_uids(source, result.model_sha256)
+    evidence = placement_evidence(source)
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=f"{DEVICE_NAME} pneumonia screening",
+        version=f"{result.model_name} v{result.model_version}",
+        parameters=[f"model_sha256={result.model_sha256}", f"threshold={result.threshold:.6f}"],
+    )
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=generate_uid(entropy_srcs=[result.model_sha256, "cxr-device"]), name=DEVICE_NAME,
+            manufacturer_name=DEVICE_NAME, model_name=result.model_name),
+    )
+    qualitative, measurements = [], []
+    if result.status is contract.Status.OK:
+        present = contract.is_positive(float(result.probability), result.threshold)  # type: ignore[arg-type]
+        qualitative.append(hd.sr.QualitativeEvaluation(name=_code(*PNEUMONIA), value=_code(*(PRESENT if present else ABSENT))))
+        unit = _code("1", "no units", "UCUM")
+        measurements.append(hd.sr.Measurement(name=_code("CXR-P", "P(pneumonia), calibrated probability"),
+                                              value=float(result.probability), unit=unit))  # type: ignore[arg-type]
+        measurements.append(hd.sr.Measurement(name=_code("CXR-T", "Decision threshold"), value=float(result.threshold),
+                                              unit=unit))
+    else:
+        qualitative.append(hd.sr.QualitativeEvaluation(
+            name=_code("CXR-NA", "Not assessable: route to a human reader"),
+            value=_code(str(result.rule), f"{result.rule}: {contract.RULES[str(result.rule)]}")))
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(entropy_srcs=[uids["sr_instance"], "group"]),
+                                                      identifier="pneumonia screening"),
+        algorithm_id=algorithm,
+        source_images=[hd.sr.SourceImageForMeasurementGroup(str(source.SOPClassUID), str(source.SOPInstanceUID))],
+        qualitative_evaluations=qualitative,
+        measurements=measurements or None,
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=_code(*CHEST_XRAY),
+        imaging_measurements=[group],
+    )
+    return hd.sr.ComprehensiveSR(
+        evidence=[evidence], content=report, series_instance_uid=uids["sr_series"], series_number=SERIES_NUMBER,
+        sop_instance_uid=uids["sr_instance"], instance_number=1, manufacturer=DEVICE_NAME, is_complete=True,
+        is_final=False, series_description="AI pneumonia screening (screening aid, not for diagnosis)",
+    )
+
+
+def read_sr(ds: Dataset) -> dict:
+    """The screening content of an SR made by :func:`build_sr` (for tests and for sites checking what arrived)."""
+    out: dict = {"finding": None, "probability": None, "threshold": None, "not_assessable": None, "sha256": None}
+
+    def walk(items) -> None:  # type: ignore[no-untyped-def]
+        for it in items:
+            name = it.ConceptNameCodeSequence[0].CodeValue if "ConceptNameCodeSequence" in it else None
+            if it.ValueType == "CODE" and name == PNEUMONIA[0]:
+                out["finding"] = it.ConceptCodeSequence[0].CodeMeaning
+            elif it.ValueType == "CODE" and name == "CXR-NA":
+                out["not_assessable"] = it.ConceptCodeSequence[0].CodeValue
+            elif it.ValueType == "NUM" and name in ("CXR-P", "CXR-T"):
+                v = float(it.MeasuredValueSequence[0].NumericValue)
+                out["probability" if name == "CXR-P" else "threshold"] = v
+            elif it.ValueType == "TEXT" and str(getattr(it, "TextValue", "")).startswith("model_sha256="):
+                out["sha256"] = str(it.TextValue).split("=", 1)[1]
+            if "ContentSequence" in it:
+                walk(it.ContentSequence)
+
+    walk(ds.ContentSequence)
+    return out
+
+
+def build_heatmap_sc(source: Dataset, result: Result, overlay_rgb: np.ndarray):  # type: ignore[no-untyped-def]
+    """The Grad-CAM overlay as a Secondary Capture in the source's study, with "screening aid, not for diagnosis"
+    burned in."""
+    import highdicom as hd
+    from PIL import Image, ImageDraw
+
+    img = Image.fromarray(np.asarray(overlay_rgb, dtype=np.uint8))
+    d = ImageDraw.Draw(img)
+    text = "SCREENING AID, NOT FOR DIAGNOSIS"
+    d.rectangle([0, 0, img.width, 22], fill=(0, 0, 0))
+    d.text((6, 5), text, fill=(255, 255, 0))
+    uids = result_uids(source, result.model_sha256)
+    ev = placement_evidence(source)
+    return hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=ev, pixel_array=np.asarray(img), photometric_interpretation="RGB", bits_allocated=8,
+        coordinate_system=None, series_instance_uid=uids["sc_series"], sop_instance_uid=uids["sc_instance"],
+        series_number=SC_SERIES_NUMBER, instance_number=1, manufacturer=DEVICE_NAME,
+        series_description="AI pneumonia screening heatmap (screening aid, not for diagnosis)",
+        burned_in_annotation=True,
+    )
