@@ -606,6 +606,61 @@ def _cmd_ui(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_listen(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "listen",
+        help="DICOM Storage SCP: screen what a PACS or modality sends, send DICOM SR results back",
+        description="Answer C-ECHO and C-STORE (CR, DX for presentation and for processing, Secondary Capture; other "
+        "SOP classes are refused with status 0x0122). Each instance is written to the spool and fsynced before "
+        "C-STORE answers success, screened asynchronously (eligibility rules and not_assessable as everywhere), "
+        "and its result goes back to --send-to as a Comprehensive SR in the source's study (with --heatmap, a "
+        "Secondary Capture of the Grad-CAM overlay too). Results that cannot be delivered stay queued across "
+        "restarts and are retried with backoff; result UIDs derive from the source UID and the model's sha256, "
+        "so a resend never duplicates. On start, whatever the spool holds is finished. Ctrl-C or SIGTERM stops.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback by default)")
+    p.add_argument("--port", type=int, default=11112, help="DICOM port")
+    p.add_argument("--ae-title", default="CXR_AI", help="this listener's AE title")
+    p.add_argument("--send-to", help="where results go: AET@HOST:PORT (the PACS)")
+    p.add_argument("--allow", action="append", default=[], metavar="AET",
+                   help="accept associations only from this calling AE title (repeatable; default: any)")
+    p.add_argument("--spool", type=Path, default=REPO_ROOT / "out" / "listen-spool", help="durable state folder")
+    p.add_argument("--out", type=Path, help="results CSV (the columns of cxr predict, with the SOP Instance UID)")
+    p.add_argument("--heatmap", action="store_true", help="also send the Grad-CAM overlay for Pneumonia answers")
+    p.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY, help="for --heatmap")
+    p.add_argument("--url", help="inference server host:port, or the repository for embedded (the default)")
+    p.add_argument("--protocol", choices=["grpc", "http", "embedded"], default="embedded",
+                   help="how to reach the model: embedded (in-process, the default), grpc or http")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="served model name")
+    _add_tls_client_args(p)
+    p.set_defaults(func=_cmd_listen)
+
+
+def _cmd_listen(a: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from cxr.pacs.listener import Destination, ListenConfig, Listener
+
+    try:
+        cfg = ListenConfig(spool=a.spool, host=a.host, port=a.port, ae_title=a.ae_title,
+                           send_to=Destination.parse(a.send_to) if a.send_to else None, allow=tuple(a.allow),
+                           out=a.out, url=a.url, protocol=a.protocol, model=a.model, heatmap=a.heatmap,
+                           repository=a.model_repository, **_client_security(a))
+    except ValueError as exc:
+        raise CxrError(str(exc)) from None
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with Listener(cfg):
+        print(f"listening: {cfg.ae_title}@{cfg.host}:{cfg.port}" + (f", results to {a.send_to}" if a.send_to else
+              ", results kept in the outbox (no --send-to)") + f"; spool {cfg.spool}; Ctrl-C to stop", flush=True)
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
 def _add_proxy(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "proxy",
@@ -696,7 +751,7 @@ def _cmd_ui_passwd(a: argparse.Namespace) -> int:
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train, _add_evaluate, _add_calibrate, _add_export, _add_ood_fit, _add_ood_eval, _add_explain_eval, _add_configs, _add_serve,
-    _add_predict, _add_health, _add_bench, _add_capacity, _add_soak, _add_ui, _add_ui_passwd, _add_proxy,
+    _add_predict, _add_health, _add_bench, _add_capacity, _add_soak, _add_ui, _add_ui_passwd, _add_proxy, _add_listen,
 ]
 
 

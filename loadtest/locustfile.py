@@ -48,10 +48,11 @@ def _options(parser) -> None:  # type: ignore[no-untyped-def]
     parser.add_argument("--images-per-request", type=int, default=1, help="images in each request's batch")
     parser.add_argument("--model-name", default="pneumonia", help="served model")
     parser.add_argument("--max-images", type=int, default=64, help="distinct images loaded")
-    parser.add_argument("--tls-ca", default="", help="CA of the server's certificate (turns TLS on)")
-    parser.add_argument("--tls-cert", default="", help="client certificate, for mutual TLS")
-    parser.add_argument("--tls-key", default="", help="client private key, for mutual TLS")
-    parser.add_argument("--config-key-file", default="", help="key for a server that restricts model-config")
+    # (Locust's own --tls-cert/--tls-key are for its web UI: these are Triton's)
+    parser.add_argument("--triton-tls-ca", default="", help="CA of Triton's certificate (turns TLS on)")
+    parser.add_argument("--triton-tls-cert", default="", help="client certificate, for mutual TLS to Triton")
+    parser.add_argument("--triton-tls-key", default="", help="client private key, for mutual TLS to Triton")
+    parser.add_argument("--triton-config-key-file", default="", help="key for a Triton that restricts model-config")
 
 
 def load_images(directory: str, limit: int) -> np.ndarray:
@@ -116,9 +117,10 @@ class _TritonUser(User):
 
     def on_start(self) -> None:
         opts = self.environment.parsed_options
-        self.tls = (TlsClient(Path(opts.tls_ca), Path(opts.tls_cert) if opts.tls_cert else None,
-                              Path(opts.tls_key) if opts.tls_key else None) if opts.tls_ca else None)
-        self.config_key = read_key(Path(opts.config_key_file), "config key") if opts.config_key_file else None
+        self.tls = (TlsClient(Path(opts.triton_tls_ca), Path(opts.triton_tls_cert) if opts.triton_tls_cert else None,
+                              Path(opts.triton_tls_key) if opts.triton_tls_key else None) if opts.triton_tls_ca else None)
+        self.config_key = (read_key(Path(opts.triton_config_key_file), "config key")
+                           if opts.triton_config_key_file else None)
         self.model = opts.model_name
         self.n = max(1, int(opts.images_per_request))
         self.images = _images(self.environment)

@@ -10,13 +10,19 @@ if [ ! -x "$VENV/bin/python" ]; then "$PY" -m venv "$VENV"; fi
 "$VENV/bin/python" -m pip install -q -e '.[all]'
 "$VENV/bin/python" -m pip check
 # Real parts the tests start: Debian's Chromium (the UI test drives it with Playwright; Playwright's own browser
-# download is not used) and nginx (the TLS-terminating proxy test).
+# download is not used), nginx (the TLS-terminating proxy test) and Orthanc (the PACS of the cxr listen tests).
+# Their packages may start system services on install; the tests run their own instances on loopback ports.
 need=()
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || need+=(nginx)
+[ -x /usr/sbin/Orthanc ] || command -v Orthanc >/dev/null 2>&1 || need+=(orthanc)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
+    # policy-rc.d 101: the packages' own services (nginx on :80, Orthanc on :8042/:4242) are never started
+    policy_added=0
+    if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; policy_added=1; fi
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    [ "$policy_added" = 1 ] && rm -f /usr/sbin/policy-rc.d
   else
     echo "warning: ${need[*]} not installed and not root; their tests will fail (apt-get install ${need[*]})" >&2
   fi

@@ -158,13 +158,13 @@ def test_keys_never_reach_the_log(secure_server) -> None:  # type: ignore[no-unt
     assert ADMIN_KEY not in text and CONFIG_KEY not in text
 
 
-def test_nginx_terminates_tls_for_http_with_client_certificates(secure_server, pki, other_pki) -> None:  # type: ignore[no-untyped-def]
+def test_nginx_terminates_tls_for_http_with_client_certificates(secure_server, triton_server, pki, other_pki) -> None:  # type: ignore[no-untyped-def]
     from cxr.serving.proxy import NginxProxy, ProxyConfig
 
     https_port, grpcs_port = free_ports(2)
     cfg = ProxyConfig(https_port=https_port, triton_http=secure_server.config.http_url, cert=pki["server_cert"],
                       key=pki["server_key"], client_ca=pki["ca"], grpc_port=grpcs_port,
-                      triton_grpc=f"127.0.0.1:{secure_server.config.grpc_port}")
+                      triton_grpc=triton_server.config.grpc_url)  # a plaintext loopback gRPC behind the TLS front
     with NginxProxy(cfg):
         tls = TlsClient(pki["ca"], pki["client_cert"], pki["client_key"])
         with PneumoniaClient(f"127.0.0.1:{https_port}", protocol="http", tls=tls, config_key=CONFIG_KEY,
@@ -199,8 +199,8 @@ def test_locust_users_speak_mutual_tls(secure_server, pki, tmp_path) -> None:  #
     prefix = tmp_path / "run"
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "TritonGrpcUser", "--headless", "-u", "2", "-r", "2",
            "-t", "3s", "--host", secure_server.config.grpc_url, "--csv", str(prefix), "--only-summary",
-           "--stop-timeout", "5", "--tls-ca", str(pki["ca"]), "--tls-cert", str(pki["client_cert"]),
-           "--tls-key", str(pki["client_key"]), "--config-key-file", str(key)]
+           "--stop-timeout", "5", "--triton-tls-ca", str(pki["ca"]), "--triton-tls-cert", str(pki["client_cert"]),
+           "--triton-tls-key", str(pki["client_key"]), "--triton-config-key-file", str(key)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
     assert r.returncode == 0, r.stderr[-3000:]
     with open(f"{prefix}_stats.csv") as f:

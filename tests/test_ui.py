@@ -158,10 +158,8 @@ def test_several_images_give_a_table_and_csv(page, sample_images) -> None:  # ty
     assert (link.get_attribute("href") or "").endswith(".csv")
 
 
-def test_login_refuses_a_wrong_password_in_chromium(triton_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_login_refuses_a_wrong_password_in_chromium(triton_server, page, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """`cxr ui --auth-file`: Gradio's login in front of the page, credentials from a scrypt file (cxr ui-passwd)."""
-    from playwright.sync_api import sync_playwright
-
     creds = tmp_path / "users"
     r = subprocess.run([sys.executable, "-m", "cxr.cli", "ui-passwd", str(creds), "reader"], input="correct horse battery\n",
                        capture_output=True, text=True, timeout=60)
@@ -182,24 +180,21 @@ def test_login_refuses_a_wrong_password_in_chromium(triton_server, tmp_path) -> 
                     break
             except OSError:
                 time.sleep(0.5)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                        args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
-            page = browser.new_page()
-            page.goto(url)
-            page.get_by_label("username").fill("reader")
-            page.get_by_label("password").fill("wrong password")
-            page.get_by_role("button", name="Login").click()
-            page.get_by_text("Incorrect Credentials", exact=False).wait_for(timeout=30_000)
-            assert page.get_by_role("heading", name="Pneumonia Detection using Chest X-Ray").count() == 0
-            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(SCREENSHOTS / "ui_login_refused.png"))
-            page.goto(url)  # a fresh login form
-            page.get_by_label("username").fill("reader")
-            page.get_by_label("password").fill("correct horse battery")
-            page.get_by_role("button", name="Login").click()
-            page.get_by_role("heading", name="Pneumonia Detection using Chest X-Ray").wait_for(timeout=60_000)
-            browser.close()
+        login = page.context.browser.new_context().new_page()  # the module's browser, a fresh context (no cookies)
+        login.goto(url)
+        login.get_by_label("username").fill("reader")
+        login.get_by_label("password").fill("wrong password")
+        login.get_by_role("button", name="Login").click()
+        login.get_by_text("Incorrect Credentials", exact=False).wait_for(timeout=30_000)
+        assert login.get_by_role("heading", name="Pneumonia Detection using Chest X-Ray").count() == 0
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        login.screenshot(path=str(SCREENSHOTS / "ui_login_refused.png"))
+        login.goto(url)  # a fresh login form
+        login.get_by_label("username").fill("reader")
+        login.get_by_label("password").fill("correct horse battery")
+        login.get_by_role("button", name="Login").click()
+        login.get_by_role("heading", name="Pneumonia Detection using Chest X-Ray").wait_for(timeout=60_000)
+        login.context.close()
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -29,7 +29,6 @@ import logging
 import os
 import re
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +44,8 @@ ACCEPTED_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
     "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
 }
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 #: C-STORE statuses.
 SUCCESS = 0x0000
 REFUSED_SOP_CLASS = 0x0122  # Refused: SOP Class not supported
@@ -403,13 +404,12 @@ class Listener:
         """One association; ``True`` when every file was confirmed (and removed)."""
         import pydicom
         from pynetdicom import AE
-        from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 
         dest = self.cfg.send_to
         assert dest is not None
         ae = AE(ae_title=self.cfg.ae_title)
-        ae.add_requested_context(ComprehensiveSRStorage)
-        ae.add_requested_context(SecondaryCaptureImageStorage)
+        ae.add_requested_context(COMPREHENSIVE_SR)
+        ae.add_requested_context(SECONDARY_CAPTURE)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
         if not assoc.is_established:

@@ -4,8 +4,9 @@ The SR goes into the source's study and patient, in a series of its own
 (Modality SR), and references the source image. Its one measurement group
 (TID 1501) carries:
 
-* the algorithm (TID 4019: name, version, and the model's sha256 and the
-  decision threshold as parameters);
+* the algorithm (TID 4019: name, version, and as parameters the model's
+  sha256, 64 hex digits alone since a parameter holds at most 64 characters,
+  and the decision threshold);
 * for an answer: the finding, Pneumonia (SNOMED CT 233604007), Present or
   Absent at the stored threshold, the calibrated probability and the threshold
   as numeric measurements;
@@ -21,6 +22,7 @@ time, accession number); birth date and sex stay empty.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,7 +98,7 @@ def placement_evidence(source: Dataset) -> Dataset:
     ev = Dataset()
     for kw in (*PLACEMENT_ATTRIBUTES, "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "Modality"):
         if kw in source:
-            setattr(ev, kw, source.data_element(kw).value)
+            setattr(ev, kw, source[kw].value)
     for kw in ("PatientName", "PatientID", "StudyID", "AccessionNumber", "ReferringPhysicianName", "StudyDate", "StudyTime"):
         if kw not in ev:
             setattr(ev, kw, "")
@@ -111,10 +113,11 @@ def _code(value: str, meaning: str, scheme: str = LOCAL_SCHEME):  # type: ignore
     return hd.sr.CodedConcept(value=value, scheme_designator=scheme, meaning=meaning[:64])
 
 
-PNEUMONIA = ("233604007", "SCT", "Pneumonia")
-PRESENT = ("52101004", "SCT", "Present")
-ABSENT = ("2667000", "SCT", "Absent")
-CHEST_XRAY = ("399208008", "SCT", "Plain chest X-ray")
+#: (value, meaning, scheme) of the SNOMED CT concepts used.
+PNEUMONIA = ("233604007", "Pneumonia", "SCT")
+PRESENT = ("52101004", "Present", "SCT")
+ABSENT = ("2667000", "Absent", "SCT")
+CHEST_XRAY = ("399208008", "Plain chest X-ray", "SCT")
 
 
 def build_sr(source: Dataset, result: Result):  # type: ignore[no-untyped-def]
@@ -126,7 +129,8 @@ def build_sr(source: Dataset, result: Result):  # type: ignore[no-untyped-def]
     algorithm = hd.sr.AlgorithmIdentification(
         name=f"{DEVICE_NAME} pneumonia screening",
         version=f"{result.model_name} v{result.model_version}",
-        parameters=[f"model_sha256={result.model_sha256}", f"threshold={result.threshold:.6f}"],
+        # Algorithm parameters are LO (64 characters): the first is the model's sha256 (64 hex digits) alone.
+        parameters=[result.model_sha256, f"threshold={result.threshold:.6f}"],
     )
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -171,18 +175,21 @@ def read_sr(ds: Dataset) -> dict:
     """The screening content of an SR made by :func:`build_sr` (for tests and for sites checking what arrived)."""
     out: dict = {"finding": None, "probability": None, "threshold": None, "not_assessable": None, "sha256": None}
 
+    def value(code: Dataset) -> str:  # codes over 16 characters go to LongCodeValue
+        return str(code.get("CodeValue") or code.get("LongCodeValue") or "")
+
     def walk(items) -> None:  # type: ignore[no-untyped-def]
         for it in items:
-            name = it.ConceptNameCodeSequence[0].CodeValue if "ConceptNameCodeSequence" in it else None
+            name = value(it.ConceptNameCodeSequence[0]) if "ConceptNameCodeSequence" in it else None
             if it.ValueType == "CODE" and name == PNEUMONIA[0]:
                 out["finding"] = it.ConceptCodeSequence[0].CodeMeaning
             elif it.ValueType == "CODE" and name == "CXR-NA":
-                out["not_assessable"] = it.ConceptCodeSequence[0].CodeValue
+                out["not_assessable"] = value(it.ConceptCodeSequence[0])
             elif it.ValueType == "NUM" and name in ("CXR-P", "CXR-T"):
                 v = float(it.MeasuredValueSequence[0].NumericValue)
                 out["probability" if name == "CXR-P" else "threshold"] = v
-            elif it.ValueType == "TEXT" and str(getattr(it, "TextValue", "")).startswith("model_sha256="):
-                out["sha256"] = str(it.TextValue).split("=", 1)[1]
+            elif it.ValueType == "TEXT" and name == "111002" and re.fullmatch(r"[0-9a-f]{64}", str(it.TextValue)):
+                out["sha256"] = str(it.TextValue)
             if "ContentSequence" in it:
                 walk(it.ContentSequence)
 
@@ -203,10 +210,15 @@ def build_heatmap_sc(source: Dataset, result: Result, overlay_rgb: np.ndarray): 
     d.text((6, 5), text, fill=(255, 255, 0))
     uids = result_uids(source, result.model_sha256)
     ev = placement_evidence(source)
-    return hd.sc.SCImage.from_ref_dataset(
+    # The overlay is drawn as the film is displayed; a frontal chest film is shown with the patient's left on the
+    # viewer's right (columns towards the patient's left, rows towards the feet) unless the source says otherwise.
+    orientation = tuple(source.get("PatientOrientation", None) or ("L", "F"))
+    sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=ev, pixel_array=np.asarray(img), photometric_interpretation="RGB", bits_allocated=8,
-        coordinate_system=None, series_instance_uid=uids["sc_series"], sop_instance_uid=uids["sc_instance"],
+        coordinate_system="PATIENT", patient_orientation=orientation,  # type: ignore[arg-type]
+        series_instance_uid=uids["sc_series"], sop_instance_uid=uids["sc_instance"],
         series_number=SC_SERIES_NUMBER, instance_number=1, manufacturer=DEVICE_NAME,
-        series_description="AI pneumonia screening heatmap (screening aid, not for diagnosis)",
-        burned_in_annotation=True,
+        series_description="AI pneumonia heatmap (screening aid, not for diagnosis)",
     )
+    sc.BurnedInAnnotation = "YES"
+    return sc

@@ -1,0 +1,303 @@
+"""`cxr listen` against a real PACS: Debian's Orthanc on loopback ports, pynetdicom's own SCU, crashes and outages."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from cxr.pacs.sr import read_sr
+from cxr.serving.server import free_ports
+from tests.conftest import REAL_FULLRES, SHIPPED_REPOSITORY, have_real_data
+from tests.test_dicom import make_dicom
+
+pytestmark = pytest.mark.slow
+
+ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+
+
+def chest_dx(seed: int, *, study: str | None = None) -> bytes:
+    """A DX chest DICOM: a real full-resolution film's pixels when ../shared is present, else a generated film."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from tests.conftest import synthetic_xray
+
+    if have_real_data():
+        files = sorted(REAL_FULLRES.rglob("*.jpeg"))
+        img = np.asarray(Image.open(files[seed % len(files)]).convert("L"))
+    else:
+        img = np.asarray(synthetic_xray(seed, pneumonia=seed % 2 == 1, size=(600, 520)))
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(img.astype(np.uint16) * 16, bits=12)))
+    ds.BodyPartExamined, ds.ViewPosition = "CHEST", "PA"
+    ds.PatientID, ds.PatientName = f"PAT{seed:03d}", f"Test^Patient{seed}"
+    ds.StudyInstanceUID = study or pydicom.uid.generate_uid(entropy_srcs=[f"study-{seed}"])
+    ds.SeriesInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[f"series-{seed}"])
+    ds.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[f"instance-{seed}"])
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+class Orthanc:
+    """Orthanc on loopback ports with a generated configuration; always stopped."""
+
+    def __init__(self, workdir: Path, listener_port: int, *, aet: str = "ORTHANC") -> None:
+        self.http_port, self.dicom_port = free_ports(2)
+        self.aet = aet
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.config = {
+            "Name": "cxr-test-pacs",
+            "StorageDirectory": str(self.dir / "db"),
+            "IndexDirectory": str(self.dir / "db"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": aet,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "HttpServerEnabled": True,
+            "DicomServerEnabled": True,
+            "DicomAlwaysAllowStore": True,
+            "DicomCheckCalledAet": False,
+            "DicomModalities": {"cxr": ["CXR_AI", "127.0.0.1", listener_port]},
+            "Plugins": [],
+        }
+        (self.dir / "orthanc.json").write_text(json.dumps(self.config))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Orthanc:
+        log = open(self.dir / "orthanc.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen([ORTHANC, str(self.dir / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, (self.dir / "orthanc.log").read_text()[-2000:]
+            try:
+                self.get("/system")
+                return self
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError("Orthanc did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+    def _req(self, method: str, path: str, body: bytes | None = None, ctype: str = "application/json"):  # type: ignore[no-untyped-def]
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body, method=method,
+                                     headers={"Content-Type": ctype})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            data = r.read()
+        return json.loads(data) if data and r.headers.get_content_type() == "application/json" else data
+
+    def get(self, path: str):  # type: ignore[no-untyped-def]
+        return self._req("GET", path)
+
+    def upload(self, data: bytes) -> str:
+        return self._req("POST", "/instances", data, "application/dicom")["ID"]
+
+    def store_to_listener(self, orthanc_ids: list[str]) -> dict:
+        body = json.dumps({"Resources": orthanc_ids, "Synchronous": True}).encode()
+        return self._req("POST", "/modalities/cxr/store", body)
+
+    def srs_in_study(self, study_uid: str) -> list[pydicom.Dataset]:
+        found = self._req("POST", "/tools/find", json.dumps({"Level": "Instance", "Query": {
+            "StudyInstanceUID": study_uid, "Modality": "SR"}}).encode())
+        return [pydicom.dcmread(__import__("io").BytesIO(self.get(f"/instances/{i}/file"))) for i in found]
+
+
+def start_listener(tmp: Path, orthanc: Orthanc | None, port: int, *, allow: tuple[str, ...] = ("ORTHANC",),
+                   extra: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "cxr.cli", "listen", "--port", str(port), "--spool", str(tmp / "spool"),
+           "--out", str(tmp / "results.csv"), "--url", str(SHIPPED_REPOSITORY), *extra]
+    if orthanc is not None:
+        cmd += ["--send-to", f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"]
+    for a in allow:
+        cmd += ["--allow", a]
+    log = open(tmp / f"listen-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, Path(log.name).read_text()[-3000:]
+        if echo(port):
+            return proc
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("cxr listen did not start")
+
+
+def echo(port: int, calling: str = "ORTHANC") -> bool:
+    from pynetdicom import AE
+
+    ae = AE(ae_title=calling)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    ae.acse_timeout = ae.network_timeout = 5
+    assoc = ae.associate("127.0.0.1", port, ae_title="CXR_AI")
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return bool(status) and status.Status == 0
+
+
+def wait_for(cond, timeout: float = 120.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.5)
+    raise AssertionError("timed out waiting")
+
+
+def _predict_embedded(path: Path) -> dict:
+    r = subprocess.run([sys.executable, "-m", "cxr.cli", "predict", str(path), "--protocol", "embedded", "--format",
+                        "json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)[0]
+
+
+@pytest.fixture()
+def pacs(tmp_path):  # type: ignore[no-untyped-def]
+    port = free_ports(1)[0]
+    orthanc = Orthanc(tmp_path / "orthanc", port).start()
+    try:
+        yield orthanc, port
+    finally:
+        orthanc.stop()
+
+
+def test_orthanc_routes_a_study_and_the_sr_lands_in_the_same_study(pacs, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    orthanc, port = pacs
+    listener = start_listener(tmp_path, orthanc, port)
+    try:
+        data = chest_dx(1)
+        src = pydicom.dcmread(__import__("io").BytesIO(data))
+        oid = orthanc.upload(data)
+        orthanc.store_to_listener([oid])
+        wait_for(lambda: len(orthanc.srs_in_study(src.StudyInstanceUID)) == 1)
+        (sr,) = orthanc.srs_in_study(src.StudyInstanceUID)
+        assert sr.PatientID == src.PatientID and sr.Modality == "SR"
+        content = read_sr(sr)
+        (tmp_path / "src.dcm").write_bytes(data)
+        expected = _predict_embedded(tmp_path / "src.dcm")
+        if expected["status"] == "ok":
+            assert content["probability"] == pytest.approx(expected["probability"], abs=1e-6)
+            assert content["finding"] == ("Present" if expected["label"] == "Pneumonia" else "Absent")
+        else:  # generated films are, correctly, out of distribution for the shipped model
+            assert content["not_assessable"] and content["probability"] is None
+        rows = (tmp_path / "results.csv").read_text().splitlines()
+        assert len(rows) == 2 and src.SOPInstanceUID in rows[1] and "Test^Patient" not in rows[1]
+        logs = "".join(p.read_text() for p in tmp_path.glob("listen-*.log"))
+        assert "Test^Patient" not in logs and "PAT001" not in logs  # no patient data in logs
+    finally:
+        listener.send_signal(signal.SIGTERM)
+        listener.wait(timeout=60)
+
+
+def test_pynetdicom_scu_echo_store_and_refusals(pacs, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from pynetdicom import AE, StoragePresentationContexts
+
+    orthanc, port = pacs
+    listener = start_listener(tmp_path, orthanc, port, allow=("ORTHANC", "MODALITY1"))
+    try:
+        assert echo(port, "MODALITY1")
+        assert not echo(port, "STRANGER")  # a calling AE title outside the allow-list is refused
+        ae = AE(ae_title="MODALITY1")
+        ae.requested_contexts = StoragePresentationContexts[:120]
+        assoc = ae.associate("127.0.0.1", port, ae_title="CXR_AI")
+        assert assoc.is_established
+        ds = pydicom.dcmread(__import__("io").BytesIO(chest_dx(2)))
+        assert assoc.send_c_store(ds).Status == 0x0000
+        mr = pydicom.dcmread(__import__("io").BytesIO(make_dicom(__import__("numpy").ones((64, 64)) * 100)))
+        mr.SOPClassUID = mr.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage
+        mr.Modality = "MR"
+        assert assoc.send_c_store(mr).Status == 0x0122  # refused: SOP class not supported
+        assoc.release()
+        wait_for(lambda: len(orthanc.srs_in_study(ds.StudyInstanceUID)) == 1)
+    finally:
+        listener.send_signal(signal.SIGTERM)
+        listener.wait(timeout=60)
+
+
+def test_listener_killed_mid_stream_every_instance_gets_exactly_one_sr(pacs, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    orthanc, port = pacs
+    study = pydicom.uid.generate_uid(entropy_srcs=["kill-study"])
+    ids = [orthanc.upload(chest_dx(10 + i, study=study)) for i in range(12)]
+    listener = start_listener(tmp_path, orthanc, port)
+    import threading
+
+    sender = threading.Thread(target=lambda: _store_quietly(orthanc, ids))
+    sender.start()
+    time.sleep(1.0)
+    listener.send_signal(signal.SIGKILL)  # mid-stream
+    listener.wait()
+    sender.join(timeout=120)
+    listener = start_listener(tmp_path, orthanc, port)  # finishes the spool
+    try:
+        orthanc.store_to_listener(ids)  # Orthanc resends everything: duplicates are acknowledged and skipped
+        wait_for(lambda: len(orthanc.srs_in_study(study)) == 12, timeout=240)
+        time.sleep(2)
+        srs = orthanc.srs_in_study(study)
+        assert len(srs) == 12 and len({s.SOPInstanceUID for s in srs}) == 12
+        refs = {s.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+                .ReferencedSOPInstanceUID for s in srs}
+        assert len(refs) == 12
+    finally:
+        listener.send_signal(signal.SIGTERM)
+        listener.wait(timeout=60)
+
+
+def _store_quietly(orthanc: Orthanc, ids: list[str]) -> None:
+    try:
+        orthanc.store_to_listener(ids)
+    except OSError:
+        pass  # the listener died mid-association: Orthanc reports the failure
+
+
+def test_pacs_down_when_results_are_due_then_delivered(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    port = free_ports(1)[0]
+    orthanc = Orthanc(tmp_path / "orthanc", port)  # configured, not started: the PACS is down
+    listener = start_listener(tmp_path, orthanc, port, allow=(), extra=("--heatmap",))
+    try:
+        from pynetdicom import AE
+
+        ae = AE(ae_title="MODALITY1")
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1")
+        assoc = ae.associate("127.0.0.1", port, ae_title="CXR_AI")
+        ds = pydicom.dcmread(__import__("io").BytesIO(chest_dx(30)))
+        assert assoc.send_c_store(ds).Status == 0
+        assoc.release()
+        wait_for(lambda: list((tmp_path / "spool" / "outbox").glob("*.dcm")))  # screened, queued, not delivered
+        time.sleep(3)
+        assert list((tmp_path / "spool" / "outbox").glob("*.dcm"))
+        orthanc.start()  # the PACS comes back
+        wait_for(lambda: len(orthanc.srs_in_study(ds.StudyInstanceUID)) == 1, timeout=180)
+        wait_for(lambda: not list((tmp_path / "spool" / "outbox").glob("*.dcm")), timeout=60)
+    finally:
+        listener.send_signal(signal.SIGTERM)
+        listener.wait(timeout=60)
+        orthanc.stop()
+
+
+def test_listen_help_reads_well() -> None:
+    r = subprocess.run([sys.executable, "-m", "cxr.cli", "listen", "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0
+    for opt in ("--host", "--port", "--ae-title", "--send-to", "--allow", "--spool", "--out", "--protocol", "--url",
+                "--model", "--heatmap"):
+        assert opt in r.stdout
+    assert "C-STORE" in r.stdout and "0x0122" in r.stdout
+

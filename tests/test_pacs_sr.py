@@ -1,0 +1,99 @@
+"""DICOM SR results (highdicom): content, deterministic UIDs, placement in the source's study, minimal patient data."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pydicom
+import pytest
+
+from cxr import contract
+from cxr.pacs.sr import Result, build_heatmap_sc, build_sr, read_sr, result_uids
+from tests.test_dicom import _ramp, make_dicom
+
+SHA = "ab" * 32
+
+
+def _source() -> pydicom.Dataset:
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(_ramp())))
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.2"
+    ds.StudyID, ds.AccessionNumber, ds.StudyDate, ds.StudyTime = "S1", "ACC42", "20261129", "101500"
+    ds.PatientBirthDate, ds.PatientSex, ds.InstitutionName = "19700101", "F", "General Hospital"
+    ds.BodyPartExamined, ds.ViewPosition = "CHEST", "PA"
+    return ds
+
+
+def _roundtrip(ds) -> pydicom.Dataset:  # type: ignore[no-untyped-def]
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return pydicom.dcmread(io.BytesIO(buf.getvalue()))
+
+
+@pytest.mark.parametrize(("p", "finding"), [(0.83, "Present"), (0.12, "Absent")])
+def test_sr_carries_finding_probability_threshold_and_algorithm(p: float, finding: str) -> None:
+    src = _source()
+    label = contract.label_for(p, 0.4)
+    sr = _roundtrip(build_sr(src, Result(contract.Status.OK, 0.4, "pneumonia", "1", SHA, label=label, probability=p)))
+    assert sr.Modality == "SR" and sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"
+    assert sr.StudyInstanceUID == src.StudyInstanceUID and sr.PatientID == src.PatientID
+    assert sr.SeriesInstanceUID != src.SeriesInstanceUID
+    content = read_sr(sr)
+    assert content["finding"] == finding and content["probability"] == pytest.approx(p)
+    assert content["threshold"] == pytest.approx(0.4) and content["not_assessable"] is None
+    assert content["sha256"] == SHA  # algorithm parameters (TID 4019)
+    assert "233604007" in str(sr)  # the SNOMED CT finding
+    refs = [r.ReferencedSOPInstanceUID for r in sr.CurrentRequestedProcedureEvidenceSequence[0]
+            .ReferencedSeriesSequence[0].ReferencedSOPSequence]
+    assert refs == [src.SOPInstanceUID]
+
+
+def test_not_assessable_sr_has_no_finding() -> None:
+    src = _source()
+    res = Result(contract.Status.NOT_ASSESSABLE, 0.4, "pneumonia", "1", SHA, rule="out_of_distribution",
+                 reason="x: not assessable (out_of_distribution): ood_score 90 > 35")
+    content = read_sr(_roundtrip(build_sr(src, res)))
+    assert content["not_assessable"] == "out_of_distribution"
+    assert content["finding"] is None and content["probability"] is None
+
+
+def test_result_uids_are_deterministic_per_source_and_model() -> None:
+    src = _source()
+    a, b = result_uids(src, SHA), result_uids(src, SHA)
+    assert a == b
+    assert result_uids(src, "cd" * 32)["sr_instance"] != a["sr_instance"]  # another model: another result
+    other = _source()
+    other.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.3"
+    assert result_uids(other, SHA)["sr_instance"] != a["sr_instance"]
+    assert result_uids(other, SHA)["sr_series"] == a["sr_series"]  # one results series per study and model
+    res = Result(contract.Status.OK, 0.4, "pneumonia", "1", SHA, label="Normal", probability=0.1)
+    assert build_sr(src, res).SOPInstanceUID == build_sr(src, res).SOPInstanceUID == a["sr_instance"]
+
+
+def test_only_placement_attributes_are_copied() -> None:
+    sr = _roundtrip(build_sr(_source(), Result(contract.Status.OK, 0.4, "m", "1", SHA, label="Normal", probability=0.1)))
+    assert sr.PatientBirthDate == "" and sr.PatientSex == ""
+    assert "InstitutionName" not in sr or sr.InstitutionName != "General Hospital"
+    assert sr.AccessionNumber == "ACC42"
+
+
+def test_heatmap_secondary_capture_is_burned_in_and_placed() -> None:
+    src = _source()
+    res = Result(contract.Status.OK, 0.4, "pneumonia", "1", SHA, label="Pneumonia", probability=0.9)
+    rgb = np.zeros((300, 260, 3), np.uint8)
+    sc = _roundtrip(build_heatmap_sc(src, res, rgb))
+    assert sc.StudyInstanceUID == src.StudyInstanceUID and sc.BurnedInAnnotation == "YES"
+    assert sc.SOPInstanceUID == result_uids(src, SHA)["sc_instance"]
+    assert sc.pixel_array.shape == (300, 260, 3) and sc.pixel_array[:20].max() > 0  # the banner
+
+
+def test_result_validation() -> None:
+    with pytest.raises(ValueError):
+        Result(contract.Status.ERROR, 0.4, "m", "1", SHA)
+    with pytest.raises(ValueError):
+        Result(contract.Status.OK, 0.4, "m", "1", SHA)
+    with pytest.raises(ValueError):
+        Result(contract.Status.NOT_ASSESSABLE, 0.4, "m", "1", SHA, rule="nope")
+    with pytest.raises(ValueError):
+        Result(contract.Status.OK, 0.4, "m", "1", "", label="Normal", probability=0.1)
