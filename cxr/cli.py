@@ -633,6 +633,13 @@ def _add_listen(sub: argparse._SubParsersAction) -> None:
                    help="how to reach the model: embedded (in-process, the default), grpc or http")
     p.add_argument("--model", default=DEFAULT_MODEL, help="served model name")
     _add_tls_client_args(p)
+    g = p.add_argument_group("DICOM TLS")
+    g.add_argument("--dicom-tls-cert", type=Path, help="this listener's certificate: incoming associations use TLS")
+    g.add_argument("--dicom-tls-key", type=Path, help="its private key")
+    g.add_argument("--dicom-tls-client-ca", type=Path, help="require calling nodes' certificates from this CA (mutual)")
+    g.add_argument("--send-tls-ca", type=Path, help="CA of the PACS's certificate: results are sent over TLS")
+    g.add_argument("--send-tls-cert", type=Path, help="this listener's client certificate for the PACS (mutual)")
+    g.add_argument("--send-tls-key", type=Path, help="its private key")
     p.set_defaults(func=_cmd_listen)
 
 
@@ -641,12 +648,16 @@ def _cmd_listen(a: argparse.Namespace) -> int:
     import threading
 
     from cxr.pacs.listener import Destination, ListenConfig, Listener
+    from cxr.security import TlsClient, TlsServer
 
     try:
+        dicom_tls = TlsServer(a.dicom_tls_cert, a.dicom_tls_key, a.dicom_tls_client_ca) if a.dicom_tls_cert else None
+        send_tls = TlsClient(a.send_tls_ca, a.send_tls_cert, a.send_tls_key) if a.send_tls_ca else None
         cfg = ListenConfig(spool=a.spool, host=a.host, port=a.port, ae_title=a.ae_title,
                            send_to=Destination.parse(a.send_to) if a.send_to else None, allow=tuple(a.allow),
                            out=a.out, url=a.url, protocol=a.protocol, model=a.model, heatmap=a.heatmap,
-                           repository=a.model_repository, **_client_security(a))
+                           repository=a.model_repository, dicom_tls=dicom_tls, send_tls=send_tls,
+                           **_client_security(a))
     except ValueError as exc:
         raise CxrError(str(exc)) from None
     stop = threading.Event()

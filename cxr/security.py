@@ -250,13 +250,13 @@ def make_dev_pki(out_dir: Path, *, hosts: tuple[str, ...] = ("127.0.0.1", "local
                                        encipher_only=False, decipher_only=False), critical=True)
           .sign(ca_key, hashes.SHA256()))
 
-    def leaf(cn: str, usage, sans):  # type: ignore[no-untyped-def]
+    def leaf(cn: str, usages, sans):  # type: ignore[no-untyped-def]
         k = key()
         b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
              .issuer_name(ca_name).public_key(k.public_key()).serial_number(x509.random_serial_number())
              .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=30))
              .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
+             .add_extension(x509.ExtendedKeyUsage(usages), critical=False))
         if sans:
             b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         return k, b.sign(ca_key, hashes.SHA256())
@@ -267,8 +267,9 @@ def make_dev_pki(out_dir: Path, *, hosts: tuple[str, ...] = ("127.0.0.1", "local
             sans.append(x509.IPAddress(ipaddress.ip_address(h)))
         except ValueError:
             sans.append(x509.DNSName(h))
-    server_key, server = leaf(f"{name} server", ExtendedKeyUsageOID.SERVER_AUTH, sans)
-    client_key, client = leaf(f"{name} client", ExtendedKeyUsageOID.CLIENT_AUTH, [])
+    # The server certificate may also act as a client (a DICOM node that both receives and sends, like a PACS).
+    server_key, server = leaf(f"{name} server", [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], sans)
+    client_key, client = leaf(f"{name} client", [ExtendedKeyUsageOID.CLIENT_AUTH], [])
     pem = serialization.Encoding.PEM
     paths = {"ca": out / "ca.pem", "server_cert": out / "server.pem", "client_cert": out / "client.pem"}
     paths["ca"].write_bytes(ca.public_bytes(pem))

@@ -301,3 +301,58 @@ def test_listen_help_reads_well() -> None:
         assert opt in r.stdout
     assert "C-STORE" in r.stdout and "0x0122" in r.stdout
 
+
+
+def _tls_echo(port: int, pki: dict | None) -> bool:  # type: ignore[type-arg]
+    import ssl
+
+    from pynetdicom import AE
+
+    ae = AE(ae_title="ORTHANC")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    ae.acse_timeout = ae.network_timeout = 5
+    ctx = ssl.create_default_context(cafile=str(pki["ca"])) if pki else None
+    if ctx is not None and pki.get("client_cert"):
+        ctx.load_cert_chain(str(pki["client_cert"]), str(pki["client_key"]))
+    assoc = ae.associate("127.0.0.1", port, ae_title="CXR_AI", tls_args=(ctx, "127.0.0.1") if ctx else None)
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return bool(status) and status.Status == 0
+
+
+def test_dicom_tls_both_ways_with_orthanc(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Incoming associations need a certificate from the site CA; results go to Orthanc over DICOM TLS."""
+    from cxr.security import make_dev_pki
+
+    pki = make_dev_pki(tmp_path / "pki")
+    other = make_dev_pki(tmp_path / "other", name="other")
+    port = free_ports(1)[0]
+    orthanc = Orthanc(tmp_path / "orthanc", port)
+    orthanc.config.update({"DicomTlsEnabled": True, "DicomTlsCertificate": str(pki["server_cert"]),
+                           "DicomTlsPrivateKey": str(pki["server_key"]), "DicomTlsTrustedCertificates": str(pki["ca"]),
+                           "DicomTlsRemoteCertificateRequired": True})
+    orthanc.config["DicomModalities"]["cxr"] = {"AET": "CXR_AI", "Host": "127.0.0.1", "Port": port, "UseDicomTls": True}
+    (orthanc.dir / "orthanc.json").write_text(json.dumps(orthanc.config))
+    orthanc.start()
+    cmd = [sys.executable, "-m", "cxr.cli", "listen", "--port", str(port), "--spool", str(tmp_path / "spool"),
+           "--url", str(SHIPPED_REPOSITORY), "--send-to", f"ORTHANC@127.0.0.1:{orthanc.dicom_port}",
+           "--dicom-tls-cert", str(pki["server_cert"]), "--dicom-tls-key", str(pki["server_key"]),
+           "--dicom-tls-client-ca", str(pki["ca"]), "--send-tls-ca", str(pki["ca"]),
+           "--send-tls-cert", str(pki["client_cert"]), "--send-tls-key", str(pki["client_key"])]
+    log = open(tmp_path / "listen-tls.log", "wb")  # noqa: SIM115
+    listener = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: listener.poll() is None and _tls_echo(port, pki), timeout=60)
+        assert not _tls_echo(port, {"ca": pki["ca"]})  # no client certificate: refused
+        assert not _tls_echo(port, {"ca": pki["ca"], "client_cert": other["client_cert"], "client_key": other["client_key"]})
+        assert not echo(port)  # plaintext: refused
+        data = chest_dx(40)
+        src = pydicom.dcmread(__import__("io").BytesIO(data))
+        orthanc.store_to_listener([orthanc.upload(data)])  # Orthanc -> listener over TLS (UseDicomTls)
+        wait_for(lambda: len(orthanc.srs_in_study(src.StudyInstanceUID)) == 1, timeout=120)  # and back over TLS
+    finally:
+        listener.send_signal(signal.SIGTERM)
+        listener.wait(timeout=60)
+        orthanc.stop()

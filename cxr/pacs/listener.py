@@ -96,6 +96,8 @@ class ListenConfig:
         send_backoff_s: First wait after a failed send; doubles up to ``max_backoff_s``.
         max_backoff_s: Longest wait between send attempts.
         batch: Instances screened per inference call.
+        dicom_tls: DICOM TLS for incoming associations (:class:`cxr.security.TlsServer`; mutual with a client CA).
+        send_tls: DICOM TLS for sending results (:class:`cxr.security.TlsClient`).
     """
 
     spool: Path
@@ -115,6 +117,8 @@ class ListenConfig:
     batch: int = 16
     tls: object | None = field(default=None, repr=False)
     config_key: str | None = field(default=None, repr=False)
+    dicom_tls: object | None = None
+    send_tls: object | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.ae_title) <= 16:
@@ -125,6 +129,10 @@ class ListenConfig:
             raise ValueError("need 0 < send_backoff_s <= max_backoff_s")
         if self.batch < 1:
             raise ValueError("batch must be >= 1")
+        from cxr.security import is_loopback
+
+        if not is_loopback(self.host) and self.dicom_tls is None:
+            logger.warning("listening on %s without DICOM TLS: keep this link on a trusted network", self.host)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -288,7 +296,11 @@ class Listener:
             except ExplanationUnavailable as exc:
                 raise CxrError(f"--heatmap: {exc}") from None
         handlers = [(evt.EVT_C_ECHO, self._on_echo), (evt.EVT_C_STORE, self._on_store)]
-        self._server = self._ae().start_server((self.cfg.host, self.cfg.port), block=False, evt_handlers=handlers)
+        ssl_context = None
+        if self.cfg.dicom_tls is not None:
+            ssl_context = _server_ssl_context(self.cfg.dicom_tls)
+        self._server = self._ae().start_server((self.cfg.host, self.cfg.port), block=False, evt_handlers=handlers,
+                                               ssl_context=ssl_context)
         for target, name in ((self._work, "cxr-listen-screen"), (self._send, "cxr-listen-send")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
@@ -411,7 +423,10 @@ class Listener:
         ae.add_requested_context(COMPREHENSIVE_SR)
         ae.add_requested_context(SECONDARY_CAPTURE)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        tls_args = None
+        if self.cfg.send_tls is not None:
+            tls_args = (self.cfg.send_tls.ssl_context(), self.cfg.send_tls.server_name or dest.host)  # type: ignore[attr-defined]
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
         if not assoc.is_established:
             self.stats["send_failures"] += 1
             return False
@@ -433,6 +448,18 @@ class Listener:
         finally:
             assoc.release()
         return ok
+
+
+def _server_ssl_context(tls):  # type: ignore[no-untyped-def]
+    """TLS for the SCP: its certificate, and client certificates required when a client CA is given."""
+    import ssl
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(tls.cert), str(tls.key))
+    if tls.client_ca is not None:
+        ctx.load_verify_locations(cafile=str(tls.client_ca))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
 
 
 def _encode(ds) -> bytes:  # type: ignore[no-untyped-def]
