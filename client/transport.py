@@ -332,7 +332,12 @@ def _scores(get, info: ModelInfo, n: int) -> Scores:  # type: ignore[no-untyped-
 
 def make_transport(protocol: str, url: str | None, model: str, version: str, *, timeout_s: float,
                    tls: TlsClient | None = None, config_key: str | None = None) -> Transport:
-    """Create the transport for ``protocol`` (``grpc``, ``http`` or ``embedded``)."""
+    """Create the transport for ``protocol`` (``grpc``, ``http`` or ``embedded``); ``url`` may list replicas ``A,B,C``."""
+    if protocol in ("grpc", "http") and url and "," in url:
+        from cxr.client.fleet import FleetTransport, split_urls
+
+        return FleetTransport(split_urls(url), lambda u: make_transport(protocol, u, model, version, timeout_s=timeout_s,
+                                                                          tls=tls, config_key=config_key))
     if protocol == "grpc":
         return GrpcTransport(url or DEFAULT_URLS["grpc"], model, version, timeout_s=timeout_s, tls=tls, config_key=config_key)
     if protocol == "http":

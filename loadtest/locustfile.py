@@ -40,6 +40,8 @@ from cxr.security import CONFIG_HEADER, TlsClient, grpc_header, read_key  # noqa
 _IMAGES: np.ndarray | None = None
 #: Served answers by status: every successful response is an answer, labelled or not assessable.
 ANSWERS: Counter[str] = Counter()
+_USER_COUNT = [0]
+_USER_LOCK = __import__("threading").Lock()
 
 
 @events.init_command_line_parser.add_listener
@@ -125,7 +127,12 @@ class _TritonUser(User):
         self.n = max(1, int(opts.images_per_request))
         self.images = _images(self.environment)
         self.rng = np.random.default_rng()
-        self.client = self.make_client(self.host or self.default_host)
+        # A fleet: --host A,B,C spreads the users over the replicas (user i talks to replica i mod n).
+        hosts = [h.strip() for h in (self.host or self.default_host).split(",") if h.strip()]
+        with _USER_LOCK:
+            index = _USER_COUNT[0]
+            _USER_COUNT[0] += 1
+        self.client = self.make_client(hosts[index % len(hosts)])
         self.ood_threshold = self.read_ood_threshold()
 
     def read_ood_threshold(self) -> float | None:

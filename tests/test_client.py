@@ -111,3 +111,59 @@ class _Status(Exception):
 def test_errors_are_classified_by_status_code(exc: Exception, kind: type) -> None:
     got = classify_error(exc, "where")
     assert type(got) is kind and str(got).startswith("where: ")
+
+
+class _Replica(FakeTransport):
+    def __init__(self, name: str, log: list) -> None:  # type: ignore[type-arg]
+        super().__init__()
+        self.info = ModelInfo("fake", "1", 64, 0.5, contract.LABELS, "sha", 5.0, "")
+        self.name, self.log, self.down = name, log, False
+
+    def infer(self, batch: np.ndarray, *, timeout_s: float) -> Scores:
+        if self.down:
+            raise RetryableServerError(f"{self.name}: UNAVAILABLE")
+        self.log.append(self.name)
+        return super().infer(batch, timeout_s=timeout_s)
+
+    def ready(self) -> bool:
+        return not self.down
+
+
+def test_fleet_spreads_load_fails_over_and_probes_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cxr.client import fleet
+
+    log: list[str] = []
+    replicas = {u: _Replica(u, log) for u in ("a:1", "b:1", "c:1")}
+    f = fleet.FleetTransport(list(replicas), lambda u: replicas[u])
+    x = np.zeros((2, *contract.IMAGE_SHAPE), np.uint8)
+    for _ in range(6):
+        f.infer(x, timeout_s=1)
+    assert sorted(set(log)) == ["a:1", "b:1", "c:1"]  # least-loaded, least recently used: all three serve
+    replicas["b:1"].down = True
+    log.clear()
+    for _ in range(6):
+        f.infer(x, timeout_s=1)  # the request that hit b is retried elsewhere: no error reaches the caller
+    assert "b:1" not in log and len(log) == 6
+    assert not f.replicas[1].healthy
+    replicas["b:1"].down = False
+    monkeypatch.setattr(fleet.time, "monotonic", lambda: 1e12)  # the cooldown has passed
+    log.clear()
+    for _ in range(6):
+        f.infer(x, timeout_s=1)
+    assert "b:1" in log and f.replicas[1].healthy  # probed back in
+
+
+def test_fleet_refuses_replicas_serving_different_models() -> None:
+    from cxr.client import fleet
+
+    a, b = FakeTransport(), FakeTransport()
+    a.info = ModelInfo("fake", "1", 64, 0.5, contract.LABELS, "sha-1", 5.0, "")
+    b.info = ModelInfo("fake", "1", 64, 0.5, contract.LABELS, "sha-2", 5.0, "")
+    with pytest.raises(ServerError, match="same model"):
+        fleet.FleetTransport(["a:1", "b:1"], {"a:1": a, "b:1": b}.__getitem__)
+    all_down = {"a:1": _Replica("a", []), "b:1": _Replica("b", [])}
+    for r in all_down.values():
+        r.down = True
+    f = fleet.FleetTransport(list(all_down), all_down.__getitem__)
+    with pytest.raises(RetryableServerError, match="no healthy replica"):
+        f.infer(np.zeros((1, *contract.IMAGE_SHAPE), np.uint8), timeout_s=1)

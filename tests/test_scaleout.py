@@ -1,0 +1,139 @@
+"""Beyond one machine: a fleet of three real replicas (one SIGKILLed mid-run), Locust master and workers,
+and the Kubernetes manifests validated against the Kubernetes schemas."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cxr.serving.server import ServerConfig, TritonServer, free_ports
+from tests.conftest import REAL_FULLRES, REPO, SHIPPED_REPOSITORY, have_real_data, synthetic_xray
+
+MANIFESTS = sorted((REPO / "deploy" / "kubernetes").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def fleet():  # type: ignore[no-untyped-def]
+    servers = []
+    try:
+        for _ in range(3):
+            h, g, m = free_ports(3)
+            cfg = ServerConfig(model_repository=SHIPPED_REPOSITORY, http_port=h, grpc_port=g, metrics_port=m,
+                               models=("pneumonia",), startup_timeout_s=120)
+            servers.append(TritonServer(cfg).start())
+        yield servers
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def _inputs(d: Path, n: int) -> Path:
+    d.mkdir()
+    if have_real_data():
+        files = sorted(REAL_FULLRES.rglob("*.jpeg"))
+        for i in range(n):
+            shutil.copy(files[i % len(files)], d / f"img_{i:03d}.jpeg")
+    else:
+        for i in range(n):
+            synthetic_xray(2000 + i, pneumonia=i % 2 == 0, size=(420, 400)).save(d / f"img_{i:03d}.jpeg")
+    return d
+
+
+def _journal_rows(out: Path) -> int:
+    j = out.with_name(out.name + ".journal")
+    return max(0, len(j.read_text().splitlines()) - 1) if j.exists() else 0
+
+
+@pytest.mark.slow
+def test_fleet_of_three_with_one_sigkilled_gives_every_input_one_row(fleet, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    d = _inputs(tmp_path / "in", 160)
+    out = tmp_path / "r.csv"
+    urls = ",".join(s.config.grpc_url for s in fleet)
+    cmd = [sys.executable, "-m", "cxr.cli", "predict", str(d), "--url", urls, "--format", "csv", "--out", str(out),
+           "--chunk", "8"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and _journal_rows(out) < 24:
+        time.sleep(0.05)
+    fleet[1].kill()  # SIGKILL one replica mid-run
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "taken out" in stderr
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert [Path(r["path"]).name for r in rows] == [f"img_{i:03d}.jpeg" for i in range(160)]
+    assert all(r["status"] in ("ok", "not_assessable") for r in rows)  # none failed
+    # identical to a single server's answers (the embedded runtime on the same model file)
+    single = subprocess.run([sys.executable, "-m", "cxr.cli", "predict", str(d), "--protocol", "embedded", "--format",
+                             "json"], capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    ref = {Path(x["path"]).name: x for x in json.loads(single.stdout)}
+    for r in rows:
+        e = ref[Path(r["path"]).name]
+        assert r["status"] == e["status"] and (r["label"] or None) == e["label"]
+        if e["probability"] is not None:
+            assert abs(float(r["probability"]) - e["probability"]) <= 1e-5
+
+
+@pytest.mark.slow
+def test_locust_master_with_two_workers_against_the_fleet(fleet, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from cxr.loadtest.capacity import LOCUSTFILE
+
+    live = [s for s in fleet if s.running()]
+    hosts = ",".join(s.config.grpc_url for s in live)
+    port = free_ports(1)[0]
+    common = ["-f", str(LOCUSTFILE), "TritonGrpcUser", "--host", hosts]
+    master = subprocess.Popen(
+        [sys.executable, "-m", "locust", *common, "--master", "--master-bind-host", "127.0.0.1", "--master-bind-port",
+         str(port), "--headless", "-u", "4", "-r", "4", "-t", "6s", "--expect-workers", "2", "--expect-workers-max-wait",
+         "60", "--csv", str(tmp_path / "run"), "--only-summary", "--stop-timeout", "5"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers = [subprocess.Popen([sys.executable, "-m", "locust", *common, "--worker", "--master-host", "127.0.0.1",
+                                 "--master-port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               for _ in range(2)]
+    try:
+        _, err = master.communicate(timeout=120)  # bounded: -t 6s, and this outer timeout
+        assert master.returncode == 0, err[-3000:]
+        with open(tmp_path / "run_stats.csv") as f:
+            agg = {row["Name"]: row for row in csv.DictReader(f)}["Aggregated"]
+        assert int(agg["Request Count"]) > 0 and int(agg["Failure Count"]) == 0
+    finally:
+        for w in workers:
+            w.send_signal(signal.SIGTERM)
+            try:
+                w.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                w.kill()
+
+
+def test_manifests_exist() -> None:
+    kinds = set()
+    for m in MANIFESTS:
+        for doc in m.read_text().split("\n---\n"):
+            for line in doc.splitlines():
+                if line.startswith("kind: "):
+                    kinds.add(line.split(":", 1)[1].strip())
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor",
+            "RayJob", "ConfigMap"} <= kinds
+
+
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.name)
+def test_manifest_validates_strictly(manifest: Path) -> None:
+    """kubernetes-validate --strict against the 1.37 schemas; CRD kinds (ServiceMonitor, RayJob) may only warn."""
+    exe = Path(sys.executable).with_name("kubernetes-validate")
+    r = subprocess.run([str(exe), "--strict", "--kubernetes-version", "1.37", str(manifest)], capture_output=True,
+                       text=True, timeout=120)
+    out = r.stdout + r.stderr
+    errors = [ln for ln in out.splitlines() if ln.startswith("ERROR")]
+    assert r.returncode == 0 and not errors, out
+    for ln in out.splitlines():
+        if ln.startswith("WARN"):
+            assert "ServiceMonitor" in ln or "RayJob" in ln or "RayCluster" in ln, ln
