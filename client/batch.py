@@ -62,6 +62,7 @@ class PredictOptions:
         retries: Tries per request before a chunk's images are recorded as transient errors (a rerun retries them).
         tls: TLS settings for the server (:class:`cxr.security.TlsClient`).
         config_key: Key for a server that restricts model-config.
+        ray: Run on a Ray cluster at this address (``auto``: the local cluster); see :mod:`cxr.client.ray_batch`.
     """
 
     inputs: tuple[Path, ...]
@@ -76,6 +77,7 @@ class PredictOptions:
     retries: int = 6
     tls: TlsClient | None = None
     config_key: str | None = field(default=None, repr=False)
+    ray: str | None = None
 
     def __post_init__(self) -> None:
         if self.retries < 1:
@@ -255,7 +257,22 @@ def run_predict(opts: PredictOptions) -> int:
     rows: list[dict] = []
     rules = Eligibility.load(opts.eligibility) if opts.eligibility else None
     try:
-        if todo:  # nothing left to do needs no server: the CSV is only rewritten from the journal
+        if todo and opts.ray:
+            from cxr.client import ray_batch
+
+            def collect(chunk_rows: list[dict]) -> None:
+                for r in chunk_rows:
+                    if r["status"] == contract.Status.ERROR.value:
+                        print(f"error: {r['reason']}", file=sys.stderr)
+                if journal is not None:
+                    journal.append(chunk_rows)
+                else:
+                    rows.extend(chunk_rows)
+
+            ray_batch.screen(opts.ray, todo, url=opts.url, protocol=opts.protocol, model=opts.model,
+                             timeout_s=opts.timeout_s, chunk=opts.chunk, on_rows=collect, tls=opts.tls,
+                             config_key=opts.config_key)
+        elif todo:  # nothing left to do needs no server: the CSV is only rewritten from the journal
             _screen(opts, todo, rules, journal, rows)
     finally:
         if journal is not None:

@@ -419,6 +419,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk", type=int, default=64, help="images preprocessed, sent and journaled per step")
     p.add_argument("--eligibility", type=Path, help="DICOM eligibility rules file (default: the served model's)")
     p.add_argument("--retries", type=int, default=6, help="tries per request before its images are left for a rerun")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="run on a Ray cluster (host:port, or auto): preprocessing as CPU tasks, inference in an actor "
+                   "pool (the --url fleet, or embedded onnxruntime); needs the ray extra and shared input paths")
     p.set_defaults(func=_cmd_predict)
 
 
@@ -427,7 +430,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
 
     return run_predict(PredictOptions(inputs=tuple(a.inputs), url=a.url, protocol=a.protocol, model=a.model,
                                       timeout_s=a.timeout_s, format=a.format, out=a.out, chunk=a.chunk,
-                                      eligibility=a.eligibility, retries=a.retries, **_client_security(a)))
+                                      eligibility=a.eligibility, retries=a.retries, ray=a.ray, **_client_security(a)))
 
 
 def _add_health(sub: argparse._SubParsersAction) -> None:
@@ -481,6 +484,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-inception", action="store_true", help="skip the InceptionV3 baseline (needs TensorFlow)")
     p.add_argument("--tail-seconds", type=float, default=25.0,
                    help="length of each tail-latency probe (1-image requests at concurrency 1 and 8)")
+    p.add_argument("--ray-images", type=int, default=256, help="files in the Ray scaling job (one node, then two)")
     p.add_argument("--perf-analyzer-root", type=Path, default=REPO_ROOT / ".cache" / "perf_analyzer",
                    help="chroot made by ../shared/tools/perf_analyzer_setup.sh (skipped, and said so, when missing)")
     p.set_defaults(func=_cmd_bench)
@@ -491,7 +495,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
 
     res = run_bench(BenchConfig(repository=a.model_repository, model=a.model, images_dir=a.images_dir, out=a.out,
                                 seconds=a.seconds, inception=not a.no_inception, tail_seconds=a.tail_seconds,
-                                perf_analyzer_root=a.perf_analyzer_root))
+                                perf_analyzer_root=a.perf_analyzer_root, ray_images=a.ray_images))
     text = table(res)
     a.out.with_suffix(".md").write_text(text + "\n")
     print(text)

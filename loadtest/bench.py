@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -31,7 +32,7 @@ REQUIRED_KEYS = (
     "ort_images_per_s", "triton_vs_ort", "batching_gain", "p99_ms_batching", "p99_ms_no_batching",
     "int8_speedup", "preprocess_vs_server", "compact_vs_inception",
     "p99_over_p50_c1", "p99_over_p50_c8", "stalls_per_1000", "legacy_stalls_per_1000", "client_vs_perf_analyzer",
-    "tls_vs_plaintext",
+    "tls_vs_plaintext", "ray_scaling_1_to_2",
 )
 #: A request slower than this is a stall.
 STALL_MS = 250.0
@@ -53,6 +54,7 @@ class BenchConfig:
         concurrency: Concurrent single-image requests for the batching comparison.
         inception: Measure the InceptionV3 baseline (needs TensorFlow + tf2onnx once; cached).
         tail_seconds: Length of each tail-latency probe (1-image requests back to back, at concurrency 1 and 8).
+        ray_images: Files in the Ray scaling job (one node, then two).
         perf_analyzer_root: Chroot holding NVIDIA's perf_analyzer (``None`` or missing: that ratio is skipped, said so).
     """
 
@@ -65,6 +67,7 @@ class BenchConfig:
     concurrency: int = 16
     inception: bool = True
     tail_seconds: float = 25.0
+    ray_images: int = 256
     perf_analyzer_root: Path | None = DEFAULT_PERF_ANALYZER_ROOT
 
     def __post_init__(self) -> None:
@@ -282,6 +285,58 @@ def inception_onnx(cache_dir: Path) -> Path:
     return path
 
 
+RAY_SCRIPT = """
+set -e
+ip link set lo up
+export RAY_USAGE_STATS_ENABLED=0 PATH={bin}:$PATH
+trap 'ray stop --force >/dev/null 2>&1 || true' EXIT
+ray start --head --port 6380 --num-cpus 1 --include-dashboard false --node-ip-address 127.0.0.1 >/dev/null 2>&1
+run() {{ t0=$(date +%s.%N); cxr predict {inputs} --ray 127.0.0.1:6380 --protocol embedded --format json \
+        --out {tmp}/out_$1.json >/dev/null 2>&1 || true; t1=$(date +%s.%N); echo "$1 $t0 $t1" >> {tmp}/times.txt; }}
+run 1
+ray start --address 127.0.0.1:6380 --num-cpus 1 --node-ip-address 127.0.0.1 >/dev/null 2>&1
+run 2
+"""
+
+
+def ray_scaling(images_dir: Path | None, n_images: int = 256) -> dict | None:
+    """The same Ray Data job on a one-node and a two-node local cluster (1 CPU each) in a private network namespace.
+
+    Returns ``None`` (the report says why) without Ray, root or ``unshare``.
+    """
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("ray") is None or os.geteuid() != 0 or shutil.which("unshare") is None:
+        return None
+    files = sorted(p for p in Path(images_dir).rglob("*") if p.suffix.lower() in (".jpeg", ".jpg", ".png")) \
+        if images_dir and Path(images_dir).is_dir() else []
+    with tempfile.TemporaryDirectory(prefix="cxr-bench-ray-") as tmp:
+        inputs = Path(tmp) / "in"
+        inputs.mkdir()
+        if not files:
+            from PIL import Image
+
+            rng = np.random.default_rng(0)
+            a = rng.normal(120, 40, (2000, 2300)).clip(0, 255).astype(np.uint8)
+            Image.fromarray(a).save(Path(tmp) / "g.jpeg", quality=90)
+            files = [Path(tmp) / "g.jpeg"]
+        for i in range(n_images):
+            src = files[i % len(files)]
+            shutil.copy(src, inputs / f"img_{i:04d}{src.suffix}")
+        script = RAY_SCRIPT.format(bin=Path(sys.executable).parent, inputs=inputs, tmp=tmp)
+        subprocess.run(["unshare", "-n", "bash", "-c", script], capture_output=True, text=True, timeout=900)
+        times = {}
+        for line in (Path(tmp) / "times.txt").read_text().splitlines() if (Path(tmp) / "times.txt").exists() else []:
+            k, t0, t1 = line.split()
+            times[k] = float(t1) - float(t0)
+    if set(times) != {"1", "2"}:
+        raise RuntimeError("the Ray scaling run did not complete")
+    return {"images": n_images, "seconds_1_worker": times["1"], "seconds_2_workers": times["2"],
+            "images_per_s_1_worker": n_images / times["1"], "images_per_s_2_workers": n_images / times["2"]}
+
+
 def run_bench(cfg: BenchConfig) -> dict:
     """Measure everything and write ``cfg.out``; returns the result dict."""
     repo = Path(cfg.repository)
@@ -357,6 +412,21 @@ def run_bench(cfg: BenchConfig) -> dict:
     res["preprocess_source"] = source
     res["preprocess_vs_server"] = rate / res["triton_images_per_s"]
 
+    logger.info("Ray Data: one worker, then two ...")
+    ray_res = ray_scaling(cfg.images_dir, cfg.ray_images)
+    res["ray"] = ray_res
+    res["ray_scaling_1_to_2"] = ray_res["images_per_s_2_workers"] / ray_res["images_per_s_1_worker"] if ray_res else None
+    # Arithmetic, not a measurement: decoding nodes needed to feed a GPU Triton at an assumed rate.
+    gpu_rate = 5000.0
+    per_node = res["preprocess_images_per_s_one_core"]
+    res["decode_arithmetic"] = {
+        "assumed_gpu_triton_images_per_s": gpu_rate,
+        "measured_decode_images_per_s_per_core": per_node,
+        "cores_to_feed_one_gpu": math.ceil(gpu_rate / per_node),
+        "nodes_of_8_cores_to_feed_one_gpu": math.ceil(gpu_rate / per_node / 8),
+        "note": "arithmetic from the measured one-core decode rate and an assumed GPU serving rate; not measured",
+    }
+
     if cfg.inception:
         logger.info("InceptionV3 baseline ...")
         inc = ort_throughput(inception_onnx(Path(__file__).resolve().parent.parent / ".cache"), cfg.batch_sizes, cfg.seconds)
@@ -400,6 +470,10 @@ def table(res: dict) -> str:
         ("tls_vs_plaintext", f(res["tls_vs_plaintext"]),
          f"gRPC over mutual TLS {f(res['tls_images_per_s'])} img/s vs plaintext {f(res['triton_images_per_s'])}, "
          "saturation (4 x 16-image requests)" if res["tls_vs_plaintext"] else "not measured (needs cryptography)", ""),
+        ("ray_scaling_1_to_2", f(res["ray_scaling_1_to_2"]),
+         (f"Ray Data job (decode + embedded inference) on 2 local nodes over 1: {f(res['ray']['images_per_s_2_workers'])} vs "
+          f"{f(res['ray']['images_per_s_1_worker'])} img/s, {res['ray']['images']} full-resolution files; both nodes share "
+          "this machine's 2 cores") if res.get("ray") else "not measured (needs the ray extra, root and unshare)", ""),
         ("client_vs_perf_analyzer", f(res["client_vs_perf_analyzer"]),
          (f"project client {f(res['client_images_per_s_at_peer_concurrency'])} img/s vs perf_analyzer "
           f"{f(res['perf_analyzer']['infer_per_s'])} infer/s, 1-image requests at concurrency 16")
@@ -407,6 +481,13 @@ def table(res: dict) -> str:
     ]
     lines = ["| key | value | what | target |", "|---|---|---|---|"]
     lines += [f"| `{k}` | {v} | {w} | {t} |" for k, v, w, t in rows]
+    a = res.get("decode_arithmetic")
+    if a:
+        lines.append("")
+        lines.append(f"Arithmetic, not measured: one core decodes {a['measured_decode_images_per_s_per_core']:.0f} img/s, so "
+                     f"feeding a GPU Triton at an assumed {a['assumed_gpu_triton_images_per_s']:.0f} img/s takes "
+                     f"{a['cores_to_feed_one_gpu']} decoding cores, about {a['nodes_of_8_cores_to_feed_one_gpu']} nodes of 8 "
+                     "cores (the Ray workers of deploy/kubernetes/rayjob.yaml).")
     m = res["machine"]
     lines.append("")
     lines.append(f"Measured {res['created']} on {m['cpus']} CPUs ({m['platform']}), {res['seconds_per_window']:.0f} s per window.")

@@ -51,7 +51,7 @@ class CapacityConfig:
         out_dir: Report folder.
     """
 
-    grpc_url: str = "127.0.0.1:8001"
+    grpc_url: str = "127.0.0.1:8001"  # a comma list is a fleet: Locust users spread over it
     http_url: str = "127.0.0.1:8000"
     metrics_url: str = "127.0.0.1:8002"
     admin_key: str | None = field(default=None, repr=False)
@@ -124,6 +124,22 @@ def server_latency(metrics_url: str, model: str) -> dict[str, float]:
     return out
 
 
+def _urls(text: str) -> list[str]:
+    return [u.strip() for u in text.split(",") if u.strip()]
+
+
+def fleet_sum(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Counters summed over replicas; quantiles (not summable) kept only for a single replica."""
+    if len(parts) == 1:
+        return parts[0]
+    out: dict[str, float] = {}
+    for part in parts:
+        for k, v in part.items():
+            if not k.startswith("p"):
+                out[k] = out.get(k, 0.0) + v
+    return out
+
+
 def run_locust(cfg: CapacityConfig, users: int, prefix: Path) -> dict[str, float]:
     """One bounded headless Locust step; returns the aggregated row of its stats CSV."""
     host = cfg.grpc_url if cfg.protocol == "grpc" else cfg.http_url
@@ -181,11 +197,11 @@ def sweep(cfg: CapacityConfig) -> dict:
     with tempfile.TemporaryDirectory(prefix="cxr-capacity-") as tmp:
         for users in cfg.users:
             logger.info("capacity step: %d users for %d s", users, cfg.step_seconds)
-            before = triton_stats(cfg.http_url, cfg.model, cfg.admin_key)
-            lat0 = server_latency(cfg.metrics_url, cfg.model)
+            before = fleet_sum([triton_stats(u, cfg.model, cfg.admin_key) for u in _urls(cfg.http_url)])
+            lat0 = fleet_sum([server_latency(u, cfg.model) for u in _urls(cfg.metrics_url)])
             client = run_locust(cfg, users, Path(tmp) / f"u{users}")
-            after = triton_stats(cfg.http_url, cfg.model, cfg.admin_key)
-            lat1 = server_latency(cfg.metrics_url, cfg.model)
+            after = fleet_sum([triton_stats(u, cfg.model, cfg.admin_key) for u in _urls(cfg.http_url)])
+            lat1 = fleet_sum([server_latency(u, cfg.model) for u in _urls(cfg.metrics_url)])
             d = {k: after[k] - before[k] for k in after}
             n = lat1.get("count", 0.0) - lat0.get("count", 0.0)
             server = {"server_mean_ms": (lat1["sum_us"] - lat0["sum_us"]) / n / 1000 if n > 0 else float("nan"),
@@ -286,8 +302,10 @@ def markdown(result: dict) -> str:
             f"- One server: {p['images_per_s']:.1f} img/s x 3600 / {cfg['images_per_study']} image(s) per study = "
             f"**{p['studies_per_hour_per_server']:.0f} studies/hour**; with {cfg['headroom']:.0%} headroom, "
             f"{p['usable_studies_per_hour_per_server']:.0f} studies/hour.",
-            f"- For {cfg['target_studies_per_hour']:.0f} studies/hour: ceil({cfg['target_studies_per_hour']:.0f} / "
-            f"{p['usable_studies_per_hour_per_server']:.0f}) = **{p['servers_needed']} server(s)** like this one.",
+            f"- Replicas needed for {cfg['target_studies_per_hour']:.0f} studies/hour at p95 <= {cfg['slo_p95_ms']:.0f} ms: "
+            f"ceil({cfg['target_studies_per_hour']:.0f} / {p['usable_studies_per_hour_per_server']:.0f}) = "
+            f"**{p['servers_needed']} server(s)** like this one (from the measured curve of "
+            f"{len(_urls(cfg['grpc_url']))} replica(s) loaded together).",
         ]
     else:
         lines.append(f"- {p['note']}.")

@@ -67,7 +67,7 @@ def test_bench_json_schema_on_a_tiny_run(tmp_path) -> None:  # type: ignore[no-u
 
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "cxr.cli", "bench", "--model-repository", str(SHIPPED_REPOSITORY),
-                        "--seconds", "0.5", "--tail-seconds", "1", "--out", str(out), "--no-inception",
+                        "--seconds", "0.5", "--tail-seconds", "1", "--ray-images", "16", "--out", str(out), "--no-inception",
                         "--perf-analyzer-root", str(tmp_path / "none")], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -85,6 +85,8 @@ def test_bench_json_schema_on_a_tiny_run(tmp_path) -> None:  # type: ignore[no-u
             t = res["tail"][variant] if variant == "legacy" else res["tail"]["shipped"]
             assert t[c]["requests"] > 0 and t[c]["p50_ms"] <= t[c]["p99_ms"] <= t[c]["max_ms"]
     assert res["stalls_per_1000"] >= 0 and res["legacy_stalls_per_1000"] >= 0
+    assert res["ray"]["images"] == 16 and res["ray_scaling_1_to_2"] > 0  # a real two-node Ray cluster, in a namespace
+    assert res["decode_arithmetic"]["note"].startswith("arithmetic")
     assert "| `triton_vs_ort` |" in r.stdout and "| `stalls_per_1000` |" in r.stdout
 
 

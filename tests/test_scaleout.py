@@ -137,3 +137,22 @@ def test_manifest_validates_strictly(manifest: Path) -> None:
     for ln in out.splitlines():
         if ln.startswith("WARN"):
             assert "ServiceMonitor" in ln or "RayJob" in ln or "RayCluster" in ln, ln
+
+
+@pytest.mark.slow
+def test_capacity_sweep_over_the_fleet(fleet, sample_images, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The fleet's counters are summed over the replicas; all replicas share this machine's 2 cores."""
+    from cxr.loadtest.capacity import CapacityConfig, sweep
+
+    live = [s for s in fleet if s.running()]
+    cfg = CapacityConfig(grpc_url=",".join(s.config.grpc_url for s in live),
+                         http_url=",".join(s.config.http_url for s in live),
+                         metrics_url=",".join(f"127.0.0.1:{s.config.metrics_port}" for s in live),
+                         users=(2, 4), step_seconds=3, images_dir=sample_images[0].parent, slo_p95_ms=10_000,
+                         target_studies_per_hour=2_000_000, out_dir=tmp_path / "cap")
+    res = sweep(cfg)
+    for s in res["steps"]:
+        assert s["requests"] > 0 and s["failures"] == 0 and s["avg_batch"] >= 1.0
+        assert s["server_mean_ms"] > 0
+    assert res["plan"]["meets_slo"] and res["plan"]["servers_needed"] >= 1
+    assert f"{len(live)} replica(s) loaded together" in (tmp_path / "cap" / "capacity.md").read_text()
