@@ -66,12 +66,11 @@ class BatchingPolicy:
 
 
 #: Tuned for the embedded CPU server: two instances (two Python-backend stubs, each running onnxruntime on every
-#: core, spinning off) and no preferred batch sizes, with a 5 ms window. Measured on 2 cores: one instance with
-#: preferred sizes 8/16/32 stalled about 2.5 requests in 1,000 for 500 ms (Triton's dynamic batcher only wakes its
-#: thread on enqueue when a payload slot is free *and* the queue has reached the next preferred batch size; otherwise
-#: the request waits for the batcher's 500 ms idle timeout when the release callback's wake-up came before the
-#: batcher slept). Two instances keep a slot free, and without preferred sizes the size clause always holds, so every
-#: enqueue wakes the batcher: no stall in 20,000 requests, and 6% more throughput at 16 concurrent requests.
+#: core, spinning off) and no preferred batch sizes, with a 5 ms window. Triton 2.51's dynamic batcher wakes its
+#: thread on enqueue only when a payload slot is free *and* the queue has reached the next preferred batch size;
+#: otherwise a request can wait out the batcher's 500 ms idle timeout. Two instances keep a slot free, and without
+#: preferred sizes the size clause always holds, so every enqueue wakes the batcher. `cxr bench` measures it side by
+#: side with LEGACY_CPU_POLICY (stalls_per_1000 and legacy_stalls_per_1000; README, "The 500 ms stalls").
 CPU_POLICY = BatchingPolicy(max_batch_size=64, max_queue_delay_us=5000, preferred_batch_sizes=(), instances=2)
 #: The earlier CPU policy, kept for the side-by-side stall measurement in ``cxr bench``.
 LEGACY_CPU_POLICY = BatchingPolicy(max_batch_size=64, max_queue_delay_us=5000, preferred_batch_sizes=(8, 16, 32), instances=1)
