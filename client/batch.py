@@ -151,14 +151,7 @@ class Journal:
         for r in rows:
             r.setdefault("status", contract.Status.ERROR.value if r.get("error") else contract.Status.OK.value)
             r["retryable"] = "1" if r.get("error") else "0"
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=JOURNAL_COLUMNS, extrasaction="ignore", lineterminator="\n")
-            w.writeheader()
-            w.writerows(rows)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self.path)
+        write_csv_atomically(self.path, JOURNAL_COLUMNS, rows)
 
     def _read(self) -> None:
         if not self.path.exists() or self.path.stat().st_size == 0:
@@ -203,16 +196,21 @@ class Journal:
 def materialise(journal: Journal, paths: list[Path], out: Path) -> list[dict]:
     """Write ``out`` atomically with one row per input (latest journal row), in input order; return the rows."""
     rows = [journal.latest[str(p)] for p in paths if str(p) in journal.latest]
-    tmp = out.with_name(f".{out.name}.tmp")
+    write_csv_atomically(out, CSV_COLUMNS, rows)
+    return rows
+
+
+def write_csv_atomically(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
+    """Header and rows to a temporary file, fsync, rename over ``path``, fsync the folder."""
+    tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
         f.flush()
         os.fsync(f.fileno())
-    tmp.replace(out)
-    _fsync_dir(out.parent)
-    return rows
+    tmp.replace(path)
+    _fsync_dir(path.parent)
 
 
 def _row(pred, sha: str) -> dict:  # type: ignore[no-untyped-def]

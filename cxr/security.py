@@ -119,6 +119,23 @@ class TlsServer:
         return flags
 
 
+def read_private_text(path: Path, what: str) -> str:
+    """A secret file's text; refused when it cannot be read or is readable by group or others.
+
+    Raises:
+        CxrError: Unreadable, or readable by others.
+    """
+    p = Path(path)
+    try:
+        mode = p.stat().st_mode
+        text = p.read_text()
+    except OSError as exc:
+        raise CxrError(f"cannot read {what} file {p}: {exc.strerror or exc}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise CxrError(f"{what} file {p} is readable by others (mode {stat.S_IMODE(mode):o}); chmod 600 it")
+    return text
+
+
 def read_key(path: Path, what: str = "key") -> str:
     """An API key from a file: one token, no spaces, ``,``, ``:`` or ``=``; the file must not be group/world readable.
 
@@ -126,13 +143,7 @@ def read_key(path: Path, what: str = "key") -> str:
         CxrError: Missing, empty, malformed, or readable by others.
     """
     p = Path(path)
-    try:
-        mode = p.stat().st_mode
-        value = p.read_text().strip()
-    except OSError as exc:
-        raise CxrError(f"cannot read {what} file {p}: {exc.strerror or exc}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise CxrError(f"{what} file {p} is readable by others (mode {stat.S_IMODE(mode):o}); chmod 600 it")
+    value = read_private_text(p, what).strip()
     if len(value) < 16 or any(c.isspace() or c in ",:=" for c in value):
         raise CxrError(f"{what} in {p} must be one token of at least 16 characters without spaces, ',', ':' or '='")
     return value

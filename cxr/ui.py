@@ -129,16 +129,10 @@ def load_credentials(path: Path) -> dict[str, str]:
     Raises:
         CxrError: Unreadable, readable by others, empty, or a malformed line (plain-text passwords are refused).
     """
-    import stat
+    from cxr.security import read_private_text
 
     p = Path(path)
-    try:
-        mode = p.stat().st_mode
-        lines = p.read_text().splitlines()
-    except OSError as exc:
-        raise CxrError(f"cannot read credentials file {p}: {exc.strerror or exc}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise CxrError(f"credentials file {p} is readable by others; chmod 600 it")
+    lines = read_private_text(p, "credentials").splitlines()
     users: dict[str, str] = {}
     for n, line in enumerate(lines, 1):
         line = line.strip()

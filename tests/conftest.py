@@ -55,6 +55,21 @@ def make_dataset(root: Path, *, n_per_class: int, split: str | None = "train", s
     return root
 
 
+def xray_copies(d: Path, n: int, *, seed: int = 2000) -> Path:
+    """``n`` JPEG inputs in ``d``: the full-resolution originals (cycled) when present, generated films otherwise."""
+    import shutil
+
+    d.mkdir()
+    if have_real_data():
+        files = sorted(REAL_FULLRES.rglob("*.jpeg"))
+        for i in range(n):
+            shutil.copy(files[i % len(files)], d / f"img_{i:03d}.jpeg")
+    else:
+        for i in range(n):
+            synthetic_xray(seed + i, pneumonia=i % 2 == 0, size=(420, 400)).save(d / f"img_{i:03d}.jpeg")
+    return d
+
+
 @pytest.fixture(scope="session")
 def train_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Kaggle-layout root with train/: the real data when present, generated otherwise."""

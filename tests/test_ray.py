@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REAL_FULLRES, REPO, have_real_data, synthetic_xray
+from tests.conftest import REPO, xray_copies
 
 pytestmark = pytest.mark.slow
 
@@ -37,14 +37,7 @@ trap 'ray stop --force >/dev/null 2>&1 || true' EXIT
 
 
 def _inputs(d: Path, n: int) -> Path:
-    d.mkdir()
-    if have_real_data():
-        files = sorted(REAL_FULLRES.rglob("*.jpeg"))
-        for i in range(n):
-            shutil.copy(files[i % len(files)], d / f"img_{i:03d}.jpeg")
-    else:
-        for i in range(n):
-            synthetic_xray(3000 + i, pneumonia=i % 2 == 0, size=(420, 400)).save(d / f"img_{i:03d}.jpeg")
+    xray_copies(d, n, seed=3000)
     (d / "notes.png").write_text("not an image")  # an error row must travel through Ray too
     return d
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cxr.serving.server import ServerConfig, TritonServer, free_ports
-from tests.conftest import REAL_FULLRES, REPO, SHIPPED_REPOSITORY, have_real_data, synthetic_xray
+from tests.conftest import REPO, SHIPPED_REPOSITORY, xray_copies
 
 MANIFESTS = sorted((REPO / "deploy" / "kubernetes").glob("*.yaml"))
 
@@ -35,18 +34,6 @@ def fleet():  # type: ignore[no-untyped-def]
             s.stop()
 
 
-def _inputs(d: Path, n: int) -> Path:
-    d.mkdir()
-    if have_real_data():
-        files = sorted(REAL_FULLRES.rglob("*.jpeg"))
-        for i in range(n):
-            shutil.copy(files[i % len(files)], d / f"img_{i:03d}.jpeg")
-    else:
-        for i in range(n):
-            synthetic_xray(2000 + i, pneumonia=i % 2 == 0, size=(420, 400)).save(d / f"img_{i:03d}.jpeg")
-    return d
-
-
 def _journal_rows(out: Path) -> int:
     j = out.with_name(out.name + ".journal")
     return max(0, len(j.read_text().splitlines()) - 1) if j.exists() else 0
@@ -54,7 +41,7 @@ def _journal_rows(out: Path) -> int:
 
 @pytest.mark.slow
 def test_fleet_of_three_with_one_sigkilled_gives_every_input_one_row(fleet, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    d = _inputs(tmp_path / "in", 160)
+    d = xray_copies(tmp_path / "in", 160)
     out = tmp_path / "r.csv"
     urls = ",".join(s.config.grpc_url for s in fleet)
     cmd = [sys.executable, "-m", "cxr.cli", "predict", str(d), "--url", urls, "--format", "csv", "--out", str(out),
