@@ -116,6 +116,7 @@ def test_manifests_exist() -> None:
 def test_manifest_validates_strictly(manifest: Path) -> None:
     """kubernetes-validate --strict against the 1.37 schemas; CRD kinds (ServiceMonitor, RayJob) may only warn."""
     exe = Path(sys.executable).with_name("kubernetes-validate")
+    assert exe.exists(), "kubernetes-validate is not installed: pip install -e '.[dev]'"
     r = subprocess.run([str(exe), "--strict", "--kubernetes-version", "1.37", str(manifest)], capture_output=True,
                        text=True, timeout=120)
     out = r.stdout + r.stderr
