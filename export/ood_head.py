@@ -45,8 +45,11 @@ TAPS = {
 PASS_RATE = 0.995
 #: Shrinkage candidates searched by validation likelihood.
 SHRINKAGE_GRID = tuple(float(a) for a in np.logspace(-5, -0.3, 30))
-#: ood_score parity tolerance, relative (float32 graph vs float64 reference).
-OOD_RTOL = 1e-4
+#: ood_score parity tolerance, relative (float32 graph vs float64 reference on the tapped features). The compact
+#: model's head agrees to about 5e-6; InceptionV3's (dozens of fused convolutions before the taps) to about 3e-4, because
+#: the served graph's fused kernels and the tapped extractor round differently. Beyond the tolerance, every
+#: held-out image must get the same refusal decision from the graph as from the reference (identical labels).
+OOD_RTOL = 1e-3
 
 
 @dataclass(frozen=True)
@@ -310,6 +313,9 @@ def build(
             continue
         rel = np.abs(got[:, 0] - ref[k]) / np.maximum(1.0, np.abs(ref[k]))
         worst = max(worst, float(rel.max()))
+        flips = int(((got[:, 0] > threshold) != (ref[k] > threshold)).sum())
+        if flips:
+            failures.append(f"ood_score: {flips} {k} images refused by the graph and not by the reference, or back")
     if worst > OOD_RTOL:
         failures.append(f"ood_score max relative difference {worst:.3g} > {OOD_RTOL:g}")
     if failures:

@@ -102,3 +102,17 @@ def test_bounded_soak_at_80_percent_has_no_failures_and_stable_memory(triton_ser
     assert s0 and s1 and s1 < s0 * 1.25 + 50, (s0, s1)  # server memory stable
     assert c1 < c0 * 1.25 + 50, (c0, c1)
     assert json.loads((tmp_path / "soak.json").read_text())["requests"] == rep["requests"]
+
+
+def test_bench_uses_an_exported_inception_when_the_repository_has_one(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from cxr.loadtest.bench import served_inception
+
+    (tmp_path / "pneumonia" / "1").mkdir(parents=True)
+    (tmp_path / "pneumonia" / "model_card.json").write_text(json.dumps({"architecture": "compact_cnn"}))
+    (tmp_path / "pneumonia" / "1" / "model.onnx").write_bytes(b"x")
+    assert served_inception(tmp_path) is None  # only the compact model: the bench builds its own InceptionV3
+    for v in (2, 10):
+        (tmp_path / "inc" / str(v)).mkdir(parents=True)
+        (tmp_path / "inc" / str(v) / "model.onnx").write_bytes(b"x")
+    (tmp_path / "inc" / "model_card.json").write_text(json.dumps({"architecture": "inception_v3"}))
+    assert served_inception(tmp_path) == tmp_path / "inc" / "10" / "model.onnx"  # newest version, numerically
