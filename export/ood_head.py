@@ -45,11 +45,9 @@ TAPS = {
 PASS_RATE = 0.995
 #: Shrinkage candidates searched by validation likelihood.
 SHRINKAGE_GRID = tuple(float(a) for a in np.logspace(-5, -0.3, 30))
-#: ood_score parity tolerance, relative (float32 graph vs float64 reference on the tapped features). The compact
-#: model's head agrees to about 5e-6; InceptionV3's (dozens of fused convolutions before the taps) to about 3e-4, because
-#: the served graph's fused kernels and the tapped extractor round differently. Beyond the tolerance, every
-#: held-out image must get the same refusal decision from the graph as from the reference (identical labels).
-OOD_RTOL = 1e-3
+#: ood_score parity tolerance, relative: the graph's float32 head against the float64 distance of the same graph's
+#: features (see :func:`build`; refusal decisions are checked against the fitting reference as well).
+OOD_RTOL = 1e-4
 
 
 @dataclass(frozen=True)
@@ -299,19 +297,30 @@ def build(
     import onnx
 
     onnx.save(model, str(out_path))
-    # parity: the served graph's ood_score against the float64 reference, on every held-out image
+    # parity, on every held-out image: the graph's ood_score against the float64 distance of the features that
+    # same graph computed (exposed here as an extra output), so the head's arithmetic is checked tightly; then its
+    # refusal decisions against the reference the threshold was chosen on (the tapped extractor's features, which
+    # round differently from the served graph's fused kernels: about 5e-6 relative for the compact model, up to
+    # about 1e-3 behind InceptionV3's convolutions).
+    from onnx import TensorProto, helper
+
     from cxr.serving.ort_session import make_session
 
-    sess = make_session(str(out_path))
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(helper.make_tensor_value_info(f"{PREFIX}features", TensorProto.FLOAT, None))
+    sess = make_session(probe.SerializeToString())
     worst = 0.0
     failures = []
     for k, imgs in real_sets.items():
-        got = np.concatenate([sess.run([contract.OOD_OUTPUT_NAME], {contract.INPUT_NAME: imgs[i : i + 128]})[0]
-                              for i in range(0, len(imgs), 128)])
+        runs = [sess.run([contract.OOD_OUTPUT_NAME, f"{PREFIX}features"], {contract.INPUT_NAME: imgs[i : i + 128]})
+                for i in range(0, len(imgs), 128)]
+        got = np.concatenate([r[0] for r in runs])
         if got.shape != (len(imgs), 1):
             failures.append(f"ood_score shape {got.shape} != ({len(imgs)}, 1)")
             continue
-        rel = np.abs(got[:, 0] - ref[k]) / np.maximum(1.0, np.abs(ref[k]))
+        own = ood.score(np.concatenate([r[1] for r in runs]))
+        rel = np.abs(got[:, 0] - own) / np.maximum(1.0, np.abs(own))
         worst = max(worst, float(rel.max()))
         flips = int(((got[:, 0] > threshold) != (ref[k] > threshold)).sum())
         if flips:

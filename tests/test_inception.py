@@ -108,7 +108,7 @@ def test_calibrate_export_serve_predict(inception_run: Path, train_data: Path, s
     parity = card["export"]["parity"]["fp32"]["parity"]
     assert parity["max_abs_diff"] <= 1e-5 and parity["label_agreement"] == 1.0
     assert card["calibration"]["threshold"] == pytest.approx(cal["threshold"])
-    assert card["architecture"] == "inception_v3" and card["ood"]["parity_max_rel_diff"] <= 1e-3
+    assert card["architecture"] == "inception_v3" and card["ood"]["parity_max_rel_diff"] <= 1e-4
 
     http, grpc, metrics = free_ports(3)
     server = subprocess.Popen(
