@@ -289,7 +289,8 @@ def served_inception(repo: Path) -> Path | None:
     """The newest version of an exported InceptionV3 in the repository (its card says so), if there is one."""
     for card in sorted(repo.glob("*/model_card.json")):
         if json.loads(card.read_text()).get("architecture") == "inception_v3":
-            versions = sorted(card.parent.glob("[0-9]*/model.onnx"), key=lambda p: int(p.parent.name))
+            versions = sorted((p for p in card.parent.glob("*/model.onnx") if p.parent.name.isdigit()),
+                              key=lambda p: int(p.parent.name))
             if versions:
                 return versions[-1]
     return None
