@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -58,6 +59,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit-per-class", type=int, help="use at most N train images per class (smoke runs)")
     p.add_argument("--width", type=int, default=16, help="compact CNN width multiplier")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="decoded-image cache")
+    p.add_argument(
+        "--time-budget", type=float, metavar="MINUTES",
+        help="wall-clock cap on the whole run; training stops in time for the last validation, and the "
+        "learning rate anneals over whichever ends first, the epochs or the budget",
+    )
     p.set_defaults(func=_cmd_train)
 
 
@@ -71,6 +77,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
         learning_rate=a.lr, seed=a.seed, val_fraction=a.val_fraction, patience=a.patience,
         augment=augment, weights=a.weights, monitor_dir=a.monitor, select_on=a.select_on,
         limit_per_class=a.limit_per_class, cache_dir=a.cache_dir, width=a.width,
+        time_budget_s=None if a.time_budget is None else a.time_budget * 60,
     )
     result = train(cfg)
     print(f"model: {result.model_path}  best epoch {result.best_epoch} (score {result.best_score:.4f})  {result.seconds:.0f} s")
@@ -103,6 +110,45 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     print((out / "report.md").read_text().split("Confusion")[0])
     print(f"reports and plots in {out}")
     return 0 if rep["n"] else 1
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="several models side by side on one labelled sample, with their training time",
+        description=textwrap.fill(
+            "Score every --model on the same labelled folder at its own stored threshold (bootstrap "
+            "intervals) and tabulate it beside how it was trained (architecture, parameters, epochs, time budget, "
+            "training time). Published figures go in as --quoted rows, labelled as quoted, not measured. Writes "
+            "comparison.md, comparison.json and comparison_roc.png.", 79,
+        ),
+        epilog="example:\n  cxr compare --data ../shared/data/chest_xray_site --out docs/model/comparison \\\n"
+        "      --model default=model_repository/pneumonia --model inception=runs/inception/model.keras \\\n"
+        "      --quoted 'report, InceptionV3 (ImageNet)=80.9%=its own test split'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
+                   help="a run's model.keras or a model-repository directory (repeat for each model)")
+    p.add_argument("--data", type=Path, required=True, help="labelled folder ({NORMAL,PNEUMONIA}/)")
+    p.add_argument("--out", type=Path, required=True, help="report folder")
+    p.add_argument("--quoted", action="append", default=[], metavar="LABEL=ACCURACY[=SOURCE]",
+                   help="a published accuracy, shown as quoted, not measured (repeatable)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    p.set_defaults(func=_cmd_compare)
+
+
+def _cmd_compare(a: argparse.Namespace) -> int:
+    from cxr.train.compare import compare, parse_quoted
+
+    entries = []
+    for item in a.model:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise CxrError(f"--model {item!r}: expected NAME=PATH")
+        entries.append((name, Path(path)))
+    compare(entries, a.data, a.out, quoted=[parse_quoted(q) for q in a.quoted], n_boot=a.n_boot, cache_dir=DEFAULT_CACHE)
+    print((a.out / "comparison.md").read_text())
+    return 0
 
 
 def _add_calibrate(sub: argparse._SubParsersAction) -> None:
@@ -765,7 +811,7 @@ def _cmd_ui_passwd(a: argparse.Namespace) -> int:
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_train, _add_evaluate, _add_calibrate, _add_export, _add_ood_fit, _add_ood_eval, _add_explain_eval, _add_configs, _add_serve,
+    _add_train, _add_evaluate, _add_compare, _add_calibrate, _add_export, _add_ood_fit, _add_ood_eval, _add_explain_eval, _add_configs, _add_serve,
     _add_predict, _add_health, _add_bench, _add_capacity, _add_soak, _add_ui, _add_ui_passwd, _add_proxy, _add_listen,
 ]
 

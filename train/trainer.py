@@ -46,6 +46,10 @@ class TrainConfig:
         limit_per_class: Use at most this many train images per class (tiny runs).
         cache_dir: Where decoded image arrays are cached.
         width: Width multiplier of the compact CNN.
+        time_budget_s: Optional wall-clock cap on the whole run, in seconds
+            (setup, decoding, training and validation). Training stops in time
+            for the last validation and checkpoint, and the learning rate
+            anneals over whichever ends first, the epochs or the budget.
     """
 
     data_dir: Path
@@ -64,6 +68,7 @@ class TrainConfig:
     limit_per_class: int | None = None
     cache_dir: Path | None = None
     width: int = 16
+    time_budget_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -78,6 +83,8 @@ class TrainConfig:
             raise ValueError("select_on='monitor' needs monitor_dir")
         if self.limit_per_class is not None and self.limit_per_class < 2:
             raise ValueError("limit_per_class must be >= 2")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise ValueError(f"time_budget_s must be > 0, got {self.time_budget_s}")
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,76 @@ def _limit(samples: list[data_mod.Sample], k: int, seed: int) -> list[data_mod.S
         rng.shuffle(group)
         out.extend(group[:k])
     return sorted(out, key=lambda s: str(s.path))
+
+
+WARMUP_START = 0.1  # the warm-up starts at this share of the peak learning rate
+FINAL_LR = 0.02  # the cosine decay ends at this share of the peak
+BUDGET_MARGIN = 0.02  # share of a time budget kept free for writing the run directory
+
+
+def lr_at(progress: float, *, peak: float, warmup: float) -> float:
+    """Learning rate at ``progress`` (0..1) of a run: linear warm-up from
+    ``WARMUP_START * peak`` to ``peak`` over the first ``warmup`` share, then
+    cosine decay to ``FINAL_LR * peak`` (Keras's ``CosineDecay`` with warm-up,
+    as a function of progress instead of steps)."""
+    p = min(max(progress, 0.0), 1.0)
+    if warmup > 0 and p < warmup:
+        return peak * (WARMUP_START + (1 - WARMUP_START) * p / warmup)
+    q = (p - warmup) / (1 - warmup) if warmup < 1 else 1.0
+    return peak * (FINAL_LR + (1 - FINAL_LR) * 0.5 * (1 + np.cos(np.pi * q)))
+
+
+def budget_warmup(epochs: int) -> float:
+    """Warm-up share of a budgeted run: one epoch's worth of progress, at most a tenth of the run
+    (with few epochs the budget, not the epoch count, sets the run's length)."""
+    return min(1 / epochs, 0.1)
+
+
+@dataclass
+class BudgetClock:
+    """Decides, step by step, whether a time-budgeted run may take another
+    training step, and how far through the run it is.
+
+    The time left must cover the next step plus ``reserve_s``: the last
+    validation pass and checkpoint (measured after the first epoch, estimated
+    from the step time before that) and a margin for writing the run directory.
+    Pure arithmetic on the times it is given, so it is tested without Keras.
+    """
+
+    t0: float
+    budget_s: float
+    total_steps: int
+    batch_size: int
+    n_eval_images: int
+    steps_done: int = 0
+    step_seconds: list[float] = field(default_factory=list)
+    eval_seconds: float | None = None
+
+    def step_time(self) -> float:
+        """Typical seconds per training step (the first, which compiles, left out when others exist)."""
+        times = self.step_seconds[1:] or self.step_seconds
+        return float(np.median(times)) if times else 0.0
+
+    def reserve_s(self) -> float:
+        if self.eval_seconds is not None:
+            evaluation = 1.2 * self.eval_seconds
+        else:  # inference runs about three times faster per image than a training step; the first
+            # evaluation also builds its graph, allowed for with the first step's time (which built the training graph)
+            first = self.step_seconds[0] if self.step_seconds else 0.0
+            evaluation = self.n_eval_images * self.step_time() / max(1, self.batch_size) / 3 + first
+        return evaluation + BUDGET_MARGIN * self.budget_s
+
+    def progress(self, now: float) -> float:
+        """Share of the run done: steps over all steps, or time over the time
+        available for training, whichever is further."""
+        by_steps = self.steps_done / max(1, self.total_steps)
+        available = self.budget_s - self.reserve_s()
+        by_time = (now - self.t0) / available if available > 0 else 1.0
+        return min(1.0, max(by_steps, by_time))
+
+    def may_continue(self, now: float) -> bool:
+        """Whether one more step and the reserve still fit in the budget."""
+        return now - self.t0 + self.step_time() + self.reserve_s() <= self.budget_s
 
 
 def _labels(samples: list[data_mod.Sample]) -> np.ndarray:
@@ -180,12 +257,19 @@ def train(cfg: TrainConfig) -> TrainResult:
         kwargs["weights"] = cfg.weights
     model = models.build(cfg.arch, **kwargs)
     steps = int(np.ceil(len(x_tr) / cfg.batch_size))
-    schedule = keras.optimizers.schedules.CosineDecay(
-        cfg.learning_rate * 0.1, decay_steps=max(1, steps * cfg.epochs - steps), alpha=0.02,
-        warmup_target=cfg.learning_rate, warmup_steps=steps,
-    )
+    learning_rate: float | keras.optimizers.schedules.LearningRateSchedule
+    clock: BudgetClock | None = None
+    if cfg.time_budget_s is None:
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            cfg.learning_rate * WARMUP_START, decay_steps=max(1, steps * cfg.epochs - steps), alpha=FINAL_LR,
+            warmup_target=cfg.learning_rate, warmup_steps=steps,
+        )
+    else:  # the same shape of schedule, driven by progress through steps or time
+        learning_rate = cfg.learning_rate * WARMUP_START
+        n_eval = len(x_va) + (len(monitor[0]) if monitor is not None else 0)
+        clock = BudgetClock(t0, cfg.time_budget_s, steps * cfg.epochs, cfg.batch_size, n_eval)
     model.compile(
-        optimizer=keras.optimizers.Adam(schedule),
+        optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.BinaryCrossentropy(),
         metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
     )
@@ -200,6 +284,41 @@ def train(cfg: TrainConfig) -> TrainResult:
             logs["monitor_auc"] = roc_auc(monitor[1], np.clip(p, 0, 1))
             logger.info("epoch %d: monitor_auc %.4f", epoch + 1, logs["monitor_auc"])
 
+    class TimeBudget(keras.callbacks.Callback):
+        """Sets the learning rate from the run's progress and stops training in time (after the
+        other callbacks, so that the validation and checkpoint it measures are the whole epoch end)."""
+
+        def __init__(self, clock: BudgetClock) -> None:
+            super().__init__()
+            self.clock = clock
+            self.stopped = False
+            self._last = time.time()
+
+        def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+            self._last = time.time()
+            lr = lr_at(self.clock.progress(self._last), peak=cfg.learning_rate, warmup=budget_warmup(cfg.epochs))
+            self.model.optimizer.learning_rate.assign(lr)
+
+        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            now = time.time()
+            self.clock.steps_done += 1
+            self.clock.step_seconds.append(now - self._last)
+            self._last = now
+            if not self.clock.may_continue(now):
+                self.stopped = True
+                self.model.stop_training = True
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            spent = time.time() - self._last
+            self.clock.eval_seconds = max(spent, self.clock.eval_seconds or 0.0)
+            if not self.clock.may_continue(time.time()):
+                self.stopped = True
+                self.model.stop_training = True
+            logger.info(
+                "epoch %d: %d steps, %.0f s of %.0f s budget, epoch end took %.0f s",
+                epoch + 1, self.clock.steps_done, time.time() - self.clock.t0, self.clock.budget_s, spent,
+            )
+
     select_key = "val_auc" if cfg.select_on == "val" else "monitor_auc"
     model_path = out / "model.keras"
     callbacks = [
@@ -208,6 +327,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         keras.callbacks.EarlyStopping(monitor=select_key, mode="max", patience=cfg.patience, restore_best_weights=True),
         keras.callbacks.CSVLogger(str(out / "history.csv")),
     ]
+    budget = TimeBudget(clock) if clock is not None else None
+    if budget is not None:
+        callbacks.append(budget)
     history = model.fit(
         ds,
         validation_data=val_ds,
@@ -218,12 +340,21 @@ def train(cfg: TrainConfig) -> TrainResult:
     hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
     scores = hist[select_key]
     best_epoch = int(np.nanargmax(scores)) + 1
+    if budget is not None and budget.stopped:
+        stopped_by = "time_budget"
+    elif len(scores) < cfg.epochs:
+        stopped_by = "early_stopping"
+    else:
+        stopped_by = "epochs"
+    steps_done = clock.steps_done if clock is not None else steps * len(scores)
     seconds = time.time() - t0
     (out / "history.json").write_text(
         json.dumps(
             {"history": hist, "select_on": select_key, "best_epoch": best_epoch, "best_score": scores[best_epoch - 1],
              "seconds": seconds, "class_weights": weights, "n_train": len(tr), "n_val": len(va),
-             "input_shape": list(contract.IMAGE_SHAPE), "cpu_count": os.cpu_count()},
+             "input_shape": list(contract.IMAGE_SHAPE), "cpu_count": os.cpu_count(),
+             "time_budget_s": cfg.time_budget_s, "stopped_by": stopped_by, "steps": steps_done,
+             "steps_per_epoch": steps, "epochs_done": round(steps_done / steps, 3)},
             indent=1,
         ) + "\n"
     )
