@@ -95,3 +95,23 @@ def test_fit_scaling_recovers_known_parameters(scaling: str) -> None:
     a, b = fit_scaling(z, y, scaling)
     assert a == pytest.approx(a_true, abs=0.03) and b == pytest.approx(b_true, abs=0.06)
     assert fit_scaling(z, y, "none") == (1.0, 0.0)
+
+
+def test_fit_scaling_converges_from_far_away() -> None:
+    """Logits mostly positive (a class-weighted model on a site with its own prevalence): a full Newton step from
+    (1, 0) overshoots, and undamped iterations ran off to a step function (scale ~1e10, found by a real
+    InceptionV3 run). The damped fit reaches the log-loss minimum that a general-purpose optimiser finds."""
+    from scipy.optimize import minimize
+
+    rng = np.random.default_rng(0)
+    z = np.r_[rng.normal(3, 2.5, 78), rng.normal(6.5, 1.5, 133)]
+    y = np.r_[np.zeros(78), np.ones(133)].astype(int)
+
+    def loss(v: np.ndarray) -> float:
+        s = v[0] * z + v[1]
+        return float(np.mean(np.logaddexp(0, s) - y * s))
+
+    a, b = fit_scaling(z, y, "platt")
+    ref = minimize(loss, [1.0, 0.0], method="Nelder-Mead", options={"xatol": 1e-10, "fatol": 1e-14, "maxiter": 20000})
+    assert 0 < a < 5 and a == pytest.approx(ref.x[0], rel=1e-4) and b == pytest.approx(ref.x[1], rel=1e-4)
+    assert loss(np.array([a, b])) <= ref.fun + 1e-12

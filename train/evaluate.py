@@ -135,8 +135,14 @@ def fit_scaling(logits: np.ndarray, y: np.ndarray, scaling: str) -> tuple[float,
         return 1.0, 0.0
     z = np.asarray(logits, dtype=np.float64)
     t = np.asarray(y, dtype=np.float64)
+
+    def loss(a: float, b: float) -> float:  # mean log-loss of sigmoid(a z + b), computed stably
+        s = a * z + b
+        return float(np.mean(np.logaddexp(0.0, s) - t * s))
+
     a, b = 1.0, 0.0
-    for _ in range(100):  # Newton's method on a convex 1- or 2-parameter problem
+    current = loss(a, b)
+    for _ in range(200):  # damped Newton's method on a convex 1- or 2-parameter problem
         s = a * z + b
         p = 1.0 / (1.0 + np.exp(-s))
         w = np.maximum(p * (1 - p), 1e-12)
@@ -146,8 +152,14 @@ def fit_scaling(logits: np.ndarray, y: np.ndarray, scaling: str) -> tuple[float,
             step = np.array([g[0] / h[0, 0], 0.0])
         else:
             step = np.linalg.solve(h, g)
-        a, b = a - step[0], b - step[1]
-        if np.abs(step).max() < 1e-10:
+        # A full Newton step can overshoot far from the optimum (logits all on one side, a prevalence shift)
+        # and run off to a degenerate step function: halve it until the loss goes down.
+        size = 1.0
+        while size > 1e-8 and loss(a - size * step[0], b - size * step[1]) > current:
+            size /= 2
+        a, b = a - size * step[0], b - size * step[1]
+        current = loss(a, b)
+        if np.abs(size * step).max() < 1e-10:
             break
     if not (math.isfinite(a) and a > 0 and math.isfinite(b)):
         raise ValueError(f"probability scaling did not converge (scale {a}, bias {b})")
