@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxr.train.trainer import FINAL_LR, WARMUP_START, BudgetClock, TrainConfig, lr_at
+from cxr.train.trainer import FINAL_LR, WARMUP_START, BudgetClock, TrainConfig, lr_at, stop_reason
 
 
 def test_lr_at_matches_keras_cosine_decay_with_warmup() -> None:
@@ -62,6 +62,13 @@ def test_budget_clock_progress_is_the_further_of_steps_and_time() -> None:
     assert clock.progress(1000.0 + 10.0) == pytest.approx(0.5)  # steps ahead of time
     assert clock.progress(1000.0 + 73.5) == pytest.approx(0.75)  # time ahead: 73.5 of 98 s available
     assert clock.progress(1000.0 + 500.0) == 1.0
+
+
+def test_stop_reason() -> None:
+    # the last epoch ended with no time for another step: every step still ran, so the epochs ended it
+    assert stop_reason(417, 417, budget_stopped=True) == "epochs"
+    assert stop_reason(300, 417, budget_stopped=True) == "time_budget"
+    assert stop_reason(278, 417, budget_stopped=False) == "early_stopping"
 
 
 def test_budget_must_be_positive(tmp_path: Path) -> None:

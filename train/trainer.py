@@ -178,6 +178,14 @@ class BudgetClock:
         return now - self.t0 + self.step_time() + self.reserve_s() <= self.budget_s
 
 
+def stop_reason(steps_done: int, total_steps: int, *, budget_stopped: bool) -> str:
+    """Why a run ended: ``epochs`` (every step ran, even when the budget would not have allowed one more),
+    ``time_budget`` or ``early_stopping``."""
+    if steps_done >= total_steps:
+        return "epochs"
+    return "time_budget" if budget_stopped else "early_stopping"
+
+
 def _labels(samples: list[data_mod.Sample]) -> np.ndarray:
     return np.array([s.label for s in samples], dtype=np.float32)
 
@@ -340,13 +348,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
     scores = hist[select_key]
     best_epoch = int(np.nanargmax(scores)) + 1
-    if budget is not None and budget.stopped:
-        stopped_by = "time_budget"
-    elif len(scores) < cfg.epochs:
-        stopped_by = "early_stopping"
-    else:
-        stopped_by = "epochs"
     steps_done = clock.steps_done if clock is not None else steps * len(scores)
+    stopped_by = stop_reason(steps_done, steps * cfg.epochs, budget_stopped=budget is not None and budget.stopped)
     seconds = time.time() - t0
     (out / "history.json").write_text(
         json.dumps(
