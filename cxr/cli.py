@@ -133,6 +133,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="report folder")
     p.add_argument("--quoted", action="append", default=[], metavar="LABEL=ACCURACY[=SOURCE]",
                    help="a published accuracy, shown as quoted, not measured (repeatable)")
+    p.add_argument("--note", action="append", default=[], metavar="TEXT",
+                   help="a line for the report's reading notes, e.g. the conditions of a run (repeatable)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     p.set_defaults(func=_cmd_compare)
 
@@ -146,7 +148,8 @@ def _cmd_compare(a: argparse.Namespace) -> int:
         if not sep or not name or not path:
             raise CxrError(f"--model {item!r}: expected NAME=PATH")
         entries.append((name, Path(path)))
-    compare(entries, a.data, a.out, quoted=[parse_quoted(q) for q in a.quoted], n_boot=a.n_boot, cache_dir=DEFAULT_CACHE)
+    compare(entries, a.data, a.out, quoted=[parse_quoted(q) for q in a.quoted], notes=a.note, n_boot=a.n_boot,
+            cache_dir=DEFAULT_CACHE)
     print((a.out / "comparison.md").read_text())
     return 0
 

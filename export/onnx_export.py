@@ -393,6 +393,8 @@ def model_card(cfg: ExportConfig, calibration: Calibration, results: dict, *, sh
             "best_epoch": history.get("best_epoch"),
             "selected_on": history.get("select_on"),
             "seconds": history.get("seconds"),
+            "epochs_done": history.get("epochs_done", len(history.get("history", {}).get("loss", [])) or None),
+            "stopped_by": history.get("stopped_by"),
             "n_train": history.get("n_train"),
             "n_val": history.get("n_val"),
             "class_weights": history.get("class_weights"),

@@ -10,7 +10,7 @@ import pytest
 
 from cxr.cli import build_parser
 
-SUBCOMMANDS = ["train", "evaluate", "calibrate", "export", "ood-fit", "ood-eval", "explain-eval", "configs", "serve",
+SUBCOMMANDS = ["train", "evaluate", "compare", "calibrate", "export", "ood-fit", "ood-eval", "explain-eval", "configs", "serve",
                "predict", "health", "bench", "capacity", "soak", "ui", "ui-passwd", "proxy", "listen"]
 
 

@@ -146,3 +146,41 @@ def test_inception_v3_builds_with_the_contract() -> None:
         models.build("inception_v3", weights="/nonexistent.h5")
 
 
+
+
+def test_compare_scores_each_model_like_evaluate(tiny_run: Path, site_data: Path, tmp_path: Path) -> None:
+    from cxr.paths import DEFAULT_REPOSITORY
+    from cxr.train.evaluate import evaluate
+
+    out = tmp_path / "cmp"
+    r = cxr("compare", "--data", str(site_data), "--out", str(out), "--n-boot", "50",
+            "--model", f"tiny={tiny_run / 'model.keras'}", "--model", f"shipped={DEFAULT_REPOSITORY / 'pneumonia'}",
+            "--quoted", "a report=80.9%=its own test split", "--note", "tiny is a one-epoch smoke run")
+    result = json.loads((out / "comparison.json").read_text())
+    assert [row["name"] for row in result["measured"]] == ["tiny", "shipped"]
+    assert result["quoted"] == [{"label": "a report", "accuracy": pytest.approx(0.809), "source": "its own test split"}]
+    tiny, shipped = result["measured"]
+    # the same numbers `cxr evaluate` gives for each model on the same images
+    for row, model in ((tiny, tiny_run / "model.keras"), (shipped, DEFAULT_REPOSITORY / "pneumonia" / "1" / "model.onnx")):
+        ref = evaluate(model, site_data, tmp_path / f"eval_{row['name']}", n_boot=50)
+        assert row["evaluation"]["threshold"] == pytest.approx(ref["threshold"])
+        for key in ("roc_auc", "accuracy_at_0.5", "sensitivity", "specificity"):
+            assert row["evaluation"]["metrics"][key]["value"] == pytest.approx(ref["metrics"][key]["value"]), key
+    assert tiny["trained"]["architecture"] == "compact" and tiny["trained"]["epochs_run"] == 1
+    assert shipped["trained"]["seconds"] > 0 and shipped["trained"]["threshold_rule"] == "sensitivity_lcb"
+    md = (out / "comparison.md").read_text()
+    assert "a report: **quoted, not measured**" in md and "0.809 (quoted)" in md and "| tiny (" in md
+    assert "- tiny is a one-epoch smoke run" in md
+    assert (out / "comparison_roc.png").stat().st_size > 0 and "quoted, not measured" in r.stdout
+
+
+def test_compare_refuses_bad_entries(tmp_path: Path, site_data: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "cxr.cli", "compare", "--data", str(site_data), "--out", str(tmp_path),
+                        "--model", f"x={tmp_path}"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "model_card.json" in r.stderr.strip().splitlines()[-1]
+    from cxr.train.compare import parse_quoted
+
+    assert parse_quoted("r=0.809").accuracy == pytest.approx(0.809)
+    for bad in ("r", "r=abc", "r=180%"):
+        with pytest.raises((CxrError, ValueError)):
+            parse_quoted(bad)
