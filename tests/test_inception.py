@@ -1,5 +1,6 @@
 """The report's recipe end to end: InceptionV3 with a local `notop` weights file, frozen base, one short epoch,
-calibrate, export (parity), served by `cxr serve` next to the default model, `cxr predict --model` over gRPC.
+calibrate, export (parity), served by `cxr serve` next to the default model, `cxr predict --model` over gRPC, and
+`cxr ui --model` in headless Chromium.
 
 No weights can be downloaded here, so the test writes the weights file itself: an InceptionV3 `notop` base with
 seeded random weights, saved in the legacy HDF5 layout of Keras's own
@@ -150,6 +151,26 @@ def test_calibrate_export_serve_predict(inception_run: Path, train_data: Path, s
         for row, p in zip(inc, local, strict=True):
             if row["status"] == "ok":
                 assert float(row["probability"]) == pytest.approx(float(p), abs=1e-5)
+
+        # The page picks the model by name too: its answer is the InceptionV3's, as `cxr predict --model` gave it.
+        from cxr.contract import format_probability
+        from cxr.ui import BADGES
+        from tests.test_ui import chromium_page, running_ui, submit_files
+
+        row = inc[0]
+        ui_args = ["--url", f"127.0.0.1:{grpc}", "--model", NAME, "--model-repository", str(repo)]
+        with running_ui(ui_args, tmp_path / "ui.log") as url, chromium_page(url) as page:
+            text = submit_files(page, [Path(row["path"])]).inner_text()
+            name = Path(row["path"]).name
+            if row["status"] == "ok":
+                expected = f"{BADGES[row['label']]} ({name}): P(pneumonia) {format_probability(float(row['probability']))}"
+                assert expected in text and f"model {NAME} v1" in text, text
+            else:
+                assert f"({name}): Not assessable:" in text, text
+            footer = page.inner_text("body")
+            assert f"Model {NAME} v1 via grpc" in footer and "heatmap unavailable" not in footer, footer
+            if row["label"] == "Pneumonia":  # Grad-CAM works on the InceptionV3 graph too (mixed10)
+                page.locator("#gradcam img").first.wait_for(timeout=60_000)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:

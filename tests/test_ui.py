@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,36 +23,42 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "out" / "ui"
 
 
-@pytest.fixture(scope="module")
-def ui_url(triton_server, tmp_path_factory) -> str:  # type: ignore[no-untyped-def]
+@contextlib.contextmanager
+def running_ui(args: list[str], log_path: Path) -> Iterator[str]:
+    """``cxr ui ARGS`` on a free loopback port, polled against a deadline, always stopped; yields its URL."""
     if not Path(CHROMIUM).exists():
         pytest.fail(f"no Chromium at {CHROMIUM}: install Debian's 'chromium' package (scripts/test.sh does)")
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
-    log = open(tmp_path_factory.mktemp("ui") / "ui.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "cxr.cli", "ui", "--url", triton_server.config.grpc_url,
-                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"cxr ui exited: {Path(log.name).read_text()[-3000:]}")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "cxr.cli", "ui", *args, "--port", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
-            with urllib.request.urlopen(url, timeout=2):
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("cxr ui did not come up")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+            url = f"http://127.0.0.1:{port}/"
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    pytest.fail(f"cxr ui exited: {log_path.read_text()[-3000:]}")
+                try:
+                    with urllib.request.urlopen(url, timeout=2):
+                        break
+                except OSError:
+                    time.sleep(0.5)
+            else:
+                pytest.fail("cxr ui did not come up")
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
-@pytest.fixture(scope="module")
-def page(ui_url):  # type: ignore[no-untyped-def]
+@contextlib.contextmanager
+def chromium_page(url: str) -> Iterator[Any]:
+    """A headless Chromium page (Playwright) opened at ``url``."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -58,10 +67,35 @@ def page(ui_url):  # type: ignore[no-untyped-def]
             args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"],
         )
-        pg = browser.new_page(viewport={"width": 1280, "height": 1400})
-        pg.goto(ui_url)
+        try:
+            pg = browser.new_page(viewport={"width": 1280, "height": 1400})
+            pg.goto(url)
+            yield pg
+        finally:
+            browser.close()
+
+
+def submit_files(page: Any, paths: list[Path]) -> Any:
+    """Upload ``paths``, press Submit and wait for the first answer; returns the result locator."""
+    page.get_by_text("Drop a chest X-ray image here").wait_for(timeout=60_000)
+    page.locator("#upload input[type=file]").set_input_files([str(p) for p in paths])
+    page.locator("#upload").get_by_text(paths[-1].stem).wait_for(timeout=30_000)  # upload finished
+    page.locator("#submit").click()
+    result = page.locator("#result")
+    result.locator(".cxr-answer").first.wait_for(timeout=60_000)
+    return result
+
+
+@pytest.fixture(scope="module")
+def ui_url(triton_server, tmp_path_factory) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    with running_ui(["--url", triton_server.config.grpc_url], tmp_path_factory.mktemp("ui") / "ui.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def page(ui_url):  # type: ignore[no-untyped-def]
+    with chromium_page(ui_url) as pg:
         yield pg
-        browser.close()
 
 
 def _cli_answer(path: Path, triton_server) -> dict:  # type: ignore[no-untyped-def]
@@ -80,11 +114,7 @@ def test_upload_submit_matches_cli_then_clear_then_non_image(page, triton_server
     assert page.title() == "Pneumonia Detection using Chest X-Ray"
 
     image = sample_images[-1]
-    page.locator("#upload input[type=file]").set_input_files(str(image))
-    page.locator("#upload").get_by_text(image.stem).wait_for(timeout=30_000)  # upload finished
-    page.locator("#submit").click()
-    result = page.locator("#result")
-    result.locator(".cxr-answer").first.wait_for(timeout=60_000)
+    result = submit_files(page, [image])
     text = result.inner_text()
     cli = _cli_answer(image, triton_server)
     if cli["status"] == "ok":
@@ -130,9 +160,7 @@ def test_blank_image_is_not_assessable_without_heatmap(page, tmp_path) -> None: 
     page.wait_for_function("() => document.querySelector('#result').innerText.trim() === ''", timeout=30_000)
     blank = tmp_path / "blank.png"
     Image.new("L", (600, 500), 255).save(blank)
-    page.locator("#upload input[type=file]").set_input_files(str(blank))
-    page.locator("#upload").get_by_text(blank.stem).wait_for(timeout=30_000)
-    page.locator("#submit").click()
+    submit_files(page, [blank])
     answer = page.locator("#result .cxr-not-assessable")
     answer.wait_for(timeout=60_000)
     text = answer.inner_text()
@@ -165,21 +193,7 @@ def test_login_refuses_a_wrong_password_in_chromium(triton_server, page, tmp_pat
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert oct(creds.stat().st_mode & 0o777) == "0o600" and "correct horse" not in creds.read_text()
-    port = free_port()
-    log = open(tmp_path / "ui.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "cxr.cli", "ui", "--url", triton_server.config.grpc_url, "--port",
-                             str(port), "--auth-file", str(creds)], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "ui.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(url, timeout=2):
-                    break
-            except OSError:
-                time.sleep(0.5)
+    with running_ui(["--url", triton_server.config.grpc_url, "--auth-file", str(creds)], tmp_path / "ui.log") as url:
         login = page.context.browser.new_context().new_page()  # the module's browser, a fresh context (no cookies)
         login.goto(url)
         login.get_by_label("username").fill("reader")
@@ -195,7 +209,3 @@ def test_login_refuses_a_wrong_password_in_chromium(triton_server, page, tmp_pat
         login.get_by_role("button", name="Login").click()
         login.get_by_role("heading", name="Pneumonia Detection using Chest X-Ray").wait_for(timeout=60_000)
         login.context.close()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
