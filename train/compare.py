@@ -221,8 +221,9 @@ def markdown(result: dict) -> str:
         f"![ROC curves]({result['plot']})",
         "",
         "How to read it:",
-        "- ROC AUC and accuracy at 0.5 need no threshold. The threshold columns use each model's stored operating "
-        "point; where it was fitted on these same images (`cxr calibrate` on the site sample) they are in-sample.",
+        "- ROC AUC needs no threshold and does not change with probability scaling. Accuracy at 0.5 and the "
+        "threshold columns use each model's stored scaling and operating point; where those were fitted on these "
+        "same images (`cxr calibrate` on the site sample), they are in-sample.",
         "- A quoted row comes from its source, on its own images; it is not a measurement of this sample.",
         "- Parameters: Keras's count for a training run; for a served model, the ONNX graph's weights without the "
         "OOD head (batch normalisation folded into the convolutions, so slightly fewer than Keras counts).",
