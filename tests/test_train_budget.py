@@ -74,6 +74,8 @@ def test_stop_reason() -> None:
 def test_budget_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="time_budget_s"):
         TrainConfig(data_dir=tmp_path, out_dir=tmp_path, time_budget_s=0)
+    with pytest.raises(ValueError, match="budget_s > 0"):
+        _clock(budget_s=-1.0)
 
 
 @pytest.mark.slow

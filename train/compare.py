@@ -21,7 +21,7 @@ from cxr.errors import CxrError
 from cxr.paths import relative
 from cxr.train import metrics
 from cxr.train.evaluate import evaluate_arrays, load_labelled
-from cxr.train.scoring import KerasScorer, OnnxScorer, Scorer, load_scorer
+from cxr.train.scoring import KerasScorer, Scorer, load_scorer
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +100,7 @@ def _from_run(model_path: Path) -> tuple[Trained, Scorer]:
 def _from_repository(model_dir: Path) -> tuple[Trained, Scorer]:
     card = json.loads((model_dir / "model_card.json").read_text())
     onnx_path = model_dir / card["file"]
-    scorer = load_scorer(onnx_path)
-    assert isinstance(scorer, OnnxScorer)
+    scorer = load_scorer(onnx_path)  # threshold from the card
     training = card.get("training", {})
     cfg = training.get("config", {})
     epochs_run = training.get("epochs_done")

@@ -151,6 +151,13 @@ class BudgetClock:
     step_seconds: list[float] = field(default_factory=list)
     eval_seconds: float | None = None
 
+    def __post_init__(self) -> None:
+        if self.budget_s <= 0 or self.total_steps < 1 or self.batch_size < 1 or self.n_eval_images < 0:
+            raise ValueError(
+                f"BudgetClock needs budget_s > 0, total_steps >= 1, batch_size >= 1 and n_eval_images >= 0, got "
+                f"{self.budget_s}, {self.total_steps}, {self.batch_size}, {self.n_eval_images}"
+            )
+
     def step_time(self) -> float:
         """Typical seconds per training step (the first, which compiles, left out when others exist)."""
         times = self.step_seconds[1:] or self.step_seconds
