@@ -819,20 +819,24 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 ]
 
 
-def _record_command(args: argparse.Namespace) -> None:
-    """Append model-building commands to the run's ``commands.txt`` (the model card lists them)."""
+def _record_command(args: argparse.Namespace) -> tuple[Path, int] | None:
+    """Append model-building commands to the run's ``commands.txt`` (the model card lists them); returns the
+    file and its size before, so that a failed command can be taken back."""
     import shlex
 
     run_dir = getattr(args, "out", None) if args.command == "train" else None
     if args.command in ("calibrate", "evaluate", "export") and getattr(args, "model", None) is not None:
         if args.model.is_dir():  # an exported model folder: its card records the command
-            return
+            return None
         run_dir = args.model.parent
     if run_dir is None:
-        return
+        return None
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(run_dir) / "commands.txt", "a") as f:
+    log = Path(run_dir) / "commands.txt"
+    size = log.stat().st_size if log.exists() else 0
+    with open(log, "a") as f:
         f.write(" ".join(shlex.quote(a) for a in ["cxr", *sys.argv[1:]]) + "\n")
+    return log, size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -861,14 +865,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    _record_command(args)
+    # Recorded before running (an export's card lists the export command itself) and taken back when the
+    # command fails: the card lists the commands that built the model, not the attempts.
+    recorded = _record_command(args)
+    rc = 1
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        return rc
     except CxrError as exc:
         print(f"cxr {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        rc = 2
+        return rc
     except KeyboardInterrupt:
-        return 130
+        rc = 130
+        return rc
+    finally:
+        if recorded is not None and rc != 0:
+            log, size = recorded
+            with open(log, "r+b") as f:
+                f.truncate(size)
 
 
 if __name__ == "__main__":

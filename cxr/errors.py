@@ -38,6 +38,11 @@ class DataError(CxrError):
     """A dataset folder is missing, empty or not in the Kaggle layout."""
 
 
+class CalibrationError(CxrError, ValueError):
+    """An operating point cannot be fitted: an unknown rule, a target out of range, a sample too small for the
+    requested bound, or a probability scaling that does not converge."""
+
+
 class ExportValidationError(CxrError):
     """An exported model disagrees with its reference.
 

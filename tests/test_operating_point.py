@@ -10,7 +10,7 @@ import pytest
 from scipy.stats import binomtest
 
 from cxr import contract
-from cxr.errors import CxrError
+from cxr.errors import CalibrationError, CxrError
 from cxr.export import ood_head
 from cxr.serving.integrity import sha256_file
 from cxr.serving.ort_session import make_session
@@ -46,8 +46,10 @@ def test_lcb_rule_picks_the_highest_threshold_whose_bound_meets_the_target() -> 
 def test_lcb_rule_says_when_the_sample_is_too_small() -> None:
     y = np.r_[np.ones(20, int), np.zeros(20, int)]
     p = np.r_[np.full(20, 0.9), np.full(20, 0.1)]
-    with pytest.raises(ValueError, match="cannot show sensitivity"):
+    with pytest.raises(CalibrationError, match="cannot show sensitivity"):
         choose_threshold(y, p, rule="sensitivity_lcb", target=0.95, confidence=0.9)
+    with pytest.raises(CalibrationError, match="confidence"):
+        choose_threshold(y, p, rule="sensitivity_lcb", target=0.95, confidence=1.5)
 
 
 def test_operating_point_reports_bounds() -> None:

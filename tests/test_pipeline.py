@@ -184,3 +184,22 @@ def test_compare_refuses_bad_entries(tmp_path: Path, site_data: Path) -> None:
     for bad in ("r", "r=abc", "r=180%"):
         with pytest.raises((CxrError, ValueError)):
             parse_quoted(bad)
+
+
+def test_calibrate_on_too_small_a_sample_is_one_line_error(tiny_run: Path, site_data: Path, tmp_path: Path) -> None:
+    import shutil
+
+    small = tmp_path / "small"
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (small / cls).mkdir(parents=True)
+        for f in sorted((site_data / cls).iterdir())[:10]:
+            shutil.copy(f, small / cls / f.name)
+    before = {p.name: p.read_bytes() for p in tiny_run.iterdir() if p.is_file()}
+    r = subprocess.run([sys.executable, "-m", "cxr.cli", "calibrate", "--model", str(tiny_run / "model.keras"),
+                        "--data", str(small), "--scaling", "none"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("cxr calibrate: error: 10 positives cannot show sensitivity >= 0.95 at 90% confidence"), last
+    assert {p.name: p.read_bytes() for p in tiny_run.iterdir() if p.is_file()} == before  # nothing written, not even
+    # the command log (commands.txt lists what built the model)

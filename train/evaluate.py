@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr import contract
+from cxr.errors import CalibrationError
 from cxr.train import data as data_mod
 from cxr.train import metrics
 from cxr.train.scoring import CALIBRATION_FILE, Calibration, KerasScorer, Scorer, load_scorer
@@ -162,7 +163,7 @@ def fit_scaling(logits: np.ndarray, y: np.ndarray, scaling: str) -> tuple[float,
         if np.abs(size * step).max() < 1e-10:
             break
     if not (math.isfinite(a) and a > 0 and math.isfinite(b)):
-        raise ValueError(f"probability scaling did not converge (scale {a}, bias {b})")
+        raise CalibrationError(f"probability scaling did not converge (scale {a}, bias {b})")
     return float(a), float(b)
 
 
@@ -196,8 +197,8 @@ def choose_threshold(
     score noise does not flip labels.
 
     Raises:
-        ValueError: Unknown rule, a target out of range, or a sample too small
-            for the bound to reach the target.
+        CalibrationError: Unknown rule, a target out of range, or a sample
+            too small for the bound to reach the target (a ``ValueError``).
     """
     y = np.asarray(y).astype(int)
     p = np.asarray(p, dtype=np.float64)
@@ -206,14 +207,16 @@ def choose_threshold(
     n_pos = int(y.sum())
     if rule in ("sensitivity", "sensitivity_lcb"):
         if not 0 < target <= 1:
-            raise ValueError(f"target must be in (0, 1], got {target}")
+            raise CalibrationError(f"target must be in (0, 1], got {target}")
+        if rule == "sensitivity_lcb" and not 0 < confidence < 1:
+            raise CalibrationError(f"confidence must be in (0, 1), got {confidence}")
         if rule == "sensitivity":
             ok = np.flatnonzero(tpr[1:] >= target)
         else:
             bounds = np.array([sensitivity_lower_bound(int(round(t * n_pos)), n_pos, confidence) for t in tpr[1:]])
             ok = np.flatnonzero(bounds >= target)
             if not ok.size:
-                raise ValueError(
+                raise CalibrationError(
                     f"{n_pos} positives cannot show sensitivity >= {target} at {confidence:.0%} confidence "
                     f"(the bound with every positive found is {sensitivity_lower_bound(n_pos, n_pos, confidence):.4f}); "
                     "use a larger sample or a lower confidence"
@@ -222,7 +225,7 @@ def choose_threshold(
     elif rule == "youden":
         i = int(np.argmax(tpr[1:] - fpr[1:]))
     else:
-        raise ValueError(f"unknown rule {rule!r}")
+        raise CalibrationError(f"unknown rule {rule!r}")
     hi = float(thr[1:][i])
     lower = cand[cand < hi]
     t = (hi + float(lower[0])) / 2 if lower.size else hi
