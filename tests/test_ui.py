@@ -176,7 +176,7 @@ def test_several_images_give_a_table_and_csv(page, sample_images) -> None:  # ty
     page.locator("#upload input[type=file]").set_input_files([str(p) for p in sample_images[:3]])
     page.locator("#upload").get_by_text(sample_images[2].stem).wait_for(timeout=30_000)  # upload finished (stem and suffix are shown apart)
     page.locator("#submit").click()
-    page.locator("#table").get_by_text(sample_images[2].name).wait_for(timeout=60_000)
+    page.locator("#table").get_by_text(sample_images[2].name, exact=True).wait_for(timeout=60_000)
     page.screenshot(path=str(SCREENSHOTS / "ui_table.png"), full_page=True)
     table = page.locator("#table").inner_text()
     for p in sample_images[:3]:
