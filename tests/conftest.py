@@ -55,6 +55,17 @@ def make_dataset(root: Path, *, n_per_class: int, split: str | None = "train", s
     return root
 
 
+def journal_rows(out: Path) -> list[dict]:
+    """The complete rows of ``cxr predict``'s journal beside ``out`` (a torn last line left out)."""
+    import csv
+
+    j = out.with_name(out.name + ".journal")
+    if not j.exists():
+        return []
+    data = j.read_bytes()
+    return list(csv.DictReader(data[: data.rfind(b"\n") + 1].decode().splitlines()))
+
+
 def xray_copies(d: Path, n: int, *, seed: int = 2000) -> Path:
     """``n`` JPEG inputs in ``d``: the full-resolution originals (cycled) when present, generated films otherwise."""
     import shutil

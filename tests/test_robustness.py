@@ -17,7 +17,7 @@ from PIL import Image
 
 from cxr.client import PneumoniaClient, RetryPolicy
 from cxr.errors import InvalidInputError, RetryableServerError, ServerError
-from tests.conftest import SHIPPED_REPOSITORY, synthetic_xray
+from tests.conftest import SHIPPED_REPOSITORY, journal_rows, synthetic_xray
 from tests.test_contract import _encode, _png_with_claimed_size
 from tests.test_dicom import _ramp, make_dicom
 
@@ -98,14 +98,6 @@ def test_tensors_with_nan_or_wrong_dtype_never_reach_the_model(triton_server) ->
             c.infer_batch(np.zeros((1, 224, 224, 1), np.int16))
 
 
-def _journal_rows(out: Path) -> list[dict]:
-    j = out.with_name(out.name + ".journal")
-    if not j.exists():
-        return []
-    data = j.read_bytes()
-    return list(csv.DictReader(data[: data.rfind(b"\n") + 1].decode().splitlines()))
-
-
 def _images(d: Path, n: int) -> Path:
     d.mkdir()
     for i in range(n):
@@ -128,11 +120,11 @@ def test_sigkill_mid_run_then_rerun_gives_exactly_one_row_per_input(triton_serve
            "--format", "csv", "--out", str(out), "--chunk", "4"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(_journal_rows(out)) < 20:
+    while time.monotonic() < deadline and len(journal_rows(out)) < 20:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    partial = len({r["path"] for r in _journal_rows(out)})
+    partial = len({r["path"] for r in journal_rows(out)})
     assert 0 < partial < 150, partial
     assert not out.exists()  # the CSV is only ever written whole
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -157,7 +149,7 @@ def test_server_outage_past_the_retries_then_rerun_retries_only_what_failed(tmp_
     server = TritonServer(cfg).start()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(_journal_rows(out)) < 12:
+    while time.monotonic() < deadline and len(journal_rows(out)) < 12:
         time.sleep(0.05)
     server.kill()  # down, and kept down until the client has given up on every remaining chunk
     _, err = proc.communicate(timeout=300)

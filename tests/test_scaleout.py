@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cxr.serving.server import ServerConfig, TritonServer, free_ports
-from tests.conftest import REPO, SHIPPED_REPOSITORY, xray_copies
+from tests.conftest import REPO, SHIPPED_REPOSITORY, journal_rows, xray_copies
 
 MANIFESTS = sorted((REPO / "deploy" / "kubernetes").glob("*.yaml"))
 
@@ -34,11 +34,6 @@ def fleet():  # type: ignore[no-untyped-def]
             s.stop()
 
 
-def _journal_rows(out: Path) -> int:
-    j = out.with_name(out.name + ".journal")
-    return max(0, len(j.read_text().splitlines()) - 1) if j.exists() else 0
-
-
 @pytest.mark.slow
 def test_fleet_of_three_with_one_sigkilled_gives_every_input_one_row(fleet, tmp_path) -> None:  # type: ignore[no-untyped-def]
     d = xray_copies(tmp_path / "in", 160)
@@ -48,7 +43,7 @@ def test_fleet_of_three_with_one_sigkilled_gives_every_input_one_row(fleet, tmp_
            "--chunk", "8"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and _journal_rows(out) < 24:
+    while time.monotonic() < deadline and len(journal_rows(out)) < 24:
         time.sleep(0.05)
     fleet[1].kill()  # SIGKILL one replica mid-run
     stdout, stderr = proc.communicate(timeout=300)
