@@ -258,18 +258,10 @@ def run_predict(opts: PredictOptions) -> int:
         if todo and opts.ray:
             from cxr.client import ray_batch
 
-            def collect(chunk_rows: list[dict]) -> None:
-                for r in chunk_rows:
-                    if r["status"] == contract.Status.ERROR.value:
-                        print(f"error: {r['reason']}", file=sys.stderr)
-                if journal is not None:
-                    journal.append(chunk_rows)
-                else:
-                    rows.extend(chunk_rows)
-
             ray_batch.screen(opts.ray, todo, url=opts.url, protocol=opts.protocol, model=opts.model,
-                             timeout_s=opts.timeout_s, chunk=opts.chunk, on_rows=collect, tls=opts.tls,
-                             config_key=opts.config_key)
+                             timeout_s=opts.timeout_s, chunk=opts.chunk,
+                             on_rows=lambda chunk_rows: _record(chunk_rows, journal, rows), tls=opts.tls,
+                             config_key=opts.config_key, eligibility=rules)
         elif todo:  # nothing left to do needs no server: the CSV is only rewritten from the journal
             _screen(opts, todo, rules, journal, rows)
     finally:
@@ -302,16 +294,21 @@ def _screen(opts: PredictOptions, todo: list[tuple[Path, str]], rules, journal: 
         for start in range(0, len(todo), opts.chunk):
             part = todo[start : start + opts.chunk]
             preds = client.predict([str(p) for p, _ in part])
-            chunk_rows = [_row(pr, sha) for pr, (_, sha) in zip(preds, part)]
-            for pr in preds:
-                if pr.status is contract.Status.ERROR:
-                    print(f"error: {pr.reason}", file=sys.stderr)
-            if journal is not None:
-                journal.append(chunk_rows)
-            else:
-                rows += chunk_rows
+            _record([_row(pr, sha) for pr, (_, sha) in zip(preds, part)], journal, rows)
             bar.update(len(part))
         bar.close()
+
+
+def _record(chunk_rows: list[dict], journal: Journal | None, rows: list[dict]) -> None:
+    """One chunk's answers, however they were computed: errors on stderr, then into the journal (or the
+    in-memory rows when there is none)."""
+    for r in chunk_rows:
+        if r["status"] == contract.Status.ERROR.value:
+            print(f"error: {r['reason']}", file=sys.stderr)
+    if journal is not None:
+        journal.append(chunk_rows)
+    else:
+        rows.extend(chunk_rows)
 
 
 def _emit(rows: list[dict], fmt: str, out: Path | None) -> None:

@@ -103,6 +103,36 @@ class RetryPolicy:
         return random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2**attempt))
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """One input after decoding: the contract array, or the final status and one-line reason it gets without
+    the model (``not_assessable`` by a rule, or ``error`` when unreadable)."""
+
+    name: str
+    array: np.ndarray | None
+    uid: str | None = None
+    status: contract.Status | None = None
+    reason: str | None = None
+    rule: str | None = None
+
+
+def prepare(source: contract.ImageSource, eligibility: Eligibility | None) -> Prepared:
+    """Decode one input under the eligibility and pixel rules; never raises for a bad input. Shared by
+    :meth:`PneumoniaClient.predict` and the Ray preprocessing tasks, so both refuse the same inputs."""
+    name = contract.describe(source)
+    try:
+        array, meta = contract.preprocess_with_meta(source, name=name, eligibility=eligibility)
+        return Prepared(name, array, meta.get("sop_instance_uid"))
+    except NotAssessableError as exc:
+        status, reason, rule = contract.Status.NOT_ASSESSABLE, str(exc), exc.rule
+    except InvalidInputError as exc:
+        status, reason, rule = contract.Status.ERROR, str(exc), None
+    except Exception as exc:  # noqa: BLE001 - one bad file must not sink the batch
+        status, reason, rule = (contract.Status.ERROR, f"{name}: unexpected error while reading "
+                                f"({type(exc).__name__}: {exc})", None)
+    return Prepared(name, None, None, status, reason.splitlines()[0], rule)
+
+
 class PneumoniaClient:
     """Classify chest X-rays with the served pneumonia model.
 
@@ -215,21 +245,25 @@ class PneumoniaClient:
 
     def _prepare(self, source: contract.ImageSource) -> tuple[str, np.ndarray | None, Prediction | None, str | None]:
         """Decode one input; an unreadable or ineligible input gets its final :class:`Prediction` here."""
-        name = contract.describe(source)
+        pre = prepare(source, self.eligibility)
+        return pre.name, pre.array, None if pre.array is not None else self.refusal(pre), pre.uid
+
+    def refusal(self, pre: Prepared) -> Prediction:
+        """The final answer for an input that never reached the model (``not_assessable`` or ``error``)."""
+        if pre.status is None:
+            raise ValueError(f"{pre.name} was decoded: it is answered by the model, not refused")
         info = self.info
-        try:
-            array, meta = contract.preprocess_with_meta(source, name=name, eligibility=self.eligibility)
-            return name, array, None, meta.get("sop_instance_uid")
-        except NotAssessableError as exc:
-            status, reason, rule = contract.Status.NOT_ASSESSABLE, str(exc), exc.rule
-        except InvalidInputError as exc:
-            status, reason, rule = contract.Status.ERROR, str(exc), None
-        except Exception as exc:  # noqa: BLE001 - one bad file must not sink the batch
-            status, reason, rule = (contract.Status.ERROR, f"{name}: unexpected error while reading "
-                                    f"({type(exc).__name__}: {exc})", None)
-        reason = reason.splitlines()[0]
-        return name, None, Prediction(name, status, None, None, info.threshold, info.name, info.version, reason,
-                                      ood_threshold=info.ood_threshold, rule=rule), None
+        return Prediction(pre.name, pre.status, None, None, info.threshold, info.name, info.version, pre.reason,
+                          ood_threshold=info.ood_threshold, rule=pre.rule)
+
+    def failure(self, name: str, uid: str | None, exc: CxrError) -> Prediction:
+        """The answer for an input whose inference failed after the retries: ``error``, retryable when the
+        failure was transient (unavailable, deadline, overload, server error)."""
+        info = self.info
+        msg = f"inference failed: {exc}".splitlines()[0]
+        return Prediction(name, contract.Status.ERROR, None, None, info.threshold, info.name, info.version,
+                          f"{name}: {msg}", uid, ood_threshold=info.ood_threshold,
+                          retryable=not isinstance(exc, InvalidInputError))
 
     def predict(self, images: Sequence[contract.ImageSource]) -> list[Prediction]:
         """Give every input exactly one final :class:`Prediction`, in order.
@@ -242,7 +276,6 @@ class PneumoniaClient:
         other chunk keeps its results.
         """
         prepared = list(self._pre_pool.map(self._prepare, images))
-        info = self.info
         good = [i for i, (_, arr, _, _) in enumerate(prepared) if arr is not None]
         chunks = [good[i : i + self.batch_size] for i in range(0, len(good), self.batch_size)]
         futures = [self._pool.submit(self._infer_chunk, np.stack([prepared[i][1] for i in idx])) for idx in chunks]  # type: ignore[misc]
@@ -251,20 +284,17 @@ class PneumoniaClient:
             try:
                 scores = fut.result()
             except CxrError as exc:
-                retryable = not isinstance(exc, InvalidInputError)  # unavailable, deadline, overload, server error
-                msg = f"inference failed: {exc}".splitlines()[0]
                 for i in idx:
-                    name, _, _, uid = prepared[i]
-                    answers[i] = Prediction(name, contract.Status.ERROR, None, None, info.threshold, info.name,
-                                            info.version, f"{name}: {msg}", uid, ood_threshold=info.ood_threshold,
-                                            retryable=retryable)
+                    answers[i] = self.failure(prepared[i][0], prepared[i][3], exc)
                 continue
             for k, i in enumerate(idx):
-                answers[i] = self._judge(prepared[i][0], prepared[i][3], float(scores.probability[k]),
-                                         None if scores.ood_score is None else float(scores.ood_score[k]))
+                answers[i] = self.judge(prepared[i][0], prepared[i][3], float(scores.probability[k]),
+                                        None if scores.ood_score is None else float(scores.ood_score[k]))
         return [answers[i] if pre is None else pre for i, (_, _, pre, _) in enumerate(prepared)]
 
-    def _judge(self, name: str, uid: str | None, prob: float, ood: float | None) -> Prediction:
+    def judge(self, name: str, uid: str | None, prob: float, ood: float | None) -> Prediction:
+        """The answer for a served probability and OOD score: ``not_assessable`` above the served OOD
+        threshold, else the label at the served decision threshold."""
         info = self.info
         if ood is not None and contract.is_out_of_distribution(ood, info.ood_threshold):
             reason = str(contract.not_assessable(name, "out_of_distribution",

@@ -27,84 +27,79 @@ from cxr import contract
 logger = logging.getLogger(__name__)
 
 
-def _preprocess(batch: dict) -> dict:
-    """Ray Data CPU task: decode and apply the eligibility and pixel rules (no model involved)."""
-    from cxr.errors import InvalidInputError, NotAssessableError
+def _preprocess(batch: dict, eligibility=None) -> dict:  # type: ignore[no-untyped-def]
+    """Ray Data CPU task: decode and apply the eligibility and pixel rules (no model involved), exactly as the
+    client does (:func:`cxr.client.client.prepare`)."""
+    from cxr.client.client import prepare
 
-    images, status, reason, rule, uid = [], [], [], [], []
-    for path in batch["path"]:
-        try:
-            arr, meta = contract.preprocess_with_meta(str(path), name=str(path))
-            images.append(arr.reshape(-1))
-            status.append("pending")
-            reason.append("")
-            rule.append("")
-            uid.append(meta.get("sop_instance_uid", ""))
-        except NotAssessableError as exc:
-            images.append(np.zeros(int(np.prod(contract.IMAGE_SHAPE)), np.uint8))
-            status.append(contract.Status.NOT_ASSESSABLE.value)
-            reason.append(str(exc).splitlines()[0])
-            rule.append(exc.rule)
-            uid.append("")
-        except (InvalidInputError, Exception) as exc:  # noqa: BLE001 - one bad file must not sink the job
-            images.append(np.zeros(int(np.prod(contract.IMAGE_SHAPE)), np.uint8))
-            status.append(contract.Status.ERROR.value)
-            msg = str(exc) if isinstance(exc, InvalidInputError) else f"{path}: unexpected error ({type(exc).__name__})"
-            reason.append(msg.splitlines()[0])
-            rule.append("")
-            uid.append("")
-    return {"path": batch["path"], "sha256": batch["sha256"], "image": np.stack(images), "status": np.array(status),
-            "reason": np.array(reason), "rule": np.array(rule), "sop_instance_uid": np.array(uid)}
+    blank = np.zeros(int(np.prod(contract.IMAGE_SHAPE)), np.uint8)
+    pres = [prepare(str(path), eligibility) for path in batch["path"]]
+    return {
+        "path": batch["path"], "sha256": batch["sha256"],
+        "image": np.stack([blank if p.array is None else p.array.reshape(-1) for p in pres]),
+        "status": np.array([PENDING if p.status is None else p.status.value for p in pres]),
+        "reason": np.array([p.reason or "" for p in pres]), "rule": np.array([p.rule or "" for p in pres]),
+        "sop_instance_uid": np.array([p.uid or "" for p in pres]),
+    }
+
+
+PENDING = "pending"  # decoded, waiting for the model
 
 
 class _Screener:
     """Ray Data actor: one client per actor (Triton fleet or embedded), the contract's rules on its answers."""
 
     def __init__(self, url: str | None, protocol: str, model: str, timeout_s: float, tls=None,  # type: ignore[no-untyped-def]
-                 config_key: str | None = None) -> None:
+                 config_key: str | None = None, eligibility=None) -> None:
         from cxr.client import PneumoniaClient
 
         # TLS files are read on the worker: they must be mounted at the same paths on every node.
         self.client = PneumoniaClient(url, protocol=protocol, model=model, timeout_s=timeout_s, tls=tls,
-                                      config_key=config_key)
+                                      config_key=config_key, eligibility=eligibility)
 
     def __call__(self, batch: dict) -> dict:
         from cxr.client.batch import _row
-        from cxr.client.client import Prediction
-        from cxr.errors import CxrError, InvalidInputError
+        from cxr.client.client import Prepared
+        from cxr.errors import CxrError
 
-        info = self.client.info
         n = len(batch["path"])
+        names = [str(p) for p in batch["path"]]
+        uids = [str(u) or None for u in batch["sop_instance_uid"]]
         preds: list = [None] * n
-        todo = [i for i in range(n) if batch["status"][i] == "pending"]
+        todo = [i for i in range(n) if batch["status"][i] == PENDING]
         if todo:
             x = np.stack([batch["image"][i].reshape(contract.IMAGE_SHAPE) for i in todo])
             try:
                 scores = self.client.infer_scores(x)
                 for k, i in enumerate(todo):
                     ood = None if scores.ood_score is None else float(scores.ood_score[k])
-                    preds[i] = self.client._judge(str(batch["path"][i]), batch["sop_instance_uid"][i] or None,
-                                                  float(scores.probability[k]), ood)
-            except CxrError as exc:  # the batch's images are transient errors (a rerun retries them)
-                retryable = not isinstance(exc, InvalidInputError)
+                    preds[i] = self.client.judge(names[i], uids[i], float(scores.probability[k]), ood)
+            except CxrError as exc:  # the batch's images are errors, retryable when transient
                 for i in todo:
-                    preds[i] = Prediction(str(batch["path"][i]), contract.Status.ERROR, None, None, info.threshold,
-                                          info.name, info.version, f"{batch['path'][i]}: inference failed: {exc}"
-                                          .splitlines()[0], ood_threshold=info.ood_threshold, retryable=retryable)
+                    preds[i] = self.client.failure(names[i], uids[i], exc)
         for i in range(n):
             if preds[i] is None:
-                st = contract.Status(batch["status"][i])
-                preds[i] = Prediction(str(batch["path"][i]), st, None, None, info.threshold, info.name, info.version,
-                                      str(batch["reason"][i]), ood_threshold=info.ood_threshold,
-                                      rule=str(batch["rule"][i]) or None)
+                preds[i] = self.client.refusal(Prepared(names[i], None, None, contract.Status(batch["status"][i]),
+                                                        str(batch["reason"][i]), str(batch["rule"][i]) or None))
         rows = [_row(p, str(batch["sha256"][i])) for i, p in enumerate(preds)]
         return {k: np.array([r[k] for r in rows]) for k in rows[0]}
 
 
 def screen(address: str, todo: list[tuple[Path, str]], *, url: str | None, protocol: str, model: str,
-           timeout_s: float, chunk: int, on_rows, tls=None, config_key: str | None = None) -> None:  # type: ignore[no-untyped-def]
-    """Run the job on the cluster at ``address`` and hand result rows to ``on_rows`` in chunks (for the journal)."""
+           timeout_s: float, chunk: int, on_rows, tls=None, config_key: str | None = None,  # type: ignore[no-untyped-def]
+           eligibility=None) -> None:
+    """Run the job on the cluster at ``address`` and hand result rows to ``on_rows`` in chunks (for the journal).
+
+    ``eligibility`` overrides the served DICOM rules; without it the driver reads the served ones once, so that
+    the preprocessing tasks refuse exactly what a local run would."""
     import ray
+
+    from cxr.client import PneumoniaClient
+
+    if eligibility is None:
+        with PneumoniaClient(url, protocol=protocol, model=model, timeout_s=timeout_s, tls=tls,
+                             config_key=config_key) as probe:
+            eligibility = probe.eligibility
 
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     try:
@@ -117,8 +112,10 @@ def screen(address: str, todo: list[tuple[Path, str]], *, url: str | None, proto
         source = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 8 or 1, 4 * max(cpus, 1))))
         # Half a CPU per preprocessing task and per actor: a node left alone with one CPU (after the others died)
         # can still run both stages, instead of the actor's share starving every decoding task.
-        pre = source.map_batches(_preprocess, batch_size=8, num_cpus=0.5, max_retries=-1)
-        ds = pre.map_batches(_Screener, fn_constructor_args=(url, protocol, model, timeout_s, tls, config_key), batch_size=32,
+        pre = source.map_batches(_preprocess, fn_kwargs={"eligibility": eligibility}, batch_size=8, num_cpus=0.5,
+                                 max_retries=-1)
+        ds = pre.map_batches(_Screener, fn_constructor_args=(url, protocol, model, timeout_s, tls, config_key, eligibility),
+                             batch_size=32,
                              num_cpus=0.5, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, len(nodes))),
                              max_restarts=-1, max_task_retries=-1)
         for batch in ds.iter_batches(batch_size=chunk, batch_format="numpy"):

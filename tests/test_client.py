@@ -167,3 +167,30 @@ def test_fleet_refuses_replicas_serving_different_models() -> None:
     f = fleet.FleetTransport(list(all_down), all_down.__getitem__)
     with pytest.raises(RetryableServerError, match="no healthy replica"):
         f.infer(np.zeros((1, *contract.IMAGE_SHAPE), np.uint8), timeout_s=1)
+
+
+def test_ray_preprocessing_refuses_what_the_client_refuses(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The Ray tasks and the client share one `prepare`, under the same (here: a site's stricter) rules."""
+    import json
+
+    from cxr.client.client import prepare
+    from cxr.client.ray_batch import PENDING, _preprocess
+    from cxr.eligibility import Eligibility, default_text
+    from tests.test_dicom import _ramp, make_dicom
+
+    rules = json.loads(default_text())
+    rules["conditions"]["Modality"]["allowed"] = ["CR"]  # this site accepts CR only
+    strict = Eligibility.from_json(json.dumps(rules))
+    dx = tmp_path / "dx.dcm"
+    dx.write_bytes(make_dicom(_ramp()))  # a DX instance: eligible by default
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    paths = np.array([str(dx), str(text)])
+    default = _preprocess({"path": paths, "sha256": np.array(["a", "b"])})
+    site = _preprocess({"path": paths, "sha256": np.array(["a", "b"])}, eligibility=strict)
+    assert list(default["status"]) == [PENDING, contract.Status.ERROR.value]
+    assert list(site["status"]) == [contract.Status.NOT_ASSESSABLE.value, contract.Status.ERROR.value]
+    assert site["rule"][0] == "dicom_modality"
+    for i, p in enumerate(paths):  # the same answer the client's own preparation gives
+        pre = prepare(p, strict)
+        assert (pre.status.value if pre.status else PENDING) == site["status"][i] and (pre.reason or "") == site["reason"][i]
