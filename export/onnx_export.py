@@ -335,8 +335,9 @@ def export(cfg: ExportConfig) -> dict:
     _copy_python_model(model_dir, cfg.version)
     dirs = [(model_dir, "fp32")] + ([(int8_dir, "int8")] if cfg.int8 else [])
     for d, precision in dirs:
-        sha = sha256_file(d / str(cfg.version) / "model.onnx")
-        card = model_card(cfg, calibration, results, sha256=sha, precision=precision)
+        onnx_file = d / str(cfg.version) / "model.onnx"
+        card = model_card(cfg, calibration, results, sha256=sha256_file(onnx_file), precision=precision)
+        card["bytes"] = onnx_file.stat().st_size
         card["serving"] = {"targets": list(repository.TARGETS[precision])}
         write_card(d, card)
         if precision == "int8":
@@ -435,7 +436,8 @@ def write_card(model_dir: Path, card: dict) -> None:
         "A screening aid, not a diagnosis. Inputs it cannot judge get `not_assessable` with a reason and no label; "
         "route them to a human reader.",
         "",
-        f"- file: `{card['file']}`, sha256 `{card['sha256']}`",
+        f"- file: `{card['file']}`, sha256 `{card['sha256']}`"
+        + (f", {card['bytes'] / 2**20:.1f} MiB" if card.get("bytes") else ""),
         f"- architecture: `{card['architecture']}`; input `{contract.INPUT_NAME}` uint8 [batch, 224, 224, 1]; outputs "
         f"`{contract.OUTPUT_NAME}` float32 [batch, 1] (calibrated P(pneumonia))"
         + (f" and `{contract.OOD_OUTPUT_NAME}` float32 [batch, 1] (out-of-distribution score)" if ood else ""),

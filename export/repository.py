@@ -116,7 +116,7 @@ def refit_ood(
     if site_dir is not None:
         real["site"] = load_labelled(site_dir, cache_dir=cache_dir)[0]
     report = ood_head.build(path, x_train, real)
-    card["sha256"] = sha256_file(path)
+    card["sha256"], card["bytes"] = sha256_file(path), path.stat().st_size
     card["ood"] = {**report.as_dict(), "method": "Mahalanobis distance of log1p pooled features (ood_head)",
                    "fitted_on": {"train": str(data_dir), "split": str(split_file), "site": str(site_dir) if site_dir else None}}
     card["contract"]["outputs"] = [

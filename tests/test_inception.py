@@ -110,6 +110,10 @@ def test_calibrate_export_serve_predict(inception_run: Path, train_data: Path, s
     assert parity["max_abs_diff"] <= 1e-5 and parity["label_agreement"] == 1.0
     assert card["calibration"]["threshold"] == pytest.approx(cal["threshold"])
     assert card["architecture"] == "inception_v3" and card["ood"]["parity_max_rel_diff"] <= 1e-4
+    from cxr.export.onnx_export import MAX_MODEL_BYTES
+
+    onnx_bytes = (repo / NAME / "1" / "model.onnx").stat().st_size
+    assert card["bytes"] == onnx_bytes and MAX_MODEL_BYTES["compact"] < onnx_bytes <= MAX_MODEL_BYTES["inception_v3"]
 
     http, grpc, metrics = free_ports(3)
     server = subprocess.Popen(
