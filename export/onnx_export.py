@@ -26,6 +26,7 @@ from cxr.paths import relative
 from cxr.serving.integrity import sha256_file
 from cxr.train import metrics
 from cxr.train.scoring import Calibration, KerasScorer, OnnxScorer
+from cxr.train.trainer import epochs_done
 
 logger = logging.getLogger(__name__)
 
@@ -394,7 +395,7 @@ def model_card(cfg: ExportConfig, calibration: Calibration, results: dict, *, sh
             "best_epoch": history.get("best_epoch"),
             "selected_on": history.get("select_on"),
             "seconds": history.get("seconds"),
-            "epochs_done": history.get("epochs_done", len(history.get("history", {}).get("loss", [])) or None),
+            "epochs_done": epochs_done(history),
             "stopped_by": history.get("stopped_by"),
             "n_train": history.get("n_train"),
             "n_val": history.get("n_val"),

@@ -95,3 +95,11 @@ def test_a_budgeted_run_stops_within_its_budget(train_data: Path, tmp_path: Path
     assert hist["seconds"] <= budget_min * 60, hist["seconds"]
     assert 0 < hist["steps"] < 200 * hist["steps_per_epoch"]
     assert len(hist["history"]["val_auc"]) >= 1 and (run / "model.keras").exists()
+
+
+def test_epochs_done_from_old_and_new_histories() -> None:
+    from cxr.train.trainer import epochs_done
+
+    assert epochs_done({"epochs_done": 2.5, "history": {"loss": [1, 2, 3]}}) == 2.5  # a budget cut the third
+    assert epochs_done({"history": {"loss": [1.0] * 14}}) == 14.0  # runs from before the field
+    assert epochs_done({}) is None

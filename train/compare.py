@@ -22,6 +22,7 @@ from cxr.paths import relative
 from cxr.train import metrics
 from cxr.train.evaluate import evaluate_arrays, load_labelled
 from cxr.train.scoring import KerasScorer, Scorer, load_scorer
+from cxr.train.trainer import epochs_done
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +86,8 @@ def _from_run(model_path: Path) -> tuple[Trained, Scorer]:
     scorer = KerasScorer(model_path)
     hist = json.loads((run / "history.json").read_text()) if (run / "history.json").exists() else {}
     cfg = json.loads((run / "train_config.json").read_text()) if (run / "train_config.json").exists() else {}
-    epochs_run = hist.get("epochs_done")
-    if epochs_run is None and hist.get("history"):
-        epochs_run = float(len(next(iter(hist["history"].values()))))
     trained = Trained(
-        architecture=str(cfg.get("arch", "unknown")), seconds=hist.get("seconds"), epochs_run=epochs_run,
+        architecture=str(cfg.get("arch", "unknown")), seconds=hist.get("seconds"), epochs_run=epochs_done(hist),
         max_epochs=cfg.get("epochs"), time_budget_s=cfg.get("time_budget_s"), stopped_by=hist.get("stopped_by"),
         imagenet_weights=cfg.get("weights") is not None, threshold_rule=scorer.calibration.rule,
         parameters=int(scorer.model.count_params()),

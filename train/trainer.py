@@ -193,6 +193,15 @@ def stop_reason(steps_done: int, total_steps: int, *, budget_stopped: bool) -> s
     return "time_budget" if budget_stopped else "early_stopping"
 
 
+def epochs_done(history: dict) -> float | None:
+    """Epochs a run completed, from its ``history.json``: recorded since budgeted runs (fractional when a
+    budget cut the last epoch), else the number of epochs in the per-epoch history."""
+    if history.get("epochs_done") is not None:
+        return float(history["epochs_done"])
+    per_epoch = history.get("history", {}).get("loss", [])
+    return float(len(per_epoch)) if per_epoch else None
+
+
 def _labels(samples: list[data_mod.Sample]) -> np.ndarray:
     return np.array([s.label for s in samples], dtype=np.float32)
 
