@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cxr import contract
+from cxr.durable import write_durably
 from cxr.security import TlsClient
 
 logger = logging.getLogger(__name__)
@@ -115,17 +116,6 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Journal:
     """Append-only record of results; the latest row per path wins.
 
@@ -201,16 +191,12 @@ def materialise(journal: Journal, paths: list[Path], out: Path) -> list[dict]:
 
 
 def write_csv_atomically(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
-    """Header and rows to a temporary file, fsync, rename over ``path``, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    _fsync_dir(path.parent)
+    """Header and rows, written whole or not at all (:func:`cxr.durable.write_durably`)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    write_durably(path, buf.getvalue().encode("utf-8"))
 
 
 def _row(pred, sha: str) -> dict:  # type: ignore[no-untyped-def]

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cxr import contract
+from cxr.durable import fsync_dir, write_durably
 from cxr.errors import CxrError
 
 logger = logging.getLogger(__name__)
@@ -135,25 +136,6 @@ class ListenConfig:
             logger.warning("listening on %s without DICOM TLS: keep this link on a trusted network", self.host)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durably(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that it survives a crash once this returns (temp, fsync, rename, fsync dir)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    _fsync_dir(path.parent)
-
-
 class Spool:
     """The durable state folder."""
 
@@ -186,7 +168,7 @@ class Spool:
             write_durably(self.outbox / name, data)
         write_durably(self.done / uid, b"")
         (self.incoming / f"{uid}.dcm").unlink(missing_ok=True)
-        _fsync_dir(self.incoming)
+        fsync_dir(self.incoming)
 
 
 class ResultsCsv:
