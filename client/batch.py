@@ -25,14 +25,13 @@ import hashlib
 import io
 import json
 import logging
-import os
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cxr import contract
-from cxr.durable import write_durably
+from cxr.durable import AppendOnlyCsv, write_durably
 from cxr.security import TlsClient
 
 logger = logging.getLogger(__name__)
@@ -129,11 +128,9 @@ class Journal:
         self.latest: dict[str, dict] = {}
         if not self.path.exists() and seed_csv is not None and seed_csv.exists() and seed_csv.stat().st_size:
             self._seed(seed_csv)
-        self._read()
-        new = not self.path.exists() or self.path.stat().st_size == 0
-        self._f = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115
-        if new:
-            self._write([dict(zip(JOURNAL_COLUMNS, JOURNAL_COLUMNS))])
+        self._csv = AppendOnlyCsv(self.path, JOURNAL_COLUMNS)
+        for r in self._csv.rows:
+            self.latest[r["path"]] = r
 
     def _seed(self, csv_path: Path) -> None:
         """Adopt the rows of a results CSV written by an earlier release (their errors are retried)."""
@@ -143,32 +140,9 @@ class Journal:
             r["retryable"] = "1" if r.get("error") else "0"
         write_csv_atomically(self.path, JOURNAL_COLUMNS, rows)
 
-    def _read(self) -> None:
-        if not self.path.exists() or self.path.stat().st_size == 0:
-            return
-        data = self.path.read_bytes()
-        if not data.endswith(b"\n"):  # a torn last row from a crash: drop it
-            keep = data[: data.rfind(b"\n") + 1]
-            logger.warning("%s: dropping a partial last row left by an interrupted run", self.path)
-            with open(self.path, "r+b") as f:
-                f.truncate(len(keep))
-                f.flush()
-                os.fsync(f.fileno())
-            data = keep
-        for r in csv.DictReader(io.StringIO(data.decode("utf-8"))):
-            self.latest[r["path"]] = r
-
-    def _write(self, rows: list[dict]) -> None:
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=JOURNAL_COLUMNS, extrasaction="ignore", lineterminator="\n")
-        w.writerows(rows)
-        self._f.write(buf.getvalue())
-        self._f.flush()
-        os.fsync(self._f.fileno())
-
     def append(self, rows: list[dict]) -> None:
         """Record rows durably (one write, flushed and fsynced)."""
-        self._write(rows)
+        self._csv.append(rows)
         for r in rows:
             self.latest[r["path"]] = r
 
@@ -180,7 +154,7 @@ class Journal:
         return not (r.get("status") == contract.Status.ERROR.value and r.get("retryable") == "1")
 
     def close(self) -> None:
-        self._f.close()
+        self._csv.close()
 
 
 def materialise(journal: Journal, paths: list[Path], out: Path) -> list[dict]:

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import logging
 import os
+import threading
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 
 def fsync_dir(path: Path) -> None:
@@ -29,3 +35,49 @@ def write_durably(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
     tmp.replace(path)
     fsync_dir(path.parent)
+
+
+class AppendOnlyCsv:
+    """A CSV file that only grows: a header when new, then one write per append, flushed and fsynced, so a
+    row is on disk before the caller moves on. A torn last row left by a crash is dropped when the file is
+    opened again; the complete rows already there are in :attr:`rows`. Appends from several threads are
+    serialised.
+    """
+
+    def __init__(self, path: Path, columns: tuple[str, ...]) -> None:
+        self.path = Path(path)
+        self.columns = tuple(columns)
+        self._lock = threading.Lock()
+        self.rows = self._recover()
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        self._f = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115
+        if new:
+            self._write([dict(zip(self.columns, self.columns))])
+
+    def _recover(self) -> list[dict]:
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return []
+        data = self.path.read_bytes()
+        if not data.endswith(b"\n"):  # a torn last row from a crash: drop it
+            data = data[: data.rfind(b"\n") + 1]
+            logger.warning("%s: dropping a partial last row left by an interrupted run", self.path)
+            with open(self.path, "r+b") as f:
+                f.truncate(len(data))
+                f.flush()
+                os.fsync(f.fileno())
+        return list(csv.DictReader(io.StringIO(data.decode("utf-8"))))
+
+    def _write(self, rows: list[dict]) -> None:
+        buf = io.StringIO()
+        csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore", lineterminator="\n").writerows(rows)
+        self._f.write(buf.getvalue())
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def append(self, rows: list[dict]) -> None:
+        """Record ``rows`` durably (one write)."""
+        with self._lock:
+            self._write(rows)
+
+    def close(self) -> None:
+        self._f.close()

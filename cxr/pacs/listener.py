@@ -23,17 +23,15 @@ never patient attributes.
 
 from __future__ import annotations
 
-import csv
 import io
 import logging
-import os
 import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cxr import contract
-from cxr.durable import fsync_dir, write_durably
+from cxr.durable import AppendOnlyCsv, fsync_dir, write_durably
 from cxr.errors import CxrError
 
 logger = logging.getLogger(__name__)
@@ -171,43 +169,15 @@ class Spool:
         fsync_dir(self.incoming)
 
 
-class ResultsCsv:
-    """``--out``: the columns of ``cxr predict``, one row per instance, each row fsynced."""
-
-    def __init__(self, path: Path) -> None:
-        from cxr.client.batch import CSV_COLUMNS
-
-        self.path = Path(path)
-        self.columns = CSV_COLUMNS
-        self._lock = threading.Lock()
-        if not self.path.exists() or self.path.stat().st_size == 0:
-            self._write([dict(zip(CSV_COLUMNS, CSV_COLUMNS))])
-        else:  # drop a torn last row
-            data = self.path.read_bytes()
-            if not data.endswith(b"\n"):
-                with open(self.path, "r+b") as f:
-                    f.truncate(data.rfind(b"\n") + 1)
-
-    def _write(self, rows: list[dict]) -> None:
-        buf = io.StringIO()
-        csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore", lineterminator="\n").writerows(rows)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-
-    def append(self, row: dict) -> None:
-        with self._lock:
-            self._write([row])
-
-
 class Listener:
     """The SCP, the screening worker and the result sender (start, then stop)."""
 
     def __init__(self, cfg: ListenConfig) -> None:
+        from cxr.client.batch import CSV_COLUMNS
+
         self.cfg = cfg
         self.spool = Spool(cfg.spool)
-        self.csv = ResultsCsv(cfg.out) if cfg.out else None
+        self.csv = AppendOnlyCsv(cfg.out, CSV_COLUMNS) if cfg.out else None  # the columns of cxr predict
         self._stop = threading.Event()
         self._wake_worker = threading.Event()
         self._wake_sender = threading.Event()
@@ -303,6 +273,8 @@ class Listener:
             t.join(timeout=30)
         if self._client is not None:
             self._client.close()
+        if self.csv is not None:
+            self.csv.close()
 
     def __enter__(self) -> Listener:
         return self.start()
@@ -369,7 +341,7 @@ class Listener:
                 row = _row(pred, file_sha256(f))
                 row["path"] = f"dicom:{uid}"
                 row["sop_instance_uid"] = uid
-                self.csv.append(row)
+                self.csv.append([row])
             self.spool.finish(uid, results)
             self.stats["screened"] += 1
             progressed = True
