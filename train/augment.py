@@ -27,6 +27,10 @@ class AugmentConfig:
         zoom: Scale range ``[1 - zoom, 1 + zoom]`` per axis (report: 0.2).
         flip: Random horizontal flip (report: on; it mirrors the heart).
         photometric: Gamma, contrast, brightness, blur and noise.
+        acquisition: What differs between hospitals' films beside the
+            patient: collimation borders and crops (black or white bands on
+            random sides), burned-in markers and text (small bright blocks near
+            the edges), and a wider gamma and exposure range.
     """
 
     rotation_deg: float = 20.0
@@ -35,6 +39,7 @@ class AugmentConfig:
     zoom: float = 0.2
     flip: bool = True
     photometric: bool = True
+    acquisition: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.rotation_deg <= 180:
@@ -78,6 +83,32 @@ def _gaussian_blur(images: tf.Tensor, sigma: tf.Tensor) -> tf.Tensor:
     return tf.nn.conv2d(out, ky, strides=1, padding="SAME")
 
 
+def _acquisition(x: tf.Tensor) -> tf.Tensor:
+    """Borders and burned-in markers on 0..1 images ``(N, H, W, 1)``."""
+    n = tf.shape(x)[0]
+    h, w = x.shape[1], x.shape[2]
+    rows = tf.cast(tf.range(h), tf.float32)[None, :, None, None] / h
+    cols = tf.cast(tf.range(w), tf.float32)[None, None, :, None] / w
+    u = lambda lo, hi: tf.random.uniform([n, 1, 1, 1], lo, hi)  # noqa: E731
+    # collimation / crop bands: each side with probability 0.25, up to 12% of the side, black or white
+    border = tf.zeros_like(x, dtype=tf.bool)
+    for coord, flip in ((rows, False), (rows, True), (cols, False), (cols, True)):
+        depth = tf.where(u(0.0, 1.0) < 0.25, u(0.0, 0.12), tf.zeros([n, 1, 1, 1]))
+        c = 1.0 - coord if flip else coord
+        border = tf.logical_or(border, c < depth)
+    fill = tf.where(u(0.0, 1.0) < 0.7, tf.zeros([n, 1, 1, 1]), tf.ones([n, 1, 1, 1]))
+    x = tf.where(border, fill, x)
+    # burned-in markers: up to two bright blocks (a side marker, a text line) in the outer fifth
+    for _ in range(2):
+        on = u(0.0, 1.0) < 0.5
+        bh, bw = u(0.02, 0.06), u(0.03, 0.2)
+        top = tf.where(u(0.0, 1.0) < 0.5, u(0.0, 0.15), u(0.8, 0.94))
+        left = u(0.0, 0.8)
+        block = (rows >= top) & (rows < top + bh) & (cols >= left) & (cols < left + bw) & on
+        x = tf.where(block, u(0.85, 1.0), x)
+    return x
+
+
 def augment_batch(images: tf.Tensor, cfg: AugmentConfig) -> tf.Tensor:
     """Augment a batch of float32 0..255 images ``(N, H, W, 1)``; returns the same shape and range."""
     shape = tf.shape(images)
@@ -94,7 +125,8 @@ def augment_batch(images: tf.Tensor, cfg: AugmentConfig) -> tf.Tensor:
         )
     if cfg.photometric:
         x = images / 255.0
-        gamma = tf.exp(tf.random.uniform([n, 1, 1, 1], math.log(0.7), math.log(1.5)))
+        lo, hi = (0.5, 2.0) if cfg.acquisition else (0.7, 1.5)
+        gamma = tf.exp(tf.random.uniform([n, 1, 1, 1], math.log(lo), math.log(hi)))
         x = tf.pow(tf.clip_by_value(x, 1e-6, 1.0), gamma)
         mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
         contrast = tf.random.uniform([n, 1, 1, 1], 0.7, 1.3)
@@ -105,4 +137,6 @@ def augment_batch(images: tf.Tensor, cfg: AugmentConfig) -> tf.Tensor:
         noise_sd = tf.random.uniform([n, 1, 1, 1], 0.0, 0.03)
         x = x + tf.random.normal(tf.shape(x)) * noise_sd
         images = tf.clip_by_value(x, 0.0, 1.0) * 255.0
+    if cfg.acquisition:
+        images = _acquisition(images / 255.0) * 255.0
     return images

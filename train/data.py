@@ -1,13 +1,22 @@
-"""Datasets in the Kaggle layout, patient-grouped splits and the decoded-image cache.
+"""Datasets in the Kaggle layout, several sources, patient-grouped splits and the decoded-image cache.
 
 Layout: ``<root>/<split>/{NORMAL,PNEUMONIA}/*`` (``split`` = train, val, test)
 or, for a single labelled sample such as the deployment-site set,
 ``<root>/{NORMAL,PNEUMONIA}/*``.
+
+A training run may draw on several *sources* (hospitals or collections), each
+a class-folder root with an optional ``MANIFEST.csv`` that names the patient
+of each file (a ``patient`` column, or ``patient=ID`` inside ``notes``).
+Patient ids are namespaced by source (``nih:00001299``), the split keeps every
+patient on one side within each (source, class) stratum, and
+:func:`cell_masses` gives the sampling mass that keeps source and class apart.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import logging
 import os
@@ -47,6 +56,11 @@ def patient_id(filename: str) -> str:
     return Path(stem).stem
 
 
+#: Name of the Kaggle source (the training root given by ``--data``).
+KAGGLE = "kaggle"
+_SOURCE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
 @dataclass(frozen=True)
 class Sample:
     """One labelled image.
@@ -54,16 +68,89 @@ class Sample:
     Attributes:
         path: File path.
         label: Class index (0 Normal, 1 Pneumonia).
-        patient: Patient id from the file name.
+        patient: Patient id (from the file name, or the source's manifest, namespaced by source).
+        source: Name of the source it came from.
     """
 
     path: Path
     label: int
     patient: str
+    source: str = KAGGLE
 
     def __post_init__(self) -> None:
         if self.label not in (0, 1):
             raise ValueError(f"label must be 0 or 1, got {self.label}")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A labelled source: ``root/{NORMAL,PNEUMONIA}/*``, optionally with ``root/MANIFEST.csv``.
+
+    Attributes:
+        name: Short name (lower case, digits, underscore), used in split entries and reports.
+        root: The class-folder root.
+    """
+
+    name: str
+    root: Path
+
+    def __post_init__(self) -> None:
+        if not _SOURCE_NAME.match(self.name):
+            raise ValueError(f"source name {self.name!r}: use lower-case letters, digits and _ (e.g. nih)")
+
+    @classmethod
+    def parse(cls, text: str) -> Source:
+        """``NAME=PATH`` (the ``cxr train --source`` form)."""
+        name, sep, path = text.partition("=")
+        if not sep or not path:
+            raise DataError(f"--source {text!r}: expected NAME=PATH")
+        try:
+            return cls(name.strip(), Path(path))
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
+
+
+def manifest_patients(root: Path) -> dict[str, str]:
+    """File name -> patient id from ``root/MANIFEST.csv`` (``patient`` column, or ``patient=ID`` in ``notes``)."""
+    path = Path(root) / "MANIFEST.csv"
+    if not path.exists():
+        return {}
+    out: dict[str, str] = {}
+    with path.open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            name = row.get("file_name") or row.get("filename")
+            pid = (row.get("patient") or "").strip()
+            if not pid:
+                m = re.search(r"patient=([^;,\s]+)", row.get("notes") or "")
+                pid = m.group(1) if m else ""
+            if name and pid:
+                out[name] = pid
+    return out
+
+
+def source_samples(src: Source) -> list[Sample]:
+    """Every image of a source, with patient ids from its manifest (else the file name), namespaced by source."""
+    patients = manifest_patients(src.root)
+    return [
+        Sample(s.path, s.label, f"{src.name}:{patients.get(s.path.name, s.patient)}", src.name)
+        for s in list_samples(src.root)
+    ]
+
+
+def cell_masses(samples: Sequence[Sample]) -> dict[tuple[str, int], float]:
+    """Sampling mass of each (source, class) cell: every class gets half, split equally among the sources that
+    have it. A source's own class balance then cannot be learned as a cue from Kaggle's 74% Pneumonia or NIH's
+    78% Normal; a one-class source (e.g. COVID-19 inpatients) still carries only its class, and its share is no
+    larger than any other source's share of that class."""
+    cells = sorted({(s.source, s.label) for s in samples})
+    out: dict[tuple[str, int], float] = {}
+    for label in (0, 1):
+        have = [c for c in cells if c[1] == label]
+        if not have:
+            raise DataError(f"class {contract.LABELS[label]} has no training images")
+        for c in have:
+            out[c] = 0.5 / len(have)
+    return out
 
 
 def list_samples(folder: str | os.PathLike) -> list[Sample]:
@@ -102,12 +189,20 @@ def split_dir(root: str | os.PathLike, split: str) -> Path:
 
 @dataclass(frozen=True)
 class Split:
-    """A patient-grouped train/validation split, reproducible from its file."""
+    """A patient-grouped train/validation split, reproducible from its file.
+
+    Entries are ``SOURCE/CLASS/FILE`` with ``roots`` naming each source's
+    folder (relative to the repository when beside it). Splits written before
+    sources existed have no ``roots`` and entries ``CLASS/FILE`` under the
+    Kaggle root's ``train/``; :meth:`samples` reads both.
+    """
 
     seed: int
     val_fraction: float
     train: tuple[str, ...]
     val: tuple[str, ...]
+    roots: tuple[tuple[str, str], ...] = ()
+    val_fractions: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
@@ -115,14 +210,47 @@ class Split:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the split as JSON (relative paths)."""
-        payload = {"seed": self.seed, "val_fraction": self.val_fraction, "train": list(self.train), "val": list(self.val)}
+        payload: dict = {"seed": self.seed, "val_fraction": self.val_fraction}
+        if self.roots:
+            payload["roots"] = dict(self.roots)
+            payload["val_fractions"] = dict(self.val_fractions)
+        payload.update(train=list(self.train), val=list(self.val))
         Path(path).write_text(json.dumps(payload, indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Split:
         """Read a split written by :meth:`save`."""
         d = json.loads(Path(path).read_text())
-        return cls(int(d["seed"]), float(d["val_fraction"]), tuple(d["train"]), tuple(d["val"]))
+        return cls(int(d["seed"]), float(d["val_fraction"]), tuple(d["train"]), tuple(d["val"]),
+                   tuple(sorted((d.get("roots") or {}).items())),
+                   tuple(sorted((k, float(v)) for k, v in (d.get("val_fractions") or {}).items())))
+
+    def sources(self, data_dir: str | os.PathLike | None = None) -> dict[str, Path]:
+        """Source name -> folder. A split without roots is Kaggle's, under ``data_dir`` (its ``train/``)."""
+        from cxr.paths import REPO_ROOT
+
+        if self.roots:
+            return {k: (REPO_ROOT / v if not Path(v).is_absolute() else Path(v)) for k, v in self.roots}
+        if data_dir is None:
+            raise DataError("this split has no source roots: give the Kaggle root it was made from (--data)")
+        return {KAGGLE: split_dir(data_dir, "train")}
+
+    def samples(self, side: str, data_dir: str | os.PathLike | None = None) -> list[Sample]:
+        """The ``train`` or ``val`` side as samples (source, label and patient filled in)."""
+        if side not in ("train", "val"):
+            raise ValueError(f"side must be train or val, got {side!r}")
+        roots = self.sources(data_dir)
+        patients = {name: manifest_patients(root) for name, root in roots.items()}
+        out = []
+        for entry in getattr(self, side):
+            parts = Path(entry).parts
+            name, rel = (KAGGLE, Path(entry)) if parts[0] in contract.CLASS_DIRS else (parts[0], Path(*parts[1:]))
+            if name not in roots:
+                raise DataError(f"split entry {entry!r}: unknown source {name!r}")
+            path = roots[name] / rel
+            pid = patients[name].get(path.name, patient_id(path.name))
+            out.append(Sample(path, contract.CLASS_DIRS.index(rel.parts[0]), f"{name}:{pid}", name))
+        return out
 
 
 def make_split(samples: Sequence[Sample], *, root: Path, val_fraction: float = 0.15, seed: int = 0) -> Split:
@@ -154,6 +282,48 @@ def make_split(samples: Sequence[Sample], *, root: Path, val_fraction: float = 0
         rel = str(s.path.relative_to(root))
         (val if s.patient in patients_val else train).append(rel)
     return Split(seed, val_fraction, tuple(sorted(train)), tuple(sorted(val)))
+
+
+def make_source_split(
+    sources: Sequence[tuple[Source, Sequence[Sample]]], *, val_fraction: float = 0.15,
+    val_fractions: dict[str, float] | None = None, seed: int = 0,
+) -> Split:
+    """Split several sources by patient, stratified by (source, class); entries ``SOURCE/CLASS/FILE``.
+
+    ``val_fractions`` overrides ``val_fraction`` per source (small sources need a larger share to validate on).
+    """
+    from cxr.paths import relative
+
+    fractions = {src.name: (val_fractions or {}).get(src.name, val_fraction) for src, _ in sources}
+    for name, f in fractions.items():
+        if not 0.0 < f < 1.0:
+            raise DataError(f"validation fraction of {name} must be in (0, 1), got {f}")
+    rng = random.Random(seed)
+    train: list[str] = []
+    val: list[str] = []
+    for src, samples in sources:
+        by_patient: dict[tuple[int, str], list[Sample]] = defaultdict(list)
+        for s in samples:
+            by_patient[(s.label, s.patient)].append(s)
+        val_patients: set[str] = set()
+        for label in (0, 1):
+            keys = sorted(k for k in by_patient if k[0] == label)
+            rng.shuffle(keys)
+            target = fractions[src.name] * sum(len(by_patient[k]) for k in keys)
+            taken = 0
+            for k in keys:
+                if taken >= target:
+                    break
+                if k[1] in val_patients:
+                    continue
+                val_patients.add(k[1])
+                taken += len(by_patient[k])
+        for s in samples:
+            entry = f"{src.name}/{s.path.relative_to(src.root).as_posix()}"
+            (val if s.patient in val_patients else train).append(entry)
+    return Split(seed, val_fraction, tuple(sorted(train)), tuple(sorted(val)),
+                 tuple(sorted((src.name, relative(src.root)) for src, _ in sources)),
+                 tuple(sorted(fractions.items())))
 
 
 def load_images(
@@ -195,6 +365,31 @@ def load_images(
     return out
 
 
+def load_assessable(paths: Sequence[Path], *, cache_dir: Path | None = None) -> tuple[np.ndarray, list[int], list[dict]]:
+    """Like :func:`load_images`, but a film the contract refuses (not assessable) or cannot read is left out and
+    reported instead of ending the run: returns (images of the kept films, their indexes, the refused films as
+    ``{"index", "path", "status", "rule", "reason"}``)."""
+    from cxr.errors import InvalidInputError, NotAssessableError
+
+    try:
+        return load_images(paths, cache_dir=cache_dir), list(range(len(paths))), []
+    except (NotAssessableError, InvalidInputError):
+        pass
+    kept, arrays, refused = [], [], []
+    for i, p in enumerate(paths):
+        try:
+            arrays.append(contract.preprocess(p))
+            kept.append(i)
+        except NotAssessableError as exc:
+            refused.append({"index": i, "path": str(p), "status": contract.Status.NOT_ASSESSABLE.value,
+                            "rule": exc.rule, "reason": str(exc).splitlines()[0]})
+        except InvalidInputError as exc:
+            refused.append({"index": i, "path": str(p), "status": contract.Status.ERROR.value, "rule": None,
+                            "reason": str(exc).splitlines()[0]})
+    x = np.stack(arrays) if arrays else np.zeros((0, *contract.IMAGE_SHAPE), np.uint8)
+    return x, kept, refused
+
+
 def class_weights(labels: np.ndarray) -> dict[int, float]:
     """Balanced class weights ``n / (2 * n_c)`` (the 1:2.9 imbalance of Kaggle train)."""
     labels = np.asarray(labels)
@@ -206,3 +401,64 @@ def class_weights(labels: np.ndarray) -> dict[int, float]:
             raise DataError(f"class {contract.LABELS[c]} has no training images")
         weights[c] = n / (2.0 * n_c)
     return weights
+
+
+#: Columns of a model's ``provenance.csv``: one row per file and role.
+PROVENANCE_COLUMNS = ("role", "source", "patient", "label", "path", "sha256")
+#: Roles a file can have in building a model.
+PROVENANCE_ROLES = ("train", "validation", "calibration", "ood_reference", "adapt", "audit")
+
+
+def provenance_rows(role: str, samples: Sequence[Sample]) -> list[dict]:
+    """One provenance row per sample: role, source, patient, label, path (repository-relative) and sha256."""
+    from cxr.paths import relative
+
+    if role not in PROVENANCE_ROLES:
+        raise ValueError(f"unknown provenance role {role!r}")
+
+    def sha(p: Path) -> str:
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        digests = list(pool.map(sha, [s.path for s in samples]))
+    return [
+        {"role": role, "source": s.source, "patient": s.patient, "label": contract.LABELS[s.label],
+         "path": relative(s.path), "sha256": d}
+        for s, d in zip(samples, digests)
+    ]
+
+
+def read_provenance(path: str | os.PathLike) -> list[dict]:
+    """Rows of a ``provenance.csv`` (empty when there is none)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def write_provenance(path: str | os.PathLike, rows: Sequence[dict], *, replace_roles: Sequence[str] = ()) -> None:
+    """Write ``provenance.csv`` durably: the existing rows of other roles are kept, ``replace_roles`` are replaced."""
+    from cxr.durable import write_durably
+
+    path = Path(path)
+    kept = [r for r in read_provenance(path) if r["role"] not in set(replace_roles)]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=PROVENANCE_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows([*kept, *rows])
+    write_durably(path, buf.getvalue().encode())
+
+
+def provenance_summary(rows: Sequence[dict]) -> dict:
+    """Counts by role, source and label, and patients by role and source (for the model card)."""
+    out: dict = {}
+    for r in rows:
+        cell = out.setdefault(r["role"], {}).setdefault(r["source"], {"images": 0, "patients": set(), "labels": {}})
+        cell["images"] += 1
+        cell["patients"].add(r["patient"])
+        cell["labels"][r["label"]] = cell["labels"].get(r["label"], 0) + 1
+    for role in out.values():
+        for cell in role.values():
+            cell["patients"] = len(cell["patients"])
+    return out

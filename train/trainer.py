@@ -1,4 +1,5 @@
-"""``cxr train``: Keras training on the Kaggle layout with a patient-grouped validation split."""
+"""``cxr train``: Keras training on the Kaggle layout (plus any other labelled sources) with a patient-grouped
+validation split inside each source and sampling that keeps source and class apart."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from cxr.train.augment import AugmentConfig
 
 logger = logging.getLogger(__name__)
 
-SELECT_ON = ("val", "monitor")
+SELECT_ON = ("val", "monitor", "sources")
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,9 @@ class TrainConfig:
         weights: Local weights file for the InceptionV3 base.
         monitor_dir: Optional labelled external folder (``NORMAL``/``PNEUMONIA``)
             scored every epoch (``monitor_auc`` in the history).
-        select_on: ``val`` (train-validation AUC) or ``monitor`` (external AUC)
+        select_on: ``val`` (pooled train-validation AUC), ``monitor`` (external
+            AUC) or ``sources`` (the mean of the per-source validation AUCs, so
+            that the large Kaggle validation side does not outvote the others)
             for the best checkpoint and early stopping.
         limit_per_class: Use at most this many train images per class (tiny runs).
         cache_dir: Where decoded image arrays are cached.
@@ -50,6 +53,10 @@ class TrainConfig:
             (setup, decoding, training and validation). Training stops in time
             for the last validation and checkpoint, and the learning rate
             anneals over whichever ends first, the epochs or the budget.
+        sources: Further labelled sources beside the Kaggle ``train/``
+            (e.g. adult films from other hospitals), each split by patient.
+        source_val_fraction: Validation share of patients in each further
+            source (small sources need more than ``val_fraction`` to validate on).
     """
 
     data_dir: Path
@@ -69,6 +76,8 @@ class TrainConfig:
     cache_dir: Path | None = None
     width: int = 16
     time_budget_s: float | None = None
+    sources: tuple[data_mod.Source, ...] = ()
+    source_val_fraction: float = 0.3
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -81,10 +90,17 @@ class TrainConfig:
             raise ValueError(f"select_on must be one of {SELECT_ON}, got {self.select_on!r}")
         if self.select_on == "monitor" and self.monitor_dir is None:
             raise ValueError("select_on='monitor' needs monitor_dir")
+        if self.select_on == "sources" and not self.sources:
+            raise ValueError("select_on='sources' needs further sources")
         if self.limit_per_class is not None and self.limit_per_class < 2:
             raise ValueError("limit_per_class must be >= 2")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise ValueError(f"time_budget_s must be > 0, got {self.time_budget_s}")
+        names = [data_mod.KAGGLE, *(s.name for s in self.sources)]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be unique (and not {data_mod.KAGGLE!r}): {names}")
+        if not 0.0 < self.source_val_fraction < 1.0:
+            raise ValueError(f"source_val_fraction must be in (0, 1), got {self.source_val_fraction}")
 
 
 @dataclass(frozen=True)
@@ -103,6 +119,8 @@ def _limit(samples: list[data_mod.Sample], k: int, seed: int) -> list[data_mod.S
     out: list[data_mod.Sample] = []
     for label in (0, 1):
         group = [s for s in samples if s.label == label]
+        if not group:
+            continue
         rng.shuffle(group)
         out.extend(group[:k])
     return sorted(out, key=lambda s: str(s.path))
@@ -206,6 +224,24 @@ def _labels(samples: list[data_mod.Sample]) -> np.ndarray:
     return np.array([s.label for s in samples], dtype=np.float32)
 
 
+def source_aucs(samples: list[data_mod.Sample], p: np.ndarray) -> dict[str, float]:
+    """Validation AUC per source that has both classes, and ``pooled_other`` over every source but Kaggle
+    (a one-class source is scored against the other sources' Normal films there)."""
+    from cxr.train.metrics import roc_auc
+
+    y = np.array([s.label for s in samples])
+    src = np.array([s.source for s in samples])
+    out: dict[str, float] = {}
+    for name in sorted(set(src)):
+        m = src == name
+        if len(set(y[m])) == 2:
+            out[name] = roc_auc(y[m], p[m])
+    other = src != data_mod.KAGGLE
+    if other.any() and len(set(y[other])) == 2 and len(set(src[other])) > 1:
+        out["pooled_other"] = roc_auc(y[other], p[other])
+    return out
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Train a model and write the run directory.
 
@@ -224,32 +260,40 @@ def train(cfg: TrainConfig) -> TrainResult:
     out.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(cfg.seed)
 
-    train_root = data_mod.split_dir(cfg.data_dir, "train")
-    samples = data_mod.list_samples(train_root)
-    if cfg.limit_per_class:
-        samples = _limit(samples, cfg.limit_per_class, cfg.seed)
-    split = data_mod.make_split(samples, root=train_root, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    sources = [data_mod.Source(data_mod.KAGGLE, data_mod.split_dir(cfg.data_dir, "train")), *cfg.sources]
+    per_source = []
+    for src in sources:
+        samples = data_mod.source_samples(src)
+        if cfg.limit_per_class:
+            samples = _limit(samples, cfg.limit_per_class, cfg.seed)
+        per_source.append((src, samples))
+    split = data_mod.make_source_split(
+        per_source, val_fraction=cfg.val_fraction, seed=cfg.seed,
+        val_fractions={src.name: cfg.source_val_fraction for src in cfg.sources},
+    )
     split.save(out / "split.json")
-    by_rel = {str(s.path.relative_to(train_root)): s for s in samples}
-    tr = [by_rel[r] for r in split.train]
-    va = [by_rel[r] for r in split.val]
+    tr, va = split.samples("train"), split.samples("val")
     if not va or len({s.label for s in va}) < 2:
         raise DataError("validation split needs both classes; use more data or a larger val_fraction")
-    logger.info(
-        "split: train %d images (%d patients), val %d images (%d patients)",
-        len(tr), len({s.patient for s in tr}), len(va), len({s.patient for s in va}),
-    )
+    for src, _ in per_source:
+        t = [s for s in tr if s.source == src.name]
+        v = [s for s in va if s.source == src.name]
+        logger.info("%s: train %d images (%d patients), val %d images (%d patients)", src.name,
+                    len(t), len({s.patient for s in t}), len(v), len({s.patient for s in v}))
+    data_mod.write_provenance(out / "provenance.csv", data_mod.provenance_rows("train", tr)
+                              + data_mod.provenance_rows("validation", va), replace_roles=("train", "validation"))
     from cxr.paths import relative
 
     config_payload = {k: (relative(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    config_payload["sources"] = {src.name: relative(src.root) for src in cfg.sources}
     (out / "train_config.json").write_text(json.dumps(config_payload, indent=1, default=str) + "\n")
 
     cache = cfg.cache_dir
     x_tr = data_mod.load_images([s.path for s in tr], cache_dir=cache, progress=True)
     x_va = data_mod.load_images([s.path for s in va], cache_dir=cache, progress=True)
     y_tr, y_va = _labels(tr), _labels(va)
-    weights = data_mod.class_weights(y_tr)
-    logger.info("class weights (balanced): %s", weights)
+    masses = data_mod.cell_masses(tr)
+    logger.info("sampling mass per (source, class): %s", masses)
 
     monitor: tuple[np.ndarray, np.ndarray] | None = None
     if cfg.monitor_dir is not None:
@@ -264,12 +308,18 @@ def train(cfg: TrainConfig) -> TrainResult:
             x = augment_batch(x, aug_cfg)
         return x, y
 
-    sw = np.where(y_tr == 1, weights[1], weights[0]).astype(np.float32)
+    # One endless, shuffled stream per (source, class) cell, drawn by its mass: every class half of each batch
+    # on average, and no source's own class balance to learn. An epoch is as many draws as training images.
+    cells = sorted(masses)
+    streams = []
+    for c in cells:
+        idx = np.array([i for i, s in enumerate(tr) if (s.source, s.label) == c])
+        streams.append(tf.data.Dataset.from_tensor_slices((x_tr[idx], y_tr[idx][:, None]))
+                       .shuffle(len(idx), seed=cfg.seed, reshuffle_each_iteration=True).repeat())
     ds = (
-        tf.data.Dataset.from_tensor_slices((x_tr, y_tr[:, None], sw))
-        .shuffle(len(x_tr), seed=cfg.seed, reshuffle_each_iteration=True)
+        tf.data.Dataset.sample_from_datasets(streams, weights=[masses[c] for c in cells], seed=cfg.seed)
         .batch(cfg.batch_size)
-        .map(lambda x, y, w: (*_augment(x, y), w), num_parallel_calls=tf.data.AUTOTUNE)
+        .map(_augment, num_parallel_calls=tf.data.AUTOTUNE)
         .prefetch(tf.data.AUTOTUNE)
     )
     val_ds = tf.data.Dataset.from_tensor_slices((x_va.astype(np.float32), y_va[:, None])).batch(64)
@@ -302,7 +352,16 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     class MonitorCallback(keras.callbacks.Callback):
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            if monitor is None or logs is None:
+            if logs is None:
+                return
+            if len(per_source) > 1:  # per-source validation AUC (the pooled val_auc mixes the sources' shifts)
+                p_va = self.model.predict(x_va.astype(np.float32), batch_size=64, verbose=0).ravel()
+                aucs = source_aucs(va, np.clip(p_va, 0, 1))
+                for name, auc in aucs.items():
+                    logs[f"val_auc_{name}"] = auc
+                logs["val_auc_sources"] = float(np.mean(list(aucs.values())))
+                logger.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in logs.items() if k.startswith("val_auc_")})
+            if monitor is None:
                 return
             p = self.model.predict(monitor[0].astype(np.float32), batch_size=64, verbose=0).ravel()
             logs["monitor_auc"] = roc_auc(monitor[1], np.clip(p, 0, 1))
@@ -343,7 +402,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 epoch + 1, self.clock.steps_done, time.time() - self.clock.t0, self.clock.budget_s, spent,
             )
 
-    select_key = "val_auc" if cfg.select_on == "val" else "monitor_auc"
+    select_key = {"val": "val_auc", "monitor": "monitor_auc", "sources": "val_auc_sources"}[cfg.select_on]
     model_path = out / "model.keras"
     callbacks = [
         MonitorCallback(),
@@ -356,6 +415,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         callbacks.append(budget)
     history = model.fit(
         ds,
+        steps_per_epoch=steps,
         validation_data=val_ds,
         epochs=cfg.epochs,
         callbacks=callbacks,
@@ -370,7 +430,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     (out / "history.json").write_text(
         json.dumps(
             {"history": hist, "select_on": select_key, "best_epoch": best_epoch, "best_score": scores[best_epoch - 1],
-             "seconds": seconds, "class_weights": weights, "n_train": len(tr), "n_val": len(va),
+             "seconds": seconds, "sampling_mass": {f"{k[0]}/{contract.CLASS_DIRS[k[1]]}": v for k, v in masses.items()},
+             "sources": {src.name: relative(src.root) for src, _ in per_source}, "n_train": len(tr), "n_val": len(va),
              "input_shape": list(contract.IMAGE_SHAPE), "cpu_count": os.cpu_count(),
              "time_budget_s": cfg.time_budget_s, "stopped_by": stopped_by, "steps": steps_done,
              "steps_per_epoch": steps, "epochs_done": round(steps_done / steps, 3)},
