@@ -156,14 +156,33 @@ def _pool(a: np.ndarray) -> np.ndarray:
     return a.mean(axis=(2, 3)) if a.ndim == 4 else a.reshape(len(a), -1)
 
 
-def fit(train_features: np.ndarray, val_features: np.ndarray, taps: tuple[str, ...]) -> OodFit:
-    """Mean and shrunk covariance from training features; shrinkage by validation likelihood."""
+def fit(train_features: np.ndarray, val_features: np.ndarray, taps: tuple[str, ...],
+        weights: np.ndarray | None = None) -> OodFit:
+    """Mean and shrunk covariance from training features; shrinkage by validation likelihood.
+
+    ``weights`` (one per training image, e.g. equal mass per source) weight the mean and covariance, so that a
+    small source's films are not outvoted by a large one's."""
     x = np.asarray(train_features, np.float64)
     v = np.asarray(val_features, np.float64)
     if len(x) < 10 or len(v) < 5:
         raise CxrError(f"too few images to fit the OOD head ({len(x)} train, {len(v)} validation)")
-    mean = x.mean(axis=0)
-    cov = np.cov(x - mean, rowvar=False, bias=True)
+    mean, cov = moments(x, weights)
+    return shrink(mean, cov, v, taps, n_train=len(x))
+
+
+def moments(x: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted mean and (biased) covariance of features ``(N, p)``."""
+    x = np.asarray(x, np.float64)
+    w = np.full(len(x), 1.0 / len(x)) if weights is None else np.asarray(weights, np.float64) / np.sum(weights)
+    if w.shape != (len(x),) or not (w >= 0).all():
+        raise CxrError("OOD fit weights must be one non-negative number per training image")
+    mean = w @ x
+    return mean, (x - mean).T @ ((x - mean) * w[:, None])
+
+
+def shrink(mean: np.ndarray, cov: np.ndarray, val_features: np.ndarray, taps: tuple[str, ...], *, n_train: int) -> OodFit:
+    """The fit from a mean and covariance, with the shrinkage that maximises the validation likelihood."""
+    v = np.asarray(val_features, np.float64)
     p = cov.shape[0]
     scale = float(np.trace(cov)) / p
     best: tuple[float, float] | None = None
@@ -181,7 +200,7 @@ def fit(train_features: np.ndarray, val_features: np.ndarray, taps: tuple[str, .
     a = best[1]
     precision = np.linalg.inv((1 - a) * cov + a * scale * np.eye(p))
     chol = np.linalg.cholesky((precision + precision.T) / 2)
-    return OodFit(taps=taps, mean=mean, chol=chol, shrinkage=a, n_train=len(x))
+    return OodFit(taps=taps, mean=mean, chol=chol, shrinkage=a, n_train=n_train)
 
 
 def choose_threshold(scores: dict[str, np.ndarray], *, pass_rate: float = PASS_RATE) -> float:
@@ -265,10 +284,20 @@ class OodReport:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class OodFeatures:
+    """What a fit saw, kept for later refits at a site (``cxr adapt``): the tapped features of the training
+    images and of each set of real chest X-rays, and the fit itself."""
+
+    train: np.ndarray = field(repr=False)
+    real: dict[str, np.ndarray] = field(repr=False)
+    fit: OodFit = field(repr=False)
+
+
 def build(
     onnx_path: Path, train_images: np.ndarray, real_sets: dict[str, np.ndarray], *, out_path: Path | None = None,
-    layers: tuple[str, ...] | None = None,
-) -> OodReport:
+    layers: tuple[str, ...] | None = None, weights: np.ndarray | None = None,
+) -> tuple[OodReport, OodFeatures]:
     """Fit the OOD head for the ONNX at ``onnx_path`` and write the model with it (in place by default).
 
     Args:
@@ -279,6 +308,7 @@ def build(
             :data:`PASS_RATE` of each set.
         out_path: Where to write (default: ``onnx_path``).
         layers: Keras layer names to tap (default: by architecture, :data:`TAPS`).
+        weights: Per training image weights of the mean and covariance (default equal).
 
     Raises:
         ExportValidationError: The graph's ``ood_score`` disagrees with the float64 reference.
@@ -289,7 +319,7 @@ def build(
     f_train = extractor(train_images)
     feats = {k: extractor(v) for k, v in real_sets.items()}
     first = next(iter(feats))
-    ood = fit(f_train, feats[first], taps)
+    ood = fit(f_train, feats[first], taps, weights)
     ref = {k: ood.score(f) for k, f in feats.items()}
     threshold = choose_threshold(ref)
     model = attach(base, ood)
@@ -329,6 +359,7 @@ def build(
     flagged = {k: float(np.mean(v > threshold)) for k, v in ref.items()}
     logger.info("OOD head: %d features, shrinkage %.3g, threshold %.3f, flagged %s", len(ood.mean), ood.shrinkage,
                 threshold, flagged)
-    return OodReport(taps=taps, features=len(ood.mean), shrinkage=ood.shrinkage, n_train=ood.n_train,
-                     threshold=threshold, pass_rate_target=PASS_RATE, flagged=flagged,
-                     n={k: len(v) for k, v in real_sets.items()}, parity_max_rel_diff=worst)
+    report = OodReport(taps=taps, features=len(ood.mean), shrinkage=ood.shrinkage, n_train=ood.n_train,
+                       threshold=threshold, pass_rate_target=PASS_RATE, flagged=flagged,
+                       n={k: len(v) for k, v in real_sets.items()}, parity_max_rel_diff=worst)
+    return report, OodFeatures(f_train, feats, ood)

@@ -29,6 +29,7 @@ import numpy as np
 from cxr import contract, eligibility
 from cxr.errors import CxrError
 from cxr.export import triton_config
+from cxr.paths import relative
 from cxr.serving.integrity import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -91,43 +92,103 @@ def _check_sha(model_dir: Path, card: dict) -> Path:
 
 
 def refit_ood(
-    model_dir: Path, *, data_dir: Path, split_file: Path, site_dir: Path | None, cache_dir: Path | None = None,
+    model_dir: Path, *, data_dir: Path | None, split_file: Path, site_dir: Path | None, cache_dir: Path | None = None,
     command: str = "",
 ) -> dict:
-    """Fit the OOD head of one model on its training split and write model, card and configs.
+    """Fit the OOD head of one model on its training split and write model, card, configs and the site files.
+
+    The mean and covariance weight every source equally (a small adult source is not outvoted by Kaggle's 4,430
+    films); the threshold keeps :data:`cxr.export.ood_head.PASS_RATE` of the pooled validation side, of each
+    source's validation side, and of the site sample. Also written: ``provenance.csv`` (every file that trained,
+    validated or set a threshold, with its sha256), ``reference.json`` (the numbers drift monitoring and the site
+    audit compare with) and ``adapt_kit.npz`` (what ``cxr adapt`` needs at a hospital).
 
     Args:
         model_dir: ``<repository>/<model>``.
-        data_dir: Kaggle-layout root the model was trained on.
+        data_dir: Kaggle-layout root (needed only for splits written before sources were recorded).
         split_file: The training run's ``split.json`` (train side fits, validation side picks shrinkage).
         site_dir: Labelled site sample (its images count towards the threshold's pass rate).
     """
-    from cxr.export import ood_head
+    from cxr.export import adapt_kit, ood_head
     from cxr.train import data as data_mod
     from cxr.train.evaluate import load_labelled
 
     model_dir = Path(model_dir)
     card = read_card(model_dir)
     path = _check_sha(model_dir, card)
-    root = data_mod.split_dir(data_dir, "train")
     split = data_mod.Split.load(split_file)
-    x_train = data_mod.load_images([root / r for r in split.train], cache_dir=cache_dir, progress=True)
-    real = {"train_validation": data_mod.load_images([root / r for r in split.val], cache_dir=cache_dir)}
+    tr, va = split.samples("train", data_dir), split.samples("val", data_dir)
+    x_train = data_mod.load_images([s.path for s in tr], cache_dir=cache_dir, progress=True)
+    x_val = data_mod.load_images([s.path for s in va], cache_dir=cache_dir)
+    per_source = {name: sum(s.source == name for s in tr) for name in {s.source for s in tr}}
+    weights = np.array([1.0 / (len(per_source) * per_source[s.source]) for s in tr])
+    real = {"train_validation": x_val}
+    if len(per_source) > 1:
+        for name in sorted({s.source for s in va}):
+            real[f"validation_{name}"] = x_val[[i for i, s in enumerate(va) if s.source == name]]
+    site_rows: list[dict] = []
     if site_dir is not None:
-        real["site"] = load_labelled(site_dir, cache_dir=cache_dir)[0]
-    report = ood_head.build(path, x_train, real)
+        real["site"], _, _ = load_labelled(site_dir, cache_dir=cache_dir)
+        site_rows = data_mod.provenance_rows("ood_reference", data_mod.list_samples(site_dir))
+    report, feats = ood_head.build(path, x_train, real, weights=weights)
     card["sha256"], card["bytes"] = sha256_file(path), path.stat().st_size
     card["ood"] = {**report.as_dict(), "method": "Mahalanobis distance of log1p pooled features (ood_head)",
-                   "fitted_on": {"train": str(data_dir), "split": str(split_file), "site": str(site_dir) if site_dir else None}}
+                   "weighting": "every training source has equal mass" if len(per_source) > 1 else "equal per image",
+                   "fitted_on": {"train": relative(data_dir) if data_dir else None, "split": relative(split_file),
+                                 "site": relative(site_dir) if site_dir else None}}
     card["contract"]["outputs"] = [
         {"name": contract.OUTPUT_NAME, "dtype": "float32", "shape": ["batch", 1]},
         {"name": contract.OOD_OUTPUT_NAME, "dtype": "float32", "shape": ["batch", 1]},
     ]
+    prov = model_dir / PROVENANCE_FILE
+    data_mod.write_provenance(prov, data_mod.provenance_rows("train", tr) + data_mod.provenance_rows("validation", va)
+                              + site_rows, replace_roles=("train", "validation", "ood_reference"))
+    card["provenance"] = {"file": PROVENANCE_FILE, "summary": data_mod.provenance_summary(data_mod.read_provenance(prov))}
+    x_ref = np.concatenate([x_val, real["site"]]) if "site" in real else x_val
+    write_reference(model_dir, path, report.threshold, x_ref, what=f"validation side of {relative(split_file)}"
+                    + (f" and {relative(site_dir)}" if site_dir else ""))
+    adapt_kit.save(model_dir, path, tr, x_train, feats, weights, seed=split.seed)
+    card.setdefault("targets", dict(DEFAULT_TARGETS))
     if command:
         card.setdefault("commands", []).append(command)
     save_card(model_dir, card)
     write_configs(model_dir, card)
     return card["ood"]
+
+
+#: Files of a model folder besides the model, its card and configs.
+PROVENANCE_FILE = "provenance.csv"
+REFERENCE_FILE = "reference.json"
+#: Go-live targets a site audit checks unless the card states others (``card["targets"]``).
+DEFAULT_TARGETS = {"sensitivity": 0.90, "specificity": 0.60, "roc_auc": 0.85, "flagged": 0.02}
+
+
+def write_reference(model_dir: Path, model_path: Path, ood_threshold: float | None, images: np.ndarray, *,
+                    what: str) -> dict:
+    """``reference.json``: the served outputs on real chest X-rays like those the model was validated on, as
+    numbers (``probability`` of the films it judges, ``ood_score`` of all), for drift monitoring and the audit."""
+    p, ood = _scores(model_path, images)
+    return save_reference(model_dir, p, ood, ood_threshold, what=what)
+
+
+def save_reference(model_dir: Path, probability: np.ndarray, ood_score: np.ndarray, ood_threshold: float | None, *,
+                   what: str) -> dict:
+    """Write ``reference.json`` from the served outputs of the reference films (numbers, one per film)."""
+    from cxr.durable import write_durably
+
+    ok = ~np.array([contract.is_out_of_distribution(v, ood_threshold) for v in ood_score], bool)
+    ref = {"what": what, "n": int(len(probability)), "ood_threshold": ood_threshold,
+           "flagged_rate": float(1 - ok.mean()) if len(ok) else 0.0,
+           "probability": [round(float(v), 6) for v in np.asarray(probability)[ok]],
+           "ood_score": [round(float(v), 4) for v in ood_score]}
+    write_durably(Path(model_dir) / REFERENCE_FILE, (json.dumps(ref) + "\n").encode())
+    return ref
+
+
+def read_reference(model_dir: Path) -> dict | None:
+    """The model's ``reference.json``, or ``None`` when it has none."""
+    path = Path(model_dir) / REFERENCE_FILE
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def recalibrate(
@@ -151,8 +212,14 @@ def recalibrate(
     keep = np.ones(len(y), bool) if ood_thr is None else ~np.array([contract.is_out_of_distribution(s, ood_thr) for s in ood])
     thr = choose_threshold(y[keep], p[keep], rule=rule, target=target, confidence=confidence)
     point = operating_point(y[keep], p[keep], thr, confidence=confidence)
+    from cxr.train import data as data_mod
+
+    calib_rows = data_mod.provenance_rows("calibration", data_mod.list_samples(site_dir))
     for d in model_dirs:
         c = read_card(d)
+        data_mod.write_provenance(Path(d) / PROVENANCE_FILE, calib_rows, replace_roles=("calibration",))
+        c["provenance"] = {"file": PROVENANCE_FILE,
+                           "summary": data_mod.provenance_summary(data_mod.read_provenance(Path(d) / PROVENANCE_FILE))}
         cal = c["calibration"]
         cal.update(threshold=thr, rule=rule, target=target, confidence=confidence if rule == "sensitivity_lcb" else None,
                    fitted_on=str(site_dir), n_images=int(keep.sum()), metrics=point,

@@ -25,29 +25,33 @@ REPORT_KEYS = (
 
 
 def load_labelled(
-    folder: Path, *, cache_dir: Path | None = None, split_file: Path | None = None
+    folder: Path, *, cache_dir: Path | None = None, split_file: Path | None = None, refused: list[dict] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Images, labels and paths of a ``{NORMAL,PNEUMONIA}`` folder (or a Kaggle root's ``test``/``val``).
 
     With ``split_file`` (a training run's ``split.json``), the validation side of
-    that split under ``folder``'s ``train/`` is loaded instead.
+    that split is loaded instead (``folder`` is the Kaggle root, needed for splits without source roots).
+    With ``refused`` (a list), films the contract refuses or cannot read are left out and appended to it (each
+    with its label), instead of ending the run.
     """
     folder = Path(folder)
     if split_file is not None:
-        root = data_mod.split_dir(folder, "train")
-        split = data_mod.Split.load(split_file)
-        paths = [root / r for r in split.val]
-        y = np.array([contract.CLASS_DIRS.index(Path(r).parts[0]) for r in split.val], dtype=int)
-        return data_mod.load_images(paths, cache_dir=cache_dir), y, [str(p) for p in paths]
-    if not any((folder / c).is_dir() for c in contract.CLASS_DIRS):
-        for split in ("test", "val"):
-            if (folder / split).is_dir():
-                folder = folder / split
-                break
-    samples = data_mod.list_samples(folder)
-    x = data_mod.load_images([s.path for s in samples], cache_dir=cache_dir)
-    y = np.array([s.label for s in samples], dtype=int)
-    return x, y, [str(s.path) for s in samples]
+        samples = data_mod.Split.load(split_file).samples("val", folder)
+    else:
+        if not any((folder / c).is_dir() for c in contract.CLASS_DIRS):
+            for split in ("test", "val"):
+                if (folder / split).is_dir():
+                    folder = folder / split
+                    break
+        samples = data_mod.list_samples(folder)
+    paths = [s.path for s in samples]
+    if refused is None:
+        x, kept = data_mod.load_images(paths, cache_dir=cache_dir), list(range(len(samples)))
+    else:
+        x, kept, out = data_mod.load_assessable(paths, cache_dir=cache_dir)
+        refused.extend({**r, "label": samples[r["index"]].label} for r in out)
+    y = np.array([samples[i].label for i in kept], dtype=int)
+    return x, y, [str(paths[i]) for i in kept]
 
 
 def evaluate_arrays(y: np.ndarray, p: np.ndarray, threshold: float, *, n_boot: int = 1000, seed: int = 0) -> dict:
@@ -69,20 +73,29 @@ def _fmt(v: float) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
-def markdown_report(report: dict, *, title: str) -> str:
-    """Render an evaluation report as Markdown."""
+def summary_lines(report: dict, *, title: str) -> list[str]:
+    """The head of a report: model, data, threshold, refusals and the metric table (for the terminal and the
+    Markdown report alike)."""
+    refused = report.get("refused") or []
     lines = [
         f"# {title}",
         "",
         f"- model: `{report['model']}`",
         f"- data: `{report['data']}` ({report['n']} images: {report['n_normal']} Normal, {report['n_pneumonia']} Pneumonia)",
         f"- threshold: {report['threshold']:.4f} ({report.get('threshold_source', '')})",
+        f"- refused (not assessable or unreadable), counted as referrals: {len(refused)}",
         "",
         "| metric | value | 95% CI |",
         "|---|---|---|",
     ]
     for k, m in report["metrics"].items():
         lines.append(f"| {k} | {_fmt(m['value'])} | {_fmt(m['ci95'][0])} - {_fmt(m['ci95'][1])} |")
+    return lines
+
+
+def markdown_report(report: dict, *, title: str) -> str:
+    """Render an evaluation report as Markdown."""
+    lines = summary_lines(report, title=title)
     c = report["confusion"]
     lines += [
         "",
@@ -96,6 +109,11 @@ def markdown_report(report: dict, *, title: str) -> str:
         f"Intervals: {report['bootstrap']['n_boot']} bootstrap resamples ({report['bootstrap']['method']}).",
         "",
     ]
+    refused = report.get("refused") or []
+    if refused:
+        lines += [f"Refused films ({len(refused)}), counted as referrals (positive at every threshold):", ""]
+        lines += [f"- `{r['path']}` ({r['label']}): {r['reason']}" for r in refused]
+        lines.append("")
     lines += [f"![{name}]({fname})" for name, fname in report.get("plots", {}).items()]
     return "\n".join(lines) + "\n"
 
@@ -108,10 +126,16 @@ def evaluate(
     from cxr.train import plots
 
     scorer = scorer or load_scorer(model_path, threshold=threshold)
-    x, y, _ = load_labelled(data_dir, cache_dir=cache_dir, split_file=split_file)
-    p = scorer(x)
+    refused: list[dict] = []
+    x, y, _ = load_labelled(data_dir, cache_dir=cache_dir, split_file=split_file, refused=refused)
+    p = scorer(x) if len(x) else np.zeros(0)
     thr = float(threshold if threshold is not None else scorer.threshold)
+    # a refused film goes to a reader: it counts as a referral (positive at any threshold)
+    y = np.concatenate([y, np.array([r["label"] for r in refused], int)])
+    p = np.concatenate([p, np.ones(len(refused))])
     report = evaluate_arrays(y, p, thr, n_boot=n_boot)
+    report["refused"] = [{k: r[k] for k in ("path", "status", "rule", "reason")} | {"label": contract.LABELS[r["label"]]}
+                         for r in refused]
     report.update(
         model=str(model_path), data=f"{data_dir} (validation side of {split_file})" if split_file else str(data_dir),
         threshold_source="--threshold" if threshold is not None else "stored calibration (or 0.5 when none)",
@@ -120,8 +144,8 @@ def evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     report["plots"] = plots.evaluation_plots(y, p, thr, out_dir, title="train-validation" if split_file else Path(data_dir).name)
     (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    title = "train-validation split" if split_file else Path(data_dir).name
-    (out_dir / "report.md").write_text(markdown_report(report, title=f"Evaluation on {title}"))
+    report["title"] = "Evaluation on " + ("train-validation split" if split_file else Path(data_dir).name)
+    (out_dir / "report.md").write_text(markdown_report(report, title=report["title"]))
     return report
 
 
