@@ -63,6 +63,10 @@ class PredictOptions:
         tls: TLS settings for the server (:class:`cxr.security.TlsClient`).
         config_key: Key for a server that restricts model-config.
         ray: Run on a Ray cluster at this address (``auto``: the local cluster); see :mod:`cxr.client.ray_batch`.
+        metrics_port: Serve Prometheus metrics of the answers on this loopback port while the run lasts
+            (:mod:`cxr.client.metrics`; 0 picks a free port).
+        metrics_file: Write the metrics in the Prometheus text format to this file after every chunk
+            (for node_exporter's textfile collector).
     """
 
     inputs: tuple[Path, ...]
@@ -78,8 +82,12 @@ class PredictOptions:
     tls: TlsClient | None = None
     config_key: str | None = field(default=None, repr=False)
     ray: str | None = None
+    metrics_port: int | None = None
+    metrics_file: Path | None = None
 
     def __post_init__(self) -> None:
+        if self.ray and (self.metrics_port is not None or self.metrics_file is not None):
+            raise ValueError("metrics are counted by the local client; they are not available with --ray")
         if self.retries < 1:
             raise ValueError("retries must be >= 1")
         if not self.inputs:
@@ -250,13 +258,30 @@ def _screen(opts: PredictOptions, todo: list[tuple[Path, str]], rules, journal: 
     with PneumoniaClient(opts.url, protocol=opts.protocol, model=opts.model, timeout_s=opts.timeout_s,
                          eligibility=rules, retry=RetryPolicy(attempts=opts.retries), tls=opts.tls,
                          config_key=opts.config_key) as client:
+        metrics = None
+        if opts.metrics_port is not None or opts.metrics_file is not None:
+            from cxr.client.metrics import ScreeningMetrics, device_of
+
+            metrics = ScreeningMetrics(client.info.ood_threshold)
+            if opts.metrics_port is not None:
+                print(f"metrics on http://127.0.0.1:{metrics.serve(opts.metrics_port)}/metrics", file=sys.stderr)
         bar = tqdm(total=len(todo), unit="img", desc="predict", disable=len(todo) < 2 or not sys.stderr.isatty())
-        for start in range(0, len(todo), opts.chunk):
-            part = todo[start : start + opts.chunk]
-            preds = client.predict([str(p) for p, _ in part])
-            _record([_row(pr, sha) for pr, (_, sha) in zip(preds, part)], journal, rows)
-            bar.update(len(part))
-        bar.close()
+        try:
+            for start in range(0, len(todo), opts.chunk):
+                part = todo[start : start + opts.chunk]
+                preds = client.predict([str(p) for p, _ in part])
+                _record([_row(pr, sha) for pr, (_, sha) in zip(preds, part)], journal, rows)
+                if metrics is not None:
+                    for pr, (path, _) in zip(preds, part):
+                        manufacturer, station = device_of(path)
+                        metrics.observe(pr, manufacturer=manufacturer, station=station)
+                    if opts.metrics_file is not None:
+                        metrics.write(opts.metrics_file)
+                bar.update(len(part))
+        finally:
+            bar.close()
+            if metrics is not None:
+                metrics.close()
 
 
 def _record(chunk_rows: list[dict], journal: Journal | None, rows: list[dict]) -> None:

@@ -42,6 +42,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "accuracy.png and loss.png into --out.",
     )
     p.add_argument("--data", type=Path, required=True, help="Kaggle-layout root (holds train/)")
+    p.add_argument("--source", action="append", default=[], metavar="NAME=PATH",
+                   help="a further labelled source {NORMAL,PNEUMONIA}/ (optional MANIFEST.csv with patients), split by "
+                   "patient and sampled so that source and class stay apart (repeatable)")
+    p.add_argument("--source-val-fraction", type=float, default=0.3,
+                   help="share of each further source's patients held out for validation (default 0.3)")
+    p.add_argument("--acquisition", action="store_true",
+                   help="acquisition augmentation: borders, crops and burned-in markers, wider exposure and gamma")
     p.add_argument("--out", type=Path, required=True, help="run directory to create")
     p.add_argument("--arch", default="compact", choices=["compact", "inception_v3"], help="architecture (default: compact)")
     p.add_argument("--weights", type=Path, help="local InceptionV3 base weights (frozen when given); nothing is downloaded")
@@ -55,7 +62,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-flip", action="store_true", help="no horizontal flip (flipping mirrors the heart)")
     p.add_argument("--no-photometric", action="store_true", help="only the report's geometric augmentation")
     p.add_argument("--monitor", type=Path, help="external labelled folder scored each epoch (e.g. the site sample)")
-    p.add_argument("--select-on", choices=["val", "monitor"], default="val", help="checkpoint/early-stop metric")
+    p.add_argument("--select-on", choices=["val", "monitor", "sources"], default="val",
+                   help="checkpoint/early-stop metric: pooled validation AUC, --monitor AUC, or the mean of the "
+                   "per-source validation AUCs (with --source)")
     p.add_argument("--limit-per-class", type=int, help="use at most N train images per class (smoke runs)")
     p.add_argument("--width", type=int, default=16, help="compact CNN width multiplier")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="decoded-image cache")
@@ -69,15 +78,18 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_train(a: argparse.Namespace) -> int:
     from cxr.train.augment import AugmentConfig
+    from cxr.train.data import Source
     from cxr.train.trainer import TrainConfig, train
 
-    augment = None if a.no_augment else AugmentConfig(flip=not a.no_flip, photometric=not a.no_photometric)
+    augment = None if a.no_augment else AugmentConfig(flip=not a.no_flip, photometric=not a.no_photometric,
+                                                      acquisition=a.acquisition)
     cfg = TrainConfig(
         data_dir=a.data, out_dir=a.out, arch=a.arch, epochs=a.epochs, batch_size=a.batch_size,
         learning_rate=a.lr, seed=a.seed, val_fraction=a.val_fraction, patience=a.patience,
         augment=augment, weights=a.weights, monitor_dir=a.monitor, select_on=a.select_on,
         limit_per_class=a.limit_per_class, cache_dir=a.cache_dir, width=a.width,
         time_budget_s=None if a.time_budget is None else a.time_budget * 60,
+        sources=tuple(Source.parse(t) for t in a.source), source_val_fraction=a.source_val_fraction,
     )
     result = train(cfg)
     print(f"model: {result.model_path}  best epoch {result.best_epoch} (score {result.best_score:.4f})  {result.seconds:.0f} s")
@@ -102,12 +114,14 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
-    from cxr.train.evaluate import evaluate
+    from cxr.train.evaluate import evaluate, summary_lines
 
     out = a.out or a.model.parent / ("eval_trainval" if a.split else f"eval_{a.data.resolve().name}")
     rep = evaluate(a.model, a.data, out, threshold=a.threshold, n_boot=a.n_boot, cache_dir=DEFAULT_CACHE,
                    split_file=a.split)
-    print((out / "report.md").read_text().split("Confusion")[0])
+    print("\n".join(summary_lines(rep, title=rep["title"])))
+    for r in rep["refused"]:
+        print(f"refused ({r['label']}): {r['reason']}")
     print(f"reports and plots in {out}")
     return 0 if rep["n"] else 1
 
@@ -471,6 +485,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ray", metavar="ADDRESS",
                    help="run on a Ray cluster (host:port, or auto): preprocessing as CPU tasks, inference in an actor "
                    "pool (the --url fleet, or embedded onnxruntime); needs the ray extra and shared input paths")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics of the answers on 127.0.0.1:PORT while the run lasts")
+    p.add_argument("--metrics-file", type=Path, help="write the metrics (Prometheus text format) here after every chunk")
     p.set_defaults(func=_cmd_predict)
 
 
@@ -479,7 +496,8 @@ def _cmd_predict(a: argparse.Namespace) -> int:
 
     return run_predict(PredictOptions(inputs=tuple(a.inputs), url=a.url, protocol=a.protocol, model=a.model,
                                       timeout_s=a.timeout_s, format=a.format, out=a.out, chunk=a.chunk,
-                                      eligibility=a.eligibility, retries=a.retries, ray=a.ray, **_client_security(a)))
+                                      eligibility=a.eligibility, retries=a.retries, ray=a.ray,
+                                      metrics_port=a.metrics_port, metrics_file=a.metrics_file, **_client_security(a)))
 
 
 def _add_health(sub: argparse._SubParsersAction) -> None:
@@ -693,6 +711,9 @@ def _add_listen(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--send-tls-ca", type=Path, help="CA of the PACS's certificate: results are sent over TLS")
     g.add_argument("--send-tls-cert", type=Path, help="this listener's client certificate for the PACS (mutual)")
     g.add_argument("--send-tls-key", type=Path, help="its private key")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics of the answers (by status, rule, Manufacturer/StationName; "
+                   "ood_score and probability histograms) on 127.0.0.1:PORT")
     p.set_defaults(func=_cmd_listen)
 
 
@@ -710,19 +731,182 @@ def _cmd_listen(a: argparse.Namespace) -> int:
                            send_to=Destination.parse(a.send_to) if a.send_to else None, allow=tuple(a.allow),
                            out=a.out, url=a.url, protocol=a.protocol, model=a.model, heatmap=a.heatmap,
                            repository=a.model_repository, dicom_tls=dicom_tls, send_tls=send_tls,
-                           **_client_security(a))
+                           metrics_port=a.metrics_port, **_client_security(a))
     except ValueError as exc:
         raise CxrError(str(exc)) from None
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with Listener(cfg):
+    with Listener(cfg) as listener:
         print(f"listening: {cfg.ae_title}@{cfg.host}:{cfg.port}" + (f", results to {a.send_to}" if a.send_to else
               ", results kept in the outbox (no --send-to)") + f"; spool {cfg.spool}; Ctrl-C to stop", flush=True)
+        if listener.metrics_port is not None:
+            print(f"metrics on http://127.0.0.1:{listener.metrics_port}/metrics", flush=True)
         try:
             stop.wait()
         except KeyboardInterrupt:
             pass
     return 0
+
+
+def _add_site_audit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "site-audit",
+        help="go/no-go of the served model on a hospital's own labelled sample, against the model card's targets",
+        description=textwrap.fill(
+            "Screen every film of SAMPLE/{NORMAL,PNEUMONIA}/ with the served model as in service and score it "
+            "against the targets stated in the model card (sensitivity and specificity at the served threshold, ROC "
+            "AUC, flagged share). Films the model refuses or cannot read count as referrals (positive) and are "
+            "listed. Writes audit.md, audit.json and PNGs (counts and flagged, ROC, calibration, ood_score against the "
+            "card's reference). Exit 0: the targets hold; 3: they do not; 2: bad input.", 79),
+    )
+    p.add_argument("sample", type=Path, help="labelled folder {NORMAL,PNEUMONIA}/")
+    _add_client_args(p)
+    p.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY,
+                   help="the served model's folder is read from here for its card and reference (its sha256 must match)")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "site-audit", help="report folder")
+    p.set_defaults(func=_cmd_site_audit)
+
+
+def _screen_labelled(a: argparse.Namespace, sample: Path):  # type: ignore[no-untyped-def]
+    """Screen a labelled folder with the served model; (films as numbers, the client's model info)."""
+    from tqdm import tqdm
+
+    from cxr.client import PneumoniaClient
+    from cxr.train.audit import Screened
+    from cxr.train.data import list_samples
+
+    samples = list_samples(sample)
+    films = []
+    with PneumoniaClient(a.url, protocol=a.protocol, model=a.model, timeout_s=a.timeout_s, **_client_security(a)) as c:
+        info = c.info
+        bar = tqdm(total=len(samples), unit="film", desc="screen", disable=not sys.stderr.isatty())
+        for i in range(0, len(samples), 64):
+            part = samples[i : i + 64]
+            for s, pred in zip(part, c.predict([str(x.path) for x in part])):
+                films.append(Screened(str(s.path), s.label, pred.status, pred.probability, pred.ood_score, pred.rule))
+            bar.update(len(part))
+        bar.close()
+    return films, info
+
+
+def _served_card(repository: Path, model: str, served_sha256: str | None) -> tuple[Path, dict]:
+    from cxr.export.repository import read_card
+
+    model_dir = repository / model
+    card = read_card(model_dir)
+    if served_sha256 and card.get("sha256") != served_sha256:
+        raise CxrError(f"the served model ({served_sha256[:12]}) is not the one in {model_dir} "
+                       f"({str(card.get('sha256'))[:12]}); give --model-repository of the served model")
+    return model_dir, card
+
+
+def _cmd_site_audit(a: argparse.Namespace) -> int:
+    from cxr.export.repository import read_reference
+    from cxr.paths import relative
+    from cxr.train import audit
+
+    films, info = _screen_labelled(a, a.sample)
+    model_dir, card = _served_card(a.model_repository, a.model, info.sha256)
+    result = audit.audit(films, threshold=info.threshold, targets=audit.Targets.from_card(card),
+                         reference=read_reference(model_dir))
+    audit.write(result, films, a.out, model=f"{info.name} v{info.version} ({(info.sha256 or '')[:12]})",
+                sample=relative(a.sample))
+    print(audit.summary(result))
+    for r in result["refused"]:
+        print(f"refused ({r['label']}): {r['path']}: {r['status']}" + (f" ({r['rule']})" if r["rule"] else ""))
+    print(f"report: {a.out / 'audit.md'}")
+    return audit.GO if result["go"] else audit.NO_GO
+
+
+def _add_adapt(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "adapt",
+        help="adapt the served model to a hospital from its labelled sample (offline, minutes on a CPU)",
+        description=textwrap.fill(
+            "Split SAMPLE by patient into an adapt and an audit part (films the model trained on never enter the "
+            "audit), fine-tune the classifier head on the adapt part while distilling the shipped model's answers on "
+            "its replay set (no forgetting), refit the out-of-distribution reference to include the site, "
+            "recalibrate the threshold with the bound rule on the audit part at a target its size supports, and "
+            "audit the result against the card's targets. A passing model is published as a complete model folder "
+            "(ONNX with both outputs, configs, card, eligibility, provenance) in --out-repository; a failing one "
+            "exits 3 and publishes nothing. Exit 2 on bad input.", 79),
+        epilog="then serve it beside the old one:\n  cxr serve --model-repository DIR\n"
+        "  cxr predict FILES --protocol embedded --url DIR --model NAME",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("sample", type=Path, help="labelled folder {NORMAL,PNEUMONIA}/ (optional MANIFEST.csv with patients)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the model folder to adapt")
+    p.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY, help="repository holding --model")
+    p.add_argument("--out-repository", type=Path, required=True, help="repository to publish the adapted model into")
+    p.add_argument("--name", help="adapted model's folder name (default: MODEL_site)")
+    p.add_argument("--report", type=Path, help="report folder (default: out/adapt/NAME)")
+    p.add_argument("--audit-fraction", type=float, default=0.5, help="share of the films kept for the audit")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split")
+    p.set_defaults(func=_cmd_adapt)
+
+
+def _cmd_adapt(a: argparse.Namespace) -> int:
+    from cxr.train.adapt import AdaptConfig, adapt
+    from cxr.train.audit import summary
+
+    name = a.name or f"{a.model}_site"
+    try:
+        cfg = AdaptConfig(sample=a.sample, model_dir=a.model_repository / a.model, out_repository=a.out_repository,
+                          name=name, report_dir=a.report or REPO_ROOT / "out" / "adapt" / name,
+                          audit_fraction=a.audit_fraction, seed=a.seed)
+    except ValueError as exc:
+        raise CxrError(str(exc)) from None
+    rc, info = adapt(cfg)
+    print(f"split: {info['split']['adapt']} films adapt ({info['split']['adapt_films_the_model_trained_on']} of them "
+          f"trained the model), {info['split']['audit']} audit; OOD threshold {info['ood']['threshold']:.3f}; "
+          f"threshold {info['calibration']['threshold']:.4f} ({info['calibration']['why_target']})")
+    print(summary({**info["audit"], "go": info["audit"]["go"]}))
+    print(f"{'published ' + str(a.out_repository / name) if rc == 0 else 'NOT published'} in {info['seconds']:.0f} s; "
+          f"report in {cfg.report_dir}")
+    return rc
+
+
+def _add_monitor(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "monitor",
+        help="drift check: a batch's answers against the model card's reference",
+        description=textwrap.fill(
+            "Compare a predictions CSV (cxr predict --format csv, cxr listen --out) with the model folder's "
+            "reference: flagged rate, positive rate, and the distributions of P(pneumonia) and ood_score. Exit 3 "
+            "with a report naming what moved, 0 when nothing did (or the batch is too small to judge, said so), "
+            "2 on bad input.", 79),
+    )
+    p.add_argument("predictions", type=Path, help="predictions CSV")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model folder whose reference applies")
+    p.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY, help="repository holding --model")
+    p.add_argument("--alpha", type=float, default=0.001, help="significance level of each check (default 0.001)")
+    p.add_argument("--out", type=Path, help="also write the report (.md and .json beside it)")
+    p.set_defaults(func=_cmd_monitor)
+
+
+def _cmd_monitor(a: argparse.Namespace) -> int:
+    import json
+
+    from cxr.client import monitor
+    from cxr.durable import write_durably
+    from cxr.export.repository import read_card, read_reference
+
+    if not 0 < a.alpha < 1:
+        raise CxrError(f"--alpha must be in (0, 1), got {a.alpha}")
+    model_dir = a.model_repository / a.model
+    card = read_card(model_dir)
+    reference = read_reference(model_dir)
+    if reference is None:
+        raise CxrError(f"{model_dir}: no reference.json (refit its OOD head with `cxr ood-fit` to write one)")
+    rows = monitor.read_predictions(a.predictions)
+    checks = monitor.compare(rows, reference, float(card["calibration"]["threshold"]), alpha=a.alpha)
+    result = monitor.report(checks, batch=str(a.predictions), model=a.model, n_rows=len(rows))
+    text = monitor.markdown(result)
+    print(text)
+    if a.out:
+        write_durably(a.out.with_suffix(".md"), text.encode())
+        write_durably(a.out.with_suffix(".json"), (json.dumps(result, indent=1) + "\n").encode())
+    return 3 if result["moved"] else 0
 
 
 def _add_proxy(sub: argparse._SubParsersAction) -> None:
@@ -815,7 +999,7 @@ def _cmd_ui_passwd(a: argparse.Namespace) -> int:
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train, _add_evaluate, _add_compare, _add_calibrate, _add_export, _add_ood_fit, _add_ood_eval, _add_explain_eval, _add_configs, _add_serve,
-    _add_predict, _add_health, _add_bench, _add_capacity, _add_soak, _add_ui, _add_ui_passwd, _add_proxy, _add_listen,
+    _add_predict, _add_site_audit, _add_adapt, _add_monitor, _add_health, _add_bench, _add_capacity, _add_soak, _add_ui, _add_ui_passwd, _add_proxy, _add_listen,
 ]
 
 

@@ -11,7 +11,8 @@ import pytest
 from cxr.cli import build_parser
 
 SUBCOMMANDS = ["train", "evaluate", "compare", "calibrate", "export", "ood-fit", "ood-eval", "explain-eval", "configs", "serve",
-               "predict", "health", "bench", "capacity", "soak", "ui", "ui-passwd", "proxy", "listen"]
+               "predict", "site-audit", "adapt", "monitor", "health", "bench", "capacity", "soak", "ui", "ui-passwd", "proxy",
+               "listen"]
 
 
 def test_top_level_help_lists_subcommands(capsys: pytest.CaptureFixture[str]) -> None:

@@ -118,6 +118,7 @@ class ListenConfig:
     config_key: str | None = field(default=None, repr=False)
     dicom_tls: object | None = None
     send_tls: object | None = None
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.ae_title) <= 16:
@@ -186,6 +187,8 @@ class Listener:
         self._client = None
         self._gradcam = None
         self.stats = {"received": 0, "duplicates": 0, "refused": 0, "screened": 0, "sent": 0, "send_failures": 0}
+        self.metrics = None
+        self.metrics_port: int | None = None
 
     # -- the SCP --------------------------------------------------------------------------------------------
     def _ae(self):  # type: ignore[no-untyped-def]
@@ -247,6 +250,11 @@ class Listener:
                                         served_sha256=self._client.info.sha256)  # type: ignore[attr-defined]
             except ExplanationUnavailable as exc:
                 raise CxrError(f"--heatmap: {exc}") from None
+        if self.cfg.metrics_port is not None:
+            from cxr.client.metrics import ScreeningMetrics
+
+            self.metrics = ScreeningMetrics(self._client.info.ood_threshold)  # type: ignore[attr-defined,assignment]
+            self.metrics_port = self.metrics.serve(self.cfg.metrics_port)  # type: ignore[attr-defined]
         handlers = [(evt.EVT_C_ECHO, self._on_echo), (evt.EVT_C_STORE, self._on_store)]
         ssl_context = None
         if self.cfg.dicom_tls is not None:
@@ -275,6 +283,8 @@ class Listener:
             self._client.close()
         if self.csv is not None:
             self.csv.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
     def __enter__(self) -> Listener:
         return self.start()
@@ -323,6 +333,7 @@ class Listener:
                 logger.warning("instance %s: transient failure, kept for a retry", uid)
                 continue
             results: list[tuple[str, bytes]] = []
+            source = None
             if pred.status is not contract.Status.ERROR:
                 source = pydicom.dcmread(f, stop_before_pixels=True)
                 result = Result(status=pred.status, threshold=pred.threshold, model_name=pred.model_name,
@@ -342,6 +353,9 @@ class Listener:
                 row["path"] = f"dicom:{uid}"
                 row["sop_instance_uid"] = uid
                 self.csv.append([row])
+            if self.metrics is not None:
+                self.metrics.observe(pred, manufacturer=str(getattr(source, "Manufacturer", "") or "")[:64],
+                                     station=str(getattr(source, "StationName", "") or "")[:64])
             self.spool.finish(uid, results)
             self.stats["screened"] += 1
             progressed = True

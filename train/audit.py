@@ -1,0 +1,268 @@
+"""``cxr site-audit``: what a hospital runs before go-live, on its own labelled sample.
+
+Every film of the sample is screened by the served model exactly as in
+service. A film the model refuses (``not_assessable``) or cannot read
+(``error``) is a *referral*: it goes to a human reader, so it counts as
+flagged positive for sensitivity and specificity, and it is listed. The
+report holds:
+
+* per-class counts and the flagged (refused) rate;
+* ROC AUC on the assessable films with a bootstrap 95% interval;
+* sensitivity and specificity at the served operating point (referrals
+  counted as positive) with two-sided 95% Clopper-Pearson intervals;
+* calibration (reliability bins, ECE) on the assessable films;
+* the ``ood_score`` histogram against the model's reference histogram.
+
+The go/no-go compares the point estimates with the model card's stated
+targets (:class:`Targets`); the report also says whether the sample is large
+enough for the lower bounds to show them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cxr import contract
+from cxr.train import metrics
+
+#: Exit codes of ``cxr site-audit`` and ``cxr adapt``: targets hold / targets missed (bad input is 2).
+GO, NO_GO = 0, 3
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Go-live targets stated in the model card (``card["targets"]``).
+
+    Attributes:
+        sensitivity: Minimum sensitivity at the operating point (referrals count as positive).
+        specificity: Minimum specificity there.
+        roc_auc: Minimum ROC AUC on the assessable films.
+        flagged: Maximum share of films refused as not assessable (or unreadable).
+    """
+
+    sensitivity: float = 0.90
+    specificity: float = 0.60
+    roc_auc: float = 0.85
+    flagged: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("sensitivity", "specificity", "roc_auc", "flagged"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
+                raise ValueError(f"target {name} must be in [0, 1], got {v!r}")
+
+    @classmethod
+    def from_card(cls, card: dict) -> Targets:
+        return cls(**{k: float(v) for k, v in (card.get("targets") or {}).items() if k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class Screened:
+    """One film of a labelled sample as the served model answered it (numbers, not text)."""
+
+    path: str
+    label: int
+    status: contract.Status
+    probability: float | None = None
+    ood_score: float | None = None
+    rule: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.label not in (0, 1):
+            raise ValueError(f"label must be 0 or 1, got {self.label}")
+        object.__setattr__(self, "status", contract.Status(self.status))
+        if (self.status is contract.Status.OK) != (self.probability is not None):
+            raise ValueError(f"{self.path}: a probability comes with status ok, and only with it")
+
+
+def clopper_pearson(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Two-sided exact binomial interval of ``k / n``."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    from scipy.stats import beta
+
+    lo = 0.0 if k == 0 else float(beta.ppf(alpha / 2, k, n - k + 1))
+    hi = 1.0 if k == n else float(beta.ppf(1 - alpha / 2, k + 1, n - k))
+    return lo, hi
+
+
+def _rate(k: int, n: int) -> dict:
+    lo, hi = clopper_pearson(k, n)
+    return {"value": k / n if n else float("nan"), "k": k, "n": n, "ci95": [lo, hi]}
+
+
+def audit(films: list[Screened], *, threshold: float, targets: Targets, reference: dict | None = None,
+          n_boot: int = 1000) -> dict:
+    """The audit as numbers (see the module docstring). ``reference``: the model's ``reference.json``."""
+    y = np.array([f.label for f in films], int)
+    ok = np.array([f.status is contract.Status.OK for f in films])
+    p = np.array([f.probability if f.probability is not None else np.nan for f in films], float)
+    referred = ~ok | (ok & contract.is_positive(np.nan_to_num(p, nan=0.0), threshold))
+    counts = {}
+    for label, name in enumerate(contract.LABELS):
+        m = y == label
+        counts[name] = {"films": int(m.sum()), "flagged": int((m & ~ok).sum()),
+                        "flagged_rate": float((m & ~ok).mean() / m.mean()) if m.any() else float("nan")}
+    tp, n_pos = int((referred & (y == 1)).sum()), int((y == 1).sum())
+    tn, n_neg = int((~referred & (y == 0)).sum()), int((y == 0).sum())
+    n_flag = int((~ok).sum())
+    result: dict = {
+        "n": len(films), "threshold": threshold, "counts": counts,
+        "flagged": _rate(n_flag, len(films)),
+        "sensitivity": _rate(tp, n_pos), "specificity": _rate(tn, n_neg),
+        "referrals_count_as_positive": True,
+    }
+    yo, po = y[ok], p[ok]
+    if len(set(yo)) == 2:
+        ci = metrics.bootstrap_ci(yo, po, lambda a, b: {"roc_auc": metrics.roc_auc(a, b)}, n_boot=n_boot)
+        result["roc_auc"] = {"value": metrics.roc_auc(yo, po), "ci95": list(ci["roc_auc"]), "n": int(ok.sum())}
+        result["calibration"] = {"ece": metrics.expected_calibration_error(yo, po),
+                                 "bins": metrics.reliability(yo, po)}
+    else:
+        result["roc_auc"] = {"value": float("nan"), "ci95": [float("nan"), float("nan")], "n": int(ok.sum())}
+        result["calibration"] = None
+    scores = np.array([f.ood_score for f in films if f.ood_score is not None], float)
+    result["ood_score"] = {"values": scores.tolist(),
+                           "reference": (reference or {}).get("ood_score"),
+                           "threshold": (reference or {}).get("ood_threshold")}
+    result["refused"] = [{"path": f.path, "label": contract.LABELS[f.label], "status": f.status.value, "rule": f.rule}
+                         for f in films if f.status is not contract.Status.OK]
+    checks = {
+        "sensitivity": (result["sensitivity"]["value"], ">=", targets.sensitivity, result["sensitivity"]["ci95"][0]),
+        "specificity": (result["specificity"]["value"], ">=", targets.specificity, result["specificity"]["ci95"][0]),
+        "roc_auc": (result["roc_auc"]["value"], ">=", targets.roc_auc, result["roc_auc"]["ci95"][0]),
+        "flagged": (result["flagged"]["value"], "<=", targets.flagged, result["flagged"]["ci95"][1]),
+    }
+    result["targets"] = asdict(targets)
+    result["checks"] = {}
+    for name, (value, op, target, bound) in checks.items():
+        holds = math.isfinite(value) and (value >= target if op == ">=" else value <= target)
+        shown = math.isfinite(bound) and (bound >= target if op == ">=" else bound <= target)
+        result["checks"][name] = {"value": value, "op": op, "target": target, "holds": bool(holds),
+                                  "bound": bound, "shown_by_bound": bool(shown)}
+    result["go"] = all(c["holds"] for c in result["checks"].values())
+    return result
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    return "n/a" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
+
+
+def summary(result: dict) -> str:
+    """The decision and every check, one line each (for the terminal)."""
+    lines = [f"decision: {'GO' if result['go'] else 'NO-GO'}"]
+    for name, ch in result["checks"].items():
+        lines.append(f"  {name:<12} {_fmt(ch['value'])}  target {ch['op']} {_fmt(ch['target'], 2)}  95% bound "
+                     f"{_fmt(ch['bound'])}  {'holds' if ch['holds'] else 'MISSED'}"
+                     + (" (the sample is too small for the bound to show it)" if ch["holds"] and not ch["shown_by_bound"] else ""))
+    return "\n".join(lines)
+
+
+def markdown(result: dict, *, title: str, model: str, sample: str) -> str:
+    """The audit as Markdown (the only place its numbers become text)."""
+    c = result["checks"]
+    lines = [
+        f"# {title}", "",
+        f"- model: `{model}`; threshold {_fmt(result['threshold'], 4)}",
+        f"- sample: `{sample}` ({result['n']} films)",
+        f"- decision: **{'GO' if result['go'] else 'NO-GO'}** (every point estimate against the card's target)",
+        "", "| check | value | target | 95% bound | holds | shown by the bound |", "|---|---|---|---|---|---|",
+    ]
+    for name, ch in c.items():
+        lines.append(f"| {name} | {_fmt(ch['value'])} | {ch['op']} {_fmt(ch['target'], 2)} | {_fmt(ch['bound'])} | "
+                     f"{'yes' if ch['holds'] else 'NO'} | {'yes' if ch['shown_by_bound'] else 'no'} |")
+    lines += ["", "| class | films | flagged | flagged rate |", "|---|---|---|---|"]
+    for name, cnt in result["counts"].items():
+        lines.append(f"| {name} | {cnt['films']} | {cnt['flagged']} | {_fmt(cnt['flagged_rate'])} |")
+    s, sp = result["sensitivity"], result["specificity"]
+    lines += [
+        "",
+        f"Sensitivity {s['k']}/{s['n']}, specificity {sp['k']}/{sp['n']} (Clopper-Pearson 95% intervals "
+        f"{_fmt(s['ci95'][0])}-{_fmt(s['ci95'][1])} and {_fmt(sp['ci95'][0])}-{_fmt(sp['ci95'][1])}); films the model "
+        "refused count as referrals (positive). ROC AUC on the assessable films: "
+        f"{_fmt(result['roc_auc']['value'])} ({_fmt(result['roc_auc']['ci95'][0])}-{_fmt(result['roc_auc']['ci95'][1])}, "
+        "bootstrap).",
+    ]
+    if result["calibration"]:
+        lines.append(f"Calibration: ECE {_fmt(result['calibration']['ece'])} (reliability in calibration.png).")
+    lines += ["", f"## Refused films ({len(result['refused'])})", ""]
+    lines += [f"- `{r['path']}` ({r['label']}): {r['status']}" + (f", rule `{r['rule']}`" if r["rule"] else "")
+              for r in result["refused"]] or ["none"]
+    lines += ["", *[f"![{n}]({f})" for n, f in result.get("plots", {}).items()], ""]
+    return "\n".join(lines)
+
+
+def plots(result: dict, films: list[Screened], out_dir: Path) -> dict[str, str]:
+    """PNG figures: counts and flagged per class, ROC, reliability, ood_score histogram against the reference."""
+    from cxr.train.plots import _save, plt
+
+    out: dict[str, str] = {}
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    names = list(result["counts"])
+    films_n = [result["counts"][n]["films"] for n in names]
+    flag_n = [result["counts"][n]["flagged"] for n in names]
+    ax.bar(names, films_n, label="films", color="#9ecae1")
+    ax.bar(names, flag_n, label="flagged (not assessable)", color="#de2d26")
+    ax.set_title("Films per class and flagged")
+    ax.legend()
+    out["counts"] = _save(fig, out_dir / "counts.png").name
+    ok = [f for f in films if f.probability is not None]
+    y = np.array([f.label for f in ok])
+    p = np.array([f.probability for f in ok], float)
+    if len(set(y)) == 2:
+        fpr, tpr, _ = metrics.roc_curve(y, p)
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        ax.plot(fpr, tpr, label=f"AUC {result['roc_auc']['value']:.3f}")
+        ax.plot([0, 1], [0, 1], ":", color="grey")
+        ax.set_xlabel("1 - specificity")
+        ax.set_ylabel("sensitivity")
+        ax.set_title("ROC (assessable films)")
+        ax.legend(loc="lower right")
+        out["roc"] = _save(fig, out_dir / "roc.png").name
+        bins = [b for b in result["calibration"]["bins"] if b["count"]]
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        ax.plot([0, 1], [0, 1], ":", color="grey")
+        ax.plot([b["mean_prob"] for b in bins], [b["frac_pos"] for b in bins], "o-")
+        ax.set_xlabel("mean predicted P(pneumonia)")
+        ax.set_ylabel("observed share Pneumonia")
+        ax.set_title(f"Calibration (ECE {result['calibration']['ece']:.3f})")
+        out["calibration"] = _save(fig, out_dir / "calibration.png").name
+    scores = result["ood_score"]["values"]
+    if scores:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ref = result["ood_score"]["reference"]
+        hi = max([*scores, *(ref or [])]) * 1.05
+        edges = np.linspace(0, hi, 40)
+        if ref:
+            ax.hist(ref, bins=edges, density=True, alpha=0.5, label="reference (model card)")
+        ax.hist(scores, bins=edges, density=True, alpha=0.6, label="this sample")
+        if result["ood_score"]["threshold"]:
+            ax.axvline(result["ood_score"]["threshold"], color="k", linestyle="--", label="refusal threshold")
+        ax.set_xlabel("ood_score")
+        ax.set_title("Out-of-distribution score")
+        ax.legend()
+        out["ood_score"] = _save(fig, out_dir / "ood_score.png").name
+    return out
+
+
+def write(result: dict, films: list[Screened], out_dir: Path, *, model: str, sample: str) -> None:
+    """``audit.json``, ``audit.md`` and the PNGs into ``out_dir`` (written whole or not at all)."""
+    from cxr.durable import write_durably
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result["plots"] = plots(result, films, out_dir)
+    result.update(model=model, sample=sample)
+    write_durably(out_dir / "audit.json", (json.dumps(result, indent=1, default=_json_default) + "\n").encode())
+    write_durably(out_dir / "audit.md", markdown(result, title="Site audit", model=model, sample=sample).encode())
+
+
+def _json_default(o: object) -> object:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    raise TypeError(type(o).__name__)
