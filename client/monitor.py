@@ -78,6 +78,18 @@ def read_predictions(path: Path) -> list[dict]:
     return out
 
 
+def reference_from_rows(rows: list[dict], *, what: str) -> dict:
+    """A reference made of a site's own baseline batch (e.g. its first week after go-live), in the form of the
+    model folder's ``reference.json``."""
+    answered = [r for r in rows if r["status"] is not contract.Status.ERROR]
+    if not answered:
+        raise DataError(f"{what}: no answered rows to use as a baseline")
+    return {"what": what, "n": len(answered),
+            "flagged_rate": sum(r["status"] is contract.Status.NOT_ASSESSABLE for r in answered) / len(answered),
+            "probability": [r["probability"] for r in answered if r["probability"] is not None],
+            "ood_score": [r["ood_score"] for r in answered if r["ood_score"] is not None]}
+
+
 def _fisher(k: int, n: int, k0: int, n0: int) -> float:
     from scipy.stats import fisher_exact
 

@@ -879,6 +879,8 @@ def _add_monitor(sub: argparse._SubParsersAction) -> None:
     p.add_argument("predictions", type=Path, help="predictions CSV")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model folder whose reference applies")
     p.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY, help="repository holding --model")
+    p.add_argument("--baseline", type=Path,
+                   help="compare with this predictions CSV (e.g. the site's first weeks) instead of the card's reference")
     p.add_argument("--alpha", type=float, default=0.001, help="significance level of each check (default 0.001)")
     p.add_argument("--out", type=Path, help="also write the report (.md and .json beside it)")
     p.set_defaults(func=_cmd_monitor)
@@ -895,7 +897,10 @@ def _cmd_monitor(a: argparse.Namespace) -> int:
         raise CxrError(f"--alpha must be in (0, 1), got {a.alpha}")
     model_dir = a.model_repository / a.model
     card = read_card(model_dir)
-    reference = read_reference(model_dir)
+    if a.baseline is not None:
+        reference = monitor.reference_from_rows(monitor.read_predictions(a.baseline), what=str(a.baseline))
+    else:
+        reference = read_reference(model_dir)
     if reference is None:
         raise CxrError(f"{model_dir}: no reference.json (refit its OOD head with `cxr ood-fit` to write one)")
     rows = monitor.read_predictions(a.predictions)

@@ -1,0 +1,204 @@
+"""A hospital's tools end to end on real films (examples/, so with or without ../shared): site audit exit codes,
+evaluate with a refused film, adapt with the result served by the real cxr serve, drift monitor, listener metrics."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import REPO, SHIPPED_REPOSITORY
+
+pytestmark = pytest.mark.slow
+
+EXAMPLES = REPO / "examples"
+
+
+def cxr(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cxr.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def variants(dest: Path, *, per_film: int, seed: int, gamma: float | None = None) -> Path:
+    """A labelled sample made of the example chest films under acquisition changes (crop, rotation, exposure,
+    noise); each example film is one patient (MANIFEST.csv), so splits keep its variants together. ``gamma``
+    re-windows every film (a shifted batch)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (dest / cls).mkdir(parents=True)
+        for src in sorted((EXAMPLES / cls).iterdir()):
+            base = Image.open(src).convert("L")
+            for k in range(per_film):
+                w, h = base.size
+                c = rng.uniform(0.9, 1.0)
+                left, top = rng.uniform(0, 1 - c) * w, rng.uniform(0, 1 - c) * h
+                img = base.crop((int(left), int(top), int(left + c * w), int(top + c * h))).rotate(rng.uniform(-4, 4))
+                a = np.asarray(img, np.float64) / 255
+                a = a ** (gamma if gamma is not None else rng.uniform(0.85, 1.15)) + rng.normal(0, 0.01, a.shape)
+                name = f"{src.stem}_v{k:02d}.png"
+                Image.fromarray((np.clip(a, 0, 1) * 255).astype(np.uint8)).save(dest / cls / name)
+                rows.append({"label": cls, "file_name": name, "patient": src.stem})
+    with (dest / "MANIFEST.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["label", "file_name", "patient"])
+        w.writeheader()
+        w.writerows(rows)
+    return dest
+
+
+def test_site_audit_go_no_go_and_bad_input(tmp_path: Path) -> None:
+    good = cxr("site-audit", str(EXAMPLES), "--protocol", "embedded", "--out", str(tmp_path / "good"))
+    assert good.returncode == 0, good.stdout + good.stderr
+    report = json.loads((tmp_path / "good" / "audit.json").read_text())
+    assert report["go"] and report["n"] == 8 and report["flagged"]["k"] == 0
+    assert {"counts", "roc", "calibration", "ood_score"} <= set(report["plots"])
+    assert all((tmp_path / "good" / f).stat().st_size > 1000 for f in report["plots"].values())
+    # the same films with their labels swapped: every check that depends on the labels fails
+    swapped = tmp_path / "swapped"
+    for cls, other in (("NORMAL", "PNEUMONIA"), ("PNEUMONIA", "NORMAL")):
+        shutil.copytree(EXAMPLES / cls, swapped / other)
+    bad = cxr("site-audit", str(swapped), "--protocol", "embedded", "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 3, bad.stdout + bad.stderr
+    checks = json.loads((tmp_path / "bad" / "audit.json").read_text())["checks"]
+    assert not checks["roc_auc"]["holds"] and not checks["sensitivity"]["holds"]
+    (tmp_path / "empty").mkdir()
+    r = cxr("site-audit", str(tmp_path / "empty"), "--protocol", "embedded")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "NORMAL/PNEUMONIA" in r.stderr
+
+
+def test_site_audit_counts_a_refused_film_as_a_referral_and_lists_it(tmp_path: Path) -> None:
+    sample = tmp_path / "sample"
+    shutil.copytree(EXAMPLES / "NORMAL", sample / "NORMAL")
+    shutil.copytree(EXAMPLES / "PNEUMONIA", sample / "PNEUMONIA")
+    shutil.copy(EXAMPLES / "not_chest" / "camera.png", sample / "NORMAL" / "camera.png")
+    Image.new("RGB", (300, 300), (200, 30, 30)).save(sample / "NORMAL" / "figure.png")
+    r = cxr("site-audit", str(sample), "--protocol", "embedded", "--out", str(tmp_path / "a"))
+    report = json.loads((tmp_path / "a" / "audit.json").read_text())
+    refused = {Path(x["path"]).name: x["rule"] for x in report["refused"]}
+    assert refused == {"camera.png": "out_of_distribution", "figure.png": "colour_image"}, r.stdout
+    assert report["specificity"]["n"] == 6 and report["specificity"]["k"] == 4  # two Normal films referred
+    assert "figure.png" in r.stdout and r.returncode == 3  # 2 of 10 flagged is over the card's 2%
+
+
+def test_evaluate_lists_refused_films_and_goes_on(tmp_path: Path) -> None:
+    sample = tmp_path / "sample"
+    shutil.copytree(EXAMPLES / "NORMAL", sample / "NORMAL")
+    shutil.copytree(EXAMPLES / "PNEUMONIA", sample / "PNEUMONIA")
+    Image.new("RGB", (300, 300), (200, 30, 30)).save(sample / "NORMAL" / "figure.png")
+    r = cxr("evaluate", "--model", str(SHIPPED_REPOSITORY / "pneumonia" / "1" / "model.onnx"), "--data", str(sample),
+            "--out", str(tmp_path / "eval"), "--n-boot", "50")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert rep["n"] == 9 and [x["rule"] for x in rep["refused"]] == ["colour_image"]
+    assert rep["confusion"]["fp"] >= 1  # the refused Normal film is a referral
+    assert "colour_image" in r.stdout
+
+
+def test_adapt_end_to_end_and_the_new_folder_is_served(tmp_path: Path) -> None:
+    from cxr.client import PneumoniaClient
+    from cxr.serving.server import ServerConfig, TritonServer, free_ports
+    from cxr.train import data as data_mod
+
+    sample = variants(tmp_path / "site", per_film=10, seed=0)
+    out = tmp_path / "repo"
+    r = cxr("adapt", str(sample), "--out-repository", str(out), "--name", "pneumonia_site", "--report",
+            str(tmp_path / "report"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    model_dir = out / "pneumonia_site"
+    card = json.loads((model_dir / "model_card.json").read_text())
+    assert card["adaptation"]["audit"]["go"] and card["calibration"]["threshold"] != json.loads(
+        (SHIPPED_REPOSITORY / "pneumonia" / "model_card.json").read_text())["calibration"]["threshold"]
+    prov = data_mod.read_provenance(model_dir / "provenance.csv")
+    adapt_files = {x["path"] for x in prov if x["role"] == "adapt"}
+    audit_files = {x["path"] for x in prov if x["role"] == "audit"}
+    assert len(adapt_files) + len(audit_files) == 80 and not adapt_files & audit_files
+    patients = {role: {x["patient"] for x in prov if x["role"] == role} for role in ("adapt", "audit")}
+    assert not patients["adapt"] & patients["audit"]  # split by patient
+    for f in ("1/model.onnx", "1/model.py", "config.pbtxt", "configs/cpu.pbtxt", "eligibility.json", "reference.json",
+              "adapt_kit.npz", "MODEL_CARD.md"):
+        assert (model_dir / f).is_file(), f
+    films = sorted(str(p) for p in (sample / "PNEUMONIA").iterdir())[:6]
+    with PneumoniaClient(str(out), protocol="embedded", model="pneumonia_site") as c:
+        local = c.predict(films)
+    http, grpc, metrics = free_ports(3)
+    server = TritonServer(ServerConfig(model_repository=out, http_port=http, grpc_port=grpc, metrics_port=metrics))
+    server.start()
+    try:
+        with PneumoniaClient(server.config.grpc_url, protocol="grpc", model="pneumonia_site") as c:
+            assert c.info.sha256 == card["sha256"] and c.info.threshold == pytest.approx(card["calibration"]["threshold"])
+            served = c.predict(films)
+    finally:
+        server.stop()
+    for a, b in zip(local, served):
+        assert a.status == b.status and a.label == b.label
+        assert (a.probability is None and b.probability is None) or a.probability == pytest.approx(b.probability, abs=1e-5)
+
+
+def test_monitor_silent_on_a_like_batch_and_exit_3_on_a_rewindowed_one(tmp_path: Path) -> None:
+    batches = {"baseline": variants(tmp_path / "a", per_film=8, seed=1), "like": variants(tmp_path / "b", per_film=8, seed=2),
+               "rewindowed": variants(tmp_path / "c", per_film=8, seed=2, gamma=3.0)}
+    csvs = {}
+    for name, folder in batches.items():
+        csvs[name] = tmp_path / f"{name}.csv"
+        r = cxr("predict", str(folder), "--protocol", "embedded", "--format", "csv", "--out", str(csvs[name]))
+        assert r.returncode == 0, r.stderr
+    like = cxr("monitor", str(csvs["like"]), "--baseline", str(csvs["baseline"]), "--out", str(tmp_path / "like"))
+    assert like.returncode == 0, like.stdout
+    assert json.loads((tmp_path / "like.json").read_text())["moved"] == []
+    shifted = cxr("monitor", str(csvs["rewindowed"]), "--baseline", str(csvs["baseline"]), "--out", str(tmp_path / "shift"))
+    assert shifted.returncode == 3, shifted.stdout
+    assert json.loads((tmp_path / "shift.json").read_text())["moved"]
+    r = cxr("monitor", str(EXAMPLES / "MANIFEST.csv"))
+    assert r.returncode == 2 and "not a predictions CSV" in r.stderr
+
+
+def test_metrics_are_scraped_from_a_running_listener(tmp_path: Path) -> None:
+    import pydicom
+    from pynetdicom import AE
+
+    from cxr.serving.server import free_ports
+    from tests.test_pacs import echo, wait_for
+
+    port, mport = free_ports(2)
+    log = open(tmp_path / "listen.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "cxr.cli", "listen", "--port", str(port), "--spool",
+                             str(tmp_path / "spool"), "--out", str(tmp_path / "results.csv"), "--url",
+                             str(SHIPPED_REPOSITORY), "--metrics-port", str(mport)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: proc.poll() is None and echo(port), timeout=90)
+        ds = pydicom.dcmread(EXAMPLES / "dicom" / "chest_dx.dcm")
+        ae = AE(ae_title="MODALITY1")
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", port, ae_title="CXR_AI")
+        assert assoc.is_established and assoc.send_c_store(ds).Status == 0
+        assoc.release()
+        results = tmp_path / "results.csv"
+        wait_for(lambda: results.exists() and len(results.read_text().splitlines()) == 2)
+        status = list(csv.DictReader(results.open()))[0]["status"]
+        text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read().decode()
+        assert f'cxr_screened_total{{model="pneumonia",status="{status}"}} 1.0' in text
+        assert ('cxr_screened_by_device_total{manufacturer="ExampleVendor",model="pneumonia",station="EXAMPLE-DR1",'
+                f'status="{status}"}} 1.0') in text
+        assert 'cxr_ood_score_count{model="pneumonia"} 1.0' in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        log.close()
+
+
+def test_predict_writes_metrics_by_status_and_rule(tmp_path: Path) -> None:
+    f = tmp_path / "m.prom"
+    r = cxr("predict", str(EXAMPLES), "--protocol", "embedded", "--metrics-file", str(f))
+    assert r.returncode == 0, r.stderr
+    text = f.read_text()
+    assert 'cxr_screened_total{model="pneumonia",status="ok"} 9.0' in text
+    assert 'cxr_refused_total{model="pneumonia",rule="out_of_distribution"} 1.0' in text
+    assert 'manufacturer="ExampleVendor"' in text
