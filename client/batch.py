@@ -36,10 +36,12 @@ from cxr.security import TlsClient
 
 logger = logging.getLogger(__name__)
 
-#: CSV columns: the first nine are those of earlier releases, in the same order.
+#: CSV columns, those people read first first. Earlier releases wrote ``path, label, probability, threshold,
+#: model_name, model_version, error, sha256, sop_instance_uid, status, reason, ood_score``; every reader goes by
+#: the header, and a journal in that order is appended to in its own order (:class:`cxr.durable.AppendOnlyCsv`).
 CSV_COLUMNS = (
-    "path", "label", "probability", "threshold", "model_name", "model_version", "error", "sha256", "sop_instance_uid",
-    "status", "reason", "ood_score",
+    "path", "status", "label", "probability", "threshold", "reason", "ood_score", "model_name", "model_version",
+    "sop_instance_uid", "sha256", "error",
 )
 JOURNAL_COLUMNS = (*CSV_COLUMNS, "retryable")
 JOURNAL_SUFFIX = ".journal"

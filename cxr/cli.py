@@ -110,15 +110,19 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, help="override the stored threshold")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     p.add_argument("--split", type=Path, help="a run's split.json: evaluate its validation side (DATA is the Kaggle root)")
+    p.add_argument("--source", help="with --split: only this source's validation films (e.g. nih)")
     p.set_defaults(func=_cmd_evaluate)
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from cxr.train.evaluate import evaluate, summary_lines
 
-    out = a.out or a.model.parent / ("eval_trainval" if a.split else f"eval_{a.data.resolve().name}")
+    if a.source and not a.split:
+        raise CxrError("--source needs --split")
+    default = (f"eval_val_{a.source}" if a.source else "eval_trainval") if a.split else f"eval_{a.data.resolve().name}"
+    out = a.out or a.model.parent / default
     rep = evaluate(a.model, a.data, out, threshold=a.threshold, n_boot=a.n_boot, cache_dir=DEFAULT_CACHE,
-                   split_file=a.split)
+                   split_file=a.split, source=a.source)
     print("\n".join(summary_lines(rep, title=rep["title"])))
     for r in rep["refused"]:
         print(f"refused ({r['label']}): {r['reason']}")

@@ -41,7 +41,8 @@ class AppendOnlyCsv:
     """A CSV file that only grows: a header when new, then one write per append, flushed and fsynced, so a
     row is on disk before the caller moves on. A torn last row left by a crash is dropped when the file is
     opened again; the complete rows already there are in :attr:`rows`. Appends from several threads are
-    serialised.
+    serialised. A file written by an earlier release keeps its own column order when it has the same columns
+    (rows are appended in that order), and is rewritten whole, durably, with ``columns`` when it has others.
     """
 
     def __init__(self, path: Path, columns: tuple[str, ...]) -> None:
@@ -49,10 +50,26 @@ class AppendOnlyCsv:
         self.columns = tuple(columns)
         self._lock = threading.Lock()
         self.rows = self._recover()
+        header = self._header()
+        if header and header != self.columns:
+            if set(header) == set(self.columns):
+                self.columns = header
+            else:
+                buf = io.StringIO()
+                w = csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore", lineterminator="\n")
+                w.writeheader()
+                w.writerows(self.rows)
+                write_durably(self.path, buf.getvalue().encode("utf-8"))
         new = not self.path.exists() or self.path.stat().st_size == 0
         self._f = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115
         if new:
             self._write([dict(zip(self.columns, self.columns))])
+
+    def _header(self) -> tuple[str, ...]:
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return ()
+        with open(self.path, newline="", encoding="utf-8") as f:
+            return tuple(next(csv.reader(f), []))
 
     def _recover(self) -> list[dict]:
         if not self.path.exists() or self.path.stat().st_size == 0:

@@ -479,6 +479,33 @@ def write_card(model_dir: Path, card: dict) -> None:
             f"{ood['parity_max_rel_diff']:.2e}",
             "- refusal rates per category of non-chest inputs: `docs/model/ood.md`",
         ]
+    prov = (card.get("provenance") or {}).get("summary")
+    if prov:
+        lines += ["", "## Data provenance", "",
+                  f"Every file that trained, validated, calibrated or set a threshold of this model is listed with its "
+                  f"source, patient and sha256 in `{card['provenance']['file']}`.", "",
+                  "| role | source | images | patients | Normal | Pneumonia |", "|---|---|---|---|---|---|"]
+        for role, by_source in prov.items():
+            for source, c in sorted(by_source.items()):
+                lines.append(f"| {role} | {source} | {c['images']} | {c['patients']} | {c['labels'].get('Normal', 0)} | "
+                             f"{c['labels'].get('Pneumonia', 0)} |")
+    targets = card.get("targets")
+    if targets:
+        lines += ["", "## Go-live targets (checked by `cxr site-audit` and `cxr adapt`)", "",
+                  f"- sensitivity >= {targets['sensitivity']}, specificity >= {targets['specificity']} at the operating "
+                  f"point (refused films count as referrals), ROC AUC >= {targets['roc_auc']}, at most "
+                  f"{targets['flagged']:.0%} of films flagged not assessable"]
+    ad = card.get("adaptation")
+    if ad:
+        au = ad["audit"]
+        lines += ["", "## Adaptation (`cxr adapt`)", "",
+                  f"- adapted from `{ad['from_model']}` (sha256 `{ad['from_sha256'][:12]}...`) on `{ad['sample']}` in "
+                  f"{ad['seconds']:.0f} s: {ad['split']['adapt']} films to adapt, {ad['split']['audit']} to audit "
+                  f"({ad['split']['audit_patients']} patients; none the model trained on)",
+                  f"- threshold: {ad['calibration']['why_target']}",
+                  f"- audit: sensitivity {au['sensitivity']['value']:.3f} ({au['sensitivity']['k']}/{au['sensitivity']['n']}), "
+                  f"specificity {au['specificity']['value']:.3f} ({au['specificity']['k']}/{au['specificity']['n']}), "
+                  f"AUC {au['roc_auc']['value']:.3f}, flagged {au['flagged']['value']:.1%}; in-sample for the threshold"]
     lines += ["", "## Evaluations", "", f"Of {card['evaluations_of']}.", ""]
     for name, rep in card["evaluations"].items():
         lines.append(f"### {name} (`{rep['data']}`, n={rep['n']}, threshold {rep['threshold']:.4f})")

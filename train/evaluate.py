@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr import contract
-from cxr.errors import CalibrationError
+from cxr.errors import CalibrationError, DataError
 from cxr.train import data as data_mod
 from cxr.train import metrics
 from cxr.train.scoring import CALIBRATION_FILE, Calibration, KerasScorer, Scorer, load_scorer
@@ -26,17 +26,23 @@ REPORT_KEYS = (
 
 def load_labelled(
     folder: Path, *, cache_dir: Path | None = None, split_file: Path | None = None, refused: list[dict] | None = None,
+    source: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Images, labels and paths of a ``{NORMAL,PNEUMONIA}`` folder (or a Kaggle root's ``test``/``val``).
 
     With ``split_file`` (a training run's ``split.json``), the validation side of
     that split is loaded instead (``folder`` is the Kaggle root, needed for splits without source roots).
+    ``source`` keeps only that source's films of the split's validation side.
     With ``refused`` (a list), films the contract refuses or cannot read are left out and appended to it (each
     with its label), instead of ending the run.
     """
     folder = Path(folder)
     if split_file is not None:
         samples = data_mod.Split.load(split_file).samples("val", folder)
+        if source is not None:
+            samples = [s for s in samples if s.source == source]
+            if not samples:
+                raise DataError(f"{split_file}: no validation films of source {source!r}")
     else:
         if not any((folder / c).is_dir() for c in contract.CLASS_DIRS):
             for split in ("test", "val"):
@@ -121,13 +127,14 @@ def markdown_report(report: dict, *, title: str) -> str:
 def evaluate(
     model_path: Path, data_dir: Path, out_dir: Path, *, threshold: float | None = None,
     n_boot: int = 1000, cache_dir: Path | None = None, scorer: Scorer | None = None, split_file: Path | None = None,
+    source: str | None = None,
 ) -> dict:
     """Evaluate a ``.keras`` or ``.onnx`` model on a labelled folder; write JSON, Markdown and PNGs."""
     from cxr.train import plots
 
     scorer = scorer or load_scorer(model_path, threshold=threshold)
     refused: list[dict] = []
-    x, y, _ = load_labelled(data_dir, cache_dir=cache_dir, split_file=split_file, refused=refused)
+    x, y, _ = load_labelled(data_dir, cache_dir=cache_dir, split_file=split_file, refused=refused, source=source)
     p = scorer(x) if len(x) else np.zeros(0)
     thr = float(threshold if threshold is not None else scorer.threshold)
     # a refused film goes to a reader: it counts as a referral (positive at any threshold)
@@ -137,14 +144,17 @@ def evaluate(
     report["refused"] = [{k: r[k] for k in ("path", "status", "rule", "reason")} | {"label": contract.LABELS[r["label"]]}
                          for r in refused]
     report.update(
-        model=str(model_path), data=f"{data_dir} (validation side of {split_file})" if split_file else str(data_dir),
+        model=str(model_path),
+        data=(f"{data_dir} (validation side of {split_file}" + (f", source {source})" if source else ")")) if split_file
+        else str(data_dir),
         threshold_source="--threshold" if threshold is not None else "stored calibration (or 0.5 when none)",
     )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report["plots"] = plots.evaluation_plots(y, p, thr, out_dir, title="train-validation" if split_file else Path(data_dir).name)
+    name = (f"validation, {source}" if source else "train-validation") if split_file else Path(data_dir).name
+    report["plots"] = plots.evaluation_plots(y, p, thr, out_dir, title=name)
     (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    report["title"] = "Evaluation on " + ("train-validation split" if split_file else Path(data_dir).name)
+    report["title"] = f"Evaluation on {name}"
     (out_dir / "report.md").write_text(markdown_report(report, title=report["title"]))
     return report
 
