@@ -2,7 +2,7 @@
 # The main job on a fresh machine: install the serving + client extras, start the embedded CPU Triton
 # with the shipped model, classify X-rays over gRPC and HTTP, stop the server.
 #   ./scripts/quickstart.sh [IMAGES_OR_FOLDERS...]
-# Without arguments it classifies ../shared/data/chest_xray_fullres when present, else a few generated images.
+# Without arguments it classifies ../shared/data/chest_xray_fullres when present, else the films in examples/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -20,18 +20,10 @@ if [ ${#inputs[@]} -eq 0 ]; then
   if [ -d ../shared/data/chest_xray_fullres ]; then
     inputs=(../shared/data/chest_xray_fullres)
   else
-    mkdir -p out/demo_images
-    "$VENV/bin/python" - <<'PY'
-# No X-rays on this machine: make a few large grayscale test images so the pipeline runs end to end.
-import numpy as np
-from PIL import Image, ImageFilter
-rng = np.random.default_rng(0)
-for i in range(4):
-    a = rng.normal(120, 40, (1500, 1700)).clip(0, 255).astype(np.uint8)
-    Image.fromarray(a).filter(ImageFilter.GaussianBlur(8)).save(f"out/demo_images/demo_{i}.jpeg")
-PY
-    echo "== no ../shared data: classifying generated demo images (not X-rays; pass your own files as arguments)"
-    inputs=(out/demo_images)
+    # No ../shared: the shipped example films (examples/README.md): Normal and Pneumonia films from two hospitals,
+    # a chest DICOM, and an image that is not a chest X-ray (refused as not assessable).
+    echo "== no ../shared data: classifying the example films in examples/ (pass your own files as arguments)"
+    inputs=(examples)
   fi
 fi
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from cxr.errors import DataError
@@ -77,6 +78,10 @@ def test_load_images_caches(tmp_path) -> None:  # type: ignore[no-untyped-def]
     paths = [s.path for s in data_mod.list_samples(root / "train")]
     a = data_mod.load_images(paths, cache_dir=tmp_path / "cache")
     assert a.shape == (6, 224, 224, 1) and a.dtype.name == "uint8"
-    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
-    np_b = data_mod.load_images(paths, cache_dir=tmp_path / "cache")
-    assert (a == np_b).all()
+    (cached,) = (tmp_path / "cache").glob("*.npy")
+    assert (np.load(cached) == a).all()
+    marker = np.full_like(a, 7)
+    np.save(cached, marker)  # a second load must come from the cache, not from decoding the files again
+    assert (data_mod.load_images(paths, cache_dir=tmp_path / "cache") == marker).all()
+    paths[0].touch()  # a changed file invalidates the key: decoded again
+    assert (data_mod.load_images(paths, cache_dir=tmp_path / "cache") == a).all()
