@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import signal
@@ -242,9 +243,12 @@ def test_listener_killed_mid_stream_every_instance_gets_exactly_one_sr(pacs, tmp
 
     sender = threading.Thread(target=lambda: _store_quietly(orthanc, ids))
     sender.start()
-    time.sleep(1.0)
+    results = tmp_path / "results.csv"
+    wait_for(lambda: results.exists() and len(results.read_text().splitlines()) >= 3)  # 2 instances screened
     listener.send_signal(signal.SIGKILL)  # mid-stream
     listener.wait()
+    screened_before_kill = len(results.read_text().splitlines()) - 1
+    assert screened_before_kill < 12  # the kill came mid-stream: the restart must finish the rest
     sender.join(timeout=120)
     listener = start_listener(tmp_path, orthanc, port)  # finishes the spool
     try:
@@ -256,6 +260,8 @@ def test_listener_killed_mid_stream_every_instance_gets_exactly_one_sr(pacs, tmp
         refs = {s.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
                 .ReferencedSOPInstanceUID for s in srs}
         assert len(refs) == 12
+        rows = list(csv.DictReader(results.open()))
+        assert len({r["sop_instance_uid"] for r in rows}) == 12  # screened before and after the restart, once each
     finally:
         listener.send_signal(signal.SIGTERM)
         listener.wait(timeout=60)

@@ -208,17 +208,22 @@ def test_server_restart_mid_batch_completes(tmp_path) -> None:  # type: ignore[n
     server = TritonServer(cfg).start()
     images = [synthetic_xray(3000 + i, pneumonia=i % 2 == 0, size=(300, 280)) for i in range(8)]
     arrays = [np.asarray(im) for im in images] * 40  # 320 images
-    result: dict = {}
+    done: list = []
+    progressed = threading.Event()
 
     def run() -> None:
         with PneumoniaClient(cfg.grpc_url, batch_size=2, max_in_flight=2, timeout_s=20,
                              retry=RetryPolicy(attempts=30, backoff_s=0.2, max_backoff_s=2.0)) as c:
-            result["preds"] = [p for i in range(0, len(arrays), 16) for p in c.predict(arrays[i : i + 16])]
+            for i in range(0, len(arrays), 16):
+                done.extend(c.predict(arrays[i : i + 16]))
+                if len(done) >= 32:
+                    progressed.set()
 
     t = threading.Thread(target=run)
     t.start()
-    time.sleep(1.5)
-    server.kill()  # SIGKILL in the middle of the batch
+    assert progressed.wait(timeout=120), "the batch never got going"
+    server.kill()  # SIGKILL once 32 answers are in: the middle of the batch
+    answered_before_kill = len(done)
     killed_at = time.monotonic()
     restarted = None
     while restarted is None and time.monotonic() - killed_at < 60:
@@ -230,8 +235,8 @@ def test_server_restart_mid_batch_completes(tmp_path) -> None:  # type: ignore[n
     try:
         t.join(timeout=240)
         assert not t.is_alive()
-        preds = result["preds"]
-        assert len(preds) == 320 and all(p.error is None for p in preds), [p.error for p in preds if p.error][:3]
+        assert 32 <= answered_before_kill < 320  # the kill came mid-batch, so the rest went through the restart
+        assert len(done) == 320 and all(p.error is None for p in done), [p.error for p in done if p.error][:3]
     finally:
         restarted.stop()
         server.stop()
