@@ -66,8 +66,10 @@ def _real_sets(cfg: OodEvalConfig) -> dict[str, list[Path]]:
     if cfg.split_file is not None and cfg.data_dir is not None:
         from cxr.train import data as data_mod
 
-        root = data_mod.split_dir(cfg.data_dir, "train")
-        sets["train_validation"] = [root / r for r in data_mod.Split.load(cfg.split_file).val]
+        val = data_mod.Split.load(cfg.split_file).samples("val", cfg.data_dir)
+        sets["train_validation"] = [s.path for s in val]
+        for name in sorted({s.source for s in val} - {data_mod.KAGGLE}):  # each further source on its own
+            sets[f"validation_{name}"] = [s.path for s in val if s.source == name]
     for d in cfg.real_dirs:
         files = sorted(f for f in Path(d).rglob("*") if f.suffix.lower() in contract.IMAGE_SUFFIXES)
         if not files:
@@ -165,9 +167,10 @@ def compare_scores(cfg: OodEvalConfig, items: list, real: dict[str, list[Path]])
     model_dir = Path(cfg.repository) / cfg.model
     card = json.loads((model_dir / "model_card.json").read_text())
     base = ood_head.strip(onnx.load(str(model_dir / card["file"])))
-    root = data_mod.split_dir(cfg.data_dir, "train")
-    split = data_mod.Split.load(cfg.split_file)
-    x_train = data_mod.load_images([root / r for r in split.train], cache_dir=cfg.cache_dir)
+    train = data_mod.Split.load(cfg.split_file).samples("train", cfg.data_dir)
+    x_train = data_mod.load_images([s.path for s in train], cache_dir=cfg.cache_dir)
+    counts = {name: sum(s.source == name for s in train) for name in {s.source for s in train}}
+    weights = np.array([1.0 / (len(counts) * counts[s.source]) for s in train])  # as the served fit: equal per source
     x_real = {k: data_mod.load_images(v, cache_dir=cfg.cache_dir) for k, v in real.items()}
     x_ood = []
     for it in items:
@@ -192,7 +195,7 @@ def compare_scores(cfg: OodEvalConfig, items: list, real: dict[str, list[Path]])
         f_real = {k: fx(v) for k, v in x_real.items()}
         f_ood = fx(xo)
         if kind == "maha":
-            fit = ood_head.fit(fx(x_train), next(iter(f_real.values())), taps)
+            fit = ood_head.fit(fx(x_train), next(iter(f_real.values())), taps, weights)
             s_real = {k: fit.score(v) for k, v in f_real.items()}
             s_ood = fit.score(f_ood)
         elif kind == "neg_norm":

@@ -1,0 +1,48 @@
+"""Lay out one side of a training run's split, optionally one source's, as a labelled folder of symlinks.
+
+    .venv/bin/python scripts/split_side.py RUN/split.json OUT [--side val] [--source nih] [--data KAGGLE_ROOT]
+
+OUT/{NORMAL,PNEUMONIA}/ then holds links to the films (and OUT/MANIFEST.csv their patients), so that the
+commands that take a labelled folder (cxr site-audit, cxr evaluate, cxr adapt) run on held-out patients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+from cxr import contract
+from cxr.train.data import Split
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("split", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--side", choices=["train", "val"], default="val")
+    p.add_argument("--source")
+    p.add_argument("--data", type=Path, help="Kaggle root, for splits without source roots")
+    a = p.parse_args()
+    samples = [s for s in Split.load(a.split).samples(a.side, a.data) if a.source in (None, s.source)]
+    if not samples:
+        print(f"no films on the {a.side} side" + (f" of source {a.source}" if a.source else ""), file=sys.stderr)
+        return 2
+    rows = []
+    for s in samples:
+        d = a.out / contract.CLASS_DIRS[s.label]
+        d.mkdir(parents=True, exist_ok=True)
+        name = f"{s.source}_{s.path.name}"
+        (d / name).symlink_to(s.path.resolve())
+        rows.append({"label": contract.CLASS_DIRS[s.label], "file_name": name, "patient": s.patient})
+    with (a.out / "MANIFEST.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["label", "file_name", "patient"])
+        w.writeheader()
+        w.writerows(rows)
+    print(f"{len(samples)} films in {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
