@@ -186,7 +186,8 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
         "model card and Triton configs (of every --also folder too).",
     )
     p.add_argument("--model", type=Path, required=True, help="model.keras, or an exported model folder")
-    p.add_argument("--data", type=Path, required=True, help="labelled site folder {NORMAL,PNEUMONIA}/")
+    p.add_argument("--data", type=Path, nargs="+", required=True,
+                   help="labelled site folder {NORMAL,PNEUMONIA}/, or several pooled (e.g. two hospitals' samples)")
     p.add_argument("--rule", choices=["sensitivity_lcb", "sensitivity", "youden"], default="sensitivity_lcb", help="threshold rule (default sensitivity_lcb)")
     p.add_argument("--target", "--target-sensitivity", type=float, default=0.95, dest="target",
                    help="sensitivity target (default 0.95)")

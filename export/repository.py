@@ -129,7 +129,7 @@ def refit_ood(
     site_rows: list[dict] = []
     if site_dir is not None:
         real["site"], _, _ = load_labelled(site_dir, cache_dir=cache_dir)
-        site_rows = data_mod.provenance_rows("ood_reference", data_mod.list_samples(site_dir))
+        site_rows = data_mod.provenance_rows("ood_reference", data_mod.folder_samples(site_dir))
     report, feats = ood_head.build(path, x_train, real, weights=weights)
     card["sha256"], card["bytes"] = sha256_file(path), path.stat().st_size
     card["ood"] = {**report.as_dict(), "method": "Mahalanobis distance of log1p pooled features (ood_head)",
@@ -192,7 +192,7 @@ def read_reference(model_dir: Path) -> dict | None:
 
 
 def recalibrate(
-    model_dirs: list[Path], site_dir: Path, *, rule: str = "sensitivity_lcb", target: float = 0.95,
+    model_dirs: list[Path], site_dir: Path | list[Path], *, rule: str = "sensitivity_lcb", target: float = 0.95,
     confidence: float = 0.9, cache_dir: Path | None = None, command: str = "",
 ) -> dict:
     """Choose a threshold on the first model's site probabilities and store it for every model given.
@@ -201,12 +201,12 @@ def recalibrate(
     threshold moves. Images the eligibility rules or the OOD score refuse are
     left out of the fit (they get no label in service either).
     """
-    from cxr.train.evaluate import choose_threshold, load_labelled, operating_point
+    from cxr.train.evaluate import choose_threshold, described, load_pooled, operating_point
 
     first = Path(model_dirs[0])
     card = read_card(first)
     path = _check_sha(first, card)
-    x, y, _ = load_labelled(site_dir, cache_dir=cache_dir)
+    x, y, _ = load_pooled(site_dir, cache_dir=cache_dir)
     p, ood = _scores(path, x)
     ood_thr = (card.get("ood") or {}).get("threshold")
     keep = np.ones(len(y), bool) if ood_thr is None else ~np.array([contract.is_out_of_distribution(s, ood_thr) for s in ood])
@@ -214,7 +214,8 @@ def recalibrate(
     point = operating_point(y[keep], p[keep], thr, confidence=confidence)
     from cxr.train import data as data_mod
 
-    calib_rows = data_mod.provenance_rows("calibration", data_mod.list_samples(site_dir))
+    folders = [site_dir] if isinstance(site_dir, Path) else list(site_dir)
+    calib_rows = data_mod.provenance_rows("calibration", [s for f in folders for s in data_mod.folder_samples(f)])
     for d in model_dirs:
         c = read_card(d)
         data_mod.write_provenance(Path(d) / PROVENANCE_FILE, calib_rows, replace_roles=("calibration",))
@@ -222,7 +223,7 @@ def recalibrate(
                            "summary": data_mod.provenance_summary(data_mod.read_provenance(Path(d) / PROVENANCE_FILE))}
         cal = c["calibration"]
         cal.update(threshold=thr, rule=rule, target=target, confidence=confidence if rule == "sensitivity_lcb" else None,
-                   fitted_on=str(site_dir), n_images=int(keep.sum()), metrics=point,
+                   fitted_on=described(site_dir), n_images=int(keep.sum()), metrics=point,
                    threshold_fitted_on_model=f"{first.name} (served ONNX probabilities; scaling baked into the graph kept)",
                    previous_threshold=c["calibration"].get("threshold"))
         if command:

@@ -137,6 +137,12 @@ def source_samples(src: Source) -> list[Sample]:
     ]
 
 
+def folder_samples(folder: str | os.PathLike) -> list[Sample]:
+    """A labelled folder as a source named after the folder (lower-cased; other characters become ``_``)."""
+    name = re.sub(r"[^a-z0-9_]", "_", Path(folder).resolve().name.lower()).lstrip("_0123456789") or "site"
+    return source_samples(Source(name[:32], Path(folder)))
+
+
 def cell_masses(samples: Sequence[Sample]) -> dict[tuple[str, int], float]:
     """Sampling mass of each (source, class) cell: every class gets half, split equally among the sources that
     have it. A source's own class balance then cannot be learned as a cue from Kaggle's 74% Pneumonia or NIH's

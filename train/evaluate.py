@@ -60,6 +60,20 @@ def load_labelled(
     return x, y, [str(paths[i]) for i in kept]
 
 
+def load_pooled(folders: Path | list[Path], *, cache_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """:func:`load_labelled` of one folder, or of several pooled (e.g. two hospitals' labelled samples)."""
+    parts = [load_labelled(f, cache_dir=cache_dir) for f in ([folders] if isinstance(folders, Path) else folders)]
+    return (np.concatenate([x for x, _, _ in parts]), np.concatenate([y for _, y, _ in parts]),
+            [p for _, _, ps in parts for p in ps])
+
+
+def described(folders: Path | list[Path]) -> str:
+    """The folders as the card names them (repository-relative, joined by ``+``)."""
+    from cxr.paths import relative
+
+    return " + ".join(relative(f) for f in ([folders] if isinstance(folders, Path) else folders))
+
+
 def evaluate_arrays(y: np.ndarray, p: np.ndarray, threshold: float, *, n_boot: int = 1000, seed: int = 0) -> dict:
     """Point metrics, 95% bootstrap intervals and the confusion matrix."""
     point = metrics.all_metrics(y, p, threshold)
@@ -281,12 +295,12 @@ def operating_point(y: np.ndarray, p: np.ndarray, threshold: float, *, confidenc
 
 
 def calibrate(
-    model_path: Path, data_dir: Path, *, rule: str = "sensitivity_lcb", target: float = 0.95,
+    model_path: Path, data_dir: Path | list[Path], *, rule: str = "sensitivity_lcb", target: float = 0.95,
     confidence: float = 0.9, scaling: str = "platt", cache_dir: Path | None = None,
 ) -> Calibration:
-    """Fit scaling and threshold on a labelled site sample; write ``calibration.json`` beside the model."""
+    """Fit scaling and threshold on a labelled site sample (or several, pooled); write ``calibration.json``."""
     scorer = KerasScorer(model_path, Calibration())
-    x, y, _ = load_labelled(data_dir, cache_dir=cache_dir)
+    x, y, _ = load_pooled(data_dir, cache_dir=cache_dir)
     z = scorer.logits(x)
     scale, bias = fit_scaling(z, y, scaling)
     provisional = Calibration(scale=scale, bias=bias, scaling=scaling)
@@ -295,7 +309,7 @@ def calibrate(
     cal = Calibration(
         threshold=thr, scale=scale, bias=bias, rule=rule, target=target if rule.startswith("sensitivity") else None,
         confidence=confidence if rule == "sensitivity_lcb" else None,
-        scaling=scaling, fitted_on=str(data_dir), n_images=int(len(y)),
+        scaling=scaling, fitted_on=described(data_dir), n_images=int(len(y)),
         metrics=operating_point(y, p, thr, confidence=confidence),
     )
     cal.save(Path(model_path).parent / CALIBRATION_FILE)
