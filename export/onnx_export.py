@@ -273,14 +273,14 @@ def _validation_images(cfg: ExportConfig) -> tuple[np.ndarray, np.ndarray, np.nd
         rng = np.random.default_rng(0)
         x = rng.integers(0, 256, (64, *contract.IMAGE_SHAPE), dtype=np.uint8)
         return x, np.zeros(len(x), dtype=int), x
-    root = data_mod.split_dir(cfg.data_dir, "train")
     split = Split.load(split_file)
-    val = [root / r for r in split.val]
-    y = np.array([1 if Path(r).parts[0] == contract.CLASS_DIRS[1] else 0 for r in split.val])
-    x = data_mod.load_images(val, cache_dir=cfg.cache_dir)
+    val = split.samples("val", cfg.data_dir)
+    y = np.array([s.label for s in val])
+    x = data_mod.load_images([s.path for s in val], cache_dir=cfg.cache_dir)
+    train = split.samples("train", cfg.data_dir)
     rng = np.random.default_rng(0)
-    calib_rel = rng.permutation(np.array(split.train))[:256]
-    x_cal = data_mod.load_images([root / r for r in sorted(calib_rel)], cache_dir=cfg.cache_dir)
+    calib = [train[i] for i in sorted(rng.permutation(len(train))[:256])]
+    x_cal = data_mod.load_images([s.path for s in calib], cache_dir=cfg.cache_dir)
     return x, y, x_cal
 
 
@@ -391,6 +391,8 @@ def model_card(cfg: ExportConfig, calibration: Calibration, results: dict, *, sh
         },
         "training": {
             "data": train_cfg.get("data_dir"),
+            "sources": {"kaggle": train_cfg.get("data_dir"), **(train_cfg.get("sources") or {})},
+            "sampling_mass": history.get("sampling_mass"),
             "config": train_cfg,
             "best_epoch": history.get("best_epoch"),
             "selected_on": history.get("select_on"),
@@ -400,7 +402,8 @@ def model_card(cfg: ExportConfig, calibration: Calibration, results: dict, *, sh
             "n_train": history.get("n_train"),
             "n_val": history.get("n_val"),
             "class_weights": history.get("class_weights"),
-            "split": "patient-grouped, class-stratified, seeded; split.json in the run directory",
+            "split": "patient-grouped within each source, stratified by source and class, seeded; split.json in the run "
+            "directory",
         },
         "calibration": asdict(calibration),
         "export": {
@@ -442,8 +445,9 @@ def write_card(model_dir: Path, card: dict) -> None:
         f"- architecture: `{card['architecture']}`; input `{contract.INPUT_NAME}` uint8 [batch, 224, 224, 1]; outputs "
         f"`{contract.OUTPUT_NAME}` float32 [batch, 1] (calibrated P(pneumonia))"
         + (f" and `{contract.OOD_OUTPUT_NAME}` float32 [batch, 1] (out-of-distribution score)" if ood else ""),
-        f"- training data: `{card['training']['data']}` ({card['training']['n_train']} train / {card['training']['n_val']} "
-        f"validation images, {card['training']['split']})",
+        "- training data: " + ", ".join(f"{k} `{v}`" for k, v in (card["training"].get("sources")
+                                                               or {"kaggle": card["training"]["data"]}).items())
+        + f" ({card['training']['n_train']} train / {card['training']['n_val']} validation images, {card['training']['split']})",
         f"- selected on: `{card['training']['selected_on']}`, best epoch {card['training']['best_epoch']}",
         "",
         "## Operating point",
