@@ -7,6 +7,7 @@ import dataclasses
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -272,3 +273,36 @@ def test_overload_is_rejected_fast_and_retried(tmp_path) -> None:  # type: ignor
         with PneumoniaClient(s.config.grpc_url, batch_size=1, max_in_flight=4,
                              retry=RetryPolicy(attempts=60, backoff_s=0.05, max_backoff_s=1.0)) as c:
             assert c.infer_batch(np.zeros((64, 224, 224, 1), np.uint8)).shape == (64,)
+
+
+def test_cxr_serve_killed_takes_its_server_and_stubs_with_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL of `cxr serve`: tritonserver and every Python-backend stub exit (they got SIGTERM on their
+    parent's death), and the next start removes the dead server's work folder."""
+    import psutil
+
+    from cxr.serving.server import WORKDIR_PREFIX, free_ports, remove_stale_workdirs
+
+    h, g, m = free_ports(3)
+    proc = subprocess.Popen([sys.executable, "-m", "cxr.cli", "serve", "--http-port", str(h), "--grpc-port", str(g),
+                             "--metrics-port", str(m), "--models", "pneumonia"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            if "Triton ready" in line:
+                break
+        else:
+            raise AssertionError("cxr serve exited before it was ready")
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        names = sorted(p.name() for p in tree)
+        assert names[-1] == "tritonserver" and any(n.startswith("triton_python") for n in names), names
+        workdirs = [d for d in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*")
+                    if (d / "owner.pid").exists() and (d / "owner.pid").read_text() == str(proc.pid)]
+        assert len(workdirs) == 1
+        proc.kill()
+        proc.wait()
+        gone, alive = psutil.wait_procs(tree, timeout=60)
+        assert not alive, [(p.pid, p.name()) for p in alive]
+        assert workdirs[0] in remove_stale_workdirs() and not workdirs[0].exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

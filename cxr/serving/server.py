@@ -23,6 +23,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,8 +186,53 @@ def verify_repository(repository: Path, models: tuple[str, ...] = ()) -> None:
             raise ModelIntegrityError(f"{onnx}: sha256 {actual} does not match model card {card['sha256']}; refusing to serve")
 
 
+#: Prefix of the work folders (the backend directory) of running servers, in the system's temporary folder.
+WORKDIR_PREFIX = "cxr-triton-"
+_OWNER_FILE = "owner.pid"
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """A ``preexec_fn``: the server gets SIGTERM when the process that started it dies, even by SIGKILL
+    (Linux ``PR_SET_PDEATHSIG``), and shuts down with its Python-backend stubs instead of outliving it."""
+
+    def set_pdeathsig() -> None:
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+        except (OSError, AttributeError):  # not Linux: the server is stopped by stop() only
+            return
+        if os.getppid() != parent:  # the parent died before the call took effect
+            os._exit(1)
+
+    return set_pdeathsig
+
+
+def remove_stale_workdirs(tmp: Path | None = None) -> list[Path]:
+    """Remove the work folders of servers whose owner process is gone (a ``cxr serve`` that was killed)."""
+    removed = []
+    for d in Path(tmp or tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*"):
+        try:
+            owner = int((d / _OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or still being set up
+        try:
+            os.kill(owner, 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
 class TritonServer:
     """A running ``tritonserver`` process; use as a context manager.
+
+    The server dies with the process that started it (SIGTERM on its death, even by SIGKILL), and the work
+    folder of a server whose owner was killed is removed at the next start.
 
     Example:
         >>> with TritonServer(ServerConfig(Path("model_repository"))) as server:
@@ -237,12 +283,16 @@ class TritonServer:
             raise ServerError(f"model repository not found: {repo}")
         if self.config.verify_sha256:
             verify_repository(repo, self.config.models)
-        self._workdir = tempfile.TemporaryDirectory(prefix="cxr-triton-")
+        for stale in remove_stale_workdirs():
+            logger.info("removed the work folder of a server whose owner is gone: %s", stale)
+        self._workdir = tempfile.TemporaryDirectory(prefix=WORKDIR_PREFIX)
+        (Path(self._workdir.name) / _OWNER_FILE).write_text(str(os.getpid()))
         backends = prepare_backends(Path(self._workdir.name))
         cmd = self.command(backends)
         logger.info("starting %s", " ".join(redact(cmd, [k for k in (self._admin_key, self._config_key) if k])))
         self._proc = subprocess.Popen(
-            cmd, env=server_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+            cmd, env=server_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_die_with_parent(os.getpid()),
         )
         self._reader = threading.Thread(target=self._pump, daemon=True)
         self._reader.start()
