@@ -157,8 +157,9 @@ def summary(result: dict) -> str:
     """The decision and every check, one line each (for the terminal)."""
     lines = [f"decision: {'GO' if result['go'] else 'NO-GO'}"]
     for name, ch in result["checks"].items():
+        verdict = "holds" if ch["holds"] else ("MISSED" if math.isfinite(ch["value"]) else "NOT MEASURABLE (one class)")
         lines.append(f"  {name:<12} {_fmt(ch['value'])}  target {ch['op']} {_fmt(ch['target'], 2)}  95% bound "
-                     f"{_fmt(ch['bound'])}  {'holds' if ch['holds'] else 'MISSED'}"
+                     f"{_fmt(ch['bound'])}  {verdict}"
                      + (" (the sample is too small for the bound to show it)" if ch["holds"] and not ch["shown_by_bound"] else ""))
     return "\n".join(lines)
 
@@ -174,8 +175,9 @@ def markdown(result: dict, *, title: str, model: str, sample: str) -> str:
         "", "| check | value | target | 95% bound | holds | shown by the bound |", "|---|---|---|---|---|---|",
     ]
     for name, ch in c.items():
+        holds = "yes" if ch["holds"] else ("NO" if math.isfinite(ch["value"]) else "not measurable (one class)")
         lines.append(f"| {name} | {_fmt(ch['value'])} | {ch['op']} {_fmt(ch['target'], 2)} | {_fmt(ch['bound'])} | "
-                     f"{'yes' if ch['holds'] else 'NO'} | {'yes' if ch['shown_by_bound'] else 'no'} |")
+                     f"{holds} | {'yes' if ch['shown_by_bound'] else 'no'} |")
     lines += ["", "| class | films | flagged | flagged rate |", "|---|---|---|---|"]
     for name, cnt in result["counts"].items():
         lines.append(f"| {name} | {cnt['films']} | {cnt['flagged']} | {_fmt(cnt['flagged_rate'])} |")
