@@ -70,7 +70,7 @@ def save(model_dir: Path, model_path: Path, train_samples, x_train: np.ndarray, 
     gap = ood_head.FeatureExtractor(ood_head.strip(model_path), taps[:1], log=False)(x)
     teacher, _ = _scores(model_path, x)
     mean, cov = ood_head.moments(feats.train, weights)
-    names = list(feats.real)
+    names = list(ood_head.disjoint(feats.real))  # each reference film once
     buf = io.BytesIO()
     np.savez_compressed(
         buf, taps=np.array(taps), replay_gap=gap.astype(np.float32),

@@ -478,7 +478,9 @@ def write_card(model_dir: Path, card: dict) -> None:
             f"{', '.join(f'`{t}`' for t in ood['taps'])}; covariance shrinkage {ood['shrinkage']:.3g} "
             f"(chosen by validation likelihood); fitted on {ood['n_train']} training images",
             f"- threshold **{ood['threshold']:.4f}** (served as config parameter `{contract.PARAM_OOD_THRESHOLD}`): the "
-            f"smallest that keeps at least {ood['pass_rate_target']:.1%} of each set of real chest X-rays; flagged: {fl}",
+            f"smallest that keeps at least {ood['pass_rate_target']:.1%} of all held-out real chest X-rays pooled"
+            + (f" and {ood['per_set_pass_rate']:.0%} of each set" if ood.get("per_set_pass_rate") else " and of each set")
+            + f"; flagged: {fl}",
             f"- export parity of `{contract.OOD_OUTPUT_NAME}` (graph vs float64 reference): max relative difference "
             f"{ood['parity_max_rel_diff']:.2e}",
             "- refusal rates per category of non-chest inputs: `docs/model/ood.md`",

@@ -219,8 +219,9 @@ def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
     mean = (1 - lam) * kit.ood_mean + lam * s_mean
     cov = (1 - lam) * (kit.ood_cov + np.outer(kit.ood_mean - mean, kit.ood_mean - mean)) + lam * (
         s_cov + np.outer(s_mean - mean, s_mean - mean))
-    val_first = kit.real_features[kit.real_set == kit.real_set[0]]
-    fit = ood_head.shrink(mean, cov, np.concatenate([val_first, site_f]), kit.taps, n_train=kit.ood_n_train + len(a_rows))
+    held_out = np.isin(kit.real_set, ["train_validation"]) | np.char.startswith(kit.real_set, "validation_")
+    fit = ood_head.shrink(mean, cov, np.concatenate([kit.real_features[held_out], site_f]), kit.taps,
+                          n_train=kit.ood_n_train + len(a_rows))
     sets = {name: fit.score(kit.real_features[kit.real_set == name]) for name in dict.fromkeys(kit.real_set)}
     sets["site_adapt"] = fit.score(site_f)
     ood_threshold = ood_head.choose_threshold(sets)
