@@ -846,6 +846,8 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="adapted model's folder name (default: MODEL_site)")
     p.add_argument("--report", type=Path, help="report folder (default: out/adapt/NAME)")
     p.add_argument("--audit-fraction", type=float, default=0.5, help="share of the films kept for the audit")
+    p.add_argument("--site-mass", type=float, default=0.5,
+                   help="share of the refitted out-of-distribution reference given to the site's films (default 0.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split")
     p.set_defaults(func=_cmd_adapt)
 
@@ -858,7 +860,7 @@ def _cmd_adapt(a: argparse.Namespace) -> int:
     try:
         cfg = AdaptConfig(sample=a.sample, model_dir=a.model_repository / a.model, out_repository=a.out_repository,
                           name=name, report_dir=a.report or REPO_ROOT / "out" / "adapt" / name,
-                          audit_fraction=a.audit_fraction, seed=a.seed)
+                          audit_fraction=a.audit_fraction, site_mass=a.site_mass, seed=a.seed)
     except ValueError as exc:
         raise CxrError(str(exc)) from None
     rc, info = adapt(cfg)
