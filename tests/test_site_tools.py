@@ -84,7 +84,9 @@ def test_site_audit_counts_a_refused_film_as_a_referral_and_lists_it(tmp_path: P
     report = json.loads((tmp_path / "a" / "audit.json").read_text())
     refused = {Path(x["path"]).name: x["rule"] for x in report["refused"]}
     assert refused == {"camera.png": "out_of_distribution", "figure.png": "colour_image"}, r.stdout
-    assert report["specificity"]["n"] == 6 and report["specificity"]["k"] == 4  # two Normal films referred
+    answers = json.loads(cxr("predict", str(EXAMPLES / "NORMAL"), "--protocol", "embedded", "--format", "json").stdout)
+    cleared = sum(a["status"] == "ok" and a["label"] == "Normal" for a in answers)  # Normal films not referred
+    assert report["specificity"]["n"] == 6 and report["specificity"]["k"] == cleared  # both refused films referred
     assert "figure.png" in r.stdout and r.returncode == 3  # 2 of 10 flagged is over the card's 2%
 
 
