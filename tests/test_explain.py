@@ -68,11 +68,8 @@ def test_map_changes_when_the_head_is_randomised() -> None:
 
 
 def _films_for(cam: GradCam) -> list[np.ndarray]:
-    from tests.conftest import REAL_SITE, have_real_data, synthetic_xray
-
-    if have_real_data():
-        return [contract.preprocess(p) for p in sorted((REAL_SITE / "PNEUMONIA").glob("*.jpeg"))[:6]]
-    return [contract.preprocess(np.asarray(synthetic_xray(s, pneumonia=True)), rules=False) for s in range(6)]
+    """The real Pneumonia films of examples/ (two hospitals), with or without ../shared."""
+    return [contract.preprocess(p) for p in sorted((REPO / "examples" / "PNEUMONIA").iterdir())]
 
 
 def test_peaks_differ_across_films() -> None:

@@ -15,7 +15,7 @@ from cxr import contract, eligibility
 from cxr.client import PneumoniaClient, Prediction
 from cxr.errors import CxrError, InvalidInputError, NotAssessableError
 from cxr.train import ood_corpus
-from tests.conftest import REAL_FULLRES, REAL_SITE, SHIPPED_REPOSITORY, have_real_data, synthetic_xray
+from tests.conftest import SHIPPED_REPOSITORY, synthetic_xray
 from tests.test_dicom import _ramp, make_dicom
 
 
@@ -218,10 +218,11 @@ def test_ood_threshold_comes_from_the_served_config(embedded: PneumoniaClient) -
 
 
 def _real_xrays() -> list[Path]:
-    if not have_real_data():
-        pytest.skip("needs the real chest X-rays in ../shared/data (CI has them): generated images are, correctly, "
-                    "out of distribution for the shipped model")
-    return sorted(REAL_FULLRES.rglob("*.jpeg"))[::8] + sorted(REAL_SITE.rglob("*.jpeg"))[::20]
+    """The real chest films of examples/ (JPEG, PNG and DICOM, two hospitals), with or without ../shared."""
+    from tests.conftest import REPO
+
+    ex = REPO / "examples"
+    return sorted(ex.glob("NORMAL/*")) + sorted(ex.glob("PNEUMONIA/*")) + [ex / "dicom" / "chest_dx.dcm"]
 
 
 def test_real_chest_x_rays_pass_every_rule(embedded: PneumoniaClient) -> None:

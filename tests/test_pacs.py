@@ -17,7 +17,7 @@ import pytest
 
 from cxr.pacs.sr import read_sr
 from cxr.serving.server import free_ports
-from tests.conftest import REAL_FULLRES, SHIPPED_REPOSITORY, have_real_data
+from tests.conftest import SHIPPED_REPOSITORY
 from tests.test_dicom import make_dicom
 
 pytestmark = pytest.mark.slow
@@ -26,19 +26,16 @@ ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 
 
 def chest_dx(seed: int, *, study: str | None = None) -> bytes:
-    """A DX chest DICOM: a real full-resolution film's pixels when ../shared is present, else a generated film."""
+    """A DX chest DICOM whose pixels are one of the real example films (cycled by ``seed``)."""
     import io
 
     import numpy as np
     from PIL import Image
 
-    from tests.conftest import synthetic_xray
+    from tests.conftest import REPO
 
-    if have_real_data():
-        files = sorted(REAL_FULLRES.rglob("*.jpeg"))
-        img = np.asarray(Image.open(files[seed % len(files)]).convert("L"))
-    else:
-        img = np.asarray(synthetic_xray(seed, pneumonia=seed % 2 == 1, size=(600, 520)))
+    files = sorted((REPO / "examples").glob("NORMAL/*")) + sorted((REPO / "examples").glob("PNEUMONIA/*"))
+    img = np.asarray(Image.open(files[seed % len(files)]).convert("L"))
     ds = pydicom.dcmread(io.BytesIO(make_dicom(img.astype(np.uint16) * 16, bits=12)))
     ds.BodyPartExamined, ds.ViewPosition = "CHEST", "PA"
     ds.PatientID, ds.PatientName = f"PAT{seed:03d}", f"Test^Patient{seed}"
@@ -195,11 +192,9 @@ def test_orthanc_routes_a_study_and_the_sr_lands_in_the_same_study(pacs, tmp_pat
         content = read_sr(sr)
         (tmp_path / "src.dcm").write_bytes(data)
         expected = _predict_embedded(tmp_path / "src.dcm")
-        if expected["status"] == "ok":
-            assert content["probability"] == pytest.approx(expected["probability"], abs=1e-6)
-            assert content["finding"] == ("Present" if expected["label"] == "Pneumonia" else "Absent")
-        else:  # generated films are, correctly, out of distribution for the shipped model
-            assert content["not_assessable"] and content["probability"] is None
+        assert expected["status"] == "ok"  # a real film: the SR carries a finding
+        assert content["probability"] == pytest.approx(expected["probability"], abs=1e-6)
+        assert content["finding"] == ("Present" if expected["label"] == "Pneumonia" else "Absent")
         rows = (tmp_path / "results.csv").read_text().splitlines()
         assert len(rows) == 2 and src.SOPInstanceUID in rows[1] and "Test^Patient" not in rows[1]
         logs = "".join(p.read_text() for p in tmp_path.glob("listen-*.log"))
