@@ -14,7 +14,9 @@ import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from cxr.durable import write_durably
 from cxr.errors import CxrError
+from cxr.lifecycle import serve_until_signal
 from cxr.paths import DEFAULT_CACHE, DEFAULT_MODEL, DEFAULT_REPOSITORY, REPO_ROOT
 
 logger = logging.getLogger("cxr")
@@ -404,8 +406,6 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_serve(a: argparse.Namespace) -> int:
-    import signal
-    import threading
 
     from cxr.security import TlsServer
     from cxr.serving.server import ServerConfig, TritonServer
@@ -421,19 +421,13 @@ def _cmd_serve(a: argparse.Namespace) -> int:
                            allow_insecure=a.allow_insecure)
     except ValueError as exc:
         raise CxrError(str(exc)) from None
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with TritonServer(cfg) as server:
         tls_note = (" (TLS" + (", mutual" if cfg.tls.mutual else "") + ")") if cfg.tls else ""
         print(f"Triton ready (pid {server.pid}):\n  HTTP    http://{cfg.http_url}\n  gRPC    {cfg.grpc_url}{tls_note}\n"
               f"  metrics {cfg.metrics_url}\nCtrl-C to stop.", flush=True)
-        try:
-            while not stop.is_set():
-                if not server.running():
-                    raise CxrError(f"tritonserver exited:\n{server.log_tail()}")
-                stop.wait(1.0)
-        except KeyboardInterrupt:
-            pass
+        serve_until_signal(server.running)
+        if not server.running():
+            raise CxrError(f"tritonserver exited:\n{server.log_tail()}")
         print("stopping Triton ...", flush=True)
     return 0
 
@@ -723,8 +717,6 @@ def _add_listen(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_listen(a: argparse.Namespace) -> int:
-    import signal
-    import threading
 
     from cxr.pacs.listener import Destination, ListenConfig, Listener
     from cxr.security import TlsClient, TlsServer
@@ -739,17 +731,12 @@ def _cmd_listen(a: argparse.Namespace) -> int:
                            metrics_port=a.metrics_port, **_client_security(a))
     except ValueError as exc:
         raise CxrError(str(exc)) from None
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with Listener(cfg) as listener:
         print(f"listening: {cfg.ae_title}@{cfg.host}:{cfg.port}" + (f", results to {a.send_to}" if a.send_to else
               ", results kept in the outbox (no --send-to)") + f"; spool {cfg.spool}; Ctrl-C to stop", flush=True)
         if listener.metrics_port is not None:
             print(f"metrics on http://127.0.0.1:{listener.metrics_port}/metrics", flush=True)
-        try:
-            stop.wait()
-        except KeyboardInterrupt:
-            pass
+        serve_until_signal()
     return 0
 
 
@@ -942,9 +929,7 @@ def _add_proxy(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_proxy(a: argparse.Namespace) -> int:
-    import signal
     import tempfile
-    import threading
 
     from cxr.serving.proxy import NginxProxy, ProxyConfig, render_nginx_conf
 
@@ -956,16 +941,11 @@ def _cmd_proxy(a: argparse.Namespace) -> int:
     if a.print:
         print(render_nginx_conf(cfg, workdir=Path(tempfile.gettempdir()) / "cxr-nginx"))
         return 0
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with NginxProxy(cfg):
         print(f"nginx: https://{a.listen_host}:{a.https_port} -> http://{a.triton_http}"
               + (f"; grpcs {a.listen_host}:{a.grpc_port} -> {a.triton_grpc}" if a.grpc_port else "") + "; Ctrl-C to stop",
               flush=True)
-        try:
-            stop.wait()
-        except KeyboardInterrupt:
-            pass
+        serve_until_signal()
     return 0
 
 
@@ -1001,10 +981,7 @@ def _cmd_ui_passwd(a: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CxrError(str(exc)) from None
     lines = [ln for ln in (a.file.read_text().splitlines() if a.file.exists() else []) if not ln.startswith(f"{a.user}:")]
-    fd = os.open(a.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join([*lines, entry]) + "\n")
-    os.chmod(a.file, 0o600)
+    write_durably(a.file, ("\n".join([*lines, entry]) + "\n").encode(), mode=0o600)
     print(f"{a.user} written to {a.file}")
     return 0
 

@@ -24,12 +24,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_durably(path: Path, data: bytes) -> None:
+def write_durably(path: Path, data: bytes, *, mode: int | None = None) -> None:
     """Write ``data`` to ``path`` whole or not at all: a temporary file, fsync, rename over ``path``, fsync the
-    folder. A reader never sees a torn file."""
+    folder. A reader never sees a torn file. ``mode`` (e.g. ``0o600`` for credentials) is set on the temporary
+    file before any byte is written, so the data is never readable by others."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 if mode is None else mode)
+    if mode is not None:
+        os.fchmod(fd, mode)
+    with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
