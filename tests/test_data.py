@@ -31,29 +31,28 @@ def test_im_and_normal2_series_are_separate_patients() -> None:
 
 
 def test_split_has_no_patient_in_two_sides(train_data) -> None:  # type: ignore[no-untyped-def]
-    root = data_mod.split_dir(train_data, "train")
-    samples = data_mod.list_samples(root)
-    split = data_mod.make_split(samples, root=root, val_fraction=0.15, seed=0)
-    patients = {str(s.path.relative_to(root)): s.patient for s in samples}
-    train_p = {patients[r] for r in split.train}
-    val_p = {patients[r] for r in split.val}
+    src = data_mod.Source("kaggle", data_mod.split_dir(train_data, "train"))
+    samples = data_mod.source_samples(src)
+    split = data_mod.make_source_split([(src, samples)], val_fraction=0.15, seed=0)
+    train_p = {s.patient for s in split.samples("train")}
+    val_p = {s.patient for s in split.samples("val")}
     assert train_p and val_p and not (train_p & val_p)
     assert len(split.train) + len(split.val) == len(samples)
     # stratified: each class's validation share is near the fraction
-    by_class = Counter(r.split("/")[0] for r in split.val)
-    totals = Counter(str(s.path.relative_to(root)).split("/")[0] for s in samples)
+    by_class = Counter(r.split("/")[1] for r in split.val)
+    totals = Counter(s.path.parent.name for s in samples)
     for cls, n in totals.items():
         assert 0.10 <= by_class[cls] / n <= 0.30, (cls, by_class[cls], n)
 
 
 def test_split_is_reproducible_and_seeded(tmp_path, train_data) -> None:  # type: ignore[no-untyped-def]
-    root = data_mod.split_dir(train_data, "train")
-    samples = data_mod.list_samples(root)
-    a = data_mod.make_split(samples, root=root, seed=3)
+    src = data_mod.Source("kaggle", data_mod.split_dir(train_data, "train"))
+    per = [(src, data_mod.source_samples(src))]
+    a = data_mod.make_source_split(per, seed=3)
     a.save(tmp_path / "split.json")
     assert data_mod.Split.load(tmp_path / "split.json") == a
-    assert data_mod.make_split(samples, root=root, seed=3) == a
-    assert data_mod.make_split(samples, root=root, seed=4).val != a.val
+    assert data_mod.make_source_split(per, seed=3) == a
+    assert data_mod.make_source_split(per, seed=4).val != a.val
 
 
 def test_layout_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -36,7 +36,8 @@ def test_training_writes_the_run_directory(tiny_run: Path) -> None:
         assert (tiny_run / name).exists(), name
     hist = json.loads((tiny_run / "history.json").read_text())
     assert {"loss", "val_loss", "accuracy", "val_accuracy", "val_auc", "monitor_auc"} <= set(hist["history"])
-    assert hist["best_epoch"] == 1 and hist["class_weights"]["0"] > 0
+    assert hist["best_epoch"] == 1 and set(hist["sampling_mass"]) == {"kaggle/NORMAL", "kaggle/PNEUMONIA"}
+    assert sum(hist["sampling_mass"].values()) == pytest.approx(1.0)
 
 
 def test_calibrate_evaluate_export_parity(tiny_run: Path, train_data: Path, site_data: Path, tmp_path: Path) -> None:

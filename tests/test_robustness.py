@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import signal
 import subprocess
 import sys
@@ -187,11 +188,18 @@ def test_torn_last_journal_line_is_dropped_and_errors_are_retried(tmp_path) -> N
     from cxr.client.batch import JOURNAL_COLUMNS, Journal
 
     j = tmp_path / "r.csv.journal"
-    j.write_text(",".join(JOURNAL_COLUMNS) + "\n"
-                 "a.jpeg,Normal,0.1,0.5,pneumonia,1,,abc,,ok,,3.0,0\n"
-                 "b.jpeg,,,0.5,pneumonia,1,b.jpeg: UNAVAILABLE,def,,error,b.jpeg: UNAVAILABLE,,1\n"
-                 "c.jpeg,,,0.5,pneumonia,1,c.jpeg: not an image,0aa,,error,c.jpeg: not an image,,0\n"
-                 "d.jpeg,Pneu")
+    base = {k: "" for k in JOURNAL_COLUMNS} | {"threshold": "0.5", "model_name": "pneumonia", "model_version": "1"}
+    rows = [base | {"path": "a.jpeg", "label": "Normal", "probability": "0.1", "sha256": "abc", "status": "ok",
+                    "ood_score": "3.0", "retryable": "0"},
+            base | {"path": "b.jpeg", "error": "b.jpeg: UNAVAILABLE", "sha256": "def", "status": "error",
+                    "reason": "b.jpeg: UNAVAILABLE", "retryable": "1"},
+            base | {"path": "c.jpeg", "error": "c.jpeg: not an image", "sha256": "0aa", "status": "error",
+                    "reason": "c.jpeg: not an image", "retryable": "0"}]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=JOURNAL_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    j.write_text(buf.getvalue() + "d.jpeg,Pneu")
     journal = Journal(j)
     journal.close()
     assert set(journal.latest) == {"a.jpeg", "b.jpeg", "c.jpeg"} and j.read_text().endswith(",0\n")

@@ -33,7 +33,6 @@ import logging
 import random
 import shutil
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,22 +98,8 @@ class AdaptConfig:
 def split_sample(samples: list[data_mod.Sample], trained: set[str], digests: dict[Path, str], *,
                  audit_fraction: float, seed: int) -> tuple[list[data_mod.Sample], list[data_mod.Sample]]:
     """(adapt, audit): by patient, stratified by class; patients with any film in ``trained`` (sha256s) adapt."""
-    by_patient: dict[str, list[data_mod.Sample]] = defaultdict(list)
-    for s in samples:
-        by_patient[s.patient].append(s)
-    seen = {p for p, films in by_patient.items() if any(digests[f.path] in trained for f in films)}
-    rng = random.Random(seed)
-    audit: set[str] = set()
-    for label in (0, 1):
-        fresh = sorted(p for p, films in by_patient.items() if p not in seen and films[0].label == label)
-        rng.shuffle(fresh)
-        target = audit_fraction * sum(s.label == label for s in samples)
-        taken = 0
-        for p in fresh:
-            if taken >= target:
-                break
-            audit.add(p)
-            taken += len(by_patient[p])
+    seen = {s.patient for s in samples if digests[s.path] in trained}
+    audit = data_mod.draw_patients(samples, audit_fraction, random.Random(seed), exclude=seen)
     adapt_part = [s for s in samples if s.patient not in audit]
     audit_part = [s for s in samples if s.patient in audit]
     return adapt_part, audit_part
@@ -294,8 +279,10 @@ def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
         logger.warning("audit failed; nothing published (report in %s)", report_dir)
         return audit_mod.NO_GO, summary
 
-    staging = dest.parent / f".{dest.name}.staging"
-    shutil.rmtree(staging, ignore_errors=True)
+    # staged under a hidden folder with the final name (Triton checks the config's name against the folder's),
+    # then moved into place in one rename
+    staging = dest.parent / f".{dest.name}.staging" / dest.name
+    shutil.rmtree(staging.parent, ignore_errors=True)
     (staging / "1").mkdir(parents=True)
     onnx.save(model, str(staging / "1" / "model.onnx"))
     _copy_python_model(staging, 1)
@@ -329,5 +316,6 @@ def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
     if dest.exists():
         shutil.rmtree(dest)
     staging.rename(dest)
+    staging.parent.rmdir()
     logger.info("published %s in %.0f s", dest, time.time() - t0)
     return audit_mod.GO, summary

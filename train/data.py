@@ -259,35 +259,31 @@ class Split:
         return out
 
 
-def make_split(samples: Sequence[Sample], *, root: Path, val_fraction: float = 0.15, seed: int = 0) -> Split:
-    """Split samples into train and validation by patient, stratified by class.
+def draw_patients(samples: Sequence[Sample], fraction: float, rng: random.Random, *,
+                  exclude: frozenset[str] | set[str] = frozenset()) -> set[str]:
+    """Patients drawn, class by class, until their films reach ``fraction`` of the class's films.
 
-    Every patient's images land on one side. Within each class, patients are
-    shuffled with ``seed`` and moved to validation until the class's
-    validation share reaches ``val_fraction`` of its images.
+    Patients are shuffled with ``rng`` (sorted first, so a seed reproduces the draw); a patient with films of
+    both classes is drawn once; patients in ``exclude`` are never drawn (their films still count in the class's
+    total). Used by the training split (validation side) and by ``cxr adapt`` (audit part).
     """
-    by_patient: dict[tuple[int, str], list[Sample]] = defaultdict(list)
+    groups: dict[tuple[int, str], list[Sample]] = defaultdict(list)
     for s in samples:
-        by_patient[(s.label, s.patient)].append(s)
-    rng = random.Random(seed)
-    val_keys: set[tuple[int, str]] = set()
+        groups[(s.label, s.patient)].append(s)
+    chosen: set[str] = set()
     for label in (0, 1):
-        keys = sorted(k for k in by_patient if k[0] == label)
+        keys = sorted(k for k in groups if k[0] == label)
         rng.shuffle(keys)
-        target = val_fraction * sum(len(by_patient[k]) for k in keys)
+        target = fraction * sum(len(groups[k]) for k in keys)
         taken = 0
         for k in keys:
             if taken >= target:
                 break
-            val_keys.add(k)
-            taken += len(by_patient[k])
-    patients_val = {k[1] for k in val_keys}
-    train: list[str] = []
-    val: list[str] = []
-    for s in samples:
-        rel = str(s.path.relative_to(root))
-        (val if s.patient in patients_val else train).append(rel)
-    return Split(seed, val_fraction, tuple(sorted(train)), tuple(sorted(val)))
+            if k[1] in chosen or k[1] in exclude:
+                continue
+            chosen.add(k[1])
+            taken += len(groups[k])
+    return chosen
 
 
 def make_source_split(
@@ -308,22 +304,7 @@ def make_source_split(
     train: list[str] = []
     val: list[str] = []
     for src, samples in sources:
-        by_patient: dict[tuple[int, str], list[Sample]] = defaultdict(list)
-        for s in samples:
-            by_patient[(s.label, s.patient)].append(s)
-        val_patients: set[str] = set()
-        for label in (0, 1):
-            keys = sorted(k for k in by_patient if k[0] == label)
-            rng.shuffle(keys)
-            target = fractions[src.name] * sum(len(by_patient[k]) for k in keys)
-            taken = 0
-            for k in keys:
-                if taken >= target:
-                    break
-                if k[1] in val_patients:
-                    continue
-                val_patients.add(k[1])
-                taken += len(by_patient[k])
+        val_patients = draw_patients(samples, fractions[src.name], rng)
         for s in samples:
             entry = f"{src.name}/{s.path.relative_to(src.root).as_posix()}"
             (val if s.patient in val_patients else train).append(entry)
