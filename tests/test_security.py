@@ -198,7 +198,8 @@ def test_locust_users_speak_mutual_tls(secure_server, pki, tmp_path) -> None:  #
     key = _key_file(tmp_path / "config.key", CONFIG_KEY)
     prefix = tmp_path / "run"
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "TritonGrpcUser", "--headless", "-u", "2", "-r", "2",
-           "-t", "3s", "--host", secure_server.config.grpc_url, "--csv", str(prefix), "--only-summary",
+           "-t", "4s", "--host", secure_server.config.grpc_url, "--csv", str(prefix), "--only-summary",
+           "--max-images", "4",  # decoded before users spawn: a few films keep the preload out of the short run
            "--stop-timeout", "5", "--triton-tls-ca", str(pki["ca"]), "--triton-tls-cert", str(pki["client_cert"]),
            "--triton-tls-key", str(pki["client_key"]), "--triton-config-key-file", str(key)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
