@@ -401,7 +401,6 @@ def model_card(cfg: ExportConfig, calibration: Calibration, results: dict, *, sh
             "stopped_by": history.get("stopped_by"),
             "n_train": history.get("n_train"),
             "n_val": history.get("n_val"),
-            "class_weights": history.get("class_weights"),
             "split": "patient-grouped within each source, stratified by source and class, seeded; split.json in the run "
             "directory",
         },

@@ -63,15 +63,6 @@ def test_layout_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
         data_mod.list_samples(tmp_path)
 
 
-def test_class_weights_balance_the_classes() -> None:
-    import numpy as np
-
-    w = data_mod.class_weights(np.array([0] * 10 + [1] * 30))
-    assert w[0] * 10 == pytest.approx(w[1] * 30)
-    with pytest.raises(DataError):
-        data_mod.class_weights(np.ones(5))
-
-
 def test_load_images_caches(tmp_path) -> None:  # type: ignore[no-untyped-def]
     root = make_dataset(tmp_path / "d", n_per_class=3)
     paths = [s.path for s in data_mod.list_samples(root / "train")]

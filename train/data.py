@@ -377,19 +377,6 @@ def load_assessable(paths: Sequence[Path], *, cache_dir: Path | None = None) -> 
     return x, kept, refused
 
 
-def class_weights(labels: np.ndarray) -> dict[int, float]:
-    """Balanced class weights ``n / (2 * n_c)`` (the 1:2.9 imbalance of Kaggle train)."""
-    labels = np.asarray(labels)
-    n = len(labels)
-    weights = {}
-    for c in (0, 1):
-        n_c = int((labels == c).sum())
-        if n_c == 0:
-            raise DataError(f"class {contract.LABELS[c]} has no training images")
-        weights[c] = n / (2.0 * n_c)
-    return weights
-
-
 #: Columns of a model's ``provenance.csv``: one row per file and role.
 PROVENANCE_COLUMNS = ("role", "source", "patient", "label", "path", "sha256")
 #: Roles a file can have in building a model.
