@@ -95,8 +95,10 @@ def test_evaluate_lists_refused_films_and_goes_on(tmp_path: Path) -> None:
     shutil.copytree(EXAMPLES / "NORMAL", sample / "NORMAL")
     shutil.copytree(EXAMPLES / "PNEUMONIA", sample / "PNEUMONIA")
     Image.new("RGB", (300, 300), (200, 30, 30)).save(sample / "NORMAL" / "figure.png")
-    r = cxr("evaluate", "--model", str(SHIPPED_REPOSITORY / "pneumonia" / "1" / "model.onnx"), "--data", str(sample),
-            "--out", str(tmp_path / "eval"), "--n-boot", "50")
+    model = tmp_path / "model" / "model.onnx"  # a copy: evaluate records its command beside the model it scores
+    model.parent.mkdir()
+    shutil.copy(SHIPPED_REPOSITORY / "pneumonia" / "1" / "model.onnx", model)
+    r = cxr("evaluate", "--model", str(model), "--data", str(sample), "--out", str(tmp_path / "eval"), "--n-boot", "50")
     assert r.returncode == 0, r.stderr
     rep = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert rep["n"] == 9 and [x["rule"] for x in rep["refused"]] == ["colour_image"]
