@@ -40,7 +40,6 @@ class AdaptKit:
     ood_mean: np.ndarray = field(repr=False)
     ood_cov: np.ndarray = field(repr=False)
     ood_n_train: int = 0
-    ood_sources: int = 1
     real_features: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 0)))
     real_set: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, dtype=str))
 
@@ -77,7 +76,7 @@ def save(model_dir: Path, model_path: Path, train_samples, x_train: np.ndarray, 
         replay_label=np.array([train_samples[i].label for i in idx], np.int8),
         replay_source=np.array([train_samples[i].source for i in idx]),
         replay_teacher=teacher.astype(np.float32), ood_mean=mean, ood_cov=cov.astype(np.float32),
-        ood_n_train=np.int64(len(feats.train)), ood_sources=np.int64(len({s.source for s in train_samples})),
+        ood_n_train=np.int64(len(feats.train)),
         real_features=np.concatenate([feats.real[k] for k in names]).astype(np.float16),
         real_set=np.concatenate([np.full(len(feats.real[k]), k) for k in names]),
     )
@@ -101,6 +100,6 @@ def load(model_dir: Path) -> AdaptKit:
             replay_label=z["replay_label"].astype(int), replay_source=z["replay_source"].astype(str),
             replay_teacher=z["replay_teacher"].astype(np.float64), ood_mean=z["ood_mean"].astype(np.float64),
             ood_cov=z["ood_cov"].astype(np.float64), ood_n_train=int(z["ood_n_train"]),
-            ood_sources=int(z["ood_sources"]), real_features=z["real_features"].astype(np.float64),
+            real_features=z["real_features"].astype(np.float64),
             real_set=z["real_set"].astype(str),
         )

@@ -9,12 +9,11 @@ commands that take a labelled folder (cxr site-audit, cxr evaluate, cxr adapt) r
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
 from cxr import contract
-from cxr.train.data import Split
+from cxr.train.data import Split, write_manifest
 
 
 def main() -> int:
@@ -36,10 +35,7 @@ def main() -> int:
         name = f"{s.source}_{s.path.name}"
         (d / name).symlink_to(s.path.resolve())
         rows.append({"label": contract.CLASS_DIRS[s.label], "file_name": name, "patient": s.patient})
-    with (a.out / "MANIFEST.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["label", "file_name", "patient"])
-        w.writeheader()
-        w.writerows(rows)
+    write_manifest(a.out, rows)
     print(f"{len(samples)} films in {a.out}")
     return 0
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cxr.train import data as data_mod
 from tests.conftest import REPO, SHIPPED_REPOSITORY
 
 pytestmark = pytest.mark.slow
@@ -47,10 +48,7 @@ def variants(dest: Path, *, per_film: int, seed: int, gamma: float | None = None
                 name = f"{src.stem}_v{k:02d}.png"
                 Image.fromarray((np.clip(a, 0, 1) * 255).astype(np.uint8)).save(dest / cls / name)
                 rows.append({"label": cls, "file_name": name, "patient": src.stem})
-    with (dest / "MANIFEST.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["label", "file_name", "patient"])
-        w.writeheader()
-        w.writerows(rows)
+    data_mod.write_manifest(dest, rows)
     return dest
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 from collections import Counter
 from pathlib import Path
@@ -24,10 +23,7 @@ def _adult_source(root: Path, *, normals: int, pneumonias: int, films_per_patien
             name = f"{label}{i:05d}.png"
             synthetic_xray(7000 + label * 1000 + i, pneumonia=bool(label)).save(root / cls / name)
             rows.append({"label": cls, "file_name": name, "patient": f"P{label}{i // films_per_patient:04d}"})
-    with (root / "MANIFEST.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["label", "file_name", "patient"])
-        w.writeheader()
-        w.writerows(rows)
+    data_mod.write_manifest(root, rows)
     return root
 
 

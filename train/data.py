@@ -128,6 +128,19 @@ def manifest_patients(root: Path) -> dict[str, str]:
     return out
 
 
+MANIFEST_COLUMNS = ("label", "file_name", "patient")
+
+
+def write_manifest(root: str | os.PathLike, rows: Sequence[dict]) -> Path:
+    """Write ``root/MANIFEST.csv`` (``label``, ``file_name``, ``patient``), the form :func:`manifest_patients` reads."""
+    path = Path(root) / "MANIFEST.csv"
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
 def source_samples(src: Source) -> list[Sample]:
     """Every image of a source, with patient ids from its manifest (else the file name), namespaced by source."""
     patients = manifest_patients(src.root)
