@@ -30,20 +30,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cxr import contract
-from cxr.durable import AppendOnlyCsv, write_durably
-from cxr.security import TlsClient
+from cxr.client.results import CSV_COLUMNS, JOURNAL_COLUMNS, as_json, from_row, table, to_row
+from cxr.core import contract
+from cxr.core.durable import AppendOnlyCsv, write_durably
+from cxr.core.security import TlsClient
 
 logger = logging.getLogger(__name__)
 
-#: CSV columns, those people read first first. Earlier releases wrote ``path, label, probability, threshold,
-#: model_name, model_version, error, sha256, sop_instance_uid, status, reason, ood_score``; every reader goes by
-#: the header, and a journal in that order is appended to in its own order (:class:`cxr.durable.AppendOnlyCsv`).
-CSV_COLUMNS = (
-    "path", "status", "label", "probability", "threshold", "reason", "ood_score", "model_name", "model_version",
-    "sop_instance_uid", "sha256", "error",
-)
-JOURNAL_COLUMNS = (*CSV_COLUMNS, "retryable")
 JOURNAL_SUFFIX = ".journal"
 
 
@@ -62,7 +55,7 @@ class PredictOptions:
         chunk: Images decoded and sent per step (and journaled together).
         eligibility: A DICOM eligibility rules file overriding the served rules.
         retries: Tries per request before a chunk's images are recorded as transient errors (a rerun retries them).
-        tls: TLS settings for the server (:class:`cxr.security.TlsClient`).
+        tls: TLS settings for the server (:class:`cxr.core.security.TlsClient`).
         config_key: Key for a server that restricts model-config.
         ray: Run on a Ray cluster at this address (``auto``: the local cluster); see :mod:`cxr.client.ray_batch`.
         metrics_port: Serve Prometheus metrics of the answers on this loopback port while the run lasts
@@ -175,7 +168,7 @@ def materialise(journal: Journal, paths: list[Path], out: Path) -> list[dict]:
 
 
 def write_csv_atomically(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
-    """Header and rows, written whole or not at all (:func:`cxr.durable.write_durably`)."""
+    """Header and rows, written whole or not at all (:func:`cxr.core.durable.write_durably`)."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
@@ -183,27 +176,9 @@ def write_csv_atomically(path: Path, columns: tuple[str, ...], rows: list[dict])
     write_durably(path, buf.getvalue().encode("utf-8"))
 
 
-def _row(pred, sha: str) -> dict:  # type: ignore[no-untyped-def]
-    return {
-        "path": pred.source,
-        "label": pred.label or "",
-        "probability": "" if pred.probability is None else f"{pred.probability:.6f}",
-        "threshold": f"{pred.threshold:.6f}",
-        "model_name": pred.model_name,
-        "model_version": pred.model_version,
-        "error": pred.error or "",
-        "sha256": sha,
-        "sop_instance_uid": pred.sop_instance_uid or "",
-        "status": pred.status.value,
-        "reason": pred.reason or "",
-        "ood_score": "" if pred.ood_score is None else f"{pred.ood_score:.4f}",
-        "retryable": "1" if pred.retryable else "0",
-    }
-
-
 def run_predict(opts: PredictOptions) -> int:
     """Implementation of ``cxr predict`` (see ``cxr predict --help``)."""
-    from cxr.eligibility import Eligibility
+    from cxr.core.eligibility import Eligibility
 
     paths = expand_inputs(opts.inputs)
     if not paths:
@@ -272,7 +247,7 @@ def _screen(opts: PredictOptions, todo: list[tuple[Path, str]], rules, journal: 
             for start in range(0, len(todo), opts.chunk):
                 part = todo[start : start + opts.chunk]
                 preds = client.predict([str(p) for p, _ in part])
-                _record([_row(pr, sha) for pr, (_, sha) in zip(preds, part)], journal, rows)
+                _record([to_row(pr, sha) for pr, (_, sha) in zip(preds, part)], journal, rows)
                 if metrics is not None:
                     for pr, (path, _) in zip(preds, part):
                         manufacturer, station = device_of(path)
@@ -299,32 +274,19 @@ def _record(chunk_rows: list[dict], journal: Journal | None, rows: list[dict]) -
 
 
 def _emit(rows: list[dict], fmt: str, out: Path | None) -> None:
+    """Present this run's rows (no journal): JSON and the table from the predictions they encode, CSV as is."""
     stream = open(out, "w", newline="", encoding="utf-8") if out else sys.stdout  # noqa: SIM115
     try:
-        if fmt == "json":
-            clean = []
-            for r in rows:
-                c = {k: r[k] for k in CSV_COLUMNS}
-                c["probability"] = float(r["probability"]) if r["probability"] else None
-                c["threshold"] = float(r["threshold"])
-                c["ood_score"] = float(r["ood_score"]) if r["ood_score"] else None
-                for k in ("label", "error", "reason", "sop_instance_uid"):
-                    c[k] = c[k] or None
-                clean.append(c)
-            stream.write(json.dumps(clean, indent=1) + "\n")
-        elif fmt == "csv":
+        if fmt == "csv":
             w = csv.DictWriter(stream, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
             w.writeheader()
             w.writerows(rows)
+            return
+        decoded = [from_row(r) for r in rows]
+        if fmt == "json":
+            stream.write(json.dumps([as_json(p, sha) for p, sha in decoded], indent=1) + "\n")
         else:
-            width = max([len(r["path"]) for r in rows] + [4])
-            stream.write(f"{'path':<{width}}  {'status':<14}  {'label':<9}  {'P(pneumonia)':>12}  {'thr':>6}  detail\n")
-            for r in rows:
-                prob = contract.format_probability(float(r["probability"])) if r["probability"] else "-"
-                label = r["label"] or "-"
-                tail = r["reason"] if r["reason"] else f"{r['model_name']} v{r['model_version']}"
-                status = r["status"].upper() if r["status"] != contract.Status.OK.value else "ok"
-                stream.write(f"{r['path']:<{width}}  {status:<14}  {label:<9}  {prob:>12}  {r['threshold'][:6]:>6}  {tail}\n")
+            stream.write(table([p for p, _ in decoded]))
     finally:
         if out:
             stream.close()

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cxr import contract
-from cxr.client.transport import PROTOCOLS, ModelInfo, Scores, Transport, make_transport
-from cxr.eligibility import Eligibility
-from cxr.errors import CxrError, InvalidInputError, NotAssessableError, RetryableServerError
-from cxr.security import TlsClient
+from cxr.client.connect import make_transport
+from cxr.client.transport import PROTOCOLS, ModelInfo, Scores, Transport
+from cxr.core import contract, imaging
+from cxr.core.eligibility import Eligibility
+from cxr.core.errors import CxrError, InvalidInputError, NotAssessableError, RetryableServerError
+from cxr.core.security import TlsClient
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ class Prediction:
 
     Attributes:
         source: The input's name (path, or a summary for in-memory inputs).
-        status: ``ok``, ``not_assessable`` or ``error`` (:class:`cxr.contract.Status`).
+        status: ``ok``, ``not_assessable`` or ``error`` (:class:`cxr.core.contract.Status`).
         label: ``Normal`` or ``Pneumonia`` when ``status`` is ``ok``, else ``None``.
         probability: Calibrated P(pneumonia) when ``status`` is ``ok``, else ``None``
             (a not-assessable input's number would be a guess).
@@ -39,7 +40,8 @@ class Prediction:
         ood_threshold: The served OOD threshold (``None`` when the model has no OOD output).
         retryable: For errors: a transient server failure (unavailable, deadline, overload, server error) that
             a rerun should retry; ``False`` for input errors, which stay final until the file changes.
-        rule: For ``not_assessable``: the rule that refused the input (a key of :data:`cxr.contract.RULES`).
+        refusal: For ``not_assessable``: the rule that refused the input, what it measured and the limit.
+        model_sha256: sha256 of the served model file ('' when the server publishes none).
     """
 
     source: str
@@ -54,12 +56,13 @@ class Prediction:
     ood_score: float | None = None
     ood_threshold: float | None = None
     retryable: bool = False
-    rule: str | None = None
+    refusal: contract.Refusal | None = None
+    model_sha256: str = ""
 
     def __post_init__(self) -> None:
         status = contract.Status(self.status)
-        if (status is contract.Status.NOT_ASSESSABLE) != (self.rule is not None) or (self.rule and self.rule not in contract.RULES):
-            raise ValueError(f"{self.source}: not_assessable needs the rule that refused it (and only it has one)")
+        if (status is contract.Status.NOT_ASSESSABLE) != isinstance(self.refusal, contract.Refusal):
+            raise ValueError(f"{self.source}: not_assessable needs the refusal (rule, value, limit), and only it has one")
         object.__setattr__(self, "status", status)
         if (status is contract.Status.OK) != (self.label is not None and self.probability is not None):
             raise ValueError(f"{self.source}: a label and probability come with status ok, and only with it")
@@ -72,6 +75,11 @@ class Prediction:
     def ok(self) -> bool:
         """The model judged the image (``status == ok``)."""
         return self.status is contract.Status.OK
+
+    @property
+    def rule(self) -> str | None:
+        """The refusal's rule (``None`` unless ``not_assessable``)."""
+        return self.refusal.rule if self.refusal is not None else None
 
     @property
     def error(self) -> str | None:
@@ -113,24 +121,24 @@ class Prepared:
     uid: str | None = None
     status: contract.Status | None = None
     reason: str | None = None
-    rule: str | None = None
+    refusal: contract.Refusal | None = None
 
 
-def prepare(source: contract.ImageSource, eligibility: Eligibility | None) -> Prepared:
+def prepare(source: imaging.ImageSource, eligibility: Eligibility | None) -> Prepared:
     """Decode one input under the eligibility and pixel rules; never raises for a bad input. Shared by
     :meth:`PneumoniaClient.predict` and the Ray preprocessing tasks, so both refuse the same inputs."""
-    name = contract.describe(source)
+    name = imaging.describe(source)
     try:
-        array, meta = contract.preprocess_with_meta(source, name=name, eligibility=eligibility)
+        array, meta = imaging.preprocess_with_meta(source, name=name, eligibility=eligibility)
         return Prepared(name, array, meta.get("sop_instance_uid"))
     except NotAssessableError as exc:
-        status, reason, rule = contract.Status.NOT_ASSESSABLE, str(exc), exc.rule
+        status, reason, refusal = contract.Status.NOT_ASSESSABLE, str(exc), contract.Refusal.of(exc)
     except InvalidInputError as exc:
-        status, reason, rule = contract.Status.ERROR, str(exc), None
+        status, reason, refusal = contract.Status.ERROR, str(exc), None
     except Exception as exc:  # noqa: BLE001 - one bad file must not sink the batch
-        status, reason, rule = (contract.Status.ERROR, f"{name}: unexpected error while reading "
-                                f"({type(exc).__name__}: {exc})", None)
-    return Prepared(name, None, None, status, reason.splitlines()[0], rule)
+        status, reason, refusal = (contract.Status.ERROR, f"{name}: unexpected error while reading "
+                                   f"({type(exc).__name__}: {exc})", None)
+    return Prepared(name, None, None, status, reason.splitlines()[0], refusal)
 
 
 class PneumoniaClient:
@@ -157,7 +165,7 @@ class PneumoniaClient:
             rules the served config publishes, else the shipped default).
         transport: A ready :class:`Transport` to use instead of connecting to ``url``
             (tests, custom transports); ``protocol`` and ``url`` are then ignored.
-        tls: TLS settings (:class:`cxr.security.TlsClient`: the CA, and the client certificate for mutual TLS).
+        tls: TLS settings (:class:`cxr.core.security.TlsClient`: the CA, and the client certificate for mutual TLS).
         config_key: The key for a server that restricts model-config (``cxr serve --config-key-file``).
     """
 
@@ -243,7 +251,7 @@ class PneumoniaClient:
         """Probabilities ``(N,)`` for a contract batch (see :meth:`infer_scores`)."""
         return self.infer_scores(batch).probability
 
-    def _prepare(self, source: contract.ImageSource) -> tuple[str, np.ndarray | None, Prediction | None, str | None]:
+    def _prepare(self, source: imaging.ImageSource) -> tuple[str, np.ndarray | None, Prediction | None, str | None]:
         """Decode one input; an unreadable or ineligible input gets its final :class:`Prediction` here."""
         pre = prepare(source, self.eligibility)
         return pre.name, pre.array, None if pre.array is not None else self.refusal(pre), pre.uid
@@ -254,7 +262,7 @@ class PneumoniaClient:
             raise ValueError(f"{pre.name} was decoded: it is answered by the model, not refused")
         info = self.info
         return Prediction(pre.name, pre.status, None, None, info.threshold, info.name, info.version, pre.reason,
-                          ood_threshold=info.ood_threshold, rule=pre.rule)
+                          ood_threshold=info.ood_threshold, refusal=pre.refusal, model_sha256=info.sha256)
 
     def failure(self, name: str, uid: str | None, exc: CxrError) -> Prediction:
         """The answer for an input whose inference failed after the retries: ``error``, retryable when the
@@ -263,9 +271,9 @@ class PneumoniaClient:
         msg = f"inference failed: {exc}".splitlines()[0]
         return Prediction(name, contract.Status.ERROR, None, None, info.threshold, info.name, info.version,
                           f"{name}: {msg}", uid, ood_threshold=info.ood_threshold,
-                          retryable=not isinstance(exc, InvalidInputError))
+                          retryable=not isinstance(exc, InvalidInputError), model_sha256=info.sha256)
 
-    def predict(self, images: Sequence[contract.ImageSource]) -> list[Prediction]:
+    def predict(self, images: Sequence[imaging.ImageSource]) -> list[Prediction]:
         """Give every input exactly one final :class:`Prediction`, in order.
 
         An unreadable input is an ``error``; an input the eligibility rules, the
@@ -297,13 +305,14 @@ class PneumoniaClient:
         threshold, else the label at the served decision threshold."""
         info = self.info
         if ood is not None and contract.is_out_of_distribution(ood, info.ood_threshold):
-            reason = str(contract.not_assessable(name, "out_of_distribution",
-                                                 f"ood_score {ood:.2f} > {info.ood_threshold:.2f}"))
+            exc = contract.not_assessable(name, "out_of_distribution", f"ood_score {ood:.2f} > {info.ood_threshold:.2f}",
+                                          value=ood, limit=info.ood_threshold)
             return Prediction(name, contract.Status.NOT_ASSESSABLE, None, None, info.threshold, info.name, info.version,
-                              reason, uid, ood, info.ood_threshold, rule="out_of_distribution")
+                              str(exc), uid, ood, info.ood_threshold, refusal=contract.Refusal.of(exc),
+                              model_sha256=info.sha256)
         label = contract.label_for(prob, info.threshold, info.labels)
         return Prediction(name, contract.Status.OK, label, prob, info.threshold, info.name, info.version, None, uid, ood,
-                          info.ood_threshold)
+                          info.ood_threshold, model_sha256=info.sha256)
 
     # -- misc -------------------------------------------------------------
     def ready(self) -> bool:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cxr.client.transport import ModelInfo, Scores, Transport
-from cxr.errors import RetryableServerError, ServerError
+from cxr.core.errors import RetryableServerError, ServerError
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cxr import contract
+from cxr.core import contract
 
 #: Buckets of ``cxr_probability``.
 PROBABILITY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
@@ -93,7 +93,7 @@ class ScreeningMetrics:
         """Write the metrics in the text format (for node_exporter's textfile collector), atomically."""
         from prometheus_client import generate_latest
 
-        from cxr.durable import write_durably
+        from cxr.core.durable import write_durably
 
         write_durably(Path(path), generate_latest(self.registry))
 

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr import contract
-from cxr.errors import DataError
+from cxr.core import contract
+from cxr.core.errors import DataError
 
 #: Smallest batch judged.
 MIN_BATCH = 30

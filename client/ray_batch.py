@@ -17,12 +17,14 @@ same paths from every node (shared storage).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
-from cxr import contract
+from cxr.core import contract
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +40,21 @@ def _preprocess(batch: dict, eligibility=None) -> dict:  # type: ignore[no-untyp
         "path": batch["path"], "sha256": batch["sha256"],
         "image": np.stack([blank if p.array is None else p.array.reshape(-1) for p in pres]),
         "status": np.array([PENDING if p.status is None else p.status.value for p in pres]),
-        "reason": np.array([p.reason or "" for p in pres]), "rule": np.array([p.rule or "" for p in pres]),
+        "reason": np.array([p.reason or "" for p in pres]),
+        "refusal": np.array([_refusal_json(p.refusal) for p in pres]),
         "sop_instance_uid": np.array([p.uid or "" for p in pres]),
     }
 
 
 PENDING = "pending"  # decoded, waiting for the model
+
+
+def _refusal_json(refusal: contract.Refusal | None) -> str:
+    return "" if refusal is None else json.dumps(dataclasses.asdict(refusal))
+
+
+def _refusal_of(text: str) -> contract.Refusal | None:
+    return contract.Refusal(**json.loads(text)) if text else None
 
 
 class _Screener:
@@ -58,9 +69,9 @@ class _Screener:
                                       config_key=config_key, eligibility=eligibility)
 
     def __call__(self, batch: dict) -> dict:
-        from cxr.client.batch import _row
         from cxr.client.client import Prepared
-        from cxr.errors import CxrError
+        from cxr.client.results import to_row
+        from cxr.core.errors import CxrError
 
         n = len(batch["path"])
         names = [str(p) for p in batch["path"]]
@@ -80,8 +91,8 @@ class _Screener:
         for i in range(n):
             if preds[i] is None:
                 preds[i] = self.client.refusal(Prepared(names[i], None, None, contract.Status(batch["status"][i]),
-                                                        str(batch["reason"][i]), str(batch["rule"][i]) or None))
-        rows = [_row(p, str(batch["sha256"][i])) for i, p in enumerate(preds)]
+                                                        str(batch["reason"][i]), _refusal_of(str(batch["refusal"][i]))))
+        rows = [to_row(p, str(batch["sha256"][i])) for i, p in enumerate(preds)]
         return {k: np.array([r[k] for r in rows]) for k in rows[0]}
 
 

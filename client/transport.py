@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr import contract
-from cxr.errors import InvalidInputError, RetryableServerError, ServerError
-from cxr.security import CONFIG_HEADER, TlsClient, TlsError, diagnose, grpc_header, split_host_port
+from cxr.core import contract
+from cxr.core.errors import CxrError, InvalidInputError, RetryableServerError, ServerError
+from cxr.core.model_dir import ModelDir, ServedParams
+from cxr.core.security import CONFIG_HEADER, TlsClient, TlsError, diagnose, grpc_header, split_host_port
 
 logger = logging.getLogger(__name__)
 
@@ -65,27 +66,24 @@ class Scores:
 
 
 def _params_to_info(name: str, version: str, config: dict) -> ModelInfo:
-    params: dict[str, str] = {
-        k: str(v.get("string_value", "") if isinstance(v, dict) else v)
-        for k, v in (config.get("parameters") or {}).items()
-    }
-    labels = tuple(params.get(contract.PARAM_LABELS, ",".join(contract.LABELS)).split(","))
-    if len(labels) != 2:
-        raise ServerError(f"model {name}: expected two labels, got {labels}")
+    """What the client needs from a served config, read with the codec that wrote it (:class:`ServedParams`)."""
+    try:
+        params = ServedParams.from_parameters(config.get("parameters") or {})
+    except ValueError as exc:
+        raise ServerError(f"model {name}: {exc}") from None
     outputs = {o.get("name") for o in config.get("output") or []}
-    ood_threshold = params.get(contract.PARAM_OOD_THRESHOLD)
-    if (contract.OOD_OUTPUT_NAME in outputs) != bool(ood_threshold):
+    if (contract.OOD_OUTPUT_NAME in outputs) != (params.ood_threshold is not None):
         raise ServerError(f"model {name}: '{contract.OOD_OUTPUT_NAME}' output and '{contract.PARAM_OOD_THRESHOLD}' "
                           "parameter must come together (regenerate the config with `cxr configs`)")
     return ModelInfo(
         name=name,
         version=version,
         max_batch_size=int(config.get("max_batch_size", 1) or 1),
-        threshold=float(params.get(contract.PARAM_THRESHOLD, contract.DEFAULT_THRESHOLD)),
-        labels=labels,
-        sha256=params.get(contract.PARAM_SHA256, ""),
-        ood_threshold=float(ood_threshold) if ood_threshold else None,
-        eligibility=params.get(contract.PARAM_ELIGIBILITY, ""),
+        threshold=params.threshold,
+        labels=params.labels,
+        sha256=params.sha256,
+        ood_threshold=params.ood_threshold,
+        eligibility=params.eligibility,
     )
 
 
@@ -265,15 +263,11 @@ class HttpTransport(Transport):
 
 
 def read_config(model_dir: Path, config_name: str | None = None) -> dict:
-    """Parse a model folder's ``config.pbtxt`` (or ``configs/<name>.pbtxt``) into a dict (as Triton serves it)."""
-    from google.protobuf import json_format
-
-    from cxr.export import triton_config
-
-    path = Path(model_dir) / "configs" / f"{config_name}.pbtxt" if config_name else Path(model_dir) / "config.pbtxt"
-    if not path.exists():
-        raise ServerError(f"model config not found: {path}")
-    return json_format.MessageToDict(triton_config.read(path), preserving_proto_field_name=True)
+    """A model folder's ``config.pbtxt`` (or ``configs/<name>.pbtxt``) as the dict Triton serves."""
+    try:
+        return ModelDir(Path(model_dir)).read_config(config_name)
+    except CxrError as exc:
+        raise ServerError(str(exc)) from None
 
 
 class EmbeddedTransport(Transport):
@@ -292,12 +286,12 @@ class EmbeddedTransport(Transport):
         self.info = _params_to_info(model, version, cfg)
         onnx_path = model_dir / version / "model.onnx"
         if self.info.sha256:
-            from cxr.errors import ModelIntegrityError
-            from cxr.serving.integrity import sha256_file
+            from cxr.core.errors import ModelIntegrityError
+            from cxr.core.integrity import sha256_file
 
             if sha256_file(onnx_path) != self.info.sha256:
                 raise ModelIntegrityError(f"{onnx_path}: sha256 does not match its config; refusing to load")
-        from cxr.serving.ort_session import make_session
+        from cxr.core.ort_session import make_session
 
         self._session = make_session(onnx_path, threads=threads)
         have = {o.name for o in self._session.get_outputs()}
@@ -328,22 +322,3 @@ def _scores(get, info: ModelInfo, n: int) -> Scores:  # type: ignore[no-untyped-
     prob = _check_output(get(contract.OUTPUT_NAME), n, contract.OUTPUT_NAME)
     ood = _check_output(get(contract.OOD_OUTPUT_NAME), n, contract.OOD_OUTPUT_NAME) if info.ood_threshold is not None else None
     return Scores(prob, ood)
-
-
-def make_transport(protocol: str, url: str | None, model: str, version: str, *, timeout_s: float,
-                   tls: TlsClient | None = None, config_key: str | None = None) -> Transport:
-    """Create the transport for ``protocol`` (``grpc``, ``http`` or ``embedded``); ``url`` may list replicas ``A,B,C``."""
-    if protocol in ("grpc", "http") and url and "," in url:
-        from cxr.client.fleet import FleetTransport, split_urls
-
-        return FleetTransport(split_urls(url), lambda u: make_transport(protocol, u, model, version, timeout_s=timeout_s,
-                                                                          tls=tls, config_key=config_key))
-    if protocol == "grpc":
-        return GrpcTransport(url or DEFAULT_URLS["grpc"], model, version, timeout_s=timeout_s, tls=tls, config_key=config_key)
-    if protocol == "http":
-        return HttpTransport(url or DEFAULT_URLS["http"], model, version, timeout_s=timeout_s, tls=tls, config_key=config_key)
-    if protocol == "embedded":
-        from cxr.paths import DEFAULT_REPOSITORY
-
-        return EmbeddedTransport(url or DEFAULT_REPOSITORY, model, version)
-    raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")

@@ -14,10 +14,11 @@ import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from cxr.durable import write_durably
-from cxr.errors import CxrError
-from cxr.lifecycle import serve_until_signal
-from cxr.paths import DEFAULT_CACHE, DEFAULT_MODEL, DEFAULT_REPOSITORY, REPO_ROOT
+from cxr.core.durable import write_durably
+from cxr.core.errors import CxrError
+from cxr.core.lifecycle import serve_until_signal
+from cxr.core.model_dir import ModelCard, ModelDir
+from cxr.core.paths import DEFAULT_CACHE, DEFAULT_MODEL, DEFAULT_REPOSITORY, REPO_ROOT
 
 logger = logging.getLogger("cxr")
 
@@ -274,7 +275,7 @@ def _add_ood_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_ood_eval(a: argparse.Namespace) -> int:
-    from cxr.train.ood_eval import OodEvalConfig, run
+    from cxr.export.ood_eval import OodEvalConfig, run
 
     rep = run(OodEvalConfig(repository=a.repository, model=a.name, real_dirs=tuple(a.real), split_file=a.split,
                             data_dir=a.data, xray_folder=a.xrays, out_dir=a.out, cache_dir=DEFAULT_CACHE))
@@ -407,7 +408,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_serve(a: argparse.Namespace) -> int:
 
-    from cxr.security import TlsServer
+    from cxr.core.security import TlsServer
     from cxr.serving.server import ServerConfig, TritonServer
 
     if (a.tls_cert is None) != (a.tls_key is None) or (a.tls_client_ca and not a.tls_cert):
@@ -450,7 +451,7 @@ def _add_tls_client_args(p: argparse.ArgumentParser) -> None:
 
 def _client_security(a: argparse.Namespace) -> dict:
     """``tls`` and ``config_key`` keyword arguments for PneumoniaClient from the TLS options."""
-    from cxr.security import TlsClient, read_key
+    from cxr.core.security import TlsClient, read_key
 
     if (a.tls_cert or a.tls_key) and not a.tls_ca:
         raise CxrError("--tls-cert/--tls-key need --tls-ca (the CA that signed the server's certificate)")
@@ -597,8 +598,8 @@ def _add_capacity(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_capacity(a: argparse.Namespace) -> int:
+    from cxr.core.security import read_key
     from cxr.loadtest.capacity import CapacityConfig, sweep
-    from cxr.security import read_key
 
     admin_key = read_key(a.admin_key_file, "admin key") if a.admin_key_file else None
     res = sweep(CapacityConfig(grpc_url=a.grpc_url, http_url=a.http_url, metrics_url=a.metrics_url, admin_key=admin_key,
@@ -718,8 +719,8 @@ def _add_listen(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_listen(a: argparse.Namespace) -> int:
 
+    from cxr.core.security import TlsClient, TlsServer
     from cxr.pacs.listener import Destination, ListenConfig, Listener
-    from cxr.security import TlsClient, TlsServer
 
     try:
         dicom_tls = TlsServer(a.dicom_tls_cert, a.dicom_tls_key, a.dicom_tls_client_ca) if a.dicom_tls_cert else None
@@ -781,26 +782,23 @@ def _screen_labelled(a: argparse.Namespace, sample: Path):  # type: ignore[no-un
     return films, info
 
 
-def _served_card(repository: Path, model: str, served_sha256: str | None) -> tuple[Path, dict]:
-    from cxr.export.repository import read_card
-
-    model_dir = repository / model
-    card = read_card(model_dir)
-    if served_sha256 and card.get("sha256") != served_sha256:
-        raise CxrError(f"the served model ({served_sha256[:12]}) is not the one in {model_dir} "
-                       f"({str(card.get('sha256'))[:12]}); give --model-repository of the served model")
-    return model_dir, card
+def _served_card(repository: Path, model: str, served_sha256: str | None) -> tuple[ModelDir, ModelCard]:
+    folder = ModelDir(repository / model)
+    card = folder.card()
+    if served_sha256 and card.sha256 != served_sha256:
+        raise CxrError(f"the served model ({served_sha256[:12]}) is not the one in {folder.path} "
+                       f"({card.sha256[:12]}); give --model-repository of the served model")
+    return folder, card
 
 
 def _cmd_site_audit(a: argparse.Namespace) -> int:
-    from cxr.export.repository import read_reference
-    from cxr.paths import relative
+    from cxr.core.paths import relative
     from cxr.train import audit
 
     films, info = _screen_labelled(a, a.sample)
     model_dir, card = _served_card(a.model_repository, a.model, info.sha256)
     result = audit.audit(films, threshold=info.threshold, targets=audit.Targets.from_card(card),
-                         reference=read_reference(model_dir))
+                         reference=model_dir.reference())
     audit.write(result, films, a.out, model=f"{info.name} v{info.version} ({(info.sha256 or '')[:12]})",
                 sample=relative(a.sample))
     print(audit.summary(result))
@@ -840,7 +838,7 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_adapt(a: argparse.Namespace) -> int:
-    from cxr.train.adapt import AdaptConfig, adapt
+    from cxr.export.adapt import AdaptConfig, adapt
     from cxr.train.audit import summary
 
     name = a.name or f"{a.model}_site"
@@ -884,21 +882,20 @@ def _cmd_monitor(a: argparse.Namespace) -> int:
     import json
 
     from cxr.client import monitor
-    from cxr.durable import write_durably
-    from cxr.export.repository import read_card, read_reference
+    from cxr.core.durable import write_durably
 
     if not 0 < a.alpha < 1:
         raise CxrError(f"--alpha must be in (0, 1), got {a.alpha}")
-    model_dir = a.model_repository / a.model
-    card = read_card(model_dir)
+    folder = ModelDir(a.model_repository / a.model)
+    card = folder.card()
     if a.baseline is not None:
         reference = monitor.reference_from_rows(monitor.read_predictions(a.baseline), what=str(a.baseline))
     else:
-        reference = read_reference(model_dir)
+        reference = folder.reference()
     if reference is None:
-        raise CxrError(f"{model_dir}: no reference.json (refit its OOD head with `cxr ood-fit` to write one)")
+        raise CxrError(f"{folder.path}: no reference.json (refit its OOD head with `cxr ood-fit` to write one)")
     rows = monitor.read_predictions(a.predictions)
-    checks = monitor.compare(rows, reference, float(card["calibration"]["threshold"]), alpha=a.alpha)
+    checks = monitor.compare(rows, reference, card.threshold, alpha=a.alpha)
     result = monitor.report(checks, batch=str(a.predictions), model=a.model, n_rows=len(rows))
     text = monitor.markdown(result)
     print(text)

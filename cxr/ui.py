@@ -6,7 +6,7 @@ default, ``--protocol embedded`` in-process), so the page never disagrees with
 rule that refused it) or an *Error*. The Grad-CAM heatmap is drawn only for a
 Pneumonia answer, over the whole film, and only when the local model file is
 the one the server serves (same sha256); otherwise the page says it is
-unavailable and why (see :mod:`cxr.explain`).
+unavailable and why (see :mod:`cxr.client.explain`).
 
 Safe defaults: binds 127.0.0.1, no public share link unless ``--share``, an
 upload size limit, uploads deleted after each response.
@@ -23,8 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cxr import contract
-from cxr.errors import CxrError
+from cxr.core import imaging
+from cxr.core.errors import CxrError
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class UiConfig:
             login. Required on any address but loopback.
         https_cert: Certificate for HTTPS (required, with ``https_key``, on any address but loopback).
         https_key: Its private key.
-        tls: TLS settings for reaching Triton (:class:`cxr.security.TlsClient`).
+        tls: TLS settings for reaching Triton (:class:`cxr.core.security.TlsClient`).
         config_key: Key for a server that restricts model-config.
     """
 
@@ -86,7 +86,7 @@ class UiConfig:
     config_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        from cxr.security import is_loopback
+        from cxr.core.security import is_loopback
 
         if self.max_file_mb < 1:
             raise ValueError("max_file_mb must be >= 1")
@@ -129,7 +129,7 @@ def load_credentials(path: Path) -> dict[str, str]:
     Raises:
         CxrError: Unreadable, readable by others, empty, or a malformed line (plain-text passwords are refused).
     """
-    from cxr.security import read_private_text
+    from cxr.core.security import read_private_text
 
     p = Path(path)
     lines = read_private_text(p, "credentials").splitlines()
@@ -170,7 +170,7 @@ def _short(name: str) -> str:
 def _answer_html(name: str, pred, labels: tuple[str, ...]) -> str:  # type: ignore[no-untyped-def]
     import html
 
-    from cxr.contract import Status, format_probability
+    from cxr.core.contract import Status, format_probability
 
     n = html.escape(name)
     if pred.status is Status.OK:
@@ -178,12 +178,12 @@ def _answer_html(name: str, pred, labels: tuple[str, ...]) -> str:  # type: igno
         return (f'<div class="cxr-answer {cls}"><b>{BADGES.get(pred.label, pred.label)}</b> ({n}): P(pneumonia) '
                 f"{format_probability(pred.probability)}, threshold {pred.threshold:.3f}, model {html.escape(pred.model_name)} "
                 f"v{html.escape(pred.model_version)}</div>")
-    reason = html.escape((pred.reason or "").replace(pred.source, name))
     if pred.status is Status.NOT_ASSESSABLE:
-        detail = html.escape((pred.reason or "").split(f"({pred.rule}): ", 1)[-1])
+        r = pred.refusal
         return (f'<div class="cxr-answer cxr-not-assessable"><b>{BADGES["not_assessable"]}</b> ({n}): Not assessable: '
-                f"{html.escape(contract.RULES[pred.rule])} (<code>{pred.rule}</code>: {detail}). "
+                f"{html.escape(r.description)} (<code>{r.rule}</code>: {html.escape(r.detail)}). "
                 "Route to a human reader.</div>")
+    reason = html.escape((pred.reason or "").replace(pred.source, name))  # the upload's temporary path, hidden
     return f'<div class="cxr-answer cxr-error"><b>{BADGES["error"]}</b> ({n}): {reason}</div>'
 
 
@@ -204,8 +204,8 @@ def _figure(rgb, caption: str) -> str:  # type: ignore[no-untyped-def]
 
 def make_classifier(client, gradcam, workdir: Path, *, gradcam_note: str = "") -> Callable:  # type: ignore[no-untyped-def]
     """The Submit handler: (HTML answers, Grad-CAM gallery, table rows, CSV path) for a list of uploaded files."""
-    from cxr.contract import format_probability
-    from cxr.explain import film_for_display, overlay
+    from cxr.client.explain import film_for_display, overlay
+    from cxr.core.contract import format_probability
 
     def classify(files: list | None):  # type: ignore[no-untyped-def]
         paths = [str(getattr(f, "name", f)) for f in (files or [])]
@@ -222,7 +222,7 @@ def make_classifier(client, gradcam, workdir: Path, *, gradcam_note: str = "") -
                     notes.append(f"Heatmap unavailable: {gradcam_note}")
                     continue
                 film = film_for_display(path)
-                heat = gradcam.heatmap(contract.preprocess(path), size=(film.shape[1], film.shape[0]))
+                heat = gradcam.heatmap(imaging.preprocess(path), size=(film.shape[1], film.shape[0]))
                 cams.append(_figure(overlay(film, heat), f"{_short(path)}: Pneumonia, P(pneumonia) "
                                                           f"{format_probability(pred.probability)}"))
         finally:
@@ -234,7 +234,8 @@ def make_classifier(client, gradcam, workdir: Path, *, gradcam_note: str = "") -
         rows, blocks = [], []
         for path, pred in zip(paths, preds):
             name = _short(path)
-            reason = (pred.reason or "").replace(path, name)
+            reason = (f"{pred.rule}: {pred.refusal.detail}" if pred.refusal is not None
+                      else (pred.reason or "").replace(path, name))
             rows.append([name, pred.status.value, pred.label or "",
                          "" if pred.probability is None else format_probability(pred.probability),
                          round(pred.threshold, 4), f"{pred.model_name} v{pred.model_version}", reason])
@@ -255,7 +256,7 @@ def build_app(cfg: UiConfig):  # type: ignore[no-untyped-def]
     import gradio as gr
 
     from cxr.client import PneumoniaClient
-    from cxr.explain import GradCam
+    from cxr.client.explain import GradCam
 
     client = PneumoniaClient(cfg.url, protocol=cfg.protocol, model=cfg.model, tls=cfg.tls,  # type: ignore[arg-type]
                              config_key=cfg.config_key)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr.errors import CxrError
+from cxr.core.errors import CxrError
 
 FILE_NAME = "adapt_kit.npz"
 #: Training films per (source, class) cell in the replay set.
@@ -55,9 +55,9 @@ class AdaptKit:
 def save(model_dir: Path, model_path: Path, train_samples, x_train: np.ndarray, feats, weights: np.ndarray, *,  # type: ignore[no-untyped-def]
          seed: int = 0) -> Path:
     """Write the kit for the model at ``model_path`` (``feats``: the OOD fit's :class:`OodFeatures`)."""
-    from cxr.durable import write_durably
+    from cxr.core.durable import write_durably
+    from cxr.core.ort_session import served_outputs
     from cxr.export import ood_head
-    from cxr.export.repository import _scores
 
     rng = np.random.default_rng(seed)
     cells: dict[tuple[str, int], list[int]] = {}
@@ -67,7 +67,7 @@ def save(model_dir: Path, model_path: Path, train_samples, x_train: np.ndarray, 
     x = x_train[idx]
     taps = feats.fit.taps
     gap = ood_head.FeatureExtractor(ood_head.strip(model_path), taps[:1], log=False)(x)
-    teacher, _ = _scores(model_path, x)
+    teacher, _ = served_outputs(model_path, x)
     mean, cov = ood_head.moments(feats.train, weights)
     names = list(ood_head.disjoint(feats.real))  # each reference film once
     buf = io.BytesIO()

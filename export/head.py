@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cxr import contract
-from cxr.errors import CxrError
+from cxr.core import contract
+from cxr.core.errors import CxrError
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr import contract
-from cxr.errors import CxrError, ExportValidationError
+from cxr.core import contract
+from cxr.core.errors import CxrError, ExportValidationError
+from cxr.core.integrity import sha256_file
+from cxr.core.paths import relative
 from cxr.export import repository
-from cxr.paths import relative
-from cxr.serving.integrity import sha256_file
+from cxr.export.card import write_card
 from cxr.train import metrics
 from cxr.train.scoring import Calibration, KerasScorer, OnnxScorer
 from cxr.train.trainer import epochs_done
@@ -78,7 +79,7 @@ def _rename_value(graph, old: str, new: str) -> None:  # type: ignore[no-untyped
 def _convert(head, onnx_path: Path, output_name: str, *, opset: int, doc: str) -> Path:  # type: ignore[no-untyped-def]
     """Convert ``head`` (float32 pixels -> tensor) behind the contract's uint8 ``image`` input to ONNX.
 
-    (Grad-CAM needs no separate export: :mod:`cxr.explain` works on this graph.)
+    (Grad-CAM needs no separate export: :mod:`cxr.client.explain` works on this graph.)
 
     The input is named ``image`` with batch dimension ``batch``; the single output is ``output_name``.
     """
@@ -178,7 +179,7 @@ def check_parity(
 
     ``tolerance=None`` skips the value check (INT8 is judged by its labels and AUC instead).
     """
-    from cxr.serving.ort_session import make_session
+    from cxr.core.ort_session import make_session
 
     failures: list[str] = []
     sess = make_session(candidate_path)
@@ -333,7 +334,7 @@ def export(cfg: ExportConfig) -> dict:
         (model_dir / "export_failures.json").write_text(json.dumps(failures, indent=1) + "\n")
         raise ExportValidationError(failures)
 
-    _copy_python_model(model_dir, cfg.version)
+    write_python_model(model_dir, cfg.version)
     dirs = [(model_dir, "fp32")] + ([(int8_dir, "int8")] if cfg.int8 else [])
     for d, precision in dirs:
         onnx_file = d / str(cfg.version) / "model.onnx"
@@ -342,7 +343,7 @@ def export(cfg: ExportConfig) -> dict:
         card["serving"] = {"targets": list(repository.TARGETS[precision])}
         write_card(d, card)
         if precision == "int8":
-            _copy_python_model(d, cfg.version)
+            write_python_model(d, cfg.version)
     # The second output, ood_score, fitted on this model's own training split (each precision on its own features).
     split_file = Path(cfg.model_path).parent / "split.json"
     if cfg.data_dir is not None and split_file.exists():
@@ -362,7 +363,7 @@ from cxr.serving.python_model import TritonPythonModel  # noqa: F401
 '''
 
 
-def _copy_python_model(model_dir: Path, version: int) -> None:
+def write_python_model(model_dir: Path, version: int) -> None:
     (model_dir / str(version) / "model.py").write_text(PYTHON_MODEL_STUB)
 
 
@@ -386,7 +387,7 @@ def model_card(cfg: ExportConfig, calibration: Calibration, results: dict, *, sh
             "input": {"name": contract.INPUT_NAME, "dtype": str(contract.INPUT_DTYPE), "shape": ["batch", *contract.IMAGE_SHAPE]},
             "output": {"name": contract.OUTPUT_NAME, "dtype": str(contract.OUTPUT_DTYPE), "shape": ["batch", *contract.OUTPUT_SHAPE]},
             "labels": list(contract.LABELS),
-            "preprocessing": "cxr.contract.preprocess: decode, grayscale (ITU-R 601 luma), bilinear resize to 224x224 "
+            "preprocessing": "cxr.core.imaging.preprocess: decode, grayscale (ITU-R 601 luma), bilinear resize to 224x224 "
             "(aspect not kept); intensity scaling and per-image standardisation inside the graph",
         },
         "training": {
@@ -424,114 +425,6 @@ def _commands(run_dir: Path, current: str) -> list[str]:
     f = run_dir / "commands.txt"
     done = [c for c in f.read_text().splitlines() if c and not c.startswith("cxr export")] if f.exists() else []
     return list(dict.fromkeys(done + ([current] if current else [])))
-
-
-def write_card(model_dir: Path, card: dict) -> None:
-    """Write ``model_card.json`` and a readable ``MODEL_CARD.md``."""
-    model_dir = Path(model_dir)
-    (model_dir / "model_card.json").write_text(json.dumps(card, indent=1, default=str) + "\n")
-    cal = card["calibration"]
-    m = cal.get("metrics", {})
-    ood = card.get("ood") or {}
-    lines = [
-        f"# Model card: {card['model']} (version {card['version']}, {card['precision'].upper()})",
-        "",
-        "A screening aid, not a diagnosis. Inputs it cannot judge get `not_assessable` with a reason and no label; "
-        "route them to a human reader.",
-        "",
-        f"- file: `{card['file']}`, sha256 `{card['sha256']}`"
-        + (f", {card['bytes'] / 2**20:.1f} MiB" if card.get("bytes") else ""),
-        f"- architecture: `{card['architecture']}`; input `{contract.INPUT_NAME}` uint8 [batch, 224, 224, 1]; outputs "
-        f"`{contract.OUTPUT_NAME}` float32 [batch, 1] (calibrated P(pneumonia))"
-        + (f" and `{contract.OOD_OUTPUT_NAME}` float32 [batch, 1] (out-of-distribution score)" if ood else ""),
-        "- training data: " + ", ".join(f"{k} `{v}`" for k, v in (card["training"].get("sources")
-                                                               or {"kaggle": card["training"]["data"]}).items())
-        + f" ({card['training']['n_train']} train / {card['training']['n_val']} validation images, {card['training']['split']})",
-        f"- selected on: `{card['training']['selected_on']}`, best epoch {card['training']['best_epoch']}",
-        "",
-        "## Operating point",
-        "",
-        f"- threshold: **{cal['threshold']:.4f}**, rule `{cal['rule']}`"
-        + (f" (sensitivity target {cal['target']}" + (f", one-sided Clopper-Pearson bound at {cal['confidence']:.0%} confidence"
-                                                      if cal.get("confidence") else "") + ")" if cal.get("target") else "")
-        + f", fitted on `{cal['fitted_on']}` ({cal['n_images']} images); probability scaling `{cal['scaling']}` "
-        f"(scale {cal['scale']:.4f}, bias {cal['bias']:.4f})",
-    ]
-    if "sensitivity_lower_bound" in m:
-        lines += [
-            f"- on that sample (in-sample for the threshold): sensitivity **{m['sensitivity']:.3f}** "
-            f"({m['tp']}/{m['n_pos']}; lower bound {m['sensitivity_lower_bound']:.3f} at {m['confidence']:.0%} confidence), "
-            f"specificity {m['specificity']:.3f} ({m['tn']}/{m['n_neg']}; lower bound {m['specificity_lower_bound']:.3f}), "
-            f"accuracy {m['accuracy']:.3f}, AUC {m['roc_auc']:.3f}",
-            "- the bound, not the point estimate, is what the rule promises for unseen images of the same kind",
-        ]
-    if cal.get("previous_threshold") is not None:
-        lines.append(f"- previous threshold: {cal['previous_threshold']:.4f}")
-    if ood:
-        fl = ", ".join(f"{k} {v:.2%} of {ood['n'][k]}" for k, v in ood["flagged"].items())
-        lines += [
-            "",
-            "## Out-of-distribution refusal",
-            "",
-            f"- `{contract.OOD_OUTPUT_NAME}`: {ood['method']}; {ood['features']} features from "
-            f"{', '.join(f'`{t}`' for t in ood['taps'])}; covariance shrinkage {ood['shrinkage']:.3g} "
-            f"(chosen by validation likelihood); fitted on {ood['n_train']} training images",
-            f"- threshold **{ood['threshold']:.4f}** (served as config parameter `{contract.PARAM_OOD_THRESHOLD}`): the "
-            f"smallest that keeps at least {ood['pass_rate_target']:.1%} of all held-out real chest X-rays pooled"
-            + (f" and {ood['per_set_pass_rate']:.0%} of each set" if ood.get("per_set_pass_rate") else " and of each set")
-            + f"; flagged: {fl}",
-            f"- export parity of `{contract.OOD_OUTPUT_NAME}` (graph vs float64 reference): max relative difference "
-            f"{ood['parity_max_rel_diff']:.2e}",
-            "- refusal rates per category of non-chest inputs: `docs/model/ood.md`",
-        ]
-    prov = (card.get("provenance") or {}).get("summary")
-    if prov:
-        lines += ["", "## Data provenance", "",
-                  f"Every file that trained, validated, calibrated or set a threshold of this model is listed with its "
-                  f"source, patient and sha256 in `{card['provenance']['file']}`.", "",
-                  "| role | source | images | patients | Normal | Pneumonia |", "|---|---|---|---|---|---|"]
-        for role, by_source in prov.items():
-            for source, c in sorted(by_source.items()):
-                lines.append(f"| {role} | {source} | {c['images']} | {c['patients']} | {c['labels'].get('Normal', 0)} | "
-                             f"{c['labels'].get('Pneumonia', 0)} |")
-    targets = card.get("targets")
-    if targets:
-        lines += ["", "## Go-live targets (checked by `cxr site-audit` and `cxr adapt`)", "",
-                  f"- sensitivity >= {targets['sensitivity']}, specificity >= {targets['specificity']} at the operating "
-                  f"point (refused films count as referrals), ROC AUC >= {targets['roc_auc']}, at most "
-                  f"{targets['flagged']:.0%} of films flagged not assessable"]
-    ad = card.get("adaptation")
-    if ad:
-        au = ad["audit"]
-        lines += ["", "## Adaptation (`cxr adapt`)", "",
-                  f"- adapted from `{ad['from_model']}` (sha256 `{ad['from_sha256'][:12]}...`) on `{ad['sample']}` in "
-                  f"{ad['seconds']:.0f} s: {ad['split']['adapt']} films to adapt, {ad['split']['audit']} to audit "
-                  f"({ad['split']['audit_patients']} patients; none the model trained on)",
-                  f"- threshold: {ad['calibration']['why_target']}",
-                  f"- audit: sensitivity {au['sensitivity']['value']:.3f} ({au['sensitivity']['k']}/{au['sensitivity']['n']}), "
-                  f"specificity {au['specificity']['value']:.3f} ({au['specificity']['k']}/{au['specificity']['n']}), "
-                  f"AUC {au['roc_auc']['value']:.3f}, flagged {au['flagged']['value']:.1%}; in-sample for the threshold"]
-    lines += ["", "## Evaluations", "", f"Of {card['evaluations_of']}.", ""]
-    for name, rep in card["evaluations"].items():
-        lines.append(f"### {name} (`{rep['data']}`, n={rep['n']}, threshold {rep['threshold']:.4f})")
-        lines.append("")
-        lines.append("| metric | value | 95% CI |")
-        lines.append("|---|---|---|")
-        for k, mm in rep["metrics"].items():
-            lo, hi = mm["ci95"]
-            lines.append(f"| {k} | {mm['value']:.3f} | {lo:.3f} - {hi:.3f} |")
-        lines.append("")
-    par = card["export"]["parity"]
-    lines.append("## Export parity (Keras vs onnxruntime)")
-    lines.append("")
-    for prec, r in par.items():
-        p = r["parity"]
-        lines.append(
-            f"- {prec}: {p['n_images']} validation images, max |dp| {p['max_abs_diff']:.2e}, label agreement "
-            f"{p['label_agreement']:.4f}, validation AUC {r['val_auc']:.4f}"
-        )
-    lines += ["", "## Commands", ""] + [f"    {c}" for c in card["commands"]] + [""]
-    (model_dir / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
 
 
 def command_line() -> str:

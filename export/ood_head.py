@@ -29,13 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr import contract
-from cxr.errors import CxrError, ExportValidationError
+from cxr.core import contract
+from cxr.core.errors import CxrError, ExportValidationError
+from cxr.core.graph import OOD_PREFIX as PREFIX
+from cxr.core.graph import load as _load
+from cxr.core.graph import strip_ood as strip
 
 logger = logging.getLogger(__name__)
 
-#: Prefix of every node and initializer the OOD head adds (so it can be found and replaced).
-PREFIX = "ood/"
 #: Keras layer names whose outputs are tapped, per architecture (the GAP output first).
 TAPS = {
     "compact_cnn": ("gap", "s2b_relu"),
@@ -85,31 +86,6 @@ class OodFit:
         return np.sqrt((z * z).sum(axis=1))
 
 
-def _load(model: Path | object):  # type: ignore[no-untyped-def]
-    import onnx
-
-    return onnx.load(str(model)) if isinstance(model, (str, Path)) else model
-
-
-def strip(model):  # type: ignore[no-untyped-def]
-    """A copy of ``model`` without any OOD head (the base graph with its one ``probability`` output)."""
-    import onnx
-
-    m = onnx.ModelProto()
-    m.CopyFrom(_load(model))
-    g = m.graph
-    keep = [n for n in g.node if not n.name.startswith(PREFIX)]
-    del g.node[:]
-    g.node.extend(keep)
-    inits = [i for i in g.initializer if not i.name.startswith(PREFIX)]
-    del g.initializer[:]
-    g.initializer.extend(inits)
-    outs = [o for o in g.output if o.name != contract.OOD_OUTPUT_NAME]
-    del g.output[:]
-    g.output.extend(outs)
-    return m
-
-
 def find_taps(model, layers: tuple[str, ...] | None = None) -> tuple[str, ...]:  # type: ignore[no-untyped-def]
     """ONNX tensor names of the tapped layers (by Keras layer name inside tf2onnx's node names).
 
@@ -137,7 +113,7 @@ class FeatureExtractor:
     def __init__(self, model, taps: tuple[str, ...], *, threads: int = 0, log: bool = True) -> None:  # type: ignore[no-untyped-def]
         import onnx
 
-        from cxr.serving.ort_session import make_session
+        from cxr.core.ort_session import make_session
 
         m = strip(model)
         for t in taps:
@@ -353,7 +329,7 @@ def build(
     # the threshold sits just above a kept score, so an image at it may flip: no decision-level check here.
     from onnx import TensorProto, helper
 
-    from cxr.serving.ort_session import make_session
+    from cxr.core.ort_session import make_session
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)

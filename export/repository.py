@@ -20,17 +20,17 @@ the configs together.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
-from cxr import contract, eligibility
-from cxr.errors import CxrError
+from cxr.core import contract, eligibility
+from cxr.core.integrity import sha256_file
+from cxr.core.model_dir import PROVENANCE_FILE, ModelCard, ModelDir, ServedParams
+from cxr.core.ort_session import served_outputs
+from cxr.core.paths import relative
 from cxr.export import triton_config
-from cxr.paths import relative
-from cxr.serving.integrity import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -39,15 +39,13 @@ TARGETS = {"fp32": ("gpu", "gpu_fp16", "tensorrt_plan", "cpu"), "int8": ("cpu_or
 
 
 def read_card(model_dir: Path) -> dict:
-    path = Path(model_dir) / "model_card.json"
-    if not path.exists():
-        raise CxrError(f"{model_dir}: no model_card.json (export the model with `cxr export` first)")
-    return json.loads(path.read_text())
+    """The card's JSON, to edit and write back with :func:`save_card`."""
+    return ModelDir(Path(model_dir)).card().as_dict()
 
 
 def onnx_path(model_dir: Path, card: dict | None = None) -> Path:
-    card = card or read_card(model_dir)
-    return Path(model_dir) / card.get("file", "1/model.onnx")
+    folder = ModelDir(Path(model_dir))
+    return folder.onnx_path(ModelCard(card) if card is not None else None)
 
 
 def ensure_eligibility(model_dir: Path) -> Path:
@@ -59,36 +57,30 @@ def ensure_eligibility(model_dir: Path) -> Path:
     return path
 
 
-def served_params(model_dir: Path, card: dict | None = None) -> triton_config.ServedParams:
-    card = card or read_card(model_dir)
-    ood = card.get("ood") or {}
-    return triton_config.ServedParams(
-        threshold=float(card["calibration"]["threshold"]),
-        sha256=card["sha256"],
-        ood_threshold=float(ood["threshold"]) if ood.get("threshold") else None,
-        eligibility=ensure_eligibility(model_dir).read_text(),
-    )
+def served_params(model_dir: Path, card: dict | None = None) -> ServedParams:
+    typed = ModelCard(card) if card is not None else ModelDir(Path(model_dir)).card()
+    return ServedParams(threshold=typed.threshold, sha256=typed.sha256, ood_threshold=typed.ood_threshold,
+                        eligibility=ensure_eligibility(model_dir).read_text())
 
 
 def write_configs(model_dir: Path, card: dict | None = None) -> list[Path]:
     """Regenerate the model's Triton configs from its card and eligibility rules."""
     card = card or read_card(model_dir)
-    targets = tuple(card.get("serving", {}).get("targets") or TARGETS[card.get("precision", "fp32")])
+    typed = ModelCard(card)
+    targets = typed.serving_targets or TARGETS[typed.precision]
     return triton_config.write_model_dir(Path(model_dir), served_params(model_dir, card), targets=targets)
 
 
 def save_card(model_dir: Path, card: dict) -> None:
-    from cxr.export.onnx_export import write_card
+    from cxr.export.card import write_card
 
     card["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     write_card(Path(model_dir), card)
 
 
-def _check_sha(model_dir: Path, card: dict) -> Path:
-    path = onnx_path(model_dir, card)
-    if sha256_file(path) != card["sha256"]:
-        raise CxrError(f"{path}: sha256 does not match its model card; refusing to modify it")
-    return path
+def verified_onnx(model_dir: Path, card: dict) -> Path:
+    """The graph's path, after checking it is the file the card describes (it is about to be modified)."""
+    return ModelDir(Path(model_dir)).verify(ModelCard(card))
 
 
 def refit_ood(
@@ -115,7 +107,7 @@ def refit_ood(
 
     model_dir = Path(model_dir)
     card = read_card(model_dir)
-    path = _check_sha(model_dir, card)
+    path = verified_onnx(model_dir, card)
     split = data_mod.Split.load(split_file)
     tr, va = split.samples("train", data_dir), split.samples("val", data_dir)
     x_train = data_mod.load_images([s.path for s in tr], cache_dir=cache_dir, progress=True)
@@ -140,10 +132,10 @@ def refit_ood(
         {"name": contract.OUTPUT_NAME, "dtype": "float32", "shape": ["batch", 1]},
         {"name": contract.OOD_OUTPUT_NAME, "dtype": "float32", "shape": ["batch", 1]},
     ]
-    prov = model_dir / PROVENANCE_FILE
-    data_mod.write_provenance(prov, data_mod.provenance_rows("train", tr) + data_mod.provenance_rows("validation", va)
-                              + site_rows, replace_roles=("train", "validation", "ood_reference"))
-    card["provenance"] = {"file": PROVENANCE_FILE, "summary": data_mod.provenance_summary(data_mod.read_provenance(prov))}
+    folder = ModelDir(model_dir)
+    folder.write_provenance(data_mod.provenance_rows("train", tr) + data_mod.provenance_rows("validation", va)
+                            + site_rows, replace_roles=("train", "validation", "ood_reference"))
+    card["provenance"] = {"file": PROVENANCE_FILE, "summary": data_mod.provenance_summary(folder.provenance())}
     x_ref = np.concatenate([x_val, real["site"]]) if "site" in real else x_val
     write_reference(model_dir, path, report.threshold, x_ref, what=f"validation side of {relative(split_file)}"
                     + (f" and {relative(site_dir)}" if site_dir else ""))
@@ -156,9 +148,6 @@ def refit_ood(
     return card["ood"]
 
 
-#: Files of a model folder besides the model, its card and configs.
-PROVENANCE_FILE = "provenance.csv"
-REFERENCE_FILE = "reference.json"
 #: Go-live targets a site audit checks unless the card states others (``card["targets"]``).
 DEFAULT_TARGETS = {"sensitivity": 0.90, "specificity": 0.60, "roc_auc": 0.85, "flagged": 0.02}
 
@@ -167,28 +156,25 @@ def write_reference(model_dir: Path, model_path: Path, ood_threshold: float | No
                     what: str) -> dict:
     """``reference.json``: the served outputs on real chest X-rays like those the model was validated on, as
     numbers (``probability`` of the films it judges, ``ood_score`` of all), for drift monitoring and the audit."""
-    p, ood = _scores(model_path, images)
+    p, ood = served_outputs(model_path, images)
     return save_reference(model_dir, p, ood, ood_threshold, what=what)
 
 
 def save_reference(model_dir: Path, probability: np.ndarray, ood_score: np.ndarray, ood_threshold: float | None, *,
                    what: str) -> dict:
     """Write ``reference.json`` from the served outputs of the reference films (numbers, one per film)."""
-    from cxr.durable import write_durably
-
     ok = ~np.array([contract.is_out_of_distribution(v, ood_threshold) for v in ood_score], bool)
     ref = {"what": what, "n": int(len(probability)), "ood_threshold": ood_threshold,
            "flagged_rate": float(1 - ok.mean()) if len(ok) else 0.0,
            "probability": [round(float(v), 6) for v in np.asarray(probability)[ok]],
            "ood_score": [round(float(v), 4) for v in ood_score]}
-    write_durably(Path(model_dir) / REFERENCE_FILE, (json.dumps(ref) + "\n").encode())
+    ModelDir(Path(model_dir)).write_reference(ref)
     return ref
 
 
 def read_reference(model_dir: Path) -> dict | None:
     """The model's ``reference.json``, or ``None`` when it has none."""
-    path = Path(model_dir) / REFERENCE_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    return ModelDir(Path(model_dir)).reference()
 
 
 def recalibrate(
@@ -205,9 +191,9 @@ def recalibrate(
 
     first = Path(model_dirs[0])
     card = read_card(first)
-    path = _check_sha(first, card)
+    path = verified_onnx(first, card)
     x, y, _ = load_pooled(site_dir, cache_dir=cache_dir)
-    p, ood = _scores(path, x)
+    p, ood = served_outputs(path, x)
     ood_thr = (card.get("ood") or {}).get("threshold")
     keep = np.ones(len(y), bool) if ood_thr is None else ~np.array([contract.is_out_of_distribution(s, ood_thr) for s in ood])
     thr = choose_threshold(y[keep], p[keep], rule=rule, target=target, confidence=confidence)
@@ -218,9 +204,9 @@ def recalibrate(
     calib_rows = data_mod.provenance_rows("calibration", [s for f in folders for s in data_mod.folder_samples(f)])
     for d in model_dirs:
         c = read_card(d)
-        data_mod.write_provenance(Path(d) / PROVENANCE_FILE, calib_rows, replace_roles=("calibration",))
-        c["provenance"] = {"file": PROVENANCE_FILE,
-                           "summary": data_mod.provenance_summary(data_mod.read_provenance(Path(d) / PROVENANCE_FILE))}
+        folder = ModelDir(Path(d))
+        folder.write_provenance(calib_rows, replace_roles=("calibration",))
+        c["provenance"] = {"file": PROVENANCE_FILE, "summary": data_mod.provenance_summary(folder.provenance())}
         cal = c["calibration"]
         cal.update(threshold=thr, rule=rule, target=target, confidence=confidence if rule == "sensitivity_lcb" else None,
                    fitted_on=described(site_dir), n_images=int(keep.sum()), metrics=point,
@@ -231,17 +217,3 @@ def recalibrate(
         save_card(Path(d), c)
         write_configs(Path(d), c)
     return {"threshold": thr, "n_used": int(keep.sum()), "n_refused_ood": int((~keep).sum()), **point}
-
-
-def _scores(path: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``probability`` and ``ood_score`` (NaN when the model has none) for contract images."""
-    from cxr.serving.ort_session import make_session
-
-    sess = make_session(path)
-    names = [o.name for o in sess.get_outputs()]
-    probs, oods = [], []
-    for i in range(0, len(x), 128):
-        out = dict(zip(names, sess.run(names, {contract.INPUT_NAME: x[i : i + 128]})))
-        probs.append(out[contract.OUTPUT_NAME].reshape(-1))
-        oods.append(out[contract.OOD_OUTPUT_NAME].reshape(-1) if contract.OOD_OUTPUT_NAME in out else np.full(len(out[contract.OUTPUT_NAME]), np.nan))
-    return np.concatenate(probs).astype(np.float64), np.concatenate(oods).astype(np.float64)

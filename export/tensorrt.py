@@ -13,8 +13,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from cxr import contract
-from cxr.errors import CxrError
+from cxr.core import contract
+from cxr.core.errors import CxrError
 
 logger = logging.getLogger(__name__)
 

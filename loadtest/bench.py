@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr import contract
-from cxr.errors import NotAssessableError
-from cxr.paths import relative
+from cxr.core import contract, imaging
+from cxr.core.errors import NotAssessableError
+from cxr.core.paths import relative
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def _timed(fn: Callable[[], int], seconds: float, *, warmup: int = 2) -> float:
 
 def ort_throughput(onnx_path: Path, batch_sizes: tuple[int, ...], seconds: float) -> dict[int, float]:
     """In-process onnxruntime images/s per batch size (all cores, all graph optimisations)."""
-    from cxr.serving.ort_session import make_session
+    from cxr.core.ort_session import make_session
 
     sess = make_session(onnx_path)
     rng = np.random.default_rng(0)
@@ -110,7 +110,7 @@ def ort_throughput(onnx_path: Path, batch_sizes: tuple[int, ...], seconds: float
 
 
 def preprocess_rate(images_dir: Path | None, seconds: float) -> tuple[float, str]:
-    """Images/s of :func:`contract.preprocess` on one core over full-resolution files."""
+    """Images/s of :func:`imaging.preprocess` on one core over full-resolution files."""
     files: list[Path] = []
     if images_dir is not None and Path(images_dir).is_dir():
         files = sorted(p for p in Path(images_dir).rglob("*") if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
@@ -130,7 +130,7 @@ def preprocess_rate(images_dir: Path | None, seconds: float) -> tuple[float, str
 
     def one() -> int:
         try:  # the eligibility and pixel rules are part of the cost; a refusal is still an answer
-            contract.preprocess(blobs[counter[0] % len(blobs)])
+            imaging.preprocess(blobs[counter[0] % len(blobs)])
         except NotAssessableError:
             pass
         counter[0] += 1
@@ -142,6 +142,7 @@ def preprocess_rate(images_dir: Path | None, seconds: float) -> tuple[float, str
 def _variant_repo(src_repo: Path, model: str, dst: Path, *, variant: str) -> Path:
     """A copy of one model folder whose cpu config is the shipped one, ``legacy`` (one instance, preferred batch
     sizes: the configuration that stalled), or ``no_batching``."""
+    from cxr.core.model_dir import ModelDir
     from cxr.export import repository, triton_config
 
     shutil.copytree(src_repo / model, dst / model)
@@ -149,7 +150,7 @@ def _variant_repo(src_repo: Path, model: str, dst: Path, *, variant: str) -> Pat
     cfg = triton_config.build(model, "cpu", repository.served_params(src_repo / model), policy=policy)
     if variant == "no_batching":
         cfg.ClearField("dynamic_batching")
-    triton_config.write(dst / model / "configs" / "cpu.pbtxt", cfg, target=f"cpu ({variant})")
+    ModelDir(dst / model).write_config(cfg, target=f"cpu ({variant})", config_name="cpu")
     return dst
 
 
@@ -258,7 +259,7 @@ def tls_saturation(repo: Path, model: str, seconds: float) -> dict | None:
         import cryptography  # noqa: F401
     except ImportError:
         return None
-    from cxr.security import TlsClient, TlsServer, make_dev_pki
+    from cxr.core.security import TlsClient, TlsServer, make_dev_pki
 
     with tempfile.TemporaryDirectory(prefix="cxr-bench-pki-") as d:
         pki = make_dev_pki(Path(d))
@@ -287,9 +288,11 @@ def inception_onnx(cache_dir: Path) -> Path:
 
 def served_inception(repo: Path) -> Path | None:
     """The newest version of an exported InceptionV3 in the repository (its card says so), if there is one."""
-    for card in sorted(repo.glob("*/model_card.json")):
-        if json.loads(card.read_text()).get("architecture") == "inception_v3":
-            versions = sorted((p for p in card.parent.glob("*/model.onnx") if p.parent.name.isdigit()),
+    from cxr.core.model_dir import model_dirs
+
+    for folder in model_dirs(repo):
+        if folder.card().architecture == "inception_v3":
+            versions = sorted((p for p in folder.path.glob("*/model.onnx") if p.parent.name.isdigit()),
                               key=lambda p: int(p.parent.name))
             if versions:
                 return versions[-1]

@@ -22,7 +22,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cxr.paths import relative
+from cxr.core.paths import relative
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class CapacityConfig:
 
 def triton_stats(http_url: str, model: str, admin_key: str | None = None) -> dict[str, float]:
     """Cumulative counters of one model from ``/v2/models/<model>/stats`` (sends the admin key when given)."""
-    from cxr.security import ADMIN_HEADER
+    from cxr.core.security import ADMIN_HEADER
 
     req = urllib.request.Request(f"http://{http_url}/v2/models/{model}/stats",
                                  headers={ADMIN_HEADER: admin_key} if admin_key else {})

@@ -33,9 +33,9 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 from locust import User, between, events, task  # noqa: E402
 
-from cxr import contract  # noqa: E402
-from cxr.errors import InvalidInputError, NotAssessableError  # noqa: E402
-from cxr.security import CONFIG_HEADER, TlsClient, grpc_header, read_key  # noqa: E402
+from cxr.core import contract, imaging  # noqa: E402
+from cxr.core.errors import InvalidInputError, NotAssessableError  # noqa: E402
+from cxr.core.security import CONFIG_HEADER, TlsClient, grpc_header, read_key  # noqa: E402
 
 _IMAGES: np.ndarray | None = None
 #: Served answers by status: every successful response is an answer, labelled or not assessable.
@@ -64,7 +64,7 @@ def load_images(directory: str, limit: int) -> np.ndarray:
     imgs = []
     for f in files:
         try:
-            imgs.append(contract.preprocess(f))
+            imgs.append(imaging.preprocess(f))
         except (InvalidInputError, NotAssessableError):
             continue
     if not imgs:

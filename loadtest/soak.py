@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr import contract
+from cxr.core import contract
 
 logger = logging.getLogger(__name__)
 

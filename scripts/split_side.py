@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cxr import contract
+from cxr.core import contract
 from cxr.train.data import Split, write_manifest
 
 

@@ -28,6 +28,8 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 export TF_CPP_MIN_LOG_LEVEL=2
+# Folders are layers: the import-linter contracts of pyproject.toml (lint-imports) and no import cycle (grimp).
+"$VENV/bin/python" scripts/check_imports.py
 # The documentation builds with no warning (broken links, missing pages), into the ignored out/site.
 NO_MKDOCS_2_WARNING=1 "$VENV/bin/mkdocs" build --strict --quiet
 exec "$VENV/bin/python" -m pytest "$@"

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxr import contract
 from cxr.client import monitor
-from cxr.errors import DataError
+from cxr.core import contract
+from cxr.core.errors import DataError
+from cxr.core.model_dir import ModelCard
 from cxr.train import audit
 from tests.conftest import SHIPPED_REPOSITORY
 
@@ -56,7 +57,9 @@ def test_refused_films_are_referrals_and_count_against_the_flagged_target() -> N
 
 
 def test_targets_come_from_the_card_and_are_validated() -> None:
-    t = audit.Targets.from_card({"targets": {"sensitivity": 0.95, "flagged": 0.1, "unknown": 1}})
+    card = ModelCard({"sha256": "ab" * 32, "calibration": {"threshold": 0.3},
+                      "targets": {"sensitivity": 0.95, "flagged": 0.1, "unknown": 1}})
+    t = audit.Targets.from_card(card)
     assert (t.sensitivity, t.specificity, t.flagged) == (0.95, 0.60, 0.1)
     with pytest.raises(ValueError, match="sensitivity"):
         audit.Targets(sensitivity=1.5)
@@ -105,7 +108,7 @@ def test_monitor_report_too_small_batch_moves_nothing() -> None:
 
 
 def test_monitor_reads_both_csv_column_orders_and_refuses_other_files(tmp_path: Path) -> None:
-    from cxr.client.batch import CSV_COLUMNS
+    from cxr.client.results import CSV_COLUMNS
 
     old = ["path", "label", "probability", "threshold", "model_name", "model_version", "error", "sha256",
            "sop_instance_uid", "status", "reason", "ood_score"]
@@ -127,8 +130,8 @@ def test_onnx_head_round_trip_matches_the_graph() -> None:
     """The head read from the served ONNX reproduces the graph's probability; weights written back are served."""
     import onnx
 
+    from cxr.core.ort_session import make_session
     from cxr.export import head, ood_head
-    from cxr.serving.ort_session import make_session
 
     model = onnx.load(str(SHIPPED_REPOSITORY / "pneumonia" / "1" / "model.onnx"))
     base = ood_head.strip(model)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cxr import contract
 from cxr.client import PneumoniaClient, RetryPolicy
 from cxr.client.transport import ModelInfo, Scores, Transport, classify_error
-from cxr.errors import InvalidInputError, RetryableServerError, ServerError
+from cxr.core import contract
+from cxr.core.errors import InvalidInputError, RetryableServerError, ServerError
 
 
 class FakeTransport(Transport):
@@ -173,8 +173,8 @@ def test_ray_preprocessing_refuses_what_the_client_refuses(tmp_path) -> None:  #
     """The Ray tasks and the client share one `prepare`, under the same (here: a site's stricter) rules."""
     import json
 
-    from cxr.client.ray_batch import PENDING, _preprocess
-    from cxr.eligibility import Eligibility, default_text
+    from cxr.client.ray_batch import PENDING, _preprocess, _refusal_of
+    from cxr.core.eligibility import Eligibility, default_text
     from tests.test_dicom import _ramp, make_dicom
 
     rules = json.loads(default_text())
@@ -189,4 +189,5 @@ def test_ray_preprocessing_refuses_what_the_client_refuses(tmp_path) -> None:  #
     site = _preprocess({"path": paths, "sha256": np.array(["a", "b"])}, eligibility=strict)
     assert list(default["status"]) == [PENDING, contract.Status.ERROR.value]
     assert list(site["status"]) == [contract.Status.NOT_ASSESSABLE.value, contract.Status.ERROR.value]
-    assert site["rule"][0] == "dicom_modality" and "Modality" in site["reason"][0]
+    refusal = _refusal_of(site["refusal"][0])
+    assert refusal == contract.Refusal("dicom_modality", "DX", "CR", refusal.detail) and "Modality" in site["reason"][0]

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr import contract
-from cxr.errors import CxrError, InvalidInputError
+from cxr.core import contract, imaging
+from cxr.core.errors import CxrError, InvalidInputError
 
 
 def _encode(img: Image.Image, fmt: str, **kw: object) -> bytes:
@@ -46,27 +46,27 @@ def _check(out: np.ndarray) -> None:
     ids=["jpeg-L", "png-L", "jpeg-RGB", "png-RGBA", "png-P", "jpeg-CMYK", "png-1bit", "png-16bit", "tiff", "bmp"],
 )
 def test_encoded_inputs_meet_the_output_contract(make) -> None:  # type: ignore[no-untyped-def]
-    out = contract.preprocess(make())
+    out = imaging.preprocess(make())
     _check(out)
     assert out.max() > out.min()  # content survives
 
 
 def test_16bit_is_windowed_to_full_range() -> None:
     arr = np.linspace(1000, 4000, 300 * 260).reshape(260, 300).astype(np.uint16)
-    out = contract.preprocess(_encode(Image.fromarray(arr), "PNG"))
+    out = imaging.preprocess(_encode(Image.fromarray(arr), "PNG"))
     assert out.min() <= 2 and out.max() >= 253
 
 
 def test_grayscale_8bit_is_kept_exactly_at_model_size() -> None:
     arr = _gradient(224, 224)
-    np.testing.assert_array_equal(contract.preprocess(arr)[:, :, 0], arr)
-    np.testing.assert_array_equal(contract.preprocess(_encode(Image.fromarray(arr), "PNG"))[:, :, 0], arr)
+    np.testing.assert_array_equal(imaging.preprocess(arr)[:, :, 0], arr)
+    np.testing.assert_array_equal(imaging.preprocess(_encode(Image.fromarray(arr), "PNG"))[:, :, 0], arr)
 
 
 def test_rgb_with_equal_channels_equals_grayscale() -> None:
     arr = _gradient()
-    gray = contract.preprocess(arr)
-    rgb = contract.preprocess(np.dstack([arr] * 3))
+    gray = imaging.preprocess(arr)
+    rgb = imaging.preprocess(np.dstack([arr] * 3))
     np.testing.assert_array_equal(gray, rgb)
 
 
@@ -74,21 +74,21 @@ def test_path_and_bytes_agree(tmp_path) -> None:  # type: ignore[no-untyped-def]
     data = _encode(Image.fromarray(_gradient(1600, 1400)), "JPEG")
     p = tmp_path / "x.jpeg"
     p.write_bytes(data)
-    np.testing.assert_array_equal(contract.preprocess(p), contract.preprocess(data))
+    np.testing.assert_array_equal(imaging.preprocess(p), imaging.preprocess(data))
 
 
 def test_jpeg_draft_decoding_is_close_to_full_decoding() -> None:
     rng = np.random.default_rng(0)
     arr = np.clip(_gradient(2000, 1800).astype(float) + rng.normal(0, 5, (1800, 2000)), 0, 255).astype(np.uint8)
     data = _encode(Image.fromarray(arr), "JPEG", quality=95)
-    fast = contract.preprocess(data, draft=True).astype(int)
-    full = contract.preprocess(data, draft=False).astype(int)
+    fast = imaging.preprocess(data, draft=True).astype(int)
+    full = imaging.preprocess(data, draft=False).astype(int)
     assert np.abs(fast - full).mean() < 3.0
 
 
 def test_float_array_in_unit_range_and_bool() -> None:
-    _check(contract.preprocess(np.random.default_rng(0).random((100, 120))))
-    _check(contract.preprocess(np.random.default_rng(0).random((100, 120)) > 0.5))
+    _check(imaging.preprocess(np.random.default_rng(0).random((100, 120))))
+    _check(imaging.preprocess(np.random.default_rng(0).random((100, 120)) > 0.5))
 
 
 def _png_with_claimed_size(w: int, h: int) -> bytes:
@@ -119,7 +119,7 @@ def _png_with_claimed_size(w: int, h: int) -> bytes:
 )
 def test_violations_raise_one_line_errors_naming_the_input(source, reason) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(InvalidInputError) as info:
-        contract.preprocess(source, name="case.x")  # type: ignore[arg-type]
+        imaging.preprocess(source, name="case.x")  # type: ignore[arg-type]
     msg = str(info.value)
     assert reason in msg and msg.startswith("case.x") and "\n" not in msg
     assert isinstance(info.value, CxrError)
@@ -130,12 +130,12 @@ def test_multiframe_gif_is_refused() -> None:
     buf = io.BytesIO()
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
     with pytest.raises(InvalidInputError, match="multi-frame"):
-        contract.preprocess(buf.getvalue())
+        imaging.preprocess(buf.getvalue())
 
 
 def test_missing_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(InvalidInputError, match="cannot read file"):
-        contract.preprocess(tmp_path / "nope.jpeg")
+        imaging.preprocess(tmp_path / "nope.jpeg")
 
 
 @pytest.mark.parametrize(

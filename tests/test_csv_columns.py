@@ -5,8 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from cxr.client.batch import CSV_COLUMNS, JOURNAL_COLUMNS
-from cxr.durable import AppendOnlyCsv
+from cxr.client.results import CSV_COLUMNS, JOURNAL_COLUMNS
+from cxr.core.durable import AppendOnlyCsv
 
 OLD_ORDER = ("path", "label", "probability", "threshold", "model_name", "model_version", "error", "sha256",
              "sop_instance_uid", "status", "reason", "ood_score", "retryable")
@@ -21,7 +21,7 @@ def test_people_read_path_status_label_probability_threshold_reason_first() -> N
     assert CSV_COLUMNS[:6] == ("path", "status", "label", "probability", "threshold", "reason")
 
 
-def test_a_journal_in_the_previous_order_is_appended_in_its_own_order(tmp_path: Path) -> None:
+def test_a_journal_of_an_earlier_release_keeps_its_rows_when_appended_to(tmp_path: Path) -> None:
     j = tmp_path / "r.csv.journal"
     with j.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=OLD_ORDER, lineterminator="\n")

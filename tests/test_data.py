@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from cxr.errors import DataError
+from cxr.core.errors import DataError
 from cxr.train import data as data_mod
 from tests.conftest import make_dataset
 

@@ -10,8 +10,8 @@ import pytest
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from cxr import contract
-from cxr.errors import InvalidInputError
+from cxr.core import contract, imaging
+from cxr.core.errors import InvalidInputError
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
 
@@ -54,29 +54,29 @@ def _ramp(h: int = 300, w: int = 260, hi: int = 4095) -> np.ndarray:
 
 def test_12bit_monochrome2_and_uid() -> None:
     data = make_dicom(_ramp())
-    out, meta = contract.preprocess_with_meta(data)
+    out, meta = imaging.preprocess_with_meta(data)
     assert out.shape == contract.IMAGE_SHAPE and out.dtype == np.uint8
     assert out[:, 0, 0].mean() < 10 and out[:, -1, 0].mean() > 245  # dark left, bright right
     assert meta["sop_instance_uid"] == pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID
 
 
 def test_monochrome1_is_inverted() -> None:
-    m2 = contract.preprocess(make_dicom(_ramp()))
-    m1 = contract.preprocess(make_dicom(_ramp(), photometric="MONOCHROME1"))
+    m2 = imaging.preprocess(make_dicom(_ramp()))
+    m1 = imaging.preprocess(make_dicom(_ramp(), photometric="MONOCHROME1"))
     np.testing.assert_allclose(m1.astype(int), 255 - m2.astype(int), atol=1)
 
 
 def test_window_is_applied() -> None:
-    full = contract.preprocess(make_dicom(_ramp()))
-    narrow = contract.preprocess(make_dicom(_ramp(), window=(2048, 1024)))
+    full = imaging.preprocess(make_dicom(_ramp()))
+    narrow = imaging.preprocess(make_dicom(_ramp(), window=(2048, 1024)))
     # outside the window the image saturates: more pure black and pure white columns
     assert (narrow[0, :, 0] == 0).sum() > (full[0, :, 0] == 0).sum() + 20
     assert (narrow[0, :, 0] == 255).sum() > (full[0, :, 0] == 255).sum() + 20
 
 
 def test_rescale_slope_intercept_keep_order() -> None:
-    a = contract.preprocess(make_dicom(_ramp(), slope=2.0, intercept=-1024))
-    b = contract.preprocess(make_dicom(_ramp()))
+    a = imaging.preprocess(make_dicom(_ramp(), slope=2.0, intercept=-1024))
+    b = imaging.preprocess(make_dicom(_ramp()))
     np.testing.assert_allclose(a.astype(int), b.astype(int), atol=1)  # a linear rescale is windowed away
 
 
@@ -91,7 +91,7 @@ def test_rescale_slope_intercept_keep_order() -> None:
 )
 def test_dicom_violations(data: bytes, reason: str) -> None:
     with pytest.raises(InvalidInputError) as info:
-        contract.preprocess(data, name="scan.dcm")
+        imaging.preprocess(data, name="scan.dcm")
     msg = str(info.value)
     assert reason in msg and msg.startswith("scan.dcm") and "Secret" not in msg and "PID-12345" not in msg
 
@@ -116,7 +116,7 @@ def test_patient_tags_never_logged() -> None:
         assert "Secret" in buf.getvalue()  # control: an unguarded read does log patient names
         buf.seek(0)
         buf.truncate()
-        contract.preprocess(data)
+        imaging.preprocess(data)
         assert "Secret" not in buf.getvalue() and "PID-12345" not in buf.getvalue()
     finally:
         pydicom.config.debug(False)
@@ -132,4 +132,4 @@ def test_compressed_transfer_syntaxes(syntax: str) -> None:
     buf = io.BytesIO()
     ds.save_as(buf)
     assert pydicom.dcmread(io.BytesIO(buf.getvalue())).file_meta.TransferSyntaxUID.is_compressed
-    np.testing.assert_array_equal(contract.preprocess(buf.getvalue()), contract.preprocess(make_dicom(_ramp())))
+    np.testing.assert_array_equal(imaging.preprocess(buf.getvalue()), imaging.preprocess(make_dicom(_ramp())))

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxr import contract
-from cxr.explain import COMPACT_LAYERS, DEFAULT_LAYER, ExplanationUnavailable, GradCam, overlay
-from cxr.serving.integrity import sha256_file
+from cxr.client.explain import COMPACT_LAYERS, DEFAULT_LAYER, ExplanationUnavailable, GradCam, overlay
+from cxr.core import imaging
+from cxr.core.integrity import sha256_file
 from tests.conftest import REPO, SHIPPED_REPOSITORY
 
 MODEL_DIR = SHIPPED_REPOSITORY / "pneumonia"
@@ -20,7 +20,7 @@ SHA = sha256_file(MODEL_DIR / "1" / "model.onnx")
 
 @pytest.fixture(scope="module")
 def films(sample_images: list[Path]) -> np.ndarray:
-    return np.stack([contract.preprocess(p, rules=False) for p in sample_images])
+    return np.stack([imaging.preprocess(p, rules=False) for p in sample_images])
 
 
 @pytest.fixture(scope="module", params=COMPACT_LAYERS)
@@ -69,7 +69,7 @@ def test_map_changes_when_the_head_is_randomised() -> None:
 
 def _films_for(cam: GradCam) -> list[np.ndarray]:
     """The real Pneumonia films of examples/ (two hospitals), with or without ../shared."""
-    return [contract.preprocess(p) for p in sorted((REPO / "examples" / "PNEUMONIA").iterdir())]
+    return [imaging.preprocess(p) for p in sorted((REPO / "examples" / "PNEUMONIA").iterdir())]
 
 
 def test_peaks_differ_across_films() -> None:

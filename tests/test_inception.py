@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxr.paths import DEFAULT_REPOSITORY
+from cxr.core.paths import DEFAULT_REPOSITORY
 
 pytestmark = pytest.mark.slow
 
@@ -147,17 +147,17 @@ def test_calibrate_export_serve_predict(inception_run: Path, train_data: Path, s
         assert all(row["status"] in ("ok", "not_assessable") for row in inc)
         assert all(float(row["threshold"]) == pytest.approx(cal["threshold"], abs=1e-6) for row in inc)
         # Served answers equal the exported ONNX run locally (the same contract preprocessing on both sides).
-        from cxr import contract
+        from cxr.core import imaging
         from cxr.train.scoring import OnnxScorer
 
-        x = np.stack([contract.preprocess(Path(row["path"])) for row in inc])
+        x = np.stack([imaging.preprocess(Path(row["path"])) for row in inc])
         local = OnnxScorer(repo / NAME / "1" / "model.onnx")(x)
         for row, p in zip(inc, local, strict=True):
             if row["status"] == "ok":
                 assert float(row["probability"]) == pytest.approx(float(p), abs=1e-5)
 
         # The page picks the model by name too: its answer is the InceptionV3's, as `cxr predict --model` gave it.
-        from cxr.contract import format_probability
+        from cxr.core.contract import format_probability
         from cxr.ui import BADGES
         from tests.test_ui import chromium_page, running_ui, submit_files
 

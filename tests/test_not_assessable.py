@@ -11,9 +11,9 @@ import pydicom
 import pytest
 from PIL import Image
 
-from cxr import contract, eligibility
 from cxr.client import PneumoniaClient, Prediction
-from cxr.errors import CxrError, InvalidInputError, NotAssessableError
+from cxr.core import contract, eligibility, imaging
+from cxr.core.errors import CxrError, InvalidInputError, NotAssessableError
 from cxr.train import ood_corpus
 from tests.conftest import SHIPPED_REPOSITORY, synthetic_xray
 from tests.test_dicom import _ramp, make_dicom
@@ -27,7 +27,7 @@ def _png(arr: np.ndarray) -> bytes:
 
 def _rule(source: object, **kw: object) -> str:
     with pytest.raises(NotAssessableError) as info:
-        contract.preprocess(source, name="in.png", **kw)  # type: ignore[arg-type]
+        imaging.preprocess(source, name="in.png", **kw)  # type: ignore[arg-type]
     msg = str(info.value)
     assert msg.startswith("in.png: not assessable (") and "\n" not in msg
     return info.value.rule
@@ -64,7 +64,7 @@ def test_colour_images_are_not_assessable() -> None:
 def test_grey_rgb_x_ray_is_not_colour() -> None:
     gray = np.asarray(synthetic_xray(1, pneumonia=False))
     rgb = np.stack([gray] * 3, axis=-1)
-    out = contract.preprocess(_png(rgb))  # three equal channels, as the Kaggle JPEGs: accepted
+    out = imaging.preprocess(_png(rgb))  # three equal channels, as the Kaggle JPEGs: accepted
     assert out.shape == contract.IMAGE_SHAPE
 
 
@@ -75,7 +75,7 @@ def test_extreme_aspect_ratio_is_not_assessable(shape: tuple[int, int]) -> None:
 
 
 def test_rules_can_be_turned_off_for_training_loaders() -> None:
-    assert contract.preprocess(_png(np.zeros((300, 300), np.uint8)), rules=False).max() == 0
+    assert imaging.preprocess(_png(np.zeros((300, 300), np.uint8)), rules=False).max() == 0
 
 
 def test_pixel_thresholds_lie_well_inside_real_x_rays() -> None:
@@ -92,8 +92,8 @@ def test_pixel_thresholds_lie_well_inside_real_x_rays() -> None:
         lo, hi = np.percentile(gray, [1, 99])
         assert gray.std() > 2 * contract.BLANK_STD_MIN and hi - lo > 2 * contract.BLANK_SPREAD_MIN, f
         assert max(gray.shape) / min(gray.shape) < contract.ASPECT_RATIO_MAX / 1.25, f
-        contract.preprocess(f)  # no rule refuses it
-    contract.preprocess(REPO / "examples" / "dicom" / "chest_dx.dcm")
+        imaging.preprocess(f)  # no rule refuses it
+    imaging.preprocess(REPO / "examples" / "dicom" / "chest_dx.dcm")
 
 
 # -- DICOM header rules ------------------------------------------------------------------------------------------
@@ -129,25 +129,25 @@ def test_dicom_header_rules(attrs: dict, rule: str) -> None:
 
 @pytest.mark.parametrize("attrs", [{}, {"BodyPartExamined": "chest", "ViewPosition": "PA"}, {"Modality": "CR", "ViewPosition": "AP"}])
 def test_eligible_dicom_passes(attrs: dict) -> None:
-    assert contract.preprocess(_dicom(**attrs)).shape == contract.IMAGE_SHAPE
+    assert imaging.preprocess(_dicom(**attrs)).shape == contract.IMAGE_SHAPE
 
 
 def test_dicom_without_preamble_is_read() -> None:
     data = make_dicom(_ramp())
     assert data[128:132] == b"DICM"
     bare = data[132:]  # file meta group first, no preamble
-    np.testing.assert_array_equal(contract.preprocess(bare), contract.preprocess(data))
+    np.testing.assert_array_equal(imaging.preprocess(bare), imaging.preprocess(data))
     ds = pydicom.dcmread(io.BytesIO(data))
     buf = io.BytesIO()
     pydicom.dcmwrite(buf, ds, write_like_original=True)  # keeps ds's own preamble-less form when asked
-    assert contract.preprocess(buf.getvalue()).shape == contract.IMAGE_SHAPE
+    assert imaging.preprocess(buf.getvalue()).shape == contract.IMAGE_SHAPE
 
 
 def test_damaged_dicom_is_one_line_and_quiet(capfd: pytest.CaptureFixture[str]) -> None:
     data = make_dicom(_ramp())
     broken = data[: len(data) // 2]  # pixel data cut short
     with pytest.raises(InvalidInputError) as info:
-        contract.preprocess(broken, name="cut.dcm")
+        imaging.preprocess(broken, name="cut.dcm")
     assert "\n" not in str(info.value) and str(info.value).startswith("cut.dcm")
     out, err = capfd.readouterr()
     assert "Traceback" not in err and "Traceback" not in out
@@ -159,7 +159,7 @@ def test_pydicom_test_files_other_modalities_are_refused() -> None:
         pytest.fail("pydicom-data is not installed (scripts/test.sh installs the dev extra with it)")
     for item in items:
         with pytest.raises((NotAssessableError, InvalidInputError)):
-            contract.preprocess(item.data, name=item.name)
+            imaging.preprocess(item.data, name=item.name)
 
 
 def test_real_cr_chest_dicom_from_pydicom_data_passes_headers() -> None:
@@ -183,7 +183,7 @@ def test_a_site_can_edit_the_rules() -> None:
     rules = eligibility.Eligibility.from_json(json.dumps(doc))
     thorax = _dicom(BodyPartExamined="THORAX")
     assert _rule(thorax) == "dicom_body_part"
-    assert contract.preprocess(thorax, eligibility=rules).shape == contract.IMAGE_SHAPE
+    assert imaging.preprocess(thorax, eligibility=rules).shape == contract.IMAGE_SHAPE
 
 
 @pytest.mark.parametrize(
@@ -247,16 +247,19 @@ def test_real_x_rays_inverted_are_out_of_distribution(embedded: PneumoniaClient)
 def test_prediction_invariants() -> None:
     ok = Prediction("a", contract.Status.OK, "Normal", 0.1, 0.4, "m", "1")
     assert ok.ok and ok.error is None and str(ok.status) == "ok"
-    na = Prediction("b", "not_assessable", None, None, 0.4, "m", "1", "b: not assessable (blank_image): x", rule="blank_image")
-    assert na.status is contract.Status.NOT_ASSESSABLE and not na.ok and na.error is None
+    blank = contract.Refusal("blank_image", 3.5, contract.BLANK_STD_MIN, "grey-level std 3.5 (min 8.0)")
+    na = Prediction("b", "not_assessable", None, None, 0.4, "m", "1", "b: not assessable (blank_image): x", refusal=blank)
+    assert na.status is contract.Status.NOT_ASSESSABLE and not na.ok and na.error is None and na.rule == "blank_image"
     with pytest.raises(ValueError):
-        Prediction("b", "not_assessable", None, None, 0.4, "m", "1", "b: x")  # no rule
+        Prediction("b", "not_assessable", None, None, 0.4, "m", "1", "b: x")  # no refusal
     with pytest.raises(ValueError):
-        Prediction("b", "not_assessable", None, None, 0.4, "m", "1", "b: x", rule="made_up")
+        contract.Refusal("made_up")
+    with pytest.raises(ValueError):
+        Prediction("b", "ok", "Normal", 0.1, 0.4, "m", "1", refusal=blank)  # a refusal with an answer
     err = Prediction("c", contract.Status.ERROR, None, None, 0.4, "m", "1", "c: unreadable", retryable=True)
     assert err.error == "c: unreadable"
     with pytest.raises(ValueError):
-        Prediction("d", contract.Status.NOT_ASSESSABLE, "Normal", 0.2, 0.4, "m", "1", "why", rule="blank_image")  # + label
+        Prediction("d", contract.Status.NOT_ASSESSABLE, "Normal", 0.2, 0.4, "m", "1", "why", refusal=blank)  # + label
     with pytest.raises(ValueError):
         Prediction("e", contract.Status.OK, "Normal", 0.2, 0.4, "m", "1", "a reason")
     with pytest.raises(ValueError):

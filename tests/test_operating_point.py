@@ -9,11 +9,11 @@ import onnx
 import pytest
 from scipy.stats import binomtest
 
-from cxr import contract
-from cxr.errors import CalibrationError, CxrError
+from cxr.core import contract
+from cxr.core.errors import CalibrationError, CxrError
+from cxr.core.integrity import sha256_file
+from cxr.core.ort_session import make_session
 from cxr.export import ood_head
-from cxr.serving.integrity import sha256_file
-from cxr.serving.ort_session import make_session
 from cxr.train.evaluate import choose_threshold, operating_point, sensitivity_lower_bound
 from tests.conftest import SHIPPED_REPOSITORY
 

@@ -325,7 +325,7 @@ def _tls_echo(port: int, pki: dict | None) -> bool:  # type: ignore[type-arg]
 
 def test_dicom_tls_both_ways_with_orthanc(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Incoming associations need a certificate from the site CA; results go to Orthanc over DICOM TLS."""
-    from cxr.security import make_dev_pki
+    from cxr.core.security import make_dev_pki
 
     pki = make_dev_pki(tmp_path / "pki")
     other = make_dev_pki(tmp_path / "other", name="other")

@@ -8,11 +8,16 @@ import numpy as np
 import pydicom
 import pytest
 
-from cxr import contract
-from cxr.pacs.sr import Result, build_heatmap_sc, build_sr, read_sr, result_uids
+from cxr.client.client import Prediction
+from cxr.core import contract
+from cxr.pacs.sr import build_heatmap_sc, build_sr, check_result, read_sr, result_uids
 from tests.test_dicom import _ramp, make_dicom
 
 SHA = "ab" * 32
+
+
+def _ok(label: str, p: float, model: str = "pneumonia", sha: str = SHA) -> Prediction:
+    return Prediction("x.dcm", contract.Status.OK, label, p, 0.4, model, "1", model_sha256=sha)
 
 
 def _source() -> pydicom.Dataset:
@@ -35,7 +40,7 @@ def _roundtrip(ds) -> pydicom.Dataset:  # type: ignore[no-untyped-def]
 def test_sr_carries_finding_probability_threshold_and_algorithm(p: float, finding: str) -> None:
     src = _source()
     label = contract.label_for(p, 0.4)
-    sr = _roundtrip(build_sr(src, Result(contract.Status.OK, 0.4, "pneumonia", "1", SHA, label=label, probability=p)))
+    sr = _roundtrip(build_sr(src, _ok(label, p)))
     assert sr.Modality == "SR" and sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"
     assert sr.StudyInstanceUID == src.StudyInstanceUID and sr.PatientID == src.PatientID
     assert sr.SeriesInstanceUID != src.SeriesInstanceUID
@@ -51,11 +56,14 @@ def test_sr_carries_finding_probability_threshold_and_algorithm(p: float, findin
 
 def test_not_assessable_sr_has_no_finding() -> None:
     src = _source()
-    res = Result(contract.Status.NOT_ASSESSABLE, 0.4, "pneumonia", "1", SHA, rule="out_of_distribution",
-                 reason="x: not assessable (out_of_distribution): ood_score 90 > 35")
+    exc = contract.not_assessable("x", "out_of_distribution", "ood_score 90.25 > 35.07", value=90.25, limit=35.07)
+    res = Prediction("x.dcm", contract.Status.NOT_ASSESSABLE, None, None, 0.4, "pneumonia", "1", str(exc),
+                     ood_score=90.25, ood_threshold=35.07, refusal=contract.Refusal.of(exc), model_sha256=SHA)
     content = read_sr(_roundtrip(build_sr(src, res)))
     assert content["not_assessable"] == "out_of_distribution"
     assert content["finding"] is None and content["probability"] is None
+    # the refusal travels as numbers: what was measured and the limit it broke
+    assert (content["refusal_value"], content["refusal_limit"]) == (90.25, 35.07)
 
 
 def test_result_uids_are_deterministic_per_source_and_model() -> None:
@@ -67,12 +75,12 @@ def test_result_uids_are_deterministic_per_source_and_model() -> None:
     other.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.3"
     assert result_uids(other, SHA)["sr_instance"] != a["sr_instance"]
     assert result_uids(other, SHA)["sr_series"] == a["sr_series"]  # one results series per study and model
-    res = Result(contract.Status.OK, 0.4, "pneumonia", "1", SHA, label="Normal", probability=0.1)
+    res = _ok("Normal", 0.1)
     assert build_sr(src, res).SOPInstanceUID == build_sr(src, res).SOPInstanceUID == a["sr_instance"]
 
 
 def test_only_placement_attributes_are_copied() -> None:
-    sr = _roundtrip(build_sr(_source(), Result(contract.Status.OK, 0.4, "m", "1", SHA, label="Normal", probability=0.1)))
+    sr = _roundtrip(build_sr(_source(), _ok("Normal", 0.1, "m")))
     assert sr.PatientBirthDate == "" and sr.PatientSex == ""
     assert "InstitutionName" not in sr or sr.InstitutionName != "General Hospital"
     assert sr.AccessionNumber == "ACC42"
@@ -80,7 +88,7 @@ def test_only_placement_attributes_are_copied() -> None:
 
 def test_heatmap_secondary_capture_is_burned_in_and_placed() -> None:
     src = _source()
-    res = Result(contract.Status.OK, 0.4, "pneumonia", "1", SHA, label="Pneumonia", probability=0.9)
+    res = _ok("Pneumonia", 0.9)
     rgb = np.zeros((300, 260, 3), np.uint8)
     sc = _roundtrip(build_heatmap_sc(src, res, rgb))
     assert sc.StudyInstanceUID == src.StudyInstanceUID and sc.BurnedInAnnotation == "YES"
@@ -89,11 +97,13 @@ def test_heatmap_secondary_capture_is_burned_in_and_placed() -> None:
 
 
 def test_result_validation() -> None:
+    err = Prediction("x.dcm", contract.Status.ERROR, None, None, 0.4, "m", "1", "x.dcm: unreadable", model_sha256=SHA)
+    with pytest.raises(ValueError, match="ok and not_assessable"):
+        check_result(err)  # an unreadable input gets no SR
+    with pytest.raises(ValueError, match="sha256"):
+        check_result(_ok("Normal", 0.1, "m", sha=""))
     with pytest.raises(ValueError):
-        Result(contract.Status.ERROR, 0.4, "m", "1", SHA)
+        Prediction("x.dcm", contract.Status.OK, None, None, 0.4, "m", "1", model_sha256=SHA)  # ok without a label
     with pytest.raises(ValueError):
-        Result(contract.Status.OK, 0.4, "m", "1", SHA)
-    with pytest.raises(ValueError):
-        Result(contract.Status.NOT_ASSESSABLE, 0.4, "m", "1", SHA, rule="nope")
-    with pytest.raises(ValueError):
-        Result(contract.Status.OK, 0.4, "m", "1", "", label="Normal", probability=0.1)
+        contract.Refusal("nope")
+    assert check_result(_ok("Normal", 0.1)).label == "Normal"

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxr import contract
-from cxr.errors import CxrError
+from cxr.core import contract
+from cxr.core.errors import CxrError
 
 pytestmark = pytest.mark.slow
 
@@ -141,7 +141,7 @@ def test_inception_v3_builds_with_the_contract() -> None:
 
 
 def test_compare_scores_each_model_like_evaluate(tiny_run: Path, site_data: Path, tmp_path: Path) -> None:
-    from cxr.paths import DEFAULT_REPOSITORY
+    from cxr.core.paths import DEFAULT_REPOSITORY
     from cxr.train.evaluate import evaluate
 
     out = tmp_path / "cmp"

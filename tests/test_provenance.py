@@ -7,13 +7,14 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from cxr.core.model_dir import read_provenance
 from cxr.train import data as data_mod
 from tests.conftest import REPO, SHIPPED_REPOSITORY
 
 
 def test_every_training_and_validation_file_is_listed_once() -> None:
     card = json.loads((SHIPPED_REPOSITORY / "pneumonia" / "model_card.json").read_text())
-    rows = data_mod.read_provenance(SHIPPED_REPOSITORY / "pneumonia" / card["provenance"]["file"])
+    rows = read_provenance(SHIPPED_REPOSITORY / "pneumonia" / card["provenance"]["file"])
     split = data_mod.Split.load(REPO / card["ood"]["fitted_on"]["split"])
     def where(path: str | Path) -> Path:  # the file itself, however the data folder is reached (copy or link)
         return (REPO / path).resolve()
@@ -38,6 +39,6 @@ def test_every_training_and_validation_file_is_listed_once() -> None:
 
 
 def test_calibration_files_are_listed_with_their_hashes() -> None:
-    rows = data_mod.read_provenance(SHIPPED_REPOSITORY / "pneumonia" / "provenance.csv")
+    rows = read_provenance(SHIPPED_REPOSITORY / "pneumonia" / "provenance.csv")
     calib = [r for r in rows if r["role"] == "calibration"]
     assert calib and len({r["path"] for r in calib}) == len(calib)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cxr import contract
-from cxr.serving.integrity import sha256_file
+from cxr.core import contract
+from cxr.core.integrity import sha256_file
 from cxr.serving.python_model import OnnxBatchRunner
 from tests.conftest import SHIPPED_REPOSITORY
 

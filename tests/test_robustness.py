@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from cxr.client import PneumoniaClient, RetryPolicy
-from cxr.errors import InvalidInputError, RetryableServerError, ServerError
+from cxr.core.errors import InvalidInputError, RetryableServerError, ServerError
 from tests.conftest import SHIPPED_REPOSITORY, journal_rows, synthetic_xray
 from tests.test_contract import _encode, _png_with_claimed_size
 from tests.test_dicom import _ramp, make_dicom
@@ -185,7 +185,8 @@ def test_server_outage_past_the_retries_then_rerun_retries_only_what_failed(tmp_
 
 
 def test_torn_last_journal_line_is_dropped_and_errors_are_retried(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from cxr.client.batch import JOURNAL_COLUMNS, Journal
+    from cxr.client.batch import Journal
+    from cxr.client.results import JOURNAL_COLUMNS
 
     j = tmp_path / "r.csv.journal"
     base = {k: "" for k in JOURNAL_COLUMNS} | {"threshold": "0.5", "model_name": "pneumonia", "model_version": "1"}
@@ -255,6 +256,7 @@ def test_overload_is_rejected_fast_and_retried(tmp_path) -> None:  # type: ignor
     """A queue of 1 rejects at once (never hangs); the client's retries then get every image through."""
     import shutil
 
+    from cxr.core.model_dir import ModelDir
     from cxr.export import repository, triton_config
     from cxr.serving.server import ServerConfig, TritonServer, free_ports
 
@@ -262,8 +264,8 @@ def test_overload_is_rejected_fast_and_retried(tmp_path) -> None:  # type: ignor
     shutil.copytree(SHIPPED_REPOSITORY / "pneumonia", repo / "pneumonia")
     policy = dataclasses.replace(triton_config.CPU_POLICY, max_queue_size=1)
     cfg = triton_config.build("pneumonia", "cpu", repository.served_params(repo / "pneumonia"), policy=policy)
-    triton_config.write(repo / "pneumonia" / "configs" / "cpu.pbtxt", cfg)
-    assert triton_config.read(repo / "pneumonia" / "configs" / "cpu.pbtxt").dynamic_batching.default_queue_policy.max_queue_size == 1
+    ModelDir(repo / "pneumonia").write_config(cfg, target="cpu", config_name="cpu")
+    assert ModelDir(repo / "pneumonia").read_config("cpu")["dynamic_batching"]["default_queue_policy"]["max_queue_size"] == "1"
     h, g, m = free_ports(3)
     with TritonServer(ServerConfig(model_repository=repo, http_port=h, grpc_port=g, metrics_port=m)) as s:
         x = np.zeros((1, 224, 224, 1), np.uint8)

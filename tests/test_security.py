@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxr import contract
 from cxr.client import PneumoniaClient, RetryPolicy
-from cxr.errors import CxrError, RetryableServerError, ServerError
-from cxr.security import (
+from cxr.core import contract
+from cxr.core.errors import CxrError, RetryableServerError, ServerError
+from cxr.core.security import (
     ADMIN_HEADER,
     CONFIG_HEADER,
     TlsClient,

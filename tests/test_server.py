@@ -12,9 +12,9 @@ import urllib.request
 import numpy as np
 import pytest
 
-from cxr import contract
 from cxr.client import PneumoniaClient
-from cxr.errors import InvalidInputError, ServerError
+from cxr.core import contract, imaging
+from cxr.core.errors import InvalidInputError, ServerError
 from tests.conftest import SHIPPED_REPOSITORY
 
 pytestmark = pytest.mark.slow
@@ -40,7 +40,7 @@ def test_transport_parity_triton_vs_embedded(triton_server, embedded, sample_ima
     (concatenate, split, two outputs per request), not the runtime; export parity against Keras (and the
     ood_score's float64 reference) is checked where the model is exported.
     """
-    x = np.stack([contract.preprocess(p, rules=False) for p in sample_images])
+    x = np.stack([imaging.preprocess(p, rules=False) for p in sample_images])
     with PneumoniaClient(_url(triton_server, protocol), protocol=protocol, timeout_s=60, batch_size=3) as client:
         served_scores = client.infer_scores(x)
         served = client.predict(sample_images)
@@ -201,7 +201,7 @@ def test_int8_model_is_served(triton_server) -> None:  # type: ignore[no-untyped
 def test_tampered_model_refuses_to_serve(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import shutil
 
-    from cxr.errors import ModelIntegrityError
+    from cxr.core.errors import ModelIntegrityError
     from cxr.serving.server import ServerConfig, TritonServer, free_ports
 
     repo = tmp_path / "repo"

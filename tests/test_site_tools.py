@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cxr.core.model_dir import read_provenance
 from cxr.train import data as data_mod
 from tests.conftest import REPO, SHIPPED_REPOSITORY
 
@@ -107,7 +108,6 @@ def test_evaluate_lists_refused_films_and_goes_on(tmp_path: Path) -> None:
 def test_adapt_end_to_end_and_the_new_folder_is_served(tmp_path: Path) -> None:
     from cxr.client import PneumoniaClient
     from cxr.serving.server import ServerConfig, TritonServer, free_ports
-    from cxr.train import data as data_mod
 
     sample = variants(tmp_path / "site", per_film=10, seed=0)
     out = tmp_path / "repo"
@@ -118,7 +118,7 @@ def test_adapt_end_to_end_and_the_new_folder_is_served(tmp_path: Path) -> None:
     card = json.loads((model_dir / "model_card.json").read_text())
     assert card["adaptation"]["audit"]["go"] and card["calibration"]["threshold"] != json.loads(
         (SHIPPED_REPOSITORY / "pneumonia" / "model_card.json").read_text())["calibration"]["threshold"]
-    prov = data_mod.read_provenance(model_dir / "provenance.csv")
+    prov = read_provenance(model_dir / "provenance.csv")
     adapt_files = {x["path"] for x in prov if x["role"] == "adapt"}
     audit_files = {x["path"] for x in prov if x["role"] == "audit"}
     assert len(adapt_files) + len(audit_files) == 80 and not adapt_files & audit_files

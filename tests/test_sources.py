@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxr.errors import DataError
+from cxr.core.errors import DataError
+from cxr.core.model_dir import read_provenance, write_provenance
 from cxr.train import data as data_mod
 from tests.conftest import make_dataset, synthetic_xray
 
@@ -87,10 +88,10 @@ def test_provenance_lists_every_file_once_per_role_with_its_sha256(tmp_path: Pat
     root = make_dataset(tmp_path / "k", n_per_class=6)
     samples = data_mod.source_samples(data_mod.Source("kaggle", root / "train"))
     path = tmp_path / "provenance.csv"
-    data_mod.write_provenance(path, data_mod.provenance_rows("train", samples[:8]) + data_mod.provenance_rows("validation", samples[8:]))
-    data_mod.write_provenance(path, data_mod.provenance_rows("calibration", samples[:2]), replace_roles=("calibration",))
-    data_mod.write_provenance(path, data_mod.provenance_rows("calibration", samples[:3]), replace_roles=("calibration",))
-    rows = data_mod.read_provenance(path)
+    write_provenance(path, data_mod.provenance_rows("train", samples[:8]) + data_mod.provenance_rows("validation", samples[8:]))
+    write_provenance(path, data_mod.provenance_rows("calibration", samples[:2]), replace_roles=("calibration",))
+    write_provenance(path, data_mod.provenance_rows("calibration", samples[:3]), replace_roles=("calibration",))
+    rows = read_provenance(path)
     by_role = Counter(r["role"] for r in rows)
     assert by_role == {"train": 8, "validation": 4, "calibration": 3}
     for r in rows:

@@ -9,7 +9,8 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from cxr import contract
+from cxr.core import contract
+from cxr.core.model_dir import ServedParams, config_as_dict, parse_config
 from cxr.export import triton_config
 from tests.conftest import SHIPPED_REPOSITORY
 
@@ -90,20 +91,25 @@ def test_shipped_configs_are_what_the_generator_writes() -> None:
 
 
 def test_configs_round_trip_through_model_config_pb2() -> None:
-    params = triton_config.ServedParams(threshold=0.4, sha256="ab" * 32, ood_threshold=12.5,
+    params = ServedParams(threshold=0.4, sha256="ab" * 32, ood_threshold=12.5,
                                         eligibility='{"schema": "x", "q": "it\'s \\"quoted\\""}')
-    cfg = triton_config.parse(triton_config.render("m", "cpu", params))
+    cfg = parse_config(triton_config.render("m", "cpu", params))
     got = triton_config.parameters(cfg)
     assert got[contract.PARAM_OOD_THRESHOLD] == "12.5" and json.loads(got[contract.PARAM_ELIGIBILITY])["q"] == 'it\'s "quoted"'
+    # one codec both ways: what the builder writes, the client reads back as the same numbers and text
+    back = ServedParams.from_parameters(config_as_dict(cfg)["parameters"])
+    assert back == params
+    odd = ServedParams(threshold=0.029912345678901234, sha256="cd" * 32, ood_threshold=35.07123456789)
+    assert ServedParams.from_parameters(odd.as_parameters()) == odd  # no digit lost on the way
     with pytest.raises(ValueError):
-        triton_config.ServedParams(threshold=1.5, sha256="x")
+        ServedParams(threshold=1.5, sha256="x")
 
 
 def test_batching_policy_validation() -> None:
     with pytest.raises(ValueError):
         triton_config.BatchingPolicy(max_batch_size=8, preferred_batch_sizes=(16,))
     with pytest.raises(ValueError):
-        triton_config.render("m", "nope", triton_config.ServedParams(threshold=0.5, sha256="x"))
+        triton_config.render("m", "nope", ServedParams(threshold=0.5, sha256="x"))
 
 
 def test_cpu_config_keeps_the_dynamic_batcher_awake() -> None:

@@ -118,7 +118,7 @@ def test_upload_submit_matches_cli_then_clear_then_non_image(page, triton_server
     result = submit_files(page, [image])
     text = result.inner_text()
     cli = _cli_answer(image, triton_server)
-    from cxr.contract import format_probability
+    from cxr.core.contract import format_probability
     from cxr.ui import BADGES
 
     assert cli["status"] == "ok" and cli["label"] == "Pneumonia", cli

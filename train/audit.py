@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr import contract
+from cxr.core import contract
+from cxr.core.model_dir import ModelCard
 from cxr.train import metrics
 
 #: Exit codes of ``cxr site-audit`` and ``cxr adapt``: targets hold / targets missed (bad input is 2).
@@ -57,8 +58,8 @@ class Targets:
                 raise ValueError(f"target {name} must be in [0, 1], got {v!r}")
 
     @classmethod
-    def from_card(cls, card: dict) -> Targets:
-        return cls(**{k: float(v) for k, v in (card.get("targets") or {}).items() if k in cls.__dataclass_fields__})
+    def from_card(cls, card: ModelCard) -> Targets:
+        return cls(**{k: v for k, v in card.go_live_targets.items() if k in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,7 @@ def markdown(result: dict, *, title: str, model: str, sample: str) -> str:
 
 def plots(result: dict, films: list[Screened], out_dir: Path) -> dict[str, str]:
     """PNG figures: counts and flagged per class, ROC, reliability, ood_score histogram against the reference."""
-    from cxr.train.plots import _save, plt
+    from cxr.train.plots import plt, save_figure
 
     out: dict[str, str] = {}
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -212,7 +213,7 @@ def plots(result: dict, films: list[Screened], out_dir: Path) -> dict[str, str]:
     ax.bar(names, flag_n, label="flagged (not assessable)", color="#de2d26")
     ax.set_title("Films per class and flagged")
     ax.legend()
-    out["counts"] = _save(fig, out_dir / "counts.png").name
+    out["counts"] = save_figure(fig, out_dir / "counts.png").name
     ok = [f for f in films if f.probability is not None]
     y = np.array([f.label for f in ok])
     p = np.array([f.probability for f in ok], float)
@@ -225,7 +226,7 @@ def plots(result: dict, films: list[Screened], out_dir: Path) -> dict[str, str]:
         ax.set_ylabel("sensitivity")
         ax.set_title("ROC (assessable films)")
         ax.legend(loc="lower right")
-        out["roc"] = _save(fig, out_dir / "roc.png").name
+        out["roc"] = save_figure(fig, out_dir / "roc.png").name
         bins = [b for b in result["calibration"]["bins"] if b["count"]]
         fig, ax = plt.subplots(figsize=(4.5, 4.5))
         ax.plot([0, 1], [0, 1], ":", color="grey")
@@ -233,7 +234,7 @@ def plots(result: dict, films: list[Screened], out_dir: Path) -> dict[str, str]:
         ax.set_xlabel("mean predicted P(pneumonia)")
         ax.set_ylabel("observed share Pneumonia")
         ax.set_title(f"Calibration (ECE {result['calibration']['ece']:.3f})")
-        out["calibration"] = _save(fig, out_dir / "calibration.png").name
+        out["calibration"] = save_figure(fig, out_dir / "calibration.png").name
     scores = result["ood_score"]["values"]
     if scores:
         fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -248,13 +249,13 @@ def plots(result: dict, films: list[Screened], out_dir: Path) -> dict[str, str]:
         ax.set_xlabel("ood_score")
         ax.set_title("Out-of-distribution score")
         ax.legend()
-        out["ood_score"] = _save(fig, out_dir / "ood_score.png").name
+        out["ood_score"] = save_figure(fig, out_dir / "ood_score.png").name
     return out
 
 
 def write(result: dict, films: list[Screened], out_dir: Path, *, model: str, sample: str) -> None:
     """``audit.json``, ``audit.md`` and the PNGs into ``out_dir`` (written whole or not at all)."""
-    from cxr.durable import write_durably
+    from cxr.core.durable import write_durably
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

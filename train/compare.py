@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr.errors import CxrError
-from cxr.paths import relative
+from cxr.core.errors import CxrError
+from cxr.core.paths import relative
 from cxr.train import metrics
 from cxr.train.evaluate import evaluate_arrays, load_labelled
 from cxr.train.scoring import KerasScorer, Scorer, load_scorer
@@ -72,13 +72,9 @@ def parse_quoted(text: str) -> Quoted:
 
 def _onnx_parameters(path: Path) -> int:
     """Weights of the classifier in an exported graph: the OOD head's own constants left out."""
-    import onnx
-    from onnx import numpy_helper
+    from cxr.core.graph import base_parameter_count
 
-    from cxr.export.ood_head import PREFIX
-
-    graph = onnx.load(str(path)).graph
-    return int(sum(numpy_helper.to_array(t).size for t in graph.initializer if not t.name.startswith(PREFIX)))
+    return base_parameter_count(path)
 
 
 def _from_run(model_path: Path) -> tuple[Trained, Scorer]:
@@ -156,7 +152,7 @@ def compare(
 
 
 def _roc_plot(y: np.ndarray, curves: list[tuple[str, np.ndarray]], path: Path, *, title: str) -> str:
-    from cxr.train.plots import _save, plt
+    from cxr.train.plots import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for name, p in curves:
@@ -166,7 +162,7 @@ def _roc_plot(y: np.ndarray, curves: list[tuple[str, np.ndarray]], path: Path, *
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC on {title} (n={len(y)})")
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, path).name
+    return save_figure(fig, path).name
 
 
 def _ci(m: dict) -> str:

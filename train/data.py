@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import logging
 import os
@@ -30,8 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr import contract
-from cxr.errors import DataError
+from cxr.core import contract, imaging
+from cxr.core.errors import DataError
+from cxr.core.model_dir import PROVENANCE_ROLES
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ class Split:
 
     def sources(self, data_dir: str | os.PathLike | None = None) -> dict[str, Path]:
         """Source name -> folder. A split without roots is Kaggle's, under ``data_dir`` (its ``train/``)."""
-        from cxr.paths import REPO_ROOT
+        from cxr.core.paths import REPO_ROOT
 
         if self.roots:
             return {k: (REPO_ROOT / v if not Path(v).is_absolute() else Path(v)) for k, v in self.roots}
@@ -307,7 +307,7 @@ def make_source_split(
 
     ``val_fractions`` overrides ``val_fraction`` per source (small sources need a larger share to validate on).
     """
-    from cxr.paths import relative
+    from cxr.core.paths import relative
 
     fractions = {src.name: (val_fractions or {}).get(src.name, val_fraction) for src, _ in sources}
     for name, f in fractions.items():
@@ -347,7 +347,7 @@ def load_images(
     out = np.empty((len(paths), *contract.IMAGE_SHAPE), dtype=np.uint8)
 
     def work(i: int) -> None:
-        out[i] = contract.preprocess(paths[i])
+        out[i] = imaging.preprocess(paths[i])
 
     with ThreadPoolExecutor(max_workers=workers or (os.cpu_count() or 2)) as pool:
         it = pool.map(work, range(len(paths)))
@@ -369,7 +369,7 @@ def load_assessable(paths: Sequence[Path], *, cache_dir: Path | None = None) -> 
     """Like :func:`load_images`, but a film the contract refuses (not assessable) or cannot read is left out and
     reported instead of ending the run: returns (images of the kept films, their indexes, the refused films as
     ``{"index", "path", "status", "rule", "reason"}``)."""
-    from cxr.errors import InvalidInputError, NotAssessableError
+    from cxr.core.errors import InvalidInputError, NotAssessableError
 
     try:
         return load_images(paths, cache_dir=cache_dir), list(range(len(paths))), []
@@ -378,7 +378,7 @@ def load_assessable(paths: Sequence[Path], *, cache_dir: Path | None = None) -> 
     kept, arrays, refused = [], [], []
     for i, p in enumerate(paths):
         try:
-            arrays.append(contract.preprocess(p))
+            arrays.append(imaging.preprocess(p))
             kept.append(i)
         except NotAssessableError as exc:
             refused.append({"index": i, "path": str(p), "status": contract.Status.NOT_ASSESSABLE.value,
@@ -390,15 +390,9 @@ def load_assessable(paths: Sequence[Path], *, cache_dir: Path | None = None) -> 
     return x, kept, refused
 
 
-#: Columns of a model's ``provenance.csv``: one row per file and role.
-PROVENANCE_COLUMNS = ("role", "source", "patient", "label", "path", "sha256")
-#: Roles a file can have in building a model.
-PROVENANCE_ROLES = ("train", "validation", "calibration", "ood_reference", "adapt", "audit")
-
-
 def provenance_rows(role: str, samples: Sequence[Sample]) -> list[dict]:
     """One provenance row per sample: role, source, patient, label, path (repository-relative) and sha256."""
-    from cxr.paths import relative
+    from cxr.core.paths import relative
 
     if role not in PROVENANCE_ROLES:
         raise ValueError(f"unknown provenance role {role!r}")
@@ -413,28 +407,6 @@ def provenance_rows(role: str, samples: Sequence[Sample]) -> list[dict]:
          "path": relative(s.path), "sha256": d}
         for s, d in zip(samples, digests)
     ]
-
-
-def read_provenance(path: str | os.PathLike) -> list[dict]:
-    """Rows of a ``provenance.csv`` (empty when there is none)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def write_provenance(path: str | os.PathLike, rows: Sequence[dict], *, replace_roles: Sequence[str] = ()) -> None:
-    """Write ``provenance.csv`` durably: the existing rows of other roles are kept, ``replace_roles`` are replaced."""
-    from cxr.durable import write_durably
-
-    path = Path(path)
-    kept = [r for r in read_provenance(path) if r["role"] not in set(replace_roles)]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=PROVENANCE_COLUMNS, lineterminator="\n")
-    w.writeheader()
-    w.writerows([*kept, *rows])
-    write_durably(path, buf.getvalue().encode())
 
 
 def provenance_summary(rows: Sequence[dict]) -> dict:

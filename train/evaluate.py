@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr import contract
-from cxr.errors import CalibrationError, DataError
+from cxr.core import contract
+from cxr.core.errors import CalibrationError, DataError
 from cxr.train import data as data_mod
 from cxr.train import metrics
 from cxr.train.scoring import CALIBRATION_FILE, Calibration, KerasScorer, Scorer, load_scorer
@@ -69,7 +69,7 @@ def load_pooled(folders: Path | list[Path], *, cache_dir: Path | None = None) ->
 
 def described(folders: Path | list[Path]) -> str:
     """The folders as the card names them (repository-relative, joined by ``+``)."""
-    from cxr.paths import relative
+    from cxr.core.paths import relative
 
     return " + ".join(relative(f) for f in ([folders] if isinstance(folders, Path) else folders))
 

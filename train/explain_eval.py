@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr import contract
+from cxr.core import contract
 
 FRACTIONS = (0.05, 0.10, 0.20)
 
@@ -55,7 +55,7 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
 
 def run(cfg: ExplainEvalConfig) -> dict:
     from cxr.client import PneumoniaClient
-    from cxr.explain import GradCam
+    from cxr.client.explain import GradCam
     from cxr.train.evaluate import load_labelled
 
     x, y, paths = load_labelled(cfg.data)
@@ -126,7 +126,7 @@ def _examples(films: np.ndarray, maps: dict[str, np.ndarray], layers: tuple[str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cxr.explain import overlay
+    from cxr.client.explain import overlay
 
     n = min(4, len(films))
     fig, axes = plt.subplots(n, len(layers), figsize=(3 * len(layers), 3 * n))
@@ -167,7 +167,7 @@ def markdown(rep: dict) -> str:
         f"Chosen: **{rep['best_layer']}**. Rule: among the maps that pass the model-randomisation check "
         f"(correlation with the randomised-head map below {MAX_RANDOMISED_CORRELATION}), the largest mean fall of "
         "P(pneumonia) at 5% and 10% deletion; at 20% so much of the film is greyed out that a coarse central blob "
-        "lowers P whatever it marks. The page uses `cxr.explain.DEFAULT_LAYER`, which a test keeps equal to this choice.",
+        "lowers P whatever it marks. The page uses `cxr.client.explain.DEFAULT_LAYER`, which a test keeps equal to this choice.",
         "",
         "![examples](gradcam_examples.png)",
         "",

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from cxr import contract
+from cxr.core import contract
 
 
 def _check(y_true: np.ndarray, y_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -16,8 +16,8 @@ from pathlib import Path
 import keras
 from keras import layers
 
-from cxr import contract
-from cxr.errors import CxrError
+from cxr.core import contract
+from cxr.core.errors import CxrError
 
 logger = logging.getLogger(__name__)
 

@@ -10,11 +10,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cxr import contract  # noqa: E402
+from cxr.core import contract  # noqa: E402
 from cxr.train import metrics  # noqa: E402
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def save_figure(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -35,7 +35,7 @@ def training_curves(history: dict[str, list[float]], out_dir: Path) -> list[Path
         ax.set_ylabel(key)
         ax.legend()
         ax.grid(alpha=0.3)
-        paths.append(_save(fig, Path(out_dir) / fname))
+        paths.append(save_figure(fig, Path(out_dir) / fname))
     return paths
 
 
@@ -52,7 +52,7 @@ def evaluation_plots(y_true: np.ndarray, y_prob: np.ndarray, threshold: float, o
     ax.plot(1 - t["specificity"], t["sensitivity"], "o", color="red", label=f"threshold {threshold:.3f}")
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC: {title}")
     ax.legend(loc="lower right")
-    files["roc"] = _save(fig, out_dir / "roc.png").name
+    files["roc"] = save_figure(fig, out_dir / "roc.png").name
 
     order = np.argsort(-y_prob)
     tp = np.cumsum(y_true[order])
@@ -62,7 +62,7 @@ def evaluation_plots(y_true: np.ndarray, y_prob: np.ndarray, threshold: float, o
     ax.step(recall, precision, where="post", label=f"AP {metrics.pr_auc(y_true, y_prob):.3f}")
     ax.set(xlabel="recall (sensitivity)", ylabel="precision", title=f"Precision-recall: {title}", ylim=(0, 1.02))
     ax.legend(loc="lower left")
-    files["pr"] = _save(fig, out_dir / "pr.png").name
+    files["pr"] = save_figure(fig, out_dir / "pr.png").name
 
     rel = metrics.reliability(y_true, y_prob)
     fig, ax = plt.subplots(figsize=(5, 5))
@@ -72,7 +72,7 @@ def evaluation_plots(y_true: np.ndarray, y_prob: np.ndarray, threshold: float, o
     ax.set(xlabel="predicted probability", ylabel="fraction pneumonia",
            title=f"Reliability (ECE {metrics.expected_calibration_error(y_true, y_prob):.3f})")
     ax.legend(loc="upper left")
-    files["reliability"] = _save(fig, out_dir / "reliability.png").name
+    files["reliability"] = save_figure(fig, out_dir / "reliability.png").name
 
     c = metrics.confusion(y_true, y_prob, threshold)
     cm = np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]])
@@ -84,5 +84,5 @@ def evaluation_plots(y_true: np.ndarray, y_prob: np.ndarray, threshold: float, o
     ax.set_xticks([0, 1], [f"pred {lab}" for lab in contract.LABELS])
     ax.set_yticks([0, 1], [f"true {lab}" for lab in contract.LABELS])
     ax.set_title(f"Confusion at {threshold:.3f}")
-    files["confusion"] = _save(fig, out_dir / "confusion.png").name
+    files["confusion"] = save_figure(fig, out_dir / "confusion.png").name
     return files

@@ -16,8 +16,8 @@ from typing import Protocol
 
 import numpy as np
 
-from cxr import contract
-from cxr.errors import CxrError
+from cxr.core import contract
+from cxr.core.errors import CxrError
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class OnnxScorer:
     """Probabilities from an exported ONNX model (onnxruntime, CPU)."""
 
     def __init__(self, model_path: Path, *, threshold: float | None = None, batch_size: int = 64, threads: int = 0) -> None:
-        from cxr.serving.ort_session import make_session
+        from cxr.core.ort_session import make_session
 
         self.session = make_session(model_path, threads=threads)
         self.threshold = threshold if threshold is not None else contract.DEFAULT_THRESHOLD
@@ -161,8 +161,9 @@ def load_scorer(model_path: Path, *, threshold: float | None = None) -> Scorer:
 
 def _card_threshold(onnx_path: Path) -> float | None:
     """Threshold from the model card of a model-repository ONNX (``<model>/model_card.json``)."""
-    for d in (onnx_path.parent, onnx_path.parent.parent):
-        card = d / "model_card.json"
-        if card.exists():
-            return float(json.loads(card.read_text())["calibration"]["threshold"])
+    from cxr.core.model_dir import ModelDir
+
+    for d in (ModelDir(onnx_path.parent), ModelDir(onnx_path.parent.parent)):
+        if d.has_card():
+            return d.card().threshold
     return None

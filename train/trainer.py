@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr import contract
-from cxr.errors import DataError
+from cxr.core import contract
+from cxr.core.errors import DataError
+from cxr.core.model_dir import write_provenance
 from cxr.train import data as data_mod
 from cxr.train.augment import AugmentConfig
 
@@ -280,9 +281,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         v = [s for s in va if s.source == src.name]
         logger.info("%s: train %d images (%d patients), val %d images (%d patients)", src.name,
                     len(t), len({s.patient for s in t}), len(v), len({s.patient for s in v}))
-    data_mod.write_provenance(out / "provenance.csv", data_mod.provenance_rows("train", tr)
+    write_provenance(out / "provenance.csv", data_mod.provenance_rows("train", tr)
                               + data_mod.provenance_rows("validation", va), replace_roles=("train", "validation"))
-    from cxr.paths import relative
+    from cxr.core.paths import relative
 
     config_payload = {k: (relative(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     config_payload["sources"] = {src.name: relative(src.root) for src in cfg.sources}

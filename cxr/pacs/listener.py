@@ -30,9 +30,9 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cxr import contract
-from cxr.durable import AppendOnlyCsv, fsync_dir, write_durably
-from cxr.errors import CxrError
+from cxr.core import contract, imaging
+from cxr.core.durable import AppendOnlyCsv, fsync_dir, write_durably
+from cxr.core.errors import CxrError
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +95,8 @@ class ListenConfig:
         send_backoff_s: First wait after a failed send; doubles up to ``max_backoff_s``.
         max_backoff_s: Longest wait between send attempts.
         batch: Instances screened per inference call.
-        dicom_tls: DICOM TLS for incoming associations (:class:`cxr.security.TlsServer`; mutual with a client CA).
-        send_tls: DICOM TLS for sending results (:class:`cxr.security.TlsClient`).
+        dicom_tls: DICOM TLS for incoming associations (:class:`cxr.core.security.TlsServer`; mutual with a client CA).
+        send_tls: DICOM TLS for sending results (:class:`cxr.core.security.TlsClient`).
     """
 
     spool: Path
@@ -129,7 +129,7 @@ class ListenConfig:
             raise ValueError("need 0 < send_backoff_s <= max_backoff_s")
         if self.batch < 1:
             raise ValueError("batch must be >= 1")
-        from cxr.security import is_loopback
+        from cxr.core.security import is_loopback
 
         if not is_loopback(self.host) and self.dicom_tls is None:
             logger.warning("listening on %s without DICOM TLS: keep this link on a trusted network", self.host)
@@ -174,7 +174,7 @@ class Listener:
     """The SCP, the screening worker and the result sender (start, then stop)."""
 
     def __init__(self, cfg: ListenConfig) -> None:
-        from cxr.client.batch import CSV_COLUMNS
+        from cxr.client.results import CSV_COLUMNS
 
         self.cfg = cfg
         self.spool = Spool(cfg.spool)
@@ -242,8 +242,8 @@ class Listener:
         if not self._client.info.sha256:  # type: ignore[attr-defined]
             raise CxrError("the served model publishes no sha256: result UIDs cannot be made stable")
         if self.cfg.heatmap:
-            from cxr.explain import ExplanationUnavailable, GradCam
-            from cxr.paths import DEFAULT_REPOSITORY
+            from cxr.client.explain import ExplanationUnavailable, GradCam
+            from cxr.core.paths import DEFAULT_REPOSITORY
 
             try:
                 self._gradcam = GradCam(Path(self.cfg.repository or DEFAULT_REPOSITORY) / self.cfg.model,  # type: ignore[assignment]
@@ -321,8 +321,9 @@ class Listener:
         """Screen a batch; ``True`` when at least one instance reached a final state."""
         import pydicom
 
-        from cxr.client.batch import _row, file_sha256
-        from cxr.pacs.sr import Result, build_heatmap_sc, build_sr
+        from cxr.client.batch import file_sha256
+        from cxr.client.results import to_row
+        from cxr.pacs.sr import build_heatmap_sc, build_sr
 
         preds = self._client.predict([str(f) for f in files])  # type: ignore[attr-defined]
         info = self._client.info  # type: ignore[attr-defined]
@@ -336,20 +337,17 @@ class Listener:
             source = None
             if pred.status is not contract.Status.ERROR:
                 source = pydicom.dcmread(f, stop_before_pixels=True)
-                result = Result(status=pred.status, threshold=pred.threshold, model_name=pred.model_name,
-                                model_version=pred.model_version, model_sha256=info.sha256, label=pred.label,
-                                probability=pred.probability, rule=pred.rule, reason=pred.reason)
-                sr = build_sr(source, result)
+                sr = build_sr(source, pred)
                 results.append((f"{sr.SOPInstanceUID}.dcm", _encode(sr)))
                 if self._gradcam is not None and pred.ok and pred.label == info.labels[1]:
-                    from cxr.explain import film_for_display, overlay
+                    from cxr.client.explain import film_for_display, overlay
 
                     film = film_for_display(f)
-                    heat = self._gradcam.heatmap(contract.preprocess(f), size=(film.shape[1], film.shape[0]))
-                    sc = build_heatmap_sc(source, result, overlay(film, heat))
+                    heat = self._gradcam.heatmap(imaging.preprocess(f), size=(film.shape[1], film.shape[0]))
+                    sc = build_heatmap_sc(source, pred, overlay(film, heat))
                     results.append((f"{sc.SOPInstanceUID}.dcm", _encode(sc)))
             if self.csv is not None:
-                row = _row(pred, file_sha256(f))
+                row = to_row(pred, file_sha256(f))
                 row["path"] = f"dicom:{uid}"
                 row["sop_instance_uid"] = uid
                 self.csv.append([row])

@@ -23,14 +23,14 @@ time, accession number); birth date and sex stay empty.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import numpy as np
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from cxr import contract
+from cxr.client.client import Prediction
+from cxr.core import contract
 
 #: Coding scheme of this project's own concepts (no standard code exists for them).
 LOCAL_SCHEME = "99CXR"
@@ -44,41 +44,18 @@ PLACEMENT_ATTRIBUTES = (
 )
 
 
-@dataclass(frozen=True)
-class Result:
-    """What goes into the SR.
+def check_result(result: Prediction) -> Prediction:
+    """The prediction, if an SR can be made of it: ``ok`` or ``not_assessable`` (an unreadable input gets no SR),
+    by a model whose sha256 is known (it makes the result UIDs).
 
-    Attributes:
-        status: ``ok`` or ``not_assessable`` (an unreadable input gets no SR).
-        label: The label when ``ok``.
-        probability: Calibrated P(pneumonia) when ``ok``.
-        threshold: The decision threshold in use.
-        rule: The refusal rule when ``not_assessable``.
-        reason: One line, when ``not_assessable``.
-        model_name: Served model name.
-        model_version: Served model version.
-        model_sha256: Served model's sha256.
+    Raises:
+        ValueError: It cannot.
     """
-
-    status: contract.Status
-    threshold: float
-    model_name: str
-    model_version: str
-    model_sha256: str
-    label: str | None = None
-    probability: float | None = None
-    rule: str | None = None
-    reason: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.status not in (contract.Status.OK, contract.Status.NOT_ASSESSABLE):
-            raise ValueError("an SR is made for ok and not_assessable results only")
-        if self.status is contract.Status.OK and (self.label is None or self.probability is None):
-            raise ValueError("an ok result needs a label and a probability")
-        if self.status is contract.Status.NOT_ASSESSABLE and self.rule not in contract.RULES:
-            raise ValueError("a not_assessable result needs its rule")
-        if not self.model_sha256:
-            raise ValueError("the model's sha256 is needed (it makes the result UIDs)")
+    if result.status not in (contract.Status.OK, contract.Status.NOT_ASSESSABLE):
+        raise ValueError("an SR is made for ok and not_assessable results only")
+    if not result.model_sha256:
+        raise ValueError("the model's sha256 is needed (it makes the result UIDs)")
+    return result
 
 
 def result_uids(source: Dataset, model_sha256: str) -> dict[str, str]:
@@ -120,17 +97,18 @@ ABSENT = ("2667000", "Absent", "SCT")
 CHEST_XRAY = ("399208008", "Plain chest X-ray", "SCT")
 
 
-def build_sr(source: Dataset, result: Result):  # type: ignore[no-untyped-def]
+def build_sr(source: Dataset, result: Prediction):  # type: ignore[no-untyped-def]
     """A ``highdicom.sr.ComprehensiveSR`` for one screened instance."""
     import highdicom as hd
 
+    check_result(result)
     uids = result_uids(source, result.model_sha256)
     evidence = placement_evidence(source)
     algorithm = hd.sr.AlgorithmIdentification(
         name=f"{DEVICE_NAME} pneumonia screening",
         version=f"{result.model_name} v{result.model_version}",
         # Algorithm parameters are LO (64 characters): the first is the model's sha256 (64 hex digits) alone.
-        parameters=[result.model_sha256, f"threshold={result.threshold:.6f}"],
+        parameters=[result.model_sha256, f"threshold={result.threshold!r}"],
     )
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -139,10 +117,10 @@ def build_sr(source: Dataset, result: Result):  # type: ignore[no-untyped-def]
             manufacturer_name=DEVICE_NAME, model_name=result.model_name),
     )
     qualitative, measurements = [], []
+    unit = _code("1", "no units", "UCUM")
     if result.status is contract.Status.OK:
         present = contract.is_positive(float(result.probability), result.threshold)  # type: ignore[arg-type]
         qualitative.append(hd.sr.QualitativeEvaluation(name=_code(*PNEUMONIA), value=_code(*(PRESENT if present else ABSENT))))
-        unit = _code("1", "no units", "UCUM")
         measurements.append(hd.sr.Measurement(name=_code("CXR-P", "P(pneumonia), calibrated probability"),
                                               value=float(result.probability), unit=unit))  # type: ignore[arg-type]
         measurements.append(hd.sr.Measurement(name=_code("CXR-T", "Decision threshold"), value=float(result.threshold),
@@ -151,6 +129,13 @@ def build_sr(source: Dataset, result: Result):  # type: ignore[no-untyped-def]
         qualitative.append(hd.sr.QualitativeEvaluation(
             name=_code("CXR-NA", "Not assessable: route to a human reader"),
             value=_code(str(result.rule), f"{result.rule}: {contract.RULES[str(result.rule)]}")))
+        r = result.refusal
+        if r is not None and isinstance(r.value, (int, float)) and isinstance(r.limit, (int, float)):
+            # what the rule measured, and the limit it broke, as numbers (ood_score, grey-level std, chroma ...)
+            measurements.append(hd.sr.Measurement(name=_code("CXR-RV", f"{r.rule}: measured value"),
+                                                  value=float(r.value), unit=unit))
+            measurements.append(hd.sr.Measurement(name=_code("CXR-RL", f"{r.rule}: limit"), value=float(r.limit),
+                                                  unit=unit))
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(entropy_srcs=[uids["sr_instance"], "group"]),
                                                       identifier="pneumonia screening"),
@@ -171,9 +156,14 @@ def build_sr(source: Dataset, result: Result):  # type: ignore[no-untyped-def]
     )
 
 
+#: The SR's numeric measurements, by code.
+NUMBERS = {"CXR-P": "probability", "CXR-T": "threshold", "CXR-RV": "refusal_value", "CXR-RL": "refusal_limit"}
+
+
 def read_sr(ds: Dataset) -> dict:
     """The screening content of an SR made by :func:`build_sr` (for tests and for sites checking what arrived)."""
-    out: dict = {"finding": None, "probability": None, "threshold": None, "not_assessable": None, "sha256": None}
+    out: dict = {"finding": None, "probability": None, "threshold": None, "not_assessable": None, "sha256": None,
+                 "refusal_value": None, "refusal_limit": None}
 
     def value(code: Dataset) -> str:  # codes over 16 characters go to LongCodeValue
         return str(code.get("CodeValue") or code.get("LongCodeValue") or "")
@@ -185,9 +175,8 @@ def read_sr(ds: Dataset) -> dict:
                 out["finding"] = it.ConceptCodeSequence[0].CodeMeaning
             elif it.ValueType == "CODE" and name == "CXR-NA":
                 out["not_assessable"] = value(it.ConceptCodeSequence[0])
-            elif it.ValueType == "NUM" and name in ("CXR-P", "CXR-T"):
-                v = float(it.MeasuredValueSequence[0].NumericValue)
-                out["probability" if name == "CXR-P" else "threshold"] = v
+            elif it.ValueType == "NUM" and name in NUMBERS:
+                out[NUMBERS[name]] = float(it.MeasuredValueSequence[0].NumericValue)
             elif it.ValueType == "TEXT" and name == "111002" and re.fullmatch(r"[0-9a-f]{64}", str(it.TextValue)):
                 out["sha256"] = str(it.TextValue)
             if "ContentSequence" in it:
@@ -197,7 +186,7 @@ def read_sr(ds: Dataset) -> dict:
     return out
 
 
-def build_heatmap_sc(source: Dataset, result: Result, overlay_rgb: np.ndarray):  # type: ignore[no-untyped-def]
+def build_heatmap_sc(source: Dataset, result: Prediction, overlay_rgb: np.ndarray):  # type: ignore[no-untyped-def]
     """The Grad-CAM overlay as a Secondary Capture in the source's study, with "screening aid, not for diagnosis"
     burned in."""
     import highdicom as hd

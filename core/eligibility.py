@@ -2,7 +2,7 @@
 
 In the manner of MONAI Deploy's series-selection rules, the rules are data, not
 code: a JSON file of conditions on DICOM attributes (by keyword). The default
-ships in the package (``cxr/data/eligibility.json``) and, with every exported
+ships in the package (``core/data/eligibility.json``) and, with every exported
 model, as ``<model>/eligibility.json``, whose text also travels in the served
 config (parameter ``eligibility``) so that remote clients apply the rules the
 server's operator chose. A site edits its model folder's file and runs
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from cxr import contract
-from cxr.errors import CxrError, NotAssessableError
+from cxr.core import contract
+from cxr.core.errors import CxrError, NotAssessableError
 
 SCHEMA = "cxr-eligibility/1"
 FILE_NAME = "eligibility.json"
@@ -33,7 +33,7 @@ class Condition:
 
     Attributes:
         keyword: DICOM attribute keyword (e.g. ``Modality``).
-        rule: Rule name reported when it fails (a key of :data:`cxr.contract.RULES`).
+        rule: Rule name reported when it fails (a key of :data:`cxr.core.contract.RULES`).
         allowed: Accepted values (case-insensitive); empty means any.
         max: Largest accepted numeric value (``None``: no limit).
         if_absent: ``accept`` or ``refuse`` when the attribute is missing or empty.
@@ -61,14 +61,17 @@ class Condition:
                 raise contract.not_assessable(name, self.rule, f"{self.keyword} is missing")
             return
         if self.allowed and text.upper() not in {a.upper() for a in self.allowed}:
-            raise contract.not_assessable(name, self.rule, f"{self.keyword} {text!r} not in {'/'.join(self.allowed)}")
+            raise contract.not_assessable(name, self.rule, f"{self.keyword} {text!r} not in {'/'.join(self.allowed)}",
+                                          value=text, limit="/".join(self.allowed))
         if self.max is not None:
             try:
                 number = float(text)
             except ValueError:
-                raise contract.not_assessable(name, self.rule, f"{self.keyword} {text!r} is not a number") from None
+                raise contract.not_assessable(name, self.rule, f"{self.keyword} {text!r} is not a number", value=text,
+                                              limit=self.max) from None
             if number > self.max:
-                raise contract.not_assessable(name, self.rule, f"{self.keyword} {text} > {self.max:g}")
+                raise contract.not_assessable(name, self.rule, f"{self.keyword} {text} > {self.max:g}", value=number,
+                                              limit=self.max)
 
 
 @dataclass(frozen=True)
@@ -135,7 +138,7 @@ class Eligibility:
 
 def default_text() -> str:
     """The JSON text of the shipped default rules."""
-    return resources.files("cxr").joinpath("data", FILE_NAME).read_text()
+    return resources.files("cxr.core").joinpath("data", FILE_NAME).read_text()
 
 
 _DEFAULT = Eligibility.from_json(default_text())

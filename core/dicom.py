@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from cxr.errors import InvalidInputError, NotAssessableError
+from cxr.core.errors import InvalidInputError, NotAssessableError
 
 
 @contextlib.contextmanager
@@ -40,7 +40,7 @@ def read_dicom(data: bytes, *, name: str, eligibility: object | None = None) -> 
 
     Files without the 128-byte preamble are read too. The header is checked
     against the eligibility rules (``eligibility``: an
-    :class:`~cxr.eligibility.Eligibility`, ``None`` for the shipped rules,
+    :class:`~cxr.core.eligibility.Eligibility`, ``None`` for the shipped rules,
     ``False`` for none) before any pixel is decoded.
 
     Raises:
@@ -53,8 +53,9 @@ def read_dicom(data: bytes, *, name: str, eligibility: object | None = None) -> 
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise InvalidInputError(f"{name}: DICOM input needs pydicom (pip install 'cxr-triton[client]')") from exc
-    from cxr.contract import MAX_PIXELS, MIN_SIDE, _array_to_gray_u8, chroma_of
-    from cxr.eligibility import Eligibility
+    from cxr.core.contract import MAX_PIXELS, MIN_SIDE
+    from cxr.core.eligibility import Eligibility
+    from cxr.core.pixels import chroma_of, to_gray_u8
 
     with _quiet_pydicom():
         try:
@@ -107,7 +108,7 @@ def read_dicom(data: bytes, *, name: str, eligibility: object | None = None) -> 
             if "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds):
                 values = apply_voi_lut(values, ds, index=0)
     # The contract's conversion: luma for colour, NaN/Inf refused, min-max window to 0..255.
-    gray = _array_to_gray_u8(np.asarray(values, dtype=np.float64), name)
+    gray = to_gray_u8(np.asarray(values, dtype=np.float64), name)
     if photometric == "MONOCHROME1":
         gray = 255 - gray  # MONOCHROME1: high values are dark
     return gray, uid, chroma

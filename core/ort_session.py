@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
 
 def make_session(model: str | os.PathLike | bytes, *, threads: int = 0):  # type: ignore[no-untyped-def]
     """An ``onnxruntime.InferenceSession`` on the CPU for a model path or serialized bytes.
@@ -32,3 +34,17 @@ def make_session(model: str | os.PathLike | bytes, *, threads: int = 0):  # type
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     source = model if isinstance(model, bytes) else str(Path(model))
     return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+
+
+def served_outputs(path: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``probability`` and ``ood_score`` (NaN when the model has none) for contract images."""
+    from cxr.core import contract
+
+    sess = make_session(path)
+    names = [o.name for o in sess.get_outputs()]
+    probs, oods = [], []
+    for i in range(0, len(x), 128):
+        out = dict(zip(names, sess.run(names, {contract.INPUT_NAME: x[i : i + 128]})))
+        probs.append(out[contract.OUTPUT_NAME].reshape(-1))
+        oods.append(out[contract.OOD_OUTPUT_NAME].reshape(-1) if contract.OOD_OUTPUT_NAME in out else np.full(len(out[contract.OUTPUT_NAME]), np.nan))
+    return np.concatenate(probs).astype(np.float64), np.concatenate(oods).astype(np.float64)

@@ -22,7 +22,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from cxr.errors import CxrError
+from cxr.core.errors import CxrError
 
 #: APIs the admin key guards (Triton's names; the same on gRPC and HTTP).
 ADMIN_APIS = ("model-repository", "shared-memory", "statistics", "trace", "logging")

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr import contract
-from cxr.errors import CxrError, InvalidInputError, NotAssessableError
+from cxr.core import contract, imaging
+from cxr.core.errors import CxrError, InvalidInputError, NotAssessableError
 from cxr.train import ood_corpus
 
 logger = logging.getLogger(__name__)
@@ -159,14 +159,14 @@ def compare_scores(cfg: OodEvalConfig, items: list, real: dict[str, list[Path]])
     """
     import onnx
 
+    from cxr.core.graph import strip_ood
+    from cxr.core.model_dir import ModelDir
     from cxr.export import ood_head
     from cxr.train import data as data_mod
 
     if cfg.split_file is None or cfg.data_dir is None:
         return []
-    model_dir = Path(cfg.repository) / cfg.model
-    card = json.loads((model_dir / "model_card.json").read_text())
-    base = ood_head.strip(onnx.load(str(model_dir / card["file"])))
+    base = strip_ood(onnx.load(str(ModelDir(Path(cfg.repository) / cfg.model).onnx_path())))
     train = data_mod.Split.load(cfg.split_file).samples("train", cfg.data_dir)
     x_train = data_mod.load_images([s.path for s in train], cache_dir=cfg.cache_dir)
     counts = {name: sum(s.source == name for s in train) for name in {s.source for s in train}}
@@ -175,7 +175,7 @@ def compare_scores(cfg: OodEvalConfig, items: list, real: dict[str, list[Path]])
     x_ood = []
     for it in items:
         try:
-            x_ood.append(contract.preprocess(it.data, name=it.name))
+            x_ood.append(imaging.preprocess(it.data, name=it.name))
         except (InvalidInputError, NotAssessableError):
             continue  # refused before the model: not a test of the score
     xo = np.stack(x_ood)
@@ -294,7 +294,7 @@ def markdown(rep: dict) -> str:
         "",
         "The threshold was fitted on real chest X-rays only; no image of this corpus was used to fit it. The corpus "
         "chose the score (table above) and the pixel rules' thresholds were measured on real X-rays "
-        "(`cxr/contract.py`). The product is also judged on a withheld set of real-world non-chest images; hand, "
+        "(`core/contract.py`). The product is also judged on a withheld set of real-world non-chest images; hand, "
         "knee and dental radiographs are the hardest case (grey, radiographic, bony) and only one such film "
         "(the tibia) is in this corpus.",
         "",

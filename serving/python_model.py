@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr import contract
-from cxr.serving.integrity import sha256_file
+from cxr.core import contract
+from cxr.core.integrity import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class OnnxBatchRunner:
     """The backend's logic without Triton: validate, concatenate, run, split (unit-tested directly)."""
 
     def __init__(self, onnx_path: Path, *, max_batch_size: int, expected_sha256: str | None, threads: int = 0) -> None:
-        from cxr.serving.ort_session import make_session
+        from cxr.core.ort_session import make_session
 
         if expected_sha256:
             actual = sha256_file(onnx_path)

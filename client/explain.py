@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cxr import contract
-from cxr.errors import CxrError
+from cxr.core import contract, imaging
+from cxr.core.errors import CxrError
 
 logger = logging.getLogger(__name__)
 
@@ -225,27 +225,24 @@ class GradCam:
     """
 
     def __init__(self, model_dir: Path, *, served_sha256: str | None, layer: str | None = None) -> None:
-        import json
-
         import onnx
 
-        from cxr.export import ood_head
-        from cxr.serving.integrity import sha256_file
-        from cxr.serving.ort_session import make_session
+        from cxr.core.graph import strip_ood
+        from cxr.core.integrity import sha256_file
+        from cxr.core.model_dir import ModelDir
+        from cxr.core.ort_session import make_session
 
-        model_dir = Path(model_dir)
-        card_path = model_dir / "model_card.json"
-        if not card_path.exists():
-            raise ExplanationUnavailable(f"no model files at {model_dir}")
-        card = json.loads(card_path.read_text())
-        path = model_dir / card.get("file", "1/model.onnx")
+        folder = ModelDir(Path(model_dir))
+        if not folder.has_card():
+            raise ExplanationUnavailable(f"no model files at {folder.path}")
+        path = folder.onnx_path()
         if not path.exists():
             raise ExplanationUnavailable(f"no model file {path}")
         self.sha256 = sha256_file(path)
         if served_sha256 is not None and self.sha256 != served_sha256:
             raise ExplanationUnavailable(f"the local model file ({self.sha256[:12]}) is not the served model "
                                          f"({served_sha256[:12] or 'no sha256 published'})")
-        base = ood_head.strip(onnx.load(str(path)))
+        base = strip_ood(onnx.load(str(path)))
         arch = next((a for a in DEFAULT_LAYER if any(a in n.name for n in base.graph.node)), None)
         self.layer = layer or (DEFAULT_LAYER[arch] if arch else "")
         if not self.layer:
@@ -327,7 +324,7 @@ def overlay(gray: np.ndarray, heat: np.ndarray, *, alpha: float = 0.5, floor: fl
 
 def film_for_display(source: str | Path, *, max_side: int = 1024) -> np.ndarray:
     """The whole film as 2-D uint8 grayscale at most ``max_side`` px, aspect ratio kept (no eligibility rules)."""
-    gray, _, _ = contract.decode_gray(source)
+    gray, _, _ = imaging.decode_gray(source)
     h, w = gray.shape
     scale = min(1.0, max_side / max(h, w))
     if scale < 1.0:

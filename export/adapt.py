@@ -38,8 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr import contract
-from cxr.errors import CxrError, DataError
+from cxr.core import contract
+from cxr.core.errors import CxrError, DataError
+from cxr.core.model_dir import ModelCard, ModelDir
 from cxr.train import data as data_mod
 
 logger = logging.getLogger(__name__)
@@ -163,17 +164,17 @@ def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
     import onnx
 
     from cxr.client.client import prepare
-    from cxr.eligibility import Eligibility
+    from cxr.core.eligibility import Eligibility
+    from cxr.core.ort_session import make_session
     from cxr.export import adapt_kit, head, ood_head, repository
-    from cxr.export.onnx_export import _copy_python_model
-    from cxr.serving.ort_session import make_session
+    from cxr.export.onnx_export import write_python_model
     from cxr.train import audit as audit_mod
     from cxr.train.evaluate import choose_threshold, operating_point
 
     t0 = time.time()
     src_dir = Path(cfg.model_dir)
     card = repository.read_card(src_dir)
-    model_path = repository._check_sha(src_dir, card)
+    model_path = repository.verified_onnx(src_dir, card)
     kit = adapt_kit.load(src_dir)
     dest = Path(cfg.out_repository) / cfg.name
     if dest.resolve() == src_dir.resolve():
@@ -181,7 +182,7 @@ def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
     samples = data_mod.source_samples(data_mod.Source("site", Path(cfg.sample)))
     digests = {r_path: sha for r_path, sha in zip(
         [s.path for s in samples], [r["sha256"] for r in data_mod.provenance_rows("adapt", samples)])}
-    trained = {r["sha256"] for r in data_mod.read_provenance(src_dir / repository.PROVENANCE_FILE) if r["role"] == "train"}
+    trained = {r["sha256"] for r in ModelDir(src_dir).provenance() if r["role"] == "train"}
     adapt_part, audit_part = split_sample(samples, trained, digests, audit_fraction=cfg.audit_fraction, seed=cfg.seed)
     if not audit_part:
         raise DataError(f"{cfg.sample}: every film's patient trained the model; nothing is left to audit on")
@@ -253,7 +254,7 @@ def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
     point = operating_point(y_ok, p_ok, threshold, confidence=CONFIDENCE)
 
     # 5. audit and, only on a pass, publish
-    targets = audit_mod.Targets.from_card(card)
+    targets = audit_mod.Targets.from_card(ModelCard(card))
     reference = {"ood_score": [float(v) for v in np.concatenate(list(sets.values()))], "ood_threshold": ood_threshold}
     result = audit_mod.audit(films, threshold=threshold, targets=targets, reference=reference)
     seconds = time.time() - t0
@@ -285,9 +286,9 @@ def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
     shutil.rmtree(staging.parent, ignore_errors=True)
     (staging / "1").mkdir(parents=True)
     onnx.save(model, str(staging / "1" / "model.onnx"))
-    _copy_python_model(staging, 1)
+    write_python_model(staging, 1)
     shutil.copy(repository.ensure_eligibility(src_dir), staging / "eligibility.json")
-    from cxr.serving.integrity import sha256_file
+    from cxr.core.integrity import sha256_file
 
     new_card = json.loads(json.dumps(card))
     new_card.update(model=cfg.name, version=1, file="1/model.onnx", sha256=sha256_file(staging / "1" / "model.onnx"),
@@ -304,10 +305,9 @@ def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
     new_card["evaluations"] = {}
     new_card["evaluations_of"] = "see adaptation.audit (the site's audit part)"
     repository.save_card(staging, new_card)
-    rows = data_mod.read_provenance(src_dir / repository.PROVENANCE_FILE)
-    data_mod.write_provenance(staging / repository.PROVENANCE_FILE, rows)
-    data_mod.write_provenance(staging / repository.PROVENANCE_FILE,
-                              data_mod.provenance_rows("adapt", adapt_part) + data_mod.provenance_rows("audit", audit_part), replace_roles=("adapt", "audit"))
+    ModelDir(staging).write_provenance(ModelDir(src_dir).provenance())
+    ModelDir(staging).write_provenance(data_mod.provenance_rows("adapt", adapt_part) + data_mod.provenance_rows("audit", audit_part),
+                                       replace_roles=("adapt", "audit"))
     ref_x = np.concatenate([kit.real_features, site_f])
     repository.save_reference(staging, new_head.probability(np.expm1(ref_x[:, :n_gap])), fit.score(ref_x), ood_threshold,
                               what="the shipped reference sets (from the kit's features) and the site's adapt part")

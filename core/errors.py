@@ -26,12 +26,19 @@ class NotAssessableError(CxrError):
     ``not_assessable`` status, with this one-line message as the reason.
 
     Attributes:
-        rule: The rule that refused it (a key of :data:`cxr.contract.RULES`).
+        rule: The rule that refused it (a key of :data:`cxr.core.contract.RULES`).
+        value: What the rule measured (a number, or the header's text), when it measured one.
+        limit: The limit it broke (a number, or the allowed values' text).
+        detail: The rule's one-line explanation, without the input's name.
     """
 
-    def __init__(self, message: str, *, rule: str) -> None:
+    def __init__(self, message: str, *, rule: str, value: float | str | None = None, limit: float | str | None = None,
+                 detail: str = "") -> None:
         super().__init__(message)
         self.rule = rule
+        self.value = value
+        self.limit = limit
+        self.detail = detail
 
 
 class DataError(CxrError):

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import site
 import socket
 import subprocess
 import sys
@@ -27,8 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cxr.errors import ServerError
-from cxr.security import TlsServer, is_loopback, read_key, redact, restricted_flags
+from cxr.core.errors import ServerError
+from cxr.core.security import TlsServer, is_loopback, read_key, redact, restricted_flags
 
 logger = logging.getLogger(__name__)
 
@@ -145,8 +146,8 @@ def prepare_backends(workdir: Path) -> Path:
     return workdir / "backends"
 
 
-def server_env() -> dict[str, str]:
-    """Environment for ``tritonserver`` and its Python-backend stub."""
+def server_env(workdir: Path) -> dict[str, str]:
+    """Environment for ``tritonserver`` and its Python-backend stub (``workdir`` holds the stub's site hook)."""
     import pytriton
 
     env = os.environ.copy()
@@ -154,11 +155,14 @@ def server_env() -> dict[str, str]:
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
     env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
-    # The stub embeds libpython but not this venv's site: hand it our import path (the
-    # repository root first, so an editable checkout's cxr package is found).
-    import cxr
-
-    paths = [str(Path(cxr.__file__).resolve().parent.parent)] + [p for p in sys.path if p and Path(p).is_dir()]
+    # The stub embeds libpython but not this venv's site: hand it our import path, and a sitecustomize that runs
+    # this venv's .pth files (an editable install maps cxr.core, cxr.serving, ... to their folders through one).
+    hook = workdir / "pysite"
+    hook.mkdir(exist_ok=True)
+    sites = [p for p in site.getsitepackages() if Path(p).is_dir()]
+    (hook / "sitecustomize.py").write_text(
+        "import site\n" + "".join(f"site.addsitedir({p!r})\n" for p in sites))
+    paths = [str(hook)] + [p for p in sys.path if p and Path(p).is_dir()]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     return env
@@ -170,20 +174,14 @@ def verify_repository(repository: Path, models: tuple[str, ...] = ()) -> None:
     Raises:
         ModelIntegrityError: A file differs from its card.
     """
-    import json
+    from cxr.core.errors import ModelIntegrityError
+    from cxr.core.model_dir import model_dirs
 
-    from cxr.errors import ModelIntegrityError
-    from cxr.serving.integrity import sha256_file
-
-    for card_path in sorted(Path(repository).glob("*/model_card.json")):
-        name = card_path.parent.name
-        if models and name not in models:
-            continue
-        card = json.loads(card_path.read_text())
-        onnx = card_path.parent / card["file"]
-        actual = sha256_file(onnx) if onnx.exists() else "missing"
-        if actual != card["sha256"]:
-            raise ModelIntegrityError(f"{onnx}: sha256 {actual} does not match model card {card['sha256']}; refusing to serve")
+    for folder in model_dirs(Path(repository), models):
+        try:
+            folder.verify()
+        except ModelIntegrityError as exc:
+            raise ModelIntegrityError(f"{exc}; refusing to serve") from None
 
 
 #: Prefix of the work folders (the backend directory) of running servers, in the system's temporary folder.
@@ -291,7 +289,7 @@ class TritonServer:
         cmd = self.command(backends)
         logger.info("starting %s", " ".join(redact(cmd, [k for k in (self._admin_key, self._config_key) if k])))
         self._proc = subprocess.Popen(
-            cmd, env=server_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            cmd, env=server_env(Path(self._workdir.name)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=_die_with_parent(os.getpid()),
         )
         self._reader = threading.Thread(target=self._pump, daemon=True)

@@ -1,0 +1,310 @@
+"""The model folder, typed: one place reads and writes its card, its served parameters and its provenance.
+
+A model folder (``model_repository/<name>/``) holds::
+
+    model_card.json      the card (ModelCard): file, sha256, calibration, ood, serving targets, go-live targets ...
+    MODEL_CARD.md        the card for people (written by the exporter beside the JSON)
+    config.pbtxt         Triton's config of the first target; configs/<target>.pbtxt for all of them
+    eligibility.json     the DICOM eligibility rules it serves
+    provenance.csv       every file that trained, validated, calibrated or set the OOD threshold
+    reference.json       served outputs on reference films (drift monitoring, site audit)
+    <version>/model.onnx the graph
+
+The served parameters travel inside the Triton config as strings (generic Triton clients read them too).
+:class:`ServedParams` is their one codec: :meth:`ServedParams.as_parameters` writes them for the config builder
+and :meth:`ServedParams.from_parameters` reads them for the client, from the config file or the server's answer.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cxr.core import contract
+from cxr.core.errors import CxrError, ModelIntegrityError
+
+CARD_FILE = "model_card.json"
+CARD_MARKDOWN = "MODEL_CARD.md"
+CONFIG_FILE = "config.pbtxt"
+PROVENANCE_FILE = "provenance.csv"
+REFERENCE_FILE = "reference.json"
+#: Where the graph is when an older card does not say.
+DEFAULT_MODEL_FILE = "1/model.onnx"
+#: Columns of ``provenance.csv``.
+PROVENANCE_COLUMNS = ("role", "source", "patient", "label", "path", "sha256")
+#: Roles a file can have in building a model.
+PROVENANCE_ROLES = ("train", "validation", "calibration", "ood_reference", "adapt", "audit")
+
+
+@dataclass(frozen=True)
+class ServedParams:
+    """What a config tells clients, as string parameters: the one codec, both directions.
+
+    Attributes:
+        threshold: Decision threshold on ``probability``.
+        sha256: sha256 of the model file (the Python backend and clients check it; '' when not published).
+        ood_threshold: Largest ``ood_score`` still assessable (``None``: the model has no OOD output).
+        eligibility: JSON text of the DICOM eligibility rules ('' when not published).
+        labels: ``(negative, positive)`` labels.
+    """
+
+    threshold: float
+    sha256: str = ""
+    ood_threshold: float | None = None
+    eligibility: str = ""
+    labels: tuple[str, ...] = contract.LABELS
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        if self.ood_threshold is not None and not self.ood_threshold > 0:
+            raise ValueError(f"ood_threshold must be > 0, got {self.ood_threshold}")
+        if len(self.labels) != 2:
+            raise ValueError(f"expected two labels, got {self.labels}")
+        if self.eligibility:  # one spelling of the rules (compact JSON), however the file was indented
+            try:
+                compact = json.dumps(json.loads(self.eligibility), separators=(",", ":"))
+            except ValueError as exc:
+                raise ValueError(f"eligibility is not JSON: {exc}") from None
+            object.__setattr__(self, "eligibility", compact)
+
+    def as_parameters(self) -> dict[str, str]:
+        """The config's string parameters (``repr`` of floats: they read back to the same number)."""
+        params = {
+            contract.PARAM_THRESHOLD: repr(float(self.threshold)),
+            contract.PARAM_LABELS: ",".join(self.labels),
+            contract.PARAM_SHA256: self.sha256,
+        }
+        if self.ood_threshold is not None:
+            params[contract.PARAM_OOD_THRESHOLD] = repr(float(self.ood_threshold))
+        if self.eligibility:
+            params[contract.PARAM_ELIGIBILITY] = self.eligibility
+        return params
+
+    @classmethod
+    def from_parameters(cls, params: Mapping[str, Any]) -> ServedParams:
+        """Read the parameters back: plain strings, or Triton's ``{"string_value": ...}`` form (JSON and gRPC)."""
+        flat = {k: str(v.get("string_value", "") if isinstance(v, Mapping) else v) for k, v in params.items()}
+        ood = flat.get(contract.PARAM_OOD_THRESHOLD, "")
+        return cls(
+            threshold=float(flat.get(contract.PARAM_THRESHOLD) or contract.DEFAULT_THRESHOLD),
+            sha256=flat.get(contract.PARAM_SHA256, ""),
+            ood_threshold=float(ood) if ood else None,
+            eligibility=flat.get(contract.PARAM_ELIGIBILITY, ""),
+            labels=tuple(flat.get(contract.PARAM_LABELS, ",".join(contract.LABELS)).split(",")),
+        )
+
+
+def parse_config(text: str):  # type: ignore[no-untyped-def]
+    """A ``model_config_pb2.ModelConfig`` from ``config.pbtxt`` text."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    return text_format.Parse(text, mc.ModelConfig())
+
+
+def render_config(cfg, *, target: str) -> str:  # type: ignore[no-untyped-def]
+    """``config.pbtxt`` text of a ``ModelConfig`` message, with a header saying where it came from."""
+    from google.protobuf import text_format
+
+    head = f"# Generated by cxr (target: {target}); edit export/triton_config.py or run `cxr configs`, not this file.\n"
+    return head + text_format.MessageToString(cfg)
+
+
+def config_as_dict(cfg) -> dict:  # type: ignore[no-untyped-def]
+    """A ``ModelConfig`` as the dict Triton's HTTP API serves (field names as in the proto)."""
+    from google.protobuf import json_format
+
+    return json_format.MessageToDict(cfg, preserving_proto_field_name=True)
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """``model_card.json``, read once and typed where the code relies on it (the rest stays in :attr:`data`).
+
+    Attributes:
+        data: The whole card as JSON values.
+    """
+
+    data: Mapping[str, Any] = field(repr=False)
+
+    def __post_init__(self) -> None:
+        sha = self.data.get("sha256")
+        if not (isinstance(sha, str) and len(sha) == 64):
+            raise CxrError("model card: 'sha256' must be the 64-hex-digit sha256 of the model file")
+        threshold = (self.data.get("calibration") or {}).get("threshold")
+        if not (isinstance(threshold, (int, float)) and 0.0 < threshold < 1.0):
+            raise CxrError(f"model card: calibration.threshold must be in (0, 1), got {threshold!r}")
+
+    @property
+    def file(self) -> str:
+        """The graph's path inside the model folder."""
+        return str(self.data.get("file") or DEFAULT_MODEL_FILE)
+
+    @property
+    def sha256(self) -> str:
+        return str(self.data["sha256"])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.data["calibration"]["threshold"])
+
+    @property
+    def ood_threshold(self) -> float | None:
+        thr = (self.data.get("ood") or {}).get("threshold")
+        return float(thr) if thr else None
+
+    @property
+    def architecture(self) -> str:
+        return str(self.data.get("architecture", "unknown"))
+
+    @property
+    def precision(self) -> str:
+        return str(self.data.get("precision", "fp32"))
+
+    @property
+    def serving_targets(self) -> tuple[str, ...]:
+        """Config targets stated by the card (empty: the exporter's defaults for its precision)."""
+        return tuple((self.data.get("serving") or {}).get("targets") or ())
+
+    @property
+    def go_live_targets(self) -> dict[str, float]:
+        """The site audit's targets stated by the card (``targets``), as numbers."""
+        return {k: float(v) for k, v in (self.data.get("targets") or {}).items()}
+
+    def as_dict(self) -> dict:
+        """A deep copy of the card's JSON, to edit and write back."""
+        return json.loads(json.dumps(self.data, default=str))
+
+
+@dataclass(frozen=True)
+class ModelDir:
+    """One model folder of a Triton model repository.
+
+    Attributes:
+        path: The folder (``<repository>/<model name>``).
+    """
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def card_path(self) -> Path:
+        return self.path / CARD_FILE
+
+    def has_card(self) -> bool:
+        return self.card_path.exists()
+
+    def card(self) -> ModelCard:
+        """The card (a :class:`CxrError` naming the folder when there is none)."""
+        if not self.card_path.exists():
+            raise CxrError(f"{self.path}: no {CARD_FILE} (export the model with `cxr export` first)")
+        return ModelCard(json.loads(self.card_path.read_text()))
+
+    def write_card(self, card: Mapping[str, Any], markdown: str | None = None) -> ModelCard:
+        """Write the card (validated first) durably, and its Markdown twin when given."""
+        from cxr.core.durable import write_durably
+
+        typed = ModelCard(card)
+        write_durably(self.card_path, (json.dumps(card, indent=1, default=str) + "\n").encode())
+        if markdown is not None:
+            write_durably(self.path / CARD_MARKDOWN, markdown.encode())
+        return typed
+
+    def onnx_path(self, card: ModelCard | None = None) -> Path:
+        return self.path / (card or self.card()).file
+
+    def verify(self, card: ModelCard | None = None) -> Path:
+        """The graph's path, after checking its sha256 against the card.
+
+        Raises:
+            ModelIntegrityError: The file is missing or differs from the card.
+        """
+        from cxr.core.integrity import sha256_file
+
+        card = card or self.card()
+        path = self.onnx_path(card)
+        actual = sha256_file(path) if path.exists() else "missing"
+        if actual != card.sha256:
+            raise ModelIntegrityError(f"{path}: sha256 {actual} does not match model card {card.sha256}")
+        return path
+
+    def config_path(self, config_name: str | None = None) -> Path:
+        return self.path / "configs" / f"{config_name}.pbtxt" if config_name else self.path / CONFIG_FILE
+
+    def read_config(self, config_name: str | None = None) -> dict:
+        """``config.pbtxt`` (or ``configs/<name>.pbtxt``) as the dict Triton serves."""
+        path = self.config_path(config_name)
+        if not path.exists():
+            raise CxrError(f"model config not found: {path}")
+        return config_as_dict(parse_config(path.read_text()))
+
+    def write_config(self, cfg, *, target: str, config_name: str | None = None) -> Path:  # type: ignore[no-untyped-def]
+        """Write a ``ModelConfig`` message as ``config.pbtxt`` (or ``configs/<name>.pbtxt``)."""
+        from cxr.core.durable import write_durably
+
+        path = self.config_path(config_name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_durably(path, render_config(cfg, target=target).encode())
+        return path
+
+    def served_params(self, config_name: str | None = None) -> ServedParams:
+        """The parameters the folder's config serves (what a client of this model reads)."""
+        return ServedParams.from_parameters(self.read_config(config_name).get("parameters") or {})
+
+    def provenance(self) -> list[dict]:
+        """Rows of ``provenance.csv`` (empty when there is none)."""
+        return read_provenance(self.path / PROVENANCE_FILE)
+
+    def write_provenance(self, rows: Sequence[Mapping], *, replace_roles: Sequence[str] = ()) -> None:
+        write_provenance(self.path / PROVENANCE_FILE, rows, replace_roles=replace_roles)
+
+    def reference(self) -> dict | None:
+        """``reference.json`` (served outputs on reference films), or ``None`` when the folder has none."""
+        path = self.path / REFERENCE_FILE
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def write_reference(self, reference: Mapping) -> None:
+        from cxr.core.durable import write_durably
+
+        write_durably(self.path / REFERENCE_FILE, (json.dumps(reference) + "\n").encode())
+
+
+def model_dirs(repository: Path, names: Sequence[str] = ()) -> list[ModelDir]:
+    """The model folders with a card in a repository (only ``names`` when given), sorted by name."""
+    found = [ModelDir(p.parent) for p in sorted(Path(repository).glob(f"*/{CARD_FILE}"))]
+    return [d for d in found if not names or d.name in names]
+
+
+def read_provenance(path: str | os.PathLike) -> list[dict]:
+    """Rows of a ``provenance.csv`` (empty when there is none)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def write_provenance(path: str | os.PathLike, rows: Sequence[Mapping], *, replace_roles: Sequence[str] = ()) -> None:
+    """Write ``provenance.csv`` durably: the existing rows of other roles are kept, ``replace_roles`` are replaced."""
+    from cxr.core.durable import write_durably
+
+    path = Path(path)
+    kept = [r for r in read_provenance(path) if r["role"] not in set(replace_roles)]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=PROVENANCE_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows([*kept, *rows])
+    write_durably(path, buf.getvalue().encode())

@@ -1,0 +1,68 @@
+"""The import structure: folders are layers (import-linter), no private import across modules, no cycle."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "check_imports.py"
+
+
+def _load(name: str, path: Path):  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+check = _load("check_imports", SCRIPT)
+contracts = _load("import_contracts", ROOT / "scripts" / "import_contracts.py")
+
+
+@pytest.mark.parametrize(("line", "names"), [
+    ("from cxr.core.contract import _array_to_gray_u8", ["_array_to_gray_u8"]),
+    ("    from cxr.client.batch import _row, file_sha256", ["_row"]),
+    ("from m import (a, _b as b)", ["_b"]),
+    ("from m import a, b as _c", []),  # a private alias of a public name takes nothing private
+    ("from m import __version__", []),
+    ("import cxr.core.contract", []),
+])
+def test_private_names_of_an_import_line(line: str, names: list[str]) -> None:
+    assert contracts.private_names(line) == names
+
+
+def test_cycle_finder_finds_every_cycle_and_nothing_else() -> None:
+    edges = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"f"}, "f": {"e"}, "g": set()}
+    comps = check.strongly_connected(set(edges), edges)
+    assert sorted(comps) == [["a", "b", "c"], ["e", "f"]]
+    assert check.one_cycle("a", {"a", "b", "c"}, edges) == ["a", "b", "c", "a"]
+    assert check.strongly_connected({"x", "y"}, {"x": {"y"}}) == []
+
+
+def test_cycles_are_reported_between_modules_and_folders(tmp_path: Path) -> None:
+    """A package laid out like ours, with one module cycle inside a folder and one cycle between folders."""
+    pkg = tmp_path / "cyclepkg"
+    for sub in ("low", "high"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "low" / "a.py").write_text("from cyclepkg.low import b\n")
+    (pkg / "low" / "b.py").write_text("from cyclepkg.low import a\nfrom cyclepkg.high import c\n")
+    (pkg / "high" / "c.py").write_text("def f():\n    from cyclepkg.low import a\n")
+    found = check.cycles(tmp_path, package="cyclepkg")
+    assert any(line.startswith("cycle between folders: cyclepkg.high -> cyclepkg.low -> cyclepkg.high")
+               or line.startswith("cycle between folders: cyclepkg.low -> cyclepkg.high -> cyclepkg.low") for line in found)
+    assert any("cycle between modules:" in line and "cyclepkg.low.a" in line for line in found)
+
+
+def test_the_project_keeps_its_layers_and_has_no_cycle() -> None:
+    """What `.ci/run` checks: the import-linter contracts of pyproject.toml and grimp's graph, on the installed layout."""
+    r = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "Contracts: 3 kept, 0 broken." in r.stdout and "import cycles: 0" in r.stdout
