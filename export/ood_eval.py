@@ -226,10 +226,7 @@ def _auroc(pos: np.ndarray, neg: np.ndarray) -> float:
 
 
 def _plot(rows: list[dict], real: dict, threshold: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from cxr.train.plots import plt, save_figure  # the Agg backend is chosen there
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
     bins = list(np.logspace(np.log10(5), np.log10(5000), 60))
@@ -245,9 +242,7 @@ def _plot(rows: list[dict], real: dict, threshold: float, path: Path) -> None:
     ax.set_ylabel("images")
     ax.set_title("Out-of-distribution score: real chest X-rays vs other inputs")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def markdown(rep: dict) -> str:

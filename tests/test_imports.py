@@ -66,3 +66,13 @@ def test_the_project_keeps_its_layers_and_has_no_cycle() -> None:
     r = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "Contracts: 3 kept, 0 broken." in r.stdout and "import cycles: 0" in r.stdout
+
+
+def test_the_readme_architecture_picture_is_the_contract() -> None:
+    arch = _load("architecture", ROOT / "scripts" / "architecture.py")
+    readme = (ROOT / "README.md").read_text()
+    assert arch.block() in readme, "run python scripts/architecture.py --write"
+    # every layer of the contract is in the picture, in order, top first
+    drawn = [line.split()[0] for line in arch.picture().splitlines()[1:-1] if not line.lstrip().startswith("▼")]
+    assert drawn == [arch.FOLDERS[m] for layer in arch.layers() for m in layer]
+    assert drawn[0] == "cxr/cli.py" and drawn[-1] == "core/"

@@ -121,12 +121,8 @@ def choose(results: dict[str, dict], layers: tuple[str, ...]) -> str:
 
 
 def _examples(films: np.ndarray, maps: dict[str, np.ndarray], layers: tuple[str, ...], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from cxr.client.explain import overlay
+    from cxr.train.plots import plt, save_figure  # the Agg backend is chosen there
 
     n = min(4, len(films))
     fig, axes = plt.subplots(n, len(layers), figsize=(3 * len(layers), 3 * n))
@@ -137,9 +133,7 @@ def _examples(films: np.ndarray, maps: dict[str, np.ndarray], layers: tuple[str,
             axes[i, j].set_axis_off()
             if i == 0:
                 axes[i, j].set_title(layer, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 def markdown(rep: dict) -> str:

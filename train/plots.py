@@ -14,9 +14,10 @@ from cxr.core import contract  # noqa: E402
 from cxr.train import metrics  # noqa: E402
 
 
-def save_figure(fig: plt.Figure, path: Path) -> Path:
+def save_figure(fig: plt.Figure, path: Path, *, dpi: int = 110) -> Path:
+    """Lay out, write as PNG and close a figure (every plot of the project ends here)."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
