@@ -62,6 +62,14 @@ class PredictOptions:
             (:mod:`cxr.client.metrics`; 0 picks a free port).
         metrics_file: Write the metrics in the Prometheus text format to this file after every chunk
             (for node_exporter's textfile collector).
+        dicomweb: Read the inputs from this DICOMweb root instead of files (QIDO-RS, then WADO-RS); the CSV's
+            ``path`` is each instance's SOP Instance UID.
+        studies: With ``dicomweb``: these studies (Study Instance UIDs).
+        query: With ``dicomweb``: QIDO-RS study filters, ``KEY=VALUE`` (e.g. ``ModalitiesInStudy=DX``).
+        priority: ``urgent`` or ``routine``: the Triton priority level of the requests.
+        fhir_out: Write the answered inputs' FHIR results here (a transaction Bundle).
+        fhir_url: POST them to this FHIR server's base URL.
+        audit_log: Append the run's events to this audit trail (:mod:`cxr.core.audit_trail`).
     """
 
     inputs: tuple[Path, ...]
@@ -79,14 +87,28 @@ class PredictOptions:
     ray: str | None = None
     metrics_port: int | None = None
     metrics_file: Path | None = None
+    dicomweb: str | None = None
+    studies: tuple[str, ...] = ()
+    query: tuple[str, ...] = ()
+    priority: str = contract.DEFAULT_PRIORITY
+    fhir_out: Path | None = None
+    fhir_url: str | None = None
+    audit_log: Path | None = None
 
     def __post_init__(self) -> None:
         if self.ray and (self.metrics_port is not None or self.metrics_file is not None):
             raise ValueError("metrics are counted by the local client; they are not available with --ray")
         if self.retries < 1:
             raise ValueError("retries must be >= 1")
-        if not self.inputs:
+        if self.dicomweb and self.inputs:
+            raise ValueError("give files or --dicomweb, not both")
+        if self.dicomweb and self.ray:
+            raise ValueError("--dicomweb reads the instances into this machine's spool; it does not run with --ray")
+        if (self.studies or self.query) and not self.dicomweb:
+            raise ValueError("--study and --query select studies on a DICOMweb server: give --dicomweb URL")
+        if not self.inputs and not self.dicomweb:
             raise ValueError("give at least one input")
+        contract.priority_level(self.priority)
         if self.format not in ("table", "json", "csv"):
             raise ValueError(f"format must be table, json or csv, got {self.format!r}")
         if self.chunk < 1:
@@ -176,25 +198,82 @@ def write_csv_atomically(path: Path, columns: tuple[str, ...], rows: list[dict])
     write_durably(path, buf.getvalue().encode("utf-8"))
 
 
+def _actor() -> str:
+    import getpass
+
+    try:
+        return f"user:{getpass.getuser()}"
+    except Exception:  # noqa: BLE001 - no login name (a container): the process stands for the user
+        from cxr.core.audit_trail import default_actor
+
+        return default_actor()
+
+
 def run_predict(opts: PredictOptions) -> int:
     """Implementation of ``cxr predict`` (see ``cxr predict --help``)."""
+    import tempfile
+    from contextlib import ExitStack
+
+    from cxr.core.audit_trail import AuditLog
+
+    with ExitStack() as stack:
+        audit = stack.enter_context(AuditLog(opts.audit_log, component="cxr predict")) if opts.audit_log else None
+        names: dict[str, str] = {}
+        if opts.dicomweb:
+            from cxr.client.dicomweb import DicomWeb, parse_query
+
+            web = DicomWeb(opts.dicomweb, timeout_s=opts.timeout_s)
+            refs = web.find(studies=opts.studies, query=parse_query(opts.query))
+            if not refs:
+                print(f"cxr predict: no instance found on {opts.dicomweb}", file=sys.stderr)
+                return 2
+            spool = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cxr-dicomweb-")))
+            files = web.download(refs, spool)
+            names = {str(p): uid for p, uid in files.items()}
+            unread = [r.sop_uid for r in refs if r.sop_uid not in set(names.values())]
+            for uid in unread:
+                print(f"error: {uid}: could not be read from {opts.dicomweb} (rerun to retry)", file=sys.stderr)
+            paths = sorted(files, key=lambda p: names[str(p)])
+            if audit is not None:
+                for r in refs:
+                    audit.event("received", actor=_actor(), outcome="success" if r.sop_uid not in unread else "failure",
+                                study_uid=r.study_uid, instance_uid=r.sop_uid, source="dicomweb")
+        else:
+            unread = []
+            paths = expand_inputs(opts.inputs)
+            if not paths:
+                print("cxr predict: no input files found", file=sys.stderr)
+                return 2
+        rows = _run(opts, paths, names, audit)
+        counts = {s.value: sum(1 for r in rows if r["status"] == s.value) for s in contract.Status}
+        missing = len(paths) + len(unread) - len(rows)
+        if opts.fhir_out is not None or opts.fhir_url is not None:
+            missing += _deliver_fhir(opts, rows, {names.get(str(p), str(p)): p for p in paths}, audit)
+        print(f"{len(rows)} of {len(paths) + len(unread)} inputs answered: {counts['ok']} ok, "
+              f"{counts['not_assessable']} not assessable, {counts['error']} errors"
+              + (f", {missing} without a result" if missing else "") + (f" (written to {opts.out})" if opts.out else ""),
+              file=sys.stderr)
+        return 1 if counts["error"] or missing else 0
+
+
+def _run(opts: PredictOptions, paths: list[Path], names: dict[str, str], audit) -> list[dict]:  # type: ignore[no-untyped-def]
+    """Screen what is not final yet (journaled when writing a CSV), then present every input's row."""
     from cxr.core.eligibility import Eligibility
 
-    paths = expand_inputs(opts.inputs)
-    if not paths:
-        print("cxr predict: no input files found", file=sys.stderr)
-        return 2
+    def key(p: Path) -> str:
+        return names.get(str(p), str(p))
+
     journal = None
     if opts.out is not None and opts.format == "csv":
         journal = Journal(opts.out.with_name(opts.out.name + JOURNAL_SUFFIX), seed_csv=opts.out)
     todo = []
     for p in paths:
         sha = file_sha256(p)
-        if journal is not None and journal.is_final(str(p), sha):
+        if journal is not None and journal.is_final(key(p), sha):
             continue
         todo.append((p, sha))
     if journal is not None and len(todo) < len(paths):
-        retry = sum(1 for p, _ in todo if str(p) in journal.latest)
+        retry = sum(1 for p, _ in todo if key(p) in journal.latest)
         print(f"resuming: {len(paths) - len(todo)} of {len(paths)} inputs already final in {opts.out}"
               + (f"; retrying {retry}" if retry else ""), file=sys.stderr)
     rows: list[dict] = []
@@ -205,28 +284,63 @@ def run_predict(opts: PredictOptions) -> int:
 
             ray_batch.screen(opts.ray, todo, url=opts.url, protocol=opts.protocol, model=opts.model,
                              timeout_s=opts.timeout_s, chunk=opts.chunk,
-                             on_rows=lambda chunk_rows: _record(chunk_rows, journal, rows), tls=opts.tls,
+                             on_rows=lambda chunk_rows: _record(chunk_rows, journal, rows, audit), tls=opts.tls,
                              config_key=opts.config_key, eligibility=rules)
         elif todo:  # nothing left to do needs no server: the CSV is only rewritten from the journal
-            _screen(opts, todo, rules, journal, rows)
+            _screen(opts, todo, rules, journal, rows, key, audit)
     finally:
         if journal is not None:
             journal.close()
     if journal is not None:
         assert opts.out is not None
-        rows = materialise(journal, paths, opts.out)
+        rows = materialise(journal, [Path(key(p)) for p in paths], opts.out)
+        if audit is not None:
+            audit.event("result_delivered", actor=_actor(), destination="csv", rows=len(rows))
     else:
         _emit(rows, opts.format, opts.out)
-    counts = {s.value: sum(1 for r in rows if r["status"] == s.value) for s in contract.Status}
-    missing = len(paths) - len(rows)
-    print(f"{len(rows)} of {len(paths)} inputs answered: {counts['ok']} ok, {counts['not_assessable']} not assessable, "
-          f"{counts['error']} errors" + (f", {missing} without a result" if missing else "")
-          + (f" (written to {opts.out})" if opts.out else ""), file=sys.stderr)
-    return 1 if counts["error"] or missing else 0
+    return rows
+
+
+def _deliver_fhir(opts: PredictOptions, rows: list[dict], files: dict[str, Path], audit) -> int:  # type: ignore[no-untyped-def]
+    """Write and/or POST the FHIR results of the answered rows; returns 1 when a POST failed (0 otherwise)."""
+    from cxr.client import fhir
+    from cxr.core.errors import CxrError
+
+    results, shas = [], []
+    for r in rows:
+        pred, sha = from_row(r)
+        if pred.status is not contract.Status.ERROR:
+            path = files.get(r["path"])
+            results.append((pred, fhir.StudyRef.of_file(path) if path is not None else fhir.StudyRef()))
+            shas.append(sha)
+    b = fhir.bundle(results)
+    if opts.fhir_out is not None:
+        from cxr.core.durable import write_durably
+
+        write_durably(opts.fhir_out, (json.dumps(b, indent=1) + "\n").encode())
+        print(f"FHIR: {len(results)} results written to {opts.fhir_out}", file=sys.stderr)
+    failed = 0
+    if opts.fhir_url is not None:
+        try:
+            resp = fhir.post_bundle(opts.fhir_url, b, timeout_s=opts.timeout_s)
+            print(f"FHIR: {len(results)} results posted to {opts.fhir_url} ({resp.get('type')})", file=sys.stderr)
+        except CxrError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failed = 1
+    if audit is not None:
+        dests = ([("fhir-file", False)] if opts.fhir_out is not None else []) + (
+            [("fhir-server", bool(failed))] if opts.fhir_url is not None else [])
+        for (pred, study), sha in zip(results, shas):
+            for dest, bad in dests:
+                audit.event("delivery_failed" if bad else "result_delivered", actor=_actor(),
+                            outcome="failure" if bad else "success", study_uid=study.study_uid,
+                            instance_uid=study.instance_uid or f"sha256:{sha}", model_sha256=pred.model_sha256,
+                            destination=dest)
+    return failed
 
 
 def _screen(opts: PredictOptions, todo: list[tuple[Path, str]], rules, journal: Journal | None,  # type: ignore[no-untyped-def]
-            rows: list[dict]) -> None:
+            rows: list[dict], key=str, audit=None) -> None:
     """Send ``todo`` chunk by chunk; journal each chunk (or collect its rows when there is no journal)."""
     from tqdm import tqdm
 
@@ -234,7 +348,7 @@ def _screen(opts: PredictOptions, todo: list[tuple[Path, str]], rules, journal: 
 
     with PneumoniaClient(opts.url, protocol=opts.protocol, model=opts.model, timeout_s=opts.timeout_s,
                          eligibility=rules, retry=RetryPolicy(attempts=opts.retries), tls=opts.tls,
-                         config_key=opts.config_key) as client:
+                         config_key=opts.config_key, priority=opts.priority) as client:
         metrics = None
         if opts.metrics_port is not None or opts.metrics_file is not None:
             from cxr.client.metrics import ScreeningMetrics, device_of
@@ -247,7 +361,12 @@ def _screen(opts: PredictOptions, todo: list[tuple[Path, str]], rules, journal: 
             for start in range(0, len(todo), opts.chunk):
                 part = todo[start : start + opts.chunk]
                 preds = client.predict([str(p) for p, _ in part])
-                _record([to_row(pr, sha) for pr, (_, sha) in zip(preds, part)], journal, rows)
+                chunk_rows = []
+                for pr, (p, sha) in zip(preds, part):
+                    row = to_row(pr, sha)
+                    row["path"] = key(p)
+                    chunk_rows.append(row)
+                _record(chunk_rows, journal, rows, audit)
                 if metrics is not None:
                     for pr, (path, _) in zip(preds, part):
                         manufacturer, station = device_of(path)
@@ -261,12 +380,17 @@ def _screen(opts: PredictOptions, todo: list[tuple[Path, str]], rules, journal: 
                 metrics.close()
 
 
-def _record(chunk_rows: list[dict], journal: Journal | None, rows: list[dict]) -> None:
-    """One chunk's answers, however they were computed: errors on stderr, then into the journal (or the
-    in-memory rows when there is none)."""
+def _record(chunk_rows: list[dict], journal: Journal | None, rows: list[dict], audit=None) -> None:  # type: ignore[no-untyped-def]
+    """One chunk's answers, however they were computed: errors on stderr, the audit trail, then into the journal
+    (or the in-memory rows when there is none)."""
     for r in chunk_rows:
         if r["status"] == contract.Status.ERROR.value:
             print(f"error: {r['reason']}", file=sys.stderr)
+        if audit is not None:
+            audit.event("screened", actor=_actor(), outcome="failure" if r["status"] == "error" else "success",
+                        instance_uid=r["sop_instance_uid"] or f"sha256:{r['sha256']}", model_sha256=r["model_sha256"],
+                        status=r["status"], rule=r["rule"] or None,
+                        probability=float(r["probability"]) if r["probability"] else None)
     if journal is not None:
         journal.append(chunk_rows)
     else:

@@ -167,6 +167,8 @@ class PneumoniaClient:
             (tests, custom transports); ``protocol`` and ``url`` are then ignored.
         tls: TLS settings (:class:`cxr.core.security.TlsClient`: the CA, and the client certificate for mutual TLS).
         config_key: The key for a server that restricts model-config (``cxr serve --config-key-file``).
+        priority: ``urgent`` or ``routine`` (:data:`cxr.core.contract.PRIORITIES`): the Triton priority level its
+            requests are sent at; :meth:`predict` can override it per call.
     """
 
     def __init__(
@@ -185,7 +187,10 @@ class PneumoniaClient:
         transport: Transport | None = None,
         tls: TlsClient | None = None,
         config_key: str | None = None,
+        priority: str = contract.DEFAULT_PRIORITY,
     ) -> None:
+        self.priority = priority
+        contract.priority_level(priority)  # validated before anything connects
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         if timeout_s <= 0:
@@ -230,8 +235,9 @@ class PneumoniaClient:
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
-    def _infer_chunk(self, chunk: np.ndarray) -> Scores:
-        return self._with_retries(lambda: self.transport.infer(chunk, timeout_s=self.timeout_s), "infer")
+    def _infer_chunk(self, chunk: np.ndarray, priority: str | None = None) -> Scores:
+        level = contract.priority_level(priority or self.priority)
+        return self._with_retries(lambda: self.transport.infer(chunk, timeout_s=self.timeout_s, priority=level), "infer")
 
     def infer_scores(self, batch: np.ndarray) -> Scores:
         """Every model output for a contract batch ``(N, 224, 224, 1) uint8`` of any N (split as needed).
@@ -273,7 +279,7 @@ class PneumoniaClient:
                           f"{name}: {msg}", uid, ood_threshold=info.ood_threshold,
                           retryable=not isinstance(exc, InvalidInputError), model_sha256=info.sha256)
 
-    def predict(self, images: Sequence[imaging.ImageSource]) -> list[Prediction]:
+    def predict(self, images: Sequence[imaging.ImageSource], *, priority: str | None = None) -> list[Prediction]:
         """Give every input exactly one final :class:`Prediction`, in order.
 
         An unreadable input is an ``error``; an input the eligibility rules, the
@@ -286,7 +292,8 @@ class PneumoniaClient:
         prepared = list(self._pre_pool.map(self._prepare, images))
         good = [i for i, (_, arr, _, _) in enumerate(prepared) if arr is not None]
         chunks = [good[i : i + self.batch_size] for i in range(0, len(good), self.batch_size)]
-        futures = [self._pool.submit(self._infer_chunk, np.stack([prepared[i][1] for i in idx])) for idx in chunks]  # type: ignore[misc]
+        futures = [self._pool.submit(self._infer_chunk, np.stack([prepared[i][1] for i in idx]), priority)  # type: ignore[misc]
+                   for idx in chunks]
         answers: dict[int, Prediction] = {}
         for idx, fut in zip(chunks, futures):
             try:

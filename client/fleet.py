@@ -119,7 +119,7 @@ class FleetTransport(Transport):
             best.last_used = now
             return best
 
-    def infer(self, batch: np.ndarray, *, timeout_s: float) -> Scores:
+    def infer(self, batch: np.ndarray, *, timeout_s: float, priority: int = 0) -> Scores:
         tried: set[str] = set()
         last: Exception | None = None
         while True:
@@ -128,7 +128,7 @@ class FleetTransport(Transport):
                 raise RetryableServerError(f"no healthy replica left (tried {sorted(tried)}): {last}")
             tried.add(r.url)
             try:
-                out = r.transport.infer(batch, timeout_s=timeout_s)  # type: ignore[union-attr]
+                out = r.transport.infer(batch, timeout_s=timeout_s, priority=priority)  # type: ignore[union-attr]
             except RetryableServerError as exc:
                 last = exc
                 self._mark_down(r, exc)

@@ -121,7 +121,7 @@ class Transport:
 
     info: ModelInfo
 
-    def infer(self, batch: np.ndarray, *, timeout_s: float) -> Scores:  # pragma: no cover - interface
+    def infer(self, batch: np.ndarray, *, timeout_s: float, priority: int = 0) -> Scores:  # pragma: no cover - interface
         raise NotImplementedError
 
     def ready(self) -> bool:  # pragma: no cover - interface
@@ -164,12 +164,13 @@ class GrpcTransport(Transport):
         versions = meta.get("versions") or [self.version or "1"]
         return _params_to_info(self.model, self.version or str(versions[-1]), cfg)
 
-    def infer(self, batch: np.ndarray, *, timeout_s: float) -> Scores:
+    def infer(self, batch: np.ndarray, *, timeout_s: float, priority: int = 0) -> Scores:
         inp = self._mod.InferInput(contract.INPUT_NAME, list(batch.shape), contract.INPUT_TRITON_DTYPE)
         inp.set_data_from_numpy(batch)
         outs = [self._mod.InferRequestedOutput(n) for n in self.info.outputs]
         try:
-            res = self._client.infer(self.model, [inp], model_version=self.version, outputs=outs, client_timeout=timeout_s)
+            res = self._client.infer(self.model, [inp], model_version=self.version, outputs=outs, client_timeout=timeout_s,
+                                     priority=priority)
         except Exception as exc:  # noqa: BLE001
             raise classify_error(exc, f"grpc {self.url}") from None
         return _scores(res.as_numpy, self.info, len(batch))
@@ -231,12 +232,12 @@ class HttpTransport(Transport):
                 self._all.append(c)
         return c
 
-    def infer(self, batch: np.ndarray, *, timeout_s: float) -> Scores:
+    def infer(self, batch: np.ndarray, *, timeout_s: float, priority: int = 0) -> Scores:
         inp = self._mod.InferInput(contract.INPUT_NAME, list(batch.shape), contract.INPUT_TRITON_DTYPE)
         inp.set_data_from_numpy(batch, binary_data=True)
         outs = [self._mod.InferRequestedOutput(n, binary_data=True) for n in self.info.outputs]
         try:
-            res = self._client().infer(self.model, [inp], model_version=self.version, outputs=outs)
+            res = self._client().infer(self.model, [inp], model_version=self.version, outputs=outs, priority=priority)
         except Exception as exc:  # noqa: BLE001
             self._local.client = None  # a broken connection is not reused
             raise classify_error(exc, f"http {self.url}") from None
@@ -299,7 +300,7 @@ class EmbeddedTransport(Transport):
             raise ServerError(f"embedded: {onnx_path} lacks outputs {sorted(set(self.info.outputs) - have)} named in its config")
         self._lock = threading.Lock()
 
-    def infer(self, batch: np.ndarray, *, timeout_s: float) -> Scores:
+    def infer(self, batch: np.ndarray, *, timeout_s: float, priority: int = 0) -> Scores:
         with self._lock:  # onnxruntime already uses every core; serialise calls
             outs = dict(zip(self.info.outputs, self._session.run(list(self.info.outputs), {contract.INPUT_NAME: batch})))
         return _scores(outs.get, self.info, len(batch))

@@ -65,6 +65,22 @@ PARAM_OOD_THRESHOLD = "ood_threshold"
 PARAM_ELIGIBILITY = "eligibility"
 
 
+#: Study priorities and the Triton priority level each is sent at (1 is served first). Every config has
+#: ``priority_levels`` = :data:`PRIORITY_LEVELS` and ``default_priority_level`` = the routine level, so a client
+#: that sends no priority is routine.
+PRIORITIES = {"urgent": 1, "routine": 2}
+PRIORITY_LEVELS = 2
+DEFAULT_PRIORITY = "routine"
+
+
+def priority_level(priority: str) -> int:
+    """The Triton priority level of ``urgent`` or ``routine``."""
+    try:
+        return PRIORITIES[priority]
+    except KeyError:
+        raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}, got {priority!r}") from None
+
+
 class Status(str, enum.Enum):
     """The outcome of one input, on every surface (client, CSV, UI, load tests).
 

@@ -102,3 +102,96 @@ class AppendOnlyCsv:
 
     def close(self) -> None:
         self._f.close()
+
+
+class AppendOnlyLines:
+    """A text file of lines that only grows: one write per append, flushed and fsynced before the call returns.
+
+    A torn last line left by a crash is cut off when the file is opened again (and said in the log). Only the
+    last line is kept in memory (:attr:`last`). Appends are serialised between threads (a lock) and between
+    processes (``flock`` on the file; a line written by another process since this one's last append is read
+    back first), so a chained log whose next line depends on the last one stays one chain.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._cut_torn_tail()
+        new = not self.path.exists()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o640)
+        self._fd = fd
+        if new:
+            fsync_dir(self.path.parent)
+        self._size = -1
+        self.last: str | None = None
+        self._refresh()
+
+    def _cut_torn_tail(self) -> None:
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return
+        with open(self.path, "r+b") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - 1))
+            if f.read(1) == b"\n":
+                return
+            keep = self._last_newline(f, size) + 1
+            logger.warning("%s: cutting a partial last line left by an interrupted run", self.path)
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+
+    @staticmethod
+    def _last_newline(f, end: int) -> int:  # type: ignore[no-untyped-def]
+        """Offset of the last newline in the file's first ``end`` bytes (-1 when there is none)."""
+        pos = end
+        while pos > 0:
+            step = min(65536, pos)
+            f.seek(pos - step)
+            i = f.read(step).rfind(b"\n")
+            if i >= 0:
+                return pos - step + i
+            pos -= step
+        return -1
+
+    def _refresh(self) -> None:
+        """Read the file's last complete line when the file grew since this object last saw it."""
+        size = os.fstat(self._fd).st_size
+        if size == self._size:
+            return
+        if size == 0:
+            self.last = None
+        else:
+            with open(self.path, "rb") as f:
+                end = size - 1  # the final newline
+                start = self._last_newline(f, end) + 1
+                f.seek(start)
+                self.last = f.read(end - start).decode("utf-8")
+        self._size = size
+
+    def append(self, line: str) -> None:
+        """Write one line (no newline inside) durably."""
+        self.append_with(lambda _last: line)
+
+    def append_with(self, make) -> str:  # type: ignore[no-untyped-def]
+        """Write the line ``make(last)`` builds from the file's last line (``None`` when empty), under the locks;
+        returns it."""
+        import fcntl
+
+        with self._lock:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                self._refresh()
+                line = make(self.last)
+                if "\n" in line or "\r" in line:
+                    raise ValueError("a line must not contain a line break")
+                data = line.encode("utf-8") + b"\n"
+                os.write(self._fd, data)
+                os.fsync(self._fd)
+                self._size = os.fstat(self._fd).st_size
+                self.last = line
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            return line
+
+    def close(self) -> None:
+        os.close(self._fd)

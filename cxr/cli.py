@@ -14,6 +14,7 @@ import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from cxr.core import contract
 from cxr.core.durable import write_durably
 from cxr.core.errors import CxrError
 from cxr.core.lifecycle import serve_until_signal
@@ -403,6 +404,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="restrict model-repository, shared-memory, statistics, trace and logging to header admin-key")
     g.add_argument("--config-key-file", type=Path, help="restrict model-config to header config-key (the clients' key)")
     g.add_argument("--allow-insecure", action="store_true", help="allow a non-loopback --host without TLS (not for patient data)")
+    p.add_argument("--audit-log", type=Path, metavar="FILE",
+                   help="append start, stop, the served models and every change of them (admin API loads and "
+                   "unloads) to this hash-chained audit trail")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -422,15 +426,63 @@ def _cmd_serve(a: argparse.Namespace) -> int:
                            allow_insecure=a.allow_insecure)
     except ValueError as exc:
         raise CxrError(str(exc)) from None
-    with TritonServer(cfg) as server:
-        tls_note = (" (TLS" + (", mutual" if cfg.tls.mutual else "") + ")") if cfg.tls else ""
-        print(f"Triton ready (pid {server.pid}):\n  HTTP    http://{cfg.http_url}\n  gRPC    {cfg.grpc_url}{tls_note}\n"
-              f"  metrics {cfg.metrics_url}\nCtrl-C to stop.", flush=True)
-        serve_until_signal(server.running)
-        if not server.running():
-            raise CxrError(f"tritonserver exited:\n{server.log_tail()}")
-        print("stopping Triton ...", flush=True)
+    audit = None
+    if a.audit_log is not None:
+        from cxr.core.audit_trail import AuditLog, default_actor
+
+        audit, me = AuditLog(a.audit_log, component="cxr serve"), default_actor()
+    try:
+        with TritonServer(cfg) as server:
+            tls_note = (" (TLS" + (", mutual" if cfg.tls.mutual else "") + ")") if cfg.tls else ""
+            print(f"Triton ready (pid {server.pid}):\n  HTTP    http://{cfg.http_url}\n  gRPC    {cfg.grpc_url}{tls_note}\n"
+                  f"  metrics {cfg.metrics_url}\nCtrl-C to stop.", flush=True)
+            alive = server.running
+            if audit is not None:
+                alive = _audited_serving(server, audit, me, cfg.model_repository)
+            serve_until_signal(alive)
+            if not server.running():
+                raise CxrError(f"tritonserver exited:\n{server.log_tail()}")
+            print("stopping Triton ...", flush=True)
+    finally:
+        if audit is not None:
+            audit.event("stopped", actor=me)
+            audit.close()
     return 0
+
+
+def _audited_serving(server, audit, me: str, repository: Path, *, every_s: float = 5.0):  # type: ignore[no-untyped-def]
+    """Record the start and the served models, and return a liveness check that also records every change of the
+    repository index (a model loaded, unloaded or replaced through the admin API) as it is seen."""
+    import time
+
+    from cxr.core.model_dir import ModelDir
+
+    def sha_of(name: str) -> str:
+        folder = ModelDir(Path(repository) / name)
+        return folder.card().sha256 if folder.has_card() else ""
+
+    audit.event("started", actor=me, http=server.config.http_url, grpc=server.config.grpc_url)
+    last = server.model_states()
+    for name, (version, state) in sorted(last.items()):
+        audit.event("model_changed", actor=me, model_sha256=sha_of(name), model=name, version=version, state=state)
+    seen = [time.monotonic(), last]
+
+    def alive() -> bool:
+        if time.monotonic() - seen[0] >= every_s:
+            now = server.model_states()
+            seen[0] = time.monotonic()
+            if now and now != seen[1]:
+                for name in sorted(set(now) | set(seen[1])):
+                    if now.get(name) != seen[1].get(name):
+                        version, state = now.get(name, ("", "UNLOADED"))
+                        audit.event("admin_api", actor="api:admin-key" if server.config.admin_key_file
+                                    else "api:repository", model=name, change=f"{seen[1].get(name)} -> {(version, state)}")
+                        audit.event("model_changed", actor=me, model_sha256=sha_of(name), model=name, version=version,
+                                    state=state)
+                seen[1] = now
+        return server.running()
+
+    return alive
 
 
 def _add_client_args(p: argparse.ArgumentParser) -> None:
@@ -473,9 +525,12 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "Exit code 0 when every input has an answer that is not an error, 1 otherwise. With --format csv "
         "--out results.csv, each chunk is journaled durably beside the CSV; a rerun retries transient "
         "failures (server unavailable, deadline, overload, server error) and changed files, keeps final "
-        "answers, and rewrites the CSV atomically with one row per input.",
+        "answers, and rewrites the CSV atomically with one row per input. With --dicomweb the inputs are the "
+        "instances of the studies a DICOMweb server finds (QIDO-RS, then WADO-RS), and the CSV's path is each "
+        "instance's SOP Instance UID. --fhir-out/--fhir-url give the EHR a DiagnosticReport and an Observation per "
+        "answered input; --priority urgent sends ahead of routine work; --audit-log records every event.",
     )
-    p.add_argument("inputs", nargs="+", type=Path, help="files or folders")
+    p.add_argument("inputs", nargs="*", type=Path, help="files or folders (none with --dicomweb)")
     _add_client_args(p)
     p.add_argument("--format", choices=["table", "json", "csv"], default="table", help="table (people), json or csv (pipelines)")
     p.add_argument("--out", type=Path, help="write results here (csv: resumable, one row per input)")
@@ -488,7 +543,28 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve Prometheus metrics of the answers on 127.0.0.1:PORT while the run lasts")
     p.add_argument("--metrics-file", type=Path, help="write the metrics (Prometheus text format) here after every chunk")
+    p.add_argument("--dicomweb", metavar="URL",
+                   help="read the inputs from this DICOMweb root (e.g. http://127.0.0.1:8042/dicom-web): QIDO-RS finds "
+                   "the studies, WADO-RS reads every instance")
+    p.add_argument("--study", action="append", default=[], metavar="UID",
+                   help="with --dicomweb: screen this study (Study Instance UID; repeatable)")
+    p.add_argument("--query", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --dicomweb: a QIDO-RS study filter, e.g. ModalitiesInStudy=DX or StudyDate=20261201- "
+                   "(repeatable)")
+    _add_result_doors(p)
+    p.add_argument("--priority", choices=sorted(contract.PRIORITIES), default=contract.DEFAULT_PRIORITY,
+                   help="Triton priority level of the requests: urgent is batched before routine work")
     p.set_defaults(func=_cmd_predict)
+
+
+def _add_result_doors(p: argparse.ArgumentParser) -> None:
+    """FHIR results and the audit trail: the same flags on predict and listen."""
+    p.add_argument("--fhir-out", type=Path, metavar="FILE",
+                   help="write the FHIR R4 results (DiagnosticReport, Observation, Device) as a transaction Bundle")
+    p.add_argument("--fhir-url", metavar="URL", help="POST the FHIR results to this FHIR server's base URL")
+    p.add_argument("--audit-log", type=Path, metavar="FILE",
+                   help="append every event (received, screened, delivered, failed) to this hash-chained audit trail "
+                   "(verify it with `cxr audit-log verify FILE`)")
 
 
 def _cmd_predict(a: argparse.Namespace) -> int:
@@ -497,7 +573,10 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     return run_predict(PredictOptions(inputs=tuple(a.inputs), url=a.url, protocol=a.protocol, model=a.model,
                                       timeout_s=a.timeout_s, format=a.format, out=a.out, chunk=a.chunk,
                                       eligibility=a.eligibility, retries=a.retries, ray=a.ray,
-                                      metrics_port=a.metrics_port, metrics_file=a.metrics_file, **_client_security(a)))
+                                      metrics_port=a.metrics_port, metrics_file=a.metrics_file,
+                                      dicomweb=a.dicomweb, studies=tuple(a.study), query=tuple(a.query),
+                                      priority=a.priority, fhir_out=a.fhir_out, fhir_url=a.fhir_url,
+                                      audit_log=a.audit_log, **_client_security(a)))
 
 
 def _add_health(sub: argparse._SubParsersAction) -> None:
@@ -661,6 +740,9 @@ def _add_ui(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--auth-file", type=Path, help="credentials file (cxr ui-passwd): the page asks for a login")
     g.add_argument("--https-cert", type=Path, help="certificate for HTTPS (with --https-key)")
     g.add_argument("--https-key", type=Path, help="private key for HTTPS")
+    p.add_argument("--audit-log", type=Path, metavar="FILE",
+                   help="append each upload and answer (the signed-in user, the file's sha256) to this hash-chained "
+                   "audit trail")
     p.set_defaults(func=_cmd_ui)
 
 
@@ -670,7 +752,7 @@ def _cmd_ui(a: argparse.Namespace) -> int:
     try:
         cfg = UiConfig(url=a.url, protocol=a.protocol, model=a.model, repository=a.model_repository, host=a.host,
                        port=a.port, share=a.share, max_file_mb=a.max_file_mb, auth_file=a.auth_file,
-                       https_cert=a.https_cert, https_key=a.https_key, **_client_security(a))
+                       https_cert=a.https_cert, https_key=a.https_key, audit_log=a.audit_log, **_client_security(a))
     except ValueError as exc:
         raise CxrError(str(exc)) from None
     launch(cfg)
@@ -687,7 +769,10 @@ def _add_listen(sub: argparse._SubParsersAction) -> None:
         "and its result goes back to --send-to as a Comprehensive SR in the source's study (with --heatmap, a "
         "Secondary Capture of the Grad-CAM overlay too). Results that cannot be delivered stay queued across "
         "restarts and are retried with backoff; result UIDs derive from the source UID and the model's sha256, "
-        "so a resend never duplicates. On start, whatever the spool holds is finished. Ctrl-C or SIGTERM stops.",
+        "so a resend never duplicates. On start, whatever the spool holds is finished. Ctrl-C or SIGTERM stops. "
+        "Results can also (or instead) go by STOW-RS (--stow-url) and to the EHR as FHIR (--fhir-url, --fhir-out); "
+        "urgent studies (Requested Procedure Priority STAT/HIGH, or --urgent-if) are screened first at Triton's "
+        "urgent level; --audit-log records every event.",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback by default)")
     p.add_argument("--port", type=int, default=11112, help="DICOM port")
@@ -714,13 +799,20 @@ def _add_listen(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve Prometheus metrics of the answers (by status, rule, Manufacturer/StationName; "
                    "ood_score and probability histograms) on 127.0.0.1:PORT")
+    p.add_argument("--stow-url", metavar="URL",
+                   help="store the SR (and Secondary Capture) with STOW-RS at this DICOMweb root, instead of or "
+                   "beside --send-to")
+    p.add_argument("--urgent-if", action="append", default=[], metavar="KEYWORD=VALUE[,VALUE]",
+                   help="a site rule making a study urgent, e.g. InstitutionalDepartmentName=Emergency (repeatable; "
+                   "Requested Procedure Priority STAT or HIGH is urgent anyway)")
+    _add_result_doors(p)
     p.set_defaults(func=_cmd_listen)
 
 
 def _cmd_listen(a: argparse.Namespace) -> int:
 
     from cxr.core.security import TlsClient, TlsServer
-    from cxr.pacs.listener import Destination, ListenConfig, Listener
+    from cxr.pacs.listener import Destination, ListenConfig, Listener, UrgentRule
 
     try:
         dicom_tls = TlsServer(a.dicom_tls_cert, a.dicom_tls_key, a.dicom_tls_client_ca) if a.dicom_tls_cert else None
@@ -729,11 +821,14 @@ def _cmd_listen(a: argparse.Namespace) -> int:
                            send_to=Destination.parse(a.send_to) if a.send_to else None, allow=tuple(a.allow),
                            out=a.out, url=a.url, protocol=a.protocol, model=a.model, heatmap=a.heatmap,
                            repository=a.model_repository, dicom_tls=dicom_tls, send_tls=send_tls,
-                           metrics_port=a.metrics_port, **_client_security(a))
+                           metrics_port=a.metrics_port, stow_url=a.stow_url, fhir_url=a.fhir_url,
+                           fhir_out=a.fhir_out, audit_log=a.audit_log,
+                           urgent_if=tuple(UrgentRule.parse(t) for t in a.urgent_if), **_client_security(a))
     except ValueError as exc:
         raise CxrError(str(exc)) from None
     with Listener(cfg) as listener:
-        print(f"listening: {cfg.ae_title}@{cfg.host}:{cfg.port}" + (f", results to {a.send_to}" if a.send_to else
+        where = [w for w in (a.send_to, a.stow_url and f"STOW-RS {a.stow_url}", a.fhir_url and f"FHIR {a.fhir_url}") if w]
+        print(f"listening: {cfg.ae_title}@{cfg.host}:{cfg.port}" + (f", results to {', '.join(where)}" if where else
               ", results kept in the outbox (no --send-to)") + f"; spool {cfg.spool}; Ctrl-C to stop", flush=True)
         if listener.metrics_port is not None:
             print(f"metrics on http://127.0.0.1:{listener.metrics_port}/metrics", flush=True)
@@ -983,9 +1078,94 @@ def _cmd_ui_passwd(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench_priority(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench-priority",
+        help="urgent latency while routine work saturates the server, with and without priority levels",
+        description="Start the embedded CPU Triton with the shipped model and time urgent single-film requests on the "
+        "idle server, then while routine clients send batches without pause, with the shipped cpu config (priority "
+        "levels on), the same config without them, and the cpu_triage config (smaller batches). Routine requests are counted as answered, rejected "
+        "(queue full: retried by clients) or failed. Writes priority.json, priority.md and priority.png.",
+    )
+    p.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY, help="the model repository")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model name")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "capacity" / "priority", help="report folder")
+    p.add_argument("--urgent-requests", type=int, default=60, help="urgent requests timed per phase")
+    p.add_argument("--routine-threads", type=int, default=8, help="closed-loop routine clients")
+    p.add_argument("--routine-batch", type=int, default=16, help="films per routine request")
+    p.add_argument("--max-seconds", type=float, default=120.0, help="bound on each saturated phase")
+    p.add_argument("--small-batch", type=int, default=4, help="max_batch_size of the triage phase (the cpu_triage config's: 4)")
+    p.set_defaults(func=_cmd_bench_priority)
+
+
+def _cmd_bench_priority(a: argparse.Namespace) -> int:
+    from cxr.loadtest.priority import PriorityConfig, run
+
+    try:
+        cfg = PriorityConfig(repository=a.model_repository, model=a.model, out_dir=a.out,
+                             urgent_requests=a.urgent_requests, routine_threads=a.routine_threads,
+                             routine_batch=a.routine_batch, max_seconds=a.max_seconds, small_batch=a.small_batch)
+    except ValueError as exc:
+        raise CxrError(str(exc)) from None
+    r = run(cfg)
+    ph = r["phases"]
+    for name, p in ph.items():
+        print(f"{name}: urgent p95 idle {p['idle']['p95_ms']:.1f} ms, under routine saturation {p['urgent']['p95_ms']:.1f} ms "
+              f"({p['ratio_p95']:.2f}x); routine {p['routine']['films_per_s']:.0f} films/s, {p['routine']['failed']} failed")
+    print(f"written to {a.out}")
+    return 0
+
+
+def _add_audit_log(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "audit-log",
+        help="verify the audit trail's hash chain, or export it as FHIR AuditEvents",
+        description="The audit trail that predict, listen, serve and ui append to with --audit-log is a file of JSON "
+        "lines, each carrying its own sha256 and the previous record's. `verify` walks the chain: exit 0 when it "
+        "holds (and prints the record count and the last hash, to file elsewhere), 1 at the first edited, inserted, "
+        "reordered or deleted line (named), 2 when the file cannot be read. `export` writes the records as a FHIR "
+        "R4 Bundle of AuditEvent resources (after verifying the chain).",
+    )
+    verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True, help="verify or export")
+    v = verbs.add_parser("verify", help="check the hash chain (exit 1 when broken)",
+                         description="Check every record's hash and its link to the record before it.")
+    v.add_argument("file", type=Path, help="the audit trail")
+    v.add_argument("--last-hash", help="the last hash filed earlier: a removed or rewritten tail is detected too")
+    v.set_defaults(func=_cmd_audit_verify)
+    e = verbs.add_parser("export", help="write the records as FHIR AuditEvents",
+                         description="Verify the chain, then write a FHIR R4 collection Bundle of AuditEvents.")
+    e.add_argument("file", type=Path, help="the audit trail")
+    e.add_argument("--fhir-out", type=Path, required=True, help="the Bundle to write")
+    e.set_defaults(func=_cmd_audit_export)
+
+
+def _cmd_audit_verify(a: argparse.Namespace) -> int:
+    from cxr.core.audit_trail import verify
+
+    v = verify(a.file, expect_last_hash=a.last_hash)
+    if v.ok:
+        print(f"{a.file}: chain holds: {v.records} records, last hash {v.last_hash}")
+        return 0
+    where = f" at line {v.broken_at}" if v.broken_at else ""
+    print(f"{a.file}: chain broken{where}: {v.why} ({v.records} records hold before it)", file=sys.stderr)
+    return 1
+
+
+def _cmd_audit_export(a: argparse.Namespace) -> int:
+    import json
+
+    from cxr.client.fhir import audit_events
+    from cxr.core.audit_trail import read
+
+    bundle = audit_events(read(a.file))
+    write_durably(a.fhir_out, (json.dumps(bundle, indent=1) + "\n").encode())
+    print(f"{len(bundle['entry'])} AuditEvents written to {a.fhir_out}")
+    return 0
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train, _add_evaluate, _add_compare, _add_calibrate, _add_export, _add_ood_fit, _add_ood_eval, _add_explain_eval, _add_configs, _add_serve,
-    _add_predict, _add_site_audit, _add_adapt, _add_monitor, _add_health, _add_bench, _add_capacity, _add_soak, _add_ui, _add_ui_passwd, _add_proxy, _add_listen,
+    _add_predict, _add_site_audit, _add_adapt, _add_monitor, _add_health, _add_bench, _add_capacity, _add_soak, _add_ui, _add_ui_passwd, _add_proxy, _add_listen, _add_audit_log, _add_bench_priority,
 ]
 
 

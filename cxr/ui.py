@@ -69,6 +69,8 @@ class UiConfig:
         https_key: Its private key.
         tls: TLS settings for reaching Triton (:class:`cxr.core.security.TlsClient`).
         config_key: Key for a server that restricts model-config.
+        audit_log: Append each upload and answer (the signed-in user, the file's sha256, never its name) to this
+            hash-chained audit trail.
     """
 
     url: str | None = None
@@ -84,6 +86,7 @@ class UiConfig:
     https_key: Path | None = None
     tls: object | None = None
     config_key: str | None = field(default=None, repr=False)
+    audit_log: Path | None = None
 
     def __post_init__(self) -> None:
         from cxr.core.security import is_loopback
@@ -202,18 +205,28 @@ def _figure(rgb, caption: str) -> str:  # type: ignore[no-untyped-def]
             f'style="max-width:100%;height:auto;display:block"><figcaption>{html.escape(caption)}</figcaption></figure>')
 
 
-def make_classifier(client, gradcam, workdir: Path, *, gradcam_note: str = "") -> Callable:  # type: ignore[no-untyped-def]
-    """The Submit handler: (HTML answers, Grad-CAM gallery, table rows, CSV path) for a list of uploaded files."""
+def make_classifier(client, gradcam, workdir: Path, *, gradcam_note: str = "", audit=None) -> Callable:  # type: ignore[no-untyped-def]
+    """The Submit handler: (HTML answers, Grad-CAM gallery, table rows, CSV path) for a list of uploaded files
+    and the signed-in user (``None`` on a page without a login)."""
+    from cxr.client.batch import file_sha256
     from cxr.client.explain import film_for_display, overlay
     from cxr.core.contract import format_probability
 
-    def classify(files: list | None):  # type: ignore[no-untyped-def]
+    def classify(files: list | None, user: str | None = None):  # type: ignore[no-untyped-def]
         paths = [str(getattr(f, "name", f)) for f in (files or [])]
         if not paths:
             return "Please upload at least one image.", "", [], None
         notes: list[str] = []
+        actor = f"user:{user}" if user else "user:(no login, loopback page)"
+        shas = [file_sha256(Path(p)) for p in paths] if audit is not None else []
+        for sha in shas:
+            audit.event("received", actor=actor, instance_uid=f"sha256:{sha}", source="upload")
         try:
             preds = client.predict(paths)
+            for pred, sha in zip(preds, shas):
+                audit.event("screened", actor=actor, outcome="failure" if pred.status.value == "error" else "success",
+                            instance_uid=pred.sop_instance_uid or f"sha256:{sha}", model_sha256=pred.model_sha256,
+                            status=pred.status.value, rule=pred.rule, probability=pred.probability)
             cams = []
             for path, pred in zip(paths, preds):
                 if not (pred.ok and pred.label == client.info.labels[1]):
@@ -268,7 +281,20 @@ def build_app(cfg: UiConfig):  # type: ignore[no-untyped-def]
         logger.warning("Grad-CAM unavailable: %s", exc)
         gradcam = None
     workdir = Path(tempfile.mkdtemp(prefix="cxr-ui-"))
-    classify = make_classifier(client, gradcam, workdir, gradcam_note=note)
+    audit = None
+    if cfg.audit_log is not None:
+        from cxr.core.audit_trail import AuditLog, default_actor
+
+        audit = AuditLog(cfg.audit_log, component="cxr ui")
+        audit.event("started", actor=default_actor(), host=cfg.host, port=cfg.port)
+        audit.event("model_changed", actor=default_actor(), model_sha256=client.info.sha256, model=client.info.name,
+                    version=client.info.version)
+    classify = make_classifier(client, gradcam, workdir, gradcam_note=note, audit=audit)
+
+    def classify_as_user(files, request):  # type: ignore[no-untyped-def]
+        return classify(files, getattr(request, "username", None))
+
+    classify_as_user.__annotations__ = {"request": gr.Request}  # Gradio hands the request (and its login) in
     with gr.Blocks(title=TITLE, css=CSS) as app:
         gr.Markdown(f"# {TITLE}\n\n{USAGE}")
         files = gr.File(label="Chest X-ray image(s)", file_count="multiple", elem_id="upload")
@@ -283,11 +309,14 @@ def build_app(cfg: UiConfig):  # type: ignore[no-untyped-def]
         gr.Markdown(f"Model `{client.info.name}` v{client.info.version} via {cfg.protocol}; threshold "
                     f"{client.info.threshold:.3f} (from the served model)"
                     + (f"; heatmap unavailable: {note}" if note else "") + ".")
-        submit.click(classify, inputs=files, outputs=[result, gallery, table, download], api_name="classify")
+        submit.click(classify_as_user, inputs=files, outputs=[result, gallery, table, download], api_name="classify")
         clear.click(lambda: (None, "", "", None, None), outputs=[files, result, gallery, table, download])
     def cleanup() -> None:
         client.close()
         shutil.rmtree(workdir, ignore_errors=True)
+        if audit is not None:
+            audit.event("stopped", actor=default_actor())
+            audit.close()
 
     app.cxr_cleanup = cleanup
     return app

@@ -35,7 +35,7 @@ from cxr.export import triton_config
 logger = logging.getLogger(__name__)
 
 #: Config targets per precision: the first is written as ``config.pbtxt``.
-TARGETS = {"fp32": ("gpu", "gpu_fp16", "tensorrt_plan", "cpu"), "int8": ("cpu_ort", "cpu")}
+TARGETS = {"fp32": ("gpu", "gpu_fp16", "tensorrt_plan", "cpu", "cpu_triage"), "int8": ("cpu_ort", "cpu", "cpu_triage")}
 
 
 def read_card(model_dir: Path) -> dict:

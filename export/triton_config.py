@@ -31,7 +31,7 @@ from cxr.core.model_dir import ModelDir, ServedParams, render_config
 
 __all__ = ["TARGETS", "GPU_TARGETS", "BatchingPolicy", "ServedParams", "build", "render", "parameters", "write_model_dir"]
 
-TARGETS = ("gpu", "gpu_fp16", "tensorrt_plan", "cpu_ort", "cpu")
+TARGETS = ("gpu", "gpu_fp16", "tensorrt_plan", "cpu_ort", "cpu", "cpu_triage")
 GPU_TARGETS = ("gpu", "gpu_fp16", "tensorrt_plan")
 
 
@@ -43,9 +43,13 @@ class BatchingPolicy:
         max_batch_size: Largest batch the model accepts.
         max_queue_delay_us: How long the batcher may wait to fill a batch.
         preferred_batch_sizes: Batch sizes the batcher aims for.
-        queue_timeout_us: A request queued longer than this is rejected.
-        max_queue_size: Requests beyond this are rejected at once (overload).
+        queue_timeout_us: A routine request queued longer than this is delayed behind the requests still within
+            theirs (never dropped); an urgent one has no timeout.
+        max_queue_size: Requests of one priority level beyond this are rejected at once (overload:
+            ``UNAVAILABLE``, which clients retry with backoff).
         instances: Model instances.
+        priorities: Give every config Triton's priority levels (:data:`cxr.core.contract.PRIORITIES`: urgent
+            requests are batched first); ``False`` only for the side-by-side measurement without them.
     """
 
     max_batch_size: int = 64
@@ -54,6 +58,7 @@ class BatchingPolicy:
     queue_timeout_us: int = 10_000_000
     max_queue_size: int = 256
     instances: int = 1
+    priorities: bool = True
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -73,6 +78,11 @@ class BatchingPolicy:
 #: preferred sizes the size clause always holds, so every enqueue wakes the batcher. `cxr bench` measures it side by
 #: side with LEGACY_CPU_POLICY (stalls_per_1000 and legacy_stalls_per_1000; README, "The 500 ms stalls").
 CPU_POLICY = BatchingPolicy(max_batch_size=64, max_queue_delay_us=5000, preferred_batch_sizes=(), instances=2)
+#: The CPU policy for a site that puts urgent studies before throughput (``configs/cpu_triage.pbtxt``): on a CPU an
+#: urgent request cannot preempt a batch already running, so the largest batch bounds its wait. Measured by
+#: ``cxr bench-priority`` (docs/capacity/priority/): urgent p95 under routine saturation within 2x idle at
+#: max_batch_size 4, for a quarter less routine throughput than :data:`CPU_POLICY`.
+TRIAGE_CPU_POLICY = BatchingPolicy(max_batch_size=4, max_queue_delay_us=5000, preferred_batch_sizes=(), instances=2)
 #: The earlier CPU policy, kept for the side-by-side stall measurement in ``cxr bench``.
 LEGACY_CPU_POLICY = BatchingPolicy(max_batch_size=64, max_queue_delay_us=5000, preferred_batch_sizes=(8, 16, 32), instances=1)
 #: Production GPU: two instances overlap copies and compute; a short window.
@@ -91,7 +101,7 @@ def build(
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     if policy is None:
-        policy = GPU_POLICY if target in GPU_TARGETS else CPU_POLICY
+        policy = GPU_POLICY if target in GPU_TARGETS else TRIAGE_CPU_POLICY if target == "cpu_triage" else CPU_POLICY
     cfg = mc.ModelConfig(name=name, max_batch_size=policy.max_batch_size)
     values = params.as_parameters()
     if target in ("gpu", "gpu_fp16", "cpu_ort"):
@@ -118,6 +128,16 @@ def build(
     qp.default_timeout_microseconds = policy.queue_timeout_us
     qp.allow_timeout_override = True
     qp.max_queue_size = policy.max_queue_size
+    if policy.priorities:
+        # urgent (level 1) is batched before routine (level 2); a request without a priority is routine
+        db.priority_levels = contract.PRIORITY_LEVELS
+        db.default_priority_level = contract.PRIORITIES[contract.DEFAULT_PRIORITY]
+        for name, level in contract.PRIORITIES.items():
+            lq = db.priority_queue_policy[level]
+            lq.timeout_action = mc.ModelQueuePolicy.DELAY  # late work waits longer; it is never dropped
+            lq.default_timeout_microseconds = 0 if name == "urgent" else policy.queue_timeout_us
+            lq.allow_timeout_override = True
+            lq.max_queue_size = policy.max_queue_size
     if target in ("gpu", "gpu_fp16"):
         acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
         acc.parameters["precision_mode"] = "FP16" if target == "gpu_fp16" else "FP32"

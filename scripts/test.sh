@@ -16,6 +16,9 @@ need=()
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || need+=(nginx)
 [ -x /usr/sbin/Orthanc ] || command -v Orthanc >/dev/null 2>&1 || need+=(orthanc)
+# Orthanc's DICOMweb plugin (the QIDO/WADO/STOW tests) and Node.js (the FHIR server the FHIR tests POST to)
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
+command -v node >/dev/null 2>&1 || need+=(nodejs npm)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     # policy-rc.d 101: the packages' own services (nginx on :80, Orthanc on :8042/:4242) are never started
@@ -26,6 +29,10 @@ if [ ${#need[@]} -gt 0 ]; then
   else
     echo "warning: ${need[*]} not installed and not root; their tests will fail (apt-get install ${need[*]})" >&2
   fi
+fi
+# The FHIR server of the tests: Medplum's FHIR router and validator from npm (tests/fhir_server, pinned by its lock)
+if [ ! -d tests/fhir_server/node_modules/@medplum/fhir-router ]; then
+  npm ci --prefix tests/fhir_server --no-audit --no-fund --silent
 fi
 export TF_CPP_MIN_LOG_LEVEL=2
 # Folders are layers: the import-linter contracts of pyproject.toml (lint-imports) and no import cycle (grimp).

@@ -340,6 +340,23 @@ class TritonServer:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    def model_states(self) -> dict[str, tuple[str, str]]:
+        """Each model of the repository index: ``name -> (version, state)`` (``READY``, ``UNAVAILABLE`` ...), read
+        over loopback HTTP with the admin key when the repository API is restricted; empty when it cannot be read."""
+        import json
+
+        headers = {"Content-Type": "application/json"}
+        if self._admin_key:
+            headers["admin-key"] = self._admin_key
+        req = urllib.request.Request(f"http://{self.config.http_url}/v2/repository/index", data=b"{}", method="POST",
+                                     headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                index = json.loads(r.read())
+        except (OSError, ValueError):
+            return {}
+        return {m["name"]: (str(m.get("version", "")), str(m.get("state", ""))) for m in index}
+
     def stop(self, timeout_s: float = 20.0) -> None:
         """SIGTERM, wait, then SIGKILL; always removes the work directory."""
         proc, self._proc = self._proc, None

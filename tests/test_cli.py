@@ -12,7 +12,7 @@ from cxr.cli import build_parser
 
 SUBCOMMANDS = ["train", "evaluate", "compare", "calibrate", "export", "ood-fit", "ood-eval", "explain-eval", "configs", "serve",
                "predict", "site-audit", "adapt", "monitor", "health", "bench", "capacity", "soak", "ui", "ui-passwd", "proxy",
-               "listen"]
+               "listen", "audit-log", "bench-priority"]
 
 
 def test_top_level_help_lists_subcommands(capsys: pytest.CaptureFixture[str]) -> None:

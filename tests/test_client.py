@@ -19,7 +19,7 @@ class FakeTransport(Transport):
         self.fail_with = fail_with
         self.calls = 0
 
-    def infer(self, batch: np.ndarray, *, timeout_s: float) -> Scores:
+    def infer(self, batch: np.ndarray, *, timeout_s: float, priority: int = 0) -> Scores:
         self.calls += 1
         if self.fail_with is not None and (batch[:, 0, 0, 0] == 7).any():
             raise self.fail_with
@@ -119,7 +119,7 @@ class _Replica(FakeTransport):
         self.info = ModelInfo("fake", "1", 64, 0.5, contract.LABELS, "sha", 5.0, "")
         self.name, self.log, self.down = name, log, False
 
-    def infer(self, batch: np.ndarray, *, timeout_s: float) -> Scores:
+    def infer(self, batch: np.ndarray, *, timeout_s: float, priority: int = 0) -> Scores:
         if self.down:
             raise RetryableServerError(f"{self.name}: UNAVAILABLE")
         self.log.append(self.name)

@@ -107,12 +107,34 @@ def test_bounded_soak_at_80_percent_has_no_failures_and_stable_memory(triton_ser
 def test_bench_uses_an_exported_inception_when_the_repository_has_one(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from cxr.loadtest.bench import served_inception
 
+    def card(arch: str) -> str:  # what the bench reads of a card; a card is valid only with its sha256 and threshold
+        return json.dumps({"architecture": arch, "sha256": "ab" * 32, "calibration": {"threshold": 0.5}})
+
     (tmp_path / "pneumonia" / "1").mkdir(parents=True)
-    (tmp_path / "pneumonia" / "model_card.json").write_text(json.dumps({"architecture": "compact_cnn"}))
+    (tmp_path / "pneumonia" / "model_card.json").write_text(card("compact_cnn"))
     (tmp_path / "pneumonia" / "1" / "model.onnx").write_bytes(b"x")
     assert served_inception(tmp_path) is None  # only the compact model: the bench builds its own InceptionV3
     for v in (2, 10):
         (tmp_path / "inc" / str(v)).mkdir(parents=True)
         (tmp_path / "inc" / str(v) / "model.onnx").write_bytes(b"x")
-    (tmp_path / "inc" / "model_card.json").write_text(json.dumps({"architecture": "inception_v3"}))
+    (tmp_path / "inc" / "model_card.json").write_text(card("inception_v3"))
     assert served_inception(tmp_path) == tmp_path / "inc" / "10" / "model.onnx"  # newest version, numerically
+
+
+@pytest.mark.slow
+def test_bench_priority_report_on_a_short_run(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`cxr bench-priority`, bounded: every phase measured, every routine request answered or retried, none failed.
+    (The figures themselves are in docs/capacity/priority/, measured without other load on the machine.)"""
+    r = subprocess.run([sys.executable, "-m", "cxr.cli", "bench-priority", "--urgent-requests", "20",
+                        "--routine-threads", "2", "--max-seconds", "15", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((tmp_path / "priority.json").read_text())
+    phases = rep["phases"]
+    assert set(phases) == {"with_priorities", "without_priorities", "cpu_triage"}
+    for name in ("with_priorities", "without_priorities", "cpu_triage"):
+        assert phases[name]["urgent"]["n"] == phases[name]["idle"]["n"] == 20 and phases[name]["routine"]["answered"] > 0
+        assert phases[name]["routine"]["failed"] == 0  # delayed or retried, never dropped
+    assert phases["cpu_triage"]["routine_batch"] == 4
+    assert {"urgent_p95_saturated_over_idle", "urgent_p95_without_priorities_over_idle"} <= set(rep["ratios"])
+    assert (tmp_path / "priority.png").stat().st_size > 0 and "priority levels" in (tmp_path / "priority.md").read_text()

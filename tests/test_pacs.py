@@ -48,10 +48,13 @@ def chest_dx(seed: int, *, study: str | None = None) -> bytes:
     return buf.getvalue()
 
 
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
 class Orthanc:
     """Orthanc on loopback ports with a generated configuration; always stopped."""
 
-    def __init__(self, workdir: Path, listener_port: int, *, aet: str = "ORTHANC") -> None:
+    def __init__(self, workdir: Path, listener_port: int, *, aet: str = "ORTHANC", dicomweb: bool = False) -> None:
         self.http_port, self.dicom_port = free_ports(2)
         self.aet = aet
         self.dir = workdir
@@ -70,8 +73,10 @@ class Orthanc:
             "DicomAlwaysAllowStore": True,
             "DicomCheckCalledAet": False,
             "DicomModalities": {"cxr": ["CXR_AI", "127.0.0.1", listener_port]},
-            "Plugins": [],
+            "Plugins": [DICOMWEB_PLUGIN] if dicomweb else [],
         }
+        if dicomweb:  # Debian's orthanc-dicomweb: QIDO-RS, WADO-RS and STOW-RS under /dicom-web/
+            self.config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True}
         (self.dir / "orthanc.json").write_text(json.dumps(self.config))
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -104,6 +109,10 @@ class Orthanc:
 
     def get(self, path: str):  # type: ignore[no-untyped-def]
         return self._req("GET", path)
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
 
     def upload(self, data: bytes) -> str:
         return self._req("POST", "/instances", data, "application/dicom")["ID"]

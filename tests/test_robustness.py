@@ -265,7 +265,7 @@ def test_overload_is_rejected_fast_and_retried(tmp_path) -> None:  # type: ignor
     policy = dataclasses.replace(triton_config.CPU_POLICY, max_queue_size=1)
     cfg = triton_config.build("pneumonia", "cpu", repository.served_params(repo / "pneumonia"), policy=policy)
     ModelDir(repo / "pneumonia").write_config(cfg, target="cpu", config_name="cpu")
-    assert ModelDir(repo / "pneumonia").read_config("cpu")["dynamic_batching"]["default_queue_policy"]["max_queue_size"] == "1"
+    assert ModelDir(repo / "pneumonia").read_config("cpu")["dynamic_batching"]["default_queue_policy"]["max_queue_size"] == 1
     h, g, m = free_ports(3)
     with TritonServer(ServerConfig(model_repository=repo, http_port=h, grpc_port=g, metrics_port=m)) as s:
         x = np.zeros((1, 224, 224, 1), np.uint8)

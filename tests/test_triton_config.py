@@ -35,7 +35,7 @@ def test_repository_has_models_and_configs() -> None:
 def test_config_matches_contract(path: Path) -> None:
     cfg = _parse(path)
     assert cfg.name == _model_dir(path).name
-    assert cfg.max_batch_size >= 16
+    assert cfg.max_batch_size >= (4 if path.stem == "cpu_triage" else 16)  # the triage config keeps batches small
     assert [i.name for i in cfg.input] == [contract.INPUT_NAME]
     assert mc.DataType.Name(cfg.input[0].data_type) == f"TYPE_{contract.INPUT_TRITON_DTYPE}"
     assert list(cfg.input[0].dims) == list(contract.IMAGE_SHAPE)
@@ -82,7 +82,8 @@ def test_shipped_configs_are_what_the_generator_writes() -> None:
     """No hand edits drift from export/triton_config.py."""
     from cxr.export import repository
 
-    for model, targets in (("pneumonia", ("gpu", "gpu_fp16", "tensorrt_plan", "cpu")), ("pneumonia_int8", ("cpu_ort", "cpu"))):
+    for model, targets in (("pneumonia", ("gpu", "gpu_fp16", "tensorrt_plan", "cpu", "cpu_triage")),
+                           ("pneumonia_int8", ("cpu_ort", "cpu", "cpu_triage"))):
         d = SHIPPED_REPOSITORY / model
         params = repository.served_params(d)
         for t in targets:
@@ -121,3 +122,20 @@ def test_cpu_config_keeps_the_dynamic_batcher_awake() -> None:
         assert sum(g.count for g in cfg.instance_group) >= 2
         assert list(cfg.dynamic_batching.preferred_batch_size) == []
     assert triton_config.LEGACY_CPU_POLICY.instances == 1  # kept only for the side-by-side bench
+
+
+def test_every_config_has_priority_levels_with_a_queue_policy_each() -> None:
+    """urgent (1) is batched before routine (2); no priority means routine; late routine work is delayed, not
+    dropped; a full queue rejects at once (UNAVAILABLE, which clients retry)."""
+    for config in sorted(SHIPPED_REPOSITORY.glob("*/config*.pbtxt")) + sorted(SHIPPED_REPOSITORY.glob("*/configs/*.pbtxt")):
+        db = parse_config(config.read_text()).dynamic_batching
+        assert db.priority_levels == 2 and db.default_priority_level == contract.PRIORITIES["routine"], config
+        assert set(db.priority_queue_policy) == {1, 2}, config
+        urgent, routine = db.priority_queue_policy[1], db.priority_queue_policy[2]
+        assert urgent.default_timeout_microseconds == 0  # an urgent request never times out in the queue
+        assert routine.timeout_action == mc.ModelQueuePolicy.DELAY and routine.max_queue_size > 0
+    off = triton_config.build("m", "cpu", ServedParams(threshold=0.4, sha256="ab" * 32),
+                              policy=triton_config.BatchingPolicy(priorities=False))
+    assert off.dynamic_batching.priority_levels == 0
+    with pytest.raises(ValueError, match="priority"):
+        contract.priority_level("stat")

@@ -1,0 +1,153 @@
+"""DICOMweb in and out: find studies with QIDO-RS, read instances with WADO-RS, deliver results with STOW-RS.
+
+``cxr predict --dicomweb URL [--study UID]... [--query KEY=VALUE]...`` searches the archive (QIDO-RS at study
+level with the query's filters, e.g. ``ModalitiesInStudy=DX`` or ``StudyDate=20260101-20261231``; or the given
+studies), lists every instance of the matching studies, reads each one (WADO-RS, the whole Part 10 instance) into
+a private spool folder and screens the files like any others; the CSV's ``path`` is the SOP Instance UID.
+``cxr listen --stow-url URL`` stores its SR and Secondary Capture with STOW-RS. Uses ``dicomweb-client``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from cxr.core.errors import CxrError, InvalidInputError, RetryableServerError
+
+logger = logging.getLogger(__name__)
+
+#: DICOM tags of the QIDO-RS answers (hex, as DICOM JSON keys them).
+STUDY_UID, SERIES_UID, SOP_UID = "0020000D", "0020000E", "00080018"
+
+
+class DicomWebError(CxrError):
+    """The DICOMweb server refused a request (4xx), or answered something that is not DICOM JSON."""
+
+
+@dataclass(frozen=True)
+class InstanceRef:
+    """One instance the archive holds."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+
+
+def _value(item: Mapping, tag: str) -> str:
+    try:
+        return str(item[tag]["Value"][0])
+    except (KeyError, IndexError, TypeError):
+        return ""
+
+
+def parse_query(pairs: Iterable[str]) -> dict[str, str]:
+    """``KEY=VALUE`` strings as QIDO-RS search filters.
+
+    Raises:
+        InvalidInputError: A pair without ``=`` or with an empty key.
+    """
+    out: dict[str, str] = {}
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        if not sep or not key.strip():
+            raise InvalidInputError(f"--query {p!r}: expected KEY=VALUE (e.g. ModalitiesInStudy=DX)")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _classify(exc: BaseException, where: str) -> Exception:
+    """Map a requests/HTTP failure: connection problems, 429 and 5xx are retryable; other 4xx are not."""
+    import requests
+
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if isinstance(exc, (requests.ConnectionError, requests.Timeout)) or (status is not None and (status == 429 or status >= 500)):
+        return RetryableServerError(f"DICOMweb {where}: {type(exc).__name__}" + (f" (HTTP {status})" if status else ""))
+    return DicomWebError(f"DICOMweb {where}: " + (f"HTTP {status}" if status else f"{type(exc).__name__}: {exc}"))
+
+
+class DicomWeb:
+    """A DICOMweb server (QIDO, WADO and STOW under one root URL, e.g. ``http://127.0.0.1:8042/dicom-web``)."""
+
+    def __init__(self, url: str, *, timeout_s: float = 30.0) -> None:
+        from dicomweb_client.api import DICOMwebClient
+
+        self.url = url.rstrip("/")
+        self._client = DICOMwebClient(self.url, timeout=timeout_s)
+
+    def find(self, *, studies: Iterable[str] = (), query: Mapping[str, str] | None = None) -> list[InstanceRef]:
+        """Every instance of the given studies, or of the studies the query matches (sorted, no duplicates)."""
+        uids = list(dict.fromkeys(studies))
+        try:
+            if not uids:
+                found = self._pages(self._client.search_for_studies, STUDY_UID, search_filters=dict(query or {}))
+                uids = [_value(s, STUDY_UID) for s in found if _value(s, STUDY_UID)]
+            refs = []
+            for uid in uids:
+                for item in self._pages(self._client.search_for_instances, SOP_UID, study_instance_uid=uid):
+                    refs.append(InstanceRef(_value(item, STUDY_UID) or uid, _value(item, SERIES_UID), _value(item, SOP_UID)))
+        except Exception as exc:  # noqa: BLE001 - requests' and dicomweb-client's own errors
+            raise _classify(exc, f"{self.url} search") from None
+        return sorted(set(r for r in refs if r.sop_uid and r.series_uid), key=lambda r: (r.study_uid, r.series_uid, r.sop_uid))
+
+    @staticmethod
+    def _pages(search, key: str, *, page: int = 500, max_pages: int = 10_000, **kw) -> list[dict]:  # type: ignore[no-untyped-def]
+        """Every match of a QIDO-RS search, page by page (``limit``/``offset``). Stops at a short or empty page, or
+        at a page with nothing new: a server that ignores ``offset`` then answers with its one page, never forever."""
+        out: list[dict] = []
+        seen: set[str] = set()
+        for n in range(max_pages):
+            items = search(limit=page, offset=n * page, **kw)
+            fresh = [i for i in items if _value(i, key) not in seen]
+            seen.update(_value(i, key) for i in fresh)
+            out += fresh
+            if len(items) < page or not fresh:
+                break
+        return out
+
+    def retrieve(self, ref: InstanceRef) -> bytes:
+        """One instance as a DICOM Part 10 file."""
+        import pydicom
+
+        try:
+            ds = self._client.retrieve_instance(ref.study_uid, ref.series_uid, ref.sop_uid)
+        except Exception as exc:  # noqa: BLE001
+            raise _classify(exc, f"{self.url} instance {ref.sop_uid}") from None
+        buf = io.BytesIO()
+        pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+        return buf.getvalue()
+
+    def download(self, refs: list[InstanceRef], folder: Path, *, threads: int = 4) -> dict[Path, str]:
+        """Read ``refs`` into ``folder`` (one ``<SOP Instance UID>.dcm`` each); returns file -> SOP Instance UID.
+
+        An instance that cannot be read is left out and logged; the caller reports it as an error row.
+        """
+        folder.mkdir(parents=True, exist_ok=True)
+
+        def one(ref: InstanceRef) -> tuple[Path, str] | tuple[None, str]:
+            path = folder / f"{ref.sop_uid}.dcm"
+            try:
+                path.write_bytes(self.retrieve(ref))
+            except CxrError as exc:
+                logger.error("%s", exc)
+                return None, ref.sop_uid
+            return path, ref.sop_uid
+
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            done = list(pool.map(one, refs))
+        return {p: uid for p, uid in done if p is not None}
+
+    def store(self, datasets: list, *, study_uid: str | None = None) -> None:  # type: ignore[type-arg]
+        """STOW-RS: store datasets (an SR, a Secondary Capture) in the archive.
+
+        Raises:
+            RetryableServerError: The server is unreachable or answered 429/5xx.
+            DicomWebError: The server refused them.
+        """
+        try:
+            self._client.store_instances(datasets, study_instance_uid=study_uid)
+        except Exception as exc:  # noqa: BLE001
+            raise _classify(exc, f"{self.url} store") from None

@@ -1,0 +1,311 @@
+"""Screening results as FHIR R4: a DiagnosticReport and an Observation per input, the model as a Device.
+
+For every screened input (IHE AI Results in spirit):
+
+* **Observation** ``code`` SNOMED CT 233604007 *Pneumonia*; ``valueCodeableConcept`` SNOMED CT 52101004
+  *Present* or 2667000 *Absent* at the served threshold; components: P(pneumonia) and the threshold (and the
+  ``ood_score``) as quantities. A not-assessable input has no value: ``dataAbsentReason`` *not-performed*, and
+  components naming the refusal rule, what it measured and its limit. Status ``preliminary``: a screening aid
+  whose answer a reader confirms.
+* **DiagnosticReport** (category RAD, LOINC 18748-4 *Diagnostic imaging study*) with the Observation as its
+  result, and the ImagingStudy referenced by Study Instance UID (``urn:dicom:uid`` identifier), as is the
+  patient when the DICOM header names one (``PatientID`` as an identifier, no other demographics).
+* **Device**: the model (name, version, and its sha256 as an identifier), referenced by both.
+
+Resources are built and validated with ``fhir.resources`` (its R4B models: R4's technical correction, identical
+for these resources), gathered in one ``transaction`` Bundle, and written to a file (``--fhir-out``) or POSTed to
+a FHIR server's base URL (``--fhir-url``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cxr.client.client import Prediction
+from cxr.core import contract
+from cxr.core.errors import CxrError, RetryableServerError
+
+SNOMED = "http://snomed.info/sct"
+LOINC = "http://loinc.org"
+UCUM = "http://unitsofmeasure.org"
+#: This project's own codes (no standard code exists for them).
+LOCAL = "urn:cxr-triton:codes"
+REFUSAL_RULES = "urn:cxr-triton:refusal-rule"
+MODEL_SHA256 = "urn:cxr-triton:model-sha256"
+DICOM_UID = "urn:dicom:uid"
+PNEUMONIA = ("233604007", "Pneumonia")
+PRESENT = ("52101004", "Present")
+ABSENT = ("2667000", "Absent")
+REPORT_CODE = ("18748-4", "Diagnostic imaging study")
+
+
+class FhirError(CxrError):
+    """A FHIR resource failed validation, or a FHIR server refused the results."""
+
+
+@dataclass(frozen=True)
+class StudyRef:
+    """Where a result belongs: the DICOM study and instance (empty for files that are not DICOM).
+
+    Attributes:
+        study_uid: Study Instance UID.
+        instance_uid: SOP Instance UID.
+        patient_id: The header's PatientID (an identifier for the EHR to match; no other demographics).
+        patient_issuer: The header's IssuerOfPatientID.
+        accession: The header's AccessionNumber.
+    """
+
+    study_uid: str = ""
+    instance_uid: str = ""
+    patient_id: str = ""
+    patient_issuer: str = ""
+    accession: str = ""
+
+    @classmethod
+    def of_file(cls, path: str | Path) -> StudyRef:
+        """The study of a DICOM file (an empty reference for anything else)."""
+        try:
+            import pydicom
+
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=True)
+        except Exception:  # noqa: BLE001 - not DICOM, or unreadable: the result stands without a study
+            return cls()
+        return cls(str(ds.get("StudyInstanceUID", "") or ""), str(ds.get("SOPInstanceUID", "") or ""),
+                   str(ds.get("PatientID", "") or ""), str(ds.get("IssuerOfPatientID", "") or ""),
+                   str(ds.get("AccessionNumber", "") or ""))
+
+
+def _cc(system: str, code: str, display: str) -> dict:
+    return {"coding": [{"system": system, "code": code, "display": display}], "text": display}
+
+
+def _quantity(value: float) -> dict:
+    return {"value": float(value), "unit": "1", "system": UCUM, "code": "1"}
+
+
+def _component(code: str, display: str, value: float | str | None) -> dict | None:
+    if value is None:
+        return None
+    c: dict = {"code": _cc(LOCAL, code, display)}
+    if isinstance(value, (int, float)):
+        c["valueQuantity"] = _quantity(value)
+    else:
+        c["valueString"] = str(value)
+    return c
+
+
+def device(pred: Prediction, *, full_url: str) -> dict:
+    """The served model as a Device (name, version, sha256)."""
+    return {
+        "fullUrl": full_url,
+        "resource": {
+            "resourceType": "Device",
+            "identifier": [{"system": MODEL_SHA256, "value": pred.model_sha256 or "unknown"}],
+            "deviceName": [{"name": f"cxr-triton {pred.model_name}", "type": "model-name"}],
+            "version": [{"value": pred.model_version}],
+            "type": _cc(LOCAL, "screening-model", "Chest X-ray pneumonia screening model"),
+        },
+        "request": {"method": "POST", "url": "Device",
+                    "ifNoneExist": f"identifier={MODEL_SHA256}|{pred.model_sha256 or 'unknown'}"},
+    }
+
+
+def result_entries(pred: Prediction, study: StudyRef, *, device_url: str, issued: str) -> list[dict]:
+    """The Observation and the DiagnosticReport of one answered input (``ok`` or ``not_assessable``)."""
+    if pred.status is contract.Status.ERROR:
+        raise ValueError(f"{pred.source}: an unreadable input or a failed request gets no FHIR result")
+    obs_url, rep_url = f"urn:uuid:{uuid.uuid4()}", f"urn:uuid:{uuid.uuid4()}"
+    subject = ({"identifier": {"value": study.patient_id, **({"system": f"urn:oid:{study.patient_issuer}"}
+                                                             if study.patient_issuer.replace(".", "").isdigit() else {})}}
+               if study.patient_id else None)
+    imaging = ({"type": "ImagingStudy", "identifier": {"system": DICOM_UID, "value": f"urn:oid:{study.study_uid}"}}
+               if study.study_uid else None)
+    components = [
+        _component("probability", "P(pneumonia), calibrated probability", pred.probability),
+        _component("threshold", "Decision threshold", pred.threshold),
+        _component("ood-score", "Out-of-distribution score", pred.ood_score),
+    ]
+    obs: dict = {
+        "resourceType": "Observation",
+        "status": "preliminary",
+        "category": [_cc("http://terminology.hl7.org/CodeSystem/observation-category", "imaging", "Imaging")],
+        "code": _cc(SNOMED, *PNEUMONIA),
+        "issued": issued,
+        "device": {"reference": device_url},
+        "note": [{"text": "Screening aid, not a diagnosis: a reader confirms."}],
+    }
+    if pred.ok:
+        present = contract.is_positive(float(pred.probability), pred.threshold)  # type: ignore[arg-type]
+        obs["valueCodeableConcept"] = _cc(SNOMED, *(PRESENT if present else ABSENT))
+    else:
+        r = pred.refusal
+        assert r is not None
+        obs["dataAbsentReason"] = _cc("http://terminology.hl7.org/CodeSystem/data-absent-reason", "not-performed",
+                                      "Not Performed")
+        components += [{"code": _cc(LOCAL, "refusal-rule", "Not assessable: route to a human reader"),
+                        "valueCodeableConcept": _cc(REFUSAL_RULES, r.rule, r.description)},
+                       _component("refusal-value", f"{r.rule}: measured value", r.value),
+                       _component("refusal-limit", f"{r.rule}: limit", r.limit)]
+    obs["component"] = [c for c in components if c is not None]
+    if subject:
+        obs["subject"] = subject
+    if imaging:
+        obs["derivedFrom"] = [imaging]
+    positive = pred.ok and obs["valueCodeableConcept"]["coding"][0]["code"] == PRESENT[0]
+    if pred.ok:
+        conclusion = f"Pneumonia {'present' if positive else 'absent'} (screening aid; the device is on the Observation)"
+    else:
+        conclusion = f"Not assessable ({pred.rule}): route to a human reader"
+    rep: dict = {
+        "resourceType": "DiagnosticReport",
+        "status": "preliminary",
+        "category": [_cc("http://terminology.hl7.org/CodeSystem/v2-0074", "RAD", "Radiology")],
+        "code": _cc(LOINC, *REPORT_CODE),
+        "issued": issued,
+        "result": [{"reference": obs_url}],
+        "conclusion": conclusion,
+    }
+    if positive:
+        rep["conclusionCode"] = [_cc(SNOMED, *PNEUMONIA)]
+    if study.accession:
+        rep["identifier"] = [{"type": _cc("http://terminology.hl7.org/CodeSystem/v2-0203", "ACSN", "Accession ID"),
+                              "value": study.accession}]
+    if subject:
+        rep["subject"] = subject
+    if imaging:
+        rep["imagingStudy"] = [imaging]
+    return [{"fullUrl": obs_url, "resource": obs, "request": {"method": "POST", "url": "Observation"}},
+            {"fullUrl": rep_url, "resource": rep, "request": {"method": "POST", "url": "DiagnosticReport"}}]
+
+
+def bundle(results: Sequence[tuple[Prediction, StudyRef]]) -> dict:
+    """One ``transaction`` Bundle for the answered inputs (errors are left out), validated.
+
+    Raises:
+        FhirError: A resource does not validate.
+    """
+    issued = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    entries: list[dict] = []
+    devices: dict[str, str] = {}
+    for pred, study in results:
+        if pred.status is contract.Status.ERROR:
+            continue
+        key = f"{pred.model_name}|{pred.model_version}|{pred.model_sha256}"
+        if key not in devices:
+            devices[key] = f"urn:uuid:{uuid.uuid4()}"
+            entries.append(device(pred, full_url=devices[key]))
+        entries += result_entries(pred, study, device_url=devices[key], issued=issued)
+    out = {"resourceType": "Bundle", "type": "transaction", "timestamp": issued, "entry": entries}
+    validate(out)
+    return out
+
+
+def validate(resource: dict) -> None:
+    """Validate a resource (a Bundle: each entry too) with ``fhir.resources``.
+
+    Raises:
+        FhirError: One line naming the first problem.
+    """
+    from fhir.resources.R4B import get_fhir_model_class
+
+    try:
+        get_fhir_model_class(resource["resourceType"]).model_validate(resource)
+        for e in resource.get("entry") or []:
+            get_fhir_model_class(e["resource"]["resourceType"]).model_validate(e["resource"])
+    except Exception as exc:  # noqa: BLE001 - pydantic's ValidationError and KeyError alike
+        first = str(exc).splitlines()
+        raise FhirError(f"FHIR validation failed: {' '.join(first[:3])}") from None
+
+
+def write_bundle(path: Path, results: Sequence[tuple[Prediction, StudyRef]]) -> dict:
+    """Write the Bundle durably as JSON; returns it."""
+    from cxr.core.durable import write_durably
+
+    b = bundle(results)
+    write_durably(Path(path), (json.dumps(b, indent=1) + "\n").encode())
+    return b
+
+
+def post_bundle(base_url: str, bundle_: dict, *, timeout_s: float = 30.0) -> dict:
+    """POST a transaction Bundle to a FHIR server's base URL; returns the transaction-response Bundle.
+
+    Raises:
+        RetryableServerError: The server is unreachable or answered 429/5xx (send again later).
+        FhirError: The server refused the Bundle (4xx), with its OperationOutcome's first issue.
+    """
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(base_url.rstrip("/") + "/", data=json.dumps(bundle_).encode(), method="POST",
+                                 headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:  # noqa: S310 - the site's FHIR endpoint
+            return json.loads(resp.read().decode("utf-8"))
+    except urllib.error.HTTPError as exc:
+        body = exc.read().decode("utf-8", "replace")
+        if exc.code == 429 or exc.code >= 500:
+            raise RetryableServerError(f"FHIR {base_url}: HTTP {exc.code}") from None
+        try:
+            issue = json.loads(body)["issue"][0]
+            why = issue.get("diagnostics") or issue.get("details", {}).get("text") or issue.get("code")
+        except (ValueError, KeyError, IndexError, TypeError):
+            why = body[:200]
+        raise FhirError(f"FHIR {base_url}: HTTP {exc.code}: {why}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise RetryableServerError(f"FHIR {base_url}: {getattr(exc, 'reason', exc)}") from None
+
+
+#: Audit events as FHIR AuditEvent types (DICOM's audit message IDs where one fits, this project's otherwise).
+AUDIT_TYPES = {
+    "received": ("http://dicom.nema.org/resources/ontology/DCM", "110107", "Import"),
+    "screened": ("http://dicom.nema.org/resources/ontology/DCM", "110112", "Query"),
+    "result_delivered": ("http://dicom.nema.org/resources/ontology/DCM", "110106", "Export"),
+    "delivery_failed": ("http://dicom.nema.org/resources/ontology/DCM", "110106", "Export"),
+    "model_changed": ("http://dicom.nema.org/resources/ontology/DCM", "110121", "Software Configuration"),
+    "admin_api": ("http://dicom.nema.org/resources/ontology/DCM", "110113", "Security Alert"),
+    "started": ("http://dicom.nema.org/resources/ontology/DCM", "110120", "Application Start"),
+    "stopped": ("http://dicom.nema.org/resources/ontology/DCM", "110121", "Application Stop"),
+}
+
+
+def audit_events(records: Sequence[dict]) -> dict:
+    """The audit trail's records as a FHIR R4 ``collection`` Bundle of AuditEvents (validated).
+
+    Each AuditEvent names the event (type), the time (recorded), the outcome (0 success, 8 serious failure), the
+    actor (agent ``who.display``), and as entities the study and instance UIDs, the model's sha256 and the
+    record itself (its hash and sequence number, with its details), so the export matches the trail line for line.
+    """
+    entries = []
+    for rec in records:
+        system, code, display = AUDIT_TYPES[rec["event"]]
+        entities: list[dict] = [{"what": {"identifier": {"system": DICOM_UID, "value": f"urn:oid:{uid}"}}, "name": kind}
+                    for kind, uid in (("study", rec.get("study_uid")), ("instance", rec.get("instance_uid")))
+                    if uid and not str(uid).startswith("sha256:")]
+        if rec.get("instance_uid", "").startswith("sha256:"):
+            entities.append({"what": {"identifier": {"system": "urn:ietf:rfc:6920", "value": rec["instance_uid"]}},
+                             "name": "input"})
+        if rec.get("model_sha256"):
+            entities.append({"what": {"identifier": {"system": MODEL_SHA256, "value": rec["model_sha256"]}},
+                             "name": "model"})
+        entities.append({"what": {"identifier": {"system": "urn:cxr-triton:audit-record", "value": rec["hash"]}},
+                         "name": f"record {rec['seq']}",
+                         "detail": [{"type": k, "valueString": json.dumps(v)} for k, v in sorted(rec["detail"].items())
+                                    if v is not None]})
+        entries.append({"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": {
+            "resourceType": "AuditEvent",
+            "type": {"system": system, "code": code, "display": display},
+            "subtype": [{"system": "urn:cxr-triton:audit-event", "code": rec["event"], "display": rec["event"]}],
+            "recorded": rec["time"],
+            "outcome": "0" if rec["outcome"] == "success" else "8",
+            "agent": [{"who": {"display": rec["actor"]}, "requestor": True}],
+            "source": {"observer": {"display": rec["component"]}},
+            "entity": entities,
+        }})
+    out = {"resourceType": "Bundle", "type": "collection", "entry": entries}
+    validate(out)
+    return out

@@ -1,0 +1,128 @@
+"""The audit trail: a hash chain that `cxr audit-log verify` checks, one chain across processes, no PHI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cxr.core.audit_trail import GENESIS, AuditLog, AuditRecord, read, verify
+
+SHA = "ab" * 32
+
+
+def _trail(path: Path, n: int = 6) -> list[str]:
+    with AuditLog(path, component="test") as log:
+        log.event("started", actor="process:test:1")
+        for i in range(n - 1):
+            log.event("screened", actor="ae:ORTHANC", study_uid="1.2.3", instance_uid=f"1.2.3.{i}", model_sha256=SHA,
+                      status="ok", probability=0.125 * i)
+    return path.read_text().splitlines()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cxr.cli", "audit-log", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_records_chain_and_carry_what_was_asked(tmp_path: Path) -> None:
+    lines = _trail(tmp_path / "a.jsonl")
+    recs = [json.loads(x) for x in lines]
+    assert [r["seq"] for r in recs] == list(range(1, 7)) and recs[0]["prev"] == GENESIS
+    assert all(b["prev"] == a["hash"] for a, b in zip(recs, recs[1:]))
+    assert recs[3]["detail"] == {"probability": 0.25, "status": "ok"} and recs[3]["actor"] == "ae:ORTHANC"
+    v = verify(tmp_path / "a.jsonl")
+    assert v.ok and v.records == 6 and v.last_hash == recs[-1]["hash"]
+    with AuditLog(tmp_path / "a.jsonl", component="test") as log:  # reopened: the chain continues
+        log.event("stopped", actor="process:test:1")
+    assert verify(tmp_path / "a.jsonl").records == 7 and read(tmp_path / "a.jsonl")[-1]["prev"] == recs[-1]["hash"]
+
+
+@pytest.mark.parametrize("damage", ["edit", "edit_last", "delete", "delete_first", "insert", "swap"])
+def test_verify_fails_on_an_edited_deleted_inserted_or_reordered_line(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "a.jsonl"
+    lines = _trail(path)
+    if damage == "edit":  # the answer of line 3 changed after the fact
+        rec = json.loads(lines[2])
+        rec["detail"]["status"] = "not_assessable"
+        lines[2] = json.dumps(rec, sort_keys=True, separators=(",", ":"))
+    elif damage == "edit_last":
+        lines[-1] = lines[-1].replace('"ae:ORTHANC"', '"ae:OTHER"')
+    elif damage == "delete":
+        del lines[3]
+    elif damage == "delete_first":
+        del lines[0]
+    elif damage == "insert":
+        lines.insert(2, lines[1])
+    else:
+        lines[2], lines[3] = lines[3], lines[2]
+    path.write_text("\n".join(lines) + "\n")
+    v = verify(path)
+    assert not v.ok and v.broken_at is not None
+    r = _cli("verify", str(path))
+    assert r.returncode == 1 and f"line {v.broken_at}" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_verify_cli_on_a_good_trail_and_an_unreadable_file(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    lines = _trail(path)
+    r = _cli("verify", str(path))
+    last = json.loads(lines[-1])["hash"]
+    assert r.returncode == 0 and "6 records" in r.stdout and last in r.stdout
+    # a removed tail is only visible against the last hash filed elsewhere
+    path.write_text("\n".join(lines[:-2]) + "\n")
+    assert _cli("verify", str(path)).returncode == 0
+    r = _cli("verify", str(path), "--last-hash", last)
+    assert r.returncode == 1 and "tail" in r.stderr
+    assert _cli("verify", str(tmp_path / "missing.jsonl")).returncode == 2
+
+
+def test_a_torn_last_line_is_cut_and_the_chain_goes_on(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    _trail(path, 3)
+    with path.open("a") as f:
+        f.write('{"seq":4,"event":"scre')  # a crash mid-write
+    with AuditLog(path, component="test") as log:
+        log.event("stopped", actor="process:test:1")
+    v = verify(path)
+    assert v.ok and v.records == 4
+
+
+def test_two_processes_append_to_one_chain(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    code = ("import sys; from cxr.core.audit_trail import AuditLog\n"
+            "log = AuditLog(sys.argv[1], component=sys.argv[2])\n"
+            "[log.event('screened', actor='process:'+sys.argv[2], instance_uid=f'1.2.{i}') for i in range(40)]\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(path), name]) for name in ("a", "b", "c")]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    v = verify(path)
+    assert v.ok and v.records == 120
+    assert {r["component"] for r in read(path)} == {"a", "b", "c"}
+
+
+def test_records_refuse_unknown_events_and_patient_data() -> None:
+    with pytest.raises(ValueError, match="unknown audit event"):
+        AuditRecord("looked_at", "user:x")
+    with pytest.raises(ValueError, match="patient data"):
+        AuditRecord("screened", "user:x", detail={"PatientName": "Doe^Jane"})
+    with pytest.raises(ValueError, match="actor"):
+        AuditRecord("screened", "")
+
+
+def test_export_as_fhir_audit_events(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    lines = _trail(path, 3)
+    r = _cli("export", str(path), "--fhir-out", str(tmp_path / "ae.json"))
+    assert r.returncode == 0, r.stderr
+    bundle = json.loads((tmp_path / "ae.json").read_text())
+    events = [e["resource"] for e in bundle["entry"]]
+    assert [e["resourceType"] for e in events] == ["AuditEvent"] * 3
+    assert events[0]["subtype"][0]["code"] == "started" and events[1]["agent"][0]["who"]["display"] == "ae:ORTHANC"
+    ids = [ent["what"]["identifier"]["value"] for ent in events[2]["entity"]]
+    assert "urn:oid:1.2.3" in ids and SHA in ids and json.loads(lines[2])["hash"] in ids
+    path.write_text("\n".join(lines[1:]) + "\n")  # a broken chain is not exported
+    r = _cli("export", str(path), "--fhir-out", str(tmp_path / "ae2.json"))
+    assert r.returncode == 2 and not (tmp_path / "ae2.json").exists()

@@ -1,0 +1,209 @@
+"""DICOMweb against Orthanc with Debian's DICOMweb plugin: QIDO/WADO in `cxr predict`, STOW-RS out of `cxr listen`,
+urgent studies first, and a listener's audit trail and FHIR results. The fast tests at the end need no server."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from cxr.client import fhir
+from cxr.core.audit_trail import read, verify
+from cxr.pacs.listener import Spool, UrgentRule, study_priority
+from cxr.pacs.sr import read_sr
+from cxr.serving.server import free_ports
+from tests.test_dicom import make_dicom
+from tests.test_pacs import Orthanc, chest_dx, start_listener, wait_for
+
+
+def _rows(path: Path) -> dict[str, dict]:
+    with path.open(newline="") as fh:
+        return {r["path"]: r for r in csv.DictReader(fh)}
+
+
+def _predict(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cxr.cli", "predict", "--protocol", "embedded", *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def _ct(seed: int, study: str) -> bytes:
+    import numpy as np
+
+    ds = pydicom.dcmread(io.BytesIO(make_dicom((np.arange(256 * 256).reshape(256, 256) % 4000).astype(np.uint16),
+                                               bits=12)))
+    ds.Modality = "CT"
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[f"ct-series-{seed}"])
+    ds.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[f"ct-{seed}"])
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.fixture()
+def web_pacs(tmp_path):  # type: ignore[no-untyped-def]
+    port = free_ports(1)[0]
+    orthanc = Orthanc(tmp_path / "orthanc", port, dicomweb=True).start()
+    try:
+        yield orthanc, port
+    finally:
+        orthanc.stop()
+
+
+@pytest.mark.slow
+def test_a_qido_wado_pull_answers_as_the_files_do(web_pacs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    orthanc, _ = web_pacs
+    study_a = pydicom.uid.generate_uid(entropy_srcs=["web-study-a"])
+    study_b = pydicom.uid.generate_uid(entropy_srcs=["web-study-b"])
+    files = tmp_path / "files"
+    files.mkdir()
+    blobs = [chest_dx(1, study=study_a), chest_dx(2, study=study_a), chest_dx(5, study=study_b), _ct(1, study_b)]
+    for i, data in enumerate(blobs):
+        orthanc.upload(data)
+        (files / f"{i}.dcm").write_bytes(data)
+    uids = [str(pydicom.dcmread(io.BytesIO(d)).SOPInstanceUID) for d in blobs]
+
+    r = _predict("--dicomweb", orthanc.dicomweb_url, "--format", "csv", "--out", str(tmp_path / "web.csv"),
+                 "--audit-log", str(tmp_path / "audit.jsonl"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    web = _rows(tmp_path / "web.csv")
+    assert sorted(web) == sorted(uids)  # one row per instance found, the path is its SOP Instance UID
+    r = _predict(str(files), "--format", "csv", "--out", str(tmp_path / "files.csv"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    local = _rows(tmp_path / "files.csv")
+    for i, uid in enumerate(uids):
+        a, b = web[uid], local[str(files / f"{i}.dcm")]
+        assert (a["status"], a["label"], a["probability"], a["rule"], a["sha256"]) == (
+            b["status"], b["label"], b["probability"], b["rule"], b["sha256"])  # the same bytes, the same answer
+    assert web[uids[3]]["status"] == "not_assessable" and web[uids[3]]["rule"] == "dicom_modality"
+    assert sum(r["status"] == "ok" for r in web.values()) == 3
+    recs = read(tmp_path / "audit.jsonl")
+    received = [x for x in recs if x["event"] == "received"]
+    assert sorted(x["instance_uid"] for x in received) == sorted(uids)
+    assert {x["study_uid"] for x in received} == {study_a, study_b}
+
+    # one study by UID; a QIDO query on the modality
+    r = _predict("--dicomweb", orthanc.dicomweb_url, "--study", study_a, "--format", "json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(a["path"] for a in json.loads(r.stdout)) == sorted(uids[:2])
+    r = _predict("--dicomweb", orthanc.dicomweb_url, "--query", "ModalitiesInStudy=CT", "--format", "json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(a["path"] for a in json.loads(r.stdout)) == sorted(uids[2:])  # study b holds the CT
+    r = _predict("--dicomweb", orthanc.dicomweb_url, "--query", "ModalitiesInStudy=MR", "--format", "json")
+    assert r.returncode == 2 and "no instance found" in r.stderr
+
+
+@pytest.mark.slow
+def test_listen_stores_its_sr_by_stow_and_keeps_an_audit_trail(web_pacs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    orthanc, port = web_pacs
+    extra = ("--stow-url", orthanc.dicomweb_url, "--audit-log", str(tmp_path / "audit.jsonl"),
+             "--fhir-out", str(tmp_path / "fhir.json"), "--urgent-if", "InstitutionalDepartmentName=Emergency")
+    listener = start_listener(tmp_path, None, port, extra=extra)  # no --send-to: STOW-RS only
+    try:
+        routine, urgent = chest_dx(11), pydicom.dcmread(io.BytesIO(chest_dx(12)))
+        urgent.InstitutionalDepartmentName = "Emergency"
+        buf = io.BytesIO()
+        urgent.save_as(buf, enforce_file_format=True)
+        ids = [orthanc.upload(routine), orthanc.upload(buf.getvalue())]
+        orthanc.store_to_listener(ids)
+        studies = [str(pydicom.dcmread(io.BytesIO(routine)).StudyInstanceUID), str(urgent.StudyInstanceUID)]
+        wait_for(lambda: all(len(orthanc.srs_in_study(s)) == 1 for s in studies))
+        for s in studies:
+            (sr,) = orthanc.srs_in_study(s)
+            assert read_sr(sr)["sha256"] and sr.StudyInstanceUID == s
+        wait_for(lambda: sum(r["event"] == "result_delivered" for r in read(tmp_path / "audit.jsonl")) == 2)
+    finally:
+        listener.send_signal(signal.SIGTERM)
+        listener.wait(timeout=60)
+    assert listener.returncode == 0
+    v = verify(tmp_path / "audit.jsonl")
+    assert v.ok, v.why
+    recs = read(tmp_path / "audit.jsonl")
+    events = [r["event"] for r in recs]
+    assert events[:2] == ["started", "model_changed"] and events[-1] == "stopped"
+    screened = {r["instance_uid"]: r for r in recs if r["event"] == "screened"}
+    assert screened[str(urgent.SOPInstanceUID)]["detail"]["priority"] == "urgent"
+    assert {r["actor"] for r in recs if r["event"] == "received"} == {"ae:ORTHANC"}
+    delivered = [r for r in recs if r["event"] == "result_delivered"]
+    assert all(r["detail"]["destination"].startswith("stow:") for r in delivered)
+    assert "Test^Patient" not in (tmp_path / "audit.jsonl").read_text()  # no patient names in the trail
+    bundle = json.loads((tmp_path / "fhir.json").read_text())
+    fhir.validate(bundle)
+    reports = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "DiagnosticReport"]
+    assert sorted(r["imagingStudy"][0]["identifier"]["value"] for r in reports) == sorted(f"urn:oid:{s}" for s in studies)
+
+
+@pytest.mark.slow
+def test_stow_outage_keeps_results_until_the_archive_is_back(tmp_path: Path) -> None:
+    """STOW-RS to an archive that is down: the SR waits in its outbox (a failure in the trail), and goes once it is up."""
+    port = free_ports(1)[0]
+    orthanc = Orthanc(tmp_path / "orthanc", port, dicomweb=True)  # configured, not started yet
+    listener = start_listener(tmp_path, None, port, extra=("--stow-url", orthanc.dicomweb_url, "--audit-log",
+                                                           str(tmp_path / "audit.jsonl")))
+    try:
+        from pynetdicom import AE
+
+        ds = pydicom.dcmread(io.BytesIO(chest_dx(21)))
+        ae = AE(ae_title="ORTHANC")
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", port, ae_title="CXR_AI")
+        assert assoc.is_established and assoc.send_c_store(ds).Status == 0
+        assoc.release()
+        wait_for(lambda: any(r["event"] == "delivery_failed" for r in read(tmp_path / "audit.jsonl")))
+        assert len(list((tmp_path / "spool" / "outbox-stow").glob("*.dcm"))) == 1
+        orthanc.start()
+        try:
+            wait_for(lambda: len(orthanc.srs_in_study(str(ds.StudyInstanceUID))) == 1, timeout=180)
+        finally:
+            orthanc.stop()
+    finally:
+        listener.send_signal(signal.SIGTERM)
+        listener.wait(timeout=60)
+    assert not list((tmp_path / "spool" / "outbox-stow").glob("*.dcm"))
+    assert verify(tmp_path / "audit.jsonl").ok
+
+
+# -- no server needed -------------------------------------------------------------------------------------------------
+
+def test_study_priority_from_the_header_and_site_rules() -> None:
+    ds = pydicom.Dataset()
+    assert study_priority(ds) == "routine"
+    ds.RequestedProcedurePriority = "STAT"
+    assert study_priority(ds) == "urgent"
+    ds.RequestedProcedurePriority = "ROUTINE"
+    item = pydicom.Dataset()
+    item.RequestedProcedurePriority = "HIGH"
+    ds.RequestAttributesSequence = [item]
+    assert study_priority(ds) == "urgent"
+    other = pydicom.Dataset()
+    other.StationName = "ED-DX-1"
+    rule = UrgentRule.parse("StationName=ED-DX-1,ED-DX-2")
+    assert study_priority(other, (rule,)) == "urgent" and study_priority(other) == "routine"
+    with pytest.raises(ValueError, match="not a DICOM keyword"):
+        UrgentRule.parse("Departement=ED")
+    with pytest.raises(ValueError, match="KEYWORD=VALUE"):
+        UrgentRule.parse("StationName")
+
+
+def test_the_spool_hands_out_urgent_instances_first(tmp_path: Path) -> None:
+    import os
+
+    spool = Spool(tmp_path / "spool", ("dimse", "stow", "fhir"))
+    for i in range(5):
+        spool.receive(f"1.2.{i}", b"routine")
+        os.utime(spool.incoming / f"1.2.{i}.dcm", (1000 + i, 1000 + i))  # arrival order
+    spool.receive("1.2.9", b"urgent", urgent=True)  # the last to arrive
+    order = [p.stem for p in spool.pending()]
+    assert order == ["1.2.9", "1.2.0", "1.2.1", "1.2.2", "1.2.3", "1.2.4"]
+    spool.finish("1.2.9", [("stow", "sr.dcm", b"x"), ("fhir", "1.2.9.json", b"{}"), ("dimse", "sr.dcm", b"x")])
+    assert not (spool.incoming / "1.2.9.urgent").exists() and spool.is_done("1.2.9")
+    assert {p.parent.name for p in spool.root.glob("outbox*/*")} == {"outbox", "outbox-stow", "outbox-fhir"}
+    assert not spool.receive("1.2.9", b"again", urgent=True)  # a duplicate stays done

@@ -1,0 +1,167 @@
+"""FHIR results: resources that validate (fhir.resources), and a real FHIR server that takes the POST.
+
+The server is Medplum's FHIR router and validator (npm) over its in-memory repository, on a loopback port
+(tests/fhir_server; `scripts/test.sh` installs it).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cxr.client import fhir
+from cxr.client.client import Prediction
+from cxr.core import contract
+from cxr.core.errors import RetryableServerError
+from tests.conftest import REPO
+
+SHA = "ab" * 32
+SERVER = REPO / "tests" / "fhir_server"
+EXAMPLES = REPO / "examples"
+
+
+def _ok(p: float, **kw) -> Prediction:  # type: ignore[no-untyped-def]
+    return Prediction("a.dcm", contract.Status.OK, contract.label_for(p, 0.03), p, 0.03, "pneumonia", "1",
+                      ood_score=12.5, ood_threshold=35.0, model_sha256=SHA, **kw)
+
+
+def _refused() -> Prediction:
+    exc = contract.not_assessable("b.png", "colour_image", "mean chroma 40.1 > 12.0", value=40.1, limit=12.0)
+    return Prediction("b.png", contract.Status.NOT_ASSESSABLE, None, None, 0.03, "pneumonia", "1", str(exc),
+                      refusal=contract.Refusal.of(exc), model_sha256=SHA)
+
+
+def _resources(bundle: dict, kind: str) -> list[dict]:
+    return [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == kind]
+
+
+def test_a_bundle_carries_finding_probability_threshold_model_and_study() -> None:
+    study = fhir.StudyRef("1.2.3", "1.2.3.4", "PAT001", "", "ACC42")
+    err = Prediction("c.png", contract.Status.ERROR, None, None, 0.03, "pneumonia", "1", "c.png: unreadable",
+                     model_sha256=SHA)
+    b = fhir.bundle([(_ok(0.9), study), (_ok(0.01), fhir.StudyRef()), (_refused(), fhir.StudyRef()), (err, study)])
+    assert b["type"] == "transaction"
+    devices, obs, reps = (_resources(b, k) for k in ("Device", "Observation", "DiagnosticReport"))
+    assert len(devices) == 1 and len(obs) == len(reps) == 3  # one model, three answers, the error left out
+    assert devices[0]["identifier"][0]["value"] == SHA and devices[0]["version"][0]["value"] == "1"
+    pos, neg, na = obs
+    assert pos["code"]["coding"][0]["code"] == "233604007"
+    assert pos["valueCodeableConcept"]["coding"][0]["code"] == "52101004"  # present
+    assert neg["valueCodeableConcept"]["coding"][0]["code"] == "2667000"  # absent
+    comp = {c["code"]["coding"][0]["code"]: c for c in pos["component"]}
+    assert comp["probability"]["valueQuantity"]["value"] == 0.9 and comp["threshold"]["valueQuantity"]["value"] == 0.03
+    assert pos["derivedFrom"][0]["identifier"]["value"] == "urn:oid:1.2.3" and pos["subject"]["identifier"]["value"] == "PAT001"
+    assert "valueCodeableConcept" not in na and na["dataAbsentReason"]["coding"][0]["code"] == "not-performed"
+    ncomp = {c["code"]["coding"][0]["code"]: c for c in na["component"]}
+    assert ncomp["refusal-rule"]["valueCodeableConcept"]["coding"][0]["code"] == "colour_image"
+    assert ncomp["refusal-value"]["valueQuantity"]["value"] == 40.1 and ncomp["refusal-limit"]["valueQuantity"]["value"] == 12.0
+    assert reps[0]["imagingStudy"][0]["identifier"]["value"] == "urn:oid:1.2.3"
+    assert reps[0]["conclusionCode"][0]["coding"][0]["code"] == "233604007" and "conclusionCode" not in reps[1]
+    assert reps[0]["identifier"][0]["value"] == "ACC42"
+    assert all(o["device"]["reference"] == b["entry"][0]["fullUrl"] for o in obs)
+
+
+def test_validation_catches_a_broken_resource() -> None:
+    b = fhir.bundle([(_ok(0.9), fhir.StudyRef())])
+    b["entry"][1]["resource"]["valueQuantity"] = "ninety percent"
+    with pytest.raises(fhir.FhirError, match="validation"):
+        fhir.validate(b)
+
+
+def test_a_dicom_file_gives_its_study_and_a_jpeg_none() -> None:
+    ref = fhir.StudyRef.of_file(EXAMPLES / "dicom" / "chest_dx.dcm")
+    assert ref.study_uid and ref.instance_uid and ref.patient_id
+    assert fhir.StudyRef.of_file(EXAMPLES / "NORMAL" / "IM-0117-0001.jpeg") == fhir.StudyRef()
+
+
+def test_predict_writes_a_bundle_and_an_audit_trail(tmp_path: Path) -> None:
+    """`cxr predict --fhir-out --audit-log` on the example films (embedded model): one result per answered input."""
+    files = [EXAMPLES / "dicom" / "chest_dx.dcm", EXAMPLES / "PNEUMONIA" / "person1003_virus_1685.jpeg",
+             EXAMPLES / "not_chest" / "camera.png"]
+    r = subprocess.run([sys.executable, "-m", "cxr.cli", "predict", *map(str, files), "--protocol", "embedded",
+                        "--format", "json", "--fhir-out", str(tmp_path / "b.json"), "--audit-log",
+                        str(tmp_path / "audit.jsonl")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    answers = json.loads(r.stdout)
+    b = json.loads((tmp_path / "b.json").read_text())
+    fhir.validate(b)
+    obs = _resources(b, "Observation")
+    assert len(obs) == 3 and len(_resources(b, "Device")) == 1
+    dcm = next(a for a in answers if a["path"].endswith("chest_dx.dcm"))
+    probs = [c["valueQuantity"]["value"] for o in obs for c in o["component"] if c["code"]["coding"][0]["code"] == "probability"]
+    assert dcm["probability"] in probs  # the same number, every digit
+    assert any("dataAbsentReason" in o for o in obs)  # the camera picture, refused
+    v = subprocess.run([sys.executable, "-m", "cxr.cli", "audit-log", "verify", str(tmp_path / "audit.jsonl")],
+                       capture_output=True, text=True, timeout=60)
+    assert v.returncode == 0, v.stderr
+    recs = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in recs].count("screened") == 3
+    assert [r["event"] for r in recs].count("result_delivered") == 3  # the bundle file, per answer
+    text = (tmp_path / "audit.jsonl").read_text()
+    assert "person1003" not in text and "camera" not in text  # file names never enter the trail
+    assert any(r["instance_uid"] == dcm["sop_instance_uid"] for r in recs)
+
+
+@pytest.fixture()
+def fhir_server() -> Iterator[str]:
+    node = shutil.which("node")
+    assert node, "Node.js is needed for the FHIR server (scripts/test.sh installs it)"
+    assert (SERVER / "node_modules" / "@medplum" / "fhir-router").is_dir(), "run: npm ci --prefix tests/fhir_server"
+    proc = subprocess.Popen([node, str(SERVER / "server.mjs"), "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""  # the readiness line, printed once it listens
+        assert line.startswith("listening "), line
+        yield f"http://127.0.0.1:{int(line.split()[1])}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_post_to_a_real_fhir_server(fhir_server: str) -> None:
+    study = fhir.StudyRef("1.2.3", "1.2.3.4", "PAT001", "", "ACC42")
+    b = fhir.bundle([(_ok(0.9), study), (_refused(), fhir.StudyRef())])
+    resp = fhir.post_bundle(fhir_server, b)
+    assert resp["type"] == "transaction-response"
+    assert [e["response"]["status"] for e in resp["entry"]] == ["201"] * 5
+    with urllib.request.urlopen(f"{fhir_server}/Observation?code=233604007") as r:
+        found = json.loads(r.read())
+    assert found["total"] == 2
+    with urllib.request.urlopen(f"{fhir_server}/DiagnosticReport") as r:
+        reports = [e["resource"] for e in json.loads(r.read())["entry"]]
+    assert {rep["conclusion"].split(" (")[0] for rep in reports} == {"Pneumonia present", "Not assessable"}
+    # the server's own validator refuses what is not FHIR, and the client says so in one line
+    bad = json.loads(json.dumps(b))
+    bad["entry"][1]["resource"]["valueQuantity"] = "ninety percent"
+    with pytest.raises(fhir.FhirError, match="HTTP 400"):
+        fhir.post_bundle(fhir_server, bad)
+
+
+@pytest.mark.slow
+def test_predict_posts_its_results(fhir_server: str, tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "cxr.cli", "predict", str(EXAMPLES / "dicom" / "chest_dx.dcm"),
+                        "--protocol", "embedded", "--fhir-url", fhir_server], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "posted" in r.stderr, r.stderr[-2000:]
+    with urllib.request.urlopen(f"{fhir_server}/DiagnosticReport") as resp:
+        reports = [e["resource"] for e in json.loads(resp.read())["entry"]]
+    study = fhir.StudyRef.of_file(EXAMPLES / "dicom" / "chest_dx.dcm").study_uid
+    assert [rep["imagingStudy"][0]["identifier"]["value"] for rep in reports] == [f"urn:oid:{study}"]
+
+
+def test_an_unreachable_fhir_server_is_a_retryable_error() -> None:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    with pytest.raises(RetryableServerError):
+        fhir.post_bundle(f"http://127.0.0.1:{port}", fhir.bundle([(_ok(0.9), fhir.StudyRef())]), timeout_s=5)

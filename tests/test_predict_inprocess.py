@@ -1,0 +1,125 @@
+"""`cxr predict`'s batch logic in-process (embedded model, the example films): the journal, resume, JSON, FHIR and
+the audit trail, asserted on what the run wrote. (The CLI end to end is tested in test_pipeline and test_fhir.)"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cxr.client.batch import JOURNAL_SUFFIX, Journal, PredictOptions, expand_inputs, file_sha256, run_predict
+from cxr.client.results import JOURNAL_COLUMNS, from_row, to_row
+from cxr.core.audit_trail import read, verify
+from tests.conftest import REPO
+
+EXAMPLES = REPO / "examples"
+
+
+@pytest.fixture()
+def films(tmp_path: Path) -> Path:
+    d = tmp_path / "in"
+    d.mkdir()
+    for name in ("NORMAL/IM-0117-0001.jpeg", "PNEUMONIA/person1003_virus_1685.jpeg", "dicom/chest_dx.dcm",
+                 "not_chest/camera.png"):
+        shutil.copy(EXAMPLES / name, d / Path(name).name)
+    (d / "notes.txt.png").write_bytes(b"not an image")
+    return d
+
+
+def _read(path: Path) -> list[dict]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_csv_run_journals_and_a_rerun_only_redoes_what_is_not_final(films: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "r.csv"
+    opts = PredictOptions(inputs=(films,), protocol="embedded", format="csv", out=out, chunk=2,
+                          audit_log=tmp_path / "audit.jsonl")
+    assert run_predict(opts) == 1  # the unreadable file is an error: exit 1
+    rows = _read(out)
+    assert [r["path"] for r in rows] == [str(p) for p in expand_inputs([films])]  # input order, one row each
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert by_name["camera.png"]["status"] == "not_assessable" and by_name["camera.png"]["rule"]
+    assert by_name["notes.txt.png"]["status"] == "error" and "not an image" in by_name["notes.txt.png"]["reason"]
+    assert {by_name[n]["status"] for n in ("IM-0117-0001.jpeg", "person1003_virus_1685.jpeg", "chest_dx.dcm")} == {"ok"}
+    assert by_name["chest_dx.dcm"]["sop_instance_uid"]
+    journal = out.with_name(out.name + JOURNAL_SUFFIX)
+    assert len(_read(journal)) == 5
+    first = capsys.readouterr().err
+    assert "5 of 5 inputs answered: 3 ok, 1 not assessable, 1 errors" in first
+
+    # a rerun: everything is final (the input error too, for the same content): nothing is sent again
+    assert run_predict(opts) == 1
+    assert "resuming: 5 of 5 inputs already final" in capsys.readouterr().err
+    assert len(_read(journal)) == 5
+    # the broken file is replaced: only it is screened again
+    shutil.copy(EXAMPLES / "NORMAL" / "IM-0178-0001.jpeg", films / "notes.txt.png")
+    assert run_predict(opts) == 0
+    assert "resuming: 4 of 5 inputs already final" in capsys.readouterr().err
+    assert len(_read(journal)) == 6 and {r["status"] for r in _read(out)} == {"ok", "not_assessable"}
+    v = verify(tmp_path / "audit.jsonl")
+    assert v.ok
+    events = [r["event"] for r in read(tmp_path / "audit.jsonl")]
+    assert events.count("screened") == 6 and events.count("result_delivered") == 3  # three CSV writes
+
+
+def test_json_output_is_numbers_from_the_predictions(films: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    assert run_predict(PredictOptions(inputs=(films / "IM-0117-0001.jpeg", films / "camera.png"), protocol="embedded",
+                                      format="json", out=out)) == 0
+    got = json.loads(out.read_text())
+    assert isinstance(got[0]["probability"], float) and got[0]["label"] in ("Normal", "Pneumonia")
+    assert got[1]["probability"] is None and got[1]["refusal"]["rule"] == "out_of_distribution"
+    assert got[1]["refusal"]["value"] > got[1]["refusal"]["limit"]
+
+
+def test_fhir_bundle_and_audit_of_an_in_process_run(films: Path, tmp_path: Path) -> None:
+    b = tmp_path / "b.json"
+    assert run_predict(PredictOptions(inputs=(films / "chest_dx.dcm", films / "camera.png"), protocol="embedded",
+                                      fhir_out=b, audit_log=tmp_path / "a.jsonl", priority="urgent")) == 0
+    bundle = json.loads(b.read_text())
+    kinds = [e["resource"]["resourceType"] for e in bundle["entry"]]
+    assert kinds.count("Observation") == 2 and kinds.count("Device") == 1
+    recs = read(tmp_path / "a.jsonl")
+    delivered = [r for r in recs if r["event"] == "result_delivered"]
+    assert len(delivered) == 2 and all(r["detail"]["destination"] == "fhir-file" for r in delivered)
+    assert all(r["instance_uid"].startswith(("sha256:", "1.")) for r in recs if r["event"] == "screened")
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"inputs": ()}, "at least one input"),
+    ({"inputs": (Path("x"),), "dicomweb": "http://127.0.0.1:1/dicom-web"}, "not both"),
+    ({"inputs": (Path("x"),), "studies": ("1.2",)}, "--dicomweb"),
+    ({"inputs": (), "dicomweb": "http://127.0.0.1:1", "ray": "auto"}, "--ray"),
+    ({"inputs": (Path("x"),), "priority": "stat"}, "priority"),
+    ({"inputs": (Path("x"),), "retries": 0}, "retries"),
+    ({"inputs": (Path("x"),), "chunk": 0}, "chunk"),
+    ({"inputs": (Path("x"),), "format": "xml"}, "format"),
+])
+def test_options_are_validated(kw: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        PredictOptions(**kw)
+
+
+def test_journal_latest_row_wins_and_transient_errors_are_not_final(tmp_path: Path) -> None:
+    from cxr.client.client import Prediction
+    from cxr.core import contract
+
+    j = Journal(tmp_path / "r.csv.journal")
+    f = tmp_path / "a.png"
+    f.write_bytes(b"abc")
+    sha = file_sha256(f)
+    down = Prediction(str(f), contract.Status.ERROR, None, None, 0.5, "m", "1", "a: server down", retryable=True)
+    j.append([to_row(down, sha)])
+    assert not j.is_final(str(f), sha)  # a transient failure is retried
+    ok = Prediction(str(f), contract.Status.OK, "Normal", 0.1, 0.5, "m", "1")
+    j.append([to_row(ok, sha)])
+    assert j.is_final(str(f), sha) and not j.is_final(str(f), "other content")
+    j.close()
+    again = Journal(tmp_path / "r.csv.journal")  # reopened: the latest row per path wins
+    assert from_row(again.latest[str(f)])[0] == ok and tuple(_read(tmp_path / "r.csv.journal")[0]) == JOURNAL_COLUMNS
+    again.close()
+    assert file_sha256(tmp_path / "missing.png") == ""
