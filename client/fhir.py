@@ -139,9 +139,9 @@ def result_entries(pred: Prediction, study: StudyRef, *, device_url: str, issued
         "device": {"reference": device_url},
         "note": [{"text": "Screening aid, not a diagnosis: a reader confirms."}],
     }
+    positive = pred.ok and bool(contract.is_positive(float(pred.probability), pred.threshold))  # type: ignore[arg-type]
     if pred.ok:
-        present = contract.is_positive(float(pred.probability), pred.threshold)  # type: ignore[arg-type]
-        obs["valueCodeableConcept"] = _cc(SNOMED, *(PRESENT if present else ABSENT))
+        obs["valueCodeableConcept"] = _cc(SNOMED, *(PRESENT if positive else ABSENT))
     else:
         r = pred.refusal
         assert r is not None
@@ -156,9 +156,8 @@ def result_entries(pred: Prediction, study: StudyRef, *, device_url: str, issued
         obs["subject"] = subject
     if imaging:
         obs["derivedFrom"] = [imaging]
-    positive = pred.ok and obs["valueCodeableConcept"]["coding"][0]["code"] == PRESENT[0]
     if pred.ok:
-        conclusion = f"Pneumonia {'present' if positive else 'absent'} (screening aid; the device is on the Observation)"
+        conclusion = f"Pneumonia {'present' if positive else 'absent'} (AI screening aid, preliminary)"
     else:
         conclusion = f"Not assessable ({pred.rule}): route to a human reader"
     rep: dict = {
