@@ -983,6 +983,7 @@ def _cmd_monitor(a: argparse.Namespace) -> int:
         raise CxrError(f"--alpha must be in (0, 1), got {a.alpha}")
     folder = ModelDir(a.model_repository / a.model)
     card = folder.card()
+    reference: dict | None
     if a.baseline is not None:
         reference = monitor.reference_from_rows(monitor.read_predictions(a.baseline), what=str(a.baseline))
     else:

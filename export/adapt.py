@@ -191,7 +191,8 @@ def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
     rules = Eligibility.load(repository.ensure_eligibility(src_dir))
     prepared = [prepare(s.path, rules) for s in samples]
     ok_idx = [i for i, p in enumerate(prepared) if p.array is not None]
-    x = np.stack([prepared[i].array for i in ok_idx]) if ok_idx else np.zeros((0, *contract.IMAGE_SHAPE), np.uint8)
+    arrays = [a for a in (prepared[i].array for i in ok_idx) if a is not None]
+    x = np.stack(arrays) if arrays else np.zeros((0, *contract.IMAGE_SHAPE), np.uint8)
     base = ood_head.strip(onnx.load(str(model_path)))
     feats = ood_head.FeatureExtractor(base, kit.taps)(x) if len(x) else np.zeros((0, len(kit.ood_mean)))
     n_gap = kit.replay_gap.shape[1]
@@ -231,7 +232,9 @@ def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
         for s in part:
             pre = prepared[samples.index(s)]
             if s.path not in row:
-                res.append(audit_mod.Screened(str(s.path), s.label, pre.status, None, None, pre.rule))
+                assert pre.status is not None  # a film without a row was refused or unreadable before the model
+                res.append(audit_mod.Screened(str(s.path), s.label, pre.status, None, None,
+                                              pre.refusal.rule if pre.refusal is not None else None))
                 continue
             k = row[s.path]
             if contract.is_out_of_distribution(ood[k], threshold_ood):

@@ -133,7 +133,7 @@ def cycles(staged: Path, package: str = "cxr") -> list[str]:
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="cxr-imports-") as tmp:
         staged = stage(Path(tmp))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(staged), str(ROOT / "scripts")))}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(staged), str(ROOT)))}  # ROOT: scripts.import_contracts
         lint = Path(sys.executable).parent / "lint-imports"
         rc = subprocess.run([str(lint), str(ROOT / "pyproject.toml"), "--no-cache"], cwd=tmp, env=env).returncode
         found = cycles(staged)

@@ -15,6 +15,7 @@ def test_ruff() -> None:
 
 
 def test_mypy() -> None:
-    r = subprocess.run([sys.executable, "-m", "mypy", "cxr", "client", "export", "train", "loadtest"], cwd=REPO,
+    # cxr/ holds every folder (links to core/, client/, ...), so this checks the whole package with typed imports
+    r = subprocess.run([sys.executable, "-m", "mypy", "cxr"], cwd=REPO,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:]
