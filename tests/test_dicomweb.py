@@ -19,7 +19,6 @@ from cxr.core.audit_trail import read, verify
 from cxr.pacs.listener import Spool, UrgentRule, study_priority
 from cxr.pacs.sr import read_sr
 from cxr.serving.server import free_ports
-from tests.test_dicom import make_dicom
 from tests.test_pacs import Orthanc, chest_dx, start_listener, wait_for
 
 
@@ -31,21 +30,6 @@ def _rows(path: Path) -> dict[str, dict]:
 def _predict(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cxr.cli", "predict", "--protocol", "embedded", *args],
                           capture_output=True, text=True, timeout=600)
-
-
-def _ct(seed: int, study: str) -> bytes:
-    import numpy as np
-
-    ds = pydicom.dcmread(io.BytesIO(make_dicom((np.arange(256 * 256).reshape(256, 256) % 4000).astype(np.uint16),
-                                               bits=12)))
-    ds.Modality = "CT"
-    ds.StudyInstanceUID = study
-    ds.SeriesInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[f"ct-series-{seed}"])
-    ds.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[f"ct-{seed}"])
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
 
 
 @pytest.fixture()
@@ -65,7 +49,7 @@ def test_a_qido_wado_pull_answers_as_the_files_do(web_pacs, tmp_path: Path) -> N
     study_b = pydicom.uid.generate_uid(entropy_srcs=["web-study-b"])
     files = tmp_path / "files"
     files.mkdir()
-    blobs = [chest_dx(1, study=study_a), chest_dx(2, study=study_a), chest_dx(5, study=study_b), _ct(1, study_b)]
+    blobs = [chest_dx(1, study=study_a), chest_dx(2, study=study_a), chest_dx(5, study=study_b), chest_dx(6, study=study_b, modality="CT")]
     for i, data in enumerate(blobs):
         orthanc.upload(data)
         (files / f"{i}.dcm").write_bytes(data)

@@ -25,8 +25,8 @@ pytestmark = pytest.mark.slow
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 
 
-def chest_dx(seed: int, *, study: str | None = None) -> bytes:
-    """A DX chest DICOM whose pixels are one of the real example films (cycled by ``seed``)."""
+def chest_dx(seed: int, *, study: str | None = None, modality: str = "DX") -> bytes:
+    """A chest DICOM (DX unless told) whose pixels are one of the real example films (cycled by ``seed``)."""
     import io
 
     import numpy as np
@@ -37,7 +37,7 @@ def chest_dx(seed: int, *, study: str | None = None) -> bytes:
     files = sorted((REPO / "examples").glob("NORMAL/*")) + sorted((REPO / "examples").glob("PNEUMONIA/*"))
     img = np.asarray(Image.open(files[seed % len(files)]).convert("L"))
     ds = pydicom.dcmread(io.BytesIO(make_dicom(img.astype(np.uint16) * 16, bits=12)))
-    ds.BodyPartExamined, ds.ViewPosition = "CHEST", "PA"
+    ds.BodyPartExamined, ds.ViewPosition, ds.Modality = "CHEST", "PA", modality
     ds.PatientID, ds.PatientName = f"PAT{seed:03d}", f"Test^Patient{seed}"
     ds.StudyInstanceUID = study or pydicom.uid.generate_uid(entropy_srcs=[f"study-{seed}"])
     ds.SeriesInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[f"series-{seed}"])
