@@ -126,3 +126,69 @@ def test_export_as_fhir_audit_events(tmp_path: Path) -> None:
     path.write_text("\n".join(lines[1:]) + "\n")  # a broken chain is not exported
     r = _cli("export", str(path), "--fhir-out", str(tmp_path / "ae2.json"))
     assert r.returncode == 2 and not (tmp_path / "ae2.json").exists()
+
+
+def test_the_page_records_the_signed_in_user_and_the_file_hash_never_its_name(tmp_path: Path) -> None:
+    """The screening page's Submit handler with an audit trail (embedded model, no browser needed)."""
+    import shutil
+
+    from cxr.client import PneumoniaClient
+    from cxr.client.batch import file_sha256
+    from cxr.ui import make_classifier
+    from tests.conftest import REPO
+
+    upload = tmp_path / "Doe_Jane_chest.jpeg"  # an upload's name can carry PHI
+    shutil.copy(REPO / "examples" / "NORMAL" / "IM-0117-0001.jpeg", upload)
+    sha = file_sha256(upload)
+    with PneumoniaClient(protocol="embedded") as client, AuditLog(tmp_path / "a.jsonl", component="cxr ui") as log:
+        classify = make_classifier(client, None, tmp_path, audit=log)
+        html, _, rows, _ = classify([str(upload)], "alice")
+    assert rows[0][1] == "ok" and rows[0][2] in ("Normal", "Pneumonia") and "cxr-answer" in html
+    recs = read(tmp_path / "a.jsonl")
+    assert [r["event"] for r in recs] == ["received", "screened"]
+    assert {r["actor"] for r in recs} == {"user:alice"} and {r["instance_uid"] for r in recs} == {f"sha256:{sha}"}
+    assert "Doe" not in (tmp_path / "a.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_serve_records_its_models_and_a_change_through_the_repository_api(tmp_path: Path) -> None:
+    """`cxr serve --audit-log`: start, the served model with its sha256, an unload through the repository API seen
+    as admin_api + model_changed, stop; the chain holds."""
+    import signal
+    import time
+    import urllib.request
+
+    from cxr.core.model_dir import ModelDir
+    from cxr.serving.server import free_ports
+    from tests.conftest import SHIPPED_REPOSITORY
+
+    h, g, m = free_ports(3)
+    trail = tmp_path / "serve.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "cxr.cli", "serve", "--http-port", str(h), "--grpc-port", str(g),
+                             "--metrics-port", str(m), "--models", "pneumonia", "--audit-log", str(trail)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            if "Triton ready" in line:
+                break
+        else:
+            raise AssertionError("cxr serve exited before it was ready")
+        req = urllib.request.Request(f"http://127.0.0.1:{h}/v2/repository/models/pneumonia/unload", data=b"{}",
+                                     method="POST")
+        urllib.request.urlopen(req, timeout=60).read()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the serve loop looks at the repository index every 5 s
+            if any(r["event"] == "admin_api" for r in read(trail)):
+                break
+            time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert verify(trail).ok
+    recs = read(trail)
+    events = [r["event"] for r in recs]
+    assert events[0] == "started" and events[-1] == "stopped" and "admin_api" in events
+    changes = [r for r in recs if r["event"] == "model_changed"]
+    sha = ModelDir(SHIPPED_REPOSITORY / "pneumonia").card().sha256
+    assert changes[0]["detail"]["state"] == "READY" and changes[0]["model_sha256"] == sha
+    assert changes[-1]["detail"]["state"] == "UNAVAILABLE"
