@@ -302,7 +302,9 @@ def served_inception(repo: Path) -> Path | None:
 RAY_SCRIPT = """
 set -e
 ip link set lo up
-export RAY_USAGE_STATS_ENABLED=0 PATH={bin}:$PATH
+# loopback-only test cluster inside its own namespace: no token auth (a stray ~/.ray/auth_token would otherwise
+# put the head in token mode and leave the worker out)
+export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled PATH={bin}:$PATH
 trap 'ray stop --force >/dev/null 2>&1 || true' EXIT
 ray start --head --port 6380 --num-cpus 1 --include-dashboard false --node-ip-address 127.0.0.1 >/dev/null 2>&1
 run() {{ t0=$(date +%s.%N); cxr predict {inputs} --ray 127.0.0.1:6380 --protocol embedded --format json \

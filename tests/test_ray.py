@@ -25,13 +25,15 @@ CLUSTER = """
 set -e
 cd {repo}
 ip link set lo up
-export RAY_USAGE_STATS_ENABLED=0 PATH={bin}:$PATH
+# loopback-only test cluster: no token auth (a stray ~/.ray/auth_token would otherwise put the head in token mode
+# and leave the worker out); the trap is set first, so a failed start never leaves a cluster running
+export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled PATH={bin}:$PATH
+trap 'ray stop --force >/dev/null 2>&1 || true' EXIT
 ray start --head --port 6380 --num-cpus 1 --include-dashboard false --node-ip-address 127.0.0.1 >{tmp}/head.log 2>&1
 head_raylet=$(pgrep -x raylet | head -1)
 ray start --address 127.0.0.1:6380 --num-cpus 1 --node-ip-address 127.0.0.1 >{tmp}/worker.log 2>&1
 worker_raylet=$(pgrep -x raylet | grep -vx "$head_raylet" | head -1)
 echo "$worker_raylet" > {tmp}/worker_raylet.pid
-trap 'ray stop --force >/dev/null 2>&1 || true' EXIT
 {job}
 """
 
