@@ -433,12 +433,12 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         audit, me = AuditLog(a.audit_log, component="cxr serve"), default_actor()
     try:
         with TritonServer(cfg) as server:
+            alive = server.running
+            if audit is not None:  # the served models are on record before anyone is told the server is ready
+                alive = _audited_serving(server, audit, me, cfg.model_repository)
             tls_note = (" (TLS" + (", mutual" if cfg.tls.mutual else "") + ")") if cfg.tls else ""
             print(f"Triton ready (pid {server.pid}):\n  HTTP    http://{cfg.http_url}\n  gRPC    {cfg.grpc_url}{tls_note}\n"
                   f"  metrics {cfg.metrics_url}\nCtrl-C to stop.", flush=True)
-            alive = server.running
-            if audit is not None:
-                alive = _audited_serving(server, audit, me, cfg.model_repository)
             serve_until_signal(alive)
             if not server.running():
                 raise CxrError(f"tritonserver exited:\n{server.log_tail()}")
