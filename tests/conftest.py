@@ -20,6 +20,25 @@ SHIPPED_REPOSITORY = REPO / "model_repository"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def start_cxr_serve(*extra: str):  # type: ignore[no-untyped-def]
+    """`cxr serve` of the shipped model on free loopback ports, returned once it printed its readiness line:
+    (process, http port). The caller stops it."""
+    import subprocess
+    import sys
+
+    from cxr.serving.server import free_ports
+
+    h, g, m = free_ports(3)
+    proc = subprocess.Popen([sys.executable, "-m", "cxr.cli", "serve", "--http-port", str(h), "--grpc-port", str(g),
+                             "--metrics-port", str(m), "--models", "pneumonia", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # type: ignore[union-attr]
+        if "Triton ready" in line:
+            return proc, h
+    proc.wait()
+    raise AssertionError("cxr serve exited before it was ready")
+
+
 def have_real_data() -> bool:
     return (REAL_TRAIN / "train" / "NORMAL").is_dir() and (REAL_SITE / "NORMAL").is_dir()
 

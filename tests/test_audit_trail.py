@@ -159,20 +159,11 @@ def test_serve_records_its_models_and_a_change_through_the_repository_api(tmp_pa
     import urllib.request
 
     from cxr.core.model_dir import ModelDir
-    from cxr.serving.server import free_ports
-    from tests.conftest import SHIPPED_REPOSITORY
+    from tests.conftest import SHIPPED_REPOSITORY, start_cxr_serve
 
-    h, g, m = free_ports(3)
     trail = tmp_path / "serve.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "cxr.cli", "serve", "--http-port", str(h), "--grpc-port", str(g),
-                             "--metrics-port", str(m), "--models", "pneumonia", "--audit-log", str(trail)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, h = start_cxr_serve("--audit-log", str(trail))
     try:
-        for line in proc.stdout:  # type: ignore[union-attr]
-            if "Triton ready" in line:
-                break
-        else:
-            raise AssertionError("cxr serve exited before it was ready")
         req = urllib.request.Request(f"http://127.0.0.1:{h}/v2/repository/models/pneumonia/unload", data=b"{}",
                                      method="POST")
         urllib.request.urlopen(req, timeout=60).read()

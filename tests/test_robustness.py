@@ -290,18 +290,11 @@ def test_cxr_serve_killed_takes_its_server_and_stubs_with_it(tmp_path) -> None: 
     parent's death), and the next start removes the dead server's work folder."""
     import psutil
 
-    from cxr.serving.server import WORKDIR_PREFIX, free_ports, remove_stale_workdirs
+    from cxr.serving.server import WORKDIR_PREFIX, remove_stale_workdirs
+    from tests.conftest import start_cxr_serve
 
-    h, g, m = free_ports(3)
-    proc = subprocess.Popen([sys.executable, "-m", "cxr.cli", "serve", "--http-port", str(h), "--grpc-port", str(g),
-                             "--metrics-port", str(m), "--models", "pneumonia"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, _ = start_cxr_serve()
     try:
-        for line in proc.stdout:  # type: ignore[union-attr]
-            if "Triton ready" in line:
-                break
-        else:
-            raise AssertionError("cxr serve exited before it was ready")
         tree = psutil.Process(proc.pid).children(recursive=True)
         names = sorted(p.name() for p in tree)
         assert names[-1] == "tritonserver" and any(n.startswith("triton_python") for n in names), names
