@@ -63,6 +63,22 @@ PARAM_SHA256 = "sha256"
 PARAM_OOD_THRESHOLD = "ood_threshold"
 #: The DICOM eligibility rules (JSON text of the model folder's ``eligibility.json``).
 PARAM_ELIGIBILITY = "eligibility"
+#: Named operating points (JSON ``{"pediatric": 0.12, "adult": 0.34}``) and the one a client gets when it names
+#: none. ``threshold`` is always the default point's threshold, so a generic Triton client still reads one.
+PARAM_OPERATING_POINTS = "operating_points"
+PARAM_DEFAULT_OPERATING_POINT = "default_operating_point"
+#: The operating point of a model that publishes none (its one ``threshold``).
+SINGLE_OPERATING_POINT = "default"
+#: Patients younger than this (in years) are answered at the ``pediatric`` point, the rest at ``adult``, when a
+#: DICOM header gives the age and no operating point is named.
+ADULT_AGE_YEARS = 18
+
+
+def population_for_age(age_years: float) -> str:
+    """``pediatric`` below :data:`ADULT_AGE_YEARS`, else ``adult`` (the operating points' names)."""
+    if not (age_years >= 0):
+        raise ValueError(f"age must be >= 0 years, got {age_years}")
+    return "pediatric" if age_years < ADULT_AGE_YEARS else "adult"
 
 
 #: Study priorities and the Triton priority level each is sent at (1 is served first). Every config has

@@ -21,6 +21,7 @@ import csv
 import io
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,12 @@ DEFAULT_MODEL_FILE = "1/model.onnx"
 #: Columns of ``provenance.csv``.
 PROVENANCE_COLUMNS = ("role", "source", "patient", "label", "path", "sha256")
 #: Roles a file can have in building a model.
-PROVENANCE_ROLES = ("train", "validation", "calibration", "ood_reference", "adapt", "audit")
+#: ``select`` chose something (checkpoint, calibration, a threshold, the OOD fit); ``test`` is read once, by the
+#: final report (``cxr claims``), and enters nothing else. ``validation`` and ``calibration`` are the older,
+#: unlocked roles of the same kind as ``select``.
+PROVENANCE_ROLES = ("train", "validation", "calibration", "ood_reference", "select", "test", "adapt", "audit")
+#: A name of an operating point.
+_POINT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,9 @@ class ServedParams:
         ood_threshold: Largest ``ood_score`` still assessable (``None``: the model has no OOD output).
         eligibility: JSON text of the DICOM eligibility rules ('' when not published).
         labels: ``(negative, positive)`` labels.
+        operating_points: Named thresholds, ``((name, threshold), ...)`` sorted by name (empty: the one
+            ``threshold``, named :data:`cxr.core.contract.SINGLE_OPERATING_POINT`).
+        default_operating_point: The point a client gets when it names none (its threshold is ``threshold``).
     """
 
     threshold: float
@@ -59,10 +68,29 @@ class ServedParams:
     ood_threshold: float | None = None
     eligibility: str = ""
     labels: tuple[str, ...] = contract.LABELS
+    operating_points: tuple[tuple[str, float], ...] = ()
+    default_operating_point: str = ""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        points = tuple(sorted((str(n), float(t)) for n, t in self.operating_points))
+        object.__setattr__(self, "operating_points", points)
+        if points:
+            for name, thr in points:
+                if not _POINT_NAME.match(name):
+                    raise ValueError(f"operating point {name!r}: lower-case letters, digits and _")
+                if not 0.0 < thr < 1.0:
+                    raise ValueError(f"operating point {name}: threshold must be in (0, 1), got {thr}")
+            if len({n for n, _ in points}) != len(points):
+                raise ValueError("operating point names must be unique")
+            named = dict(points)
+            if self.default_operating_point not in named:
+                raise ValueError(f"default operating point {self.default_operating_point!r} is not one of {sorted(named)}")
+            if named[self.default_operating_point] != self.threshold:
+                raise ValueError("threshold must be the default operating point's threshold")
+        elif self.default_operating_point not in ("", contract.SINGLE_OPERATING_POINT):
+            raise ValueError("a default operating point needs operating points")
         if self.ood_threshold is not None and not self.ood_threshold > 0:
             raise ValueError(f"ood_threshold must be > 0, got {self.ood_threshold}")
         if len(self.labels) != 2:
@@ -85,14 +113,51 @@ class ServedParams:
             params[contract.PARAM_OOD_THRESHOLD] = repr(float(self.ood_threshold))
         if self.eligibility:
             params[contract.PARAM_ELIGIBILITY] = self.eligibility
+        if self.operating_points:
+            params[contract.PARAM_OPERATING_POINTS] = json.dumps({n: float(t) for n, t in self.operating_points},
+                                                                  separators=(",", ":"))
+            params[contract.PARAM_DEFAULT_OPERATING_POINT] = self.default_operating_point
         return params
+
+    @property
+    def point_names(self) -> tuple[str, ...]:
+        """The names a client may ask for (the single point's name when the model publishes none)."""
+        return tuple(n for n, _ in self.operating_points) or (contract.SINGLE_OPERATING_POINT,)
+
+    @property
+    def default_point(self) -> str:
+        return self.default_operating_point or contract.SINGLE_OPERATING_POINT
+
+    def threshold_for(self, name: str | None = None) -> tuple[str, float]:
+        """``(name, threshold)`` of the named operating point, or of the default one when ``name`` is None.
+
+        Raises:
+            CxrError: The model publishes no point of that name (the message lists the ones it has).
+        """
+        if name is None:
+            return self.default_point, self.threshold
+        if not self.operating_points:
+            if name == contract.SINGLE_OPERATING_POINT:
+                return name, self.threshold
+        else:
+            named = dict(self.operating_points)
+            if name in named:
+                return name, named[name]
+        raise CxrError(f"operating point {name!r}: this model has {', '.join(self.point_names)}")
 
     @classmethod
     def from_parameters(cls, params: Mapping[str, Any]) -> ServedParams:
         """Read the parameters back: plain strings, or Triton's ``{"string_value": ...}`` form (JSON and gRPC)."""
         flat = {k: str(v.get("string_value", "") if isinstance(v, Mapping) else v) for k, v in params.items()}
         ood = flat.get(contract.PARAM_OOD_THRESHOLD, "")
+        points_text = flat.get(contract.PARAM_OPERATING_POINTS, "")
+        try:
+            points = tuple(json.loads(points_text).items()) if points_text else ()
+        except ValueError as exc:
+            raise CxrError(f"served parameter {contract.PARAM_OPERATING_POINTS} is not JSON: {exc}") from None
         return cls(
+            operating_points=points,
+            default_operating_point=flat.get(contract.PARAM_DEFAULT_OPERATING_POINT, ""),
             threshold=float(flat.get(contract.PARAM_THRESHOLD) or contract.DEFAULT_THRESHOLD),
             sha256=flat.get(contract.PARAM_SHA256, ""),
             ood_threshold=float(ood) if ood else None,
@@ -141,6 +206,13 @@ class ModelCard:
         threshold = (self.data.get("calibration") or {}).get("threshold")
         if not (isinstance(threshold, (int, float)) and 0.0 < threshold < 1.0):
             raise CxrError(f"model card: calibration.threshold must be in (0, 1), got {threshold!r}")
+        points = self.data.get("operating_points") or {}
+        if points:
+            default = self.data.get("default_operating_point")
+            if default not in points:
+                raise CxrError(f"model card: default_operating_point {default!r} is not one of {sorted(points)}")
+            if float(points[default]["threshold"]) != float(threshold):
+                raise CxrError("model card: calibration.threshold must be the default operating point's threshold")
 
     @property
     def file(self) -> str:
@@ -154,6 +226,16 @@ class ModelCard:
     @property
     def threshold(self) -> float:
         return float(self.data["calibration"]["threshold"])
+
+    @property
+    def operating_points(self) -> dict[str, dict[str, Any]]:
+        """``{name: {"threshold": ..., "population": ..., "chosen_on": ..., "rule": ...}}`` (empty for a card that
+        states one threshold only)."""
+        return {str(k): dict(v) for k, v in (self.data.get("operating_points") or {}).items()}
+
+    @property
+    def default_operating_point(self) -> str:
+        return str(self.data.get("default_operating_point") or "")
 
     @property
     def ood_threshold(self) -> float | None:

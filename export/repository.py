@@ -59,8 +59,10 @@ def ensure_eligibility(model_dir: Path) -> Path:
 
 def served_params(model_dir: Path, card: dict | None = None) -> ServedParams:
     typed = ModelCard(card) if card is not None else ModelDir(Path(model_dir)).card()
+    points = tuple((name, float(p["threshold"])) for name, p in typed.operating_points.items())
     return ServedParams(threshold=typed.threshold, sha256=typed.sha256, ood_threshold=typed.ood_threshold,
-                        eligibility=ensure_eligibility(model_dir).read_text())
+                        eligibility=ensure_eligibility(model_dir).read_text(), operating_points=points,
+                        default_operating_point=typed.default_operating_point if points else "")
 
 
 def write_configs(model_dir: Path, card: dict | None = None) -> list[Path]:
