@@ -89,3 +89,49 @@ def test_a_model_without_points_has_its_single_one():
 @pytest.mark.parametrize("age,population", [(0, "pediatric"), (17.9, "pediatric"), (18, "adult"), (80, "adult")])
 def test_population_by_age(age, population):
     assert contract.population_for_age(age) == population
+
+
+def test_the_patient_bootstrap_resamples_patients_not_films():
+    import numpy as np
+
+    from cxr.train.claims import measure, patient_bootstrap
+
+    rng = np.random.default_rng(0)
+    # 20 patients with 10 films each: the films of one patient share their score, so a film bootstrap would
+    # think it had 200 independent films; the patient bootstrap sees 20 and its interval is wider
+    y = np.repeat(np.arange(20) % 2, 10)
+    p = np.repeat(np.clip(rng.normal(0.4 + 0.2 * (np.arange(20) % 2), 0.2), 0.01, 0.99), 10)
+    patients = [f"p{i // 10}" for i in range(200)]
+    by_patient = patient_bootstrap(y, p, patients, 0.5)
+    by_film = patient_bootstrap(y, p, [f"f{i}" for i in range(200)], 0.5)
+    width = lambda ci: ci[2] - ci[1]  # noqa: E731
+    assert width(by_patient["auc"]) > 1.8 * width(by_film["auc"])
+    claim = measure(source="nih", population="adult", operating_point="adult", threshold=0.5, y=y, p=p,
+                    patients=patients, in_sample=False, n_boot=200)
+    assert (claim.films, claim.patients, claim.positives) == (200, 20, 100)
+    assert claim.auc is not None and claim.auc.lower <= claim.auc.point <= claim.auc.upper
+
+
+def test_a_refused_film_is_a_referral_and_is_flagged():
+    import numpy as np
+
+    from cxr.train.claims import patient_bootstrap
+
+    y = np.array([1, 1, 0, 0])
+    p = np.array([np.nan, 0.9, np.nan, 0.1])
+    ci = patient_bootstrap(y, p, ["a", "b", "c", "d"], 0.5, n_boot=50)
+    assert ci["flagged"][0] == 0.5
+    assert ci["sensitivity"][0] == 1.0  # the refused positive is referred
+    assert ci["specificity"][0] == 0.5  # the refused negative is referred too
+
+
+def test_a_one_class_source_states_no_auc_or_specificity():
+    import numpy as np
+
+    from cxr.train.claims import measure
+
+    c = measure(source="covid", population="adult", operating_point="adult", threshold=0.5,
+                y=np.ones(6, int), p=np.array([0.9, 0.8, 0.2, 0.7, 0.6, 0.95]), patients=list("aabbcc"),
+                in_sample=False, n_boot=50)
+    assert c.auc is None and c.specificity is None and c.sensitivity is not None
+    assert c.sensitivity.point == 5 / 6
