@@ -70,6 +70,8 @@ class PredictOptions:
         fhir_out: Write the answered inputs' FHIR results here (a transaction Bundle).
         fhir_url: POST them to this FHIR server's base URL.
         audit_log: Append the run's events to this audit trail (:mod:`cxr.core.audit_trail`).
+        operating_point: Answer every input at this served operating point (``None``: by the DICOM patient's age
+            where stated, else the model's default). A journaled answer at another named point is screened again.
     """
 
     inputs: tuple[Path, ...]
@@ -94,6 +96,7 @@ class PredictOptions:
     fhir_out: Path | None = None
     fhir_url: str | None = None
     audit_log: Path | None = None
+    operating_point: str | None = None
 
     def __post_init__(self) -> None:
         if self.ray and (self.metrics_port is not None or self.metrics_file is not None):
@@ -171,10 +174,13 @@ class Journal:
         for r in rows:
             self.latest[r["path"]] = r
 
-    def is_final(self, path: str, sha: str) -> bool:
-        """True when the latest row for ``path`` needs no rerun."""
+    def is_final(self, path: str, sha: str, operating_point: str | None = None) -> bool:
+        """True when the latest row for ``path`` needs no rerun (with ``operating_point``: a row answered at
+        another point does)."""
         r = self.latest.get(path)
         if r is None or r.get("sha256", "") != sha:
+            return False
+        if operating_point is not None and r.get("operating_point", "") != operating_point:
             return False
         return not (r.get("status") == contract.Status.ERROR.value and r.get("retryable") == "1")
 
@@ -269,7 +275,7 @@ def _run(opts: PredictOptions, paths: list[Path], names: dict[str, str], audit) 
     todo = []
     for p in paths:
         sha = file_sha256(p)
-        if journal is not None and journal.is_final(key(p), sha):
+        if journal is not None and journal.is_final(key(p), sha, opts.operating_point):
             continue
         todo.append((p, sha))
     if journal is not None and len(todo) < len(paths):
@@ -285,7 +291,7 @@ def _run(opts: PredictOptions, paths: list[Path], names: dict[str, str], audit) 
             ray_batch.screen(opts.ray, todo, url=opts.url, protocol=opts.protocol, model=opts.model,
                              timeout_s=opts.timeout_s, chunk=opts.chunk,
                              on_rows=lambda chunk_rows: _record(chunk_rows, journal, rows, audit), tls=opts.tls,
-                             config_key=opts.config_key, eligibility=rules)
+                             config_key=opts.config_key, eligibility=rules, operating_point=opts.operating_point)
         elif todo:  # nothing left to do needs no server: the CSV is only rewritten from the journal
             _screen(opts, todo, rules, journal, rows, key, audit)
     finally:
@@ -348,7 +354,8 @@ def _screen(opts: PredictOptions, todo: list[tuple[Path, str]], rules, journal: 
 
     with PneumoniaClient(opts.url, protocol=opts.protocol, model=opts.model, timeout_s=opts.timeout_s,
                          eligibility=rules, retry=RetryPolicy(attempts=opts.retries), tls=opts.tls,
-                         config_key=opts.config_key, priority=opts.priority) as client:
+                         config_key=opts.config_key, priority=opts.priority,
+                         operating_point=opts.operating_point) as client:
         metrics = None
         if opts.metrics_port is not None or opts.metrics_file is not None:
             from cxr.client.metrics import ScreeningMetrics, device_of

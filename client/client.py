@@ -42,6 +42,7 @@ class Prediction:
             a rerun should retry; ``False`` for input errors, which stay final until the file changes.
         refusal: For ``not_assessable``: the rule that refused the input, what it measured and the limit.
         model_sha256: sha256 of the served model file ('' when the server publishes none).
+        operating_point: The named operating point whose threshold answered ('' for rows of older releases).
     """
 
     source: str
@@ -58,6 +59,7 @@ class Prediction:
     retryable: bool = False
     refusal: contract.Refusal | None = None
     model_sha256: str = ""
+    operating_point: str = ""
 
     def __post_init__(self) -> None:
         status = contract.Status(self.status)
@@ -122,6 +124,7 @@ class Prepared:
     status: contract.Status | None = None
     reason: str | None = None
     refusal: contract.Refusal | None = None
+    age_years: float | None = None
 
 
 def prepare(source: imaging.ImageSource, eligibility: Eligibility | None) -> Prepared:
@@ -130,7 +133,7 @@ def prepare(source: imaging.ImageSource, eligibility: Eligibility | None) -> Pre
     name = imaging.describe(source)
     try:
         array, meta = imaging.preprocess_with_meta(source, name=name, eligibility=eligibility)
-        return Prepared(name, array, meta.get("sop_instance_uid"))
+        return Prepared(name, array, meta.get("sop_instance_uid"), age_years=meta.get("age_years"))
     except NotAssessableError as exc:
         status, reason, refusal = contract.Status.NOT_ASSESSABLE, str(exc), contract.Refusal.of(exc)
     except InvalidInputError as exc:
@@ -169,6 +172,9 @@ class PneumoniaClient:
         config_key: The key for a server that restricts model-config (``cxr serve --config-key-file``).
         priority: ``urgent`` or ``routine`` (:data:`cxr.core.contract.PRIORITIES`): the Triton priority level its
             requests are sent at; :meth:`predict` can override it per call.
+        operating_point: The served operating point every input is answered at (``pediatric``, ``adult``).
+            ``None``: a DICOM input whose header states the patient's age gets its population's point
+            (:func:`cxr.core.contract.population_for_age`), any other input the model's default point.
     """
 
     def __init__(
@@ -188,6 +194,7 @@ class PneumoniaClient:
         tls: TlsClient | None = None,
         config_key: str | None = None,
         priority: str = contract.DEFAULT_PRIORITY,
+        operating_point: str | None = None,
     ) -> None:
         self.priority = priority
         contract.priority_level(priority)  # validated before anything connects
@@ -204,6 +211,8 @@ class PneumoniaClient:
             lambda: make_transport(protocol, url, model, model_version, timeout_s=timeout_s, tls=tls,
                                    config_key=config_key), "connect"
         )
+        self.info.threshold_for(operating_point)  # an unknown name fails here, naming the model's points
+        self.operating_point = operating_point
         mbs = self.info.max_batch_size
         if batch_size is not None and not 1 <= batch_size <= mbs:
             raise ValueError(f"batch_size must be in [1, {mbs}] (the model's max_batch_size)")
@@ -257,27 +266,45 @@ class PneumoniaClient:
         """Probabilities ``(N,)`` for a contract batch (see :meth:`infer_scores`)."""
         return self.infer_scores(batch).probability
 
-    def _prepare(self, source: imaging.ImageSource) -> tuple[str, np.ndarray | None, Prediction | None, str | None]:
+    def point_for(self, age_years: float | None = None) -> tuple[str, float]:
+        """The operating point (name, threshold) an input is answered at: the client's named point, else its
+        population's point when its age is known and the model serves one, else the model's default."""
+        if self.operating_point is not None:
+            return self.info.threshold_for(self.operating_point)
+        if age_years is not None:
+            population = contract.population_for_age(age_years)
+            if population in dict(self.info.operating_points):
+                return self.info.threshold_for(population)
+        return self.info.threshold_for(None)
+
+    def _prepare(self, source: imaging.ImageSource) -> tuple[str, np.ndarray | None, Prediction | None, str | None,
+                                                             float | None]:
         """Decode one input; an unreadable or ineligible input gets its final :class:`Prediction` here."""
         pre = prepare(source, self.eligibility)
-        return pre.name, pre.array, None if pre.array is not None else self.refusal(pre), pre.uid
+        return pre.name, pre.array, None if pre.array is not None else self.refusal(pre), pre.uid, pre.age_years
 
     def refusal(self, pre: Prepared) -> Prediction:
         """The final answer for an input that never reached the model (``not_assessable`` or ``error``)."""
         if pre.status is None:
             raise ValueError(f"{pre.name} was decoded: it is answered by the model, not refused")
         info = self.info
-        return Prediction(pre.name, pre.status, None, None, info.threshold, info.name, info.version, pre.reason,
-                          ood_threshold=info.ood_threshold, refusal=pre.refusal, model_sha256=info.sha256)
+        point, threshold = self.point_for(pre.age_years)
+        return Prediction(source=pre.name, status=pre.status, label=None, probability=None, threshold=threshold,
+                          model_name=info.name, model_version=info.version, reason=pre.reason,
+                          ood_threshold=info.ood_threshold, refusal=pre.refusal, model_sha256=info.sha256,
+                          operating_point=point)
 
-    def failure(self, name: str, uid: str | None, exc: CxrError) -> Prediction:
+    def failure(self, name: str, uid: str | None, exc: CxrError, age_years: float | None = None) -> Prediction:
         """The answer for an input whose inference failed after the retries: ``error``, retryable when the
         failure was transient (unavailable, deadline, overload, server error)."""
         info = self.info
+        point, threshold = self.point_for(age_years)
         msg = f"inference failed: {exc}".splitlines()[0]
-        return Prediction(name, contract.Status.ERROR, None, None, info.threshold, info.name, info.version,
-                          f"{name}: {msg}", uid, ood_threshold=info.ood_threshold,
-                          retryable=not isinstance(exc, InvalidInputError), model_sha256=info.sha256)
+        return Prediction(source=name, status=contract.Status.ERROR, label=None, probability=None,
+                          threshold=threshold, model_name=info.name, model_version=info.version,
+                          reason=f"{name}: {msg}", sop_instance_uid=uid, ood_threshold=info.ood_threshold,
+                          retryable=not isinstance(exc, InvalidInputError), model_sha256=info.sha256,
+                          operating_point=point)
 
     def predict(self, images: Sequence[imaging.ImageSource], *, priority: str | None = None) -> list[Prediction]:
         """Give every input exactly one final :class:`Prediction`, in order.
@@ -290,7 +317,7 @@ class PneumoniaClient:
         other chunk keeps its results.
         """
         prepared = list(self._pre_pool.map(self._prepare, images))
-        good = [i for i, (_, arr, _, _) in enumerate(prepared) if arr is not None]
+        good = [i for i, (_, arr, _, _, _) in enumerate(prepared) if arr is not None]
         chunks = [good[i : i + self.batch_size] for i in range(0, len(good), self.batch_size)]
         futures = [self._pool.submit(self._infer_chunk, np.stack([prepared[i][1] for i in idx]), priority)  # type: ignore[misc]
                    for idx in chunks]
@@ -300,26 +327,31 @@ class PneumoniaClient:
                 scores = fut.result()
             except CxrError as exc:
                 for i in idx:
-                    answers[i] = self.failure(prepared[i][0], prepared[i][3], exc)
+                    answers[i] = self.failure(prepared[i][0], prepared[i][3], exc, prepared[i][4])
                 continue
             for k, i in enumerate(idx):
                 answers[i] = self.judge(prepared[i][0], prepared[i][3], float(scores.probability[k]),
-                                        None if scores.ood_score is None else float(scores.ood_score[k]))
-        return [answers[i] if pre is None else pre for i, (_, _, pre, _) in enumerate(prepared)]
+                                        None if scores.ood_score is None else float(scores.ood_score[k]),
+                                        age_years=prepared[i][4])
+        return [answers[i] if pre is None else pre for i, (_, _, pre, _, _) in enumerate(prepared)]
 
-    def judge(self, name: str, uid: str | None, prob: float, ood: float | None) -> Prediction:
+    def judge(self, name: str, uid: str | None, prob: float, ood: float | None, *,
+              age_years: float | None = None) -> Prediction:
         """The answer for a served probability and OOD score: ``not_assessable`` above the served OOD
-        threshold, else the label at the served decision threshold."""
+        threshold, else the label at the threshold of the input's operating point (:meth:`point_for`)."""
         info = self.info
+        point, threshold = self.point_for(age_years)
         if ood is not None and contract.is_out_of_distribution(ood, info.ood_threshold):
             exc = contract.not_assessable(name, "out_of_distribution", f"ood_score {ood:.2f} > {info.ood_threshold:.2f}",
                                           value=ood, limit=info.ood_threshold)
-            return Prediction(name, contract.Status.NOT_ASSESSABLE, None, None, info.threshold, info.name, info.version,
-                              str(exc), uid, ood, info.ood_threshold, refusal=contract.Refusal.of(exc),
-                              model_sha256=info.sha256)
-        label = contract.label_for(prob, info.threshold, info.labels)
-        return Prediction(name, contract.Status.OK, label, prob, info.threshold, info.name, info.version, None, uid, ood,
-                          info.ood_threshold, model_sha256=info.sha256)
+            return Prediction(source=name, status=contract.Status.NOT_ASSESSABLE, label=None, probability=None,
+                              threshold=threshold, model_name=info.name, model_version=info.version, reason=str(exc),
+                              sop_instance_uid=uid, ood_score=ood, ood_threshold=info.ood_threshold,
+                              refusal=contract.Refusal.of(exc), model_sha256=info.sha256, operating_point=point)
+        label = contract.label_for(prob, threshold, info.labels)
+        return Prediction(source=name, status=contract.Status.OK, label=label, probability=prob, threshold=threshold,
+                          model_name=info.name, model_version=info.version, sop_instance_uid=uid, ood_score=ood,
+                          ood_threshold=info.ood_threshold, model_sha256=info.sha256, operating_point=point)
 
     # -- misc -------------------------------------------------------------
     def ready(self) -> bool:

@@ -43,6 +43,7 @@ def _preprocess(batch: dict, eligibility=None) -> dict:  # type: ignore[no-untyp
         "reason": np.array([p.reason or "" for p in pres]),
         "refusal": np.array([_refusal_json(p.refusal) for p in pres]),
         "sop_instance_uid": np.array([p.uid or "" for p in pres]),
+        "age_years": np.array([np.nan if p.age_years is None else p.age_years for p in pres], float),
     }
 
 
@@ -61,12 +62,12 @@ class _Screener:
     """Ray Data actor: one client per actor (Triton fleet or embedded), the contract's rules on its answers."""
 
     def __init__(self, url: str | None, protocol: str, model: str, timeout_s: float, tls=None,  # type: ignore[no-untyped-def]
-                 config_key: str | None = None, eligibility=None) -> None:
+                 config_key: str | None = None, eligibility=None, operating_point: str | None = None) -> None:
         from cxr.client import PneumoniaClient
 
         # TLS files are read on the worker: they must be mounted at the same paths on every node.
         self.client = PneumoniaClient(url, protocol=protocol, model=model, timeout_s=timeout_s, tls=tls,
-                                      config_key=config_key, eligibility=eligibility)
+                                      config_key=config_key, eligibility=eligibility, operating_point=operating_point)
 
     def __call__(self, batch: dict) -> dict:
         from cxr.client.client import Prepared
@@ -76,6 +77,7 @@ class _Screener:
         n = len(batch["path"])
         names = [str(p) for p in batch["path"]]
         uids = [str(u) or None for u in batch["sop_instance_uid"]]
+        ages = [None if not np.isfinite(a) else float(a) for a in batch["age_years"]]
         preds: list = [None] * n
         todo = [i for i in range(n) if batch["status"][i] == PENDING]
         if todo:
@@ -84,21 +86,23 @@ class _Screener:
                 scores = self.client.infer_scores(x)
                 for k, i in enumerate(todo):
                     ood = None if scores.ood_score is None else float(scores.ood_score[k])
-                    preds[i] = self.client.judge(names[i], uids[i], float(scores.probability[k]), ood)
+                    preds[i] = self.client.judge(names[i], uids[i], float(scores.probability[k]), ood,
+                                                 age_years=ages[i])
             except CxrError as exc:  # the batch's images are errors, retryable when transient
                 for i in todo:
-                    preds[i] = self.client.failure(names[i], uids[i], exc)
+                    preds[i] = self.client.failure(names[i], uids[i], exc, ages[i])
         for i in range(n):
             if preds[i] is None:
                 preds[i] = self.client.refusal(Prepared(names[i], None, None, contract.Status(batch["status"][i]),
-                                                        str(batch["reason"][i]), _refusal_of(str(batch["refusal"][i]))))
+                                                        str(batch["reason"][i]), _refusal_of(str(batch["refusal"][i])),
+                                                        age_years=ages[i]))
         rows = [to_row(p, str(batch["sha256"][i])) for i, p in enumerate(preds)]
         return {k: np.array([r[k] for r in rows]) for k in rows[0]}
 
 
 def screen(address: str, todo: list[tuple[Path, str]], *, url: str | None, protocol: str, model: str,
            timeout_s: float, chunk: int, on_rows, tls=None, config_key: str | None = None,  # type: ignore[no-untyped-def]
-           eligibility=None) -> None:
+           eligibility=None, operating_point: str | None = None) -> None:
     """Run the job on the cluster at ``address`` and hand result rows to ``on_rows`` in chunks (for the journal).
 
     ``eligibility`` overrides the served DICOM rules; without it the driver reads the served ones once, so that
@@ -125,7 +129,8 @@ def screen(address: str, todo: list[tuple[Path, str]], *, url: str | None, proto
         # can still run both stages, instead of the actor's share starving every decoding task.
         pre = source.map_batches(_preprocess, fn_kwargs={"eligibility": eligibility}, batch_size=8, num_cpus=0.5,
                                  max_retries=-1)
-        ds = pre.map_batches(_Screener, fn_constructor_args=(url, protocol, model, timeout_s, tls, config_key, eligibility),
+        ds = pre.map_batches(_Screener, fn_constructor_args=(url, protocol, model, timeout_s, tls, config_key, eligibility,
+                                                                       operating_point),
                              batch_size=32,
                              num_cpus=0.5, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, len(nodes))),
                              max_restarts=-1, max_task_retries=-1)

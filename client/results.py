@@ -24,7 +24,7 @@ from cxr.core.errors import DataError
 #: ``path, status, label, probability, threshold, reason, ood_score, ...``; every reader goes by the header, and a
 #: journal in another column set is rewritten once in this one (:class:`cxr.core.durable.AppendOnlyCsv`).
 CSV_COLUMNS = (
-    "path", "status", "label", "probability", "threshold", "reason", "rule", "rule_value", "rule_limit", "rule_detail",
+    "path", "status", "label", "probability", "threshold", "operating_point", "reason", "rule", "rule_value", "rule_limit", "rule_detail",
     "ood_score",
     "model_name", "model_version", "model_sha256", "sop_instance_uid", "sha256", "error",
 )
@@ -54,6 +54,7 @@ def to_row(pred: Prediction, sha256: str) -> dict[str, str]:
         "label": pred.label or "",
         "probability": _num(pred.probability),
         "threshold": _num(pred.threshold),
+        "operating_point": pred.operating_point,
         "reason": pred.reason or "",
         "rule": r.rule if r else "",
         "rule_value": _cell(r.value) if r else "",
@@ -93,6 +94,7 @@ def from_row(row: Mapping[str, str], *, ood_threshold: float | None = None) -> t
             sop_instance_uid=row.get("sop_instance_uid") or None,
             ood_score=float(row["ood_score"]) if row.get("ood_score") else None, ood_threshold=ood_threshold,
             retryable=row.get("retryable") == "1", refusal=refusal, model_sha256=row.get("model_sha256", ""),
+            operating_point=row.get("operating_point", ""),
         )
     except (KeyError, ValueError) as exc:
         raise DataError(f"{row.get('path')}: not a predictions row ({type(exc).__name__}: {exc})") from None
@@ -108,6 +110,7 @@ def as_json(pred: Prediction, sha256: str = "") -> dict:
         "label": pred.label,
         "probability": pred.probability,
         "threshold": pred.threshold,
+        "operating_point": pred.operating_point or None,
         "reason": pred.reason,
         "refusal": None if r is None else {"rule": r.rule, "value": r.value, "limit": r.limit, "detail": r.detail},
         "ood_score": pred.ood_score,
@@ -133,7 +136,7 @@ def refusal_text(refusal: contract.Refusal) -> str:
 def table(preds: Sequence[Prediction]) -> str:
     """The terminal table: one line per input, probabilities and thresholds rounded for people."""
     width = max([len(p.source) for p in preds] + [4])
-    lines = [f"{'path':<{width}}  {'status':<14}  {'label':<9}  {'P(pneumonia)':>12}  {'thr':>6}  detail"]
+    lines = [f"{'path':<{width}}  {'status':<14}  {'label':<9}  {'P(pneumonia)':>12}  {'thr':>6}  {'point':<10}  detail"]
     for p in preds:
         prob = contract.format_probability(p.probability) if p.probability is not None else "-"
         if p.refusal is not None:
@@ -143,5 +146,6 @@ def table(preds: Sequence[Prediction]) -> str:
         else:
             tail = f"{p.model_name} v{p.model_version}"
         status = p.status.value.upper() if not p.ok else "ok"
-        lines.append(f"{p.source:<{width}}  {status:<14}  {p.label or '-':<9}  {prob:>12}  {p.threshold:>6.4f}  {tail}")
+        lines.append(f"{p.source:<{width}}  {status:<14}  {p.label or '-':<9}  {prob:>12}  {p.threshold:>6.4f}  "
+                     f"{p.operating_point or '-':<10}  {tail}")
     return "\n".join(lines) + "\n"

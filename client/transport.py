@@ -41,6 +41,8 @@ class ModelInfo:
         sha256: sha256 of the served model file ('' if not published).
         ood_threshold: Largest ``ood_score`` still assessable; ``None`` when the model has no ``ood_score`` output.
         eligibility: JSON text of the served DICOM eligibility rules ('' if not published).
+        operating_points: The served named thresholds (empty: the one ``threshold``).
+        default_operating_point: The point an input gets when none is named and its age does not choose.
     """
 
     name: str
@@ -51,6 +53,17 @@ class ModelInfo:
     sha256: str = ""
     ood_threshold: float | None = None
     eligibility: str = ""
+    operating_points: tuple[tuple[str, float], ...] = ()
+    default_operating_point: str = ""
+
+    @property
+    def params(self) -> ServedParams:
+        return ServedParams(self.threshold, operating_points=self.operating_points,
+                            default_operating_point=self.default_operating_point)
+
+    def threshold_for(self, name: str | None = None) -> tuple[str, float]:
+        """``(name, threshold)`` of a served operating point (the default one for ``None``)."""
+        return self.params.threshold_for(name)
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -84,6 +97,8 @@ def _params_to_info(name: str, version: str, config: dict) -> ModelInfo:
         sha256=params.sha256,
         ood_threshold=params.ood_threshold,
         eligibility=params.eligibility,
+        operating_points=params.operating_points,
+        default_operating_point=params.default_operating_point,
     )
 
 

@@ -35,7 +35,34 @@ def _quiet_pydicom() -> Iterator[None]:
         log.propagate = propagate
 
 
-def read_dicom(data: bytes, *, name: str, eligibility: object | None = None) -> tuple[np.ndarray, str | None, float]:
+_AGE_UNITS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
+
+
+def patient_age_years(ds) -> float | None:  # type: ignore[no-untyped-def]
+    """The patient's age in years at the study: Patient's Age (``045Y``, ``006M``, ``003W``, ``010D``), else
+    Patient's Birth Date and the Study (or Acquisition, Content) Date; ``None`` when the header cannot say."""
+    import datetime as dt
+
+    text = str(ds.get("PatientAge", "") or "").strip().upper()
+    if len(text) == 4 and text[:3].isdigit() and text[3] in _AGE_UNITS:
+        return int(text[:3]) * _AGE_UNITS[text[3]]
+
+    def date(keyword: str) -> dt.date | None:
+        v = str(ds.get(keyword, "") or "").strip()
+        try:
+            return dt.datetime.strptime(v[:8], "%Y%m%d").date() if len(v) >= 8 else None
+        except ValueError:
+            return None
+
+    born = date("PatientBirthDate")
+    seen = date("StudyDate") or date("AcquisitionDate") or date("ContentDate")
+    if born is None or seen is None or seen < born:
+        return None
+    return (seen - born).days / 365.25
+
+
+def read_dicom(data: bytes, *, name: str, eligibility: object | None = None,
+               meta: dict | None = None) -> tuple[np.ndarray, str | None, float]:
     """Decode DICOM bytes to a 2-D uint8 image, its SOP Instance UID and its mean chroma.
 
     Files without the 128-byte preamble are read too. The header is checked
@@ -47,6 +74,8 @@ def read_dicom(data: bytes, *, name: str, eligibility: object | None = None) -> 
         InvalidInputError: Not readable, no pixel data, or an unsupported
             transfer syntax. Messages never include patient tags.
         NotAssessableError: The header breaks an eligibility rule.
+
+    ``meta``, when given, receives ``age_years`` (:func:`patient_age_years`) when the header states it.
     """
     try:
         import pydicom
@@ -66,6 +95,10 @@ def read_dicom(data: bytes, *, name: str, eligibility: object | None = None) -> 
         if not public:
             raise InvalidInputError(f"{name}: unreadable DICOM (no standard data elements)")
         uid = str(ds.get("SOPInstanceUID", "") or "") or None
+        if meta is not None:
+            age = patient_age_years(ds)
+            if age is not None:
+                meta["age_years"] = age
         if eligibility is not False:
             rules = eligibility if isinstance(eligibility, Eligibility) else Eligibility.default()
             try:

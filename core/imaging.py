@@ -101,8 +101,8 @@ def _decode_pil(image: Image.Image, name: str, *, draft: bool) -> tuple[np.ndarr
 def preprocess_with_meta(
     source: ImageSource, *, name: str | None = None, draft: bool = True, rules: bool = True,
     eligibility: object | None = None,
-) -> tuple[np.ndarray, dict[str, str]]:
-    """Turn one image into the model's input; also return metadata (``sop_instance_uid`` for DICOM).
+) -> tuple[np.ndarray, dict]:
+    """Turn one image into the model's input; also return metadata (``sop_instance_uid``, ``age_years`` for DICOM).
 
     Input contract:
         ``source`` is a path, encoded bytes (JPEG, PNG, BMP, TIFF, GIF, WebP or
@@ -145,10 +145,10 @@ def preprocess_with_meta(
 
 def decode_gray(
     source: ImageSource, *, name: str | None = None, draft: bool = False, eligibility: object | None = False,
-) -> tuple[np.ndarray, dict[str, str], float]:
+) -> tuple[np.ndarray, dict, float]:
     """Decode any accepted input to 2-D uint8 grayscale at its own size (no pixel rules, no resize).
 
-    Returns the image, its metadata (``sop_instance_uid`` for DICOM) and its
+    Returns the image, its metadata (``sop_instance_uid`` and ``age_years`` for DICOM, when stated) and its
     mean chroma (0 for grey inputs). ``eligibility``: DICOM header rules
     (``False``: none, ``None``: the shipped rules).
 
@@ -172,8 +172,9 @@ def decode_gray(
     if is_dicom(data[:132]):
         from cxr.core.dicom import read_dicom
 
-        gray, uid, chroma = read_dicom(data, name=name, eligibility=eligibility)
-        return gray, ({"sop_instance_uid": uid} if uid else {}), chroma
+        header: dict = {}
+        gray, uid, chroma = read_dicom(data, name=name, eligibility=eligibility, meta=header)
+        return gray, ({"sop_instance_uid": uid} if uid else {}) | header, chroma
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:

@@ -45,7 +45,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "validation split carved from train. Writes model.keras, split.json, history.json, "
         "accuracy.png and loss.png into --out.",
     )
-    p.add_argument("--data", type=Path, required=True, help="Kaggle-layout root (holds train/)")
+    p.add_argument("--data", type=Path, help="Kaggle-layout root (holds train/); not with --split")
+    p.add_argument("--split", type=Path, metavar="SPLIT_JSON",
+                   help="a locked split (`cxr lock-split`): its train side trains, its select side chooses the "
+                   "checkpoint, its test side is never read")
+    p.add_argument("--leave-out", action="append", default=[], metavar="SOURCE",
+                   help="with --split: leave this source out of training and selection (repeatable; "
+                   "leave-one-source-out runs and ablations)")
     p.add_argument("--source", action="append", default=[], metavar="NAME=PATH",
                    help="a further labelled source {NORMAL,PNEUMONIA}/ (optional MANIFEST.csv with patients), split by "
                    "patient and sampled so that source and class stay apart (repeatable)")
@@ -87,8 +93,13 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
     augment = None if a.no_augment else AugmentConfig(flip=not a.no_flip, photometric=not a.no_photometric,
                                                       acquisition=a.acquisition)
+    if (a.data is None) == (a.split is None):
+        raise CxrError("cxr train: give --data (a split is made) or --split (a locked split), one of them")
+    if a.split is not None and a.select_on == "val":
+        a.select_on = "sources"
     cfg = TrainConfig(
-        data_dir=a.data, out_dir=a.out, arch=a.arch, epochs=a.epochs, batch_size=a.batch_size,
+        split_file=a.split, leave_out=tuple(a.leave_out),
+        data_dir=a.data or Path("."), out_dir=a.out, arch=a.arch, epochs=a.epochs, batch_size=a.batch_size,
         learning_rate=a.lr, seed=a.seed, val_fraction=a.val_fraction, patience=a.patience,
         augment=augment, weights=a.weights, monitor_dir=a.monitor, select_on=a.select_on,
         limit_per_class=a.limit_per_class, cache_dir=a.cache_dir, width=a.width,
@@ -97,6 +108,153 @@ def _cmd_train(a: argparse.Namespace) -> int:
     )
     result = train(cfg)
     print(f"model: {result.model_path}  best epoch {result.best_epoch} (score {result.best_score:.4f})  {result.seconds:.0f} s")
+    return 0
+
+
+def _add_lock_split(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "lock-split",
+        help="lock every source's patients into train, select and test",
+        description="Split each labelled source by patient (per class) into train, select and test, once. "
+        "Select chooses everything (checkpoint, calibration, operating points, the OOD fit); test is read only "
+        "by `cxr claims`. A source whose select and test shares reach 1 never trains (a deployment-site sample).",
+    )
+    p.add_argument("out", type=Path, help="the split file to write (JSON; commit it)")
+    p.add_argument("--source", action="append", required=True, metavar="NAME=PATH[:SELECT:TEST]",
+                   help="a labelled source {NORMAL,PNEUMONIA}/ with optional MANIFEST.csv patients, and its select "
+                   "and test shares (default 0.2:0.25); repeatable")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draw")
+    p.set_defaults(func=_cmd_lock_split)
+
+
+def _cmd_lock_split(a: argparse.Namespace) -> int:
+    from cxr.train import data as data_mod
+
+    plan = []
+    for text in a.source:
+        spec, _, shares = text.partition(":")
+        try:
+            select, test = (float(v) for v in (shares or "0.2:0.25").split(":"))
+            lock = data_mod.LockShares(select, test)
+        except ValueError as exc:
+            raise CxrError(f"--source {text!r}: shares are SELECT:TEST in [0, 1) ({exc})") from None
+        src = data_mod.Source.parse(spec)
+        plan.append((src, data_mod.source_samples(src), lock))
+    split = data_mod.make_locked_split(plan, seed=a.seed)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    split.save(a.out)
+    for side in ("train", "select", "test"):
+        samples = split.samples(side)
+        by_source = {}
+        for s in samples:
+            cell = by_source.setdefault(s.source, [0, 0, set()])
+            cell[s.label] += 1
+            cell[2].add(s.patient)
+        text = ", ".join(f"{k} {v[0]}N/{v[1]}P ({len(v[2])} patients)" for k, v in sorted(by_source.items()))
+        print(f"{side:<6} {len(samples):>5} films: {text}")
+    print(f"written {a.out}")
+    return 0
+
+
+def _add_operating_points(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "operating-points",
+        help="choose a named operating point per population on select patients",
+        description="Score the locked split's select side with the served graph and choose one threshold per "
+        "population, each on its own population's select patients. The card records each point (rule, sources, "
+        "select figures, labelled in-sample) and the configs serve them; `cxr predict --operating-point NAME` "
+        "picks one.",
+    )
+    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="Triton model repository")
+    p.add_argument("--name", default=DEFAULT_MODEL, help="model folder in the repository")
+    p.add_argument("--also", action="append", default=[], metavar="NAME",
+                   help="another model folder that gets the same points (e.g. the INT8 twin)")
+    p.add_argument("--split", type=Path, required=True, help="the locked split (`cxr lock-split`)")
+    p.add_argument("--point", action="append", required=True, metavar="NAME=SOURCE[+SOURCE]:RULE[:TARGET]",
+                   help="a point and how it is chosen, e.g. pediatric=kaggle_site:sensitivity:0.97 "
+                   "(rules: sensitivity, sensitivity_lcb, youden); repeatable")
+    p.add_argument("--default", help="the point a client gets when it names none (default: the most sensitive)")
+    p.set_defaults(func=_cmd_operating_points)
+
+
+def _cmd_operating_points(a: argparse.Namespace) -> int:
+    from cxr.export.claims_report import PointRule, choose_points
+    from cxr.export.onnx_export import command_line
+
+    rules = [PointRule.parse(t) for t in a.point]
+    res = choose_points([a.repository / a.name, *(a.repository / n for n in a.also)], a.split, rules,
+                        default=a.default, cache_dir=DEFAULT_CACHE, command=command_line())
+    for name, pt in res["points"].items():
+        f = pt["select_figures_in_sample"]
+        print(f"{name:<10} threshold {pt['threshold']:.4f} ({pt['rule']} on select {'+'.join(pt['chosen_on']['sources'])}:"
+              f" sensitivity {f['sensitivity']:.3f} ({f['tp']}/{f['n_pos']}), specificity {f['specificity']:.3f} "
+              f"({f['tn']}/{f['n_neg']}), in-sample)" + ("  [default]" if name == res["default"] else ""))
+    return 0
+
+
+def _add_claims(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "claims",
+        help="measure claims.json on the locked test patients (read once)",
+        description="Read the locked split's test side once, score it with the served graph and write the model "
+        "folder's claims.json: every source at every operating point, 95%% intervals from a patient bootstrap. "
+        "The test films are recorded in provenance.csv with the role test; nothing measured here chooses anything.",
+    )
+    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="Triton model repository")
+    p.add_argument("--name", default=DEFAULT_MODEL, help="model folder in the repository")
+    p.add_argument("--split", type=Path, required=True, help="the locked split (`cxr lock-split`)")
+    p.add_argument("--population", action="append", required=True, metavar="SOURCE=POPULATION",
+                   help="who a test source's patients are (kaggle_site=pediatric); repeatable")
+    p.set_defaults(func=_cmd_claims)
+
+
+def _cmd_claims(a: argparse.Namespace) -> int:
+    from cxr.export.claims_report import claims_markdown, measure_claims
+    from cxr.export.onnx_export import command_line
+
+    populations = {}
+    for t in a.population:
+        k, sep, v = t.partition("=")
+        if not sep or not k or not v:
+            raise CxrError(f"--population {t!r}: expected SOURCE=POPULATION")
+        populations[k] = v
+    claims = measure_claims(a.repository / a.name, a.split, populations, cache_dir=DEFAULT_CACHE,
+                            command=command_line())
+    print(claims_markdown(claims, own_population_only=False))
+    return 0
+
+
+def _add_trials(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "trials",
+        help="training runs side by side on a locked split: AUC per source, leave-one-source-out, source probe",
+        description="Score each run's Keras model on the locked split's select and test sides (AUC per source with "
+        "patient-bootstrap intervals; a source the run left out is marked LOSO), and probe how well the first "
+        "run's penultimate features tell the sources apart among Pneumonia films (patient-grouped 5-fold "
+        "cross-validation). Writes trials.md and trials.json into --out.",
+    )
+    p.add_argument("--split", type=Path, required=True, help="the locked split")
+    p.add_argument("--run", action="append", required=True, metavar="NAME=RUN_DIR[:WHAT]",
+                   help="a training run to report (repeatable; the first is probed)")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "model" / "locked", help="report folder")
+    p.set_defaults(func=_cmd_trials)
+
+
+def _cmd_trials(a: argparse.Namespace) -> int:
+    from cxr.train.trials import Trial, run
+
+    trials = []
+    for text in a.run:
+        name, sep, rest = text.partition("=")
+        run_dir, _, what = rest.partition(":")
+        if not sep or not run_dir:
+            raise CxrError(f"--run {text!r}: expected NAME=RUN_DIR[:WHAT]")
+        try:
+            trials.append(Trial(name, Path(run_dir), what))
+        except FileNotFoundError as exc:
+            raise CxrError(str(exc)) from None
+    run(trials, a.split, a.out, cache_dir=DEFAULT_CACHE)
+    print((a.out / "trials.md").read_text())
     return 0
 
 
@@ -241,6 +399,9 @@ def _add_ood_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, required=True, help="Kaggle-layout root the model was trained on")
     p.add_argument("--split", type=Path, required=True, help="the training run's split.json")
     p.add_argument("--site", type=Path, help="labelled site sample (counts towards the threshold)")
+    p.add_argument("--not-chest", type=Path, metavar="DIR",
+                   help="radiographs of other body parts (DIR/<part>/*) for the body-part check (with the local corpus)")
+    p.add_argument("--no-body-part", action="store_true", help="the feature distance alone, no body-part check")
     p.set_defaults(func=_cmd_ood_fit)
 
 
@@ -249,7 +410,8 @@ def _cmd_ood_fit(a: argparse.Namespace) -> int:
     from cxr.export.onnx_export import command_line
 
     r = repository.refit_ood(a.repository / a.name, data_dir=a.data, split_file=a.split, site_dir=a.site,
-                             cache_dir=DEFAULT_CACHE, command=command_line())
+                             cache_dir=DEFAULT_CACHE, command=command_line(), non_chest_dir=a.not_chest,
+                             body_part=not a.no_body_part)
     print(f"ood_score: {r['features']} features, shrinkage {r['shrinkage']:.3g}, threshold {r['threshold']:.4f}; "
           + ", ".join(f"{k}: {v:.2%} of {r['n'][k]} flagged" for k, v in r["flagged"].items()))
     return 0
@@ -345,6 +507,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="Triton model repository")
     p.add_argument("--name", default=DEFAULT_MODEL, help="model folder name")
     p.add_argument("--site", type=Path, help="labelled site sample; the OOD threshold keeps 99.5%% of it too")
+    p.add_argument("--not-chest", type=Path, metavar="DIR",
+                   help="radiographs of other body parts (DIR/<part>/*), with the local corpus the fit of the "
+                   "body-part check folded into ood_score")
     p.add_argument("--version", type=int, default=1, help="model version folder")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
     p.add_argument("--no-int8", action="store_true", help="skip the INT8 model")
@@ -367,7 +532,7 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
     cfg = ExportConfig(model_path=a.model, data_dir=a.data, repository=a.repository, model_name=a.name,
                        version=a.version, opset=a.opset, int8=not a.no_int8, command=command_line(),
-                       cache_dir=DEFAULT_CACHE, site_dir=a.site)
+                       cache_dir=DEFAULT_CACHE, site_dir=a.site, non_chest_dir=a.not_chest)
     results = export(cfg)
     for prec, r in results.items():
         if prec == "ood":
@@ -554,7 +719,15 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     _add_result_doors(p)
     p.add_argument("--priority", choices=sorted(contract.PRIORITIES), default=contract.DEFAULT_PRIORITY,
                    help="Triton priority level of the requests: urgent is batched before routine work")
+    _add_operating_point(p)
     p.set_defaults(func=_cmd_predict)
+
+
+def _add_operating_point(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--operating-point", metavar="NAME",
+                   help="answer at this served operating point (e.g. pediatric, adult; `cxr health` lists them); "
+                   "default: a DICOM input's patient age chooses its population's point, any other input gets the "
+                   "model's default point")
 
 
 def _add_result_doors(p: argparse.ArgumentParser) -> None:
@@ -576,7 +749,8 @@ def _cmd_predict(a: argparse.Namespace) -> int:
                                       metrics_port=a.metrics_port, metrics_file=a.metrics_file,
                                       dicomweb=a.dicomweb, studies=tuple(a.study), query=tuple(a.query),
                                       priority=a.priority, fhir_out=a.fhir_out, fhir_url=a.fhir_url,
-                                      audit_log=a.audit_log, **_client_security(a)))
+                                      audit_log=a.audit_log, operating_point=a.operating_point,
+                                      **_client_security(a)))
 
 
 def _add_health(sub: argparse._SubParsersAction) -> None:
@@ -603,6 +777,8 @@ def _cmd_health(a: argparse.Namespace) -> int:
         print(json.dumps({"ready": ready, "protocol": a.protocol, "model": info.name, "version": info.version,
                           "max_batch_size": info.max_batch_size, "threshold": info.threshold,
                           "labels": list(info.labels), "outputs": list(info.outputs),
+                          "operating_points": dict(info.operating_points) or None,
+                          "default_operating_point": info.default_operating_point or None,
                           "ood_threshold": info.ood_threshold, "sha256": info.sha256,
                           "eligibility": json.loads(info.eligibility) if info.eligibility else None,
                           "server": c.server_metadata()},
@@ -743,6 +919,7 @@ def _add_ui(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--audit-log", type=Path, metavar="FILE",
                    help="append each upload and answer (the signed-in user, the file's sha256) to this hash-chained "
                    "audit trail")
+    _add_operating_point(p)
     p.set_defaults(func=_cmd_ui)
 
 
@@ -752,7 +929,8 @@ def _cmd_ui(a: argparse.Namespace) -> int:
     try:
         cfg = UiConfig(url=a.url, protocol=a.protocol, model=a.model, repository=a.model_repository, host=a.host,
                        port=a.port, share=a.share, max_file_mb=a.max_file_mb, auth_file=a.auth_file,
-                       https_cert=a.https_cert, https_key=a.https_key, audit_log=a.audit_log, **_client_security(a))
+                       https_cert=a.https_cert, https_key=a.https_key, audit_log=a.audit_log,
+                       operating_point=a.operating_point, **_client_security(a))
     except ValueError as exc:
         raise CxrError(str(exc)) from None
     launch(cfg)
@@ -1165,7 +1343,7 @@ def _cmd_audit_export(a: argparse.Namespace) -> int:
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_train, _add_evaluate, _add_compare, _add_calibrate, _add_export, _add_ood_fit, _add_ood_eval, _add_explain_eval, _add_configs, _add_serve,
+    _add_lock_split, _add_train, _add_evaluate, _add_operating_points, _add_claims, _add_trials, _add_compare, _add_calibrate, _add_export, _add_ood_fit, _add_ood_eval, _add_explain_eval, _add_configs, _add_serve,
     _add_predict, _add_site_audit, _add_adapt, _add_monitor, _add_health, _add_bench, _add_capacity, _add_soak, _add_ui, _add_ui_passwd, _add_proxy, _add_listen, _add_audit_log, _add_bench_priority,
 ]
 

@@ -37,7 +37,7 @@ USAGE = (
     "For a Pneumonia answer, the heatmap (Grad-CAM) marks the regions that raised P(pneumonia). "
     "A screening aid, not a diagnosis."
 )
-COLUMNS = ["file", "status", "label", "P(pneumonia)", "threshold", "model_version", "reason"]
+COLUMNS = ["file", "status", "label", "P(pneumonia)", "threshold", "operating_point", "model_version", "reason"]
 #: Labels get a symbol and a word, not colour alone.
 BADGES = {"Pneumonia": "▲ PNEUMONIA", "Normal": "● NORMAL", "not_assessable": "◆ NOT ASSESSABLE", "error": "✖ ERROR"}
 CSS = """
@@ -87,6 +87,7 @@ class UiConfig:
     tls: object | None = None
     config_key: str | None = field(default=None, repr=False)
     audit_log: Path | None = None
+    operating_point: str | None = None
 
     def __post_init__(self) -> None:
         from cxr.core.security import is_loopback
@@ -179,7 +180,8 @@ def _answer_html(name: str, pred, labels: tuple[str, ...]) -> str:  # type: igno
     if pred.status is Status.OK:
         cls = "cxr-pneumonia" if pred.label == labels[1] else "cxr-normal"
         return (f'<div class="cxr-answer {cls}"><b>{BADGES.get(pred.label, pred.label)}</b> ({n}): P(pneumonia) '
-                f"{format_probability(pred.probability)}, threshold {pred.threshold:.3f}, model {html.escape(pred.model_name)} "
+                f"{format_probability(pred.probability)}, threshold {pred.threshold:.3f} "
+                f"(operating point {html.escape(pred.operating_point or '-')}), model {html.escape(pred.model_name)} "
                 f"v{html.escape(pred.model_version)}</div>")
     if pred.status is Status.NOT_ASSESSABLE:
         r = pred.refusal
@@ -251,7 +253,8 @@ def make_classifier(client, gradcam, workdir: Path, *, gradcam_note: str = "", a
                       else (pred.reason or "").replace(path, name))
             rows.append([name, pred.status.value, pred.label or "",
                          "" if pred.probability is None else format_probability(pred.probability),
-                         round(pred.threshold, 4), f"{pred.model_name} v{pred.model_version}", reason])
+                         round(pred.threshold, 4), pred.operating_point, f"{pred.model_name} v{pred.model_version}",
+                         reason])
             blocks.append(_answer_html(name, pred, client.info.labels))
         blocks += [f"<p><i>{n}</i></p>" for n in dict.fromkeys(notes)]
         csv_path = workdir / "results.csv"
@@ -272,7 +275,7 @@ def build_app(cfg: UiConfig):  # type: ignore[no-untyped-def]
     from cxr.client.explain import GradCam
 
     client = PneumoniaClient(cfg.url, protocol=cfg.protocol, model=cfg.model, tls=cfg.tls,  # type: ignore[arg-type]
-                             config_key=cfg.config_key)
+                             config_key=cfg.config_key, operating_point=cfg.operating_point)
     note = ""
     try:
         gradcam = GradCam(Path(cfg.repository) / cfg.model, served_sha256=client.info.sha256)
@@ -306,8 +309,11 @@ def build_app(cfg: UiConfig):  # type: ignore[no-untyped-def]
         gallery = gr.HTML(elem_id="gradcam")
         table = gr.Dataframe(headers=COLUMNS, label="Results", elem_id="table", interactive=False)
         download = gr.File(label="Results CSV", elem_id="csv")
-        gr.Markdown(f"Model `{client.info.name}` v{client.info.version} via {cfg.protocol}; threshold "
-                    f"{client.info.threshold:.3f} (from the served model)"
+        point, threshold = client.point_for(None)
+        gr.Markdown(f"Model `{client.info.name}` v{client.info.version} via {cfg.protocol}; operating point "
+                    f"`{point}`, threshold {threshold:.3f} (from the served model; a DICOM upload whose header "
+                    "states the patient's age is answered at its population's point unless the page was started with "
+                    "--operating-point)"
                     + (f"; heatmap unavailable: {note}" if note else "") + ".")
         submit.click(classify_as_user, inputs=files, outputs=[result, gallery, table, download], api_name="classify")
         clear.click(lambda: (None, "", "", None, None), outputs=[files, result, gallery, table, download])

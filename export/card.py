@@ -5,16 +5,48 @@ from __future__ import annotations
 from pathlib import Path
 
 from cxr.core import contract
+from cxr.core.claims import CLAIMS_FILE, Claims
 from cxr.core.model_dir import ModelDir
 
 
 def write_card(model_dir: Path, card: dict) -> None:
-    """Write ``model_card.json`` and a readable ``MODEL_CARD.md`` (through :class:`cxr.core.model_dir.ModelDir`)."""
-    ModelDir(Path(model_dir)).write_card(card, card_markdown(card))
+    """Write ``model_card.json`` and a readable ``MODEL_CARD.md`` (through :class:`cxr.core.model_dir.ModelDir`);
+    the card's performance table comes from the folder's ``claims.json`` when it has one for this model file."""
+    claims = None
+    path = Path(model_dir) / CLAIMS_FILE
+    if path.exists():
+        claims = Claims.load(path)
+        if claims.model_sha256 != card.get("sha256"):
+            claims = None  # measured on another file: the card says so below rather than show stale figures
+    ModelDir(Path(model_dir)).write_card(card, card_markdown(card, claims))
 
 
-def card_markdown(card: dict) -> str:
+def _points_markdown(card: dict) -> list[str]:
+    points = card.get("operating_points") or {}
+    if not points:
+        return []
+    lines = ["", "## Operating points", "",
+             f"Served as config parameter `{contract.PARAM_OPERATING_POINTS}`; `cxr predict --operating-point NAME` "
+             "picks one; without a name a DICOM input's patient age chooses its population's point (under "
+             f"{contract.ADULT_AGE_YEARS} years: pediatric), and any other input gets the default, "
+             f"**{card.get('default_operating_point')}**. Each point was chosen on its own population's select "
+             "patients; the figures on those patients are in-sample for the threshold (the claims below are not).",
+             "", "| point | threshold | rule | chosen on (select side) | select sensitivity (in-sample) | "
+             "select specificity (in-sample) |", "|---|---|---|---|---|---|"]
+    for name, pt in sorted(points.items()):
+        f = pt.get("select_figures_in_sample") or {}
+        rule = pt["rule"] + (f" >= {pt['target']}" if pt.get("target") else "")
+        lines.append(f"| {name} | {pt['threshold']:.4f} | {rule} | {' + '.join(pt['chosen_on']['sources'])} "
+                     f"({pt['chosen_on']['films']} films, {pt['chosen_on']['patients']} patients) | "
+                     f"{f.get('sensitivity', float('nan')):.3f} ({f.get('tp')}/{f.get('n_pos')}) | "
+                     f"{f.get('specificity', float('nan')):.3f} ({f.get('tn')}/{f.get('n_neg')}) |")
+    return lines
+
+
+def card_markdown(card: dict, claims: Claims | None = None) -> str:
     """``MODEL_CARD.md``: the card for people."""
+    from cxr.export.claims_report import claims_markdown
+
     cal = card["calibration"]
     m = cal.get("metrics", {})
     ood = card.get("ood") or {}
@@ -52,6 +84,13 @@ def card_markdown(card: dict) -> str:
         ]
     if cal.get("previous_threshold") is not None:
         lines.append(f"- previous threshold: {cal['previous_threshold']:.4f}")
+    lines += _points_markdown(card)
+    if claims is not None:
+        lines += ["", "## What a hospital may expect (claims, locked test patients)", "",
+                  claims_markdown(claims, own_population_only=False).rstrip("\n")]
+    elif card.get("claims"):
+        lines += ["", "## What a hospital may expect", "",
+                  "This file's claims.json was measured on another model file: run `cxr claims` again."]
     if ood:
         fl = ", ".join(f"{k} {v:.2%} of {ood['n'][k]}" for k, v in ood["flagged"].items())
         lines += [
@@ -96,7 +135,8 @@ def card_markdown(card: dict) -> str:
                   f"- audit: sensitivity {au['sensitivity']['value']:.3f} ({au['sensitivity']['k']}/{au['sensitivity']['n']}), "
                   f"specificity {au['specificity']['value']:.3f} ({au['specificity']['k']}/{au['specificity']['n']}), "
                   f"AUC {au['roc_auc']['value']:.3f}, flagged {au['flagged']['value']:.1%}; in-sample for the threshold"]
-    lines += ["", "## Evaluations", "", f"Of {card['evaluations_of']}.", ""]
+    lines += ["", "## Evaluations (in-sample where the set chose something: read the claims above first)", "",
+              f"Of {card['evaluations_of']}.", ""]
     for name, rep in card["evaluations"].items():
         lines.append(f"### {name} (`{rep['data']}`, n={rep['n']}, threshold {rep['threshold']:.4f})")
         lines.append("")

@@ -253,6 +253,7 @@ class ExportConfig:
     command: str = ""
     cache_dir: Path | None = None
     site_dir: Path | None = None
+    non_chest_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.opset < 17:
@@ -349,7 +350,8 @@ def export(cfg: ExportConfig) -> dict:
     if cfg.data_dir is not None and split_file.exists():
         for d, _ in dirs:
             results.setdefault("ood", {})[d.name] = repository.refit_ood(
-                d, data_dir=cfg.data_dir, split_file=split_file, site_dir=cfg.site_dir, cache_dir=cfg.cache_dir)
+                d, data_dir=cfg.data_dir, split_file=split_file, site_dir=cfg.site_dir, cache_dir=cfg.cache_dir,
+                non_chest_dir=cfg.non_chest_dir)
     else:
         logger.warning("no training data or split.json: the model is exported without an ood_score output")
         for d, _ in dirs:

@@ -34,6 +34,8 @@ from cxr.core.errors import CxrError, ExportValidationError
 from cxr.core.graph import OOD_PREFIX as PREFIX
 from cxr.core.graph import load as _load
 from cxr.core.graph import strip_ood as strip
+from cxr.export.body_part import CLIP as BODY_CLIP
+from cxr.export.body_part import BodyPartHead, NonChest
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ class OodFit:
         chol: ``L`` with ``L @ L.T`` the shrunk precision ``(p, p)``.
         shrinkage: The chosen ``a``.
         n_train: Training images the mean and covariance come from.
+        body: The body-part check folded into the score (:mod:`cxr.export.body_part`), or ``None``.
     """
 
     taps: tuple[str, ...]
@@ -72,6 +75,7 @@ class OodFit:
     chol: np.ndarray = field(repr=False)
     shrinkage: float = 0.0
     n_train: int = 0
+    body: BodyPartHead | None = None
 
     def __post_init__(self) -> None:
         p = self.mean.shape[0]
@@ -80,10 +84,15 @@ class OodFit:
         if not (np.isfinite(self.mean).all() and np.isfinite(self.chol).all()):
             raise ValueError("OOD fit holds NaN or Inf")
 
-    def score(self, features: np.ndarray) -> np.ndarray:
-        """Reference scores ``(N,)`` in float64 from transformed features ``(N, p)``."""
+    def distance(self, features: np.ndarray) -> np.ndarray:
+        """The Mahalanobis part ``(N,)`` in float64 from transformed features ``(N, p)``."""
         z = (np.asarray(features, np.float64) - self.mean) @ self.chol
         return np.sqrt((z * z).sum(axis=1))
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        """Reference ``ood_score`` ``(N,)`` in float64: the distance, or the body-part part where it is larger."""
+        d = self.distance(features)
+        return d if self.body is None else np.maximum(d, self.body.score(features))
 
 
 def find_taps(model, layers: tuple[str, ...] | None = None) -> tuple[str, ...]:  # type: ignore[no-untyped-def]
@@ -244,7 +253,25 @@ def attach(model, ood: OodFit):  # type: ignore[no-untyped-def]
     else:
         g.node.append(helper.make_node("ReduceSumSquare", [f"{PREFIX}whitened"], [f"{PREFIX}d2"], name=f"{PREFIX}d2",
                                        axes=[1], keepdims=1))
-    g.node.append(helper.make_node("Sqrt", [f"{PREFIX}d2"], [contract.OOD_OUTPUT_NAME], name=f"{PREFIX}distance"))
+    if ood.body is None:
+        g.node.append(helper.make_node("Sqrt", [f"{PREFIX}d2"], [contract.OOD_OUTPUT_NAME], name=f"{PREFIX}distance"))
+    else:  # ood_score = max(distance, T * exp(clip(features @ w + b - z0)))  (cxr.export.body_part)
+        body = ood.body
+        g.node.append(helper.make_node("Sqrt", [f"{PREFIX}d2"], [f"{PREFIX}dist"], name=f"{PREFIX}distance"))
+        consts = {"bw": body.w.astype(np.float32).reshape(-1, 1), "bb": np.array(body.b - body.z0, np.float32),
+                  "blo": np.array(-BODY_CLIP, np.float32), "bhi": np.array(BODY_CLIP, np.float32),
+                  "bscale": np.array(body.scale, np.float32)}
+        for k, v in consts.items():
+            g.initializer.append(numpy_helper.from_array(v, f"{PREFIX}{k}"))
+        steps = [("MatMul", [f"{PREFIX}features", f"{PREFIX}bw"], "blogit"),
+                 ("Add", [f"{PREFIX}blogit", f"{PREFIX}bb"], "bcentred"),
+                 ("Clip", [f"{PREFIX}bcentred", f"{PREFIX}blo", f"{PREFIX}bhi"], "bclipped"),
+                 ("Exp", [f"{PREFIX}bclipped"], "bexp"),
+                 ("Mul", [f"{PREFIX}bexp", f"{PREFIX}bscale"], "bscore")]
+        for op, inputs, out in steps:
+            g.node.append(helper.make_node(op, inputs, [f"{PREFIX}{out}"], name=f"{PREFIX}{out}"))
+        g.node.append(helper.make_node("Max", [f"{PREFIX}dist", f"{PREFIX}bscore"], [contract.OOD_OUTPUT_NAME],
+                                       name=f"{PREFIX}max"))
     g.output.append(helper.make_tensor_value_info(contract.OOD_OUTPUT_NAME, TensorProto.FLOAT, [contract.BATCH_DIM, 1]))
     onnx.checker.check_model(m)
     return m
@@ -274,6 +301,7 @@ class OodReport:
     flagged: dict[str, float]
     n: dict[str, int]
     parity_max_rel_diff: float
+    body_part: dict | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -291,7 +319,7 @@ class OodFeatures:
 
 def build(
     onnx_path: Path, train_images: np.ndarray, real_sets: dict[str, np.ndarray], *, out_path: Path | None = None,
-    layers: tuple[str, ...] | None = None, weights: np.ndarray | None = None,
+    layers: tuple[str, ...] | None = None, weights: np.ndarray | None = None, non_chest: NonChest | None = None,
 ) -> tuple[OodReport, OodFeatures]:
     """Fit the OOD head for the ONNX at ``onnx_path`` and write the model with it (in place by default).
 
@@ -304,6 +332,8 @@ def build(
         out_path: Where to write (default: ``onnx_path``).
         layers: Keras layer names to tap (default: by architecture, :data:`TAPS`).
         weights: Per training image weights of the mean and covariance (default equal).
+        non_chest: Radiographs of other body parts and corpus inputs: fits the body-part check folded into the
+            score (:mod:`cxr.export.body_part`); ``None``: the distance alone.
 
     Raises:
         ExportValidationError: The graph's ``ood_score`` disagrees with the float64 reference.
@@ -316,7 +346,36 @@ def build(
     first = next(iter(feats))
     ood = fit(f_train, feats[first], taps, weights)
     ref = {k: ood.score(f) for k, f in feats.items()}
-    threshold = choose_threshold(ref)
+    body_report = None
+    if non_chest is None:
+        threshold = choose_threshold(ref)
+    else:
+        from dataclasses import replace
+
+        from cxr.export import body_part
+
+        f_non = extractor(non_chest.images)
+        w = np.ones(len(f_train)) if weights is None else np.asarray(weights, np.float64)
+        chest_select = disjoint(feats)
+        head = body_part.fit(f_train, w, f_non[non_chest.fitting], chest_select, scale=1.0)
+        # a film the body-part check refuses counts as refused when the distance threshold is chosen, so the
+        # two checks together keep the pass rates
+        masked = {k: np.where(head.logit(f) > head.z0, np.inf, ref[k]) for k, f in feats.items()}
+        threshold = choose_threshold(masked)
+        if not np.isfinite(threshold):
+            raise CxrError("the body-part check alone refuses more real chest films than the pass rates allow")
+        ood = replace(ood, body=replace(head, scale=threshold))
+        ref = {k: ood.score(f) for k, f in feats.items()}
+        kinds = np.array(non_chest.kinds)
+        body_report = {
+            "method": "logistic regression on the OOD head's features: other body parts and corpus inputs "
+                      "against the training chest films (cxr.export.body_part)",
+            "cut": head.z0, "chest_pass": body_part.CHEST_PASS, "l2": body_part.L2,
+            "fitted_on": {k: int(((kinds == k) & non_chest.fitting).sum()) for k in sorted(set(non_chest.kinds))},
+            "validation": body_part.validate(f_train, w, chest_select, non_chest, f_non, scale=threshold),
+            "refused_by_served_score": {k: float(np.mean(ood.score(f_non[kinds == k]) > threshold))
+                                        for k in sorted(set(non_chest.kinds))},
+        }
     model = attach(base, ood)
     out_path = Path(out_path or onnx_path)
     import onnx
@@ -357,5 +416,5 @@ def build(
     report = OodReport(taps=taps, features=len(ood.mean), shrinkage=ood.shrinkage, n_train=ood.n_train,
                        threshold=threshold, pass_rate_target=PASS_RATE, per_set_pass_rate=PER_SET_PASS_RATE,
                        flagged=flagged,
-                       n={k: len(v) for k, v in real_sets.items()}, parity_max_rel_diff=worst)
+                       n={k: len(v) for k, v in real_sets.items()}, parity_max_rel_diff=worst, body_part=body_report)
     return report, OodFeatures(f_train, feats, ood)

@@ -87,7 +87,7 @@ def verified_onnx(model_dir: Path, card: dict) -> Path:
 
 def refit_ood(
     model_dir: Path, *, data_dir: Path | None, split_file: Path, site_dir: Path | None, cache_dir: Path | None = None,
-    command: str = "",
+    command: str = "", non_chest_dir: Path | None = None, body_part: bool = True,
 ) -> dict:
     """Fit the OOD head of one model on its training split and write model, card, configs and the site files.
 
@@ -102,6 +102,12 @@ def refit_ood(
         data_dir: Kaggle-layout root (needed only for splits written before sources were recorded).
         split_file: The training run's ``split.json`` (train side fits, validation side picks shrinkage).
         site_dir: Labelled site sample (its images count towards the threshold's pass rate).
+        non_chest_dir: Radiographs of other body parts (``<part>/*.png``) for the body-part check, fitted with
+            the local corpus (:mod:`cxr.export.body_part`); with ``body_part`` and no folder, the corpus alone.
+        body_part: Fold the body-part check into ``ood_score``.
+
+    A locked split's select side (every source's, the site sample's included) is the validation side here; its
+    test side is never read.
     """
     from cxr.export import adapt_kit, ood_head
     from cxr.train import data as data_mod
@@ -124,22 +130,29 @@ def refit_ood(
     if site_dir is not None:
         real["site"], _, _ = load_labelled(site_dir, cache_dir=cache_dir)
         site_rows = data_mod.provenance_rows("ood_reference", data_mod.folder_samples(site_dir))
-    report, feats = ood_head.build(path, x_train, real, weights=weights)
+    non_chest = None
+    if body_part:
+        from cxr.export.body_part import load_non_chest
+
+        non_chest = load_non_chest(non_chest_dir, cache_dir=cache_dir)
+    report, feats = ood_head.build(path, x_train, real, weights=weights, non_chest=non_chest)
     card["sha256"], card["bytes"] = sha256_file(path), path.stat().st_size
     card["ood"] = {**report.as_dict(), "method": "Mahalanobis distance of log1p pooled features (ood_head)",
                    "weighting": "every training source has equal mass" if len(per_source) > 1 else "equal per image",
                    "fitted_on": {"train": relative(data_dir) if data_dir else None, "split": relative(split_file),
-                                 "site": relative(site_dir) if site_dir else None}}
+                                 "site": relative(site_dir) if site_dir else None,
+                                 "not_chest": relative(non_chest_dir) if non_chest_dir else None}}
     card["contract"]["outputs"] = [
         {"name": contract.OUTPUT_NAME, "dtype": "float32", "shape": ["batch", 1]},
         {"name": contract.OOD_OUTPUT_NAME, "dtype": "float32", "shape": ["batch", 1]},
     ]
     folder = ModelDir(model_dir)
-    folder.write_provenance(data_mod.provenance_rows("train", tr) + data_mod.provenance_rows("validation", va)
-                            + site_rows, replace_roles=("train", "validation", "ood_reference"))
+    chose = "select" if split.locked else "validation"
+    folder.write_provenance(data_mod.provenance_rows("train", tr) + data_mod.provenance_rows(chose, va)
+                            + site_rows, replace_roles=("train", "validation", "select", "ood_reference"))
     card["provenance"] = {"file": PROVENANCE_FILE, "summary": data_mod.provenance_summary(folder.provenance())}
     x_ref = np.concatenate([x_val, real["site"]]) if "site" in real else x_val
-    write_reference(model_dir, path, report.threshold, x_ref, what=f"validation side of {relative(split_file)}"
+    write_reference(model_dir, path, report.threshold, x_ref, what=f"{chose} side of {relative(split_file)}"
                     + (f" and {relative(site_dir)}" if site_dir else ""))
     adapt_kit.save(model_dir, path, tr, x_train, feats, weights, seed=split.seed)
     card.setdefault("targets", dict(DEFAULT_TARGETS))

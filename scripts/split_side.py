@@ -20,11 +20,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("split", type=Path)
     p.add_argument("out", type=Path)
-    p.add_argument("--side", choices=["train", "val"], default="val")
-    p.add_argument("--source")
+    p.add_argument("--side", choices=["train", "val", "select", "test"], default="val",
+                   help="val and select are one side (a locked split calls it select)")
+    p.add_argument("--source", action="append", help="only this source's films (repeatable)")
     p.add_argument("--data", type=Path, help="Kaggle root, for splits without source roots")
     a = p.parse_args()
-    samples = [s for s in Split.load(a.split).samples(a.side, a.data) if a.source in (None, s.source)]
+    samples = [s for s in Split.load(a.split).samples(a.side, a.data) if a.source is None or s.source in a.source]
     if not samples:
         print(f"no films on the {a.side} side" + (f" of source {a.source}" if a.source else ""), file=sys.stderr)
         return 2

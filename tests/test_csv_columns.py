@@ -17,8 +17,8 @@ def _read(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def test_people_read_path_status_label_probability_threshold_reason_first() -> None:
-    assert CSV_COLUMNS[:6] == ("path", "status", "label", "probability", "threshold", "reason")
+def test_people_read_path_status_label_probability_threshold_point_reason_first() -> None:
+    assert CSV_COLUMNS[:7] == ("path", "status", "label", "probability", "threshold", "operating_point", "reason")
 
 
 def test_a_journal_of_an_earlier_release_keeps_its_rows_when_appended_to(tmp_path: Path) -> None:

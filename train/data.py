@@ -222,10 +222,20 @@ class Split:
     val: tuple[str, ...]
     roots: tuple[tuple[str, str], ...] = ()
     val_fractions: tuple[tuple[str, float], ...] = ()
+    test: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        sides = [set(self.train), set(self.val), set(self.test)]
+        if sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2]:
+            raise ValueError("a film is on two sides of the split")
+
+    @property
+    def locked(self) -> bool:
+        """A locked split has test patients: ``val`` is then the select side, and ``test`` is read only by the
+        final report (``cxr claims``)."""
+        return bool(self.test)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the split as JSON (relative paths)."""
@@ -234,6 +244,8 @@ class Split:
             payload["roots"] = dict(self.roots)
             payload["val_fractions"] = dict(self.val_fractions)
         payload.update(train=list(self.train), val=list(self.val))
+        if self.test:
+            payload["test"] = list(self.test)
         Path(path).write_text(json.dumps(payload, indent=1) + "\n")
 
     @classmethod
@@ -242,7 +254,8 @@ class Split:
         d = json.loads(Path(path).read_text())
         return cls(int(d["seed"]), float(d["val_fraction"]), tuple(d["train"]), tuple(d["val"]),
                    tuple(sorted((d.get("roots") or {}).items())),
-                   tuple(sorted((k, float(v)) for k, v in (d.get("val_fractions") or {}).items())))
+                   tuple(sorted((k, float(v)) for k, v in (d.get("val_fractions") or {}).items())),
+                   tuple(d.get("test") or ()))
 
     def sources(self, data_dir: str | os.PathLike | None = None) -> dict[str, Path]:
         """Source name -> folder. A split without roots is Kaggle's, under ``data_dir`` (its ``train/``)."""
@@ -255,9 +268,11 @@ class Split:
         return {KAGGLE: split_dir(data_dir, "train")}
 
     def samples(self, side: str, data_dir: str | os.PathLike | None = None) -> list[Sample]:
-        """The ``train`` or ``val`` side as samples (source, label and patient filled in)."""
-        if side not in ("train", "val"):
-            raise ValueError(f"side must be train or val, got {side!r}")
+        """The ``train``, ``val`` (``select`` of a locked split) or ``test`` side as samples (source, label and
+        patient filled in)."""
+        side = {"select": "val"}.get(side, side)
+        if side not in ("train", "val", "test"):
+            raise ValueError(f"side must be train, val (select) or test, got {side!r}")
         roots = self.sources(data_dir)
         patients = {name: manifest_patients(root) for name, root in roots.items()}
         out = []
@@ -324,6 +339,50 @@ def make_source_split(
     return Split(seed, val_fraction, tuple(sorted(train)), tuple(sorted(val)),
                  tuple(sorted((src.name, relative(src.root)) for src, _ in sources)),
                  tuple(sorted(fractions.items())))
+
+
+@dataclass(frozen=True)
+class LockShares:
+    """How one source's patients are locked: shares of its films (by patient, per class) for select and test;
+    the rest trains. ``select + test >= 1`` gives a source that never trains (a deployment-site sample)."""
+
+    select: float
+    test: float
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.select < 1.0 and 0.0 <= self.test < 1.0 and self.select + self.test > 0):
+            raise ValueError(f"lock shares must be in [0, 1), not both 0: select {self.select}, test {self.test}")
+
+
+def make_locked_split(
+    sources: Sequence[tuple[Source, Sequence[Sample], LockShares]], *, seed: int = 0,
+) -> Split:
+    """Lock every source's patients into train, select and test (entries ``SOURCE/CLASS/FILE``).
+
+    Test patients are drawn first, by class, then select patients from the rest; a patient is on one side
+    only. Select chooses everything (checkpoint, calibration, thresholds, the OOD fit); test is read once,
+    by the final report, and enters nothing else.
+    """
+    from cxr.core.paths import relative
+
+    rng = random.Random(seed)
+    train: list[str] = []
+    select: list[str] = []
+    test: list[str] = []
+    for src, samples, shares in sources:
+        test_patients = draw_patients(samples, shares.test, rng)
+        if shares.select + shares.test >= 1.0:
+            select_patients = {s.patient for s in samples} - test_patients
+        else:
+            select_patients = draw_patients(samples, shares.select, rng, exclude=test_patients)
+        for s in samples:
+            entry = f"{src.name}/{s.path.relative_to(src.root).as_posix()}"
+            side = test if s.patient in test_patients else select if s.patient in select_patients else train
+            side.append(entry)
+    mean_select = float(np.mean([sh.select for _, _, sh in sources])) or 0.15
+    return Split(seed, min(max(mean_select, 0.01), 0.99), tuple(sorted(train)), tuple(sorted(select)),
+                 tuple(sorted((src.name, relative(src.root)) for src, _, _ in sources)),
+                 tuple(sorted((src.name, sh.select) for src, _, sh in sources)), tuple(sorted(test)))
 
 
 def load_images(

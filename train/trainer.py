@@ -58,6 +58,10 @@ class TrainConfig:
             (e.g. adult films from other hospitals), each split by patient.
         source_val_fraction: Validation share of patients in each further
             source (small sources need more than ``val_fraction`` to validate on).
+        split_file: A locked split (``cxr lock-split``): its train side trains, its select side chooses the
+            checkpoint, and its test side is never read. ``data_dir`` and ``sources`` are then not used to split.
+        leave_out: Sources of the locked split left out of training and selection (leave-one-source-out runs
+            and ablations).
     """
 
     data_dir: Path
@@ -79,8 +83,15 @@ class TrainConfig:
     time_budget_s: float | None = None
     sources: tuple[data_mod.Source, ...] = ()
     source_val_fraction: float = 0.3
+    split_file: Path | None = None
+    leave_out: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.split_file is not None and (self.monitor_dir is not None or self.sources):
+            raise ValueError("a locked split names its sources and holds the site sample's select patients: "
+                             "give no --source or --monitor with it")
+        if self.leave_out and self.split_file is None:
+            raise ValueError("leave_out needs a locked split")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
@@ -91,7 +102,7 @@ class TrainConfig:
             raise ValueError(f"select_on must be one of {SELECT_ON}, got {self.select_on!r}")
         if self.select_on == "monitor" and self.monitor_dir is None:
             raise ValueError("select_on='monitor' needs monitor_dir")
-        if self.select_on == "sources" and not self.sources:
+        if self.select_on == "sources" and not (self.sources or self.split_file):
             raise ValueError("select_on='sources' needs further sources")
         if self.limit_per_class is not None and self.limit_per_class < 2:
             raise ValueError("limit_per_class must be >= 2")
@@ -226,8 +237,11 @@ def _labels(samples: list[data_mod.Sample]) -> np.ndarray:
 
 
 def source_aucs(samples: list[data_mod.Sample], p: np.ndarray) -> dict[str, float]:
-    """Validation AUC per source that has both classes, and ``pooled_other`` over every source but Kaggle
-    (a one-class source is scored against the other sources' Normal films there)."""
+    """Validation AUC per source that has both classes.
+
+    A one-class source (COVID-19 inpatients, all Pneumonia, one hospital) is not scored against another
+    source's Normal films: that AUC rewards telling the hospitals apart (the shortcut of DeGrave et al., 2021),
+    not pneumonia."""
     from cxr.train.metrics import roc_auc
 
     y = np.array([s.label for s in samples])
@@ -237,9 +251,6 @@ def source_aucs(samples: list[data_mod.Sample], p: np.ndarray) -> dict[str, floa
         m = src == name
         if len(set(y[m])) == 2:
             out[name] = roc_auc(y[m], p[m])
-    other = src != data_mod.KAGGLE
-    if other.any() and len(set(y[other])) == 2 and len(set(src[other])) > 1:
-        out["pooled_other"] = roc_auc(y[other], p[other])
     return out
 
 
@@ -261,19 +272,42 @@ def train(cfg: TrainConfig) -> TrainResult:
     out.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(cfg.seed)
 
-    sources = [data_mod.Source(data_mod.KAGGLE, data_mod.split_dir(cfg.data_dir, "train")), *cfg.sources]
-    per_source = []
-    for src in sources:
-        samples = data_mod.source_samples(src)
+    if cfg.split_file is not None:
+        split = data_mod.Split.load(cfg.split_file)
+        if not split.locked:
+            raise DataError(f"{cfg.split_file}: not a locked split (no test side); make one with `cxr lock-split`")
+        unknown = set(cfg.leave_out) - set(split.sources())
+        if unknown:
+            raise DataError(f"--leave-out {sorted(unknown)}: the split has {sorted(split.sources())}")
+        tr = [s for s in split.samples("train") if s.source not in cfg.leave_out]
+        va = [s for s in split.samples("val") if s.source not in cfg.leave_out]
         if cfg.limit_per_class:
-            samples = _limit(samples, cfg.limit_per_class, cfg.seed)
-        per_source.append((src, samples))
-    split = data_mod.make_source_split(
-        per_source, val_fraction=cfg.val_fraction, seed=cfg.seed,
-        val_fractions={src.name: cfg.source_val_fraction for src in cfg.sources},
-    )
-    split.save(out / "split.json")
-    tr, va = split.samples("train"), split.samples("val")
+            tr = _limit(tr, cfg.limit_per_class, cfg.seed)
+        per_source = [(data_mod.Source(n, r), []) for n, r in sorted(split.sources().items()) if n not in cfg.leave_out]
+        if cfg.leave_out:  # the run's split: what this model trained and chose on, and the test side it may claim on
+            from dataclasses import replace
+
+            def kept(entries: tuple[str, ...]) -> tuple[str, ...]:
+                return tuple(e for e in entries if e.split("/", 1)[0] not in cfg.leave_out)
+
+            split = replace(split, train=kept(split.train), val=kept(split.val), test=kept(split.test),
+                            roots=tuple(r for r in split.roots if r[0] not in cfg.leave_out),
+                            val_fractions=tuple(v for v in split.val_fractions if v[0] not in cfg.leave_out))
+        split.save(out / "split.json")
+    else:
+        sources = [data_mod.Source(data_mod.KAGGLE, data_mod.split_dir(cfg.data_dir, "train")), *cfg.sources]
+        per_source = []
+        for src in sources:
+            samples = data_mod.source_samples(src)
+            if cfg.limit_per_class:
+                samples = _limit(samples, cfg.limit_per_class, cfg.seed)
+            per_source.append((src, samples))
+        split = data_mod.make_source_split(
+            per_source, val_fraction=cfg.val_fraction, seed=cfg.seed,
+            val_fractions={src.name: cfg.source_val_fraction for src in cfg.sources},
+        )
+        split.save(out / "split.json")
+        tr, va = split.samples("train"), split.samples("val")
     if not va or len({s.label for s in va}) < 2:
         raise DataError("validation split needs both classes; use more data or a larger val_fraction")
     for src, _ in per_source:
@@ -281,8 +315,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         v = [s for s in va if s.source == src.name]
         logger.info("%s: train %d images (%d patients), val %d images (%d patients)", src.name,
                     len(t), len({s.patient for s in t}), len(v), len({s.patient for s in v}))
+    chose = "select" if split.locked else "validation"
     write_provenance(out / "provenance.csv", data_mod.provenance_rows("train", tr)
-                              + data_mod.provenance_rows("validation", va), replace_roles=("train", "validation"))
+                     + data_mod.provenance_rows(chose, va), replace_roles=("train", chose))
     from cxr.core.paths import relative
 
     config_payload = {k: (relative(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}

@@ -1,0 +1,253 @@
+"""Operating points chosen on select patients, and claims measured on test patients (``cxr operating-points``,
+``cxr claims``).
+
+A locked split (``cxr lock-split``) gives every source's patients one role. Here:
+
+* :func:`choose_points` scores the **select** side with the served graph (the model's own ``ood_score`` refusals
+  included) and chooses one threshold per population, each on its own population's select patients, by a stated
+  rule. The card records each point with its rule, its sources and its select-side figures (in-sample for the
+  threshold, and labelled so); the configs serve them as ``operating_points``.
+* :func:`measure_claims` reads the **test** side once, scores it with the served graph, and writes
+  ``claims.json`` (:class:`cxr.core.claims.Claims`): every source at every operating point, intervals from the
+  patient bootstrap (:mod:`cxr.train.claims`). Nothing it measures feeds back into a choice. The test films are
+  recorded in ``provenance.csv`` with the role ``test``.
+* :func:`claims_markdown` renders the table the README and ``MODEL_CARD.md`` carry (one generator, a test keeps
+  them equal), with PPV, NPV and referrals per 100 films at stated prevalences.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cxr.core import contract
+from cxr.core.claims import CLAIMS_FILE, Claim, Claims
+from cxr.core.errors import CxrError
+from cxr.core.model_dir import PROVENANCE_FILE, ModelDir
+from cxr.core.paths import relative
+
+logger = logging.getLogger(__name__)
+
+#: Prevalences at which the card states PPV, NPV and referrals per 100 films.
+PREVALENCES = (0.05, 0.10, 0.20)
+RULES = ("sensitivity", "sensitivity_lcb", "youden")
+
+
+@dataclass(frozen=True)
+class PointRule:
+    """How one named operating point is chosen.
+
+    Attributes:
+        name: The point's name (also the population it serves: ``pediatric``, ``adult``).
+        sources: Select-side sources it is chosen on (its population's).
+        rule: ``sensitivity`` (highest threshold whose select sensitivity reaches ``target``),
+            ``sensitivity_lcb`` (its one-sided 90% lower bound reaches ``target``) or ``youden``.
+        target: The sensitivity target (unused by ``youden``).
+    """
+
+    name: str
+    sources: tuple[str, ...]
+    rule: str = "sensitivity"
+    target: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.name not in ("pediatric", "adult") and not self.name.isidentifier():
+            raise ValueError(f"operating point name {self.name!r}")
+        if not self.sources:
+            raise ValueError(f"operating point {self.name}: name the select-side sources it is chosen on")
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
+        if not 0.5 <= self.target < 1.0:
+            raise ValueError(f"target must be in [0.5, 1), got {self.target}")
+
+    @classmethod
+    def parse(cls, text: str) -> PointRule:
+        """``NAME=SOURCE[+SOURCE...]:RULE[:TARGET]`` (``adult=nih:sensitivity:0.9``)."""
+        name, sep, rest = text.partition("=")
+        parts = rest.split(":")
+        if not sep or len(parts) not in (2, 3) or not parts[0]:
+            raise CxrError(f"--point {text!r}: expected NAME=SOURCE[+SOURCE]:RULE[:TARGET]")
+        try:
+            return cls(name, tuple(parts[0].split("+")), parts[1], float(parts[2]) if len(parts) == 3 else 0.9)
+        except ValueError as exc:
+            raise CxrError(f"--point {text!r}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One side of a split scored by the served graph: labels, probabilities (NaN where refused), patients, sources."""
+
+    y: np.ndarray
+    p: np.ndarray
+    patients: tuple[str, ...]
+    sources: tuple[str, ...]
+    paths: tuple[str, ...]
+
+    def of(self, sources: tuple[str, ...] | str) -> Scored:
+        names = (sources,) if isinstance(sources, str) else sources
+        m = np.array([s in names for s in self.sources])
+        idx = np.flatnonzero(m)
+        return Scored(self.y[idx], self.p[idx], tuple(self.patients[i] for i in idx),
+                      tuple(self.sources[i] for i in idx), tuple(self.paths[i] for i in idx))
+
+
+def score_side(model_dir: Path, split_file: Path, side: str, *, cache_dir: Path | None = None) -> Scored:
+    """Every film of one side through the product's path: decoding and pixel rules, then the served graph's
+    ``probability`` and ``ood_score`` (a refusal is NaN)."""
+    from cxr.core.ort_session import served_outputs
+    from cxr.export.repository import read_card, verified_onnx
+    from cxr.train import data as data_mod
+
+    split = data_mod.Split.load(split_file)
+    if not split.locked:
+        raise CxrError(f"{split_file}: not a locked split (no test side); make one with `cxr lock-split`")
+    samples = split.samples(side)
+    card = read_card(Path(model_dir))
+    path = verified_onnx(Path(model_dir), card)
+    x, kept, _ = data_mod.load_assessable([s.path for s in samples], cache_dir=cache_dir)
+    p = np.full(len(samples), np.nan)
+    if len(kept):
+        prob, ood = served_outputs(path, x)
+        thr = (card.get("ood") or {}).get("threshold")
+        answered = np.array([not contract.is_out_of_distribution(float(o), thr) for o in ood], bool)
+        p[np.array(kept)[answered]] = np.asarray(prob, float)[answered]
+    return Scored(np.array([s.label for s in samples], int), p, tuple(s.patient for s in samples),
+                  tuple(s.source for s in samples), tuple(relative(s.path) for s in samples))
+
+
+def choose_points(model_dirs: list[Path], split_file: Path, rules: list[PointRule], *, default: str | None = None,
+                  cache_dir: Path | None = None, command: str = "") -> dict:
+    """Choose each point on its population's select patients (scored by the first model) and store the points in
+    every model folder given (card and configs). The default point is ``default``, else the most sensitive one
+    (the lowest threshold): an input of unknown population is never screened less sensitively."""
+    from cxr.export.repository import read_card, save_card, write_configs
+    from cxr.train.evaluate import choose_threshold, operating_point
+
+    if len({r.name for r in rules}) != len(rules):
+        raise CxrError("one rule per operating point")
+    scored = score_side(model_dirs[0], split_file, "select", cache_dir=cache_dir)
+    points: dict[str, dict] = {}
+    for r in rules:
+        missing = set(r.sources) - set(scored.sources)
+        if missing:
+            raise CxrError(f"operating point {r.name}: no select films of {sorted(missing)} in {split_file}")
+        s = scored.of(r.sources)
+        ok = np.isfinite(s.p)
+        if len(set(s.y[ok].tolist())) < 2:
+            raise CxrError(f"operating point {r.name}: its select films need both classes")
+        thr = choose_threshold(s.y[ok], s.p[ok], rule=r.rule, target=r.target)
+        fig = operating_point(s.y[ok], s.p[ok], thr)
+        points[r.name] = {
+            "threshold": thr, "population": r.name, "rule": r.rule, "target": r.target if r.rule != "youden" else None,
+            "chosen_on": {"split": relative(split_file), "side": "select", "sources": list(r.sources),
+                          "films": int(len(s.y)), "answered": int(ok.sum()), "patients": len(set(s.patients))},
+            "select_figures_in_sample": {k: fig[k] for k in ("sensitivity", "specificity", "roc_auc", "tp", "n_pos",
+                                                              "tn", "n_neg")},
+        }
+    default = default or min(points, key=lambda k: points[k]["threshold"])
+    if default not in points:
+        raise CxrError(f"default operating point {default!r} is not one of {sorted(points)}")
+    for d in model_dirs:
+        card = read_card(Path(d))
+        card["operating_points"] = points
+        card["default_operating_point"] = default
+        card["calibration"].update(threshold=points[default]["threshold"], rule=f"operating point {default}",
+                                   fitted_on=f"select side of {relative(split_file)}")
+        if command:
+            card.setdefault("commands", []).append(command)
+        save_card(Path(d), card)
+        write_configs(Path(d), card)
+    return {"default": default, "points": points}
+
+
+def measure_claims(model_dir: Path, split_file: Path, populations: dict[str, str], *, cache_dir: Path | None = None,
+                   command: str = "", n_boot: int = 2000) -> Claims:
+    """Read the test side once and write ``claims.json``: every source at every operating point of the model.
+
+    Args:
+        populations: source -> population (``kaggle_site`` -> ``pediatric``); every test source must have one.
+    """
+    from cxr.export.repository import read_card, save_card
+    from cxr.train import claims as claims_mod
+    from cxr.train import data as data_mod
+
+    model_dir = Path(model_dir)
+    card = read_card(model_dir)
+    points = {k: float(v["threshold"]) for k, v in (card.get("operating_points") or {}).items()}
+    if not points:
+        points = {contract.SINGLE_OPERATING_POINT: float(card["calibration"]["threshold"])}
+    scored = score_side(model_dir, split_file, "test", cache_dir=cache_dir)
+    unknown = sorted(set(scored.sources) - set(populations))
+    if unknown:
+        raise CxrError(f"test sources {unknown} have no population (--population SOURCE=POPULATION)")
+    out: list[Claim] = []
+    for source in sorted(set(scored.sources)):
+        s = scored.of(source)
+        for name, thr in sorted(points.items()):
+            out.append(claims_mod.measure(source=source, population=populations[source], operating_point=name,
+                                          threshold=thr, y=s.y, p=s.p, patients=s.patients, in_sample=False,
+                                          n_boot=n_boot))
+    claims = Claims(tuple(out), card["sha256"], f"patient bootstrap ({n_boot} resamples, patients drawn within "
+                    "class strata); refused films count as referrals and as flagged; AUC over answered films",
+                    generated_by=command)
+    claims.save(model_dir / CLAIMS_FILE)
+    split = data_mod.Split.load(split_file)
+    folder = ModelDir(model_dir)
+    folder.write_provenance(data_mod.provenance_rows("test", split.samples("test")), replace_roles=("test",))
+    card["claims"] = {"file": CLAIMS_FILE, "split": relative(split_file), "side": "test",
+                      "populations": dict(sorted(populations.items()))}
+    card["provenance"] = {"file": PROVENANCE_FILE, "summary": data_mod.provenance_summary(folder.provenance())}
+    if command:
+        card.setdefault("commands", []).append(command)
+    save_card(model_dir, card)
+    return claims
+
+
+def _ci(v: list[float] | None, digits: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v[0]:.{digits}f} ({v[1]:.{digits}f}-{v[2]:.{digits}f})"
+
+
+def predictive_values(sensitivity: float, specificity: float, prevalence: float) -> dict[str, float]:
+    """PPV, NPV and referrals per 100 films at ``prevalence`` (Bayes' rule on the stated rates)."""
+    tp = sensitivity * prevalence
+    fp = (1 - specificity) * (1 - prevalence)
+    fn = (1 - sensitivity) * prevalence
+    tn = specificity * (1 - prevalence)
+    return {"ppv": tp / (tp + fp) if tp + fp else float("nan"), "npv": tn / (tn + fn) if tn + fn else float("nan"),
+            "referrals_per_100": 100 * (tp + fp)}
+
+
+def claims_markdown(claims: Claims, *, own_population_only: bool = True) -> str:
+    """The performance table of the README and the card: each source's test patients at its own population's
+    operating point (or at every point), then PPV, NPV and referrals per 100 films at stated prevalences."""
+    rows = [c for c in claims.claims if not own_population_only or c.population == c.operating_point
+            or c.operating_point == contract.SINGLE_OPERATING_POINT]
+    lines = [
+        f"Measured once on locked test patients that chose nothing (`{CLAIMS_FILE}`; "
+        f"{claims.confidence:.0%} intervals from a {claims.method.split(';')[0]}):",
+        "",
+        "| source | population | operating point | threshold | films (patients) | Pneumonia | AUC | sensitivity | "
+        "specificity | flagged |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in rows:
+        d = c.as_dict()
+        lines.append(f"| {c.source} | {c.population} | {c.operating_point} | {c.threshold:.4f} | {c.films} "
+                     f"({c.patients}) | {c.positives} | {_ci(d['auc'])} | {_ci(d['sensitivity'])} | "
+                     f"{_ci(d['specificity'])} | {_ci(d['flagged'])} |")
+    pv = [c for c in rows if c.sensitivity is not None and c.specificity is not None]
+    if pv:
+        lines += ["", "At a population's own prevalence, from the test sensitivity and specificity above (point "
+                  "estimates):", "",
+                  "| source | operating point | prevalence | PPV | NPV | referrals per 100 films |", "|---|---|---|---|---|---|"]
+        for c in pv:
+            for prev in PREVALENCES:
+                v = predictive_values(c.sensitivity.point, c.specificity.point, prev)  # type: ignore[union-attr]
+                lines.append(f"| {c.source} | {c.operating_point} | {prev:.0%} | {v['ppv']:.3f} | {v['npv']:.3f} | "
+                             f"{v['referrals_per_100']:.1f} |")
+    return "\n".join(lines) + "\n"

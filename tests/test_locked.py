@@ -1,0 +1,167 @@
+"""Locked patients and named operating points: the split keeps each patient on one side, the client answers each
+input at its population's point, the body-part check is computed by the graph as by its reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cxr.client.client import PneumoniaClient
+from cxr.client.transport import ModelInfo, Scores, Transport
+from cxr.core import contract
+from cxr.core.errors import CxrError
+from cxr.train import data as data_mod
+from tests.conftest import SHIPPED_REPOSITORY, make_dataset
+
+
+def _sources(tmp_path: Path) -> list:
+    make_dataset(tmp_path / "a", n_per_class=20, split=None, seed=1)
+    make_dataset(tmp_path / "b", n_per_class=12, split=None, seed=2)
+    out = []
+    for name, shares in (("a", data_mod.LockShares(0.2, 0.25)), ("site", data_mod.LockShares(0.5, 0.5))):
+        src = data_mod.Source(name, tmp_path / ("a" if name == "a" else "b"))
+        out.append((src, data_mod.source_samples(src), shares))
+    return out
+
+
+def test_a_locked_split_keeps_every_patient_on_one_side(tmp_path: Path) -> None:
+    split = data_mod.make_locked_split(_sources(tmp_path), seed=3)
+    path = tmp_path / "split.json"
+    split.save(path)
+    back = data_mod.Split.load(path)
+    assert back == split and back.locked
+    sides = {side: back.samples(side) for side in ("train", "select", "test")}
+    patients = {side: {s.patient for s in ss} for side, ss in sides.items()}
+    assert not patients["train"] & patients["select"]
+    assert not patients["train"] & patients["test"]
+    assert not patients["select"] & patients["test"]
+    assert all(sides[k] for k in sides)
+    # the site sample never trains; both its classes are on the test side
+    assert not [s for s in sides["train"] if s.source == "site"]
+    assert {s.label for s in sides["test"] if s.source == "site"} == {0, 1}
+    # the draw is the seed's
+    assert data_mod.make_locked_split(_sources(tmp_path), seed=3) == split
+    assert data_mod.make_locked_split(_sources(tmp_path), seed=4).test != split.test
+
+
+def test_a_split_refuses_a_film_on_two_sides() -> None:
+    with pytest.raises(ValueError, match="two sides"):
+        data_mod.Split(0, 0.2, ("a/NORMAL/x.png",), ("b/NORMAL/y.png",), test=("a/NORMAL/x.png",))
+
+
+@pytest.mark.parametrize("select,test", [(0.0, 0.0), (-0.1, 0.2), (0.5, 1.0)])
+def test_lock_shares_are_validated(select: float, test: float) -> None:
+    with pytest.raises(ValueError):
+        data_mod.LockShares(select, test)
+
+
+class _Fixed(Transport):
+    """Answers p = 0.3 for every image: Pneumonia at a 0.2 threshold, Normal at 0.4."""
+
+    def __init__(self) -> None:
+        self.info = ModelInfo("m", "1", 8, 0.2, contract.LABELS, "", None, "",
+                              operating_points=(("adult", 0.4), ("pediatric", 0.2)), default_operating_point="pediatric")
+
+    def infer(self, batch: np.ndarray, *, timeout_s: float, priority: int = 0) -> Scores:
+        return Scores(np.full(len(batch), 0.3, np.float32))
+
+    def ready(self) -> bool:
+        return True
+
+
+def test_each_input_is_answered_at_its_population_point(tmp_path: Path) -> None:
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    def dx(name: str, **tags: str) -> Path:
+        ds = pydicom.Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "DX", "CHEST", "PA"
+        for k, v in tags.items():
+            setattr(ds, k, v)
+        rng = np.random.default_rng(0)
+        ds.Rows = ds.Columns = 256
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        ds.PixelData = np.clip(rng.normal(120, 40, (256, 256)), 0, 255).astype(np.uint8).tobytes()
+        path = tmp_path / name
+        ds.save_as(path, enforce_file_format=True)
+        return path
+
+    child = dx("child.dcm", PatientAge="006Y")
+    adult = dx("adult.dcm", PatientBirthDate="19600101", StudyDate="20261201")
+    unknown = dx("unknown.dcm")
+    with PneumoniaClient(transport=_Fixed()) as c:
+        got = {Path(p.source).name: (p.operating_point, p.threshold, p.label) for p in c.predict([child, adult, unknown])}
+    assert got == {"child.dcm": ("pediatric", 0.2, "Pneumonia"), "adult.dcm": ("adult", 0.4, "Normal"),
+                   "unknown.dcm": ("pediatric", 0.2, "Pneumonia")}
+    with PneumoniaClient(transport=_Fixed(), operating_point="adult") as c:  # a named point wins over the age
+        assert {p.operating_point for p in c.predict([child, adult, unknown])} == {"adult"}
+
+
+def test_an_unknown_operating_point_fails_before_anything_is_sent() -> None:
+    with pytest.raises(CxrError, match="adult, pediatric"):
+        PneumoniaClient(transport=_Fixed(), operating_point="neonatal")
+
+
+@pytest.mark.parametrize("tags,age", [({"PatientAge": "045Y"}, 45.0), ({"PatientAge": "006M"}, 0.5),
+                                      ({"PatientAge": "bad"}, None), ({"PatientBirthDate": "20200615",
+                                                                       "StudyDate": "20260615"}, 6.0),
+                                      ({"PatientBirthDate": "20300101", "StudyDate": "20260101"}, None), ({}, None)])
+def test_patient_age_from_the_header(tags: dict, age: float | None) -> None:
+    pydicom = pytest.importorskip("pydicom")
+    from cxr.core.dicom import patient_age_years
+
+    ds = pydicom.Dataset()
+    for k, v in tags.items():
+        setattr(ds, k, v)
+    got = patient_age_years(ds)
+    assert (got is None) == (age is None)
+    if age is not None:
+        assert got == pytest.approx(age, abs=0.01)
+
+
+def test_the_graph_computes_the_body_part_check_as_its_reference() -> None:
+    """ood_score = max(distance, T * exp(clip(features @ w + b - z0))), in the graph and in float64."""
+    pytest.importorskip("onnx")
+    from cxr.core.ort_session import make_session
+    from cxr.export import ood_head
+    from cxr.export.body_part import BodyPartHead
+
+    base = ood_head.strip(SHIPPED_REPOSITORY / "pneumonia" / "1" / "model.onnx")
+    taps = ood_head.find_taps(base)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (12, *contract.IMAGE_SHAPE), dtype=np.uint8)
+    f = ood_head.FeatureExtractor(base, taps)(x)
+    p = f.shape[1]
+    fit = ood_head.OodFit(taps, f.mean(axis=0), np.eye(p) * 0.5, 0.1, 12)
+    w = rng.normal(0, 1, p)
+    logits = f @ w
+    # a cut in the middle of the logits: some inputs are refused by the body-part part, the rest by distance
+    head = BodyPartHead(w, 0.0, float(np.median(logits)), float(np.median(fit.distance(f))))
+    fit = ood_head.OodFit(taps, fit.mean, fit.chol, 0.1, 12, body=head)
+    model = ood_head.attach(base, fit)
+    got = make_session(model.SerializeToString()).run([contract.OOD_OUTPUT_NAME], {contract.INPUT_NAME: x})[0][:, 0]
+    ref = fit.score(f)
+    assert np.allclose(got, ref, rtol=1e-4)
+    assert (head.score(f) > fit.distance(f)).any() and (head.score(f) < fit.distance(f)).any()
+    # refused exactly when the distance exceeds T or the logit exceeds z0
+    assert np.array_equal(ref > head.scale, (fit.distance(f) > head.scale) | (logits > head.z0))
+
+
+def test_the_body_part_fit_separates_what_it_was_shown() -> None:
+    from cxr.export import body_part
+
+    rng = np.random.default_rng(1)
+    chest = rng.normal(0, 1, (300, 6))
+    other = rng.normal(0, 1, (200, 6)) + np.array([6, 0, 0, 0, 0, 0])
+    head = body_part.fit(chest[:200], np.ones(200), other[:100], {"a": chest[200:250], "b": chest[250:]}, scale=10.0)
+    assert np.mean(head.logit(chest[200:]) > head.z0) <= 0.01  # the chest pass rate holds on the select films
+    assert np.mean(head.logit(other[100:]) > head.z0) > 0.9  # and held-out other parts are refused
