@@ -145,7 +145,7 @@ def _cmd_lock_split(a: argparse.Namespace) -> int:
     split.save(a.out)
     for side in ("train", "select", "test"):
         samples = split.samples(side)
-        by_source = {}
+        by_source: dict[str, list] = {}
         for s in samples:
             cell = by_source.setdefault(s.source, [0, 0, set()])
             cell[s.label] += 1
@@ -510,6 +510,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--not-chest", type=Path, metavar="DIR",
                    help="radiographs of other body parts (DIR/<part>/*), with the local corpus the fit of the "
                    "body-part check folded into ood_score")
+    p.add_argument("--split", type=Path, help="the model's split (default: split.json beside --model)")
     p.add_argument("--version", type=int, default=1, help="model version folder")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
     p.add_argument("--no-int8", action="store_true", help="skip the INT8 model")
@@ -532,7 +533,7 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
     cfg = ExportConfig(model_path=a.model, data_dir=a.data, repository=a.repository, model_name=a.name,
                        version=a.version, opset=a.opset, int8=not a.no_int8, command=command_line(),
-                       cache_dir=DEFAULT_CACHE, site_dir=a.site, non_chest_dir=a.not_chest)
+                       cache_dir=DEFAULT_CACHE, site_dir=a.site, non_chest_dir=a.not_chest, split_file=a.split)
     results = export(cfg)
     for prec, r in results.items():
         if prec == "ood":

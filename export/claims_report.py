@@ -130,6 +130,7 @@ def choose_points(model_dirs: list[Path], split_file: Path, rules: list[PointRul
         raise CxrError("one rule per operating point")
     scored = score_side(model_dirs[0], split_file, "select", cache_dir=cache_dir)
     points: dict[str, dict] = {}
+    figures: dict[str, dict] = {}
     for r in rules:
         missing = set(r.sources) - set(scored.sources)
         if missing:
@@ -140,6 +141,7 @@ def choose_points(model_dirs: list[Path], split_file: Path, rules: list[PointRul
             raise CxrError(f"operating point {r.name}: its select films need both classes")
         thr = choose_threshold(s.y[ok], s.p[ok], rule=r.rule, target=r.target)
         fig = operating_point(s.y[ok], s.p[ok], thr)
+        figures[r.name] = fig
         points[r.name] = {
             "threshold": thr, "population": r.name, "rule": r.rule, "target": r.target if r.rule != "youden" else None,
             "chosen_on": {"split": relative(split_file), "side": "select", "sources": list(r.sources),
@@ -154,8 +156,12 @@ def choose_points(model_dirs: list[Path], split_file: Path, rules: list[PointRul
         card = read_card(Path(d))
         card["operating_points"] = points
         card["default_operating_point"] = default
-        card["calibration"].update(threshold=points[default]["threshold"], rule=f"operating point {default}",
-                                   fitted_on=f"select side of {relative(split_file)}")
+        pt = points[default]
+        card["calibration"].update(threshold=pt["threshold"], rule=f"operating point {default}: {pt['rule']}",
+                                   target=pt["target"], confidence=figures[default]["confidence"],
+                                   fitted_on=f"select side of {relative(split_file)}, sources "
+                                   f"{'+'.join(pt['chosen_on']['sources'])}", n_images=pt["chosen_on"]["answered"],
+                                   metrics=figures[default])
         if command:
             card.setdefault("commands", []).append(command)
         save_card(Path(d), card)
@@ -191,7 +197,8 @@ def measure_claims(model_dir: Path, split_file: Path, populations: dict[str, str
                                           threshold=thr, y=s.y, p=s.p, patients=s.patients, in_sample=False,
                                           n_boot=n_boot))
     claims = Claims(tuple(out), card["sha256"], f"patient bootstrap ({n_boot} resamples, patients drawn within "
-                    "class strata); refused films count as referrals and as flagged; AUC over answered films",
+                    "class strata), each rate's interval widened to cover the exact Clopper-Pearson interval over its patients; "
+                    "refused films count as referrals and as flagged; AUC over answered films",
                     generated_by=command)
     claims.save(model_dir / CLAIMS_FILE)
     split = data_mod.Split.load(split_file)

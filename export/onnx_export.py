@@ -240,6 +240,9 @@ class ExportConfig:
         command: The command line recorded in the card.
         cache_dir: Decoded-image cache (``None``: no cache).
         site_dir: Labelled site sample; the OOD threshold keeps 99.5% of it (and of train-validation).
+        non_chest_dir: Radiographs of other body parts for the body-part check (:mod:`cxr.export.body_part`).
+        split_file: The model's split (default: ``split.json`` beside the model); give the committed copy so that
+            the card names a file a clone has.
     """
 
     model_path: Path
@@ -254,6 +257,7 @@ class ExportConfig:
     cache_dir: Path | None = None
     site_dir: Path | None = None
     non_chest_dir: Path | None = None
+    split_file: Path | None = None
 
     def __post_init__(self) -> None:
         if self.opset < 17:
@@ -269,7 +273,7 @@ def _validation_images(cfg: ExportConfig) -> tuple[np.ndarray, np.ndarray, np.nd
     from cxr.train import data as data_mod
     from cxr.train.data import Split
 
-    split_file = Path(cfg.model_path).parent / "split.json"
+    split_file = cfg.split_file or Path(cfg.model_path).parent / "split.json"
     if cfg.data_dir is None or not split_file.exists():
         logger.warning("no data or split.json: parity on generated images only")
         rng = np.random.default_rng(0)
@@ -346,7 +350,7 @@ def export(cfg: ExportConfig) -> dict:
         if precision == "int8":
             write_python_model(d, cfg.version)
     # The second output, ood_score, fitted on this model's own training split (each precision on its own features).
-    split_file = Path(cfg.model_path).parent / "split.json"
+    split_file = cfg.split_file or Path(cfg.model_path).parent / "split.json"
     if cfg.data_dir is not None and split_file.exists():
         for d, _ in dirs:
             results.setdefault("ood", {})[d.name] = repository.refit_ood(
@@ -404,8 +408,11 @@ def model_card(cfg: ExportConfig, calibration: Calibration, results: dict, *, sh
             "stopped_by": history.get("stopped_by"),
             "n_train": history.get("n_train"),
             "n_val": history.get("n_val"),
-            "split": "patient-grouped within each source, stratified by source and class, seeded; split.json in the run "
-            "directory",
+            "split": ("locked: every source's patients on one side of train, select and test; select chose the "
+                      "checkpoint, the calibration, the operating points and the OOD fit; test is read only by "
+                      "`cxr claims`; split.json in the run directory" if (read("split.json") or {}).get("test") else
+                      "patient-grouped within each source, stratified by source and class, seeded; split.json in "
+                      "the run directory"),
         },
         "calibration": asdict(calibration),
         "export": {

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The trials of docs/model/locked: every run trains on the locked split's train side and chooses its checkpoint
-# on its select side (mean per-source select AUC); none reads the test side. Same budget for each, side by side.
-#   ./scripts/locked_trials.sh [MINUTES] [RUN...]     runs: all no_covid loso_nih loso_kaggle
+# on its select side (mean per-source select AUC); none reads the test side. The same number of epochs for each
+# (an epoch is as many draws as the run's training films), so runs compare side by side whatever else the
+# machine was doing.
+#   ./scripts/locked_trials.sh [EPOCHS] [RUN...]     runs: all no_covid loso_nih loso_kaggle
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MIN=${1:-12}; shift || true
+EPOCHS=${1:-14}; shift || true
 RUNS=${*:-all no_covid loso_nih loso_kaggle}
 SPLIT=docs/model/locked/split.json
 for r in $RUNS; do
@@ -15,5 +17,5 @@ for r in $RUNS; do
     loso_kaggle) extra=(--leave-out kaggle --leave-out kaggle_site) ;;
     *) echo "unknown run $r" >&2; exit 2 ;;
   esac
-  .venv/bin/cxr train --split $SPLIT "${extra[@]}" --no-flip --epochs 24 --time-budget "$MIN" --out "runs/locked_$r"
+  .venv/bin/cxr train --split $SPLIT "${extra[@]}" --no-flip --epochs "$EPOCHS" --out "runs/locked_$r"
 done

@@ -32,11 +32,39 @@ def start_cxr_serve(*extra: str):  # type: ignore[no-untyped-def]
     proc = subprocess.Popen([sys.executable, "-m", "cxr.cli", "serve", "--http-port", str(h), "--grpc-port", str(g),
                              "--metrics-port", str(m), "--models", "pneumonia", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:  # type: ignore[union-attr]
-        if "Triton ready" in line:
-            return proc, h
+    if wait_for_line(proc, "Triton ready", deadline_s=READY_DEADLINE_S):
+        return proc, h
+    proc.kill()
     proc.wait()
-    raise AssertionError("cxr serve exited before it was ready")
+    raise AssertionError(f"cxr serve was not ready within {READY_DEADLINE_S:.0f} s")
+
+
+#: How long a server a test starts may take to say it is ready.
+READY_DEADLINE_S = 180.0
+
+
+def wait_for_line(proc, text: str, *, deadline_s: float) -> bool:  # type: ignore[no-untyped-def]
+    """Read ``proc``'s stdout until a line holds ``text`` (True), the process ends or the deadline passes (False)."""
+    import select
+    import time
+
+    end = time.monotonic() + deadline_s
+    buf = ""
+    fd = proc.stdout.fileno()
+    while time.monotonic() < end:
+        ready, _, _ = select.select([fd], [], [], max(0.0, min(1.0, end - time.monotonic())))
+        if not ready:
+            if proc.poll() is not None:
+                return False
+            continue
+        chunk = os.read(fd, 65536).decode(errors="replace")
+        if not chunk:
+            return False
+        buf += chunk
+        if text in buf:
+            return True
+        buf = buf[-len(text) - 4096:]
+    return False
 
 
 def have_real_data() -> bool:

@@ -135,3 +135,17 @@ def test_a_one_class_source_states_no_auc_or_specificity():
                 in_sample=False, n_boot=50)
     assert c.auc is None and c.specificity is None and c.sensitivity is not None
     assert c.sensitivity.point == 5 / 6
+
+
+def test_a_perfect_rate_still_has_an_interval_as_wide_as_its_patients_allow():
+    import numpy as np
+
+    from cxr.train.claims import exact_interval, patient_bootstrap
+
+    y = np.ones(77, int)
+    p = np.full(77, 0.9)
+    patients = [f"p{i % 24}" for i in range(77)]  # 77 films of 24 patients, all found
+    ci = patient_bootstrap(y, p, patients, 0.5, n_boot=100)
+    assert ci["sensitivity"][0] == 1.0 and ci["sensitivity"][2] == 1.0
+    assert ci["sensitivity"][1] == pytest.approx(exact_interval(24, 24, 0.05)[0])  # 24 independent patients
+    assert ci["sensitivity"][1] < 0.9

@@ -59,15 +59,28 @@ def test_operating_point_reports_bounds() -> None:
     assert m["sensitivity_lower_bound"] == pytest.approx(sensitivity_lower_bound(2, 3, 0.9))
 
 
-def test_shipped_card_states_point_estimate_and_bound() -> None:
-    card = json.loads((SHIPPED_REPOSITORY / "pneumonia" / "model_card.json").read_text())
-    cal = card["calibration"]
-    assert cal["rule"] == "sensitivity_lcb" and cal["target"] == 0.95 and cal["confidence"] == 0.9
-    m = cal["metrics"]
-    assert m["sensitivity_lower_bound"] >= 0.95 and m["sensitivity"] >= m["sensitivity_lower_bound"]
-    assert m["sensitivity_lower_bound"] == pytest.approx(sensitivity_lower_bound(m["tp"], m["n_pos"], 0.9))
-    md = (SHIPPED_REPOSITORY / "pneumonia" / "MODEL_CARD.md").read_text()
-    assert "lower bound" in md and f"{cal['threshold']:.4f}" in md
+def test_the_shipped_points_are_chosen_on_their_populations_select_patients_and_served() -> None:
+    from cxr.core.model_dir import ModelDir
+
+    for model in ("pneumonia", "pneumonia_int8"):
+        folder = ModelDir(SHIPPED_REPOSITORY / model)
+        card = folder.card()
+        points = card.operating_points
+        assert set(points) == {"pediatric", "adult"}
+        assert points["pediatric"]["chosen_on"]["sources"] == ["kaggle_site"]
+        assert points["adult"]["chosen_on"]["sources"] == ["nih"]
+        for name, pt in points.items():
+            assert pt["chosen_on"]["side"] == "select"
+            f = pt["select_figures_in_sample"]
+            assert f["sensitivity"] >= pt["target"] and f["tp"] / f["n_pos"] == pytest.approx(f["sensitivity"])
+        served = folder.served_params()
+        assert dict(served.operating_points) == {k: v["threshold"] for k, v in points.items()}
+        assert served.threshold_for(None) == (card.default_operating_point, card.threshold)
+        # the card's calibration block describes the default point, in-sample on its select patients
+        m = card.data["calibration"]["metrics"]
+        assert m["sensitivity_lower_bound"] == pytest.approx(sensitivity_lower_bound(m["tp"], m["n_pos"], 0.9))
+        md = (SHIPPED_REPOSITORY / model / "MODEL_CARD.md").read_text()
+        assert "## Operating points" in md and all(f"{p['threshold']:.4f}" in md for p in points.values())
 
 
 # -- the OOD head ------------------------------------------------------------------------------------------------

@@ -4,6 +4,10 @@ Films of one patient are not independent (NIH patients have up to 12 films, COVI
 bootstrap draws patients with replacement, inside each class stratum of patients (a patient's films go
 together), and recomputes every metric on the drawn films. A refused film (``probability`` NaN) counts as a
 referral: positive for sensitivity and specificity, and in ``flagged``; AUC is over the films the model answered.
+
+A bootstrap cannot widen an interval around a rate of 0 or 1 (every resample of 77 found pneumonias finds 77), so
+each rate's interval also covers the exact Clopper-Pearson interval of the same rate over the *patients* that
+carry it (an effective sample no larger than the independent units): the stated interval is the union of both.
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ def patient_bootstrap(y: np.ndarray, p: np.ndarray, patients: Sequence[str], thr
         for k, v in _rates(y[idx], p[idx], threshold).items():
             draws[k].append(v)
     alpha = 1.0 - confidence
+    units = {"sensitivity": len(strata[1]), "specificity": len({p for p, f in films.items() if (y[f] == 0).any()}),
+             "flagged": len(films)}
     out: dict[str, tuple[float, float, float]] = {}
     for k, v in point.items():
         arr = np.array(draws[k], float)
@@ -63,8 +69,20 @@ def patient_bootstrap(y: np.ndarray, p: np.ndarray, patients: Sequence[str], thr
             out[k] = (float("nan"),) * 3
             continue
         lo, hi = np.nanpercentile(arr, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-        out[k] = (v, float(min(lo, v)), float(max(hi, v)))
+        if k in units and units[k]:
+            cp_lo, cp_hi = exact_interval(v * units[k], units[k], alpha)
+            lo, hi = min(lo, cp_lo), max(hi, cp_hi)
+        out[k] = (v, float(max(0.0, min(lo, v))), float(min(1.0, max(hi, v))))
     return out
+
+
+def exact_interval(k: float, n: int, alpha: float) -> tuple[float, float]:
+    """Clopper-Pearson interval of ``k`` successes in ``n`` (``k`` may be fractional: an effective count)."""
+    from scipy.stats import beta
+
+    lo = 0.0 if k <= 0 else float(beta.ppf(alpha / 2, k, n - k + 1))
+    hi = 1.0 if k >= n else float(beta.ppf(1 - alpha / 2, k + 1, n - k))
+    return lo, hi
 
 
 def measure(*, source: str, population: str, operating_point: str, threshold: float, y: np.ndarray,

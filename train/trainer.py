@@ -283,7 +283,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         va = [s for s in split.samples("val") if s.source not in cfg.leave_out]
         if cfg.limit_per_class:
             tr = _limit(tr, cfg.limit_per_class, cfg.seed)
-        per_source = [(data_mod.Source(n, r), []) for n, r in sorted(split.sources().items()) if n not in cfg.leave_out]
+        per_source: list[tuple[data_mod.Source, list[data_mod.Sample]]] = [(data_mod.Source(n, r), []) for n, r in sorted(split.sources().items()) if n not in cfg.leave_out]
         if cfg.leave_out:  # the run's split: what this model trained and chose on, and the test side it may claim on
             from dataclasses import replace
 
