@@ -69,7 +69,7 @@ def test_the_shipped_points_are_chosen_on_their_populations_select_patients_and_
         assert set(points) == {"pediatric", "adult"}
         assert points["pediatric"]["chosen_on"]["sources"] == ["kaggle_site"]
         assert points["adult"]["chosen_on"]["sources"] == ["nih"]
-        for name, pt in points.items():
+        for pt in points.values():
             assert pt["chosen_on"]["side"] == "select"
             f = pt["select_figures_in_sample"]
             assert f["sensitivity"] >= pt["target"] and f["tp"] / f["n_pos"] == pytest.approx(f["sensitivity"])
