@@ -165,3 +165,27 @@ def test_the_body_part_fit_separates_what_it_was_shown() -> None:
     head = body_part.fit(chest[:200], np.ones(200), other[:100], {"a": chest[200:250], "b": chest[250:]}, scale=10.0)
     assert np.mean(head.logit(chest[200:]) > head.z0) <= 0.01  # the chest pass rate holds on the select films
     assert np.mean(head.logit(other[100:]) > head.z0) > 0.9  # and held-out other parts are refused
+
+
+def test_the_source_probe_sees_a_hospital_only_where_there_is_one() -> None:
+    from cxr.train.trials import probe_sources
+
+    rng = np.random.default_rng(0)
+    n = 120
+    same = rng.normal(0, 1, (2 * n, 8))
+    apart = np.r_[rng.normal(0, 1, (n, 8)), rng.normal(0, 1, (n, 8)) + np.r_[2.0, np.zeros(7)]]
+    sources = ["a"] * n + ["b"] * n
+    patients = [f"{s}{i // 3}" for i, s in enumerate(sources)]  # three films a patient, kept in one fold
+    assert probe_sources(apart, sources, patients)["a vs b"]["auc"] > 0.85
+    assert abs(probe_sources(same, sources, patients)["a vs b"]["auc"] - 0.5) < 0.15
+
+
+def test_group_folds_keep_a_patient_in_one_fold() -> None:
+    from cxr.train.linear import group_folds
+
+    groups = [f"p{i // 4}" for i in range(40)]
+    folds = group_folds(groups, 5)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(40))
+    for f in folds:
+        inside = {groups[i] for i in f}
+        assert not inside & {groups[i] for g in folds if g is not f for i in g}

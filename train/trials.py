@@ -78,9 +78,12 @@ def probe_sources(features: np.ndarray, sources: Sequence[str], patients: Sequen
 
 
 def run(trials: Sequence[Trial], split_file: Path, out_dir: Path, *, cache_dir: Path | None = None,
-        probe: str | None = None, n_boot: int = 1000) -> dict:
+        probe: str | None = None, n_boot: int = 1000, point_source: str = "nih", point_target: float = 0.9) -> dict:
     """Score every trial on the select and test sides (AUC per source), and run the source probe on the trial
-    named ``probe`` (default: the first). Writes ``trials.json`` and ``trials.md`` into ``out_dir``."""
+    named ``probe`` (default: the first). Each trial also gets an operating point as the shipped adult one is
+    chosen (the highest threshold whose sensitivity on ``point_source``'s select films reaches ``point_target``),
+    and its sensitivity and specificity there on each source's test films (a one-class source: its select and
+    test films together, sensitivity only). Writes ``trials.json`` and ``trials.md`` into ``out_dir``."""
     import keras
 
     from cxr.train import models  # noqa: F401  (registers custom layers)
@@ -90,15 +93,19 @@ def run(trials: Sequence[Trial], split_file: Path, out_dir: Path, *, cache_dir: 
     split = data_mod.Split.load(split_file)
     sides = {side: split.samples(side) for side in ("select", "test")}
     images = {side: data_mod.load_images([s.path for s in ss], cache_dir=cache_dir) for side, ss in sides.items()}
-    report: dict = {"split": str(split_file), "trials": {}, "probe": None}
+    report: dict = {"split": str(split_file), "trials": {}, "probe": None,
+                    "point": {"source": point_source, "target": point_target}}
     for t in trials:
         scorer = KerasScorer(Path(t.run_dir) / "model.keras")
         hist = json.loads((Path(t.run_dir) / "history.json").read_text())
         row: dict = {"what": t.what, "left_out": list(t.left_out), "seconds": hist.get("seconds"),
-                     "epochs_done": hist.get("epochs_done"), "best_epoch": hist.get("best_epoch"), "auc": {}}
+                     "epochs_done": hist.get("epochs_done"), "best_epoch": hist.get("best_epoch"), "auc": {},
+                     "at_point": {}}
+        probs = {}
         for side, ss in sides.items():
             logits = scorer.logits(images[side])
             p = 1 / (1 + np.exp(-logits.astype(np.float64)))
+            probs[side] = p
             for source in sorted({s.source for s in ss}):
                 idx = [i for i, s in enumerate(ss) if s.source == source]
                 y = np.array([ss[i].label for i in idx])
@@ -106,6 +113,24 @@ def run(trials: Sequence[Trial], split_file: Path, out_dir: Path, *, cache_dir: 
                     continue
                 ci = patient_bootstrap(y, p[idx], [ss[i].patient for i in idx], 0.5, n_boot=n_boot)["auc"]
                 row["auc"].setdefault(source, {})[side] = list(ci)
+        from cxr.core import contract
+        from cxr.train.evaluate import choose_threshold
+
+        sel = [i for i, s in enumerate(sides["select"]) if s.source == point_source]
+        y_sel = np.array([sides["select"][i].label for i in sel])
+        thr = choose_threshold(y_sel, probs["select"][sel], rule="sensitivity", target=point_target)
+        row["point_threshold"] = thr
+        one_class = {src for src in {s.source for s in sides["test"]}
+                     if len({s.label for s in sides["test"] if s.source == src}) < 2}
+        for source in sorted({s.source for s in sides["test"]}):
+            use = [("test", i) for i, s in enumerate(sides["test"]) if s.source == source]
+            if source in one_class:
+                use += [("select", i) for i, s in enumerate(sides["select"]) if s.source == source]
+            y = np.array([sides[sd][i].label for sd, i in use])
+            pos = contract.is_positive(np.array([probs[sd][i] for sd, i in use]), thr)
+            row["at_point"][source] = {"films": len(use),
+                                       "sensitivity": float(pos[y == 1].mean()) if (y == 1).any() else None,
+                                       "specificity": float((~pos[y == 0]).mean()) if (y == 0).any() else None}
         report["trials"][t.name] = row
         if (probe or trials[0].name) == t.name:
             model = keras.models.load_model(str(Path(t.run_dir) / "model.keras"), compile=False)
@@ -145,6 +170,25 @@ def markdown(report: dict) -> str:
             a = t["auc"].get(s, {})
             cells += [_ci(a.get("select")) + mark, _ci(a.get("test")) + mark]
         lines.append(f"| {name} | {t['what']} | {t['seconds'] or 0:.0f} | {t['epochs_done']} | " + " | ".join(cells) + " |")
+    pt = report.get("point")
+    if pt:
+        lines += ["", f"At each run's own operating point chosen as the shipped adult one (sensitivity >= {pt['target']} "
+                  f"on its `{pt['source']}` select films), sensitivity / specificity on each source's test films "
+                  "(a one-class source: its select and test films, sensitivity only):", "",
+                  "| run | threshold | " + " | ".join(sorted({s for t in report["trials"].values()
+                                                              for s in t["at_point"]})) + " |",
+                  "|---|---|" + "---|" * len({s for t in report["trials"].values() for s in t["at_point"]})]
+        for name, t in report["trials"].items():
+            cells = []
+            for s in sorted({s for tt in report["trials"].values() for s in tt["at_point"]}):
+                v = t["at_point"].get(s)
+                if v is None:
+                    cells.append("-")
+                    continue
+                se = "-" if v["sensitivity"] is None else f"{v['sensitivity']:.3f}"
+                sp = "-" if v["specificity"] is None else f"{v['specificity']:.3f}"
+                cells.append(f"{se} / {sp} ({v['films']})" + (" *LOSO*" if s in t["left_out"] else ""))
+            lines.append(f"| {name} | {t['point_threshold']:.4f} | " + " | ".join(cells) + " |")
     pr = report.get("probe")
     if pr:
         lines += ["", f"## Source probe ({pr['model']})", "",
