@@ -149,3 +149,25 @@ def test_a_perfect_rate_still_has_an_interval_as_wide_as_its_patients_allow():
     assert ci["sensitivity"][0] == 1.0 and ci["sensitivity"][2] == 1.0
     assert ci["sensitivity"][1] == pytest.approx(exact_interval(24, 24, 0.05)[0])  # 24 independent patients
     assert ci["sensitivity"][1] < 0.9
+
+
+def test_the_readme_table_is_the_shipped_claims():
+    import importlib.util
+
+    from tests.conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("claims_table", REPO / "scripts" / "claims_table.py")
+    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    assert mod.block() in (REPO / "README.md").read_text(), "run python scripts/claims_table.py --write"
+
+
+def test_the_card_shows_the_claims_of_its_own_file():
+    from cxr.core.claims import Claims
+    from cxr.export.claims_report import claims_markdown
+    from tests.conftest import SHIPPED_REPOSITORY
+
+    for model in ("pneumonia", "pneumonia_int8"):
+        md = (SHIPPED_REPOSITORY / model / "MODEL_CARD.md").read_text()
+        table = claims_markdown(Claims.load(SHIPPED_REPOSITORY / model / "claims.json"), own_population_only=False)
+        assert table.rstrip() in md
