@@ -170,6 +170,32 @@ def redact(args: list[str], secrets: list[str]) -> list[str]:
     return out
 
 
+#: ``scheme://user:password@`` (or ``scheme://user@``) in any text: the userinfo part of a URL.
+_URL_USERINFO = __import__("re").compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s'\"<>]*@")
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the credentials of every URL in it replaced (``http://user:pw@host/x`` ->
+    ``http://***@host/x``): for audit records, logs, spool files and anything printed."""
+    return _URL_USERINFO.sub(r"\1***@", str(text))
+
+
+class RedactingFilter:
+    """A :mod:`logging` filter that takes URL credentials out of every record's message (install it on a handler)."""
+
+    def filter(self, record) -> bool:  # type: ignore[no-untyped-def]
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record is logging's own business
+            return True
+        clean = redact_url(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and record.exc_info[1] is not None and "@" in str(record.exc_info[1]):
+            record.exc_text = redact_url(__import__("logging").Formatter().formatException(record.exc_info))
+        return True
+
+
 def is_loopback(host: str) -> bool:
     import ipaddress
 

@@ -763,8 +763,9 @@ def _add_listen(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "listen",
         help="DICOM Storage SCP: screen what a PACS or modality sends, send DICOM SR results back",
-        description="Answer C-ECHO and C-STORE (CR, DX for presentation and for processing, Secondary Capture; other "
-        "SOP classes are refused with status 0x0122). Each instance is written to the spool and fsynced before "
+        description="Answer C-ECHO and C-STORE. CR, DX for presentation and for processing, and Secondary Capture are "
+        "screened (--screen-*); every other instance is accepted with C-STORE success (status 0x0000, so a PACS "
+        "routing a whole study goes on), counted, audited and dropped. Each instance is written to the spool and fsynced before "
         "C-STORE answers success, screened asynchronously (eligibility rules and not_assessable as everywhere), "
         "and its result goes back to --send-to as a Comprehensive SR in the source's study (with --heatmap, a "
         "Secondary Capture of the Grad-CAM overlay too). Results that cannot be delivered stay queued across "
@@ -805,6 +806,18 @@ def _add_listen(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--urgent-if", action="append", default=[], metavar="KEYWORD=VALUE[,VALUE]",
                    help="a site rule making a study urgent, e.g. InstitutionalDepartmentName=Emergency (repeatable; "
                    "Requested Procedure Priority STAT or HIGH is urgent anyway)")
+    g = p.add_argument_group("what is screened (the rest is accepted with C-STORE success, counted, audited and dropped)")
+    g.add_argument("--screen-sop-class", action="append", default=[], metavar="UID",
+                   help="a SOP class screened (repeatable; default: CR, DX for presentation and for processing, "
+                   "Secondary Capture)")
+    g.add_argument("--screen-modality", action="append", default=[], metavar="MODALITY",
+                   help="screen only this Modality, e.g. DX (repeatable; default: any)")
+    g.add_argument("--screen-body-part", action="append", default=[], metavar="PART",
+                   help="screen only this Body Part Examined, e.g. CHEST (repeatable; an instance without one is "
+                   "screened; default: any)")
+    p.add_argument("--redeliver", action="store_true",
+                   help="on start, put the results a destination refused for good (dead-letter-*/) back in their "
+                   "outboxes")
     _add_result_doors(p)
     p.set_defaults(func=_cmd_listen)
 
@@ -812,7 +825,7 @@ def _add_listen(sub: argparse._SubParsersAction) -> None:
 def _cmd_listen(a: argparse.Namespace) -> int:
 
     from cxr.core.security import TlsClient, TlsServer
-    from cxr.pacs.listener import Destination, ListenConfig, Listener, UrgentRule
+    from cxr.pacs.listener import Destination, ListenConfig, Listener, ScreenFilter, UrgentRule
 
     try:
         dicom_tls = TlsServer(a.dicom_tls_cert, a.dicom_tls_key, a.dicom_tls_client_ca) if a.dicom_tls_cert else None
@@ -823,7 +836,9 @@ def _cmd_listen(a: argparse.Namespace) -> int:
                            repository=a.model_repository, dicom_tls=dicom_tls, send_tls=send_tls,
                            metrics_port=a.metrics_port, stow_url=a.stow_url, fhir_url=a.fhir_url,
                            fhir_out=a.fhir_out, audit_log=a.audit_log,
-                           urgent_if=tuple(UrgentRule.parse(t) for t in a.urgent_if), **_client_security(a))
+                           urgent_if=tuple(UrgentRule.parse(t) for t in a.urgent_if), redeliver=a.redeliver,
+                           screen=ScreenFilter.of(tuple(a.screen_sop_class), tuple(a.screen_modality),
+                                                  tuple(a.screen_body_part)), **_client_security(a))
     except ValueError as exc:
         raise CxrError(str(exc)) from None
     with Listener(cfg) as listener:
