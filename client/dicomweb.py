@@ -20,6 +20,8 @@ from cxr.core.errors import CxrError, InvalidInputError, RetryableServerError
 
 logger = logging.getLogger(__name__)
 
+#: QIDO-RS query parameters that are not attributes.
+QIDO_PARAMETERS = ("fuzzymatching", "includefield", "limit", "offset")
 #: DICOM tags of the QIDO-RS answers (hex, as DICOM JSON keys them).
 STUDY_UID, SERIES_UID, SOP_UID = "0020000D", "0020000E", "00080018"
 
@@ -50,12 +52,22 @@ def parse_query(pairs: Iterable[str]) -> dict[str, str]:
     Raises:
         InvalidInputError: A pair without ``=`` or with an empty key.
     """
+    import re
+
+    from pydicom.datadict import tag_for_keyword
+
     out: dict[str, str] = {}
     for p in pairs:
         key, sep, value = p.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise InvalidInputError(f"--query {p!r}: expected KEY=VALUE (e.g. ModalitiesInStudy=DX)")
-        out[key.strip()] = value.strip()
+        if key not in QIDO_PARAMETERS and tag_for_keyword(key) is None and not re.fullmatch(r"[0-9A-Fa-f]{8}", key):
+            raise InvalidInputError(f"--query {key!r}: not a DICOM keyword or tag, nor a QIDO-RS parameter "
+                                    "(e.g. ModalitiesInStudy=DX, StudyDate=20260101-)")
+        if key in out and out[key] != value.strip():
+            raise InvalidInputError(f"--query {key}: given twice with different values")
+        out[key] = value.strip()
     return out
 
 

@@ -567,16 +567,55 @@ def _add_result_doors(p: argparse.ArgumentParser) -> None:
                    "(verify it with `cxr audit-log verify FILE`)")
 
 
+def _check_url(value: str | None, flag: str) -> None:
+    """An http(s) URL with a host, or a one-line error naming the flag (credentials never echoed)."""
+    from urllib.parse import urlsplit
+
+    from cxr.core.security import redact_url
+
+    if value is None:
+        return
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise CxrError(f"{flag} {redact_url(value)!r}: expected an http:// or https:// URL with a host")
+
+
+def _check_predict_args(a: argparse.Namespace) -> None:
+    """Misuse of ``cxr predict`` refused in one line before anything starts."""
+    _check_url(a.dicomweb, "--dicomweb")
+    _check_url(a.fhir_url, "--fhir-url")
+    if not a.inputs and not a.dicomweb:
+        raise CxrError("no input: give files or folders, or --dicomweb URL")
+    if a.study and a.query:
+        raise CxrError("--study names the studies, --query searches for them: give one or the other")
+    if a.query:
+        from cxr.client.dicomweb import parse_query
+
+        parse_query(a.query)  # unknown or malformed keys refused here
+    if a.priority != contract.DEFAULT_PRIORITY and a.protocol == "embedded":
+        raise CxrError(f"--priority {a.priority} orders requests in Triton's queue; --protocol embedded has no "
+                       "queue: drop --priority or use --protocol grpc/http")
+
+
 def _cmd_predict(a: argparse.Namespace) -> int:
     from cxr.client.batch import PredictOptions, run_predict
 
-    return run_predict(PredictOptions(inputs=tuple(a.inputs), url=a.url, protocol=a.protocol, model=a.model,
-                                      timeout_s=a.timeout_s, format=a.format, out=a.out, chunk=a.chunk,
-                                      eligibility=a.eligibility, retries=a.retries, ray=a.ray,
-                                      metrics_port=a.metrics_port, metrics_file=a.metrics_file,
-                                      dicomweb=a.dicomweb, studies=tuple(a.study), query=tuple(a.query),
-                                      priority=a.priority, fhir_out=a.fhir_out, fhir_url=a.fhir_url,
-                                      audit_log=a.audit_log, **_client_security(a)))
+    _check_predict_args(a)
+    try:
+        opts = PredictOptions(inputs=tuple(a.inputs), url=a.url, protocol=a.protocol, model=a.model,
+                              timeout_s=a.timeout_s, format=a.format, out=a.out, chunk=a.chunk,
+                              eligibility=a.eligibility, retries=a.retries, ray=a.ray,
+                              metrics_port=a.metrics_port, metrics_file=a.metrics_file,
+                              dicomweb=a.dicomweb, studies=tuple(a.study), query=tuple(a.query),
+                              priority=a.priority, fhir_out=a.fhir_out, fhir_url=a.fhir_url,
+                              audit_log=a.audit_log, **_client_security(a))
+    except ValueError as exc:
+        raise CxrError(f"--{str(exc)}" if str(exc).startswith(("chunk", "retries")) else str(exc)) from None
+    return run_predict(opts)
 
 
 def _add_health(sub: argparse._SubParsersAction) -> None:
@@ -823,7 +862,6 @@ def _add_listen(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_listen(a: argparse.Namespace) -> int:
-
     from cxr.core.security import TlsClient, TlsServer
     from cxr.pacs.listener import Destination, ListenConfig, Listener, ScreenFilter, UrgentRule
 
@@ -841,8 +879,13 @@ def _cmd_listen(a: argparse.Namespace) -> int:
                                                   tuple(a.screen_body_part)), **_client_security(a))
     except ValueError as exc:
         raise CxrError(str(exc)) from None
+    _check_url(a.stow_url, "--stow-url")
+    _check_url(a.fhir_url, "--fhir-url")
+    from cxr.core.security import redact_url
+
     with Listener(cfg) as listener:
-        where = [w for w in (a.send_to, a.stow_url and f"STOW-RS {a.stow_url}", a.fhir_url and f"FHIR {a.fhir_url}") if w]
+        where = [redact_url(w) for w in (a.send_to, a.stow_url and f"STOW-RS {a.stow_url}",
+                                         a.fhir_url and f"FHIR {a.fhir_url}") if w]
         print(f"listening: {cfg.ae_title}@{cfg.host}:{cfg.port}" + (f", results to {', '.join(where)}" if where else
               ", results kept in the outbox (no --send-to)") + f"; spool {cfg.spool}; Ctrl-C to stop", flush=True)
         if listener.metrics_port is not None:
@@ -1159,6 +1202,10 @@ def _cmd_audit_verify(a: argparse.Namespace) -> int:
     from cxr.core.audit_trail import verify
 
     v = verify(a.file, expect_last_hash=a.last_hash)
+    if v.ok and v.records == 0:
+        print(f"{a.file}: the audit trail is empty: nothing to verify (was --audit-log given to the right "
+              "command?)", file=sys.stderr)
+        return 1
     if v.ok:
         print(f"{a.file}: chain holds: {v.records} records, last hash {v.last_hash}")
         return 0
@@ -1230,6 +1277,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from cxr.core.security import RedactingFilter
+
+    for handler in logging.getLogger().handlers:  # no URL credentials in any log line
+        handler.addFilter(RedactingFilter())
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # Recorded before running (an export's card lists the export command itself) and taken back when the
     # command fails: the card lists the commands that built the model, not the attempts.
@@ -1238,18 +1289,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         rc = int(args.func(args) or 0)
         return rc
-    except CxrError as exc:
-        print(f"cxr {args.command}: error: {exc}", file=sys.stderr)
-        rc = 2
-        return rc
     except KeyboardInterrupt:
         rc = 130
+        return rc
+    except Exception as exc:  # noqa: BLE001 - the one place where every error leaves: one line, a non-zero code
+        if args.verbose and not isinstance(exc, CxrError):
+            raise
+        rc = _error_line(args.command, exc)
         return rc
     finally:
         if recorded is not None and rc != 0:
             log, size = recorded
             with open(log, "r+b") as f:
                 f.truncate(size)
+
+
+#: Exit codes: 2 for a user error (bad arguments, input, configuration), 75 (EX_TEMPFAIL) for an upstream that is
+#: unreachable or failing for now (rerun later), 1 for anything unexpected.
+EXIT_USAGE, EXIT_TEMPFAIL, EXIT_INTERNAL = 2, 75, 1
+
+
+def _error_line(command: str, exc: BaseException) -> int:
+    """Print one line on stderr for ``exc`` (URL credentials redacted) and return the exit code."""
+    from cxr.core.errors import RetryableServerError
+    from cxr.core.security import redact_url
+
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, RetryableServerError):
+        rc, what = EXIT_TEMPFAIL, f"{text} (temporary: rerun later)"
+    elif isinstance(exc, CxrError):
+        rc, what = EXIT_USAGE, str(exc)  # the project's own messages (some list failures on further lines)
+    elif isinstance(exc, (OSError, ValueError)):
+        rc, what = EXIT_USAGE, f"{type(exc).__name__}: {text}"
+    else:
+        rc, what = EXIT_INTERNAL, f"unexpected {type(exc).__name__}: {text} (run with -v for the traceback)"
+    print(f"cxr {command}: error: {redact_url(what)}", file=sys.stderr)
+    return rc
 
 
 if __name__ == "__main__":
