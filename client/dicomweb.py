@@ -85,10 +85,17 @@ class DicomWeb:
     """A DICOMweb server (QIDO, WADO and STOW under one root URL, e.g. ``http://127.0.0.1:8042/dicom-web``)."""
 
     def __init__(self, url: str, *, timeout_s: float = 30.0) -> None:
+        import requests
         from dicomweb_client.api import DICOMwebClient
 
-        self.url = url.rstrip("/")
-        self._client = DICOMwebClient(self.url, timeout=timeout_s)
+        from cxr.core.security import split_url_credentials
+
+        bare, credentials = split_url_credentials(url.rstrip("/"))
+        self.url = bare  # what messages show: never the credentials
+        session = requests.Session()
+        if credentials is not None:
+            session.auth = credentials  # HTTP Basic, in a header
+        self._client = DICOMwebClient(bare, session=session, timeout=timeout_s)
 
     def find(self, *, studies: Iterable[str] = (), query: Mapping[str, str] | None = None) -> list[InstanceRef]:
         """Every instance of the given studies, or of the studies the query matches (sorted, no duplicates)."""

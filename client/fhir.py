@@ -237,11 +237,18 @@ def post_bundle(base_url: str, bundle_: dict, *, timeout_s: float = 30.0) -> dic
         RetryableServerError: The server is unreachable or answered 429/5xx (send again later).
         FhirError: The server refused the Bundle (4xx), with its OperationOutcome's first issue.
     """
+    import base64
     import urllib.error
     import urllib.request
 
+    from cxr.core.security import split_url_credentials
+
+    base_url, credentials = split_url_credentials(base_url)  # messages below show the URL without them
+    headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
+    if credentials is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(credentials).encode()).decode()
     req = urllib.request.Request(base_url.rstrip("/") + "/", data=json.dumps(bundle_).encode(), method="POST",
-                                 headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"})
+                                 headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:  # noqa: S310 - the site's FHIR endpoint
             return json.loads(resp.read().decode("utf-8"))

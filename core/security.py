@@ -180,6 +180,33 @@ def redact_url(text: str) -> str:
     return _URL_USERINFO.sub(r"\1***@", str(text))
 
 
+def split_url_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
+    """``(url without its userinfo, (user, password) or None)``: credentials travel in a header, never in a URL
+    that could be logged."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.username is None:
+        return url, None
+    host = parts.hostname or ""
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc)), (unquote(parts.username), unquote(parts.password or ""))
+
+
+class RedactingStream:
+    """A text stream that takes URL credentials out of everything written through it (stdout, stderr)."""
+
+    def __init__(self, stream) -> None:  # type: ignore[no-untyped-def]
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(redact_url(text) if "@" in text else text)
+        return len(text)
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self._stream, name)
+
+
 class RedactingFilter:
     """A :mod:`logging` filter that takes URL credentials out of every record's message (install it on a handler)."""
 

@@ -1270,6 +1270,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cxr`` command."""
+    from cxr.core.security import RedactingStream
+
+    streams = sys.stdout, sys.stderr
+    if not isinstance(sys.stderr, RedactingStream):  # no URL credentials in anything printed
+        sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout, sys.stderr = streams
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    from cxr.core.security import RedactingFilter
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -1277,8 +1291,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from cxr.core.security import RedactingFilter
-
     for handler in logging.getLogger().handlers:  # no URL credentials in any log line
         handler.addFilter(RedactingFilter())
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
