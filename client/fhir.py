@@ -38,6 +38,9 @@ LOCAL = "urn:cxr-triton:codes"
 REFUSAL_RULES = "urn:cxr-triton:refusal-rule"
 MODEL_SHA256 = "urn:cxr-triton:model-sha256"
 DICOM_UID = "urn:dicom:uid"
+#: Identifier system of this project's results: the value derives from the study, the instance (or the input's
+#: name) and the model's sha256, so a rerun finds what an earlier run created (conditional create).
+RESULT_ID = "urn:cxr-triton:result"
 PNEUMONIA = ("233604007", "Pneumonia")
 PRESENT = ("52101004", "Present")
 ABSENT = ("2667000", "Absent")
@@ -115,10 +118,24 @@ def device(pred: Prediction, *, full_url: str) -> dict:
     }
 
 
+def result_id(pred: Prediction, study: StudyRef, kind: str) -> str:
+    """The stable identifier value of one input's ``kind`` (``observation`` or ``report``): a UUID derived from
+    the study, the instance (the input's name when it is not DICOM) and the model's sha256."""
+    source = study.instance_uid or Path(str(pred.source)).name
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{RESULT_ID}|{study.study_uid}|{source}|{pred.model_sha256}|{kind}"))
+
+
+def _conditional(resource_type: str, value: str) -> dict:
+    """A transaction request that creates the resource only when none carries the identifier yet."""
+    return {"method": "POST", "url": resource_type, "ifNoneExist": f"identifier={RESULT_ID}|{value}"}
+
+
 def result_entries(pred: Prediction, study: StudyRef, *, device_url: str, issued: str) -> list[dict]:
-    """The Observation and the DiagnosticReport of one answered input (``ok`` or ``not_assessable``)."""
+    """The Observation and the DiagnosticReport of one answered input (``ok`` or ``not_assessable``), each created
+    conditionally on its stable identifier (:func:`result_id`): sending them twice leaves one of each."""
     if pred.status is contract.Status.ERROR:
         raise ValueError(f"{pred.source}: an unreadable input or a failed request gets no FHIR result")
+    obs_id, rep_id = result_id(pred, study, "observation"), result_id(pred, study, "report")
     obs_url, rep_url = f"urn:uuid:{uuid.uuid4()}", f"urn:uuid:{uuid.uuid4()}"
     subject = ({"identifier": {"value": study.patient_id, **({"system": f"urn:oid:{study.patient_issuer}"}
                                                              if study.patient_issuer.replace(".", "").isdigit() else {})}}
@@ -132,6 +149,7 @@ def result_entries(pred: Prediction, study: StudyRef, *, device_url: str, issued
     ]
     obs: dict = {
         "resourceType": "Observation",
+        "identifier": [{"system": RESULT_ID, "value": obs_id}],
         "status": "preliminary",
         "category": [_cc("http://terminology.hl7.org/CodeSystem/observation-category", "imaging", "Imaging")],
         "code": _cc(SNOMED, *PNEUMONIA),
@@ -171,15 +189,16 @@ def result_entries(pred: Prediction, study: StudyRef, *, device_url: str, issued
     }
     if positive:
         rep["conclusionCode"] = [_cc(SNOMED, *PNEUMONIA)]
+    rep["identifier"] = [{"system": RESULT_ID, "value": rep_id}]
     if study.accession:
-        rep["identifier"] = [{"type": _cc("http://terminology.hl7.org/CodeSystem/v2-0203", "ACSN", "Accession ID"),
-                              "value": study.accession}]
+        rep["identifier"].insert(0, {"type": _cc("http://terminology.hl7.org/CodeSystem/v2-0203", "ACSN",
+                                                 "Accession ID"), "value": study.accession})
     if subject:
         rep["subject"] = subject
     if imaging:
         rep["imagingStudy"] = [imaging]
-    return [{"fullUrl": obs_url, "resource": obs, "request": {"method": "POST", "url": "Observation"}},
-            {"fullUrl": rep_url, "resource": rep, "request": {"method": "POST", "url": "DiagnosticReport"}}]
+    return [{"fullUrl": obs_url, "resource": obs, "request": _conditional("Observation", obs_id)},
+            {"fullUrl": rep_url, "resource": rep, "request": _conditional("DiagnosticReport", rep_id)}]
 
 
 def bundle(results: Sequence[tuple[Prediction, StudyRef]]) -> dict:
@@ -230,16 +249,40 @@ def write_bundle(path: Path, results: Sequence[tuple[Prediction, StudyRef]]) -> 
     return b
 
 
+def split_transaction(bundle_: dict) -> list[dict]:
+    """A transaction Bundle of :func:`bundle` as one transaction per input (its Observation and DiagnosticReport,
+    with the Device they reference): each input's results are atomic, and a transaction of conditional creates
+    stays small (some servers serialize those and cap their size)."""
+    devices = {e["fullUrl"]: e for e in bundle_.get("entry", []) if e["resource"]["resourceType"] == "Device"}
+    groups: list[list[dict]] = []
+    current: list[dict] = []
+    for e in bundle_.get("entry", []):
+        if e["resource"]["resourceType"] == "Device":
+            continue
+        current.append(e)
+        if e["resource"]["resourceType"] == "DiagnosticReport":
+            groups.append(current)
+            current = []
+    if current:
+        groups.append(current)
+    out = []
+    for g in groups:
+        text = json.dumps(g)
+        used = [d for url, d in devices.items() if url in text]
+        out.append({**{k: v for k, v in bundle_.items() if k != "entry"}, "entry": used + g})
+    return out or [bundle_]
+
+
 def post_bundle(base_url: str, bundle_: dict, *, timeout_s: float = 30.0) -> dict:
-    """POST a transaction Bundle to a FHIR server's base URL; returns the transaction-response Bundle.
+    """POST a transaction Bundle to a FHIR server's base URL, one transaction per input
+    (:func:`split_transaction`); returns one transaction-response Bundle with every entry's response. Results are
+    created conditionally on their identifiers, so sending the same results again adds nothing.
 
     Raises:
         RetryableServerError: The server is unreachable or answered 429/5xx (send again later).
         FhirError: The server refused the Bundle (4xx), with its OperationOutcome's first issue.
     """
     import base64
-    import urllib.error
-    import urllib.request
 
     from cxr.core.security import split_url_credentials
 
@@ -247,6 +290,19 @@ def post_bundle(base_url: str, bundle_: dict, *, timeout_s: float = 30.0) -> dic
     headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
     if credentials is not None:
         headers["Authorization"] = "Basic " + base64.b64encode(":".join(credentials).encode()).decode()
+    if bundle_.get("type") == "transaction" and len(bundle_.get("entry", [])) > 3:
+        parts = split_transaction(bundle_)
+        if len(parts) > 1:
+            responses = [_post(base_url, part, headers, timeout_s) for part in parts]
+            return {"resourceType": "Bundle", "type": "transaction-response",
+                    "entry": [e for r in responses for e in r.get("entry", [])]}
+    return _post(base_url, bundle_, headers, timeout_s)
+
+
+def _post(base_url: str, bundle_: dict, headers: dict, timeout_s: float) -> dict:
+    import urllib.error
+    import urllib.request
+
     req = urllib.request.Request(base_url.rstrip("/") + "/", data=json.dumps(bundle_).encode(), method="POST",
                                  headers=headers)
     try:

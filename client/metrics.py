@@ -22,6 +22,7 @@ The alerts a site sets on them are in the README ("Deploying at a new hospital")
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from cxr.core import contract
 
@@ -116,7 +117,7 @@ class ScreeningMetrics:
         if not hasattr(self, "_pipe"):
             from prometheus_client import Counter, Gauge, Histogram
 
-            pipe = {name: Counter(f"cxr_listen_{name}", help_, list(labels), registry=self.registry)
+            pipe: dict[str, Any] = {name: Counter(f"cxr_listen_{name}", help_, list(labels), registry=self.registry)
                     for name, (help_, labels) in PIPELINE.items()}
             pipe["outbox_depth"] = Gauge("cxr_listen_outbox_depth", "Results waiting for their destination",
                                          ["destination"], registry=self.registry)

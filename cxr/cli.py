@@ -560,7 +560,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 def _add_result_doors(p: argparse.ArgumentParser) -> None:
     """FHIR results and the audit trail: the same flags on predict and listen."""
     p.add_argument("--fhir-out", type=Path, metavar="FILE",
-                   help="write the FHIR R4 results (DiagnosticReport, Observation, Device) as a transaction Bundle")
+                   help="write the FHIR R4 results (DiagnosticReport, Observation, Device): predict writes one "
+                   "transaction Bundle; listen appends NDJSON, one transaction Bundle per screened instance a line")
     p.add_argument("--fhir-url", metavar="URL", help="POST the FHIR results to this FHIR server's base URL")
     p.add_argument("--audit-log", type=Path, metavar="FILE",
                    help="append every event (received, screened, delivered, failed) to this hash-chained audit trail "

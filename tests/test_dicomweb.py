@@ -119,9 +119,11 @@ def test_listen_stores_its_sr_by_stow_and_keeps_an_audit_trail(web_pacs, tmp_pat
     delivered = [r for r in recs if r["event"] == "result_delivered"]
     assert all(r["detail"]["destination"].startswith("stow:") for r in delivered)
     assert "Test^Patient" not in (tmp_path / "audit.jsonl").read_text()  # no patient names in the trail
-    bundle = json.loads((tmp_path / "fhir.json").read_text())
-    fhir.validate(bundle)
-    reports = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "DiagnosticReport"]
+    bundles = [json.loads(line) for line in (tmp_path / "fhir.json").read_text().splitlines()]  # NDJSON
+    assert len(bundles) == 2  # one transaction Bundle per instance, appended
+    for bundle in bundles:
+        fhir.validate(bundle)
+    reports = [e["resource"] for b in bundles for e in b["entry"] if e["resource"]["resourceType"] == "DiagnosticReport"]
     assert sorted(r["imagingStudy"][0]["identifier"]["value"] for r in reports) == sorted(f"urn:oid:{s}" for s in studies)
 
 

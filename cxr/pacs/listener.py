@@ -35,6 +35,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cxr.core import contract, imaging
 from cxr.core.durable import AppendOnlyCsv, fsync_dir, write_durably
@@ -199,7 +200,7 @@ class ListenConfig:
         send_tls: DICOM TLS for sending results (:class:`cxr.core.security.TlsClient`).
         stow_url: A DICOMweb root: results are also (or only) stored there with STOW-RS.
         fhir_url: A FHIR server's base URL: each screened instance's results are POSTed there.
-        fhir_out: A FHIR Bundle file holding every result this spool screened (rewritten after each instance).
+        fhir_out: An NDJSON file: one line per screened instance, its FHIR transaction Bundle (appended).
         audit_log: The hash-chained audit trail to append every event to.
         urgent_if: Site rules that make a study urgent (besides Requested Procedure Priority STAT/HIGH).
         screen: Which received instances are screened; the others are accepted and dropped.
@@ -414,7 +415,11 @@ class Listener:
 
             self.audit = AuditLog(cfg.audit_log, component="cxr listen")
             self._me = default_actor()
-        self._fhir_lock = threading.Lock()
+        self._fhir_lines = None
+        if cfg.fhir_out is not None:
+            from cxr.core.durable import AppendOnlyLines
+
+            self._fhir_lines = AppendOnlyLines(cfg.fhir_out)  # type: ignore[assignment]
         self._screen_failures: dict[str, int] = {}
         self._stop = threading.Event()
         self._wake_worker = threading.Event()
@@ -576,6 +581,8 @@ class Listener:
             self._client.close()
         if self.csv is not None:
             self.csv.close()
+        if self._fhir_lines is not None:
+            self._fhir_lines.close()
         if self.metrics is not None:
             self.metrics.close()
         if self.audit is not None:
@@ -728,25 +735,15 @@ class Listener:
         logger.info("instance %s: %s%s", uid, pred.status.value, f" ({pred.label})" if pred.label else "")
 
     def _fhir(self, f: Path, pred, uid: str) -> list[tuple[str, str, bytes]]:  # type: ignore[no-untyped-def]
-        """The instance's FHIR results: a transaction Bundle for the FHIR outbox, and (``--fhir-out``) its
-        entries added to the spool's Bundle file."""
+        """The instance's FHIR results: a transaction Bundle for the FHIR outbox, and (``--fhir-out``) the same
+        Bundle appended as one line of the NDJSON file (linear: nothing written before is read or rewritten)."""
         import json
 
         from cxr.client import fhir
 
         b = fhir.bundle([(pred, fhir.StudyRef.of_file(f))])
-        if self.cfg.fhir_out is not None:
-            with self._fhir_lock:
-                path = Path(self.cfg.fhir_out)
-                whole: dict = (json.loads(path.read_text()) if path.exists()
-                               else {"resourceType": "Bundle", "type": "transaction", "entry": []})
-                known = {e["resource"].get("identifier", [{}])[0].get("value") for e in whole["entry"]
-                         if e["resource"]["resourceType"] == "Device"}
-                whole["entry"] += [e for e in b["entry"] if e["resource"]["resourceType"] != "Device"
-                                   or e["resource"]["identifier"][0]["value"] not in known]
-                whole["timestamp"] = b["timestamp"]
-                fhir.validate(whole)
-                write_durably(path, (json.dumps(whole, indent=1) + "\n").encode())
+        if self._fhir_lines is not None:
+            self._fhir_lines.append(json.dumps(b, separators=(",", ":")))
         return [("fhir", f"{uid}.json", json.dumps(b).encode())] if self.cfg.fhir_url else []
 
     # -- sending -------------------------------------------------------------------------------------------------
@@ -832,13 +829,13 @@ class Listener:
         return out
 
     def _failed(self, kind: str, f: Path, error: str, *, retry: bool, study: str = "", instance: str = "",
-                **detail: object) -> None:
+                **detail: Any) -> None:
         self.stats["send_failures"] += 1
         self._metric("delivery_failures", destination=kind, retry=str(retry).lower())
         self._audit("delivery_failed", outcome="failure", study_uid=study, instance_uid=instance or f.stem,
                     destination=f"{kind}:{self._where(kind)}", error=error, retry=retry, **detail)
 
-    def _park(self, kind: str, f: Path, reason: str, error: str, **detail: object) -> None:
+    def _park(self, kind: str, f: Path, reason: str, error: str, **detail: Any) -> None:
         from cxr.core.security import redact_url
 
         where = self.spool.park(kind, f, redact_url(reason))
