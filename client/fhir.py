@@ -223,6 +223,63 @@ def bundle(results: Sequence[tuple[Prediction, StudyRef]]) -> dict:
     return out
 
 
+def study_bundle(items: Sequence[tuple[Prediction, StudyRef]], study) -> dict:  # type: ignore[no-untyped-def]
+    """One ``transaction`` Bundle for a whole study (:mod:`cxr.pacs.study`): an Observation per frontal film and
+    one DiagnosticReport with the study answer (``study``, a :class:`cxr.pacs.study.StudyResult`) whose results are
+    those Observations; laterals get nothing of their own. Created conditionally on identifiers, like
+    :func:`bundle`.
+
+    Raises:
+        FhirError: A resource does not validate.
+    """
+    issued = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    model, ref0 = items[0]
+    device_url = f"urn:uuid:{uuid.uuid4()}"
+    entries = [device(model, full_url=device_url)]
+    frontal = set(study.frontal)
+    observations = []
+    for pred, ref in items:
+        if ref.instance_uid in frontal:
+            observations.append(result_entries(pred, ref, device_url=device_url, issued=issued)[0])
+    instances = sorted(ref.instance_uid for _, ref in items)
+    rep_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{RESULT_ID}|{ref0.study_uid}|{'|'.join(instances)}|"
+                                                f"{model.model_sha256}|study-report"))
+    if study.status is contract.Status.OK:
+        positive = study.label == contract.LABELS[1]
+        conclusion = (f"Pneumonia {'present' if positive else 'absent'} in the study (AI screening aid, preliminary; "
+                      f"highest P(pneumonia) of {len(frontal)} frontal film(s) {study.probability:.3f})")
+    else:
+        positive = False
+        conclusion = f"Not assessable ({study.why.replace('_', ' ')}): route to a human reader"
+    rep: dict = {
+        "resourceType": "DiagnosticReport",
+        "identifier": [{"system": RESULT_ID, "value": rep_id}],
+        "status": "preliminary",
+        "category": [_cc("http://terminology.hl7.org/CodeSystem/v2-0074", "RAD", "Radiology")],
+        "code": _cc(LOINC, *REPORT_CODE),
+        "issued": issued,
+        "conclusion": conclusion,
+    }
+    if observations:
+        rep["result"] = [{"reference": o["fullUrl"]} for o in observations]
+    if positive:
+        rep["conclusionCode"] = [_cc(SNOMED, *PNEUMONIA)]
+    if ref0.accession:
+        rep["identifier"].insert(0, {"type": _cc("http://terminology.hl7.org/CodeSystem/v2-0203", "ACSN",
+                                                 "Accession ID"), "value": ref0.accession})
+    if ref0.patient_id:
+        rep["subject"] = {"identifier": {"value": ref0.patient_id}}
+    if ref0.study_uid:
+        rep["imagingStudy"] = [{"type": "ImagingStudy", "identifier": {"system": DICOM_UID,
+                                                                       "value": f"urn:oid:{ref0.study_uid}"}}]
+    entries += observations
+    entries.append({"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": rep,
+                    "request": _conditional("DiagnosticReport", rep_id)})
+    out = {"resourceType": "Bundle", "type": "transaction", "timestamp": issued, "entry": entries}
+    validate(out)
+    return out
+
+
 def validate(resource: dict) -> None:
     """Validate a resource (a Bundle: each entry too) with ``fhir.resources``.
 
@@ -328,7 +385,9 @@ AUDIT_TYPES = {
     "screened": ("http://dicom.nema.org/resources/ontology/DCM", "110112", "Query"),
     "result_delivered": ("http://dicom.nema.org/resources/ontology/DCM", "110106", "Export"),
     "delivery_failed": ("http://dicom.nema.org/resources/ontology/DCM", "110106", "Export"),
-    "model_changed": ("http://dicom.nema.org/resources/ontology/DCM", "110121", "Software Configuration"),
+    "model_changed": ("http://dicom.nema.org/resources/ontology/DCM", "110131", "Software Configuration"),
+    "dropped": ("http://dicom.nema.org/resources/ontology/DCM", "110107", "Import"),
+    "refused": ("http://dicom.nema.org/resources/ontology/DCM", "110126", "Node Authentication"),
     "admin_api": ("http://dicom.nema.org/resources/ontology/DCM", "110113", "Security Alert"),
     "started": ("http://dicom.nema.org/resources/ontology/DCM", "110120", "Application Start"),
     "stopped": ("http://dicom.nema.org/resources/ontology/DCM", "110121", "Application Stop"),

@@ -103,7 +103,8 @@ class ScreeningMetrics:
 
     def count(self, what: str, n: float = 1, **labels: str) -> None:
         """A ``cxr listen`` pipeline counter (:data:`PIPELINE`), e.g. ``count("dropped", why="sop_class")``."""
-        self._pipeline()[what].labels(**labels).inc(n)
+        counter = self._pipeline()[what]
+        (counter.labels(**labels) if labels else counter).inc(n)
 
     def depth(self, destination: str, n: int) -> None:
         """Results waiting in one destination's outbox (``cxr_listen_outbox_depth``)."""

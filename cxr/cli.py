@@ -855,6 +855,10 @@ def _add_listen(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--screen-body-part", action="append", default=[], metavar="PART",
                    help="screen only this Body Part Examined, e.g. CHEST (repeatable; an instance without one is "
                    "screened; default: any)")
+    p.add_argument("--study-quiet-s", type=float, metavar="SECONDS",
+                   help="one result per study: answer a study once nothing of it arrived for SECONDS (e.g. 30); its "
+                   "frontal films are combined (any Pneumonia -> Pneumonia; all not assessable -> not assessable), "
+                   "laterals make no result of their own (default: one result per instance)")
     p.add_argument("--redeliver", action="store_true",
                    help="on start, put the results a destination refused for good (dead-letter-*/) back in their "
                    "outboxes")
@@ -876,7 +880,7 @@ def _cmd_listen(a: argparse.Namespace) -> int:
                            metrics_port=a.metrics_port, stow_url=a.stow_url, fhir_url=a.fhir_url,
                            fhir_out=a.fhir_out, audit_log=a.audit_log,
                            urgent_if=tuple(UrgentRule.parse(t) for t in a.urgent_if), redeliver=a.redeliver,
-                           screen=ScreenFilter.of(tuple(a.screen_sop_class), tuple(a.screen_modality),
+                           study_quiet_s=a.study_quiet_s, screen=ScreenFilter.of(tuple(a.screen_sop_class), tuple(a.screen_modality),
                                                   tuple(a.screen_body_part)), **_client_security(a))
     except ValueError as exc:
         raise CxrError(str(exc)) from None

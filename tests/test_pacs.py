@@ -533,3 +533,115 @@ def test_a_result_refused_for_good_is_parked_later_ones_go_and_redeliver_sends_i
         listener.send_signal(signal.SIGTERM)
         listener.wait(timeout=60)
         pacs.stop()
+
+
+def _film_in(data: bytes, *, view: str, n: int) -> bytes:
+    """Another film of the study of ``data``: its own series and instance, this view position and number."""
+    import io
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.ViewPosition, ds.InstanceNumber = view, n
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid(
+        entropy_srcs=[str(ds.SOPInstanceUID), view, str(n)])
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_one_result_per_study_pa_lateral_and_mr(pacs, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """--study-quiet-s: the whole study (PA, lateral, MR) gets one SR and one DiagnosticReport; the lateral and the
+    MR have no result of their own; the SR carries the PA's answer inside the study answer."""
+    import io
+
+    from cxr.core.audit_trail import read
+    from cxr.pacs.sr import read_study_sr
+
+    orthanc, port = pacs
+    audit, ndjson = tmp_path / "audit.jsonl", tmp_path / "fhir.ndjson"
+    listener = start_listener(tmp_path, orthanc, port, extra=("--study-quiet-s", "2", "--audit-log", str(audit),
+                                                              "--fhir-out", str(ndjson)))
+    try:
+        study = pydicom.uid.generate_uid(entropy_srcs=["pa-lateral-study"])
+        pa = chest_dx(90, study=study)
+        lateral = _film_in(pa, view="LL", n=2)
+        mr = _mr_in_study_of(pa)
+        study_id = orthanc.get(f"/instances/{orthanc.upload(pa)}/study")["ID"]
+        orthanc.upload(lateral)
+        orthanc.upload(mr)
+        orthanc.store_to_listener([study_id])
+        wait_for(lambda: len(orthanc.srs_in_study(study)) == 1)
+        (sr,) = orthanc.srs_in_study(study)
+        content = read_study_sr(sr)
+        pa_uid = str(pydicom.dcmread(io.BytesIO(pa)).SOPInstanceUID)
+        assert content["study"]["instance_uids"] == [pa_uid]
+        assert [f["instance_uid"] for f in content["films"]] == [pa_uid]  # the lateral has no answer of its own
+        assert content["study"]["finding"] == content["films"][0]["finding"] in ("Present", "Absent")
+        wait_for(lambda: any(r["event"] == "result_delivered" for r in read(audit)))
+        time.sleep(3)  # nothing more comes: no second SR for the study
+        assert len(orthanc.srs_in_study(study)) == 1
+        lines = ndjson.read_text().splitlines()
+        assert len(lines) == 1
+        reports = [e["resource"] for e in json.loads(lines[0])["entry"]
+                   if e["resource"]["resourceType"] == "DiagnosticReport"]
+        assert len(reports) == 1 and len(reports[0]["result"]) == 1
+        (closed,) = [r for r in read(audit) if r["event"] == "screened" and r["detail"].get("level") == "study"]
+        assert closed["detail"]["instances"] == 2 and closed["detail"]["frontal"] == 1  # the MR was dropped
+        assert not any((tmp_path / "spool" / "studies").iterdir())
+    finally:
+        listener.send_signal(signal.SIGTERM)
+        listener.wait(timeout=60)
+
+
+def test_associations_to_another_called_ae_or_from_a_stranger_are_refused_and_audited(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from pynetdicom import AE
+
+    from cxr.core.audit_trail import read
+
+    port = free_ports(1)[0]
+    audit = tmp_path / "audit.jsonl"
+    listener = start_listener(tmp_path, None, port, allow=("ORTHANC",), extra=("--audit-log", str(audit)))
+    try:
+        assert not echo(port, "STRANGER")  # calling AE title not allowed
+        ae = AE(ae_title="ORTHANC")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        ae.acse_timeout = ae.network_timeout = 5
+        assoc = ae.associate("127.0.0.1", port, ae_title="OTHER_AI")  # addressed to another AE title
+        assert not assoc.is_established
+        wait_for(lambda: sum(r["event"] == "refused" for r in read(audit)) == 2, timeout=30)
+        refused = {r["detail"]["why"]: r for r in read(audit) if r["event"] == "refused"}
+        assert refused["calling_ae"]["actor"] == "ae:STRANGER" and refused["calling_ae"]["outcome"] == "failure"
+        assert refused["called_ae"]["actor"] == "ae:ORTHANC"
+    finally:
+        listener.send_signal(signal.SIGTERM)
+        listener.wait(timeout=60)
+
+
+def test_pipeline_metrics_count_what_came_what_was_dropped_and_what_left(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import io
+    import re
+
+    pacs = RefusingPacs(refuse=0)
+    port = free_ports(1)[0]
+    listener = start_listener(tmp_path, None, port, extra=("--send-to", f"PACS@127.0.0.1:{pacs.port}",
+                                                           "--metrics-port", "0"))
+    try:
+        dx = chest_dx(95)
+        mr = pydicom.dcmread(io.BytesIO(_mr_in_study_of(dx)))
+        assert _store(port, pydicom.dcmread(io.BytesIO(dx)), mr) == [0, 0]
+        wait_for(lambda: len(pacs.stored) == 1)
+
+        def metrics() -> str:
+            log = "".join(p.read_text() for p in tmp_path.glob("listen-*.log"))
+            url = re.search(r"metrics on (http://127\.0\.0\.1:\d+/metrics)", log).group(1)  # type: ignore[union-attr]
+            return urllib.request.urlopen(url, timeout=10).read().decode()
+
+        wait_for(lambda: 'cxr_listen_delivered_total{destination="dimse"} 1.0' in metrics(), timeout=30)
+        text = metrics()
+        for line in ("cxr_listen_received_total 1.0", 'cxr_listen_dropped_total{why="sop_class"} 1.0',
+                     "cxr_listen_end_to_end_seconds_count 1.0"):
+            assert line in text, line
+        wait_for(lambda: 'cxr_listen_outbox_depth{destination="dimse"} 0.0' in metrics(), timeout=30)
+    finally:
+        listener.send_signal(signal.SIGTERM)
+        listener.wait(timeout=60)
+        pacs.stop()

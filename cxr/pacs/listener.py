@@ -205,6 +205,8 @@ class ListenConfig:
         urgent_if: Site rules that make a study urgent (besides Requested Procedure Priority STAT/HIGH).
         screen: Which received instances are screened; the others are accepted and dropped.
         redeliver: On start, put the results parked in ``dead-letter-<destination>/`` back into their outboxes.
+        study_quiet_s: One result per study (:mod:`cxr.pacs.study`): a study is answered once nothing of it has
+            arrived for this many seconds (``None``: one result per instance).
     """
 
     spool: Path
@@ -234,6 +236,7 @@ class ListenConfig:
     urgent_if: tuple[UrgentRule, ...] = ()
     screen: ScreenFilter = ScreenFilter()
     redeliver: bool = False
+    study_quiet_s: float | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.ae_title) <= 16:
@@ -244,6 +247,8 @@ class ListenConfig:
             raise ValueError("need 0 < send_backoff_s <= max_backoff_s")
         if self.batch < 1:
             raise ValueError("batch must be >= 1")
+        if self.study_quiet_s is not None and not 0 <= self.study_quiet_s <= 86400:
+            raise ValueError("--study-quiet-s must be in 0..86400 seconds")
         from cxr.core.security import is_loopback
 
         if not is_loopback(self.host) and self.dicom_tls is None:
@@ -379,6 +384,46 @@ class Spool:
         (self.incoming / f"{uid}.urgent").unlink(missing_ok=True)
         fsync_dir(self.incoming)
 
+    @property
+    def studies(self) -> Path:
+        """Screened instances waiting for the rest of their study: ``studies/<Study UID>/<UID>.dcm`` and
+        ``<UID>.json`` (the answer)."""
+        return self.root / "studies"
+
+    def hold(self, study: str, uid: str, answer: bytes, *, urgent: bool = False) -> None:
+        """A screened instance into its study's folder (the answer first, then the instance, then the markers)."""
+        folder = self.studies / study
+        folder.mkdir(parents=True, exist_ok=True)
+        if urgent:
+            write_durably(folder / ".urgent", b"")
+        write_durably(folder / f"{uid}.json", answer)
+        src = self.incoming / f"{uid}.dcm"
+        if src.exists():
+            src.replace(folder / f"{uid}.dcm")  # keeps its arrival time
+        (self.incoming / f"{uid}.urgent").unlink(missing_ok=True)
+        fsync_dir(self.incoming)
+        fsync_dir(folder)
+
+    def finish_study(self, folder: Path, uids: list[str], results: list[tuple[str, str, bytes]]) -> None:
+        """A study's results into their outboxes (dated with its first arrival), then every instance's done marker,
+        then the study's folder away."""
+        import os
+        import shutil
+
+        urgent = (folder / ".urgent").exists()
+        arrived = min((p.stat().st_mtime for p in folder.glob("*.dcm")), default=None)
+        for kind, name, data in results:
+            if kind in self.outboxes:
+                if urgent:
+                    write_durably(self.outboxes[kind] / f"{name}.urgent", b"")
+                write_durably(self.outboxes[kind] / name, data)
+                if arrived is not None:
+                    os.utime(self.outboxes[kind] / name, (arrived, arrived))
+        for uid in uids:
+            write_durably(self.done / uid, b"")
+        shutil.rmtree(folder)
+        fsync_dir(self.studies)
+
     def queued(self, kind: str) -> list[Path]:
         """Results waiting in one outbox: urgent studies' first, then by arrival."""
         files = []
@@ -421,6 +466,9 @@ class Listener:
 
             self._fhir_lines = AppendOnlyLines(cfg.fhir_out)  # type: ignore[assignment]
         self._screen_failures: dict[str, int] = {}
+        self._unscreened: dict[str, set[str]] = {}  # study -> instances received, not yet screened (study mode)
+        self._arrived: dict[str, float] = {}  # study -> time of its last arrival (study mode)
+        self._study_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake_worker = threading.Event()
         self._senders: dict[str, threading.Event] = {}
@@ -444,11 +492,24 @@ class Listener:
             ae.add_supported_context(ctx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         if self.cfg.allow:
             ae.require_calling_aet = list(self.cfg.allow)
+        ae.require_called_aet = True  # an association addressed to another AE title is not for us
         ae.maximum_pdu_size = 0
         return ae
 
     def _on_echo(self, event) -> int:  # type: ignore[no-untyped-def]
         return SUCCESS
+
+    def _on_rejected(self, event) -> None:  # type: ignore[no-untyped-def]
+        """An association refused (calling AE title not allowed, called AE title not ours): counted and audited."""
+        req = event.assoc.requestor
+        calling = str(getattr(req, "ae_title", "") or "").strip()
+        called = str(getattr(event.assoc.acceptor, "ae_title", "") or "").strip()
+        why = "calling_ae" if self.cfg.allow and calling not in self.cfg.allow else "called_ae"
+        self.stats["refused"] += 1
+        self._metric("refused", why=why)
+        self._audit("refused", actor=f"ae:{calling}", outcome="failure", why=why, called_ae=called,
+                    peer=str(getattr(req, "address", "") or ""))
+        logger.warning("association from %s refused (%s)", calling or "?", why)
 
     def _on_store(self, event) -> int:  # type: ignore[no-untyped-def]
         req = event.request
@@ -499,6 +560,7 @@ class Listener:
         if fresh:
             self.stats["received"] += 1
             self._metric("received")
+            self._note_arrival(study, uid)
             self.stats["urgent"] += int(urgent)
             self._wake_worker.set()
         else:
@@ -534,10 +596,21 @@ class Listener:
 
             self.metrics = ScreeningMetrics(self._client.info.ood_threshold)  # type: ignore[attr-defined,assignment]
             self.metrics_port = self.metrics.serve(self.cfg.metrics_port)  # type: ignore[attr-defined]
-        handlers = [(evt.EVT_C_ECHO, self._on_echo), (evt.EVT_C_STORE, self._on_store)]
+        handlers = [(evt.EVT_C_ECHO, self._on_echo), (evt.EVT_C_STORE, self._on_store),
+                    (evt.EVT_REJECTED, self._on_rejected)]
         ssl_context = None
         if self.cfg.dicom_tls is not None:
             ssl_context = _server_ssl_context(self.cfg.dicom_tls)
+        if self.cfg.study_quiet_s is not None:  # instances spooled before a restart count for their studies
+            import pydicom
+
+            for f in self.spool.pending():
+                try:
+                    study = str(pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+                                .get("StudyInstanceUID", "") or "")
+                except Exception:  # noqa: BLE001 - an unreadable one is set aside when screened
+                    continue
+                self._note_arrival(study, f.stem)
         if self.cfg.redeliver:
             moved = self.spool.redeliver()
             for kind, n in moved.items():
@@ -597,15 +670,19 @@ class Listener:
 
     def idle(self) -> bool:
         """Nothing left to screen or send."""
-        return not self.spool.pending() and not any(self.spool.queued(k) for k in self.spool.outboxes)
+        waiting = self.spool.studies.is_dir() and any(self.spool.studies.iterdir())
+        return not self.spool.pending() and not waiting and not any(self.spool.queued(k) for k in self.spool.outboxes)
 
     # -- screening ---------------------------------------------------------------------------------------------
     def _work(self) -> None:
         backoff = 0.5
+        quiet = self.cfg.study_quiet_s
+        tick = 2.0 if quiet is None else min(2.0, max(0.1, quiet / 4))
         while not self._stop.is_set():
-            self._wake_worker.wait(timeout=2.0)
+            self._wake_worker.wait(timeout=tick)
             self._wake_worker.clear()
             while not self._stop.is_set():
+                self._close_studies()
                 files = self.spool.pending()[: self.cfg.batch]
                 if not files:
                     break
@@ -646,6 +723,7 @@ class Listener:
         counted."""
         self.spool.set_aside(uid, reason)
         self._screen_failures.pop(uid, None)
+        self._screened(uid)
         self.stats["set_aside"] += 1
         self._metric("set_aside", why=why)
         self._audit("screened", outcome="failure", study_uid=study, instance_uid=uid, status="set_aside", why=why)
@@ -705,6 +783,7 @@ class Listener:
             if not _UID.match(study) or len(study) > 64:
                 raise _Unanswerable("no_study_uid", "no valid Study Instance UID: a result cannot be filed in its "
                                     "study")
+        if source is not None and self.cfg.study_quiet_s is None:
             sr = build_sr(source, pred)
             encoded = [(f"{sr.SOPInstanceUID}.dcm", _encode(sr))]
             if self._gradcam is not None and pred.ok and pred.label == info.labels[1]:
@@ -727,12 +806,117 @@ class Listener:
                                  station=str(getattr(source, "StationName", "") or "")[:64])
         if pred.status is contract.Status.ERROR:  # unreadable: an error row, and the file set aside, visibly
             raise _Unanswerable("unreadable", f"unreadable: {pred.reason}")
-        self.spool.finish(uid, results, urgent=priority == "urgent")
+        if self.cfg.study_quiet_s is not None:  # answered with its study, once the study is quiet
+            import json
+
+            from cxr.pacs.study import to_json
+
+            self.spool.hold(study, uid, json.dumps(to_json(pred)).encode(), urgent=priority == "urgent")
+            self._screened(uid)
+        else:
+            self.spool.finish(uid, results, urgent=priority == "urgent")
         self._screen_failures.pop(uid, None)
         self._audit("screened", outcome="success", study_uid=study, instance_uid=uid, model_sha256=pred.model_sha256,
                     status=pred.status.value, rule=pred.rule, probability=pred.probability, priority=priority)
         self.stats["screened"] += 1
         logger.info("instance %s: %s%s", uid, pred.status.value, f" ({pred.label})" if pred.label else "")
+
+    # -- one result per study -----------------------------------------------------------------------------------
+    def _note_arrival(self, study: str, uid: str) -> None:
+        if self.cfg.study_quiet_s is not None and study:
+            import time
+
+            with self._study_lock:
+                self._unscreened.setdefault(study, set()).add(uid)
+                self._arrived[study] = time.time()
+
+    def _screened(self, uid: str) -> None:
+        with self._study_lock:
+            for study, uids in list(self._unscreened.items()):
+                uids.discard(uid)
+                if not uids:
+                    del self._unscreened[study]
+
+    def _close_studies(self) -> None:
+        """Answer every study that has been quiet for ``study_quiet_s`` and has nothing left to screen."""
+        import time
+
+        if self.cfg.study_quiet_s is None or not self.spool.studies.is_dir():
+            return
+        for folder in sorted(self.spool.studies.iterdir()):
+            if self._stop.is_set():
+                return
+            answers = list(folder.glob("*.json"))
+            with self._study_lock:
+                busy = bool(self._unscreened.get(folder.name))
+                last = self._arrived.get(folder.name, 0.0)
+            try:
+                last = max([last, *(a.stat().st_mtime for a in answers)])
+            except FileNotFoundError:
+                continue
+            if busy or not answers or time.time() - last < self.cfg.study_quiet_s:
+                continue
+            try:
+                self._close_study(folder)
+            except Exception as exc:  # noqa: BLE001 - one study's failure must not hold the others
+                for a in answers:
+                    uid, film = a.stem, folder / f"{a.stem}.dcm"
+                    if film.exists():
+                        film.replace(self.spool.incoming / f"{uid}.dcm")  # set aside from there, with its reason
+                    a.unlink(missing_ok=True)
+                    self._set_aside(uid, "study_result_failed", f"making its study's result failed: "
+                                    f"{type(exc).__name__}: {str(exc)[:200]}", folder.name)
+                import shutil
+
+                shutil.rmtree(folder, ignore_errors=True)
+            with self._study_lock:
+                self._arrived.pop(folder.name, None)
+        for ev in self._senders.values():
+            ev.set()
+
+    def _close_study(self, folder: Path) -> None:
+        import json
+
+        import pydicom
+
+        from cxr.client import fhir
+        from cxr.pacs.sr import build_heatmap_sc, build_study_sr
+        from cxr.pacs.study import combine, from_json
+
+        items = []
+        for a in sorted(folder.glob("*.json")):
+            film = folder / f"{a.stem}.dcm"
+            items.append((a.stem, from_json(json.loads(a.read_text())), pydicom.dcmread(film, stop_before_pixels=True),
+                          film))
+        # films in the order they were taken (Instance Number), then by UID
+        items.sort(key=lambda it: (int(it[2].get("InstanceNumber", 0) or 0), it[0]))
+        study = combine([(uid, pred) for uid, pred, _, _ in items])
+        sr = build_study_sr([src for _, _, src, _ in items], [pred for _, pred, _, _ in items], study)
+        encoded = [(f"{sr.SOPInstanceUID}.dcm", _encode(sr))]
+        info = self._client.info  # type: ignore[attr-defined]
+        if self._gradcam is not None:
+            from cxr.client.explain import film_for_display, overlay
+
+            for uid, pred, src, film in items:
+                if uid in study.frontal and pred.ok and pred.label == info.labels[1]:
+                    shown = film_for_display(film)
+                    heat = self._gradcam.heatmap(imaging.preprocess(film), size=(shown.shape[1], shown.shape[0]))
+                    sc = build_heatmap_sc(src, pred, overlay(shown, heat))
+                    encoded.append((f"{sc.SOPInstanceUID}.dcm", _encode(sc)))
+        results = [(kind, name, data) for kind in ("dimse", "stow") for name, data in encoded]
+        if self.cfg.fhir_url or self._fhir_lines is not None:
+            b = fhir.study_bundle([(pred, fhir.StudyRef.of_file(film)) for _, pred, _, film in items], study)
+            if self._fhir_lines is not None:
+                self._fhir_lines.append(json.dumps(b, separators=(",", ":")))
+            if self.cfg.fhir_url:
+                results.append(("fhir", f"{sr.SOPInstanceUID}.json", json.dumps(b).encode()))
+        self.spool.finish_study(folder, [uid for uid, *_ in items], results)
+        model = items[0][1]
+        self._audit("screened", study_uid=folder.name, model_sha256=model.model_sha256, level="study",
+                    status=study.status.value, label=study.label, probability=study.probability,
+                    instances=len(items), frontal=len(study.frontal), why=study.why or None)
+        logger.info("study %s: %s%s from %d film(s), %d frontal", folder.name, study.status.value,
+                    f" ({study.label})" if study.label else "", len(items), len(study.frontal))
 
     def _fhir(self, f: Path, pred, uid: str) -> list[tuple[str, str, bytes]]:  # type: ignore[no-untyped-def]
         """The instance's FHIR results: a transaction Bundle for the FHIR outbox, and (``--fhir-out``) the same
