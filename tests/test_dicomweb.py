@@ -193,3 +193,57 @@ def test_the_spool_hands_out_urgent_instances_first(tmp_path: Path) -> None:
     assert not (spool.incoming / "1.2.9.urgent").exists() and spool.is_done("1.2.9")
     assert {p.parent.name for p in spool.root.glob("outbox*/*")} == {"outbox", "outbox-stow", "outbox-fhir"}
     assert not spool.receive("1.2.9", b"again", urgent=True)  # a duplicate stays done
+
+
+def test_the_outbox_sends_urgent_results_first_and_parks_and_redelivers(tmp_path: Path) -> None:
+    import os
+
+    spool = Spool(tmp_path / "spool", ("dimse", "stow"))
+    for i, urgent in enumerate((False, False, True)):
+        uid = f"1.2.{i}"
+        spool.receive(uid, b"film", urgent=urgent)
+        os.utime(spool.incoming / f"{uid}.dcm", (1000 + i, 1000 + i))
+        spool.finish(uid, [("dimse", f"sr{i}.dcm", b"sr"), ("stow", f"sr{i}.dcm", b"sr")], urgent=urgent)
+    assert [p.name for p in spool.queued("dimse")] == ["sr2.dcm", "sr0.dcm", "sr1.dcm"]  # urgent first, then arrival
+    assert (spool.outboxes["dimse"] / "sr0.dcm").stat().st_mtime == 1000  # dated with the film's arrival
+    spool.sent(spool.outboxes["dimse"] / "sr2.dcm")
+    assert not list(spool.outboxes["dimse"].glob("sr2*"))  # the result and its urgency marker
+    parked = spool.park("stow", spool.outboxes["stow"] / "sr1.dcm", "HTTP 400")
+    assert parked.parent.name == "dead-letter-stow" and json.loads((parked.parent / "sr1.dcm.why").read_text())[
+        "reason"] == "HTTP 400"
+    assert [p.name for p in spool.queued("stow")] == ["sr2.dcm", "sr0.dcm"]
+    assert spool.redeliver() == {"dimse": 0, "stow": 1}
+    assert sorted(p.name for p in spool.queued("stow")) == ["sr0.dcm", "sr1.dcm", "sr2.dcm"]
+    assert not list(spool.parked("stow").iterdir())
+
+
+def test_an_instance_set_aside_leaves_the_queue_with_its_reason(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.receive("1.2.3", b"film", urgent=True)
+    spool.receive("1.2.4", b"film")
+    spool.set_aside("1.2.3", "no valid Study Instance UID")
+    assert [p.stem for p in spool.pending()] == ["1.2.4"]
+    assert (spool.dead_letter / "1.2.3.dcm").read_bytes() == b"film"
+    assert json.loads((spool.dead_letter / "1.2.3.why").read_text())["reason"] == "no valid Study Instance UID"
+    assert not spool.is_done("1.2.3")  # a corrected resend is screened
+
+
+def test_the_screen_filter_drops_by_sop_class_modality_and_body_part() -> None:
+    from cxr.pacs.listener import ScreenFilter
+
+    dx, mr = "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.4"
+    ds = pydicom.Dataset()
+    ds.Modality, ds.BodyPartExamined = "DX", "CHEST"
+    default = ScreenFilter()
+    assert default.drop_reason(dx, ds) is None and default.drop_reason(mr) == "sop_class"
+    strict = ScreenFilter.of(modalities=("dx",), body_parts=("chest",))
+    assert strict.drop_reason(dx, ds) is None
+    ds.BodyPartExamined = "KNEE"
+    assert strict.drop_reason(dx, ds) == "body_part"
+    ds.Modality = "CT"
+    assert strict.drop_reason(dx, ds) == "modality"
+    del ds.BodyPartExamined
+    ds.Modality = "DX"
+    assert strict.drop_reason(dx, ds) is None  # no body part: screened, the eligibility rules judge it
+    with pytest.raises(ValueError, match="not a UID"):
+        ScreenFilter.of(sop_classes=("CR",))
