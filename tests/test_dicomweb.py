@@ -80,7 +80,10 @@ def test_a_qido_wado_pull_answers_as_the_files_do(web_pacs, tmp_path: Path) -> N
     assert sorted(a["path"] for a in json.loads(r.stdout)) == sorted(uids[:2])
     r = _predict("--dicomweb", orthanc.dicomweb_url, "--query", "ModalitiesInStudy=CT", "--format", "json")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert sorted(a["path"] for a in json.loads(r.stdout)) == sorted(uids[2:])  # study b holds the CT
+    assert [a["path"] for a in json.loads(r.stdout)] == [uids[3]]  # study b holds the CT: its CT series only
+    r = _predict("--dicomweb", orthanc.dicomweb_url, "--query", "ModalitiesInStudy=DX", "--format", "json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(a["path"] for a in json.loads(r.stdout)) == sorted(uids[:3])  # the DX series, not study b's CT
     r = _predict("--dicomweb", orthanc.dicomweb_url, "--query", "ModalitiesInStudy=MR", "--format", "json")
     assert r.returncode == 2 and "no instance found" in r.stderr
 
@@ -247,3 +250,47 @@ def test_the_screen_filter_drops_by_sop_class_modality_and_body_part() -> None:
     assert strict.drop_reason(dx, ds) is None  # no body part: screened, the eligibility rules judge it
     with pytest.raises(ValueError, match="not a UID"):
         ScreenFilter.of(sop_classes=("CR",))
+
+
+def test_a_5xx_is_retried_with_backoff_and_a_4xx_is_not(tmp_path: Path) -> None:
+    """A loopback HTTP server answers 503 twice, then an empty QIDO-RS result; another path answers 404."""
+    import http.server
+    import threading
+
+    from cxr.client.dicomweb import DicomWeb, DicomWebError
+    from cxr.core.errors import RetryableServerError
+
+    hits: list[str] = []
+
+    class Flaky(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            hits.append(self.path)
+            code = 404 if self.path.startswith("/gone") else (503 if len(hits) <= 2 else 200)
+            body = b"[]" if code == 200 else b""
+            self.send_response(code)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        web = DicomWeb(f"http://127.0.0.1:{server.server_port}/dicom-web", timeout_s=5)
+        web.BACKOFF_S = 0.05
+        assert web.find(query={"ModalitiesInStudy": "DX"}) == []
+        assert len(hits) == 3  # two 503s, then the answer
+        hits.clear()
+        with pytest.raises(DicomWebError, match="404"):
+            DicomWeb(f"http://127.0.0.1:{server.server_port}/gone", timeout_s=5).find()
+        assert len(hits) == 1  # a 4xx is final
+    finally:
+        server.shutdown()
+        server.server_close()
+    down = DicomWeb(f"http://127.0.0.1:{server.server_port}/dicom-web", timeout_s=2)
+    down.BACKOFF_S = 0.05
+    with pytest.raises(RetryableServerError):
+        down.find()  # nobody listens: retried, then retryable (the CLI exits 75)
