@@ -84,7 +84,8 @@ def _classify(exc: BaseException, where: str) -> Exception:
 class DicomWeb:
     """A DICOMweb server (QIDO, WADO and STOW under one root URL, e.g. ``http://127.0.0.1:8042/dicom-web``)."""
 
-    def __init__(self, url: str, *, timeout_s: float = 30.0) -> None:
+    def __init__(self, url: str, *, timeout_s: float = 30.0, auth=None) -> None:  # type: ignore[no-untyped-def]
+        """``auth``: a :class:`cxr.core.security.HttpAuth` (bearer token, client certificate, CA)."""
         import requests
         from dicomweb_client.api import DICOMwebClient
 
@@ -95,6 +96,8 @@ class DicomWeb:
         session = requests.Session()
         if credentials is not None:
             session.auth = credentials  # HTTP Basic, in a header
+        if auth is not None:
+            auth.apply(session)
         self._client = DICOMwebClient(bare, session=session, timeout=timeout_s)
         self._client.set_http_retry_params(retry=False)  # one retry policy, ours (bounded, every 5xx)
 

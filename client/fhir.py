@@ -330,7 +330,7 @@ def split_transaction(bundle_: dict) -> list[dict]:
     return out or [bundle_]
 
 
-def post_bundle(base_url: str, bundle_: dict, *, timeout_s: float = 30.0) -> dict:
+def post_bundle(base_url: str, bundle_: dict, *, timeout_s: float = 30.0, auth=None) -> dict:  # type: ignore[no-untyped-def]
     """POST a transaction Bundle to a FHIR server's base URL, one transaction per input
     (:func:`split_transaction`); returns one transaction-response Bundle with every entry's response. Results are
     created conditionally on their identifiers, so sending the same results again adds nothing.
@@ -347,23 +347,27 @@ def post_bundle(base_url: str, bundle_: dict, *, timeout_s: float = 30.0) -> dic
     headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
     if credentials is not None:
         headers["Authorization"] = "Basic " + base64.b64encode(":".join(credentials).encode()).decode()
+    context = None
+    if auth is not None:  # a cxr.core.security.HttpAuth: bearer token, client certificate, CA
+        headers.update(auth.headers())
+        context = auth.ssl_context() if base_url.lower().startswith("https:") else None
     if bundle_.get("type") == "transaction" and len(bundle_.get("entry", [])) > 3:
         parts = split_transaction(bundle_)
         if len(parts) > 1:
-            responses = [_post(base_url, part, headers, timeout_s) for part in parts]
+            responses = [_post(base_url, part, headers, timeout_s, context) for part in parts]
             return {"resourceType": "Bundle", "type": "transaction-response",
                     "entry": [e for r in responses for e in r.get("entry", [])]}
-    return _post(base_url, bundle_, headers, timeout_s)
+    return _post(base_url, bundle_, headers, timeout_s, context)
 
 
-def _post(base_url: str, bundle_: dict, headers: dict, timeout_s: float) -> dict:
+def _post(base_url: str, bundle_: dict, headers: dict, timeout_s: float, context=None) -> dict:  # type: ignore[no-untyped-def]
     import urllib.error
     import urllib.request
 
     req = urllib.request.Request(base_url.rstrip("/") + "/", data=json.dumps(bundle_).encode(), method="POST",
                                  headers=headers)
     try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:  # noqa: S310 - the site's FHIR endpoint
+        with urllib.request.urlopen(req, timeout=timeout_s, context=context) as resp:  # noqa: S310 - the site's FHIR endpoint
             return json.loads(resp.read().decode("utf-8"))
     except urllib.error.HTTPError as exc:
         body = exc.read().decode("utf-8", "replace")

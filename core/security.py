@@ -19,7 +19,7 @@ import os
 import socket
 import ssl
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cxr.core.errors import CxrError
@@ -117,6 +117,62 @@ class TlsServer:
         else:
             flags.append("--grpc-use-ssl=true")
         return flags
+
+
+@dataclass(frozen=True)
+class HttpAuth:
+    """How the HTTP doors (DICOMweb, FHIR) authenticate: a bearer token (read from a private file), a client
+    certificate for mutual TLS, and the CA the server's certificate must verify against.
+
+    Attributes:
+        token: The bearer token (never shown: not in the repr, logs or audit records).
+        cert: This client's certificate chain (with ``key``).
+        key: Its private key.
+        ca: CA bundle for the server's certificate (default: the system's).
+    """
+
+    token: str | None = field(default=None, repr=False)
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("give --web-tls-cert and --web-tls-key together")
+        if self.cert is not None:
+            _need_file(self.cert, "--web-tls-cert")
+            _need_file(self.key, "--web-tls-key")
+        if self.ca is not None:
+            _need_file(self.ca, "--web-tls-ca")
+        if self.token is not None and (not self.token or any(c.isspace() for c in self.token)):
+            raise ValueError("the bearer token must be one line without spaces")
+
+    @classmethod
+    def of(cls, token_file: Path | None = None, cert: Path | None = None, key: Path | None = None,
+           ca: Path | None = None) -> HttpAuth | None:
+        """From command-line files (``None`` when none is given); the token file must be private (mode 600)."""
+        if token_file is None and cert is None and key is None and ca is None:
+            return None
+        token = read_private_text(token_file, "bearer token").strip() if token_file is not None else None
+        return cls(token, cert, key, ca)
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """For ``urllib``: the CA (or the system's) and the client certificate."""
+        ctx = ssl.create_default_context(cafile=str(self.ca) if self.ca else None)
+        if self.cert is not None:
+            ctx.load_cert_chain(str(self.cert), str(self.key))
+        return ctx
+
+    def apply(self, session) -> None:  # type: ignore[no-untyped-def]
+        """Onto a ``requests.Session``."""
+        session.headers.update(self.headers())
+        if self.cert is not None:
+            session.cert = (str(self.cert), str(self.key))
+        if self.ca is not None:
+            session.verify = str(self.ca)
 
 
 def read_private_text(path: Path, what: str) -> str:

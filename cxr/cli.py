@@ -855,6 +855,12 @@ def _add_listen(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--screen-body-part", action="append", default=[], metavar="PART",
                    help="screen only this Body Part Examined, e.g. CHEST (repeatable; an instance without one is "
                    "screened; default: any)")
+    g = p.add_argument_group("authentication of --stow-url and --fhir-url")
+    g.add_argument("--web-token-file", type=Path, metavar="FILE",
+                   help="a bearer token (one line, file mode 600) sent as Authorization: Bearer")
+    g.add_argument("--web-tls-cert", type=Path, help="this listener's client certificate (mutual TLS)")
+    g.add_argument("--web-tls-key", type=Path, help="its private key")
+    g.add_argument("--web-tls-ca", type=Path, help="CA bundle the servers' certificates must verify against")
     p.add_argument("--study-quiet-s", type=float, metavar="SECONDS",
                    help="one result per study: answer a study once nothing of it arrived for SECONDS (e.g. 30); its "
                    "frontal films are combined (any Pneumonia -> Pneumonia; all not assessable -> not assessable), "
@@ -867,7 +873,7 @@ def _add_listen(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_listen(a: argparse.Namespace) -> int:
-    from cxr.core.security import TlsClient, TlsServer
+    from cxr.core.security import HttpAuth, TlsClient, TlsServer
     from cxr.pacs.listener import Destination, ListenConfig, Listener, ScreenFilter, UrgentRule
 
     try:
@@ -880,7 +886,8 @@ def _cmd_listen(a: argparse.Namespace) -> int:
                            metrics_port=a.metrics_port, stow_url=a.stow_url, fhir_url=a.fhir_url,
                            fhir_out=a.fhir_out, audit_log=a.audit_log,
                            urgent_if=tuple(UrgentRule.parse(t) for t in a.urgent_if), redeliver=a.redeliver,
-                           study_quiet_s=a.study_quiet_s, screen=ScreenFilter.of(tuple(a.screen_sop_class), tuple(a.screen_modality),
+                           study_quiet_s=a.study_quiet_s,
+                           web_auth=HttpAuth.of(a.web_token_file, a.web_tls_cert, a.web_tls_key, a.web_tls_ca), screen=ScreenFilter.of(tuple(a.screen_sop_class), tuple(a.screen_modality),
                                                   tuple(a.screen_body_part)), **_client_security(a))
     except ValueError as exc:
         raise CxrError(str(exc)) from None

@@ -47,6 +47,8 @@ CASES = [
     ("listen-stow-not-a-url", ["listen", "--stow-url", "archive:8042"], 2, "--stow-url"),
     ("listen-busy-port", ["listen", "--port", "{busy}", "--url", str(SHIPPED_REPOSITORY)], 2, "cannot listen"),
     ("audit-missing", ["audit-log", "verify", "{tmp}/missing.jsonl"], 2, "cannot read"),
+    ("listen-cert-without-key", ["listen", "--web-tls-cert", FILM], 2, "--web-tls-key"),
+    ("listen-token-file-missing", ["listen", "--web-token-file", "{tmp}/no-token"], 2, "bearer token"),
 ]
 
 

@@ -65,3 +65,64 @@ def test_a_password_in_a_url_is_in_no_file_written(tmp_path: Path) -> None:
     assert len(written) > 8  # logs, audit trails, CSVs, the spool's files, printed output
     leaks = [str(p.relative_to(work)) for p in written if PASSWORD.encode() in p.read_bytes()]
     assert not leaks, leaks
+
+
+@pytest.mark.slow
+def test_fhir_results_go_with_a_bearer_token_and_a_client_certificate_and_the_token_is_in_no_file(tmp_path: Path) -> None:
+    """A loopback HTTPS endpoint that requires a client certificate from the site CA records what it is sent."""
+    import http.server
+    import json
+    import ssl
+    import threading
+
+    from cxr.core.security import make_dev_pki
+
+    pki = make_dev_pki(tmp_path / "pki")
+    token = "tok-" + PASSWORD + "-bearer"
+    seen: list[tuple[str, bool]] = []
+
+    class Fhir(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.headers.get("Authorization", ""), bool(self.connection.getpeercert())))
+            out = json.dumps({"resourceType": "Bundle", "type": "transaction-response",
+                              "entry": [{"response": {"status": "201"}} for _ in body["entry"]]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/fhir+json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Fhir)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(pki["server_cert"]), str(pki["server_key"]))
+    ctx.load_verify_locations(cafile=str(pki["ca"]))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    work = tmp_path / "work"
+    work.mkdir()
+    token_file = work / "token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    port = free_ports(1)[0]
+    audit = work / "audit.jsonl"
+    listener = start_listener(work, None, port, extra=(
+        "--fhir-url", f"https://127.0.0.1:{server.server_port}/fhir", "--web-token-file", str(token_file),
+        "--web-tls-ca", str(pki["ca"]), "--web-tls-cert", str(pki["client_cert"]), "--web-tls-key",
+        str(pki["client_key"]), "--audit-log", str(audit)))
+    try:
+        assert _store(port, pydicom.dcmread(io.BytesIO(chest_dx(85)))) == [0]
+        wait_for(lambda: any(r["event"] == "result_delivered" for r in read(audit)), timeout=120)
+    finally:
+        listener.send_signal(signal.SIGTERM)
+        listener.wait(timeout=60)
+        server.shutdown()
+        server.server_close()
+    assert seen and all(s == (f"Bearer {token}", True) for s in seen)  # the token and a client certificate
+    leaks = [str(p.relative_to(work)) for p in work.rglob("*") if p.is_file() and p != token_file
+             and token.encode() in p.read_bytes()]
+    assert not leaks, leaks

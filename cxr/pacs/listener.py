@@ -207,6 +207,7 @@ class ListenConfig:
         redeliver: On start, put the results parked in ``dead-letter-<destination>/`` back into their outboxes.
         study_quiet_s: One result per study (:mod:`cxr.pacs.study`): a study is answered once nothing of it has
             arrived for this many seconds (``None``: one result per instance).
+        web_auth: How ``stow_url`` and ``fhir_url`` authenticate (:class:`cxr.core.security.HttpAuth`).
     """
 
     spool: Path
@@ -237,6 +238,7 @@ class ListenConfig:
     screen: ScreenFilter = ScreenFilter()
     redeliver: bool = False
     study_quiet_s: float | None = None
+    web_auth: object | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.ae_title) <= 16:
@@ -1054,12 +1056,12 @@ class Listener:
             from cxr.client.dicomweb import DicomWeb
 
             ds = pydicom.dcmread(f)
-            DicomWeb(str(self.cfg.stow_url)).store([ds], study_uid=str(ds.StudyInstanceUID))
+            DicomWeb(str(self.cfg.stow_url), auth=self.cfg.web_auth).store([ds], study_uid=str(ds.StudyInstanceUID))
             study, instance = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
         else:
             from cxr.client import fhir
 
-            fhir.post_bundle(str(self.cfg.fhir_url), json.loads(f.read_text()))
+            fhir.post_bundle(str(self.cfg.fhir_url), json.loads(f.read_text()), auth=self.cfg.web_auth)
             study, instance = "", f.stem
         self._delivered(kind, f, study, instance)
 
