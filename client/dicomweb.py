@@ -20,8 +20,10 @@ from cxr.core.errors import CxrError, InvalidInputError, RetryableServerError
 
 logger = logging.getLogger(__name__)
 
+#: QIDO-RS query parameters that are not attributes.
+QIDO_PARAMETERS = ("fuzzymatching", "includefield", "limit", "offset")
 #: DICOM tags of the QIDO-RS answers (hex, as DICOM JSON keys them).
-STUDY_UID, SERIES_UID, SOP_UID = "0020000D", "0020000E", "00080018"
+STUDY_UID, SERIES_UID, SOP_UID, MODALITY = "0020000D", "0020000E", "00080018", "00080060"
 
 
 class DicomWebError(CxrError):
@@ -50,12 +52,22 @@ def parse_query(pairs: Iterable[str]) -> dict[str, str]:
     Raises:
         InvalidInputError: A pair without ``=`` or with an empty key.
     """
+    import re
+
+    from pydicom.datadict import tag_for_keyword
+
     out: dict[str, str] = {}
     for p in pairs:
         key, sep, value = p.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise InvalidInputError(f"--query {p!r}: expected KEY=VALUE (e.g. ModalitiesInStudy=DX)")
-        out[key.strip()] = value.strip()
+        if key not in QIDO_PARAMETERS and tag_for_keyword(key) is None and not re.fullmatch(r"[0-9A-Fa-f]{8}", key):
+            raise InvalidInputError(f"--query {key!r}: not a DICOM keyword or tag, nor a QIDO-RS parameter "
+                                    "(e.g. ModalitiesInStudy=DX, StudyDate=20260101-)")
+        if key in out and out[key] != value.strip():
+            raise InvalidInputError(f"--query {key}: given twice with different values")
+        out[key] = value.strip()
     return out
 
 
@@ -72,26 +84,74 @@ def _classify(exc: BaseException, where: str) -> Exception:
 class DicomWeb:
     """A DICOMweb server (QIDO, WADO and STOW under one root URL, e.g. ``http://127.0.0.1:8042/dicom-web``)."""
 
-    def __init__(self, url: str, *, timeout_s: float = 30.0) -> None:
+    def __init__(self, url: str, *, timeout_s: float = 30.0, auth=None) -> None:  # type: ignore[no-untyped-def]
+        """``auth``: a :class:`cxr.core.security.HttpAuth` (bearer token, client certificate, CA)."""
+        import requests
         from dicomweb_client.api import DICOMwebClient
 
-        self.url = url.rstrip("/")
-        self._client = DICOMwebClient(self.url, timeout=timeout_s)
+        from cxr.core.security import split_url_credentials
 
-    def find(self, *, studies: Iterable[str] = (), query: Mapping[str, str] | None = None) -> list[InstanceRef]:
-        """Every instance of the given studies, or of the studies the query matches (sorted, no duplicates)."""
+        bare, credentials = split_url_credentials(url.rstrip("/"))
+        self.url = bare  # what messages show: never the credentials
+        session = requests.Session()
+        if credentials is not None:
+            session.auth = credentials  # HTTP Basic, in a header
+        if auth is not None:
+            auth.apply(session)
+        self._client = DICOMwebClient(bare, session=session, timeout=timeout_s)
+        self._client.set_http_retry_params(retry=False)  # one retry policy, ours (bounded, every 5xx)
+
+    def find(self, *, studies: Iterable[str] = (), query: Mapping[str, str] | None = None,
+             modalities: Iterable[str] = ()) -> list[InstanceRef]:
+        """Every instance of the given studies, or of the studies the query matches (sorted, no duplicates).
+
+        Series are filtered before anything is listed or read: only series whose Modality is in ``modalities``,
+        or, when none is given, in the query's ``ModalitiesInStudy`` (``DX`` or ``CR\\DX``): a study of a chest DX
+        and an MR found by ``ModalitiesInStudy=DX`` yields the DX series only."""
         uids = list(dict.fromkeys(studies))
-        try:
-            if not uids:
-                found = self._pages(self._client.search_for_studies, STUDY_UID, search_filters=dict(query or {}))
-                uids = [_value(s, STUDY_UID) for s in found if _value(s, STUDY_UID)]
-            refs = []
-            for uid in uids:
-                for item in self._pages(self._client.search_for_instances, SOP_UID, study_instance_uid=uid):
-                    refs.append(InstanceRef(_value(item, STUDY_UID) or uid, _value(item, SERIES_UID), _value(item, SOP_UID)))
-        except Exception as exc:  # noqa: BLE001 - requests' and dicomweb-client's own errors
-            raise _classify(exc, f"{self.url} search") from None
+        wanted = {m.strip().upper() for m in modalities if m.strip()}
+        if not wanted and query and query.get("ModalitiesInStudy"):
+            wanted = {m.strip().upper() for m in query["ModalitiesInStudy"].replace(",", "\\").split("\\") if m.strip()}
+        if not uids:
+            found = self._retrying(lambda: self._pages(self._client.search_for_studies, STUDY_UID,
+                                                       search_filters=dict(query or {})), "search")
+            uids = [_value(s, STUDY_UID) for s in found if _value(s, STUDY_UID)]
+        refs = []
+        for uid in uids:
+            if wanted:
+                series = self._retrying(lambda uid=uid: self._pages(self._client.search_for_series, SERIES_UID,  # type: ignore[misc]
+                                                                    study_instance_uid=uid), "search")
+                chosen = [_value(s, SERIES_UID) for s in series
+                          if _value(s, MODALITY).upper() in wanted and _value(s, SERIES_UID)]
+            else:
+                chosen = [None]  # type: ignore[list-item]
+            for series_uid in chosen:
+                kw = {"study_instance_uid": uid} | ({"series_instance_uid": series_uid} if series_uid else {})
+                items = self._retrying(lambda kw=kw: self._pages(self._client.search_for_instances, SOP_UID, **kw),  # type: ignore[misc]
+                                       "search")
+                for item in items:
+                    refs.append(InstanceRef(_value(item, STUDY_UID) or uid, _value(item, SERIES_UID) or str(series_uid),
+                                            _value(item, SOP_UID)))
         return sorted(set(r for r in refs if r.sop_uid and r.series_uid), key=lambda r: (r.study_uid, r.series_uid, r.sop_uid))
+
+    #: Tries of a request that failed with a retryable error (connection, 429, 5xx), and the first backoff.
+    ATTEMPTS, BACKOFF_S = 4, 0.5
+
+    def _retrying(self, call, what: str):  # type: ignore[no-untyped-def]
+        """``call()`` with bounded retries and exponential backoff on retryable failures (connection refused or
+        reset, timeouts, 429 and 5xx); a 4xx fails at once."""
+        import time
+
+        for attempt in range(self.ATTEMPTS):
+            try:
+                return call()
+            except Exception as exc:  # noqa: BLE001 - requests' and dicomweb-client's own errors
+                err = _classify(exc, f"{self.url} {what}")
+                if not isinstance(err, RetryableServerError) or attempt == self.ATTEMPTS - 1:
+                    raise err from None
+                logger.warning("%s; retrying in %.1f s", err, self.BACKOFF_S * 2 ** attempt)
+                time.sleep(self.BACKOFF_S * 2 ** attempt)
+        raise AssertionError("unreachable")
 
     @staticmethod
     def _pages(search, key: str, *, page: int = 500, max_pages: int = 10_000, **kw) -> list[dict]:  # type: ignore[no-untyped-def]
@@ -112,10 +172,8 @@ class DicomWeb:
         """One instance as a DICOM Part 10 file."""
         import pydicom
 
-        try:
-            ds = self._client.retrieve_instance(ref.study_uid, ref.series_uid, ref.sop_uid)
-        except Exception as exc:  # noqa: BLE001
-            raise _classify(exc, f"{self.url} instance {ref.sop_uid}") from None
+        ds = self._retrying(lambda: self._client.retrieve_instance(ref.study_uid, ref.series_uid, ref.sop_uid),
+                            f"instance {ref.sop_uid}")
         buf = io.BytesIO()
         pydicom.dcmwrite(buf, ds, enforce_file_format=True)
         return buf.getvalue()

@@ -38,6 +38,9 @@ LOCAL = "urn:cxr-triton:codes"
 REFUSAL_RULES = "urn:cxr-triton:refusal-rule"
 MODEL_SHA256 = "urn:cxr-triton:model-sha256"
 DICOM_UID = "urn:dicom:uid"
+#: Identifier system of this project's results: the value derives from the study, the instance (or the input's
+#: name) and the model's sha256, so a rerun finds what an earlier run created (conditional create).
+RESULT_ID = "urn:cxr-triton:result"
 PNEUMONIA = ("233604007", "Pneumonia")
 PRESENT = ("52101004", "Present")
 ABSENT = ("2667000", "Absent")
@@ -115,10 +118,24 @@ def device(pred: Prediction, *, full_url: str) -> dict:
     }
 
 
+def result_id(pred: Prediction, study: StudyRef, kind: str) -> str:
+    """The stable identifier value of one input's ``kind`` (``observation`` or ``report``): a UUID derived from
+    the study, the instance (the input's name when it is not DICOM) and the model's sha256."""
+    source = study.instance_uid or Path(str(pred.source)).name
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{RESULT_ID}|{study.study_uid}|{source}|{pred.model_sha256}|{kind}"))
+
+
+def _conditional(resource_type: str, value: str) -> dict:
+    """A transaction request that creates the resource only when none carries the identifier yet."""
+    return {"method": "POST", "url": resource_type, "ifNoneExist": f"identifier={RESULT_ID}|{value}"}
+
+
 def result_entries(pred: Prediction, study: StudyRef, *, device_url: str, issued: str) -> list[dict]:
-    """The Observation and the DiagnosticReport of one answered input (``ok`` or ``not_assessable``)."""
+    """The Observation and the DiagnosticReport of one answered input (``ok`` or ``not_assessable``), each created
+    conditionally on its stable identifier (:func:`result_id`): sending them twice leaves one of each."""
     if pred.status is contract.Status.ERROR:
         raise ValueError(f"{pred.source}: an unreadable input or a failed request gets no FHIR result")
+    obs_id, rep_id = result_id(pred, study, "observation"), result_id(pred, study, "report")
     obs_url, rep_url = f"urn:uuid:{uuid.uuid4()}", f"urn:uuid:{uuid.uuid4()}"
     subject = ({"identifier": {"value": study.patient_id, **({"system": f"urn:oid:{study.patient_issuer}"}
                                                              if study.patient_issuer.replace(".", "").isdigit() else {})}}
@@ -132,6 +149,7 @@ def result_entries(pred: Prediction, study: StudyRef, *, device_url: str, issued
     ]
     obs: dict = {
         "resourceType": "Observation",
+        "identifier": [{"system": RESULT_ID, "value": obs_id}],
         "status": "preliminary",
         "category": [_cc("http://terminology.hl7.org/CodeSystem/observation-category", "imaging", "Imaging")],
         "code": _cc(SNOMED, *PNEUMONIA),
@@ -171,15 +189,16 @@ def result_entries(pred: Prediction, study: StudyRef, *, device_url: str, issued
     }
     if positive:
         rep["conclusionCode"] = [_cc(SNOMED, *PNEUMONIA)]
+    rep["identifier"] = [{"system": RESULT_ID, "value": rep_id}]
     if study.accession:
-        rep["identifier"] = [{"type": _cc("http://terminology.hl7.org/CodeSystem/v2-0203", "ACSN", "Accession ID"),
-                              "value": study.accession}]
+        rep["identifier"].insert(0, {"type": _cc("http://terminology.hl7.org/CodeSystem/v2-0203", "ACSN",
+                                                 "Accession ID"), "value": study.accession})
     if subject:
         rep["subject"] = subject
     if imaging:
         rep["imagingStudy"] = [imaging]
-    return [{"fullUrl": obs_url, "resource": obs, "request": {"method": "POST", "url": "Observation"}},
-            {"fullUrl": rep_url, "resource": rep, "request": {"method": "POST", "url": "DiagnosticReport"}}]
+    return [{"fullUrl": obs_url, "resource": obs, "request": _conditional("Observation", obs_id)},
+            {"fullUrl": rep_url, "resource": rep, "request": _conditional("DiagnosticReport", rep_id)}]
 
 
 def bundle(results: Sequence[tuple[Prediction, StudyRef]]) -> dict:
@@ -199,6 +218,63 @@ def bundle(results: Sequence[tuple[Prediction, StudyRef]]) -> dict:
             devices[key] = f"urn:uuid:{uuid.uuid4()}"
             entries.append(device(pred, full_url=devices[key]))
         entries += result_entries(pred, study, device_url=devices[key], issued=issued)
+    out = {"resourceType": "Bundle", "type": "transaction", "timestamp": issued, "entry": entries}
+    validate(out)
+    return out
+
+
+def study_bundle(items: Sequence[tuple[Prediction, StudyRef]], study) -> dict:  # type: ignore[no-untyped-def]
+    """One ``transaction`` Bundle for a whole study (:mod:`cxr.pacs.study`): an Observation per frontal film and
+    one DiagnosticReport with the study answer (``study``, a :class:`cxr.pacs.study.StudyResult`) whose results are
+    those Observations; laterals get nothing of their own. Created conditionally on identifiers, like
+    :func:`bundle`.
+
+    Raises:
+        FhirError: A resource does not validate.
+    """
+    issued = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    model, ref0 = items[0]
+    device_url = f"urn:uuid:{uuid.uuid4()}"
+    entries = [device(model, full_url=device_url)]
+    frontal = set(study.frontal)
+    observations = []
+    for pred, ref in items:
+        if ref.instance_uid in frontal:
+            observations.append(result_entries(pred, ref, device_url=device_url, issued=issued)[0])
+    instances = sorted(ref.instance_uid for _, ref in items)
+    rep_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{RESULT_ID}|{ref0.study_uid}|{'|'.join(instances)}|"
+                                                f"{model.model_sha256}|study-report"))
+    if study.status is contract.Status.OK:
+        positive = study.label == contract.LABELS[1]
+        conclusion = (f"Pneumonia {'present' if positive else 'absent'} in the study (AI screening aid, preliminary; "
+                      f"highest P(pneumonia) of {len(frontal)} frontal film(s) {study.probability:.3f})")
+    else:
+        positive = False
+        conclusion = f"Not assessable ({study.why.replace('_', ' ')}): route to a human reader"
+    rep: dict = {
+        "resourceType": "DiagnosticReport",
+        "identifier": [{"system": RESULT_ID, "value": rep_id}],
+        "status": "preliminary",
+        "category": [_cc("http://terminology.hl7.org/CodeSystem/v2-0074", "RAD", "Radiology")],
+        "code": _cc(LOINC, *REPORT_CODE),
+        "issued": issued,
+        "conclusion": conclusion,
+    }
+    if observations:
+        rep["result"] = [{"reference": o["fullUrl"]} for o in observations]
+    if positive:
+        rep["conclusionCode"] = [_cc(SNOMED, *PNEUMONIA)]
+    if ref0.accession:
+        rep["identifier"].insert(0, {"type": _cc("http://terminology.hl7.org/CodeSystem/v2-0203", "ACSN",
+                                                 "Accession ID"), "value": ref0.accession})
+    if ref0.patient_id:
+        rep["subject"] = {"identifier": {"value": ref0.patient_id}}
+    if ref0.study_uid:
+        rep["imagingStudy"] = [{"type": "ImagingStudy", "identifier": {"system": DICOM_UID,
+                                                                       "value": f"urn:oid:{ref0.study_uid}"}}]
+    entries += observations
+    entries.append({"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": rep,
+                    "request": _conditional("DiagnosticReport", rep_id)})
     out = {"resourceType": "Bundle", "type": "transaction", "timestamp": issued, "entry": entries}
     validate(out)
     return out
@@ -230,20 +306,68 @@ def write_bundle(path: Path, results: Sequence[tuple[Prediction, StudyRef]]) -> 
     return b
 
 
-def post_bundle(base_url: str, bundle_: dict, *, timeout_s: float = 30.0) -> dict:
-    """POST a transaction Bundle to a FHIR server's base URL; returns the transaction-response Bundle.
+def split_transaction(bundle_: dict) -> list[dict]:
+    """A transaction Bundle of :func:`bundle` as one transaction per input (its Observation and DiagnosticReport,
+    with the Device they reference): each input's results are atomic, and a transaction of conditional creates
+    stays small (some servers serialize those and cap their size)."""
+    devices = {e["fullUrl"]: e for e in bundle_.get("entry", []) if e["resource"]["resourceType"] == "Device"}
+    groups: list[list[dict]] = []
+    current: list[dict] = []
+    for e in bundle_.get("entry", []):
+        if e["resource"]["resourceType"] == "Device":
+            continue
+        current.append(e)
+        if e["resource"]["resourceType"] == "DiagnosticReport":
+            groups.append(current)
+            current = []
+    if current:
+        groups.append(current)
+    out = []
+    for g in groups:
+        text = json.dumps(g)
+        used = [d for url, d in devices.items() if url in text]
+        out.append({**{k: v for k, v in bundle_.items() if k != "entry"}, "entry": used + g})
+    return out or [bundle_]
+
+
+def post_bundle(base_url: str, bundle_: dict, *, timeout_s: float = 30.0, auth=None) -> dict:  # type: ignore[no-untyped-def]
+    """POST a transaction Bundle to a FHIR server's base URL, one transaction per input
+    (:func:`split_transaction`); returns one transaction-response Bundle with every entry's response. Results are
+    created conditionally on their identifiers, so sending the same results again adds nothing.
 
     Raises:
         RetryableServerError: The server is unreachable or answered 429/5xx (send again later).
         FhirError: The server refused the Bundle (4xx), with its OperationOutcome's first issue.
     """
+    import base64
+
+    from cxr.core.security import split_url_credentials
+
+    base_url, credentials = split_url_credentials(base_url)  # messages below show the URL without them
+    headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
+    if credentials is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(credentials).encode()).decode()
+    context = None
+    if auth is not None:  # a cxr.core.security.HttpAuth: bearer token, client certificate, CA
+        headers.update(auth.headers())
+        context = auth.ssl_context() if base_url.lower().startswith("https:") else None
+    if bundle_.get("type") == "transaction" and len(bundle_.get("entry", [])) > 3:
+        parts = split_transaction(bundle_)
+        if len(parts) > 1:
+            responses = [_post(base_url, part, headers, timeout_s, context) for part in parts]
+            return {"resourceType": "Bundle", "type": "transaction-response",
+                    "entry": [e for r in responses for e in r.get("entry", [])]}
+    return _post(base_url, bundle_, headers, timeout_s, context)
+
+
+def _post(base_url: str, bundle_: dict, headers: dict, timeout_s: float, context=None) -> dict:  # type: ignore[no-untyped-def]
     import urllib.error
     import urllib.request
 
     req = urllib.request.Request(base_url.rstrip("/") + "/", data=json.dumps(bundle_).encode(), method="POST",
-                                 headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"})
+                                 headers=headers)
     try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:  # noqa: S310 - the site's FHIR endpoint
+        with urllib.request.urlopen(req, timeout=timeout_s, context=context) as resp:  # noqa: S310 - the site's FHIR endpoint
             return json.loads(resp.read().decode("utf-8"))
     except urllib.error.HTTPError as exc:
         body = exc.read().decode("utf-8", "replace")
@@ -265,7 +389,9 @@ AUDIT_TYPES = {
     "screened": ("http://dicom.nema.org/resources/ontology/DCM", "110112", "Query"),
     "result_delivered": ("http://dicom.nema.org/resources/ontology/DCM", "110106", "Export"),
     "delivery_failed": ("http://dicom.nema.org/resources/ontology/DCM", "110106", "Export"),
-    "model_changed": ("http://dicom.nema.org/resources/ontology/DCM", "110121", "Software Configuration"),
+    "model_changed": ("http://dicom.nema.org/resources/ontology/DCM", "110131", "Software Configuration"),
+    "dropped": ("http://dicom.nema.org/resources/ontology/DCM", "110107", "Import"),
+    "refused": ("http://dicom.nema.org/resources/ontology/DCM", "110126", "Node Authentication"),
     "admin_api": ("http://dicom.nema.org/resources/ontology/DCM", "110113", "Security Alert"),
     "started": ("http://dicom.nema.org/resources/ontology/DCM", "110120", "Application Start"),
     "stopped": ("http://dicom.nema.org/resources/ontology/DCM", "110121", "Application Stop"),

@@ -11,12 +11,18 @@ The same figures ``cxr monitor`` compares with the model's reference, live:
   out-of-distribution score (every film that reached the model), the latter with buckets at fractions of the
   served refusal threshold.
 
-The alert a site sets on them is in the README ("Deploying at a new hospital").
+``cxr listen`` adds its pipeline (:data:`PIPELINE`): ``cxr_listen_received_total``, ``..._dropped_total{why}``,
+``..._refused_total{why}``, ``..._set_aside_total{why}``, ``..._delivered_total{destination}``,
+``..._delivery_failures_total{destination,retry}``, ``..._dead_lettered_total{destination}``, the gauge
+``cxr_listen_outbox_depth{destination}`` and the histogram ``cxr_listen_end_to_end_seconds``.
+
+The alerts a site sets on them are in the README ("Deploying at a new hospital") and docs/hospital.md.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from cxr.core import contract
 
@@ -24,6 +30,20 @@ from cxr.core import contract
 PROBABILITY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 #: Buckets of ``cxr_ood_score`` as fractions of the served OOD threshold.
 OOD_FRACTIONS = (0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0)
+
+
+#: ``cxr listen``'s pipeline counters (``cxr_listen_<name>_total``): help and label names.
+PIPELINE = {
+    "received": ("Instances received and kept for screening (C-STORE success)", ()),
+    "dropped": ("Instances accepted but not screened (SOP class, modality or body part)", ("why",)),
+    "refused": ("C-STORE requests and associations refused", ("why",)),
+    "set_aside": ("Instances that could not be answered, moved to dead-letter/", ("why",)),
+    "delivered": ("Results confirmed by their destination", ("destination",)),
+    "delivery_failures": ("Failed delivery attempts (retried or refused for good)", ("destination", "retry")),
+    "dead_lettered": ("Results a destination refused for good, moved to dead-letter-<destination>/", ("destination",)),
+}
+#: Buckets of ``cxr_listen_end_to_end_seconds``.
+LATENCY_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 
 
 def device_of(path: str | Path) -> tuple[str, str]:
@@ -80,6 +100,32 @@ class ScreeningMetrics:
                 self.positive.labels(model).inc()
         if pred.ood_score is not None:
             self.ood.labels(model).observe(pred.ood_score)
+
+    def count(self, what: str, n: float = 1, **labels: str) -> None:
+        """A ``cxr listen`` pipeline counter (:data:`PIPELINE`), e.g. ``count("dropped", why="sop_class")``."""
+        counter = self._pipeline()[what]
+        (counter.labels(**labels) if labels else counter).inc(n)
+
+    def depth(self, destination: str, n: int) -> None:
+        """Results waiting in one destination's outbox (``cxr_listen_outbox_depth``)."""
+        self._pipeline()["outbox_depth"].labels(destination=destination).set(n)
+
+    def latency(self, seconds: float) -> None:
+        """Seconds from an instance's arrival to its result's delivery (``cxr_listen_end_to_end_seconds``)."""
+        self._pipeline()["end_to_end"].observe(max(0.0, seconds))
+
+    def _pipeline(self) -> dict:
+        if not hasattr(self, "_pipe"):
+            from prometheus_client import Counter, Gauge, Histogram
+
+            pipe: dict[str, Any] = {name: Counter(f"cxr_listen_{name}", help_, list(labels), registry=self.registry)
+                    for name, (help_, labels) in PIPELINE.items()}
+            pipe["outbox_depth"] = Gauge("cxr_listen_outbox_depth", "Results waiting for their destination",
+                                         ["destination"], registry=self.registry)
+            pipe["end_to_end"] = Histogram("cxr_listen_end_to_end_seconds", "Arrival of an instance to the delivery "
+                                           "of its result", buckets=LATENCY_BUCKETS, registry=self.registry)
+            self._pipe = pipe
+        return self._pipe
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Serve ``/metrics`` on ``host:port`` (a thread) and return the port."""

@@ -37,6 +37,8 @@ EVENTS = {
     "delivery_failed": "a result could not be delivered (kept for a retry, or given up)",
     "model_changed": "the served model changed (a server started, or a model was loaded, unloaded or replaced)",
     "admin_api": "a restricted API was used (model control, repository, configuration)",
+    "dropped": "an instance was accepted but not screened (not a SOP class, modality or body part screened)",
+    "refused": "an association or a C-STORE was refused (calling or called AE title, an invalid request)",
     "started": "a component started",
     "stopped": "a component stopped",
 }
@@ -97,6 +99,12 @@ class AuditRecord:
         bad = PHI_KEYS & set(self.detail or {})
         if bad:
             raise ValueError(f"audit detail must not carry patient data ({', '.join(sorted(bad))})")
+        from cxr.core.security import redact_url
+
+        if self.detail and "://" in _canonical(self.detail):  # no URL credentials in the trail
+            object.__setattr__(self, "detail", json.loads(redact_url(_canonical(self.detail))))
+        if "://" in self.actor:
+            object.__setattr__(self, "actor", redact_url(self.actor))
 
 
 class AuditLog:

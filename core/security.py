@@ -19,7 +19,7 @@ import os
 import socket
 import ssl
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cxr.core.errors import CxrError
@@ -119,6 +119,62 @@ class TlsServer:
         return flags
 
 
+@dataclass(frozen=True)
+class HttpAuth:
+    """How the HTTP doors (DICOMweb, FHIR) authenticate: a bearer token (read from a private file), a client
+    certificate for mutual TLS, and the CA the server's certificate must verify against.
+
+    Attributes:
+        token: The bearer token (never shown: not in the repr, logs or audit records).
+        cert: This client's certificate chain (with ``key``).
+        key: Its private key.
+        ca: CA bundle for the server's certificate (default: the system's).
+    """
+
+    token: str | None = field(default=None, repr=False)
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("give --web-tls-cert and --web-tls-key together")
+        if self.cert is not None:
+            _need_file(self.cert, "--web-tls-cert")
+            _need_file(self.key, "--web-tls-key")
+        if self.ca is not None:
+            _need_file(self.ca, "--web-tls-ca")
+        if self.token is not None and (not self.token or any(c.isspace() for c in self.token)):
+            raise ValueError("the bearer token must be one line without spaces")
+
+    @classmethod
+    def of(cls, token_file: Path | None = None, cert: Path | None = None, key: Path | None = None,
+           ca: Path | None = None) -> HttpAuth | None:
+        """From command-line files (``None`` when none is given); the token file must be private (mode 600)."""
+        if token_file is None and cert is None and key is None and ca is None:
+            return None
+        token = read_private_text(token_file, "bearer token").strip() if token_file is not None else None
+        return cls(token, cert, key, ca)
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """For ``urllib``: the CA (or the system's) and the client certificate."""
+        ctx = ssl.create_default_context(cafile=str(self.ca) if self.ca else None)
+        if self.cert is not None:
+            ctx.load_cert_chain(str(self.cert), str(self.key))
+        return ctx
+
+    def apply(self, session) -> None:  # type: ignore[no-untyped-def]
+        """Onto a ``requests.Session``."""
+        session.headers.update(self.headers())
+        if self.cert is not None:
+            session.cert = (str(self.cert), str(self.key))
+        if self.ca is not None:
+            session.verify = str(self.ca)
+
+
 def read_private_text(path: Path, what: str) -> str:
     """A secret file's text; refused when it cannot be read or is readable by group or others.
 
@@ -168,6 +224,59 @@ def redact(args: list[str], secrets: list[str]) -> list[str]:
                 a = a.replace(s, "***")
         out.append(a)
     return out
+
+
+#: ``scheme://user:password@`` (or ``scheme://user@``) in any text: the userinfo part of a URL.
+_URL_USERINFO = __import__("re").compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s'\"<>]*@")
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the credentials of every URL in it replaced (``http://user:pw@host/x`` ->
+    ``http://***@host/x``): for audit records, logs, spool files and anything printed."""
+    return _URL_USERINFO.sub(r"\1***@", str(text))
+
+
+def split_url_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
+    """``(url without its userinfo, (user, password) or None)``: credentials travel in a header, never in a URL
+    that could be logged."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.username is None:
+        return url, None
+    host = parts.hostname or ""
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc)), (unquote(parts.username), unquote(parts.password or ""))
+
+
+class RedactingStream:
+    """A text stream that takes URL credentials out of everything written through it (stdout, stderr)."""
+
+    def __init__(self, stream) -> None:  # type: ignore[no-untyped-def]
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(redact_url(text) if "@" in text else text)
+        return len(text)
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self._stream, name)
+
+
+class RedactingFilter:
+    """A :mod:`logging` filter that takes URL credentials out of every record's message (install it on a handler)."""
+
+    def filter(self, record) -> bool:  # type: ignore[no-untyped-def]
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record is logging's own business
+            return True
+        clean = redact_url(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and record.exc_info[1] is not None and "@" in str(record.exc_info[1]):
+            record.exc_text = redact_url(__import__("logging").Formatter().formatException(record.exc_info))
+        return True
 
 
 def is_loopback(host: str) -> bool:

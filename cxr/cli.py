@@ -734,24 +734,64 @@ def _add_operating_point(p: argparse.ArgumentParser) -> None:
 def _add_result_doors(p: argparse.ArgumentParser) -> None:
     """FHIR results and the audit trail: the same flags on predict and listen."""
     p.add_argument("--fhir-out", type=Path, metavar="FILE",
-                   help="write the FHIR R4 results (DiagnosticReport, Observation, Device) as a transaction Bundle")
+                   help="write the FHIR R4 results (DiagnosticReport, Observation, Device): predict writes one "
+                   "transaction Bundle; listen appends NDJSON, one transaction Bundle per screened instance a line")
     p.add_argument("--fhir-url", metavar="URL", help="POST the FHIR results to this FHIR server's base URL")
     p.add_argument("--audit-log", type=Path, metavar="FILE",
                    help="append every event (received, screened, delivered, failed) to this hash-chained audit trail "
                    "(verify it with `cxr audit-log verify FILE`)")
 
 
+def _check_url(value: str | None, flag: str) -> None:
+    """An http(s) URL with a host, or a one-line error naming the flag (credentials never echoed)."""
+    from urllib.parse import urlsplit
+
+    from cxr.core.security import redact_url
+
+    if value is None:
+        return
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise CxrError(f"{flag} {redact_url(value)!r}: expected an http:// or https:// URL with a host")
+
+
+def _check_predict_args(a: argparse.Namespace) -> None:
+    """Misuse of ``cxr predict`` refused in one line before anything starts."""
+    _check_url(a.dicomweb, "--dicomweb")
+    _check_url(a.fhir_url, "--fhir-url")
+    if not a.inputs and not a.dicomweb:
+        raise CxrError("no input: give files or folders, or --dicomweb URL")
+    if a.study and a.query:
+        raise CxrError("--study names the studies, --query searches for them: give one or the other")
+    if a.query:
+        from cxr.client.dicomweb import parse_query
+
+        parse_query(a.query)  # unknown or malformed keys refused here
+    if a.priority != contract.DEFAULT_PRIORITY and a.protocol == "embedded":
+        raise CxrError(f"--priority {a.priority} orders requests in Triton's queue; --protocol embedded has no "
+                       "queue: drop --priority or use --protocol grpc/http")
+
+
 def _cmd_predict(a: argparse.Namespace) -> int:
     from cxr.client.batch import PredictOptions, run_predict
 
-    return run_predict(PredictOptions(inputs=tuple(a.inputs), url=a.url, protocol=a.protocol, model=a.model,
-                                      timeout_s=a.timeout_s, format=a.format, out=a.out, chunk=a.chunk,
-                                      eligibility=a.eligibility, retries=a.retries, ray=a.ray,
-                                      metrics_port=a.metrics_port, metrics_file=a.metrics_file,
-                                      dicomweb=a.dicomweb, studies=tuple(a.study), query=tuple(a.query),
-                                      priority=a.priority, fhir_out=a.fhir_out, fhir_url=a.fhir_url,
-                                      audit_log=a.audit_log, operating_point=a.operating_point,
-                                      **_client_security(a)))
+    _check_predict_args(a)
+    try:
+        opts = PredictOptions(inputs=tuple(a.inputs), url=a.url, protocol=a.protocol, model=a.model,
+                              timeout_s=a.timeout_s, format=a.format, out=a.out, chunk=a.chunk,
+                              eligibility=a.eligibility, retries=a.retries, ray=a.ray,
+                              metrics_port=a.metrics_port, metrics_file=a.metrics_file,
+                              dicomweb=a.dicomweb, studies=tuple(a.study), query=tuple(a.query),
+                              priority=a.priority, fhir_out=a.fhir_out, fhir_url=a.fhir_url,
+                              audit_log=a.audit_log, operating_point=a.operating_point,
+                              **_client_security(a))
+    except ValueError as exc:
+        raise CxrError(f"--{str(exc)}" if str(exc).startswith(("chunk", "retries")) else str(exc)) from None
+    return run_predict(opts)
 
 
 def _add_health(sub: argparse._SubParsersAction) -> None:
@@ -942,8 +982,9 @@ def _add_listen(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "listen",
         help="DICOM Storage SCP: screen what a PACS or modality sends, send DICOM SR results back",
-        description="Answer C-ECHO and C-STORE (CR, DX for presentation and for processing, Secondary Capture; other "
-        "SOP classes are refused with status 0x0122). Each instance is written to the spool and fsynced before "
+        description="Answer C-ECHO and C-STORE. CR, DX for presentation and for processing, and Secondary Capture are "
+        "screened (--screen-*); every other instance is accepted with C-STORE success (status 0x0000, so a PACS "
+        "routing a whole study goes on), counted, audited and dropped. Each instance is written to the spool and fsynced before "
         "C-STORE answers success, screened asynchronously (eligibility rules and not_assessable as everywhere), "
         "and its result goes back to --send-to as a Comprehensive SR in the source's study (with --heatmap, a "
         "Secondary Capture of the Grad-CAM overlay too). Results that cannot be delivered stay queued across "
@@ -984,14 +1025,35 @@ def _add_listen(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--urgent-if", action="append", default=[], metavar="KEYWORD=VALUE[,VALUE]",
                    help="a site rule making a study urgent, e.g. InstitutionalDepartmentName=Emergency (repeatable; "
                    "Requested Procedure Priority STAT or HIGH is urgent anyway)")
+    g = p.add_argument_group("what is screened (the rest is accepted with C-STORE success, counted, audited and dropped)")
+    g.add_argument("--screen-sop-class", action="append", default=[], metavar="UID",
+                   help="a SOP class screened (repeatable; default: CR, DX for presentation and for processing, "
+                   "Secondary Capture)")
+    g.add_argument("--screen-modality", action="append", default=[], metavar="MODALITY",
+                   help="screen only this Modality, e.g. DX (repeatable; default: any)")
+    g.add_argument("--screen-body-part", action="append", default=[], metavar="PART",
+                   help="screen only this Body Part Examined, e.g. CHEST (repeatable; an instance without one is "
+                   "screened; default: any)")
+    g = p.add_argument_group("authentication of --stow-url and --fhir-url")
+    g.add_argument("--web-token-file", type=Path, metavar="FILE",
+                   help="a bearer token (one line, file mode 600) sent as Authorization: Bearer")
+    g.add_argument("--web-tls-cert", type=Path, help="this listener's client certificate (mutual TLS)")
+    g.add_argument("--web-tls-key", type=Path, help="its private key")
+    g.add_argument("--web-tls-ca", type=Path, help="CA bundle the servers' certificates must verify against")
+    p.add_argument("--study-quiet-s", type=float, metavar="SECONDS",
+                   help="one result per study: answer a study once nothing of it arrived for SECONDS (e.g. 30); its "
+                   "frontal films are combined (any Pneumonia -> Pneumonia; all not assessable -> not assessable), "
+                   "laterals make no result of their own (default: one result per instance)")
+    p.add_argument("--redeliver", action="store_true",
+                   help="on start, put the results a destination refused for good (dead-letter-*/) back in their "
+                   "outboxes")
     _add_result_doors(p)
     p.set_defaults(func=_cmd_listen)
 
 
 def _cmd_listen(a: argparse.Namespace) -> int:
-
-    from cxr.core.security import TlsClient, TlsServer
-    from cxr.pacs.listener import Destination, ListenConfig, Listener, UrgentRule
+    from cxr.core.security import HttpAuth, TlsClient, TlsServer
+    from cxr.pacs.listener import Destination, ListenConfig, Listener, ScreenFilter, UrgentRule
 
     try:
         dicom_tls = TlsServer(a.dicom_tls_cert, a.dicom_tls_key, a.dicom_tls_client_ca) if a.dicom_tls_cert else None
@@ -1002,11 +1064,19 @@ def _cmd_listen(a: argparse.Namespace) -> int:
                            repository=a.model_repository, dicom_tls=dicom_tls, send_tls=send_tls,
                            metrics_port=a.metrics_port, stow_url=a.stow_url, fhir_url=a.fhir_url,
                            fhir_out=a.fhir_out, audit_log=a.audit_log,
-                           urgent_if=tuple(UrgentRule.parse(t) for t in a.urgent_if), **_client_security(a))
+                           urgent_if=tuple(UrgentRule.parse(t) for t in a.urgent_if), redeliver=a.redeliver,
+                           study_quiet_s=a.study_quiet_s,
+                           web_auth=HttpAuth.of(a.web_token_file, a.web_tls_cert, a.web_tls_key, a.web_tls_ca), screen=ScreenFilter.of(tuple(a.screen_sop_class), tuple(a.screen_modality),
+                                                  tuple(a.screen_body_part)), **_client_security(a))
     except ValueError as exc:
         raise CxrError(str(exc)) from None
+    _check_url(a.stow_url, "--stow-url")
+    _check_url(a.fhir_url, "--fhir-url")
+    from cxr.core.security import redact_url
+
     with Listener(cfg) as listener:
-        where = [w for w in (a.send_to, a.stow_url and f"STOW-RS {a.stow_url}", a.fhir_url and f"FHIR {a.fhir_url}") if w]
+        where = [redact_url(w) for w in (a.send_to, a.stow_url and f"STOW-RS {a.stow_url}",
+                                         a.fhir_url and f"FHIR {a.fhir_url}") if w]
         print(f"listening: {cfg.ae_title}@{cfg.host}:{cfg.port}" + (f", results to {', '.join(where)}" if where else
               ", results kept in the outbox (no --send-to)") + f"; spool {cfg.spool}; Ctrl-C to stop", flush=True)
         if listener.metrics_port is not None:
@@ -1323,6 +1393,10 @@ def _cmd_audit_verify(a: argparse.Namespace) -> int:
     from cxr.core.audit_trail import verify
 
     v = verify(a.file, expect_last_hash=a.last_hash)
+    if v.ok and v.records == 0:
+        print(f"{a.file}: the audit trail is empty: nothing to verify (was --audit-log given to the right "
+              "command?)", file=sys.stderr)
+        return 1
     if v.ok:
         print(f"{a.file}: chain holds: {v.records} records, last hash {v.last_hash}")
         return 0
@@ -1387,6 +1461,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cxr`` command."""
+    from cxr.core.security import RedactingStream
+
+    streams = sys.stdout, sys.stderr
+    if not isinstance(sys.stderr, RedactingStream):  # no URL credentials in anything printed
+        sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout, sys.stderr = streams
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    from cxr.core.security import RedactingFilter
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -1394,6 +1482,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for handler in logging.getLogger().handlers:  # no URL credentials in any log line
+        handler.addFilter(RedactingFilter())
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # Recorded before running (an export's card lists the export command itself) and taken back when the
     # command fails: the card lists the commands that built the model, not the attempts.
@@ -1402,18 +1492,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         rc = int(args.func(args) or 0)
         return rc
-    except CxrError as exc:
-        print(f"cxr {args.command}: error: {exc}", file=sys.stderr)
-        rc = 2
-        return rc
     except KeyboardInterrupt:
         rc = 130
+        return rc
+    except Exception as exc:  # noqa: BLE001 - the one place where every error leaves: one line, a non-zero code
+        if args.verbose and not isinstance(exc, CxrError):
+            raise
+        rc = _error_line(args.command, exc)
         return rc
     finally:
         if recorded is not None and rc != 0:
             log, size = recorded
             with open(log, "r+b") as f:
                 f.truncate(size)
+
+
+#: Exit codes: 2 for a user error (bad arguments, input, configuration), 75 (EX_TEMPFAIL) for an upstream that is
+#: unreachable or failing for now (rerun later), 1 for anything unexpected.
+EXIT_USAGE, EXIT_TEMPFAIL, EXIT_INTERNAL = 2, 75, 1
+
+
+def _error_line(command: str, exc: BaseException) -> int:
+    """Print one line on stderr for ``exc`` (URL credentials redacted) and return the exit code."""
+    from cxr.core.errors import RetryableServerError
+    from cxr.core.security import redact_url
+
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, RetryableServerError):
+        rc, what = EXIT_TEMPFAIL, f"{text} (temporary: rerun later)"
+    elif isinstance(exc, CxrError):
+        rc, what = EXIT_USAGE, str(exc)  # the project's own messages (some list failures on further lines)
+    elif isinstance(exc, (OSError, ValueError)):
+        rc, what = EXIT_USAGE, f"{type(exc).__name__}: {text}"
+    else:
+        rc, what = EXIT_INTERNAL, f"unexpected {type(exc).__name__}: {text} (run with -v for the traceback)"
+    print(f"cxr {command}: error: {redact_url(what)}", file=sys.stderr)
+    return rc
 
 
 if __name__ == "__main__":

@@ -183,3 +183,19 @@ def test_serve_records_its_models_and_a_change_through_the_repository_api(tmp_pa
     sha = ModelDir(SHIPPED_REPOSITORY / "pneumonia").card().sha256
     assert changes[0]["detail"]["state"] == "READY" and changes[0]["model_sha256"] == sha
     assert changes[-1]["detail"]["state"] == "UNAVAILABLE"
+
+
+def test_every_event_exports_with_its_own_dicom_code(tmp_path: Path) -> None:
+    from cxr.client.fhir import AUDIT_TYPES, audit_events
+    from cxr.core.audit_trail import EVENTS, AuditLog, read
+
+    assert set(AUDIT_TYPES) == set(EVENTS)  # a new event cannot break the export
+    path = tmp_path / "a.jsonl"
+    with AuditLog(path, component="test") as log:
+        log.event("model_changed", actor="process:h:1", model_sha256=SHA)
+        log.event("dropped", actor="ae:ORTHANC", study_uid="1.2.3", instance_uid="1.2.3.4", why="sop_class")
+        log.event("refused", actor="ae:STRANGER", outcome="failure", why="calling_ae")
+        log.event("stopped", actor="process:h:1")
+    types = [(e["resource"]["type"]["code"], e["resource"]["type"]["display"]) for e in audit_events(read(path))["entry"]]
+    assert types == [("110131", "Software Configuration"), ("110107", "Import"), ("110126", "Node Authentication"),
+                     ("110121", "Application Stop")]

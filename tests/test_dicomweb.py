@@ -80,7 +80,10 @@ def test_a_qido_wado_pull_answers_as_the_files_do(web_pacs, tmp_path: Path) -> N
     assert sorted(a["path"] for a in json.loads(r.stdout)) == sorted(uids[:2])
     r = _predict("--dicomweb", orthanc.dicomweb_url, "--query", "ModalitiesInStudy=CT", "--format", "json")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert sorted(a["path"] for a in json.loads(r.stdout)) == sorted(uids[2:])  # study b holds the CT
+    assert [a["path"] for a in json.loads(r.stdout)] == [uids[3]]  # study b holds the CT: its CT series only
+    r = _predict("--dicomweb", orthanc.dicomweb_url, "--query", "ModalitiesInStudy=DX", "--format", "json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(a["path"] for a in json.loads(r.stdout)) == sorted(uids[:3])  # the DX series, not study b's CT
     r = _predict("--dicomweb", orthanc.dicomweb_url, "--query", "ModalitiesInStudy=MR", "--format", "json")
     assert r.returncode == 2 and "no instance found" in r.stderr
 
@@ -119,9 +122,11 @@ def test_listen_stores_its_sr_by_stow_and_keeps_an_audit_trail(web_pacs, tmp_pat
     delivered = [r for r in recs if r["event"] == "result_delivered"]
     assert all(r["detail"]["destination"].startswith("stow:") for r in delivered)
     assert "Test^Patient" not in (tmp_path / "audit.jsonl").read_text()  # no patient names in the trail
-    bundle = json.loads((tmp_path / "fhir.json").read_text())
-    fhir.validate(bundle)
-    reports = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "DiagnosticReport"]
+    bundles = [json.loads(line) for line in (tmp_path / "fhir.json").read_text().splitlines()]  # NDJSON
+    assert len(bundles) == 2  # one transaction Bundle per instance, appended
+    for bundle in bundles:
+        fhir.validate(bundle)
+    reports = [e["resource"] for b in bundles for e in b["entry"] if e["resource"]["resourceType"] == "DiagnosticReport"]
     assert sorted(r["imagingStudy"][0]["identifier"]["value"] for r in reports) == sorted(f"urn:oid:{s}" for s in studies)
 
 
@@ -191,3 +196,101 @@ def test_the_spool_hands_out_urgent_instances_first(tmp_path: Path) -> None:
     assert not (spool.incoming / "1.2.9.urgent").exists() and spool.is_done("1.2.9")
     assert {p.parent.name for p in spool.root.glob("outbox*/*")} == {"outbox", "outbox-stow", "outbox-fhir"}
     assert not spool.receive("1.2.9", b"again", urgent=True)  # a duplicate stays done
+
+
+def test_the_outbox_sends_urgent_results_first_and_parks_and_redelivers(tmp_path: Path) -> None:
+    import os
+
+    spool = Spool(tmp_path / "spool", ("dimse", "stow"))
+    for i, urgent in enumerate((False, False, True)):
+        uid = f"1.2.{i}"
+        spool.receive(uid, b"film", urgent=urgent)
+        os.utime(spool.incoming / f"{uid}.dcm", (1000 + i, 1000 + i))
+        spool.finish(uid, [("dimse", f"sr{i}.dcm", b"sr"), ("stow", f"sr{i}.dcm", b"sr")], urgent=urgent)
+    assert [p.name for p in spool.queued("dimse")] == ["sr2.dcm", "sr0.dcm", "sr1.dcm"]  # urgent first, then arrival
+    assert (spool.outboxes["dimse"] / "sr0.dcm").stat().st_mtime == 1000  # dated with the film's arrival
+    spool.sent(spool.outboxes["dimse"] / "sr2.dcm")
+    assert not list(spool.outboxes["dimse"].glob("sr2*"))  # the result and its urgency marker
+    parked = spool.park("stow", spool.outboxes["stow"] / "sr1.dcm", "HTTP 400")
+    assert parked.parent.name == "dead-letter-stow" and json.loads((parked.parent / "sr1.dcm.why").read_text())[
+        "reason"] == "HTTP 400"
+    assert [p.name for p in spool.queued("stow")] == ["sr2.dcm", "sr0.dcm"]
+    assert spool.redeliver() == {"dimse": 0, "stow": 1}
+    assert sorted(p.name for p in spool.queued("stow")) == ["sr0.dcm", "sr1.dcm", "sr2.dcm"]
+    assert not list(spool.parked("stow").iterdir())
+
+
+def test_an_instance_set_aside_leaves_the_queue_with_its_reason(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.receive("1.2.3", b"film", urgent=True)
+    spool.receive("1.2.4", b"film")
+    spool.set_aside("1.2.3", "no valid Study Instance UID")
+    assert [p.stem for p in spool.pending()] == ["1.2.4"]
+    assert (spool.dead_letter / "1.2.3.dcm").read_bytes() == b"film"
+    assert json.loads((spool.dead_letter / "1.2.3.why").read_text())["reason"] == "no valid Study Instance UID"
+    assert not spool.is_done("1.2.3")  # a corrected resend is screened
+
+
+def test_the_screen_filter_drops_by_sop_class_modality_and_body_part() -> None:
+    from cxr.pacs.listener import ScreenFilter
+
+    dx, mr = "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.4"
+    ds = pydicom.Dataset()
+    ds.Modality, ds.BodyPartExamined = "DX", "CHEST"
+    default = ScreenFilter()
+    assert default.drop_reason(dx, ds) is None and default.drop_reason(mr) == "sop_class"
+    strict = ScreenFilter.of(modalities=("dx",), body_parts=("chest",))
+    assert strict.drop_reason(dx, ds) is None
+    ds.BodyPartExamined = "KNEE"
+    assert strict.drop_reason(dx, ds) == "body_part"
+    ds.Modality = "CT"
+    assert strict.drop_reason(dx, ds) == "modality"
+    del ds.BodyPartExamined
+    ds.Modality = "DX"
+    assert strict.drop_reason(dx, ds) is None  # no body part: screened, the eligibility rules judge it
+    with pytest.raises(ValueError, match="not a UID"):
+        ScreenFilter.of(sop_classes=("CR",))
+
+
+def test_a_5xx_is_retried_with_backoff_and_a_4xx_is_not(tmp_path: Path) -> None:
+    """A loopback HTTP server answers 503 twice, then an empty QIDO-RS result; another path answers 404."""
+    import http.server
+    import threading
+
+    from cxr.client.dicomweb import DicomWeb, DicomWebError
+    from cxr.core.errors import RetryableServerError
+
+    hits: list[str] = []
+
+    class Flaky(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            hits.append(self.path)
+            code = 404 if self.path.startswith("/gone") else (503 if len(hits) <= 2 else 200)
+            body = b"[]" if code == 200 else b""
+            self.send_response(code)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        web = DicomWeb(f"http://127.0.0.1:{server.server_port}/dicom-web", timeout_s=5)
+        web.BACKOFF_S = 0.05
+        assert web.find(query={"ModalitiesInStudy": "DX"}) == []
+        assert len(hits) == 3  # two 503s, then the answer
+        hits.clear()
+        with pytest.raises(DicomWebError, match="404"):
+            DicomWeb(f"http://127.0.0.1:{server.server_port}/gone", timeout_s=5).find()
+        assert len(hits) == 1  # a 4xx is final
+    finally:
+        server.shutdown()
+        server.server_close()
+    down = DicomWeb(f"http://127.0.0.1:{server.server_port}/dicom-web", timeout_s=2)
+    down.BACKOFF_S = 0.05
+    with pytest.raises(RetryableServerError):
+        down.find()  # nobody listens: retried, then retryable (the CLI exits 75)

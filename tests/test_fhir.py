@@ -131,7 +131,9 @@ def test_post_to_a_real_fhir_server(fhir_server: str) -> None:
     b = fhir.bundle([(_ok(0.9), study), (_refused(), fhir.StudyRef())])
     resp = fhir.post_bundle(fhir_server, b)
     assert resp["type"] == "transaction-response"
-    assert [e["response"]["status"] for e in resp["entry"]] == ["201"] * 5
+    statuses = [(e["resource"]["resourceType"], e["response"]["status"]) for e in resp["entry"]]
+    assert statuses.count(("Device", "201")) == 1 and sum(s == "201" for _, s in statuses) == 5  # one per input
+    assert all(s == "200" for _, s in statuses if s != "201")  # the Device found again (conditional create)
     with urllib.request.urlopen(f"{fhir_server}/Observation?code=233604007") as r:
         found = json.loads(r.read())
     assert found["total"] == 2
@@ -165,3 +167,28 @@ def test_an_unreachable_fhir_server_is_a_retryable_error() -> None:
     s.close()  # nothing listens there now
     with pytest.raises(RetryableServerError):
         fhir.post_bundle(f"http://127.0.0.1:{port}", fhir.bundle([(_ok(0.9), fhir.StudyRef())]), timeout_s=5)
+
+
+@pytest.mark.slow
+def test_the_same_predict_twice_leaves_the_reports_of_once(fhir_server: str) -> None:
+    """Observations and DiagnosticReports are created conditionally on an identifier derived from the study, the
+    instance and the model: a rerun finds them and adds nothing."""
+    cmd = [sys.executable, "-m", "cxr.cli", "predict", str(EXAMPLES / "dicom" / "chest_dx.dcm"),
+           str(EXAMPLES / "NORMAL"), "--protocol", "embedded", "--fhir-url", fhir_server]
+
+    def count(kind: str) -> int:
+        with urllib.request.urlopen(f"{fhir_server}/{kind}?_summary=count") as resp:
+            return int(json.loads(resp.read())["total"])
+
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "posted" in r.stderr, r.stderr[-2000:]
+    once = {k: count(k) for k in ("DiagnosticReport", "Observation", "Device")}
+    assert once["DiagnosticReport"] >= 2 and once["Device"] == 1
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert {k: count(k) for k in once} == once
+    with urllib.request.urlopen(f"{fhir_server}/DiagnosticReport?identifier={fhir.RESULT_ID}|") as resp:
+        found = json.loads(resp.read())
+    ids = [i["value"] for e in found.get("entry", []) for i in e["resource"]["identifier"]
+           if i.get("system") == fhir.RESULT_ID]
+    assert len(ids) == len(set(ids)) == once["DiagnosticReport"]

@@ -230,9 +230,12 @@ def test_pynetdicom_scu_echo_store_and_refusals(pacs, tmp_path) -> None:  # type
         mr = pydicom.dcmread(__import__("io").BytesIO(make_dicom(__import__("numpy").ones((64, 64)) * 100)))
         mr.SOPClassUID = mr.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage
         mr.Modality = "MR"
-        assert assoc.send_c_store(mr).Status == 0x0122  # refused: SOP class not supported
+        assert assoc.send_c_store(mr).Status == 0x0000  # not screened: accepted and dropped
         assoc.release()
         wait_for(lambda: len(orthanc.srs_in_study(ds.StudyInstanceUID)) == 1)
+        assert not (tmp_path / "spool" / "incoming" / f"{mr.SOPInstanceUID}.dcm").exists()
+        rows = (tmp_path / "results.csv").read_text()
+        assert str(mr.SOPInstanceUID) not in rows  # no answer of its own
     finally:
         listener.send_signal(signal.SIGTERM)
         listener.wait(timeout=60)
@@ -309,7 +312,7 @@ def test_listen_help_reads_well() -> None:
     for opt in ("--host", "--port", "--ae-title", "--send-to", "--allow", "--spool", "--out", "--protocol", "--url",
                 "--model", "--heatmap"):
         assert opt in r.stdout
-    assert "C-STORE" in r.stdout and "0x0122" in r.stdout
+    assert "C-STORE" in r.stdout and "0x0000" in r.stdout and "dropped" in r.stdout
 
 
 
@@ -366,3 +369,279 @@ def test_dicom_tls_both_ways_with_orthanc(tmp_path) -> None:  # type: ignore[no-
         listener.send_signal(signal.SIGTERM)
         listener.wait(timeout=60)
         orthanc.stop()
+
+
+def _mr_in_study_of(data: bytes) -> bytes:
+    """An MR instance in the same study (and patient) as the DICOM ``data``."""
+    import io
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage
+    ds.Modality, ds.BodyPartExamined = "MR", "HEAD"
+    ds.SeriesInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[str(ds.SeriesInstanceUID), "mr"])
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid(
+        entropy_srcs=[str(ds.SOPInstanceUID), "mr"])
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_orthanc_routes_a_whole_study_dx_and_mr_and_the_dx_gets_its_sr(pacs, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The MR is accepted and dropped (C-STORE success), so Orthanc's job succeeds; the DX is screened."""
+    from cxr.core.audit_trail import read
+
+    orthanc, port = pacs
+    audit = tmp_path / "audit.jsonl"
+    listener = start_listener(tmp_path, orthanc, port, extra=("--audit-log", str(audit)))
+    try:
+        study = pydicom.uid.generate_uid(entropy_srcs=["whole-study"])
+        dx = chest_dx(51, study=study)
+        mr = _mr_in_study_of(dx)
+        orthanc.upload(mr)
+        study_id = orthanc.get(f"/instances/{orthanc.upload(dx)}/study")["ID"]
+        job = orthanc.store_to_listener([study_id])  # the whole study; raises on HTTP 500 (a failed job)
+        assert job.get("InstancesCount", 2) == 2 and job.get("FailedInstancesCount", 0) == 0, job
+        wait_for(lambda: len(orthanc.srs_in_study(study)) == 1)
+        (sr,) = orthanc.srs_in_study(study)
+        ref = (sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+               .ReferencedSOPInstanceUID)
+        assert ref == pydicom.dcmread(__import__("io").BytesIO(dx)).SOPInstanceUID  # the DX's SR, none for the MR
+        mr_uid = str(pydicom.dcmread(__import__("io").BytesIO(mr)).SOPInstanceUID)
+        wait_for(lambda: any(r["event"] == "dropped" and r["instance_uid"] == mr_uid for r in read(audit)))
+        (dropped,) = [r for r in read(audit) if r["event"] == "dropped"]
+        assert dropped["detail"]["why"] == "sop_class" and dropped["study_uid"] == study
+        assert not list((tmp_path / "spool" / "incoming").glob("*"))
+    finally:
+        listener.send_signal(signal.SIGTERM)
+        listener.wait(timeout=60)
+    assert listener.returncode == 0
+    (stopped,) = [r for r in read(audit) if r["event"] == "stopped"]
+    assert stopped["detail"]["counts"]["dropped"] == 1 and stopped["detail"]["counts"]["screened"] == 1
+
+
+def _store(port: int, *datasets: pydicom.Dataset, calling: str = "ORTHANC") -> list[int]:
+    from pynetdicom import AE
+
+    ae = AE(ae_title=calling)
+    for ds in datasets:
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    assoc = ae.associate("127.0.0.1", port, ae_title="CXR_AI")
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def test_an_instance_that_cannot_be_answered_is_set_aside_and_later_studies_are_delivered(pacs, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import io
+
+    from cxr.core.audit_trail import read
+
+    orthanc, port = pacs
+    audit = tmp_path / "audit.jsonl"
+    listener = start_listener(tmp_path, orthanc, port, extra=("--audit-log", str(audit)))
+    try:
+        no_study = pydicom.dcmread(io.BytesIO(chest_dx(60)))
+        del no_study.StudyInstanceUID  # no study to file a result in
+        corrupt = pydicom.dcmread(io.BytesIO(chest_dx(61)))
+        corrupt.PixelData = corrupt.PixelData[: len(corrupt.PixelData) // 3]  # truncated pixels: unreadable
+        assert _store(port, no_study, corrupt) == [0, 0]
+        later = [pydicom.dcmread(io.BytesIO(chest_dx(62 + i))) for i in range(2)]
+        assert _store(port, *later) == [0, 0]
+        for ds in later:  # the studies after the bad instances are screened and delivered
+            wait_for(lambda ds=ds: len(orthanc.srs_in_study(str(ds.StudyInstanceUID))) == 1)
+        dead = tmp_path / "spool" / "dead-letter"
+        wait_for(lambda: len(list(dead.glob("*.dcm"))) == 2)
+        why = {p.name.removesuffix(".why"): json.loads(p.read_text())["reason"] for p in dead.glob("*.why")}
+        assert "Study Instance UID" in why[str(no_study.SOPInstanceUID)]
+        assert why[str(corrupt.SOPInstanceUID)].startswith("unreadable")
+        assert not list((tmp_path / "spool" / "incoming").glob("*.dcm"))
+        aside = [r for r in read(audit) if r["event"] == "screened" and r["detail"].get("status") == "set_aside"]
+        assert {r["instance_uid"] for r in aside} == {str(no_study.SOPInstanceUID), str(corrupt.SOPInstanceUID)}
+        assert {r["detail"]["why"] for r in aside} == {"no_study_uid", "unreadable"}
+        assert all(r["outcome"] == "failure" for r in aside)
+        rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+        assert {r["sop_instance_uid"]: r["status"] for r in rows}[str(corrupt.SOPInstanceUID)] == "error"
+    finally:
+        listener.send_signal(signal.SIGTERM)
+        listener.wait(timeout=60)
+
+
+class RefusingPacs:
+    """A pynetdicom Storage SCP that answers the first ``refuse`` C-STOREs with a failure status (0xA900: refused for
+    good) and accepts the rest; what it accepted is in ``stored`` (SOP Instance UIDs)."""
+
+    def __init__(self, refuse: int = 1) -> None:
+        import threading
+
+        from pynetdicom import AE, StoragePresentationContexts, evt
+
+        self.refuse, self.stored, self.refused = refuse, [], []  # type: ignore[var-annotated]
+        self.port = free_ports(1)[0]
+        self._lock = threading.Lock()
+        ae = AE(ae_title="PACS")
+        ae.supported_contexts = StoragePresentationContexts
+        self._server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+
+    def _on_store(self, event) -> int:  # type: ignore[no-untyped-def]
+        uid = str(event.request.AffectedSOPInstanceUID)
+        with self._lock:
+            if len(self.refused) < self.refuse:
+                self.refused.append(uid)
+                return 0xA900
+            self.stored.append(uid)
+        return 0x0000
+
+    def stop(self) -> None:
+        self._server.shutdown()
+
+
+def test_a_result_refused_for_good_is_parked_later_ones_go_and_redeliver_sends_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import io
+
+    from cxr.core.audit_trail import read
+
+    pacs = RefusingPacs(refuse=1)
+    port = free_ports(1)[0]
+    audit = tmp_path / "audit.jsonl"
+    extra = ("--send-to", f"PACS@127.0.0.1:{pacs.port}", "--audit-log", str(audit))
+    listener = start_listener(tmp_path, None, port, extra=extra)
+    parked = tmp_path / "spool" / "dead-letter-dimse"
+    try:
+        first = pydicom.dcmread(io.BytesIO(chest_dx(70)))
+        assert _store(port, first) == [0]
+        wait_for(lambda: len(pacs.refused) == 1 and len(list(parked.glob("*.dcm"))) == 1)
+        later = [pydicom.dcmread(io.BytesIO(chest_dx(71 + i))) for i in range(2)]
+        assert _store(port, *later) == [0, 0]
+        wait_for(lambda: len(pacs.stored) == 2)  # the destination that refused one still gets the later ones
+        (why,) = parked.glob("*.why")
+        assert "0xA900" in json.loads(why.read_text())["reason"]
+        failed = [r for r in read(audit) if r["event"] == "delivery_failed"]
+        assert len(failed) == 1 and failed[0]["detail"]["retry"] is False and failed[0]["detail"]["status"] == 0xA900
+    finally:
+        listener.send_signal(signal.SIGTERM)
+        listener.wait(timeout=60)
+    listener = start_listener(tmp_path, None, port, extra=(*extra, "--redeliver"))  # the parked SR goes again
+    try:
+        wait_for(lambda: len(pacs.stored) == 3)
+        assert not list(parked.glob("*")) and not list((tmp_path / "spool" / "outbox").glob("*"))
+        assert len(set(pacs.stored)) == 3 and pacs.refused[0] in pacs.stored
+    finally:
+        listener.send_signal(signal.SIGTERM)
+        listener.wait(timeout=60)
+        pacs.stop()
+
+
+def _film_in(data: bytes, *, view: str, n: int) -> bytes:
+    """Another film of the study of ``data``: its own series and instance, this view position and number."""
+    import io
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.ViewPosition, ds.InstanceNumber = view, n
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid(
+        entropy_srcs=[str(ds.SOPInstanceUID), view, str(n)])
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_one_result_per_study_pa_lateral_and_mr(pacs, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """--study-quiet-s: the whole study (PA, lateral, MR) gets one SR and one DiagnosticReport; the lateral and the
+    MR have no result of their own; the SR carries the PA's answer inside the study answer."""
+    import io
+
+    from cxr.core.audit_trail import read
+    from cxr.pacs.sr import read_study_sr
+
+    orthanc, port = pacs
+    audit, ndjson = tmp_path / "audit.jsonl", tmp_path / "fhir.ndjson"
+    listener = start_listener(tmp_path, orthanc, port, extra=("--study-quiet-s", "2", "--audit-log", str(audit),
+                                                              "--fhir-out", str(ndjson)))
+    try:
+        study = pydicom.uid.generate_uid(entropy_srcs=["pa-lateral-study"])
+        pa = chest_dx(90, study=study)
+        lateral = _film_in(pa, view="LL", n=2)
+        mr = _mr_in_study_of(pa)
+        study_id = orthanc.get(f"/instances/{orthanc.upload(pa)}/study")["ID"]
+        orthanc.upload(lateral)
+        orthanc.upload(mr)
+        orthanc.store_to_listener([study_id])
+        wait_for(lambda: len(orthanc.srs_in_study(study)) == 1)
+        (sr,) = orthanc.srs_in_study(study)
+        content = read_study_sr(sr)
+        pa_uid = str(pydicom.dcmread(io.BytesIO(pa)).SOPInstanceUID)
+        assert content["study"]["instance_uids"] == [pa_uid]
+        assert [f["instance_uid"] for f in content["films"]] == [pa_uid]  # the lateral has no answer of its own
+        assert content["study"]["finding"] == content["films"][0]["finding"] in ("Present", "Absent")
+        wait_for(lambda: any(r["event"] == "result_delivered" for r in read(audit)))
+        time.sleep(3)  # nothing more comes: no second SR for the study
+        assert len(orthanc.srs_in_study(study)) == 1
+        lines = ndjson.read_text().splitlines()
+        assert len(lines) == 1
+        reports = [e["resource"] for e in json.loads(lines[0])["entry"]
+                   if e["resource"]["resourceType"] == "DiagnosticReport"]
+        assert len(reports) == 1 and len(reports[0]["result"]) == 1
+        (closed,) = [r for r in read(audit) if r["event"] == "screened" and r["detail"].get("level") == "study"]
+        assert closed["detail"]["instances"] == 2 and closed["detail"]["frontal"] == 1  # the MR was dropped
+        assert not any((tmp_path / "spool" / "studies").iterdir())
+    finally:
+        listener.send_signal(signal.SIGTERM)
+        listener.wait(timeout=60)
+
+
+def test_associations_to_another_called_ae_or_from_a_stranger_are_refused_and_audited(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from pynetdicom import AE
+
+    from cxr.core.audit_trail import read
+
+    port = free_ports(1)[0]
+    audit = tmp_path / "audit.jsonl"
+    listener = start_listener(tmp_path, None, port, allow=("ORTHANC",), extra=("--audit-log", str(audit)))
+    try:
+        assert not echo(port, "STRANGER")  # calling AE title not allowed
+        ae = AE(ae_title="ORTHANC")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        ae.acse_timeout = ae.network_timeout = 5
+        assoc = ae.associate("127.0.0.1", port, ae_title="OTHER_AI")  # addressed to another AE title
+        assert not assoc.is_established
+        wait_for(lambda: sum(r["event"] == "refused" for r in read(audit)) == 2, timeout=30)
+        refused = {r["detail"]["why"]: r for r in read(audit) if r["event"] == "refused"}
+        assert refused["calling_ae"]["actor"] == "ae:STRANGER" and refused["calling_ae"]["outcome"] == "failure"
+        assert refused["called_ae"]["actor"] == "ae:ORTHANC"
+    finally:
+        listener.send_signal(signal.SIGTERM)
+        listener.wait(timeout=60)
+
+
+def test_pipeline_metrics_count_what_came_what_was_dropped_and_what_left(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import io
+    import re
+
+    pacs = RefusingPacs(refuse=0)
+    port = free_ports(1)[0]
+    listener = start_listener(tmp_path, None, port, extra=("--send-to", f"PACS@127.0.0.1:{pacs.port}",
+                                                           "--metrics-port", "0"))
+    try:
+        dx = chest_dx(95)
+        mr = pydicom.dcmread(io.BytesIO(_mr_in_study_of(dx)))
+        assert _store(port, pydicom.dcmread(io.BytesIO(dx)), mr) == [0, 0]
+        wait_for(lambda: len(pacs.stored) == 1)
+
+        def metrics() -> str:
+            log = "".join(p.read_text() for p in tmp_path.glob("listen-*.log"))
+            url = re.search(r"metrics on (http://127\.0\.0\.1:\d+/metrics)", log).group(1)  # type: ignore[union-attr]
+            return urllib.request.urlopen(url, timeout=10).read().decode()
+
+        wait_for(lambda: 'cxr_listen_delivered_total{destination="dimse"} 1.0' in metrics(), timeout=30)
+        text = metrics()
+        for line in ("cxr_listen_received_total 1.0", 'cxr_listen_dropped_total{why="sop_class"} 1.0',
+                     "cxr_listen_end_to_end_seconds_count 1.0"):
+            assert line in text, line
+        wait_for(lambda: 'cxr_listen_outbox_depth{destination="dimse"} 0.0' in metrics(), timeout=30)
+    finally:
+        listener.send_signal(signal.SIGTERM)
+        listener.wait(timeout=60)
+        pacs.stop()

@@ -107,3 +107,54 @@ def test_result_validation() -> None:
     with pytest.raises(ValueError):
         contract.Refusal("nope")
     assert check_result(_ok("Normal", 0.1)).label == "Normal"
+
+
+def _film(n: int, view: str) -> pydicom.Dataset:
+    ds = _source()
+    ds.SOPInstanceUID = f"1.2.826.0.1.3680043.8.498.1.{n}"
+    ds.InstanceNumber, ds.ViewPosition = n, view
+    return ds
+
+
+def _lateral() -> Prediction:
+    refusal = contract.Refusal("dicom_view_position", "LL", "PA, AP")
+    return Prediction("l.dcm", contract.Status.NOT_ASSESSABLE, None, None, 0.4, "pneumonia", "1", reason="lateral",
+                      refusal=refusal, model_sha256=SHA)
+
+
+def test_one_study_answer_by_the_stated_rule() -> None:
+    from cxr.pacs.study import combine
+
+    pa, ap = _ok("Normal", 0.2), _ok("Pneumonia", 0.7)
+    assert combine([("1", pa), ("2", _lateral())]).label == "Normal"
+    both = combine([("1", pa), ("2", ap), ("3", _lateral())])
+    assert (both.label, both.probability, both.frontal) == ("Pneumonia", 0.7, ("1", "2"))  # any Pneumonia wins
+    only_lateral = combine([("3", _lateral())])
+    assert only_lateral.status is contract.Status.NOT_ASSESSABLE and only_lateral.why == "no_frontal"
+    refusal = contract.Refusal("out_of_distribution", 99.0, 50.0)
+    ood = Prediction("o.dcm", contract.Status.NOT_ASSESSABLE, None, None, 0.4, "pneumonia", "1", reason="ood",
+                     refusal=refusal, model_sha256=SHA)
+    assert combine([("1", ood), ("3", _lateral())]).why == "all_frontal_refused"
+
+
+def test_a_study_sr_carries_the_study_answer_and_each_frontal_films() -> None:
+    from cxr.pacs.sr import build_study_sr, read_study_sr
+    from cxr.pacs.study import combine
+
+    films = [_film(1, "PA"), _film(2, "LL"), _film(3, "AP")]
+    results = [_ok("Normal", 0.2), _lateral(), _ok("Pneumonia", 0.83)]
+    study = combine([(str(f.SOPInstanceUID), r) for f, r in zip(films, results)])
+    sr = _roundtrip(build_study_sr(films, results, study))
+    got = read_study_sr(sr)
+    assert got["study"]["finding"] == "Present" and got["study"]["probability"] == pytest.approx(0.83)
+    assert sorted(got["study"]["instance_uids"]) == sorted(str(films[i].SOPInstanceUID) for i in (0, 2))
+    assert [(f["instance_uid"], f["finding"]) for f in got["films"]] == [
+        (str(films[0].SOPInstanceUID), "Absent"), (str(films[2].SOPInstanceUID), "Present")]  # no lateral answer
+    assert sr.StudyInstanceUID == films[0].StudyInstanceUID and sr.Modality == "SR"
+    again = build_study_sr(films, results, study)
+    assert again.SOPInstanceUID == sr.SOPInstanceUID  # deterministic: a resend replaces
+
+
+def test_an_instance_sr_is_numbered_as_its_film() -> None:
+    film = _film(7, "PA")
+    assert build_sr(film, _ok("Normal", 0.1)).InstanceNumber == 7

@@ -127,7 +127,7 @@ def run(trials: Sequence[Trial], split_file: Path, out_dir: Path, *, cache_dir: 
             if source in one_class:
                 use += [("select", i) for i, s in enumerate(sides["select"]) if s.source == source]
             y = np.array([sides[sd][i].label for sd, i in use])
-            pos = contract.is_positive(np.array([probs[sd][i] for sd, i in use]), thr)
+            pos = np.asarray(contract.is_positive(np.array([probs[sd][i] for sd, i in use]), thr), bool)
             row["at_point"][source] = {"films": len(use),
                                        "sensitivity": float(pos[y == 1].mean()) if (y == 1).any() else None,
                                        "specificity": float((~pos[y == 0]).mean()) if (y == 0).any() else None}

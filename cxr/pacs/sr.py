@@ -97,13 +97,19 @@ ABSENT = ("2667000", "Absent", "SCT")
 CHEST_XRAY = ("399208008", "Plain chest X-ray", "SCT")
 
 
-def build_sr(source: Dataset, result: Prediction):  # type: ignore[no-untyped-def]
-    """A ``highdicom.sr.ComprehensiveSR`` for one screened instance."""
+def _instance_number(source: Dataset) -> int:
+    """The source's Instance Number (so the SRs of a study's films are numbered as the films are), else 1."""
+    try:
+        n = int(source.get("InstanceNumber", None) or 1)
+    except (TypeError, ValueError):
+        return 1
+    return n if 0 < n < 2**31 else 1
+
+
+def _context(result: Prediction):  # type: ignore[no-untyped-def]
+    """The algorithm (TID 4019) and the observer device of a model's results."""
     import highdicom as hd
 
-    check_result(result)
-    uids = result_uids(source, result.model_sha256)
-    evidence = placement_evidence(source)
     algorithm = hd.sr.AlgorithmIdentification(
         name=f"{DEVICE_NAME} pneumonia screening",
         version=f"{result.model_name} v{result.model_version}",
@@ -116,6 +122,13 @@ def build_sr(source: Dataset, result: Prediction):  # type: ignore[no-untyped-de
             uid=generate_uid(entropy_srcs=[result.model_sha256, "cxr-device"]), name=DEVICE_NAME,
             manufacturer_name=DEVICE_NAME, model_name=result.model_name),
     )
+    return algorithm, observer
+
+
+def _evaluations(result: Prediction) -> tuple[list, list]:  # type: ignore[type-arg]
+    """The qualitative evaluations and measurements of one answer."""
+    import highdicom as hd
+
     qualitative, measurements = [], []
     unit = _code("1", "no units", "UCUM")
     if result.status is contract.Status.OK:
@@ -136,14 +149,33 @@ def build_sr(source: Dataset, result: Prediction):  # type: ignore[no-untyped-de
                                                   value=float(r.value), unit=unit))
             measurements.append(hd.sr.Measurement(name=_code("CXR-RL", f"{r.rule}: limit"), value=float(r.limit),
                                                   unit=unit))
-    group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(entropy_srcs=[uids["sr_instance"], "group"]),
-                                                      identifier="pneumonia screening"),
+    return qualitative, measurements
+
+
+def _group(algorithm, sources: list[Dataset], qualitative: list, measurements: list, uid: str,  # type: ignore[no-untyped-def,type-arg]
+           identifier: str):
+    import highdicom as hd
+
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(entropy_srcs=[uid, "group"]),
+                                                      identifier=identifier),
         algorithm_id=algorithm,
-        source_images=[hd.sr.SourceImageForMeasurementGroup(str(source.SOPClassUID), str(source.SOPInstanceUID))],
+        source_images=[hd.sr.SourceImageForMeasurementGroup(str(s.SOPClassUID), str(s.SOPInstanceUID)) for s in sources],
         qualitative_evaluations=qualitative,
         measurements=measurements or None,
     )
+
+
+def build_sr(source: Dataset, result: Prediction):  # type: ignore[no-untyped-def]
+    """A ``highdicom.sr.ComprehensiveSR`` for one screened instance."""
+    import highdicom as hd
+
+    check_result(result)
+    uids = result_uids(source, result.model_sha256)
+    evidence = placement_evidence(source)
+    algorithm, observer = _context(result)
+    qualitative, measurements = _evaluations(result)
+    group = _group(algorithm, [source], qualitative, measurements, uids["sr_instance"], "pneumonia screening")
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=_code(*CHEST_XRAY),
@@ -151,13 +183,98 @@ def build_sr(source: Dataset, result: Prediction):  # type: ignore[no-untyped-de
     )
     return hd.sr.ComprehensiveSR(
         evidence=[evidence], content=report, series_instance_uid=uids["sr_series"], series_number=SERIES_NUMBER,
-        sop_instance_uid=uids["sr_instance"], instance_number=1, manufacturer=DEVICE_NAME, is_complete=True,
-        is_final=False, series_description="AI pneumonia screening (screening aid, not for diagnosis)",
+        sop_instance_uid=uids["sr_instance"], instance_number=_instance_number(source), manufacturer=DEVICE_NAME,
+        is_complete=True, is_final=False,
+        series_description="AI pneumonia screening (screening aid, not for diagnosis)",
+    )
+
+
+#: Tracking identifier of a study SR's study-answer group (the films' groups are "pneumonia screening: film N").
+STUDY_GROUP = "pneumonia screening: study"
+#: Why a study is not assessable, as local codes.
+STUDY_NOT_ASSESSABLE = {
+    "all_frontal_refused": "every frontal film was not assessable",
+    "no_frontal": "no frontal film in the study",
+}
+
+
+def study_sr_uid(study_uid: str, model_sha256: str, instances: list[str]) -> str:
+    """The study SR's UID: from the study, the model and the instances it answers (a later film makes another)."""
+    return generate_uid(entropy_srcs=[study_uid, model_sha256, *sorted(instances), "cxr-study-sr"])
+
+
+def build_study_sr(sources: list[Dataset], results: list[Prediction], study):  # type: ignore[no-untyped-def]
+    """One ``ComprehensiveSR`` for a study (:mod:`cxr.pacs.study`): a group with the study answer, then a group per
+    frontal film with its own answer. ``sources`` and ``results`` pair up; ``study`` is the
+    :class:`cxr.pacs.study.StudyResult`."""
+    import highdicom as hd
+
+    for r in results:
+        check_result(r)
+    model = results[0]
+    by_uid = {str(s.SOPInstanceUID): (s, r) for s, r in zip(sources, results)}
+    frontal = [by_uid[u] for u in study.frontal]
+    study_uid = str(sources[0].StudyInstanceUID)
+    sr_uid = study_sr_uid(study_uid, model.model_sha256, list(by_uid))
+    algorithm, observer = _context(model)
+    unit = _code("1", "no units", "UCUM")
+    if study.status is contract.Status.OK:
+        present = study.label == contract.LABELS[1]
+        qualitative = [hd.sr.QualitativeEvaluation(name=_code(*PNEUMONIA), value=_code(*(PRESENT if present else ABSENT)))]
+        measurements = [hd.sr.Measurement(name=_code("CXR-P", "P(pneumonia), highest of the frontal films"),
+                                          value=float(study.probability), unit=unit),
+                        hd.sr.Measurement(name=_code("CXR-T", "Decision threshold"), value=float(study.threshold),
+                                          unit=unit)]
+    else:
+        qualitative = [hd.sr.QualitativeEvaluation(
+            name=_code("CXR-NA", "Not assessable: route to a human reader"),
+            value=_code(f"CXR-{study.why}", STUDY_NOT_ASSESSABLE[study.why]))]
+        measurements = []
+    groups = [_group(algorithm, [s for s, _ in frontal] or sources, qualitative, measurements, sr_uid, STUDY_GROUP)]
+    for n, (source, result) in enumerate(frontal, 1):
+        q, m = _evaluations(result)
+        groups.append(_group(algorithm, [source], q, m, f"{sr_uid}.{n}", f"pneumonia screening: film {n}"))
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=_code(*CHEST_XRAY),
+        imaging_measurements=groups,
+    )
+    return hd.sr.ComprehensiveSR(
+        evidence=[placement_evidence(s) for s in sources], content=report,
+        series_instance_uid=result_uids(sources[0], model.model_sha256)["sr_series"], series_number=SERIES_NUMBER,
+        sop_instance_uid=sr_uid, instance_number=1, manufacturer=DEVICE_NAME, is_complete=True, is_final=False,
+        series_description="AI pneumonia screening (screening aid, not for diagnosis)",
     )
 
 
 #: The SR's numeric measurements, by code.
 NUMBERS = {"CXR-P": "probability", "CXR-T": "threshold", "CXR-RV": "refusal_value", "CXR-RL": "refusal_limit"}
+
+
+def read_study_sr(ds: Dataset) -> dict:
+    """A study SR made by :func:`build_study_sr`: ``{"study": {...}, "films": [{...}, ...]}``, each as
+    :func:`read_sr` reads a group (the films' with ``instance_uid``, the film each answers)."""
+    out: dict = {"study": None, "films": []}
+    for item in ds.ContentSequence:
+        if item.ValueType != "CONTAINER" or "ContentSequence" not in item:
+            continue
+        for group in item.ContentSequence:
+            if group.ValueType != "CONTAINER" or "ContentSequence" not in group:
+                continue
+            tracking = [str(i.TextValue) for i in group.ContentSequence
+                        if i.ValueType == "TEXT" and "TextValue" in i and str(i.TextValue).startswith("pneumonia screening")]
+            if not tracking:
+                continue
+            holder = Dataset()
+            holder.ContentSequence = group.ContentSequence
+            content = read_sr(holder)
+            refs = [str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for i in group.ContentSequence
+                    if i.ValueType == "IMAGE"]
+            if tracking[0] == STUDY_GROUP:
+                out["study"] = {**content, "instance_uids": refs}
+            else:
+                out["films"].append({**content, "instance_uid": refs[0] if refs else None})
+    return out
 
 
 def read_sr(ds: Dataset) -> dict:
