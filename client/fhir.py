@@ -122,7 +122,9 @@ def result_id(pred: Prediction, study: StudyRef, kind: str) -> str:
     """The stable identifier value of one input's ``kind`` (``observation`` or ``report``): a UUID derived from
     the study, the instance (the input's name when it is not DICOM) and the model's sha256."""
     source = study.instance_uid or Path(str(pred.source)).name
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{RESULT_ID}|{study.study_uid}|{source}|{pred.model_sha256}|{kind}"))
+    point = f"|{pred.operating_point}" if pred.operating_point else ""  # another point's answer is another result
+    return str(uuid.uuid5(uuid.NAMESPACE_URL,
+                          f"{RESULT_ID}|{study.study_uid}|{source}|{pred.model_sha256}{point}|{kind}"))
 
 
 def _conditional(resource_type: str, value: str) -> dict:
@@ -146,6 +148,8 @@ def result_entries(pred: Prediction, study: StudyRef, *, device_url: str, issued
         _component("probability", "P(pneumonia), calibrated probability", pred.probability),
         _component("threshold", "Decision threshold", pred.threshold),
         _component("ood-score", "Out-of-distribution score", pred.ood_score),
+        ({"code": _cc(LOCAL, "operating-point", "Operating point (named threshold) that answered"),
+          "valueString": pred.operating_point} if pred.operating_point else None),
     ]
     obs: dict = {
         "resourceType": "Observation",

@@ -1048,6 +1048,7 @@ def _add_listen(sub: argparse._SubParsersAction) -> None:
                    help="on start, put the results a destination refused for good (dead-letter-*/) back in their "
                    "outboxes")
     _add_result_doors(p)
+    _add_operating_point(p)
     p.set_defaults(func=_cmd_listen)
 
 
@@ -1065,7 +1066,7 @@ def _cmd_listen(a: argparse.Namespace) -> int:
                            metrics_port=a.metrics_port, stow_url=a.stow_url, fhir_url=a.fhir_url,
                            fhir_out=a.fhir_out, audit_log=a.audit_log,
                            urgent_if=tuple(UrgentRule.parse(t) for t in a.urgent_if), redeliver=a.redeliver,
-                           study_quiet_s=a.study_quiet_s,
+                           study_quiet_s=a.study_quiet_s, operating_point=a.operating_point,
                            web_auth=HttpAuth.of(a.web_token_file, a.web_tls_cert, a.web_tls_key, a.web_tls_ca), screen=ScreenFilter.of(tuple(a.screen_sop_class), tuple(a.screen_modality),
                                                   tuple(a.screen_body_part)), **_client_security(a))
     except ValueError as exc:

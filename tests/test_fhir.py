@@ -192,3 +192,13 @@ def test_the_same_predict_twice_leaves_the_reports_of_once(fhir_server: str) -> 
     ids = [i["value"] for e in found.get("entry", []) for i in e["resource"]["identifier"]
            if i.get("system") == fhir.RESULT_ID]
     assert len(ids) == len(set(ids)) == once["DiagnosticReport"]
+
+
+def test_the_observation_says_which_operating_point_answered_and_each_point_is_its_own_result() -> None:
+    study = fhir.StudyRef("1.2.3", "1.2.3.4", "PAT001", "", "ACC42")
+    adult, pediatric = _ok(0.5, operating_point="adult"), _ok(0.5, operating_point="pediatric")
+    obs = _resources(fhir.bundle([(adult, study)]), "Observation")[0]
+    comp = {c["code"]["coding"][0]["code"]: c for c in obs["component"]}
+    assert comp["operating-point"]["valueString"] == "adult"
+    assert fhir.result_id(adult, study, "report") != fhir.result_id(pediatric, study, "report")
+    assert fhir.result_id(adult, study, "report") == fhir.result_id(_ok(0.5, operating_point="adult"), study, "report")

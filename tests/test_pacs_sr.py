@@ -158,3 +158,10 @@ def test_a_study_sr_carries_the_study_answer_and_each_frontal_films() -> None:
 def test_an_instance_sr_is_numbered_as_its_film() -> None:
     film = _film(7, "PA")
     assert build_sr(film, _ok("Normal", 0.1)).InstanceNumber == 7
+
+
+def test_sr_says_which_operating_point_answered() -> None:
+    pred = Prediction("x.dcm", contract.Status.OK, "Pneumonia", 0.5, 0.4, "pneumonia", "1", model_sha256=SHA,
+                      operating_point="adult")
+    content = read_sr(_roundtrip(build_sr(_source(), pred)))
+    assert content["operating_point"] == "adult" and content["threshold"] == 0.4

@@ -208,6 +208,8 @@ class ListenConfig:
         study_quiet_s: One result per study (:mod:`cxr.pacs.study`): a study is answered once nothing of it has
             arrived for this many seconds (``None``: one result per instance).
         web_auth: How ``stow_url`` and ``fhir_url`` authenticate (:class:`cxr.core.security.HttpAuth`).
+        operating_point: Answer every film at this served operating point (``None``: by the patient's age in the
+            header, else the model's default).
     """
 
     spool: Path
@@ -239,6 +241,7 @@ class ListenConfig:
     redeliver: bool = False
     study_quiet_s: float | None = None
     web_auth: object | None = field(default=None, repr=False)
+    operating_point: str | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.ae_title) <= 16:
@@ -581,7 +584,8 @@ class Listener:
         from cxr.client import PneumoniaClient
 
         self._client = PneumoniaClient(self.cfg.url, protocol=self.cfg.protocol, model=self.cfg.model,  # type: ignore[assignment]
-                                       tls=self.cfg.tls, config_key=self.cfg.config_key)  # type: ignore[arg-type]
+                                       tls=self.cfg.tls, config_key=self.cfg.config_key,  # type: ignore[arg-type]
+                                       operating_point=self.cfg.operating_point)
         if not self._client.info.sha256:  # type: ignore[attr-defined]
             raise CxrError("the served model publishes no sha256: result UIDs cannot be made stable")
         if self.cfg.heatmap:

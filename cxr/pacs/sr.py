@@ -114,7 +114,8 @@ def _context(result: Prediction):  # type: ignore[no-untyped-def]
         name=f"{DEVICE_NAME} pneumonia screening",
         version=f"{result.model_name} v{result.model_version}",
         # Algorithm parameters are LO (64 characters): the first is the model's sha256 (64 hex digits) alone.
-        parameters=[result.model_sha256, f"threshold={result.threshold!r}"],
+        parameters=[result.model_sha256, f"threshold={result.threshold!r}"]
+        + ([f"operating_point={result.operating_point}"] if result.operating_point else []),
     )
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -280,7 +281,7 @@ def read_study_sr(ds: Dataset) -> dict:
 def read_sr(ds: Dataset) -> dict:
     """The screening content of an SR made by :func:`build_sr` (for tests and for sites checking what arrived)."""
     out: dict = {"finding": None, "probability": None, "threshold": None, "not_assessable": None, "sha256": None,
-                 "refusal_value": None, "refusal_limit": None}
+                 "refusal_value": None, "refusal_limit": None, "operating_point": None}
 
     def value(code: Dataset) -> str:  # codes over 16 characters go to LongCodeValue
         return str(code.get("CodeValue") or code.get("LongCodeValue") or "")
@@ -296,6 +297,8 @@ def read_sr(ds: Dataset) -> dict:
                 out[NUMBERS[name]] = float(it.MeasuredValueSequence[0].NumericValue)
             elif it.ValueType == "TEXT" and name == "111002" and re.fullmatch(r"[0-9a-f]{64}", str(it.TextValue)):
                 out["sha256"] = str(it.TextValue)
+            elif it.ValueType == "TEXT" and name == "111002" and str(it.TextValue).startswith("operating_point="):
+                out["operating_point"] = str(it.TextValue).split("=", 1)[1]
             if "ContentSequence" in it:
                 walk(it.ContentSequence)
 
