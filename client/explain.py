@@ -37,7 +37,7 @@ from cxr.core.errors import CxrError
 logger = logging.getLogger(__name__)
 
 #: Layer whose activations are explained, per architecture (chosen by `cxr explain-eval`).
-DEFAULT_LAYER = {"compact_cnn": "s2b_relu", "inception_v3": "mixed10"}
+DEFAULT_LAYER = {"compact_cnn": "s3b_relu", "inception_v3": "mixed10"}
 #: Every layer the compact CNN can be explained at, coarse to fine.
 COMPACT_LAYERS = ("s3b_relu", "s2b_relu", "s1b_relu")
 
@@ -244,7 +244,17 @@ class GradCam:
                                          f"({served_sha256[:12] or 'no sha256 published'})")
         base = strip_ood(onnx.load(str(path)))
         arch = next((a for a in DEFAULT_LAYER if any(a in n.name for n in base.graph.node)), None)
-        self.layer = layer or (DEFAULT_LAYER[arch] if arch else "")
+        measured = folder.card().data.get("explain") or {}
+        if measured.get("sha256") != self.sha256:
+            measured = {}  # measured on another file: no verdict
+        #: The model-randomisation verdict of ``cxr explain-eval`` for this file (``None``: not measured).
+        self.passes_check: bool | None = measured.get("passes_randomisation_check")
+        self.check_note = ("" if self.passes_check is not False else
+                           f"this map failed the model-randomisation check (correlation "
+                           f"{measured['randomised_head_correlation']:.2f} with a randomised head, limit "
+                           f"{measured['max_randomised_correlation']}): it shows where the film is structured more "
+                           "than what the model used; read it with care")
+        self.layer = layer or measured.get("layer") or (DEFAULT_LAYER[arch] if arch else "")
         if not self.layer:
             raise ExplanationUnavailable("unknown architecture: give the layer to explain")
         start = _layer_tensor(base, self.layer)

@@ -475,10 +475,14 @@ def _add_configs(sub: argparse._SubParsersAction) -> None:
         "configs",
         help="regenerate a model's Triton configs from its model card and eligibility.json",
         description="Rewrite config.pbtxt and configs/*.pbtxt of exported models from model_card.json (threshold, "
-        "OOD threshold, sha256) and eligibility.json (the DICOM rules a site may edit).",
+        "operating points, OOD threshold, sha256) and eligibility.json (the DICOM rules a site may edit); "
+        "--default-operating-point sets the site's default point first.",
     )
     p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="Triton model repository")
     p.add_argument("--name", nargs="*", help="model folders (default: every model with a card)")
+    p.add_argument("--default-operating-point", metavar="NAME",
+                   help="a site's default: the operating point an input gets when none is named and its age does "
+                   "not choose (one of the card's points; served as threshold)")
     p.set_defaults(func=_cmd_configs)
 
 
@@ -487,6 +491,8 @@ def _cmd_configs(a: argparse.Namespace) -> int:
 
     names = a.name or sorted(p.parent.name for p in a.repository.glob("*/model_card.json"))
     for n in names:
+        if a.default_operating_point:
+            repository.set_default_point(a.repository / n, a.default_operating_point)
         for path in repository.write_configs(a.repository / n):
             print(path)
     return 0

@@ -240,6 +240,8 @@ def make_classifier(client, gradcam, workdir: Path, *, gradcam_note: str = "", a
                 heat = gradcam.heatmap(imaging.preprocess(path), size=(film.shape[1], film.shape[0]))
                 cams.append(_figure(overlay(film, heat), f"{_short(path)}: Pneumonia, P(pneumonia) "
                                                           f"{format_probability(pred.probability)}"))
+                if getattr(gradcam, "check_note", ""):
+                    notes.append(f"Heatmap: {gradcam.check_note}.")
         finally:
             for p in paths:  # uploads are not kept after the response
                 try:

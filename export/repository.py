@@ -80,6 +80,24 @@ def save_card(model_dir: Path, card: dict) -> None:
     write_card(Path(model_dir), card)
 
 
+def set_default_point(model_dir: Path, name: str) -> None:
+    """Make ``name`` the model's default operating point (a site's choice): the card's default and its
+    ``calibration.threshold``, which the configs serve as ``threshold``."""
+    from cxr.core.errors import CxrError
+
+    card = read_card(model_dir)
+    points = card.get("operating_points") or {}
+    if name not in points:
+        raise CxrError(f"operating point {name!r}: {Path(model_dir).name} has {', '.join(sorted(points)) or 'none'}")
+    if card.get("default_operating_point") == name:
+        return
+    previous = card.get("default_operating_point")
+    card["default_operating_point"] = name
+    card["calibration"].update(threshold=points[name]["threshold"], rule=f"operating point {name} (site default; was "
+                               f"{previous})")
+    save_card(Path(model_dir), card)
+
+
 def verified_onnx(model_dir: Path, card: dict) -> Path:
     """The graph's path, after checking it is the file the card describes (it is about to be modified)."""
     return ModelDir(Path(model_dir)).verify(ModelCard(card))

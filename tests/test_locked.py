@@ -189,3 +189,21 @@ def test_group_folds_keep_a_patient_in_one_fold() -> None:
     for f in folds:
         inside = {groups[i] for i in f}
         assert not inside & {groups[i] for g in folds if g is not f for i in g}
+
+
+def test_a_site_sets_its_default_operating_point(tmp_path: Path) -> None:
+    import shutil
+
+    from cxr.cli import main
+    from cxr.core.model_dir import ModelDir
+
+    repo = tmp_path / "repo"
+    shutil.copytree(SHIPPED_REPOSITORY / "pneumonia", repo / "pneumonia")
+    folder = ModelDir(repo / "pneumonia")
+    points = folder.card().operating_points
+    other = next(n for n in points if n != folder.card().default_operating_point)
+    assert main(["configs", "--repository", str(repo), "--name", "pneumonia", "--default-operating-point", other]) == 0
+    served = folder.served_params()
+    assert served.threshold_for(None) == (other, points[other]["threshold"])
+    assert main(["configs", "--repository", str(repo), "--name", "pneumonia", "--default-operating-point",
+                 "neonatal"]) != 0

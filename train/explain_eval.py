@@ -101,6 +101,19 @@ def run(cfg: ExplainEvalConfig) -> dict:
             results[layer] = entry
     report = {"model": cfg.model, "sha256": info.sha256, "data": str(cfg.data), "n_films": len(films),
               "threshold": info.threshold, "layers": results, "best_layer": choose(results, cfg.layers)}
+    best = str(report["best_layer"])
+    corr = float(results[best]["randomised_head_correlation"])
+    report["passes_randomisation_check"] = corr < MAX_RANDOMISED_CORRELATION
+    # the verdict travels with the model: the page and the listener say when its maps failed the check
+    from cxr.core.model_dir import ModelDir
+
+    folder = ModelDir(Path(cfg.repository) / cfg.model)
+    card = folder.card().as_dict()
+    card["explain"] = {"layer": best, "sha256": info.sha256, "randomised_head_correlation": corr,
+                       "max_randomised_correlation": MAX_RANDOMISED_CORRELATION,
+                       "passes_randomisation_check": report["passes_randomisation_check"],
+                       "report": "docs/model/gradcam.md"}
+    folder.write_card(card)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gradcam.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -117,6 +130,7 @@ def choose(results: dict[str, dict], layers: tuple[str, ...]) -> str:
     """The rule: among layers that pass the model-randomisation check, the largest mean deletion drop at 5% and 10%
     (the smallest deletions: larger ones remove so much of the film that any map lowers P)."""
     passing = [L for L in layers if results[L]["randomised_head_correlation"] < MAX_RANDOMISED_CORRELATION] or list(layers)
+    # no layer passing: the best of them is still chosen, and the card says its maps failed the check
     return max(passing, key=lambda L: (results[L]["mean_drop_in_p"]["5%"] + results[L]["mean_drop_in_p"]["10%"]) / 2)
 
 

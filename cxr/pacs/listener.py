@@ -797,7 +797,8 @@ class Listener:
 
                 film = film_for_display(f)
                 heat = self._gradcam.heatmap(imaging.preprocess(f), size=(film.shape[1], film.shape[0]))
-                sc = build_heatmap_sc(source, pred, overlay(film, heat))
+                sc = build_heatmap_sc(source, pred, overlay(film, heat),
+                                      unverified=self._gradcam.passes_check is False)  # type: ignore[attr-defined]
                 encoded.append((f"{sc.SOPInstanceUID}.dcm", _encode(sc)))
             results += [(kind, name, data) for kind in ("dimse", "stow") for name, data in encoded]
             if self.cfg.fhir_url or self.cfg.fhir_out:
@@ -907,7 +908,8 @@ class Listener:
                 if uid in study.frontal and pred.ok and pred.label == info.labels[1]:
                     shown = film_for_display(film)
                     heat = self._gradcam.heatmap(imaging.preprocess(film), size=(shown.shape[1], shown.shape[0]))
-                    sc = build_heatmap_sc(src, pred, overlay(shown, heat))
+                    sc = build_heatmap_sc(src, pred, overlay(shown, heat),
+                                          unverified=self._gradcam.passes_check is False)  # type: ignore[attr-defined]
                     encoded.append((f"{sc.SOPInstanceUID}.dcm", _encode(sc)))
         results = [(kind, name, data) for kind in ("dimse", "stow") for name, data in encoded]
         if self.cfg.fhir_url or self._fhir_lines is not None:

@@ -306,15 +306,17 @@ def read_sr(ds: Dataset) -> dict:
     return out
 
 
-def build_heatmap_sc(source: Dataset, result: Prediction, overlay_rgb: np.ndarray):  # type: ignore[no-untyped-def]
+def build_heatmap_sc(source: Dataset, result: Prediction, overlay_rgb: np.ndarray, *,  # type: ignore[no-untyped-def]
+                     unverified: bool = False):
     """The Grad-CAM overlay as a Secondary Capture in the source's study, with "screening aid, not for diagnosis"
-    burned in."""
+    burned in; ``unverified`` (the map failed the model-randomisation check, ``GradCam.passes_check``) burns in
+    that warning too."""
     import highdicom as hd
     from PIL import Image, ImageDraw
 
     img = Image.fromarray(np.asarray(overlay_rgb, dtype=np.uint8))
     d = ImageDraw.Draw(img)
-    text = "SCREENING AID, NOT FOR DIAGNOSIS"
+    text = "SCREENING AID, NOT FOR DIAGNOSIS" + ("; MAP FAILED THE RANDOMISATION CHECK" if unverified else "")
     d.rectangle([0, 0, img.width, 22], fill=(0, 0, 0))
     d.text((6, 5), text, fill=(255, 255, 0))
     uids = result_uids(source, result.model_sha256)
