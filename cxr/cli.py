@@ -209,7 +209,8 @@ def _add_claims(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_claims(a: argparse.Namespace) -> int:
-    from cxr.export.claims_report import claims_markdown, measure_claims
+    from cxr.export.claims_render import claims_markdown
+    from cxr.export.claims_report import measure_claims
     from cxr.export.onnx_export import command_line
 
     populations = {}

@@ -45,7 +45,7 @@ def _points_markdown(card: dict) -> list[str]:
 
 def card_markdown(card: dict, claims: Claims | None = None) -> str:
     """``MODEL_CARD.md``: the card for people."""
-    from cxr.export.claims_report import claims_markdown
+    from cxr.export.claims_render import claims_markdown
 
     cal = card["calibration"]
     m = cal.get("metrics", {})

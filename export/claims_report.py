@@ -11,8 +11,8 @@ A locked split (``cxr lock-split``) gives every source's patients one role. Here
   ``claims.json`` (:class:`cxr.core.claims.Claims`): every source at every operating point, intervals from the
   patient bootstrap (:mod:`cxr.train.claims`). Nothing it measures feeds back into a choice. The test films are
   recorded in ``provenance.csv`` with the role ``test``.
-* :func:`claims_markdown` renders the table the README and ``MODEL_CARD.md`` carry (one generator, a test keeps
-  them equal), with PPV, NPV and referrals per 100 films at stated prevalences.
+
+The table the README and ``MODEL_CARD.md`` carry is rendered by :mod:`cxr.export.claims_render`.
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ from cxr.core.paths import relative
 
 logger = logging.getLogger(__name__)
 
-#: Prevalences at which the card states PPV, NPV and referrals per 100 films.
-PREVALENCES = (0.05, 0.10, 0.20)
 RULES = ("sensitivity", "sensitivity_lcb", "youden")
 
 
@@ -211,50 +209,3 @@ def measure_claims(model_dir: Path, split_file: Path, populations: dict[str, str
         card.setdefault("commands", []).append(command)
     save_card(model_dir, card)
     return claims
-
-
-def _ci(v: list[float] | None, digits: int = 3) -> str:
-    if v is None:
-        return "n/a"
-    return f"{v[0]:.{digits}f} ({v[1]:.{digits}f}-{v[2]:.{digits}f})"
-
-
-def predictive_values(sensitivity: float, specificity: float, prevalence: float) -> dict[str, float]:
-    """PPV, NPV and referrals per 100 films at ``prevalence`` (Bayes' rule on the stated rates)."""
-    tp = sensitivity * prevalence
-    fp = (1 - specificity) * (1 - prevalence)
-    fn = (1 - sensitivity) * prevalence
-    tn = specificity * (1 - prevalence)
-    return {"ppv": tp / (tp + fp) if tp + fp else float("nan"), "npv": tn / (tn + fn) if tn + fn else float("nan"),
-            "referrals_per_100": 100 * (tp + fp)}
-
-
-def claims_markdown(claims: Claims, *, own_population_only: bool = True) -> str:
-    """The performance table of the README and the card: each source's test patients at its own population's
-    operating point (or at every point), then PPV, NPV and referrals per 100 films at stated prevalences."""
-    rows = [c for c in claims.claims if not own_population_only or c.population == c.operating_point
-            or c.operating_point == contract.SINGLE_OPERATING_POINT]
-    lines = [
-        f"Measured once on locked test patients that chose nothing (`{CLAIMS_FILE}`; "
-        f"{claims.confidence:.0%} intervals from a {claims.method.split(';')[0]}):",
-        "",
-        "| source | population | operating point | threshold | films (patients) | Pneumonia | AUC | sensitivity | "
-        "specificity | flagged |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for c in rows:
-        d = c.as_dict()
-        lines.append(f"| {c.source} | {c.population} | {c.operating_point} | {c.threshold:.4f} | {c.films} "
-                     f"({c.patients}) | {c.positives} | {_ci(d['auc'])} | {_ci(d['sensitivity'])} | "
-                     f"{_ci(d['specificity'])} | {_ci(d['flagged'])} |")
-    pv = [c for c in rows if c.sensitivity is not None and c.specificity is not None]
-    if pv:
-        lines += ["", "At a population's own prevalence, from the test sensitivity and specificity above (point "
-                  "estimates):", "",
-                  "| source | operating point | prevalence | PPV | NPV | referrals per 100 films |", "|---|---|---|---|---|---|"]
-        for c in pv:
-            for prev in PREVALENCES:
-                v = predictive_values(c.sensitivity.point, c.specificity.point, prev)  # type: ignore[union-attr]
-                lines.append(f"| {c.source} | {c.operating_point} | {prev:.0%} | {v['ppv']:.3f} | {v['npv']:.3f} | "
-                             f"{v['referrals_per_100']:.1f} |")
-    return "\n".join(lines) + "\n"

@@ -38,7 +38,7 @@ def block() -> str:
     import json
 
     from cxr.core.claims import Claims
-    from cxr.export.claims_report import claims_markdown
+    from cxr.export.claims_render import claims_markdown
 
     card = json.loads((CLAIMS.parent / "model_card.json").read_text())
     lines = [claims_markdown(Claims.load(CLAIMS)).rstrip(), *refusal_lines(card)]

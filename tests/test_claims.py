@@ -164,7 +164,7 @@ def test_the_readme_table_is_the_shipped_claims():
 
 def test_the_card_shows_the_claims_of_its_own_file():
     from cxr.core.claims import Claims
-    from cxr.export.claims_report import claims_markdown
+    from cxr.export.claims_render import claims_markdown
     from tests.conftest import SHIPPED_REPOSITORY
 
     for model in ("pneumonia", "pneumonia_int8"):
