@@ -18,6 +18,8 @@ CLAIMS = ROOT / "model_repository" / "pneumonia" / "claims.json"
 
 
 def refusal_lines(card: dict) -> list[str]:
+    import json
+
     """What the served ood_score refuses, from the card: the body-part check on what it did not see."""
     ood = card.get("ood") or {}
     body = ood.get("body_part")
@@ -29,9 +31,19 @@ def refusal_lines(card: dict) -> list[str]:
     left = ", ".join(f"{k} {v['refused']:.1%} of {v['n']} when no {k} was in the fit"
                      for k, v in val["left_out_part"].items())
     flagged = max(ood["flagged"].values())
-    return ["", f"Refusal: `ood_score` (threshold {ood['threshold']:.2f}) folds a body-part check into the feature "
-            f"distance. Other body parts it did not see refused: {half} (held-out halves); {left}. Real chest films of "
-            f"the select side flagged: at most {flagged:.1%} of any source."]
+    lines = ["", f"Refusal: `ood_score` (threshold {ood['threshold']:.2f}) folds a body-part check into the feature "
+             f"distance. Other body parts it did not see refused: {half} (held-out halves); {left}. Real chest films "
+             f"of the select side flagged: at most {flagged:.1%} of any source."]
+    report = ROOT / "docs" / "model" / "ood.json"
+    if report.exists():
+        rep = json.loads(report.read_text())
+        if rep.get("model_sha256") == card.get("sha256"):
+            lines[-1] += (f" `cxr ood-eval` ([docs/model/ood.md](docs/model/ood.md)): {rep['refused_rate_all']:.1%} of "
+                          f"the {rep['n_items']} hard inputs of the local corpus (inverted and rotated films included) "
+                          f"get no label, {rep['refused_rate_not_chest_xray']:.1%} of its {rep['n_not_chest_xray']} "
+                          "inputs that are not chest X-rays at all (partly in-sample: half the corpus fitted the "
+                          "body-part check).")
+    return lines
 
 
 def block() -> str:
