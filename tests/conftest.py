@@ -45,6 +45,13 @@ READY_DEADLINE_S = 180.0
 
 def wait_for_line(proc, text: str, *, deadline_s: float) -> bool:  # type: ignore[no-untyped-def]
     """Read ``proc``'s stdout until a line holds ``text`` (True), the process ends or the deadline passes (False)."""
+    return read_line(proc, text, deadline_s=deadline_s) is not None
+
+
+def read_line(proc, text: str, *, deadline_s: float) -> str | None:  # type: ignore[no-untyped-def]
+    """Read ``proc``'s stdout until a line holds ``text`` and return that line (without its newline); ``None`` when
+    the process ends or the deadline passes first. Reads the pipe's descriptor directly (``select``), so a process
+    that prints nothing cannot hold the caller past the deadline."""
     import select
     import time
 
@@ -55,16 +62,20 @@ def wait_for_line(proc, text: str, *, deadline_s: float) -> bool:  # type: ignor
         ready, _, _ = select.select([fd], [], [], max(0.0, min(1.0, end - time.monotonic())))
         if not ready:
             if proc.poll() is not None:
-                return False
+                return None
             continue
         chunk = os.read(fd, 65536).decode(errors="replace")
-        if not chunk:
-            return False
         buf += chunk
-        if text in buf:
-            return True
-        buf = buf[-len(text) - 4096:]
-    return False
+        *lines, buf = buf.split("\n")
+        if not chunk:  # end of output: the last, unterminated line counts too
+            lines.append(buf)
+        for line in lines:
+            if text in line:
+                return line.rstrip("\r")
+        if not chunk:
+            return None
+        buf = buf[-len(text) - 65536:]
+    return None
 
 
 def have_real_data() -> bool:
