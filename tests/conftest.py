@@ -124,6 +124,23 @@ def journal_rows(out: Path) -> list[dict]:
     return list(csv.DictReader(data[: data.rfind(b"\n") + 1].decode().splitlines()))
 
 
+def freeze_after_journal_rows(proc, out: Path, rows: int, deadline_s: float = 120.0) -> int:  # type: ignore[no-untyped-def]
+    """Wait (with a deadline) until ``cxr predict``'s journal holds ``rows`` complete rows, then stop the process
+    (SIGSTOP) so that it can write no more: the test acts on a run known to be mid-way, not on a count it races.
+    Returns the inputs the journal then holds; the caller kills or continues (SIGCONT) the process."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + deadline_s
+    while len(journal_rows(out)) < rows:
+        assert proc.poll() is None, f"cxr predict ended (exit {proc.returncode}) before {rows} journal rows"
+        assert time.monotonic() < deadline, f"fewer than {rows} journal rows within {deadline_s:.0f} s"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGSTOP)
+    assert proc.poll() is None, "cxr predict finished every input before it could be stopped mid-run"
+    return len({r["path"] for r in journal_rows(out)})
+
+
 def xray_copies(d: Path, n: int, *, seed: int = 2000) -> Path:
     """``n`` JPEG inputs in ``d``: the full-resolution originals (cycled) when present, generated films otherwise."""
     import shutil

@@ -19,7 +19,7 @@ from PIL import Image
 
 from cxr.client import PneumoniaClient, RetryPolicy
 from cxr.core.errors import InvalidInputError, RetryableServerError, ServerError
-from tests.conftest import SHIPPED_REPOSITORY, journal_rows, synthetic_xray
+from tests.conftest import SHIPPED_REPOSITORY, freeze_after_journal_rows, journal_rows, synthetic_xray
 from tests.test_contract import _encode, _png_with_claimed_size
 from tests.test_dicom import _ramp, make_dicom
 
@@ -115,27 +115,13 @@ def _check_one_final_row_each(out: Path, n: int) -> list[dict]:
     return rows
 
 
-def _freeze_after_rows(proc: subprocess.Popen, out: Path, rows: int, deadline_s: float = 120.0) -> int:  # type: ignore[type-arg]
-    """Wait (with a deadline) until ``cxr predict``'s journal holds ``rows`` complete rows, then stop the process
-    (SIGSTOP) so that it can write no more: the test acts on a run known to be mid-way, not on a count it races.
-    Returns the inputs the journal then holds."""
-    deadline = time.monotonic() + deadline_s
-    while len(journal_rows(out)) < rows:
-        assert proc.poll() is None, f"cxr predict ended (exit {proc.returncode}) before {rows} journal rows"
-        assert time.monotonic() < deadline, f"fewer than {rows} journal rows within {deadline_s:.0f} s"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGSTOP)
-    assert proc.poll() is None, "cxr predict finished every input before it could be stopped mid-run"
-    return len({r["path"] for r in journal_rows(out)})
-
-
 def test_sigkill_mid_run_then_rerun_gives_exactly_one_row_per_input(triton_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
     d = _images(tmp_path / "many", 150)
     out = tmp_path / "results.csv"
     cmd = [sys.executable, "-m", "cxr.cli", "predict", str(d), "--url", triton_server.config.grpc_url,
            "--format", "csv", "--out", str(out), "--chunk", "4"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    partial = _freeze_after_rows(proc, out, 20)  # stopped with 20 or more of 150 answers in its journal
+    partial = freeze_after_journal_rows(proc, out, 20)  # stopped with 20 or more of 150 answers in its journal
     proc.send_signal(signal.SIGKILL)  # the kill lands on a stopped process: the journal is what it was
     proc.wait(timeout=60)
     assert partial == len({r["path"] for r in journal_rows(out)})
@@ -162,7 +148,7 @@ def test_server_outage_past_the_retries_then_rerun_retries_only_what_failed(tmp_
            str(out), "--chunk", "4", "--retries", "2", "--timeout-s", "5"]
     server = TritonServer(cfg).start()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _freeze_after_rows(proc, out, 12)  # mid-run, held there while the server goes down
+    freeze_after_journal_rows(proc, out, 12)  # mid-run, held there while the server goes down
     try:
         server.kill()  # down, and kept down until the client has given up on every remaining chunk
     finally:
