@@ -262,7 +262,7 @@ def run_predict(opts: PredictOptions) -> int:
         return 1 if counts["error"] or missing else 0
 
 
-def _run(opts: PredictOptions, paths: list[Path], names: dict[str, str], audit) -> list[dict]:  # type: ignore[no-untyped-def]
+def _run(opts: PredictOptions, paths: list[Path], names: dict[str, str], audit) -> list[dict]:
     """Screen what is not final yet (journaled when writing a CSV), then present every input's row."""
     from cxr.core.eligibility import Eligibility
 
@@ -307,7 +307,7 @@ def _run(opts: PredictOptions, paths: list[Path], names: dict[str, str], audit) 
     return rows
 
 
-def _deliver_fhir(opts: PredictOptions, rows: list[dict], files: dict[str, Path], audit) -> int:  # type: ignore[no-untyped-def]
+def _deliver_fhir(opts: PredictOptions, rows: list[dict], files: dict[str, Path], audit) -> int:
     """Write and/or POST the FHIR results of the answered rows; returns 1 when a POST failed (0 otherwise)."""
     from cxr.client import fhir
     from cxr.core.errors import CxrError
@@ -345,7 +345,7 @@ def _deliver_fhir(opts: PredictOptions, rows: list[dict], files: dict[str, Path]
     return failed
 
 
-def _screen(opts: PredictOptions, todo: list[tuple[Path, str]], rules, journal: Journal | None,  # type: ignore[no-untyped-def]
+def _screen(opts: PredictOptions, todo: list[tuple[Path, str]], rules, journal: Journal | None,
             rows: list[dict], key=str, audit=None) -> None:
     """Send ``todo`` chunk by chunk; journal each chunk (or collect its rows when there is no journal)."""
     from tqdm import tqdm
@@ -387,7 +387,7 @@ def _screen(opts: PredictOptions, todo: list[tuple[Path, str]], rules, journal: 
                 metrics.close()
 
 
-def _record(chunk_rows: list[dict], journal: Journal | None, rows: list[dict], audit=None) -> None:  # type: ignore[no-untyped-def]
+def _record(chunk_rows: list[dict], journal: Journal | None, rows: list[dict], audit=None) -> None:
     """One chunk's answers, however they were computed: errors on stderr, the audit trail, then into the journal
     (or the in-memory rows when there is none)."""
     for r in chunk_rows:

@@ -232,7 +232,7 @@ class PneumoniaClient:
         return self.transport.info
 
     # -- core -------------------------------------------------------------
-    def _with_retries(self, fn, what: str):  # type: ignore[no-untyped-def]
+    def _with_retries(self, fn, what: str):
         for attempt in range(self.retry.attempts):
             try:
                 return fn()
@@ -259,7 +259,7 @@ class PneumoniaClient:
         futures = [self._pool.submit(self._infer_chunk, batch[i : i + self.batch_size])
                    for i in range(0, len(batch), self.batch_size)]
         parts = [f.result() for f in futures]
-        ood = None if any(p.ood_score is None for p in parts) else np.concatenate([p.ood_score for p in parts])  # type: ignore[misc]
+        ood = None if any(p.ood_score is None for p in parts) else np.concatenate([p.ood_score for p in parts])
         return Scores(np.concatenate([p.probability for p in parts]), ood)
 
     def infer_batch(self, batch: np.ndarray) -> np.ndarray:

@@ -84,7 +84,7 @@ def _classify(exc: BaseException, where: str) -> Exception:
 class DicomWeb:
     """A DICOMweb server (QIDO, WADO and STOW under one root URL, e.g. ``http://127.0.0.1:8042/dicom-web``)."""
 
-    def __init__(self, url: str, *, timeout_s: float = 30.0, auth=None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, url: str, *, timeout_s: float = 30.0, auth=None) -> None:
         """``auth``: a :class:`cxr.core.security.HttpAuth` (bearer token, client certificate, CA)."""
         import requests
         from dicomweb_client.api import DICOMwebClient
@@ -119,7 +119,7 @@ class DicomWeb:
         refs = []
         for uid in uids:
             if wanted:
-                series = self._retrying(lambda uid=uid: self._pages(self._client.search_for_series, SERIES_UID,  # type: ignore[misc]
+                series = self._retrying(lambda uid=uid: self._pages(self._client.search_for_series, SERIES_UID,
                                                                     study_instance_uid=uid), "search")
                 chosen = [_value(s, SERIES_UID) for s in series
                           if _value(s, MODALITY).upper() in wanted and _value(s, SERIES_UID)]
@@ -127,7 +127,7 @@ class DicomWeb:
                 chosen = [None]  # type: ignore[list-item]
             for series_uid in chosen:
                 kw = {"study_instance_uid": uid} | ({"series_instance_uid": series_uid} if series_uid else {})
-                items = self._retrying(lambda kw=kw: self._pages(self._client.search_for_instances, SOP_UID, **kw),  # type: ignore[misc]
+                items = self._retrying(lambda kw=kw: self._pages(self._client.search_for_instances, SOP_UID, **kw),
                                        "search")
                 for item in items:
                     refs.append(InstanceRef(_value(item, STUDY_UID) or uid, _value(item, SERIES_UID) or str(series_uid),
@@ -137,7 +137,7 @@ class DicomWeb:
     #: Tries of a request that failed with a retryable error (connection, 429, 5xx), and the first backoff.
     ATTEMPTS, BACKOFF_S = 4, 0.5
 
-    def _retrying(self, call, what: str):  # type: ignore[no-untyped-def]
+    def _retrying(self, call, what: str):
         """``call()`` with bounded retries and exponential backoff on retryable failures (connection refused or
         reset, timeouts, 429 and 5xx); a 4xx fails at once."""
         import time
@@ -154,7 +154,7 @@ class DicomWeb:
         raise AssertionError("unreachable")
 
     @staticmethod
-    def _pages(search, key: str, *, page: int = 500, max_pages: int = 10_000, **kw) -> list[dict]:  # type: ignore[no-untyped-def]
+    def _pages(search, key: str, *, page: int = 500, max_pages: int = 10_000, **kw) -> list[dict]:
         """Every match of a QIDO-RS search, page by page (``limit``/``offset``). Stops at a short or empty page, or
         at a page with nothing new: a server that ignores ``offset`` then answers with its one page, never forever."""
         out: list[dict] = []
@@ -198,7 +198,7 @@ class DicomWeb:
             done = list(pool.map(one, refs))
         return {p: uid for p, uid in done if p is not None}
 
-    def store(self, datasets: list, *, study_uid: str | None = None) -> None:  # type: ignore[type-arg]
+    def store(self, datasets: list, *, study_uid: str | None = None) -> None:
         """STOW-RS: store datasets (an SR, a Secondary Capture) in the archive.
 
         Raises:

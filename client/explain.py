@@ -56,7 +56,7 @@ class _Op:
     pad: int = 0
 
 
-def _chain(model, start: str, end: str) -> list[_Op]:  # type: ignore[no-untyped-def]
+def _chain(model, start: str, end: str) -> list[_Op]:
     """The sequential ops from tensor ``start`` to tensor ``end``, with their initializers."""
     from onnx import helper, numpy_helper
 
@@ -183,12 +183,12 @@ class Tail:
             elif op.kind == "flatten":
                 g = g.reshape(x.shape)
             elif op.kind == "matmul":
-                g = op.weight @ g.reshape(-1)  # type: ignore[operator]
+                g = op.weight @ g.reshape(-1)
             # add: gradient passes unchanged
         return g
 
 
-def _logit_tensor(model) -> str:  # type: ignore[no-untyped-def]
+def _logit_tensor(model) -> str:
     """The pre-calibration logit: walk back from the Sigmoid of ``probability`` through constant Mul/Add."""
     init = {i.name for i in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
@@ -204,7 +204,7 @@ def _logit_tensor(model) -> str:  # type: ignore[no-untyped-def]
     return cur
 
 
-def _layer_tensor(model, layer: str) -> str:  # type: ignore[no-untyped-def]
+def _layer_tensor(model, layer: str) -> str:
     hits = [o for n in model.graph.node for o in n.output if f"/{layer}_1/" in o or f"/{layer}/" in o]
     if not hits:
         raise CxrError(f"Grad-CAM: no layer {layer!r} in the graph")

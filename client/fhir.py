@@ -227,7 +227,7 @@ def bundle(results: Sequence[tuple[Prediction, StudyRef]]) -> dict:
     return out
 
 
-def study_bundle(items: Sequence[tuple[Prediction, StudyRef]], study) -> dict:  # type: ignore[no-untyped-def]
+def study_bundle(items: Sequence[tuple[Prediction, StudyRef]], study) -> dict:
     """One ``transaction`` Bundle for a whole study (:mod:`cxr.pacs.study`): an Observation per frontal film and
     one DiagnosticReport with the study answer (``study``, a :class:`cxr.pacs.study.StudyResult`) whose results are
     those Observations; laterals get nothing of their own. Created conditionally on identifiers, like
@@ -334,7 +334,7 @@ def split_transaction(bundle_: dict) -> list[dict]:
     return out or [bundle_]
 
 
-def post_bundle(base_url: str, bundle_: dict, *, timeout_s: float = 30.0, auth=None) -> dict:  # type: ignore[no-untyped-def]
+def post_bundle(base_url: str, bundle_: dict, *, timeout_s: float = 30.0, auth=None) -> dict:
     """POST a transaction Bundle to a FHIR server's base URL, one transaction per input
     (:func:`split_transaction`); returns one transaction-response Bundle with every entry's response. Results are
     created conditionally on their identifiers, so sending the same results again adds nothing.
@@ -364,7 +364,7 @@ def post_bundle(base_url: str, bundle_: dict, *, timeout_s: float = 30.0, auth=N
     return _post(base_url, bundle_, headers, timeout_s, context)
 
 
-def _post(base_url: str, bundle_: dict, headers: dict, timeout_s: float, context=None) -> dict:  # type: ignore[no-untyped-def]
+def _post(base_url: str, bundle_: dict, headers: dict, timeout_s: float, context=None) -> dict:
     import urllib.error
     import urllib.request
 

@@ -86,7 +86,7 @@ class ScreeningMetrics:
                              buckets=ood_buckets, registry=self.registry)
         self._server: object | None = None
 
-    def observe(self, pred, *, manufacturer: str = "", station: str = "") -> None:  # type: ignore[no-untyped-def]
+    def observe(self, pred, *, manufacturer: str = "", station: str = "") -> None:
         """Count one answer (a :class:`cxr.client.client.Prediction`)."""
         model = pred.model_name
         status = contract.Status(pred.status).value

@@ -29,7 +29,7 @@ from cxr.core import contract
 logger = logging.getLogger(__name__)
 
 
-def _preprocess(batch: dict, eligibility=None) -> dict:  # type: ignore[no-untyped-def]
+def _preprocess(batch: dict, eligibility=None) -> dict:
     """Ray Data CPU task: decode and apply the eligibility and pixel rules (no model involved), exactly as the
     client does (:func:`cxr.client.client.prepare`)."""
     from cxr.client.client import prepare
@@ -61,7 +61,7 @@ def _refusal_of(text: str) -> contract.Refusal | None:
 class _Screener:
     """Ray Data actor: one client per actor (Triton fleet or embedded), the contract's rules on its answers."""
 
-    def __init__(self, url: str | None, protocol: str, model: str, timeout_s: float, tls=None,  # type: ignore[no-untyped-def]
+    def __init__(self, url: str | None, protocol: str, model: str, timeout_s: float, tls=None,
                  config_key: str | None = None, eligibility=None, operating_point: str | None = None) -> None:
         from cxr.client import PneumoniaClient
 
@@ -101,7 +101,7 @@ class _Screener:
 
 
 def screen(address: str, todo: list[tuple[Path, str]], *, url: str | None, protocol: str, model: str,
-           timeout_s: float, chunk: int, on_rows, tls=None, config_key: str | None = None,  # type: ignore[no-untyped-def]
+           timeout_s: float, chunk: int, on_rows, tls=None, config_key: str | None = None,
            eligibility=None, operating_point: str | None = None) -> None:
     """Run the job on the cluster at ``address`` and hand result rows to ``on_rows`` in chunks (for the journal).
 

@@ -230,7 +230,7 @@ class HttpTransport(Transport):
         versions = meta.get("versions") or [self.version or "1"]
         self.info = _params_to_info(self.model, self.version or str(versions[-1]), cfg)
 
-    def _client(self):  # type: ignore[no-untyped-def]
+    def _client(self):
         c = getattr(self._local, "client", None)
         if c is None:
             kw: dict = {}
@@ -334,7 +334,7 @@ def _check_output(out: np.ndarray | None, n: int, name: str) -> np.ndarray:
     return out
 
 
-def _scores(get, info: ModelInfo, n: int) -> Scores:  # type: ignore[no-untyped-def]
+def _scores(get, info: ModelInfo, n: int) -> Scores:
     prob = _check_output(get(contract.OUTPUT_NAME), n, contract.OUTPUT_NAME)
     ood = _check_output(get(contract.OOD_OUTPUT_NAME), n, contract.OOD_OUTPUT_NAME) if info.ood_threshold is not None else None
     return Scores(prob, ood)

@@ -38,7 +38,7 @@ def _quiet_pydicom() -> Iterator[None]:
 _AGE_UNITS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
 
 
-def patient_age_years(ds) -> float | None:  # type: ignore[no-untyped-def]
+def patient_age_years(ds) -> float | None:
     """The patient's age in years at the study: Patient's Age (``045Y``, ``006M``, ``003W``, ``010D``), else
     Patient's Birth Date and the Study (or Acquisition, Content) Date; ``None`` when the header cannot say."""
     import datetime as dt

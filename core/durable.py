@@ -141,7 +141,7 @@ class AppendOnlyLines:
             os.fsync(f.fileno())
 
     @staticmethod
-    def _last_newline(f, end: int) -> int:  # type: ignore[no-untyped-def]
+    def _last_newline(f, end: int) -> int:
         """Offset of the last newline in the file's first ``end`` bytes (-1 when there is none)."""
         pos = end
         while pos > 0:
@@ -172,7 +172,7 @@ class AppendOnlyLines:
         """Write one line (no newline inside) durably."""
         self.append_with(lambda _last: line)
 
-    def append_with(self, make) -> str:  # type: ignore[no-untyped-def]
+    def append_with(self, make) -> str:
         """Write the line ``make(last)`` builds from the file's last line (``None`` when empty), under the locks;
         returns it."""
         import fcntl

@@ -14,14 +14,14 @@ from cxr.core import contract
 OOD_PREFIX = "ood/"
 
 
-def load(model: Path | object):  # type: ignore[no-untyped-def]
+def load(model: Path | object):
     """An ``onnx.ModelProto`` from a path, or the given one."""
     import onnx
 
     return onnx.load(str(model)) if isinstance(model, (str, Path)) else model
 
 
-def strip_ood(model):  # type: ignore[no-untyped-def]
+def strip_ood(model):
     """A copy of ``model`` without any OOD head (the base graph with its one ``probability`` output)."""
     import onnx
 
@@ -40,7 +40,7 @@ def strip_ood(model):  # type: ignore[no-untyped-def]
     return m
 
 
-def base_parameter_count(model) -> int:  # type: ignore[no-untyped-def]
+def base_parameter_count(model) -> int:
     """Number of weights in the graph, the OOD head's excluded."""
     from onnx import numpy_helper
 

@@ -166,7 +166,7 @@ class ServedParams:
         )
 
 
-def parse_config(text: str):  # type: ignore[no-untyped-def]
+def parse_config(text: str):
     """A ``model_config_pb2.ModelConfig`` from ``config.pbtxt`` text."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc
@@ -174,7 +174,7 @@ def parse_config(text: str):  # type: ignore[no-untyped-def]
     return text_format.Parse(text, mc.ModelConfig())
 
 
-def render_config(cfg, *, target: str) -> str:  # type: ignore[no-untyped-def]
+def render_config(cfg, *, target: str) -> str:
     """``config.pbtxt`` text of a ``ModelConfig`` message, with a header saying where it came from."""
     from google.protobuf import text_format
 
@@ -182,7 +182,7 @@ def render_config(cfg, *, target: str) -> str:  # type: ignore[no-untyped-def]
     return head + text_format.MessageToString(cfg)
 
 
-def config_as_dict(cfg) -> dict:  # type: ignore[no-untyped-def]
+def config_as_dict(cfg) -> dict:
     """A ``ModelConfig`` as the dict Triton's HTTP API serves (field names as in the proto)."""
     from google.protobuf import json_format
 
@@ -333,7 +333,7 @@ class ModelDir:
             raise CxrError(f"model config not found: {path}")
         return config_as_dict(parse_config(path.read_text()))
 
-    def write_config(self, cfg, *, target: str, config_name: str | None = None) -> Path:  # type: ignore[no-untyped-def]
+    def write_config(self, cfg, *, target: str, config_name: str | None = None) -> Path:
         """Write a ``ModelConfig`` message as ``config.pbtxt`` (or ``configs/<name>.pbtxt``)."""
         from cxr.core.durable import write_durably
 

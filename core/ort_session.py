@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 
-def make_session(model: str | os.PathLike | bytes, *, threads: int = 0):  # type: ignore[no-untyped-def]
+def make_session(model: str | os.PathLike | bytes, *, threads: int = 0):
     """An ``onnxruntime.InferenceSession`` on the CPU for a model path or serialized bytes.
 
     Args:

@@ -166,7 +166,7 @@ class HttpAuth:
             ctx.load_cert_chain(str(self.cert), str(self.key))
         return ctx
 
-    def apply(self, session) -> None:  # type: ignore[no-untyped-def]
+    def apply(self, session) -> None:
         """Onto a ``requests.Session``."""
         session.headers.update(self.headers())
         if self.cert is not None:
@@ -252,21 +252,21 @@ def split_url_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
 class RedactingStream:
     """A text stream that takes URL credentials out of everything written through it (stdout, stderr)."""
 
-    def __init__(self, stream) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, stream) -> None:
         self._stream = stream
 
     def write(self, text: str) -> int:
         self._stream.write(redact_url(text) if "@" in text else text)
         return len(text)
 
-    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+    def __getattr__(self, name: str):
         return getattr(self._stream, name)
 
 
 class RedactingFilter:
     """A :mod:`logging` filter that takes URL credentials out of every record's message (install it on a handler)."""
 
-    def filter(self, record) -> bool:  # type: ignore[no-untyped-def]
+    def filter(self, record) -> bool:
         try:
             message = record.getMessage()
         except Exception:  # noqa: BLE001 - a malformed record is logging's own business
@@ -350,10 +350,10 @@ def make_dev_pki(out_dir: Path, *, hosts: tuple[str, ...] = ("127.0.0.1", "local
     out.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.timezone.utc)
 
-    def key():  # type: ignore[no-untyped-def]
+    def key():
         return ec.generate_private_key(ec.SECP256R1())
 
-    def save_key(k, path: Path) -> Path:  # type: ignore[no-untyped-def]
+    def save_key(k, path: Path) -> Path:
         path.write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                          serialization.NoEncryption()))
         os.chmod(path, 0o600)
@@ -370,7 +370,7 @@ def make_dev_pki(out_dir: Path, *, hosts: tuple[str, ...] = ("127.0.0.1", "local
                                        encipher_only=False, decipher_only=False), critical=True)
           .sign(ca_key, hashes.SHA256()))
 
-    def leaf(cn: str, usages, sans):  # type: ignore[no-untyped-def]
+    def leaf(cn: str, usages, sans):
         k = key()
         b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
              .issuer_name(ca_name).public_key(k.public_key()).serial_number(x509.random_serial_number())

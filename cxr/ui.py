@@ -114,7 +114,7 @@ _SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
 def _scrypt(password: str, salt: bytes) -> str:
     import hashlib
 
-    digest = hashlib.scrypt(password.encode(), salt=salt, **_SCRYPT)  # type: ignore[arg-type]
+    digest = hashlib.scrypt(password.encode(), salt=salt, **_SCRYPT)
     return f"scrypt${salt.hex()}${digest.hex()}"
 
 
@@ -171,7 +171,7 @@ def _short(name: str) -> str:
     return Path(name).name
 
 
-def _answer_html(name: str, pred, labels: tuple[str, ...]) -> str:  # type: ignore[no-untyped-def]
+def _answer_html(name: str, pred, labels: tuple[str, ...]) -> str:
     import html
 
     from cxr.core.contract import Status, format_probability
@@ -192,7 +192,7 @@ def _answer_html(name: str, pred, labels: tuple[str, ...]) -> str:  # type: igno
     return f'<div class="cxr-answer cxr-error"><b>{BADGES["error"]}</b> ({n}): {reason}</div>'
 
 
-def _figure(rgb, caption: str) -> str:  # type: ignore[no-untyped-def]
+def _figure(rgb, caption: str) -> str:
     """An inline <figure> of the whole film (width scales, aspect ratio kept, never cropped)."""
     import base64
     import html
@@ -207,14 +207,14 @@ def _figure(rgb, caption: str) -> str:  # type: ignore[no-untyped-def]
             f'style="max-width:100%;height:auto;display:block"><figcaption>{html.escape(caption)}</figcaption></figure>')
 
 
-def make_classifier(client, gradcam, workdir: Path, *, gradcam_note: str = "", audit=None) -> Callable:  # type: ignore[no-untyped-def]
+def make_classifier(client, gradcam, workdir: Path, *, gradcam_note: str = "", audit=None) -> Callable:
     """The Submit handler: (HTML answers, Grad-CAM gallery, table rows, CSV path) for a list of uploaded files
     and the signed-in user (``None`` on a page without a login)."""
     from cxr.client.batch import file_sha256
     from cxr.client.explain import film_for_display, overlay
     from cxr.core.contract import format_probability
 
-    def classify(files: list | None, user: str | None = None):  # type: ignore[no-untyped-def]
+    def classify(files: list | None, user: str | None = None):
         paths = [str(getattr(f, "name", f)) for f in (files or [])]
         if not paths:
             return "Please upload at least one image.", "", [], None
@@ -269,7 +269,7 @@ def make_classifier(client, gradcam, workdir: Path, *, gradcam_note: str = "", a
     return classify
 
 
-def build_app(cfg: UiConfig):  # type: ignore[no-untyped-def]
+def build_app(cfg: UiConfig):
     """Build the Gradio Blocks app (not launched)."""
     import gradio as gr
 
@@ -296,7 +296,7 @@ def build_app(cfg: UiConfig):  # type: ignore[no-untyped-def]
                     version=client.info.version)
     classify = make_classifier(client, gradcam, workdir, gradcam_note=note, audit=audit)
 
-    def classify_as_user(files, request):  # type: ignore[no-untyped-def]
+    def classify_as_user(files, request):
         return classify(files, getattr(request, "username", None))
 
     classify_as_user.__annotations__ = {"request": gr.Request}  # Gradio hands the request (and its login) in

@@ -52,7 +52,7 @@ class AdaptKit:
             raise ValueError("the OOD arrays do not match")
 
 
-def save(model_dir: Path, model_path: Path, train_samples, x_train: np.ndarray, feats, weights: np.ndarray, *,  # type: ignore[no-untyped-def]
+def save(model_dir: Path, model_path: Path, train_samples, x_train: np.ndarray, feats, weights: np.ndarray, *,
          seed: int = 0) -> Path:
     """Write the kit for the model at ``model_path`` (``feats``: the OOD fit's :class:`OodFeatures`)."""
     from cxr.core.durable import write_durably

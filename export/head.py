@@ -58,7 +58,7 @@ class HeadWeights:
 _CHAIN = ("MatMul", "Add", "Relu", "MatMul", "Add", "Mul", "Add", "Sigmoid")
 
 
-def _chain(model, gap_tensor: str):  # type: ignore[no-untyped-def]
+def _chain(model, gap_tensor: str):
     g = model.graph
     consumers: dict[str, list] = {}
     for n in g.node:
@@ -76,7 +76,7 @@ def _chain(model, gap_tensor: str):  # type: ignore[no-untyped-def]
     return nodes
 
 
-def _const(model, node, inputs: tuple[str, ...]) -> str:  # type: ignore[no-untyped-def]
+def _const(model, node, inputs: tuple[str, ...]) -> str:
     names = {i.name for i in model.graph.initializer}
     hits = [i for i in node.input if i in names and i not in inputs]
     if len(hits) != 1:
@@ -84,14 +84,14 @@ def _const(model, node, inputs: tuple[str, ...]) -> str:  # type: ignore[no-unty
     return hits[0]
 
 
-def _names(model, gap_tensor: str) -> dict[str, str]:  # type: ignore[no-untyped-def]
+def _names(model, gap_tensor: str) -> dict[str, str]:
     nodes = _chain(model, gap_tensor)
     flow = {gap_tensor, *(n.output[0] for n in nodes)}
     keys = ("w1", "b1", None, "w2", "b2", "scale", "bias", None)
     return {k: _const(model, n, tuple(flow)) for k, n in zip(keys, nodes) if k}
 
 
-def read(model, gap_tensor: str) -> HeadWeights:  # type: ignore[no-untyped-def]
+def read(model, gap_tensor: str) -> HeadWeights:
     """The head's weights, following the chain from ``gap_tensor`` (the OOD head's first tap)."""
     from onnx import numpy_helper
 
@@ -101,7 +101,7 @@ def read(model, gap_tensor: str) -> HeadWeights:  # type: ignore[no-untyped-def]
                        float(v["scale"].reshape(-1)[0]), float(v["bias"].reshape(-1)[0]))
 
 
-def write(model, gap_tensor: str, weights: HeadWeights):  # type: ignore[no-untyped-def]
+def write(model, gap_tensor: str, weights: HeadWeights):
     """A copy of ``model`` with ``weights`` in the head (each initializer keeps its shape and dtype)."""
     import onnx
     from onnx import numpy_helper

@@ -65,7 +65,7 @@ class ParityReport:
         return not self.failures
 
 
-def _rename_value(graph, old: str, new: str) -> None:  # type: ignore[no-untyped-def]
+def _rename_value(graph, old: str, new: str) -> None:
     if old == new:
         return
     for node in graph.node:
@@ -76,7 +76,7 @@ def _rename_value(graph, old: str, new: str) -> None:  # type: ignore[no-untyped
             vi.name = new
 
 
-def _convert(head, onnx_path: Path, output_name: str, *, opset: int, doc: str) -> Path:  # type: ignore[no-untyped-def]
+def _convert(head, onnx_path: Path, output_name: str, *, opset: int, doc: str) -> Path:
     """Convert ``head`` (float32 pixels -> tensor) behind the contract's uint8 ``image`` input to ONNX.
 
     (Grad-CAM needs no separate export: :mod:`cxr.client.explain` works on this graph.)

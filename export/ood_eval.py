@@ -142,7 +142,7 @@ def run(cfg: OodEvalConfig) -> dict:
     return report
 
 
-def _rule(pred) -> str:  # type: ignore[no-untyped-def]
+def _rule(pred) -> str:
     if pred.status is contract.Status.OK:
         return "answered"
     if pred.status is contract.Status.ERROR:

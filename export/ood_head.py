@@ -95,7 +95,7 @@ class OodFit:
         return d if self.body is None else np.maximum(d, self.body.score(features))
 
 
-def find_taps(model, layers: tuple[str, ...] | None = None) -> tuple[str, ...]:  # type: ignore[no-untyped-def]
+def find_taps(model, layers: tuple[str, ...] | None = None) -> tuple[str, ...]:
     """ONNX tensor names of the tapped layers (by Keras layer name inside tf2onnx's node names).
 
     The GAP tap is the output of the squeeze after the head's global average
@@ -119,7 +119,7 @@ def find_taps(model, layers: tuple[str, ...] | None = None) -> tuple[str, ...]: 
 class FeatureExtractor:
     """Runs the base graph with the taps as extra outputs; returns the transformed features ``(N, p)``."""
 
-    def __init__(self, model, taps: tuple[str, ...], *, threads: int = 0, log: bool = True) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, model, taps: tuple[str, ...], *, threads: int = 0, log: bool = True) -> None:
         import onnx
 
         from cxr.core.ort_session import make_session
@@ -218,7 +218,7 @@ def choose_threshold(scores: dict[str, np.ndarray], *, pass_rate: float = PASS_R
     return float(np.nextafter(np.float32(thr), np.float32(np.inf)))  # representable, and >= every kept score
 
 
-def attach(model, ood: OodFit):  # type: ignore[no-untyped-def]
+def attach(model, ood: OodFit):
     """Return ``model`` (without any previous head) with the ``ood_score`` output appended."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -277,7 +277,7 @@ def attach(model, ood: OodFit):  # type: ignore[no-untyped-def]
     return m
 
 
-def _rank(model, tensor: str) -> int:  # type: ignore[no-untyped-def]
+def _rank(model, tensor: str) -> int:
     import onnx
 
     inferred = onnx.shape_inference.infer_shapes(model)

@@ -36,7 +36,7 @@ def build_plan(onnx_path: Path, plan_path: Path, *, fp16: bool = False, workspac
     if not onnx_path.exists():
         raise CxrError(f"{onnx_path} not found: run `cxr export` (ONNX) first")
     try:
-        import tensorrt as trt  # type: ignore[import-not-found]
+        import tensorrt as trt
     except ImportError:
         trt = None
     if trt is not None:
@@ -62,7 +62,7 @@ def build_plan(onnx_path: Path, plan_path: Path, *, fp16: bool = False, workspac
     return plan_path
 
 
-def _build_with_package(trt, onnx_path: Path, plan_path: Path, *, fp16: bool, workspace_gib: int) -> Path:  # type: ignore[no-untyped-def]
+def _build_with_package(trt, onnx_path: Path, plan_path: Path, *, fp16: bool, workspace_gib: int) -> Path:
     trt_logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(trt_logger)
     network = builder.create_network(0)

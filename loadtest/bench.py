@@ -209,7 +209,7 @@ def perf_analyzer(root: Path | None, url: str, model: str, *, concurrency: int, 
             "command": " ".join(cmd[2:])}
 
 
-def triton_load(url: str, model: str, *, concurrency: int, batch: int, seconds: float, tls=None) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def triton_load(url: str, model: str, *, concurrency: int, batch: int, seconds: float, tls=None) -> dict[str, float]:
     """Closed-loop load through the project's client: ``concurrency`` threads, ``batch`` images per request."""
     from cxr.client import PneumoniaClient
 
@@ -244,7 +244,7 @@ def triton_load(url: str, model: str, *, concurrency: int, batch: int, seconds: 
             "p99_ms": float(np.percentile(lat, 99)), "requests": float(len(lat))}
 
 
-def _served(repo: Path, models: tuple[str, ...], fn: Callable[[str], dict], *, tls=None) -> dict:  # type: ignore[no-untyped-def]
+def _served(repo: Path, models: tuple[str, ...], fn: Callable[[str], dict], *, tls=None) -> dict:
     from cxr.serving.server import ServerConfig, TritonServer, free_ports
 
     h, g, m = free_ports(3)

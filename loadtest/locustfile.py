@@ -45,7 +45,7 @@ _USER_LOCK = __import__("threading").Lock()
 
 
 @events.init_command_line_parser.add_listener
-def _options(parser) -> None:  # type: ignore[no-untyped-def]
+def _options(parser) -> None:
     parser.add_argument("--images-dir", default="../shared/data/chest_xray_fullres", help="X-rays to send (preprocessed once)")
     parser.add_argument("--images-per-request", type=int, default=1, help="images in each request's batch")
     parser.add_argument("--model-name", default="pneumonia", help="served model")
@@ -74,14 +74,14 @@ def load_images(directory: str, limit: int) -> np.ndarray:
 
 
 @events.test_stop.add_listener
-def _report_answers(environment, **_kw) -> None:  # type: ignore[no-untyped-def]
+def _report_answers(environment, **_kw) -> None:
     total = sum(ANSWERS.values())
     if total:
         print(f"served answers: {total} images, " + ", ".join(f"{k} {v}" for k, v in sorted(ANSWERS.items())), file=sys.stderr)
 
 
 @events.quit.add_listener
-def _hard_exit(exit_code: int, **_kw) -> None:  # type: ignore[no-untyped-def]
+def _hard_exit(exit_code: int, **_kw) -> None:
     """Exit once Locust has written everything: gRPC's gevent threads can otherwise keep the process alive."""
     sys.stdout.flush()
     sys.stderr.flush()
@@ -89,13 +89,13 @@ def _hard_exit(exit_code: int, **_kw) -> None:  # type: ignore[no-untyped-def]
 
 
 @events.test_start.add_listener
-def _preload(environment, **_kw) -> None:  # type: ignore[no-untyped-def]
+def _preload(environment, **_kw) -> None:
     """Decode the images before users spawn, so a short run never stops a user mid-start."""
     if environment.parsed_options is not None:
         _images(environment)
 
 
-def _images(env) -> np.ndarray:  # type: ignore[no-untyped-def]
+def _images(env) -> np.ndarray:
     global _IMAGES
     if _IMAGES is None:
         opts = env.parsed_options
@@ -110,7 +110,7 @@ class _TritonUser(User):
     default_host = ""
     config_kwargs: dict = {}
 
-    def make_client(self, url: str):  # type: ignore[no-untyped-def]
+    def make_client(self, url: str):
         raise NotImplementedError
 
     @staticmethod
@@ -152,7 +152,7 @@ class _TritonUser(User):
         idx = self.rng.integers(0, len(self.images), self.n)
         return self.images[idx]
 
-    def fire(self, fn) -> None:  # type: ignore[no-untyped-def]
+    def fire(self, fn) -> None:
         """Time one request; both outputs must come back. A not-assessable image (ood_score above the
         served threshold) is a served answer like a label: counted in ``ANSWERS``, not as a failure."""
         t0 = time.perf_counter()
@@ -187,7 +187,7 @@ class TritonGrpcUser(_TritonUser):
     def config_header(name: str) -> str:
         return grpc_header(name)
 
-    def make_client(self, url: str):  # type: ignore[no-untyped-def]
+    def make_client(self, url: str):
         import tritonclient.grpc as g
 
         self._mod = g
@@ -213,7 +213,7 @@ class TritonHttpUser(_TritonUser):
     def config_header(name: str) -> str:
         return name
 
-    def make_client(self, url: str):  # type: ignore[no-untyped-def]
+    def make_client(self, url: str):
         import tritonclient.http as h
 
         self._mod = h

@@ -81,7 +81,7 @@ def _films(n: int) -> np.ndarray:
     return np.random.default_rng(7).integers(0, 256, (n, *contract.IMAGE_SHAPE), dtype=np.uint8)
 
 
-def _urgent_latencies(transport, n: int, deadline: float, *, interval_s: float = 0.0) -> list[float]:  # type: ignore[no-untyped-def]
+def _urgent_latencies(transport, n: int, deadline: float, *, interval_s: float = 0.0) -> list[float]:
     """``n`` urgent single-film requests, one at a time, ``interval_s`` apart (arrivals, as studies come in)."""
     x = _films(1)
     level = contract.priority_level("urgent")

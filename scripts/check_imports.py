@@ -20,7 +20,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-import tomllib
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (requires-python >= 3.10): the same parser, from PyPI (the dev extra installs it)
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -135,7 +138,10 @@ def main() -> int:
         staged = stage(Path(tmp))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(staged), str(ROOT)))}  # ROOT: scripts.import_contracts
         lint = Path(sys.executable).parent / "lint-imports"
-        rc = subprocess.run([str(lint), str(ROOT / "pyproject.toml"), "--no-cache"], cwd=tmp, env=env).returncode
+        # the contracts as ./pyproject.toml of the working directory, where every import-linter release looks
+        # (2.15, which pip picks for Python 3.10 here, takes no positional config file)
+        shutil.copy2(ROOT / "pyproject.toml", Path(tmp) / "pyproject.toml")
+        rc = subprocess.run([str(lint), "--no-cache"], cwd=tmp, env=env).returncode
         found = cycles(staged)
     for line in found:
         print(line)

@@ -21,7 +21,7 @@ from cxr.core.integrity import sha256_file
 logger = logging.getLogger(__name__)
 
 
-def _pb_utils():  # type: ignore[no-untyped-def]
+def _pb_utils():
     import triton_python_backend_utils as pb_utils  # only importable inside the Triton stub
 
     return pb_utils

@@ -45,6 +45,13 @@ READY_DEADLINE_S = 180.0
 
 def wait_for_line(proc, text: str, *, deadline_s: float) -> bool:  # type: ignore[no-untyped-def]
     """Read ``proc``'s stdout until a line holds ``text`` (True), the process ends or the deadline passes (False)."""
+    return read_line(proc, text, deadline_s=deadline_s) is not None
+
+
+def read_line(proc, text: str, *, deadline_s: float) -> str | None:  # type: ignore[no-untyped-def]
+    """Read ``proc``'s stdout until a line holds ``text`` and return that line (without its newline); ``None`` when
+    the process ends or the deadline passes first. Reads the pipe's descriptor directly (``select``), so a process
+    that prints nothing cannot hold the caller past the deadline."""
     import select
     import time
 
@@ -55,16 +62,20 @@ def wait_for_line(proc, text: str, *, deadline_s: float) -> bool:  # type: ignor
         ready, _, _ = select.select([fd], [], [], max(0.0, min(1.0, end - time.monotonic())))
         if not ready:
             if proc.poll() is not None:
-                return False
+                return None
             continue
         chunk = os.read(fd, 65536).decode(errors="replace")
-        if not chunk:
-            return False
         buf += chunk
-        if text in buf:
-            return True
-        buf = buf[-len(text) - 4096:]
-    return False
+        *lines, buf = buf.split("\n")
+        if not chunk:  # end of output: the last, unterminated line counts too
+            lines.append(buf)
+        for line in lines:
+            if text in line:
+                return line.rstrip("\r")
+        if not chunk:
+            return None
+        buf = buf[-len(text) - 65536:]
+    return None
 
 
 def have_real_data() -> bool:
@@ -111,6 +122,23 @@ def journal_rows(out: Path) -> list[dict]:
         return []
     data = j.read_bytes()
     return list(csv.DictReader(data[: data.rfind(b"\n") + 1].decode().splitlines()))
+
+
+def freeze_after_journal_rows(proc, out: Path, rows: int, deadline_s: float = 120.0) -> int:  # type: ignore[no-untyped-def]
+    """Wait (with a deadline) until ``cxr predict``'s journal holds ``rows`` complete rows, then stop the process
+    (SIGSTOP) so that it can write no more: the test acts on a run known to be mid-way, not on a count it races.
+    Returns the inputs the journal then holds; the caller kills or continues (SIGCONT) the process."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + deadline_s
+    while len(journal_rows(out)) < rows:
+        assert proc.poll() is None, f"cxr predict ended (exit {proc.returncode}) before {rows} journal rows"
+        assert time.monotonic() < deadline, f"fewer than {rows} journal rows within {deadline_s:.0f} s"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGSTOP)
+    assert proc.poll() is None, "cxr predict finished every input before it could be stopped mid-run"
+    return len({r["path"] for r in journal_rows(out)})
 
 
 def xray_copies(d: Path, n: int, *, seed: int = 2000) -> Path:

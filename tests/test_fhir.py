@@ -20,7 +20,7 @@ from cxr.client import fhir
 from cxr.client.client import Prediction
 from cxr.core import contract
 from cxr.core.errors import RetryableServerError
-from tests.conftest import REPO
+from tests.conftest import READY_DEADLINE_S, REPO, read_line
 
 SHA = "ab" * 32
 SERVER = REPO / "tests" / "fhir_server"
@@ -117,8 +117,8 @@ def fhir_server() -> Iterator[str]:
     proc = subprocess.Popen([node, str(SERVER / "server.mjs"), "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
-        line = proc.stdout.readline() if proc.stdout else ""  # the readiness line, printed once it listens
-        assert line.startswith("listening "), line
+        line = read_line(proc, "listening ", deadline_s=READY_DEADLINE_S)  # printed once it listens
+        assert line is not None and line.startswith("listening "), f"the FHIR server did not say it listens: {line!r}"
         yield f"http://127.0.0.1:{int(line.split()[1])}"
     finally:
         proc.terminate()

@@ -170,6 +170,18 @@ def wait_for(cond, timeout: float = 120.0) -> None:  # type: ignore[no-untyped-d
     raise AssertionError("timed out waiting")
 
 
+def spool_idle(spool: Path) -> bool:
+    """Nothing left for the listener to do: no instance waiting in ``incoming/`` or in a study folder, no result
+    waiting in an outbox. Results only come from there, so once it is idle, what the PACS holds is final (until
+    something new arrives)."""
+    waiting = list((spool / "incoming").glob("*.dcm"))
+    if (spool / "studies").is_dir():
+        waiting += [f for f in (spool / "studies").rglob("*") if f.is_file()]
+    for outbox in spool.glob("outbox*"):
+        waiting += [f for f in outbox.iterdir() if not f.name.startswith(".") and f.suffix != ".urgent"]
+    return not waiting
+
+
 def _predict_embedded(path: Path) -> dict:
     r = subprocess.run([sys.executable, "-m", "cxr.cli", "predict", str(path), "--protocol", "embedded", "--format",
                         "json"], capture_output=True, text=True, timeout=120)
@@ -261,7 +273,7 @@ def test_listener_killed_mid_stream_every_instance_gets_exactly_one_sr(pacs, tmp
     try:
         orthanc.store_to_listener(ids)  # Orthanc resends everything: duplicates are acknowledged and skipped
         wait_for(lambda: len(orthanc.srs_in_study(study)) == 12, timeout=240)
-        time.sleep(2)
+        wait_for(lambda: spool_idle(tmp_path / "spool"))  # every resend answered, every result out: nothing more
         srs = orthanc.srs_in_study(study)
         assert len(srs) == 12 and len({s.SOPInstanceUID for s in srs}) == 12
         refs = {s.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
@@ -284,9 +296,12 @@ def _store_quietly(orthanc: Orthanc, ids: list[str]) -> None:
 def test_pacs_down_when_results_are_due_then_delivered(tmp_path) -> None:  # type: ignore[no-untyped-def]
     port = free_ports(1)[0]
     orthanc = Orthanc(tmp_path / "orthanc", port)  # configured, not started: the PACS is down
-    listener = start_listener(tmp_path, orthanc, port, allow=(), extra=("--heatmap",))
+    audit = tmp_path / "audit.jsonl"
+    listener = start_listener(tmp_path, orthanc, port, allow=(), extra=("--heatmap", "--audit-log", str(audit)))
     try:
         from pynetdicom import AE
+
+        from cxr.core.audit_trail import read
 
         ae = AE(ae_title="MODALITY1")
         ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1")
@@ -295,8 +310,13 @@ def test_pacs_down_when_results_are_due_then_delivered(tmp_path) -> None:  # typ
         assert assoc.send_c_store(ds).Status == 0
         assoc.release()
         wait_for(lambda: list((tmp_path / "spool" / "outbox").glob("*.dcm")))  # screened, queued, not delivered
-        time.sleep(3)
-        assert list((tmp_path / "spool" / "outbox").glob("*.dcm"))
+
+        def failed_tries() -> int:  # the association to the PACS refused: every due result waits its backoff
+            return sum(r["event"] == "delivery_failed" and r["detail"].get("error") == "association" for r in read(audit))
+
+        wait_for(lambda: failed_tries() >= 2, timeout=60)  # tried, failed, tried again after its backoff ...
+        assert list((tmp_path / "spool" / "outbox").glob("*.dcm"))  # ... and still queued, not dropped
+        assert not any(r["event"] == "result_delivered" for r in read(audit))
         orthanc.start()  # the PACS comes back
         wait_for(lambda: len(orthanc.srs_in_study(ds.StudyInstanceUID)) == 1, timeout=180)
         wait_for(lambda: not list((tmp_path / "spool" / "outbox").glob("*.dcm")), timeout=60)
@@ -577,8 +597,9 @@ def test_one_result_per_study_pa_lateral_and_mr(pacs, tmp_path) -> None:  # type
         assert [f["instance_uid"] for f in content["films"]] == [pa_uid]  # the lateral has no answer of its own
         assert content["study"]["finding"] == content["films"][0]["finding"] in ("Present", "Absent")
         wait_for(lambda: any(r["event"] == "result_delivered" for r in read(audit)))
-        time.sleep(3)  # nothing more comes: no second SR for the study
+        wait_for(lambda: spool_idle(tmp_path / "spool"))  # nothing left to screen or send: no second SR can come
         assert len(orthanc.srs_in_study(study)) == 1
+        assert sum(r["event"] == "result_delivered" for r in read(audit)) == 1
         lines = ndjson.read_text().splitlines()
         assert len(lines) == 1
         reports = [e["resource"] for e in json.loads(lines[0])["entry"]

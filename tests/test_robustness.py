@@ -19,7 +19,7 @@ from PIL import Image
 
 from cxr.client import PneumoniaClient, RetryPolicy
 from cxr.core.errors import InvalidInputError, RetryableServerError, ServerError
-from tests.conftest import SHIPPED_REPOSITORY, journal_rows, synthetic_xray
+from tests.conftest import SHIPPED_REPOSITORY, freeze_after_journal_rows, journal_rows, synthetic_xray
 from tests.test_contract import _encode, _png_with_claimed_size
 from tests.test_dicom import _ramp, make_dicom
 
@@ -121,13 +121,11 @@ def test_sigkill_mid_run_then_rerun_gives_exactly_one_row_per_input(triton_serve
     cmd = [sys.executable, "-m", "cxr.cli", "predict", str(d), "--url", triton_server.config.grpc_url,
            "--format", "csv", "--out", str(out), "--chunk", "4"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(journal_rows(out)) < 20:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    partial = len({r["path"] for r in journal_rows(out)})
-    assert 0 < partial < 150, partial
+    partial = freeze_after_journal_rows(proc, out, 20)  # stopped with 20 or more of 150 answers in its journal
+    proc.send_signal(signal.SIGKILL)  # the kill lands on a stopped process: the journal is what it was
+    proc.wait(timeout=60)
+    assert partial == len({r["path"] for r in journal_rows(out)})
+    assert 20 <= partial < 150, partial
     assert not out.exists()  # the CSV is only ever written whole
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -150,10 +148,11 @@ def test_server_outage_past_the_retries_then_rerun_retries_only_what_failed(tmp_
            str(out), "--chunk", "4", "--retries", "2", "--timeout-s", "5"]
     server = TritonServer(cfg).start()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(journal_rows(out)) < 12:
-        time.sleep(0.05)
-    server.kill()  # down, and kept down until the client has given up on every remaining chunk
+    freeze_after_journal_rows(proc, out, 12)  # mid-run, held there while the server goes down
+    try:
+        server.kill()  # down, and kept down until the client has given up on every remaining chunk
+    finally:
+        proc.send_signal(signal.SIGCONT)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, err[-2000:]
     first = {Path(r["path"]).name: r for r in _rows(out)}

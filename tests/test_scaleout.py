@@ -8,13 +8,12 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from cxr.serving.server import ServerConfig, TritonServer, free_ports
-from tests.conftest import REPO, SHIPPED_REPOSITORY, journal_rows, xray_copies
+from tests.conftest import REPO, SHIPPED_REPOSITORY, freeze_after_journal_rows, xray_copies
 
 MANIFESTS = sorted((REPO / "deploy" / "kubernetes").glob("*.yaml"))
 
@@ -42,10 +41,11 @@ def test_fleet_of_three_with_one_sigkilled_gives_every_input_one_row(fleet, tmp_
     cmd = [sys.executable, "-m", "cxr.cli", "predict", str(d), "--url", urls, "--format", "csv", "--out", str(out),
            "--chunk", "8"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(journal_rows(out)) < 24:
-        time.sleep(0.05)
-    fleet[1].kill()  # SIGKILL one replica mid-run
+    freeze_after_journal_rows(proc, out, 24)  # mid-run, held there while a replica goes
+    try:
+        fleet[1].kill()  # SIGKILL one replica mid-run
+    finally:
+        proc.send_signal(signal.SIGCONT)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
     assert "taken out" in stderr

@@ -36,7 +36,7 @@ class IntensityNormalization(layers.Layer):
         self.standardize = standardize
         self.epsilon = epsilon
 
-    def call(self, inputs):  # type: ignore[no-untyped-def]
+    def call(self, inputs):
         x = keras.ops.cast(inputs, "float32") * (1.0 / 255.0)
         if not self.standardize:
             return x
@@ -45,7 +45,7 @@ class IntensityNormalization(layers.Layer):
         return (x - mean) / keras.ops.sqrt(var + self.epsilon**2)
 
     @staticmethod
-    def _mean(x):  # type: ignore[no-untyped-def]
+    def _mean(x):
         # Rows first, then columns: two short float32 sums are accurate in every runtime. One
         # 50,176-term sum is not (onnxruntime's ReduceMean drifted 4e-5 from TensorFlow's,
         # enough to break 1e-5 export parity after the network amplified it).
@@ -55,7 +55,7 @@ class IntensityNormalization(layers.Layer):
         return {**super().get_config(), "standardize": self.standardize, "epsilon": self.epsilon}
 
 
-def _head(x, *, dropout: float, dense_units: int):  # type: ignore[no-untyped-def]
+def _head(x, *, dropout: float, dense_units: int):
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     x = layers.Dense(dense_units, activation="relu", name="dense")(x)
     if dropout:
@@ -64,7 +64,7 @@ def _head(x, *, dropout: float, dense_units: int):  # type: ignore[no-untyped-de
     return layers.Activation("sigmoid", name="probability", dtype="float32")(logit)
 
 
-def _conv_bn(x, filters: int, *, kernel: int = 3, strides: int = 1, name: str, weight_decay: float):  # type: ignore[no-untyped-def]
+def _conv_bn(x, filters: int, *, kernel: int = 3, strides: int = 1, name: str, weight_decay: float):
     x = layers.Conv2D(
         filters,
         kernel,
