@@ -956,21 +956,46 @@ def _cmd_adapt(a: argparse.Namespace) -> int:
 def _add_monitor(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "monitor",
-        help="drift check: a batch's answers against the model card's reference",
+        help="drift check: a batch's answers against a baseline or the model's reference at your prevalence",
         description=textwrap.fill(
-            "Compare a predictions CSV (cxr predict --format csv, cxr listen --out) with the model folder's "
-            "reference: flagged rate, positive rate, and the distributions of P(pneumonia) and ood_score. Exit 3 "
-            "with a report naming what moved, 0 when nothing did (or the batch is too small to judge, said so), "
-            "2 on bad input.", 79),
+            "Compare a predictions CSV (cxr predict --format csv, cxr listen --out) with a previous period "
+            "(--baseline) or with the model folder's reference: flagged rate, positive rate, and the distributions of "
+            "P(pneumonia) and ood_score. The model is the one whose sha256 the CSV names (found in --model-repository), "
+            "and its threshold applies. Films refused by a DICOM header rule (laterals, other modalities) are counted "
+            "apart and never alarm. The positive rate and P(pneumonia) depend on the case mix: they are judged against "
+            "--baseline, or against the reference reweighted to --prevalence, and only shown otherwise. Exit 3 with a "
+            "report naming what moved, 0 when nothing did (or the batch is too small to judge, said so), 2 on bad "
+            "input.", 79),
     )
     p.add_argument("predictions", type=Path, help="predictions CSV")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model folder whose reference applies")
-    p.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY, help="repository holding --model")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="model folder whose reference applies when the CSV names no model sha256 (older CSVs)")
+    p.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY,
+                   help="repository searched for the model whose sha256 the CSV names")
     p.add_argument("--baseline", type=Path,
-                   help="compare with this predictions CSV (e.g. the site's first weeks) instead of the card's reference")
+                   help="compare with a previous period: a predictions CSV, cxr predict's JSON, or a reference JSON")
+    p.add_argument("--prevalence", type=float,
+                   help="the site's share of Pneumonia among films: the reference's positive and negative parts are "
+                   "reweighted to it (without --baseline)")
     p.add_argument("--alpha", type=float, default=0.001, help="significance level of each check (default 0.001)")
     p.add_argument("--out", type=Path, help="also write the report (.md and .json beside it)")
     p.set_defaults(func=_cmd_monitor)
+
+
+def _monitored_model(repository: Path, sha256: str | None, fallback: str) -> ModelDir:
+    """The model folder whose card has ``sha256`` (the one that answered), else ``fallback`` when none is named."""
+    from cxr.core.model_dir import model_dirs
+
+    if not sha256:
+        return ModelDir(repository / fallback)
+    for d in model_dirs(repository):
+        try:
+            if d.card().sha256 == sha256:
+                return d
+        except CxrError:
+            continue
+    raise CxrError(f"no model folder in {repository} has sha256 {sha256[:12]}, the model the CSV names; "
+                   "give --model-repository of the model that answered")
 
 
 def _cmd_monitor(a: argparse.Namespace) -> int:
@@ -978,21 +1003,39 @@ def _cmd_monitor(a: argparse.Namespace) -> int:
 
     from cxr.client import monitor
     from cxr.core.durable import write_durably
+    from cxr.core.eligibility import Eligibility
 
     if not 0 < a.alpha < 1:
         raise CxrError(f"--alpha must be in (0, 1), got {a.alpha}")
-    folder = ModelDir(a.model_repository / a.model)
+    if a.prevalence is not None and not 0 < a.prevalence < 1:
+        raise CxrError(f"--prevalence must be in (0, 1), got {a.prevalence}")
+    if a.prevalence is not None and a.baseline is not None:
+        raise CxrError("give --baseline or --prevalence, not both (a baseline already has the site's case mix)")
+    rows = monitor.read_predictions(a.predictions)
+    folder = _monitored_model(a.model_repository, monitor.model_sha256(rows, what=str(a.predictions)), a.model)
     card = folder.card()
+    threshold = card.threshold
+    elig = folder.path / "eligibility.json"
+    rules = monitor.header_rules(Eligibility.load(elig) if elig.exists() else None)
     reference: dict | None
     if a.baseline is not None:
-        reference = monitor.reference_from_rows(monitor.read_predictions(a.baseline), what=str(a.baseline))
+        reference = monitor.read_baseline(a.baseline)
+        against = f"the baseline {a.baseline}"
     else:
         reference = folder.reference()
-    if reference is None:
-        raise CxrError(f"{folder.path}: no reference.json (refit its OOD head with `cxr ood-fit` to write one)")
-    rows = monitor.read_predictions(a.predictions)
-    checks = monitor.compare(rows, reference, card.threshold, alpha=a.alpha)
-    result = monitor.report(checks, batch=str(a.predictions), model=a.model, n_rows=len(rows))
+        if reference is None:
+            raise CxrError(f"{folder.path}: no reference.json (refit its OOD head with `cxr ood-fit` to write one)")
+        against = f"{folder.name}'s reference"
+        if a.prevalence is not None:
+            reference = monitor.at_prevalence(reference, threshold, a.prevalence)
+            against += f" reweighted to prevalence {a.prevalence:.3f}"
+        else:
+            against += " (positive rate and probability not judged: give --baseline or --prevalence)"
+    judged, header_refused = monitor.split_header_refusals(rows, rules)
+    checks = monitor.compare(judged, reference, threshold, alpha=a.alpha, rules=rules,
+                             judge_case_mix=a.baseline is not None or a.prevalence is not None)
+    result = monitor.report(checks, batch=str(a.predictions), model=folder.name, n_rows=len(judged),
+                            header_refused=header_refused, threshold=threshold, against=against)
     text = monitor.markdown(result)
     print(text)
     if a.out:
