@@ -101,7 +101,8 @@ def header_rules(eligibility: object | None = None) -> frozenset[str]:
 
 def split_header_refusals(rows: list[dict], rules: frozenset[str]) -> tuple[list[dict], dict[str, int]]:
     """(rows the model judged or refused on the pixels, {header rule: films it refused})."""
-    kept, refused = [], {}
+    kept: list[dict] = []
+    refused: dict[str, int] = {}
     for r in rows:
         if r["status"] is contract.Status.NOT_ASSESSABLE and r.get("rule") in rules:
             refused[r["rule"]] = refused.get(r["rule"], 0) + 1
