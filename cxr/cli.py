@@ -839,31 +839,60 @@ def _cmd_listen(a: argparse.Namespace) -> int:
 def _add_site_audit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "site-audit",
-        help="go/no-go of the served model on a hospital's own labelled sample, against the model card's targets",
+        help="go/no-go of the served model on a hospital's own labelled sample, on bounds against the card's targets",
         description=textwrap.fill(
             "Screen every film of SAMPLE/{NORMAL,PNEUMONIA}/ with the served model as in service and score it "
             "against the targets stated in the model card (sensitivity and specificity at the served threshold, ROC "
-            "AUC, flagged share). Films the model refuses or cannot read count as referrals (positive) and are "
-            "listed. Writes audit.md, audit.json and PNGs (counts and flagged, ROC, calibration, ood_score against the "
-            "card's reference). Exit 0: the targets hold; 3: they do not; 2: bad input.", 79),
+            "AUC, flagged share). Go means every one-sided bound at --confidence meets its target (lower bounds of "
+            "sensitivity, specificity and AUC; upper bound of the flagged share), with patients resampled together. "
+            "Films the model refuses or cannot read count as referrals (positive) and are listed; films the model's "
+            "provenance.csv lists (it trained, selected or calibrated on them) are set aside and counted. A sample "
+            "that cannot show its targets (one class, or too few films for even a perfect result's bound) exits 2 "
+            "with the films per class it needs, before anything is screened; --plan answers that before anything is "
+            "labelled. Writes audit.md, audit.json and PNGs. Exit 0: go; 3: no-go; 2: bad or insufficient input.", 79),
     )
-    p.add_argument("sample", type=Path, help="labelled folder {NORMAL,PNEUMONIA}/")
+    p.add_argument("sample", type=Path, nargs="?", help="labelled folder {NORMAL,PNEUMONIA}/ (MANIFEST.csv with a "
+                   "patient column recommended)")
     _add_client_args(p)
     p.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY,
-                   help="the served model's folder is read from here for its card and reference (its sha256 must match)")
+                   help="the served model's folder is read from here for its card, provenance and reference (its "
+                   "sha256 must match)")
+    p.add_argument("--plan", action="store_true",
+                   help="only say how many films per class the targets need (no sample, no server)")
+    p.add_argument("--targets", nargs="+", metavar="NAME=VALUE", default=(),
+                   help="override the card's targets (sensitivity, specificity, roc_auc, flagged), e.g. sensitivity=0.95")
+    p.add_argument("--confidence", type=float, default=0.95,
+                   help="one-sided confidence of the bounds the decision reads (default 0.95)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "site-audit", help="report folder")
     p.set_defaults(func=_cmd_site_audit)
 
 
-def _screen_labelled(a: argparse.Namespace, sample: Path):  # type: ignore[no-untyped-def]
-    """Screen a labelled folder with the served model; (films as numbers, the client's model info)."""
+def _site_targets(card: ModelCard, overrides: Sequence[str]):  # type: ignore[no-untyped-def]
+    """The card's go-live targets with ``NAME=VALUE`` overrides (one-line errors)."""
+    from cxr.train.audit import Targets
+
+    values = {k: v for k, v in card.go_live_targets.items() if k in Targets.__dataclass_fields__}
+    for item in overrides:
+        name, sep, value = item.partition("=")
+        if not sep or name not in Targets.__dataclass_fields__:
+            raise CxrError(f"--targets {item!r}: expected NAME=VALUE with NAME one of {', '.join(Targets.__dataclass_fields__)}")
+        try:
+            values[name] = float(value)
+        except ValueError:
+            raise CxrError(f"--targets {item!r}: {value!r} is not a number") from None
+    try:
+        return Targets(**values)
+    except ValueError as exc:
+        raise CxrError(str(exc)) from None
+
+
+def _screen_labelled(a: argparse.Namespace, samples: Sequence):  # type: ignore[no-untyped-def]
+    """Screen labelled films with the served model; (films as numbers, the client's model info)."""
     from tqdm import tqdm
 
     from cxr.client import PneumoniaClient
     from cxr.train.audit import Screened
-    from cxr.train.data import list_samples
 
-    samples = list_samples(sample)
     films = []
     with PneumoniaClient(a.url, protocol=a.protocol, model=a.model, timeout_s=a.timeout_s, **_client_security(a)) as c:
         info = c.info
@@ -871,7 +900,8 @@ def _screen_labelled(a: argparse.Namespace, sample: Path):  # type: ignore[no-un
         for i in range(0, len(samples), 64):
             part = samples[i : i + 64]
             for s, pred in zip(part, c.predict([str(x.path) for x in part])):
-                films.append(Screened(str(s.path), s.label, pred.status, pred.probability, pred.ood_score, pred.rule))
+                films.append(Screened(str(s.path), s.label, pred.status, pred.probability, pred.ood_score, pred.rule,
+                                      s.patient))
             bar.update(len(part))
         bar.close()
     return films, info
@@ -890,10 +920,36 @@ def _cmd_site_audit(a: argparse.Namespace) -> int:
     from cxr.core.paths import relative
     from cxr.train import audit
 
-    films, info = _screen_labelled(a, a.sample)
+    if not 0.5 < a.confidence < 1:
+        raise CxrError(f"--confidence must be in (0.5, 1), got {a.confidence}")
+    folder = ModelDir(a.model_repository / a.model)
+    card = folder.card()
+    targets = _site_targets(card, a.targets)
+    needs = audit.films_needed(targets, a.confidence)
+    if a.plan:
+        print(f"targets {targets.sensitivity:.2f} sensitivity, {targets.specificity:.2f} specificity, "
+              f"{targets.roc_auc:.2f} AUC, <= {targets.flagged:.1%} flagged at {a.confidence:.0%} confidence: label "
+              f"{needs.text()}; more where the model errs or patients have several films")
+        return 0
+    if a.sample is None:
+        raise CxrError("give SAMPLE (or --plan)")
+    try:
+        sample = audit.site_sample(a.sample, folder.provenance())
+    except ValueError as exc:
+        raise CxrError(f"{a.sample}: {exc}") from None
+    if not sample.patients_known:
+        print(f"warning: {relative(a.sample)}: {audit.NO_PATIENTS_WARNING}", file=sys.stderr)
+    aside = sample.set_aside_by_role(folder.provenance())
+    if sample.set_aside:
+        print(f"set aside: {len(sample.set_aside)} films the model's provenance lists (as "
+              + ", ".join(f"{k} {v}" for k, v in aside.items()) + "); they are not the site's evidence")
+    audit.check_sample(sample.n_pos, sample.n_neg, targets, a.confidence)
+    films, info = _screen_labelled(a, list(sample.films))
     model_dir, card = _served_card(a.model_repository, a.model, info.sha256)
-    result = audit.audit(films, threshold=info.threshold, targets=audit.Targets.from_card(card),
-                         reference=model_dir.reference())
+    result = audit.audit(films, threshold=info.threshold, targets=targets, reference=model_dir.reference(),
+                         confidence=a.confidence)
+    result["set_aside"] = {"films": len(sample.set_aside), "by_role": aside}
+    result["needs"] = {"positives": needs.positives, "negatives": needs.negatives, "films": needs.films}
     audit.write(result, films, a.out, model=f"{info.name} v{info.version} ({(info.sha256 or '')[:12]})",
                 sample=relative(a.sample))
     print(audit.summary(result))

@@ -66,6 +66,50 @@ def test_targets_come_from_the_card_and_are_validated() -> None:
         audit.Targets(sensitivity=1.5)
 
 
+def test_go_follows_the_bounds_not_the_point_estimates() -> None:
+    rng = np.random.default_rng(21)
+    # 30 positives with 28 found: the point estimate 0.933 meets 0.90, its 95% lower bound (0.80) does not
+    films = _films(rng, 28, 200, sep=4.0)
+    films += [audit.Screened(f"miss{i}.png", 1, OK, 0.01, 10.0) for i in range(2)]
+    r = audit.audit(films, threshold=0.5, targets=audit.Targets())
+    sens = r["checks"]["sensitivity"]
+    assert sens["point_meets_target"] and sens["value"] == pytest.approx(28 / 30)
+    assert sens["bound"] < 0.9 and not sens["holds"] and not r["go"]
+    assert sens["bound"] <= audit.lower_bound(28, 30)  # never above the exact bound
+    # the same rates on ten times the films: the bound now shows the target, and the decision is go
+    big = _films(rng, 280, 400, sep=4.0) + [audit.Screened(f"m{i}.png", 1, OK, 0.01, 10.0) for i in range(20)]
+    r = audit.audit(big, threshold=0.5, targets=audit.Targets())
+    assert r["checks"]["sensitivity"]["bound"] >= 0.9 and r["go"], audit.summary(r)
+
+
+def test_patients_widen_the_bound() -> None:
+    """Ten films of each of three missed patients weigh more than thirty missed patients' films would."""
+    rng = np.random.default_rng(22)
+    base = _films(rng, 270, 300, sep=4.0)
+    base = [audit.Screened(f.path, f.label, f.status, f.probability, f.ood_score, patient=f.path) for f in base]
+    missed = [audit.Screened(f"m{i}.png", 1, OK, 0.01, 10.0, patient=f"p{i % 3}") for i in range(30)]
+    alone = [audit.Screened(f.path, 1, OK, 0.01, 10.0, patient=f.path) for f in missed]
+    grouped = audit.audit(base + missed, threshold=0.5, targets=audit.Targets())["checks"]["sensitivity"]["bound"]
+    single = audit.audit(base + alone, threshold=0.5, targets=audit.Targets())["checks"]["sensitivity"]["bound"]
+    assert grouped < single
+
+
+def test_films_needed_and_samples_that_cannot_show_their_targets() -> None:
+    t = audit.Targets()
+    needs = audit.films_needed(t)
+    # a perfect result on exactly that many films shows each target; one film fewer does not
+    assert audit.lower_bound(needs.positives, needs.positives) >= 0.9 > audit.lower_bound(needs.positives - 1, needs.positives - 1)
+    assert audit.lower_bound(needs.negatives, needs.negatives) >= 0.6 > audit.lower_bound(needs.negatives - 1, needs.negatives - 1)
+    assert audit.upper_bound(0, needs.films) <= 0.02 < audit.upper_bound(0, needs.films - 1)
+    assert (needs.positives, needs.negatives, needs.films) == (29, 6, 149)
+    assert audit.films_needed(t, 0.9).positives < needs.positives
+    with pytest.raises(audit.InsufficientSample, match=">= 29 Pneumonia"):
+        audit.check_sample(5, 5, t)  # ten films
+    with pytest.raises(audit.InsufficientSample, match="one class"):
+        audit.check_sample(300, 0, t)
+    assert audit.check_sample(100, 100, t) == needs
+
+
 def _reference(rng: np.random.Generator, n: int = 800) -> dict:
     p = 1 / (1 + np.exp(-rng.normal(0, 2, n)))
     return {"n": n, "flagged_rate": 0.005, "probability": p.tolist(), "ood_score": rng.gamma(9, 2.5, n).tolist()}

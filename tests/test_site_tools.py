@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cxr.core.integrity import sha256_file
 from cxr.core.model_dir import read_provenance
 from cxr.train import data as data_mod
 from tests.conftest import REPO, SHIPPED_REPOSITORY
@@ -53,40 +54,72 @@ def variants(dest: Path, *, per_film: int, seed: int, gamma: float | None = None
     return dest
 
 
-def test_site_audit_go_no_go_and_bad_input(tmp_path: Path) -> None:
-    good = cxr("site-audit", str(EXAMPLES), "--protocol", "embedded", "--out", str(tmp_path / "good"))
-    assert good.returncode == 0, good.stdout + good.stderr
-    report = json.loads((tmp_path / "good" / "audit.json").read_text())
-    assert report["go"] and report["n"] == 8 and report["flagged"]["k"] == 0
-    assert {"counts", "roc", "calibration", "ood_score"} <= set(report["plots"])
-    assert all((tmp_path / "good" / f).stat().st_size > 1000 for f in report["plots"].values())
-    # the same films with their labels swapped: every check that depends on the labels fails
-    swapped = tmp_path / "swapped"
-    for cls, other in (("NORMAL", "PNEUMONIA"), ("PNEUMONIA", "NORMAL")):
-        shutil.copytree(EXAMPLES / cls, swapped / other)
-    bad = cxr("site-audit", str(swapped), "--protocol", "embedded", "--out", str(tmp_path / "bad"))
-    assert bad.returncode == 3, bad.stdout + bad.stderr
-    checks = json.loads((tmp_path / "bad" / "audit.json").read_text())["checks"]
-    assert not checks["roc_auc"]["holds"] and not checks["sensitivity"]["holds"]
+def test_site_audit_refuses_samples_that_cannot_show_their_targets(tmp_path: Path) -> None:
+    # the eight example films: far too few for any bound to reach the card's targets; nothing is screened
+    r = cxr("site-audit", str(EXAMPLES), "--protocol", "embedded", "--out", str(tmp_path / "ten"))
+    assert r.returncode == 2 and r.stderr.count("error:") == 1, r.stdout + r.stderr
+    assert ">= 29 Pneumonia and >= 6 Normal films, >= 149 in all" in r.stderr
+    assert not (tmp_path / "ten" / "audit.json").exists()
+    assert "no patient ids" in r.stderr  # examples/MANIFEST.csv has no patient column
+    # one class: one line, exit 2
+    one = tmp_path / "one"
+    shutil.copytree(EXAMPLES / "PNEUMONIA", one / "PNEUMONIA")
+    r = cxr("site-audit", str(one), "--protocol", "embedded")
+    assert r.returncode == 2 and "one class" in r.stderr and r.stderr.strip().count("\n") <= 1, r.stderr
+    # the plan, before anything is labelled: no sample, no server
+    plan = cxr("site-audit", "--plan", "--targets", "sensitivity=0.95", "--url", "127.0.0.1:1")
+    assert plan.returncode == 0 and ">= 59 Pneumonia" in plan.stdout, plan.stdout + plan.stderr
+    r = cxr("site-audit", "--plan", "--targets", "sensitivity=2")
+    assert r.returncode == 2 and "sensitivity" in r.stderr
     (tmp_path / "empty").mkdir()
     r = cxr("site-audit", str(tmp_path / "empty"), "--protocol", "embedded")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "NORMAL/PNEUMONIA" in r.stderr
 
 
+def test_site_audit_decides_on_bounds_and_sets_aside_the_models_own_films(tmp_path: Path) -> None:
+    sample = variants(tmp_path / "site", per_film=20, seed=0)  # 160 films of 8 patients
+    listed = [p for p in EXAMPLES.glob("*/*") if sha256_file(p) in
+              {x["sha256"] for x in read_provenance(SHIPPED_REPOSITORY / "pneumonia" / "provenance.csv")}]
+    assert listed  # the examples hold films the shipped model learned from
+    for f in listed:
+        shutil.copy(f, sample / f.parent.name / f.name)
+    r = cxr("site-audit", str(sample), "--protocol", "embedded", "--out", str(tmp_path / "good"))
+    assert r.returncode in (0, 3), r.stdout + r.stderr
+    report = json.loads((tmp_path / "good" / "audit.json").read_text())
+    assert report["set_aside"]["films"] == len(listed) and report["n"] == 160  # never scored
+    assert f"set aside: {len(listed)} films" in r.stdout
+    assert report["patients"] == 8 and report["patients_known"]
+    assert r.returncode == (0 if all(c["bound"] >= c["target"] if c["op"] == ">=" else c["bound"] <= c["target"]
+                                     for c in report["checks"].values()) else 3)
+    assert {"counts", "roc", "calibration", "ood_score"} <= set(report["plots"])
+    # the same films with their labels swapped: every check that depends on the labels fails
+    swapped = tmp_path / "swapped"
+    for cls, other in (("NORMAL", "PNEUMONIA"), ("PNEUMONIA", "NORMAL")):
+        shutil.copytree(sample / cls, swapped / other)
+    bad = cxr("site-audit", str(swapped), "--protocol", "embedded", "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 3, bad.stdout + bad.stderr
+    checks = json.loads((tmp_path / "bad" / "audit.json").read_text())["checks"]
+    assert not checks["roc_auc"]["holds"] and not checks["sensitivity"]["holds"]
+    # the model's own films alone: all set aside, nothing left to audit
+    own = tmp_path / "own"
+    for f in listed:
+        (own / f.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, own / f.parent.name / f.name)
+    r = cxr("site-audit", str(own), "--protocol", "embedded")
+    assert r.returncode == 2 and ("0 Pneumonia" in r.stderr or "0 Normal" in r.stderr), r.stderr
+
+
 def test_site_audit_counts_a_refused_film_as_a_referral_and_lists_it(tmp_path: Path) -> None:
-    sample = tmp_path / "sample"
-    shutil.copytree(EXAMPLES / "NORMAL", sample / "NORMAL")
-    shutil.copytree(EXAMPLES / "PNEUMONIA", sample / "PNEUMONIA")
+    sample = variants(tmp_path / "sample", per_film=20, seed=3)
     shutil.copy(EXAMPLES / "not_chest" / "camera.png", sample / "NORMAL" / "camera.png")
     Image.new("RGB", (300, 300), (200, 30, 30)).save(sample / "NORMAL" / "figure.png")
     r = cxr("site-audit", str(sample), "--protocol", "embedded", "--out", str(tmp_path / "a"))
     report = json.loads((tmp_path / "a" / "audit.json").read_text())
     refused = {Path(x["path"]).name: x["rule"] for x in report["refused"]}
-    assert refused == {"camera.png": "out_of_distribution", "figure.png": "colour_image"}, r.stdout
-    answers = json.loads(cxr("predict", str(EXAMPLES / "NORMAL"), "--protocol", "embedded", "--format", "json").stdout)
-    cleared = sum(a["status"] == "ok" and a["label"] == "Normal" for a in answers)  # Normal films not referred
-    assert report["specificity"]["n"] == 6 and report["specificity"]["k"] == cleared  # both refused films referred
-    assert "figure.png" in r.stdout and r.returncode == 3  # 2 of 10 flagged is over the card's 2%
+    assert {"camera.png": "out_of_distribution", "figure.png": "colour_image"}.items() <= refused.items(), r.stdout
+    assert report["specificity"]["n"] == 82  # both refused Normal films are referrals
+    assert "figure.png" in r.stdout and r.returncode == 3  # 2 of 162 flagged: the bound is over the card's 2%
+    assert not report["checks"]["flagged"]["holds"]
 
 
 def test_evaluate_lists_refused_films_and_goes_on(tmp_path: Path) -> None:
