@@ -964,24 +964,31 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
         "adapt",
         help="adapt the served model to a hospital from its labelled sample (offline, minutes on a CPU)",
         description=textwrap.fill(
-            "Split SAMPLE by patient into an adapt and an audit part (films the model trained on never enter the "
-            "audit), fine-tune the classifier head on the adapt part while distilling the shipped model's answers on "
-            "its replay set (no forgetting), refit the out-of-distribution reference to include the site, "
-            "recalibrate the threshold with the bound rule on the audit part at a target its size supports, and "
-            "audit the result against the card's targets. A passing model is published as a complete model folder "
-            "(ONNX with both outputs, configs, card, eligibility, provenance) in --out-repository; a failing one "
-            "exits 3 and publishes nothing. Exit 2 on bad input.", 79),
+            "Split SAMPLE by patient into three parts: adapt (fine-tunes the classifier head while distilling the "
+            "shipped model's answers on its replay set), calibrate (sets the threshold at the card's sensitivity "
+            "target and refits the out-of-distribution reference) and audit (judges the result on bounds and "
+            "chooses nothing). Films the model's provenance lists are set aside and counted. A passing model is "
+            "published as a complete model folder (ONNX with both outputs, configs, card naming the sample, split "
+            "and targets, claims.json measured on the audit part, eligibility, provenance) in --out-repository; a "
+            "failing one exits 3 and publishes nothing. Exit 2 on bad input or a sample too small for its targets "
+            "(with the films per class it needs).", 79),
         epilog="then serve it beside the old one:\n  cxr serve --model-repository DIR\n"
         "  cxr predict FILES --protocol embedded --url DIR --model NAME",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("sample", type=Path, help="labelled folder {NORMAL,PNEUMONIA}/ (optional MANIFEST.csv with patients)")
+    p.add_argument("sample", type=Path, help="labelled folder {NORMAL,PNEUMONIA}/ (MANIFEST.csv with a patient column "
+                   "recommended)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="the model folder to adapt")
     p.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY, help="repository holding --model")
     p.add_argument("--out-repository", type=Path, required=True, help="repository to publish the adapted model into")
     p.add_argument("--name", help="adapted model's folder name (default: MODEL_site)")
     p.add_argument("--report", type=Path, help="report folder (default: out/adapt/NAME)")
-    p.add_argument("--audit-fraction", type=float, default=0.5, help="share of the films kept for the audit")
+    p.add_argument("--calibrate-fraction", type=float, default=0.3, help="share of the films for the calibrate part")
+    p.add_argument("--audit-fraction", type=float, default=0.3, help="share of the films kept for the audit")
+    p.add_argument("--targets", nargs="+", metavar="NAME=VALUE", default=(),
+                   help="override the card's targets (sensitivity, specificity, roc_auc, flagged)")
+    p.add_argument("--confidence", type=float, default=0.95, help="one-sided confidence of the audit's bounds")
+    p.add_argument("--population", choices=["adult", "pediatric"], default="adult", help="who the site's films are")
     p.add_argument("--site-mass", type=float, default=0.5,
                    help="share of the refitted out-of-distribution reference given to the site's films (default 0.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split")
@@ -993,16 +1000,21 @@ def _cmd_adapt(a: argparse.Namespace) -> int:
     from cxr.train.audit import summary
 
     name = a.name or f"{a.model}_site"
+    targets = _site_targets(ModelDir(a.model_repository / a.model).card(), a.targets)
     try:
         cfg = AdaptConfig(sample=a.sample, model_dir=a.model_repository / a.model, out_repository=a.out_repository,
                           name=name, report_dir=a.report or REPO_ROOT / "out" / "adapt" / name,
-                          audit_fraction=a.audit_fraction, site_mass=a.site_mass, seed=a.seed)
+                          calibrate_fraction=a.calibrate_fraction, audit_fraction=a.audit_fraction, targets=targets,
+                          confidence=a.confidence, population=a.population, site_mass=a.site_mass, seed=a.seed)
     except ValueError as exc:
         raise CxrError(str(exc)) from None
-    rc, info = adapt(cfg)
-    print(f"split: {info['split']['adapt']} films adapt ({info['split']['adapt_films_the_model_trained_on']} of them "
-          f"trained the model), {info['split']['audit']} audit; OOD threshold {info['ood']['threshold']:.3f}; "
-          f"threshold {info['calibration']['threshold']:.4f} ({info['calibration']['why_target']})")
+    rc, info = adapt(cfg, progress=sys.stderr.isatty())
+    sp = info["split"]
+    print("split by patient: " + ", ".join(f"{k} {sp['parts'][k]['films']} films ({sp['parts'][k]['patients']} patients)"
+                                           for k in ("adapt", "calibrate", "audit"))
+          + f"; set aside {sp['set_aside']} films the model's provenance lists")
+    print(f"OOD threshold {info['ood']['threshold']:.3f}; threshold {info['calibration']['threshold']:.4f} "
+          f"(sensitivity_lcb at {info['calibration']['target']} on the calibrate part)")
     print(summary({**info["audit"], "go": info["audit"]["go"]}))
     print(f"{'published ' + str(a.out_repository / name) if rc == 0 else 'NOT published'} in {info['seconds']:.0f} s; "
           f"report in {cfg.report_dir}")
