@@ -991,6 +991,10 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--population", choices=["adult", "pediatric"], default="adult", help="who the site's films are")
     p.add_argument("--site-mass", type=float, default=0.5,
                    help="share of the refitted out-of-distribution reference given to the site's films (default 0.5)")
+    p.add_argument("--features", choices=["auto", "head"], default="auto",
+                   help="auto: also fine-tune the last convolutions with the head and keep what does best on the "
+                   "calibrate part; head: the head only")
+    p.add_argument("--adapt-limit", type=int, help="use only this many films of the adapt part (a learning curve)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split")
     p.set_defaults(func=_cmd_adapt)
 
@@ -1005,7 +1009,8 @@ def _cmd_adapt(a: argparse.Namespace) -> int:
         cfg = AdaptConfig(sample=a.sample, model_dir=a.model_repository / a.model, out_repository=a.out_repository,
                           name=name, report_dir=a.report or REPO_ROOT / "out" / "adapt" / name,
                           calibrate_fraction=a.calibrate_fraction, audit_fraction=a.audit_fraction, targets=targets,
-                          confidence=a.confidence, population=a.population, site_mass=a.site_mass, seed=a.seed)
+                          confidence=a.confidence, population=a.population, site_mass=a.site_mass, seed=a.seed,
+                          features=a.features, adapt_limit=a.adapt_limit)
     except ValueError as exc:
         raise CxrError(str(exc)) from None
     rc, info = adapt(cfg, progress=sys.stderr.isatty())
@@ -1013,6 +1018,9 @@ def _cmd_adapt(a: argparse.Namespace) -> int:
     print("split by patient: " + ", ".join(f"{k} {sp['parts'][k]['films']} films ({sp['parts'][k]['patients']} patients)"
                                            for k in ("adapt", "calibrate", "audit"))
           + f"; set aside {sp['set_aside']} films the model's provenance lists")
+    print("adapted: " + "; ".join(f"{t['what']} " + (f"calibrate AUC {t['calibrate_auc']:.3f}" if "calibrate_auc" in t
+                                                      else t["skipped"]) for t in info["features"]["tried"])
+          + f"; kept: {info['features']['chosen']}")
     print(f"OOD threshold {info['ood']['threshold']:.3f}; threshold {info['calibration']['threshold']:.4f} "
           f"(sensitivity_lcb at {info['calibration']['target']} on the calibrate part)")
     print(summary({**info["audit"], "go": info["audit"]["go"]}))

@@ -210,7 +210,8 @@ def test_the_audit_part_chooses_nothing(tmp_path: Path) -> None:
 
     sample = variants(tmp_path / "a" / "site", per_film=30, seed=4, patient_per_variant=True)
     cfg = AdaptConfig(sample=sample, model_dir=SHIPPED_REPOSITORY / "pneumonia", out_repository=tmp_path / "repo",
-                      name="a", report_dir=tmp_path / "r1", targets=Targets(flagged=0.1), confidence=0.9)
+                      name="a", report_dir=tmp_path / "r1", targets=Targets(flagged=0.1), confidence=0.9,
+                      block_candidates=((2, 1e-3),), block_epochs=4)
     _, first = adapt(cfg, progress=False)
     by_patient = first["split"]["by_patient"]
     assert set(by_patient.values()) == {"adapt", "calibrate", "audit"}
@@ -230,6 +231,7 @@ def test_the_audit_part_chooses_nothing(tmp_path: Path) -> None:
     assert again["model_sha256"] == first["model_sha256"]
     assert again["calibration"]["threshold"] == first["calibration"]["threshold"]
     assert again["ood"]["threshold"] == first["ood"]["threshold"]
+    assert again["features"]["tried"] == first["features"]["tried"]  # the block's fit and its choice, epoch by epoch
     assert first["audit"]["roc_auc"]["value"] > 0.9 > again["audit"]["roc_auc"]["value"]  # the audit saw the flip
     assert not again["audit"]["go"]
 
