@@ -208,7 +208,7 @@ def finetune_block(acts: np.ndarray, y: np.ndarray, teacher_acts: np.ndarray, te
         head = HeadWeights(w1, b1, w2, b2, base_head.scale, base_head.bias)
         return convs, head
 
-    history = [{"epoch": 0, "loss": float("nan"), "calibrate_auc": val_auc()}]
+    history: list[dict] = [{"epoch": 0, "loss": None, "calibrate_auc": val_auc()}]  # no step taken: no loss
     best = (history[0]["calibrate_auc"], 0, snapshot())
     n = len(y)
     steps = max(1, int(np.ceil(n / batch_size)))
