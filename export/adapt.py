@@ -85,6 +85,8 @@ class AdaptConfig:
         distill: Weight of distillation towards the base model's answers on the site's adapt films in the block
             fine-tuning (0 by default: measured on the SIIM sample's calibrate part, 0.5 lowered the AUC from
             0.823 to 0.810; the L2 pull limits forgetting instead).
+        replay_distill: Weight of distillation on the kit's replay activations of the training films, for the
+            block whose input the kit carries (``adapt_kit.REPLAY_BLOCK_CONVS`` convolutions).
         adapt_limit: Use only this many films of the adapt part (a learning curve); ``None``: all.
     """
 
@@ -111,6 +113,7 @@ class AdaptConfig:
     block_epochs: int = 30
     block_l2: float = 1e-4
     distill: float = 0.0
+    replay_distill: float = 0.5
     adapt_limit: int | None = None
 
     def __post_init__(self) -> None:
@@ -129,7 +132,7 @@ class AdaptConfig:
             raise ValueError(f"parts must map patients to {PARTS}")
         if self.features not in ("auto", "head"):
             raise ValueError(f"features must be auto or head, got {self.features!r}")
-        if self.block_epochs < 1 or self.block_l2 < 0 or self.distill < 0 or any(
+        if self.block_epochs < 1 or self.block_l2 < 0 or self.distill < 0 or self.replay_distill < 0 or any(
                 c < 1 or lr <= 0 for c, lr in self.block_candidates):
             raise ValueError("block_epochs >= 1, block_l2 >= 0, distill >= 0, candidates (convolutions >= 1, rate > 0)")
         if self.adapt_limit is not None and self.adapt_limit < 10:
@@ -323,12 +326,19 @@ def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
                 tried.append({"what": what, "skipped": "the graph does not end in that many Conv-ReLU pairs"})
                 continue
             acts = adapt_features.block_inputs(base, blk, x)
+            replay = kit.replay_block_input == blk.input and len(kit.replay_block) > 0
+            if replay:  # distil the shipped model's answers on its own training films' activations (the kit's)
+                t_acts = kit.replay_block.astype(np.float32)
+                t_prob, distill = kit.replay_teacher[kit.replay_block_index], cfg.replay_distill
+            else:  # no replay for this block: distil on the site's adapt films (cfg.distill, 0 by default)
+                t_acts, t_prob, distill = acts[a_rows], teacher, cfg.distill
             fit_b = adapt_features.finetune_block(
-                acts[a_rows], y_a, acts[a_rows], teacher, adapt_features.conv_weights(base, blk), w0,
-                val_acts=acts[c_rows], val_y=y_cr, epochs=cfg.block_epochs, learning_rate=lr, distill=cfg.distill,
+                acts[a_rows], y_a, t_acts, t_prob, adapt_features.conv_weights(base, blk), w0,
+                val_acts=acts[c_rows], val_y=y_cr, epochs=cfg.block_epochs, learning_rate=lr, distill=distill,
                 l2=cfg.block_l2, seed=cfg.seed, progress=progress, ops=blk.ops)
             entry = {"what": what, "calibrate_auc": fit_b.history[fit_b.epoch]["calibrate_auc"], "epoch": fit_b.epoch,
-                     "settings": fit_b.settings, "history": list(fit_b.history)}
+                     "replay_films": len(t_acts) if replay else 0, "settings": fit_b.settings,
+                     "history": list(fit_b.history)}
             tried.append(entry)
             if fit_b.epoch > 0 and entry["calibrate_auc"] > chosen["calibrate_auc"]:
                 chosen, block_chosen = entry, True

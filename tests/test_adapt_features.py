@@ -69,3 +69,18 @@ def test_the_adapted_copy_serves_what_the_trainer_measured_and_the_ood_taps_stay
     taps = adapt_kit.load(MODEL).taps
     assert ood_head.FeatureExtractor(adapted, taps, log=False)(x) == pytest.approx(
         ood_head.FeatureExtractor(base, taps, log=False)(x), rel=1e-5)  # the OOD head reads the original block
+
+
+def test_the_kit_block_replay_is_validated() -> None:
+    kit = adapt_kit.load(MODEL)
+    assert kit.replay_block_input == "" or len(kit.replay_block) == len(kit.replay_block_index)
+    fields = {k: getattr(kit, k) for k in kit.__dataclass_fields__}
+    ok = adapt_kit.AdaptKit(**{**fields, "replay_block_input": "t:0", "replay_block": np.zeros((3, 2, 7, 7), np.float16),
+                               "replay_block_index": np.array([0, 1, 2])})
+    assert ok.replay_block.shape == (3, 2, 7, 7)
+    with pytest.raises(ValueError, match="block replay"):
+        adapt_kit.AdaptKit(**{**fields, "replay_block_input": "", "replay_block": np.zeros((3, 2, 7, 7), np.float16),
+                              "replay_block_index": np.array([0, 1, 2])})
+    with pytest.raises(ValueError, match="block replay"):
+        adapt_kit.AdaptKit(**{**fields, "replay_block_input": "t:0", "replay_block": np.zeros((3, 2, 7, 7), np.float16),
+                              "replay_block_index": np.array([0, 1, len(kit.replay_gap)])})
