@@ -1,6 +1,6 @@
 """Add the block replay set to a COPY of a model folder's adapt kit (the measurement in docs/onboarding.md).
 
-    python scripts/kit_block_replay.py model_repository/pneumonia /tmp/with_replay/pneumonia
+    python scripts/kit_block_replay.py model_repository/pneumonia out/with_replay/pneumonia
 
 Takes up to ``adapt_kit.REPLAY_BLOCK_PER_CELL`` training films per (source, class) cell from the model's
 ``provenance.csv`` (the files must be readable here), and writes the copy's kit with their head replay features,
