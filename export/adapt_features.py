@@ -181,7 +181,11 @@ def finetune_block(acts: np.ndarray, y: np.ndarray, teacher_acts: np.ndarray, te
     from cxr.train import metrics
 
     tf.random.set_seed(seed)
-    tf.config.experimental.enable_op_determinism()  # one sample, one split, one seed: one model (tests rely on it)
+    # one sample, one split, one seed: one model (tests rely on it); restored after, as the process found it
+    from tensorflow.python.framework import config as tf_config  # the public API can enable, not disable
+
+    was_deterministic = tf_config.is_op_determinism_enabled()
+    tf_config.enable_op_determinism()
     rng = np.random.default_rng(seed)
     nhwc = lambda a: tf.constant(np.transpose(a, (0, 2, 3, 1)))  # noqa: E731
     a_site, a_teach, a_val = nhwc(acts), nhwc(teacher_acts), nhwc(val_acts)
@@ -208,35 +212,39 @@ def finetune_block(acts: np.ndarray, y: np.ndarray, teacher_acts: np.ndarray, te
         head = HeadWeights(w1, b1, w2, b2, base_head.scale, base_head.bias)
         return convs, head
 
-    history: list[dict] = [{"epoch": 0, "loss": None, "calibrate_auc": val_auc()}]  # no step taken: no loss
-    best = (history[0]["calibrate_auc"], 0, snapshot())
-    n = len(y)
-    steps = max(1, int(np.ceil(n / batch_size)))
-    bar = tqdm(total=epochs * steps, desc="adapt block", unit="step", disable=not progress)
-    for epoch in range(1, epochs + 1):
-        order = rng.permutation(n)
-        losses = []
-        for k in range(steps):
-            idx = order[k * batch_size : (k + 1) * batch_size]
-            t_idx = rng.integers(0, len(t_all), len(idx))
-            with tf.GradientTape() as tape:
-                s = _forward(tf, tf.gather(a_site, idx), conv_vars, head_vars, base_head.scale, base_head.bias, ops)
-                q = tf.sigmoid(s)
-                loss = tf.reduce_mean(w_cls[idx] * bce(y[idx][:, None], q[:, None]))
-                if distill > 0:
-                    st = _forward(tf, tf.gather(a_teach, t_idx), conv_vars, head_vars, base_head.scale, base_head.bias, ops)
-                    loss += distill * tf.reduce_mean(bce(t_all[t_idx][:, None], tf.sigmoid(st)[:, None]))
-                if l2 > 0:
-                    loss += l2 * tf.add_n([tf.reduce_sum(tf.square(v - a0)) for v, a0 in zip(variables, anchors)])
-            grads = tape.gradient(loss, variables)
-            opt.apply_gradients(zip(grads, variables))
-            losses.append(float(loss))
-            bar.update(1)
-        auc = val_auc()
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "calibrate_auc": auc})
-        if auc > best[0]:
-            best = (auc, epoch, snapshot())
-    bar.close()
+    try:
+        history: list[dict] = [{"epoch": 0, "loss": None, "calibrate_auc": val_auc()}]  # no step taken: no loss
+        best = (history[0]["calibrate_auc"], 0, snapshot())
+        n = len(y)
+        steps = max(1, int(np.ceil(n / batch_size)))
+        bar = tqdm(total=epochs * steps, desc="adapt block", unit="step", disable=not progress)
+        for epoch in range(1, epochs + 1):
+            order = rng.permutation(n)
+            losses = []
+            for k in range(steps):
+                idx = order[k * batch_size : (k + 1) * batch_size]
+                t_idx = rng.integers(0, len(t_all), len(idx))
+                with tf.GradientTape() as tape:
+                    s = _forward(tf, tf.gather(a_site, idx), conv_vars, head_vars, base_head.scale, base_head.bias, ops)
+                    q = tf.sigmoid(s)
+                    loss = tf.reduce_mean(w_cls[idx] * bce(y[idx][:, None], q[:, None]))
+                    if distill > 0:
+                        st = _forward(tf, tf.gather(a_teach, t_idx), conv_vars, head_vars, base_head.scale, base_head.bias, ops)
+                        loss += distill * tf.reduce_mean(bce(t_all[t_idx][:, None], tf.sigmoid(st)[:, None]))
+                    if l2 > 0:
+                        loss += l2 * tf.add_n([tf.reduce_sum(tf.square(v - a0)) for v, a0 in zip(variables, anchors)])
+                grads = tape.gradient(loss, variables)
+                opt.apply_gradients(zip(grads, variables))
+                losses.append(float(loss))
+                bar.update(1)
+            auc = val_auc()
+            history.append({"epoch": epoch, "loss": float(np.mean(losses)), "calibrate_auc": auc})
+            if auc > best[0]:
+                best = (auc, epoch, snapshot())
+        bar.close()
+    finally:
+        if not was_deterministic:
+            tf_config.disable_op_determinism()
     convs, head = best[2]
     return BlockFit(convs=convs, head=head, epoch=best[1], history=tuple(history),
                     settings={"learning_rate": learning_rate, "distill": distill, "l2": l2, "batch_size": batch_size,

@@ -60,6 +60,9 @@ def test_the_adapted_copy_serves_what_the_trainer_measured_and_the_ood_taps_stay
     fit = af.finetune_block(acts, y, acts, _served(base, x), af.conv_weights(base, blk), w0, val_acts=acts, val_y=y,
                             epochs=3, learning_rate=3e-3, l2=0.0, distill=0.0, ops=blk.ops)
     assert [h["epoch"] for h in fit.history] == [0, 1, 2, 3] and fit.epoch > 0
+    from tensorflow.python.framework import config as tf_config
+
+    assert not tf_config.is_op_determinism_enabled()  # the process's TensorFlow is left as it was found
     adapted = af.write_block(base, blk, fit)
     from cxr.train import metrics
 
