@@ -1096,31 +1096,60 @@ def _cmd_listen(a: argparse.Namespace) -> int:
 def _add_site_audit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "site-audit",
-        help="go/no-go of the served model on a hospital's own labelled sample, against the model card's targets",
+        help="go/no-go of the served model on a hospital's own labelled sample, on bounds against the card's targets",
         description=textwrap.fill(
             "Screen every film of SAMPLE/{NORMAL,PNEUMONIA}/ with the served model as in service and score it "
             "against the targets stated in the model card (sensitivity and specificity at the served threshold, ROC "
-            "AUC, flagged share). Films the model refuses or cannot read count as referrals (positive) and are "
-            "listed. Writes audit.md, audit.json and PNGs (counts and flagged, ROC, calibration, ood_score against the "
-            "card's reference). Exit 0: the targets hold; 3: they do not; 2: bad input.", 79),
+            "AUC, flagged share). Go means every one-sided bound at --confidence meets its target (lower bounds of "
+            "sensitivity, specificity and AUC; upper bound of the flagged share), with patients resampled together. "
+            "Films the model refuses or cannot read count as referrals (positive) and are listed; films the model's "
+            "provenance.csv lists (it trained, selected or calibrated on them) are set aside and counted. A sample "
+            "that cannot show its targets (one class, or too few films for even a perfect result's bound) exits 2 "
+            "with the films per class it needs, before anything is screened; --plan answers that before anything is "
+            "labelled. Writes audit.md, audit.json and PNGs. Exit 0: go; 3: no-go; 2: bad or insufficient input.", 79),
     )
-    p.add_argument("sample", type=Path, help="labelled folder {NORMAL,PNEUMONIA}/")
+    p.add_argument("sample", type=Path, nargs="?", help="labelled folder {NORMAL,PNEUMONIA}/ (MANIFEST.csv with a "
+                   "patient column recommended)")
     _add_client_args(p)
     p.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY,
-                   help="the served model's folder is read from here for its card and reference (its sha256 must match)")
+                   help="the served model's folder is read from here for its card, provenance and reference (its "
+                   "sha256 must match)")
+    p.add_argument("--plan", action="store_true",
+                   help="only say how many films per class the targets need (no sample, no server)")
+    p.add_argument("--targets", nargs="+", metavar="NAME=VALUE", default=(),
+                   help="override the card's targets (sensitivity, specificity, roc_auc, flagged), e.g. sensitivity=0.95")
+    p.add_argument("--confidence", type=float, default=0.95,
+                   help="one-sided confidence of the bounds the decision reads (default 0.95)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "site-audit", help="report folder")
     p.set_defaults(func=_cmd_site_audit)
 
 
-def _screen_labelled(a: argparse.Namespace, sample: Path):  # type: ignore[no-untyped-def]
-    """Screen a labelled folder with the served model; (films as numbers, the client's model info)."""
+def _site_targets(card: ModelCard, overrides: Sequence[str]):  # type: ignore[no-untyped-def]
+    """The card's go-live targets with ``NAME=VALUE`` overrides (one-line errors)."""
+    from cxr.train.audit import Targets
+
+    values = {k: v for k, v in card.go_live_targets.items() if k in Targets.__dataclass_fields__}
+    for item in overrides:
+        name, sep, value = item.partition("=")
+        if not sep or name not in Targets.__dataclass_fields__:
+            raise CxrError(f"--targets {item!r}: expected NAME=VALUE with NAME one of {', '.join(Targets.__dataclass_fields__)}")
+        try:
+            values[name] = float(value)
+        except ValueError:
+            raise CxrError(f"--targets {item!r}: {value!r} is not a number") from None
+    try:
+        return Targets(**values)
+    except ValueError as exc:
+        raise CxrError(str(exc)) from None
+
+
+def _screen_labelled(a: argparse.Namespace, samples: Sequence):  # type: ignore[no-untyped-def]
+    """Screen labelled films with the served model; (films as numbers, the client's model info)."""
     from tqdm import tqdm
 
     from cxr.client import PneumoniaClient
     from cxr.train.audit import Screened
-    from cxr.train.data import list_samples
 
-    samples = list_samples(sample)
     films = []
     with PneumoniaClient(a.url, protocol=a.protocol, model=a.model, timeout_s=a.timeout_s, **_client_security(a)) as c:
         info = c.info
@@ -1128,7 +1157,8 @@ def _screen_labelled(a: argparse.Namespace, sample: Path):  # type: ignore[no-un
         for i in range(0, len(samples), 64):
             part = samples[i : i + 64]
             for s, pred in zip(part, c.predict([str(x.path) for x in part])):
-                films.append(Screened(str(s.path), s.label, pred.status, pred.probability, pred.ood_score, pred.rule))
+                films.append(Screened(str(s.path), s.label, pred.status, pred.probability, pred.ood_score, pred.rule,
+                                      s.patient))
             bar.update(len(part))
         bar.close()
     return films, info
@@ -1147,10 +1177,36 @@ def _cmd_site_audit(a: argparse.Namespace) -> int:
     from cxr.core.paths import relative
     from cxr.train import audit
 
-    films, info = _screen_labelled(a, a.sample)
+    if not 0.5 < a.confidence < 1:
+        raise CxrError(f"--confidence must be in (0.5, 1), got {a.confidence}")
+    folder = ModelDir(a.model_repository / a.model)
+    card = folder.card()
+    targets = _site_targets(card, a.targets)
+    needs = audit.films_needed(targets, a.confidence)
+    if a.plan:
+        print(f"targets {targets.sensitivity:.2f} sensitivity, {targets.specificity:.2f} specificity, "
+              f"{targets.roc_auc:.2f} AUC, <= {targets.flagged:.1%} flagged at {a.confidence:.0%} confidence: label "
+              f"{needs.text()}; more where the model errs or patients have several films")
+        return 0
+    if a.sample is None:
+        raise CxrError("give SAMPLE (or --plan)")
+    try:
+        sample = audit.site_sample(a.sample, folder.provenance())
+    except ValueError as exc:
+        raise CxrError(f"{a.sample}: {exc}") from None
+    if not sample.patients_known:
+        print(f"warning: {relative(a.sample)}: {audit.NO_PATIENTS_WARNING}", file=sys.stderr)
+    aside = sample.set_aside_by_role(folder.provenance())
+    if sample.set_aside:
+        print(f"set aside: {len(sample.set_aside)} films the model's provenance lists (as "
+              + ", ".join(f"{k} {v}" for k, v in aside.items()) + "); they are not the site's evidence")
+    audit.check_sample(sample.n_pos, sample.n_neg, targets, a.confidence)
+    films, info = _screen_labelled(a, list(sample.films))
     model_dir, card = _served_card(a.model_repository, a.model, info.sha256)
-    result = audit.audit(films, threshold=info.threshold, targets=audit.Targets.from_card(card),
-                         reference=model_dir.reference())
+    result = audit.audit(films, threshold=info.threshold, targets=targets, reference=model_dir.reference(),
+                         confidence=a.confidence)
+    result["set_aside"] = {"films": len(sample.set_aside), "by_role": aside}
+    result["needs"] = {"positives": needs.positives, "negatives": needs.negatives, "films": needs.films}
     audit.write(result, films, a.out, model=f"{info.name} v{info.version} ({(info.sha256 or '')[:12]})",
                 sample=relative(a.sample))
     print(audit.summary(result))
@@ -1165,26 +1221,37 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
         "adapt",
         help="adapt the served model to a hospital from its labelled sample (offline, minutes on a CPU)",
         description=textwrap.fill(
-            "Split SAMPLE by patient into an adapt and an audit part (films the model trained on never enter the "
-            "audit), fine-tune the classifier head on the adapt part while distilling the shipped model's answers on "
-            "its replay set (no forgetting), refit the out-of-distribution reference to include the site, "
-            "recalibrate the threshold with the bound rule on the audit part at a target its size supports, and "
-            "audit the result against the card's targets. A passing model is published as a complete model folder "
-            "(ONNX with both outputs, configs, card, eligibility, provenance) in --out-repository; a failing one "
-            "exits 3 and publishes nothing. Exit 2 on bad input.", 79),
+            "Split SAMPLE by patient into three parts: adapt (fine-tunes the classifier head while distilling the "
+            "shipped model's answers on its replay set), calibrate (sets the threshold at the card's sensitivity "
+            "target and refits the out-of-distribution reference) and audit (judges the result on bounds and "
+            "chooses nothing). Films the model's provenance lists are set aside and counted. A passing model is "
+            "published as a complete model folder (ONNX with both outputs, configs, card naming the sample, split "
+            "and targets, claims.json measured on the audit part, eligibility, provenance) in --out-repository; a "
+            "failing one exits 3 and publishes nothing. Exit 2 on bad input or a sample too small for its targets "
+            "(with the films per class it needs).", 79),
         epilog="then serve it beside the old one:\n  cxr serve --model-repository DIR\n"
         "  cxr predict FILES --protocol embedded --url DIR --model NAME",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("sample", type=Path, help="labelled folder {NORMAL,PNEUMONIA}/ (optional MANIFEST.csv with patients)")
+    p.add_argument("sample", type=Path, help="labelled folder {NORMAL,PNEUMONIA}/ (MANIFEST.csv with a patient column "
+                   "recommended)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="the model folder to adapt")
     p.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY, help="repository holding --model")
     p.add_argument("--out-repository", type=Path, required=True, help="repository to publish the adapted model into")
     p.add_argument("--name", help="adapted model's folder name (default: MODEL_site)")
     p.add_argument("--report", type=Path, help="report folder (default: out/adapt/NAME)")
-    p.add_argument("--audit-fraction", type=float, default=0.5, help="share of the films kept for the audit")
+    p.add_argument("--calibrate-fraction", type=float, default=0.3, help="share of the films for the calibrate part")
+    p.add_argument("--audit-fraction", type=float, default=0.3, help="share of the films kept for the audit")
+    p.add_argument("--targets", nargs="+", metavar="NAME=VALUE", default=(),
+                   help="override the card's targets (sensitivity, specificity, roc_auc, flagged)")
+    p.add_argument("--confidence", type=float, default=0.95, help="one-sided confidence of the audit's bounds")
+    p.add_argument("--population", choices=["adult", "pediatric"], default="adult", help="who the site's films are")
     p.add_argument("--site-mass", type=float, default=0.5,
                    help="share of the refitted out-of-distribution reference given to the site's films (default 0.5)")
+    p.add_argument("--features", choices=["auto", "head"], default="auto",
+                   help="auto: also fine-tune the last convolutions with the head and keep what does best on the "
+                   "calibrate part; head: the head only")
+    p.add_argument("--adapt-limit", type=int, help="use only this many films of the adapt part (a learning curve)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split")
     p.set_defaults(func=_cmd_adapt)
 
@@ -1194,16 +1261,25 @@ def _cmd_adapt(a: argparse.Namespace) -> int:
     from cxr.train.audit import summary
 
     name = a.name or f"{a.model}_site"
+    targets = _site_targets(ModelDir(a.model_repository / a.model).card(), a.targets)
     try:
         cfg = AdaptConfig(sample=a.sample, model_dir=a.model_repository / a.model, out_repository=a.out_repository,
                           name=name, report_dir=a.report or REPO_ROOT / "out" / "adapt" / name,
-                          audit_fraction=a.audit_fraction, site_mass=a.site_mass, seed=a.seed)
+                          calibrate_fraction=a.calibrate_fraction, audit_fraction=a.audit_fraction, targets=targets,
+                          confidence=a.confidence, population=a.population, site_mass=a.site_mass, seed=a.seed,
+                          features=a.features, adapt_limit=a.adapt_limit)
     except ValueError as exc:
         raise CxrError(str(exc)) from None
-    rc, info = adapt(cfg)
-    print(f"split: {info['split']['adapt']} films adapt ({info['split']['adapt_films_the_model_trained_on']} of them "
-          f"trained the model), {info['split']['audit']} audit; OOD threshold {info['ood']['threshold']:.3f}; "
-          f"threshold {info['calibration']['threshold']:.4f} ({info['calibration']['why_target']})")
+    rc, info = adapt(cfg, progress=sys.stderr.isatty())
+    sp = info["split"]
+    print("split by patient: " + ", ".join(f"{k} {sp['parts'][k]['films']} films ({sp['parts'][k]['patients']} patients)"
+                                           for k in ("adapt", "calibrate", "audit"))
+          + f"; set aside {sp['set_aside']} films the model's provenance lists")
+    print("adapted: " + "; ".join(f"{t['what']} " + (f"calibrate AUC {t['calibrate_auc']:.3f}" if "calibrate_auc" in t
+                                                      else t["skipped"]) for t in info["features"]["tried"])
+          + f"; kept: {info['features']['chosen']}")
+    print(f"OOD threshold {info['ood']['threshold']:.3f}; threshold {info['calibration']['threshold']:.4f} "
+          f"(sensitivity_lcb at {info['calibration']['target']} on the calibrate part)")
     print(summary({**info["audit"], "go": info["audit"]["go"]}))
     print(f"{'published ' + str(a.out_repository / name) if rc == 0 else 'NOT published'} in {info['seconds']:.0f} s; "
           f"report in {cfg.report_dir}")
@@ -1213,21 +1289,46 @@ def _cmd_adapt(a: argparse.Namespace) -> int:
 def _add_monitor(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "monitor",
-        help="drift check: a batch's answers against the model card's reference",
+        help="drift check: a batch's answers against a baseline or the model's reference at your prevalence",
         description=textwrap.fill(
-            "Compare a predictions CSV (cxr predict --format csv, cxr listen --out) with the model folder's "
-            "reference: flagged rate, positive rate, and the distributions of P(pneumonia) and ood_score. Exit 3 "
-            "with a report naming what moved, 0 when nothing did (or the batch is too small to judge, said so), "
-            "2 on bad input.", 79),
+            "Compare a predictions CSV (cxr predict --format csv, cxr listen --out) with a previous period "
+            "(--baseline) or with the model folder's reference: flagged rate, positive rate, and the distributions of "
+            "P(pneumonia) and ood_score. The model is the one whose sha256 the CSV names (found in --model-repository), "
+            "and its threshold applies. Films refused by a DICOM header rule (laterals, other modalities) are counted "
+            "apart and never alarm. The positive rate and P(pneumonia) depend on the case mix: they are judged against "
+            "--baseline, or against the reference reweighted to --prevalence, and only shown otherwise. Exit 3 with a "
+            "report naming what moved, 0 when nothing did (or the batch is too small to judge, said so), 2 on bad "
+            "input.", 79),
     )
     p.add_argument("predictions", type=Path, help="predictions CSV")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model folder whose reference applies")
-    p.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY, help="repository holding --model")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="model folder whose reference applies when the CSV names no model sha256 (older CSVs)")
+    p.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY,
+                   help="repository searched for the model whose sha256 the CSV names")
     p.add_argument("--baseline", type=Path,
-                   help="compare with this predictions CSV (e.g. the site's first weeks) instead of the card's reference")
+                   help="compare with a previous period: a predictions CSV, cxr predict's JSON, or a reference JSON")
+    p.add_argument("--prevalence", type=float,
+                   help="the site's share of Pneumonia among films: the reference's positive and negative parts are "
+                   "reweighted to it (without --baseline)")
     p.add_argument("--alpha", type=float, default=0.001, help="significance level of each check (default 0.001)")
     p.add_argument("--out", type=Path, help="also write the report (.md and .json beside it)")
     p.set_defaults(func=_cmd_monitor)
+
+
+def _monitored_model(repository: Path, sha256: str | None, fallback: str) -> ModelDir:
+    """The model folder whose card has ``sha256`` (the one that answered), else ``fallback`` when none is named."""
+    from cxr.core.model_dir import model_dirs
+
+    if not sha256:
+        return ModelDir(repository / fallback)
+    for d in model_dirs(repository):
+        try:
+            if d.card().sha256 == sha256:
+                return d
+        except CxrError:
+            continue
+    raise CxrError(f"no model folder in {repository} has sha256 {sha256[:12]}, the model the CSV names; "
+                   "give --model-repository of the model that answered")
 
 
 def _cmd_monitor(a: argparse.Namespace) -> int:
@@ -1235,21 +1336,39 @@ def _cmd_monitor(a: argparse.Namespace) -> int:
 
     from cxr.client import monitor
     from cxr.core.durable import write_durably
+    from cxr.core.eligibility import Eligibility
 
     if not 0 < a.alpha < 1:
         raise CxrError(f"--alpha must be in (0, 1), got {a.alpha}")
-    folder = ModelDir(a.model_repository / a.model)
+    if a.prevalence is not None and not 0 < a.prevalence < 1:
+        raise CxrError(f"--prevalence must be in (0, 1), got {a.prevalence}")
+    if a.prevalence is not None and a.baseline is not None:
+        raise CxrError("give --baseline or --prevalence, not both (a baseline already has the site's case mix)")
+    rows = monitor.read_predictions(a.predictions)
+    folder = _monitored_model(a.model_repository, monitor.model_sha256(rows, what=str(a.predictions)), a.model)
     card = folder.card()
+    threshold = card.threshold
+    elig = folder.path / "eligibility.json"
+    rules = monitor.header_rules(Eligibility.load(elig) if elig.exists() else None)
     reference: dict | None
     if a.baseline is not None:
-        reference = monitor.reference_from_rows(monitor.read_predictions(a.baseline), what=str(a.baseline))
+        reference = monitor.read_baseline(a.baseline)
+        against = f"the baseline {a.baseline}"
     else:
         reference = folder.reference()
-    if reference is None:
-        raise CxrError(f"{folder.path}: no reference.json (refit its OOD head with `cxr ood-fit` to write one)")
-    rows = monitor.read_predictions(a.predictions)
-    checks = monitor.compare(rows, reference, card.threshold, alpha=a.alpha)
-    result = monitor.report(checks, batch=str(a.predictions), model=a.model, n_rows=len(rows))
+        if reference is None:
+            raise CxrError(f"{folder.path}: no reference.json (refit its OOD head with `cxr ood-fit` to write one)")
+        against = f"{folder.name}'s reference"
+        if a.prevalence is not None:
+            reference = monitor.at_prevalence(reference, threshold, a.prevalence)
+            against += f" reweighted to prevalence {a.prevalence:.3f}"
+        else:
+            against += " (positive rate and probability not judged: give --baseline or --prevalence)"
+    judged, header_refused = monitor.split_header_refusals(rows, rules)
+    checks = monitor.compare(judged, reference, threshold, alpha=a.alpha, rules=rules,
+                             judge_case_mix=a.baseline is not None or a.prevalence is not None)
+    result = monitor.report(checks, batch=str(a.predictions), model=folder.name, n_rows=len(judged),
+                            header_refused=header_refused, threshold=threshold, against=against)
     text = monitor.markdown(result)
     print(text)
     if a.out:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,50 @@ def test_targets_come_from_the_card_and_are_validated() -> None:
         audit.Targets(sensitivity=1.5)
 
 
+def test_go_follows_the_bounds_not_the_point_estimates() -> None:
+    rng = np.random.default_rng(21)
+    # 30 positives with 28 found: the point estimate 0.933 meets 0.90, its 95% lower bound (0.80) does not
+    films = _films(rng, 28, 200, sep=4.0)
+    films += [audit.Screened(f"miss{i}.png", 1, OK, 0.01, 10.0) for i in range(2)]
+    r = audit.audit(films, threshold=0.5, targets=audit.Targets())
+    sens = r["checks"]["sensitivity"]
+    assert sens["point_meets_target"] and sens["value"] == pytest.approx(28 / 30)
+    assert sens["bound"] < 0.9 and not sens["holds"] and not r["go"]
+    assert sens["bound"] <= audit.lower_bound(28, 30)  # never above the exact bound
+    # the same rates on ten times the films: the bound now shows the target, and the decision is go
+    big = _films(rng, 280, 400, sep=4.0) + [audit.Screened(f"m{i}.png", 1, OK, 0.01, 10.0) for i in range(20)]
+    r = audit.audit(big, threshold=0.5, targets=audit.Targets())
+    assert r["checks"]["sensitivity"]["bound"] >= 0.9 and r["go"], audit.summary(r)
+
+
+def test_patients_widen_the_bound() -> None:
+    """Ten films of each of three missed patients weigh more than thirty missed patients' films would."""
+    rng = np.random.default_rng(22)
+    base = _films(rng, 270, 300, sep=4.0)
+    base = [audit.Screened(f.path, f.label, f.status, f.probability, f.ood_score, patient=f.path) for f in base]
+    missed = [audit.Screened(f"m{i}.png", 1, OK, 0.01, 10.0, patient=f"p{i % 3}") for i in range(30)]
+    alone = [audit.Screened(f.path, 1, OK, 0.01, 10.0, patient=f.path) for f in missed]
+    grouped = audit.audit(base + missed, threshold=0.5, targets=audit.Targets())["checks"]["sensitivity"]["bound"]
+    single = audit.audit(base + alone, threshold=0.5, targets=audit.Targets())["checks"]["sensitivity"]["bound"]
+    assert grouped < single
+
+
+def test_films_needed_and_samples_that_cannot_show_their_targets() -> None:
+    t = audit.Targets()
+    needs = audit.films_needed(t)
+    # a perfect result on exactly that many films shows each target; one film fewer does not
+    assert audit.lower_bound(needs.positives, needs.positives) >= 0.9 > audit.lower_bound(needs.positives - 1, needs.positives - 1)
+    assert audit.lower_bound(needs.negatives, needs.negatives) >= 0.6 > audit.lower_bound(needs.negatives - 1, needs.negatives - 1)
+    assert audit.upper_bound(0, needs.films) <= 0.02 < audit.upper_bound(0, needs.films - 1)
+    assert (needs.positives, needs.negatives, needs.films) == (29, 6, 149)
+    assert audit.films_needed(t, 0.9).positives < needs.positives
+    with pytest.raises(audit.InsufficientSample, match=">= 29 Pneumonia"):
+        audit.check_sample(5, 5, t)  # ten films
+    with pytest.raises(audit.InsufficientSample, match="one class"):
+        audit.check_sample(300, 0, t)
+    assert audit.check_sample(100, 100, t) == needs
+
+
 def _reference(rng: np.random.Generator, n: int = 800) -> dict:
     p = 1 / (1 + np.exp(-rng.normal(0, 2, n)))
     return {"n": n, "flagged_rate": 0.005, "probability": p.tolist(), "ood_score": rng.gamma(9, 2.5, n).tolist()}
@@ -120,7 +165,8 @@ def test_monitor_reads_both_csv_column_orders_and_refuses_other_files(tmp_path: 
             w.writerow({k: "" for k in cols} | {"status": "ok", "probability": "0.25", "ood_score": "12.5"})
             w.writerow({k: "" for k in cols} | {"status": "not_assessable", "ood_score": "90"})
         rows = monitor.read_predictions(f)
-        assert rows[0] == {"status": OK, "probability": 0.25, "ood_score": 12.5} and rows[1]["probability"] is None
+        assert rows[0] == {"status": OK, "probability": 0.25, "ood_score": 12.5, "rule": None, "model_sha256": None}
+        assert rows[1]["probability"] is None
     (tmp_path / "x.csv").write_text("a,b\n1,2\n")
     with pytest.raises(DataError, match="not a predictions CSV"):
         monitor.read_predictions(tmp_path / "x.csv")
@@ -147,3 +193,109 @@ def test_onnx_head_round_trip_matches_the_graph() -> None:
         [contract.OUTPUT_NAME], {contract.INPUT_NAME: x})[0][:, 0]
     assert w2.probability(gap) == pytest.approx(changed, abs=1e-5)
     assert np.abs(changed - served).max() > 1e-3
+
+
+def _labelled_reference(rng: np.random.Generator, n_pos: int = 820, n_neg: int = 340) -> tuple[dict, np.ndarray, np.ndarray]:
+    """A reference like the shipped one (about 71% answered positive at 0.5), and the probability laws of its
+    positive and negative films."""
+    pos = 1 / (1 + np.exp(-rng.normal(2.0, 1.0, n_pos)))
+    neg = 1 / (1 + np.exp(-rng.normal(-2.0, 1.0, n_neg)))
+    p = np.concatenate([pos, neg])
+    return {"n": len(p), "flagged_rate": 0.005, "probability": p.tolist(),
+            "ood_score": rng.gamma(9, 2.5, len(p)).tolist()}, pos, neg
+
+
+def _workload(rng: np.random.Generator, n: int, prevalence: float, *, laterals: float = 0.0) -> list[dict]:
+    rows = []
+    for _ in range(n):
+        if rng.random() < laterals:  # the lateral of a PA + lateral study, refused by its DICOM header
+            rows.append({"status": NA, "probability": None, "ood_score": None, "rule": "dicom_view_position"})
+            continue
+        z = rng.normal(2.0, 1.0) if rng.random() < prevalence else rng.normal(-2.0, 1.0)
+        rows.append({"status": OK, "probability": float(1 / (1 + np.exp(-z))), "ood_score": float(rng.gamma(9, 2.5)),
+                     "rule": None})
+    return rows
+
+
+def test_monitor_a_pa_plus_lateral_workload_does_not_alarm() -> None:
+    rng = np.random.default_rng(11)
+    ref, _, _ = _labelled_reference(rng)
+    rows = _workload(np.random.default_rng(12), 600, 0.71, laterals=0.5)
+    checks = {c.name: c for c in monitor.compare(rows, ref, 0.5)}
+    assert not [c for c in checks.values() if c.moved], checks
+    assert checks["flagged_rate"].batch == 0.0 and checks["flagged_rate"].n_batch < 400  # laterals left out
+    kept, refused = monitor.split_header_refusals(rows, monitor.header_rules())
+    assert refused == {"dicom_view_position": 600 - len(kept)} and 200 < len(kept) < 400
+    # had the laterals counted as refusals, the flagged rate would have alarmed: the test can fail
+    as_pixels = [r | {"rule": "out_of_distribution"} if r["rule"] else r for r in rows]
+    assert "flagged_rate" in [c.name for c in monitor.compare(as_pixels, ref, 0.5) if c.moved]
+    result = monitor.report(list(checks.values()), batch="b", model="m", n_rows=len(kept), header_refused=refused)
+    assert result["moved"] == [] and result["header_refused"] == refused
+    assert "dicom_view_position" in monitor.markdown(result)
+
+
+def test_monitor_a_prevalence_change_alone_does_not_alarm_at_the_stated_prevalence() -> None:
+    rng = np.random.default_rng(13)
+    ref, _, _ = _labelled_reference(rng)
+    rows = _workload(np.random.default_rng(14), 800, 0.25)  # the same model and films, a site with 25% Pneumonia
+    against_bare = [c.name for c in monitor.compare(rows, ref, 0.5) if c.moved]
+    assert "positive_rate" in against_bare  # against the 71% reference the case mix alone alarms ...
+    reweighted = monitor.at_prevalence(ref, 0.5, 0.25)
+    assert np.mean(np.asarray(reweighted["probability"]) >= 0.5) == pytest.approx(0.25, abs=0.01)
+    assert not [c.name for c in monitor.compare(rows, reweighted, 0.5) if c.moved]  # ... at 25% it does not
+    # and a real shift is still seen at the stated prevalence
+    shifted = [r | {"probability": min(1.0, r["probability"] + 0.45)} if r["probability"] is not None else r
+               for r in rows]
+    assert "positive_rate" in [c.name for c in monitor.compare(shifted, reweighted, 0.5) if c.moved]
+    # without a baseline or a prevalence the case-mix checks are shown, never judged
+    unjudged = {c.name: c for c in monitor.compare(rows, ref, 0.5, judge_case_mix=False)}
+    assert not unjudged["positive_rate"].moved and not unjudged["positive_rate"].judged
+    assert unjudged["flagged_rate"].judged
+
+
+def _monitor_repository(root: Path) -> Path:
+    rng = np.random.default_rng(15)
+    ref, _, _ = _labelled_reference(rng)
+    for name, sha, thr in (("low", "aa" * 32, 0.2), ("high", "bb" * 32, 0.8)):
+        d = root / name
+        d.mkdir(parents=True)
+        (d / "model_card.json").write_text(json.dumps({"model": name, "sha256": sha, "calibration": {"threshold": thr}}))
+        (d / "reference.json").write_text(json.dumps(ref))
+    return root
+
+
+def _write_csv(path: Path, rows: list[dict], sha: str) -> Path:
+    from cxr.client.results import CSV_COLUMNS
+
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(CSV_COLUMNS))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: "" for k in CSV_COLUMNS} | {
+                "status": r["status"].value, "probability": "" if r["probability"] is None else repr(r["probability"]),
+                "ood_score": "" if r["ood_score"] is None else repr(r["ood_score"]), "rule": r["rule"] or "",
+                "model_sha256": sha})
+    return path
+
+
+def test_monitor_command_uses_the_threshold_of_the_model_the_csv_names(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from cxr import cli
+
+    repo = _monitor_repository(tmp_path / "repo")
+    rows = _workload(np.random.default_rng(16), 300, 0.3, laterals=0.3)
+    batch = _write_csv(tmp_path / "b.csv", rows, "bb" * 32)
+    baseline = _write_csv(tmp_path / "week1.csv", _workload(np.random.default_rng(17), 300, 0.3, laterals=0.1), "bb" * 32)
+    rc = cli.main(["monitor", str(batch), "--model", "low", "--model-repository", str(repo), "--baseline", str(baseline),
+                   "--out", str(tmp_path / "r")])
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["model"] == "high" and result["threshold"] == 0.8  # the model that answered, not --model
+    judged = [r["probability"] for r in rows if r["probability"] is not None]
+    rate = next(c for c in result["checks"] if c["name"] == "positive_rate")
+    assert rate["batch"] == pytest.approx(np.mean(np.array(judged) >= 0.8)) and rate["judged"]
+    assert rc == 0 and result["moved"] == [] and result["header_refused"]["dicom_view_position"] > 50
+    assert result["n"] == len(judged)
+    capsys.readouterr()
+    other = _write_csv(tmp_path / "c.csv", rows, "cc" * 32)
+    assert cli.main(["monitor", str(other), "--model-repository", str(repo)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cccccccccccc" in err

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cxr.core.integrity import sha256_file
 from cxr.core.model_dir import read_provenance
 from cxr.train import data as data_mod
 from tests.conftest import REPO, SHIPPED_REPOSITORY
@@ -29,10 +30,11 @@ def cxr(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "cxr.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
-def variants(dest: Path, *, per_film: int, seed: int, gamma: float | None = None) -> Path:
+def variants(dest: Path, *, per_film: int, seed: int, gamma: float | None = None, patient_per_variant: bool = False) -> Path:
     """A labelled sample made of the example chest films under acquisition changes (crop, rotation, exposure,
     noise); each example film is one patient (MANIFEST.csv), so splits keep its variants together. ``gamma``
-    re-windows every film (a shifted batch)."""
+    re-windows every film (a shifted batch). ``patient_per_variant``: every variant is a patient of its own (a
+    stand-in for a sample of many patients, where splits and patient bootstraps need more than eight)."""
     rng = np.random.default_rng(seed)
     rows = []
     for cls in ("NORMAL", "PNEUMONIA"):
@@ -48,45 +50,77 @@ def variants(dest: Path, *, per_film: int, seed: int, gamma: float | None = None
                 a = a ** (gamma if gamma is not None else rng.uniform(0.85, 1.15)) + rng.normal(0, 0.01, a.shape)
                 name = f"{src.stem}_v{k:02d}.png"
                 Image.fromarray((np.clip(a, 0, 1) * 255).astype(np.uint8)).save(dest / cls / name)
-                rows.append({"label": cls, "file_name": name, "patient": src.stem})
+                rows.append({"label": cls, "file_name": name, "patient": name if patient_per_variant else src.stem})
     data_mod.write_manifest(dest, rows)
     return dest
 
 
-def test_site_audit_go_no_go_and_bad_input(tmp_path: Path) -> None:
-    good = cxr("site-audit", str(EXAMPLES), "--protocol", "embedded", "--out", str(tmp_path / "good"))
-    assert good.returncode == 0, good.stdout + good.stderr
-    report = json.loads((tmp_path / "good" / "audit.json").read_text())
-    assert report["go"] and report["n"] == 8 and report["flagged"]["k"] == 0
-    assert {"counts", "roc", "calibration", "ood_score"} <= set(report["plots"])
-    assert all((tmp_path / "good" / f).stat().st_size > 1000 for f in report["plots"].values())
-    # the same films with their labels swapped: every check that depends on the labels fails
-    swapped = tmp_path / "swapped"
-    for cls, other in (("NORMAL", "PNEUMONIA"), ("PNEUMONIA", "NORMAL")):
-        shutil.copytree(EXAMPLES / cls, swapped / other)
-    bad = cxr("site-audit", str(swapped), "--protocol", "embedded", "--out", str(tmp_path / "bad"))
-    assert bad.returncode == 3, bad.stdout + bad.stderr
-    checks = json.loads((tmp_path / "bad" / "audit.json").read_text())["checks"]
-    assert not checks["roc_auc"]["holds"] and not checks["sensitivity"]["holds"]
+def test_site_audit_refuses_samples_that_cannot_show_their_targets(tmp_path: Path) -> None:
+    # the eight example films: far too few for any bound to reach the card's targets; nothing is screened
+    r = cxr("site-audit", str(EXAMPLES), "--protocol", "embedded", "--out", str(tmp_path / "ten"))
+    assert r.returncode == 2 and r.stderr.count("error:") == 1, r.stdout + r.stderr
+    assert ">= 29 Pneumonia and >= 6 Normal films, >= 149 in all" in r.stderr
+    assert not (tmp_path / "ten" / "audit.json").exists()
+    assert "no patient ids" in r.stderr  # examples/MANIFEST.csv has no patient column
+    # one class: one line, exit 2
+    one = tmp_path / "one"
+    shutil.copytree(EXAMPLES / "PNEUMONIA", one / "PNEUMONIA")
+    r = cxr("site-audit", str(one), "--protocol", "embedded")
+    assert r.returncode == 2 and "one class" in r.stderr and r.stderr.strip().count("\n") <= 1, r.stderr
+    # the plan, before anything is labelled: no sample, no server
+    plan = cxr("site-audit", "--plan", "--targets", "sensitivity=0.95", "--url", "127.0.0.1:1")
+    assert plan.returncode == 0 and ">= 59 Pneumonia" in plan.stdout, plan.stdout + plan.stderr
+    r = cxr("site-audit", "--plan", "--targets", "sensitivity=2")
+    assert r.returncode == 2 and "sensitivity" in r.stderr
     (tmp_path / "empty").mkdir()
     r = cxr("site-audit", str(tmp_path / "empty"), "--protocol", "embedded")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "NORMAL/PNEUMONIA" in r.stderr
 
 
+def test_site_audit_decides_on_bounds_and_sets_aside_the_models_own_films(tmp_path: Path) -> None:
+    sample = variants(tmp_path / "site", per_film=20, seed=0)  # 160 films of 8 patients
+    listed = [p for p in EXAMPLES.glob("*/*") if sha256_file(p) in
+              {x["sha256"] for x in read_provenance(SHIPPED_REPOSITORY / "pneumonia" / "provenance.csv")}]
+    assert listed  # the examples hold films the shipped model learned from
+    for f in listed:
+        shutil.copy(f, sample / f.parent.name / f.name)
+    r = cxr("site-audit", str(sample), "--protocol", "embedded", "--out", str(tmp_path / "good"))
+    assert r.returncode in (0, 3), r.stdout + r.stderr
+    report = json.loads((tmp_path / "good" / "audit.json").read_text())
+    assert report["set_aside"]["films"] == len(listed) and report["n"] == 160  # never scored
+    assert f"set aside: {len(listed)} films" in r.stdout
+    assert report["patients"] == 8 and report["patients_known"]
+    assert r.returncode == (0 if all(c["bound"] >= c["target"] if c["op"] == ">=" else c["bound"] <= c["target"]
+                                     for c in report["checks"].values()) else 3)
+    assert {"counts", "roc", "calibration", "ood_score"} <= set(report["plots"])
+    # the same films with their labels swapped: every check that depends on the labels fails
+    swapped = tmp_path / "swapped"
+    for cls, other in (("NORMAL", "PNEUMONIA"), ("PNEUMONIA", "NORMAL")):
+        shutil.copytree(sample / cls, swapped / other)
+    bad = cxr("site-audit", str(swapped), "--protocol", "embedded", "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 3, bad.stdout + bad.stderr
+    checks = json.loads((tmp_path / "bad" / "audit.json").read_text())["checks"]
+    assert not checks["roc_auc"]["holds"] and not checks["sensitivity"]["holds"]
+    # the model's own films alone: all set aside, nothing left to audit
+    own = tmp_path / "own"
+    for f in listed:
+        (own / f.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, own / f.parent.name / f.name)
+    r = cxr("site-audit", str(own), "--protocol", "embedded")
+    assert r.returncode == 2 and ("0 Pneumonia" in r.stderr or "0 Normal" in r.stderr), r.stderr
+
+
 def test_site_audit_counts_a_refused_film_as_a_referral_and_lists_it(tmp_path: Path) -> None:
-    sample = tmp_path / "sample"
-    shutil.copytree(EXAMPLES / "NORMAL", sample / "NORMAL")
-    shutil.copytree(EXAMPLES / "PNEUMONIA", sample / "PNEUMONIA")
+    sample = variants(tmp_path / "sample", per_film=20, seed=3)
     shutil.copy(EXAMPLES / "not_chest" / "camera.png", sample / "NORMAL" / "camera.png")
     Image.new("RGB", (300, 300), (200, 30, 30)).save(sample / "NORMAL" / "figure.png")
     r = cxr("site-audit", str(sample), "--protocol", "embedded", "--out", str(tmp_path / "a"))
     report = json.loads((tmp_path / "a" / "audit.json").read_text())
     refused = {Path(x["path"]).name: x["rule"] for x in report["refused"]}
-    assert refused == {"camera.png": "out_of_distribution", "figure.png": "colour_image"}, r.stdout
-    answers = json.loads(cxr("predict", str(EXAMPLES / "NORMAL"), "--protocol", "embedded", "--format", "json").stdout)
-    cleared = sum(a["status"] == "ok" and a["label"] == "Normal" for a in answers)  # Normal films not referred
-    assert report["specificity"]["n"] == 6 and report["specificity"]["k"] == cleared  # both refused films referred
-    assert "figure.png" in r.stdout and r.returncode == 3  # 2 of 10 flagged is over the card's 2%
+    assert {"camera.png": "out_of_distribution", "figure.png": "colour_image"}.items() <= refused.items(), r.stdout
+    assert report["specificity"]["n"] == 82  # both refused Normal films are referrals
+    assert "figure.png" in r.stdout and r.returncode == 3  # 2 of 162 flagged: the bound is over the card's 2%
+    assert not report["checks"]["flagged"]["holds"]
 
 
 def test_evaluate_lists_refused_films_and_goes_on(tmp_path: Path) -> None:
@@ -105,27 +139,51 @@ def test_evaluate_lists_refused_films_and_goes_on(tmp_path: Path) -> None:
     assert "colour_image" in r.stdout
 
 
+def _listed_examples() -> list[Path]:
+    """The example films the shipped model's provenance lists (it learned from them)."""
+    listed = {x["sha256"] for x in read_provenance(SHIPPED_REPOSITORY / "pneumonia" / "provenance.csv")}
+    return [p for p in sorted(EXAMPLES.glob("*/*")) if sha256_file(p) in listed]
+
+
 def test_adapt_end_to_end_and_the_new_folder_is_served(tmp_path: Path) -> None:
     from cxr.client import PneumoniaClient
+    from cxr.core.claims import Claims
     from cxr.serving.server import ServerConfig, TritonServer, free_ports
 
-    sample = variants(tmp_path / "site", per_film=10, seed=0)
+    sample = variants(tmp_path / "site", per_film=40, seed=0, patient_per_variant=True)
+    listed = _listed_examples()
+    for f in listed:  # films the model learned from: set aside and counted, never in a part
+        shutil.copy(f, sample / f.parent.name / f.name)
     out = tmp_path / "repo"
     r = cxr("adapt", str(sample), "--out-repository", str(out), "--name", "pneumonia_site", "--report",
-            str(tmp_path / "report"))
+            str(tmp_path / "report"), "--targets", "flagged=0.05")
     assert r.returncode == 0, r.stdout + r.stderr
+    assert f"set aside {len(listed)} films" in r.stdout
     model_dir = out / "pneumonia_site"
     card = json.loads((model_dir / "model_card.json").read_text())
     assert card["adaptation"]["audit"]["go"] and card["calibration"]["threshold"] != json.loads(
         (SHIPPED_REPOSITORY / "pneumonia" / "model_card.json").read_text())["calibration"]["threshold"]
     prov = read_provenance(model_dir / "provenance.csv")
-    adapt_files = {x["path"] for x in prov if x["role"] == "adapt"}
-    audit_files = {x["path"] for x in prov if x["role"] == "audit"}
-    assert len(adapt_files) + len(audit_files) == 80 and not adapt_files & audit_files
-    patients = {role: {x["patient"] for x in prov if x["role"] == role} for role in ("adapt", "audit")}
-    assert not patients["adapt"] & patients["audit"]  # split by patient
+    files = {role: {x["path"] for x in prov if x["role"] == role and "/site/" in x["path"]}
+             for role in ("adapt", "calibration", "audit")}
+    assert sum(map(len, files.values())) == 320 and not (files["adapt"] & files["audit"]) and not (
+        files["calibration"] & files["audit"])
+    assert not {x["sha256"] for x in prov if x["role"] in ("adapt", "calibration", "audit") and "/site/" in x["path"]} & {
+        sha256_file(f) for f in listed}
+    patients = {role: {x["patient"] for x in prov if x["role"] == role and "/site/" in x["path"]} for role in files}
+    assert not patients["adapt"] & patients["audit"] and not patients["calibration"] & patients["audit"]
+    # the card says which sample, split and targets; claims.json is measured on the audit part, out of sample
+    site = card["site"]
+    assert site["sample"] == str(sample) and site["targets"]["flagged"] == 0.05
+    assert {k: site["split"]["parts"][k]["films"] for k in ("adapt", "calibrate", "audit")} == {
+        k: len(v) for k, v in zip(("adapt", "calibrate", "audit"), files.values())}
+    assert site["split"]["set_aside"] == len(listed)
+    claims = Claims.load(model_dir / "claims.json")
+    assert claims.model_sha256 == card["sha256"] and len(claims.claims) == 1
+    claim = claims.claims[0]
+    assert not claim.in_sample and claim.films == len(files["audit"]) and claim.threshold == card["calibration"]["threshold"]
     for f in ("1/model.onnx", "1/model.py", "config.pbtxt", "configs/cpu.pbtxt", "eligibility.json", "reference.json",
-              "adapt_kit.npz", "MODEL_CARD.md"):
+              "adapt_kit.npz", "MODEL_CARD.md", "claims.json"):
         assert (model_dir / f).is_file(), f
     films = sorted(str(p) for p in (sample / "PNEUMONIA").iterdir())[:6]
     with PneumoniaClient(str(out), protocol="embedded", model="pneumonia_site") as c:
@@ -142,6 +200,46 @@ def test_adapt_end_to_end_and_the_new_folder_is_served(tmp_path: Path) -> None:
     for a, b in zip(local, served):
         assert a.status == b.status and a.label == b.label
         assert (a.probability is None and b.probability is None) or a.probability == pytest.approx(b.probability, abs=1e-5)
+
+
+def test_the_audit_part_chooses_nothing(tmp_path: Path) -> None:
+    """With the split fixed, flipping every label of the audit part changes the audit and nothing chosen: the
+    weights and the OOD refit (the graph's sha256) and the threshold."""
+    from cxr.export.adapt import AdaptConfig, adapt
+    from cxr.train.audit import Targets
+
+    sample = variants(tmp_path / "a" / "site", per_film=30, seed=4, patient_per_variant=True)
+    cfg = AdaptConfig(sample=sample, model_dir=SHIPPED_REPOSITORY / "pneumonia", out_repository=tmp_path / "repo",
+                      name="a", report_dir=tmp_path / "r1", targets=Targets(flagged=0.1), confidence=0.9,
+                      block_candidates=((2, 1e-3),), block_epochs=4)
+    _, first = adapt(cfg, progress=False)
+    by_patient = first["split"]["by_patient"]
+    assert set(by_patient.values()) == {"adapt", "calibrate", "audit"}
+    flipped = tmp_path / "b" / "site"  # the same folder name: the same patient ids
+    shutil.copytree(sample, flipped)
+    rows = []
+    for s in data_mod.folder_samples(sample):
+        cls = s.path.parent.name
+        if by_patient[s.patient] == "audit":
+            cls = "NORMAL" if cls == "PNEUMONIA" else "PNEUMONIA"
+            shutil.move(str(flipped / s.path.parent.name / s.path.name), str(flipped / cls / s.path.name))
+        rows.append({"label": cls, "file_name": s.path.name, "patient": s.patient.split(":", 1)[1]})
+    data_mod.write_manifest(flipped, rows)
+    again_cfg = AdaptConfig(**{**cfg.__dict__, "sample": flipped, "report_dir": tmp_path / "r2", "parts": by_patient})
+    _, again = adapt(again_cfg, progress=False)
+    assert again["split"]["by_patient"] == by_patient
+    assert again["model_sha256"] == first["model_sha256"]
+    assert again["calibration"]["threshold"] == first["calibration"]["threshold"]
+    assert again["ood"]["threshold"] == first["ood"]["threshold"]
+    assert again["features"]["tried"] == first["features"]["tried"]  # the block's fit and its choice, epoch by epoch
+    assert first["audit"]["roc_auc"]["value"] > 0.9 > again["audit"]["roc_auc"]["value"]  # the audit saw the flip
+    assert not again["audit"]["go"]
+
+
+def test_adapt_refuses_a_sample_too_small_for_its_targets(tmp_path: Path) -> None:
+    r = cxr("adapt", str(EXAMPLES), "--out-repository", str(tmp_path / "repo"), "--report", str(tmp_path / "r"))
+    assert r.returncode == 2 and "needs" in r.stderr and r.stderr.count("error:") == 1, r.stderr
+    assert not (tmp_path / "repo").exists()
 
 
 def test_monitor_silent_on_a_like_batch_and_exit_3_on_a_rewindowed_one(tmp_path: Path) -> None:

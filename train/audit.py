@@ -13,26 +13,43 @@ report holds:
 * calibration (reliability bins, ECE) on the assessable films;
 * the ``ood_score`` histogram against the model's reference histogram.
 
-The go/no-go compares the point estimates with the model card's stated
-targets (:class:`Targets`); the report also says whether the sample is large
-enough for the lower bounds to show them.
+The go/no-go is decided on **bounds** at a stated one-sided confidence
+(:data:`CONFIDENCE`, 95% by default): the lower bounds of sensitivity,
+specificity and ROC AUC must reach the card's targets (:class:`Targets`) and
+the upper bound of the flagged share must stay under its target. A rate's
+bound is the more cautious of the exact Clopper-Pearson bound (films as if
+independent) and the patient bootstrap's (:func:`cxr.train.claims.patient_bootstrap`,
+a patient's films drawn together); the AUC's is the patient bootstrap's.
+
+A sample that cannot support its targets (even a perfect result's bound would
+miss one) is refused before anything is screened (:class:`InsufficientSample`,
+exit 2), with the films per class it would need (:func:`films_needed`); so is a
+one-class sample.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from cxr.core import contract
+from cxr.core.errors import CxrError
 from cxr.core.model_dir import ModelCard
 from cxr.train import metrics
 
 #: Exit codes of ``cxr site-audit`` and ``cxr adapt``: targets hold / targets missed (bad input is 2).
 GO, NO_GO = 0, 3
+#: One-sided confidence of every bound the decision reads.
+CONFIDENCE = 0.95
+
+
+class InsufficientSample(CxrError):
+    """A labelled sample that cannot show its targets whatever the model does (one class, or too few films)."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +89,7 @@ class Screened:
     probability: float | None = None
     ood_score: float | None = None
     rule: str | None = None
+    patient: str | None = None
 
     def __post_init__(self) -> None:
         if self.label not in (0, 1):
@@ -92,14 +110,162 @@ def clopper_pearson(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
     return lo, hi
 
 
+#: What a sample without patient ids costs (the warning both site tools print).
+NO_PATIENTS_WARNING = ("no patient ids (MANIFEST.csv with a patient column): patients are guessed from file names, so "
+                       "films of one patient may count as independent (intervals too narrow) and one patient may land "
+                       "in two parts of a split")
+
+
+@dataclass(frozen=True)
+class SiteSample:
+    """A hospital's labelled folder as the site tools use it.
+
+    Attributes:
+        films: The films to use (patients namespaced by the folder), sorted by path.
+        set_aside: Films the model's ``provenance.csv`` lists (by sha256): the model trained, selected or
+            calibrated on them, so they are never scored as the site's evidence.
+        patients_known: Every film's patient comes from ``MANIFEST.csv`` (else from file names).
+        digests: sha256 of every film (``films`` and ``set_aside``), by path.
+    """
+
+    films: tuple
+    set_aside: tuple
+    patients_known: bool
+    digests: dict
+
+    def __post_init__(self) -> None:
+        if not self.films and not self.set_aside:
+            raise ValueError("a site sample has films")
+
+    @property
+    def n_pos(self) -> int:
+        return sum(s.label == 1 for s in self.films)
+
+    @property
+    def n_neg(self) -> int:
+        return sum(s.label == 0 for s in self.films)
+
+    def set_aside_by_role(self, provenance: list[dict]) -> dict[str, int]:
+        roles: dict[str, set[str]] = {}
+        for r in provenance:
+            roles.setdefault(r["sha256"], set()).add(r["role"])
+        out: dict[str, int] = {}
+        for s in self.set_aside:
+            for role in sorted(roles.get(self.digests[s.path], ())):
+                out[role] = out.get(role, 0) + 1
+        return out
+
+
+def site_sample(folder: Path, provenance: list[dict]) -> SiteSample:
+    """The labelled folder, with the films ``provenance`` (the model folder's rows) lists set aside."""
+    import hashlib
+
+    from cxr.train import data as data_mod
+
+    folder = Path(folder)
+    samples = data_mod.folder_samples(folder)
+    named = data_mod.manifest_patients(folder)
+    known = all(s.path.name in named for s in samples)
+    digests = {s.path: hashlib.sha256(s.path.read_bytes()).hexdigest() for s in samples}
+    listed = {r["sha256"] for r in provenance}
+    return SiteSample(films=tuple(s for s in samples if digests[s.path] not in listed),
+                      set_aside=tuple(s for s in samples if digests[s.path] in listed),
+                      patients_known=known, digests=digests)
+
+
+def lower_bound(k: int, n: int, confidence: float = CONFIDENCE) -> float:
+    """One-sided exact (Clopper-Pearson) lower bound of ``k / n``."""
+    lo, _ = clopper_pearson(k, n, alpha=2 * (1 - confidence))
+    return lo
+
+
+def upper_bound(k: int, n: int, confidence: float = CONFIDENCE) -> float:
+    """One-sided exact (Clopper-Pearson) upper bound of ``k / n``."""
+    _, hi = clopper_pearson(k, n, alpha=2 * (1 - confidence))
+    return hi
+
+
+@dataclass(frozen=True)
+class Needs:
+    """The smallest sample whose *perfect* result would show the targets at ``confidence``: every positive
+    referred, every negative cleared, no film flagged (a real model needs more).
+
+    Attributes:
+        positives: Pneumonia films for the sensitivity target.
+        negatives: Normal films for the specificity target.
+        films: Films in all for the flagged target.
+        confidence: One-sided confidence of the bounds.
+    """
+
+    positives: int
+    negatives: int
+    films: int
+    confidence: float
+
+    def __post_init__(self) -> None:
+        if min(self.positives, self.negatives, self.films) < 1 or not 0.5 < self.confidence < 1:
+            raise ValueError("needs are at least one film each, at a confidence in (0.5, 1)")
+
+    def met_by(self, n_pos: int, n_neg: int) -> bool:
+        return n_pos >= self.positives and n_neg >= self.negatives and n_pos + n_neg >= self.films
+
+    def text(self) -> str:
+        return (f">= {self.positives} Pneumonia and >= {self.negatives} Normal films, >= {self.films} in all "
+                f"(what a perfect result needs for its {self.confidence:.0%} bounds to reach the targets)")
+
+
+def _smallest_n(ok: Callable[[int], bool]) -> int:
+    n = 1
+    while not ok(n):
+        n *= 2
+        if n > 1_000_000:
+            raise ValueError("a target that no sample can show (1.0 or 0.0)")
+    lo = n // 2 + 1 if n > 1 else 1
+    while lo < n:  # the bound of a perfect result only improves with n: bisect
+        mid = (lo + n) // 2
+        n, lo = (mid, lo) if ok(mid) else (n, mid + 1)
+    return n
+
+
+def films_needed(targets: Targets, confidence: float = CONFIDENCE) -> Needs:
+    """Films per class a sample needs before it can show ``targets`` (:class:`Needs`)."""
+    def rate_n(target: float) -> int:
+        return 1 if target <= 0 else _smallest_n(lambda n: lower_bound(n, n, confidence) >= target)
+
+    flagged = 1 if targets.flagged >= 1 else _smallest_n(lambda n: upper_bound(0, n, confidence) <= targets.flagged)
+    return Needs(positives=rate_n(targets.sensitivity), negatives=rate_n(targets.specificity), films=flagged,
+                 confidence=confidence)
+
+
+def check_sample(n_pos: int, n_neg: int, targets: Targets, confidence: float = CONFIDENCE) -> Needs:
+    """Refuse a sample that cannot show its targets (before anything is screened).
+
+    Raises:
+        InsufficientSample: One class only, or fewer films than :func:`films_needed` (one line, with the needs).
+    """
+    needs = films_needed(targets, confidence)
+    if min(n_pos, n_neg) == 0:
+        raise InsufficientSample(f"the sample has {n_pos} Pneumonia and {n_neg} Normal films: one class cannot show "
+                                 f"sensitivity, specificity and AUC; label both classes ({needs.text()})")
+    if not needs.met_by(n_pos, n_neg):
+        raise InsufficientSample(f"the sample ({n_pos} Pneumonia, {n_neg} Normal) cannot support its targets: it "
+                                 f"needs {needs.text()}")
+    return needs
+
+
 def _rate(k: int, n: int) -> dict:
     lo, hi = clopper_pearson(k, n)
     return {"value": k / n if n else float("nan"), "k": k, "n": n, "ci95": [lo, hi]}
 
 
 def audit(films: list[Screened], *, threshold: float, targets: Targets, reference: dict | None = None,
-          n_boot: int = 1000) -> dict:
-    """The audit as numbers (see the module docstring). ``reference``: the model's ``reference.json``."""
+          n_boot: int = 1000, confidence: float = CONFIDENCE) -> dict:
+    """The audit as numbers (see the module docstring). ``reference``: the model's ``reference.json``.
+
+    ``go`` holds when every check's bound at ``confidence`` (one-sided) meets its target.
+    """
+    from cxr.train.claims import patient_bootstrap
+
     y = np.array([f.label for f in films], int)
     ok = np.array([f.status is contract.Status.OK for f in films])
     p = np.array([f.probability if f.probability is not None else np.nan for f in films], float)
@@ -112,20 +278,26 @@ def audit(films: list[Screened], *, threshold: float, targets: Targets, referenc
     tp, n_pos = int((referred & (y == 1)).sum()), int((y == 1).sum())
     tn, n_neg = int((~referred & (y == 0)).sum()), int((y == 0).sum())
     n_flag = int((~ok).sum())
+    patients = [f.patient or f.path for f in films]
     result: dict = {
-        "n": len(films), "threshold": threshold, "counts": counts,
+        "n": len(films), "threshold": threshold, "counts": counts, "confidence": confidence,
+        "patients": len(set(patients)), "patients_known": all(f.patient for f in films),
         "flagged": _rate(n_flag, len(films)),
         "sensitivity": _rate(tp, n_pos), "specificity": _rate(tn, n_neg),
         "referrals_count_as_positive": True,
     }
+    boot = (patient_bootstrap(y, p, patients, threshold, n_boot=n_boot, confidence=2 * confidence - 1)
+            if films else {k: (float("nan"),) * 3 for k in ("auc", "sensitivity", "specificity", "flagged")})
     yo, po = y[ok], p[ok]
     if len(set(yo)) == 2:
         ci = metrics.bootstrap_ci(yo, po, lambda a, b: {"roc_auc": metrics.roc_auc(a, b)}, n_boot=n_boot)
-        result["roc_auc"] = {"value": metrics.roc_auc(yo, po), "ci95": list(ci["roc_auc"]), "n": int(ok.sum())}
+        result["roc_auc"] = {"value": metrics.roc_auc(yo, po), "ci95": list(ci["roc_auc"]), "n": int(ok.sum()),
+                             "patient_bootstrap": list(boot["auc"])}
         result["calibration"] = {"ece": metrics.expected_calibration_error(yo, po),
                                  "bins": metrics.reliability(yo, po)}
     else:
-        result["roc_auc"] = {"value": float("nan"), "ci95": [float("nan"), float("nan")], "n": int(ok.sum())}
+        result["roc_auc"] = {"value": float("nan"), "ci95": [float("nan"), float("nan")], "n": int(ok.sum()),
+                             "patient_bootstrap": [float("nan")] * 3}
         result["calibration"] = None
     scores = np.array([f.ood_score for f in films if f.ood_score is not None], float)
     result["ood_score"] = {"values": scores.tolist(),
@@ -133,19 +305,27 @@ def audit(films: list[Screened], *, threshold: float, targets: Targets, referenc
                            "threshold": (reference or {}).get("ood_threshold")}
     result["refused"] = [{"path": f.path, "label": contract.LABELS[f.label], "status": f.status.value, "rule": f.rule}
                          for f in films if f.status is not contract.Status.OK]
+
+    def low(k: int, n: int, b: float) -> float:  # the more cautious of the exact and the patient bootstrap bound
+        return min(lower_bound(k, n, confidence), b) if n and math.isfinite(b) else (
+            lower_bound(k, n, confidence) if n else float("nan"))
+
     checks = {
-        "sensitivity": (result["sensitivity"]["value"], ">=", targets.sensitivity, result["sensitivity"]["ci95"][0]),
-        "specificity": (result["specificity"]["value"], ">=", targets.specificity, result["specificity"]["ci95"][0]),
-        "roc_auc": (result["roc_auc"]["value"], ">=", targets.roc_auc, result["roc_auc"]["ci95"][0]),
-        "flagged": (result["flagged"]["value"], "<=", targets.flagged, result["flagged"]["ci95"][1]),
+        "sensitivity": (result["sensitivity"]["value"], ">=", targets.sensitivity,
+                        low(tp, n_pos, boot["sensitivity"][1])),
+        "specificity": (result["specificity"]["value"], ">=", targets.specificity,
+                        low(tn, n_neg, boot["specificity"][1])),
+        "roc_auc": (result["roc_auc"]["value"], ">=", targets.roc_auc, result["roc_auc"]["patient_bootstrap"][1]),
+        "flagged": (result["flagged"]["value"], "<=", targets.flagged,
+                    max(upper_bound(n_flag, len(films), confidence), boot["flagged"][2]) if films else float("nan")),
     }
     result["targets"] = asdict(targets)
     result["checks"] = {}
     for name, (value, op, target, bound) in checks.items():
-        holds = math.isfinite(value) and (value >= target if op == ">=" else value <= target)
+        point = math.isfinite(value) and (value >= target if op == ">=" else value <= target)
         shown = math.isfinite(bound) and (bound >= target if op == ">=" else bound <= target)
-        result["checks"][name] = {"value": value, "op": op, "target": target, "holds": bool(holds),
-                                  "bound": bound, "shown_by_bound": bool(shown)}
+        result["checks"][name] = {"value": value, "op": op, "target": target, "holds": bool(shown),
+                                  "bound": bound, "point_meets_target": bool(point)}
     result["go"] = all(c["holds"] for c in result["checks"].values())
     return result
 
@@ -156,12 +336,14 @@ def _fmt(v: float | None, digits: int = 3) -> str:
 
 def summary(result: dict) -> str:
     """The decision and every check, one line each (for the terminal)."""
-    lines = [f"decision: {'GO' if result['go'] else 'NO-GO'}"]
+    conf = result.get("confidence", CONFIDENCE)
+    lines = [f"decision: {'GO' if result['go'] else 'NO-GO'} (every {conf:.0%} bound against the card's target)"]
     for name, ch in result["checks"].items():
         verdict = "holds" if ch["holds"] else ("MISSED" if math.isfinite(ch["value"]) else "NOT MEASURABLE (one class)")
-        lines.append(f"  {name:<12} {_fmt(ch['value'])}  target {ch['op']} {_fmt(ch['target'], 2)}  95% bound "
+        lines.append(f"  {name:<12} {_fmt(ch['value'])}  target {ch['op']} {_fmt(ch['target'], 2)}  {conf:.0%} bound "
                      f"{_fmt(ch['bound'])}  {verdict}"
-                     + (" (the sample is too small for the bound to show it)" if ch["holds"] and not ch["shown_by_bound"] else ""))
+                     + (" (the point estimate meets it; the bound does not)" if ch["point_meets_target"] and not ch["holds"]
+                        else ""))
     return "\n".join(lines)
 
 
@@ -172,13 +354,16 @@ def markdown(result: dict, *, title: str, model: str, sample: str) -> str:
         f"# {title}", "",
         f"- model: `{model}`; threshold {_fmt(result['threshold'], 4)}",
         f"- sample: `{sample}` ({result['n']} films)",
-        f"- decision: **{'GO' if result['go'] else 'NO-GO'}** (every point estimate against the card's target)",
-        "", "| check | value | target | 95% bound | holds | shown by the bound |", "|---|---|---|---|---|---|",
+        f"- decision: **{'GO' if result['go'] else 'NO-GO'}** (every one-sided "
+        f"{result.get('confidence', CONFIDENCE):.0%} bound against the card's target)",
+        f"- patients: {result.get('patients', 'n/a')}" + ("" if result.get("patients_known", True) else
+                                                           " (guessed from file names: intervals may be too narrow)"),
+        "", "| check | value | target | bound | holds (bound) | point meets target |", "|---|---|---|---|---|---|",
     ]
     for name, ch in c.items():
         holds = "yes" if ch["holds"] else ("NO" if math.isfinite(ch["value"]) else "not measurable (one class)")
         lines.append(f"| {name} | {_fmt(ch['value'])} | {ch['op']} {_fmt(ch['target'], 2)} | {_fmt(ch['bound'])} | "
-                     f"{holds} | {'yes' if ch['shown_by_bound'] else 'no'} |")
+                     f"{holds} | {'yes' if ch['point_meets_target'] else 'no'} |")
     lines += ["", "| class | films | flagged | flagged rate |", "|---|---|---|---|"]
     for name, cnt in result["counts"].items():
         lines.append(f"| {name} | {cnt['films']} | {cnt['flagged']} | {_fmt(cnt['flagged_rate'])} |")

@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 _PERSON = re.compile(r"^(person\d+)_(?:bacteria|virus)_\d+", re.IGNORECASE)
 _NORMAL2 = re.compile(r"^(NORMAL2-IM-\d+)-\d+", re.IGNORECASE)
 _IM = re.compile(r"^(IM-\d+)-\d+", re.IGNORECASE)
+#: NIH ChestX-ray14: ``PATIENT_FOLLOWUP.png``, 8-digit patient, 3-digit follow-up.
+_NIH = re.compile(r"^(\d{8})_\d{3}\.")
 
 
 def patient_id(filename: str) -> str:
@@ -46,10 +48,11 @@ def patient_id(filename: str) -> str:
     ``person1000_bacteria_2931.jpeg`` -> ``person1000``;
     ``IM-0115-0001.jpeg`` -> ``IM-0115``; ``NORMAL2-IM-0381-0001.jpeg`` ->
     ``NORMAL2-IM-0381`` (IM- and NORMAL2-IM- are kept apart as separate
-    series). Any other name is its own patient (its stem).
+    series); an NIH ChestX-ray14 name ``00001299_003.png`` -> ``00001299``.
+    Any other name is its own patient (its stem).
     """
     stem = Path(filename).name
-    for pattern in (_PERSON, _NORMAL2, _IM):
+    for pattern in (_PERSON, _NORMAL2, _IM, _NIH):
         match = pattern.match(stem)
         if match:
             return match.group(1)

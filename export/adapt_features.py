@@ -1,0 +1,301 @@
+"""Adapting the features at a hospital: fine-tune the network's last convolutional block with its head.
+
+A hospital has the served ONNX graph and its own films. The last block (the chain of ``Conv``/``Relu`` nodes that
+feeds the global average pool in front of the head) is found in the graph (:func:`find_block`); its input
+activations are computed once for every site film (:func:`block_inputs`), and the block and the head are then
+trained on them in TensorFlow (:func:`finetune_block`): class-balanced log-loss on the adapt part's labels,
+distillation towards the base model's answers (on the kit's replay activations when the kit carries them, else on
+the site's own films), and an L2 pull towards the base weights. How far it goes (the epoch) is chosen by ROC AUC on
+the calibrate part, never the audit part.
+
+The adapted block is written as a *copy* beside the original (:func:`write_block`): the head reads the copy,
+while the out-of-distribution head keeps reading the original block, so the OOD reference and the adapt kit's
+features stay valid. Graphs whose last block is not a plain Conv/ReLU chain (e.g. InceptionV3's mixed blocks) get
+``None`` from :func:`find_block` and adapt their head only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cxr.core import contract
+from cxr.export.head import HeadWeights
+
+logger = logging.getLogger(__name__)
+
+#: Suffix of the adapted copy's node, tensor and initializer names.
+SUFFIX = "_site"
+
+
+@dataclass(frozen=True)
+class Block:
+    """The last block of a graph: ``input`` -> (Conv, Relu)* -> GlobalAveragePool [-> Squeeze] = ``gap_tensor``.
+
+    Attributes:
+        input: Tensor feeding the block.
+        nodes: Node names of the chain, in order (Conv, Relu, ..., GlobalAveragePool[, Squeeze]).
+        convs: Conv node names, in order, with their (weight, bias) initializer names.
+        gap_tensor: The head's input (the OOD head's first tap).
+        ops: The op types before the pool, in order (Conv, Relu, MaxPool), as the trainer runs them.
+    """
+
+    input: str
+    nodes: tuple[str, ...]
+    convs: tuple[tuple[str, str, str], ...]
+    gap_tensor: str
+    ops: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.convs:
+            raise ValueError("a block has at least one convolution")
+
+
+def _pool_ok(node) -> bool:  # type: ignore[no-untyped-def]
+    att = {a.name: list(a.ints) for a in node.attribute}
+    return (att.get("kernel_shape") == [2, 2] and att.get("strides") == [2, 2] and not any(att.get("pads", []))
+            and not any(a.name in ("ceil_mode", "auto_pad") and (a.i or a.s) for a in node.attribute))
+
+
+def _conv_ok(node, inits: set[str]) -> bool:  # type: ignore[no-untyped-def]
+    if not (len(node.input) == 3 and node.input[1] in inits and node.input[2] in inits):
+        return False
+    att = {a.name: list(a.ints) for a in node.attribute}
+    k = att.get("kernel_shape", [])
+    return (att.get("strides", [1, 1]) == [1, 1] and att.get("dilations", [1, 1]) == [1, 1] and len(k) == 2
+            and k[0] % 2 == 1 and att.get("pads", [0] * 4) == [k[0] // 2, k[1] // 2, k[0] // 2, k[1] // 2]
+            and not any(a.name == "group" and a.i not in (0, 1) for a in node.attribute))
+
+
+def find_block(model, gap_tensor: str, convs: int = 2) -> Block | None:  # type: ignore[no-untyped-def]
+    """The last ``convs`` convolutions before ``gap_tensor`` as a trainable chain (Conv-ReLU pairs, 2x2 max pools
+    between them, stride 1 'same' convolutions), or ``None`` when the graph does not end that way."""
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    inits = {i.name for i in g.initializer}
+    chain = []
+    n = producer.get(gap_tensor)
+    if n is not None and n.op_type == "Squeeze":
+        chain.append(n)
+        n = producer.get(n.input[0])
+    if n is None or n.op_type != "GlobalAveragePool":
+        return None
+    chain.append(n)
+    t = n.input[0]
+    found: list[tuple[str, str, str]] = []
+    while t in producer and len(found) < convs:
+        p = producer[t]
+        if p.op_type == "Relu" or (p.op_type == "MaxPool" and _pool_ok(p)):
+            chain.append(p)
+        elif p.op_type == "Conv" and _conv_ok(p, inits):
+            chain.append(p)
+            found.append((p.name, p.input[1], p.input[2]))
+        else:
+            break
+        t = p.input[0]
+    while chain[-1].op_type != "Conv" and chain[-1].op_type not in ("GlobalAveragePool", "Squeeze"):
+        t = chain.pop().output[0]  # start at a convolution
+    ops = [x.op_type for x in reversed(chain)]
+    body = [o for o in ops[: ops.index("GlobalAveragePool")] if o != "MaxPool"]
+    if len(found) < convs or body != ["Conv", "Relu"] * convs:
+        return None  # the trainer's forward pass is Conv-ReLU pairs with max pools between
+    return Block(input=t, nodes=tuple(x.name for x in reversed(chain)), convs=tuple(reversed(found)),
+                 gap_tensor=gap_tensor, ops=tuple(o for o in ops[: ops.index("GlobalAveragePool")]))
+
+
+def conv_weights(model, block: Block) -> list[tuple[np.ndarray, np.ndarray]]:  # type: ignore[no-untyped-def]
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    return [(numpy_helper.to_array(inits[w]).astype(np.float32), numpy_helper.to_array(inits[b]).astype(np.float32))
+            for _, w, b in block.convs]
+
+
+def block_inputs(model, block: Block, images: np.ndarray, *, batch_size: int = 64) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """The block's input activations ``(N, C, H, W)`` (float32) of uint8 images."""
+    import onnx
+
+    from cxr.core.ort_session import make_session
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.append(onnx.helper.make_tensor_value_info(block.input, onnx.TensorProto.FLOAT, None))
+    sess = make_session(m.SerializeToString())
+    parts = [sess.run([block.input], {contract.INPUT_NAME: images[i : i + batch_size]})[0]
+             for i in range(0, len(images), batch_size)]
+    return np.concatenate(parts).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class BlockFit:
+    """A fine-tuned block and head, and how it was chosen.
+
+    Attributes:
+        convs: ``(weight OIHW, bias)`` of every convolution of the block.
+        head: The head's weights.
+        epoch: The epoch kept (0: the base weights).
+        history: ``{"epoch", "loss", "calibrate_auc"}`` per epoch (epoch 0 included).
+        settings: Learning rate, distillation weight, L2 pull, batch size, epochs.
+    """
+
+    convs: tuple = field(repr=False)
+    head: HeadWeights = field(repr=False)
+    epoch: int = 0
+    history: tuple = ()
+    settings: dict = field(default_factory=dict)
+
+
+def _forward(tf, a, convs, head, scale: float, bias: float, ops: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
+    h = a
+    k = 0
+    for op in ops or ("Conv", "Relu") * len(convs):
+        if op == "Conv":
+            h = tf.nn.conv2d(h, convs[k][0], strides=1, padding="SAME") + convs[k][1]
+            k += 1
+        elif op == "Relu":
+            h = tf.nn.relu(h)
+        else:
+            h = tf.nn.max_pool2d(h, 2, 2, "VALID")
+    g = tf.reduce_mean(h, axis=(1, 2))
+    hidden = tf.nn.relu(tf.matmul(g, head[0]) + head[1])
+    z = tf.matmul(hidden, head[2])[:, 0] + head[3][0]
+    return scale * z + bias
+
+
+def finetune_block(acts: np.ndarray, y: np.ndarray, teacher_acts: np.ndarray, teacher: np.ndarray,
+                   base_convs: list[tuple[np.ndarray, np.ndarray]], base_head: HeadWeights, *,
+                   val_acts: np.ndarray, val_y: np.ndarray, epochs: int = 20, learning_rate: float = 3e-4,
+                   distill: float = 0.5, l2: float = 1e-3, batch_size: int = 32, seed: int = 0,
+                   progress: bool = False, ops: tuple[str, ...] = ()) -> BlockFit:
+    """Train the block and head on ``acts`` (block inputs, NCHW) with labels ``y``, distilling ``teacher``
+    (the base model's probabilities) on ``teacher_acts``; keep the epoch with the best ROC AUC on ``val_*``
+    (the calibrate part; epoch 0 = the base weights, so adapting never makes the calibrate AUC worse)."""
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    from cxr.train import metrics
+
+    tf.random.set_seed(seed)
+    # one sample, one split, one seed: one model (tests rely on it); restored after, as the process found it
+    from tensorflow.python.framework import config as tf_config  # the public API can enable, not disable
+
+    was_deterministic = tf_config.is_op_determinism_enabled()
+    tf_config.enable_op_determinism()
+    rng = np.random.default_rng(seed)
+    nhwc = lambda a: tf.constant(np.transpose(a, (0, 2, 3, 1)))  # noqa: E731
+    a_site, a_teach, a_val = nhwc(acts), nhwc(teacher_acts), nhwc(val_acts)
+    convs0 = [(np.transpose(w, (2, 3, 1, 0)), b) for w, b in base_convs]
+    head0 = [base_head.w1, base_head.b1, base_head.w2, base_head.b2]
+    conv_vars = [(tf.Variable(w, dtype=tf.float32), tf.Variable(b, dtype=tf.float32)) for w, b in convs0]
+    head_vars = [tf.Variable(np.asarray(v, np.float32)) for v in head0]
+    anchors = [tf.constant(np.asarray(v, np.float32)) for pair in convs0 for v in pair] + [
+        tf.constant(np.asarray(v, np.float32)) for v in head0]
+    variables = [v for pair in conv_vars for v in pair] + head_vars
+    opt = tf.keras.optimizers.Adam(learning_rate)
+    y = np.asarray(y, np.float32)
+    w_cls = np.where(y == 1, 0.5 / max(1, (y == 1).sum()), 0.5 / max(1, (y == 0).sum())).astype(np.float32) * len(y)
+    t_all = np.asarray(teacher, np.float32)
+    bce = tf.keras.losses.binary_crossentropy
+
+    def val_auc() -> float:
+        s = _forward(tf, a_val, conv_vars, head_vars, base_head.scale, base_head.bias, ops).numpy().astype(np.float64)
+        return float(metrics.roc_auc(val_y, 1.0 / (1.0 + np.exp(-np.clip(s, -50, 50)))))
+
+    def snapshot() -> tuple:
+        convs = tuple((np.transpose(w.numpy(), (3, 2, 0, 1)), b.numpy()) for w, b in conv_vars)
+        w1, b1, w2, b2 = (v.numpy().astype(np.float64) for v in head_vars)
+        head = HeadWeights(w1, b1, w2, b2, base_head.scale, base_head.bias)
+        return convs, head
+
+    try:
+        history: list[dict] = [{"epoch": 0, "loss": None, "calibrate_auc": val_auc()}]  # no step taken: no loss
+        best = (history[0]["calibrate_auc"], 0, snapshot())
+        n = len(y)
+        steps = max(1, int(np.ceil(n / batch_size)))
+        bar = tqdm(total=epochs * steps, desc="adapt block", unit="step", disable=not progress)
+        for epoch in range(1, epochs + 1):
+            order = rng.permutation(n)
+            losses = []
+            for k in range(steps):
+                idx = order[k * batch_size : (k + 1) * batch_size]
+                t_idx = rng.integers(0, len(t_all), len(idx))
+                with tf.GradientTape() as tape:
+                    s = _forward(tf, tf.gather(a_site, idx), conv_vars, head_vars, base_head.scale, base_head.bias, ops)
+                    q = tf.sigmoid(s)
+                    loss = tf.reduce_mean(w_cls[idx] * bce(y[idx][:, None], q[:, None]))
+                    if distill > 0:
+                        st = _forward(tf, tf.gather(a_teach, t_idx), conv_vars, head_vars, base_head.scale, base_head.bias, ops)
+                        loss += distill * tf.reduce_mean(bce(t_all[t_idx][:, None], tf.sigmoid(st)[:, None]))
+                    if l2 > 0:
+                        loss += l2 * tf.add_n([tf.reduce_sum(tf.square(v - a0)) for v, a0 in zip(variables, anchors)])
+                grads = tape.gradient(loss, variables)
+                opt.apply_gradients(zip(grads, variables))
+                losses.append(float(loss))
+                bar.update(1)
+            auc = val_auc()
+            history.append({"epoch": epoch, "loss": float(np.mean(losses)), "calibrate_auc": auc})
+            if auc > best[0]:
+                best = (auc, epoch, snapshot())
+        bar.close()
+    finally:
+        if not was_deterministic:
+            tf_config.disable_op_determinism()
+    convs, head = best[2]
+    return BlockFit(convs=convs, head=head, epoch=best[1], history=tuple(history),
+                    settings={"learning_rate": learning_rate, "distill": distill, "l2": l2, "batch_size": batch_size,
+                              "epochs": epochs, "seed": seed, "convs": len(base_convs)})
+
+
+def write_block(model, block: Block, fit: BlockFit):  # type: ignore[no-untyped-def]
+    """A copy of ``model`` where the head reads an adapted copy of the block (the original stays for the OOD
+    head), with ``fit``'s weights in the copy and the head."""
+    import onnx
+    from onnx import numpy_helper
+
+    from cxr.export import head as head_mod
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    by_name = {n.name: n for n in g.node}
+    renamed: dict[str, str] = {}
+    new_inits = []
+    conv_values = {name: pair for (name, _, _), pair in zip(block.convs, fit.convs)}
+    copies = []
+    for name in block.nodes:
+        src = by_name[name]
+        c = onnx.NodeProto()
+        c.CopyFrom(src)
+        c.name = src.name + SUFFIX
+        del c.input[:]
+        ins = list(src.input)
+        if src.op_type == "Conv":
+            w, b = conv_values[name]
+            wn, bn = ins[1] + SUFFIX, ins[2] + SUFFIX
+            new_inits += [numpy_helper.from_array(w.astype(np.float32), wn), numpy_helper.from_array(b.astype(np.float32), bn)]
+            ins = [renamed.get(ins[0], ins[0]), wn, bn]
+        else:
+            ins = [renamed.get(i, i) for i in ins]
+        c.input.extend(ins)
+        del c.output[:]
+        for o in src.output:
+            renamed[o] = o + SUFFIX
+            c.output.append(o + SUFFIX)
+        copies.append(c)
+    new_gap = renamed[block.gap_tensor]
+    consumers = [n for n in g.node if block.gap_tensor in n.input and n.op_type == "MatMul"]
+    if len(consumers) != 1:
+        raise ValueError(f"expected the head's one MatMul after {block.gap_tensor}")
+    head_first = consumers[0]
+    head_first.input[list(head_first.input).index(block.gap_tensor)] = new_gap
+    nodes = list(g.node)
+    at = nodes.index(head_first)
+    del g.node[:]
+    g.node.extend(nodes[:at] + copies + nodes[at:])
+    g.initializer.extend(new_inits)
+    return head_mod.write(m, new_gap, fit.head)
