@@ -53,13 +53,13 @@ class Block:
             raise ValueError("a block has at least one convolution")
 
 
-def _pool_ok(node) -> bool:  # type: ignore[no-untyped-def]
+def _pool_ok(node) -> bool:
     att = {a.name: list(a.ints) for a in node.attribute}
     return (att.get("kernel_shape") == [2, 2] and att.get("strides") == [2, 2] and not any(att.get("pads", []))
             and not any(a.name in ("ceil_mode", "auto_pad") and (a.i or a.s) for a in node.attribute))
 
 
-def _conv_ok(node, inits: set[str]) -> bool:  # type: ignore[no-untyped-def]
+def _conv_ok(node, inits: set[str]) -> bool:
     if not (len(node.input) == 3 and node.input[1] in inits and node.input[2] in inits):
         return False
     att = {a.name: list(a.ints) for a in node.attribute}
@@ -69,7 +69,7 @@ def _conv_ok(node, inits: set[str]) -> bool:  # type: ignore[no-untyped-def]
             and not any(a.name == "group" and a.i not in (0, 1) for a in node.attribute))
 
 
-def find_block(model, gap_tensor: str, convs: int = 2) -> Block | None:  # type: ignore[no-untyped-def]
+def find_block(model, gap_tensor: str, convs: int = 2) -> Block | None:
     """The last ``convs`` convolutions before ``gap_tensor`` as a trainable chain (Conv-ReLU pairs, 2x2 max pools
     between them, stride 1 'same' convolutions), or ``None`` when the graph does not end that way."""
     g = model.graph
@@ -105,7 +105,7 @@ def find_block(model, gap_tensor: str, convs: int = 2) -> Block | None:  # type:
                  gap_tensor=gap_tensor, ops=tuple(o for o in ops[: ops.index("GlobalAveragePool")]))
 
 
-def conv_weights(model, block: Block) -> list[tuple[np.ndarray, np.ndarray]]:  # type: ignore[no-untyped-def]
+def conv_weights(model, block: Block) -> list[tuple[np.ndarray, np.ndarray]]:
     from onnx import numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
@@ -113,7 +113,7 @@ def conv_weights(model, block: Block) -> list[tuple[np.ndarray, np.ndarray]]:  #
             for _, w, b in block.convs]
 
 
-def block_inputs(model, block: Block, images: np.ndarray, *, batch_size: int = 64) -> np.ndarray:  # type: ignore[no-untyped-def]
+def block_inputs(model, block: Block, images: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
     """The block's input activations ``(N, C, H, W)`` (float32) of uint8 images."""
     import onnx
 
@@ -147,7 +147,7 @@ class BlockFit:
     settings: dict = field(default_factory=dict)
 
 
-def _forward(tf, a, convs, head, scale: float, bias: float, ops: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
+def _forward(tf, a, convs, head, scale: float, bias: float, ops: tuple[str, ...] = ()):
     h = a
     k = 0
     for op in ops or ("Conv", "Relu") * len(convs):
@@ -251,7 +251,7 @@ def finetune_block(acts: np.ndarray, y: np.ndarray, teacher_acts: np.ndarray, te
                               "epochs": epochs, "seed": seed, "convs": len(base_convs)})
 
 
-def write_block(model, block: Block, fit: BlockFit):  # type: ignore[no-untyped-def]
+def write_block(model, block: Block, fit: BlockFit):
     """A copy of ``model`` where the head reads an adapted copy of the block (the original stays for the OOD
     head), with ``fit``'s weights in the copy and the head."""
     import onnx

@@ -101,7 +101,7 @@ def save(model_dir: Path, model_path: Path, train_samples, x_train: np.ndarray, 
     return out
 
 
-def block_arrays(model_path: Path, gap_tensor: str, x: np.ndarray, idx: np.ndarray, train_samples,  # type: ignore[no-untyped-def]
+def block_arrays(model_path: Path, gap_tensor: str, x: np.ndarray, idx: np.ndarray, train_samples,
                  convs: int = REPLAY_BLOCK_CONVS, per_cell: int = REPLAY_BLOCK_PER_CELL) -> dict[str, np.ndarray]:
     """The kit's block replay arrays for the replay films ``x`` (rows ``idx`` of ``train_samples``): the first
     ``per_cell`` films of each (source, class) cell; empty when the graph's last block is not a Conv-ReLU chain."""

@@ -159,7 +159,9 @@ def test_compare_scores_each_model_like_evaluate(tiny_run: Path, site_data: Path
         for key in ("roc_auc", "accuracy_at_0.5", "sensitivity", "specificity"):
             assert row["evaluation"]["metrics"][key]["value"] == pytest.approx(ref["metrics"][key]["value"]), key
     assert tiny["trained"]["architecture"] == "compact" and tiny["trained"]["epochs_run"] == 1
-    assert shipped["trained"]["seconds"] > 0 and shipped["trained"]["threshold_rule"] == "sensitivity_lcb"
+    card = json.loads((DEFAULT_REPOSITORY / "pneumonia" / "model_card.json").read_text())
+    assert shipped["trained"]["seconds"] > 0 and shipped["trained"]["threshold_rule"] == card["calibration"]["rule"]
+    assert shipped["trained"]["threshold_rule"].startswith(f"operating point {card['default_operating_point']}")
     md = (out / "comparison.md").read_text()
     assert "a report: **quoted, not measured**" in md and "0.809 (quoted)" in md and "| tiny (" in md
     assert "- tiny is a one-epoch smoke run" in md

@@ -143,7 +143,9 @@ def test_cli_predict_csv_and_health(triton_server, sample_images, tmp_path, prot
     assert r.returncode == 1, r.stderr  # one input failed
     assert "notes.txt: not an image" in r.stderr
     rows = list(csv.DictReader(out.open()))
-    assert list(rows[0].keys())[:6] == ["path", "status", "label", "probability", "threshold", "reason"]  # read first
+    assert list(rows[0].keys())[:7] == ["path", "status", "label", "probability", "threshold", "operating_point",
+                                        "reason"]  # read first
+    assert {r["operating_point"] for r in rows} <= {"pediatric", "adult"}
     assert {"ood_score", "model_name", "model_version", "sop_instance_uid", "sha256", "error"} <= set(rows[0])
     assert len(rows) == 5 and [r_["status"] != "error" for r_ in rows] == [True] * 4 + [False]
     for row in rows[:4]:
