@@ -1557,8 +1557,8 @@ def _record_command(args: argparse.Namespace) -> tuple[Path, int] | None:
 
     run_dir = getattr(args, "out", None) if args.command == "train" else None
     if args.command in ("calibrate", "evaluate", "export") and getattr(args, "model", None) is not None:
-        if args.model.is_dir():  # an exported model folder: its card records the command
-            return None
+        if args.model.is_dir() or args.model.suffix != ".keras":  # an exported model (folder or file): its card
+            return None                                               # records what built it; reading it writes nothing
         run_dir = args.model.parent
     if run_dir is None:
         return None
