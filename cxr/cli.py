@@ -1121,6 +1121,7 @@ def _add_site_audit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--confidence", type=float, default=0.95,
                    help="one-sided confidence of the bounds the decision reads (default 0.95)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "site-audit", help="report folder")
+    _add_operating_point(p)
     p.set_defaults(func=_cmd_site_audit)
 
 
@@ -1203,8 +1204,11 @@ def _cmd_site_audit(a: argparse.Namespace) -> int:
     audit.check_sample(sample.n_pos, sample.n_neg, targets, a.confidence)
     films, info = _screen_labelled(a, list(sample.films))
     model_dir, card = _served_card(a.model_repository, a.model, info.sha256)
-    result = audit.audit(films, threshold=info.threshold, targets=targets, reference=model_dir.reference(),
+    point, threshold = info.threshold_for(a.operating_point)
+    result = audit.audit(films, threshold=threshold, targets=targets, reference=model_dir.reference(),
                          confidence=a.confidence)
+    result["operating_point"] = point
+    print(f"operating point {point}: threshold {threshold:.4f}")
     result["set_aside"] = {"films": len(sample.set_aside), "by_role": aside}
     result["needs"] = {"positives": needs.positives, "negatives": needs.negatives, "films": needs.films}
     audit.write(result, films, a.out, model=f"{info.name} v{info.version} ({(info.sha256 or '')[:12]})",

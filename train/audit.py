@@ -352,7 +352,8 @@ def markdown(result: dict, *, title: str, model: str, sample: str) -> str:
     c = result["checks"]
     lines = [
         f"# {title}", "",
-        f"- model: `{model}`; threshold {_fmt(result['threshold'], 4)}",
+        f"- model: `{model}`; threshold {_fmt(result['threshold'], 4)}"
+        + (f" (operating point `{result['operating_point']}`)" if result.get("operating_point") else ""),
         f"- sample: `{sample}` ({result['n']} films)",
         f"- decision: **{'GO' if result['go'] else 'NO-GO'}** (every one-sided "
         f"{result.get('confidence', CONFIDENCE):.0%} bound against the card's target)",
