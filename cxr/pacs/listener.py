@@ -370,13 +370,23 @@ class Spool:
         """Results into their outboxes (``(kind, name, data)``; an urgent study's marked ``<name>.urgent`` first,
         and each result dated with the instance's arrival, for the end-to-end latency), then the done marker, then
         the incoming file and its marker away (in that order)."""
-        import os
 
         src = self.incoming / f"{uid}.dcm"
         try:
             arrived = src.stat().st_mtime
         except FileNotFoundError:
             arrived = None
+        self._to_outboxes(results, urgent=urgent, arrived=arrived)
+        write_durably(self.done / uid, b"")
+        src.unlink(missing_ok=True)
+        (self.incoming / f"{uid}.urgent").unlink(missing_ok=True)
+        fsync_dir(self.incoming)
+
+    def _to_outboxes(self, results: list[tuple[str, str, bytes]], *, urgent: bool, arrived: float | None) -> None:
+        """Each result into its destination's outbox (urgent marker first), dated with the film's arrival so that
+        the end-to-end latency counts from it."""
+        import os
+
         for kind, name, data in results:
             if kind in self.outboxes:
                 if urgent:
@@ -384,10 +394,6 @@ class Spool:
                 write_durably(self.outboxes[kind] / name, data)
                 if arrived is not None:
                     os.utime(self.outboxes[kind] / name, (arrived, arrived))
-        write_durably(self.done / uid, b"")
-        src.unlink(missing_ok=True)
-        (self.incoming / f"{uid}.urgent").unlink(missing_ok=True)
-        fsync_dir(self.incoming)
 
     @property
     def studies(self) -> Path:
@@ -412,18 +418,11 @@ class Spool:
     def finish_study(self, folder: Path, uids: list[str], results: list[tuple[str, str, bytes]]) -> None:
         """A study's results into their outboxes (dated with its first arrival), then every instance's done marker,
         then the study's folder away."""
-        import os
         import shutil
 
         urgent = (folder / ".urgent").exists()
         arrived = min((p.stat().st_mtime for p in folder.glob("*.dcm")), default=None)
-        for kind, name, data in results:
-            if kind in self.outboxes:
-                if urgent:
-                    write_durably(self.outboxes[kind] / f"{name}.urgent", b"")
-                write_durably(self.outboxes[kind] / name, data)
-                if arrived is not None:
-                    os.utime(self.outboxes[kind] / name, (arrived, arrived))
+        self._to_outboxes(results, urgent=urgent, arrived=arrived)
         for uid in uids:
             write_durably(self.done / uid, b"")
         shutil.rmtree(folder)
