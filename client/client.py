@@ -211,7 +211,11 @@ class PneumoniaClient:
             lambda: make_transport(protocol, url, model, model_version, timeout_s=timeout_s, tls=tls,
                                    config_key=config_key), "connect"
         )
-        self.info.threshold_for(operating_point)  # an unknown name fails here, naming the model's points
+        try:
+            self.info.threshold_for(operating_point)  # an unknown name fails here, naming the model's points
+        except CxrError:
+            self.transport.close()
+            raise
         self.operating_point = operating_point
         mbs = self.info.max_batch_size
         if batch_size is not None and not 1 <= batch_size <= mbs:
