@@ -80,8 +80,9 @@ def card_markdown(card: dict, claims: Claims | None = None) -> str:
             f"({m['tp']}/{m['n_pos']}; lower bound {m['sensitivity_lower_bound']:.3f} at {m['confidence']:.0%} confidence), "
             f"specificity {m['specificity']:.3f} ({m['tn']}/{m['n_neg']}; lower bound {m['specificity_lower_bound']:.3f}), "
             f"accuracy {m['accuracy']:.3f}, AUC {m['roc_auc']:.3f}",
-            "- the bound, not the point estimate, is what the rule promises for unseen images of the same kind",
         ]
+        if "sensitivity_lcb" in str(cal.get("rule")):
+            lines.append("- the bound, not the point estimate, is what the rule promises for unseen images of the same kind")
     if cal.get("previous_threshold") is not None:
         lines.append(f"- previous threshold: {cal['previous_threshold']:.4f}")
     lines += _points_markdown(card)

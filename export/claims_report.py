@@ -156,12 +156,13 @@ def choose_points(model_dirs: list[Path], split_file: Path, rules: list[PointRul
         card["default_operating_point"] = default
         pt = points[default]
         card["calibration"].update(threshold=pt["threshold"], rule=f"operating point {default}: {pt['rule']}",
-                                   target=pt["target"], confidence=figures[default]["confidence"],
+                                   target=pt["target"],
+                                   confidence=figures[default]["confidence"] if pt["rule"] == "sensitivity_lcb" else None,
                                    fitted_on=f"select side of {relative(split_file)}, sources "
                                    f"{'+'.join(pt['chosen_on']['sources'])}", n_images=pt["chosen_on"]["answered"],
                                    metrics=figures[default])
-        if command:
-            card.setdefault("commands", []).append(command)
+        if command and command not in card.setdefault("commands", []):
+            card["commands"].append(command)
         save_card(Path(d), card)
         write_configs(Path(d), card)
     return {"default": default, "points": points}
@@ -205,7 +206,7 @@ def measure_claims(model_dir: Path, split_file: Path, populations: dict[str, str
     card["claims"] = {"file": CLAIMS_FILE, "split": relative(split_file), "side": "test",
                       "populations": dict(sorted(populations.items()))}
     card["provenance"] = {"file": PROVENANCE_FILE, "summary": data_mod.provenance_summary(folder.provenance())}
-    if command:
-        card.setdefault("commands", []).append(command)
+    if command and command not in card.setdefault("commands", []):
+        card["commands"].append(command)
     save_card(model_dir, card)
     return claims

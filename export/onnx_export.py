@@ -398,7 +398,8 @@ def model_card(cfg: ExportConfig, calibration: Calibration, results: dict, *, sh
         },
         "training": {
             "data": train_cfg.get("data_dir"),
-            "sources": {"kaggle": train_cfg.get("data_dir"), **(train_cfg.get("sources") or {})},
+            "sources": ((read("split.json") or {}).get("roots") if (read("split.json") or {}).get("test") else
+                        {"kaggle": train_cfg.get("data_dir"), **(train_cfg.get("sources") or {})}),
             "sampling_mass": history.get("sampling_mass"),
             "config": train_cfg,
             "best_epoch": history.get("best_epoch"),
