@@ -260,10 +260,13 @@ def test_listener_killed_mid_stream_every_instance_gets_exactly_one_sr(pacs, tmp
     listener = start_listener(tmp_path, orthanc, port)
     import threading
 
-    sender = threading.Thread(target=lambda: _store_quietly(orthanc, ids))
+    # one instance per association, so the listener screens them as they come (all 12 in one association can
+    # arrive before its worker wakes and be screened as one batch: no "mid-stream" left to kill in)
+    sender = threading.Thread(target=lambda: [_store_quietly(orthanc, [i]) for i in ids])
     sender.start()
     results = tmp_path / "results.csv"
     wait_for(lambda: results.exists() and len(results.read_text().splitlines()) >= 3)  # 2 instances screened
+    listener.send_signal(signal.SIGSTOP)  # frozen where it is: what it screened so far is what the kill leaves
     listener.send_signal(signal.SIGKILL)  # mid-stream
     listener.wait()
     screened_before_kill = len(results.read_text().splitlines()) - 1
