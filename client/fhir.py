@@ -148,8 +148,7 @@ def result_entries(pred: Prediction, study: StudyRef, *, device_url: str, issued
         _component("probability", "P(pneumonia), calibrated probability", pred.probability),
         _component("threshold", "Decision threshold", pred.threshold),
         _component("ood-score", "Out-of-distribution score", pred.ood_score),
-        ({"code": _cc(LOCAL, "operating-point", "Operating point (named threshold) that answered"),
-          "valueString": pred.operating_point} if pred.operating_point else None),
+        _component("operating-point", "Operating point (named threshold) that answered", pred.operating_point or None),
     ]
     obs: dict = {
         "resourceType": "Observation",
