@@ -32,8 +32,9 @@ ROLES = {
     "core": "contract < pixels < eligibility < dicom < imaging; model folder, durable writes, security",
 }
 #: Where each layer lives in the checkout.
-FOLDERS = {"cli": "cxr/cli.py", "ui": "cxr/ui.py", "pacs": "cxr/pacs/", "loadtest": "loadtest/", "export": "export/",
-           "train": "train/", "client": "client/", "serving": "serving/", "core": "core/"}
+FOLDERS = {"cli": "src/cxr/cli.py", "ui": "src/cxr/ui.py", "pacs": "src/cxr/pacs/", "loadtest": "src/cxr/loadtest/",
+           "export": "src/cxr/export/",
+           "train": "src/cxr/train/", "client": "src/cxr/client/", "serving": "src/cxr/serving/", "core": "src/cxr/core/"}
 
 
 def layers() -> list[list[str]]:

@@ -1,9 +1,7 @@
 #!/usr/bin/env python3
 """Check the import structure: the import-linter contracts of pyproject.toml, then no import cycle anywhere.
 
-Every top-level folder installs as a ``cxr.<name>`` subpackage (``[tool.setuptools.package-dir]``), so the
-layout a tool sees in the checkout (``train/``, ``export/``, ...) shows no arrows between folders. This script
-lays the package out as it is installed (a temporary copy, every folder in its ``cxr/<name>/`` place), then:
+The package is one tree, ``src/cxr/``, laid out in the checkout as it is installed. This script:
 
 1. runs ``lint-imports`` on it (the layers and no-private-imports contracts of ``[tool.importlinter]``);
 2. builds grimp's import graph and prints every import cycle, between folders and between modules.
@@ -14,31 +12,11 @@ Exit 0 when both are clean, 1 otherwise.   Usage: python scripts/check_imports.p
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10 (requires-python >= 3.10): the same parser, from PyPI (the dev extra installs it)
-    import tomli as tomllib
-
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def stage(dest: Path) -> Path:
-    """Copy the package's Python files into ``dest`` in their installed layout; returns ``dest``."""
-    conf = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    dirs = conf.get("package-dir", {})
-    for package in conf["packages"]:
-        src = ROOT / dirs.get(package, package.replace(".", "/"))
-        out = dest.joinpath(*package.split("."))
-        out.mkdir(parents=True, exist_ok=True)
-        for f in src.glob("*.py"):
-            shutil.copy2(f, out / f.name)
-    return dest
 
 
 def strongly_connected(nodes: set[str], edges: dict[str, set[str]]) -> list[list[str]]:
@@ -109,10 +87,10 @@ def one_cycle(start: str, members: set[str], edges: dict[str, set[str]]) -> list
     return [start]
 
 
-def cycles(staged: Path, package: str = "cxr") -> list[str]:
-    """Every import cycle of ``package`` (found in ``staged``), as printable lines: between its folders
+def cycles(src: Path, package: str = "cxr") -> list[str]:
+    """Every import cycle of ``package`` (found in ``src``), as printable lines: between its folders
     (``<package>.<folder>``), then between modules."""
-    sys.path.insert(0, str(staged))
+    sys.path.insert(0, str(src))
     import grimp
 
     graph = grimp.build_graph(package, include_external_packages=False)
@@ -134,15 +112,11 @@ def cycles(staged: Path, package: str = "cxr") -> list[str]:
 
 
 def main() -> int:
-    with tempfile.TemporaryDirectory(prefix="cxr-imports-") as tmp:
-        staged = stage(Path(tmp))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(staged), str(ROOT)))}  # ROOT: scripts.import_contracts
-        lint = Path(sys.executable).parent / "lint-imports"
-        # the contracts as ./pyproject.toml of the working directory, where every import-linter release looks
-        # (2.15, which pip picks for Python 3.10 here, takes no positional config file)
-        shutil.copy2(ROOT / "pyproject.toml", Path(tmp) / "pyproject.toml")
-        rc = subprocess.run([str(lint), "--no-cache"], cwd=tmp, env=env).returncode
-        found = cycles(staged)
+    src = ROOT / "src"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(src), str(ROOT)))}  # ROOT: scripts.import_contracts
+    lint = Path(sys.executable).parent / "lint-imports"
+    rc = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, env=env).returncode
+    found = cycles(src)
     for line in found:
         print(line)
     print(f"import cycles: {len(found)}")

@@ -3,7 +3,7 @@
 
 mutmut copies the code into ``mutants/`` and imports it from there; this project's folders install as
 ``cxr.<folder>`` through an editable finder that would shadow that copy. So the package is laid out as it is
-installed (``cxr/core/...``, the ``scripts/check_imports.py`` staging) in ``out/mutation/``, with the tests, the
+installed (``core/...``, the ``scripts/check_imports.py`` staging) in ``out/mutation/``, with the tests, the
 examples and the shipped model beside it, and mutmut runs there. Results: ``docs/tests/mutation.md`` (score and
 every surviving mutant's diff) and ``docs/tests/mutation.json``.
 
@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 STAGE = ROOT / "out" / "mutation"
 #: What is mutated (installed paths), and the fast tests that guard it.
-TARGETS = ("cxr/core/contract.py", "cxr/core/durable.py", "cxr/client/results.py", "cxr/client/batch.py")
+TARGETS = ("src/cxr/core/contract.py", "src/cxr/core/durable.py", "src/cxr/client/results.py", "src/cxr/client/batch.py")
 TESTS = ("tests/test_contract.py", "tests/test_not_assessable.py", "tests/test_results.py", "tests/test_csv_columns.py",
          "tests/test_robustness.py", "tests/test_audit_monitor.py", "tests/test_client.py", "tests/test_predict_inprocess.py",
          "tests/test_audit_trail.py")

@@ -83,7 +83,7 @@ def test_cycles_are_reported_between_modules_and_folders(tmp_path: Path) -> None
 
 
 def test_the_project_keeps_its_layers_and_has_no_cycle() -> None:
-    """What `.ci/run` checks: the import-linter contracts of pyproject.toml and grimp's graph, on the installed layout."""
+    """What `.ci/run` checks: the import-linter contracts of pyproject.toml and grimp's graph, on src/cxr."""
     r = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "Contracts: 6 kept, 0 broken." in r.stdout and "import cycles: 0" in r.stdout
@@ -96,7 +96,7 @@ def test_the_readme_architecture_picture_is_the_contract() -> None:
     # every layer of the contract is in the picture, in order, top first
     drawn = [line.split()[0] for line in arch.picture().splitlines()[1:-1] if not line.lstrip().startswith("▼")]
     assert drawn == [arch.FOLDERS[m] for layer in arch.layers() for m in layer]
-    assert drawn[0] == "cxr/cli.py" and drawn[-1] == "core/"
+    assert drawn[0] == "src/cxr/cli.py" and drawn[-1] == "src/cxr/core/"
 
 
 def test_importing_the_client_does_not_load_tensorflow() -> None:

@@ -79,7 +79,7 @@ def test_targets_select_the_right_backends() -> None:
 
 
 def test_shipped_configs_are_what_the_generator_writes() -> None:
-    """No hand edits drift from export/triton_config.py."""
+    """No hand edits drift from src/cxr/export/triton_config.py."""
     from cxr.export import repository
 
     for model, targets in (("pneumonia", ("gpu", "gpu_fp16", "tensorrt_plan", "cpu", "cpu_triage")),

@@ -2,13 +2,13 @@
 
 Run headless and bounded, against loopback by default::
 
-    locust -f loadtest/locustfile.py TritonGrpcUser --headless -u 16 -r 16 -t 60s \\
+    locust -f src/cxr/loadtest/locustfile.py TritonGrpcUser --headless -u 16 -r 16 -t 60s \\
         --host 127.0.0.1:8001 --images-dir ../shared/data/chest_xray_fullres --images-per-request 1
 
 Distributed (more load than one machine makes)::
 
-    locust -f loadtest/locustfile.py TritonGrpcUser --master --headless -u 64 -r 16 -t 5m --expect-workers 4
-    locust -f loadtest/locustfile.py TritonGrpcUser --worker --master-host MASTER_IP   # on each load machine
+    locust -f src/cxr/loadtest/locustfile.py TritonGrpcUser --master --headless -u 64 -r 16 -t 5m --expect-workers 4
+    locust -f src/cxr/loadtest/locustfile.py TritonGrpcUser --worker --master-host MASTER_IP   # on each load machine
 
 Requests carry real preprocessed X-rays (the contract's preprocess) from
 ``--images-dir``, or generated images when it is missing. Each request is

@@ -2,7 +2,7 @@
 
 In the manner of MONAI Deploy's series-selection rules, the rules are data, not
 code: a JSON file of conditions on DICOM attributes (by keyword). The default
-ships in the package (``core/data/eligibility.json``) and, with every exported
+ships in the package (``src/cxr/core/data/eligibility.json``) and, with every exported
 model, as ``<model>/eligibility.json``, whose text also travels in the served
 config (parameter ``eligibility``) so that remote clients apply the rules the
 server's operator chose. A site edits its model folder's file and runs

@@ -292,7 +292,9 @@ class EmbeddedTransport(Transport):
     def __init__(self, repository: str | Path, model: str, version: str, *, threads: int = 0) -> None:
         model_dir = Path(repository) / model
         if not model_dir.is_dir():
-            raise ServerError(f"embedded: no model folder {model_dir}")
+            from cxr.core.paths import WHERE_MODELS_ARE
+
+            raise ServerError(f"embedded: no model folder {model_dir} ({WHERE_MODELS_ARE})")
         if not version:
             versions = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
             if not versions:

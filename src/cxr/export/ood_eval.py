@@ -292,7 +292,7 @@ def markdown(rep: dict) -> str:
         "installed items (`body_part.fitting_half`), so the generated and installed rows above are partly "
         "in-sample; the model card's `ood.body_part.validation` gives each kind's refusal on its held-out half and "
         "each radiograph body part left out of the fit entirely. The pixel rules' thresholds were measured on real "
-        "X-rays (`core/contract.py`). The product is also judged on a withheld set of real-world non-chest images "
+        "X-rays (`src/cxr/core/contract.py`). The product is also judged on a withheld set of real-world non-chest images "
         "(other body parts, modalities, photographs).",
         "",
         "![ood_score distributions](ood_scores.png)",

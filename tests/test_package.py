@@ -1,0 +1,91 @@
+"""The package installs like one: one tree with no links, and a wheel that runs outside the checkout."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+from cxr.core import paths
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_the_tree_holds_no_symbolic_link() -> None:
+    """git records a link as mode 120000: none may be committed (a checkout without link support would break)."""
+    listing = subprocess.run(["git", "ls-files", "-s"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    links = [line.split("\t", 1)[1] for line in listing.splitlines() if line.startswith("120000 ")]
+    assert listing.strip(), "git ls-files listed nothing: not a checkout"
+    assert links == []
+
+
+def test_the_package_is_the_src_tree() -> None:
+    import cxr
+
+    assert Path(cxr.__file__).resolve().parent == REPO / "src" / "cxr"
+    assert paths.CHECKOUT == REPO and paths.DEFAULT_REPOSITORY == REPO / "model_repository"
+
+
+def test_the_model_repository_rule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """$CXR_MODEL_REPOSITORY first, then the checkout's model_repository/, then the installed package's."""
+    monkeypatch.setenv(paths.REPOSITORY_ENV, str(tmp_path))
+    assert paths.shipped_repository() == tmp_path
+    monkeypatch.delenv(paths.REPOSITORY_ENV)
+    assert paths.shipped_repository() == REPO / "model_repository"
+    monkeypatch.setattr(paths, "CHECKOUT", None)
+    assert paths.shipped_repository() == paths.PACKAGE_ROOT / "model_repository"
+    # an installed package (site-packages/cxr) is no checkout; src/cxr beside a pyproject.toml is
+    (tmp_path / "site-packages" / "cxr").mkdir(parents=True)
+    assert paths._checkout(tmp_path / "site-packages" / "cxr") is None
+    (tmp_path / "src" / "cxr").mkdir(parents=True)
+    (tmp_path / "pyproject.toml").write_text("")
+    assert paths._checkout(tmp_path / "src" / "cxr") == tmp_path
+
+
+@pytest.mark.slow
+def test_the_wheel_answers_the_examples_outside_the_checkout(tmp_path: Path) -> None:
+    """Build the wheel, install it with [client,serve] into a fresh venv (no access to the checkout's code), and
+    screen the example films from another directory with the shipped model it carries."""
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(REPO)],
+                   check=True, timeout=600, capture_output=True)
+    (wheel,) = wheels.glob("cxr_triton-*.whl")
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    py = env_dir / "bin" / "python"
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", paths.REPOSITORY_ENV, "VIRTUAL_ENV")}
+    r = subprocess.run([str(py), "-m", "pip", "install", "-q", f"{wheel}[client,serve]"], env=clean,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    films = sorted((REPO / "examples").glob("*/*.jpeg")) + sorted((REPO / "examples").glob("*/*.png"))
+    r = subprocess.run([str(env_dir / "bin" / "cxr"), "predict", *map(str, films), "--protocol", "embedded",
+                        "--format", "json"], cwd=work, env=clean, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {Path(row["path"]).name: row for row in json.loads(r.stdout)}
+    # the wheel's interpreter loaded its own copy of cxr and of the model, not the checkout's
+    where = subprocess.run([str(py), "-c", "import cxr, cxr.core.paths as p; print(cxr.__file__); "
+                            "print(p.CHECKOUT); print(p.DEFAULT_REPOSITORY)"], cwd=work, env=clean,
+                           capture_output=True, text=True, timeout=120, check=True).stdout.split("\n")
+    assert str(env_dir) in where[0] and where[1] == "None" and where[2].startswith(str(env_dir))
+    card = json.loads((REPO / "model_repository" / "pneumonia" / "model_card.json").read_text())
+    assert {row["model_sha256"] for row in rows.values()} == {card["sha256"]}
+    assert rows["camera.png"]["status"] == "not_assessable"
+    answered = [row for name, row in rows.items() if name != "camera.png"]
+    assert len(answered) == len(films) - 1 and all(row["status"] == "ok" for row in answered)
+    # the same answers as the checkout's own client on the same files
+    from cxr.client.client import PneumoniaClient
+
+    with PneumoniaClient(protocol="embedded") as client:
+        for film in films:
+            (pred,) = client.predict([film])
+            row = rows[film.name]
+            assert row["status"] == pred.status.value
+            if pred.probability is not None:
+                assert row["probability"] == pytest.approx(pred.probability, abs=1e-6)
