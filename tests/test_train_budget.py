@@ -173,3 +173,43 @@ def test_epochs_done_from_old_and_new_histories() -> None:
     assert epochs_done({"epochs_done": 2.5, "history": {"loss": [1, 2, 3]}}) == 2.5  # a budget cut the third
     assert epochs_done({"history": {"loss": [1.0] * 14}}) == 14.0  # runs from before the field
     assert epochs_done({}) is None
+
+
+def test_the_trainer_s_budget_callback_stops_on_a_fake_clock() -> None:
+    """The callback `cxr train` uses (not a copy of its arithmetic), driven batch by batch on a fake clock: it sets
+    the schedule's learning rate from the clock's progress and stops the model once another step and the last
+    validation no longer fit."""
+    from types import SimpleNamespace
+
+    from cxr.train.callbacks import TimeBudget
+
+    now = [1000.0]  # the clock's t0
+
+    class Rate:
+        def __init__(self) -> None:
+            self.values: list[float] = []
+
+        def assign(self, v: float) -> None:
+            self.values.append(float(v))
+
+    model = SimpleNamespace(optimizer=SimpleNamespace(learning_rate=Rate()), stop_training=False)
+    clock = _clock(budget_s=100.0, total_steps=50 * 10, batch_size=16, n_eval_images=32)
+    cb = TimeBudget(clock, lambda p: lr_at(p, peak=1e-3, warmup=0.1), now=lambda: now[0])
+    cb.set_model(model)
+    epochs = 0
+    while not model.stop_training and epochs < 50:
+        for b in range(10):
+            cb.on_train_batch_begin(b)
+            now[0] += 1.0
+            cb.on_train_batch_end(b)
+            if model.stop_training:
+                break
+        else:
+            now[0] += 2.0  # the epoch's validation
+            cb.on_epoch_end(epochs)
+            epochs += 1
+    assert model.stop_training and cb.stopped
+    assert 10 < clock.steps_done < 500 and now[0] - clock.t0 <= clock.budget_s
+    rates = model.optimizer.learning_rate.values
+    assert len(rates) == clock.steps_done and rates[0] == pytest.approx(1e-3 * WARMUP_START)
+    assert max(rates) == pytest.approx(1e-3, rel=0.05) and rates[-1] < 0.2e-3  # warmed up, then decayed

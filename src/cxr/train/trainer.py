@@ -254,24 +254,19 @@ def source_aucs(samples: list[data_mod.Sample], p: np.ndarray) -> dict[str, floa
     return out
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Train a model and write the run directory.
+@dataclass(frozen=True)
+class _Sides:
+    """What a run trains on (``train``) and chooses on (``val``), with the sources they come from."""
 
-    Writes ``model.keras`` (best checkpoint), ``split.json``,
-    ``train_config.json``, ``history.json``, ``accuracy.png`` ("Model
-    accuracy") and ``loss.png`` ("Model loss").
-    """
-    import keras
-    import tensorflow as tf
+    split: data_mod.Split
+    train: list[data_mod.Sample]
+    val: list[data_mod.Sample]
+    sources: list[data_mod.Source]
 
-    from cxr.train import models, plots
-    from cxr.train.augment import augment_batch
 
-    t0 = time.time()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    keras.utils.set_random_seed(cfg.seed)
-
+def _sides(cfg: TrainConfig) -> _Sides:
+    """The run's split: the locked split's train and select sides (less ``--leave-out``), or a patient-grouped
+    split made from the Kaggle layout and the extra sources."""
     if cfg.split_file is not None:
         split = data_mod.Split.load(cfg.split_file)
         if not split.locked:
@@ -283,7 +278,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         va = [s for s in split.samples("val") if s.source not in cfg.leave_out]
         if cfg.limit_per_class:
             tr = _limit(tr, cfg.limit_per_class, cfg.seed)
-        per_source: list[tuple[data_mod.Source, list[data_mod.Sample]]] = [(data_mod.Source(n, r), []) for n, r in sorted(split.sources().items()) if n not in cfg.leave_out]
+        sources = [data_mod.Source(n, r) for n, r in sorted(split.sources().items()) if n not in cfg.leave_out]
         if cfg.leave_out:  # the run's split: what this model trained and chose on, and the test side it may claim on
             from dataclasses import replace
 
@@ -293,7 +288,6 @@ def train(cfg: TrainConfig) -> TrainResult:
             split = replace(split, train=kept(split.train), val=kept(split.val), test=kept(split.test),
                             roots=tuple(r for r in split.roots if r[0] not in cfg.leave_out),
                             val_fractions=tuple(v for v in split.val_fractions if v[0] not in cfg.leave_out))
-        split.save(out / "split.json")
     else:
         sources = [data_mod.Source(data_mod.KAGGLE, data_mod.split_dir(cfg.data_dir, "train")), *cfg.sources]
         per_source = []
@@ -306,35 +300,38 @@ def train(cfg: TrainConfig) -> TrainResult:
             per_source, val_fraction=cfg.val_fraction, seed=cfg.seed,
             val_fractions={src.name: cfg.source_val_fraction for src in cfg.sources},
         )
-        split.save(out / "split.json")
         tr, va = split.samples("train"), split.samples("val")
     if not va or len({s.label for s in va}) < 2:
         raise DataError("validation split needs both classes; use more data or a larger val_fraction")
-    for src, _ in per_source:
+    for src in sources:
         t = [s for s in tr if s.source == src.name]
         v = [s for s in va if s.source == src.name]
         logger.info("%s: train %d images (%d patients), val %d images (%d patients)", src.name,
                     len(t), len({s.patient for s in t}), len(v), len({s.patient for s in v}))
-    chose = "select" if split.locked else "validation"
-    write_provenance(out / "provenance.csv", data_mod.provenance_rows("train", tr)
-                     + data_mod.provenance_rows(chose, va), replace_roles=("train", chose))
+    return _Sides(split, tr, va, sources)
+
+
+def _write_inputs(cfg: TrainConfig, sides: _Sides, out: Path) -> None:
+    """The run folder's record of its inputs: ``split.json``, ``provenance.csv`` (every film's role) and
+    ``train_config.json``."""
     from cxr.core.paths import relative
 
+    sides.split.save(out / "split.json")
+    chose = "select" if sides.split.locked else "validation"
+    write_provenance(out / "provenance.csv", data_mod.provenance_rows("train", sides.train)
+                     + data_mod.provenance_rows(chose, sides.val), replace_roles=("train", chose))
     config_payload = {k: (relative(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     config_payload["sources"] = {src.name: relative(src.root) for src in cfg.sources}
     (out / "train_config.json").write_text(json.dumps(config_payload, indent=1, default=str) + "\n")
 
-    cache = cfg.cache_dir
-    x_tr = data_mod.load_images([s.path for s in tr], cache_dir=cache, progress=True)
-    x_va = data_mod.load_images([s.path for s in va], cache_dir=cache, progress=True)
-    y_tr, y_va = _labels(tr), _labels(va)
-    masses = data_mod.cell_masses(tr)
-    logger.info("sampling mass per (source, class): %s", masses)
 
-    monitor: tuple[np.ndarray, np.ndarray] | None = None
-    if cfg.monitor_dir is not None:
-        mon = data_mod.list_samples(cfg.monitor_dir)
-        monitor = (data_mod.load_images([s.path for s in mon], cache_dir=cache), _labels(mon))
+def _training_stream(cfg: TrainConfig, tr: list[data_mod.Sample], x_tr: np.ndarray, y_tr: np.ndarray,
+                     masses: dict):
+    """One endless, shuffled stream per (source, class) cell, drawn by its mass: every class half of each batch
+    on average, and no source's own class balance to learn. An epoch is as many draws as training images."""
+    import tensorflow as tf
+
+    from cxr.train.augment import augment_batch
 
     aug_cfg = cfg.augment
 
@@ -344,21 +341,26 @@ def train(cfg: TrainConfig) -> TrainResult:
             x = augment_batch(x, aug_cfg)
         return x, y
 
-    # One endless, shuffled stream per (source, class) cell, drawn by its mass: every class half of each batch
-    # on average, and no source's own class balance to learn. An epoch is as many draws as training images.
     cells = sorted(masses)
     streams = []
     for c in cells:
         idx = np.array([i for i, s in enumerate(tr) if (s.source, s.label) == c])
         streams.append(tf.data.Dataset.from_tensor_slices((x_tr[idx], y_tr[idx][:, None]))
                        .shuffle(len(idx), seed=cfg.seed, reshuffle_each_iteration=True).repeat())
-    ds = (
+    return (
         tf.data.Dataset.sample_from_datasets(streams, weights=[masses[c] for c in cells], seed=cfg.seed)
         .batch(cfg.batch_size)
         .map(_augment, num_parallel_calls=tf.data.AUTOTUNE)
         .prefetch(tf.data.AUTOTUNE)
     )
-    val_ds = tf.data.Dataset.from_tensor_slices((x_va.astype(np.float32), y_va[:, None])).batch(64)
+
+
+def _compiled_model(cfg: TrainConfig, steps: int, clock: BudgetClock | None):
+    """The architecture, compiled with Adam on a warm-up + cosine schedule: by steps (Keras's ``CosineDecay``),
+    or, under a time budget, set batch by batch from the clock's progress (the ``TimeBudget`` callback)."""
+    import keras
+
+    from cxr.train import models
 
     kwargs: dict[str, object] = {}
     if cfg.arch == "compact":
@@ -366,88 +368,75 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.arch == "inception_v3" and cfg.weights is not None:
         kwargs["weights"] = cfg.weights
     model = models.build(cfg.arch, **kwargs)
-    steps = int(np.ceil(len(x_tr) / cfg.batch_size))
     learning_rate: float | keras.optimizers.schedules.LearningRateSchedule
-    clock: BudgetClock | None = None
-    if cfg.time_budget_s is None:
+    if clock is None:
         learning_rate = keras.optimizers.schedules.CosineDecay(
             cfg.learning_rate * WARMUP_START, decay_steps=max(1, steps * cfg.epochs - steps), alpha=FINAL_LR,
             warmup_target=cfg.learning_rate, warmup_steps=steps,
         )
-    else:  # the same shape of schedule, driven by progress through steps or time
+    else:
         learning_rate = cfg.learning_rate * WARMUP_START
-        n_eval = len(x_va) + (len(monitor[0]) if monitor is not None else 0)
-        clock = BudgetClock(t0, cfg.time_budget_s, steps * cfg.epochs, cfg.batch_size, n_eval)
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.BinaryCrossentropy(),
         metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
     )
+    return model
 
-    from cxr.train.metrics import roc_auc
 
-    class MonitorCallback(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            if logs is None:
-                return
-            if len(per_source) > 1:  # per-source validation AUC (the pooled val_auc mixes the sources' shifts)
-                p_va = self.model.predict(x_va.astype(np.float32), batch_size=64, verbose=0).ravel()
-                aucs = source_aucs(va, np.clip(p_va, 0, 1))
-                for name, auc in aucs.items():
-                    logs[f"val_auc_{name}"] = auc
-                logs["val_auc_sources"] = float(np.mean(list(aucs.values())))
-                logger.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in logs.items() if k.startswith("val_auc_")})
-            if monitor is None:
-                return
-            p = self.model.predict(monitor[0].astype(np.float32), batch_size=64, verbose=0).ravel()
-            logs["monitor_auc"] = roc_auc(monitor[1], np.clip(p, 0, 1))
-            logger.info("epoch %d: monitor_auc %.4f", epoch + 1, logs["monitor_auc"])
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train a model and write the run directory.
 
-    class TimeBudget(keras.callbacks.Callback):
-        """Sets the learning rate from the run's progress and stops training in time (after the
-        other callbacks, so that the validation and checkpoint it measures are the whole epoch end)."""
+    Writes ``model.keras`` (best checkpoint), ``split.json``, ``provenance.csv``,
+    ``train_config.json``, ``history.json``, ``history.csv``, ``accuracy.png`` ("Model
+    accuracy") and ``loss.png`` ("Model loss").
+    """
+    import keras
+    import tensorflow as tf
 
-        def __init__(self, clock: BudgetClock) -> None:
-            super().__init__()
-            self.clock = clock
-            self.stopped = False
-            self._last = time.time()
+    from cxr.core.paths import relative
+    from cxr.train import plots
+    from cxr.train.callbacks import SourceMonitor, TimeBudget
 
-        def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
-            self._last = time.time()
-            lr = lr_at(self.clock.progress(self._last), peak=cfg.learning_rate, warmup=budget_warmup(cfg.epochs))
-            self.model.optimizer.learning_rate.assign(lr)
+    t0 = time.time()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(cfg.seed)
+    sides = _sides(cfg)
+    _write_inputs(cfg, sides, out)
+    tr, va = sides.train, sides.val
 
-        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-            now = time.time()
-            self.clock.steps_done += 1
-            self.clock.step_seconds.append(now - self._last)
-            self._last = now
-            if not self.clock.may_continue(now):
-                self.stopped = True
-                self.model.stop_training = True
+    x_tr = data_mod.load_images([s.path for s in tr], cache_dir=cfg.cache_dir, progress=True)
+    x_va = data_mod.load_images([s.path for s in va], cache_dir=cfg.cache_dir, progress=True)
+    y_tr, y_va = _labels(tr), _labels(va)
+    masses = data_mod.cell_masses(tr)
+    logger.info("sampling mass per (source, class): %s", masses)
+    monitor: tuple[np.ndarray, np.ndarray] | None = None
+    if cfg.monitor_dir is not None:
+        mon = data_mod.list_samples(cfg.monitor_dir)
+        monitor = (data_mod.load_images([s.path for s in mon], cache_dir=cfg.cache_dir), _labels(mon))
 
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            spent = time.time() - self._last
-            self.clock.eval_seconds = max(spent, self.clock.eval_seconds or 0.0)
-            if not self.clock.may_continue(time.time()):
-                self.stopped = True
-                self.model.stop_training = True
-            logger.info(
-                "epoch %d: %d steps, %.0f s of %.0f s budget, epoch end took %.0f s",
-                epoch + 1, self.clock.steps_done, time.time() - self.clock.t0, self.clock.budget_s, spent,
-            )
+    ds = _training_stream(cfg, tr, x_tr, y_tr, masses)
+    val_ds = tf.data.Dataset.from_tensor_slices((x_va.astype(np.float32), y_va[:, None])).batch(64)
+    steps = int(np.ceil(len(x_tr) / cfg.batch_size))
+    clock: BudgetClock | None = None
+    if cfg.time_budget_s is not None:  # the same shape of schedule, driven by progress through steps or time
+        n_eval = len(x_va) + (len(monitor[0]) if monitor is not None else 0)
+        clock = BudgetClock(t0, cfg.time_budget_s, steps * cfg.epochs, cfg.batch_size, n_eval)
+    model = _compiled_model(cfg, steps, clock)
 
     select_key = {"val": "val_auc", "monitor": "monitor_auc", "sources": "val_auc_sources"}[cfg.select_on]
     model_path = out / "model.keras"
     callbacks = [
-        MonitorCallback(),
+        SourceMonitor(x_va, va, len(sides.sources), source_aucs, monitor),
         keras.callbacks.ModelCheckpoint(str(model_path), monitor=select_key, mode="max", save_best_only=True),
         keras.callbacks.EarlyStopping(monitor=select_key, mode="max", patience=cfg.patience, restore_best_weights=True),
         keras.callbacks.CSVLogger(str(out / "history.csv")),
     ]
-    budget = TimeBudget(clock) if clock is not None else None
-    if budget is not None:
+    budget = None
+    if clock is not None:
+        budget = TimeBudget(clock, lambda progress: lr_at(progress, peak=cfg.learning_rate,
+                                                          warmup=budget_warmup(cfg.epochs)))
         callbacks.append(budget)
     history = model.fit(
         ds,
@@ -467,7 +456,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         json.dumps(
             {"history": hist, "select_on": select_key, "best_epoch": best_epoch, "best_score": scores[best_epoch - 1],
              "seconds": seconds, "sampling_mass": {f"{k[0]}/{contract.CLASS_DIRS[k[1]]}": v for k, v in masses.items()},
-             "sources": {src.name: relative(src.root) for src, _ in per_source}, "n_train": len(tr), "n_val": len(va),
+             "sources": {src.name: relative(src.root) for src in sides.sources}, "n_train": len(tr), "n_val": len(va),
              "input_shape": list(contract.IMAGE_SHAPE), "cpu_count": os.cpu_count(),
              "time_budget_s": cfg.time_budget_s, "stopped_by": stopped_by, "steps": steps_done,
              "steps_per_epoch": steps, "epochs_done": round(steps_done / steps, 3)},
