@@ -47,6 +47,10 @@ def test_the_model_repository_rule(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert paths._checkout(tmp_path / "src" / "cxr") == tmp_path
 
 
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
 @pytest.mark.slow
 def test_the_wheel_answers_the_examples_outside_the_checkout(tmp_path: Path) -> None:
     """Build the wheel, install it with [client,serve] into a fresh venv (no access to the checkout's code), and
@@ -64,6 +68,8 @@ def test_the_wheel_answers_the_examples_outside_the_checkout(tmp_path: Path) -> 
     assert r.returncode == 0, r.stderr[-3000:]
     work = tmp_path / "elsewhere"
     work.mkdir()
+    shipped = next((env_dir / "lib").glob("python3*/site-packages/cxr/model_repository"))
+    installed = _snapshot(shipped)
     films = sorted((REPO / "examples").glob("*/*.jpeg")) + sorted((REPO / "examples").glob("*/*.png"))
     r = subprocess.run([str(env_dir / "bin" / "cxr"), "predict", *map(str, films), "--protocol", "embedded",
                         "--format", "json"], cwd=work, env=clean, capture_output=True, text=True, timeout=300)
@@ -89,3 +95,26 @@ def test_the_wheel_answers_the_examples_outside_the_checkout(tmp_path: Path) -> 
             assert row["status"] == pred.status.value
             if pred.probability is not None:
                 assert row["probability"] == pytest.approx(pred.probability, abs=1e-6)
+    # and the wheel serves its model on the embedded Triton (the Python backend imports the installed cxr)
+    from cxr.serving.server import free_ports
+    from tests.conftest import READY_DEADLINE_S, wait_for_line
+
+    h, g, m = free_ports(3)
+    server = subprocess.Popen([str(env_dir / "bin" / "cxr"), "serve", "--http-port", str(h), "--grpc-port", str(g),
+                               "--metrics-port", str(m), "--models", "pneumonia"], cwd=work, env=clean,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert wait_for_line(server, "Triton ready", deadline_s=READY_DEADLINE_S), "the wheel's cxr serve never got ready"
+        r = subprocess.run([str(env_dir / "bin" / "cxr"), "predict", *map(str, films), "--url", f"127.0.0.1:{g}",
+                            "--format", "json"], cwd=work, env=clean, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        served = {Path(row["path"]).name: row for row in json.loads(r.stdout)}
+        assert {n: row["status"] for n, row in served.items()} == {n: row["status"] for n, row in rows.items()}
+        for name, row in served.items():
+            if row["probability"] is not None:
+                assert row["probability"] == pytest.approx(rows[name]["probability"], abs=1e-5)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    # screening and serving wrote nothing into the installed model folders
+    assert _snapshot(Path(where[2])) == installed
