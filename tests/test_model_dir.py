@@ -103,14 +103,12 @@ def _raw_card_access(text: str) -> list[str]:
     ``card.get(...)``, ``card.data``): the card is read and written through :class:`ModelCard` instead."""
     found = []
     for node in ast.walk(ast.parse(text)):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str):
-            if node.value.endswith(CARD_FILE) and not any(ch.isspace() for ch in node.value):
-                found.append(f"{node.lineno}: the card's file name")  # a path, not a sentence naming the file
-        target = None
-        if isinstance(node, ast.Subscript):
-            target = node.value
-        elif isinstance(node, ast.Attribute) and node.attr in ("get", "setdefault", "pop", "update", "data"):
-            target = node.value
+        if (isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.endswith(CARD_FILE)
+                and not any(ch.isspace() for ch in node.value)):
+            found.append(f"{node.lineno}: the card's file name")  # a path, not a sentence naming the file
+        dict_read = isinstance(node, ast.Subscript) or (
+            isinstance(node, ast.Attribute) and node.attr in ("get", "setdefault", "pop", "update", "data"))
+        target = getattr(node, "value", None) if dict_read else None
         if isinstance(target, ast.Name) and target.id.endswith("card"):
             found.append(f"{node.lineno}: {ast.unparse(node)[:60]}")
     return found
