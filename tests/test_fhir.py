@@ -28,13 +28,13 @@ EXAMPLES = REPO / "examples"
 
 
 def _ok(p: float, **kw) -> Prediction:  # type: ignore[no-untyped-def]
-    return Prediction("a.dcm", contract.Status.OK, contract.label_for(p, 0.03), p, 0.03, "pneumonia", "1",
+    return Prediction(source="a.dcm", status=contract.Status.OK, label=contract.label_for(p, 0.03), probability=p, threshold=0.03, model_name="pneumonia", model_version="1",
                       ood_score=12.5, ood_threshold=35.0, model_sha256=SHA, **kw)
 
 
 def _refused() -> Prediction:
     exc = contract.not_assessable("b.png", "colour_image", "mean chroma 40.1 > 12.0", value=40.1, limit=12.0)
-    return Prediction("b.png", contract.Status.NOT_ASSESSABLE, None, None, 0.03, "pneumonia", "1", str(exc),
+    return Prediction(source="b.png", status=contract.Status.NOT_ASSESSABLE, label=None, probability=None, threshold=0.03, model_name="pneumonia", model_version="1", reason=str(exc),
                       refusal=contract.Refusal.of(exc), model_sha256=SHA)
 
 
@@ -44,7 +44,7 @@ def _resources(bundle: dict, kind: str) -> list[dict]:
 
 def test_a_bundle_carries_finding_probability_threshold_model_and_study() -> None:
     study = fhir.StudyRef("1.2.3", "1.2.3.4", "PAT001", "", "ACC42")
-    err = Prediction("c.png", contract.Status.ERROR, None, None, 0.03, "pneumonia", "1", "c.png: unreadable",
+    err = Prediction(source="c.png", status=contract.Status.ERROR, label=None, probability=None, threshold=0.03, model_name="pneumonia", model_version="1", reason="c.png: unreadable",
                      model_sha256=SHA)
     b = fhir.bundle([(_ok(0.9), study), (_ok(0.01), fhir.StudyRef()), (_refused(), fhir.StudyRef()), (err, study)])
     assert b["type"] == "transaction"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
 from pathlib import Path
@@ -9,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from cxr.core.errors import CxrError, ModelIntegrityError
-from cxr.core.model_dir import ModelCard, ModelDir, ServedParams, model_dirs
+from cxr.core.model_dir import CARD_FILE, ModelCard, ModelDir, ServedParams, model_dirs
 from cxr.export import repository
-from tests.conftest import SHIPPED_REPOSITORY
+from tests.conftest import REPO, SHIPPED_REPOSITORY
 
 
 def test_the_shipped_folders_read_typed() -> None:
@@ -60,8 +61,76 @@ def test_card_and_params_are_validated() -> None:
 
 def test_writing_a_card_validates_it_first(tmp_path: Path) -> None:
     folder = ModelDir(tmp_path)
+    with pytest.raises(TypeError, match="ModelCard"):  # a raw dict is not a card
+        folder.write_card({"sha256": "ab" * 32, "calibration": {"threshold": 0.3}})  # type: ignore[arg-type]
+    card = ModelCard({"sha256": "ab" * 32, "calibration": {"threshold": 0.3}})
     with pytest.raises(CxrError):
-        folder.write_card({"sha256": "short", "calibration": {"threshold": 0.3}})
+        folder.write_card(card.replace(sha256="short"))
     assert not folder.has_card()
-    folder.write_card({"sha256": "ab" * 32, "calibration": {"threshold": 0.3}}, "# card\n")
+    folder.write_card(card, "# card\n")
     assert folder.card().threshold == 0.3 and (tmp_path / "MODEL_CARD.md").read_text() == "# card\n"
+    assert json.loads((tmp_path / "model_card.json").read_text()) == {"sha256": "ab" * 32,
+                                                                      "calibration": {"threshold": 0.3}}
+
+
+def test_card_edits_return_new_validated_cards() -> None:
+    points = {"adult": {"threshold": 0.2}, "pediatric": {"threshold": 0.4}}
+    card = ModelCard({"model": "m", "sha256": "ab" * 32, "calibration": {"threshold": 0.2, "rule": "r"},
+                      "operating_points": points, "default_operating_point": "adult", "commands": ["cxr export"]})
+    # sections read as copies: editing one changes no card
+    card.calibration["threshold"] = 0.9
+    card.operating_points["adult"]["threshold"] = 0.9
+    assert card.threshold == 0.2 and card.operating_points["adult"]["threshold"] == 0.2
+    with pytest.raises(ValueError, match="no section calibraton"):
+        card.replace(calibraton={"threshold": 0.3})
+    with pytest.raises(CxrError, match="default operating point"):  # the served threshold stays the default's
+        card.with_calibration(threshold=0.3)
+    moved = card.with_default_point("pediatric")
+    assert (moved.threshold, moved.default_operating_point, card.threshold) == (0.4, "pediatric", 0.2)
+    assert moved.calibration["rule"] == "operating point pediatric (site default; was adult)"
+    assert card.with_default_point("adult") is card
+    with pytest.raises(CxrError, match="operating point 'child': m has adult, pediatric"):
+        card.with_default_point("child")
+    single = card.replace(operating_points=None, default_operating_point=None).with_calibration(threshold=0.3)
+    assert single.operating_points == {} and single.default_operating_point == "" and single.threshold == 0.3
+    assert card.with_command("cxr claims").commands == ("cxr export", "cxr claims")
+    assert card.with_command("cxr export", once=True) is card and card.with_command("") is card
+    assert card.with_outputs([{"name": "probability"}]).data["contract"] == {"outputs": [{"name": "probability"}]}
+
+
+def _raw_card_access(text: str) -> list[str]:
+    """Lines of a module that open ``model_card.json`` by name or read a card as a dict (``card[...]``,
+    ``card.get(...)``, ``card.data``): the card is read and written through :class:`ModelCard` instead."""
+    found = []
+    for node in ast.walk(ast.parse(text)):
+        if (isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.endswith(CARD_FILE)
+                and not any(ch.isspace() for ch in node.value)):
+            found.append(f"{node.lineno}: the card's file name")  # a path, not a sentence naming the file
+        dict_read = isinstance(node, ast.Subscript) or (
+            isinstance(node, ast.Attribute) and node.attr in ("get", "setdefault", "pop", "update", "data"))
+        target = getattr(node, "value", None) if dict_read else None
+        if isinstance(target, ast.Name) and target.id.endswith("card"):
+            found.append(f"{node.lineno}: {ast.unparse(node)[:60]}")
+    return found
+
+
+def test_the_card_is_read_and_written_only_through_model_card() -> None:
+    modules = [*(REPO / "src" / "cxr").rglob("*.py"), *(REPO / "scripts").glob("*.py")]
+    offenders = {str(p.relative_to(REPO)): _raw_card_access(p.read_text()) for p in modules
+                 if p != REPO / "src" / "cxr" / "core" / "model_dir.py"}
+    assert {k: v for k, v in offenders.items() if v} == {}
+    # the check sees what it forbids
+    assert len(_raw_card_access('c = json.loads((d / "model_card.json").read_text())\nnew_card["ood"]\n'
+                                'card.get("x")\ncard.data.get("explain")\n')) == 4
+    assert _raw_card_access('card.threshold\nraise CxrError("no model_card.json here")\n') == []
+
+
+def test_the_shipped_markdown_card_is_what_the_typed_card_renders() -> None:
+    from cxr.core.claims import CLAIMS_FILE, Claims
+    from cxr.export.card import card_markdown
+
+    for folder in model_dirs(SHIPPED_REPOSITORY):
+        card = folder.card()
+        claims = Claims.load(folder.path / CLAIMS_FILE)
+        assert claims.model_sha256 == card.sha256
+        assert card_markdown(card, claims) == (folder.path / "MODEL_CARD.md").read_text()

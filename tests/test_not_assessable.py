@@ -27,7 +27,7 @@ def _png(arr: np.ndarray) -> bytes:
 
 def _rule(source: object, **kw: object) -> str:
     with pytest.raises(NotAssessableError) as info:
-        imaging.preprocess(source, name="in.png", **kw)  # type: ignore[arg-type]
+        imaging.preprocess(source, name="in.png", **kw)
     msg = str(info.value)
     assert msg.startswith("in.png: not assessable (") and "\n" not in msg
     return info.value.rule
@@ -231,8 +231,8 @@ def test_real_chest_x_rays_pass_every_rule(embedded: PneumoniaClient) -> None:
     bad = [(p.source, p.reason) for p in preds if p.status is not contract.Status.OK]
     assert not bad
     for p in preds:
-        assert p.label in contract.LABELS and p.label == contract.label_for(p.probability, p.threshold)  # type: ignore[arg-type]
-        assert p.ood_score is not None and p.ood_score <= p.ood_threshold  # type: ignore[operator]
+        assert p.label in contract.LABELS and p.label == contract.label_for(p.probability, p.threshold)
+        assert p.ood_score is not None and p.ood_score <= p.ood_threshold
 
 
 def test_real_x_rays_inverted_are_out_of_distribution(embedded: PneumoniaClient) -> None:
@@ -245,25 +245,42 @@ def test_real_x_rays_inverted_are_out_of_distribution(embedded: PneumoniaClient)
 # -- the Prediction contract -----------------------------------------------------------------------------------------
 
 def test_prediction_invariants() -> None:
-    ok = Prediction("a", contract.Status.OK, "Normal", 0.1, 0.4, "m", "1")
+    m = {"threshold": 0.4, "model_name": "m", "model_version": "1"}
+    ok = Prediction(source="a", status=contract.Status.OK, label="Normal", probability=0.1, **m)
     assert ok.ok and ok.error is None and str(ok.status) == "ok"
     blank = contract.Refusal("blank_image", 3.5, contract.BLANK_STD_MIN, "grey-level std 3.5 (min 8.0)")
-    na = Prediction("b", "not_assessable", None, None, 0.4, "m", "1", "b: not assessable (blank_image): x", refusal=blank)
+    na = Prediction(source="b", status="not_assessable", label=None, probability=None,
+                    reason="b: not assessable (blank_image): x", refusal=blank, **m)
     assert na.status is contract.Status.NOT_ASSESSABLE and not na.ok and na.error is None and na.rule == "blank_image"
-    with pytest.raises(ValueError):
-        Prediction("b", "not_assessable", None, None, 0.4, "m", "1", "b: x")  # no refusal
+    with pytest.raises(ValueError):  # no refusal
+        Prediction(source="b", status="not_assessable", label=None, probability=None, reason="b: x",
+                   **m)
     with pytest.raises(ValueError):
         contract.Refusal("made_up")
-    with pytest.raises(ValueError):
-        Prediction("b", "ok", "Normal", 0.1, 0.4, "m", "1", refusal=blank)  # a refusal with an answer
-    err = Prediction("c", contract.Status.ERROR, None, None, 0.4, "m", "1", "c: unreadable", retryable=True)
+    with pytest.raises(ValueError):  # a refusal with an answer
+        Prediction(source="b", status="ok", label="Normal", probability=0.1, refusal=blank, **m)
+    err = Prediction(source="c", status=contract.Status.ERROR, label=None, probability=None, reason="c: unreadable",
+                     retryable=True, **m)
     assert err.error == "c: unreadable"
+    with pytest.raises(ValueError):  # + label
+        Prediction(source="d", status=contract.Status.NOT_ASSESSABLE, label="Normal", probability=0.2, reason="why",
+                   refusal=blank, **m)
     with pytest.raises(ValueError):
-        Prediction("d", contract.Status.NOT_ASSESSABLE, "Normal", 0.2, 0.4, "m", "1", "why", refusal=blank)  # + label
+        Prediction(source="e", status=contract.Status.OK, label="Normal", probability=0.2, reason="a reason", **m)
     with pytest.raises(ValueError):
-        Prediction("e", contract.Status.OK, "Normal", 0.2, 0.4, "m", "1", "a reason")
-    with pytest.raises(ValueError):
-        Prediction("f", contract.Status.OK, "Normal", 0.2, 0.4, "m", "1", retryable=True)
+        Prediction(source="f", status=contract.Status.OK, label="Normal", probability=0.2, retryable=True, **m)
+
+
+def test_prediction_is_built_by_keyword_and_read_by_name() -> None:
+    """A field added to Prediction cannot shift positional arguments or tuple reads: there are none."""
+    with pytest.raises(TypeError):
+        Prediction("a", contract.Status.OK, "Normal", 0.1, 0.4, "m", "1")
+    ok = Prediction(source="a", status=contract.Status.OK, label="Normal", probability=0.1, threshold=0.4,
+                    model_name="m", model_version="1")
+    with pytest.raises(TypeError):
+        ok[0]
+    with pytest.raises(TypeError):
+        source, *_ = ok
 
 
 def test_decision_and_ood_rules_live_in_the_contract() -> None:

@@ -17,7 +17,7 @@ SHA = "ab" * 32
 
 
 def _ok(label: str, p: float, model: str = "pneumonia", sha: str = SHA) -> Prediction:
-    return Prediction("x.dcm", contract.Status.OK, label, p, 0.4, model, "1", model_sha256=sha)
+    return Prediction(source="x.dcm", status=contract.Status.OK, label=label, probability=p, threshold=0.4, model_name=model, model_version="1", model_sha256=sha)
 
 
 def _source() -> pydicom.Dataset:
@@ -57,7 +57,7 @@ def test_sr_carries_finding_probability_threshold_and_algorithm(p: float, findin
 def test_not_assessable_sr_has_no_finding() -> None:
     src = _source()
     exc = contract.not_assessable("x", "out_of_distribution", "ood_score 90.25 > 35.07", value=90.25, limit=35.07)
-    res = Prediction("x.dcm", contract.Status.NOT_ASSESSABLE, None, None, 0.4, "pneumonia", "1", str(exc),
+    res = Prediction(source="x.dcm", status=contract.Status.NOT_ASSESSABLE, label=None, probability=None, threshold=0.4, model_name="pneumonia", model_version="1", reason=str(exc),
                      ood_score=90.25, ood_threshold=35.07, refusal=contract.Refusal.of(exc), model_sha256=SHA)
     content = read_sr(_roundtrip(build_sr(src, res)))
     assert content["not_assessable"] == "out_of_distribution"
@@ -97,13 +97,13 @@ def test_heatmap_secondary_capture_is_burned_in_and_placed() -> None:
 
 
 def test_result_validation() -> None:
-    err = Prediction("x.dcm", contract.Status.ERROR, None, None, 0.4, "m", "1", "x.dcm: unreadable", model_sha256=SHA)
+    err = Prediction(source="x.dcm", status=contract.Status.ERROR, label=None, probability=None, threshold=0.4, model_name="m", model_version="1", reason="x.dcm: unreadable", model_sha256=SHA)
     with pytest.raises(ValueError, match="ok and not_assessable"):
         check_result(err)  # an unreadable input gets no SR
     with pytest.raises(ValueError, match="sha256"):
         check_result(_ok("Normal", 0.1, "m", sha=""))
     with pytest.raises(ValueError):
-        Prediction("x.dcm", contract.Status.OK, None, None, 0.4, "m", "1", model_sha256=SHA)  # ok without a label
+        Prediction(source="x.dcm", status=contract.Status.OK, label=None, probability=None, threshold=0.4, model_name="m", model_version="1", model_sha256=SHA)  # ok without a label
     with pytest.raises(ValueError):
         contract.Refusal("nope")
     assert check_result(_ok("Normal", 0.1)).label == "Normal"
@@ -118,7 +118,7 @@ def _film(n: int, view: str) -> pydicom.Dataset:
 
 def _lateral() -> Prediction:
     refusal = contract.Refusal("dicom_view_position", "LL", "PA, AP")
-    return Prediction("l.dcm", contract.Status.NOT_ASSESSABLE, None, None, 0.4, "pneumonia", "1", reason="lateral",
+    return Prediction(source="l.dcm", status=contract.Status.NOT_ASSESSABLE, label=None, probability=None, threshold=0.4, model_name="pneumonia", model_version="1", reason="lateral",
                       refusal=refusal, model_sha256=SHA)
 
 
@@ -132,7 +132,7 @@ def test_one_study_answer_by_the_stated_rule() -> None:
     only_lateral = combine([("3", _lateral())])
     assert only_lateral.status is contract.Status.NOT_ASSESSABLE and only_lateral.why == "no_frontal"
     refusal = contract.Refusal("out_of_distribution", 99.0, 50.0)
-    ood = Prediction("o.dcm", contract.Status.NOT_ASSESSABLE, None, None, 0.4, "pneumonia", "1", reason="ood",
+    ood = Prediction(source="o.dcm", status=contract.Status.NOT_ASSESSABLE, label=None, probability=None, threshold=0.4, model_name="pneumonia", model_version="1", reason="ood",
                      refusal=refusal, model_sha256=SHA)
     assert combine([("1", ood), ("3", _lateral())]).why == "all_frontal_refused"
 
@@ -161,7 +161,7 @@ def test_an_instance_sr_is_numbered_as_its_film() -> None:
 
 
 def test_sr_says_which_operating_point_answered() -> None:
-    pred = Prediction("x.dcm", contract.Status.OK, "Pneumonia", 0.5, 0.4, "pneumonia", "1", model_sha256=SHA,
+    pred = Prediction(source="x.dcm", status=contract.Status.OK, label="Pneumonia", probability=0.5, threshold=0.4, model_name="pneumonia", model_version="1", model_sha256=SHA,
                       operating_point="adult")
     content = read_sr(_roundtrip(build_sr(_source(), pred)))
     assert content["operating_point"] == "adult" and content["threshold"] == 0.4

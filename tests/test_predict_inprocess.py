@@ -112,10 +112,10 @@ def test_journal_latest_row_wins_and_transient_errors_are_not_final(tmp_path: Pa
     f = tmp_path / "a.png"
     f.write_bytes(b"abc")
     sha = file_sha256(f)
-    down = Prediction(str(f), contract.Status.ERROR, None, None, 0.5, "m", "1", "a: server down", retryable=True)
+    down = Prediction(source=str(f), status=contract.Status.ERROR, label=None, probability=None, threshold=0.5, model_name="m", model_version="1", reason="a: server down", retryable=True)
     j.append([to_row(down, sha)])
     assert not j.is_final(str(f), sha)  # a transient failure is retried
-    ok = Prediction(str(f), contract.Status.OK, "Normal", 0.1, 0.5, "m", "1")
+    ok = Prediction(source=str(f), status=contract.Status.OK, label="Normal", probability=0.1, threshold=0.5, model_name="m", model_version="1")
     j.append([to_row(ok, sha)])
     assert j.is_final(str(f), sha) and not j.is_final(str(f), "other content")
     j.close()

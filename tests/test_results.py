@@ -23,14 +23,14 @@ def _preds() -> list[Prediction]:
                                   limit=35.067726135253906)
     hdr = contract.not_assessable("d.dcm", "dicom_modality", "Modality 'CT' not in CR/DX", value="CT", limit="CR/DX")
     return [
-        Prediction("a.png", contract.Status.OK, "Pneumonia", 0.12345678901234567, THRESHOLD, "pneumonia", "1",
+        Prediction(source="a.png", status=contract.Status.OK, label="Pneumonia", probability=0.12345678901234567, threshold=THRESHOLD, model_name="pneumonia", model_version="1",
                    ood_score=12.345678901234567, ood_threshold=35.07, model_sha256=SHA),
-        Prediction("b.png", contract.Status.ERROR, None, None, THRESHOLD, "pneumonia", "1", "b.png: server down",
+        Prediction(source="b.png", status=contract.Status.ERROR, label=None, probability=None, threshold=THRESHOLD, model_name="pneumonia", model_version="1", reason="b.png: server down",
                    retryable=True, model_sha256=SHA),
-        Prediction("c.png", contract.Status.NOT_ASSESSABLE, None, None, THRESHOLD, "pneumonia", "1", str(ood),
+        Prediction(source="c.png", status=contract.Status.NOT_ASSESSABLE, label=None, probability=None, threshold=THRESHOLD, model_name="pneumonia", model_version="1", reason=str(ood),
                    ood_score=90.123456789012, ood_threshold=35.067726135253906, refusal=contract.Refusal.of(ood),
                    model_sha256=SHA),
-        Prediction("d.dcm", contract.Status.NOT_ASSESSABLE, None, None, THRESHOLD, "pneumonia", "1", str(hdr),
+        Prediction(source="d.dcm", status=contract.Status.NOT_ASSESSABLE, label=None, probability=None, threshold=THRESHOLD, model_name="pneumonia", model_version="1", reason=str(hdr),
                    sop_instance_uid="1.2.3", refusal=contract.Refusal.of(hdr), model_sha256=SHA),
     ]
 

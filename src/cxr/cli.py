@@ -488,9 +488,10 @@ def _add_configs(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_configs(a: argparse.Namespace) -> int:
+    from cxr.core.model_dir import model_dirs
     from cxr.export import repository
 
-    names = a.name or sorted(p.parent.name for p in a.repository.glob("*/model_card.json"))
+    names = a.name or [d.name for d in model_dirs(a.repository)]
     for n in names:
         if a.default_operating_point:
             repository.set_default_point(a.repository / n, a.default_operating_point)

@@ -21,9 +21,10 @@ from cxr.core.security import TlsClient
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Prediction:
-    """One input's final answer.
+    """One input's final answer, built by keyword only (a positional field list would silently shift when a field
+    is added).
 
     Attributes:
         source: The input's name (path, or a summary for in-memory inputs).

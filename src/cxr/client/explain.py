@@ -244,7 +244,7 @@ class GradCam:
                                          f"({served_sha256[:12] or 'no sha256 published'})")
         base = strip_ood(onnx.load(str(path)))
         arch = next((a for a in DEFAULT_LAYER if any(a in n.name for n in base.graph.node)), None)
-        measured = folder.card().data.get("explain") or {}
+        measured = folder.card().explain
         if measured.get("sha256") != self.sha256:
             measured = {}  # measured on another file: no verdict
         #: The model-randomisation verdict of ``cxr explain-eval`` for this file (``None``: not measured).

@@ -138,7 +138,7 @@ class Eligibility:
 
 def default_text() -> str:
     """The JSON text of the shipped default rules."""
-    return resources.files("cxr.core").joinpath("data", FILE_NAME).read_text()
+    return (resources.files("cxr.core") / "data" / FILE_NAME).read_text()  # 3.10: one name a joinpath
 
 
 _DEFAULT = Eligibility.from_json(default_text())

@@ -17,6 +17,7 @@ and :meth:`ServedParams.from_parameters` reads them for the client, from the con
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -189,12 +190,22 @@ def config_as_dict(cfg) -> dict:
     return json_format.MessageToDict(cfg, preserving_proto_field_name=True)
 
 
+#: The top-level sections of ``model_card.json``; :meth:`ModelCard.replace` refuses any other name.
+CARD_SECTIONS = (
+    "model", "version", "precision", "file", "sha256", "bytes", "architecture", "contract", "training", "calibration",
+    "operating_points", "default_operating_point", "export", "evaluations", "evaluations_of", "commands", "environment",
+    "created", "updated", "serving", "ood", "provenance", "targets", "claims", "explain", "site", "adaptation",
+)
+
+
 @dataclass(frozen=True)
 class ModelCard:
-    """``model_card.json``, read once and typed where the code relies on it (the rest stays in :attr:`data`).
+    """``model_card.json``, read and written only through this class: typed properties read it (each section a copy,
+    so editing one changes no card), and the ``with_``/:meth:`replace` methods return a new, validated card that
+    :meth:`ModelDir.write_card` writes.
 
     Attributes:
-        data: The whole card as JSON values.
+        data: The whole card as JSON values (read it through the properties).
     """
 
     data: Mapping[str, Any] = field(repr=False)
@@ -214,6 +225,20 @@ class ModelCard:
             if float(points[default]["threshold"]) != float(threshold):
                 raise CxrError("model card: calibration.threshold must be the default operating point's threshold")
 
+    def _section(self, name: str) -> dict[str, Any]:
+        return copy.deepcopy(dict(self.data.get(name) or {}))
+
+    # -- reads -------------------------------------------------------------------------------------------------------
+
+    @property
+    def model(self) -> str:
+        """The model's name (its folder's name when exported)."""
+        return str(self.data.get("model", ""))
+
+    @property
+    def version(self) -> int:
+        return int(self.data.get("version", 1))
+
     @property
     def file(self) -> str:
         """The graph's path inside the model folder."""
@@ -224,18 +249,34 @@ class ModelCard:
         return str(self.data["sha256"])
 
     @property
+    def bytes(self) -> int | None:
+        """Size of the model file (``None`` when the card does not say)."""
+        size = self.data.get("bytes")
+        return int(size) if size else None
+
+    @property
     def threshold(self) -> float:
         return float(self.data["calibration"]["threshold"])
+
+    @property
+    def calibration(self) -> dict[str, Any]:
+        """``calibration``: the served threshold, its rule, what it was fitted on, its metrics and the scaling."""
+        return self._section("calibration")
 
     @property
     def operating_points(self) -> dict[str, dict[str, Any]]:
         """``{name: {"threshold": ..., "population": ..., "chosen_on": ..., "rule": ...}}`` (empty for a card that
         states one threshold only)."""
-        return {str(k): dict(v) for k, v in (self.data.get("operating_points") or {}).items()}
+        return {str(k): dict(v) for k, v in self._section("operating_points").items()}
 
     @property
     def default_operating_point(self) -> str:
         return str(self.data.get("default_operating_point") or "")
+
+    @property
+    def ood(self) -> dict[str, Any]:
+        """``ood``: the ``ood_score`` output's fit and threshold (empty: the model has no OOD output)."""
+        return self._section("ood")
 
     @property
     def ood_threshold(self) -> float | None:
@@ -260,9 +301,98 @@ class ModelCard:
         """The site audit's targets stated by the card (``targets``), as numbers."""
         return {k: float(v) for k, v in (self.data.get("targets") or {}).items()}
 
-    def as_dict(self) -> dict:
-        """A deep copy of the card's JSON, to edit and write back."""
-        return json.loads(json.dumps(self.data, default=str))
+    @property
+    def training(self) -> dict[str, Any]:
+        """``training``: sources, split, configuration and history of the training run."""
+        return self._section("training")
+
+    @property
+    def export(self) -> dict[str, Any]:
+        """``export``: opset and the parity of every exported precision."""
+        return self._section("export")
+
+    @property
+    def evaluations(self) -> dict[str, dict[str, Any]]:
+        """``{name: report}`` of the evaluations the exporter found (in-sample where the set chose something)."""
+        return self._section("evaluations")
+
+    @property
+    def evaluations_of(self) -> str:
+        """What the evaluations measured (the Keras model, the site's audit part ...)."""
+        return str(self.data.get("evaluations_of", ""))
+
+    @property
+    def commands(self) -> tuple[str, ...]:
+        """The commands that built the model, in order."""
+        return tuple(str(c) for c in self.data.get("commands") or ())
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """``provenance``: the provenance file's name and its summary by role and source (empty when none)."""
+        return self._section("provenance")
+
+    @property
+    def claims(self) -> dict[str, Any]:
+        """``claims``: where ``claims.json`` was measured (empty when ``cxr claims`` has not run)."""
+        return self._section("claims")
+
+    @property
+    def adaptation(self) -> dict[str, Any]:
+        """``adaptation``: the report of ``cxr adapt`` (empty for a model that was not adapted)."""
+        return self._section("adaptation")
+
+    @property
+    def explain(self) -> dict[str, Any]:
+        """``explain``: the model-randomisation verdict of ``cxr explain-eval`` (empty when not measured)."""
+        return self._section("explain")
+
+    # -- edits (each returns a new, validated card) ------------------------------------------------------------------
+
+    def replace(self, **sections: Any) -> ModelCard:
+        """A card with these top-level sections set (``None`` removes one); names outside :data:`CARD_SECTIONS`
+        are refused, so a misspelt section cannot be written."""
+        unknown = sorted(set(sections) - set(CARD_SECTIONS))
+        if unknown:
+            raise ValueError(f"model card: no section {', '.join(unknown)} (sections: {', '.join(CARD_SECTIONS)})")
+        data = {k: v for k, v in self.data.items() if sections.get(k, v) is not None}
+        data.update({k: v for k, v in sections.items() if v is not None})
+        return ModelCard(data)
+
+    def with_calibration(self, **fields: Any) -> ModelCard:
+        """A card whose ``calibration`` has these fields changed (the others kept)."""
+        return self.replace(calibration={**self.calibration, **fields})
+
+    def with_outputs(self, outputs: Sequence[Mapping[str, Any]]) -> ModelCard:
+        """A card whose ``contract.outputs`` lists the graph's outputs (name, dtype, shape)."""
+        return self.replace(contract={**self._section("contract"), "outputs": [dict(o) for o in outputs]})
+
+    def with_command(self, command: str, *, once: bool = False) -> ModelCard:
+        """A card listing ``command`` last among its commands (unchanged for ``''``, or with ``once`` when the
+        command is listed already)."""
+        if not command or (once and command in self.commands):
+            return self
+        return self.replace(commands=[*self.commands, command])
+
+    def with_default_point(self, name: str) -> ModelCard:
+        """A card whose default operating point is ``name`` (a site's choice): its ``calibration.threshold``, which
+        the configs serve as ``threshold``, follows.
+
+        Raises:
+            CxrError: The card has no point of that name.
+        """
+        points = self.operating_points
+        if name not in points:
+            raise CxrError(f"operating point {name!r}: {self.model or 'the model'} has "
+                           f"{', '.join(sorted(points)) or 'none'}")
+        if name == self.default_operating_point:
+            return self
+        calibration = {**self.calibration, "threshold": points[name]["threshold"],
+                       "rule": f"operating point {name} (site default; was {self.default_operating_point})"}
+        return self.replace(default_operating_point=name, calibration=calibration)
+
+    def to_json(self) -> str:
+        """The card's file text."""
+        return json.dumps(self.data, indent=1, default=str) + "\n"
 
 
 @dataclass(frozen=True)
@@ -295,15 +425,17 @@ class ModelDir:
             raise CxrError(f"{self.path}: no {CARD_FILE} (export the model with `cxr export` first)")
         return ModelCard(json.loads(self.card_path.read_text()))
 
-    def write_card(self, card: Mapping[str, Any], markdown: str | None = None) -> ModelCard:
-        """Write the card (validated first) durably, and its Markdown twin when given."""
+    def write_card(self, card: ModelCard, markdown: str | None = None) -> ModelCard:
+        """Write the card (a :class:`ModelCard`, validated when it was made) durably, and its Markdown twin when
+        given."""
         from cxr.core.durable import write_durably
 
-        typed = ModelCard(card)
-        write_durably(self.card_path, (json.dumps(card, indent=1, default=str) + "\n").encode())
+        if not isinstance(card, ModelCard):
+            raise TypeError(f"write_card takes a ModelCard, not {type(card).__name__}")
+        write_durably(self.card_path, card.to_json().encode())
         if markdown is not None:
             write_durably(self.path / CARD_MARKDOWN, markdown.encode())
-        return typed
+        return card
 
     def onnx_path(self, card: ModelCard | None = None) -> Path:
         return self.path / (card or self.card()).file

@@ -39,7 +39,7 @@ import numpy as np
 
 from cxr.core import contract
 from cxr.core.errors import CxrError, DataError
-from cxr.core.model_dir import ModelCard, ModelDir
+from cxr.core.model_dir import ModelDir
 from cxr.train import data as data_mod
 
 logger = logging.getLogger(__name__)
@@ -247,7 +247,7 @@ def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
     dest = Path(cfg.out_repository) / cfg.name
     if dest.resolve() == src_dir.resolve():
         raise CxrError("the adapted model needs its own folder (--name or --out-repository)")
-    targets = cfg.targets if cfg.targets is not None else audit_mod.Targets.from_card(ModelCard(card))
+    targets = cfg.targets if cfg.targets is not None else audit_mod.Targets.from_card(card)
     assert isinstance(targets, audit_mod.Targets)
     provenance = ModelDir(src_dir).provenance()
     site = audit_mod.site_sample(Path(cfg.sample), provenance)
@@ -418,8 +418,8 @@ def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
                                    f"{len({f.patient for f in films})} patients); it chose nothing"})
     seconds = time.time() - t0
     split = {part: _part_counts(parts[part]) for part in PARTS}
-    summary = {
-        "sample": str(cfg.sample), "from_model": card["model"], "from_sha256": card["sha256"], "seconds": seconds,
+    summary: dict = {
+        "sample": str(cfg.sample), "from_model": card.model, "from_sha256": card.sha256, "seconds": seconds,
         "model_sha256": model_sha,
         # adapt/calibrate/audit: film counts (the model card's text reads them); parts: every part's counts
         "split": {"adapt": len(a_part), "calibrate": len(c_part), "audit": len(u_part),
@@ -463,27 +463,25 @@ def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
     write_python_model(staging, 1)
     shutil.copy(repository.ensure_eligibility(src_dir), staging / "eligibility.json")
 
-    new_card = json.loads(json.dumps(card))
-    new_card.update(model=cfg.name, version=1, file="1/model.onnx", sha256=model_sha, bytes=len(model_bytes),
-                    precision="fp32", serving={"targets": list(repository.TARGETS["fp32"])})
-    new_card.pop("operating_points", None)  # one threshold, the site's (named points were the base's sources')
-    new_card.pop("default_operating_point", None)
-    new_card["ood"] = {**card["ood"], "threshold": ood_threshold, "shrinkage": fit.shrinkage,
-                       "n_train": fit.n_train, "flagged": summary["ood"]["flagged"],
-                       "n": {k: len(v) for k, v in sets.items()}, "parity_max_rel_diff": card["ood"].get("parity_max_rel_diff"),
-                       "weighting": f"shipped moments plus the site's adapt and calibrate parts at mass {lam:.3f}"}
-    new_card["calibration"] = {**card["calibration"], "threshold": threshold, "rule": "sensitivity_lcb",
-                               "target": targets.sensitivity, "confidence": cfg.calibration_confidence,
-                               "fitted_on": f"{cfg.sample} (calibrate part)", "n_images": len(cal_films),
-                               "metrics": point, "previous_threshold": card["calibration"]["threshold"]}
-    new_card["targets"] = asdict(targets)
-    new_card["site"] = {"sample": str(cfg.sample), "split": summary["split"], "targets": asdict(targets),
-                        "confidence": cfg.confidence, "claims": CLAIMS_FILE,
-                        "audit_part": "judged the model and chose nothing (threshold: calibrate part; weights: adapt part)"}
-    new_card["adaptation"] = summary
-    new_card["evaluations"] = {}
-    new_card["evaluations_of"] = f"see {CLAIMS_FILE} and adaptation.audit (the site's audit part)"
-    repository.save_card(staging, new_card)
+    new_card = card.replace(
+        model=cfg.name, version=1, file="1/model.onnx", sha256=model_sha, bytes=len(model_bytes), precision="fp32",
+        serving={"targets": list(repository.TARGETS["fp32"])},
+        operating_points=None, default_operating_point=None,  # one threshold, the site's (named points: the base's)
+        ood={**card.ood, "threshold": ood_threshold, "shrinkage": fit.shrinkage,
+             "n_train": fit.n_train, "flagged": summary["ood"]["flagged"],
+             "n": {k: len(v) for k, v in sets.items()}, "parity_max_rel_diff": card.ood.get("parity_max_rel_diff"),
+             "weighting": f"shipped moments plus the site's adapt and calibrate parts at mass {lam:.3f}"},
+        calibration={**card.calibration, "threshold": threshold, "rule": "sensitivity_lcb",
+                     "target": targets.sensitivity, "confidence": cfg.calibration_confidence,
+                     "fitted_on": f"{cfg.sample} (calibrate part)", "n_images": len(cal_films),
+                     "metrics": point, "previous_threshold": card.threshold},
+        targets=asdict(targets),
+        site={"sample": str(cfg.sample), "split": summary["split"], "targets": asdict(targets),
+              "confidence": cfg.confidence, "claims": CLAIMS_FILE,
+              "audit_part": "judged the model and chose nothing (threshold: calibrate part; weights: adapt part)"},
+        adaptation=summary, evaluations={},
+        evaluations_of=f"see {CLAIMS_FILE} and adaptation.audit (the site's audit part)")
+    new_card = repository.save_card(staging, new_card)
     ModelDir(staging).write_provenance(provenance)
     ModelDir(staging).write_provenance(data_mod.provenance_rows("adapt", a_part)
                                        + data_mod.provenance_rows("calibration", c_part)

@@ -6,30 +6,30 @@ from pathlib import Path
 
 from cxr.core import contract
 from cxr.core.claims import CLAIMS_FILE, Claims
-from cxr.core.model_dir import ModelDir
+from cxr.core.model_dir import ModelCard, ModelDir
 
 
-def write_card(model_dir: Path, card: dict) -> None:
+def write_card(model_dir: Path, card: ModelCard) -> None:
     """Write ``model_card.json`` and a readable ``MODEL_CARD.md`` (through :class:`cxr.core.model_dir.ModelDir`);
     the card's performance table comes from the folder's ``claims.json`` when it has one for this model file."""
     claims = None
     path = Path(model_dir) / CLAIMS_FILE
     if path.exists():
         claims = Claims.load(path)
-        if claims.model_sha256 != card.get("sha256"):
+        if claims.model_sha256 != card.sha256:
             claims = None  # measured on another file: the card says so below rather than show stale figures
     ModelDir(Path(model_dir)).write_card(card, card_markdown(card, claims))
 
 
-def _points_markdown(card: dict) -> list[str]:
-    points = card.get("operating_points") or {}
+def _points_markdown(card: ModelCard) -> list[str]:
+    points = card.operating_points
     if not points:
         return []
     lines = ["", "## Operating points", "",
              f"Served as config parameter `{contract.PARAM_OPERATING_POINTS}`; `cxr predict --operating-point NAME` "
              "picks one; without a name a DICOM input's patient age chooses its population's point (under "
              f"{contract.ADULT_AGE_YEARS} years: pediatric), and any other input gets the default, "
-             f"**{card.get('default_operating_point')}**. Each point was chosen on its own population's select "
+             f"**{card.default_operating_point}**. Each point was chosen on its own population's select "
              "patients; the figures on those patients are in-sample for the threshold (the claims below are not).",
              "", "| point | threshold | rule | chosen on (select side) | select sensitivity (in-sample) | "
              "select specificity (in-sample) |", "|---|---|---|---|---|---|"]
@@ -43,28 +43,29 @@ def _points_markdown(card: dict) -> list[str]:
     return lines
 
 
-def card_markdown(card: dict, claims: Claims | None = None) -> str:
+def card_markdown(card: ModelCard, claims: Claims | None = None) -> str:
     """``MODEL_CARD.md``: the card for people."""
     from cxr.export.claims_render import claims_markdown
 
-    cal = card["calibration"]
+    cal = card.calibration
     m = cal.get("metrics", {})
-    ood = card.get("ood") or {}
+    ood = card.ood
+    training = card.training
     lines = [
-        f"# Model card: {card['model']} (version {card['version']}, {card['precision'].upper()})",
+        f"# Model card: {card.model} (version {card.version}, {card.precision.upper()})",
         "",
         "A screening aid, not a diagnosis. Inputs it cannot judge get `not_assessable` with a reason and no label; "
         "route them to a human reader.",
         "",
-        f"- file: `{card['file']}`, sha256 `{card['sha256']}`"
-        + (f", {card['bytes'] / 2**20:.1f} MiB" if card.get("bytes") else ""),
-        f"- architecture: `{card['architecture']}`; input `{contract.INPUT_NAME}` uint8 [batch, 224, 224, 1]; outputs "
+        f"- file: `{card.file}`, sha256 `{card.sha256}`"
+        + (f", {card.bytes / 2**20:.1f} MiB" if card.bytes else ""),
+        f"- architecture: `{card.architecture}`; input `{contract.INPUT_NAME}` uint8 [batch, 224, 224, 1]; outputs "
         f"`{contract.OUTPUT_NAME}` float32 [batch, 1] (calibrated P(pneumonia))"
         + (f" and `{contract.OOD_OUTPUT_NAME}` float32 [batch, 1] (out-of-distribution score)" if ood else ""),
-        "- training data: " + ", ".join(f"{k} `{v}`" for k, v in (card["training"].get("sources")
-                                                               or {"kaggle": card["training"]["data"]}).items())
-        + f" ({card['training']['n_train']} train / {card['training']['n_val']} validation images, {card['training']['split']})",
-        f"- selected on: `{card['training']['selected_on']}`, best epoch {card['training']['best_epoch']}",
+        "- training data: " + ", ".join(f"{k} `{v}`" for k, v in (training.get("sources")
+                                                               or {"kaggle": training["data"]}).items())
+        + f" ({training['n_train']} train / {training['n_val']} validation images, {training['split']})",
+        f"- selected on: `{training['selected_on']}`, best epoch {training['best_epoch']}",
         "",
         "## Operating point",
         "",
@@ -89,7 +90,7 @@ def card_markdown(card: dict, claims: Claims | None = None) -> str:
     if claims is not None:
         lines += ["", "## What a hospital may expect (claims, locked test patients)", "",
                   claims_markdown(claims, own_population_only=False).rstrip("\n")]
-    elif card.get("claims"):
+    elif card.claims:
         lines += ["", "## What a hospital may expect", "",
                   "This file's claims.json was measured on another model file: run `cxr claims` again."]
     if ood:
@@ -109,23 +110,23 @@ def card_markdown(card: dict, claims: Claims | None = None) -> str:
             f"{ood['parity_max_rel_diff']:.2e}",
             "- refusal rates per category of non-chest inputs: `docs/model/ood.md`",
         ]
-    prov = (card.get("provenance") or {}).get("summary")
+    prov = card.provenance.get("summary")
     if prov:
         lines += ["", "## Data provenance", "",
                   f"Every file that trained, validated, calibrated or set a threshold of this model is listed with its "
-                  f"source, patient and sha256 in `{card['provenance']['file']}`.", "",
+                  f"source, patient and sha256 in `{card.provenance['file']}`.", "",
                   "| role | source | images | patients | Normal | Pneumonia |", "|---|---|---|---|---|---|"]
         for role, by_source in prov.items():
             for source, c in sorted(by_source.items()):
                 lines.append(f"| {role} | {source} | {c['images']} | {c['patients']} | {c['labels'].get('Normal', 0)} | "
                              f"{c['labels'].get('Pneumonia', 0)} |")
-    targets = card.get("targets")
+    targets = card.go_live_targets
     if targets:
         lines += ["", "## Go-live targets (checked by `cxr site-audit` and `cxr adapt`)", "",
                   f"- sensitivity >= {targets['sensitivity']}, specificity >= {targets['specificity']} at the operating "
                   f"point (refused films count as referrals), ROC AUC >= {targets['roc_auc']}, at most "
                   f"{targets['flagged']:.0%} of films flagged not assessable"]
-    ad = card.get("adaptation")
+    ad = card.adaptation
     if ad:
         au = ad["audit"]
         lines += ["", "## Adaptation (`cxr adapt`)", "",
@@ -137,8 +138,8 @@ def card_markdown(card: dict, claims: Claims | None = None) -> str:
                   f"specificity {au['specificity']['value']:.3f} ({au['specificity']['k']}/{au['specificity']['n']}), "
                   f"AUC {au['roc_auc']['value']:.3f}, flagged {au['flagged']['value']:.1%}; in-sample for the threshold"]
     lines += ["", "## Evaluations (in-sample where the set chose something: read the claims above first)", "",
-              f"Of {card['evaluations_of']}.", ""]
-    for name, rep in card["evaluations"].items():
+              f"Of {card.evaluations_of}.", ""]
+    for name, rep in card.evaluations.items():
         lines.append(f"### {name} (`{rep['data']}`, n={rep['n']}, threshold {rep['threshold']:.4f})")
         lines.append("")
         lines.append("| metric | value | 95% CI |")
@@ -147,7 +148,7 @@ def card_markdown(card: dict, claims: Claims | None = None) -> str:
             lo, hi = mm["ci95"]
             lines.append(f"| {k} | {mm['value']:.3f} | {lo:.3f} - {hi:.3f} |")
         lines.append("")
-    par = card["export"]["parity"]
+    par = card.export["parity"]
     lines.append("## Export parity (Keras vs onnxruntime)")
     lines.append("")
     for prec, r in par.items():
@@ -156,5 +157,5 @@ def card_markdown(card: dict, claims: Claims | None = None) -> str:
             f"- {prec}: {p['n_images']} validation images, max |dp| {p['max_abs_diff']:.2e}, label agreement "
             f"{p['label_agreement']:.4f}, validation AUC {r['val_auc']:.4f}"
         )
-    lines += ["", "## Commands", ""] + [f"    {c}" for c in card["commands"]] + [""]
+    lines += ["", "## Commands", ""] + [f"    {c}" for c in card.commands] + [""]
     return "\n".join(lines) + "\n"

@@ -109,7 +109,7 @@ def score_side(model_dir: Path, split_file: Path, side: str, *, cache_dir: Path 
     p = np.full(len(samples), np.nan)
     if len(kept):
         prob, ood = served_outputs(path, x)
-        thr = (card.get("ood") or {}).get("threshold")
+        thr = card.ood_threshold
         answered = np.array([not contract.is_out_of_distribution(float(o), thr) for o in ood], bool)
         p[np.array(kept)[answered]] = np.asarray(prob, float)[answered]
     return Scored(np.array([s.label for s in samples], int), p, tuple(s.patient for s in samples),
@@ -152,18 +152,15 @@ def choose_points(model_dirs: list[Path], split_file: Path, rules: list[PointRul
         raise CxrError(f"default operating point {default!r} is not one of {sorted(points)}")
     for d in model_dirs:
         card = read_card(Path(d))
-        card["operating_points"] = points
-        card["default_operating_point"] = default
         pt = points[default]
-        card["calibration"].update(threshold=pt["threshold"], rule=f"operating point {default}: {pt['rule']}",
-                                   target=pt["target"],
-                                   confidence=figures[default]["confidence"] if pt["rule"] == "sensitivity_lcb" else None,
-                                   fitted_on=f"select side of {relative(split_file)}, sources "
-                                   f"{'+'.join(pt['chosen_on']['sources'])}", n_images=pt["chosen_on"]["answered"],
-                                   metrics=figures[default])
-        if command and command not in card.setdefault("commands", []):
-            card["commands"].append(command)
-        save_card(Path(d), card)
+        calibration = {**card.calibration, "threshold": pt["threshold"],
+                       "rule": f"operating point {default}: {pt['rule']}", "target": pt["target"],
+                       "confidence": figures[default]["confidence"] if pt["rule"] == "sensitivity_lcb" else None,
+                       "fitted_on": f"select side of {relative(split_file)}, sources "
+                       f"{'+'.join(pt['chosen_on']['sources'])}", "n_images": pt["chosen_on"]["answered"],
+                       "metrics": figures[default]}
+        card = card.replace(operating_points=points, default_operating_point=default, calibration=calibration)
+        card = save_card(Path(d), card.with_command(command, once=True))
         write_configs(Path(d), card)
     return {"default": default, "points": points}
 
@@ -181,9 +178,9 @@ def measure_claims(model_dir: Path, split_file: Path, populations: dict[str, str
 
     model_dir = Path(model_dir)
     card = read_card(model_dir)
-    points = {k: float(v["threshold"]) for k, v in (card.get("operating_points") or {}).items()}
+    points = {k: float(v["threshold"]) for k, v in card.operating_points.items()}
     if not points:
-        points = {contract.SINGLE_OPERATING_POINT: float(card["calibration"]["threshold"])}
+        points = {contract.SINGLE_OPERATING_POINT: card.threshold}
     scored = score_side(model_dir, split_file, "test", cache_dir=cache_dir)
     unknown = sorted(set(scored.sources) - set(populations))
     if unknown:
@@ -195,7 +192,7 @@ def measure_claims(model_dir: Path, split_file: Path, populations: dict[str, str
             out.append(claims_mod.measure(source=source, population=populations[source], operating_point=name,
                                           threshold=thr, y=s.y, p=s.p, patients=s.patients, in_sample=False,
                                           n_boot=n_boot))
-    claims = Claims(tuple(out), card["sha256"], f"patient bootstrap ({n_boot} resamples, patients drawn within "
+    claims = Claims(tuple(out), card.sha256, f"patient bootstrap ({n_boot} resamples, patients drawn within "
                     "class strata), each rate's interval widened to cover the exact Clopper-Pearson interval over its patients; "
                     "refused films count as referrals and as flagged; AUC over answered films",
                     generated_by=command)
@@ -203,10 +200,9 @@ def measure_claims(model_dir: Path, split_file: Path, populations: dict[str, str
     split = data_mod.Split.load(split_file)
     folder = ModelDir(model_dir)
     folder.write_provenance(data_mod.provenance_rows("test", split.samples("test")), replace_roles=("test",))
-    card["claims"] = {"file": CLAIMS_FILE, "split": relative(split_file), "side": "test",
-                      "populations": dict(sorted(populations.items()))}
-    card["provenance"] = {"file": PROVENANCE_FILE, "summary": data_mod.provenance_summary(folder.provenance())}
-    if command and command not in card.setdefault("commands", []):
-        card["commands"].append(command)
-    save_card(model_dir, card)
+    card = card.replace(
+        claims={"file": CLAIMS_FILE, "split": relative(split_file), "side": "test",
+                "populations": dict(sorted(populations.items()))},
+        provenance={"file": PROVENANCE_FILE, "summary": data_mod.provenance_summary(folder.provenance())})
+    save_card(model_dir, card.with_command(command, once=True))
     return claims

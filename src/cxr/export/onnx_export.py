@@ -22,6 +22,7 @@ import numpy as np
 from cxr.core import contract
 from cxr.core.errors import CxrError, ExportValidationError
 from cxr.core.integrity import sha256_file
+from cxr.core.model_dir import ModelCard
 from cxr.core.paths import relative
 from cxr.export import repository
 from cxr.export.card import write_card
@@ -344,9 +345,8 @@ def export(cfg: ExportConfig) -> dict:
     for d, precision in dirs:
         onnx_file = d / str(cfg.version) / "model.onnx"
         card = model_card(cfg, calibration, results, sha256=sha256_file(onnx_file), precision=precision)
-        card["bytes"] = onnx_file.stat().st_size
-        card["serving"] = {"targets": list(repository.TARGETS[precision])}
-        write_card(d, card)
+        write_card(d, card.replace(bytes=onnx_file.stat().st_size,
+                                   serving={"targets": list(repository.TARGETS[precision])}))
         if precision == "int8":
             write_python_model(d, cfg.version)
     # The second output, ood_score, fitted on this model's own training split (each precision on its own features).
@@ -373,7 +373,8 @@ def write_python_model(model_dir: Path, version: int) -> None:
     (model_dir / str(version) / "model.py").write_text(PYTHON_MODEL_STUB)
 
 
-def model_card(cfg: ExportConfig, calibration: Calibration, results: dict, *, sha256: str, precision: str) -> dict:
+def model_card(cfg: ExportConfig, calibration: Calibration, results: dict, *, sha256: str,
+               precision: str) -> ModelCard:
     """Machine-readable model card (``model_card.json``)."""
     run_dir = Path(cfg.model_path).parent
     read = lambda name: json.loads((run_dir / name).read_text()) if (run_dir / name).exists() else None  # noqa: E731
@@ -382,7 +383,7 @@ def model_card(cfg: ExportConfig, calibration: Calibration, results: dict, *, sh
     evaluations = {}
     for sub in sorted(run_dir.glob("eval_*/report.json")):
         evaluations[sub.parent.name.removeprefix("eval_")] = json.loads(sub.read_text())
-    return {
+    return ModelCard({
         "model": cfg.model_name if precision == "fp32" else f"{cfg.model_name}_int8",
         "version": cfg.version,
         "precision": precision,
@@ -427,7 +428,7 @@ def model_card(cfg: ExportConfig, calibration: Calibration, results: dict, *, sh
         "commands": _commands(run_dir, cfg.command),
         "environment": {"python": sys.version.split()[0], "platform": platform.platform()},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+    })
 
 
 def _commands(run_dir: Path, current: str) -> list[str]:

@@ -38,14 +38,13 @@ logger = logging.getLogger(__name__)
 TARGETS = {"fp32": ("gpu", "gpu_fp16", "tensorrt_plan", "cpu", "cpu_triage"), "int8": ("cpu_ort", "cpu", "cpu_triage")}
 
 
-def read_card(model_dir: Path) -> dict:
-    """The card's JSON, to edit and write back with :func:`save_card`."""
-    return ModelDir(Path(model_dir)).card().as_dict()
+def read_card(model_dir: Path) -> ModelCard:
+    """The folder's card (edit it with its ``with_``/``replace`` methods and write it back with :func:`save_card`)."""
+    return ModelDir(Path(model_dir)).card()
 
 
-def onnx_path(model_dir: Path, card: dict | None = None) -> Path:
-    folder = ModelDir(Path(model_dir))
-    return folder.onnx_path(ModelCard(card) if card is not None else None)
+def onnx_path(model_dir: Path, card: ModelCard | None = None) -> Path:
+    return ModelDir(Path(model_dir)).onnx_path(card)
 
 
 def ensure_eligibility(model_dir: Path) -> Path:
@@ -57,50 +56,42 @@ def ensure_eligibility(model_dir: Path) -> Path:
     return path
 
 
-def served_params(model_dir: Path, card: dict | None = None) -> ServedParams:
-    typed = ModelCard(card) if card is not None else ModelDir(Path(model_dir)).card()
+def served_params(model_dir: Path, card: ModelCard | None = None) -> ServedParams:
+    typed = card if card is not None else ModelDir(Path(model_dir)).card()
     points = tuple((name, float(p["threshold"])) for name, p in typed.operating_points.items())
     return ServedParams(threshold=typed.threshold, sha256=typed.sha256, ood_threshold=typed.ood_threshold,
                         eligibility=ensure_eligibility(model_dir).read_text(), operating_points=points,
                         default_operating_point=typed.default_operating_point if points else "")
 
 
-def write_configs(model_dir: Path, card: dict | None = None) -> list[Path]:
+def write_configs(model_dir: Path, card: ModelCard | None = None) -> list[Path]:
     """Regenerate the model's Triton configs from its card and eligibility rules."""
     card = card or read_card(model_dir)
-    typed = ModelCard(card)
-    targets = typed.serving_targets or TARGETS[typed.precision]
+    targets = card.serving_targets or TARGETS[card.precision]
     return triton_config.write_model_dir(Path(model_dir), served_params(model_dir, card), targets=targets)
 
 
-def save_card(model_dir: Path, card: dict) -> None:
+def save_card(model_dir: Path, card: ModelCard) -> ModelCard:
+    """Write the card (JSON and Markdown), stamped ``updated``; returns the card written."""
     from cxr.export.card import write_card
 
-    card["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    card = card.replace(updated=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     write_card(Path(model_dir), card)
+    return card
 
 
 def set_default_point(model_dir: Path, name: str) -> None:
     """Make ``name`` the model's default operating point (a site's choice): the card's default and its
     ``calibration.threshold``, which the configs serve as ``threshold``."""
-    from cxr.core.errors import CxrError
-
     card = read_card(model_dir)
-    points = card.get("operating_points") or {}
-    if name not in points:
-        raise CxrError(f"operating point {name!r}: {Path(model_dir).name} has {', '.join(sorted(points)) or 'none'}")
-    if card.get("default_operating_point") == name:
-        return
-    previous = card.get("default_operating_point")
-    card["default_operating_point"] = name
-    card["calibration"].update(threshold=points[name]["threshold"], rule=f"operating point {name} (site default; was "
-                               f"{previous})")
-    save_card(Path(model_dir), card)
+    chosen = card.with_default_point(name)
+    if chosen is not card:
+        save_card(Path(model_dir), chosen)
 
 
-def verified_onnx(model_dir: Path, card: dict) -> Path:
+def verified_onnx(model_dir: Path, card: ModelCard) -> Path:
     """The graph's path, after checking it is the file the card describes (it is about to be modified)."""
-    return ModelDir(Path(model_dir)).verify(ModelCard(card))
+    return ModelDir(Path(model_dir)).verify(card)
 
 
 def refit_ood(
@@ -154,34 +145,33 @@ def refit_ood(
 
         non_chest = load_non_chest(non_chest_dir, cache_dir=cache_dir)
     report, feats = ood_head.build(path, x_train, real, weights=weights, non_chest=non_chest)
-    card["sha256"], card["bytes"] = sha256_file(path), path.stat().st_size
-    card["ood"] = {**report.as_dict(), "method": "Mahalanobis distance of log1p pooled features (ood_head)",
-                   "weighting": "every training source has equal mass" if len(per_source) > 1 else "equal per image",
-                   "fitted_on": {"train": relative(data_dir) if data_dir else None, "split": relative(split_file),
-                                 "site": relative(site_dir) if site_dir else None,
-                                 "not_chest": relative(non_chest_dir) if non_chest_dir else None}}
-    card["contract"]["outputs"] = [
+    ood = {**report.as_dict(), "method": "Mahalanobis distance of log1p pooled features (ood_head)",
+           "weighting": "every training source has equal mass" if len(per_source) > 1 else "equal per image",
+           "fitted_on": {"train": relative(data_dir) if data_dir else None, "split": relative(split_file),
+                         "site": relative(site_dir) if site_dir else None,
+                         "not_chest": relative(non_chest_dir) if non_chest_dir else None}}
+    card = card.replace(sha256=sha256_file(path), bytes=path.stat().st_size, ood=ood).with_outputs([
         {"name": contract.OUTPUT_NAME, "dtype": "float32", "shape": ["batch", 1]},
         {"name": contract.OOD_OUTPUT_NAME, "dtype": "float32", "shape": ["batch", 1]},
-    ]
+    ])
     folder = ModelDir(model_dir)
     chose = "select" if split.locked else "validation"
     folder.write_provenance(data_mod.provenance_rows("train", tr) + data_mod.provenance_rows(chose, va)
                             + site_rows, replace_roles=("train", "validation", "select", "ood_reference"))
-    card["provenance"] = {"file": PROVENANCE_FILE, "summary": data_mod.provenance_summary(folder.provenance())}
+    card = card.replace(provenance={"file": PROVENANCE_FILE,
+                                    "summary": data_mod.provenance_summary(folder.provenance())})
     x_ref = np.concatenate([x_val, real["site"]]) if "site" in real else x_val
     write_reference(model_dir, path, report.threshold, x_ref, what=f"{chose} side of {relative(split_file)}"
                     + (f" and {relative(site_dir)}" if site_dir else ""))
     adapt_kit.save(model_dir, path, tr, x_train, feats, weights, seed=split.seed)
-    card.setdefault("targets", dict(DEFAULT_TARGETS))
-    if command:
-        card.setdefault("commands", []).append(command)
-    save_card(model_dir, card)
+    if not card.go_live_targets:
+        card = card.replace(targets=dict(DEFAULT_TARGETS))
+    card = save_card(model_dir, card.with_command(command))
     write_configs(model_dir, card)
-    return card["ood"]
+    return card.ood
 
 
-#: Go-live targets a site audit checks unless the card states others (``card["targets"]``).
+#: Go-live targets a site audit checks unless the card states others (:attr:`ModelCard.go_live_targets`).
 DEFAULT_TARGETS = {"sensitivity": 0.90, "specificity": 0.60, "roc_auc": 0.85, "flagged": 0.02}
 
 
@@ -227,7 +217,7 @@ def recalibrate(
     path = verified_onnx(first, card)
     x, y, _ = load_pooled(site_dir, cache_dir=cache_dir)
     p, ood = served_outputs(path, x)
-    ood_thr = (card.get("ood") or {}).get("threshold")
+    ood_thr = card.ood_threshold
     keep = np.ones(len(y), bool) if ood_thr is None else ~np.array([contract.is_out_of_distribution(s, ood_thr) for s in ood])
     thr = choose_threshold(y[keep], p[keep], rule=rule, target=target, confidence=confidence)
     point = operating_point(y[keep], p[keep], thr, confidence=confidence)
@@ -239,14 +229,12 @@ def recalibrate(
         c = read_card(d)
         folder = ModelDir(Path(d))
         folder.write_provenance(calib_rows, replace_roles=("calibration",))
-        c["provenance"] = {"file": PROVENANCE_FILE, "summary": data_mod.provenance_summary(folder.provenance())}
-        cal = c["calibration"]
-        cal.update(threshold=thr, rule=rule, target=target, confidence=confidence if rule == "sensitivity_lcb" else None,
-                   fitted_on=described(site_dir), n_images=int(keep.sum()), metrics=point,
-                   threshold_fitted_on_model=f"{first.name} (served ONNX probabilities; scaling baked into the graph kept)",
-                   previous_threshold=c["calibration"].get("threshold"))
-        if command:
-            c.setdefault("commands", []).append(command)
-        save_card(Path(d), c)
+        c = c.replace(provenance={"file": PROVENANCE_FILE, "summary": data_mod.provenance_summary(folder.provenance())})
+        c = c.with_calibration(
+            threshold=thr, rule=rule, target=target, confidence=confidence if rule == "sensitivity_lcb" else None,
+            fitted_on=described(site_dir), n_images=int(keep.sum()), metrics=point,
+            threshold_fitted_on_model=f"{first.name} (served ONNX probabilities; scaling baked into the graph kept)",
+            previous_threshold=c.threshold)
+        c = save_card(Path(d), c.with_command(command))
         write_configs(Path(d), c)
     return {"threshold": thr, "n_used": int(keep.sum()), "n_refused_ood": int((~keep).sum()), **point}

@@ -54,7 +54,7 @@ class InsufficientSample(CxrError):
 
 @dataclass(frozen=True)
 class Targets:
-    """Go-live targets stated in the model card (``card["targets"]``).
+    """Go-live targets stated in the model card (:attr:`cxr.core.model_dir.ModelCard.go_live_targets`).
 
     Attributes:
         sensitivity: Minimum sensitivity at the operating point (referrals count as positive).

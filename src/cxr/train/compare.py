@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr.core.errors import CxrError
+from cxr.core.model_dir import ModelDir
 from cxr.core.paths import relative
 from cxr.train import metrics
 from cxr.train.evaluate import evaluate_arrays, load_labelled
@@ -92,19 +93,19 @@ def _from_run(model_path: Path) -> tuple[Trained, Scorer]:
 
 
 def _from_repository(model_dir: Path) -> tuple[Trained, Scorer]:
-    card = json.loads((model_dir / "model_card.json").read_text())
-    onnx_path = model_dir / card["file"]
+    card = ModelDir(model_dir).card()
+    onnx_path = model_dir / card.file
     scorer = load_scorer(onnx_path)  # threshold from the card
-    training = card.get("training", {})
+    training = card.training
     cfg = training.get("config", {})
     epochs_run = training.get("epochs_done")
     if epochs_run is None and training.get("best_epoch") is not None and training.get("best_epoch") == cfg.get("epochs"):
         epochs_run = training["best_epoch"]  # older cards: the best epoch was the last one allowed, so all of them ran
     trained = Trained(
-        architecture=str(card.get("architecture", "unknown")), seconds=training.get("seconds"),
+        architecture=card.architecture, seconds=training.get("seconds"),
         epochs_run=None if epochs_run is None else float(epochs_run), max_epochs=cfg.get("epochs"),
         time_budget_s=cfg.get("time_budget_s"), stopped_by=training.get("stopped_by"),
-        imagenet_weights=cfg.get("weights") is not None, threshold_rule=card.get("calibration", {}).get("rule"),
+        imagenet_weights=cfg.get("weights") is not None, threshold_rule=card.calibration.get("rule"),
         parameters=_onnx_parameters(onnx_path),
     )
     return trained, scorer
@@ -115,7 +116,7 @@ def load_entry(path: Path) -> tuple[Trained, Scorer]:
     path = Path(path)
     if path.suffix == ".keras" and path.is_file():
         return _from_run(path)
-    if path.is_dir() and (path / "model_card.json").exists():
+    if path.is_dir() and ModelDir(path).has_card():
         return _from_repository(path)
     raise CxrError(f"{path}: expected a training run's model.keras or a model-repository directory with model_card.json")
 

@@ -108,12 +108,10 @@ def run(cfg: ExplainEvalConfig) -> dict:
     from cxr.core.model_dir import ModelDir
 
     folder = ModelDir(Path(cfg.repository) / cfg.model)
-    card = folder.card().as_dict()
-    card["explain"] = {"layer": best, "sha256": info.sha256, "randomised_head_correlation": corr,
-                       "max_randomised_correlation": MAX_RANDOMISED_CORRELATION,
-                       "passes_randomisation_check": report["passes_randomisation_check"],
-                       "report": "docs/model/gradcam.md"}
-    folder.write_card(card)
+    folder.write_card(folder.card().replace(explain={
+        "layer": best, "sha256": info.sha256, "randomised_head_correlation": corr,
+        "max_randomised_correlation": MAX_RANDOMISED_CORRELATION,
+        "passes_randomisation_check": report["passes_randomisation_check"], "report": "docs/model/gradcam.md"}))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gradcam.json").write_text(json.dumps(report, indent=1) + "\n")
