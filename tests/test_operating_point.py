@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -147,3 +148,23 @@ def test_card_sha_and_ood_threshold_match_the_file() -> None:
         pooled = sum(ood["flagged"][k] * n[k] for k in parts) / sum(n[k] for k in parts)
         assert pooled <= 1 - ood["pass_rate_target"] + 1e-9  # all held-out real films, pooled
         assert ood["parity_max_rel_diff"] <= ood_head.OOD_RTOL
+
+
+def test_calibrate_refuses_a_model_with_operating_points_before_any_work(tmp_path: Path) -> None:
+    """`cxr calibrate` sets one threshold; on a model that answers at operating points it says so in one line,
+    names the commands that do set them, and writes nothing (the site folder is never even read)."""
+    import shutil
+    import subprocess
+    import sys
+
+    model = tmp_path / "pneumonia"
+    shutil.copytree(SHIPPED_REPOSITORY / "pneumonia", model, ignore=shutil.ignore_patterns("__pycache__"))
+    before = {str(p): p.read_bytes() for p in sorted(model.rglob("*")) if p.is_file()}
+    r = subprocess.run([sys.executable, "-m", "cxr.cli", "calibrate", "--model", str(model), "--data",
+                        str(tmp_path / "no_such_site")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]  # (TensorFlow's own start-up lines may come before it)
+    assert last.startswith("cxr calibrate: error: ") and "operating points (adult, pediatric)" in last, last
+    assert "cxr operating-points" in last
+    assert {str(p): p.read_bytes() for p in sorted(model.rglob("*")) if p.is_file()} == before

@@ -214,6 +214,14 @@ def recalibrate(
 
     first = Path(model_dirs[0])
     card = read_card(first)
+    for d in model_dirs:  # before any work: a card with operating points is not re-thresholded as a whole
+        points = read_card(Path(d)).operating_points
+        if points:
+            from cxr.core.errors import CxrError
+
+            raise CxrError(f"{d}: the model answers at operating points ({', '.join(sorted(points))}); "
+                           "`cxr calibrate` sets one threshold: choose the points with `cxr operating-points`, or a "
+                           "site's default with `cxr configs --default-operating-point`")
     path = verified_onnx(first, card)
     x, y, _ = load_pooled(site_dir, cache_dir=cache_dir)
     p, ood = served_outputs(path, x)
