@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,18 @@ def set_default_point(model_dir: Path, name: str) -> None:
     card["calibration"].update(threshold=points[name]["threshold"], rule=f"operating point {name} (site default; was "
                                f"{previous})")
     save_card(Path(model_dir), card)
+
+
+def rewrite_configs(repository: Path, names: Sequence[str] = (), *, default_point: str | None = None) -> list[Path]:
+    """Regenerate the Triton configs of the models ``names`` of ``repository`` (default: every model with a card),
+    after making ``default_point`` their default operating point when given; returns the files written."""
+    names = list(names) or sorted(p.parent.name for p in Path(repository).glob("*/model_card.json"))
+    written: list[Path] = []
+    for n in names:
+        if default_point:
+            set_default_point(Path(repository) / n, default_point)
+        written += write_configs(Path(repository) / n)
+    return written
 
 
 def verified_onnx(model_dir: Path, card: dict) -> Path:
