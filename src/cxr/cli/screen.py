@@ -62,6 +62,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 def _cmd_predict(a: argparse.Namespace) -> int:
     from cxr.client.batch import PredictOptions, run_predict
 
+    if a.priority != contract.DEFAULT_PRIORITY and a.protocol == "embedded":  # the library ignores it there
+        raise CxrError(f"--priority {a.priority} orders requests in Triton's queue; --protocol embedded has no "
+                       "queue: drop --priority or use --protocol grpc/http")
     try:
         opts = PredictOptions(inputs=tuple(a.inputs), url=a.url, protocol=a.protocol, model=a.model,
                               timeout_s=a.timeout_s, format=a.format, out=a.out, chunk=a.chunk,

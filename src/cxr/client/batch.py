@@ -33,7 +33,7 @@ from pathlib import Path
 from cxr.client.results import CSV_COLUMNS, JOURNAL_COLUMNS, as_json, from_row, table, to_row
 from cxr.core import contract
 from cxr.core.durable import AppendOnlyCsv, write_durably
-from cxr.core.errors import CxrError
+from cxr.core.errors import InvalidInputError
 from cxr.core.security import TlsClient
 
 logger = logging.getLogger(__name__)
@@ -105,16 +105,13 @@ class PredictOptions:
         check_url(self.dicomweb, "--dicomweb")
         check_url(self.fhir_url, "--fhir-url")
         if not self.inputs and not self.dicomweb:
-            raise CxrError("no input: give files or folders, or --dicomweb URL")
+            raise InvalidInputError("no input: give at least one input (files or folders), or --dicomweb URL")
         if self.studies and self.query:
-            raise CxrError("--study names the studies, --query searches for them: give one or the other")
+            raise InvalidInputError("--study names the studies, --query searches for them: give one or the other")
         if self.query:
             from cxr.client.dicomweb import parse_query
 
             parse_query(self.query)  # unknown or malformed keys refused before anything starts
-        if self.priority != contract.DEFAULT_PRIORITY and self.protocol == "embedded":
-            raise CxrError(f"--priority {self.priority} orders requests in Triton's queue; --protocol embedded has "
-                           "no queue: drop --priority or use --protocol grpc/http")
         if self.ray and (self.metrics_port is not None or self.metrics_file is not None):
             raise ValueError("metrics are counted by the local client; they are not available with --ray")
         if self.retries < 1:
