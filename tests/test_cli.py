@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -61,3 +62,46 @@ def test_errors_are_one_line_and_exit_2(tmp_path) -> None:  # type: ignore[no-un
     r = subprocess.run([sys.executable, "-m", "cxr.cli", "evaluate", "--model", str(tmp_path / "none.keras"),
                         "--data", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "error: model not found" in r.stderr
+
+
+def test_top_level_help_groups_every_command_once(capsys: pytest.CaptureFixture[str]) -> None:
+    """`cxr --help` lists the commands under the groups' headings, each command once, in its group."""
+    from cxr.cli import GROUPS, group_commands
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    headings = [text.index(f"{module.TITLE} (cxr [{name}] COMMAND):") for name, module in GROUPS]
+    assert headings == sorted(headings)
+    listed = [cmd for _, module in GROUPS for cmd in group_commands(module)]
+    assert sorted(listed) == sorted(SUBCOMMANDS)  # every command in exactly one group
+    bounds = [*headings, text.index("\noptions:")]
+    for (_, module), start, end in zip(GROUPS, bounds, bounds[1:]):
+        section = text[start:end]
+        assert all(f"\n  {cmd} " in section for cmd in group_commands(module)), module.__name__
+
+
+def test_a_command_runs_after_its_group_name_too(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from cxr.cli import main
+
+    trail = tmp_path / "audit.jsonl"
+    trail.write_text("")
+    assert main(["site", "audit-log", "verify", str(trail)]) == main(["audit-log", "verify", str(trail)]) == 1
+    with pytest.raises(SystemExit) as e:
+        main(["build", "monitor", str(trail)])  # monitor is not a command of the build group
+    assert e.value.code == 2
+
+
+@pytest.mark.parametrize("cmd", SUBCOMMANDS)
+def test_no_developer_path_in_help_or_defaults(cmd: str) -> None:
+    """No `../shared/...` (the developer's data beside the checkout) in a help text or a default."""
+    from cxr.core.paths import REPO_ROOT
+
+    sub = _subparsers()[cmd]
+    texts = [sub.description or "", sub.epilog or ""] + [a.help or "" for a in sub._actions]
+    assert not [t for t in texts if "shared/" in t], cmd
+    for a in sub._actions:
+        default = a.default if isinstance(a.default, (list, tuple)) else [a.default]
+        for d in default:
+            if isinstance(d, Path):
+                assert REPO_ROOT.parent / "shared" not in (d, *d.parents), (cmd, a.dest, d)

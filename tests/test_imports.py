@@ -96,7 +96,7 @@ def test_the_readme_architecture_picture_is_the_contract() -> None:
     # every layer of the contract is in the picture, in order, top first
     drawn = [line.split()[0] for line in arch.picture().splitlines()[1:-1] if not line.lstrip().startswith("▼")]
     assert drawn == [arch.FOLDERS[m] for layer in arch.layers() for m in layer]
-    assert drawn[0] == "src/cxr/cli.py" and drawn[-1] == "src/cxr/core/"
+    assert drawn[0] == "src/cxr/cli/" and drawn[-1] == "src/cxr/core/"
 
 
 def test_importing_the_client_does_not_load_tensorflow() -> None:

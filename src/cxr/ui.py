@@ -167,6 +167,28 @@ def check_password(users: dict[str, str], user: str, password: str) -> bool:
     return hmac.compare_digest(candidate, stored)
 
 
+def set_password(path: Path, user: str, password: str) -> None:
+    """Add ``user`` to the credentials file ``path``, or replace its entry: ``user:scrypt$salt$hash``, the file
+    written durably with mode 600 (created when missing). The plain-text password never touches the disk.
+
+    Raises:
+        CxrError: A user name that is not 1-64 letters, digits, '.', '_' or '-', or a password under 8 characters.
+    """
+    import re
+
+    from cxr.core.durable import write_durably
+
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", user):
+        raise CxrError("user names are 1-64 letters, digits, '.', '_' or '-'")
+    try:
+        entry = f"{user}:{hash_password(password)}"
+    except ValueError as exc:
+        raise CxrError(str(exc)) from None
+    p = Path(path)
+    lines = [ln for ln in (p.read_text().splitlines() if p.exists() else []) if not ln.startswith(f"{user}:")]
+    write_durably(p, ("\n".join([*lines, entry]) + "\n").encode(), mode=0o600)
+
+
 def _short(name: str) -> str:
     return Path(name).name
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from cxr.client.results import CSV_COLUMNS, JOURNAL_COLUMNS, as_json, from_row, table, to_row
 from cxr.core import contract
 from cxr.core.durable import AppendOnlyCsv, write_durably
+from cxr.core.errors import InvalidInputError
 from cxr.core.security import TlsClient
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,18 @@ class PredictOptions:
     operating_point: str | None = None
 
     def __post_init__(self) -> None:
+        from cxr.core.security import check_url
+
+        check_url(self.dicomweb, "--dicomweb")
+        check_url(self.fhir_url, "--fhir-url")
+        if not self.inputs and not self.dicomweb:
+            raise InvalidInputError("no input: give at least one input (files or folders), or --dicomweb URL")
+        if self.studies and self.query:
+            raise InvalidInputError("--study names the studies, --query searches for them: give one or the other")
+        if self.query:
+            from cxr.client.dicomweb import parse_query
+
+            parse_query(self.query)  # unknown or malformed keys refused before anything starts
         if self.ray and (self.metrics_port is not None or self.metrics_file is not None):
             raise ValueError("metrics are counted by the local client; they are not available with --ray")
         if self.retries < 1:
@@ -109,8 +122,6 @@ class PredictOptions:
             raise ValueError("--dicomweb reads the instances into this machine's spool; it does not run with --ray")
         if (self.studies or self.query) and not self.dicomweb:
             raise ValueError("--study and --query select studies on a DICOMweb server: give --dicomweb URL")
-        if not self.inputs and not self.dicomweb:
-            raise ValueError("give at least one input")
         contract.priority_level(self.priority)
         if self.format not in ("table", "json", "csv"):
             raise ValueError(f"format must be table, json or csv, got {self.format!r}")

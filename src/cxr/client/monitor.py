@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from cxr.core import contract
-from cxr.core.errors import DataError
+from cxr.core.errors import CxrError, DataError
+from cxr.core.model_dir import ModelDir, model_dirs
 
 #: Smallest batch judged.
 MIN_BATCH = 30
@@ -285,3 +286,89 @@ def markdown(result: dict) -> str:
               + ". Positive rate and probability are judged only against a baseline or at a stated prevalence (--baseline, "
               "--prevalence).", ""]
     return "\n".join(lines)
+
+
+def answering_model(repository: Path, sha256: str | None, fallback: str) -> ModelDir:
+    """The model folder of ``repository`` whose card has ``sha256`` (the model that answered), else ``fallback``
+    when the predictions name none (older CSVs)."""
+    if not sha256:
+        return ModelDir(Path(repository) / fallback)
+    for d in model_dirs(Path(repository)):
+        try:
+            if d.card().sha256 == sha256:
+                return d
+        except CxrError:
+            continue
+    raise CxrError(f"no model folder in {repository} has sha256 {sha256[:12]}, the model the CSV names; "
+                   "give --model-repository of the model that answered")
+
+
+@dataclass(frozen=True)
+class MonitorOptions:
+    """One ``cxr monitor`` run.
+
+    Attributes:
+        predictions: The batch's predictions CSV (``cxr predict --format csv``, ``cxr listen --out``).
+        repository: Where the model that answered is found (by the sha256 the CSV names).
+        model: The model folder whose reference applies when the CSV names no sha256.
+        baseline: A previous period to compare with (predictions CSV, predict's JSON, or a reference JSON).
+        prevalence: The site's share of Pneumonia: the reference is reweighted to it (not with ``baseline``).
+        alpha: Significance level of each check.
+        out: Also write the report here (``.md`` and ``.json``).
+    """
+
+    predictions: Path
+    repository: Path
+    model: str
+    baseline: Path | None = None
+    prevalence: float | None = None
+    alpha: float = 0.001
+    out: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.alpha < 1:
+            raise CxrError(f"--alpha must be in (0, 1), got {self.alpha}")
+        if self.prevalence is not None and not 0 < self.prevalence < 1:
+            raise CxrError(f"--prevalence must be in (0, 1), got {self.prevalence}")
+        if self.prevalence is not None and self.baseline is not None:
+            raise CxrError("give --baseline or --prevalence, not both (a baseline already has the site's case mix)")
+
+
+def monitor(opts: MonitorOptions) -> tuple[dict, str]:
+    """Judge a batch of answers against a baseline or the answering model's reference; returns the result
+    (``moved``: something moved) and its Markdown, written to ``opts.out`` when given. Reads the model folder,
+    never writes it."""
+    import json
+
+    from cxr.core.durable import write_durably
+    from cxr.core.eligibility import Eligibility
+
+    rows = read_predictions(opts.predictions)
+    folder = answering_model(opts.repository, model_sha256(rows, what=str(opts.predictions)), opts.model)
+    threshold = folder.card().threshold
+    elig = folder.path / "eligibility.json"
+    rules = header_rules(Eligibility.load(elig) if elig.exists() else None)
+    reference: dict | None
+    if opts.baseline is not None:
+        reference = read_baseline(opts.baseline)
+        against = f"the baseline {opts.baseline}"
+    else:
+        reference = folder.reference()
+        if reference is None:
+            raise CxrError(f"{folder.path}: no reference.json (refit its OOD head with `cxr ood-fit` to write one)")
+        against = f"{folder.name}'s reference"
+        if opts.prevalence is not None:
+            reference = at_prevalence(reference, threshold, opts.prevalence)
+            against += f" reweighted to prevalence {opts.prevalence:.3f}"
+        else:
+            against += " (positive rate and probability not judged: give --baseline or --prevalence)"
+    judged, header_refused = split_header_refusals(rows, rules)
+    checks = compare(judged, reference, threshold, alpha=opts.alpha, rules=rules,
+                     judge_case_mix=opts.baseline is not None or opts.prevalence is not None)
+    result = report(checks, batch=str(opts.predictions), model=folder.name, n_rows=len(judged),
+                    header_refused=header_refused, threshold=threshold, against=against)
+    text = markdown(result)
+    if opts.out is not None:
+        write_durably(opts.out.with_suffix(".md"), text.encode())
+        write_durably(opts.out.with_suffix(".json"), (json.dumps(result, indent=1) + "\n").encode())
+    return result, text

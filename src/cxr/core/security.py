@@ -236,6 +236,22 @@ def redact_url(text: str) -> str:
     return _URL_USERINFO.sub(r"\1***@", str(text))
 
 
+def check_url(value: str | None, flag: str) -> None:
+    """Refuse ``value`` unless it is an http(s) URL with a host: a one-line error naming ``flag`` (the option that
+    gave it), credentials never echoed. None passes."""
+    from urllib.parse import urlsplit
+
+    if value is None:
+        return
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise CxrError(f"{flag} {redact_url(value)!r}: expected an http:// or https:// URL with a host")
+
+
 def split_url_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
     """``(url without its userinfo, (user, password) or None)``: credentials travel in a header, never in a URL
     that could be logged."""

@@ -432,9 +432,10 @@ def model_card(cfg: ExportConfig, calibration: Calibration, results: dict, *, sh
 
 
 def _commands(run_dir: Path, current: str) -> list[str]:
-    """The run's recorded commands (train, calibrate, evaluate), then this export."""
-    f = run_dir / "commands.txt"
-    done = [c for c in f.read_text().splitlines() if c and not c.startswith("cxr export")] if f.exists() else []
+    """The run's recorded commands (train, calibrate), then this export."""
+    from cxr.train import run_log
+
+    done = [c for c in run_log.recorded(run_dir) if not c.startswith("cxr export")]  # logs of older versions
     return list(dict.fromkeys(done + ([current] if current else [])))
 
 

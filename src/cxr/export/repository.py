@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from cxr.core import contract, eligibility
 from cxr.core.integrity import sha256_file
-from cxr.core.model_dir import PROVENANCE_FILE, ModelCard, ModelDir, ServedParams
+from cxr.core.model_dir import PROVENANCE_FILE, ModelCard, ModelDir, ServedParams, model_dirs
 from cxr.core.ort_session import served_outputs
 from cxr.core.paths import relative
 from cxr.export import triton_config
@@ -87,6 +88,18 @@ def set_default_point(model_dir: Path, name: str) -> None:
     chosen = card.with_default_point(name)
     if chosen is not card:
         save_card(Path(model_dir), chosen)
+
+
+def rewrite_configs(repository: Path, names: Sequence[str] = (), *, default_point: str | None = None) -> list[Path]:
+    """Regenerate the Triton configs of the models ``names`` of ``repository`` (default: every model with a card),
+    after making ``default_point`` their default operating point when given; returns the files written."""
+    names = list(names) or [d.name for d in model_dirs(Path(repository))]
+    written: list[Path] = []
+    for n in names:
+        if default_point:
+            set_default_point(Path(repository) / n, default_point)
+        written += write_configs(Path(repository) / n)
+    return written
 
 
 def verified_onnx(model_dir: Path, card: ModelCard) -> Path:

@@ -23,7 +23,7 @@ import numpy as np
 
 from cxr.core import contract, imaging
 from cxr.core.errors import NotAssessableError
-from cxr.core.paths import relative
+from cxr.core.paths import DEFAULT_CACHE, relative
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +36,8 @@ REQUIRED_KEYS = (
 )
 #: A request slower than this is a stall.
 STALL_MS = 250.0
-#: Where ``../shared/tools/perf_analyzer_setup.sh`` is expected to have put perf_analyzer (a Debian 13 chroot).
-DEFAULT_PERF_ANALYZER_ROOT = Path(__file__).resolve().parent.parent / ".cache" / "perf_analyzer"
+#: Where perf_analyzer is looked for: a root file system (a Debian 13 chroot) holding it, in the tools' cache.
+DEFAULT_PERF_ANALYZER_ROOT = DEFAULT_CACHE / "perf_analyzer"
 
 
 @dataclass(frozen=True)
@@ -354,7 +354,7 @@ def ray_scaling(images_dir: Path | None, n_images: int = 256) -> dict | None:
 
 
 def run_bench(cfg: BenchConfig) -> dict:
-    """Measure everything and write ``cfg.out``; returns the result dict."""
+    """Measure everything and write ``cfg.out`` (JSON) and the table beside it (``.md``); returns the result dict."""
     repo = Path(cfg.repository)
     fp32 = repo / cfg.model / "1" / "model.onnx"
     int8 = repo / f"{cfg.model}_int8" / "1" / "model.onnx"
@@ -420,7 +420,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     res["client_vs_perf_analyzer"] = with_b["single"]["images_per_s"] / pa["infer_per_s"] if pa else None
     if pa is None:
         res["perf_analyzer_note"] = (f"perf_analyzer not found under {relative(cfg.perf_analyzer_root) if cfg.perf_analyzer_root else '-'}"
-                                     "; run ../shared/tools/perf_analyzer_setup.sh .cache/perf_analyzer")
+                                     "; give --perf-analyzer-root, a root file system holding it (docs/serving.md)")
 
     logger.info("preprocessing on one core ...")
     rate, source = preprocess_rate(cfg.images_dir, cfg.seconds)
@@ -458,6 +458,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")
+    out.with_suffix(".md").write_text(table(res) + "\n")
     return res
 
 

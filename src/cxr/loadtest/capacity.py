@@ -42,7 +42,7 @@ class CapacityConfig:
         users: User counts to sweep.
         step_seconds: Duration of each step (Locust ``-t``).
         images_per_request: Images in each request.
-        images_dir: X-rays the users send.
+        images_dir: X-rays the users send (None: generated images).
         slo_p95_ms: Latency objective on p95.
         images_per_study: Images per study (a PA + lateral study is 2).
         target_studies_per_hour: Planning target.
@@ -59,7 +59,7 @@ class CapacityConfig:
     users: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     step_seconds: int = 20
     images_per_request: int = 1
-    images_dir: Path = Path("../shared/data/chest_xray_fullres")
+    images_dir: Path | None = None
     slo_p95_ms: float = 500.0
     images_per_study: int = 1
     target_studies_per_hour: float = 10_000.0
@@ -147,9 +147,9 @@ def run_locust(cfg: CapacityConfig, users: int, prefix: Path) -> dict[str, float
     cmd = [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), user_class, "--headless", "-u", str(users),
         "-r", str(users), "-t", f"{cfg.step_seconds}s", "--host", host, "--csv", str(prefix), "--only-summary",
-        "--stop-timeout", "5", "--images-dir", str(cfg.images_dir), "--images-per-request", str(cfg.images_per_request),
+        "--stop-timeout", "5", "--images-per-request", str(cfg.images_per_request),
         "--model-name", cfg.model, "--exit-code-on-error", "0", "--loglevel", "WARNING",
-    ]
+    ] + (["--images-dir", str(cfg.images_dir)] if cfg.images_dir is not None else [])
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=cfg.step_seconds + 60, stdin=subprocess.DEVNULL)
     stats = Path(f"{prefix}_stats.csv")
     if r.returncode != 0 or not stats.exists():
@@ -276,7 +276,7 @@ def markdown(result: dict) -> str:
         "",
         f"Model `{cfg['model']}` over {cfg['protocol']} at `{cfg['grpc_url'] if cfg['protocol'] == 'grpc' else cfg['http_url']}`, "
         f"{cfg['images_per_request']} image(s) per request, {cfg['step_seconds']} s per step, images from "
-        f"`{relative(cfg['images_dir'])}`.",
+        + (f"`{relative(cfg['images_dir'])}`." if cfg["images_dir"] else "generated films (no --images-dir)."),
         "",
         "| users | images/s | p50 ms | p95 ms | p99 ms | failures | avg batch | queue ms/req | compute ms/req "
         "| server mean ms | server p50 ms | server p99 ms |",

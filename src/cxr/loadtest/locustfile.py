@@ -3,7 +3,7 @@
 Run headless and bounded, against loopback by default::
 
     locust -f src/cxr/loadtest/locustfile.py TritonGrpcUser --headless -u 16 -r 16 -t 60s \\
-        --host 127.0.0.1:8001 --images-dir ../shared/data/chest_xray_fullres --images-per-request 1
+        --host 127.0.0.1:8001 --images-dir FOLDER --images-per-request 1
 
 Distributed (more load than one machine makes)::
 
@@ -46,7 +46,7 @@ _USER_LOCK = __import__("threading").Lock()
 
 @events.init_command_line_parser.add_listener
 def _options(parser) -> None:
-    parser.add_argument("--images-dir", default="../shared/data/chest_xray_fullres", help="X-rays to send (preprocessed once)")
+    parser.add_argument("--images-dir", default="", help="X-rays to send (preprocessed once; default: generated images)")
     parser.add_argument("--images-per-request", type=int, default=1, help="images in each request's batch")
     parser.add_argument("--model-name", default="pneumonia", help="served model")
     parser.add_argument("--max-images", type=int, default=64, help="distinct images loaded")
@@ -60,7 +60,7 @@ def _options(parser) -> None:
 def load_images(directory: str, limit: int) -> np.ndarray:
     """Preprocessed contract images from a folder, or generated ones when it has none."""
     files = sorted(p for p in Path(directory).rglob("*") if p.suffix.lower() in contract.IMAGE_SUFFIXES)[:limit] \
-        if Path(directory).is_dir() else []
+        if directory and Path(directory).is_dir() else []
     imgs = []
     for f in files:
         try:

@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -41,6 +42,9 @@ from cxr.core import contract
 from cxr.core.errors import CxrError
 from cxr.core.model_dir import ModelCard
 from cxr.train import metrics
+
+if TYPE_CHECKING:
+    from cxr.client import PneumoniaClient
 
 #: Exit codes of ``cxr site-audit`` and ``cxr adapt``: targets hold / targets missed (bad input is 2).
 GO, NO_GO = 0, 3
@@ -455,3 +459,120 @@ def _json_default(o: object) -> object:
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
     raise TypeError(type(o).__name__)
+
+
+def targets_from(card: ModelCard, overrides: Sequence[str] = ()) -> Targets:
+    """The card's go-live targets with ``NAME=VALUE`` overrides (``--targets``; one-line errors)."""
+    fields = Targets.__dataclass_fields__
+    values = {k: v for k, v in card.go_live_targets.items() if k in fields}
+    for item in overrides:
+        name, sep, value = item.partition("=")
+        if not sep or name not in fields:
+            raise CxrError(f"--targets {item!r}: expected NAME=VALUE with NAME one of {', '.join(fields)}")
+        try:
+            values[name] = float(value)
+        except ValueError:
+            raise CxrError(f"--targets {item!r}: {value!r} is not a number") from None
+    try:
+        return Targets(**values)
+    except ValueError as exc:
+        raise CxrError(str(exc)) from None
+
+
+def plan_text(targets: Targets, confidence: float) -> str:
+    """What a site must label before its audit can show ``targets`` at ``confidence`` (``--plan``)."""
+    if not 0.5 < confidence < 1:
+        raise CxrError(f"--confidence must be in (0.5, 1), got {confidence}")
+    needs = films_needed(targets, confidence)
+    return (f"targets {targets.sensitivity:.2f} sensitivity, {targets.specificity:.2f} specificity, "
+            f"{targets.roc_auc:.2f} AUC, <= {targets.flagged:.1%} flagged at {confidence:.0%} confidence: label "
+            f"{needs.text()}; more where the model errs or patients have several films")
+
+
+def screen_labelled(client: PneumoniaClient, films: Sequence[Any], *, chunk: int = 64,
+                    progress: bool = False) -> list[Screened]:
+    """Screen labelled films (``path``, ``label``, ``patient``) with ``client`` as in service."""
+    from tqdm import tqdm
+
+    out: list[Screened] = []
+    with tqdm(total=len(films), unit="film", desc="screen", disable=not progress) as bar:
+        for i in range(0, len(films), chunk):
+            part = films[i : i + chunk]
+            for s, pred in zip(part, client.predict([str(x.path) for x in part])):
+                out.append(Screened(str(s.path), s.label, pred.status, pred.probability, pred.ood_score, pred.rule,
+                                    s.patient))
+            bar.update(len(part))
+    return out
+
+
+@dataclass(frozen=True)
+class SiteAuditOptions:
+    """One ``cxr site-audit`` run.
+
+    Attributes:
+        sample: The labelled folder ``{NORMAL,PNEUMONIA}/`` (MANIFEST.csv with patients recommended).
+        model_dir: The served model's folder (card, provenance, reference; its sha256 must be the served one).
+        connect: Opens the client of the served model.
+        out: Report folder (audit.md, audit.json, PNGs).
+        targets: ``NAME=VALUE`` overrides of the card's targets.
+        confidence: One-sided confidence of the bounds the decision reads, in (0.5, 1).
+        operating_point: The served point judged (default: the model's default point).
+    """
+
+    sample: Path
+    model_dir: Path
+    connect: Callable[[], PneumoniaClient]
+    out: Path
+    targets: tuple[str, ...] = ()
+    confidence: float = CONFIDENCE
+    operating_point: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.5 < self.confidence < 1:
+            raise CxrError(f"--confidence must be in (0.5, 1), got {self.confidence}")
+
+
+def site_audit(opts: SiteAuditOptions, *, say: Callable[[str], None] = print, progress: bool = False) -> dict:
+    """Screen the site's sample with the served model and judge it against the card's targets; writes the report
+    into ``opts.out`` and returns the result (``go``: the decision).
+
+    Raises:
+        InsufficientSample: The sample cannot show its targets (before anything is screened).
+        CxrError: An unreadable sample, or a served model that is not the folder's.
+    """
+    import logging
+
+    from cxr.core.model_dir import ModelDir
+    from cxr.core.paths import relative
+
+    folder = ModelDir(opts.model_dir)
+    targets = targets_from(folder.card(), opts.targets)
+    needs = films_needed(targets, opts.confidence)
+    try:
+        sample = site_sample(opts.sample, folder.provenance())
+    except ValueError as exc:
+        raise CxrError(f"{opts.sample}: {exc}") from None
+    if not sample.patients_known:
+        logging.getLogger(__name__).warning("%s: %s", relative(opts.sample), NO_PATIENTS_WARNING)
+    aside = sample.set_aside_by_role(folder.provenance())
+    if sample.set_aside:
+        say(f"set aside: {len(sample.set_aside)} films the model's provenance lists (as "
+            + ", ".join(f"{k} {v}" for k, v in aside.items()) + "); they are not the site's evidence")
+    check_sample(sample.n_pos, sample.n_neg, targets, opts.confidence)
+    with opts.connect() as client:
+        info = client.info
+        films = screen_labelled(client, list(sample.films), progress=progress)
+    card = folder.card()
+    if info.sha256 and card.sha256 != info.sha256:
+        raise CxrError(f"the served model ({info.sha256[:12]}) is not the one in {folder.path} "
+                       f"({card.sha256[:12]}); give --model-repository of the served model")
+    point, threshold = info.threshold_for(opts.operating_point)
+    say(f"operating point {point}: threshold {threshold:.4f}")
+    result = audit(films, threshold=threshold, targets=targets, reference=folder.reference(),
+                   confidence=opts.confidence)
+    result["operating_point"] = point
+    result["set_aside"] = {"films": len(sample.set_aside), "by_role": aside}
+    result["needs"] = {"positives": needs.positives, "negatives": needs.negatives, "films": needs.films}
+    write(result, films, opts.out, model=f"{info.name} v{info.version} ({(info.sha256 or '')[:12]})",
+          sample=relative(opts.sample))
+    return result

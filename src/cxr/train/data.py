@@ -388,6 +388,27 @@ def make_locked_split(
                  tuple(sorted((src.name, sh.select) for src, _, sh in sources)), tuple(sorted(test)))
 
 
+def lock_split(sources: Sequence[tuple[Source, LockShares]], out: Path, *, seed: int = 0) -> Split:
+    """Read each source's films (with their patients), lock them (:func:`make_locked_split`) and write the split
+    to ``out``; returns it."""
+    split = make_locked_split([(src, source_samples(src), shares) for src, shares in sources], seed=seed)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    split.save(out)
+    return split
+
+
+def side_summary(split: Split, side: str) -> str:
+    """One line on a split's side: its films, then per source Normal/Pneumonia films and patients."""
+    samples = split.samples(side)
+    by_source: dict[str, tuple[list[int], set[str]]] = {}
+    for s in samples:
+        counts, patients = by_source.setdefault(s.source, ([0, 0], set()))
+        counts[s.label] += 1
+        patients.add(s.patient)
+    text = ", ".join(f"{k} {c[0]}N/{c[1]}P ({len(p)} patients)" for k, (c, p) in sorted(by_source.items()))
+    return f"{side:<6} {len(samples):>5} films: {text}"
+
+
 def load_images(
     paths: Sequence[Path], *, cache_dir: Path | None = None, workers: int | None = None, progress: bool = False
 ) -> np.ndarray:

@@ -13,7 +13,7 @@ import numpy as np
 from cxr.core import contract
 from cxr.core.errors import CalibrationError, DataError
 from cxr.train import data as data_mod
-from cxr.train import metrics
+from cxr.train import metrics, run_log
 from cxr.train.scoring import CALIBRATION_FILE, Calibration, KerasScorer, Scorer, load_scorer
 
 logger = logging.getLogger(__name__)
@@ -136,6 +136,16 @@ def markdown_report(report: dict, *, title: str) -> str:
         lines.append("")
     lines += [f"![{name}]({fname})" for name, fname in report.get("plots", {}).items()]
     return "\n".join(lines) + "\n"
+
+
+def report_dir(model_path: Path, data_dir: Path, *, split_file: Path | None = None, source: str | None = None) -> Path:
+    """Where an evaluation's report goes by default: ``eval_<data name>`` (``eval_trainval``, ``eval_val_<source>``
+    with a split) beside a training run's ``model.keras``, where ``cxr export`` collects it for the model card; for
+    an exported model, in the working directory (a report never goes into a model repository)."""
+    name = ((f"eval_val_{source}" if source else "eval_trainval") if split_file
+            else f"eval_{Path(data_dir).resolve().name}")
+    model_path = Path(model_path)
+    return model_path.parent / name if model_path.suffix == ".keras" else Path(name)
 
 
 def evaluate(
@@ -296,9 +306,10 @@ def operating_point(y: np.ndarray, p: np.ndarray, threshold: float, *, confidenc
 
 def calibrate(
     model_path: Path, data_dir: Path | list[Path], *, rule: str = "sensitivity_lcb", target: float = 0.95,
-    confidence: float = 0.9, scaling: str = "platt", cache_dir: Path | None = None,
+    confidence: float = 0.9, scaling: str = "platt", cache_dir: Path | None = None, command: str = "",
 ) -> Calibration:
-    """Fit scaling and threshold on a labelled site sample (or several, pooled); write ``calibration.json``."""
+    """Fit scaling and threshold on a labelled site sample (or several, pooled); write ``calibration.json`` beside
+    the model and record ``command`` in the run's ``commands.txt``."""
     scorer = KerasScorer(model_path, Calibration())
     x, y, _ = load_pooled(data_dir, cache_dir=cache_dir)
     z = scorer.logits(x)
@@ -313,5 +324,6 @@ def calibrate(
         metrics=operating_point(y, p, thr, confidence=confidence),
     )
     cal.save(Path(model_path).parent / CALIBRATION_FILE)
+    run_log.record(Path(model_path).parent, command)
     logger.info("calibration: %s", asdict(cal))
     return cal

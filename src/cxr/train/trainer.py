@@ -18,6 +18,7 @@ from cxr.core import contract
 from cxr.core.errors import DataError
 from cxr.core.model_dir import write_provenance
 from cxr.train import data as data_mod
+from cxr.train import run_log
 from cxr.train.augment import AugmentConfig
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ class TrainConfig:
             checkpoint, and its test side is never read. ``data_dir`` and ``sources`` are then not used to split.
         leave_out: Sources of the locked split left out of training and selection (leave-one-source-out runs
             and ablations).
+        command: The command line that asked for the run, recorded in the run's ``commands.txt`` once the run
+            is written (empty: nothing recorded).
     """
 
     data_dir: Path
@@ -85,6 +88,7 @@ class TrainConfig:
     source_val_fraction: float = 0.3
     split_file: Path | None = None
     leave_out: tuple[str, ...] = ()
+    command: str = ""
 
     def __post_init__(self) -> None:
         if self.split_file is not None and (self.monitor_dir is not None or self.sources):
@@ -465,4 +469,5 @@ def train(cfg: TrainConfig) -> TrainResult:
     )
     plots.training_curves(hist, out)
     logger.info("best epoch %d (%s %.4f); %.0f s; model at %s", best_epoch, select_key, scores[best_epoch - 1], seconds, model_path)
+    run_log.record(out, cfg.command)
     return TrainResult(out, model_path, best_epoch, float(scores[best_epoch - 1]), seconds)

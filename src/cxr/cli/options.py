@@ -1,0 +1,62 @@
+"""Options shared by several commands (the client's connection and transport security, the operating point, the
+result doors), and how they become the library's typed arguments."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from cxr.core.errors import CxrError
+from cxr.core.paths import DEFAULT_MODEL
+
+
+def add_client_args(p: argparse.ArgumentParser) -> None:
+    """``--url``, ``--protocol``, ``--model``, ``--timeout-s`` and the client's transport security."""
+    p.add_argument("--url", help="server host:port (default 127.0.0.1:8001 gRPC / :8000 HTTP); for embedded, the repository")
+    p.add_argument("--protocol", choices=["grpc", "http", "embedded"], default="grpc", help="grpc, http, or embedded (in-process onnxruntime, no server)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="served model name")
+    p.add_argument("--timeout-s", type=float, default=30.0, help="per-request deadline")
+    add_tls_client_args(p)
+
+
+def add_tls_client_args(p: argparse.ArgumentParser) -> None:
+    """The client's TLS files and config key."""
+    g = p.add_argument_group("transport security")
+    g.add_argument("--tls-ca", type=Path, help="CA bundle the server's certificate must verify against (turns TLS on)")
+    g.add_argument("--tls-cert", type=Path, help="this client's certificate, for mutual TLS")
+    g.add_argument("--tls-key", type=Path, help="this client's private key, for mutual TLS")
+    g.add_argument("--config-key-file", type=Path, help="key for a server that restricts model-config (header config-key)")
+
+
+def client_security(a: argparse.Namespace) -> dict[str, Any]:
+    """``tls`` and ``config_key`` keyword arguments for PneumoniaClient from the TLS options."""
+    from cxr.core.security import TlsClient, read_key
+
+    if (a.tls_cert or a.tls_key) and not a.tls_ca:
+        raise CxrError("--tls-cert/--tls-key need --tls-ca (the CA that signed the server's certificate)")
+    try:
+        tls = TlsClient(ca=a.tls_ca, cert=a.tls_cert, key=a.tls_key) if a.tls_ca else None
+    except ValueError as exc:
+        raise CxrError(str(exc)) from None
+    key = read_key(a.config_key_file, "config key") if a.config_key_file else None
+    return {"tls": tls, "config_key": key}
+
+
+def add_operating_point(p: argparse.ArgumentParser) -> None:
+    """``--operating-point NAME``."""
+    p.add_argument("--operating-point", metavar="NAME",
+                   help="answer at this served operating point (e.g. pediatric, adult; `cxr health` lists them); "
+                   "default: a DICOM input's patient age chooses its population's point, any other input gets the "
+                   "model's default point")
+
+
+def add_result_doors(p: argparse.ArgumentParser) -> None:
+    """FHIR results and the audit trail: the same flags on predict and listen."""
+    p.add_argument("--fhir-out", type=Path, metavar="FILE",
+                   help="write the FHIR R4 results (DiagnosticReport, Observation, Device): predict writes one "
+                   "transaction Bundle; listen appends NDJSON, one transaction Bundle per screened instance a line")
+    p.add_argument("--fhir-url", metavar="URL", help="POST the FHIR results to this FHIR server's base URL")
+    p.add_argument("--audit-log", type=Path, metavar="FILE",
+                   help="append every event (received, screened, delivered, failed) to this hash-chained audit trail "
+                   "(verify it with `cxr audit-log verify FILE`)")
