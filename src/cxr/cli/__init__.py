@@ -29,7 +29,7 @@ GROUPS: tuple[tuple[str, ModuleType], ...] = (
 
 _EPILOG = """\
 typical flow (DATA: a Kaggle-layout root with train/{NORMAL,PNEUMONIA}; SITE: a hospital's labelled sample
-{NORMAL,PNEUMONIA}/; FILMS: files or folders to screen; the package's examples/ holds a few of each):
+{NORMAL,PNEUMONIA}/; FILMS: files or folders to screen; a checkout's examples/ holds a few films):
   cxr train --data DATA --out runs/compact
   cxr evaluate --model runs/compact/model.keras --data SITE
   cxr calibrate --model runs/compact/model.keras --data SITE
