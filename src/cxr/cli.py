@@ -775,7 +775,7 @@ def _check_predict_args(a: argparse.Namespace) -> None:
     if a.study and a.query:
         raise CxrError("--study names the studies, --query searches for them: give one or the other")
     if a.query:
-        from cxr.client.dicomweb import parse_query
+        from cxr.hospital.dicomweb import parse_query
 
         parse_query(a.query)  # unknown or malformed keys refused here
     if a.priority != contract.DEFAULT_PRIORITY and a.protocol == "embedded":
@@ -785,6 +785,8 @@ def _check_predict_args(a: argparse.Namespace) -> None:
 
 def _cmd_predict(a: argparse.Namespace) -> int:
     from cxr.client.batch import PredictOptions, run_predict
+    from cxr.hospital.dicomweb import DicomWebSource
+    from cxr.hospital.fhir import FhirDelivery
 
     _check_predict_args(a)
     try:
@@ -798,7 +800,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
                               **_client_security(a))
     except ValueError as exc:
         raise CxrError(f"--{str(exc)}" if str(exc).startswith(("chunk", "retries")) else str(exc)) from None
-    return run_predict(opts)
+    return run_predict(opts, source=DicomWebSource.of(opts), delivery=FhirDelivery.of(opts))
 
 
 def _add_health(sub: argparse._SubParsersAction) -> None:
@@ -1061,7 +1063,7 @@ def _add_listen(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_listen(a: argparse.Namespace) -> int:
     from cxr.core.security import HttpAuth, TlsClient, TlsServer
-    from cxr.pacs.listener import Destination, ListenConfig, Listener, ScreenFilter, UrgentRule
+    from cxr.hospital.dicom.listener import Destination, ListenConfig, Listener, ScreenFilter, UrgentRule
 
     try:
         dicom_tls = TlsServer(a.dicom_tls_cert, a.dicom_tls_key, a.dicom_tls_client_ca) if a.dicom_tls_cert else None
@@ -1127,7 +1129,7 @@ def _add_site_audit(sub: argparse._SubParsersAction) -> None:
 
 def _site_targets(card: ModelCard, overrides: Sequence[str]):  # type: ignore[no-untyped-def]
     """The card's go-live targets with ``NAME=VALUE`` overrides (one-line errors)."""
-    from cxr.train.audit import Targets
+    from cxr.hospital.site_audit import Targets
 
     values = {k: v for k, v in card.go_live_targets.items() if k in Targets.__dataclass_fields__}
     for item in overrides:
@@ -1149,7 +1151,7 @@ def _screen_labelled(a: argparse.Namespace, samples: Sequence):  # type: ignore[
     from tqdm import tqdm
 
     from cxr.client import PneumoniaClient
-    from cxr.train.audit import Screened
+    from cxr.hospital.site_audit import Screened
 
     films = []
     with PneumoniaClient(a.url, protocol=a.protocol, model=a.model, timeout_s=a.timeout_s, **_client_security(a)) as c:
@@ -1176,7 +1178,7 @@ def _served_card(repository: Path, model: str, served_sha256: str | None) -> tup
 
 def _cmd_site_audit(a: argparse.Namespace) -> int:
     from cxr.core.paths import relative
-    from cxr.train import audit
+    from cxr.hospital import site_audit as audit
 
     if not 0.5 < a.confidence < 1:
         raise CxrError(f"--confidence must be in (0.5, 1), got {a.confidence}")
@@ -1261,8 +1263,8 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_adapt(a: argparse.Namespace) -> int:
-    from cxr.export.adapt import AdaptConfig, adapt
-    from cxr.train.audit import summary
+    from cxr.hospital.adapt import AdaptConfig, adapt
+    from cxr.hospital.site_audit import summary
 
     name = a.name or f"{a.model}_site"
     targets = _site_targets(ModelDir(a.model_repository / a.model).card(), a.targets)
@@ -1338,9 +1340,9 @@ def _monitored_model(repository: Path, sha256: str | None, fallback: str) -> Mod
 def _cmd_monitor(a: argparse.Namespace) -> int:
     import json
 
-    from cxr.client import monitor
     from cxr.core.durable import write_durably
     from cxr.core.eligibility import Eligibility
+    from cxr.hospital import monitor
 
     if not 0 < a.alpha < 1:
         raise CxrError(f"--alpha must be in (0, 1), got {a.alpha}")
@@ -1539,8 +1541,8 @@ def _cmd_audit_verify(a: argparse.Namespace) -> int:
 def _cmd_audit_export(a: argparse.Namespace) -> int:
     import json
 
-    from cxr.client.fhir import audit_events
     from cxr.core.audit_trail import read
+    from cxr.hospital.fhir import audit_events
 
     bundle = audit_events(read(a.file))
     write_durably(a.fhir_out, (json.dumps(bundle, indent=1) + "\n").encode())

@@ -205,7 +205,7 @@ class ListenConfig:
         urgent_if: Site rules that make a study urgent (besides Requested Procedure Priority STAT/HIGH).
         screen: Which received instances are screened; the others are accepted and dropped.
         redeliver: On start, put the results parked in ``dead-letter-<destination>/`` back into their outboxes.
-        study_quiet_s: One result per study (:mod:`cxr.pacs.study`): a study is answered once nothing of it has
+        study_quiet_s: One result per study (:mod:`cxr.hospital.dicom.study`): a study is answered once nothing of it has
             arrived for this many seconds (``None``: one result per instance).
         web_auth: How ``stow_url`` and ``fhir_url`` authenticate (:class:`cxr.core.security.HttpAuth`).
         operating_point: Answer every film at this served operating point (``None``: by the patient's age in the
@@ -775,7 +775,7 @@ class Listener:
 
         from cxr.client.batch import file_sha256
         from cxr.client.results import to_row
-        from cxr.pacs.sr import build_heatmap_sc, build_sr
+        from cxr.hospital.dicom.sr import build_heatmap_sc, build_sr
 
         info = self._client.info  # type: ignore[attr-defined]
         uid = f.stem
@@ -815,7 +815,7 @@ class Listener:
         if self.cfg.study_quiet_s is not None:  # answered with its study, once the study is quiet
             import json
 
-            from cxr.pacs.study import to_json
+            from cxr.hospital.dicom.study import to_json
 
             self.spool.hold(study, uid, json.dumps(to_json(pred)).encode(), urgent=priority == "urgent")
             self._screened(uid)
@@ -885,9 +885,9 @@ class Listener:
 
         import pydicom
 
-        from cxr.client import fhir
-        from cxr.pacs.sr import build_heatmap_sc, build_study_sr
-        from cxr.pacs.study import combine, from_json
+        from cxr.hospital import fhir
+        from cxr.hospital.dicom.sr import build_heatmap_sc, build_study_sr
+        from cxr.hospital.dicom.study import combine, from_json
 
         items = []
         for a in sorted(folder.glob("*.json")):
@@ -930,7 +930,7 @@ class Listener:
         Bundle appended as one line of the NDJSON file (linear: nothing written before is read or rewritten)."""
         import json
 
-        from cxr.client import fhir
+        from cxr.hospital import fhir
 
         b = fhir.bundle([(pred, fhir.StudyRef.of_file(f))])
         if self._fhir_lines is not None:
@@ -1058,13 +1058,13 @@ class Listener:
         import pydicom
 
         if kind == "stow":
-            from cxr.client.dicomweb import DicomWeb
+            from cxr.hospital.dicomweb import DicomWeb
 
             ds = pydicom.dcmread(f)
             DicomWeb(str(self.cfg.stow_url), auth=self.cfg.web_auth).store([ds], study_uid=str(ds.StudyInstanceUID))
             study, instance = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
         else:
-            from cxr.client import fhir
+            from cxr.hospital import fhir
 
             fhir.post_bundle(str(self.cfg.fhir_url), json.loads(f.read_text()), auth=self.cfg.web_auth)
             study, instance = "", f.stem
