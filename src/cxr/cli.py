@@ -1063,7 +1063,9 @@ def _add_listen(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_listen(a: argparse.Namespace) -> int:
     from cxr.core.security import HttpAuth, TlsClient, TlsServer
-    from cxr.hospital.dicom.listener import Destination, ListenConfig, Listener, ScreenFilter, UrgentRule
+    from cxr.hospital.dicom.config import Destination, ListenConfig
+    from cxr.hospital.dicom.intake import ScreenFilter, UrgentRule
+    from cxr.hospital.dicom.listener import Listener
 
     try:
         dicom_tls = TlsServer(a.dicom_tls_cert, a.dicom_tls_key, a.dicom_tls_client_ca) if a.dicom_tls_cert else None
