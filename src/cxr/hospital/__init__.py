@@ -9,7 +9,7 @@ The network doors (results go where the hospital reads them):
   from a server (:class:`~cxr.hospital.dicomweb.DicomWebSource`), ``cxr listen --stow-url`` stores results there;
 * :mod:`cxr.hospital.fhir`: FHIR R4 results (Observation, DiagnosticReport, transaction Bundle) for
   ``cxr predict --fhir-*`` (:class:`~cxr.hospital.fhir.FhirDelivery`) and ``cxr listen --fhir-*``, and the audit
-  trail as FHIR AuditEvents (``cxr audit-export``).
+  trail as FHIR AuditEvents (``cxr audit-log export``).
 
 The site tools (what a hospital runs on its own labelled films or its own answers):
 
