@@ -3,7 +3,8 @@
 ``cxr predict --dicomweb URL [--study UID]... [--query KEY=VALUE]...`` searches the archive (QIDO-RS at study
 level with the query's filters, e.g. ``ModalitiesInStudy=DX`` or ``StudyDate=20260101-20261231``; or the given
 studies), lists every instance of the matching studies, reads each one (WADO-RS, the whole Part 10 instance) into
-a private spool folder and screens the files like any others; the CSV's ``path`` is the SOP Instance UID.
+a private spool folder and screens the files like any others (:class:`DicomWebSource`, the ``source`` that
+``cxr.cli`` gives :func:`cxr.client.batch.run_predict`); the CSV's ``path`` is the SOP Instance UID.
 ``cxr listen --stow-url URL`` stores its SR and Secondary Capture with STOW-RS. Uses ``dicomweb-client``.
 """
 

@@ -14,7 +14,8 @@ For every screened input (IHE AI Results in spirit):
 
 Resources are built and validated with ``fhir.resources`` (its R4B models: R4's technical correction, identical
 for these resources), gathered in one ``transaction`` Bundle, and written to a file (``--fhir-out``) or POSTed to
-a FHIR server's base URL (``--fhir-url``).
+a FHIR server's base URL (``--fhir-url``): by :class:`FhirDelivery` after a ``cxr predict`` run, by the listener's
+FHIR outbox (:mod:`cxr.hospital.dicom.outbox`) for ``cxr listen``.
 """
 
 from __future__ import annotations
