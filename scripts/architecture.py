@@ -23,18 +23,18 @@ END = "<!-- /architecture -->"
 ROLES = {
     "cli": "the one CLI (`cxr ...`): a module per group (build, measure, serve, screen, site) of thin commands",
     "ui": "screening page (Gradio), Grad-CAM on Pneumonia answers",
-    "pacs": "DICOM listener (C-STORE in, SR and Secondary Capture out)",
+    "hospital": "the hospital's doors (DICOM listener, DICOMweb, FHIR); site audit, `cxr adapt`, drift monitor",
     "loadtest": "Locust, `cxr bench`, `cxr capacity`, soak",
-    "export": "ONNX, INT8, TensorRT, Triton configs, OOD head, adapt kit, `cxr adapt`",
-    "train": "Keras training on several sources, evaluation, calibration, site audit",
-    "client": "PneumoniaClient (grpc | http | embedded), `cxr predict`, results codec, drift monitor",
+    "export": "ONNX, INT8, TensorRT, Triton configs, OOD head, adapt kit",
+    "train": "Keras training on several sources, evaluation, calibration",
+    "client": "PneumoniaClient (grpc | http | embedded), `cxr predict`, results codec, Prometheus metrics",
     "serving": "embedded CPU Triton, its Python backend, the TLS proxy",
     "core": "contract < pixels < eligibility < dicom < imaging; model folder, durable writes, security",
 }
 #: Where each layer lives in the checkout.
-FOLDERS = {"cli": "src/cxr/cli/", "ui": "src/cxr/ui.py", "pacs": "src/cxr/pacs/", "loadtest": "src/cxr/loadtest/",
-           "export": "src/cxr/export/",
-           "train": "src/cxr/train/", "client": "src/cxr/client/", "serving": "src/cxr/serving/", "core": "src/cxr/core/"}
+FOLDERS = {"cli": "src/cxr/cli/", "ui": "src/cxr/ui.py", "hospital": "src/cxr/hospital/",
+           "loadtest": "src/cxr/loadtest/", "export": "src/cxr/export/", "train": "src/cxr/train/",
+           "client": "src/cxr/client/", "serving": "src/cxr/serving/", "core": "src/cxr/core/"}
 
 
 def layers() -> list[list[str]]:

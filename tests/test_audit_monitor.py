@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxr.client import monitor
 from cxr.core import contract
 from cxr.core.errors import DataError
 from cxr.core.model_dir import ModelCard
-from cxr.train import audit
+from cxr.hospital import monitor
+from cxr.hospital import site_audit as audit
 from tests.conftest import SHIPPED_REPOSITORY
 
 OK, NA = contract.Status.OK, contract.Status.NOT_ASSESSABLE

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from cxr.client import fhir
 from cxr.client.client import Prediction
 from cxr.core import contract
 from cxr.core.errors import RetryableServerError
+from cxr.hospital import fhir
 from tests.conftest import READY_DEADLINE_S, REPO, read_line
 
 SHA = "ab" * 32

@@ -77,9 +77,12 @@ def test_json_output_is_numbers_from_the_predictions(films: Path, tmp_path: Path
 
 
 def test_fhir_bundle_and_audit_of_an_in_process_run(films: Path, tmp_path: Path) -> None:
+    from cxr.hospital.fhir import FhirDelivery
+
     b = tmp_path / "b.json"
-    assert run_predict(PredictOptions(inputs=(films / "chest_dx.dcm", films / "camera.png"), protocol="embedded",
-                                      fhir_out=b, audit_log=tmp_path / "a.jsonl", priority="urgent")) == 0
+    opts = PredictOptions(inputs=(films / "chest_dx.dcm", films / "camera.png"), protocol="embedded", fhir_out=b,
+                          audit_log=tmp_path / "a.jsonl", priority="urgent")
+    assert run_predict(opts, delivery=FhirDelivery.of(opts)) == 0
     bundle = json.loads(b.read_text())
     kinds = [e["resource"]["resourceType"] for e in bundle["entry"]]
     assert kinds.count("Observation") == 2 and kinds.count("Device") == 1
@@ -87,6 +90,49 @@ def test_fhir_bundle_and_audit_of_an_in_process_run(films: Path, tmp_path: Path)
     delivered = [r for r in recs if r["event"] == "result_delivered"]
     assert len(delivered) == 2 and all(r["detail"]["destination"] == "fhir-file" for r in delivered)
     assert all(r["instance_uid"].startswith(("sha256:", "1.")) for r in recs if r["event"] == "screened")
+
+
+def test_inputs_from_a_source_are_screened_under_their_names_and_the_unread_ones_reported(
+        films: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """run_predict's seam for the hospital's doors: a source (here a stand-in for DICOMweb) lists two instances and
+    reads one; the row carries its name, the other is reported, audited as a failed receipt, and exits 1."""
+    from cxr.client.batch import Fetched
+
+    class Copies:
+        where, kind = "the test archive", "copies"
+
+        def fetch(self, folder: Path) -> Fetched:
+            f = folder / "x.dcm"
+            shutil.copy(films / "chest_dx.dcm", f)
+            return Fetched({f: "1.2.3.4"}, (("1.2.3", "1.2.3.4"), ("1.2.3", "1.2.3.5")))
+
+    out = tmp_path / "r.csv"
+    opts = PredictOptions(inputs=(), dicomweb="http://127.0.0.1:1/dicom-web", protocol="embedded", format="csv",
+                          out=out, audit_log=tmp_path / "a.jsonl")
+    assert run_predict(opts, source=Copies()) == 1
+    assert [r["path"] for r in _read(out)] == ["1.2.3.4"]
+    assert "error: 1.2.3.5: could not be read from the test archive" in capsys.readouterr().err
+    received = [r for r in read(tmp_path / "a.jsonl") if r["event"] == "received"]
+    assert [(r["instance_uid"], r["outcome"], r["detail"]["source"]) for r in received] == [
+        ("1.2.3.4", "success", "copies"), ("1.2.3.5", "failure", "copies")]
+
+
+def test_a_door_the_options_ask_for_must_be_given() -> None:
+    """PredictOptions.dicomweb / fhir_* without the hospital's source / delivery (or the reverse) is refused."""
+    from cxr.hospital.dicomweb import DicomWebSource
+    from cxr.hospital.fhir import FhirDelivery
+
+    web = PredictOptions(inputs=(), dicomweb="http://127.0.0.1:1/dicom-web", protocol="embedded")
+    with pytest.raises(ValueError, match="source"):
+        run_predict(web)
+    files = PredictOptions(inputs=(Path("x"),), protocol="embedded")
+    with pytest.raises(ValueError, match="source"):
+        run_predict(files, source=DicomWebSource.of(web))
+    with pytest.raises(ValueError, match="delivery"):
+        run_predict(PredictOptions(inputs=(Path("x"),), protocol="embedded", fhir_url="http://127.0.0.1:1/fhir"))
+    with pytest.raises(ValueError, match="delivery"):
+        run_predict(files, delivery=FhirDelivery(url="http://127.0.0.1:1/fhir"))
+    assert DicomWebSource.of(files) is None and FhirDelivery.of(files) is None
 
 
 @pytest.mark.parametrize(("kw", "match"), [

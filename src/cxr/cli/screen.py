@@ -61,6 +61,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_predict(a: argparse.Namespace) -> int:
     from cxr.client.batch import PredictOptions, run_predict
+    from cxr.hospital.dicomweb import DicomWebSource
+    from cxr.hospital.fhir import FhirDelivery
 
     if a.priority != contract.DEFAULT_PRIORITY and a.protocol == "embedded":  # the library ignores it there
         raise CxrError(f"--priority {a.priority} orders requests in Triton's queue; --protocol embedded has no "
@@ -76,7 +78,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
                               **options.client_security(a))
     except ValueError as exc:
         raise CxrError(f"--{str(exc)}" if str(exc).startswith(("chunk", "retries")) else str(exc)) from None
-    return run_predict(opts)
+    return run_predict(opts, source=DicomWebSource.of(opts), delivery=FhirDelivery.of(opts))
 
 
 def _add_listen(sub: argparse._SubParsersAction) -> None:
@@ -155,7 +157,9 @@ def _add_listen(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_listen(a: argparse.Namespace) -> int:
     from cxr.core.security import HttpAuth, TlsClient, TlsServer
-    from cxr.pacs.listener import Destination, ListenConfig, Listener, ScreenFilter, UrgentRule
+    from cxr.hospital.dicom.config import Destination, ListenConfig
+    from cxr.hospital.dicom.intake import ScreenFilter, UrgentRule
+    from cxr.hospital.dicom.listener import Listener
 
     try:
         dicom_tls = TlsServer(a.dicom_tls_cert, a.dicom_tls_key, a.dicom_tls_client_ca) if a.dicom_tls_cert else None

@@ -50,7 +50,7 @@ def _add_site_audit(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_site_audit(a: argparse.Namespace) -> int:
     from cxr.client import PneumoniaClient
-    from cxr.train import audit
+    from cxr.hospital import site_audit as audit
 
     model_dir = a.model_repository / a.model
     if a.plan:
@@ -112,8 +112,8 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_adapt(a: argparse.Namespace) -> int:
-    from cxr.export.adapt import AdaptConfig, adapt
-    from cxr.train.audit import summary, targets_from
+    from cxr.hospital.adapt import AdaptConfig, adapt
+    from cxr.hospital.site_audit import summary, targets_from
 
     name = a.name or f"{a.model}_site"
     targets = targets_from(ModelDir(a.model_repository / a.model).card(), a.targets)
@@ -171,7 +171,7 @@ def _add_monitor(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_monitor(a: argparse.Namespace) -> int:
-    from cxr.client.monitor import MonitorOptions, monitor
+    from cxr.hospital.monitor import MonitorOptions, monitor
 
     result, text = monitor(MonitorOptions(predictions=a.predictions, repository=a.model_repository, model=a.model,
                                           baseline=a.baseline, prevalence=a.prevalence, alpha=a.alpha, out=a.out))
@@ -221,9 +221,9 @@ def _cmd_audit_verify(a: argparse.Namespace) -> int:
 def _cmd_audit_export(a: argparse.Namespace) -> int:
     import json
 
-    from cxr.client.fhir import audit_events
     from cxr.core.audit_trail import read
     from cxr.core.durable import write_durably
+    from cxr.hospital.fhir import audit_events
 
     bundle = audit_events(read(a.file))
     write_durably(a.fhir_out, (json.dumps(bundle, indent=1) + "\n").encode())

@@ -26,15 +26,19 @@ import io
 import json
 import logging
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from cxr.client.results import CSV_COLUMNS, JOURNAL_COLUMNS, as_json, from_row, table, to_row
 from cxr.core import contract
 from cxr.core.durable import AppendOnlyCsv, write_durably
 from cxr.core.errors import InvalidInputError
 from cxr.core.security import TlsClient
+
+if TYPE_CHECKING:
+    from cxr.core.audit_trail import AuditLog
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +68,14 @@ class PredictOptions:
         metrics_file: Write the metrics in the Prometheus text format to this file after every chunk
             (for node_exporter's textfile collector).
         dicomweb: Read the inputs from this DICOMweb root instead of files (QIDO-RS, then WADO-RS); the CSV's
-            ``path`` is each instance's SOP Instance UID.
+            ``path`` is each instance's SOP Instance UID. :func:`run_predict` reads them through its ``source``
+            (:class:`cxr.hospital.dicomweb.DicomWebSource`).
         studies: With ``dicomweb``: these studies (Study Instance UIDs).
         query: With ``dicomweb``: QIDO-RS study filters, ``KEY=VALUE`` (e.g. ``ModalitiesInStudy=DX``).
         priority: ``urgent`` or ``routine``: the Triton priority level of the requests.
         fhir_out: Write the answered inputs' FHIR results here (a transaction Bundle).
-        fhir_url: POST them to this FHIR server's base URL.
+        fhir_url: POST them to this FHIR server's base URL (both through :func:`run_predict`'s ``delivery``,
+            :class:`cxr.hospital.fhir.FhirDelivery`).
         audit_log: Append the run's events to this audit trail (:mod:`cxr.core.audit_trail`).
         operating_point: Answer every input at this served operating point (``None``: by the DICOM patient's age
             where stated, else the model's default). A journaled answer at another named point is screened again.
@@ -108,10 +114,6 @@ class PredictOptions:
             raise InvalidInputError("no input: give at least one input (files or folders), or --dicomweb URL")
         if self.studies and self.query:
             raise InvalidInputError("--study names the studies, --query searches for them: give one or the other")
-        if self.query:
-            from cxr.client.dicomweb import parse_query
-
-            parse_query(self.query)  # unknown or malformed keys refused before anything starts
         if self.ray and (self.metrics_port is not None or self.metrics_file is not None):
             raise ValueError("metrics are counted by the local client; they are not available with --ray")
         if self.retries < 1:
@@ -226,35 +228,80 @@ def _actor() -> str:
         return default_actor()
 
 
-def run_predict(opts: PredictOptions) -> int:
-    """Implementation of ``cxr predict`` (see ``cxr predict --help``)."""
+@dataclass(frozen=True)
+class Fetched:
+    """What an :class:`InputSource` read into the run's folder.
+
+    Attributes:
+        files: Each file read -> the name its row carries (the CSV's ``path``; a SOP Instance UID).
+        instances: Every instance the source listed, ``(Study Instance UID, name)``, in its order; those whose name
+            is not in ``files`` could not be read (each is reported, and counts as an input without a result).
+    """
+
+    files: Mapping[Path, str]
+    instances: tuple[tuple[str, str], ...]
+
+
+class InputSource(Protocol):
+    """Inputs of ``cxr predict`` that are not files, read into a private folder for the run (the DICOMweb door:
+    :class:`cxr.hospital.dicomweb.DicomWebSource`)."""
+
+    @property
+    def where(self) -> str:
+        """Where the inputs come from, as messages name it."""
+
+    @property
+    def kind(self) -> str:
+        """The audit trail's ``source`` of each instance received (e.g. ``dicomweb``)."""
+
+    def fetch(self, folder: Path) -> Fetched:
+        """List the instances and read them into ``folder``."""
+
+
+class ResultDelivery(Protocol):
+    """Where ``cxr predict`` also delivers the answers once the run is over (the FHIR door:
+    :class:`cxr.hospital.fhir.FhirDelivery`)."""
+
+    def deliver(self, rows: list[dict], files: Mapping[str, Path], audit: AuditLog | None, actor: str) -> int:
+        """Deliver the answered ``rows`` (``files``: each row's ``path`` -> its file), each delivery audited as
+        ``actor``; the number of inputs left without a result (0 when all went)."""
+
+
+def run_predict(opts: PredictOptions, *, source: InputSource | None = None,
+                delivery: ResultDelivery | None = None) -> int:
+    """Implementation of ``cxr predict`` (see ``cxr predict --help``). ``source`` reads the inputs that are not
+    files (``opts.dicomweb``), ``delivery`` takes the answers after the run (``opts.fhir_out``, ``opts.fhir_url``):
+    the hospital's doors, given by the caller (``cxr.cli``)."""
     import tempfile
     from contextlib import ExitStack
 
     from cxr.core.audit_trail import AuditLog
 
+    if (source is not None) != bool(opts.dicomweb):
+        raise ValueError("run_predict: give source (cxr.hospital.dicomweb.DicomWebSource) exactly when "
+                         "PredictOptions.dicomweb is set")
+    if (delivery is None) != (opts.fhir_out is None and opts.fhir_url is None):
+        raise ValueError("run_predict: give delivery (cxr.hospital.fhir.FhirDelivery) exactly when "
+                         "PredictOptions.fhir_out or fhir_url is set")
     with ExitStack() as stack:
         audit = stack.enter_context(AuditLog(opts.audit_log, component="cxr predict")) if opts.audit_log else None
         names: dict[str, str] = {}
-        if opts.dicomweb:
-            from cxr.client.dicomweb import DicomWeb, parse_query
-
-            web = DicomWeb(opts.dicomweb, timeout_s=opts.timeout_s)
-            refs = web.find(studies=opts.studies, query=parse_query(opts.query))
-            if not refs:
-                print(f"cxr predict: no instance found on {opts.dicomweb}", file=sys.stderr)
+        if source is not None:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"cxr-{source.kind}-")))
+            fetched = source.fetch(folder)
+            if not fetched.instances:
+                print(f"cxr predict: no instance found on {source.where}", file=sys.stderr)
                 return 2
-            spool = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cxr-dicomweb-")))
-            files = web.download(refs, spool)
-            names = {str(p): uid for p, uid in files.items()}
-            unread = [r.sop_uid for r in refs if r.sop_uid not in set(names.values())]
-            for uid in unread:
-                print(f"error: {uid}: could not be read from {opts.dicomweb} (rerun to retry)", file=sys.stderr)
-            paths = sorted(files, key=lambda p: names[str(p)])
+            names = {str(p): name for p, name in fetched.files.items()}
+            read = set(names.values())
+            unread = [name for _, name in fetched.instances if name not in read]
+            for name in unread:
+                print(f"error: {name}: could not be read from {source.where} (rerun to retry)", file=sys.stderr)
+            paths = sorted(fetched.files, key=lambda p: names[str(p)])
             if audit is not None:
-                for r in refs:
-                    audit.event("received", actor=_actor(), outcome="success" if r.sop_uid not in unread else "failure",
-                                study_uid=r.study_uid, instance_uid=r.sop_uid, source="dicomweb")
+                for study, name in fetched.instances:
+                    audit.event("received", actor=_actor(), outcome="success" if name in read else "failure",
+                                study_uid=study, instance_uid=name, source=source.kind)
         else:
             unread = []
             paths = expand_inputs(opts.inputs)
@@ -264,8 +311,8 @@ def run_predict(opts: PredictOptions) -> int:
         rows = _run(opts, paths, names, audit)
         counts = {s.value: sum(1 for r in rows if r["status"] == s.value) for s in contract.Status}
         missing = len(paths) + len(unread) - len(rows)
-        if opts.fhir_out is not None or opts.fhir_url is not None:
-            missing += _deliver_fhir(opts, rows, {names.get(str(p), str(p)): p for p in paths}, audit)
+        if delivery is not None:
+            missing += delivery.deliver(rows, {names.get(str(p), str(p)): p for p in paths}, audit, _actor())
         print(f"{len(rows)} of {len(paths) + len(unread)} inputs answered: {counts['ok']} ok, "
               f"{counts['not_assessable']} not assessable, {counts['error']} errors"
               + (f", {missing} without a result" if missing else "") + (f" (written to {opts.out})" if opts.out else ""),
@@ -316,44 +363,6 @@ def _run(opts: PredictOptions, paths: list[Path], names: dict[str, str], audit) 
     else:
         _emit(rows, opts.format, opts.out)
     return rows
-
-
-def _deliver_fhir(opts: PredictOptions, rows: list[dict], files: dict[str, Path], audit) -> int:
-    """Write and/or POST the FHIR results of the answered rows; returns 1 when a POST failed (0 otherwise)."""
-    from cxr.client import fhir
-    from cxr.core.errors import CxrError
-
-    results, shas = [], []
-    for r in rows:
-        pred, sha = from_row(r)
-        if pred.status is not contract.Status.ERROR:
-            path = files.get(r["path"])
-            results.append((pred, fhir.StudyRef.of_file(path) if path is not None else fhir.StudyRef()))
-            shas.append(sha)
-    b = fhir.bundle(results)
-    if opts.fhir_out is not None:
-        from cxr.core.durable import write_durably
-
-        write_durably(opts.fhir_out, (json.dumps(b, indent=1) + "\n").encode())
-        print(f"FHIR: {len(results)} results written to {opts.fhir_out}", file=sys.stderr)
-    failed = 0
-    if opts.fhir_url is not None:
-        try:
-            resp = fhir.post_bundle(opts.fhir_url, b, timeout_s=opts.timeout_s)
-            print(f"FHIR: {len(results)} results posted to {opts.fhir_url} ({resp.get('type')})", file=sys.stderr)
-        except CxrError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            failed = 1
-    if audit is not None:
-        dests = ([("fhir-file", False)] if opts.fhir_out is not None else []) + (
-            [("fhir-server", bool(failed))] if opts.fhir_url is not None else [])
-        for (pred, study), sha in zip(results, shas):
-            for dest, bad in dests:
-                audit.event("delivery_failed" if bad else "result_delivered", actor=_actor(),
-                            outcome="failure" if bad else "success", study_uid=study.study_uid,
-                            instance_uid=study.instance_uid or f"sha256:{sha}", model_sha256=pred.model_sha256,
-                            destination=dest)
-    return failed
 
 
 def _screen(opts: PredictOptions, todo: list[tuple[Path, str]], rules, journal: Journal | None,

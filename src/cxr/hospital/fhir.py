@@ -14,21 +14,28 @@ For every screened input (IHE AI Results in spirit):
 
 Resources are built and validated with ``fhir.resources`` (its R4B models: R4's technical correction, identical
 for these resources), gathered in one ``transaction`` Bundle, and written to a file (``--fhir-out``) or POSTed to
-a FHIR server's base URL (``--fhir-url``).
+a FHIR server's base URL (``--fhir-url``): by :class:`FhirDelivery` after a ``cxr predict`` run, by the listener's
+FHIR outbox (:mod:`cxr.hospital.dicom.outbox`) for ``cxr listen``.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cxr.client.client import Prediction
 from cxr.core import contract
 from cxr.core.errors import CxrError, RetryableServerError
+
+if TYPE_CHECKING:
+    from cxr.client.batch import PredictOptions
+    from cxr.core.audit_trail import AuditLog
 
 SNOMED = "http://snomed.info/sct"
 LOINC = "http://loinc.org"
@@ -227,8 +234,8 @@ def bundle(results: Sequence[tuple[Prediction, StudyRef]]) -> dict:
 
 
 def study_bundle(items: Sequence[tuple[Prediction, StudyRef]], study) -> dict:
-    """One ``transaction`` Bundle for a whole study (:mod:`cxr.pacs.study`): an Observation per frontal film and
-    one DiagnosticReport with the study answer (``study``, a :class:`cxr.pacs.study.StudyResult`) whose results are
+    """One ``transaction`` Bundle for a whole study (:mod:`cxr.hospital.dicom.study`): an Observation per frontal film and
+    one DiagnosticReport with the study answer (``study``, a :class:`cxr.hospital.dicom.study.StudyResult`) whose results are
     those Observations; laterals get nothing of their own. Created conditionally on identifiers, like
     :func:`bundle`.
 
@@ -437,3 +444,69 @@ def audit_events(records: Sequence[dict]) -> dict:
     out = {"resourceType": "Bundle", "type": "collection", "entry": entries}
     validate(out)
     return out
+
+
+@dataclass(frozen=True)
+class FhirDelivery:
+    """``cxr predict --fhir-out FILE`` and/or ``--fhir-url URL``: once the run is over, the answered inputs' results
+    as one transaction Bundle, written to ``out`` and/or POSTed to ``url`` (the ``delivery`` of
+    :func:`cxr.client.batch.run_predict`).
+
+    Attributes:
+        out: The Bundle's file (JSON).
+        url: A FHIR server's base URL.
+        timeout_s: The POST's deadline.
+    """
+
+    out: Path | None = None
+    url: str | None = None
+    timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.out is None and self.url is None:
+            raise ValueError("FHIR delivery: give a file, a server's URL, or both")
+        if self.timeout_s <= 0:
+            raise ValueError("timeout_s must be > 0")
+
+    @classmethod
+    def of(cls, opts: PredictOptions) -> FhirDelivery | None:
+        """What ``cxr predict``'s options ask for (``None``: no FHIR results)."""
+        if opts.fhir_out is None and opts.fhir_url is None:
+            return None
+        return cls(opts.fhir_out, opts.fhir_url, opts.timeout_s)
+
+    def deliver(self, rows: list[dict], files: Mapping[str, Path], audit: AuditLog | None, actor: str) -> int:
+        """Write and/or POST the FHIR results of the answered ``rows`` (``files``: each row's ``path`` -> its file,
+        whose DICOM header names the study), each delivery audited as ``actor``; 1 when the POST failed, else 0."""
+        from cxr.client.results import from_row
+        from cxr.core.durable import write_durably
+
+        results, shas = [], []
+        for r in rows:
+            pred, sha = from_row(r)
+            if pred.status is not contract.Status.ERROR:
+                path = files.get(r["path"])
+                results.append((pred, StudyRef.of_file(path) if path is not None else StudyRef()))
+                shas.append(sha)
+        b = bundle(results)
+        if self.out is not None:
+            write_durably(self.out, (json.dumps(b, indent=1) + "\n").encode())
+            print(f"FHIR: {len(results)} results written to {self.out}", file=sys.stderr)
+        failed = 0
+        if self.url is not None:
+            try:
+                resp = post_bundle(self.url, b, timeout_s=self.timeout_s)
+                print(f"FHIR: {len(results)} results posted to {self.url} ({resp.get('type')})", file=sys.stderr)
+            except CxrError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                failed = 1
+        if audit is not None:
+            dests = ([("fhir-file", False)] if self.out is not None else []) + (
+                [("fhir-server", bool(failed))] if self.url is not None else [])
+            for (pred, study), sha in zip(results, shas):
+                for dest, bad in dests:
+                    audit.event("delivery_failed" if bad else "result_delivered", actor=actor,
+                                outcome="failure" if bad else "success", study_uid=study.study_uid,
+                                instance_uid=study.instance_uid or f"sha256:{sha}", model_sha256=pred.model_sha256,
+                                destination=dest)
+        return failed

@@ -84,7 +84,7 @@ def placement_evidence(source: Dataset) -> Dataset:
     return ev
 
 
-def _code(value: str, meaning: str, scheme: str = LOCAL_SCHEME):  # type: ignore[no-untyped-def]
+def _code(value: str, meaning: str, scheme: str = LOCAL_SCHEME):
     import highdicom as hd
 
     return hd.sr.CodedConcept(value=value, scheme_designator=scheme, meaning=meaning[:64])
@@ -106,7 +106,7 @@ def _instance_number(source: Dataset) -> int:
     return n if 0 < n < 2**31 else 1
 
 
-def _context(result: Prediction):  # type: ignore[no-untyped-def]
+def _context(result: Prediction):
     """The algorithm (TID 4019) and the observer device of a model's results."""
     import highdicom as hd
 
@@ -126,7 +126,7 @@ def _context(result: Prediction):  # type: ignore[no-untyped-def]
     return algorithm, observer
 
 
-def _evaluations(result: Prediction) -> tuple[list, list]:  # type: ignore[type-arg]
+def _evaluations(result: Prediction) -> tuple[list, list]:
     """The qualitative evaluations and measurements of one answer."""
     import highdicom as hd
 
@@ -153,7 +153,7 @@ def _evaluations(result: Prediction) -> tuple[list, list]:  # type: ignore[type-
     return qualitative, measurements
 
 
-def _group(algorithm, sources: list[Dataset], qualitative: list, measurements: list, uid: str,  # type: ignore[no-untyped-def,type-arg]
+def _group(algorithm, sources: list[Dataset], qualitative: list, measurements: list, uid: str,
            identifier: str):
     import highdicom as hd
 
@@ -167,7 +167,7 @@ def _group(algorithm, sources: list[Dataset], qualitative: list, measurements: l
     )
 
 
-def build_sr(source: Dataset, result: Prediction):  # type: ignore[no-untyped-def]
+def build_sr(source: Dataset, result: Prediction):
     """A ``highdicom.sr.ComprehensiveSR`` for one screened instance."""
     import highdicom as hd
 
@@ -204,10 +204,10 @@ def study_sr_uid(study_uid: str, model_sha256: str, instances: list[str]) -> str
     return generate_uid(entropy_srcs=[study_uid, model_sha256, *sorted(instances), "cxr-study-sr"])
 
 
-def build_study_sr(sources: list[Dataset], results: list[Prediction], study):  # type: ignore[no-untyped-def]
-    """One ``ComprehensiveSR`` for a study (:mod:`cxr.pacs.study`): a group with the study answer, then a group per
+def build_study_sr(sources: list[Dataset], results: list[Prediction], study):
+    """One ``ComprehensiveSR`` for a study (:mod:`cxr.hospital.dicom.study`): a group with the study answer, then a group per
     frontal film with its own answer. ``sources`` and ``results`` pair up; ``study`` is the
-    :class:`cxr.pacs.study.StudyResult`."""
+    :class:`cxr.hospital.dicom.study.StudyResult`."""
     import highdicom as hd
 
     for r in results:
@@ -286,7 +286,7 @@ def read_sr(ds: Dataset) -> dict:
     def value(code: Dataset) -> str:  # codes over 16 characters go to LongCodeValue
         return str(code.get("CodeValue") or code.get("LongCodeValue") or "")
 
-    def walk(items) -> None:  # type: ignore[no-untyped-def]
+    def walk(items) -> None:
         for it in items:
             name = value(it.ConceptNameCodeSequence[0]) if "ConceptNameCodeSequence" in it else None
             if it.ValueType == "CODE" and name == PNEUMONIA[0]:
@@ -306,7 +306,7 @@ def read_sr(ds: Dataset) -> dict:
     return out
 
 
-def build_heatmap_sc(source: Dataset, result: Prediction, overlay_rgb: np.ndarray, *,  # type: ignore[no-untyped-def]
+def build_heatmap_sc(source: Dataset, result: Prediction, overlay_rgb: np.ndarray, *,
                      unverified: bool = False):
     """The Grad-CAM overlay as a Secondary Capture in the source's study, with "screening aid, not for diagnosis"
     burned in; ``unverified`` (the map failed the model-randomisation check, ``GradCam.passes_check``) burns in
@@ -326,7 +326,7 @@ def build_heatmap_sc(source: Dataset, result: Prediction, overlay_rgb: np.ndarra
     orientation = tuple(source.get("PatientOrientation", None) or ("L", "F"))
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=ev, pixel_array=np.asarray(img), photometric_interpretation="RGB", bits_allocated=8,
-        coordinate_system="PATIENT", patient_orientation=orientation,  # type: ignore[arg-type]
+        coordinate_system="PATIENT", patient_orientation=orientation,
         series_instance_uid=uids["sc_series"], sop_instance_uid=uids["sc_instance"],
         series_number=SC_SERIES_NUMBER, instance_number=1, manufacturer=DEVICE_NAME,
         series_description="AI pneumonia heatmap (screening aid, not for diagnosis)",

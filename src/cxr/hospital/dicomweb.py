@@ -3,7 +3,8 @@
 ``cxr predict --dicomweb URL [--study UID]... [--query KEY=VALUE]...`` searches the archive (QIDO-RS at study
 level with the query's filters, e.g. ``ModalitiesInStudy=DX`` or ``StudyDate=20260101-20261231``; or the given
 studies), lists every instance of the matching studies, reads each one (WADO-RS, the whole Part 10 instance) into
-a private spool folder and screens the files like any others; the CSV's ``path`` is the SOP Instance UID.
+a private spool folder and screens the files like any others (:class:`DicomWebSource`, the ``source`` that
+``cxr.cli`` gives :func:`cxr.client.batch.run_predict`); the CSV's ``path`` is the SOP Instance UID.
 ``cxr listen --stow-url URL`` stores its SR and Secondary Capture with STOW-RS. Uses ``dicomweb-client``.
 """
 
@@ -15,8 +16,12 @@ from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cxr.core.errors import CxrError, InvalidInputError, RetryableServerError
+
+if TYPE_CHECKING:
+    from cxr.client.batch import Fetched, PredictOptions
 
 logger = logging.getLogger(__name__)
 
@@ -209,3 +214,52 @@ class DicomWeb:
             self._client.store_instances(datasets, study_instance_uid=study_uid)
         except Exception as exc:  # noqa: BLE001
             raise _classify(exc, f"{self.url} store") from None
+
+
+@dataclass(frozen=True)
+class DicomWebSource:
+    """``cxr predict --dicomweb URL [--study UID]... [--query KEY=VALUE]...``: the instances of the matching studies,
+    read into the run's folder (the ``source`` of :func:`cxr.client.batch.run_predict`).
+
+    Attributes:
+        url: The DICOMweb root.
+        studies: These studies (Study Instance UIDs).
+        query: QIDO-RS study filters, ``KEY=VALUE``.
+        timeout_s: Each request's deadline.
+    """
+
+    url: str
+    studies: tuple[str, ...] = ()
+    query: tuple[str, ...] = ()
+    timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not self.url:
+            raise ValueError("DICOMweb source: give the server's root URL")
+        if self.timeout_s <= 0:
+            raise ValueError("timeout_s must be > 0")
+        parse_query(self.query)  # unknown or malformed keys refused before anything starts
+
+    @classmethod
+    def of(cls, opts: PredictOptions) -> DicomWebSource | None:
+        """What ``cxr predict``'s options ask for (``None``: the inputs are files)."""
+        if not opts.dicomweb:
+            return None
+        return cls(opts.dicomweb, opts.studies, opts.query, opts.timeout_s)
+
+    @property
+    def where(self) -> str:
+        return self.url
+
+    @property
+    def kind(self) -> str:
+        return "dicomweb"
+
+    def fetch(self, folder: Path) -> Fetched:
+        """QIDO-RS for the instances, WADO-RS for each into ``folder``; the files named by SOP Instance UID."""
+        from cxr.client.batch import Fetched
+
+        web = DicomWeb(self.url, timeout_s=self.timeout_s)
+        refs = web.find(studies=self.studies, query=parse_query(self.query))
+        files = web.download(refs, folder) if refs else {}
+        return Fetched(files, tuple((r.study_uid, r.sop_uid) for r in refs))

@@ -7,7 +7,7 @@ Steps (each one's figures go into the report and the new model card):
    nothing). Films whose sha256 the model's ``provenance.csv`` lists (it trained, selected or calibrated on
    them) are set aside and counted; their patients' other films go to the adapt part, never to calibrate or audit.
    A sample without patient ids gets a warning (patients are then guessed from file names).
-   Before any work, the audit part must be able to show the targets (:func:`cxr.train.audit.check_sample`) and
+   Before any work, the audit part must be able to show the targets (:func:`cxr.hospital.site_audit.check_sample`) and
    the calibrate part's positives must be able to show the sensitivity target (:func:`supported_target`);
    otherwise exit 2 with the films per class needed.
 2. **Fine-tune the classifier head** (``Dense(128)`` and the logit, read from and written back into the ONNX
@@ -18,7 +18,7 @@ Steps (each one's figures go into the report and the new model card):
    parts (half the mass by default, ``site_mass``).
 4. **Recalibrate** with the ``sensitivity_lcb`` rule on the calibrate part's assessable films, at the card's
    sensitivity target (never a lower one the sample happens to support).
-5. **Audit** the result on the audit part against the targets, on bounds (:func:`cxr.train.audit.audit`), and
+5. **Audit** the result on the audit part against the targets, on bounds (:func:`cxr.hospital.site_audit.audit`), and
    measure its :class:`cxr.core.claims.Claim` (patient bootstrap, ``in_sample`` false). Only a passing model is
    published (with ``claims.json``); a failing one exits 3 and leaves only its report.
 """
@@ -173,7 +173,7 @@ def supported_target(n_pos: int, target: float, confidence: float = CALIBRATION_
     return n_pos >= 1 and sensitivity_lower_bound(n_pos, n_pos, confidence) >= target
 
 
-def finetune_head(w0, gap_site: np.ndarray, y_site: np.ndarray, gap_replay: np.ndarray, teacher: np.ndarray,  # type: ignore[no-untyped-def]
+def finetune_head(w0, gap_site: np.ndarray, y_site: np.ndarray, gap_replay: np.ndarray, teacher: np.ndarray,
                   *, steps: int, learning_rate: float, replay_weight: float, l2: float):
     """Full-batch Adam on the head: class-balanced log-loss on the site films, log-loss against the teacher's
     probabilities on the replay set (distillation), and ``l2 * |theta - theta0|^2``. Returns (weights, losses)."""
@@ -235,7 +235,7 @@ def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
     from cxr.core.ort_session import make_session
     from cxr.export import adapt_kit, head, ood_head, repository
     from cxr.export.onnx_export import write_python_model
-    from cxr.train import audit as audit_mod
+    from cxr.hospital import site_audit as audit_mod
     from cxr.train import claims as claims_mod
     from cxr.train.evaluate import choose_threshold, operating_point
 

@@ -1,0 +1,41 @@
+"""The DICOM doors: ``cxr listen``, a DICOM Storage SCP that screens what it receives and sends DICOM SR results
+back to the PACS (and, optionally, to a DICOMweb server and a FHIR server).
+
+By role (each module imports only from the lines below it; ``pyproject.toml`` holds the contract):
+
+* :mod:`~cxr.hospital.dicom.listener`: :class:`~cxr.hospital.dicom.listener.Listener`, the composition of the
+  parts below that ``cxr listen`` starts and stops;
+* :mod:`~cxr.hospital.dicom.scp`: the Storage SCP (pynetdicom): associations, C-ECHO, C-STORE into the spool;
+  :mod:`~cxr.hospital.dicom.worker`: the screening worker, one result per instance or per study;
+  :mod:`~cxr.hospital.dicom.outbox`: one sender per destination (C-STORE to the PACS, STOW-RS, FHIR POST) with
+  retries and a dead letter per destination;
+* :mod:`~cxr.hospital.dicom.results`: the results of an answer: SR, Grad-CAM Secondary Capture, FHIR Bundle, CSV
+  row;
+* :mod:`~cxr.hospital.dicom.config`: what ``cxr listen`` does (:class:`~cxr.hospital.dicom.config.ListenConfig`);
+  :mod:`~cxr.hospital.dicom.spool`: the durable state folder; :mod:`~cxr.hospital.dicom.telemetry`: counters,
+  Prometheus metrics and the audit trail;
+* :mod:`~cxr.hospital.dicom.intake`: which instances are screened, which studies are urgent;
+  :mod:`~cxr.hospital.dicom.sr`: the result objects with highdicom (a Comprehensive SR, TID 1500, per instance or
+  study; the Grad-CAM overlay as a Secondary Capture); :mod:`~cxr.hospital.dicom.study`: one answer per study.
+
+Durable by design; the spool folder holds every state, so a restart finishes whatever was in flight and never
+drops or duplicates a result:
+
+* ``incoming/<SOP Instance UID>.dcm``: written to a temporary file, fsynced and renamed (and the folder fsynced)
+  *before* C-STORE answers success;
+* ``done/<SOP Instance UID>``: a marker once the instance's result is in the outbox and the CSV; a second copy of
+  the same instance is acknowledged and skipped (deduplication by SOP Instance UID);
+* ``outbox/<UID>.dcm`` (C-STORE, ``--send-to``), ``outbox-stow/<UID>.dcm`` (STOW-RS, ``--stow-url``) and
+  ``outbox-fhir/<UID>.json`` (a FHIR transaction Bundle, ``--fhir-url``): results waiting for their destination;
+  each has a sender that retries with exponential backoff and removes a file only after the destination confirmed
+  it. Result UIDs are derived from the source UID and the model's sha256, so a resend after a crash replaces
+  rather than duplicates.
+* ``incoming/<UID>.urgent``: an urgent study's marker (Requested Procedure Priority STAT or HIGH, or a site rule
+  such as the emergency department's Station Name): urgent instances are screened first, at Triton's urgent level.
+* ``studies/<Study UID>/``: with ``--study-quiet-s``, screened instances waiting for the rest of their study;
+* ``dead-letter/`` (instances that cannot be answered) and ``dead-letter-<destination>/`` (results refused for
+  good), each file beside its ``.why``.
+
+Screening runs asynchronously (one worker, in batches). A transient inference failure leaves the instance in
+``incoming`` for a retry; an unreadable instance gets an error row and no SR.
+"""

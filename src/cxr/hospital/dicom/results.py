@@ -1,0 +1,136 @@
+"""The listener's results for a screened instance or study: the DICOM SR (:mod:`cxr.hospital.dicom.sr`), the
+Grad-CAM Secondary Capture (``--heatmap``), the FHIR transaction Bundle (``--fhir-url``, ``--fhir-out``) and the
+CSV row (``--out``, the columns of ``cxr predict``). Each result is ``(destination, file name, bytes)`` for the
+outbox of that destination (:class:`cxr.hospital.dicom.spool.Spool`)."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cxr.core import imaging
+from cxr.core.durable import AppendOnlyCsv, AppendOnlyLines
+from cxr.core.errors import CxrError
+from cxr.hospital.dicom.config import ListenConfig
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
+
+    from cxr.client.client import Prediction
+    from cxr.client.explain import GradCam
+    from cxr.hospital.dicom.study import StudyResult
+
+#: One result: (destination kind ``dimse``, ``stow`` or ``fhir``; file name in its outbox; content).
+Result = tuple[str, str, bytes]
+#: A screened film of a study: (SOP Instance UID, its answer, its header, its file).
+Film = tuple[str, "Prediction", "Dataset", Path]
+
+
+def encode(ds: Dataset) -> bytes:
+    """A dataset as a DICOM file's bytes."""
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+class ResultBuilder:
+    """Makes every result of an answer, appends its CSV row and NDJSON line; :meth:`close` at the end."""
+
+    def __init__(self, cfg: ListenConfig) -> None:
+        from cxr.client.results import CSV_COLUMNS
+
+        self.csv = AppendOnlyCsv(cfg.out, CSV_COLUMNS) if cfg.out else None  # the columns of cxr predict
+        self.fhir_lines = AppendOnlyLines(cfg.fhir_out) if cfg.fhir_out is not None else None
+        self.fhir_post = bool(cfg.fhir_url)
+        self.gradcam: GradCam | None = None
+        self.positive_label = ""
+
+    def explain(self, model_dir: Path, served_sha256: str | None, positive_label: str) -> None:
+        """Also make the Grad-CAM overlay of the model in ``model_dir`` (it must be the served one) for answers
+        labelled ``positive_label``."""
+        from cxr.client.explain import ExplanationUnavailable, GradCam
+
+        try:
+            self.gradcam = GradCam(model_dir, served_sha256=served_sha256)
+        except ExplanationUnavailable as exc:
+            raise CxrError(f"--heatmap: {exc}") from None
+        self.positive_label = positive_label
+
+    def _heatmap_sc(self, film: Path, source: Dataset, pred: Prediction) -> tuple[str, bytes] | None:
+        """The overlay as a Secondary Capture, for an answer that shows the positive label; else ``None``."""
+        if self.gradcam is None or not pred.ok or pred.label != self.positive_label:
+            return None
+        from cxr.client.explain import film_for_display, overlay
+        from cxr.hospital.dicom.sr import build_heatmap_sc
+
+        shown = film_for_display(film)
+        heat = self.gradcam.heatmap(imaging.preprocess(film), size=(shown.shape[1], shown.shape[0]))
+        sc = build_heatmap_sc(source, pred, overlay(shown, heat), unverified=self.gradcam.passes_check is False)
+        return f"{sc.SOPInstanceUID}.dcm", encode(sc)
+
+    def for_instance(self, f: Path, pred: Prediction, source: Dataset) -> list[Result]:
+        """One instance's results: its SR (and heatmap) for the DICOM outboxes, its FHIR Bundle."""
+        from cxr.hospital.dicom.sr import build_sr
+
+        sr = build_sr(source, pred)
+        encoded = [(f"{sr.SOPInstanceUID}.dcm", encode(sr))]
+        sc = self._heatmap_sc(f, source, pred)
+        if sc is not None:
+            encoded.append(sc)
+        results = [(kind, name, data) for kind in ("dimse", "stow") for name, data in encoded]
+        if self.fhir_post or self.fhir_lines is not None:
+            results += self._fhir_instance(f, pred, f.stem)
+        return results
+
+    def _fhir_instance(self, f: Path, pred: Prediction, uid: str) -> list[Result]:
+        """The instance's FHIR results: a transaction Bundle for the FHIR outbox, and (``--fhir-out``) the same
+        Bundle appended as one line of the NDJSON file (linear: nothing written before is read or rewritten)."""
+        from cxr.hospital import fhir
+
+        b = fhir.bundle([(pred, fhir.StudyRef.of_file(f))])
+        if self.fhir_lines is not None:
+            self.fhir_lines.append(json.dumps(b, separators=(",", ":")))
+        return [("fhir", f"{uid}.json", json.dumps(b).encode())] if self.fhir_post else []
+
+    def for_study(self, films: Sequence[Film], study: StudyResult) -> list[Result]:
+        """A study's results: one SR for the study (and a heatmap per positive frontal film), one FHIR Bundle."""
+        from cxr.hospital import fhir
+        from cxr.hospital.dicom.sr import build_study_sr
+
+        sr = build_study_sr([src for _, _, src, _ in films], [pred for _, pred, _, _ in films], study)
+        encoded = [(f"{sr.SOPInstanceUID}.dcm", encode(sr))]
+        for uid, pred, src, film in films:
+            if uid in study.frontal:
+                sc = self._heatmap_sc(film, src, pred)
+                if sc is not None:
+                    encoded.append(sc)
+        results = [(kind, name, data) for kind in ("dimse", "stow") for name, data in encoded]
+        if self.fhir_post or self.fhir_lines is not None:
+            b = fhir.study_bundle([(pred, fhir.StudyRef.of_file(film)) for _, pred, _, film in films], study)
+            if self.fhir_lines is not None:
+                self.fhir_lines.append(json.dumps(b, separators=(",", ":")))
+            if self.fhir_post:
+                results.append(("fhir", f"{sr.SOPInstanceUID}.json", json.dumps(b).encode()))
+        return results
+
+    def row(self, f: Path, pred: Prediction) -> None:
+        """The instance's CSV row (``--out``), its path ``dicom:<SOP Instance UID>``."""
+        if self.csv is None:
+            return
+        from cxr.client.batch import file_sha256
+        from cxr.client.results import to_row
+
+        uid = f.stem
+        row = to_row(pred, file_sha256(f))
+        row["path"] = f"dicom:{uid}"
+        row["sop_instance_uid"] = uid
+        self.csv.append([row])
+
+    def close(self) -> None:
+        if self.csv is not None:
+            self.csv.close()
+        if self.fhir_lines is not None:
+            self.fhir_lines.close()
