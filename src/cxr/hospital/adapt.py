@@ -34,6 +34,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -41,6 +42,10 @@ from cxr.core import contract
 from cxr.core.errors import CxrError, DataError
 from cxr.core.model_dir import ModelDir
 from cxr.train import data as data_mod
+
+if TYPE_CHECKING:
+    from cxr.export.head import HeadWeights
+    from cxr.export.ood_head import OodFit
 
 logger = logging.getLogger(__name__)
 
@@ -221,38 +226,12 @@ def _part_counts(films: list[data_mod.Sample]) -> dict[str, int]:
             "positives": sum(s.label == 1 for s in films), "negatives": sum(s.label == 0 for s in films)}
 
 
-def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
-    """Run the adaptation; return (exit code, summary). Exit 0: published; 3: the audit failed, nothing published.
-
-    Raises:
-        InsufficientSample: A part too small to show its targets (exit 2, with the films per class needed).
-    """
-    import onnx
-
-    from cxr.client.client import prepare
-    from cxr.core.claims import CLAIMS_FILE, Claims
-    from cxr.core.eligibility import Eligibility
-    from cxr.core.ort_session import make_session
-    from cxr.export import adapt_kit, head, ood_head, repository
-    from cxr.export.onnx_export import write_python_model
+def _parts(cfg: AdaptConfig, site, targets) -> dict[str, list[data_mod.Sample]]:
+    """The sample's three parts by patient (films the model's provenance lists set aside), refused with the films
+    per class needed when a part cannot do its job (the audit part show the targets; the calibrate part set a
+    threshold at the sensitivity target; the adapt part hold both classes)."""
     from cxr.hospital import site_audit as audit_mod
-    from cxr.train import claims as claims_mod
-    from cxr.train.evaluate import choose_threshold, operating_point
 
-    t0 = time.time()
-    src_dir = Path(cfg.model_dir)
-    card = repository.read_card(src_dir)
-    model_path = repository.verified_onnx(src_dir, card)
-    kit = adapt_kit.load(src_dir)
-    dest = Path(cfg.out_repository) / cfg.name
-    if dest.resolve() == src_dir.resolve():
-        raise CxrError("the adapted model needs its own folder (--name or --out-repository)")
-    targets = cfg.targets if cfg.targets is not None else audit_mod.Targets.from_card(card)
-    assert isinstance(targets, audit_mod.Targets)
-    provenance = ModelDir(src_dir).provenance()
-    site = audit_mod.site_sample(Path(cfg.sample), provenance)
-    if not site.patients_known:
-        logger.warning("%s: %s", cfg.sample, audit_mod.NO_PATIENTS_WARNING)
     held = {s.patient for s in site.set_aside}
     parts = split_sample(list(site.films), held, calibrate_fraction=cfg.calibrate_fraction,
                          audit_fraction=cfg.audit_fraction, seed=cfg.seed, parts=cfg.parts)
@@ -279,53 +258,88 @@ def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
             f"{need.positives / cfg.calibrate_fraction:.0f})")
     if not {0, 1} <= {s.label for s in a_part}:
         raise audit_mod.InsufficientSample("the adapt part needs films of both classes; give a larger sample")
+    return parts
 
-    # 1. decode under the model's own rules; features of the shipped graph
-    rules = Eligibility.load(repository.ensure_eligibility(src_dir))
-    samples = [*a_part, *c_part, *u_part]
+
+@dataclass(frozen=True)
+class _Decoded:
+    """The sample's films decoded under the model's own rules, and their features under the shipped graph.
+
+    ``x`` and ``feats`` have one row per film the pixel and DICOM rules accept (``row`` maps its path to the row);
+    ``prepared`` holds every film's decoding (refusals included), indexed by ``index``."""
+
+    samples: list[data_mod.Sample]
+    prepared: list
+    x: np.ndarray
+    feats: np.ndarray
+    gap: np.ndarray
+    row: dict[Path, int]
+    index: dict[Path, int]
+
+    def rows_of(self, part: list[data_mod.Sample]) -> list[int]:
+        return [self.row[s.path] for s in part if s.path in self.row]
+
+    def labels(self, part: list[data_mod.Sample]) -> np.ndarray:
+        return np.array([s.label for s in part if s.path in self.row])
+
+
+def _decode(samples: list[data_mod.Sample], rules, base, kit, *, progress: bool) -> _Decoded:
     from tqdm import tqdm
+
+    from cxr.client.client import prepare
+    from cxr.export import ood_head
 
     prepared = [prepare(s.path, rules) for s in tqdm(samples, desc="decode", unit="film", disable=not progress)]
     ok_idx = [i for i, pr in enumerate(prepared) if pr.array is not None]
     arrays = [a for a in (prepared[i].array for i in ok_idx) if a is not None]
     x = np.stack(arrays) if arrays else np.zeros((0, *contract.IMAGE_SHAPE), np.uint8)
-    base = ood_head.strip(onnx.load(str(model_path)))
     feats = ood_head.FeatureExtractor(base, kit.taps, log=progress)(x) if len(x) else np.zeros((0, len(kit.ood_mean)))
-    n_gap = kit.replay_gap.shape[1]
-    gap = np.expm1(feats[:, :n_gap])  # the first tap is the GAP, log1p-transformed
-    row = {samples[i].path: k for k, i in enumerate(ok_idx)}
-    index = {s.path: i for i, s in enumerate(samples)}
+    gap = np.expm1(feats[:, :kit.replay_gap.shape[1]])  # the first tap is the GAP, log1p-transformed
+    return _Decoded(samples, prepared, x, feats, gap, {samples[i].path: k for k, i in enumerate(ok_idx)},
+                    {s.path: i for i, s in enumerate(samples)})
 
-    def rows_of(part: list[data_mod.Sample]) -> list[int]:
-        return [row[s.path] for s in part if s.path in row]  # films the pixel and DICOM rules accept
 
-    a_rows, c_rows = rows_of(a_part), rows_of(c_part)
-    y_a = np.array([samples[ok_idx[k]].label for k in a_rows])
+@dataclass(frozen=True)
+class _Weights:
+    """What adapted: the new graph (head or block + head), the fitted head, and every candidate tried."""
 
-    # 2. fit on the adapt part: the head (with distillation on the kit's replay set), and the last convolutions
-    # with the head; what adapts and how far is chosen by ROC AUC on the calibrate part (never the audit part)
+    model: Any  # onnx.ModelProto
+    head: HeadWeights
+    losses: list[float]
+    tried: list[dict]
+    chosen: dict
+    block_chosen: bool
+
+
+def _fit_weights(cfg: AdaptConfig, base, kit, dec: _Decoded, a_part: list[data_mod.Sample],
+                 c_part: list[data_mod.Sample], *, progress: bool) -> _Weights:
+    """Fit on the adapt part: the head (with distillation on the kit's replay set), and the last convolutions with
+    the head; what adapts and how far is chosen by ROC AUC on the calibrate part (never the audit part)."""
+    from cxr.core.ort_session import make_session
+    from cxr.export import head
     from cxr.train import metrics
 
+    a_rows, c_rows = dec.rows_of(a_part), dec.rows_of(c_part)
+    y_a, y_cr = dec.labels(a_part), dec.labels(c_part)
     w0 = head.read(base, kit.taps[0])
-    new_head, losses = finetune_head(w0, gap[a_rows], y_a, kit.replay_gap, kit.replay_teacher, steps=cfg.steps,
+    new_head, losses = finetune_head(w0, dec.gap[a_rows], y_a, kit.replay_gap, kit.replay_teacher, steps=cfg.steps,
                                      learning_rate=cfg.learning_rate, replay_weight=cfg.replay_weight, l2=cfg.l2)
     model = head.write(base, kit.taps[0], new_head)
-    y_cr = np.array([samples[ok_idx[k]].label for k in c_rows])
-    tried = [{"what": "head", "calibrate_auc": metrics.roc_auc(y_cr, new_head.probability(gap[c_rows]))}]
+    tried = [{"what": "head", "calibrate_auc": metrics.roc_auc(y_cr, new_head.probability(dec.gap[c_rows]))}]
     chosen = tried[0]
     block_chosen = False
     if cfg.features == "auto":
         from cxr.export import adapt_features
 
         base_sess = make_session(base.SerializeToString())
-        teacher = base_sess.run([contract.OUTPUT_NAME], {contract.INPUT_NAME: x[a_rows]})[0][:, 0].astype(np.float64)
+        teacher = base_sess.run([contract.OUTPUT_NAME], {contract.INPUT_NAME: dec.x[a_rows]})[0][:, 0].astype(np.float64)
         for n_convs, lr in cfg.block_candidates:
             blk = adapt_features.find_block(base, kit.taps[0], n_convs)
             what = f"last {n_convs} convolutions and head"
             if blk is None:
                 tried.append({"what": what, "skipped": "the graph does not end in that many Conv-ReLU pairs"})
                 continue
-            acts = adapt_features.block_inputs(base, blk, x)
+            acts = adapt_features.block_inputs(base, blk, dec.x)
             replay = kit.replay_block_input == blk.input and len(kit.replay_block) > 0
             if replay:  # distil the shipped model's answers on its own training films' activations (the kit's)
                 t_acts = kit.replay_block.astype(np.float32)
@@ -344,10 +358,27 @@ def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
                 chosen, block_chosen = entry, True
                 model = adapt_features.write_block(base, blk, fit_b)
     logger.info("adapts: %s (calibrate AUC %.3f)", chosen["what"], chosen["calibrate_auc"])
+    return _Weights(model, new_head, losses, tried, chosen, block_chosen)
 
-    # 3. OOD reference: shipped moments plus the adapt and calibrate parts as one more source (never the audit's)
+
+@dataclass(frozen=True)
+class _SiteOod:
+    """The OOD reference refitted with the site: shipped moments plus the adapt and calibrate parts as one more
+    source (never the audit part's), its threshold and the scores of every reference set."""
+
+    fit: OodFit
+    sets: dict[str, np.ndarray]
+    threshold: float
+    site_features: np.ndarray
+
+
+def _refit_ood(cfg: AdaptConfig, kit, dec: _Decoded, a_part: list[data_mod.Sample],
+               c_part: list[data_mod.Sample]) -> _SiteOod:
+    from cxr.export import ood_head
+
     lam = cfg.site_mass
-    site_f = feats[a_rows + c_rows]
+    a_rows, c_rows = dec.rows_of(a_part), dec.rows_of(c_part)
+    site_f = dec.feats[a_rows + c_rows]
     s_mean, s_cov = ood_head.moments(site_f)
     mean = (1 - lam) * kit.ood_mean + lam * s_mean
     cov = (1 - lam) * (kit.ood_cov + np.outer(kit.ood_mean - mean, kit.ood_mean - mean)) + lam * (
@@ -356,36 +387,40 @@ def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
     fit = ood_head.shrink(mean, cov, np.concatenate([kit.real_features[held_out], site_f]), kit.taps,
                           n_train=kit.ood_n_train + len(site_f))
     sets = {name: fit.score(kit.real_features[kit.real_set == name]) for name in dict.fromkeys(kit.real_set)}
-    sets["site_adapt"] = fit.score(feats[a_rows])
-    sets["site_calibrate"] = fit.score(feats[c_rows])
-    ood_threshold = ood_head.choose_threshold(sets)
-    model = ood_head.attach(model, fit)
+    sets["site_adapt"] = fit.score(dec.feats[a_rows])
+    sets["site_calibrate"] = fit.score(dec.feats[c_rows])
+    return _SiteOod(fit, sets, ood_head.choose_threshold(sets), site_f)
 
-    # scores of the new graph on every decoded film
-    sess = make_session(model.SerializeToString())
-    out = sess.run([contract.OUTPUT_NAME, contract.OOD_OUTPUT_NAME], {contract.INPUT_NAME: x}) if len(x) else [np.zeros((0, 1))] * 2
-    prob, ood = out[0][:, 0].astype(np.float64), out[1][:, 0].astype(np.float64)
 
-    def screened(part: list[data_mod.Sample]) -> list[audit_mod.Screened]:
-        res = []
-        for s in part:
-            pre = prepared[index[s.path]]
-            if s.path not in row:
-                assert pre.status is not None  # a film without a row was refused or unreadable before the model
-                res.append(audit_mod.Screened(str(s.path), s.label, pre.status, None, None,
-                                              pre.refusal.rule if pre.refusal is not None else None, s.patient))
-                continue
-            k = row[s.path]
-            if contract.is_out_of_distribution(ood[k], ood_threshold):
-                res.append(audit_mod.Screened(str(s.path), s.label, contract.Status.NOT_ASSESSABLE, None, float(ood[k]),
-                                              "out_of_distribution", s.patient))
-            else:
-                res.append(audit_mod.Screened(str(s.path), s.label, contract.Status.OK, float(prob[k]), float(ood[k]),
-                                              None, s.patient))
-        return res
+def _screened(dec: _Decoded, prob: np.ndarray, ood: np.ndarray, ood_threshold: float,
+              part: list[data_mod.Sample]) -> list:
+    """The part's films as the adapted model answers them (refusals by the rules or the OOD score included)."""
+    from cxr.hospital import site_audit as audit_mod
 
-    # 4. recalibration on the calibrate part's assessable films, at the card's sensitivity target
-    cal_films = [f for f in screened(c_part) if f.probability is not None]
+    res = []
+    for s in part:
+        pre = dec.prepared[dec.index[s.path]]
+        if s.path not in dec.row:
+            assert pre.status is not None  # a film without a row was refused or unreadable before the model
+            res.append(audit_mod.Screened(str(s.path), s.label, pre.status, None, None,
+                                          pre.refusal.rule if pre.refusal is not None else None, s.patient))
+            continue
+        k = dec.row[s.path]
+        if contract.is_out_of_distribution(ood[k], ood_threshold):
+            res.append(audit_mod.Screened(str(s.path), s.label, contract.Status.NOT_ASSESSABLE, None, float(ood[k]),
+                                          "out_of_distribution", s.patient))
+        else:
+            res.append(audit_mod.Screened(str(s.path), s.label, contract.Status.OK, float(prob[k]), float(ood[k]),
+                                          None, s.patient))
+    return res
+
+
+def _site_threshold(cfg: AdaptConfig, targets, cal_films: list) -> tuple[float, dict, int]:
+    """The threshold on the calibrate part's assessable films, at the card's sensitivity target as a lower bound:
+    (threshold, its operating point, the positives it stood on)."""
+    from cxr.hospital import site_audit as audit_mod
+    from cxr.train.evaluate import choose_threshold, operating_point
+
     y_c = np.array([f.label for f in cal_films])
     p_c = np.array([f.probability for f in cal_films])
     if len(set(y_c.tolist())) < 2 or not supported_target(int(y_c.sum()), targets.sensitivity, cfg.calibration_confidence):
@@ -395,31 +430,95 @@ def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
             f"{cfg.calibration_confidence:.0%} confidence; give a larger sample")
     threshold = choose_threshold(y_c, p_c, rule="sensitivity_lcb", target=targets.sensitivity,
                                  confidence=cfg.calibration_confidence)
-    point = operating_point(y_c, p_c, threshold, confidence=cfg.calibration_confidence)
-    model_bytes = model.SerializeToString()
-    model_sha = hashlib.sha256(model_bytes).hexdigest()
+    return threshold, operating_point(y_c, p_c, threshold, confidence=cfg.calibration_confidence), int(y_c.sum())
 
-    # 5. audit (chooses nothing) and, only on a pass, publish
-    films = screened(u_part)
-    reference = {"ood_score": [float(v) for v in np.concatenate(list(sets.values()))], "ood_threshold": ood_threshold}
-    result = audit_mod.audit(films, threshold=threshold, targets=targets, reference=reference,
-                             confidence=cfg.confidence)
-    source = (site.films or site.set_aside)[0].source
+
+def _audit_claims(cfg: AdaptConfig, films: list, source: str, threshold: float, model_sha: str):
+    """``claims.json`` of the adapted model: one claim measured on the audit part (out of sample)."""
+    from cxr.core.claims import Claims
+    from cxr.train import claims as claims_mod
+
     claim = claims_mod.measure(
         source=source, population=cfg.population, operating_point=contract.SINGLE_OPERATING_POINT,
         threshold=threshold, y=np.array([f.label for f in films]),
         p=np.array([f.probability if f.probability is not None else np.nan for f in films]),
         patients=[f.patient or f.path for f in films], in_sample=False)
-    claims = Claims(claims=(claim,), model_sha256=model_sha,
-                    method=f"patient bootstrap, {claims_mod.N_BOOT} resamples within class strata; refused films "
-                           "are referrals and flagged",
-                    confidence=claims_mod.CONFIDENCE, generated_by=f"cxr adapt {cfg.sample} --name {cfg.name}",
-                    notes={source: f"the audit part of {cfg.sample} ({len(films)} films of "
-                                   f"{len({f.patient for f in films})} patients); it chose nothing"})
-    seconds = time.time() - t0
+    return claim, Claims(claims=(claim,), model_sha256=model_sha,
+                         method=f"patient bootstrap, {claims_mod.N_BOOT} resamples within class strata; refused films "
+                                "are referrals and flagged",
+                         confidence=claims_mod.CONFIDENCE, generated_by=f"cxr adapt {cfg.sample} --name {cfg.name}",
+                         notes={source: f"the audit part of {cfg.sample} ({len(films)} films of "
+                                        f"{len({f.patient for f in films})} patients); it chose nothing"})
+
+
+def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
+    """Run the adaptation; return (exit code, summary). Exit 0: published; 3: the audit failed, nothing published.
+
+    Steps: the three parts (:func:`_parts`); decoding and features (:func:`_decode`); weights fitted on the adapt
+    part, chosen on the calibrate part (:func:`_fit_weights`); the OOD reference refitted (:func:`_refit_ood`); the
+    threshold on the calibrate part (:func:`_site_threshold`); the audit part judged (it chooses nothing) and, on a
+    pass only, the model published (:func:`_publish`).
+
+    Raises:
+        InsufficientSample: A part too small to show its targets (exit 2, with the films per class needed).
+    """
+    import onnx
+
+    from cxr.core.claims import CLAIMS_FILE
+    from cxr.core.eligibility import Eligibility
+    from cxr.core.ort_session import make_session
+    from cxr.export import adapt_kit, ood_head, repository
+    from cxr.hospital import site_audit as audit_mod
+
+    t0 = time.time()
+    src_dir = Path(cfg.model_dir)
+    card = repository.read_card(src_dir)
+    model_path = repository.verified_onnx(src_dir, card)
+    kit = adapt_kit.load(src_dir)
+    dest = Path(cfg.out_repository) / cfg.name
+    if dest.resolve() == src_dir.resolve():
+        raise CxrError("the adapted model needs its own folder (--name or --out-repository)")
+    targets = cfg.targets if cfg.targets is not None else audit_mod.Targets.from_card(card)
+    assert isinstance(targets, audit_mod.Targets)
+    provenance = ModelDir(src_dir).provenance()
+    site = audit_mod.site_sample(Path(cfg.sample), provenance)
+    if not site.patients_known:
+        logger.warning("%s: %s", cfg.sample, audit_mod.NO_PATIENTS_WARNING)
+    parts = _parts(cfg, site, targets)
+    a_part, c_part, u_part = parts["adapt"], parts["calibrate"], parts["audit"]
+
+    # 1. decode under the model's own rules; features of the shipped graph
+    rules = Eligibility.load(repository.ensure_eligibility(src_dir))
+    base = ood_head.strip(onnx.load(str(model_path)))
+    dec = _decode([*a_part, *c_part, *u_part], rules, base, kit, progress=progress)
+    a_rows, c_rows = dec.rows_of(a_part), dec.rows_of(c_part)
+    # 2. weights: fitted on the adapt part, chosen on the calibrate part
+    weights = _fit_weights(cfg, base, kit, dec, a_part, c_part, progress=progress)
+    # 3. the OOD reference with the site's adapt and calibrate parts, attached to the new graph
+    site_ood = _refit_ood(cfg, kit, dec, a_part, c_part)
+    model = ood_head.attach(weights.model, site_ood.fit)
+    sess = make_session(model.SerializeToString())
+    out = (sess.run([contract.OUTPUT_NAME, contract.OOD_OUTPUT_NAME], {contract.INPUT_NAME: dec.x}) if len(dec.x)
+           else [np.zeros((0, 1))] * 2)
+    prob, ood = out[0][:, 0].astype(np.float64), out[1][:, 0].astype(np.float64)
+    # 4. the threshold on the calibrate part's assessable films, at the card's sensitivity target
+    cal_films = [f for f in _screened(dec, prob, ood, site_ood.threshold, c_part) if f.probability is not None]
+    threshold, point, cal_positives = _site_threshold(cfg, targets, cal_films)
+    model_bytes = model.SerializeToString()
+    model_sha = hashlib.sha256(model_bytes).hexdigest()
+
+    # 5. audit (chooses nothing) and, only on a pass, publish
+    films = _screened(dec, prob, ood, site_ood.threshold, u_part)
+    sets = site_ood.sets
+    reference = {"ood_score": [float(v) for v in np.concatenate(list(sets.values()))],
+                 "ood_threshold": site_ood.threshold}
+    result = audit_mod.audit(films, threshold=threshold, targets=targets, reference=reference,
+                             confidence=cfg.confidence)
+    source = (site.films or site.set_aside)[0].source
+    claim, claims = _audit_claims(cfg, films, source, threshold, model_sha)
     split = {part: _part_counts(parts[part]) for part in PARTS}
     summary: dict = {
-        "sample": str(cfg.sample), "from_model": card.model, "from_sha256": card.sha256, "seconds": seconds,
+        "sample": str(cfg.sample), "from_model": card.model, "from_sha256": card.sha256, "seconds": time.time() - t0,
         "model_sha256": model_sha,
         # adapt/calibrate/audit: film counts (the model card's text reads them); parts: every part's counts
         "split": {"adapt": len(a_part), "calibrate": len(c_part), "audit": len(u_part),
@@ -429,17 +528,18 @@ def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
                   "adapt_used": len(a_rows), "calibrate_used": len(c_rows),
                   "by_patient": {s.patient: part for part in PARTS for s in parts[part]}},
         "targets": asdict(targets), "confidence": cfg.confidence,
-        "head": {"steps": cfg.steps, "loss_first": losses[0], "loss_last": losses[-1], "replay_films": len(kit.replay_gap),
-                 "replay_weight": cfg.replay_weight, "l2": cfg.l2},
-        "features": {"mode": cfg.features, "chosen": chosen["what"], "calibrate_auc": chosen["calibrate_auc"],
-                     "tried": tried, "chosen_on": "calibrate part"},
-        "ood": {"threshold": ood_threshold, "site_mass": lam, "shrinkage": fit.shrinkage,
-                "flagged": {k: float(np.mean(v > ood_threshold)) for k, v in sets.items()}},
+        "head": {"steps": cfg.steps, "loss_first": weights.losses[0], "loss_last": weights.losses[-1],
+                 "replay_films": len(kit.replay_gap), "replay_weight": cfg.replay_weight, "l2": cfg.l2},
+        "features": {"mode": cfg.features, "chosen": weights.chosen["what"],
+                     "calibrate_auc": weights.chosen["calibrate_auc"], "tried": weights.tried,
+                     "chosen_on": "calibrate part"},
+        "ood": {"threshold": site_ood.threshold, "site_mass": cfg.site_mass, "shrinkage": site_ood.fit.shrinkage,
+                "flagged": {k: float(np.mean(v > site_ood.threshold)) for k, v in sets.items()}},
         "calibration": {"rule": "sensitivity_lcb", "target": targets.sensitivity,
                         "confidence": cfg.calibration_confidence, "threshold": threshold,
                         "fitted_on": "calibrate part", "metrics": point,
                         "why_target": f"the card's sensitivity target {targets.sensitivity} as a "
-                        f"{cfg.calibration_confidence:.0%} lower bound on the calibrate part's {int(y_c.sum())} "
+                        f"{cfg.calibration_confidence:.0%} lower bound on the calibrate part's {cal_positives} "
                         "assessable positives (the audit part chose nothing)"},
         "audit": {k: result[k] for k in ("go", "checks", "flagged", "sensitivity", "specificity", "roc_auc", "confidence")},
         "claim": claim.as_dict(),
@@ -453,9 +553,23 @@ def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
         (report_dir / "unpublished.onnx").write_bytes(model_bytes)  # for inspection; never served from here
         logger.warning("audit failed; nothing published (report in %s)", report_dir)
         return audit_mod.NO_GO, summary
+    _publish(cfg, src_dir, dest, card, model_bytes, summary, targets, site_ood, weights, threshold, point,
+             len(cal_films), provenance, parts, dec, prob, ood, claims, kit)
+    logger.info("published %s in %.0f s", dest, time.time() - t0)
+    return audit_mod.GO, summary
 
-    # staged under a hidden folder with the final name (Triton checks the config's name against the folder's),
-    # then moved into place in one rename
+
+def _publish(cfg: AdaptConfig, src_dir: Path, dest: Path, card, model_bytes: bytes, summary: dict,
+             targets, site_ood: _SiteOod, weights: _Weights, threshold: float, point: dict, n_calibration: int,
+             provenance: list[dict], parts: dict[str, list[data_mod.Sample]], dec: _Decoded, prob: np.ndarray,
+             ood: np.ndarray, claims, kit) -> None:
+    """Write the adapted model folder: staged under a hidden folder with the final name (Triton checks the
+    config's name against the folder's), then moved into place in one rename."""
+    from cxr.core.claims import CLAIMS_FILE
+    from cxr.export import adapt_kit, repository
+    from cxr.export.onnx_export import write_python_model
+
+    fit = site_ood.fit
     staging = dest.parent / f".{dest.name}.staging" / dest.name
     shutil.rmtree(staging.parent, ignore_errors=True)
     (staging / "1").mkdir(parents=True)
@@ -464,16 +578,16 @@ def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
     shutil.copy(repository.ensure_eligibility(src_dir), staging / "eligibility.json")
 
     new_card = card.replace(
-        model=cfg.name, version=1, file="1/model.onnx", sha256=model_sha, bytes=len(model_bytes), precision="fp32",
-        serving={"targets": list(repository.TARGETS["fp32"])},
+        model=cfg.name, version=1, file="1/model.onnx", sha256=summary["model_sha256"], bytes=len(model_bytes),
+        precision="fp32", serving={"targets": list(repository.TARGETS["fp32"])},
         operating_points=None, default_operating_point=None,  # one threshold, the site's (named points: the base's)
-        ood={**card.ood, "threshold": ood_threshold, "shrinkage": fit.shrinkage,
+        ood={**card.ood, "threshold": site_ood.threshold, "shrinkage": fit.shrinkage,
              "n_train": fit.n_train, "flagged": summary["ood"]["flagged"],
-             "n": {k: len(v) for k, v in sets.items()}, "parity_max_rel_diff": card.ood.get("parity_max_rel_diff"),
-             "weighting": f"shipped moments plus the site's adapt and calibrate parts at mass {lam:.3f}"},
+             "n": {k: len(v) for k, v in site_ood.sets.items()}, "parity_max_rel_diff": card.ood.get("parity_max_rel_diff"),
+             "weighting": f"shipped moments plus the site's adapt and calibrate parts at mass {cfg.site_mass:.3f}"},
         calibration={**card.calibration, "threshold": threshold, "rule": "sensitivity_lcb",
                      "target": targets.sensitivity, "confidence": cfg.calibration_confidence,
-                     "fitted_on": f"{cfg.sample} (calibrate part)", "n_images": len(cal_films),
+                     "fitted_on": f"{cfg.sample} (calibrate part)", "n_images": n_calibration,
                      "metrics": point, "previous_threshold": card.threshold},
         targets=asdict(targets),
         site={"sample": str(cfg.sample), "split": summary["split"], "targets": asdict(targets),
@@ -483,17 +597,19 @@ def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
         evaluations_of=f"see {CLAIMS_FILE} and adaptation.audit (the site's audit part)")
     new_card = repository.save_card(staging, new_card)
     ModelDir(staging).write_provenance(provenance)
-    ModelDir(staging).write_provenance(data_mod.provenance_rows("adapt", a_part)
-                                       + data_mod.provenance_rows("calibration", c_part)
-                                       + data_mod.provenance_rows("audit", u_part))
-    if block_chosen:  # the kit's features are the base block's: the reference is the site's own films
-        site_rows = a_rows + c_rows
-        repository.save_reference(staging, prob[site_rows], ood[site_rows], ood_threshold,
+    ModelDir(staging).write_provenance(data_mod.provenance_rows("adapt", parts["adapt"])
+                                       + data_mod.provenance_rows("calibration", parts["calibrate"])
+                                       + data_mod.provenance_rows("audit", parts["audit"]))
+    site_rows = dec.rows_of(parts["adapt"]) + dec.rows_of(parts["calibrate"])
+    if weights.block_chosen:  # the kit's features are the base block's: the reference is the site's own films
+        repository.save_reference(staging, prob[site_rows], ood[site_rows], site_ood.threshold,
                                   what="the site's adapt and calibrate parts, answered by the adapted model")
     else:
-        ref_x = np.concatenate([kit.real_features, site_f])
-        repository.save_reference(staging, new_head.probability(np.expm1(ref_x[:, :n_gap])), fit.score(ref_x),
-                                  ood_threshold, what="the shipped reference sets (from the kit's features) and the "
+        ref_x = np.concatenate([kit.real_features, site_ood.site_features])
+        n_gap = kit.replay_gap.shape[1]
+        repository.save_reference(staging, weights.head.probability(np.expm1(ref_x[:, :n_gap])),
+                                  fit.score(ref_x), site_ood.threshold,
+                                  what="the shipped reference sets (from the kit's features) and the "
                                   "site's adapt and calibrate parts")
     claims.save(staging / CLAIMS_FILE)
     shutil.copy(src_dir / adapt_kit.FILE_NAME, staging / adapt_kit.FILE_NAME)
@@ -502,5 +618,3 @@ def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
         shutil.rmtree(dest)
     staging.rename(dest)
     staging.parent.rmdir()
-    logger.info("published %s in %.0f s", dest, time.time() - t0)
-    return audit_mod.GO, summary
