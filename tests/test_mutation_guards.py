@@ -1,0 +1,380 @@
+"""Behaviour of the safety modules that the other tests left open, found by the mutation check
+(``scripts/mutation.py``, docs/tests/mutation.md): each test pins a decision, a bound or a message that a mutant
+changed without any other test noticing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cxr.client import results
+from cxr.client.client import Prediction
+from cxr.core import contract
+from cxr.core.audit_trail import GENESIS, AuditChainError, AuditLog, Verification, read, record_hash, verify
+from cxr.core.durable import AppendOnlyCsv, AppendOnlyLines, write_durably
+from cxr.core.eligibility import Condition, Eligibility, default_text
+from cxr.core.errors import CalibrationError, CxrError, DataError, NotAssessableError
+from cxr.train.evaluate import choose_threshold, operating_point, sensitivity_lower_bound
+
+# --- the CSV codec and its presenters (cxr.client.results) ------------------------------------------------------
+
+
+def _ok(source: str = "a", **kw) -> Prediction:  # type: ignore[no-untyped-def]
+    return Prediction(source, "ok", "Pneumonia", 0.9995, 0.25, "pneumonia", "3", **kw)
+
+
+def _refused(value: float | str | None = 2.5, detail: str = "std low") -> Prediction:
+    return Prediction("b.dcm", "not_assessable", None, None, 0.25, "pneumonia", "3", reason="blank",
+                      refusal=contract.Refusal("blank_image", value, 8.0 if value is not None else None, detail))
+
+
+def _error() -> Prediction:
+    return Prediction("c", "error", None, None, 0.25, "pneumonia", "3", reason="server down", retryable=True)
+
+
+def test_an_ok_row_leaves_the_refusal_and_error_columns_empty() -> None:
+    row = results.to_row(_ok(), "f" * 64)
+    assert {k: row[k] for k in ("rule", "rule_value", "rule_limit", "rule_detail", "error", "retryable")} == {
+        "rule": "", "rule_value": "", "rule_limit": "", "rule_detail": "", "error": "", "retryable": "0"}
+
+
+def test_an_error_row_carries_its_failure_and_retryability() -> None:
+    row = results.to_row(_error(), "")
+    assert (row["error"], row["reason"], row["retryable"], row["status"]) == ("server down", "server down", "1", "error")
+
+
+def test_a_refusal_that_measured_nothing_writes_empty_cells_and_reads_back_none() -> None:
+    pred = _refused(value=None, detail="Modality is missing")
+    row = results.to_row(pred, "")
+    assert (row["rule_value"], row["rule_limit"]) == ("", "")
+    back, _ = results.from_row(row)
+    assert back.refusal == contract.Refusal("blank_image", None, None, "Modality is missing")
+
+
+def test_a_minimal_row_reads_back_with_empty_defaults() -> None:
+    """Rows of older releases lack the newer columns: each reads back as empty (never None, never a guess)."""
+    ok, sha = results.from_row({"path": "a", "status": "ok", "label": "Normal", "probability": "0.1",
+                                "threshold": "0.5"})
+    assert (ok.model_name, ok.model_version, ok.model_sha256, ok.operating_point, sha) == ("", "", "", "", "")
+    refused, _ = results.from_row({"path": "b", "status": "not_assessable", "threshold": "0.5", "reason": "blank",
+                                   "rule": "blank_image"})
+    assert refused.refusal == contract.Refusal("blank_image", None, None, "")
+
+
+def test_the_operating_point_reads_back() -> None:
+    back, sha = results.from_row(results.to_row(_ok(operating_point="high"), "e" * 64))
+    assert (back.operating_point, sha) == ("high", "e" * 64)
+
+
+def test_rows_the_codec_did_not_write_are_refused_in_one_line_naming_the_file() -> None:
+    with pytest.raises(DataError, match=r"^b: a not_assessable row without its rule \(written by a release before "
+                                        r"the refusal had its own columns\)$"):
+        results.from_row({"path": "b", "status": "not_assessable", "threshold": "0.5", "reason": "blank"})
+    with pytest.raises(DataError, match=r"^x: not a predictions row \(ValueError: 'bogus' is not a valid Status\)$"):
+        results.from_row({"path": "x", "status": "bogus", "threshold": "0.5"})
+
+
+def test_as_json_is_the_prediction_with_absent_values_as_null() -> None:
+    assert results.as_json(_refused(), "") == {
+        "path": "b.dcm", "status": "not_assessable", "label": None, "probability": None, "threshold": 0.25,
+        "operating_point": None, "reason": "blank",
+        "refusal": {"rule": "blank_image", "value": 2.5, "limit": 8.0, "detail": "std low"},
+        "ood_score": None, "model_name": "pneumonia", "model_version": "3", "model_sha256": None,
+        "sop_instance_uid": None, "sha256": None, "error": None}
+    pred = _ok(operating_point="high", model_sha256="m" * 64, sop_instance_uid="1.2.3", ood_score=0.5)
+    assert results.as_json(pred, "s" * 64) == {
+        "path": "a", "status": "ok", "label": "Pneumonia", "probability": 0.9995, "threshold": 0.25,
+        "operating_point": "high", "reason": None, "refusal": None, "ood_score": 0.5, "model_name": "pneumonia",
+        "model_version": "3", "model_sha256": "m" * 64, "sop_instance_uid": "1.2.3", "sha256": "s" * 64,
+        "error": None}
+
+
+def test_refusal_text_shows_the_measure_and_limit_else_the_detail_else_the_meaning() -> None:
+    assert results.refusal_text(contract.Refusal("aspect_ratio", 3.14159, 3.0, "x")) == \
+        "extreme aspect ratio: 3.142 (limit 3)"
+    assert results.refusal_text(contract.Refusal("dicom_modality", None, None, "Modality is missing")) == \
+        "DICOM Modality is not a radiograph (CR, DX): Modality is missing"
+    assert results.refusal_text(contract.Refusal("dicom_modality")) == "DICOM Modality is not a radiograph (CR, DX)"
+
+
+def test_the_terminal_table() -> None:
+    low = Prediction("d", "ok", "Normal", 0.0004, 0.25, "pneumonia", "3")
+    assert results.table([_ok(operating_point="high"), _refused(), _error(), low]) == (
+        "path   status          label      P(pneumonia)     thr  point       detail\n"
+        "a      ok              Pneumonia       > 0.999  0.2500  high        pneumonia v3\n"
+        "b.dcm  NOT_ASSESSABLE  -                     -  0.2500  -           "
+        "blank_image: blank or near-constant image: 2.5 (limit 8)\n"
+        "c      ERROR           -                     -  0.2500  -           server down\n"
+        "d      ok              Normal          < 0.001  0.2500  -           pneumonia v3\n")
+    # the path column is at least as wide as its heading
+    assert results.table([_ok()]).splitlines()[1].startswith("a     ok ")
+
+
+# --- the threshold choice (cxr.train.evaluate) ------------------------------------------------------------------
+
+
+def test_the_sensitivity_bound_refuses_what_it_cannot_bound() -> None:
+    for confidence in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match=rf"^confidence must be in \(0, 1\), got {confidence}$"):
+            sensitivity_lower_bound(1, 2, confidence)
+    for tp, n_pos in ((0, 0), (-1, 5), (6, 5)):
+        with pytest.raises(ValueError, match=rf"^need 0 <= tp <= n_pos and n_pos >= 1, got tp={tp}, n_pos={n_pos}$"):
+            sensitivity_lower_bound(tp, n_pos, 0.9)
+    # one positive, found: the one-sided 90% bound is exactly 0.1 (0.1 ** (1 / n) for n of n)
+    assert sensitivity_lower_bound(1, 1, 0.9) == pytest.approx(0.1)
+    assert sensitivity_lower_bound(0, 1, 0.9) == 0.0
+
+
+def test_the_threshold_rule_refuses_targets_and_confidences_out_of_range() -> None:
+    y, p = np.array([0, 1, 1]), np.array([0.1, 0.5, 0.9])
+    for target in (0.0, 1.5):
+        with pytest.raises(CalibrationError, match=rf"^target must be in \(0, 1\], got {target}$"):
+            choose_threshold(y, p, rule="sensitivity", target=target)
+    for confidence in (0.0, 1.0):
+        with pytest.raises(CalibrationError, match=rf"^confidence must be in \(0, 1\), got {confidence}$"):
+            choose_threshold(y, p, rule="sensitivity_lcb", target=0.5, confidence=confidence)
+    with pytest.raises(CalibrationError, match=r"^unknown rule 'best'$"):
+        choose_threshold(y, p, rule="best")
+    with pytest.raises(CalibrationError, match=r"use a larger sample or a lower confidence$"):
+        choose_threshold(y, p, rule="sensitivity_lcb", target=0.99)
+
+
+def test_the_threshold_rule_defaults_to_95_percent_at_90_percent_confidence() -> None:
+    rng = np.random.default_rng(3)
+    y = np.r_[np.ones(300, int), np.zeros(300, int)]
+    p = np.clip(np.r_[rng.normal(0.7, 0.15, 300), rng.normal(0.3, 0.15, 300)], 0, 1)
+    assert choose_threshold(y, p, rule="sensitivity_lcb") == \
+        choose_threshold(y, p, rule="sensitivity_lcb", target=0.95, confidence=0.9)
+
+
+def test_a_bound_that_exactly_meets_the_target_is_enough() -> None:
+    """``>=``: with every one of 5 positives found the bound is 0.1 ** (1/5); that target is met, not missed."""
+    y, p = np.array([0, 1, 1, 1, 1, 1]), np.array([0.1, 0.5, 0.6, 0.7, 0.8, 0.9])
+    target = sensitivity_lower_bound(5, 5, 0.9)
+    assert choose_threshold(y, p, rule="sensitivity_lcb", target=target, confidence=0.9) == pytest.approx(0.3)
+
+
+def test_the_threshold_lies_midway_to_the_next_lower_score_or_on_the_lowest() -> None:
+    assert choose_threshold([0, 0, 1, 1], [0.2, 0.4, 0.6, 0.8], rule="sensitivity", target=1.0) == pytest.approx(0.5)
+    # the lowest score chosen: nothing below it, the threshold is that score
+    assert choose_threshold([1, 0, 1], [0.1, 0.5, 0.9], rule="sensitivity", target=1.0) == pytest.approx(0.1)
+    # a threshold of 1 would refer nothing: it is kept just below 1
+    assert choose_threshold([1, 0], [1.0, 1.0], rule="sensitivity", target=1.0) == 1 - 1e-6
+
+
+def test_the_operating_point_counts_and_bounds() -> None:
+    y = np.array([1, 1, 1, 0, 0, 0, 0])
+    p = np.array([0.9, 0.8, 0.2, 0.7, 0.3, 0.1, 0.05])
+    op = operating_point(y, p, 0.5)
+    assert op["confidence"] == 0.9
+    assert (op["tp"], op["n_pos"], op["tn"], op["n_neg"]) == (2, 3, 3, 4)
+    assert op["sensitivity_lower_bound"] == pytest.approx(sensitivity_lower_bound(2, 3, 0.9))
+    assert op["specificity_lower_bound"] == pytest.approx(sensitivity_lower_bound(3, 4, 0.9))
+    only_neg = operating_point(np.zeros(3, int), np.array([0.1, 0.2, 0.9]), 0.5)
+    assert math.isnan(only_neg["sensitivity_lower_bound"]) and only_neg["tn"] == 2
+    only_pos = operating_point(np.ones(3, int), np.array([0.1, 0.6, 0.9]), 0.5)
+    assert math.isnan(only_pos["specificity_lower_bound"]) and only_pos["tp"] == 2
+
+
+# --- durable writes (cxr.core.durable) --------------------------------------------------------------------------
+
+
+def test_write_durably_sets_the_mode_asked_else_the_umask_default(tmp_path: Path) -> None:
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        write_durably(tmp_path / "secret", b"k", mode=0o600)
+        write_durably(tmp_path / "plain", b"p")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "secret").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "plain").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "secret").read_bytes() == b"k" and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_new_csv_gets_its_header_once_and_rows_in_its_column_order(tmp_path: Path) -> None:
+    path = tmp_path / "new.csv"
+    log = AppendOnlyCsv(path, ("a", "b"))
+    log.append([{"a": "1", "b": "x,y", "extra": "dropped"}])
+    log.close()
+    assert path.read_bytes() == b'a,b\n1,"x,y"\n'
+    again = AppendOnlyCsv(path, ("a", "b"))
+    again.append([{"b": "2", "a": "ä"}])
+    again.close()
+    assert again.rows == [{"a": "1", "b": "x,y"}]
+    assert path.read_bytes() == 'a,b\n1,"x,y"\nä,2\n'.encode()
+
+
+def test_an_empty_csv_gets_its_header_without_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "empty.csv"
+    path.write_bytes(b"")
+    with caplog.at_level(logging.WARNING):
+        AppendOnlyCsv(path, ("a", "b")).close()
+    assert path.read_bytes() == b"a,b\n" and not caplog.records
+
+
+def test_a_csv_with_the_same_columns_in_another_order_keeps_its_order(tmp_path: Path) -> None:
+    path = tmp_path / "old.csv"
+    path.write_bytes(b"b,a\n1,2\n")
+    log = AppendOnlyCsv(path, ("a", "b"))
+    log.append([{"a": "3", "b": "4"}])
+    log.close()
+    assert log.columns == ("b", "a") and path.read_bytes() == b"b,a\n1,2\n4,3\n"
+
+
+def test_a_csv_with_other_columns_is_rewritten_dropping_the_columns_gone(tmp_path: Path) -> None:
+    path = tmp_path / "old.csv"
+    path.write_bytes(b"a,legacy\n1,x\n")
+    AppendOnlyCsv(path, ("a", "b")).close()
+    assert path.read_bytes() == b"a,b\n1,\n"
+
+
+def test_a_torn_last_csv_row_is_dropped_on_disk_and_said(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "torn.csv"
+    path.write_bytes(b"a,b\n1,2\n3,4\n5,")
+    with caplog.at_level(logging.WARNING, logger="cxr.core.durable"):
+        log = AppendOnlyCsv(path, ("a", "b"))
+    log.close()
+    assert log.rows == [{"a": "1", "b": "2"}, {"a": "3", "b": "4"}]
+    assert path.read_bytes() == b"a,b\n1,2\n3,4\n"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: dropping a partial last row left by an interrupted run"]
+
+
+def test_lines_append_refuses_a_line_break_and_writes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    lines = AppendOnlyLines(path)
+    lines.append("one")
+    for bad in ("two\nthree", "two\rthree"):
+        with pytest.raises(ValueError, match="^a line must not contain a line break$"):
+            lines.append(bad)
+    lines.close()
+    assert path.read_bytes() == b"one\n"
+
+
+def test_the_last_line_is_found_across_read_blocks(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The last newline is searched backwards in 64 KiB blocks: a last line longer than a block, a newline at the
+    very start of the file, and a file whose only line is torn."""
+    path = tmp_path / "long.jsonl"
+    long = "x" * 70_000
+    path.write_bytes(f"first\n{long}\n".encode())
+    lines = AppendOnlyLines(path)
+    assert lines.last == long
+    lines.close()
+    path.write_bytes(b"\n" + b"y" * 70_000 + b"\n")
+    assert AppendOnlyLines(path).last == "y" * 70_000
+    path.write_bytes(b"\n" + b"z" * 5)  # torn after an empty first line
+    with caplog.at_level(logging.WARNING, logger="cxr.core.durable"):
+        cut = AppendOnlyLines(path)
+    assert path.read_bytes() == b"\n" and cut.last == ""
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: cutting a partial last line left by an interrupted run"]
+    path.write_bytes(b"w" * 70_000)  # one torn line, no newline at all: cut to nothing
+    assert AppendOnlyLines(path).last is None and path.read_bytes() == b""
+
+
+# --- the audit chain (cxr.core.audit_trail) ---------------------------------------------------------------------
+
+
+def _chain(path: Path, n: int = 4) -> list[dict]:
+    with AuditLog(path, component="test") as log:
+        return [log.event("screened", actor="ae:MODALITY", instance_uid=f"1.2.{i}", status="ok") for i in range(n)]
+
+
+def _line(rec: dict) -> str:
+    rec = {k: v for k, v in rec.items() if k != "hash"}
+    rec["hash"] = record_hash(rec)
+    return json.dumps(rec, sort_keys=True, separators=(",", ":"))
+
+
+def test_verify_says_exactly_where_and_why_the_chain_breaks(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    recs = _chain(path)
+    good = path.read_text().splitlines()
+    h = [r["hash"] for r in recs]
+
+    def check(lines: list[str], expected: Verification, **kw: str) -> None:
+        path.write_text("\n".join(lines) + "\n")
+        assert verify(path, **kw) == expected
+
+    check(good, Verification(True, 4, h[3]))
+    check([*good[:2], "{not json", *good[2:]], Verification(False, 2, h[1], 3, "line 3 is not a JSON record"))
+    check([*good[:2], "[1, 2]"], Verification(False, 2, h[1], 3, "line 3 does not carry the hash of line 2 (a line "
+                                                                  "before it was edited, inserted or deleted)"))
+    check(good[1:], Verification(False, 0, GENESIS, 1, "line 1 does not start the chain (the trail's first lines "
+                                                         "were deleted)"))
+    check([good[0], good[2]], Verification(False, 1, h[0], 2, "line 2 does not carry the hash of line 1 (a line "
+                                                                "before it was edited, inserted or deleted)"))
+    edited = good[1].replace("1.2.1", "1.2.9")
+    check([good[0], edited], Verification(False, 1, h[0], 2, "line 2 was edited (its content does not match its hash)"))
+    check([good[0], _line({**recs[1], "seq": 7})],
+          Verification(False, 1, h[0], 2, "line 2 has sequence number 7, expected 2"))
+    check([good[0], _line({**recs[1], "event": "coffee"})],
+          Verification(False, 1, h[0], 2, "line 2 has an unknown event 'coffee'"))
+    check(good[:2], Verification(False, 2, h[1], None, "the last record is not the one filed (the trail's tail was "
+                                                         "removed or replaced)"), expect_last_hash=h[3])
+    check(good, Verification(True, 4, h[3]), expect_last_hash=h[3])
+
+
+def test_an_unreadable_trail_and_a_broken_read_say_so_in_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.jsonl"
+    with pytest.raises(AuditChainError, match=rf"^{missing}: cannot read the audit trail \(FileNotFoundError\)$"):
+        verify(missing)
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b"\xff\xfe\n")
+    with pytest.raises(AuditChainError, match=r"cannot read the audit trail \(UnicodeDecodeError\)$"):
+        verify(path)
+    path = tmp_path / "b.jsonl"
+    _chain(path, 2)
+    assert [r["instance_uid"] for r in read(path)] == ["1.2.0", "1.2.1"]
+    path.write_text(path.read_text().splitlines()[1] + "\n")
+    with pytest.raises(AuditChainError, match=rf"^{path}: line 1 does not start the chain"):
+        read(path)
+
+
+# --- the DICOM eligibility rules (cxr.core.eligibility) ---------------------------------------------------------
+
+
+def _refusal(cond: Condition, value: object) -> tuple[str, str, object, object, str]:
+    with pytest.raises(NotAssessableError) as e:
+        cond.check(value, "x.dcm")
+    return str(e.value), e.value.rule, e.value.value, e.value.limit, e.value.detail
+
+
+def test_a_condition_refuses_with_the_rule_what_it_read_and_the_limit() -> None:
+    modality = Condition("Modality", "dicom_modality", allowed=("CR", "DX"), if_absent="refuse")
+    assert _refusal(modality, None) == ("x.dcm: not assessable (dicom_modality): Modality is missing",
+                                        "dicom_modality", None, None, "Modality is missing")
+    assert _refusal(modality, " MR ") == ("x.dcm: not assessable (dicom_modality): Modality 'MR' not in CR/DX",
+                                          "dicom_modality", "MR", "CR/DX", "Modality 'MR' not in CR/DX")
+    modality.check("dx", "x.dcm")  # case-insensitive
+    frames = Condition("NumberOfFrames", "dicom_frames", max=1)
+    frames.check("1", "x.dcm")  # at the limit: accepted
+    frames.check("", "x.dcm")  # absent, if_absent accept
+    assert _refusal(frames, "2") == ("x.dcm: not assessable (dicom_frames): NumberOfFrames 2 > 1",
+                                     "dicom_frames", 2.0, 1, "NumberOfFrames 2 > 1")
+    assert _refusal(frames, "two") == ("x.dcm: not assessable (dicom_frames): NumberOfFrames 'two' is not a number",
+                                       "dicom_frames", "two", 1, "NumberOfFrames 'two' is not a number")
+
+
+def test_a_header_without_attributes_meets_only_the_conditions_that_accept_absence() -> None:
+    rules = Eligibility.from_json(json.dumps({"schema": "cxr-eligibility/1", "conditions": {
+        "BodyPartExamined": {"rule": "dicom_body_part", "allowed": ["CHEST"]},
+        "NumberOfFrames": {"rule": "dicom_frames", "max": 1}}}))
+    rules.check(object(), "x.dcm")  # no .get at all: every attribute absent
+    assert rules.passes(object()) and not rules.passes({"BodyPartExamined": "HAND"})
+
+
+def test_eligibility_files_load_or_say_why_not(tmp_path: Path) -> None:
+    path = tmp_path / "eligibility.json"
+    path.write_text(default_text())
+    assert Eligibility.load(path) == Eligibility.default()
+    with pytest.raises(CxrError, match=rf"^cannot read eligibility rules {tmp_path / 'none.json'}: "
+                                       r"No such file or directory$"):
+        Eligibility.load(tmp_path / "none.json")
