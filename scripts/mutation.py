@@ -156,7 +156,7 @@ def main() -> int:
         seconds, rerun_seconds = previous["seconds"], previous.get("survivors_rerun_seconds")
     elif a.survivors:
         previous = json.loads((ROOT / "docs" / "tests" / "mutation.json").read_text())
-        names = [n for m in previous["modules"].values() for n in m["not_killed"]]
+        names = [n for m in previous["modules"].values() for n, v in m["not_killed"].items() if v["status"] != "timeout"]
         shutil.rmtree(STAGE / "tests")
         shutil.copytree(ROOT / "tests", STAGE / "tests", ignore=shutil.ignore_patterns("__pycache__", "node_modules"))
         t0 = time.monotonic()
@@ -186,7 +186,7 @@ def main() -> int:
     for name, state in sorted(status.items()):
         m = modules[_module_of(name)]
         m["total"] += 1
-        if state == "killed":
+        if state in ("killed", "timeout"):  # a mutant that hangs the tests is caught too
             m["killed"] += 1
             continue
         reason = reasons.get(name, "")
@@ -219,7 +219,7 @@ def main() -> int:
         "",
         "Tests: " + ", ".join(f"`{t}`" for t in TESTS) + " (their fast part).",
         "",
-        "Score = killed / (mutants - equivalent ones): a mutant that survives for a stated reason other than "
+        "Score = killed / (mutants - equivalent ones), a mutant that makes the tests time out counting as killed: a mutant that survives for a stated reason other than "
         "equivalence, or that no fast test reaches, counts as not killed. Every mutant not killed is listed below "
         "with its reason (`docs/tests/mutation_reasons.json`; `mutmut show NAME` in `out/mutation/` shows its diff).",
         "",
