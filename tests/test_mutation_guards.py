@@ -15,7 +15,16 @@ import pytest
 from cxr.client import results
 from cxr.client.client import Prediction
 from cxr.core import contract, pixels
-from cxr.core.audit_trail import GENESIS, AuditChainError, AuditLog, Verification, read, record_hash, verify
+from cxr.core.audit_trail import (
+    GENESIS,
+    AuditChainError,
+    AuditLog,
+    AuditRecord,
+    Verification,
+    read,
+    record_hash,
+    verify,
+)
 from cxr.core.durable import AppendOnlyCsv, AppendOnlyLines, write_durably
 from cxr.core.eligibility import Condition, Eligibility, default_text
 from cxr.core.errors import CalibrationError, CxrError, DataError, InvalidInputError, NotAssessableError
@@ -656,3 +665,71 @@ def test_films_needed_and_the_sample_check() -> None:
     assert audit_mod.lower_bound(needs.positives - 1, needs.positives - 1, 0.9) < 0.9
     with pytest.raises(audit_mod.InsufficientSample, match="^the sample has 5 Pneumonia and 0 Normal films"):
         audit_mod.check_sample(5, 0, audit_mod.Targets())
+
+
+# --- more of the audit chain, the rules and the contract --------------------------------------------------------
+
+
+def test_audit_records_redact_url_credentials_and_refuse_bad_fields(tmp_path: Path) -> None:
+    rec = AuditRecord("result_delivered", "cert:https://u:pw@ris.example/x", detail={"to": "https://u:pw@pacs/x"})
+    assert rec.actor == "cert:https://***@ris.example/x" and rec.detail == {"to": "https://***@pacs/x"}
+    plain = AuditRecord("received", "ae:A", detail={"n": 1, "path": "/data/x"})
+    assert plain.actor == "ae:A" and plain.detail == {"n": 1, "path": "/data/x"}
+    with pytest.raises(ValueError, match=r"^unknown audit event 'x' \(one of received, screened, "):
+        AuditRecord("x", "ae:A")
+    with pytest.raises(ValueError, match=r"^outcome must be one of \('success', 'failure'\), got 'maybe'$"):
+        AuditRecord("received", "ae:A", outcome="maybe")
+    with pytest.raises(ValueError, match="^an audit record needs its actor$"):
+        AuditRecord("received", "")
+    with pytest.raises(ValueError, match=r"^audit detail must not carry patient data \(PatientID, name\)$"):
+        AuditRecord("received", "ae:A", detail={"name": "x", "PatientID": "1"})
+    with AuditLog(tmp_path / "a.jsonl", component="cxr listen") as log:
+        out = log.event("received", actor="ae:A")
+    assert out["component"] == "cxr listen"
+    assert (out["outcome"], out["study_uid"], out["instance_uid"], out["model_sha256"], out["detail"]) == (
+        "success", "", "", "", {})
+
+
+def test_eligibility_files_and_conditions_say_what_is_wrong() -> None:
+    with pytest.raises(ValueError, match=r"^condition M: unknown rule 'nope'$"):
+        Condition("M", "nope", allowed=("A",))
+    with pytest.raises(ValueError, match=r"^condition M: if_absent must be 'accept' or 'refuse'$"):
+        Condition("M", "dicom_modality", allowed=("A",), if_absent="maybe")
+    with pytest.raises(ValueError, match=r"^condition M: give 'allowed' or 'max'$"):
+        Condition("M", "dicom_modality")
+    with pytest.raises(ValueError, match="^eligibility rules need at least one condition$"):
+        Eligibility("x", ())
+    with pytest.raises(CxrError, match=r"^invalid eligibility rules: schema must be 'cxr-eligibility/1', got 'v0'$"):
+        Eligibility.from_json('{"schema": "v0", "conditions": {}}')
+    text = json.dumps({"schema": "cxr-eligibility/1", "name": "mine",
+                       "conditions": {"Modality": {"rule": "dicom_modality", "allowed": ["CR"]}}})
+    rules = Eligibility.from_json(text)
+    assert (rules.name, rules.text, rules.conditions[0].if_absent) == ("mine", text, "accept")
+    unnamed = Eligibility.from_json(json.dumps({"schema": "cxr-eligibility/1", "conditions": {
+        "Modality": {"rule": "dicom_modality", "allowed": ["CR"], "if_absent": "refuse"}}}))
+    assert unnamed.name == "" and unnamed.conditions[0].if_absent == "refuse"
+
+
+def test_priorities_and_refusals_validate_with_their_message() -> None:
+    assert contract.priority_level("urgent") < contract.priority_level("routine")
+    with pytest.raises(ValueError, match=r"^priority must be one of urgent, routine, got 'soon'$"):
+        contract.priority_level("soon")
+    with pytest.raises(ValueError, match=r"^unknown rule 'nope'$"):
+        contract.Refusal("nope")
+    with pytest.raises(ValueError, match="^refusal value must be a number or text, got list$"):
+        contract.Refusal("blank_image", [1])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="^refusal limit must be a number or text, got dict$"):
+        contract.not_assessable("x", "blank_image", "d", value=1.0, limit={})  # type: ignore[arg-type]
+    e = contract.not_assessable("x", "blank_image", "std low", value=2.0, limit=8.0)
+    assert contract.Refusal.of(e) == contract.Refusal("blank_image", 2.0, 8.0, "std low")
+
+
+def test_a_new_audit_file_is_private_to_the_service_group(tmp_path: Path) -> None:
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        AppendOnlyLines(tmp_path / "trail.jsonl").close()
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "trail.jsonl").stat().st_mode & 0o777 == 0o640
