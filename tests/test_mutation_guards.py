@@ -98,6 +98,7 @@ def test_as_json_is_the_prediction_with_absent_values_as_null() -> None:
         "refusal": {"rule": "blank_image", "value": 2.5, "limit": 8.0, "detail": "std low"},
         "ood_score": None, "model_name": "pneumonia", "model_version": "3", "model_sha256": None,
         "sop_instance_uid": None, "sha256": None, "error": None}
+    assert results.as_json(_ok())["sha256"] is None
     pred = _ok(operating_point="high", model_sha256="m" * 64, sop_instance_uid="1.2.3", ood_score=0.5)
     assert results.as_json(pred, "s" * 64) == {
         "path": "a", "status": "ok", "label": "Pneumonia", "probability": 0.9995, "threshold": 0.25,
