@@ -224,7 +224,8 @@ def main() -> int:
         "with its reason (`docs/tests/mutation_reasons.json`; `mutmut show NAME` in `out/mutation/` shows its diff).",
         "",
         f"**All: {counts['killed']} of {counts['total']} killed, {counts['equivalent']} equivalent: "
-        f"score {_score(counts):.1%}.**",
+        f"score {_score(counts):.1%}** ({counts['killed'] / counts['total']:.1%} of all, counting the equivalent ones "
+        "as not killed).",
         "",
         "| group | module | mutants | killed | equivalent | not killed, other | score |",
         "|---|---|---|---|---|---|---|",
