@@ -1,19 +1,27 @@
 #!/usr/bin/env python3
-"""Mutation check of the core with mutmut: the contract and its decision rules, the journal and the results codec.
+"""Mutation check of the safety modules with mutmut: the audit chain, the refusal rules, the threshold choice,
+the go/no-go, the CSV codec, the contract and the durable writes.
 
-mutmut copies the code into ``mutants/`` and imports it from there; this project's folders install as
-``cxr.<folder>`` through an editable finder that would shadow that copy. So the package is laid out as it is
-installed (``core/...``, the ``scripts/check_imports.py`` staging) in ``out/mutation/``, with the tests, the
-examples and the shipped model beside it, and mutmut runs there. Results: ``docs/tests/mutation.md`` (score and
-every surviving mutant's diff) and ``docs/tests/mutation.json``.
+mutmut copies the code into ``mutants/`` and imports it from there. The checkout's ``src/cxr`` is staged as
+``out/mutation/src/cxr`` (one tree, no links) with the tests, ``examples/``, ``model_repository/`` and a
+``pyproject.toml`` that configures mutmut beside it; mutmut copies those into ``out/mutation/mutants/`` and puts
+``mutants/src`` first on the path, so the tests import the mutated copy (the editable install's ``/.../src`` comes
+later), and :mod:`cxr.core.paths` finds ``mutants/`` as the checkout (``src/cxr`` beside a ``pyproject.toml``), so the
+product reads the staged ``model_repository/``. In modules of which only some functions are decisions
+(:data:`FUNCTIONS`), the others are marked ``# pragma: no mutate block`` in the staged copy only.
 
-    python scripts/mutation.py [--max-children N] [--report-only]
+Results: ``docs/tests/mutation.md`` (score per module, every survivor with its reason from
+``docs/tests/mutation_reasons.json``) and ``docs/tests/mutation.json``.
+
+    python scripts/mutation.py [--max-children N] [--survivors | --report-only]
+
+``--survivors`` reruns, after tests were added, only the mutants the last run left alive (mutmut keeps every other
+result); the staged tests are refreshed first, the staged code is kept.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -22,30 +30,79 @@ import sys
 import time
 from pathlib import Path
 
+import libcst as cst
+
 ROOT = Path(__file__).resolve().parent.parent
 STAGE = ROOT / "out" / "mutation"
-#: What is mutated (installed paths), and the fast tests that guard it.
-TARGETS = ("src/cxr/core/contract.py", "src/cxr/core/durable.py", "src/cxr/client/results.py", "src/cxr/client/batch.py")
-TESTS = ("tests/test_contract.py", "tests/test_not_assessable.py", "tests/test_results.py", "tests/test_csv_columns.py",
-         "tests/test_robustness.py", "tests/test_audit_monitor.py", "tests/test_client.py", "tests/test_predict_inprocess.py",
-         "tests/test_audit_trail.py")
+REASONS = ROOT / "docs" / "tests" / "mutation_reasons.json"
+#: What is mutated, by group: the safety modules.
+GROUPS = {
+    "audit chain": ("src/cxr/core/audit_trail.py",),
+    "refusal rules": ("src/cxr/core/eligibility.py", "src/cxr/core/pixels.py"),
+    "threshold choice": ("src/cxr/train/evaluate.py",),
+    "go/no-go": ("src/cxr/hospital/site_audit.py",),
+    "CSV codec": ("src/cxr/client/results.py",),
+    "contract": ("src/cxr/core/contract.py",),
+    "durable writes": ("src/cxr/core/durable.py",),
+}
+TARGETS = tuple(t for ts in GROUPS.values() for t in ts)
+#: Modules of which only these top-level functions and classes are mutated (the decisions, not the reading of
+#: data, the model or the rendering of reports).
+FUNCTIONS = {
+    "src/cxr/train/evaluate.py": ("sensitivity_lower_bound", "choose_threshold", "operating_point"),
+    "src/cxr/hospital/site_audit.py": ("Targets", "Screened", "clopper_pearson", "lower_bound", "upper_bound", "Needs",
+                               "_smallest_n", "films_needed", "check_sample", "_rate", "audit"),
+}
+#: The fast tests that guard them (mutmut runs, for each mutant, those of them that reach its function).
+TESTS = ("tests/test_audit_trail.py", "tests/test_not_assessable.py", "tests/test_dicom.py", "tests/test_robustness.py",
+         "tests/test_contract.py", "tests/test_operating_point.py", "tests/test_metrics.py",
+         "tests/test_audit_monitor.py", "tests/test_site_tools.py", "tests/test_site_sample.py",
+         "tests/test_results.py", "tests/test_csv_columns.py", "tests/test_mutation_guards.py")
+
+
+class _OnlyThese(cst.CSTTransformer):
+    """Mark every top-level function and class not in ``keep`` ``# pragma: no mutate block``."""
+
+    def __init__(self, keep: tuple[str, ...]) -> None:
+        self.keep, self.depth = set(keep), 0
+
+    def _mark(self, node):  # type: ignore[no-untyped-def]
+        if node.name.value in self.keep or not isinstance(node.body, cst.IndentedBlock):
+            return node
+        header = node.body.header.with_changes(whitespace=cst.SimpleWhitespace("  "),
+                                               comment=cst.Comment("# pragma: no mutate block"))
+        return node.with_changes(body=node.body.with_changes(header=header))
+
+    def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
+        self.depth += 1
+        return False
+
+    def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef):  # type: ignore[no-untyped-def]
+        self.depth -= 1
+        return self._mark(updated) if self.depth == 0 else updated
+
+    def visit_ClassDef(self, node: cst.ClassDef) -> bool:
+        self.depth += 1
+        return False
+
+    def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef):  # type: ignore[no-untyped-def]
+        self.depth -= 1
+        return self._mark(updated) if self.depth == 0 else updated
 
 
 def _stage() -> None:
-    spec = importlib.util.spec_from_file_location("check_imports", ROOT / "scripts" / "check_imports.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     shutil.rmtree(STAGE, ignore_errors=True)
     STAGE.mkdir(parents=True)
-    mod.stage(STAGE)
-    shutil.copytree(ROOT / "core" / "data", STAGE / "cxr" / "core" / "data")
-    shutil.copytree(ROOT / "tests", STAGE / "tests", ignore=shutil.ignore_patterns("__pycache__", "node_modules"))
-    for d in ("examples", "model_repository"):
-        # beside the tests (their REPO) and inside the package (the product's REPO_ROOT is core/'s parent's parent,
-        # which in the installed layout is cxr/)
-        for where in (STAGE, STAGE / "cxr"):
-            shutil.copytree(ROOT / d, where / d, ignore=shutil.ignore_patterns("__pycache__"))
+    skip = shutil.ignore_patterns("__pycache__", "node_modules", "*.pyc")
+    shutil.copytree(ROOT / "src" / "cxr", STAGE / "src" / "cxr", ignore=skip)
+    for rel, keep in FUNCTIONS.items():
+        module = cst.parse_module((ROOT / rel).read_text())
+        missing = set(keep) - {getattr(getattr(s, "name", None), "value", None) for s in module.body}
+        if missing:
+            raise SystemExit(f"{rel}: no top-level {', '.join(sorted(missing))} (update FUNCTIONS)")
+        (STAGE / rel).write_text(module.visit(_OnlyThese(keep)).code)
+    for d in ("tests", "examples", "model_repository"):
+        shutil.copytree(ROOT / d, STAGE / d, ignore=skip)
     tests = ", ".join(f'"{t}"' for t in TESTS)
     targets = ", ".join(f'"{t}"' for t in TARGETS)
     (STAGE / "pyproject.toml").write_text(f'''[tool.pytest.ini_options]
@@ -54,7 +111,7 @@ markers = ["slow: trains, exports or starts servers (minutes); run in CI"]
 filterwarnings = ["ignore::DeprecationWarning"]
 
 [tool.mutmut]
-source_paths = ["cxr"]
+source_paths = ["src"]
 only_mutate = [{targets}]
 also_copy = ["examples", "model_repository"]
 pytest_add_cli_args = ["-m", "not slow", "-p", "no:cacheprovider", "-q"]
@@ -62,11 +119,15 @@ pytest_add_cli_args_test_selection = [{tests}]
 ''')
 
 
-def _pretty(name: str) -> str:
-    """mutmut's trampoline name of a function as its dotted name (``cxr.m.xǁCǁf`` -> ``cxr.m.C.f``, ``x_f`` -> ``f``)."""
-    name = name.replace("xǁ", "").replace("ǁ", ".")
-    head, _, last = name.rpartition(".")
-    return f"{head}.{last[2:] if last.startswith('x_') else last}"
+def _module_of(name: str) -> str:
+    """The source file of a mutant (``cxr.core.pixels.x_resize__mutmut_3`` -> ``src/cxr/core/pixels.py``)."""
+    dotted = name.split("__mutmut_")[0]
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        rel = "src/" + "/".join(parts[:i]) + ".py"
+        if rel in TARGETS:
+            return rel
+    raise ValueError(f"mutant {name} is in no target module")
 
 
 def _mutmut(*args: str, env: dict) -> subprocess.CompletedProcess:
@@ -74,15 +135,37 @@ def _mutmut(*args: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([str(exe), *args], cwd=STAGE, env=env, capture_output=True, text=True)
 
 
+def _score(counts: dict[str, int]) -> float:
+    """Killed share of the mutants that are not equivalent (a mutant no test reaches counts as not killed)."""
+    judged = counts["total"] - counts["equivalent"]
+    return counts["killed"] / judged if judged else 1.0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--report-only", action="store_true", help="rewrite the report from the last run's results")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--report-only", action="store_true", help="rewrite the report from the last run's results")
+    mode.add_argument("--survivors", action="store_true",
+                      help="rerun only the mutants the last run did not kill, against the current tests")
     a = ap.parse_args()
     env = {**os.environ, "PYTHONPATH": "", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    if a.report_only:  # the run took from the staging (its pyproject) to mutmut's stats, written at its end
-        seconds = ((STAGE / "mutants" / "mutmut-cicd-stats.json").stat().st_mtime
-                   - (STAGE / "pyproject.toml").stat().st_mtime)
+    rerun_seconds = None
+    if a.report_only:  # the timings are the last report's
+        previous = json.loads((ROOT / "docs" / "tests" / "mutation.json").read_text())
+        seconds, rerun_seconds = previous["seconds"], previous.get("survivors_rerun_seconds")
+    elif a.survivors:
+        previous = json.loads((ROOT / "docs" / "tests" / "mutation.json").read_text())
+        names = [n for m in previous["modules"].values() for n, v in m["not_killed"].items() if v["status"] != "timeout"]
+        shutil.rmtree(STAGE / "tests")
+        shutil.copytree(ROOT / "tests", STAGE / "tests", ignore=shutil.ignore_patterns("__pycache__", "node_modules"))
+        t0 = time.monotonic()
+        run = _mutmut("run", "--max-children", str(a.max_children), *names, env=env)
+        seconds, rerun_seconds = previous["seconds"], time.monotonic() - t0
+        if run.returncode != 0:
+            print(run.stdout[-4000:], run.stderr[-4000:], sep="\n", file=sys.stderr)
+            return 1
+        _mutmut("export-cicd-stats", env=env)
     else:
         _stage()
         t0 = time.monotonic()
@@ -92,65 +175,84 @@ def main() -> int:
             print(run.stdout[-4000:], run.stderr[-4000:], sep="\n", file=sys.stderr)
             return 1
         _mutmut("export-cicd-stats", env=env)
-    stats = json.loads((STAGE / "mutants" / "mutmut-cicd-stats.json").read_text())
     listing = _mutmut("results", "--all", "true", env=env).stdout
-    survivors = [line.split(":")[0].strip() for line in listing.splitlines() if line.strip().endswith(": survived")]
-    uncovered: dict[str, int] = {}
+    status: dict[str, str] = {}
     for line in listing.splitlines():
-        if line.strip().endswith(": no tests"):
-            fn = _pretty(line.split(":")[0].strip().rsplit("__mutmut_", 1)[0])
-            uncovered[fn] = uncovered.get(fn, 0) + 1
-    by_function: dict[str, list[str]] = {}
-    for name in survivors:
-        by_function.setdefault(name.rsplit("__mutmut_", 1)[0], []).append(name)
-    shown = [names[0] for names in by_function.values()]  # one diff per function: the rest are listed by name
-    diffs = {name: _mutmut("show", name, env=env).stdout.strip() for name in shown}
-    judged = stats["killed"] + stats["survived"]
-    score = stats["killed"] / judged if judged else 0.0
-    overall = stats["killed"] / stats["total"] if stats["total"] else 0.0
-    report = {"targets": list(TARGETS), "tests": list(TESTS), "seconds": round(seconds), **stats,
-              "score": round(score, 4), "score_of_all": round(overall, 4), "survivors": survivors,
-              "uncovered_functions": uncovered}
+        name, sep, state = line.strip().rpartition(": ")
+        if sep and "__mutmut_" in name:
+            status[name] = state
+    reasons: dict[str, str] = json.loads(REASONS.read_text()) if REASONS.exists() else {}
+    modules: dict[str, dict] = {t: {"total": 0, "killed": 0, "equivalent": 0, "not_killed": {}} for t in TARGETS}
+    for name, state in sorted(status.items()):
+        m = modules[_module_of(name)]
+        m["total"] += 1
+        if state in ("killed", "timeout"):  # a mutant that hangs the tests is caught too
+            m["killed"] += 1
+            continue
+        reason = reasons.get(name, "")
+        m["equivalent"] += reason.startswith("equivalent")
+        m["not_killed"][name] = {"status": state, "reason": reason}
+    groups = {}
+    for group, targets in GROUPS.items():
+        counts = {k: sum(modules[t][k] for t in targets) for k in ("total", "killed", "equivalent")}
+        groups[group] = {"modules": list(targets), **counts, "score": round(_score(counts), 4)}
+    for m in modules.values():
+        m["score"] = round(_score(m), 4)
+    unexplained = [n for m in modules.values() for n, v in m["not_killed"].items() if not v["reason"]]
+    counts = {k: sum(m[k] for m in modules.values()) for k in ("total", "killed", "equivalent")}
+    version = _mutmut("--version", env=env).stdout.strip().split()[-1]
+    report = {"mutmut": version, "seconds": round(seconds),
+              "survivors_rerun_seconds": None if rerun_seconds is None else round(rerun_seconds), "tests": list(TESTS), "functions": FUNCTIONS,
+              **counts, "score": round(_score(counts), 4), "groups": groups, "modules": modules,
+              "unexplained": unexplained}
     out = ROOT / "docs" / "tests"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "mutation.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "mutation.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     lines = [
-        "# Mutation check of the core",
+        "# Mutation check of the safety modules",
         "",
-        "Made by `python scripts/mutation.py` (mutmut " + _mutmut("--version", env=env).stdout.strip().split()[-1]
-        + f", {round(seconds)} s on this machine's 2 cores).",
+        f"Made by `python scripts/mutation.py --max-children {a.max_children}` (mutmut {version}, "
+        f"{round(seconds)} s on this machine's 2 shared cores"
+        + ("" if rerun_seconds is None else f"; then `--survivors` after tests were added, {round(rerun_seconds)} s")
+        + "). Each mutant runs against those of the fast tests below that reach "
+        "its function.",
         "",
-        "Mutated: " + ", ".join(f"`{t.removeprefix('cxr/')}`" for t in TARGETS) + " (the contract and its decision "
-        "rules, durable writes and the append-only journal, the results codec, `cxr predict`'s batch logic).",
-        "Tests run against each mutant: " + ", ".join(f"`{t}`" for t in TESTS) + " (their fast part).",
+        "Tests: " + ", ".join(f"`{t}`" for t in TESTS) + " (their fast part).",
         "",
-        f"**Score: {stats['killed']} of the {judged} mutants that a test runs killed ({score:.1%}); "
-        f"{stats['killed']} of all {stats['total']} ({overall:.1%}).** {stats['survived']} survived; "
-        f"{stats.get('no_tests', 0)} are in code that no fast test runs in-process (below; slow tests and tests "
-        f"that run the CLI in a subprocess reach some of it, which mutmut cannot see); {stats.get('timeout', 0)} timed out; "
-        f"{stats.get('suspicious', 0)} were suspicious; {stats.get('skipped', 0)} skipped.",
+        "Score = killed / (mutants - equivalent ones), a mutant that makes the tests time out counting as killed: a mutant that survives for a stated reason other than "
+        "equivalence, or that no fast test reaches, counts as not killed. Every mutant not killed is listed below "
+        "with its reason (`docs/tests/mutation_reasons.json`; `mutmut show NAME` in `out/mutation/` shows its diff).",
         "",
-        "## Functions no fast in-process test runs",
+        f"**All: {counts['killed']} of {counts['total']} killed, {counts['equivalent']} equivalent: "
+        f"score {_score(counts):.1%}** ({counts['killed'] / counts['total']:.1%} of all, counting the equivalent ones "
+        "as not killed).",
         "",
-        "| function | mutants |",
-        "|---|---|",
-        *[f"| `{fn}` | {n} |" for fn, n in sorted(uncovered.items(), key=lambda kv: -kv[1])],
-        "",
-        "## Surviving mutants",
-        "",
-        "By function (the first of each shown as a diff below; `mutmut show NAME` in `out/mutation/` shows any):",
-        "",
-        "| function | survived |",
-        "|---|---|",
-        *[f"| `{_pretty(fn)}` | {len(n)} |" for fn, n in
-          sorted(by_function.items(), key=lambda kv: -len(kv[1]))],
-        "",
+        "| group | module | mutants | killed | equivalent | not killed, other | score |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for name in shown:
-        lines += [f"### `{name}`", "", "```diff", diffs[name], "```", ""]
-    (out / "mutation.md").write_text("\n".join(lines) + "\n")
-    print(f"mutation score {score:.1%}: {stats['killed']} killed, {stats['survived']} survived "
-          f"(docs/tests/mutation.md)")
+    for group, targets in GROUPS.items():
+        for t in targets:
+            m = modules[t]
+            only = f" ({', '.join(FUNCTIONS[t])} only)" if t in FUNCTIONS else ""
+            lines.append(f"| {group} | `{t}`{only} | {m['total']} | {m['killed']} | {m['equivalent']} | "
+                         f"{len(m['not_killed']) - m['equivalent']} | {m['score']:.1%} |")
+        if len(targets) > 1:
+            g = groups[group]
+            lines.append(f"| {group} | all | {g['total']} | {g['killed']} | {g['equivalent']} | "
+                         f"{g['total'] - g['killed'] - g['equivalent']} | {g['score']:.1%} |")
+    lines += ["", "## Mutants not killed", ""]
+    for t in TARGETS:
+        if not modules[t]["not_killed"]:
+            continue
+        lines += [f"### `{t}`", "", "| mutant | status | reason |", "|---|---|---|"]
+        for name, v in modules[t]["not_killed"].items():
+            lines.append(f"| `{name}` | {v['status']} | {v['reason'] or '**no reason given**'} |")
+        lines.append("")
+    (out / "mutation.md").write_text("\n".join(lines).rstrip() + "\n")
+    print(f"mutation score {_score(counts):.1%}: {counts['killed']} killed of {counts['total']}, "
+          f"{counts['equivalent']} equivalent, {len(unexplained)} without a reason (docs/tests/mutation.md)")
+    for group, g in groups.items():
+        print(f"  {group}: {g['score']:.1%} ({g['killed']}/{g['total'] - g['equivalent']})")
     return 0
 
 

@@ -1,0 +1,36 @@
+"""The committed mutation report (``python scripts/mutation.py`` writes it; this test does not rerun mutmut): every
+safety module's mutants are at least 85% killed, and every mutant not killed has its reason."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+REPORT = Path(__file__).resolve().parent.parent / "docs" / "tests" / "mutation.json"
+SAFETY = ("audit chain", "refusal rules", "threshold choice", "go/no-go", "CSV codec", "contract", "durable writes")
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    return json.loads(REPORT.read_text())
+
+
+def test_every_safety_group_was_mutated_and_is_at_least_85_percent_killed(report: dict) -> None:
+    assert set(SAFETY) <= set(report["groups"])
+    low = {g: report["groups"][g]["score"] for g in SAFETY if report["groups"][g]["score"] < 0.85}
+    assert not low, f"mutation score below 0.85: {low}"
+    for g in SAFETY:
+        assert report["groups"][g]["total"] > 0, g
+    for module, m in report["modules"].items():
+        assert m["score"] >= 0.85, module
+        assert not module.startswith("/") and ".." not in module  # paths in the report are relative
+
+
+def test_every_mutant_not_killed_has_its_reason(report: dict) -> None:
+    assert report["unexplained"] == []
+    for m in report["modules"].values():
+        assert all(v["reason"].strip() for v in m["not_killed"].values())
+        # the counts add up: killed + not killed = all
+        assert m["killed"] + len(m["not_killed"]) == m["total"]
