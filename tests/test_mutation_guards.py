@@ -733,3 +733,9 @@ def test_a_new_audit_file_is_private_to_the_service_group(tmp_path: Path) -> Non
     finally:
         os.umask(umask)
     assert (tmp_path / "trail.jsonl").stat().st_mode & 0o777 == 0o640
+
+
+def test_an_audit_of_no_films_says_no_go() -> None:
+    """No film shows nothing: no go (``check_sample`` refuses such a sample first; the function itself holds too)."""
+    r = audit_mod.audit([], threshold=0.5, targets=audit_mod.Targets())
+    assert r["n"] == 0 and r["go"] is False

@@ -271,7 +271,7 @@ def audit(films: list[Screened], *, threshold: float, targets: Targets, referenc
     from cxr.train.claims import patient_bootstrap
 
     y = np.array([f.label for f in films], int)
-    ok = np.array([f.status is contract.Status.OK for f in films])
+    ok = np.array([f.status is contract.Status.OK for f in films], bool)  # bool even when empty (~ on float fails)
     p = np.array([f.probability if f.probability is not None else np.nan for f in films], float)
     referred = ~ok | (ok & contract.is_positive(np.nan_to_num(p, nan=0.0), threshold))
     counts = {}
