@@ -104,4 +104,22 @@ def test_no_developer_path_in_help_or_defaults(cmd: str) -> None:
         default = a.default if isinstance(a.default, (list, tuple)) else [a.default]
         for d in default:
             if isinstance(d, Path):
-                assert REPO_ROOT.parent / "shared" not in (d, *d.parents), (cmd, a.dest, d)
+                resolved = d.resolve()
+                assert REPO_ROOT.parent / "shared" not in (resolved, *resolved.parents), (cmd, a.dest, d)
+
+
+def test_a_group_lists_its_own_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    """`cxr site --help` lists the site group's commands (exit 0); `cxr site` alone is a usage error (exit 2) that
+    lists them too; `cxr serve --help` stays the serve command's help (a command of that name)."""
+    from cxr.cli import GROUPS, group_commands, main
+
+    site = dict(GROUPS)["site"]
+    assert main(["site", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(cmd in out for cmd in group_commands(site)) and "predict" not in out
+    assert main(["measure"]) == 2
+    err = capsys.readouterr().err
+    assert "evaluate" in err and err.strip().splitlines()[-1] == "cxr measure: error: choose one of its commands"
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--help"])
+    assert e.value.code == 0 and "--grpc-port" in capsys.readouterr().out

@@ -34,3 +34,22 @@ def test_every_mutant_not_killed_has_its_reason(report: dict) -> None:
         assert all(v["reason"].strip() for v in m["not_killed"].values())
         # the counts add up: killed + not killed = all
         assert m["killed"] + len(m["not_killed"]) == m["total"]
+
+
+def test_the_report_names_the_code_as_it_is(report: dict) -> None:
+    """A module moved or renamed, or a mutated function gone, makes the report stale: rerun scripts/mutation.py.
+    (Every module and function the report scores exists where it says; every not-killed mutant's function too.)"""
+    import ast
+
+    root = REPORT.parent.parent.parent
+    for group in report["groups"].values():
+        for module in group["modules"]:
+            assert (root / module).is_file(), f"{module}: not in the tree (rerun python scripts/mutation.py)"
+    for module, functions in report["functions"].items():
+        tree = ast.parse((root / module).read_text())
+        defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        assert set(functions) <= defined, f"{module}: {sorted(set(functions) - defined)} gone (rerun the check)"
+    dotted = {m.removeprefix("src/").removesuffix(".py").replace("/", "."): m for m in report["modules"]}
+    for m in report["modules"].values():
+        for name in m["not_killed"]:
+            assert name.rsplit(".", 1)[0] in dotted, name

@@ -116,9 +116,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout, sys.stderr = streams
 
 
+def _group_asked(argv: list[str]) -> tuple[str, ModuleType, bool] | None:
+    """``cxr GROUP`` or ``cxr GROUP --help`` for a group whose name is no command: (name, module, help asked)."""
+    words = [a for a in argv if a not in ("-v", "--verbose")]
+    if not words or words[0] not in dict(GROUPS) or words[0] in _command_names():
+        return None
+    rest = words[1:]
+    if rest and rest[0] not in ("-h", "--help"):
+        return None  # a command follows (or something argparse will refuse with its own message)
+    return words[0], dict(GROUPS)[words[0]], bool(rest)
+
+
+def _command_names() -> set[str]:
+    return {c for _, module in GROUPS for c in group_commands(module)}
+
+
+def _group_help(name: str, module: ModuleType) -> str:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {c.dest: c.help for c in sub._get_subactions()}
+    formatter = parser._get_formatter()
+    formatter.add_usage(f"cxr [{name}] COMMAND ...", [], [])
+    formatter.start_section(module.TITLE)
+    formatter.add_arguments([argparse.Action([], dest=cmd, help=helps[cmd], metavar=cmd)
+                             for cmd in group_commands(module)])
+    formatter.end_section()
+    formatter.add_text(f"`cxr {name} COMMAND --help` (or `cxr COMMAND --help`) tells a command's options.")
+    return formatter.format_help()
+
+
 def _main(argv: list[str]) -> int:
     from cxr.core.security import RedactingFilter
 
+    asked = _group_asked(argv)
+    if asked is not None:  # a group's own listing; without --help it is a usage error (no command given)
+        name, module, wants_help = asked
+        print(_group_help(name, module), end="", file=sys.stdout if wants_help else sys.stderr)
+        if not wants_help:
+            print(f"cxr {name}: error: choose one of its commands", file=sys.stderr)
+        return 0 if wants_help else EXIT_USAGE
     argv = _ungrouped(argv)
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["cxr", *argv])  # for the cards and run logs of the commands that build a model

@@ -446,7 +446,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     if cfg.inception:
         logger.info("InceptionV3 baseline ...")
         served = served_inception(Path(cfg.repository))
-        inc_path = served or inception_onnx(Path(__file__).resolve().parent.parent / ".cache")
+        inc_path = served or inception_onnx(DEFAULT_CACHE)
         res["inception_source"] = (relative(served) if served else
                                    "random-weight InceptionV3 (no exported one in the repository; speed does not depend on weights)")
         inc = ort_throughput(inc_path, cfg.batch_sizes, cfg.seconds)
