@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cxr.cli import options
 from cxr.core.errors import CxrError
-from cxr.core.paths import DEFAULT_CACHE, DEFAULT_MODEL, DEFAULT_REPOSITORY, REPO_ROOT
+from cxr.core.paths import DEFAULT_CACHE, DEFAULT_REPOSITORY, REPO_ROOT
 
 TITLE = "building a model"
 
@@ -212,8 +213,7 @@ def _add_operating_points(sub: argparse._SubParsersAction) -> None:
         "select figures, labelled in-sample) and the configs serve them; `cxr predict --operating-point NAME` "
         "picks one.",
     )
-    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="Triton model repository")
-    p.add_argument("--name", default=DEFAULT_MODEL, help="model folder in the repository")
+    options.add_model_folder(p)
     p.add_argument("--also", action="append", default=[], metavar="NAME",
                    help="another model folder that gets the same points (e.g. the INT8 twin)")
     p.add_argument("--split", type=Path, required=True, help="the locked split (`cxr lock-split`)")
@@ -250,8 +250,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", type=Path, help="model.keras (onnx format)")
     p.add_argument("--data", type=Path, help="Kaggle-layout root used for training (parity and INT8 calibration images)")
-    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="Triton model repository")
-    p.add_argument("--name", default=DEFAULT_MODEL, help="model folder name")
+    options.add_model_folder(p)
     p.add_argument("--site", type=Path, help="labelled site sample; the OOD threshold keeps 99.5%% of it too")
     p.add_argument("--not-chest", type=Path, metavar="DIR",
                    help="radiographs of other body parts (DIR/<part>/*), with the local corpus the fit of the "
@@ -301,8 +300,7 @@ def _add_ood_fit(sub: argparse._SubParsersAction) -> None:
         "keeps 99.5%% of the train-validation images and of the site sample. Rewrites the model file, its "
         "sha256, the model card and the Triton configs. No out-of-distribution data is used to fit it.",
     )
-    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="Triton model repository")
-    p.add_argument("--name", default=DEFAULT_MODEL, help="model folder")
+    options.add_model_folder(p)
     p.add_argument("--data", type=Path, required=True, help="Kaggle-layout root the model was trained on")
     p.add_argument("--split", type=Path, required=True, help="the training run's split.json")
     p.add_argument("--site", type=Path, help="labelled site sample (counts towards the threshold)")

@@ -7,6 +7,7 @@ import argparse
 import textwrap
 from pathlib import Path
 
+from cxr.cli import options
 from cxr.core.errors import CxrError
 from cxr.core.paths import DEFAULT_CACHE, DEFAULT_MODEL, DEFAULT_REPOSITORY, REPO_ROOT
 
@@ -98,8 +99,7 @@ def _add_claims(sub: argparse._SubParsersAction) -> None:
         "folder's claims.json: every source at every operating point, 95%% intervals from a patient bootstrap. "
         "The test films are recorded in provenance.csv with the role test; nothing measured here chooses anything.",
     )
-    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="Triton model repository")
-    p.add_argument("--name", default=DEFAULT_MODEL, help="model folder in the repository")
+    options.add_model_folder(p)
     p.add_argument("--split", type=Path, required=True, help="the locked split (`cxr lock-split`)")
     p.add_argument("--population", action="append", required=True, metavar="SOURCE=POPULATION",
                    help="who a test source's patients are (kaggle_site=pediatric); repeatable")
@@ -132,8 +132,7 @@ def _add_ood_eval(sub: argparse._SubParsersAction) -> None:
         "inverted and rotated X-rays from --xrays) and over real chest X-ray folders. Writes Markdown, JSON "
         "and a PNG of score distributions.",
     )
-    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="Triton model repository")
-    p.add_argument("--name", default=DEFAULT_MODEL, help="model folder in the repository")
+    options.add_model_folder(p)
     p.add_argument("--real", type=Path, nargs="*", default=[], help="folders of real chest X-rays (flag rate)")
     p.add_argument("--split", type=Path, help="a run's split.json: its validation side under --data is a real set")
     p.add_argument("--data", type=Path, help="Kaggle-layout root for --split")
@@ -159,8 +158,7 @@ def _add_explain_eval(sub: argparse._SubParsersAction) -> None:
         "map) by deletion: grey out the top 5/10/20%% of pixels by the map and measure the fall of P(pneumonia). "
         "Also reports the model-randomisation sanity check and where the peaks fall.",
     )
-    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="Triton model repository")
-    p.add_argument("--name", default=DEFAULT_MODEL, help="model folder in the repository")
+    options.add_model_folder(p)
     p.add_argument("--data", type=Path, required=True, help="labelled folder {NORMAL,PNEUMONIA}/")
     p.add_argument("--limit", type=int, default=60, help="films used at most")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "model", help="report or result file/folder to write")

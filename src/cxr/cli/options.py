@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from cxr.core.errors import CxrError
-from cxr.core.paths import DEFAULT_MODEL
+from cxr.core.paths import DEFAULT_MODEL, DEFAULT_REPOSITORY
 
 
 def add_client_args(p: argparse.ArgumentParser) -> None:
@@ -60,3 +60,9 @@ def add_result_doors(p: argparse.ArgumentParser) -> None:
     p.add_argument("--audit-log", type=Path, metavar="FILE",
                    help="append every event (received, screened, delivered, failed) to this hash-chained audit trail "
                    "(verify it with `cxr audit-log verify FILE`)")
+
+
+def add_model_folder(p: argparse.ArgumentParser) -> None:
+    """``--repository`` and ``--name``: the model folder a command builds or measures."""
+    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="Triton model repository")
+    p.add_argument("--name", default=DEFAULT_MODEL, help="model folder in the repository")
