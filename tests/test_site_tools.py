@@ -211,7 +211,7 @@ def test_the_audit_part_chooses_nothing(tmp_path: Path) -> None:
     sample = variants(tmp_path / "a" / "site", per_film=30, seed=4, patient_per_variant=True)
     cfg = AdaptConfig(sample=sample, model_dir=SHIPPED_REPOSITORY / "pneumonia", out_repository=tmp_path / "repo",
                       name="a", report_dir=tmp_path / "r1", targets=Targets(flagged=0.1), confidence=0.9,
-                      block_candidates=((2, 1e-3),), block_epochs=4)
+                      block_candidates=((2, 1e-3), (0, 1e-3)), block_epochs=3)  # the whole chain: augmented
     _, first = adapt(cfg, progress=False)
     by_patient = first["split"]["by_patient"]
     assert set(by_patient.values()) == {"adapt", "calibrate", "audit"}

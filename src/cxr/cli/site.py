@@ -76,9 +76,10 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
         "adapt",
         help="adapt the served model to a hospital from its labelled sample (offline, minutes on a CPU)",
         description=textwrap.fill(
-            "Split SAMPLE by patient into three parts: adapt (fine-tunes the classifier head while distilling the "
-            "shipped model's answers on its replay set), calibrate (sets the threshold at the card's sensitivity "
-            "target and refits the out-of-distribution reference) and audit (judges the result on bounds and "
+            "Split SAMPLE by patient into three parts: adapt (fine-tunes the classifier head, distilling the "
+            "shipped model's answers on its replay set, and the last convolutions with it), calibrate (chooses what "
+            "adapts and how far, sets the threshold at the card's sensitivity target and refits the "
+            "out-of-distribution reference) and audit (judges the result on bounds and "
             "chooses nothing). Films the model's provenance lists are set aside and counted. A passing model is "
             "published as a complete model folder (ONNX with both outputs, configs, card naming the sample, split "
             "and targets, claims.json measured on the audit part, eligibility, provenance) in --out-repository; a "
@@ -103,9 +104,10 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--population", choices=["adult", "pediatric"], default="adult", help="who the site's films are")
     p.add_argument("--site-mass", type=float, default=0.5,
                    help="share of the refitted out-of-distribution reference given to the site's films (default 0.5)")
-    p.add_argument("--features", choices=["auto", "head"], default="auto",
-                   help="auto: also fine-tune the last convolutions with the head and keep what does best on the "
-                   "calibrate part; head: the head only")
+    p.add_argument("--features", choices=["auto", "head", "whole"], default="auto",
+                   help="auto: also fine-tune the last 2 or 4 convolutions with the head and keep what does best on "
+                   "the calibrate part; head: the head only; whole: auto, and also every convolution on augmented "
+                   "films (more forgetting of the populations the model served before: see docs/onboarding.md)")
     p.add_argument("--adapt-limit", type=int, help="use only this many films of the adapt part (a learning curve)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split")
     p.set_defaults(func=_cmd_adapt)

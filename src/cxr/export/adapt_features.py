@@ -1,9 +1,11 @@
 """Adapting the features at a hospital: fine-tune the network's last convolutional block with its head.
 
 A hospital has the served ONNX graph and its own films. The last block (the chain of ``Conv``/``Relu`` nodes that
-feeds the global average pool in front of the head) is found in the graph (:func:`find_block`); its input
-activations are computed once for every site film (:func:`block_inputs`), and the block and the head are then
-trained on them in TensorFlow (:func:`finetune_block`): class-balanced log-loss on the adapt part's labels,
+feeds the global average pool in front of the head; or the whole chain, from the normalised image on) is found in
+the graph (:func:`find_block`); its input activations are computed once for every site film (:func:`block_inputs`),
+and the block and the head are then trained on them in TensorFlow (:func:`finetune_block`): when the block starts
+at the image, each batch of the site's films is augmented (small rotations, shifts and zooms, :func:`affine`);
+class-balanced log-loss on the adapt part's labels,
 distillation towards the base model's answers (on the kit's replay activations when the kit carries them, else on
 the site's own films), and an L2 pull towards the base weights. How far it goes (the epoch) is chosen by ROC AUC on
 the calibrate part, never the audit part.
@@ -40,6 +42,8 @@ class Block:
         convs: Conv node names, in order, with their (weight, bias) initializer names.
         gap_tensor: The head's input (the OOD head's first tap).
         ops: The op types before the pool, in order (Conv, Relu, MaxPool), as the trainer runs them.
+        strides: Each convolution's stride: 1 for a 'same' convolution, k for a k x k stride-k patch convolution
+            without padding (a stem). Empty: all 1.
     """
 
     input: str
@@ -47,10 +51,13 @@ class Block:
     convs: tuple[tuple[str, str, str], ...]
     gap_tensor: str
     ops: tuple[str, ...] = ()
+    strides: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.convs:
             raise ValueError("a block has at least one convolution")
+        if self.strides and (len(self.strides) != len(self.convs) or min(self.strides) < 1):
+            raise ValueError("one stride >= 1 per convolution")
 
 
 def _pool_ok(node) -> bool:
@@ -59,19 +66,45 @@ def _pool_ok(node) -> bool:
             and not any(a.name in ("ceil_mode", "auto_pad") and (a.i or a.s) for a in node.attribute))
 
 
-def _conv_ok(node, inits: set[str]) -> bool:
+def _conv_stride(node, inits: set[str]) -> int | None:
+    """1 for a stride-1 'same' convolution with an odd square kernel, k for a k x k stride-k convolution without
+    padding (a patch stem); ``None`` for anything else (the trainer runs only these two)."""
     if not (len(node.input) == 3 and node.input[1] in inits and node.input[2] in inits):
-        return False
+        return None
     att = {a.name: list(a.ints) for a in node.attribute}
     k = att.get("kernel_shape", [])
-    return (att.get("strides", [1, 1]) == [1, 1] and att.get("dilations", [1, 1]) == [1, 1] and len(k) == 2
-            and k[0] % 2 == 1 and att.get("pads", [0] * 4) == [k[0] // 2, k[1] // 2, k[0] // 2, k[1] // 2]
-            and not any(a.name == "group" and a.i not in (0, 1) for a in node.attribute))
+    if (len(k) != 2 or k[0] != k[1] or att.get("dilations", [1, 1]) != [1, 1] or any(
+            a.name == "group" and a.i not in (0, 1) for a in node.attribute)
+            or any(a.name == "auto_pad" and a.s not in (b"", b"NOTSET") for a in node.attribute)):
+        return None
+    strides, pads = att.get("strides", [1, 1]), att.get("pads", [0] * 4)
+    if strides == [1, 1] and k[0] % 2 == 1 and pads == [k[0] // 2] * 4:
+        return 1
+    if strides == k and not any(pads):
+        return k[0]
+    return None
+
+
+def _conv_ok(node, inits: set[str]) -> bool:
+    return _conv_stride(node, inits) is not None
+
+
+#: ``find_block``'s ``convs`` for the whole chain: every convolution from the block's start to the pool.
+WHOLE = 0
 
 
 def find_block(model, gap_tensor: str, convs: int = 2) -> Block | None:
     """The last ``convs`` convolutions before ``gap_tensor`` as a trainable chain (Conv-ReLU pairs, 2x2 max pools
-    between them, stride 1 'same' convolutions), or ``None`` when the graph does not end that way."""
+    between them, stride 1 'same' convolutions or a stride-k k x k patch convolution), or ``None`` when the graph
+    does not end that way. ``convs=WHOLE``: every convolution the chain has (at least one)."""
+    if convs == WHOLE:
+        whole = None
+        for count in range(1, 256):
+            blk = find_block(model, gap_tensor, count)
+            if blk is None:
+                return whole
+            whole = blk
+        return whole
     g = model.graph
     producer = {o: n for n in g.node for o in n.output}
     inits = {i.name for i in g.initializer}
@@ -85,6 +118,7 @@ def find_block(model, gap_tensor: str, convs: int = 2) -> Block | None:
     chain.append(n)
     t = n.input[0]
     found: list[tuple[str, str, str]] = []
+    strides: list[int] = []
     while t in producer and len(found) < convs:
         p = producer[t]
         if p.op_type == "Relu" or (p.op_type == "MaxPool" and _pool_ok(p)):
@@ -92,6 +126,7 @@ def find_block(model, gap_tensor: str, convs: int = 2) -> Block | None:
         elif p.op_type == "Conv" and _conv_ok(p, inits):
             chain.append(p)
             found.append((p.name, p.input[1], p.input[2]))
+            strides.append(_conv_stride(p, inits) or 1)
         else:
             break
         t = p.input[0]
@@ -102,7 +137,8 @@ def find_block(model, gap_tensor: str, convs: int = 2) -> Block | None:
     if len(found) < convs or body != ["Conv", "Relu"] * convs:
         return None  # the trainer's forward pass is Conv-ReLU pairs with max pools between
     return Block(input=t, nodes=tuple(x.name for x in reversed(chain)), convs=tuple(reversed(found)),
-                 gap_tensor=gap_tensor, ops=tuple(o for o in ops[: ops.index("GlobalAveragePool")]))
+                 gap_tensor=gap_tensor, ops=tuple(o for o in ops[: ops.index("GlobalAveragePool")]),
+                 strides=tuple(reversed(strides)))
 
 
 def conv_weights(model, block: Block) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -147,12 +183,31 @@ class BlockFit:
     settings: dict = field(default_factory=dict)
 
 
-def _forward(tf, a, convs, head, scale: float, bias: float, ops: tuple[str, ...] = ()):
+def affine(rng: np.random.Generator, n: int, size: tuple[int, int], *, degrees: float = 10.0, shift: float = 0.06,
+           zoom: float = 0.1) -> np.ndarray:
+    """``n`` random projective transforms ``(n, 8)`` (TensorFlow's layout: output pixel -> input pixel) of an image
+    of ``size`` (height, width): a rotation within +-``degrees`` and a zoom within 1 +- ``zoom`` about the centre,
+    and a shift within +-``shift`` of the size. Drawn from ``rng``: one seed, one sequence."""
+    h, w = size
+    theta = np.deg2rad(rng.uniform(-degrees, degrees, n))
+    s = rng.uniform(1 - zoom, 1 + zoom, n)
+    tx, ty = rng.uniform(-shift, shift, n) * w, rng.uniform(-shift, shift, n) * h
+    cx, cy = (w - 1) / 2, (h - 1) / 2
+    a0, a1 = np.cos(theta) / s, -np.sin(theta) / s
+    b0, b1 = np.sin(theta) / s, np.cos(theta) / s
+    a2 = cx - a0 * cx - a1 * cy + tx
+    b2 = cy - b0 * cx - b1 * cy + ty
+    z = np.zeros(n)
+    return np.stack([a0, a1, a2, b0, b1, b2, z, z], axis=1).astype(np.float32)
+
+
+def _forward(tf, a, convs, head, scale: float, bias: float, ops: tuple[str, ...] = (), strides: tuple[int, ...] = ()):
     h = a
     k = 0
     for op in ops or ("Conv", "Relu") * len(convs):
         if op == "Conv":
-            h = tf.nn.conv2d(h, convs[k][0], strides=1, padding="SAME") + convs[k][1]
+            st = strides[k] if strides else 1
+            h = tf.nn.conv2d(h, convs[k][0], strides=st, padding="SAME" if st == 1 else "VALID") + convs[k][1]
             k += 1
         elif op == "Relu":
             h = tf.nn.relu(h)
@@ -168,10 +223,13 @@ def finetune_block(acts: np.ndarray, y: np.ndarray, teacher_acts: np.ndarray, te
                    base_convs: list[tuple[np.ndarray, np.ndarray]], base_head: HeadWeights, *,
                    val_acts: np.ndarray, val_y: np.ndarray, epochs: int = 20, learning_rate: float = 3e-4,
                    distill: float = 0.5, l2: float = 1e-3, batch_size: int = 32, seed: int = 0,
-                   progress: bool = False, ops: tuple[str, ...] = ()) -> BlockFit:
+                   progress: bool = False, ops: tuple[str, ...] = (), strides: tuple[int, ...] = (),
+                   augment: bool = False) -> BlockFit:
     """Train the block and head on ``acts`` (block inputs, NCHW) with labels ``y``, distilling ``teacher``
     (the base model's probabilities) on ``teacher_acts``; keep the epoch with the best ROC AUC on ``val_*``
-    (the calibrate part; epoch 0 = the base weights, so adapting never makes the calibrate AUC worse)."""
+    (the calibrate part; epoch 0 = the base weights, so adapting never makes the calibrate AUC worse).
+    ``augment``: every batch of ``acts`` goes through a random :func:`affine` transform first (meant for a block
+    that starts at the image; the teacher's and the calibrate part's activations are never transformed)."""
     import os
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -203,7 +261,7 @@ def finetune_block(acts: np.ndarray, y: np.ndarray, teacher_acts: np.ndarray, te
     bce = tf.keras.losses.binary_crossentropy
 
     def val_auc() -> float:
-        s = _forward(tf, a_val, conv_vars, head_vars, base_head.scale, base_head.bias, ops).numpy().astype(np.float64)
+        s = _forward(tf, a_val, conv_vars, head_vars, base_head.scale, base_head.bias, ops, strides).numpy().astype(np.float64)
         return float(metrics.roc_auc(val_y, 1.0 / (1.0 + np.exp(-np.clip(s, -50, 50)))))
 
     def snapshot() -> tuple:
@@ -224,12 +282,18 @@ def finetune_block(acts: np.ndarray, y: np.ndarray, teacher_acts: np.ndarray, te
             for k in range(steps):
                 idx = order[k * batch_size : (k + 1) * batch_size]
                 t_idx = rng.integers(0, len(t_all), len(idx))
+                batch = tf.gather(a_site, idx)
+                if augment:
+                    batch = tf.raw_ops.ImageProjectiveTransformV3(
+                        images=batch, transforms=affine(rng, len(idx), tuple(batch.shape[1:3])),
+                        output_shape=tf.constant(batch.shape[1:3], tf.int32), fill_value=0.0, interpolation="BILINEAR",
+                        fill_mode="NEAREST")
                 with tf.GradientTape() as tape:
-                    s = _forward(tf, tf.gather(a_site, idx), conv_vars, head_vars, base_head.scale, base_head.bias, ops)
+                    s = _forward(tf, batch, conv_vars, head_vars, base_head.scale, base_head.bias, ops, strides)
                     q = tf.sigmoid(s)
                     loss = tf.reduce_mean(w_cls[idx] * bce(y[idx][:, None], q[:, None]))
                     if distill > 0:
-                        st = _forward(tf, tf.gather(a_teach, t_idx), conv_vars, head_vars, base_head.scale, base_head.bias, ops)
+                        st = _forward(tf, tf.gather(a_teach, t_idx), conv_vars, head_vars, base_head.scale, base_head.bias, ops, strides)
                         loss += distill * tf.reduce_mean(bce(t_all[t_idx][:, None], tf.sigmoid(st)[:, None]))
                     if l2 > 0:
                         loss += l2 * tf.add_n([tf.reduce_sum(tf.square(v - a0)) for v, a0 in zip(variables, anchors)])
@@ -248,7 +312,7 @@ def finetune_block(acts: np.ndarray, y: np.ndarray, teacher_acts: np.ndarray, te
     convs, head = best[2]
     return BlockFit(convs=convs, head=head, epoch=best[1], history=tuple(history),
                     settings={"learning_rate": learning_rate, "distill": distill, "l2": l2, "batch_size": batch_size,
-                              "epochs": epochs, "seed": seed, "convs": len(base_convs)})
+                              "epochs": epochs, "seed": seed, "convs": len(base_convs), "augment": augment})
 
 
 def write_block(model, block: Block, fit: BlockFit):

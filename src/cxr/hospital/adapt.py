@@ -55,6 +55,12 @@ PARTS = ("adapt", "calibrate", "audit")
 CALIBRATION_CONFIDENCE = 0.9
 
 
+#: What ``--features`` may say: the head only; the head or the last convolutions (the default); or also the whole chain.
+FEATURES = ("auto", "head", "whole")
+#: The whole chain's candidate ``(convolutions, learning rate)``: 0 = every convolution, trained on augmented films.
+WHOLE_CANDIDATE = (0, 3e-4)
+
+
 @dataclass(frozen=True)
 class AdaptConfig:
     """What ``cxr adapt`` does.
@@ -83,9 +89,12 @@ class AdaptConfig:
             flagged; with half, 1).
         seed: Seed of the split (and of the block fine-tuning).
         features: ``auto``: also fine-tune the network's last convolutions (each of ``block_candidates``:
-            (convolutions, learning rate)) with the head, and keep whichever of these and the head-only fit has the
-            best ROC AUC on the calibrate part; ``head``: the head only.
+            (convolutions, learning rate); 0 = every convolution of the chain, from the normalised image on) with the
+            head, and keep whichever of these and the head-only fit has the best ROC AUC on the calibrate part;
+            ``head``: the head only; ``whole``: ``auto`` with :data:`WHOLE_CANDIDATE` added (not the default: on the
+            SIIM sample it gained 0.009 audit AUC and cost the Kaggle site 0.044, docs/onboarding.md).
         block_epochs: Epochs of each block fine-tuning (the best epoch on the calibrate part is kept).
+        augment: Augment the adapt films (small rotations, shifts, zooms) when a block starts at the image.
         block_l2: Pull of the block fine-tuning towards the base weights.
         distill: Weight of distillation towards the base model's answers on the site's adapt films in the block
             fine-tuning (0 by default: measured on the SIIM sample's calibrate part, 0.5 lowered the AUC from
@@ -116,6 +125,7 @@ class AdaptConfig:
     features: str = "auto"
     block_candidates: tuple[tuple[int, float], ...] = ((2, 3e-4), (4, 1e-4))
     block_epochs: int = 30
+    augment: bool = True
     block_l2: float = 1e-4
     distill: float = 0.0
     replay_distill: float = 0.5
@@ -135,11 +145,11 @@ class AdaptConfig:
             raise ValueError(f"population must be adult or pediatric, got {self.population!r}")
         if self.parts is not None and not set(self.parts.values()) <= set(PARTS):
             raise ValueError(f"parts must map patients to {PARTS}")
-        if self.features not in ("auto", "head"):
-            raise ValueError(f"features must be auto or head, got {self.features!r}")
+        if self.features not in FEATURES:
+            raise ValueError(f"features must be one of {FEATURES}, got {self.features!r}")
         if self.block_epochs < 1 or self.block_l2 < 0 or self.distill < 0 or self.replay_distill < 0 or any(
-                c < 1 or lr <= 0 for c, lr in self.block_candidates):
-            raise ValueError("block_epochs >= 1, block_l2 >= 0, distill >= 0, candidates (convolutions >= 1, rate > 0)")
+                c < 0 or lr <= 0 for c, lr in self.block_candidates):
+            raise ValueError("block_epochs >= 1, block_l2 >= 0, distill >= 0, candidates (convolutions >= 0, rate > 0)")
         if self.adapt_limit is not None and self.adapt_limit < 10:
             raise ValueError(f"adapt_limit must be at least 10 films, got {self.adapt_limit}")
         if self.steps < 1 or self.learning_rate <= 0 or self.replay_weight < 0 or self.l2 < 0:
@@ -328,18 +338,21 @@ def _fit_weights(cfg: AdaptConfig, base, kit, dec: _Decoded, a_part: list[data_m
     tried = [{"what": "head", "calibrate_auc": metrics.roc_auc(y_cr, new_head.probability(dec.gap[c_rows]))}]
     chosen = tried[0]
     block_chosen = False
-    if cfg.features == "auto":
+    if cfg.features in ("auto", "whole"):
         from cxr.export import adapt_features
 
         base_sess = make_session(base.SerializeToString())
         teacher = base_sess.run([contract.OUTPUT_NAME], {contract.INPUT_NAME: dec.x[a_rows]})[0][:, 0].astype(np.float64)
-        for n_convs, lr in cfg.block_candidates:
+        candidates = [*cfg.block_candidates, *([WHOLE_CANDIDATE] if cfg.features == "whole" else [])]
+        for n_convs, lr in candidates:
             blk = adapt_features.find_block(base, kit.taps[0], n_convs)
-            what = f"last {n_convs} convolutions and head"
+            what = (f"last {n_convs} convolutions and head" if n_convs != adapt_features.WHOLE
+                    else f"every convolution ({len(blk.convs) if blk else 0}) and head")
             if blk is None:
                 tried.append({"what": what, "skipped": "the graph does not end in that many Conv-ReLU pairs"})
                 continue
             acts = adapt_features.block_inputs(base, blk, dec.x)
+            augment = cfg.augment and acts.shape[2:] == contract.IMAGE_SHAPE[:2]  # the block starts at the image
             replay = kit.replay_block_input == blk.input and len(kit.replay_block) > 0
             if replay:  # distil the shipped model's answers on its own training films' activations (the kit's)
                 t_acts = kit.replay_block.astype(np.float32)
@@ -349,7 +362,7 @@ def _fit_weights(cfg: AdaptConfig, base, kit, dec: _Decoded, a_part: list[data_m
             fit_b = adapt_features.finetune_block(
                 acts[a_rows], y_a, t_acts, t_prob, adapt_features.conv_weights(base, blk), w0,
                 val_acts=acts[c_rows], val_y=y_cr, epochs=cfg.block_epochs, learning_rate=lr, distill=distill,
-                l2=cfg.block_l2, seed=cfg.seed, progress=progress, ops=blk.ops)
+                l2=cfg.block_l2, seed=cfg.seed, progress=progress, ops=blk.ops, strides=blk.strides, augment=augment)
             entry = {"what": what, "calibrate_auc": fit_b.history[fit_b.epoch]["calibrate_auc"], "epoch": fit_b.epoch,
                      "replay_films": len(t_acts) if replay else 0, "settings": fit_b.settings,
                      "history": list(fit_b.history)}
