@@ -85,10 +85,6 @@ def _conv_stride(node, inits: set[str]) -> int | None:
     return None
 
 
-def _conv_ok(node, inits: set[str]) -> bool:
-    return _conv_stride(node, inits) is not None
-
-
 #: ``find_block``'s ``convs`` for the whole chain: every convolution from the block's start to the pool.
 WHOLE = 0
 
@@ -123,10 +119,10 @@ def find_block(model, gap_tensor: str, convs: int = 2) -> Block | None:
         p = producer[t]
         if p.op_type == "Relu" or (p.op_type == "MaxPool" and _pool_ok(p)):
             chain.append(p)
-        elif p.op_type == "Conv" and _conv_ok(p, inits):
+        elif p.op_type == "Conv" and (stride := _conv_stride(p, inits)) is not None:
             chain.append(p)
             found.append((p.name, p.input[1], p.input[2]))
-            strides.append(_conv_stride(p, inits) or 1)
+            strides.append(stride)
         else:
             break
         t = p.input[0]
