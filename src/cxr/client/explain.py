@@ -37,7 +37,7 @@ from cxr.core.errors import CxrError
 logger = logging.getLogger(__name__)
 
 #: Layer whose activations are explained, per architecture (chosen by `cxr explain-eval`).
-DEFAULT_LAYER = {"compact_cnn": "s3b_relu", "inception_v3": "mixed10"}
+DEFAULT_LAYER = {"compact_cnn": "s3b_relu", "inception_v3": "mixed10", "efficientnet_lite0": "head_relu"}
 #: Every layer the compact CNN can be explained at, coarse to fine.
 COMPACT_LAYERS = ("s3b_relu", "s2b_relu", "s1b_relu")
 

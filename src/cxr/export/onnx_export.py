@@ -38,7 +38,8 @@ VALUE_TOLERANCE = 1e-5
 INT8_MAX_AUC_DROP = 0.005
 #: Size budget of an exported ONNX per architecture (``arch`` in train_config.json): the compact default must
 #: stay small; the report's InceptionV3 is about 84 MiB in FP32. Unknown architectures get the compact budget.
-MAX_MODEL_BYTES = {"compact": 10 * 1024 * 1024, "inception_v3": 128 * 1024 * 1024}
+MAX_MODEL_BYTES = {"compact": 10 * 1024 * 1024, "efficientnet_lite0": 24 * 1024 * 1024,
+                   "inception_v3": 128 * 1024 * 1024}
 
 
 def max_model_bytes(model_path: Path) -> int:
@@ -125,6 +126,34 @@ def to_onnx(keras_model_path: Path, onnx_path: Path, calibration: Calibration, *
         lambda x: tf.sigmoid(logit_model([x], training=False) * scale + bias), onnx_path, contract.OUTPUT_NAME,
         opset=opset, doc=f"cxr pneumonia model ({model.name}); calibration scale={scale:.6g} bias={bias:.6g}",
     )
+
+
+#: Films timed per trial by :func:`served_throughput` (after a warm-up batch), and the batch size.
+SPEED_FILMS = 256
+SPEED_BATCH = 16
+
+
+def served_throughput(keras_model_path: Path, *, films: int = SPEED_FILMS, batch: int = SPEED_BATCH) -> float:
+    """Films per second of a trained model as it would be served: converted to ONNX (the contract's uint8 input)
+    in a temporary folder and run by ONNX Runtime on every core of this CPU, ``films`` films in batches of
+    ``batch`` after one warm-up batch. Compare trials measured in one run (the CPU differs between machines)."""
+    import tempfile
+    import time
+
+    from cxr.core.ort_session import make_session
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(batch, *contract.IMAGE_SHAPE), dtype=np.uint8)
+    with tempfile.TemporaryDirectory(prefix="cxr-speed-") as tmp:
+        path = to_onnx(Path(keras_model_path), Path(tmp) / "model.onnx", Calibration())
+        sess = make_session(path)
+        feed = {contract.INPUT_NAME: x}
+        sess.run(None, feed)
+        rounds = max(1, films // batch)
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            sess.run(None, feed)
+        return rounds * batch / (time.perf_counter() - t0)
 
 
 class _Reader:
@@ -281,13 +310,12 @@ def _validation_images(cfg: ExportConfig) -> tuple[np.ndarray, np.ndarray, np.nd
         x = rng.integers(0, 256, (64, *contract.IMAGE_SHAPE), dtype=np.uint8)
         return x, np.zeros(len(x), dtype=int), x
     split = Split.load(split_file)
-    val = split.samples("val", cfg.data_dir)
+    x, val, _ = data_mod.load_samples(split.samples("val", cfg.data_dir), cache_dir=cfg.cache_dir, what="parity")
     y = np.array([s.label for s in val])
-    x = data_mod.load_images([s.path for s in val], cache_dir=cfg.cache_dir)
     train = split.samples("train", cfg.data_dir)
     rng = np.random.default_rng(0)
     calib = [train[i] for i in sorted(rng.permutation(len(train))[:256])]
-    x_cal = data_mod.load_images([s.path for s in calib], cache_dir=cfg.cache_dir)
+    x_cal, _, _ = data_mod.load_samples(calib, cache_dir=cfg.cache_dir, what="INT8 calibration")
     return x, y, x_cal
 
 

@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 TAPS = {
     "compact_cnn": ("gap", "s2b_relu"),
     "inception_v3": ("gap", "mixed7"),
+    "efficientnet_lite0": ("gap", "b12_expand_relu"),
 }
 #: Fraction of all held-out real chest X-rays, pooled, that must pass.
 PASS_RATE = 0.995

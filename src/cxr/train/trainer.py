@@ -33,7 +33,7 @@ class TrainConfig:
     Attributes:
         data_dir: Kaggle-layout root holding ``train/`` (and optionally ``val/``).
         out_dir: Run directory for the model, split, history and figures.
-        arch: Architecture name (``compact`` or ``inception_v3``).
+        arch: Architecture name (``compact``, ``efficientnet_lite0`` or ``inception_v3``).
         epochs: Maximum epochs.
         batch_size: Mini-batch size.
         learning_rate: Peak Adam learning rate (cosine-decayed over the run).
@@ -41,7 +41,9 @@ class TrainConfig:
         val_fraction: Share of train images (by patient) held out for validation.
         patience: Early-stopping patience in epochs on the selection metric.
         augment: Augmentation ranges (``None`` disables augmentation).
-        weights: Local weights file for the InceptionV3 base.
+        weights: Local weights file: the InceptionV3 base's, or the EfficientNet-Lite0 ImageNet weights converted
+            by ``cxr import-weights`` (their conversion record, with the source file's sha256, is copied into
+            ``train_config.json``).
         monitor_dir: Optional labelled external folder (``NORMAL``/``PNEUMONIA``)
             scored every epoch (``monitor_auc`` in the history).
         select_on: ``val`` (pooled train-validation AUC), ``monitor`` (external
@@ -51,6 +53,8 @@ class TrainConfig:
         limit_per_class: Use at most this many train images per class (tiny runs).
         cache_dir: Where decoded image arrays are cached.
         width: Width multiplier of the compact CNN.
+        train_from_block: EfficientNet-Lite0 with weights: the first block that trains (the stem and the blocks
+            before it stay frozen).
         time_budget_s: Optional wall-clock cap on the whole run, in seconds
             (setup, decoding, training and validation). Training stops in time
             for the last validation and checkpoint, and the learning rate
@@ -83,6 +87,7 @@ class TrainConfig:
     limit_per_class: int | None = None
     cache_dir: Path | None = None
     width: int = 16
+    train_from_block: int = 6
     time_budget_s: float | None = None
     sources: tuple[data_mod.Source, ...] = ()
     source_val_fraction: float = 0.3
@@ -326,6 +331,10 @@ def _write_inputs(cfg: TrainConfig, sides: _Sides, out: Path) -> None:
                      + data_mod.provenance_rows(chose, sides.val), replace_roles=("train", chose))
     config_payload = {k: (relative(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     config_payload["sources"] = {src.name: relative(src.root) for src in cfg.sources}
+    if cfg.weights is not None:
+        from cxr.train.pretrained import record_of
+
+        config_payload["weights_record"] = record_of(cfg.weights)
     (out / "train_config.json").write_text(json.dumps(config_payload, indent=1, default=str) + "\n")
 
 
@@ -369,8 +378,10 @@ def _compiled_model(cfg: TrainConfig, steps: int, clock: BudgetClock | None):
     kwargs: dict[str, object] = {}
     if cfg.arch == "compact":
         kwargs["width"] = cfg.width
-    if cfg.arch == "inception_v3" and cfg.weights is not None:
+    if cfg.arch in ("inception_v3", "efficientnet_lite0") and cfg.weights is not None:
         kwargs["weights"] = cfg.weights
+    if cfg.arch == "efficientnet_lite0":
+        kwargs["train_from_block"] = cfg.train_from_block
     model = models.build(cfg.arch, **kwargs)
     learning_rate: float | keras.optimizers.schedules.LearningRateSchedule
     if clock is None:
@@ -386,6 +397,22 @@ def _compiled_model(cfg: TrainConfig, steps: int, clock: BudgetClock | None):
         metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
     )
     return model
+
+
+def _refusal_record(by_side: dict[str, list[dict]]) -> dict:
+    """The films the pixel rules refused, per side: counts per source and each film (repository-relative path,
+    status, rule, reason), for ``history.json``."""
+    from cxr.core.paths import relative
+
+    out: dict = {}
+    for side, rows in by_side.items():
+        counts: dict[str, int] = {}
+        for r in rows:
+            counts[r["source"]] = counts.get(r["source"], 0) + 1
+        out[side] = {"per_source": counts, "films": [
+            {"path": relative(r["path"]), "source": r["source"], "status": r["status"], "rule": r["rule"],
+             "reason": r["reason"]} for r in rows]}
+    return out
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -410,8 +437,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     _write_inputs(cfg, sides, out)
     tr, va = sides.train, sides.val
 
-    x_tr = data_mod.load_images([s.path for s in tr], cache_dir=cfg.cache_dir, progress=True)
-    x_va = data_mod.load_images([s.path for s in va], cache_dir=cfg.cache_dir, progress=True)
+    x_tr, tr, refused_tr = data_mod.load_samples(tr, cache_dir=cfg.cache_dir, progress=True, what="train")
+    x_va, va, refused_va = data_mod.load_samples(va, cache_dir=cfg.cache_dir, progress=True, what="select")
+    refused = _refusal_record({"train": refused_tr, "select": refused_va})
     y_tr, y_va = _labels(tr), _labels(va)
     masses = data_mod.cell_masses(tr)
     logger.info("sampling mass per (source, class): %s", masses)
@@ -463,7 +491,7 @@ def train(cfg: TrainConfig) -> TrainResult:
              "sources": {src.name: relative(src.root) for src in sides.sources}, "n_train": len(tr), "n_val": len(va),
              "input_shape": list(contract.IMAGE_SHAPE), "cpu_count": os.cpu_count(),
              "time_budget_s": cfg.time_budget_s, "stopped_by": stopped_by, "steps": steps_done,
-             "steps_per_epoch": steps, "epochs_done": round(steps_done / steps, 3)},
+             "steps_per_epoch": steps, "epochs_done": round(steps_done / steps, 3), "refused": refused},
             indent=1,
         ) + "\n"
     )
