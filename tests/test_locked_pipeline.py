@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from cxr.core import contract
 from cxr.core.claims import CLAIMS_FILE, Claims
@@ -18,6 +19,8 @@ from cxr.train import data as data_mod
 from tests.conftest import make_dataset
 
 pytestmark = pytest.mark.slow
+
+BLANK = "person999_bacteria_9999.jpeg"
 
 
 def cxr(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -34,6 +37,11 @@ def locked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     b = make_dataset(root / "site_b", n_per_class=40, split=None, seed=12)
     split = root / "split.json"
     cxr("lock-split", str(split), "--source", f"a={a}:0.25:0.25", "--source", f"b={b}:0.25:0.25")
+    # a real archive holds films the pixel rules refuse: one blank film of a patient of its own, on the train side
+    Image.new("L", (256, 256), 128).save(a / "PNEUMONIA" / BLANK)
+    s = data_mod.Split.load(split)
+    data_mod.Split(s.seed, s.val_fraction, tuple(sorted((*s.train, f"a/PNEUMONIA/{BLANK}"))), s.val, s.roots,
+                   s.val_fractions, s.test).save(split)
     run = root / "run"
     cache = root / "cache"
     cxr("train", "--split", str(split), "--out", str(run), "--epochs", "2", "--batch-size", "16",
@@ -106,3 +114,46 @@ def test_predict_answers_at_the_named_point(locked: dict[str, Path], tmp_path: P
             assert row["operating_point"] == point and row["threshold"] == pytest.approx(thr, rel=1e-6)
             if row["status"] == "ok":
                 assert row["label"] == contract.label_for(row["probability"], thr)
+
+
+def test_a_refused_training_film_is_skipped_named_and_counted(locked: dict[str, Path]) -> None:
+    refused = json.loads((locked["run"] / "history.json").read_text())["refused"]
+    assert refused["train"]["per_source"] == {"a": 1}
+    (film,) = refused["train"]["films"]
+    assert film["path"].endswith(BLANK) and film["source"] == "a"
+    assert film["status"] == "not_assessable" and film["rule"] == "blank_image"
+    assert refused["select"] == {"per_source": {}, "films": []}
+
+
+def test_trials_never_read_the_test_side(locked: dict[str, Path], tmp_path: Path) -> None:
+    """The same split with every test entry pointing at a film that does not exist: trials still run, so they
+    never opened one."""
+    from cxr.train.trials import Trial, run
+
+    s = data_mod.Split.load(locked["split"])
+    ghost = tuple(f"{e.split('/')[0]}/{e.split('/')[1]}/missing-{i}.jpeg" for i, e in enumerate(s.test))
+    split = tmp_path / "split.json"
+    data_mod.Split(s.seed, s.val_fraction, s.train, s.val, s.roots, s.val_fractions, ghost).save(split)
+    report = run([Trial("t", locked["run"], "the run")], split, tmp_path / "trials", n_boot=50, point_source="a",
+                 speed=lambda path: 123.0)
+    row = report["trials"]["t"]
+    assert report["side"] == "select" and set(row["auc"]) == {"a", "b"}
+    assert row["films_per_s"] == 123.0 and row["parameters"] > 0 and row["gflop_per_film"] > 0
+    assert "select side only" in (tmp_path / "trials" / "trials.md").read_text()
+
+
+def test_a_second_read_of_the_test_side_shows(locked: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    from cxr.export.claims_render import claims_markdown
+
+    repo = tmp_path / "repository"
+    shutil.copytree(locked["repo"], repo)
+    first = Claims.load(repo / "pneumonia" / CLAIMS_FILE)
+    assert first.reads == 1 and first.test_reads[0]["split"].endswith("split.json")
+    assert claims_markdown(first).startswith("Measured once")
+    cxr("claims", "--repository", str(repo), "--name", "pneumonia", "--split", str(locked["split"]),
+        "--population", "a=strict", "--population", "b=lenient")
+    second = Claims.load(repo / "pneumonia" / CLAIMS_FILE)
+    assert second.reads == 2 and second.test_reads[0] == first.test_reads[0]
+    assert "read **2 times**" in claims_markdown(second)

@@ -143,6 +143,8 @@ class Claims:
         confidence: Two-sided confidence of every interval.
         generated_by: The command that measured them.
         notes: Free-text caveats, keyed by source.
+        test_reads: Every read of the locked test side that measured claims into this model folder, oldest first
+            (``{"when", "model_sha256", "split", "command"}``): a second read shows, whoever made it.
     """
 
     claims: tuple[Claim, ...]
@@ -151,6 +153,7 @@ class Claims:
     confidence: float = 0.95
     generated_by: str = ""
     notes: Mapping[str, str] = field(default_factory=dict)
+    test_reads: tuple[Mapping[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.claims:
@@ -162,6 +165,14 @@ class Claims:
         keys = [(c.source, c.operating_point) for c in self.claims]
         if len(set(keys)) != len(keys):
             raise ValueError("claims.json: one claim per (source, operating point)")
+        for r in self.test_reads:
+            if not {"when", "model_sha256", "split"} <= set(r):
+                raise ValueError(f"claims.json: a test read needs when, model_sha256 and split, got {dict(r)!r}")
+
+    @property
+    def reads(self) -> int:
+        """How many times the test side was read for this folder's claims (1 when the lock was kept)."""
+        return len(self.test_reads)
 
     def find(self, source: str, operating_point: str) -> Claim | None:
         return next((c for c in self.claims if (c.source, c.operating_point) == (source, operating_point)), None)
@@ -169,7 +180,7 @@ class Claims:
     def as_dict(self) -> dict[str, Any]:
         return {"model_sha256": self.model_sha256, "method": self.method, "confidence": self.confidence,
                 "generated_by": self.generated_by, "notes": dict(self.notes),
-                "claims": [c.as_dict() for c in self.claims]}
+                "test_reads": [dict(r) for r in self.test_reads], "claims": [c.as_dict() for c in self.claims]}
 
     def save(self, path: str | Path) -> Path:
         from cxr.core.durable import write_durably
@@ -183,7 +194,8 @@ class Claims:
         try:
             return cls(claims=tuple(Claim.from_dict(c) for c in d["claims"]), model_sha256=str(d["model_sha256"]),
                        method=str(d["method"]), confidence=float(d.get("confidence", 0.95)),
-                       generated_by=str(d.get("generated_by", "")), notes=dict(d.get("notes") or {}))
+                       generated_by=str(d.get("generated_by", "")), notes=dict(d.get("notes") or {}),
+                       test_reads=tuple(dict(r) for r in d.get("test_reads") or ()))
         except (KeyError, TypeError, ValueError) as exc:
             raise CxrError(f"claims.json: {exc}") from None
 

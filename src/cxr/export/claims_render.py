@@ -31,8 +31,11 @@ def claims_markdown(claims: Claims, *, own_population_only: bool = True) -> str:
     operating point (or at every point), then PPV, NPV and referrals per 100 films at stated prevalences."""
     rows = [c for c in claims.claims if not own_population_only or c.population == c.operating_point
             or c.operating_point == contract.SINGLE_OPERATING_POINT]
+    read = ("Measured once on locked test patients that chose nothing" if claims.reads <= 1 else
+            f"Measured on locked test patients that chose nothing, whose test side was read **{claims.reads} times** "
+            "(every read is listed in the file; these are the last read's figures)")
     lines = [
-        f"Measured once on locked test patients that chose nothing (`{CLAIMS_FILE}`; "
+        f"{read} (`{CLAIMS_FILE}`; "
         f"{claims.confidence:.0%} intervals from a {claims.method.split(';')[0]}):",
         "",
         "| source | population | operating point | threshold | films (patients) | Pneumonia | AUC | sensitivity | "

@@ -192,10 +192,22 @@ def measure_claims(model_dir: Path, split_file: Path, populations: dict[str, str
             out.append(claims_mod.measure(source=source, population=populations[source], operating_point=name,
                                           threshold=thr, y=s.y, p=s.p, patients=s.patients, in_sample=False,
                                           n_boot=n_boot))
+    import datetime as dt
+
+    earlier: tuple = ()
+    if (model_dir / CLAIMS_FILE).exists():
+        before = Claims.load(model_dir / CLAIMS_FILE)
+        earlier = before.test_reads or ({"when": "unrecorded (before test reads were recorded)",
+                                         "model_sha256": before.model_sha256, "split": "unrecorded",
+                                         "command": before.generated_by},)
+        logger.warning("%s: the test side was read before (%d time(s)); this read is recorded beside them",
+                       model_dir / CLAIMS_FILE, len(earlier))
+    read = {"when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "model_sha256": card.sha256,
+            "split": relative(split_file), "command": command}
     claims = Claims(tuple(out), card.sha256, f"patient bootstrap ({n_boot} resamples, patients drawn within "
                     "class strata), each rate's interval widened to cover the exact Clopper-Pearson interval over its patients; "
                     "refused films count as referrals and as flagged; AUC over answered films",
-                    generated_by=command)
+                    generated_by=command, test_reads=(*earlier, read))
     claims.save(model_dir / CLAIMS_FILE)
     split = data_mod.Split.load(split_file)
     folder = ModelDir(model_dir)

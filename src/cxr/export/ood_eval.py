@@ -167,11 +167,11 @@ def compare_scores(cfg: OodEvalConfig, items: list, real: dict[str, list[Path]])
     if cfg.split_file is None or cfg.data_dir is None:
         return []
     base = strip_ood(onnx.load(str(ModelDir(Path(cfg.repository) / cfg.model).onnx_path())))
-    train = data_mod.Split.load(cfg.split_file).samples("train", cfg.data_dir)
-    x_train = data_mod.load_images([s.path for s in train], cache_dir=cfg.cache_dir)
+    x_train, train, _ = data_mod.load_samples(data_mod.Split.load(cfg.split_file).samples("train", cfg.data_dir),
+                                              cache_dir=cfg.cache_dir, what="OOD evaluation, train")
     counts = {name: sum(s.source == name for s in train) for name in {s.source for s in train}}
     weights = np.array([1.0 / (len(counts) * counts[s.source]) for s in train])  # as the served fit: equal per source
-    x_real = {k: data_mod.load_images(v, cache_dir=cfg.cache_dir) for k, v in real.items()}
+    x_real = {k: data_mod.load_assessable(v, cache_dir=cfg.cache_dir)[0] for k, v in real.items()}
     x_ood = []
     for it in items:
         try:

@@ -140,8 +140,8 @@ def refit_ood(
     path = verified_onnx(model_dir, card)
     split = data_mod.Split.load(split_file)
     tr, va = split.samples("train", data_dir), split.samples("val", data_dir)
-    x_train = data_mod.load_images([s.path for s in tr], cache_dir=cache_dir, progress=True)
-    x_val = data_mod.load_images([s.path for s in va], cache_dir=cache_dir)
+    x_train, tr, _ = data_mod.load_samples(tr, cache_dir=cache_dir, progress=True, what="OOD fit, train")
+    x_val, va, _ = data_mod.load_samples(va, cache_dir=cache_dir, what="OOD fit, select")
     per_source = {name: sum(s.source == name for s in tr) for name in {s.source for s in tr}}
     weights = np.array([1.0 / (len(per_source) * per_source[s.source]) for s in tr])
     real = {"train_validation": x_val}

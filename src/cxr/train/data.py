@@ -409,6 +409,32 @@ def side_summary(split: Split, side: str) -> str:
     return f"{side:<6} {len(samples):>5} films: {text}"
 
 
+def _cache_key(paths: Sequence[Path]) -> str:
+    key = hashlib.sha256()
+    for p in paths:
+        st = p.stat()
+        key.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return key.hexdigest()[:20]
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, array)
+    tmp.replace(path)
+
+
+def _decode_all(paths: Sequence[Path], work, *, workers: int | None, progress: bool) -> None:
+    with ThreadPoolExecutor(max_workers=workers or (os.cpu_count() or 2)) as pool:
+        it = pool.map(work, range(len(paths)))
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(it, total=len(paths), desc="decode", unit="img")
+        for _ in it:
+            pass
+
+
 def load_images(
     paths: Sequence[Path], *, cache_dir: Path | None = None, workers: int | None = None, progress: bool = False
 ) -> np.ndarray:
@@ -419,12 +445,9 @@ def load_images(
 
     Raises:
         InvalidInputError: An image cannot be decoded (training data must be clean).
+        NotAssessableError: An image breaks a pixel or eligibility rule (:func:`load_assessable` skips those).
     """
-    key = hashlib.sha256()
-    for p in paths:
-        st = p.stat()
-        key.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    cache = (cache_dir / f"images-{key.hexdigest()[:20]}.npy") if cache_dir else None
+    cache = (cache_dir / f"images-{_cache_key(paths)}.npy") if cache_dir else None
     if cache is not None and cache.exists():
         return np.load(cache)
     out = np.empty((len(paths), *contract.IMAGE_SHAPE), dtype=np.uint8)
@@ -432,45 +455,68 @@ def load_images(
     def work(i: int) -> None:
         out[i] = imaging.preprocess(paths[i])
 
-    with ThreadPoolExecutor(max_workers=workers or (os.cpu_count() or 2)) as pool:
-        it = pool.map(work, range(len(paths)))
-        if progress:
-            from tqdm import tqdm
-
-            it = tqdm(it, total=len(paths), desc="decode", unit="img")
-        for _ in it:
-            pass
+    _decode_all(paths, work, workers=workers, progress=progress)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npy")
-        np.save(tmp, out)
-        tmp.replace(cache)
+        _save_npy(cache, out)
     return out
 
 
-def load_assessable(paths: Sequence[Path], *, cache_dir: Path | None = None) -> tuple[np.ndarray, list[int], list[dict]]:
+def load_assessable(paths: Sequence[Path], *, cache_dir: Path | None = None, workers: int | None = None,
+                    progress: bool = False) -> tuple[np.ndarray, list[int], list[dict]]:
     """Like :func:`load_images`, but a film the contract refuses (not assessable) or cannot read is left out and
     reported instead of ending the run: returns (images of the kept films, their indexes, the refused films as
-    ``{"index", "path", "status", "rule", "reason"}``)."""
+    ``{"index", "path", "status", "rule", "reason"}``). Real archives hold such films (a blank exposure, a
+    truncated file); one of them must not end a training run. With ``cache_dir`` the kept images and the refusals
+    are cached together."""
     from cxr.core.errors import InvalidInputError, NotAssessableError
 
-    try:
-        return load_images(paths, cache_dir=cache_dir), list(range(len(paths))), []
-    except (NotAssessableError, InvalidInputError):
-        pass
-    kept, arrays, refused = [], [], []
-    for i, p in enumerate(paths):
+    key = _cache_key(paths) if cache_dir else ""
+    cache = (cache_dir / f"assessable-{key}.npy") if cache_dir else None
+    if cache is not None and cache.exists() and cache.with_suffix(".json").exists():
+        meta = json.loads(cache.with_suffix(".json").read_text())
+        return np.load(cache), list(meta["kept"]), list(meta["refused"])
+    if cache_dir is not None and (cache_dir / f"images-{key}.npy").exists():  # decoded whole before: none refused
+        return np.load(cache_dir / f"images-{key}.npy"), list(range(len(paths))), []
+    out = np.empty((len(paths), *contract.IMAGE_SHAPE), dtype=np.uint8)
+    refusals: dict[int, dict] = {}
+
+    def work(i: int) -> None:
+        p = paths[i]
         try:
-            arrays.append(imaging.preprocess(p))
-            kept.append(i)
+            out[i] = imaging.preprocess(p)
         except NotAssessableError as exc:
-            refused.append({"index": i, "path": str(p), "status": contract.Status.NOT_ASSESSABLE.value,
-                            "rule": exc.rule, "reason": str(exc).splitlines()[0]})
+            refusals[i] = {"index": i, "path": str(p), "status": contract.Status.NOT_ASSESSABLE.value,
+                           "rule": exc.rule, "reason": str(exc).splitlines()[0]}
         except InvalidInputError as exc:
-            refused.append({"index": i, "path": str(p), "status": contract.Status.ERROR.value, "rule": None,
-                            "reason": str(exc).splitlines()[0]})
-    x = np.stack(arrays) if arrays else np.zeros((0, *contract.IMAGE_SHAPE), np.uint8)
+            refusals[i] = {"index": i, "path": str(p), "status": contract.Status.ERROR.value, "rule": None,
+                           "reason": str(exc).splitlines()[0]}
+
+    _decode_all(paths, work, workers=workers, progress=progress)
+    kept = [i for i in range(len(paths)) if i not in refusals]
+    x = out[kept] if refusals else out
+    refused = [refusals[i] for i in sorted(refusals)]
+    if cache is not None:
+        _save_npy(cache, x)
+        cache.with_suffix(".json").write_text(json.dumps({"kept": kept, "refused": refused}) + "\n")
     return x, kept, refused
+
+
+def load_samples(samples: Sequence[Sample], *, cache_dir: Path | None = None, progress: bool = False,
+                 what: str = "") -> tuple[np.ndarray, list[Sample], list[dict]]:
+    """The images of ``samples`` that the contract accepts, the samples they belong to, and the refused ones
+    (:func:`load_assessable`, each with its ``source``). Each refusal is logged with its file and rule, and a
+    summary counts them per source, so a blank film in a 4,000-film archive is named, not fatal."""
+    x, kept, refused = load_assessable([s.path for s in samples], cache_dir=cache_dir, progress=progress)
+    for r in refused:
+        r["source"] = samples[r["index"]].source
+        logger.warning("%sskipped %s (%s): %s", f"{what}: " if what else "", r["path"], r["status"], r["reason"])
+    if refused:
+        counts: dict[str, int] = defaultdict(int)
+        for r in refused:
+            counts[r["source"]] += 1
+        logger.warning("%s%d of %d films refused by the pixel rules and skipped: %s", f"{what}: " if what else "",
+                       len(refused), len(samples), dict(sorted(counts.items())))
+    return x, [samples[i] for i in kept], refused
 
 
 def provenance_rows(role: str, samples: Sequence[Sample]) -> list[dict]:

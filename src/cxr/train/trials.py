@@ -1,8 +1,9 @@
-"""Trials on a locked split, side by side: per-source AUC on select and test patients, leave-one-source-out, and
+"""Trials on a locked split, side by side: per-source AUC on select patients, cost per film, leave-one-source-out, and
 the source probe (``cxr trials``).
 
 * Each trial is a training run (``cxr train --split``, optionally ``--leave-out``). Its Keras model scores the
-  locked split's select and test sides; the report gives each source's AUC with a patient-bootstrap interval
+  locked split's select side (never the test side, which only ``cxr claims`` reads); the report gives each
+  source's AUC with a patient-bootstrap interval
   (:mod:`cxr.train.claims`). A source a run left out is marked: its figures there are leave-one-source-out.
 * The source probe asks how well a model's penultimate features (the global average pool) tell the sources
   apart **among Pneumonia films**: a patient-grouped 5-fold cross-validated logistic regression per pair of
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,71 +78,87 @@ def probe_sources(features: np.ndarray, sources: Sequence[str], patients: Sequen
     return out
 
 
+def flops_per_film(model) -> float:
+    """Floating-point operations of one film through a Keras model's convolutions and dense layers (a
+    multiply-add counts 2), from the layers' shapes."""
+    total = 0.0
+    for layer in model.layers:
+        kind = type(layer).__name__
+        if kind not in ("Conv2D", "DepthwiseConv2D", "Dense"):
+            continue
+        out_shape = layer.output.shape
+        kernel = layer.get_weights()[0].shape
+        if kind == "Dense":
+            total += 2.0 * kernel[0] * kernel[1]
+        elif kind == "Conv2D":
+            total += 2.0 * kernel[0] * kernel[1] * kernel[2] * kernel[3] * out_shape[1] * out_shape[2]
+        else:
+            total += 2.0 * kernel[0] * kernel[1] * kernel[2] * out_shape[1] * out_shape[2]
+    return total
+
+
 def run(trials: Sequence[Trial], split_file: Path, out_dir: Path, *, cache_dir: Path | None = None,
-        probe: str | None = None, n_boot: int = 1000, point_source: str = "nih", point_target: float = 0.9) -> dict:
-    """Score every trial on the select and test sides (AUC per source), and run the source probe on the trial
-    named ``probe`` (default: the first). Each trial also gets an operating point as the shipped adult one is
-    chosen (the highest threshold whose sensitivity on ``point_source``'s select films reaches ``point_target``),
-    and its sensitivity and specificity there on each source's test films (a one-class source: its select and
-    test films together, sensitivity only). Writes ``trials.json`` and ``trials.md`` into ``out_dir``."""
+        probe: str | None = None, n_boot: int = 1000, point_source: str = "nih", point_target: float = 0.9,
+        speed: Callable[[Path], float] | None = None) -> dict:
+    """Score every trial on the select side only (AUC per source), and run the source probe on the trial named
+    ``probe`` (default: the first). The test side is not read: trials choose the recipe, and the locked test
+    patients are read once, by ``cxr claims``, for the model that ships. Each trial also gets an operating point
+    as the shipped adult one is chosen (the highest threshold whose sensitivity on ``point_source``'s select films
+    reaches ``point_target``) and its sensitivity and specificity there on each source's select films (in-sample
+    for ``point_source``). Per trial: parameters, GFLOP per film, training time, and, with ``speed`` (the CLI
+    passes the served graph's measurement, ONNX Runtime on this CPU), films per second. Writes ``trials.json``
+    and ``trials.md`` into ``out_dir``."""
     import keras
 
+    from cxr.core import contract
     from cxr.train import models  # noqa: F401  (registers custom layers)
     from cxr.train.claims import patient_bootstrap
+    from cxr.train.evaluate import choose_threshold
     from cxr.train.scoring import KerasScorer
 
     split = data_mod.Split.load(split_file)
-    sides = {side: split.samples(side) for side in ("select", "test")}
-    images = {side: data_mod.load_images([s.path for s in ss], cache_dir=cache_dir) for side, ss in sides.items()}
-    report: dict = {"split": str(split_file), "trials": {}, "probe": None,
+    images, select, _ = data_mod.load_samples(split.samples("select"), cache_dir=cache_dir, what="select")
+    report: dict = {"split": str(split_file), "side": "select", "trials": {}, "probe": None,
                     "point": {"source": point_source, "target": point_target}}
+    sources = sorted({s.source for s in select})
     for t in trials:
-        scorer = KerasScorer(Path(t.run_dir) / "model.keras")
+        model_path = Path(t.run_dir) / "model.keras"
+        model = keras.models.load_model(str(model_path), compile=False)
         hist = json.loads((Path(t.run_dir) / "history.json").read_text())
         row: dict = {"what": t.what, "left_out": list(t.left_out), "seconds": hist.get("seconds"),
                      "epochs_done": hist.get("epochs_done"), "best_epoch": hist.get("best_epoch"), "auc": {},
-                     "at_point": {}}
-        probs = {}
-        for side, ss in sides.items():
-            logits = scorer.logits(images[side])
-            p = 1 / (1 + np.exp(-logits.astype(np.float64)))
-            probs[side] = p
-            for source in sorted({s.source for s in ss}):
-                idx = [i for i, s in enumerate(ss) if s.source == source]
-                y = np.array([ss[i].label for i in idx])
-                if len(set(y.tolist())) < 2:
-                    continue
-                ci = patient_bootstrap(y, p[idx], [ss[i].patient for i in idx], 0.5, n_boot=n_boot)["auc"]
-                row["auc"].setdefault(source, {})[side] = list(ci)
-        from cxr.core import contract
-        from cxr.train.evaluate import choose_threshold
-
-        sel = [i for i, s in enumerate(sides["select"]) if s.source == point_source]
-        y_sel = np.array([sides["select"][i].label for i in sel])
-        thr = choose_threshold(y_sel, probs["select"][sel], rule="sensitivity", target=point_target)
+                     "at_point": {}, "architecture": model.name, "parameters": int(model.count_params()),
+                     "gflop_per_film": round(flops_per_film(model) / 1e9, 3),
+                     "films_per_s": round(speed(model_path), 1) if speed is not None else None}
+        logits = KerasScorer(model_path).logits(images)
+        p = 1 / (1 + np.exp(-logits.astype(np.float64)))
+        for source in sources:
+            idx = [i for i, s in enumerate(select) if s.source == source]
+            y = np.array([select[i].label for i in idx])
+            if len(set(y.tolist())) < 2:
+                continue
+            row["auc"][source] = list(patient_bootstrap(y, p[idx], [select[i].patient for i in idx], 0.5,
+                                                        n_boot=n_boot)["auc"])
+        chose = [i for i, s in enumerate(select) if s.source == point_source]
+        thr = choose_threshold(np.array([select[i].label for i in chose]), p[chose], rule="sensitivity",
+                               target=point_target)
         row["point_threshold"] = thr
-        one_class = {src for src in {s.source for s in sides["test"]}
-                     if len({s.label for s in sides["test"] if s.source == src}) < 2}
-        for source in sorted({s.source for s in sides["test"]}):
-            use = [("test", i) for i, s in enumerate(sides["test"]) if s.source == source]
-            if source in one_class:
-                use += [("select", i) for i, s in enumerate(sides["select"]) if s.source == source]
-            y = np.array([sides[sd][i].label for sd, i in use])
-            pos = np.asarray(contract.is_positive(np.array([probs[sd][i] for sd, i in use]), thr), bool)
-            row["at_point"][source] = {"films": len(use),
+        for source in sources:
+            idx = [i for i, s in enumerate(select) if s.source == source]
+            y = np.array([select[i].label for i in idx])
+            pos = np.asarray(contract.is_positive(p[idx], thr), bool)
+            row["at_point"][source] = {"films": len(idx),
                                        "sensitivity": float(pos[y == 1].mean()) if (y == 1).any() else None,
                                        "specificity": float((~pos[y == 0]).mean()) if (y == 0).any() else None}
         report["trials"][t.name] = row
         if (probe or trials[0].name) == t.name:
-            model = keras.models.load_model(str(Path(t.run_dir) / "model.keras"), compile=False)
             gap = keras.Model(model.inputs, model.get_layer("gap").output)
-            pneu = [(side, i) for side, ss in sides.items() for i, s in enumerate(ss) if s.label == 1]
-            x = np.stack([images[side][i] for side, i in pneu]).astype(np.float32)
+            pneu = [i for i, s in enumerate(select) if s.label == 1]
+            x = images[pneu].astype(np.float32)
             feats = np.concatenate([np.asarray(gap(x[i:i + 64], training=False)) for i in range(0, len(x), 64)])
             report["probe"] = {
-                "model": t.name, "films": "Pneumonia films of the select and test sides",
-                "pairs": probe_sources(feats, [sides[side][i].source for side, i in pneu],
-                                       [sides[side][i].patient for side, i in pneu]),
+                "model": t.name, "films": "Pneumonia films of the select side",
+                "pairs": probe_sources(feats, [select[i].source for i in pneu], [select[i].patient for i in pneu]),
             }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "trials.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -154,33 +171,36 @@ def _ci(v: list[float] | None) -> str:
 
 
 def markdown(report: dict) -> str:
-    """The trials table (AUC per source and side; a left-out source is marked LOSO) and the probe table."""
+    """The trials table (select AUC per source, a left-out source marked LOSO; the cost of each model), the
+    operating-point table and the probe table."""
     sources = sorted({s for t in report["trials"].values() for s in t["auc"]})
-    lines = ["# Trials on the locked split", "",
+    lines = ["# Trials on the locked split (select side)", "",
              f"Split: `{report['split']}`. Every run trained on its train side and chose its checkpoint on its select "
-             "side; the test side was read only for this table. AUC of the raw model output per source, 95% patient-"
-             "bootstrap interval. *LOSO*: the run never saw that source (leave-one-source-out). Only sources with "
-             "both classes have an AUC.", "",
-             "| run | what | seconds | epochs | " + " | ".join(f"{s} select | {s} test" for s in sources) + " |",
-             "|---|---|---|---|" + "---|---|" * len(sources)]
+             "side; this table reads the **select side only** (the test side is read once, by `cxr claims`, for the "
+             "model that ships). AUC of the raw model output per source, 95% patient-bootstrap interval. *LOSO*: the "
+             "run never saw that source (leave-one-source-out). Only sources with both classes have an AUC. "
+             "GFLOP: per film, from the layers' shapes; films/s: the exported graph in ONNX Runtime on this CPU "
+             "(batch 16, all cores), measured one trial after another in one run.", "",
+             "| run | what | parameters | GFLOP | films/s | training s | epochs | "
+             + " | ".join(f"{s} select" for s in sources) + " |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(sources)]
     for name, t in report["trials"].items():
-        cells = []
-        for s in sources:
-            mark = " *LOSO*" if s in t["left_out"] else ""
-            a = t["auc"].get(s, {})
-            cells += [_ci(a.get("select")) + mark, _ci(a.get("test")) + mark]
-        lines.append(f"| {name} | {t['what']} | {t['seconds'] or 0:.0f} | {t['epochs_done']} | " + " | ".join(cells) + " |")
+        cells = [_ci(t["auc"].get(s)) + (" *LOSO*" if s in t["left_out"] else "") for s in sources]
+        speed = "-" if t.get("films_per_s") is None else f"{t['films_per_s']:.0f}"
+        params = "-" if t.get("parameters") is None else f"{t['parameters'] / 1e6:.2f} M"
+        gflop = "-" if t.get("gflop_per_film") is None else f"{t['gflop_per_film']:.2f}"
+        lines.append(f"| {name} | {t['what']} | {params} | {gflop} | {speed} | {t['seconds'] or 0:.0f} | "
+                     f"{t['epochs_done']} | " + " | ".join(cells) + " |")
     pt = report.get("point")
     if pt:
+        at = sorted({s for t in report["trials"].values() for s in t["at_point"]})
         lines += ["", f"At each run's own operating point chosen as the shipped adult one (sensitivity >= {pt['target']} "
-                  f"on its `{pt['source']}` select films), sensitivity / specificity on each source's test films "
-                  "(a one-class source: its select and test films, sensitivity only):", "",
-                  "| run | threshold | " + " | ".join(sorted({s for t in report["trials"].values()
-                                                              for s in t["at_point"]})) + " |",
-                  "|---|---|" + "---|" * len({s for t in report["trials"].values() for s in t["at_point"]})]
+                  f"on its `{pt['source']}` select films), sensitivity / specificity on each source's select films "
+                  f"(in-sample for `{pt['source']}`, which chose the point):", "",
+                  "| run | threshold | " + " | ".join(at) + " |", "|---|---|" + "---|" * len(at)]
         for name, t in report["trials"].items():
             cells = []
-            for s in sorted({s for tt in report["trials"].values() for s in tt["at_point"]}):
+            for s in at:
                 v = t["at_point"].get(s)
                 if v is None:
                     cells.append("-")
