@@ -207,3 +207,19 @@ def test_a_site_sets_its_default_operating_point(tmp_path: Path) -> None:
     assert served.threshold_for(None) == (other, points[other]["threshold"])
     assert main(["configs", "--repository", str(repo), "--name", "pneumonia", "--default-operating-point",
                  "neonatal"]) != 0
+
+
+def test_no_example_film_is_a_locked_test_film() -> None:
+    """examples/ is read by the tests and shown in the README: a film of a locked test patient there would be a
+    test film read again and again. Checked against every committed lock (NIH examples carry an ``nih_`` prefix)."""
+    import json
+
+    repo = Path(__file__).resolve().parent.parent
+    locks = [p for p in (repo / "docs" / "model").rglob("split.json") if json.loads(p.read_text()).get("test")]
+    assert locks, "no committed lock found"
+    examples = {(p.parent.name, p.name.removeprefix("nih_")) for p in (repo / "examples").glob("*/*")
+                if p.parent.name in contract.CLASS_DIRS}
+    assert len(examples) >= 8
+    for lock in locks:
+        test_films = {tuple(e.split("/")[1:]) for e in json.loads(lock.read_text())["test"]}
+        assert not examples & test_films, f"{lock.relative_to(repo)}: examples on its test side: {examples & test_films}"
