@@ -223,3 +223,14 @@ def test_no_example_film_is_a_locked_test_film() -> None:
     for lock in locks:
         test_films = {tuple(e.split("/")[1:]) for e in json.loads(lock.read_text())["test"]}
         assert not examples & test_films, f"{lock.relative_to(repo)}: examples on its test side: {examples & test_films}"
+
+
+def test_an_operating_point_rule_pools_or_holds_on_each_source() -> None:
+    from cxr.export.claims_report import PointRule
+
+    pooled = PointRule.parse("adult=siim+nih:sensitivity:0.9")
+    each = PointRule.parse("adult=siim,nih:sensitivity:0.85")
+    assert (pooled.sources, pooled.each) == (("siim", "nih"), False)
+    assert (each.sources, each.each, each.target) == (("siim", "nih"), True, 0.85)
+    with pytest.raises(CxrError, match="expected NAME="):
+        PointRule.parse("adult=siim+nih,covid:sensitivity")

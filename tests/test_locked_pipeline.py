@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -157,3 +158,35 @@ def test_a_second_read_of_the_test_side_shows(locked: dict[str, Path], tmp_path:
     second = Claims.load(repo / "pneumonia" / CLAIMS_FILE)
     assert second.reads == 2 and second.test_reads[0] == first.test_reads[0]
     assert "read **2 times**" in claims_markdown(second)
+
+
+def test_a_student_learns_the_labels_mixed_with_the_teachers_probabilities(locked: dict[str, Path],
+                                                                           tmp_path: Path) -> None:
+    from cxr.train.scoring import KerasScorer
+    from cxr.train.trainer import TrainConfig, _distilled_targets
+
+    samples = data_mod.Split.load(locked["split"]).samples("select")[:12]
+    x = data_mod.load_images([s.path for s in samples])
+    y = np.array([s.label for s in samples], np.float32)
+    teacher = locked["run"] / "model.keras"
+    cfg = TrainConfig(data_dir=tmp_path, out_dir=tmp_path / "student", split_file=locked["split"], teacher=teacher,
+                      teacher_weight=0.25)
+    p = 1 / (1 + np.exp(-KerasScorer(teacher).logits(x).astype(np.float64)))
+    np.testing.assert_allclose(_distilled_targets(cfg, x, y), 0.75 * y + 0.25 * p, rtol=1e-6)
+    with pytest.raises(ValueError, match="teacher_weight"):
+        TrainConfig(data_dir=tmp_path, out_dir=tmp_path, teacher=teacher, teacher_weight=1.5)
+
+
+def test_a_point_chosen_on_each_source_meets_its_target_on_each(locked: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    from cxr.export.claims_report import PointRule, choose_points
+
+    repo = tmp_path / "repository"
+    shutil.copytree(locked["repo"], repo)
+    res = choose_points([repo / "pneumonia"], locked["split"], [PointRule.parse("both=a,b:sensitivity:0.9")])
+    pt = res["points"]["both"]
+    assert pt["chosen_on"]["each_source"] is True
+    by_source = pt["select_figures_in_sample_by_source"]
+    assert set(by_source) == {"a", "b"} and all(f["sensitivity"] >= 0.9 for f in by_source.values())
+    assert ModelDir(repo / "pneumonia").card().operating_points["both"]["threshold"] == pt["threshold"]

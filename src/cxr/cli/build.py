@@ -100,6 +100,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="architecture (default: compact)")
     p.add_argument("--weights", type=Path, help="local weights: EfficientNet-Lite0's ImageNet weights converted by "
                    "`cxr import-weights`, or an InceptionV3 base (frozen when given); nothing is downloaded")
+    p.add_argument("--teacher", type=Path, metavar="MODEL_KERAS",
+                   help="distil from this trained model: each training film's target mixes its label with the "
+                   "teacher's probability (--teacher-weight)")
+    p.add_argument("--teacher-weight", type=float, default=0.5, help="the teacher's share of each target (0.5)")
     p.add_argument("--train-from-block", type=int, default=6, metavar="N",
                    help="efficientnet_lite0 with --weights: blocks before N (and the stem) stay frozen (default 6)")
     p.add_argument("--epochs", type=int, default=14, help="maximum epochs (early stopping may end sooner)")
@@ -141,6 +145,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
         learning_rate=a.lr, seed=a.seed, val_fraction=a.val_fraction, patience=a.patience,
         augment=augment, weights=a.weights, monitor_dir=a.monitor, select_on=a.select_on or ("sources" if a.split else "val"),
         limit_per_class=a.limit_per_class, cache_dir=a.cache_dir, width=a.width, train_from_block=a.train_from_block,
+        teacher=a.teacher, teacher_weight=a.teacher_weight,
         time_budget_s=None if a.time_budget is None else a.time_budget * 60,
         sources=tuple(Source.parse(t) for t in a.source), source_val_fraction=a.source_val_fraction,
         command=a.command_line,
@@ -251,9 +256,10 @@ def _add_operating_points(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--also", action="append", default=[], metavar="NAME",
                    help="another model folder that gets the same points (e.g. the INT8 twin)")
     p.add_argument("--split", type=Path, required=True, help="the locked split (`cxr lock-split`)")
-    p.add_argument("--point", action="append", required=True, metavar="NAME=SOURCE[+SOURCE]:RULE[:TARGET]",
+    p.add_argument("--point", action="append", required=True, metavar="NAME=SOURCE[+SOURCE|,SOURCE]:RULE[:TARGET]",
                    help="a point and how it is chosen, e.g. pediatric=kaggle_site:sensitivity:0.97 "
-                   "(rules: sensitivity, sensitivity_lcb, youden); repeatable")
+                   "(rules: sensitivity, sensitivity_lcb, youden); a+b pools the sources' select films, a,b meets "
+                   "the rule on each (adult=siim,nih:sensitivity:0.9); repeatable")
     p.add_argument("--default", help="the point a client gets when it names none (default: the most sensitive)")
     p.set_defaults(func=_cmd_operating_points)
 
@@ -269,6 +275,9 @@ def _cmd_operating_points(a: argparse.Namespace) -> int:
         print(f"{name:<10} threshold {pt['threshold']:.4f} ({pt['rule']} on select {'+'.join(pt['chosen_on']['sources'])}:"
               f" sensitivity {f['sensitivity']:.3f} ({f['tp']}/{f['n_pos']}), specificity {f['specificity']:.3f} "
               f"({f['tn']}/{f['n_neg']}), in-sample)" + ("  [default]" if name == res["default"] else ""))
+        for source, g in sorted((pt.get("select_figures_in_sample_by_source") or {}).items()):
+            print(f"{'':<10} {source}: sensitivity {g['sensitivity']:.3f} ({g['tp']}/{g['n_pos']}), specificity "
+                  f"{g['specificity']:.3f} ({g['tn']}/{g['n_neg']})")
     return 0
 
 

@@ -36,10 +36,15 @@ def _points_markdown(card: ModelCard) -> list[str]:
     for name, pt in sorted(points.items()):
         f = pt.get("select_figures_in_sample") or {}
         rule = pt["rule"] + (f" >= {pt['target']}" if pt.get("target") else "")
-        lines.append(f"| {name} | {pt['threshold']:.4f} | {rule} | {' + '.join(pt['chosen_on']['sources'])} "
+        each = pt["chosen_on"].get("each_source")
+        lines.append(f"| {name} | {pt['threshold']:.4f} | {rule}{' on each source' if each else ''} | "
+                     f"{' + '.join(pt['chosen_on']['sources'])} "
                      f"({pt['chosen_on']['films']} films, {pt['chosen_on']['patients']} patients) | "
                      f"{f.get('sensitivity', float('nan')):.3f} ({f.get('tp')}/{f.get('n_pos')}) | "
                      f"{f.get('specificity', float('nan')):.3f} ({f.get('tn')}/{f.get('n_neg')}) |")
+        for source, g in sorted((pt.get("select_figures_in_sample_by_source") or {}).items()):
+            lines.append(f"| {name}, {source} | | | {source} | {g['sensitivity']:.3f} ({g['tp']}/{g['n_pos']}) | "
+                         f"{g['specificity']:.3f} ({g['tn']}/{g['n_neg']}) |")
     return lines
 
 

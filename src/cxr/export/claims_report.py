@@ -44,12 +44,15 @@ class PointRule:
         rule: ``sensitivity`` (highest threshold whose select sensitivity reaches ``target``),
             ``sensitivity_lcb`` (its one-sided 90% lower bound reaches ``target``) or ``youden``.
         target: The sensitivity target (unused by ``youden``).
+        each: The rule holds on each source's select films separately (the lowest of their thresholds), not on
+            the sources pooled: a large source cannot carry a small one below the target.
     """
 
     name: str
     sources: tuple[str, ...]
     rule: str = "sensitivity"
     target: float = 0.9
+    each: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in ("pediatric", "adult") and not self.name.isidentifier():
@@ -63,13 +66,16 @@ class PointRule:
 
     @classmethod
     def parse(cls, text: str) -> PointRule:
-        """``NAME=SOURCE[+SOURCE...]:RULE[:TARGET]`` (``adult=nih:sensitivity:0.9``)."""
+        """``NAME=SOURCE[+SOURCE...]:RULE[:TARGET]`` (``adult=nih:sensitivity:0.9``; ``+`` pools the sources) or
+        ``NAME=SOURCE,SOURCE...:RULE[:TARGET]`` (``,``: the rule holds on each source)."""
         name, sep, rest = text.partition("=")
         parts = rest.split(":")
-        if not sep or len(parts) not in (2, 3) or not parts[0]:
-            raise CxrError(f"--point {text!r}: expected NAME=SOURCE[+SOURCE]:RULE[:TARGET]")
+        if not sep or len(parts) not in (2, 3) or not parts[0] or ("+" in parts[0] and "," in parts[0]):
+            raise CxrError(f"--point {text!r}: expected NAME=SOURCE[+SOURCE|,SOURCE]:RULE[:TARGET]")
+        each = "," in parts[0]
         try:
-            return cls(name, tuple(parts[0].split("+")), parts[1], float(parts[2]) if len(parts) == 3 else 0.9)
+            return cls(name, tuple(parts[0].replace(",", "+").split("+")), parts[1],
+                       float(parts[2]) if len(parts) == 3 else 0.9, each)
         except ValueError as exc:
             raise CxrError(f"--point {text!r}: {exc}") from None
 
@@ -137,16 +143,35 @@ def choose_points(model_dirs: list[Path], split_file: Path, rules: list[PointRul
         ok = np.isfinite(s.p)
         if len(set(s.y[ok].tolist())) < 2:
             raise CxrError(f"operating point {r.name}: its select films need both classes")
-        thr = choose_threshold(s.y[ok], s.p[ok], rule=r.rule, target=r.target)
+        keys = ("sensitivity", "specificity", "roc_auc", "tp", "n_pos", "tn", "n_neg")
+        per_source: dict[str, dict] = {}
+        if r.each:
+            thresholds = []
+            for source in r.sources:
+                one = s.of(source)
+                one_ok = np.isfinite(one.p)
+                if len(set(one.y[one_ok].tolist())) < 2:
+                    raise CxrError(f"operating point {r.name}: the select films of {source} need both classes")
+                thresholds.append(choose_threshold(one.y[one_ok], one.p[one_ok], rule=r.rule, target=r.target))
+            thr = min(thresholds)
+            for source in r.sources:
+                one = s.of(source)
+                one_ok = np.isfinite(one.p)
+                f = operating_point(one.y[one_ok], one.p[one_ok], thr)
+                per_source[source] = {k: f[k] for k in keys}
+        else:
+            thr = choose_threshold(s.y[ok], s.p[ok], rule=r.rule, target=r.target)
         fig = operating_point(s.y[ok], s.p[ok], thr)
         figures[r.name] = fig
         points[r.name] = {
             "threshold": thr, "population": r.name, "rule": r.rule, "target": r.target if r.rule != "youden" else None,
             "chosen_on": {"split": relative(split_file), "side": "select", "sources": list(r.sources),
-                          "films": int(len(s.y)), "answered": int(ok.sum()), "patients": len(set(s.patients))},
-            "select_figures_in_sample": {k: fig[k] for k in ("sensitivity", "specificity", "roc_auc", "tp", "n_pos",
-                                                              "tn", "n_neg")},
+                          "each_source": r.each, "films": int(len(s.y)), "answered": int(ok.sum()),
+                          "patients": len(set(s.patients))},
+            "select_figures_in_sample": {k: fig[k] for k in keys},
         }
+        if per_source:
+            points[r.name]["select_figures_in_sample_by_source"] = per_source
     default = default or min(points, key=lambda k: points[k]["threshold"])
     if default not in points:
         raise CxrError(f"default operating point {default!r} is not one of {sorted(points)}")

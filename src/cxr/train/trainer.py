@@ -55,6 +55,10 @@ class TrainConfig:
         width: Width multiplier of the compact CNN.
         train_from_block: EfficientNet-Lite0 with weights: the first block that trains (the stem and the blocks
             before it stay frozen).
+        teacher: A trained ``model.keras`` to distil from: every training film's target becomes
+            ``(1 - teacher_weight) * label + teacher_weight * teacher probability`` (the teacher's raw sigmoid on
+            the film as decoded, before augmentation). Selection still uses the labels of the select side.
+        teacher_weight: The teacher's share of each target, in [0, 1].
         time_budget_s: Optional wall-clock cap on the whole run, in seconds
             (setup, decoding, training and validation). Training stops in time
             for the last validation and checkpoint, and the learning rate
@@ -88,6 +92,8 @@ class TrainConfig:
     cache_dir: Path | None = None
     width: int = 16
     train_from_block: int = 6
+    teacher: Path | None = None
+    teacher_weight: float = 0.5
     time_budget_s: float | None = None
     sources: tuple[data_mod.Source, ...] = ()
     source_val_fraction: float = 0.3
@@ -120,6 +126,8 @@ class TrainConfig:
         names = [data_mod.KAGGLE, *(s.name for s in self.sources)]
         if len(set(names)) != len(names):
             raise ValueError(f"source names must be unique (and not {data_mod.KAGGLE!r}): {names}")
+        if not 0.0 <= self.teacher_weight <= 1.0:
+            raise ValueError(f"teacher_weight must be in [0, 1], got {self.teacher_weight}")
         if not 0.0 < self.source_val_fraction < 1.0:
             raise ValueError(f"source_val_fraction must be in (0, 1), got {self.source_val_fraction}")
 
@@ -415,6 +423,19 @@ def _refusal_record(by_side: dict[str, list[dict]]) -> dict:
     return out
 
 
+def _distilled_targets(cfg: TrainConfig, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Soft targets for distillation: the labels mixed with the teacher's probabilities on the same films."""
+    from cxr.train.scoring import KerasScorer
+
+    if cfg.teacher is None or not Path(cfg.teacher).is_file():
+        raise DataError(f"teacher model not found: {cfg.teacher}")
+    logits = KerasScorer(Path(cfg.teacher)).logits(x).astype(np.float64)
+    p = 1 / (1 + np.exp(-logits))
+    logger.info("distilling from %s: teacher weight %.2f, teacher mean probability %.3f on %d films", cfg.teacher,
+                cfg.teacher_weight, float(p.mean()), len(p))
+    return ((1 - cfg.teacher_weight) * y + cfg.teacher_weight * p).astype(np.float32)
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Train a model and write the run directory.
 
@@ -441,6 +462,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     x_va, va, refused_va = data_mod.load_samples(va, cache_dir=cfg.cache_dir, progress=True, what="select")
     refused = _refusal_record({"train": refused_tr, "select": refused_va})
     y_tr, y_va = _labels(tr), _labels(va)
+    if cfg.teacher is not None:
+        y_tr = _distilled_targets(cfg, x_tr, y_tr)
     masses = data_mod.cell_masses(tr)
     logger.info("sampling mass per (source, class): %s", masses)
     monitor: tuple[np.ndarray, np.ndarray] | None = None
