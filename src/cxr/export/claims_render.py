@@ -47,6 +47,10 @@ def claims_markdown(claims: Claims, *, own_population_only: bool = True) -> str:
         lines.append(f"| {c.source} | {c.population} | {c.operating_point} | {c.threshold:.4f} | {c.films} "
                      f"({c.patients}) | {c.positives} | {_ci(d['auc'])} | {_ci(d['sensitivity'])} | "
                      f"{_ci(d['specificity'])} | {_ci(d['flagged'])} |")
+    lines += ["", "A film the model refused (`not_assessable`) counts as a **referral**: a positive answer in sensitivity "
+              "and specificity, and in *flagged*; AUC is over the films it answered. Intervals resample patients "
+              "(a patient's films go together), and each rate's interval covers the exact Clopper-Pearson interval "
+              "over the patients that carry it, so several films of one patient never count as several patients."]
     pv = [c for c in rows if c.sensitivity is not None and c.specificity is not None]
     if pv:
         lines += ["", "At a population's own prevalence, from the test sensitivity and specificity above (point "
