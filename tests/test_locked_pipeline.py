@@ -48,9 +48,9 @@ def locked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     cxr("export", "--model", str(run / "model.keras"), "--repository", str(repo), "--split", str(split),
         "--no-int8")
     cxr("operating-points", "--repository", str(repo), "--name", "pneumonia", "--split", str(split),
-        "--point", "strict=a:sensitivity:0.8", "--point", "lenient=b:youden", "--default", "strict")
+        "--point", "strict=a:sensitivity:0.8", "--point", "lenient=b:youden", "--default", "strict", "--overwrite")
     cxr("claims", "--repository", str(repo), "--name", "pneumonia", "--split", str(split),
-        "--population", "a=strict", "--population", "b=lenient")
+        "--population", "a=strict", "--population", "b=lenient", "--overwrite")
     return {"split": split, "run": run, "repo": repo, "a": a, "b": b}
 
 

@@ -33,9 +33,13 @@ typical flow (DATA: a Kaggle-layout root with train/{NORMAL,PNEUMONIA}; SITE: a 
   cxr train --data DATA --out runs/compact
   cxr evaluate --model runs/compact/model.keras --data SITE
   cxr calibrate --model runs/compact/model.keras --data SITE
-  cxr export --model runs/compact/model.keras --data DATA --site SITE
-  cxr serve &            # embedded CPU Triton on 127.0.0.1:8000/8001/8002
+  cxr export --model runs/compact/model.keras --data DATA --site SITE --repository runs/repository
+  cxr serve --model-repository runs/repository &   # embedded CPU Triton on 127.0.0.1:8000/8001/8002
   cxr predict FILMS --protocol grpc --format csv --out results.csv
+
+commands that write a model folder (export, ood-fit, operating-points, claims, configs) need --repository, and
+--overwrite to write into a folder that exists (its previous version is copied to REPOSITORY.previous/ first);
+reading commands default to the shipped model.
 
 every answer has a status: ok (Normal/Pneumonia), not_assessable (no label, a reason naming the
 rule: route it to a human reader) or error (unreadable input, or a server failure to retry).

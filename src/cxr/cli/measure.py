@@ -97,9 +97,10 @@ def _add_claims(sub: argparse._SubParsersAction) -> None:
         help="measure claims.json on the locked test patients (read once)",
         description="Read the locked split's test side once, score it with the served graph and write the model "
         "folder's claims.json: every source at every operating point, 95%% intervals from a patient bootstrap. "
-        "The test films are recorded in provenance.csv with the role test; nothing measured here chooses anything.",
+        "The test films are recorded in provenance.csv with the role test; nothing measured here chooses anything. "
+        "Writes into the model folder: --repository is required, and --overwrite.",
     )
-    options.add_model_folder(p)
+    options.add_model_folder(p, writes=True)
     p.add_argument("--split", type=Path, required=True, help="the locked split (`cxr lock-split`)")
     p.add_argument("--population", action="append", required=True, metavar="SOURCE=POPULATION",
                    help="who a test source's patients are (kaggle_site=pediatric); repeatable")
@@ -116,6 +117,7 @@ def _cmd_claims(a: argparse.Namespace) -> int:
         if not sep or not k or not v:
             raise CxrError(f"--population {t!r}: expected SOURCE=POPULATION")
         populations[k] = v
+    options.writable_model_folders([a.repository / a.name], overwrite=a.overwrite)
     claims = measure_claims(a.repository / a.name, a.split, populations, cache_dir=DEFAULT_CACHE,
                             command=a.command_line)
     print(claims_markdown(claims, own_population_only=False))
