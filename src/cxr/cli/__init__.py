@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 
 from cxr.cli import build, measure, screen, serve, site
-from cxr.core.errors import CxrError
+from cxr.core.errors import EXIT_CODES, CxrError, ExitCode
 
 logger = logging.getLogger("cxr")
 
@@ -45,7 +45,8 @@ every answer has a status: ok (Normal/Pneumonia), not_assessable (no label, a re
 rule: route it to a human reader) or error (unreadable input, or a server failure to retry).
 
 `cxr COMMAND --help` tells a command's options; `cxr GROUP COMMAND ...` works too (e.g. cxr site monitor).
-"""
+
+""" + EXIT_CODES
 
 Adder = Callable[[argparse._SubParsersAction], None]
 
@@ -173,31 +174,61 @@ def _main(argv: list[str]) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - the one place where every error leaves: one line, a non-zero code
-        if args.verbose and not isinstance(exc, CxrError):
+        if args.verbose and exit_code_of(exc) == ExitCode.INTERNAL:
             raise
         return _error_line(args.command, exc)
 
 
-#: Exit codes: 2 for a user error (bad arguments, input, configuration), 75 (EX_TEMPFAIL) for an upstream that is
-#: unreachable or failing for now (rerun later), 1 for anything unexpected.
-EXIT_USAGE, EXIT_TEMPFAIL, EXIT_INTERNAL = 2, 75, 1
+#: Exit codes (:class:`cxr.core.errors.ExitCode`, the one table): kept under their older names.
+EXIT_USAGE, EXIT_TEMPFAIL, EXIT_INTERNAL = ExitCode.USAGE, ExitCode.TEMPFAIL, ExitCode.INTERNAL
+
+#: The extra that installs each optional top-level module a command may import (``pip install 'cxr-triton[EXTRA]'``).
+EXTRA_OF_MODULE: dict[str, str] = {
+    "tensorflow": "train", "keras": "train", "tf2onnx": "train", "onnx": "train", "matplotlib": "train",
+    "tritonclient": "client", "onnxruntime": "client", "pydicom": "client", "pylibjpeg": "client",
+    "pytriton": "serve",
+    "locust": "loadtest", "psutil": "loadtest",
+    "gradio": "ui",
+    "pynetdicom": "hospital", "highdicom": "hospital", "dicomweb_client": "hospital", "fhir": "hospital",
+    "prometheus_client": "hospital", "scipy": "hospital",
+    "ray": "ray", "pyarrow": "ray",
+}
+
+
+def exit_code_of(exc: BaseException) -> int:
+    """The exit code ``cxr`` ends with when ``exc`` ends a command: a :class:`CxrError`'s own code, 2 for a file or
+    folder that cannot be used (``OSError``) and for a missing extra, 1 for anything else (a bug)."""
+    if isinstance(exc, CxrError):
+        return int(type(exc).exit_code)
+    if isinstance(exc, ModuleNotFoundError) and _missing_extra(exc):
+        return ExitCode.USAGE
+    if isinstance(exc, OSError):
+        return ExitCode.USAGE
+    return ExitCode.INTERNAL
+
+
+def _missing_extra(exc: ModuleNotFoundError) -> str | None:
+    """The extra whose package ``exc`` did not find, or None when it is no optional package of ours."""
+    return EXTRA_OF_MODULE.get((exc.name or "").partition(".")[0])
 
 
 def _error_line(command: str, exc: BaseException) -> int:
-    """Print one line on stderr for ``exc`` (URL credentials redacted) and return the exit code."""
-    from cxr.core.errors import RetryableServerError
+    """Print one line on stderr for ``exc`` (URL credentials redacted) and return its exit code."""
     from cxr.core.security import redact_url
 
     text = " ".join(str(exc).split()) or type(exc).__name__
-    if isinstance(exc, RetryableServerError):
-        rc, what = EXIT_TEMPFAIL, f"{text} (temporary: rerun later)"
-    elif isinstance(exc, CxrError):
-        rc, what = EXIT_USAGE, str(exc)  # the project's own messages (some list failures on further lines)
-    elif isinstance(exc, (OSError, ValueError)):
-        rc, what = EXIT_USAGE, f"{type(exc).__name__}: {text}"
+    rc = exit_code_of(exc)
+    if isinstance(exc, CxrError):
+        # the project's own messages (some list failures on further lines)
+        what = f"{text} (temporary: rerun later)" if rc == ExitCode.TEMPFAIL else str(exc)
+    elif isinstance(exc, ModuleNotFoundError) and rc == ExitCode.USAGE:
+        extra = _missing_extra(exc)
+        what = f"this needs the '{extra}' extra: pip install 'cxr-triton[{extra}]' (no module named {exc.name!r})"
+    elif rc == ExitCode.USAGE:
+        what = f"{type(exc).__name__}: {text}"
     else:
-        rc, what = EXIT_INTERNAL, f"unexpected {type(exc).__name__}: {text} (run with -v for the traceback)"
+        what = f"unexpected {type(exc).__name__}: {text} (run with -v for the traceback)"
     print(f"cxr {command}: error: {redact_url(what)}", file=sys.stderr)
     return rc

@@ -101,18 +101,18 @@ def _cmd_train(a: argparse.Namespace) -> int:
     from cxr.train.data import Source
     from cxr.train.trainer import TrainConfig, train
 
-    augment = None if a.no_augment else AugmentConfig(flip=not a.no_flip, photometric=not a.no_photometric,
+    augment = None if a.no_augment else options.typed(AugmentConfig, flip=not a.no_flip, photometric=not a.no_photometric,
                                                       acquisition=a.acquisition)
     if (a.data is None) == (a.split is None):
         raise CxrError("cxr train: give --data (a split is made) or --split (a locked split), one of them")
-    cfg = TrainConfig(
+    cfg = options.typed(TrainConfig,
         split_file=a.split, leave_out=tuple(a.leave_out),
         data_dir=a.data or Path("."), out_dir=a.out, arch=a.arch, epochs=a.epochs, batch_size=a.batch_size,
         learning_rate=a.lr, seed=a.seed, val_fraction=a.val_fraction, patience=a.patience,
         augment=augment, weights=a.weights, monitor_dir=a.monitor, select_on=a.select_on or ("sources" if a.split else "val"),
         limit_per_class=a.limit_per_class, cache_dir=a.cache_dir, width=a.width,
         time_budget_s=None if a.time_budget is None else a.time_budget * 60,
-        sources=tuple(Source.parse(t) for t in a.source), source_val_fraction=a.source_val_fraction,
+        sources=tuple(options.typed(Source.parse, t) for t in a.source), source_val_fraction=a.source_val_fraction,
         command=a.command_line,
     )
     result = train(cfg)
@@ -230,7 +230,7 @@ def _add_operating_points(sub: argparse._SubParsersAction) -> None:
 def _cmd_operating_points(a: argparse.Namespace) -> int:
     from cxr.export.claims_report import PointRule, choose_points
 
-    rules = [PointRule.parse(t) for t in a.point]
+    rules = [options.typed(PointRule.parse, t) for t in a.point]
     folders = [a.repository / a.name, *(a.repository / n for n in a.also)]
     options.writable_model_folders(folders, overwrite=a.overwrite)
     res = choose_points(folders, a.split, rules,
@@ -285,7 +285,7 @@ def _cmd_export(a: argparse.Namespace) -> int:
                                    overwrite=a.overwrite)
     from cxr.export.onnx_export import ExportConfig, export
 
-    cfg = ExportConfig(model_path=a.model, data_dir=a.data, repository=a.repository, model_name=a.name,
+    cfg = options.typed(ExportConfig, model_path=a.model, data_dir=a.data, repository=a.repository, model_name=a.name,
                        version=a.version, opset=a.opset, int8=not a.no_int8, command=a.command_line,
                        cache_dir=DEFAULT_CACHE, site_dir=a.site, non_chest_dir=a.not_chest, split_file=a.split)
     results = export(cfg)

@@ -8,7 +8,7 @@ import textwrap
 from pathlib import Path
 
 from cxr.cli import options
-from cxr.core.errors import CxrError
+from cxr.core.errors import CxrError, ExitCode
 from cxr.core.paths import DEFAULT_CACHE, DEFAULT_MODEL, DEFAULT_REPOSITORY, REPO_ROOT
 
 TITLE = "measuring: a model's figures, the server's speed"
@@ -46,7 +46,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     for r in rep["refused"]:
         print(f"refused ({r['label']}): {r['reason']}")
     print(f"reports and plots in {out}")
-    return 0 if rep["n"] else 1
+    return ExitCode.OK if rep["n"] else ExitCode.USAGE  # no film could be evaluated
 
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
@@ -146,10 +146,10 @@ def _add_ood_eval(sub: argparse._SubParsersAction) -> None:
 def _cmd_ood_eval(a: argparse.Namespace) -> int:
     from cxr.export.ood_eval import OodEvalConfig, run
 
-    rep = run(OodEvalConfig(repository=a.repository, model=a.name, real_dirs=tuple(a.real), split_file=a.split,
+    rep = run(options.typed(OodEvalConfig, repository=a.repository, model=a.name, real_dirs=tuple(a.real), split_file=a.split,
                             data_dir=a.data, xray_folder=a.xrays, out_dir=a.out, cache_dir=DEFAULT_CACHE))
     print((a.out / "ood.md").read_text())
-    return 0 if rep["meets_targets"] else 1
+    return ExitCode.OK if rep["meets_targets"] else ExitCode.CHECK_FAILED
 
 
 def _add_explain_eval(sub: argparse._SubParsersAction) -> None:
@@ -170,7 +170,7 @@ def _add_explain_eval(sub: argparse._SubParsersAction) -> None:
 def _cmd_explain_eval(a: argparse.Namespace) -> int:
     from cxr.train.explain_eval import ExplainEvalConfig, run
 
-    run(ExplainEvalConfig(repository=a.repository, model=a.name, data=a.data, out_dir=a.out, limit=a.limit))
+    run(options.typed(ExplainEvalConfig, repository=a.repository, model=a.name, data=a.data, out_dir=a.out, limit=a.limit))
     print((a.out / "gradcam.md").read_text())
     return 0
 
@@ -206,7 +206,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _cmd_bench(a: argparse.Namespace) -> int:
     from cxr.loadtest.bench import BenchConfig, run_bench, table
 
-    res = run_bench(BenchConfig(repository=a.model_repository, model=a.model, images_dir=a.images_dir, out=a.out,
+    res = run_bench(options.typed(BenchConfig, repository=a.model_repository, model=a.model, images_dir=a.images_dir, out=a.out,
                                 seconds=a.seconds, inception=not a.no_inception, tail_seconds=a.tail_seconds,
                                 perf_analyzer_root=a.perf_analyzer_root, ray_images=a.ray_images))
     print(table(res))
@@ -247,7 +247,7 @@ def _cmd_capacity(a: argparse.Namespace) -> int:
     from cxr.loadtest.capacity import CapacityConfig, sweep
 
     admin_key = read_key(a.admin_key_file, "admin key") if a.admin_key_file else None
-    res = sweep(CapacityConfig(grpc_url=a.grpc_url, http_url=a.http_url, metrics_url=a.metrics_url, admin_key=admin_key,
+    res = sweep(options.typed(CapacityConfig, grpc_url=a.grpc_url, http_url=a.http_url, metrics_url=a.metrics_url, admin_key=admin_key,
                                model=a.model,
                                users=tuple(a.users),
                                step_seconds=a.step_seconds, images_per_request=a.images_per_request,
@@ -255,7 +255,7 @@ def _cmd_capacity(a: argparse.Namespace) -> int:
                                target_studies_per_hour=a.target_studies_per_hour, headroom=a.headroom,
                                protocol=a.protocol, out_dir=a.out))
     print((a.out / "capacity.md").read_text())
-    return 0 if res["plan"]["meets_slo"] else 1
+    return ExitCode.OK if res["plan"]["meets_slo"] else ExitCode.CHECK_FAILED
 
 
 def _add_soak(sub: argparse._SubParsersAction) -> None:
@@ -264,7 +264,7 @@ def _add_soak(sub: argparse._SubParsersAction) -> None:
         help="bounded soak at a fraction of measured saturation, with memory readings",
         description="Measure saturation, then offer --fraction of it (open loop) for --duration-s seconds; report "
         "failures, latency percentiles and the RSS of the server (with --server-pid) and of the client at start "
-        "and end. Exit 1 if any request failed.",
+        "and end. Exit 3 if any request failed.",
     )
     p.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
     p.add_argument("--model", default=DEFAULT_MODEL, help="served model name")
@@ -280,10 +280,10 @@ def _cmd_soak(a: argparse.Namespace) -> int:
 
     from cxr.loadtest.soak import SoakConfig, soak
 
-    rep = soak(SoakConfig(grpc_url=a.url, server_pid=a.server_pid, model=a.model, duration_s=a.duration_s,
+    rep = soak(options.typed(SoakConfig, grpc_url=a.url, server_pid=a.server_pid, model=a.model, duration_s=a.duration_s,
                           fraction=a.fraction, out=a.out))
     print(json.dumps(rep, indent=1))
-    return 1 if rep["failed"] else 0
+    return ExitCode.CHECK_FAILED if rep["failed"] else ExitCode.OK
 
 
 def _add_bench_priority(sub: argparse._SubParsersAction) -> None:

@@ -4,13 +4,24 @@ result doors), and how they become the library's typed arguments."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cxr.core.errors import CxrError
 from cxr.core.model_dir import PREVIOUS_SUFFIX, keep_previous
 from cxr.core.paths import DEFAULT_MODEL, DEFAULT_REPOSITORY
+
+T = TypeVar("T")
+
+
+def typed(factory: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """``factory(*args, **kwargs)`` (a typed option's constructor or parser) with its ``ValueError`` as a usage
+    error: a bad option is the user's (exit 2); a ``ValueError`` anywhere else is a bug (exit 1)."""
+    try:
+        return factory(*args, **kwargs)
+    except ValueError as exc:
+        raise CxrError(str(exc)) from None
 
 
 def add_client_args(p: argparse.ArgumentParser) -> None:
