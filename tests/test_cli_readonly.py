@@ -4,6 +4,7 @@ commands that build a run record themselves in its commands.txt once their work 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -17,9 +18,11 @@ def _tree(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def _cxr(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def _cxr(*args: str, cwd: Path, home: Path | None = None) -> subprocess.CompletedProcess:
+    """``cxr ARGS`` in ``cwd``, its state folder ($CXR_HOME) in ``home`` (default: ``cwd/home``)."""
+    env = {**os.environ, "CXR_HOME": str(home or cwd / "home")}
     return subprocess.run([sys.executable, "-m", "cxr.cli", *args], capture_output=True, text=True, timeout=300,
-                          cwd=cwd)
+                          cwd=cwd, env=env)
 
 
 def test_reading_commands_leave_the_model_folder_byte_identical(tmp_path: Path) -> None:
@@ -31,7 +34,9 @@ def test_reading_commands_leave_the_model_folder_byte_identical(tmp_path: Path) 
     r = _cxr("evaluate", "--model", str(repo / "pneumonia" / "1" / "model.onnx"), "--data", str(films),
              "--n-boot", "20", cwd=work)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert (work / "eval_examples" / "report.json").exists()  # an exported model's report: in the working directory
+    # an exported model's report: in the state folder's reports, not the working directory
+    assert (work / "home" / "reports" / "evaluate" / "eval_examples" / "report.json").exists()
+    assert not (work / "eval_examples").exists()
     r = _cxr("predict", str(films / "NORMAL"), "--protocol", "embedded", "--url", str(repo), "--format", "csv",
              "--out", str(work / "answers.csv"), cwd=work)
     assert r.returncode == 0, r.stderr[-2000:]

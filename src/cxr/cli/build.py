@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cxr.cli import options
 from cxr.core.errors import CxrError
-from cxr.core.paths import DEFAULT_CACHE, DEFAULT_REPOSITORY, REPO_ROOT
+from cxr.core.paths import DEFAULT_CACHE, DEFAULT_REPOSITORY, REPORTS_DIR
 
 TITLE = "building a model"
 
@@ -132,7 +132,8 @@ def _add_trials(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", type=Path, required=True, help="the locked split")
     p.add_argument("--run", action="append", required=True, metavar="NAME=RUN_DIR[:WHAT]",
                    help="a training run to report (repeatable; the first is probed)")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "model" / "locked", help="report folder")
+    p.add_argument("--out", type=Path, default=REPORTS_DIR / "trials",
+                   help="report folder (the committed one: docs/model/locked)")
     p.set_defaults(func=_cmd_trials)
 
 

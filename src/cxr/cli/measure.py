@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cxr.cli import options
 from cxr.core.errors import CxrError, ExitCode
-from cxr.core.paths import DEFAULT_CACHE, DEFAULT_MODEL, DEFAULT_REPOSITORY, REPO_ROOT
+from cxr.core.paths import DEFAULT_CACHE, DEFAULT_MODEL, DEFAULT_REPOSITORY, REPORTS_DIR
 
 TITLE = "measuring: a model's figures, the server's speed"
 
@@ -139,7 +139,8 @@ def _add_ood_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", type=Path, help="a run's split.json: its validation side under --data is a real set")
     p.add_argument("--data", type=Path, help="Kaggle-layout root for --split")
     p.add_argument("--xrays", type=Path, help="labelled chest X-ray folder to invert and rotate")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "model", help="report or result file/folder to write")
+    p.add_argument("--out", type=Path, default=REPORTS_DIR / "ood-eval",
+                   help="report folder (the committed one: docs/model)")
     p.set_defaults(func=_cmd_ood_eval)
 
 
@@ -163,7 +164,8 @@ def _add_explain_eval(sub: argparse._SubParsersAction) -> None:
     options.add_model_folder(p)
     p.add_argument("--data", type=Path, required=True, help="labelled folder {NORMAL,PNEUMONIA}/")
     p.add_argument("--limit", type=int, default=60, help="films used at most")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "model", help="report or result file/folder to write")
+    p.add_argument("--out", type=Path, default=REPORTS_DIR / "explain-eval",
+                   help="report folder (the committed one: docs/model)")
     p.set_defaults(func=_cmd_explain_eval)
 
 
@@ -191,7 +193,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images-dir", type=Path,
                    help="a folder of full-resolution X-rays (JPEG/PNG) for the preprocessing rate and the Ray job "
                    "(default: generated films)")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results.json", help="report or result file/folder to write")
+    p.add_argument("--out", type=Path, default=REPORTS_DIR / "bench" / "results.json",
+                   help="result file, with its .md beside it (the committed one: bench/results.json)")
     p.add_argument("--seconds", type=float, default=8.0, help="length of each timed window")
     p.add_argument("--no-inception", action="store_true", help="skip the InceptionV3 baseline (needs TensorFlow)")
     p.add_argument("--tail-seconds", type=float, default=25.0,
@@ -238,7 +241,7 @@ def _add_capacity(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images-per-study", type=int, default=1, help="images per study (PA + lateral = 2)")
     p.add_argument("--target-studies-per-hour", type=float, default=10_000.0, help="planning target")
     p.add_argument("--headroom", type=float, default=0.3, help="fraction of capacity kept free")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "capacity", help="report or result file/folder to write")
+    p.add_argument("--out", type=Path, default=REPORTS_DIR / "capacity", help="report folder")
     p.set_defaults(func=_cmd_capacity)
 
 
@@ -271,7 +274,7 @@ def _add_soak(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--server-pid", type=int, help="tritonserver pid, to report its memory")
     p.add_argument("--duration-s", type=float, default=120.0, help="soak length (bounded)")
     p.add_argument("--fraction", type=float, default=0.8, help="offered load as a fraction of measured saturation")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "soak.json", help="report or result file/folder to write")
+    p.add_argument("--out", type=Path, default=REPORTS_DIR / "soak.json", help="result file")
     p.set_defaults(func=_cmd_soak)
 
 
@@ -297,7 +300,8 @@ def _add_bench_priority(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY, help="the model repository")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model name")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "capacity" / "priority", help="report folder")
+    p.add_argument("--out", type=Path, default=REPORTS_DIR / "bench-priority",
+                   help="report folder (the committed one: docs/capacity/priority)")
     p.add_argument("--urgent-requests", type=int, default=60, help="urgent requests timed per phase")
     p.add_argument("--routine-threads", type=int, default=8, help="closed-loop routine clients")
     p.add_argument("--routine-batch", type=int, default=16, help="films per routine request")

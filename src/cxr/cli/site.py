@@ -11,7 +11,7 @@ from pathlib import Path
 from cxr.cli import options
 from cxr.core.errors import CxrError, ExitCode
 from cxr.core.model_dir import ModelDir
-from cxr.core.paths import DEFAULT_MODEL, DEFAULT_REPOSITORY, REPO_ROOT
+from cxr.core.paths import DEFAULT_MODEL, DEFAULT_REPOSITORY, REPORTS_DIR
 
 TITLE = "a site's onboarding and watch"
 
@@ -43,7 +43,7 @@ def _add_site_audit(sub: argparse._SubParsersAction) -> None:
                    help="override the card's targets (sensitivity, specificity, roc_auc, flagged), e.g. sensitivity=0.95")
     p.add_argument("--confidence", type=float, default=0.95,
                    help="one-sided confidence of the bounds the decision reads (default 0.95)")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "site-audit", help="report folder")
+    p.add_argument("--out", type=Path, default=REPORTS_DIR / "site-audit", help="report folder")
     options.add_operating_point(p)
     p.set_defaults(func=_cmd_site_audit)
 
@@ -95,7 +95,7 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY, help="repository holding --model")
     p.add_argument("--out-repository", type=Path, required=True, help="repository to publish the adapted model into")
     p.add_argument("--name", help="adapted model's folder name (default: MODEL_site)")
-    p.add_argument("--report", type=Path, help="report folder (default: out/adapt/NAME)")
+    p.add_argument("--report", type=Path, help=f"report folder (default: {REPORTS_DIR / 'adapt' / 'NAME'})")
     p.add_argument("--calibrate-fraction", type=float, default=0.3, help="share of the films for the calibrate part")
     p.add_argument("--audit-fraction", type=float, default=0.3, help="share of the films kept for the audit")
     p.add_argument("--targets", nargs="+", metavar="NAME=VALUE", default=(),
@@ -121,7 +121,7 @@ def _cmd_adapt(a: argparse.Namespace) -> int:
     targets = targets_from(ModelDir(a.model_repository / a.model).card(), a.targets)
     try:
         cfg = AdaptConfig(sample=a.sample, model_dir=a.model_repository / a.model, out_repository=a.out_repository,
-                          name=name, report_dir=a.report or REPO_ROOT / "out" / "adapt" / name,
+                          name=name, report_dir=a.report or REPORTS_DIR / "adapt" / name,
                           calibrate_fraction=a.calibrate_fraction, audit_fraction=a.audit_fraction, targets=targets,
                           confidence=a.confidence, population=a.population, site_mass=a.site_mass, seed=a.seed,
                           features=a.features, adapt_limit=a.adapt_limit)
