@@ -47,6 +47,21 @@ def test_the_model_repository_rule(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert paths._checkout(tmp_path / "src" / "cxr") == tmp_path
 
 
+def test_the_version_is_written_once_and_printed() -> None:
+    """pyproject.toml reads the version from cxr.__version__ (written nowhere else); `cxr --version` prints it."""
+    import re
+
+    import cxr
+
+    text = (REPO / "pyproject.toml").read_text()
+    project = text.split("[project]", 1)[1].split("\n[", 1)[0]
+    assert not re.search(r"^version\s*=", project, re.M) and re.search(r'^dynamic = \["version"\]', project, re.M)
+    assert 'version = {attr = "cxr.__version__"}' in text
+    assert re.fullmatch(r"\d+\.\d+\.\d+([.-]?\w+)?", cxr.__version__)
+    r = subprocess.run([sys.executable, "-m", "cxr.cli", "--version"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == f"cxr {cxr.__version__}", r.stdout + r.stderr
+
+
 def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
 

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
+from cxr import __version__
 from cxr.cli import build, measure, screen, serve, site
 from cxr.core.errors import EXIT_CODES, CxrError, ExitCode
 
@@ -90,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"cxr {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=argparse.ArgumentParser)
     for _, module in GROUPS:
         for add in module.COMMANDS:
