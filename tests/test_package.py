@@ -62,6 +62,34 @@ def test_the_version_is_written_once_and_printed() -> None:
     assert r.returncode == 0 and r.stdout.strip() == f"cxr {cxr.__version__}", r.stdout + r.stderr
 
 
+#: Files that still hash files their own way, with why (their owners are changing them now).
+OWN_FILE_HASH = {
+    "src/cxr/client/batch.py": "the predict journal's key (returns '' on OSError); its move out of client/ is under way",
+    "src/cxr/hospital/site_audit.py": "hospital/ is being split into the doors and the site tools",
+}
+
+
+def test_one_file_hash() -> None:
+    """sha256 of a file's bytes is computed in one place, cxr.core.integrity.sha256_file."""
+    import re
+
+    pattern = re.compile(r"sha256\([^)]*read_bytes\(\)|iter\(lambda: \w+\.read\(")
+    found = sorted(str(f.relative_to(REPO)) for f in [*(REPO / "src").rglob("*.py"), *(REPO / "scripts").rglob("*.py")]
+                   if pattern.search(f.read_text()))
+    assert found == sorted(["src/cxr/core/integrity.py", *OWN_FILE_HASH]), found
+
+
+def test_the_file_hash(tmp_path: Path) -> None:
+    import hashlib
+
+    from cxr.core.integrity import sha256_file
+
+    (tmp_path / "f").write_bytes(b"x" * (3 << 20))
+    assert sha256_file(tmp_path / "f") == hashlib.sha256(b"x" * (3 << 20)).hexdigest()
+    with pytest.raises(OSError):
+        sha256_file(tmp_path / "missing")
+
+
 def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
 
