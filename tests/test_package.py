@@ -90,6 +90,77 @@ def test_the_file_hash(tmp_path: Path) -> None:
         sha256_file(tmp_path / "missing")
 
 
+#: What a client-only install (`pip install 'cxr-triton[client]'`) must not pull.
+NOT_IN_THE_CLIENT = ("scipy", "matplotlib", "tensorflow", "keras", "tf2onnx", "fhir", "dicomweb_client",
+                     "prometheus_client", "pynetdicom", "highdicom", "gradio", "pytest", "mypy", "playwright")
+
+
+def _extras() -> dict[str, list[str]]:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - the 3.10 floor
+        import tomli as tomllib
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+
+def _closure(extras: dict[str, list[str]], name: str) -> list[str]:
+    """The requirements of an extra, with the extras it names (cxr-triton[a,b]) expanded."""
+    out = []
+    for req in extras[name]:
+        if req.startswith("cxr-triton["):
+            for inner in req[len("cxr-triton["):].rstrip("]").split(","):
+                out += _closure(extras, inner)
+        else:
+            out.append(req)
+    return out
+
+
+def test_the_extras() -> None:
+    """client is slim; hospital holds the doors; all holds no development tool; dev is apart."""
+    import re
+
+    extras = _extras()
+
+    def names(extra: str) -> set[str]:
+        return {re.split(r"[\[<>=;! ]", r, maxsplit=1)[0].lower().replace("-", "_").replace(".", "_")
+                for r in _closure(extras, extra)}
+    client = names("client")
+    assert {"tritonclient", "onnxruntime", "pydicom", "pylibjpeg"} <= client
+    assert not client & {n.replace(".", "_") for n in NOT_IN_THE_CLIENT} and "fhir_resources" not in client
+    assert {"pynetdicom", "highdicom", "dicomweb_client", "fhir_resources", "prometheus_client", "scipy"} <= names("hospital")
+    assert not names("all") & {"pytest", "pytest_timeout", "ruff", "mypy", "playwright", "mutmut", "import_linter"}
+    assert names("dev") >= {"pytest", "ruff", "mypy"}
+    assert "'.[all,dev]'" in (REPO / "scripts" / "test.sh").read_text()  # the test command still installs everything
+
+
+def test_a_client_only_install_screens_the_examples(tmp_path: Path) -> None:
+    """With every package outside the client extra made unimportable, `cxr predict` answers the ten examples
+    in-process (and `cxr health` reads the model): the client layer imports none of them, not even lazily."""
+    blocked = [n.split(".")[0] for n in NOT_IN_THE_CLIENT]
+    code = (
+        "import sys, importlib.abc\n"
+        f"BLOCKED = {blocked!r}\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] in BLOCKED:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r} (blocked)', name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from cxr.cli import main\n"
+        "rc = main(sys.argv[1:])\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] in BLOCKED]\n"
+        "sys.exit(rc)\n")
+    out = tmp_path / "answers.json"
+    r = subprocess.run([sys.executable, "-c", code, "predict", str(REPO / "examples"), "--protocol", "embedded",
+                        "--format", "json", "--out", str(out)], capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert len(rows) == 10 and all(row["status"] in ("ok", "not_assessable") for row in rows)
+    r = subprocess.run([sys.executable, "-c", code, "health", "--protocol", "embedded"], capture_output=True,
+                       text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0 and json.loads(r.stdout)["ready"] is True, r.stderr[-3000:]
+
+
 def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
 

@@ -189,13 +189,13 @@ EXIT_USAGE, EXIT_TEMPFAIL, EXIT_INTERNAL = ExitCode.USAGE, ExitCode.TEMPFAIL, Ex
 
 #: The extra that installs each optional top-level module a command may import (``pip install 'cxr-triton[EXTRA]'``).
 EXTRA_OF_MODULE: dict[str, str] = {
-    "tensorflow": "train", "keras": "train", "tf2onnx": "train", "onnx": "train", "matplotlib": "train",
+    "tensorflow": "train", "keras": "train", "tf2onnx": "train", "onnx": "train",
     "tritonclient": "client", "onnxruntime": "client", "pydicom": "client", "pylibjpeg": "client",
     "pytriton": "serve",
     "locust": "loadtest", "psutil": "loadtest",
     "gradio": "ui",
     "pynetdicom": "hospital", "highdicom": "hospital", "dicomweb_client": "hospital", "fhir": "hospital",
-    "prometheus_client": "hospital", "scipy": "hospital",
+    "prometheus_client": "hospital", "scipy": "hospital", "matplotlib": "hospital",
     "ray": "ray", "pyarrow": "ray",
 }
 
