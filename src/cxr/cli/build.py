@@ -184,9 +184,9 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_calibrate(a: argparse.Namespace) -> int:
     if a.model.is_dir():
+        options.writable_model_folders([a.model, *a.also], overwrite=a.overwrite)  # (before any import or work)
         from cxr.export import repository
 
-        options.writable_model_folders([a.model, *a.also], overwrite=a.overwrite)
         r = repository.recalibrate([a.model, *a.also], a.data, rule=a.rule, target=a.target, confidence=a.confidence,
                                    cache_dir=DEFAULT_CACHE, command=a.command_line)
         print(f"threshold {r['threshold']:.4f} ({a.rule}) on {r['n_used']} site images ({r['n_refused_ood']} refused "
@@ -229,11 +229,11 @@ def _add_operating_points(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_operating_points(a: argparse.Namespace) -> int:
+    folders = [a.repository / a.name, *(a.repository / n for n in a.also)]
+    options.writable_model_folders(folders, overwrite=a.overwrite)  # (before any import or work)
     from cxr.export.claims_report import PointRule, choose_points
 
     rules = [options.typed(PointRule.parse, t) for t in a.point]
-    folders = [a.repository / a.name, *(a.repository / n for n in a.also)]
-    options.writable_model_folders(folders, overwrite=a.overwrite)
     res = choose_points(folders, a.split, rules,
                         default=a.default, cache_dir=DEFAULT_CACHE, command=a.command_line)
     for name, pt in res["points"].items():
@@ -322,9 +322,9 @@ def _add_ood_fit(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_ood_fit(a: argparse.Namespace) -> int:
+    options.writable_model_folders([a.repository / a.name], overwrite=a.overwrite)  # (before any import or work)
     from cxr.export import repository
 
-    options.writable_model_folders([a.repository / a.name], overwrite=a.overwrite)
     r = repository.refit_ood(a.repository / a.name, data_dir=a.data, split_file=a.split, site_dir=a.site,
                              cache_dir=DEFAULT_CACHE, command=a.command_line, non_chest_dir=a.not_chest,
                              body_part=not a.no_body_part)
@@ -354,10 +354,11 @@ def _add_configs(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_configs(a: argparse.Namespace) -> int:
     from cxr.core.model_dir import model_dirs
-    from cxr.export import repository
 
     folders = [a.repository / n for n in a.name] if a.name else [d.path for d in model_dirs(a.repository)]
-    options.writable_model_folders(folders, overwrite=a.overwrite)
+    options.writable_model_folders(folders, overwrite=a.overwrite)  # (before any import or work)
+    from cxr.export import repository
+
     for path in repository.rewrite_configs(a.repository, a.name or (), default_point=a.default_operating_point):
         print(path)
     return 0

@@ -108,6 +108,7 @@ def _add_claims(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_claims(a: argparse.Namespace) -> int:
+    options.writable_model_folders([a.repository / a.name], overwrite=a.overwrite)  # (before any import or work)
     from cxr.export.claims_render import claims_markdown
     from cxr.export.claims_report import measure_claims
 
@@ -117,7 +118,6 @@ def _cmd_claims(a: argparse.Namespace) -> int:
         if not sep or not k or not v:
             raise CxrError(f"--population {t!r}: expected SOURCE=POPULATION")
         populations[k] = v
-    options.writable_model_folders([a.repository / a.name], overwrite=a.overwrite)
     claims = measure_claims(a.repository / a.name, a.split, populations, cache_dir=DEFAULT_CACHE,
                             command=a.command_line)
     print(claims_markdown(claims, own_population_only=False))
