@@ -25,8 +25,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", type=Path, required=True, help="model.keras or model.onnx")
     p.add_argument("--data", type=Path, required=True, help="labelled folder")
     p.add_argument("--out", type=Path, help="report folder (default: eval_<data name> beside a training run's "
-                   "model.keras, where `cxr export` puts it on the card; for an exported model, in the working "
-                   "directory)")
+                   "model.keras, where `cxr export` puts it on the card; for an exported model, "
+                   f"{REPORTS_DIR / 'evaluate'}/eval_<data name>)")
     p.add_argument("--threshold", type=float, help="override the stored threshold")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     p.add_argument("--split", type=Path, help="a run's split.json: evaluate its validation side (DATA is the Kaggle root)")
