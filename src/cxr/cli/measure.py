@@ -85,7 +85,7 @@ def _cmd_compare(a: argparse.Namespace) -> int:
         if not sep or not name or not path:
             raise CxrError(f"--model {item!r}: expected NAME=PATH")
         entries.append((name, Path(path)))
-    compare(entries, a.data, a.out, quoted=[parse_quoted(q) for q in a.quoted], notes=a.note, n_boot=a.n_boot,
+    compare(entries, a.data, a.out, quoted=[options.typed(parse_quoted, q) for q in a.quoted], notes=a.note, n_boot=a.n_boot,
             cache_dir=DEFAULT_CACHE)
     print((a.out / "comparison.md").read_text())
     return 0
