@@ -95,3 +95,58 @@ def test_no_warning_on_a_spool_that_holds_something_or_when_nothing_is_left(tmp_
     (old / "incoming" / "1.2.3.dcm").unlink()
     (old / "outbox" / "1.2.4.sr.dcm").unlink()
     assert screen.unfinished_work(old) == 0 and screen.spool_warnings(tmp_path / "new") == []
+
+
+@pytest.mark.slow
+def test_a_listener_killed_and_restarted_from_another_directory_finishes_its_spool(tmp_path: Path) -> None:
+    """Started from one directory and from another with the same options (no --spool: the state folder's), the
+    listener finds what the killed one accepted and did not screen, and screens every instance once."""
+    import csv
+    import signal
+    import time
+
+    import pydicom
+
+    from cxr.serving.server import free_ports
+    from tests.test_pacs import _store, chest_dx, echo, wait_for
+
+    home, results = tmp_path / "home", tmp_path / "results.csv"
+    port = free_ports(1)[0]
+    options = ["listen", "--port", str(port), "--allow", "MODALITY1", "--out", str(results),
+               "--url", str(SHIPPED_REPOSITORY)]
+
+    def start(cwd: Path) -> subprocess.Popen[bytes]:
+        cwd.mkdir()
+        log = cwd.parent / f"listen-{cwd.name}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "cxr.cli", *options], cwd=cwd, stdout=out,
+                                    stderr=subprocess.STDOUT, env={**os.environ, "CXR_HOME": str(home)})
+        deadline = time.monotonic() + 240
+        while not echo(port, calling="MODALITY1"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.3)
+        return proc
+
+    first, second = (pydicom.dcmread(__import__("io").BytesIO(chest_dx(40 + i))) for i in range(2))
+    listener = start(tmp_path / "a")
+    try:
+        assert _store(port, first, calling="MODALITY1") == [0]
+        wait_for(lambda: results.exists() and len(results.read_text().splitlines()) == 2)
+    finally:
+        listener.send_signal(signal.SIGKILL)
+        listener.wait()
+    spool = home / "listen-spool"
+    # what a listener killed between accepting and screening leaves: the instance, durably in incoming/
+    (spool / "incoming" / f"{second.SOPInstanceUID}.dcm").write_bytes(chest_dx(41))
+    listener = start(tmp_path / "b")
+    try:
+        wait_for(lambda: len(results.read_text().splitlines()) == 3)  # the left instance, screened
+        assert _store(port, first, calling="MODALITY1") == [0]  # sent again: acknowledged, not screened again
+        wait_for(lambda: not list((spool / "incoming").glob("*.dcm")))  # (no --send-to: results stay in the outbox)
+        time.sleep(2)
+    finally:
+        listener.send_signal(signal.SIGTERM)
+        listener.wait(timeout=60)
+    uids = [row["sop_instance_uid"] for row in csv.DictReader(results.open())]
+    assert sorted(uids) == sorted([first.SOPInstanceUID, second.SOPInstanceUID])
+    assert not (tmp_path / "a" / "out").exists() and not (tmp_path / "b" / "out").exists()
