@@ -162,7 +162,7 @@ def _main(argv: list[str]) -> int:
         print(_group_help(name, module), end="", file=sys.stdout if wants_help else sys.stderr)
         if not wants_help:
             print(f"cxr {name}: error: choose one of its commands", file=sys.stderr)
-        return 0 if wants_help else EXIT_USAGE
+        return ExitCode.OK if wants_help else ExitCode.USAGE
     argv = _ungrouped(argv)
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["cxr", *argv])  # for the cards and run logs of the commands that build a model
@@ -183,9 +183,6 @@ def _main(argv: list[str]) -> int:
             raise
         return _error_line(args.command, exc)
 
-
-#: Exit codes (:class:`cxr.core.errors.ExitCode`, the one table): kept under their older names.
-EXIT_USAGE, EXIT_TEMPFAIL, EXIT_INTERNAL = ExitCode.USAGE, ExitCode.TEMPFAIL, ExitCode.INTERNAL
 
 #: The extra that installs each optional top-level module a command may import (``pip install 'cxr-triton[EXTRA]'``).
 EXTRA_OF_MODULE: dict[str, str] = {
