@@ -180,6 +180,13 @@ def test_the_wheel_answers_the_examples_outside_the_checkout(tmp_path: Path) -> 
     r = subprocess.run([str(py), "-m", "pip", "install", "-q", f"{wheel}[client,serve]"], env=clean,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
+    # the client and serving extras pull no training stack, no statistics or plotting, no FHIR or DICOMweb library
+    listed = subprocess.run([str(py), "-m", "pip", "list", "--format", "json"], env=clean, capture_output=True,
+                            text=True, timeout=300, check=True).stdout
+    installed_names = {d["name"].lower().replace("_", "-") for d in json.loads(listed)}
+    assert not installed_names & {"scipy", "matplotlib", "tensorflow", "tensorflow-cpu", "keras", "tf2onnx",
+                                  "fhir.resources", "fhir-resources", "dicomweb-client", "prometheus-client",
+                                  "pynetdicom", "highdicom", "gradio", "pytest", "mypy", "playwright"}, installed_names
     work = tmp_path / "elsewhere"
     work.mkdir()
     shipped = next((env_dir / "lib").glob("python3*/site-packages/cxr/model_repository"))
