@@ -39,8 +39,8 @@ typical flow (DATA: a Kaggle-layout root with train/{NORMAL,PNEUMONIA}; SITE: a 
   cxr predict FILMS --protocol grpc --format csv --out results.csv
 
 commands that write a model folder (export, ood-fit, operating-points, claims, configs) need --repository, and
---overwrite to write into a folder that exists (its previous version is copied to REPOSITORY.previous/ first);
-reading commands default to the shipped model.
+--overwrite to write into a folder that exists, as calibrate does on an exported folder (its previous version is
+copied to REPOSITORY.previous/ first); reading commands default to the shipped model.
 
 every answer has a status: ok (Normal/Pneumonia), not_assessable (no label, a reason naming the
 rule: route it to a human reader) or error (unreadable input, or a server failure to retry).
