@@ -15,7 +15,7 @@ CXR=.venv/bin/cxr
 SPLIT=docs/model/adult_lock/split.json
 SIDES=$RUN/sides
 cmp -s "$RUN/split.json" "$SPLIT" || { echo "$RUN was not trained on $SPLIT (or left a source out)" >&2; exit 2; }
-rm -rf "$SIDES"
+rm -rf "$SIDES" "$OUT/$NAME" "$OUT/${NAME}_int8"  # (the steps after export write into its folder: --overwrite)
 # Platt scaling on every source's select patients but Kaggle's own train folder (the deployment-site sample stands
 # for the children; the adults are NIH, COVID and SIIM)
 .venv/bin/python scripts/split_side.py "$SPLIT" "$SIDES/select" --side select \
@@ -26,8 +26,9 @@ $CXR export --model "$RUN/model.keras" --data $D/chest_xray --repository "$OUT" 
 ALSO=()
 [ -z "$INT8" ] && [ -d "$OUT/${NAME}_int8" ] && ALSO=(--also "${NAME}_int8")
 $CXR operating-points --repository "$OUT" --name "$NAME" "${ALSO[@]}" --split "$SPLIT" \
-  --point pediatric=kaggle_site:sensitivity:0.97 --point adult=siim,nih:sensitivity:0.9
+  --point pediatric=kaggle_site:sensitivity:0.97 --point adult=siim,nih:sensitivity:0.9 --overwrite
 for m in "$NAME" "${ALSO[@]:1}"; do
   $CXR claims --repository "$OUT" --name "$m" --split "$SPLIT" \
-    --population kaggle_site=pediatric --population nih=adult --population covid=adult --population siim=adult
+    --population kaggle_site=pediatric --population nih=adult --population covid=adult --population siim=adult \
+    --overwrite
 done

@@ -10,7 +10,7 @@ OUT=${2:-runs/locked_repository}
 D=../shared/data
 CXR=.venv/bin/cxr
 SIDES=$RUN/sides
-rm -rf "$SIDES" "$OUT"
+rm -rf "$SIDES" "$OUT" "$OUT.previous"  # (the steps after export write into its folders: --overwrite keeps copies)
 # the card names the split it was built on: a committed copy (the locked split itself when the run left nothing out)
 SPLIT=docs/model/locked/split.json
 if ! cmp -s "$RUN/split.json" "$SPLIT"; then
@@ -25,8 +25,8 @@ $CXR calibrate --model "$RUN/model.keras" --data "$SIDES/select" --rule youden
 $CXR export --model "$RUN/model.keras" --data $D/chest_xray --repository "$OUT" --not-chest $D/not_chest_radiographs \
   --split "$SPLIT"
 $CXR operating-points --repository "$OUT" --name pneumonia --also pneumonia_int8 --split "$SPLIT" \
-  --point pediatric=kaggle_site:sensitivity:0.97 --point adult=nih:sensitivity:0.9
+  --point pediatric=kaggle_site:sensitivity:0.97 --point adult=nih:sensitivity:0.9 --overwrite
 for m in pneumonia pneumonia_int8; do
   $CXR claims --repository "$OUT" --name $m --split "$SPLIT" \
-    --population kaggle_site=pediatric --population nih=adult --population covid=adult
+    --population kaggle_site=pediatric --population nih=adult --population covid=adult --overwrite
 done

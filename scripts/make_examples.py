@@ -13,13 +13,14 @@ image is scikit-image's ``camera`` (public domain, shipped in the package).
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from cxr.core.integrity import sha256_file
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"
@@ -107,7 +108,7 @@ def main() -> int:
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(["path", "label", "source", "licence", "sha256"])
         for path, label, source, licence in rows:
-            w.writerow([path, label, source, licence, hashlib.sha256((OUT / path).read_bytes()).hexdigest()])
+            w.writerow([path, label, source, licence, sha256_file(OUT / path)])
     print(f"wrote {len(rows)} files into {OUT}")
     return 0
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command: install every extra into .venv, then run the whole suite (slow tests included).
+# The test command: install every extra (all, and the development tools: dev) into .venv, then run the whole suite (slow tests included).
 #   ./scripts/test.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,7 +7,7 @@ PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 if [ ! -x "$VENV/bin/python" ]; then "$PY" -m venv "$VENV"; fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -e '.[all]'
+"$VENV/bin/python" -m pip install -q -e '.[all,dev]'
 "$VENV/bin/python" -m pip check
 # Real parts the tests start: Debian's Chromium (the UI test drives it with Playwright; Playwright's own browser
 # download is not used), nginx (the TLS-terminating proxy test) and Orthanc (the PACS of the cxr listen tests).

@@ -18,6 +18,9 @@ REAL_FULLRES = SHARED / "chest_xray_fullres"
 SHIPPED_REPOSITORY = REPO / "model_repository"
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# cxr's state folder (spools, reports of commands run without --out, the decoded-image cache) for every test and
+# every `cxr` the tests start: inside the checkout's ignored out/, never the user's own ~/.local/state/cxr
+os.environ.setdefault("CXR_HOME", str(REPO / "out" / "test-home"))
 
 
 def start_cxr_serve(*extra: str):  # type: ignore[no-untyped-def]

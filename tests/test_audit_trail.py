@@ -63,7 +63,7 @@ def test_verify_fails_on_an_edited_deleted_inserted_or_reordered_line(tmp_path: 
     v = verify(path)
     assert not v.ok and v.broken_at is not None
     r = _cli("verify", str(path))
-    assert r.returncode == 1 and f"line {v.broken_at}" in r.stderr and r.stderr.count("\n") == 1
+    assert r.returncode == 3 and f"line {v.broken_at}" in r.stderr and r.stderr.count("\n") == 1
 
 
 def test_verify_cli_on_a_good_trail_and_an_unreadable_file(tmp_path: Path) -> None:
@@ -76,7 +76,7 @@ def test_verify_cli_on_a_good_trail_and_an_unreadable_file(tmp_path: Path) -> No
     path.write_text("\n".join(lines[:-2]) + "\n")
     assert _cli("verify", str(path)).returncode == 0
     r = _cli("verify", str(path), "--last-hash", last)
-    assert r.returncode == 1 and "tail" in r.stderr
+    assert r.returncode == 3 and "tail" in r.stderr
     assert _cli("verify", str(tmp_path / "missing.jsonl")).returncode == 2
 
 
@@ -125,7 +125,7 @@ def test_export_as_fhir_audit_events(tmp_path: Path) -> None:
     assert "urn:oid:1.2.3" in ids and SHA in ids and json.loads(lines[2])["hash"] in ids
     path.write_text("\n".join(lines[1:]) + "\n")  # a broken chain is not exported
     r = _cli("export", str(path), "--fhir-out", str(tmp_path / "ae2.json"))
-    assert r.returncode == 2 and not (tmp_path / "ae2.json").exists()
+    assert r.returncode == 3 and not (tmp_path / "ae2.json").exists()
 
 
 def test_the_page_records_the_signed_in_user_and_the_file_hash_never_its_name(tmp_path: Path) -> None:

@@ -81,7 +81,7 @@ def test_an_empty_audit_log_does_not_verify(tmp_path: Path) -> None:
     (tmp_path / "empty.jsonl").write_text("")
     r = subprocess.run([sys.executable, "-m", "cxr.cli", "audit-log", "verify", str(tmp_path / "empty.jsonl")],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and "empty" in r.stderr and "chain holds" not in r.stdout
+    assert r.returncode == 3 and "empty" in r.stderr and "chain holds" not in r.stdout
 
 
 def test_a_password_in_a_url_never_reaches_the_error_line() -> None:

@@ -202,11 +202,12 @@ def test_a_site_sets_its_default_operating_point(tmp_path: Path) -> None:
     folder = ModelDir(repo / "pneumonia")
     points = folder.card().operating_points
     other = next(n for n in points if n != folder.card().default_operating_point)
-    assert main(["configs", "--repository", str(repo), "--name", "pneumonia", "--default-operating-point", other]) == 0
+    assert main(["configs", "--repository", str(repo), "--name", "pneumonia", "--default-operating-point", other,
+                 "--overwrite"]) == 0
     served = folder.served_params()
     assert served.threshold_for(None) == (other, points[other]["threshold"])
     assert main(["configs", "--repository", str(repo), "--name", "pneumonia", "--default-operating-point",
-                 "neonatal"]) != 0
+                 "neonatal", "--overwrite"]) != 0
 
 
 def test_no_example_film_is_a_locked_test_film() -> None:

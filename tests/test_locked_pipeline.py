@@ -57,9 +57,9 @@ def locked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     cxr("export", "--model", str(run / "model.keras"), "--repository", str(repo), "--split", str(split),
         "--no-int8")
     cxr("operating-points", "--repository", str(repo), "--name", "pneumonia", "--split", str(split),
-        "--point", "strict=a:sensitivity:0.8", "--point", "lenient=b:youden", "--default", "strict")
+        "--point", "strict=a:sensitivity:0.8", "--point", "lenient=b:youden", "--default", "strict", "--overwrite")
     cxr("claims", "--repository", str(repo), "--name", "pneumonia", "--split", str(split),
-        "--population", "a=strict", "--population", "b=lenient")
+        "--population", "a=strict", "--population", "b=lenient", "--overwrite")
     return {"split": split, "run": run, "repo": repo, "a": a, "b": b}
 
 
@@ -154,7 +154,7 @@ def test_a_second_read_of_the_test_side_shows(locked: dict[str, Path], tmp_path:
     assert first.reads == 1 and first.test_reads[0]["split"].endswith("split.json")
     assert claims_markdown(first).startswith("Measured once")
     cxr("claims", "--repository", str(repo), "--name", "pneumonia", "--split", str(locked["split"]),
-        "--population", "a=strict", "--population", "b=lenient")
+        "--population", "a=strict", "--population", "b=lenient", "--overwrite")
     second = Claims.load(repo / "pneumonia" / CLAIMS_FILE)
     assert second.reads == 2 and second.test_reads[0] == first.test_reads[0]
     assert "read **2 times**" in claims_markdown(second)

@@ -157,11 +157,11 @@ def test_calibrate_refuses_a_model_with_operating_points_before_any_work(tmp_pat
     import subprocess
     import sys
 
-    model = tmp_path / "pneumonia"
+    model = tmp_path / "repo" / "pneumonia"
     shutil.copytree(SHIPPED_REPOSITORY / "pneumonia", model, ignore=shutil.ignore_patterns("__pycache__"))
     before = {str(p): p.read_bytes() for p in sorted(model.rglob("*")) if p.is_file()}
     r = subprocess.run([sys.executable, "-m", "cxr.cli", "calibrate", "--model", str(model), "--data",
-                        str(tmp_path / "no_such_site")], capture_output=True, text=True, timeout=300)
+                        str(tmp_path / "no_such_site"), "--overwrite"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]  # (TensorFlow's own start-up lines may come before it)

@@ -78,30 +78,49 @@ def test_budget_must_be_positive(tmp_path: Path) -> None:
         _clock(budget_s=-1.0)
 
 
+class _FakeOptimizer:
+    def __init__(self) -> None:
+        self.assigned: list[float] = []
+        self.learning_rate = self
+
+    def assign(self, value: float) -> None:
+        self.assigned.append(float(value))
+
+
+class _FakeModel:
+    """What TimeBudget touches of a Keras model: the optimizer's learning rate and ``stop_training``."""
+
+    def __init__(self) -> None:
+        self.optimizer = _FakeOptimizer()
+        self.stop_training = False
+
+
 def _run_on_a_fake_clock(clock: BudgetClock, *, steps_per_epoch: int, epochs: int, step_s, eval_s) -> dict:  # type: ignore[no-untyped-def]
-    """Drive ``clock`` as the trainer's TimeBudget callback does, on synthetic times: before each step the learning
-    rate from ``progress``; after it the step's time and ``may_continue``; at each epoch's end (validation and
-    checkpoint, which Keras runs even after a stop mid-epoch) the measured evaluation time and ``may_continue``
-    again. ``step_s(i)`` and ``eval_s(epoch)`` give the durations. Returns what the run did."""
-    now, stopped, progress, epoch = clock.t0, False, [], 0
+    """Drive the trainer's own :class:`cxr.train.callbacks.TimeBudget` callback as Keras's fit loop calls it, on a
+    fake time source: batch begin, the step, batch end (a stop requested there ends the epoch's steps), then the
+    epoch's validation and checkpoint (which Keras runs even after a stop mid-epoch) and epoch end. ``step_s(i)``
+    and ``eval_s(epoch)`` give the durations. The learning-rate schedule is the identity, so the rates the callback
+    assigns are the progress it read. Returns what the run did."""
+    from cxr.train.callbacks import TimeBudget
+
+    t = [clock.t0]
+    budget = TimeBudget(clock, lambda progress: progress, now=lambda: t[0])
+    model = _FakeModel()
+    budget.set_model(model)
+    epoch = 0
     for epoch in range(epochs):
-        for _ in range(steps_per_epoch):
-            progress.append(clock.progress(now))
-            start, now = now, now + step_s(clock.steps_done)
-            clock.steps_done += 1
-            clock.step_seconds.append(now - start)
-            if not clock.may_continue(now):
-                stopped = True
+        for step in range(steps_per_epoch):
+            budget.on_train_batch_begin(step)
+            t[0] += step_s(clock.steps_done)
+            budget.on_train_batch_end(step)
+            if model.stop_training:
                 break
-        spent = eval_s(epoch)
-        now += spent
-        clock.eval_seconds = max(spent, clock.eval_seconds or 0.0)
-        if not clock.may_continue(now):
-            stopped = True
-        if stopped:
+        t[0] += eval_s(epoch)
+        budget.on_epoch_end(epoch)
+        if model.stop_training:
             break
-    return {"end": now, "stopped": stopped, "progress": progress, "epochs": epoch + 1,
-            "stopped_by": stop_reason(clock.steps_done, clock.total_steps, budget_stopped=stopped)}
+    return {"end": t[0], "stopped": budget.stopped, "progress": model.optimizer.assigned, "epochs": epoch + 1,
+            "stopped_by": stop_reason(clock.steps_done, clock.total_steps, budget_stopped=budget.stopped)}
 
 
 @pytest.mark.parametrize(("first_step_s", "step_s", "eval_s"), [

@@ -232,9 +232,9 @@ def _figure(rgb, caption: str) -> str:
 def make_classifier(client, gradcam, workdir: Path, *, gradcam_note: str = "", audit=None) -> Callable:
     """The Submit handler: (HTML answers, Grad-CAM gallery, table rows, CSV path) for a list of uploaded files
     and the signed-in user (``None`` on a page without a login)."""
-    from cxr.client.batch import file_sha256
     from cxr.client.explain import film_for_display, overlay
     from cxr.core.contract import format_probability
+    from cxr.core.integrity import sha256_file
 
     def classify(files: list | None, user: str | None = None):
         paths = [str(getattr(f, "name", f)) for f in (files or [])]
@@ -242,7 +242,7 @@ def make_classifier(client, gradcam, workdir: Path, *, gradcam_note: str = "", a
             return "Please upload at least one image.", "", [], None
         notes: list[str] = []
         actor = f"user:{user}" if user else "user:(no login, loopback page)"
-        shas = [file_sha256(Path(p)) for p in paths] if audit is not None else []
+        shas = [sha256_file(Path(p)) for p in paths] if audit is not None else []
         for sha in shas:
             audit.event("received", actor=actor, instance_uid=f"sha256:{sha}", source="upload")
         try:

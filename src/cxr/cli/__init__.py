@@ -17,8 +17,9 @@ import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
+from cxr import __version__
 from cxr.cli import build, measure, screen, serve, site
-from cxr.core.errors import CxrError
+from cxr.core.errors import EXIT_CODES, CxrError, ExitCode
 
 logger = logging.getLogger("cxr")
 
@@ -33,15 +34,20 @@ typical flow (DATA: a Kaggle-layout root with train/{NORMAL,PNEUMONIA}; SITE: a 
   cxr train --data DATA --out runs/compact
   cxr evaluate --model runs/compact/model.keras --data SITE
   cxr calibrate --model runs/compact/model.keras --data SITE
-  cxr export --model runs/compact/model.keras --data DATA --site SITE
-  cxr serve &            # embedded CPU Triton on 127.0.0.1:8000/8001/8002
+  cxr export --model runs/compact/model.keras --data DATA --site SITE --repository runs/repository
+  cxr serve --model-repository runs/repository &   # embedded CPU Triton on 127.0.0.1:8000/8001/8002
   cxr predict FILMS --protocol grpc --format csv --out results.csv
+
+commands that write a model folder (export, ood-fit, operating-points, claims, configs) need --repository, and
+--overwrite to write into a folder that exists, as calibrate does on an exported folder (its previous version is
+copied to REPOSITORY.previous/ first); reading commands default to the shipped model.
 
 every answer has a status: ok (Normal/Pneumonia), not_assessable (no label, a reason naming the
 rule: route it to a human reader) or error (unreadable input, or a server failure to retry).
 
 `cxr COMMAND --help` tells a command's options; `cxr GROUP COMMAND ...` works too (e.g. cxr site monitor).
-"""
+
+""" + EXIT_CODES
 
 Adder = Callable[[argparse._SubParsersAction], None]
 
@@ -85,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"cxr {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=argparse.ArgumentParser)
     for _, module in GROUPS:
         for add in module.COMMANDS:
@@ -154,7 +162,7 @@ def _main(argv: list[str]) -> int:
         print(_group_help(name, module), end="", file=sys.stdout if wants_help else sys.stderr)
         if not wants_help:
             print(f"cxr {name}: error: choose one of its commands", file=sys.stderr)
-        return 0 if wants_help else EXIT_USAGE
+        return ExitCode.OK if wants_help else ExitCode.USAGE
     argv = _ungrouped(argv)
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["cxr", *argv])  # for the cards and run logs of the commands that build a model
@@ -169,31 +177,58 @@ def _main(argv: list[str]) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - the one place where every error leaves: one line, a non-zero code
-        if args.verbose and not isinstance(exc, CxrError):
+        if args.verbose and exit_code_of(exc) == ExitCode.INTERNAL:
             raise
         return _error_line(args.command, exc)
 
 
-#: Exit codes: 2 for a user error (bad arguments, input, configuration), 75 (EX_TEMPFAIL) for an upstream that is
-#: unreachable or failing for now (rerun later), 1 for anything unexpected.
-EXIT_USAGE, EXIT_TEMPFAIL, EXIT_INTERNAL = 2, 75, 1
+#: The extra that installs each optional top-level module a command may import (``pip install 'cxr-triton[EXTRA]'``).
+EXTRA_OF_MODULE: dict[str, str] = {
+    "tensorflow": "train", "keras": "train", "tf2onnx": "train", "onnx": "train",
+    "tritonclient": "client", "onnxruntime": "client", "pydicom": "client", "pylibjpeg": "client",
+    "pytriton": "serve",
+    "locust": "loadtest", "psutil": "loadtest",
+    "gradio": "ui",
+    "pynetdicom": "hospital", "highdicom": "hospital", "dicomweb_client": "hospital", "fhir": "hospital",
+    "prometheus_client": "hospital", "scipy": "hospital", "matplotlib": "hospital",
+    "ray": "ray", "pyarrow": "ray",
+}
+
+
+def exit_code_of(exc: BaseException) -> int:
+    """The exit code ``cxr`` ends with when ``exc`` ends a command: a :class:`CxrError`'s own code, 2 for a file or
+    folder that cannot be used (``OSError``) and for a missing extra, 1 for anything else (a bug)."""
+    if isinstance(exc, CxrError):
+        return int(type(exc).exit_code)
+    if isinstance(exc, ModuleNotFoundError) and _missing_extra(exc):
+        return ExitCode.USAGE
+    if isinstance(exc, OSError):
+        return ExitCode.USAGE
+    return ExitCode.INTERNAL
+
+
+def _missing_extra(exc: ModuleNotFoundError) -> str | None:
+    """The extra whose package ``exc`` did not find, or None when it is no optional package of ours."""
+    return EXTRA_OF_MODULE.get((exc.name or "").partition(".")[0])
 
 
 def _error_line(command: str, exc: BaseException) -> int:
-    """Print one line on stderr for ``exc`` (URL credentials redacted) and return the exit code."""
-    from cxr.core.errors import RetryableServerError
+    """Print one line on stderr for ``exc`` (URL credentials redacted) and return its exit code."""
     from cxr.core.security import redact_url
 
     text = " ".join(str(exc).split()) or type(exc).__name__
-    if isinstance(exc, RetryableServerError):
-        rc, what = EXIT_TEMPFAIL, f"{text} (temporary: rerun later)"
-    elif isinstance(exc, CxrError):
-        rc, what = EXIT_USAGE, str(exc)  # the project's own messages (some list failures on further lines)
-    elif isinstance(exc, (OSError, ValueError)):
-        rc, what = EXIT_USAGE, f"{type(exc).__name__}: {text}"
+    rc = exit_code_of(exc)
+    if isinstance(exc, CxrError):
+        # the project's own messages (some list failures on further lines)
+        what = f"{text} (temporary: rerun later)" if rc == ExitCode.TEMPFAIL else str(exc)
+    elif isinstance(exc, ModuleNotFoundError) and rc == ExitCode.USAGE:
+        extra = _missing_extra(exc)
+        what = f"this needs the '{extra}' extra: pip install 'cxr-triton[{extra}]' (no module named {exc.name!r})"
+    elif rc == ExitCode.USAGE:
+        what = f"{type(exc).__name__}: {text}"
     else:
-        rc, what = EXIT_INTERNAL, f"unexpected {type(exc).__name__}: {text} (run with -v for the traceback)"
+        what = f"unexpected {type(exc).__name__}: {text} (run with -v for the traceback)"
     print(f"cxr {command}: error: {redact_url(what)}", file=sys.stderr)
     return rc

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cxr.cli import options
 from cxr.core.errors import CxrError
-from cxr.core.paths import DEFAULT_CACHE, DEFAULT_REPOSITORY, REPO_ROOT
+from cxr.core.paths import DEFAULT_CACHE, DEFAULT_REPOSITORY, REPORTS_DIR
 
 TITLE = "building a model"
 
@@ -135,11 +135,11 @@ def _cmd_train(a: argparse.Namespace) -> int:
     from cxr.train.data import Source
     from cxr.train.trainer import TrainConfig, train
 
-    augment = None if a.no_augment else AugmentConfig(flip=not a.no_flip, photometric=not a.no_photometric,
+    augment = None if a.no_augment else options.typed(AugmentConfig, flip=not a.no_flip, photometric=not a.no_photometric,
                                                       acquisition=a.acquisition)
     if (a.data is None) == (a.split is None):
         raise CxrError("cxr train: give --data (a split is made) or --split (a locked split), one of them")
-    cfg = TrainConfig(
+    cfg = options.typed(TrainConfig,
         split_file=a.split, leave_out=tuple(a.leave_out),
         data_dir=a.data or Path("."), out_dir=a.out, arch=a.arch, epochs=a.epochs, batch_size=a.batch_size,
         learning_rate=a.lr, seed=a.seed, val_fraction=a.val_fraction, patience=a.patience,
@@ -147,7 +147,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
         limit_per_class=a.limit_per_class, cache_dir=a.cache_dir, width=a.width, train_from_block=a.train_from_block,
         teacher=a.teacher, teacher_weight=a.teacher_weight,
         time_budget_s=None if a.time_budget is None else a.time_budget * 60,
-        sources=tuple(Source.parse(t) for t in a.source), source_val_fraction=a.source_val_fraction,
+        sources=tuple(options.typed(Source.parse, t) for t in a.source), source_val_fraction=a.source_val_fraction,
         command=a.command_line,
     )
     result = train(cfg)
@@ -169,7 +169,8 @@ def _add_trials(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", type=Path, required=True, help="the locked split")
     p.add_argument("--run", action="append", required=True, metavar="NAME=RUN_DIR[:WHAT]",
                    help="a training run to report (repeatable; the first is probed)")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "model" / "locked", help="report folder")
+    p.add_argument("--out", type=Path, default=REPORTS_DIR / "trials",
+                   help="report folder (the committed one: docs/model/locked)")
     p.set_defaults(func=_cmd_trials)
 
 
@@ -204,7 +205,8 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
         "On a training run's model.keras it also fits probability scaling (Platt by default) and stores "
         "calibration.json for `cxr export`. On an exported model folder (<repository>/<model>) it keeps the "
         "scaling baked into the graph, sets the threshold from the served probabilities, and rewrites the "
-        "model card and Triton configs (of every --also folder too).",
+        "model card and Triton configs (of every --also folder too): that needs --overwrite, and the folders' previous "
+        "versions are copied aside first.",
     )
     p.add_argument("--model", type=Path, required=True, help="model.keras, or an exported model folder")
     p.add_argument("--data", type=Path, nargs="+", required=True,
@@ -215,11 +217,13 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--confidence", type=float, default=0.9, help="confidence of the lower bound (default 0.9)")
     p.add_argument("--scaling", choices=["platt", "temperature", "none"], default="platt", help="model.keras only")
     p.add_argument("--also", type=Path, nargs="*", default=[], help="exported folders that share the threshold (INT8)")
+    options.add_overwrite(p)
     p.set_defaults(func=_cmd_calibrate)
 
 
 def _cmd_calibrate(a: argparse.Namespace) -> int:
     if a.model.is_dir():
+        options.writable_model_folders([a.model, *a.also], overwrite=a.overwrite)  # (before any import or work)
         from cxr.export import repository
 
         r = repository.recalibrate([a.model, *a.also], a.data, rule=a.rule, target=a.target, confidence=a.confidence,
@@ -250,9 +254,9 @@ def _add_operating_points(sub: argparse._SubParsersAction) -> None:
         description="Score the locked split's select side with the served graph and choose one threshold per "
         "population, each on its own population's select patients. The card records each point (rule, sources, "
         "select figures, labelled in-sample) and the configs serve them; `cxr predict --operating-point NAME` "
-        "picks one.",
+        "picks one. Rewrites the model folders: --repository is required, and --overwrite.",
     )
-    options.add_model_folder(p)
+    options.add_model_folder(p, writes=True)
     p.add_argument("--also", action="append", default=[], metavar="NAME",
                    help="another model folder that gets the same points (e.g. the INT8 twin)")
     p.add_argument("--split", type=Path, required=True, help="the locked split (`cxr lock-split`)")
@@ -265,10 +269,12 @@ def _add_operating_points(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_operating_points(a: argparse.Namespace) -> int:
+    folders = [a.repository / a.name, *(a.repository / n for n in a.also)]
+    options.writable_model_folders(folders, overwrite=a.overwrite)  # (before any import or work)
     from cxr.export.claims_report import PointRule, choose_points
 
-    rules = [PointRule.parse(t) for t in a.point]
-    res = choose_points([a.repository / a.name, *(a.repository / n for n in a.also)], a.split, rules,
+    rules = [options.typed(PointRule.parse, t) for t in a.point]
+    res = choose_points(folders, a.split, rules,
                         default=a.default, cache_dir=DEFAULT_CACHE, command=a.command_line)
     for name, pt in res["points"].items():
         f = pt["select_figures_in_sample"]
@@ -289,11 +295,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "batch 'batch', calibration baked in), check parity against Keras on validation images (names, "
         "shapes, max |dp| <= 1e-5, identical labels), quantize to INT8 (QDQ, refused if validation AUC "
         "drops > 0.005), and write model files, Triton configs and the model card. --format tensorrt "
-        "builds a TensorRT plan from the exported ONNX on a GPU host.",
+        "builds a TensorRT plan from the exported ONNX on a GPU host. --repository is required; a model folder that exists "
+        "(NAME, NAME_int8) is written only with --overwrite.",
     )
     p.add_argument("--model", type=Path, help="model.keras (onnx format)")
     p.add_argument("--data", type=Path, help="Kaggle-layout root used for training (parity and INT8 calibration images)")
-    options.add_model_folder(p)
+    options.add_model_folder(p, writes=True)
     p.add_argument("--site", type=Path, help="labelled site sample; the OOD threshold keeps 99.5%% of it too")
     p.add_argument("--not-chest", type=Path, metavar="DIR",
                    help="radiographs of other body parts (DIR/<part>/*), with the local corpus the fit of the "
@@ -312,14 +319,17 @@ def _cmd_export(a: argparse.Namespace) -> int:
         from cxr.export.tensorrt import build_plan
 
         onnx_path = a.repository / a.name / str(a.version) / "model.onnx"
+        options.writable_model_folders([a.repository / a.name], overwrite=a.overwrite)
         plan = build_plan(onnx_path, onnx_path.with_name("model.plan"), fp16=a.fp16)
         print(f"TensorRT plan: {plan}")
         return 0
     if a.model is None:
         raise CxrError("--model is required for --format onnx")
+    options.writable_model_folders([a.repository / a.name, *([] if a.no_int8 else [a.repository / f"{a.name}_int8"])],
+                                   overwrite=a.overwrite)
     from cxr.export.onnx_export import ExportConfig, export
 
-    cfg = ExportConfig(model_path=a.model, data_dir=a.data, repository=a.repository, model_name=a.name,
+    cfg = options.typed(ExportConfig, model_path=a.model, data_dir=a.data, repository=a.repository, model_name=a.name,
                        version=a.version, opset=a.opset, int8=not a.no_int8, command=a.command_line,
                        cache_dir=DEFAULT_CACHE, site_dir=a.site, non_chest_dir=a.not_chest, split_file=a.split)
     results = export(cfg)
@@ -341,9 +351,10 @@ def _add_ood_fit(sub: argparse._SubParsersAction) -> None:
         description="Add (or refit) the second output, ood_score, of an exported model: the Mahalanobis distance "
         "of its pooled features from the training images' features, computed in the ONNX graph. The threshold "
         "keeps 99.5%% of the train-validation images and of the site sample. Rewrites the model file, its "
-        "sha256, the model card and the Triton configs. No out-of-distribution data is used to fit it.",
+        "sha256, the model card and the Triton configs (--repository is required, and --overwrite). No "
+        "out-of-distribution data is used to fit it.",
     )
-    options.add_model_folder(p)
+    options.add_model_folder(p, writes=True)
     p.add_argument("--data", type=Path, required=True, help="Kaggle-layout root the model was trained on")
     p.add_argument("--split", type=Path, required=True, help="the training run's split.json")
     p.add_argument("--site", type=Path, help="labelled site sample (counts towards the threshold)")
@@ -354,6 +365,7 @@ def _add_ood_fit(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_ood_fit(a: argparse.Namespace) -> int:
+    options.writable_model_folders([a.repository / a.name], overwrite=a.overwrite)  # (before any import or work)
     from cxr.export import repository
 
     r = repository.refit_ood(a.repository / a.name, data_dir=a.data, split_file=a.split, site_dir=a.site,
@@ -370,10 +382,13 @@ def _add_configs(sub: argparse._SubParsersAction) -> None:
         help="regenerate a model's Triton configs from its model card and eligibility.json",
         description="Rewrite config.pbtxt and configs/*.pbtxt of exported models from model_card.json (threshold, "
         "operating points, OOD threshold, sha256) and eligibility.json (the DICOM rules a site may edit); "
-        "--default-operating-point sets the site's default point first.",
+        "--default-operating-point sets the site's default point first. Rewrites the model folders: --repository "
+        "is required, and --overwrite.",
     )
-    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="Triton model repository")
+    p.add_argument("--repository", type=Path, required=True,
+                   help=f"Triton model repository to rewrite (no default: name it; the shipped one is {DEFAULT_REPOSITORY})")
     p.add_argument("--name", nargs="*", help="model folders (default: every model with a card)")
+    options.add_overwrite(p)
     p.add_argument("--default-operating-point", metavar="NAME",
                    help="a site's default: the operating point an input gets when none is named and its age does "
                    "not choose (one of the card's points; served as threshold)")
@@ -381,6 +396,10 @@ def _add_configs(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_configs(a: argparse.Namespace) -> int:
+    from cxr.core.model_dir import model_dirs
+
+    folders = [a.repository / n for n in a.name] if a.name else [d.path for d in model_dirs(a.repository)]
+    options.writable_model_folders(folders, overwrite=a.overwrite)  # (before any import or work)
     from cxr.export import repository
 
     for path in repository.rewrite_configs(a.repository, a.name or (), default_point=a.default_operating_point):

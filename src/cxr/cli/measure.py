@@ -8,8 +8,8 @@ import textwrap
 from pathlib import Path
 
 from cxr.cli import options
-from cxr.core.errors import CxrError
-from cxr.core.paths import DEFAULT_CACHE, DEFAULT_MODEL, DEFAULT_REPOSITORY, REPO_ROOT
+from cxr.core.errors import CxrError, ExitCode
+from cxr.core.paths import DEFAULT_CACHE, DEFAULT_MODEL, DEFAULT_REPOSITORY, REPORTS_DIR
 
 TITLE = "measuring: a model's figures, the server's speed"
 
@@ -25,8 +25,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", type=Path, required=True, help="model.keras or model.onnx")
     p.add_argument("--data", type=Path, required=True, help="labelled folder")
     p.add_argument("--out", type=Path, help="report folder (default: eval_<data name> beside a training run's "
-                   "model.keras, where `cxr export` puts it on the card; for an exported model, in the working "
-                   "directory)")
+                   "model.keras, where `cxr export` puts it on the card; for an exported model, "
+                   f"{REPORTS_DIR / 'evaluate'}/eval_<data name>)")
     p.add_argument("--threshold", type=float, help="override the stored threshold")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     p.add_argument("--split", type=Path, help="a run's split.json: evaluate its validation side (DATA is the Kaggle root)")
@@ -46,7 +46,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     for r in rep["refused"]:
         print(f"refused ({r['label']}): {r['reason']}")
     print(f"reports and plots in {out}")
-    return 0 if rep["n"] else 1
+    return ExitCode.OK if rep["n"] else ExitCode.USAGE  # no film could be evaluated
 
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
@@ -85,7 +85,7 @@ def _cmd_compare(a: argparse.Namespace) -> int:
         if not sep or not name or not path:
             raise CxrError(f"--model {item!r}: expected NAME=PATH")
         entries.append((name, Path(path)))
-    compare(entries, a.data, a.out, quoted=[parse_quoted(q) for q in a.quoted], notes=a.note, n_boot=a.n_boot,
+    compare(entries, a.data, a.out, quoted=[options.typed(parse_quoted, q) for q in a.quoted], notes=a.note, n_boot=a.n_boot,
             cache_dir=DEFAULT_CACHE)
     print((a.out / "comparison.md").read_text())
     return 0
@@ -97,9 +97,10 @@ def _add_claims(sub: argparse._SubParsersAction) -> None:
         help="measure claims.json on the locked test patients (read once)",
         description="Read the locked split's test side once, score it with the served graph and write the model "
         "folder's claims.json: every source at every operating point, 95%% intervals from a patient bootstrap. "
-        "The test films are recorded in provenance.csv with the role test; nothing measured here chooses anything.",
+        "The test films are recorded in provenance.csv with the role test; nothing measured here chooses anything. "
+        "Writes into the model folder: --repository is required, and --overwrite.",
     )
-    options.add_model_folder(p)
+    options.add_model_folder(p, writes=True)
     p.add_argument("--split", type=Path, required=True, help="the locked split (`cxr lock-split`)")
     p.add_argument("--population", action="append", required=True, metavar="SOURCE=POPULATION",
                    help="who a test source's patients are (kaggle_site=pediatric); repeatable")
@@ -107,6 +108,7 @@ def _add_claims(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_claims(a: argparse.Namespace) -> int:
+    options.writable_model_folders([a.repository / a.name], overwrite=a.overwrite)  # (before any import or work)
     from cxr.export.claims_render import claims_markdown
     from cxr.export.claims_report import measure_claims
 
@@ -137,17 +139,18 @@ def _add_ood_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", type=Path, help="a run's split.json: its validation side under --data is a real set")
     p.add_argument("--data", type=Path, help="Kaggle-layout root for --split")
     p.add_argument("--xrays", type=Path, help="labelled chest X-ray folder to invert and rotate")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "model", help="report or result file/folder to write")
+    p.add_argument("--out", type=Path, default=REPORTS_DIR / "ood-eval",
+                   help="report folder (the committed one: docs/model)")
     p.set_defaults(func=_cmd_ood_eval)
 
 
 def _cmd_ood_eval(a: argparse.Namespace) -> int:
     from cxr.export.ood_eval import OodEvalConfig, run
 
-    rep = run(OodEvalConfig(repository=a.repository, model=a.name, real_dirs=tuple(a.real), split_file=a.split,
+    rep = run(options.typed(OodEvalConfig, repository=a.repository, model=a.name, real_dirs=tuple(a.real), split_file=a.split,
                             data_dir=a.data, xray_folder=a.xrays, out_dir=a.out, cache_dir=DEFAULT_CACHE))
     print((a.out / "ood.md").read_text())
-    return 0 if rep["meets_targets"] else 1
+    return ExitCode.OK if rep["meets_targets"] else ExitCode.CHECK_FAILED
 
 
 def _add_explain_eval(sub: argparse._SubParsersAction) -> None:
@@ -161,14 +164,15 @@ def _add_explain_eval(sub: argparse._SubParsersAction) -> None:
     options.add_model_folder(p)
     p.add_argument("--data", type=Path, required=True, help="labelled folder {NORMAL,PNEUMONIA}/")
     p.add_argument("--limit", type=int, default=60, help="films used at most")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "model", help="report or result file/folder to write")
+    p.add_argument("--out", type=Path, default=REPORTS_DIR / "explain-eval",
+                   help="report folder (the committed one: docs/model)")
     p.set_defaults(func=_cmd_explain_eval)
 
 
 def _cmd_explain_eval(a: argparse.Namespace) -> int:
     from cxr.train.explain_eval import ExplainEvalConfig, run
 
-    run(ExplainEvalConfig(repository=a.repository, model=a.name, data=a.data, out_dir=a.out, limit=a.limit))
+    run(options.typed(ExplainEvalConfig, repository=a.repository, model=a.name, data=a.data, out_dir=a.out, limit=a.limit))
     print((a.out / "gradcam.md").read_text())
     return 0
 
@@ -189,7 +193,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images-dir", type=Path,
                    help="a folder of full-resolution X-rays (JPEG/PNG) for the preprocessing rate and the Ray job "
                    "(default: generated films)")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results.json", help="report or result file/folder to write")
+    p.add_argument("--out", type=Path, default=REPORTS_DIR / "bench" / "results.json",
+                   help="result file, with its .md beside it (the committed one: bench/results.json)")
     p.add_argument("--seconds", type=float, default=8.0, help="length of each timed window")
     p.add_argument("--no-inception", action="store_true", help="skip the InceptionV3 baseline (needs TensorFlow)")
     p.add_argument("--tail-seconds", type=float, default=25.0,
@@ -204,7 +209,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _cmd_bench(a: argparse.Namespace) -> int:
     from cxr.loadtest.bench import BenchConfig, run_bench, table
 
-    res = run_bench(BenchConfig(repository=a.model_repository, model=a.model, images_dir=a.images_dir, out=a.out,
+    res = run_bench(options.typed(BenchConfig, repository=a.model_repository, model=a.model, images_dir=a.images_dir, out=a.out,
                                 seconds=a.seconds, inception=not a.no_inception, tail_seconds=a.tail_seconds,
                                 perf_analyzer_root=a.perf_analyzer_root, ray_images=a.ray_images))
     print(table(res))
@@ -236,7 +241,7 @@ def _add_capacity(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images-per-study", type=int, default=1, help="images per study (PA + lateral = 2)")
     p.add_argument("--target-studies-per-hour", type=float, default=10_000.0, help="planning target")
     p.add_argument("--headroom", type=float, default=0.3, help="fraction of capacity kept free")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "capacity", help="report or result file/folder to write")
+    p.add_argument("--out", type=Path, default=REPORTS_DIR / "capacity", help="report folder")
     p.set_defaults(func=_cmd_capacity)
 
 
@@ -245,7 +250,7 @@ def _cmd_capacity(a: argparse.Namespace) -> int:
     from cxr.loadtest.capacity import CapacityConfig, sweep
 
     admin_key = read_key(a.admin_key_file, "admin key") if a.admin_key_file else None
-    res = sweep(CapacityConfig(grpc_url=a.grpc_url, http_url=a.http_url, metrics_url=a.metrics_url, admin_key=admin_key,
+    res = sweep(options.typed(CapacityConfig, grpc_url=a.grpc_url, http_url=a.http_url, metrics_url=a.metrics_url, admin_key=admin_key,
                                model=a.model,
                                users=tuple(a.users),
                                step_seconds=a.step_seconds, images_per_request=a.images_per_request,
@@ -253,7 +258,7 @@ def _cmd_capacity(a: argparse.Namespace) -> int:
                                target_studies_per_hour=a.target_studies_per_hour, headroom=a.headroom,
                                protocol=a.protocol, out_dir=a.out))
     print((a.out / "capacity.md").read_text())
-    return 0 if res["plan"]["meets_slo"] else 1
+    return ExitCode.OK if res["plan"]["meets_slo"] else ExitCode.CHECK_FAILED
 
 
 def _add_soak(sub: argparse._SubParsersAction) -> None:
@@ -262,14 +267,14 @@ def _add_soak(sub: argparse._SubParsersAction) -> None:
         help="bounded soak at a fraction of measured saturation, with memory readings",
         description="Measure saturation, then offer --fraction of it (open loop) for --duration-s seconds; report "
         "failures, latency percentiles and the RSS of the server (with --server-pid) and of the client at start "
-        "and end. Exit 1 if any request failed.",
+        "and end. Exit 3 if any request failed.",
     )
     p.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
     p.add_argument("--model", default=DEFAULT_MODEL, help="served model name")
     p.add_argument("--server-pid", type=int, help="tritonserver pid, to report its memory")
     p.add_argument("--duration-s", type=float, default=120.0, help="soak length (bounded)")
     p.add_argument("--fraction", type=float, default=0.8, help="offered load as a fraction of measured saturation")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "soak.json", help="report or result file/folder to write")
+    p.add_argument("--out", type=Path, default=REPORTS_DIR / "soak.json", help="result file")
     p.set_defaults(func=_cmd_soak)
 
 
@@ -278,10 +283,10 @@ def _cmd_soak(a: argparse.Namespace) -> int:
 
     from cxr.loadtest.soak import SoakConfig, soak
 
-    rep = soak(SoakConfig(grpc_url=a.url, server_pid=a.server_pid, model=a.model, duration_s=a.duration_s,
+    rep = soak(options.typed(SoakConfig, grpc_url=a.url, server_pid=a.server_pid, model=a.model, duration_s=a.duration_s,
                           fraction=a.fraction, out=a.out))
     print(json.dumps(rep, indent=1))
-    return 1 if rep["failed"] else 0
+    return ExitCode.CHECK_FAILED if rep["failed"] else ExitCode.OK
 
 
 def _add_bench_priority(sub: argparse._SubParsersAction) -> None:
@@ -295,7 +300,8 @@ def _add_bench_priority(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY, help="the model repository")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model name")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "capacity" / "priority", help="report folder")
+    p.add_argument("--out", type=Path, default=REPORTS_DIR / "bench-priority",
+                   help="report folder (the committed one: docs/capacity/priority)")
     p.add_argument("--urgent-requests", type=int, default=60, help="urgent requests timed per phase")
     p.add_argument("--routine-threads", type=int, default=8, help="closed-loop routine clients")
     p.add_argument("--routine-batch", type=int, default=16, help="films per routine request")

@@ -4,11 +4,24 @@ result doors), and how they become the library's typed arguments."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cxr.core.errors import CxrError
+from cxr.core.model_dir import PREVIOUS_SUFFIX, keep_previous
 from cxr.core.paths import DEFAULT_MODEL, DEFAULT_REPOSITORY
+
+T = TypeVar("T")
+
+
+def typed(factory: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """``factory(*args, **kwargs)`` (a typed option's constructor or parser) with its ``ValueError`` as a usage
+    error: a bad option is the user's (exit 2); a ``ValueError`` anywhere else is a bug (exit 1)."""
+    try:
+        return factory(*args, **kwargs)
+    except ValueError as exc:
+        raise CxrError(str(exc)) from None
 
 
 def add_client_args(p: argparse.ArgumentParser) -> None:
@@ -62,7 +75,45 @@ def add_result_doors(p: argparse.ArgumentParser) -> None:
                    "(verify it with `cxr audit-log verify FILE`)")
 
 
-def add_model_folder(p: argparse.ArgumentParser) -> None:
-    """``--repository`` and ``--name``: the model folder a command builds or measures."""
-    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="Triton model repository")
+def add_model_folder(p: argparse.ArgumentParser, *, writes: bool = False) -> None:
+    """``--repository`` and ``--name``: the model folder a command builds or measures.
+
+    A command that writes the folder (``writes``) has no default repository: its destination is always named, and
+    ``--overwrite`` (see :func:`add_overwrite`) is needed to write into a folder that exists. Only reading commands
+    default to the shipped model.
+    """
+    if writes:
+        p.add_argument("--repository", type=Path, required=True,
+                       help="Triton model repository to write into (no default: name it; the shipped model is "
+                       f"{DEFAULT_REPOSITORY})")
+    else:
+        p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="Triton model repository")
     p.add_argument("--name", default=DEFAULT_MODEL, help="model folder in the repository")
+    if writes:
+        add_overwrite(p)
+
+
+def add_overwrite(p: argparse.ArgumentParser) -> None:
+    """``--overwrite``: allow writing into an existing model folder (its previous version is copied aside first)."""
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a model folder that exists; its previous version is first copied to "
+                   f"<repository>{PREVIOUS_SUFFIX}/<name>-<UTC time> (one line says where)")
+
+
+def writable_model_folders(folders: Sequence[Path], *, overwrite: bool) -> list[Path]:
+    """Check, before any work, that a command may write ``folders``; with ``overwrite``, copy the existing ones aside.
+
+    Returns the copies (each reported in one line on stdout).
+
+    Raises:
+        CxrError: A folder exists and ``overwrite`` is false (nothing was written).
+    """
+    existing = [Path(f) for f in folders if Path(f).exists()]
+    if existing and not overwrite:
+        raise CxrError(f"{', '.join(map(str, existing))} exists: pass --overwrite to write into it (its previous "
+                       "version is copied aside first), or name another --repository/--name")
+    kept = []
+    for folder in existing:
+        kept.append(keep_previous(folder))
+        print(f"previous {folder} kept in {kept[-1]} (move it back to restore it)")
+    return kept

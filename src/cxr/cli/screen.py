@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -10,10 +11,12 @@ from cxr.cli import options
 from cxr.core import contract
 from cxr.core.errors import CxrError
 from cxr.core.lifecycle import serve_until_signal
-from cxr.core.paths import DEFAULT_MODEL, DEFAULT_REPOSITORY, REPO_ROOT
+from cxr.core.paths import DEFAULT_MODEL, DEFAULT_REPOSITORY, DEFAULT_SPOOL, EARLIER_SPOOL, KNOWN_SPOOLS, REPO_ROOT
 from cxr.core.security import check_url, redact_url
 
 TITLE = "screening: films in, answers out"
+
+logger = logging.getLogger(__name__)
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
@@ -103,7 +106,8 @@ def _add_listen(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--send-to", help="where results go: AET@HOST:PORT (the PACS)")
     p.add_argument("--allow", action="append", default=[], metavar="AET",
                    help="accept associations only from this calling AE title (repeatable; default: any)")
-    p.add_argument("--spool", type=Path, default=REPO_ROOT / "out" / "listen-spool", help="durable state folder")
+    p.add_argument("--spool", type=Path, default=DEFAULT_SPOOL,
+                   help=f"durable state folder (default {DEFAULT_SPOOL}: $CXR_HOME/listen-spool when set)")
     p.add_argument("--out", type=Path, help="results CSV (the columns of cxr predict, with the SOP Instance UID)")
     p.add_argument("--heatmap", action="store_true", help="also send the Grad-CAM overlay for Pneumonia answers")
     p.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY, help="for --heatmap")
@@ -178,6 +182,9 @@ def _cmd_listen(a: argparse.Namespace) -> int:
         raise CxrError(str(exc)) from None
     check_url(a.stow_url, "--stow-url")
     check_url(a.fhir_url, "--fhir-url")
+    for line in spool_warnings(cfg.spool):
+        print(f"cxr listen: warning: {line}", file=sys.stderr, flush=True)
+    remember_spool(cfg.spool)
 
     with Listener(cfg) as listener:
         where = [redact_url(w) for w in (a.send_to, a.stow_url and f"STOW-RS {a.stow_url}",
@@ -188,6 +195,54 @@ def _cmd_listen(a: argparse.Namespace) -> int:
             print(f"metrics on http://127.0.0.1:{listener.metrics_port}/metrics", flush=True)
         serve_until_signal()
     return 0
+
+
+def unfinished_work(spool: Path) -> int:
+    """Instances and results a listener's spool still holds: waiting to be screened, held for their study, or
+    waiting to be delivered (its layout: :mod:`cxr.hospital.dicom`)."""
+    from cxr.hospital.dicom.spool import Spool
+
+    def files(folder: Path, pattern: str = "*") -> int:
+        return sum(1 for f in folder.rglob(pattern) if f.is_file() and not f.name.startswith("."))
+
+    return (files(spool / "incoming", "*.dcm") + files(spool / "studies")
+            + sum(files(spool / box) for box in Spool.OUTBOXES.values()))
+
+
+def spool_warnings(spool: Path) -> list[str]:
+    """For a listener about to start on an empty (or new) spool: one line for each other spool it was started on
+    before (or the earlier default, out/listen-spool) that still holds unfinished work, naming it."""
+    spool = Path(spool).absolute()
+    if spool.exists() and any(spool.iterdir()):
+        return []
+    candidates = [Path.cwd() / EARLIER_SPOOL, REPO_ROOT / EARLIER_SPOOL]
+    try:
+        candidates += [Path(line) for line in KNOWN_SPOOLS.read_text().splitlines() if line.strip()]
+    except OSError:
+        pass
+    lines, seen = [], {spool.resolve()}
+    for other in candidates:
+        if other.resolve() in seen or not other.is_dir():
+            continue
+        seen.add(other.resolve())
+        n = unfinished_work(other)
+        if n:
+            lines.append(f"{other} holds {n} unfinished instances or results from an earlier listener; this one "
+                         f"starts on the empty spool {spool}: restart with --spool {other} to finish them")
+    return lines
+
+
+def remember_spool(spool: Path) -> None:
+    """Add ``spool`` to the state folder's list of spools (:data:`cxr.core.paths.KNOWN_SPOOLS`)."""
+    spool = Path(spool).absolute()
+    try:
+        known = KNOWN_SPOOLS.read_text().splitlines() if KNOWN_SPOOLS.exists() else []
+        if str(spool) not in known:
+            KNOWN_SPOOLS.parent.mkdir(parents=True, exist_ok=True)
+            with KNOWN_SPOOLS.open("a") as f:
+                f.write(f"{spool}\n")
+    except OSError as exc:  # the list only serves the warning above
+        logger.warning("cannot record the spool in %s: %s", KNOWN_SPOOLS, exc)
 
 
 def _add_ui(sub: argparse._SubParsersAction) -> None:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from cxr.cli import options
-from cxr.core.errors import CxrError
+from cxr.core.errors import CxrError, ExitCode
 from cxr.core.lifecycle import serve_until_signal
 from cxr.core.paths import DEFAULT_REPOSITORY
 
@@ -75,7 +75,7 @@ def _add_health(sub: argparse._SubParsersAction) -> None:
         help="server and model readiness and metadata",
         description="Ask the server whether it and the model are ready, and print what a client learns from it as "
         "JSON: model name and version, max batch size, decision threshold, labels, outputs, OOD threshold, model "
-        "sha256 and the DICOM eligibility rules. Exit code 0 when ready, 1 otherwise.",
+        "sha256 and the DICOM eligibility rules. Exit code 0 when ready, 75 (try again later) otherwise.",
     )
     options.add_client_args(p)
     p.set_defaults(func=_cmd_health)
@@ -99,7 +99,7 @@ def _cmd_health(a: argparse.Namespace) -> int:
                           "eligibility": json.loads(info.eligibility) if info.eligibility else None,
                           "server": c.server_metadata()},
                          indent=1, default=str))
-        return 0 if ready else 1
+        return ExitCode.OK if ready else ExitCode.TEMPFAIL  # not ready: ask again later
 
 
 def _add_proxy(sub: argparse._SubParsersAction) -> None:

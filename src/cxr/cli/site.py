@@ -9,9 +9,9 @@ import textwrap
 from pathlib import Path
 
 from cxr.cli import options
-from cxr.core.errors import CxrError
+from cxr.core.errors import CxrError, ExitCode
 from cxr.core.model_dir import ModelDir
-from cxr.core.paths import DEFAULT_MODEL, DEFAULT_REPOSITORY, REPO_ROOT
+from cxr.core.paths import DEFAULT_MODEL, DEFAULT_REPOSITORY, REPORTS_DIR
 
 TITLE = "a site's onboarding and watch"
 
@@ -43,7 +43,7 @@ def _add_site_audit(sub: argparse._SubParsersAction) -> None:
                    help="override the card's targets (sensitivity, specificity, roc_auc, flagged), e.g. sensitivity=0.95")
     p.add_argument("--confidence", type=float, default=0.95,
                    help="one-sided confidence of the bounds the decision reads (default 0.95)")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "site-audit", help="report folder")
+    p.add_argument("--out", type=Path, default=REPORTS_DIR / "site-audit", help="report folder")
     options.add_operating_point(p)
     p.set_defaults(func=_cmd_site_audit)
 
@@ -59,7 +59,7 @@ def _cmd_site_audit(a: argparse.Namespace) -> int:
     if a.sample is None:
         raise CxrError("give SAMPLE (or --plan)")
     security = options.client_security(a)
-    opts = audit.SiteAuditOptions(
+    opts = options.typed(audit.SiteAuditOptions,
         sample=a.sample, model_dir=model_dir, out=a.out, targets=tuple(a.targets), confidence=a.confidence,
         operating_point=a.operating_point,
         connect=lambda: PneumoniaClient(a.url, protocol=a.protocol, model=a.model, timeout_s=a.timeout_s, **security))
@@ -95,7 +95,7 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY, help="repository holding --model")
     p.add_argument("--out-repository", type=Path, required=True, help="repository to publish the adapted model into")
     p.add_argument("--name", help="adapted model's folder name (default: MODEL_site)")
-    p.add_argument("--report", type=Path, help="report folder (default: out/adapt/NAME)")
+    p.add_argument("--report", type=Path, help=f"report folder (default: {REPORTS_DIR / 'adapt' / 'NAME'})")
     p.add_argument("--calibrate-fraction", type=float, default=0.3, help="share of the films for the calibrate part")
     p.add_argument("--audit-fraction", type=float, default=0.3, help="share of the films kept for the audit")
     p.add_argument("--targets", nargs="+", metavar="NAME=VALUE", default=(),
@@ -121,7 +121,7 @@ def _cmd_adapt(a: argparse.Namespace) -> int:
     targets = targets_from(ModelDir(a.model_repository / a.model).card(), a.targets)
     try:
         cfg = AdaptConfig(sample=a.sample, model_dir=a.model_repository / a.model, out_repository=a.out_repository,
-                          name=name, report_dir=a.report or REPO_ROOT / "out" / "adapt" / name,
+                          name=name, report_dir=a.report or REPORTS_DIR / "adapt" / name,
                           calibrate_fraction=a.calibrate_fraction, audit_fraction=a.audit_fraction, targets=targets,
                           confidence=a.confidence, population=a.population, site_mass=a.site_mass, seed=a.seed,
                           features=a.features, adapt_limit=a.adapt_limit)
@@ -175,10 +175,10 @@ def _add_monitor(sub: argparse._SubParsersAction) -> None:
 def _cmd_monitor(a: argparse.Namespace) -> int:
     from cxr.hospital.monitor import MonitorOptions, monitor
 
-    result, text = monitor(MonitorOptions(predictions=a.predictions, repository=a.model_repository, model=a.model,
+    result, text = monitor(options.typed(MonitorOptions, predictions=a.predictions, repository=a.model_repository, model=a.model,
                                           baseline=a.baseline, prevalence=a.prevalence, alpha=a.alpha, out=a.out))
     print(text)
-    return 3 if result["moved"] else 0
+    return ExitCode.CHECK_FAILED if result["moved"] else ExitCode.OK
 
 
 def _add_audit_log(sub: argparse._SubParsersAction) -> None:
@@ -187,12 +187,12 @@ def _add_audit_log(sub: argparse._SubParsersAction) -> None:
         help="verify the audit trail's hash chain, or export it as FHIR AuditEvents",
         description="The audit trail that predict, listen, serve and ui append to with --audit-log is a file of JSON "
         "lines, each carrying its own sha256 and the previous record's. `verify` walks the chain: exit 0 when it "
-        "holds (and prints the record count and the last hash, to file elsewhere), 1 at the first edited, inserted, "
-        "reordered or deleted line (named), 2 when the file cannot be read. `export` writes the records as a FHIR "
+        "holds (and prints the record count and the last hash, to file elsewhere), 3 at the first edited, inserted, "
+        "reordered or deleted line (named) and on an empty file, 2 when the file cannot be read. `export` writes the records as a FHIR "
         "R4 Bundle of AuditEvent resources (after verifying the chain).",
     )
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True, help="verify or export")
-    v = verbs.add_parser("verify", help="check the hash chain (exit 1 when broken)",
+    v = verbs.add_parser("verify", help="check the hash chain (exit 3 when broken)",
                          description="Check every record's hash and its link to the record before it.")
     v.add_argument("file", type=Path, help="the audit trail")
     v.add_argument("--last-hash", help="the last hash filed earlier: a removed or rewritten tail is detected too")
@@ -211,13 +211,13 @@ def _cmd_audit_verify(a: argparse.Namespace) -> int:
     if v.ok and v.records == 0:
         print(f"{a.file}: the audit trail is empty: nothing to verify (was --audit-log given to the right "
               "command?)", file=sys.stderr)
-        return 1
+        return ExitCode.CHECK_FAILED
     if v.ok:
         print(f"{a.file}: chain holds: {v.records} records, last hash {v.last_hash}")
         return 0
     where = f" at line {v.broken_at}" if v.broken_at else ""
     print(f"{a.file}: chain broken{where}: {v.why} ({v.records} records hold before it)", file=sys.stderr)
-    return 1
+    return ExitCode.CHECK_FAILED
 
 
 def _cmd_audit_export(a: argparse.Namespace) -> int:

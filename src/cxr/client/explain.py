@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from cxr.core import contract, imaging
-from cxr.core.errors import CxrError
+from cxr.core.errors import CxrError, ExitCode
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ COMPACT_LAYERS = ("s3b_relu", "s2b_relu", "s1b_relu")
 
 class ExplanationUnavailable(CxrError):
     """No heatmap can be computed for the served model (files missing, or not the served model)."""
+
+    exit_code = ExitCode.USAGE
 
 
 @dataclass(frozen=True)

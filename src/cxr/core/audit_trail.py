@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cxr.core.durable import AppendOnlyLines
-from cxr.core.errors import CxrError
+from cxr.core.errors import CxrError, ExitCode
 
 #: Events and what they mean.
 EVENTS = {
@@ -51,6 +51,14 @@ PHI_KEYS = frozenset({"PatientName", "PatientID", "PatientBirthDate", "PatientSe
 
 class AuditChainError(CxrError):
     """The audit trail's chain is broken (a line edited, inserted, reordered or deleted) or unreadable."""
+
+    exit_code = ExitCode.CHECK_FAILED
+
+
+class AuditTrailUnreadable(AuditChainError):
+    """The audit trail cannot be read at all (missing, unreadable, not text): nothing was checked."""
+
+    exit_code = ExitCode.USAGE
 
 
 def _canonical(rec: Mapping[str, Any]) -> str:
@@ -183,12 +191,12 @@ def verify(path: Path, *, expect_last_hash: str | None = None) -> Verification:
     """Walk the chain: every line must be JSON, carry the hash of the line before, and count up by one.
 
     Raises:
-        AuditChainError: The file cannot be read at all.
+        AuditTrailUnreadable: The file cannot be read at all.
     """
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise AuditChainError(f"{path}: cannot read the audit trail ({type(exc).__name__})") from None
+        raise AuditTrailUnreadable(f"{path}: cannot read the audit trail ({type(exc).__name__})") from None
     prev, n = GENESIS, 0
     for i, line in enumerate(text.splitlines(), 1):
         try:

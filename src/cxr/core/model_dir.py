@@ -25,6 +25,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -494,6 +495,35 @@ class ModelDir:
         from cxr.core.durable import write_durably
 
         write_durably(self.path / REFERENCE_FILE, (json.dumps(reference) + "\n").encode())
+
+
+#: Where a model folder's previous version is kept when a command writes over it: a folder beside the repository,
+#: ``<repository>.previous/<name>-<UTC time>``, never inside it (Triton would load a copy there as another model).
+PREVIOUS_SUFFIX = ".previous"
+
+
+def keep_previous(folder: Path, *, now: datetime | None = None) -> Path:
+    """Copy the model folder ``folder`` aside before a command writes into it, and return the copy.
+
+    The copy lies in ``<repository>.previous/<name>-<YYYYmmddTHHMMSSZ>`` (a suffix ``-2``, ``-3`` ... when that exists)
+    and appears whole or not at all (copied under a temporary name, then renamed): moving it back restores the folder.
+    """
+    import shutil
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CxrError(f"{folder}: no model folder to keep")
+    stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+    aside = folder.parent.parent / f"{folder.parent.name}{PREVIOUS_SUFFIX}"
+    dest, n = aside / f"{folder.name}-{stamp}", 1
+    while dest.exists():
+        n += 1
+        dest = aside / f"{folder.name}-{stamp}-{n}"
+    partial = dest.with_name(f".{dest.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(folder, partial, symlinks=True)
+    os.replace(partial, dest)
+    return dest
 
 
 def model_dirs(repository: Path, names: Sequence[str] = ()) -> list[ModelDir]:

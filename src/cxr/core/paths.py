@@ -7,6 +7,16 @@
 3. installed from a wheel, the copy the wheel carries (``site-packages/cxr/model_repository``).
 
 When none holds the model, the error says so in one line and names ``--model-repository``.
+
+**Where cxr keeps its own state** (one place, never the working directory or the package):
+
+- ``$CXR_HOME`` when set: state in it, the cache in ``$CXR_HOME/cache``;
+- else the user's state folder, ``$XDG_STATE_HOME/cxr`` (``~/.local/state/cxr``), and cache folder,
+  ``$XDG_CACHE_HOME/cxr`` (``~/.cache/cxr``).
+
+State: the DICOM listener's spool (``listen-spool/``), the spools the listener was started on (``spools.txt``), and
+the reports of commands run without ``--out`` (``reports/<command>``). Cache: decoded images, downloaded tools.
+Committed reports (``docs/``, ``bench/``) are written by naming their folder with ``--out``.
 """
 
 from __future__ import annotations
@@ -28,8 +38,8 @@ def _checkout(package_root: Path) -> Path | None:
 
 #: The repository checkout, or None when cxr runs from an installed wheel.
 CHECKOUT = _checkout(PACKAGE_ROOT)
-#: Where reports, caches and developer defaults are anchored: the checkout, or the working directory of an
-#: installed wheel.
+#: What committed reports name their paths relative to (:func:`relative`) and where a locked split's relative
+#: roots are read from: the checkout, or the working directory of an installed wheel. No default writes here.
 REPO_ROOT = CHECKOUT if CHECKOUT is not None else Path.cwd()
 
 
@@ -46,9 +56,43 @@ def shipped_repository() -> Path:
 DEFAULT_REPOSITORY = shipped_repository()
 #: The shipped model's name.
 DEFAULT_MODEL = "pneumonia"
-#: Decoded-image cache of the training and evaluation tools (the checkout's .cache/, else the user's cache).
-DEFAULT_CACHE = (CHECKOUT / ".cache" if CHECKOUT is not None
-                 else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cxr")
+
+#: The environment variable that names cxr's own folder (state, cache and reports), before the user's defaults.
+HOME_ENV = "CXR_HOME"
+
+
+def _xdg(variable: str, fallback: str) -> Path:
+    value = os.environ.get(variable, "")
+    return Path(value) if os.path.isabs(value) else Path.home() / fallback  # (the spec ignores relative values)
+
+
+def state_dir() -> Path:
+    """cxr's state folder: ``$CXR_HOME``, else ``$XDG_STATE_HOME/cxr`` (``~/.local/state/cxr``)."""
+    if os.environ.get(HOME_ENV):
+        return Path(os.environ[HOME_ENV]).expanduser().absolute()
+    return _xdg("XDG_STATE_HOME", ".local/state") / "cxr"
+
+
+def cache_dir() -> Path:
+    """cxr's cache folder: ``$CXR_HOME/cache``, else ``$XDG_CACHE_HOME/cxr`` (``~/.cache/cxr``)."""
+    if os.environ.get(HOME_ENV):
+        return state_dir() / "cache"
+    return _xdg("XDG_CACHE_HOME", ".cache") / "cxr"
+
+
+#: cxr's state folder (see the module's docstring).
+STATE_DIR = state_dir()
+#: Decoded-image cache of the training and evaluation tools, and downloaded tools (perf_analyzer).
+DEFAULT_CACHE = cache_dir()
+#: Where a command run without ``--out`` writes its report: ``REPORTS_DIR/<command>``.
+REPORTS_DIR = STATE_DIR / "reports"
+#: The DICOM listener's spool when ``cxr listen`` is given no ``--spool``.
+DEFAULT_SPOOL = STATE_DIR / "listen-spool"
+#: The spools ``cxr listen`` was started on, one absolute path a line: a listener started on an empty spool says
+#: which of them still hold unfinished work.
+KNOWN_SPOOLS = STATE_DIR / "spools.txt"
+#: The listener's spool before the state folder existed (``<checkout or working directory>/out/listen-spool``).
+EARLIER_SPOOL = Path("out") / "listen-spool"
 
 #: The one line that says where the shipped model is looked for (appended to "no model folder" errors).
 WHERE_MODELS_ARE = (f"models are looked for in ${REPOSITORY_ENV}, then the checkout's model_repository/, then the "

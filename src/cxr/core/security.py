@@ -22,7 +22,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cxr.core.errors import CxrError
+from cxr.core.errors import CxrError, ExitCode
 
 #: APIs the admin key guards (Triton's names; the same on gRPC and HTTP).
 ADMIN_APIS = ("model-repository", "shared-memory", "statistics", "trace", "logging")
@@ -41,6 +41,8 @@ def grpc_header(name: str) -> str:
 
 class TlsError(CxrError):
     """A TLS connection failed; the message says which side's certificate (or which file) is at fault."""
+
+    exit_code = ExitCode.USAGE
 
 
 def _need_file(path: Path | None, what: str) -> Path:

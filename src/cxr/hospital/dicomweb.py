@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cxr.core.errors import CxrError, InvalidInputError, RetryableServerError
+from cxr.core.errors import CxrError, ExitCode, InvalidInputError, RetryableServerError
 
 if TYPE_CHECKING:
     from cxr.client.batch import Fetched, PredictOptions
@@ -33,6 +33,8 @@ STUDY_UID, SERIES_UID, SOP_UID, MODALITY = "0020000D", "0020000E", "00080018", "
 
 class DicomWebError(CxrError):
     """The DICOMweb server refused a request (4xx), or answered something that is not DICOM JSON."""
+
+    exit_code = ExitCode.USAGE
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 from cxr.client.client import Prediction
 from cxr.core import contract
-from cxr.core.errors import CxrError, RetryableServerError
+from cxr.core.errors import CxrError, ExitCode, RetryableServerError
 
 if TYPE_CHECKING:
     from cxr.client.batch import PredictOptions
@@ -56,6 +56,8 @@ REPORT_CODE = ("18748-4", "Diagnostic imaging study")
 
 class FhirError(CxrError):
     """A FHIR resource failed validation, or a FHIR server refused the results."""
+
+    exit_code = ExitCode.USAGE
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cxr.core import contract
-from cxr.core.errors import CxrError
+from cxr.core.errors import CxrError, ExitCode
 from cxr.core.model_dir import ModelCard
 from cxr.train import metrics
 
@@ -47,13 +47,15 @@ if TYPE_CHECKING:
     from cxr.client import PneumoniaClient
 
 #: Exit codes of ``cxr site-audit`` and ``cxr adapt``: targets hold / targets missed (bad input is 2).
-GO, NO_GO = 0, 3
+GO, NO_GO = ExitCode.OK, ExitCode.CHECK_FAILED
 #: One-sided confidence of every bound the decision reads.
 CONFIDENCE = 0.95
 
 
 class InsufficientSample(CxrError):
     """A labelled sample that cannot show its targets whatever the model does (one class, or too few films)."""
+
+    exit_code = ExitCode.USAGE
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr.core import contract
-from cxr.core.paths import relative
+from cxr.core.paths import REPORTS_DIR, relative
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class PriorityConfig:
 
     repository: Path
     model: str = "pneumonia"
-    out_dir: Path = Path("docs/capacity/priority")
+    out_dir: Path = REPORTS_DIR / "bench-priority"
     urgent_requests: int = 60
     routine_threads: int = 8
     routine_batch: int = 16
@@ -264,7 +264,7 @@ def write(result: dict, out_dir: Path) -> None:
         "",
         "![urgent latency](priority.png)",
         "",
-        "Rerun: `cxr bench-priority` (writes this folder).",
+        "Rerun: `cxr bench-priority --out docs/capacity/priority` (writes this folder).",
     ]
     (out_dir / "priority.md").write_text("\n".join(lines) + "\n")
 

@@ -521,16 +521,13 @@ def load_samples(samples: Sequence[Sample], *, cache_dir: Path | None = None, pr
 
 def provenance_rows(role: str, samples: Sequence[Sample]) -> list[dict]:
     """One provenance row per sample: role, source, patient, label, path (repository-relative) and sha256."""
+    from cxr.core.integrity import sha256_file
     from cxr.core.paths import relative
 
     if role not in PROVENANCE_ROLES:
         raise ValueError(f"unknown provenance role {role!r}")
-
-    def sha(p: Path) -> str:
-        return hashlib.sha256(p.read_bytes()).hexdigest()
-
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        digests = list(pool.map(sha, [s.path for s in samples]))
+        digests = list(pool.map(sha256_file, [s.path for s in samples]))
     return [
         {"role": role, "source": s.source, "patient": s.patient, "label": contract.LABELS[s.label],
          "path": relative(s.path), "sha256": d}

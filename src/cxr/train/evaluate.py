@@ -141,11 +141,14 @@ def markdown_report(report: dict, *, title: str) -> str:
 def report_dir(model_path: Path, data_dir: Path, *, split_file: Path | None = None, source: str | None = None) -> Path:
     """Where an evaluation's report goes by default: ``eval_<data name>`` (``eval_trainval``, ``eval_val_<source>``
     with a split) beside a training run's ``model.keras``, where ``cxr export`` collects it for the model card; for
-    an exported model, in the working directory (a report never goes into a model repository)."""
+    an exported model, in cxr's reports folder (``REPORTS_DIR/evaluate``: never a model repository, never the
+    working directory)."""
+    from cxr.core.paths import REPORTS_DIR
+
     name = ((f"eval_val_{source}" if source else "eval_trainval") if split_file
             else f"eval_{Path(data_dir).resolve().name}")
     model_path = Path(model_path)
-    return model_path.parent / name if model_path.suffix == ".keras" else Path(name)
+    return model_path.parent / name if model_path.suffix == ".keras" else REPORTS_DIR / "evaluate" / name
 
 
 def evaluate(
