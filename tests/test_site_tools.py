@@ -59,7 +59,7 @@ def test_site_audit_refuses_samples_that_cannot_show_their_targets(tmp_path: Pat
     # the eight example films: far too few for any bound to reach the card's targets; nothing is screened
     r = cxr("site-audit", str(EXAMPLES), "--protocol", "embedded", "--out", str(tmp_path / "ten"))
     assert r.returncode == 2 and r.stderr.count("error:") == 1, r.stdout + r.stderr
-    assert ">= 29 Pneumonia and >= 6 Normal films, >= 149 in all" in r.stderr
+    assert ">= 29 Pneumonia and >= 6 Normal patients, >= 149 patients in all" in r.stderr
     assert not (tmp_path / "ten" / "audit.json").exists()
     assert "no patient ids" in r.stderr  # examples/MANIFEST.csv has no patient column
     # one class: one line, exit 2
@@ -78,7 +78,7 @@ def test_site_audit_refuses_samples_that_cannot_show_their_targets(tmp_path: Pat
 
 
 def test_site_audit_decides_on_bounds_and_sets_aside_the_models_own_films(tmp_path: Path) -> None:
-    sample = variants(tmp_path / "site", per_film=20, seed=0)  # 160 films of 8 patients
+    sample = variants(tmp_path / "site", per_film=20, seed=0, patient_per_variant=True)  # 160 films, 160 patients
     listed = [p for p in EXAMPLES.glob("*/*") if sha256_file(p) in
               {x["sha256"] for x in read_provenance(SHIPPED_REPOSITORY / "pneumonia" / "provenance.csv")}]
     assert listed  # the examples hold films the shipped model learned from
@@ -89,7 +89,8 @@ def test_site_audit_decides_on_bounds_and_sets_aside_the_models_own_films(tmp_pa
     report = json.loads((tmp_path / "good" / "audit.json").read_text())
     assert report["set_aside"]["films"] == len(listed) and report["n"] == 160  # never scored
     assert f"set aside: {len(listed)} films" in r.stdout
-    assert report["patients"] == 8 and report["patients_known"]
+    assert report["patients"] == 160 and report["patients_known"]
+    assert report["targets_from"] == "the card" and report["sample_sha256"] and report["attempts"] == []
     assert r.returncode == (0 if all(c["bound"] >= c["target"] if c["op"] == ">=" else c["bound"] <= c["target"]
                                      for c in report["checks"].values()) else 3)
     assert {"counts", "roc", "calibration", "ood_score"} <= set(report["plots"])
@@ -111,7 +112,7 @@ def test_site_audit_decides_on_bounds_and_sets_aside_the_models_own_films(tmp_pa
 
 
 def test_site_audit_counts_a_refused_film_as_a_referral_and_lists_it(tmp_path: Path) -> None:
-    sample = variants(tmp_path / "sample", per_film=20, seed=3)
+    sample = variants(tmp_path / "sample", per_film=20, seed=3, patient_per_variant=True)
     shutil.copy(EXAMPLES / "not_chest" / "camera.png", sample / "NORMAL" / "camera.png")
     Image.new("RGB", (300, 300), (200, 30, 30)).save(sample / "NORMAL" / "figure.png")
     r = cxr("site-audit", str(sample), "--protocol", "embedded", "--out", str(tmp_path / "a"))

@@ -250,14 +250,15 @@ def _parts(cfg: AdaptConfig, site, targets) -> dict[str, list[data_mod.Sample]]:
         parts["adapt"] = [s for s in parts["adapt"] if s.patient in keep]
     a_part, c_part, u_part = parts["adapt"], parts["calibrate"], parts["audit"]
     try:
-        audit_mod.check_sample(sum(s.label for s in u_part), sum(1 - s.label for s in u_part), targets, cfg.confidence)
+        n_pos, n_neg, n_all = audit_mod.patients_by_class(u_part)
+        audit_mod.check_sample(n_pos, n_neg, targets, cfg.confidence, n_all=n_all)
     except audit_mod.InsufficientSample as exc:
         needs = audit_mod.films_needed(targets, cfg.confidence)
         raise audit_mod.InsufficientSample(
             f"the audit part ({cfg.audit_fraction:.0%} of the sample's patients) cannot show the targets: {exc}; the "
             f"whole sample needs about {needs.positives / cfg.audit_fraction:.0f} Pneumonia, "
-            f"{needs.negatives / cfg.audit_fraction:.0f} Normal and {needs.films / cfg.audit_fraction:.0f} films in all"
-        ) from None
+            f"{needs.negatives / cfg.audit_fraction:.0f} Normal and {needs.films / cfg.audit_fraction:.0f} patients in "
+            "all") from None
     c_pos = sum(s.label for s in c_part)
     if not supported_target(c_pos, targets.sensitivity, cfg.calibration_confidence) or c_pos == len(c_part):
         need = audit_mod.films_needed(audit_mod.Targets(sensitivity=targets.sensitivity), cfg.calibration_confidence)
