@@ -141,3 +141,122 @@ def test_every_attempt_is_recorded_and_a_report_lists_the_earlier_ones(tmp_path:
     r["attempts"] = earlier
     md = audit_mod.markdown(r, title="t", model="m", sample="s")
     assert "## Earlier attempts on this sample (2)" in md and "cxr site-audit" in md
+
+
+def _samples(n_patients: int, films_each: int = 1, folder: str = "site") -> list:
+    from cxr.train import data as data_mod
+
+    return [data_mod.Sample(Path(f"/x/{folder}/{i}_{k}.png"), int(i % 3 == 0), f"{folder}:pt{i}", folder)
+            for i in range(n_patients) for k in range(films_each)]
+
+
+def test_the_audit_part_is_fixed_by_the_patient_ids_not_the_seed() -> None:
+    from cxr.hospital.adapt import split_sample
+
+    samples = _samples(300, films_each=2)
+    a = split_sample(samples, set(), calibrate_fraction=0.3, audit_fraction=0.3, seed=0)
+    b = split_sample(samples, set(), calibrate_fraction=0.3, audit_fraction=0.3, seed=7)
+    audit_a, audit_b = ({s.patient for s in x["audit"]} for x in (a, b))
+    assert audit_a == audit_b and len(audit_a) > 50
+    assert {s.patient for s in a["calibrate"]} != {s.patient for s in b["calibrate"]}  # the seed draws the rest
+    # a renamed folder (another namespace), a shuffled order: the same patients audit
+    renamed = _samples(300, films_each=2, folder="other")[::-1]
+    c = split_sample(renamed, set(), calibrate_fraction=0.3, audit_fraction=0.3, seed=3)
+    assert {s.patient.split(":")[1] for s in c["audit"]} == {p.split(":")[1] for p in audit_a}
+    # patients the model learned from never audit
+    held = {next(iter(audit_a))}
+    d = split_sample(samples, held, calibrate_fraction=0.3, audit_fraction=0.3, seed=0)
+    assert not held & {s.patient for s in d["audit"]}
+
+
+def test_the_service_point_is_the_populations_then_the_default() -> None:
+    from cxr.core.model_dir import ModelDir
+    from cxr.hospital.adapt import service_point
+    from tests.conftest import SHIPPED_REPOSITORY
+
+    card = ModelDir(SHIPPED_REPOSITORY / "pneumonia").card()
+    assert service_point(card, "adult") == ("adult", card.operating_points["adult"]["threshold"])
+    assert service_point(card, "pediatric")[0] == "pediatric"
+
+
+def _model_folder(dest: Path, tag: str) -> Path:
+    """A complete (servable) model folder: the shipped one's files with a marker."""
+    import shutil
+
+    from tests.conftest import SHIPPED_REPOSITORY
+
+    shutil.copytree(SHIPPED_REPOSITORY / "pneumonia", dest, ignore=shutil.ignore_patterns("adapt_kit.npz"))
+    (dest / "tag").write_text(tag)
+    return dest
+
+
+def _servable(folder: Path) -> bool:
+    from cxr.export import repository
+
+    card = repository.read_card(folder)
+    return repository.verified_onnx(folder, card).is_file() and (folder / "config.pbtxt").is_file()
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_publishing_replaces_a_model_folder_in_one_step_or_recoverably(tmp_path: Path, monkeypatch,
+                                                                       exchange: bool) -> None:
+    """Issue 33: publishing was rmtree then rename, so a crash between them left no model where Triton looks.
+    Now: an atomic exchange (renameat2) where the system has it, else old aside, new in, old deleted, with the
+    old folder restored after a crash between the renames. A crash at every step leaves a servable folder."""
+    import shutil
+
+    from cxr.hospital import adapt as adapt_mod
+
+    if not exchange:
+        monkeypatch.setattr(adapt_mod, "_exchange", lambda a, b: False)
+    elif not adapt_mod._exchange(tmp_path / "nope1", tmp_path / "nope2") and not _try_exchange(tmp_path):
+        pytest.skip("this file system has no atomic exchange")
+    dest = _model_folder(tmp_path / "repo" / "pneumonia_site", "old")
+
+    def staged() -> Path:
+        s = tmp_path / "repo" / ".pneumonia_site.staging" / "pneumonia_site"
+        shutil.rmtree(s.parent, ignore_errors=True)
+        return _model_folder(s, "new")
+
+    # a crash at each step: every rename and the delete fail in turn
+    real_rename, real_rmtree = Path.rename, shutil.rmtree
+    steps = 0
+    def crash_at(limit: int, calls: dict[str, int]):  # type: ignore[no-untyped-def]
+        def wrap(fn):  # type: ignore[no-untyped-def]
+            def inner(*a, **k):  # type: ignore[no-untyped-def]
+                calls["n"] += 1
+                if calls["n"] == limit:
+                    raise OSError("crash")
+                return fn(*a, **k)
+            return inner
+        return wrap
+
+    while True:
+        calls = {"n": 0}
+        staging = staged()
+        monkeypatch.setattr(Path, "rename", crash_at(steps + 1, calls)(real_rename))
+        monkeypatch.setattr(shutil, "rmtree", crash_at(steps + 1, calls)(real_rmtree))
+        try:
+            adapt_mod.publish_folder(staging, dest)
+            done = True
+        except OSError:
+            done = False
+        monkeypatch.setattr(Path, "rename", real_rename)
+        monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+        adapt_mod.recover_publish(dest)  # what the next publish does first
+        assert _servable(dest), steps
+        assert (dest / "tag").read_text() in ("old", "new")
+        if done:
+            break
+        steps += 1
+    assert (dest / "tag").read_text() == "new" and steps == (1 if exchange else 3)  # the crash points passed
+    assert not (tmp_path / "repo" / ".pneumonia_site.old").exists()
+    assert not (tmp_path / "repo" / ".pneumonia_site.staging").exists()
+
+
+def _try_exchange(tmp_path: Path) -> bool:
+    from cxr.hospital import adapt as adapt_mod
+
+    (tmp_path / "x1").mkdir()
+    (tmp_path / "x2").mkdir()
+    return adapt_mod._exchange(tmp_path / "x1", tmp_path / "x2")

@@ -28,8 +28,10 @@ def _add_site_audit(sub: argparse._SubParsersAction) -> None:
             "Films the model refuses or cannot read count as referrals (positive) and are listed; films the model's "
             "provenance.csv lists (it trained, selected or calibrated on them) are set aside and counted. A sample "
             "that cannot show its targets (one class, or too few films for even a perfect result's bound) exits 2 "
-            "with the films per class it needs, before anything is screened; --plan answers that before anything is "
-            "labelled. Writes audit.md, audit.json and PNGs. Exit 0: go; 3: no-go; 2: bad or insufficient input.", 79),
+            "with the patients per class it needs, before anything is screened; --plan answers that before anything "
+            "is labelled. A confidence below 0.95 never goes. Writes audit.md, audit.json and PNGs, and records the "
+            "run in the --out folder's attempts.jsonl (the report lists earlier attempts on the same sample). Exit 0: "
+            "go; 3: no-go; 2: bad or insufficient input.", 79),
     )
     p.add_argument("sample", type=Path, nargs="?", help="labelled folder {NORMAL,PNEUMONIA}/ (MANIFEST.csv with a "
                    "patient column recommended)")
@@ -38,7 +40,7 @@ def _add_site_audit(sub: argparse._SubParsersAction) -> None:
                    help="the served model's folder is read from here for its card, provenance and reference (its "
                    "sha256 must match)")
     p.add_argument("--plan", action="store_true",
-                   help="only say how many films per class the targets need (no sample, no server)")
+                   help="only say how many patients per class the targets need (no sample, no server)")
     p.add_argument("--targets", nargs="+", metavar="NAME=VALUE", default=(),
                    help="override the card's targets (sensitivity, specificity, roc_auc, flagged), e.g. sensitivity=0.95")
     p.add_argument("--confidence", type=float, default=0.95,
@@ -79,8 +81,12 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
             "Split SAMPLE by patient into three parts: adapt (fine-tunes the classifier head, distilling the "
             "shipped model's answers on its replay set, and the last convolutions with it), calibrate (chooses what "
             "adapts and how far, sets the threshold at the card's sensitivity target and refits the "
-            "out-of-distribution reference) and audit (judges the result on bounds and "
-            "chooses nothing). Films the model's provenance lists are set aside and counted. A passing model is "
+            "out-of-distribution reference) and audit (fixed by a hash of the patient ids, whatever the seed; judges "
+            "the result and chooses nothing). A model passes when, on the audit part, it beats the model in "
+            "service on the same patients (one-sided bound of the paired AUC difference above 0, sensitivity bound "
+            "not lower) and meets the targets (the card's, or --targets) at their bounds, at --confidence >= 0.95. "
+            "Every run is recorded in the report folder's attempts.jsonl and the report lists the earlier ones on "
+            "the same sample. Films the model's provenance lists are set aside and counted. A passing model is "
             "published as a complete model folder (ONNX with both outputs, configs, card naming the sample, split "
             "and targets, claims.json measured on the audit part, eligibility, provenance) in --out-repository; a "
             "failing one exits 3 and publishes nothing. Exit 2 on bad input or a sample too small for its targets "
@@ -100,7 +106,8 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--audit-fraction", type=float, default=0.3, help="share of the films kept for the audit")
     p.add_argument("--targets", nargs="+", metavar="NAME=VALUE", default=(),
                    help="override the card's targets (sensitivity, specificity, roc_auc, flagged)")
-    p.add_argument("--confidence", type=float, default=0.95, help="one-sided confidence of the audit's bounds")
+    p.add_argument("--confidence", type=float, default=0.95,
+                   help="one-sided confidence of the audit's bounds (below 0.95 the model is never published)")
     p.add_argument("--population", choices=["adult", "pediatric"], default="adult", help="who the site's films are")
     p.add_argument("--site-mass", type=float, default=0.5,
                    help="share of the refitted out-of-distribution reference given to the site's films (default 0.5)")
@@ -115,7 +122,7 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_adapt(a: argparse.Namespace) -> int:
     from cxr.hospital.adapt import AdaptConfig, adapt
-    from cxr.hospital.site_audit import summary, targets_from
+    from cxr.hospital.site_audit import summary, targets_from, targets_source
 
     name = a.name or f"{a.model}_site"
     targets = targets_from(ModelDir(a.model_repository / a.model).card(), a.targets)
@@ -124,7 +131,7 @@ def _cmd_adapt(a: argparse.Namespace) -> int:
                           name=name, report_dir=a.report or REPO_ROOT / "out" / "adapt" / name,
                           calibrate_fraction=a.calibrate_fraction, audit_fraction=a.audit_fraction, targets=targets,
                           confidence=a.confidence, population=a.population, site_mass=a.site_mass, seed=a.seed,
-                          features=a.features, adapt_limit=a.adapt_limit)
+                          features=a.features, adapt_limit=a.adapt_limit, targets_from=targets_source(a.targets))
     except ValueError as exc:
         raise CxrError(str(exc)) from None
     rc, info = adapt(cfg, progress=sys.stderr.isatty())
@@ -137,6 +144,8 @@ def _cmd_adapt(a: argparse.Namespace) -> int:
           + f"; kept: {info['features']['chosen']}")
     print(f"OOD threshold {info['ood']['threshold']:.3f}; threshold {info['calibration']['threshold']:.4f} "
           f"(sensitivity_lcb at {info['calibration']['target']} on the calibrate part)")
+    for e in info["attempts"]:
+        print(f"earlier attempt on this sample: {e['time']} {e['command']}: {e['outcome']}")
     print(summary({**info["audit"], "go": info["audit"]["go"]}))
     print(f"{'published ' + str(a.out_repository / name) if rc == 0 else 'NOT published'} in {info['seconds']:.0f} s; "
           f"report in {cfg.report_dir}")
