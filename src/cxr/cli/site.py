@@ -157,14 +157,17 @@ def _add_monitor(sub: argparse._SubParsersAction) -> None:
         "monitor",
         help="drift check: a batch's answers against a baseline or the model's reference at your prevalence",
         description=textwrap.fill(
-            "Compare a predictions CSV (cxr predict --format csv, cxr listen --out) with a previous period "
-            "(--baseline) or with the model folder's reference: flagged rate, positive rate, and the distributions of "
-            "P(pneumonia) and ood_score. The model is the one whose sha256 the CSV names (found in --model-repository), "
-            "and its threshold applies. Films refused by a DICOM header rule (laterals, other modalities) are counted "
-            "apart and never alarm. The positive rate and P(pneumonia) depend on the case mix: they are judged against "
-            "--baseline, or against the reference reweighted to --prevalence, and only shown otherwise. Exit 3 with a "
-            "report naming what moved, 0 when nothing did (or the batch is too small to judge, said so), 2 on bad "
-            "input.", 79),
+            "Compare a predictions CSV (cxr predict --format csv, cxr listen --out) with a previous period of the "
+            "site's own films (--baseline: every check), or with the model's claims at the site's share of "
+            "Pneumonia (--prevalence: the positive rate, each row at the operating point and threshold it was "
+            "answered at). The flagged rate and ood_score are judged only against a baseline (the model's own "
+            "reference is its pooled validation films, not this site). Two rules: each batch's tests, and a CUSUM "
+            "across batches (--state keeps it between runs) on the positive rate, P(pneumonia), the flagged rate, "
+            "ood_score and, with --images, the films' intensity histogram, contrast and sharpness; an alarm names "
+            "what moved, by how much and since which film. --follow watches a growing CSV; --metrics writes the state "
+            "as Prometheus text. The model is the one whose sha256 the CSV names (found in --model-repository). Films "
+            "refused by a DICOM header rule are counted apart and never alarm. Exit 3 with a report naming what "
+            "moved or alarmed, 0 when nothing did, 2 on bad input.", 79),
     )
     p.add_argument("predictions", type=Path, help="predictions CSV")
     p.add_argument("--model", default=DEFAULT_MODEL,
@@ -174,18 +177,50 @@ def _add_monitor(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", type=Path,
                    help="compare with a previous period: a predictions CSV, cxr predict's JSON, or a reference JSON")
     p.add_argument("--prevalence", type=float,
-                   help="the site's share of Pneumonia among films: the reference's positive and negative parts are "
-                   "reweighted to it (without --baseline)")
+                   help="the site's share of Pneumonia among its films: the expected positive rate is "
+                   "prevalence x sensitivity + (1 - prevalence) x (1 - specificity) from the model's claims at each "
+                   "row's operating point (without --baseline)")
+    p.add_argument("--claims-source", help="the claim (source) whose sensitivity and specificity --prevalence uses "
+                   "(default: the operating point's own population, most films)")
     p.add_argument("--alpha", type=float, default=0.001, help="significance level of each check (default 0.001)")
     p.add_argument("--out", type=Path, help="also write the report (.md and .json beside it)")
+    p.add_argument("--state", type=Path, help="the CUSUM state file, kept between batches (created when missing)")
+    p.add_argument("--images", action="store_true", help="read the films the CSVs name for image statistics "
+                   "(intensity histogram, contrast, sharpness)")
+    p.add_argument("--relative", type=float, default=1.25,
+                   help="the relative change of the positive rate the CUSUM is tuned to (default 1.25: a quarter)")
+    p.add_argument("--limit", type=float, default=10.0,
+                   help="the CUSUM's alarm limit in log-likelihood units (default 10)")
+    p.add_argument("--metrics", type=Path, help="write the state as Prometheus text here (a node-exporter textfile)")
+    p.add_argument("--follow", action="store_true", help="watch the CSV as it grows (until interrupted)")
+    p.add_argument("--poll", type=float, default=5.0, help="seconds between reads with --follow (default 5)")
     p.set_defaults(func=_cmd_monitor)
 
 
 def _cmd_monitor(a: argparse.Namespace) -> int:
-    from cxr.hospital.monitor import MonitorOptions, monitor
+    import threading
 
-    result, text = monitor(MonitorOptions(predictions=a.predictions, repository=a.model_repository, model=a.model,
-                                          baseline=a.baseline, prevalence=a.prevalence, alpha=a.alpha, out=a.out))
+    from cxr.hospital.monitor import MonitorOptions, SequentialRule, follow, monitor
+
+    opts = MonitorOptions(predictions=a.predictions, repository=a.model_repository, model=a.model,
+                          baseline=a.baseline, prevalence=a.prevalence, alpha=a.alpha, out=a.out, state=a.state,
+                          images=a.images, rule=SequentialRule(relative=a.relative, limit=a.limit), metrics=a.metrics,
+                          claims_source=a.claims_source)
+    if a.follow:
+        stop = threading.Event()
+        seen = [0]
+
+        def show(state) -> None:
+            for alarm in state.alarms[seen[0]:]:
+                print(f"ALARM: {alarm.text()}", flush=True)
+            seen[0] = len(state.alarms)
+
+        try:
+            state = follow(opts, stop, poll_s=a.poll, on_update=show)
+        except KeyboardInterrupt:
+            return 3 if seen[0] else 0
+        return 3 if state.alarms else 0
+    result, text = monitor(opts)
     print(text)
     return 3 if result["moved"] else 0
 
