@@ -33,6 +33,8 @@ def test_a_perfect_sample_of_two_films_a_patient_is_refused_by_its_patients() ->
     one_each = [audit_mod.Screened(f"f{i}.png", int(i < 60), OK, 0.5, patient=f"p{i}") for i in range(160)]
     audit_mod.check_sample(*audit_mod.patients_by_class(one_each)[:2], audit_mod.Targets(), n_all=160)
     assert "Normal patients" in audit_mod.plan_text(audit_mod.Targets(), 0.95)
+    assert "exploration only" in audit_mod.plan_text(audit_mod.Targets(), 0.9)
+    assert "exploration" not in audit_mod.plan_text(audit_mod.Targets(), 0.95)
 
 
 def test_a_confidence_below_095_never_goes_and_the_targets_that_applied_are_named() -> None:

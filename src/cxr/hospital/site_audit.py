@@ -743,7 +743,9 @@ def plan_text(targets: Targets, confidence: float) -> str:
     return (f"targets {targets.sensitivity:.2f} sensitivity, {targets.specificity:.2f} specificity, "
             f"{targets.roc_auc:.2f} AUC, <= {targets.flagged:.1%} flagged at {confidence:.0%} confidence: label the "
             f"films of {needs.text()}; more where the model errs (a patient's further films count for little: the "
-            f"bounds resample patients)")
+            f"bounds resample patients)"
+            + (f"; a go needs {PUBLISH_CONFIDENCE:.0%} confidence, so this plans an exploration only"
+               if confidence < PUBLISH_CONFIDENCE else ""))
 
 
 def screen_labelled(client: PneumoniaClient, films: Sequence[Any], *, chunk: int = 64,
