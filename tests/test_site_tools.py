@@ -96,8 +96,11 @@ def test_site_audit_decides_on_bounds_and_sets_aside_the_models_own_films(tmp_pa
     assert {"counts", "roc", "calibration", "ood_score"} <= set(report["plots"])
     # the same films with their labels swapped: every check that depends on the labels fails
     swapped = tmp_path / "swapped"
+    rows = []
     for cls, other in (("NORMAL", "PNEUMONIA"), ("PNEUMONIA", "NORMAL")):
         shutil.copytree(sample / cls, swapped / other)
+        rows += [{"label": other, "file_name": p.name, "patient": p.name} for p in sorted((sample / cls).iterdir())]
+    data_mod.write_manifest(swapped, rows)  # the patients as they are (without ids, file names guess 46 patients)
     bad = cxr("site-audit", str(swapped), "--protocol", "embedded", "--out", str(tmp_path / "bad"))
     assert bad.returncode == 3, bad.stdout + bad.stderr
     checks = json.loads((tmp_path / "bad" / "audit.json").read_text())["checks"]

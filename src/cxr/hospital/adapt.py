@@ -18,9 +18,16 @@ Steps (each one's figures go into the report and the new model card):
    parts (half the mass by default, ``site_mass``).
 4. **Recalibrate** with the ``sensitivity_lcb`` rule on the calibrate part's assessable films, at the card's
    sensitivity target (never a lower one the sample happens to support).
-5. **Audit** the result on the audit part against the targets, on bounds (:func:`cxr.hospital.site_audit.audit`), and
-   measure its :class:`cxr.core.claims.Claim` (patient bootstrap, ``in_sample`` false). Only a passing model is
-   published (with ``claims.json``); a failing one exits 3 and leaves only its report.
+5. **Audit** the result on the audit part against the targets, on bounds (:func:`cxr.hospital.site_audit.audit`),
+   and against the model in service on the same patients (:func:`cxr.hospital.site_audit.compare_with_service`:
+   the paired AUC difference's one-sided bound above 0, a sensitivity bound not lower), at a confidence of at
+   least 0.95; measure its :class:`cxr.core.claims.Claim` (patient bootstrap, ``in_sample`` false). Only a
+   passing model is published (with ``claims.json``, by :func:`publish_folder`); a failing one exits 3 and
+   leaves only its report.
+
+The audit part is fixed by a hash of the patient ids (:func:`audit_patients`), and every run is appended to the
+report folder's ``attempts.jsonl`` (:func:`cxr.hospital.site_audit.record_attempt`); the report and the
+published card list the earlier attempts on the same sample.
 """
 
 from __future__ import annotations
