@@ -315,6 +315,17 @@ def test_monitor_a_doubled_prevalence_alarms_within_500_films_and_a_like_half_do
     assert max(s["up"].total for s in (first.sides or {}).values()) > 0
 
 
+def test_monitor_a_long_like_stream_rarely_alarms() -> None:
+    """Left on: five streams of 3,000 films like the 800-film baseline raise at most one alarm in all."""
+    rules = monitor.header_rules()
+    alarms = 0
+    for seed in range(100, 105):
+        rng = np.random.default_rng(seed)
+        st = _state(_mix(rng, 800, 0.15))
+        alarms += len(monitor.observe(st, _mix(rng, 3000, 0.15), batch="long", threshold=0.5, rules=rules).alarms)
+    assert alarms <= 1
+
+
 def _chest_variants(dest: Path, n: int, *, seed: int, gamma: float | None = None) -> list[Path]:
     """Films made from the example chest X-rays (small, so the test is fast): crop, rotation and a window around
     1 (``gamma`` instead: a new scanner's window)."""
