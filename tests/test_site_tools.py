@@ -118,8 +118,13 @@ def test_site_audit_counts_a_refused_film_as_a_referral_and_lists_it(tmp_path: P
     sample = variants(tmp_path / "sample", per_film=20, seed=3, patient_per_variant=True)
     shutil.copy(EXAMPLES / "not_chest" / "camera.png", sample / "NORMAL" / "camera.png")
     Image.new("RGB", (300, 300), (200, 30, 30)).save(sample / "NORMAL" / "figure.png")
-    r = cxr("site-audit", str(sample), "--protocol", "embedded", "--out", str(tmp_path / "a"))
+    # the model in service is any folder: --model-repository DIR --model NAME (embedded: no --url needed)
+    shutil.copytree(SHIPPED_REPOSITORY / "pneumonia", tmp_path / "repo" / "pneumonia_elsewhere",
+                    ignore=shutil.ignore_patterns("adapt_kit.npz"))
+    r = cxr("site-audit", str(sample), "--protocol", "embedded", "--out", str(tmp_path / "a"),
+            "--model-repository", str(tmp_path / "repo"), "--model", "pneumonia_elsewhere")
     report = json.loads((tmp_path / "a" / "audit.json").read_text())
+    assert report["model"].startswith("pneumonia_elsewhere v"), report["model"]
     refused = {Path(x["path"]).name: x["rule"] for x in report["refused"]}
     assert {"camera.png": "out_of_distribution", "figure.png": "colour_image"}.items() <= refused.items(), r.stdout
     assert report["specificity"]["n"] == 82  # both refused Normal films are referrals

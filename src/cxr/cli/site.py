@@ -64,7 +64,10 @@ def _cmd_site_audit(a: argparse.Namespace) -> int:
     opts = audit.SiteAuditOptions(
         sample=a.sample, model_dir=model_dir, out=a.out, targets=tuple(a.targets), confidence=a.confidence,
         operating_point=a.operating_point,
-        connect=lambda: PneumoniaClient(a.url, protocol=a.protocol, model=a.model, timeout_s=a.timeout_s, **security))
+        # embedded without --url: the model in service is --model-repository's (any folder, e.g. a model that never
+        # saw the site's source), not the default repository's
+        connect=lambda: PneumoniaClient(a.url or (str(a.model_repository) if a.protocol == "embedded" else None),
+                                        protocol=a.protocol, model=a.model, timeout_s=a.timeout_s, **security))
     result = audit.site_audit(opts, progress=sys.stderr.isatty())
     print(audit.summary(result))
     for r in result["refused"]:
