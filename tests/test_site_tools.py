@@ -280,6 +280,9 @@ def test_the_audit_part_chooses_nothing(tmp_path: Path) -> None:
     assert again["features"]["tried"] == first["features"]["tried"]  # the block's fit and its choice, epoch by epoch
     assert first["audit"]["roc_auc"]["value"] > 0.9 > again["audit"]["roc_auc"]["value"]  # the audit saw the flip
     assert not again["audit"]["go"]
+    # at confidence 0.9 nothing is ever published, whatever the bounds say
+    assert not first["audit"]["go"] and not first["audit"]["confidence_allows_go"]
+    assert not (tmp_path / "repo" / "a").exists()
 
 
 def test_adapt_refuses_a_sample_too_small_for_its_targets(tmp_path: Path) -> None:

@@ -566,6 +566,9 @@ def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
     site = audit_mod.site_sample(Path(cfg.sample), provenance)
     if not site.patients_known:
         logger.warning("%s: %s", cfg.sample, audit_mod.NO_PATIENTS_WARNING)
+    if cfg.confidence < audit_mod.PUBLISH_CONFIDENCE:
+        logger.warning("confidence %.2f is below %.2f: this run explores and cannot publish", cfg.confidence,
+                       audit_mod.PUBLISH_CONFIDENCE)
     report_dir = Path(cfg.report_dir)
     sample_sha = audit_mod.sample_sha256(site)
     earlier = audit_mod.earlier_attempts(report_dir, sample_sha)
