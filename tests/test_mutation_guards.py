@@ -14,7 +14,7 @@ import pytest
 
 from cxr.client import results
 from cxr.client.client import Prediction
-from cxr.core import contract, pixels
+from cxr.core import contract, pixels, stats
 from cxr.core.audit_trail import (
     GENESIS,
     AuditChainError,
@@ -553,10 +553,10 @@ def test_the_audit_result_names_every_figure_it_reports() -> None:
                         reference={"ood_score": [0.1, 0.2], "ood_threshold": 1.5})
     top = {"n", "threshold", "counts", "confidence", "patients", "patients_known", "flagged", "sensitivity",
            "specificity", "referrals_count_as_positive", "roc_auc", "calibration", "ood_score", "refused", "targets",
-           "checks", "go"}
+           "checks", "go", "confidence_allows_go", "needs_if_no"}
     assert set(r) == top
     assert set(r["counts"]["Normal"]) == {"films", "flagged", "flagged_rate"}
-    assert set(r["roc_auc"]) == {"value", "ci95", "n", "patient_bootstrap"}
+    assert set(r["roc_auc"]) == {"value", "se", "bound", "n", "positives", "negatives", "by", "confidence", "films"}
     assert set(r["calibration"]) == {"ece", "bins"}
     assert set(r["checks"]["flagged"]) == {"value", "op", "target", "holds", "bound", "point_meets_target"}
     assert (r["n"], r["threshold"], r["confidence"], r["patients"], r["patients_known"]) == (14, 0.5, 0.95, 7, True)
@@ -567,9 +567,11 @@ def test_the_audit_result_names_every_figure_it_reports() -> None:
     assert r["sensitivity"]["k"] == 6 and r["sensitivity"]["n"] == 7
     assert r["specificity"]["k"] == 5 and r["specificity"]["n"] == 7
     assert r["flagged"]["k"] == 2 and r["flagged"]["n"] == 14
-    assert r["roc_auc"]["n"] == 12 and r["roc_auc"]["value"] == pytest.approx(metrics.roc_auc(
-        np.array([1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1]),
-        np.array([0.9, 0.8, 0.7, 0.3, 0.65, 0.1, 0.2, 0.6, 0.05, 0.15, 0.25, 0.95])))
+    # the AUC is by patient: a patient's largest score, Pneumonia when any film is (p0..p5 answered; p9 refused)
+    yp, pp = np.array([1, 1, 1, 0, 0, 1]), np.array([0.9, 0.7, 0.65, 0.6, 0.15, 0.95])
+    assert (r["roc_auc"]["films"], r["roc_auc"]["n"], r["roc_auc"]["positives"]) == (12, 6, 4)
+    assert r["roc_auc"]["value"] == pytest.approx(metrics.roc_auc(yp, pp))
+    assert r["roc_auc"]["bound"] == pytest.approx(stats.auc_bound(yp, pp).lower)
     assert r["ood_score"] == {"values": pytest.approx([0.1 * i for i in range(12)] + [2.0]),
                               "reference": [0.1, 0.2], "threshold": 1.5}
     assert r["refused"] == [{"path": "r0.png", "label": "Normal", "status": "not_assessable", "rule": "blank_image"},
@@ -585,7 +587,8 @@ def test_the_audit_result_names_every_figure_it_reports() -> None:
                               confidence=2 * 0.95 - 1)
     assert r["checks"]["sensitivity"]["bound"] == min(audit_mod.lower_bound(6, 7), boot["sensitivity"][1])
     assert r["checks"]["specificity"]["bound"] == min(audit_mod.lower_bound(5, 7), boot["specificity"][1])
-    assert r["checks"]["roc_auc"]["bound"] == r["roc_auc"]["patient_bootstrap"][1] == boot["auc"][1]
+    assert r["checks"]["roc_auc"]["bound"] == r["roc_auc"]["bound"] and r["checks"]["roc_auc"]["value"] == r[
+        "roc_auc"]["value"]
     assert r["checks"]["flagged"]["bound"] == max(audit_mod.upper_bound(2, 14), boot["flagged"][2])
     assert r["checks"]["flagged"]["value"] == 2 / 14 and r["go"] is False
 
@@ -606,9 +609,8 @@ def test_the_audit_of_a_one_class_sample() -> None:
     r = audit_mod.audit(pos, threshold=0.5, targets=audit_mod.Targets(), n_boot=50)
     assert r["calibration"] is None and r["counts"]["Normal"]["films"] == 0
     assert math.isnan(r["counts"]["Normal"]["flagged_rate"])
-    assert math.isnan(r["roc_auc"]["value"]) and r["roc_auc"]["n"] == 6
-    assert all(math.isnan(v) for v in [*r["roc_auc"]["ci95"], *r["roc_auc"]["patient_bootstrap"]])
-    assert len(r["roc_auc"]["ci95"]) == 2 and len(r["roc_auc"]["patient_bootstrap"]) == 3
+    assert math.isnan(r["roc_auc"]["value"]) and r["roc_auc"]["films"] == 6 and r["roc_auc"]["n"] == 4
+    assert math.isnan(r["roc_auc"]["bound"]) and math.isnan(r["roc_auc"]["se"])
     assert math.isnan(r["checks"]["specificity"]["bound"]) and not r["checks"]["specificity"]["holds"]
     assert not r["checks"]["specificity"]["point_meets_target"]
     assert r["checks"]["sensitivity"]["bound"] <= audit_mod.lower_bound(6, 7)
@@ -663,7 +665,7 @@ def test_films_needed_and_the_sample_check() -> None:
     assert needs.films == audit_mod._smallest_n(lambda n: audit_mod.upper_bound(0, n, 0.9) <= 0.02)
     assert audit_mod.lower_bound(needs.positives, needs.positives, 0.9) >= 0.9
     assert audit_mod.lower_bound(needs.positives - 1, needs.positives - 1, 0.9) < 0.9
-    with pytest.raises(audit_mod.InsufficientSample, match="^the sample has 5 Pneumonia and 0 Normal films"):
+    with pytest.raises(audit_mod.InsufficientSample, match="^the sample has 5 Pneumonia and 0 Normal patients"):
         audit_mod.check_sample(5, 0, audit_mod.Targets())
 
 

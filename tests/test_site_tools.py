@@ -59,7 +59,7 @@ def test_site_audit_refuses_samples_that_cannot_show_their_targets(tmp_path: Pat
     # the eight example films: far too few for any bound to reach the card's targets; nothing is screened
     r = cxr("site-audit", str(EXAMPLES), "--protocol", "embedded", "--out", str(tmp_path / "ten"))
     assert r.returncode == 2 and r.stderr.count("error:") == 1, r.stdout + r.stderr
-    assert ">= 29 Pneumonia and >= 6 Normal films, >= 149 in all" in r.stderr
+    assert ">= 29 Pneumonia and >= 6 Normal patients, >= 149 patients in all" in r.stderr
     assert not (tmp_path / "ten" / "audit.json").exists()
     assert "no patient ids" in r.stderr  # examples/MANIFEST.csv has no patient column
     # one class: one line, exit 2
@@ -78,7 +78,7 @@ def test_site_audit_refuses_samples_that_cannot_show_their_targets(tmp_path: Pat
 
 
 def test_site_audit_decides_on_bounds_and_sets_aside_the_models_own_films(tmp_path: Path) -> None:
-    sample = variants(tmp_path / "site", per_film=20, seed=0)  # 160 films of 8 patients
+    sample = variants(tmp_path / "site", per_film=20, seed=0, patient_per_variant=True)  # 160 films, 160 patients
     listed = [p for p in EXAMPLES.glob("*/*") if sha256_file(p) in
               {x["sha256"] for x in read_provenance(SHIPPED_REPOSITORY / "pneumonia" / "provenance.csv")}]
     assert listed  # the examples hold films the shipped model learned from
@@ -89,14 +89,18 @@ def test_site_audit_decides_on_bounds_and_sets_aside_the_models_own_films(tmp_pa
     report = json.loads((tmp_path / "good" / "audit.json").read_text())
     assert report["set_aside"]["films"] == len(listed) and report["n"] == 160  # never scored
     assert f"set aside: {len(listed)} films" in r.stdout
-    assert report["patients"] == 8 and report["patients_known"]
+    assert report["patients"] == 160 and report["patients_known"]
+    assert report["targets_from"] == "the card" and report["sample_sha256"] and report["attempts"] == []
     assert r.returncode == (0 if all(c["bound"] >= c["target"] if c["op"] == ">=" else c["bound"] <= c["target"]
                                      for c in report["checks"].values()) else 3)
     assert {"counts", "roc", "calibration", "ood_score"} <= set(report["plots"])
     # the same films with their labels swapped: every check that depends on the labels fails
     swapped = tmp_path / "swapped"
+    rows = []
     for cls, other in (("NORMAL", "PNEUMONIA"), ("PNEUMONIA", "NORMAL")):
         shutil.copytree(sample / cls, swapped / other)
+        rows += [{"label": other, "file_name": p.name, "patient": p.name} for p in sorted((sample / cls).iterdir())]
+    data_mod.write_manifest(swapped, rows)  # the patients as they are (without ids, file names guess 46 patients)
     bad = cxr("site-audit", str(swapped), "--protocol", "embedded", "--out", str(tmp_path / "bad"))
     assert bad.returncode == 3, bad.stdout + bad.stderr
     checks = json.loads((tmp_path / "bad" / "audit.json").read_text())["checks"]
@@ -111,11 +115,16 @@ def test_site_audit_decides_on_bounds_and_sets_aside_the_models_own_films(tmp_pa
 
 
 def test_site_audit_counts_a_refused_film_as_a_referral_and_lists_it(tmp_path: Path) -> None:
-    sample = variants(tmp_path / "sample", per_film=20, seed=3)
+    sample = variants(tmp_path / "sample", per_film=20, seed=3, patient_per_variant=True)
     shutil.copy(EXAMPLES / "not_chest" / "camera.png", sample / "NORMAL" / "camera.png")
     Image.new("RGB", (300, 300), (200, 30, 30)).save(sample / "NORMAL" / "figure.png")
-    r = cxr("site-audit", str(sample), "--protocol", "embedded", "--out", str(tmp_path / "a"))
+    # the model in service is any folder: --model-repository DIR --model NAME (embedded: no --url needed)
+    shutil.copytree(SHIPPED_REPOSITORY / "pneumonia", tmp_path / "repo" / "pneumonia_elsewhere",
+                    ignore=shutil.ignore_patterns("adapt_kit.npz"))
+    r = cxr("site-audit", str(sample), "--protocol", "embedded", "--out", str(tmp_path / "a"),
+            "--model-repository", str(tmp_path / "repo"), "--model", "pneumonia_elsewhere")
     report = json.loads((tmp_path / "a" / "audit.json").read_text())
+    assert report["model"].startswith("pneumonia_elsewhere v"), report["model"]
     refused = {Path(x["path"]).name: x["rule"] for x in report["refused"]}
     assert {"camera.png": "out_of_distribution", "figure.png": "colour_image"}.items() <= refused.items(), r.stdout
     assert report["specificity"]["n"] == 82  # both refused Normal films are referrals
@@ -145,24 +154,48 @@ def _listed_examples() -> list[Path]:
     return [p for p in sorted(EXAMPLES.glob("*/*")) if sha256_file(p) in listed]
 
 
+def _swapped(dest: Path, **kw: object) -> Path:
+    """A site where the model in service is wrong: the example variants with their labels swapped (Normal films
+    labelled Pneumonia and the reverse), so a site model can beat it on the same patients."""
+    src = variants(dest.parent / f"{dest.name}_src", **kw)  # type: ignore[arg-type]
+    rows = []
+    for cls, other in (("NORMAL", "PNEUMONIA"), ("PNEUMONIA", "NORMAL")):
+        shutil.copytree(src / cls, dest / other)
+        rows += [{"label": other, "file_name": p.name, "patient": p.name} for p in sorted((src / cls).iterdir())]
+    data_mod.write_manifest(dest, rows)
+    return dest
+
+
 def test_adapt_end_to_end_and_the_new_folder_is_served(tmp_path: Path) -> None:
     from cxr.client import PneumoniaClient
     from cxr.core.claims import Claims
     from cxr.serving.server import ServerConfig, TritonServer, free_ports
 
-    sample = variants(tmp_path / "site", per_film=40, seed=0, patient_per_variant=True)
+    sample = _swapped(tmp_path / "site", per_film=40, seed=0, patient_per_variant=True)
     listed = _listed_examples()
     for f in listed:  # films the model learned from: set aside and counted, never in a part
         shutil.copy(f, sample / f.parent.name / f.name)
     out = tmp_path / "repo"
     r = cxr("adapt", str(sample), "--out-repository", str(out), "--name", "pneumonia_site", "--report",
-            str(tmp_path / "report"), "--targets", "flagged=0.05")
+            str(tmp_path / "report"), "--targets", "flagged=0.05", "sensitivity=0.8")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert f"set aside {len(listed)} films" in r.stdout
+    assert f"set aside {len(listed)} films" in r.stdout and "auc_difference" in r.stdout
     model_dir = out / "pneumonia_site"
     card = json.loads((model_dir / "model_card.json").read_text())
     assert card["adaptation"]["audit"]["go"] and card["calibration"]["threshold"] != json.loads(
         (SHIPPED_REPOSITORY / "pneumonia" / "model_card.json").read_text())["calibration"]["threshold"]
+    # go means better: the model in service answered the same audit patients, and lost
+    cmp_ = card["adaptation"]["audit"]["comparison"]
+    assert cmp_["auc_difference"]["lower"] > 0 and cmp_["sensitivity_difference"]["holds"]
+    assert cmp_["service_model"].startswith("pneumonia (") and not cmp_["service"]["go"]
+    # the targets that applied (the site's), in the card, the claims and the report
+    assert card["site"]["targets_from"].startswith("the site (flagged=0.05 sensitivity=0.8")
+    assert "the site (flagged=0.05" in Claims.load(model_dir / "claims.json").notes["targets"]
+    assert "targets of the site (flagged=0.05" in (tmp_path / "report" / "audit.md").read_text()
+    # the attempt is recorded in the report folder and the card
+    attempts = [json.loads(x) for x in (tmp_path / "report" / "attempts.jsonl").read_text().splitlines()]
+    assert [a["outcome"] for a in attempts] == ["go"] and card["site"]["attempts"] == attempts
+    assert attempts[0]["options"]["seed"] == 0 and attempts[0]["options"]["targets"]["sensitivity"] == 0.8
     prov = read_provenance(model_dir / "provenance.csv")
     files = {role: {x["path"] for x in prov if x["role"] == role and "/site/" in x["path"]}
              for role in ("adapt", "calibration", "audit")}
@@ -174,7 +207,7 @@ def test_adapt_end_to_end_and_the_new_folder_is_served(tmp_path: Path) -> None:
     assert not patients["adapt"] & patients["audit"] and not patients["calibration"] & patients["audit"]
     # the card says which sample, split and targets; claims.json is measured on the audit part, out of sample
     site = card["site"]
-    assert site["sample"] == str(sample) and site["targets"]["flagged"] == 0.05
+    assert site["sample"] == str(sample) and site["targets"]["flagged"] == 0.05 and site["targets"]["sensitivity"] == 0.8
     assert {k: site["split"]["parts"][k]["films"] for k in ("adapt", "calibrate", "audit")} == {
         k: len(v) for k, v in zip(("adapt", "calibrate", "audit"), files.values())}
     assert site["split"]["set_aside"] == len(listed)
@@ -200,6 +233,19 @@ def test_adapt_end_to_end_and_the_new_folder_is_served(tmp_path: Path) -> None:
     for a, b in zip(local, served):
         assert a.status == b.status and a.label == b.label
         assert (a.probability is None and b.probability is None) or a.probability == pytest.approx(b.probability, abs=1e-5)
+    # a second attempt with another seed: it lists the first, draws the same audit patients, and is recorded
+    r = cxr("adapt", str(sample), "--out-repository", str(out), "--name", "pneumonia_site2", "--report",
+            str(tmp_path / "report"), "--targets", "flagged=0.05", "sensitivity=0.8", "--seed", "1",
+            "--features", "head")
+    assert r.returncode in (0, 3), r.stdout + r.stderr
+    assert "earlier attempt on this sample" in r.stdout
+    second = json.loads((tmp_path / "report" / "adapt.json").read_text())
+    first_audit = {p for p, part in card["adaptation"]["split"]["by_patient"].items() if part == "audit"}
+    assert {p for p, part in second["split"]["by_patient"].items() if part == "audit"} == first_audit
+    assert second["split"]["by_patient"] != card["adaptation"]["split"]["by_patient"]  # the seed drew the rest
+    assert len(second["attempts"]) == 1 and "## Earlier attempts on this sample (1)" in (
+        tmp_path / "report" / "audit.md").read_text()
+    assert len((tmp_path / "report" / "attempts.jsonl").read_text().splitlines()) == 2
 
 
 def test_the_audit_part_chooses_nothing(tmp_path: Path) -> None:
@@ -234,6 +280,9 @@ def test_the_audit_part_chooses_nothing(tmp_path: Path) -> None:
     assert again["features"]["tried"] == first["features"]["tried"]  # the block's fit and its choice, epoch by epoch
     assert first["audit"]["roc_auc"]["value"] > 0.9 > again["audit"]["roc_auc"]["value"]  # the audit saw the flip
     assert not again["audit"]["go"]
+    # at confidence 0.9 nothing is ever published, whatever the bounds say
+    assert not first["audit"]["go"] and not first["audit"]["confidence_allows_go"]
+    assert not (tmp_path / "repo" / "a").exists()
 
 
 def test_adapt_refuses_a_sample_too_small_for_its_targets(tmp_path: Path) -> None:

@@ -28,8 +28,10 @@ def _add_site_audit(sub: argparse._SubParsersAction) -> None:
             "Films the model refuses or cannot read count as referrals (positive) and are listed; films the model's "
             "provenance.csv lists (it trained, selected or calibrated on them) are set aside and counted. A sample "
             "that cannot show its targets (one class, or too few films for even a perfect result's bound) exits 2 "
-            "with the films per class it needs, before anything is screened; --plan answers that before anything is "
-            "labelled. Writes audit.md, audit.json and PNGs. Exit 0: go; 3: no-go; 2: bad or insufficient input.", 79),
+            "with the patients per class it needs, before anything is screened; --plan answers that before anything "
+            "is labelled. A confidence below 0.95 never goes. Writes audit.md, audit.json and PNGs, and records the "
+            "run in the --out folder's attempts.jsonl (the report lists earlier attempts on the same sample). Exit 0: "
+            "go; 3: no-go; 2: bad or insufficient input.", 79),
     )
     p.add_argument("sample", type=Path, nargs="?", help="labelled folder {NORMAL,PNEUMONIA}/ (MANIFEST.csv with a "
                    "patient column recommended)")
@@ -38,7 +40,7 @@ def _add_site_audit(sub: argparse._SubParsersAction) -> None:
                    help="the served model's folder is read from here for its card, provenance and reference (its "
                    "sha256 must match)")
     p.add_argument("--plan", action="store_true",
-                   help="only say how many films per class the targets need (no sample, no server)")
+                   help="only say how many patients per class the targets need (no sample, no server)")
     p.add_argument("--targets", nargs="+", metavar="NAME=VALUE", default=(),
                    help="override the card's targets (sensitivity, specificity, roc_auc, flagged), e.g. sensitivity=0.95")
     p.add_argument("--confidence", type=float, default=0.95,
@@ -62,7 +64,10 @@ def _cmd_site_audit(a: argparse.Namespace) -> int:
     opts = options.typed(audit.SiteAuditOptions,
         sample=a.sample, model_dir=model_dir, out=a.out, targets=tuple(a.targets), confidence=a.confidence,
         operating_point=a.operating_point,
-        connect=lambda: PneumoniaClient(a.url, protocol=a.protocol, model=a.model, timeout_s=a.timeout_s, **security))
+        # embedded without --url: the model in service is --model-repository's (any folder, e.g. a model that never
+        # saw the site's source), not the default repository's
+        connect=lambda: PneumoniaClient(a.url or (str(a.model_repository) if a.protocol == "embedded" else None),
+                                        protocol=a.protocol, model=a.model, timeout_s=a.timeout_s, **security))
     result = audit.site_audit(opts, progress=sys.stderr.isatty())
     print(audit.summary(result))
     for r in result["refused"]:
@@ -79,8 +84,12 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
             "Split SAMPLE by patient into three parts: adapt (fine-tunes the classifier head, distilling the "
             "shipped model's answers on its replay set, and the last convolutions with it), calibrate (chooses what "
             "adapts and how far, sets the threshold at the card's sensitivity target and refits the "
-            "out-of-distribution reference) and audit (judges the result on bounds and "
-            "chooses nothing). Films the model's provenance lists are set aside and counted. A passing model is "
+            "out-of-distribution reference) and audit (fixed by a hash of the patient ids, whatever the seed; judges "
+            "the result and chooses nothing). A model passes when, on the audit part, it beats the model in "
+            "service on the same patients (one-sided bound of the paired AUC difference above 0, sensitivity bound "
+            "not lower) and meets the targets (the card's, or --targets) at their bounds, at --confidence >= 0.95. "
+            "Every run is recorded in the report folder's attempts.jsonl and the report lists the earlier ones on "
+            "the same sample. Films the model's provenance lists are set aside and counted. A passing model is "
             "published as a complete model folder (ONNX with both outputs, configs, card naming the sample, split "
             "and targets, claims.json measured on the audit part, eligibility, provenance) in --out-repository; a "
             "failing one exits 3 and publishes nothing. Exit 2 on bad input or a sample too small for its targets "
@@ -100,7 +109,8 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--audit-fraction", type=float, default=0.3, help="share of the films kept for the audit")
     p.add_argument("--targets", nargs="+", metavar="NAME=VALUE", default=(),
                    help="override the card's targets (sensitivity, specificity, roc_auc, flagged)")
-    p.add_argument("--confidence", type=float, default=0.95, help="one-sided confidence of the audit's bounds")
+    p.add_argument("--confidence", type=float, default=0.95,
+                   help="one-sided confidence of the audit's bounds (below 0.95 the model is never published)")
     p.add_argument("--population", choices=["adult", "pediatric"], default="adult", help="who the site's films are")
     p.add_argument("--site-mass", type=float, default=0.5,
                    help="share of the refitted out-of-distribution reference given to the site's films (default 0.5)")
@@ -115,7 +125,7 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_adapt(a: argparse.Namespace) -> int:
     from cxr.hospital.adapt import AdaptConfig, adapt
-    from cxr.hospital.site_audit import summary, targets_from
+    from cxr.hospital.site_audit import summary, targets_from, targets_source
 
     name = a.name or f"{a.model}_site"
     targets = targets_from(ModelDir(a.model_repository / a.model).card(), a.targets)
@@ -124,7 +134,7 @@ def _cmd_adapt(a: argparse.Namespace) -> int:
                           name=name, report_dir=a.report or REPORTS_DIR / "adapt" / name,
                           calibrate_fraction=a.calibrate_fraction, audit_fraction=a.audit_fraction, targets=targets,
                           confidence=a.confidence, population=a.population, site_mass=a.site_mass, seed=a.seed,
-                          features=a.features, adapt_limit=a.adapt_limit)
+                          features=a.features, adapt_limit=a.adapt_limit, targets_from=targets_source(a.targets))
     except ValueError as exc:
         raise CxrError(str(exc)) from None
     rc, info = adapt(cfg, progress=sys.stderr.isatty())
@@ -137,6 +147,8 @@ def _cmd_adapt(a: argparse.Namespace) -> int:
           + f"; kept: {info['features']['chosen']}")
     print(f"OOD threshold {info['ood']['threshold']:.3f}; threshold {info['calibration']['threshold']:.4f} "
           f"(sensitivity_lcb at {info['calibration']['target']} on the calibrate part)")
+    for e in info["attempts"]:
+        print(f"earlier attempt on this sample: {e['time']} {e['command']}: {e['outcome']}")
     print(summary({**info["audit"], "go": info["audit"]["go"]}))
     print(f"{'published ' + str(a.out_repository / name) if rc == 0 else 'NOT published'} in {info['seconds']:.0f} s; "
           f"report in {cfg.report_dir}")
@@ -148,14 +160,17 @@ def _add_monitor(sub: argparse._SubParsersAction) -> None:
         "monitor",
         help="drift check: a batch's answers against a baseline or the model's reference at your prevalence",
         description=textwrap.fill(
-            "Compare a predictions CSV (cxr predict --format csv, cxr listen --out) with a previous period "
-            "(--baseline) or with the model folder's reference: flagged rate, positive rate, and the distributions of "
-            "P(pneumonia) and ood_score. The model is the one whose sha256 the CSV names (found in --model-repository), "
-            "and its threshold applies. Films refused by a DICOM header rule (laterals, other modalities) are counted "
-            "apart and never alarm. The positive rate and P(pneumonia) depend on the case mix: they are judged against "
-            "--baseline, or against the reference reweighted to --prevalence, and only shown otherwise. Exit 3 with a "
-            "report naming what moved, 0 when nothing did (or the batch is too small to judge, said so), 2 on bad "
-            "input.", 79),
+            "Compare a predictions CSV (cxr predict --format csv, cxr listen --out) with a previous period of the "
+            "site's own films (--baseline: every check), or with the model's claims at the site's share of "
+            "Pneumonia (--prevalence: the positive rate, each row at the operating point and threshold it was "
+            "answered at). The flagged rate and ood_score are judged only against a baseline (the model's own "
+            "reference is its pooled validation films, not this site). Two rules: each batch's tests, and a CUSUM "
+            "across batches (--state keeps it between runs) on the positive rate, P(pneumonia), the flagged rate, "
+            "ood_score and, with --images, the films' intensity histogram, contrast and sharpness; an alarm names "
+            "what moved, by how much and since which film. --follow watches a growing CSV; --metrics writes the state "
+            "as Prometheus text. The model is the one whose sha256 the CSV names (found in --model-repository). Films "
+            "refused by a DICOM header rule are counted apart and never alarm. Exit 3 with a report naming what "
+            "moved or alarmed, 0 when nothing did, 2 on bad input.", 79),
     )
     p.add_argument("predictions", type=Path, help="predictions CSV")
     p.add_argument("--model", default=DEFAULT_MODEL,
@@ -165,18 +180,50 @@ def _add_monitor(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", type=Path,
                    help="compare with a previous period: a predictions CSV, cxr predict's JSON, or a reference JSON")
     p.add_argument("--prevalence", type=float,
-                   help="the site's share of Pneumonia among films: the reference's positive and negative parts are "
-                   "reweighted to it (without --baseline)")
+                   help="the site's share of Pneumonia among its films: the expected positive rate is "
+                   "prevalence x sensitivity + (1 - prevalence) x (1 - specificity) from the model's claims at each "
+                   "row's operating point (without --baseline)")
+    p.add_argument("--claims-source", help="the claim (source) whose sensitivity and specificity --prevalence uses "
+                   "(default: the operating point's own population, most films)")
     p.add_argument("--alpha", type=float, default=0.001, help="significance level of each check (default 0.001)")
     p.add_argument("--out", type=Path, help="also write the report (.md and .json beside it)")
+    p.add_argument("--state", type=Path, help="the CUSUM state file, kept between batches (created when missing)")
+    p.add_argument("--images", action="store_true", help="read the films the CSVs name for image statistics "
+                   "(intensity histogram, contrast, sharpness)")
+    p.add_argument("--relative", type=float, default=1.25,
+                   help="the relative change of the positive rate the CUSUM is tuned to (default 1.25: a quarter)")
+    p.add_argument("--limit", type=float, default=10.0,
+                   help="the CUSUM's alarm limit in log-likelihood units (default 10)")
+    p.add_argument("--metrics", type=Path, help="write the state as Prometheus text here (a node-exporter textfile)")
+    p.add_argument("--follow", action="store_true", help="watch the CSV as it grows (until interrupted)")
+    p.add_argument("--poll", type=float, default=5.0, help="seconds between reads with --follow (default 5)")
     p.set_defaults(func=_cmd_monitor)
 
 
 def _cmd_monitor(a: argparse.Namespace) -> int:
-    from cxr.hospital.monitor import MonitorOptions, monitor
+    import threading
 
-    result, text = monitor(options.typed(MonitorOptions, predictions=a.predictions, repository=a.model_repository, model=a.model,
-                                          baseline=a.baseline, prevalence=a.prevalence, alpha=a.alpha, out=a.out))
+    from cxr.hospital.monitor import MonitorOptions, SequentialRule, follow, monitor
+
+    opts = options.typed(MonitorOptions, predictions=a.predictions, repository=a.model_repository, model=a.model,
+                          baseline=a.baseline, prevalence=a.prevalence, alpha=a.alpha, out=a.out, state=a.state,
+                          images=a.images, rule=SequentialRule(relative=a.relative, limit=a.limit), metrics=a.metrics,
+                          claims_source=a.claims_source)
+    if a.follow:
+        stop = threading.Event()
+        seen = [0]
+
+        def show(state) -> None:
+            for alarm in state.alarms[seen[0]:]:
+                print(f"ALARM: {alarm.text()}", flush=True)
+            seen[0] = len(state.alarms)
+
+        try:
+            state = follow(opts, stop, poll_s=a.poll, on_update=show)
+        except KeyboardInterrupt:
+            return ExitCode.CHECK_FAILED if seen[0] else ExitCode.OK
+        return ExitCode.CHECK_FAILED if state.alarms else ExitCode.OK
+    result, text = monitor(opts)
     print(text)
     return ExitCode.CHECK_FAILED if result["moved"] else ExitCode.OK
 

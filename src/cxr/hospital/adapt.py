@@ -18,9 +18,16 @@ Steps (each one's figures go into the report and the new model card):
    parts (half the mass by default, ``site_mass``).
 4. **Recalibrate** with the ``sensitivity_lcb`` rule on the calibrate part's assessable films, at the card's
    sensitivity target (never a lower one the sample happens to support).
-5. **Audit** the result on the audit part against the targets, on bounds (:func:`cxr.hospital.site_audit.audit`), and
-   measure its :class:`cxr.core.claims.Claim` (patient bootstrap, ``in_sample`` false). Only a passing model is
-   published (with ``claims.json``); a failing one exits 3 and leaves only its report.
+5. **Audit** the result on the audit part against the targets, on bounds (:func:`cxr.hospital.site_audit.audit`),
+   and against the model in service on the same patients (:func:`cxr.hospital.site_audit.compare_with_service`:
+   the paired AUC difference's one-sided bound above 0, a sensitivity bound not lower), at a confidence of at
+   least 0.95; measure its :class:`cxr.core.claims.Claim` (patient bootstrap, ``in_sample`` false). Only a
+   passing model is published (with ``claims.json``, by :func:`publish_folder`); a failing one exits 3 and
+   leaves only its report.
+
+The audit part is fixed by a hash of the patient ids (:func:`audit_patients`), and every run is appended to the
+report folder's ``attempts.jsonl`` (:func:`cxr.hospital.site_audit.record_attempt`); the report and the
+published card list the earlier attempts on the same sample.
 """
 
 from __future__ import annotations
@@ -102,6 +109,8 @@ class AdaptConfig:
         replay_distill: Weight of distillation on the kit's replay activations of the training films, for the
             block whose input the kit carries (``adapt_kit.REPLAY_BLOCK_CONVS`` convolutions).
         adapt_limit: Use only this many films of the adapt part (a learning curve); ``None``: all.
+        targets_from: Whose targets ``targets`` are (``the card``, or the site's own: written into the card, the
+            claims and every report; :func:`cxr.hospital.site_audit.targets_source`).
     """
 
     sample: Path
@@ -130,6 +139,7 @@ class AdaptConfig:
     distill: float = 0.0
     replay_distill: float = 0.5
     adapt_limit: int | None = None
+    targets_from: str = "the card"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.site_mass < 1.0:
@@ -158,13 +168,44 @@ class AdaptConfig:
             raise ValueError(f"model name {self.name!r} is not a folder name")
 
 
+def patient_rank(patient: str) -> str:
+    """A patient's place in the audit draw: the sha256 of its bare id (the folder's namespace left out), so the
+    audit part is fixed by the patients themselves: no seed, option or copy of the folder redraws it."""
+    from cxr.hospital.site_audit import bare_patient
+
+    return hashlib.sha256(bare_patient(patient).encode()).hexdigest()
+
+
+def audit_patients(samples: list[data_mod.Sample], fraction: float, *, exclude: set[str]) -> set[str]:
+    """The audit part's patients: class by class, in the order of :func:`patient_rank`, until their films reach
+    ``fraction`` of the class's films (patients in ``exclude`` never; a patient of both classes once)."""
+    groups: dict[tuple[int, str], int] = {}
+    for s in samples:
+        groups[(s.label, s.patient)] = groups.get((s.label, s.patient), 0) + 1
+    chosen: set[str] = set()
+    for label in (0, 1):
+        keys = sorted((k for k in groups if k[0] == label), key=lambda k: (patient_rank(k[1]), k[1]))
+        target = fraction * sum(groups[k] for k in keys)
+        taken = 0
+        for k in keys:
+            if taken >= target:
+                break
+            if k[1] in chosen or k[1] in exclude:
+                continue
+            chosen.add(k[1])
+            taken += groups[k]
+    return chosen
+
+
 def split_sample(samples: list[data_mod.Sample], held: set[str], *, calibrate_fraction: float, audit_fraction: float,
                  seed: int, parts: Mapping[str, str] | None = None) -> dict[str, list[data_mod.Sample]]:
     """``{part: films}`` for :data:`PARTS`: by patient, stratified by class; patients in ``held`` (those with a
-    film the model's provenance lists) only ever adapt. ``parts`` (patient -> part) fixes the split instead."""
+    film the model's provenance lists) only ever adapt. The audit part is fixed by a hash of the patient ids
+    (:func:`audit_patients`: ``seed`` draws only the calibrate part from the rest). ``parts`` (patient -> part)
+    fixes the whole split instead."""
     if parts is None:
         rng = random.Random(seed)
-        audit = data_mod.draw_patients(samples, audit_fraction, rng, exclude=held)
+        audit = audit_patients(samples, audit_fraction, exclude=held)
         rest = [s for s in samples if s.patient not in audit]
         share = calibrate_fraction / (1.0 - audit_fraction)
         calibrate = data_mod.draw_patients(rest, share, rng, exclude=held)
@@ -250,14 +291,15 @@ def _parts(cfg: AdaptConfig, site, targets) -> dict[str, list[data_mod.Sample]]:
         parts["adapt"] = [s for s in parts["adapt"] if s.patient in keep]
     a_part, c_part, u_part = parts["adapt"], parts["calibrate"], parts["audit"]
     try:
-        audit_mod.check_sample(sum(s.label for s in u_part), sum(1 - s.label for s in u_part), targets, cfg.confidence)
+        n_pos, n_neg, n_all = audit_mod.patients_by_class(u_part)
+        audit_mod.check_sample(n_pos, n_neg, targets, cfg.confidence, n_all=n_all)
     except audit_mod.InsufficientSample as exc:
         needs = audit_mod.films_needed(targets, cfg.confidence)
         raise audit_mod.InsufficientSample(
             f"the audit part ({cfg.audit_fraction:.0%} of the sample's patients) cannot show the targets: {exc}; the "
             f"whole sample needs about {needs.positives / cfg.audit_fraction:.0f} Pneumonia, "
-            f"{needs.negatives / cfg.audit_fraction:.0f} Normal and {needs.films / cfg.audit_fraction:.0f} films in all"
-        ) from None
+            f"{needs.negatives / cfg.audit_fraction:.0f} Normal and {needs.films / cfg.audit_fraction:.0f} patients in "
+            "all") from None
     c_pos = sum(s.label for s in c_part)
     if not supported_target(c_pos, targets.sensitivity, cfg.calibration_confidence) or c_pos == len(c_part):
         need = audit_mod.films_needed(audit_mod.Targets(sensitivity=targets.sensitivity), cfg.calibration_confidence)
@@ -446,7 +488,32 @@ def _site_threshold(cfg: AdaptConfig, targets, cal_films: list) -> tuple[float, 
     return threshold, operating_point(y_c, p_c, threshold, confidence=cfg.calibration_confidence), int(y_c.sum())
 
 
-def _audit_claims(cfg: AdaptConfig, films: list, source: str, threshold: float, model_sha: str):
+def service_point(card, population: str) -> tuple[str, float]:
+    """The operating point the model in service answers the site's population at: the card's point of that name,
+    else its default point, else its one threshold."""
+    points = card.operating_points
+    for name in (population, card.default_operating_point):
+        if name and name in points:
+            return name, float(points[name]["threshold"])
+    return contract.SINGLE_OPERATING_POINT, float(card.threshold)
+
+
+def _service_films(model_path: Path, card, dec: _Decoded, part: list[data_mod.Sample]) -> list:
+    """The part's films as the model in service answers them (its own graph, OOD threshold and rules)."""
+    from cxr.core.ort_session import make_session
+
+    rows = dec.rows_of(part)
+    prob = np.full(len(dec.x), np.nan)
+    ood = np.full(len(dec.x), np.nan)
+    if rows:
+        sess = make_session(model_path.read_bytes())
+        out = sess.run([contract.OUTPUT_NAME, contract.OOD_OUTPUT_NAME], {contract.INPUT_NAME: dec.x[rows]})
+        prob[rows], ood[rows] = out[0][:, 0], out[1][:, 0]
+    ood_threshold = float(card.ood.get("threshold", float("inf")))
+    return _screened(dec, prob, ood, ood_threshold, part)
+
+
+def _audit_claims(cfg: AdaptConfig, films: list, source: str, threshold: float, model_sha: str, targets):
     """``claims.json`` of the adapted model: one claim measured on the audit part (out of sample)."""
     from cxr.core.claims import Claims
     from cxr.train import claims as claims_mod
@@ -461,7 +528,9 @@ def _audit_claims(cfg: AdaptConfig, films: list, source: str, threshold: float, 
                                 "are referrals and flagged",
                          confidence=claims_mod.CONFIDENCE, generated_by=f"cxr adapt {cfg.sample} --name {cfg.name}",
                          notes={source: f"the audit part of {cfg.sample} ({len(films)} films of "
-                                        f"{len({f.patient for f in films})} patients); it chose nothing"})
+                                        f"{len({f.patient for f in films})} patients); it chose nothing",
+                                "targets": f"the targets of {cfg.targets_from}: "
+                                + ", ".join(f"{k} {v}" for k, v in asdict(targets).items())})
 
 
 def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
@@ -497,7 +566,22 @@ def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
     site = audit_mod.site_sample(Path(cfg.sample), provenance)
     if not site.patients_known:
         logger.warning("%s: %s", cfg.sample, audit_mod.NO_PATIENTS_WARNING)
-    parts = _parts(cfg, site, targets)
+    if cfg.confidence < audit_mod.PUBLISH_CONFIDENCE:
+        logger.warning("confidence %.2f is below %.2f: this run explores and cannot publish", cfg.confidence,
+                       audit_mod.PUBLISH_CONFIDENCE)
+    report_dir = Path(cfg.report_dir)
+    sample_sha = audit_mod.sample_sha256(site)
+    earlier = audit_mod.earlier_attempts(report_dir, sample_sha)
+    if earlier:
+        logger.warning("earlier attempts on this sample (%d): %s", len(earlier),
+                       "; ".join(f"{a['time']} {a['command']} {a['outcome']}" for a in earlier))
+    attempt: dict[str, Any] = {"command": "cxr adapt", "sample": str(cfg.sample), "sample_sha": sample_sha,
+               "options": attempt_options(cfg), "model_sha256": card.sha256}
+    try:
+        parts = _parts(cfg, site, targets)
+    except audit_mod.InsufficientSample as exc:
+        audit_mod.record_attempt(report_dir, **attempt, outcome="insufficient", detail={"why": str(exc)})
+        raise
     a_part, c_part, u_part = parts["adapt"], parts["calibrate"], parts["audit"]
 
     # 1. decode under the model's own rules; features of the shipped graph
@@ -520,27 +604,37 @@ def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
     model_bytes = model.SerializeToString()
     model_sha = hashlib.sha256(model_bytes).hexdigest()
 
-    # 5. audit (chooses nothing) and, only on a pass, publish
+    # 5. audit (chooses nothing) against the targets and against the model in service on the same patients;
+    #    only on a pass, publish
     films = _screened(dec, prob, ood, site_ood.threshold, u_part)
     sets = site_ood.sets
     reference = {"ood_score": [float(v) for v in np.concatenate(list(sets.values()))],
                  "ood_threshold": site_ood.threshold}
-    result = audit_mod.audit(films, threshold=threshold, targets=targets, reference=reference,
-                             confidence=cfg.confidence)
+    own = audit_mod.audit(films, threshold=threshold, targets=targets, reference=reference,
+                          confidence=cfg.confidence)
+    svc_point, svc_threshold = service_point(card, cfg.population)
+    svc_films = _service_films(model_path, card, dec, u_part)
+    svc = audit_mod.audit(svc_films, threshold=svc_threshold, targets=targets, confidence=cfg.confidence)
+    comparison = audit_mod.compare_with_service(
+        own, films, svc, svc_films, service_model=f"{card.model} ({card.sha256[:12]}) at {svc_point}",
+        confidence=cfg.confidence)
+    result = audit_mod.decide(own, comparison)
+    result.update(targets_from=cfg.targets_from, sample_sha256=sample_sha, attempts=earlier)
     source = (site.films or site.set_aside)[0].source
-    claim, claims = _audit_claims(cfg, films, source, threshold, model_sha)
+    claim, claims = _audit_claims(cfg, films, source, threshold, model_sha, targets)
     split = {part: _part_counts(parts[part]) for part in PARTS}
     summary: dict = {
-        "sample": str(cfg.sample), "from_model": card.model, "from_sha256": card.sha256, "seconds": time.time() - t0,
-        "model_sha256": model_sha,
+        "sample": str(cfg.sample), "sample_sha256": sample_sha, "from_model": card.model,
+        "from_sha256": card.sha256, "seconds": time.time() - t0, "model_sha256": model_sha,
         # adapt/calibrate/audit: film counts (the model card's text reads them); parts: every part's counts
         "split": {"adapt": len(a_part), "calibrate": len(c_part), "audit": len(u_part),
                   "audit_patients": split["audit"]["patients"], "parts": split,
                   "set_aside": len(site.set_aside), "set_aside_by_role": site.set_aside_by_role(provenance),
                   "patients_known": site.patients_known, "seed": cfg.seed, "fixed": cfg.parts is not None,
+                  "audit_drawn_by": "sha256 of the patient id" if cfg.parts is None else "the fixed split",
                   "adapt_used": len(a_rows), "calibrate_used": len(c_rows),
                   "by_patient": {s.patient: part for part in PARTS for s in parts[part]}},
-        "targets": asdict(targets), "confidence": cfg.confidence,
+        "targets": asdict(targets), "targets_from": cfg.targets_from, "confidence": cfg.confidence,
         "head": {"steps": cfg.steps, "loss_first": weights.losses[0], "loss_last": weights.losses[-1],
                  "replay_films": len(kit.replay_gap), "replay_weight": cfg.replay_weight, "l2": cfg.l2},
         "features": {"mode": cfg.features, "chosen": weights.chosen["what"],
@@ -551,14 +645,18 @@ def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
         "calibration": {"rule": "sensitivity_lcb", "target": targets.sensitivity,
                         "confidence": cfg.calibration_confidence, "threshold": threshold,
                         "fitted_on": "calibrate part", "metrics": point,
-                        "why_target": f"the card's sensitivity target {targets.sensitivity} as a "
+                        "why_target": f"the sensitivity target {targets.sensitivity} ({cfg.targets_from}) as a "
                         f"{cfg.calibration_confidence:.0%} lower bound on the calibrate part's {cal_positives} "
                         "assessable positives (the audit part chose nothing)"},
-        "audit": {k: result[k] for k in ("go", "checks", "flagged", "sensitivity", "specificity", "roc_auc", "confidence")},
+        "audit": {k: result[k] for k in ("go", "meets_targets", "confidence_allows_go", "checks", "flagged",
+                                         "sensitivity", "specificity", "roc_auc", "confidence", "needs_if_no",
+                                         "comparison", "targets_from")},
         "claim": claim.as_dict(),
+        "attempts": earlier,
     }
-    report_dir = Path(cfg.report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
+    summary["attempt"] = audit_mod.record_attempt(report_dir, **attempt, outcome="go" if result["go"] else "no-go",
+                                                  detail={"model_sha256": model_sha})
     audit_mod.write(result, films, report_dir, model=cfg.name, sample=f"{cfg.sample} (audit part)")
     claims.save(report_dir / CLAIMS_FILE)
     (report_dir / "adapt.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
@@ -572,12 +670,24 @@ def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
     return audit_mod.GO, summary
 
 
+def attempt_options(cfg: AdaptConfig) -> dict[str, Any]:
+    """What an attempt is recorded with: every option that could change the decision (fractions, targets,
+    confidences, features, seed, limits, masses)."""
+    keys = ("calibrate_fraction", "audit_fraction", "confidence", "calibration_confidence", "population", "seed",
+            "features", "adapt_limit", "site_mass", "block_epochs", "steps", "targets_from")
+    out: dict[str, Any] = {k: getattr(cfg, k) for k in keys}
+    out["targets"] = asdict(cfg.targets) if cfg.targets is not None else None  # type: ignore[call-overload]
+    out["fixed_split"] = cfg.parts is not None
+    return out
+
+
 def _publish(cfg: AdaptConfig, src_dir: Path, dest: Path, card, model_bytes: bytes, summary: dict,
              targets, site_ood: _SiteOod, weights: _Weights, threshold: float, point: dict, n_calibration: int,
              provenance: list[dict], parts: dict[str, list[data_mod.Sample]], dec: _Decoded, prob: np.ndarray,
              ood: np.ndarray, claims, kit) -> None:
     """Write the adapted model folder: staged under a hidden folder with the final name (Triton checks the
-    config's name against the folder's), then moved into place in one rename."""
+    config's name against the folder's), then put in place by :func:`publish_folder` (never a moment without a
+    complete folder where the exchange is atomic; recoverable where it is not)."""
     from cxr.core.claims import CLAIMS_FILE
     from cxr.export import adapt_kit, repository
     from cxr.export.onnx_export import write_python_model
@@ -603,8 +713,11 @@ def _publish(cfg: AdaptConfig, src_dir: Path, dest: Path, card, model_bytes: byt
                      "fitted_on": f"{cfg.sample} (calibrate part)", "n_images": n_calibration,
                      "metrics": point, "previous_threshold": card.threshold},
         targets=asdict(targets),
-        site={"sample": str(cfg.sample), "split": summary["split"], "targets": asdict(targets),
+        site={"sample": str(cfg.sample), "sample_sha256": summary["sample_sha256"], "split": summary["split"],
+              "targets": asdict(targets), "targets_from": cfg.targets_from,
               "confidence": cfg.confidence, "claims": CLAIMS_FILE,
+              "attempts": [*summary["attempts"], summary["attempt"]],
+              "compared_with": summary["audit"]["comparison"]["service_model"],
               "audit_part": "judged the model and chose nothing (threshold: calibrate part; weights: adapt part)"},
         adaptation=summary, evaluations={},
         evaluations_of=f"see {CLAIMS_FILE} and adaptation.audit (the site's audit part)")
@@ -627,7 +740,72 @@ def _publish(cfg: AdaptConfig, src_dir: Path, dest: Path, card, model_bytes: byt
     claims.save(staging / CLAIMS_FILE)
     shutil.copy(src_dir / adapt_kit.FILE_NAME, staging / adapt_kit.FILE_NAME)
     repository.write_configs(staging, new_card)
+    publish_folder(staging, dest)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the system or the
+    file system cannot (the caller then renames in steps)."""
+    import ctypes
+    import os
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
+
+
+def _aside(dest: Path) -> Path:
+    return dest.parent / f".{dest.name}.old"
+
+
+def recover_publish(dest: Path) -> str:
+    """Finish or undo a publish a crash interrupted (:func:`publish_folder`'s step-wise path): the old folder set
+    aside comes back when no folder took its place, and is deleted when one did. Returns what it did
+    (``restored``, ``cleaned`` or ``nothing``)."""
+    from cxr.core.durable import fsync_dir
+
+    old = _aside(dest)
+    if not old.exists():
+        return "nothing"
     if dest.exists():
-        shutil.rmtree(dest)
-    staging.rename(dest)
-    staging.parent.rmdir()
+        shutil.rmtree(old)
+        return "cleaned"
+    old.rename(dest)
+    fsync_dir(dest.parent)
+    logger.warning("%s: restored the model folder an interrupted publish had set aside", dest)
+    return "restored"
+
+
+def publish_folder(staging: Path, dest: Path) -> None:
+    """Put the complete folder ``staging`` (its name is ``dest``'s) at ``dest``, replacing what is there:
+
+    * no folder at ``dest``: one rename;
+    * else, where the system can, one atomic exchange (``renameat2``), then the old folder (now at ``staging``)
+      is deleted: at every moment ``dest`` is a complete model folder, old or new;
+    * else rename the old aside (``.NAME.old``), rename the new in, delete the old; a crash between the two
+      renames leaves the old folder aside, and :func:`recover_publish` (run first by every publish) puts it back.
+
+    ``staging``'s parent (a hidden staging folder) is removed when empty.
+    """
+    from cxr.core.durable import fsync_dir
+
+    staging, dest = Path(staging), Path(dest)
+    recover_publish(dest)
+    if not dest.exists():
+        staging.rename(dest)
+    elif _exchange(staging, dest):
+        fsync_dir(dest.parent)
+        fsync_dir(staging.parent)
+        shutil.rmtree(staging)  # the old folder, swapped out
+    else:
+        old = _aside(dest)
+        dest.rename(old)
+        staging.rename(dest)
+        fsync_dir(dest.parent)
+        shutil.rmtree(old)
+    fsync_dir(dest.parent)
+    if staging.parent.exists() and not any(staging.parent.iterdir()):
+        staging.parent.rmdir()
