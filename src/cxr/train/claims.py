@@ -19,6 +19,7 @@ import numpy as np
 
 from cxr.core import contract
 from cxr.core.claims import Claim, Interval
+from cxr.core.stats import exact_interval  # the one Clopper-Pearson (its n = 0 and fractional k rules)
 from cxr.train import metrics
 
 #: Resamples of the patient bootstrap.
@@ -74,15 +75,6 @@ def patient_bootstrap(y: np.ndarray, p: np.ndarray, patients: Sequence[str], thr
             lo, hi = min(lo, cp_lo), max(hi, cp_hi)
         out[k] = (v, float(max(0.0, min(lo, v))), float(min(1.0, max(hi, v))))
     return out
-
-
-def exact_interval(k: float, n: int, alpha: float) -> tuple[float, float]:
-    """Clopper-Pearson interval of ``k`` successes in ``n`` (``k`` may be fractional: an effective count)."""
-    from scipy.stats import beta
-
-    lo = 0.0 if k <= 0 else float(beta.ppf(alpha / 2, k, n - k + 1))
-    hi = 1.0 if k >= n else float(beta.ppf(1 - alpha / 2, k + 1, n - k))
-    return lo, hi
 
 
 def measure(*, source: str, population: str, operating_point: str, threshold: float, y: np.ndarray,

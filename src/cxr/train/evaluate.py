@@ -234,11 +234,9 @@ def sensitivity_lower_bound(tp: int, n_pos: int, confidence: float) -> float:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     if n_pos < 1 or not 0 <= tp <= n_pos:
         raise ValueError(f"need 0 <= tp <= n_pos and n_pos >= 1, got tp={tp}, n_pos={n_pos}")
-    if tp == 0:
-        return 0.0
-    from scipy.stats import beta
+    from cxr.core.stats import lower_bound
 
-    return float(beta.ppf(1 - confidence, tp, n_pos - tp + 1))
+    return lower_bound(tp, n_pos, confidence)
 
 
 def choose_threshold(
