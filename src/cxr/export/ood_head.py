@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 TAPS = {
     "compact_cnn": ("gap", "s2b_relu"),
     "inception_v3": ("gap", "mixed7"),
+    # the expansion of block 12 (stage 6: 7x7, 1152 channels), the same resolution as the GAP's input, not twice it
     "efficientnet_lite0": ("gap", "b12_expand_relu"),
 }
 #: Fraction of all held-out real chest X-rays, pooled, that must pass.
