@@ -5,6 +5,7 @@ outbox of that destination (:class:`cxr.hospital.dicom.spool.Spool`)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 from collections.abc import Sequence
@@ -43,6 +44,8 @@ class ResultBuilder:
         from cxr.client.results import CSV_COLUMNS
 
         self.csv = AppendOnlyCsv(cfg.out, CSV_COLUMNS) if cfg.out else None  # the columns of cxr predict
+        #: The keys of the rows written (SOP Instance UID, model sha256, operating point): one row per key.
+        self._rows = {self._key(r) for r in (self.csv.rows if self.csv is not None else [])}
         self.fhir_lines = AppendOnlyLines(cfg.fhir_out) if cfg.fhir_out is not None else None
         self.fhir_post = bool(cfg.fhir_url)
         self.gradcam: GradCam | None = None
@@ -59,7 +62,8 @@ class ResultBuilder:
             raise CxrError(f"--heatmap: {exc}") from None
         self.positive_label = positive_label
 
-    def _heatmap_sc(self, film: Path, source: Dataset, pred: Prediction) -> tuple[str, bytes] | None:
+    def _heatmap_sc(self, film: Path, source: Dataset, pred: Prediction,
+                    at: dt.datetime | None = None) -> tuple[str, bytes] | None:
         """The overlay as a Secondary Capture, for an answer that shows the positive label; else ``None``."""
         if self.gradcam is None or not pred.ok or pred.label != self.positive_label:
             return None
@@ -68,16 +72,18 @@ class ResultBuilder:
 
         shown = film_for_display(film)
         heat = self.gradcam.heatmap(imaging.preprocess(film), size=(shown.shape[1], shown.shape[0]))
-        sc = build_heatmap_sc(source, pred, overlay(shown, heat), unverified=self.gradcam.passes_check is False)
+        sc = build_heatmap_sc(source, pred, overlay(shown, heat), unverified=self.gradcam.passes_check is False, at=at)
         return f"{sc.SOPInstanceUID}.dcm", encode(sc)
 
-    def for_instance(self, f: Path, pred: Prediction, source: Dataset) -> list[Result]:
-        """One instance's results: its SR (and heatmap) for the DICOM outboxes, its FHIR Bundle."""
+    def for_instance(self, f: Path, pred: Prediction, source: Dataset, *,
+                     at: dt.datetime | None = None) -> list[Result]:
+        """One instance's results: its SR (and heatmap) for the DICOM outboxes, its FHIR Bundle. ``at`` (when it
+        was screened) dates them, so that results made again after a crash are the same bytes."""
         from cxr.hospital.dicom.sr import build_sr
 
-        sr = build_sr(source, pred)
+        sr = build_sr(source, pred, at=at)
         encoded = [(f"{sr.SOPInstanceUID}.dcm", encode(sr))]
-        sc = self._heatmap_sc(f, source, pred)
+        sc = self._heatmap_sc(f, source, pred, at)
         if sc is not None:
             encoded.append(sc)
         results = [(kind, name, data) for kind in ("dimse", "stow") for name, data in encoded]
@@ -95,16 +101,17 @@ class ResultBuilder:
             self.fhir_lines.append(json.dumps(b, separators=(",", ":")))
         return [("fhir", f"{uid}.json", json.dumps(b).encode())] if self.fhir_post else []
 
-    def for_study(self, films: Sequence[Film], study: StudyResult) -> list[Result]:
+    def for_study(self, films: Sequence[Film], study: StudyResult, *,
+                  at: dt.datetime | None = None) -> list[Result]:
         """A study's results: one SR for the study (and a heatmap per positive frontal film), one FHIR Bundle."""
         from cxr.hospital import fhir
         from cxr.hospital.dicom.sr import build_study_sr
 
-        sr = build_study_sr([src for _, _, src, _ in films], [pred for _, pred, _, _ in films], study)
+        sr = build_study_sr([src for _, _, src, _ in films], [pred for _, pred, _, _ in films], study, at=at)
         encoded = [(f"{sr.SOPInstanceUID}.dcm", encode(sr))]
         for uid, pred, src, film in films:
             if uid in study.frontal:
-                sc = self._heatmap_sc(film, src, pred)
+                sc = self._heatmap_sc(film, src, pred, at)
                 if sc is not None:
                     encoded.append(sc)
         results = [(kind, name, data) for kind in ("dimse", "stow") for name, data in encoded]
@@ -116,8 +123,14 @@ class ResultBuilder:
                 results.append(("fhir", f"{sr.SOPInstanceUID}.json", json.dumps(b).encode()))
         return results
 
+    @staticmethod
+    def _key(row: dict) -> tuple[str, str, str]:
+        return (str(row.get("sop_instance_uid") or ""), str(row.get("model_sha256") or ""),
+                str(row.get("operating_point") or ""))
+
     def row(self, f: Path, pred: Prediction) -> None:
-        """The instance's CSV row (``--out``), its path ``dicom:<SOP Instance UID>``."""
+        """The instance's CSV row (``--out``), its path ``dicom:<SOP Instance UID>``; once per key (a row written
+        before a crash is not written again)."""
         if self.csv is None:
             return
         from cxr.client.batch import file_sha256
@@ -127,7 +140,11 @@ class ResultBuilder:
         row = to_row(pred, file_sha256(f))
         row["path"] = f"dicom:{uid}"
         row["sop_instance_uid"] = uid
+        key = self._key(row)
+        if key in self._rows:
+            return
         self.csv.append([row])
+        self._rows.add(key)
 
     def close(self) -> None:
         if self.csv is not None:

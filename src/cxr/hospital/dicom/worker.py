@@ -146,11 +146,22 @@ class ScreeningWorker:
 
     def _screen(self, files: list[Path]) -> bool:
         """Screen a batch (its urgent instances first, at the urgent level); ``True`` when at least one instance
-        reached a final state."""
+        reached a final state. An instance screened before a crash (its ``screened/`` record) is finished from
+        that record, never screened again."""
         assert self._client is not None
-        urgent = [f for f in files if self.spool.is_urgent(f)]
-        routine = [f for f in files if f not in set(urgent)]
         progressed = False
+        fresh = []
+        for f in files:
+            record = self.spool.screened_record(f.stem)
+            if record is None:
+                fresh.append(f)
+                continue
+            from cxr.hospital.dicom.study import from_json
+
+            progressed |= self._finish([f], [from_json(record["answer"])], str(record.get("priority", "routine")),
+                                       record)
+        urgent = [f for f in fresh if self.spool.is_urgent(f)]
+        routine = [f for f in fresh if f not in set(urgent)]
         for group, priority in ((urgent, "urgent"), (routine, "routine")):
             if group:
                 preds = self._client.predict([str(f) for f in group], priority=priority)
@@ -159,7 +170,7 @@ class ScreeningWorker:
             self._on_results()
         return progressed
 
-    def _finish(self, files: list[Path], preds: list[Prediction], priority: str) -> bool:
+    def _finish(self, files: list[Path], preds: list[Prediction], priority: str, record: dict | None = None) -> bool:
         progressed = False
         for f, pred in zip(files, preds):
             uid = f.stem
@@ -167,7 +178,7 @@ class ScreeningWorker:
                 logger.warning("instance %s: transient failure, kept for a retry", uid)
                 continue
             try:
-                self._finish_one(f, pred, priority)
+                self._finish_one(f, pred, priority, record)
             except Unanswerable as exc:
                 self._set_aside(uid, exc.why, str(exc), exc.study)
             except Exception as exc:  # noqa: BLE001 - one instance's failure must not hold the others
@@ -176,11 +187,21 @@ class ScreeningWorker:
             progressed = True
         return progressed
 
-    def _finish_one(self, f: Path, pred: Prediction, priority: str) -> None:
+    @staticmethod
+    def key(uid: str, pred: Prediction) -> list[str]:
+        """A result's key: (SOP Instance UID, model sha256, operating point)."""
+        return [uid, pred.model_sha256, pred.operating_point or ""]
+
+    def _finish_one(self, f: Path, pred: Prediction, priority: str, record: dict | None = None) -> None:
+        """Finish one screened instance, each step once per key however often a crash interrupts it: the answer
+        recorded (``screened/``), its CSV row, its ``screened`` audit record, its results in the outboxes, its done
+        marker. A step done before a crash is recognised on the rerun (the row and the audit record by their key,
+        an outbox result by its name, which derives from the key) and not done again."""
+        import datetime as dt
+
         import pydicom
 
         uid = f.stem
-        results = []
         source = None
         study = ""
         if pred.status is not contract.Status.ERROR:
@@ -189,26 +210,37 @@ class ScreeningWorker:
             if not is_uid(study):
                 raise Unanswerable("no_study_uid", "no valid Study Instance UID: a result cannot be filed in its "
                                    "study")
-        if source is not None and self.cfg.study_quiet_s is None:
-            results = self.results.for_instance(f, pred, source)
+        if record is None:
+            from cxr.hospital.dicom.study import to_json
+
+            record = {"key": self.key(uid, pred), "study_uid": study, "priority": priority,
+                      "screened_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"),
+                      "answer": to_json(pred)}
+            self.spool.record_screened(uid, record)
+        at = dt.datetime.fromisoformat(str(record["screened_at"]))
+        key = [str(k) for k in record["key"]]
         self.results.row(f, pred)
         self.telemetry.observe(pred, manufacturer=str(getattr(source, "Manufacturer", "") or "")[:64],
                                station=str(getattr(source, "StationName", "") or "")[:64])
         if pred.status is contract.Status.ERROR:  # unreadable: an error row, and the file set aside, visibly
             raise Unanswerable("unreadable", f"unreadable: {pred.reason}")
+        self.telemetry.event_once("screened", key, outcome="success", study_uid=study, instance_uid=uid,
+                                  model_sha256=pred.model_sha256, status=pred.status.value, rule=pred.rule,
+                                  probability=pred.probability, priority=priority,
+                                  operating_point=pred.operating_point or None)
         if self.cfg.study_quiet_s is not None:  # answered with its study, once the study is quiet
             import json
 
             from cxr.hospital.dicom.study import to_json
 
-            self.spool.hold(study, uid, json.dumps(to_json(pred)).encode(), urgent=priority == "urgent")
+            self.spool.hold(study, uid, json.dumps({**to_json(pred), "screened_at": record["screened_at"]}).encode(),
+                            urgent=priority == "urgent")
             self.studies.screened(uid)
         else:
+            assert source is not None
+            results = self.results.for_instance(f, pred, source, at=at)
             self.spool.finish(uid, results, urgent=priority == "urgent")
         self._failures.pop(uid, None)
-        self.telemetry.event("screened", outcome="success", study_uid=study, instance_uid=uid,
-                             model_sha256=pred.model_sha256, status=pred.status.value, rule=pred.rule,
-                             probability=pred.probability, priority=priority)
         self.telemetry.count("screened")
         logger.info("instance %s: %s%s", uid, pred.status.value, f" ({pred.label})" if pred.label else "")
 
@@ -246,6 +278,7 @@ class ScreeningWorker:
         self._on_results()
 
     def _close_study(self, folder: Path) -> None:
+        import datetime as dt
         import json
 
         import pydicom
@@ -253,18 +286,24 @@ class ScreeningWorker:
         from cxr.hospital.dicom.study import combine, from_json
 
         films: list[Film] = []
+        times = []
         for a in sorted(folder.glob("*.json")):
             film = folder / f"{a.stem}.dcm"
-            films.append((a.stem, from_json(json.loads(a.read_text())), pydicom.dcmread(film, stop_before_pixels=True),
-                          film))
+            answer = json.loads(a.read_text())
+            if answer.get("screened_at"):
+                times.append(dt.datetime.fromisoformat(str(answer.pop("screened_at"))))
+            films.append((a.stem, from_json(answer), pydicom.dcmread(film, stop_before_pixels=True), film))
         # films in the order they were taken (Instance Number), then by UID
         films.sort(key=lambda it: (int(it[2].get("InstanceNumber", 0) or 0), it[0]))
         study = combine([(uid, pred) for uid, pred, _, _ in films])
-        results = self.results.for_study(films, study)
-        self.spool.finish_study(folder, [uid for uid, *_ in films], results)
+        results = self.results.for_study(films, study, at=max(times, default=None))
         model = films[0][1]
-        self.telemetry.event("screened", study_uid=folder.name, model_sha256=model.model_sha256, level="study",
-                             status=study.status.value, label=study.label, probability=study.probability,
-                             instances=len(films), frontal=len(study.frontal), why=study.why or None)
+        # once per key: the study, the model and the films answered (which make the study SR's UID)
+        self.telemetry.event_once("screened", ["study", folder.name, model.model_sha256,
+                                               *sorted(uid for uid, *_ in films)],
+                                  study_uid=folder.name, model_sha256=model.model_sha256, level="study",
+                                  status=study.status.value, label=study.label, probability=study.probability,
+                                  instances=len(films), frontal=len(study.frontal), why=study.why or None)
+        self.spool.finish_study(folder, [uid for uid, *_ in films], results)
         logger.info("study %s: %s%s from %d film(s), %d frontal", folder.name, study.status.value,
                     f" ({study.label})" if study.label else "", len(films), len(study.frontal))
