@@ -121,7 +121,10 @@ def _add_listen(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--send-tls-key", type=Path, help="its private key")
     p.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve Prometheus metrics of the answers (by status, rule, Manufacturer/StationName; "
-                   "ood_score and probability histograms) on 127.0.0.1:PORT")
+                   "ood_score and probability histograms; the pipeline's counters) on --metrics-host:PORT")
+    p.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDRESS",
+                   help="address the metrics are served on (loopback by default; this host's address, or 0.0.0.0, "
+                   "for a Prometheus on another host)")
     p.add_argument("--stow-url", metavar="URL",
                    help="store the SR (and Secondary Capture) with STOW-RS at this DICOMweb root, instead of or "
                    "beside --send-to")
@@ -168,7 +171,8 @@ def _cmd_listen(a: argparse.Namespace) -> int:
                            send_to=Destination.parse(a.send_to) if a.send_to else None, allow=tuple(a.allow),
                            out=a.out, url=a.url, protocol=a.protocol, model=a.model, heatmap=a.heatmap,
                            repository=a.model_repository, dicom_tls=dicom_tls, send_tls=send_tls,
-                           metrics_port=a.metrics_port, stow_url=a.stow_url, fhir_url=a.fhir_url,
+                           metrics_port=a.metrics_port, metrics_host=a.metrics_host, stow_url=a.stow_url,
+                           fhir_url=a.fhir_url,
                            fhir_out=a.fhir_out, audit_log=a.audit_log,
                            urgent_if=tuple(UrgentRule.parse(t) for t in a.urgent_if), redeliver=a.redeliver,
                            study_quiet_s=a.study_quiet_s, operating_point=a.operating_point,
@@ -185,7 +189,8 @@ def _cmd_listen(a: argparse.Namespace) -> int:
         print(f"listening: {cfg.ae_title}@{cfg.host}:{cfg.port}" + (f", results to {', '.join(where)}" if where else
               ", results kept in the outbox (no --send-to)") + f"; spool {cfg.spool}; Ctrl-C to stop", flush=True)
         if listener.metrics_port is not None:
-            print(f"metrics on http://127.0.0.1:{listener.metrics_port}/metrics", flush=True)
+            host = f"[{cfg.metrics_host}]" if ":" in cfg.metrics_host else cfg.metrics_host
+            print(f"metrics on http://{host}:{listener.metrics_port}/metrics", flush=True)
         serve_until_signal()
     return 0
 

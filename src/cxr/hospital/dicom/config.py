@@ -62,7 +62,9 @@ class ListenConfig:
         config_key: Key for an inference server that restricts model-config.
         dicom_tls: DICOM TLS for incoming associations (:class:`cxr.core.security.TlsServer`; mutual with a client CA).
         send_tls: DICOM TLS for sending results (:class:`cxr.core.security.TlsClient`).
-        metrics_port: Serve Prometheus metrics on this loopback port (0 picks a free port).
+        metrics_port: Serve Prometheus metrics on this port (0 picks a free port).
+        metrics_host: The address the metrics are served on (loopback by default; a Prometheus on another host
+            needs this host's address, or ``0.0.0.0``).
         stow_url: A DICOMweb root: results are also (or only) stored there with STOW-RS.
         fhir_url: A FHIR server's base URL: each screened instance's results are POSTed there.
         fhir_out: An NDJSON file: one line per screened instance, its FHIR transaction Bundle (appended).
@@ -97,6 +99,7 @@ class ListenConfig:
     dicom_tls: TlsServer | None = None
     send_tls: TlsClient | None = None
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     stow_url: str | None = None
     fhir_url: str | None = None
     fhir_out: Path | None = None
@@ -121,6 +124,10 @@ class ListenConfig:
             raise ValueError("--study-quiet-s must be in 0..86400 seconds")
         from cxr.core.security import is_loopback
 
+        if not self.metrics_host.strip():
+            raise ValueError("--metrics-host must name an address")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ValueError("--metrics-port must be in 0..65535")
         if not is_loopback(self.host) and self.dicom_tls is None:
             logger.warning("listening on %s without DICOM TLS: keep this link on a trusted network", self.host)
 

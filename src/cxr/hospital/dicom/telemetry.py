@@ -40,12 +40,12 @@ class Telemetry:
         self.metrics: ScreeningMetrics | None = None
         self.metrics_port: int | None = None
 
-    def serve_metrics(self, ood_threshold: float | None, port: int) -> int:
-        """Serve the Prometheus metrics on this loopback port (0: a free one); the port."""
+    def serve_metrics(self, ood_threshold: float | None, port: int, host: str = "127.0.0.1") -> int:
+        """Serve the Prometheus metrics on ``host:port`` (port 0: a free one); the port."""
         from cxr.client.metrics import ScreeningMetrics
 
         self.metrics = ScreeningMetrics(ood_threshold)
-        self.metrics_port = self.metrics.serve(port)
+        self.metrics_port = self.metrics.serve(port, host)
         return self.metrics_port
 
     def count(self, stat: str, n: int = 1) -> None:
