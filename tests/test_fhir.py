@@ -202,3 +202,30 @@ def test_the_observation_says_which_operating_point_answered_and_each_point_is_i
     assert comp["operating-point"]["valueString"] == "adult"
     assert fhir.result_id(adult, study, "report") != fhir.result_id(pediatric, study, "report")
     assert fhir.result_id(adult, study, "report") == fhir.result_id(_ok(0.5, operating_point="adult"), study, "report")
+
+
+@pytest.mark.slow
+def test_an_amended_study_report_is_updated_in_place(fhir_server: str) -> None:
+    """A film that comes after its study was answered: the study's DiagnosticReport is updated in place (a
+    conditional update on its identifier), status `amended`, its results all the films' Observations; still one
+    report for the study; sending the amendment again changes nothing."""
+    from cxr.hospital.dicom.study import combine
+
+    refs = [fhir.StudyRef("1.2.3", f"1.2.3.{i}", "PAT001", "", "ACC42") for i in (1, 2)]
+    first = [(_ok(0.01), refs[0])]
+    both = [*first, (_ok(0.9), refs[1])]
+    fhir.post_bundle(fhir_server, fhir.study_bundle(first, combine([(r.instance_uid, p) for p, r in first])))
+    amended = fhir.study_bundle(both, combine([(r.instance_uid, p) for p, r in both]), amended=True)
+    fhir.post_bundle(fhir_server, amended)
+    fhir.post_bundle(fhir_server, amended)
+
+    with urllib.request.urlopen(f"{fhir_server}/DiagnosticReport") as r:
+        reports = [e["resource"] for e in json.loads(r.read())["entry"]]
+    assert len(reports) == 1
+    (rep,) = reports
+    assert rep["status"] == "amended" and rep["conclusion"].startswith("Pneumonia present")
+    assert len(rep["result"]) == 2
+    assert [i["value"] for i in rep["identifier"] if i.get("system") == fhir.RESULT_ID] == [
+        fhir.study_report_id("1.2.3", _ok(0.1).model_sha256)]
+    with urllib.request.urlopen(f"{fhir_server}/Observation?_summary=count") as r:
+        assert json.loads(r.read())["total"] == 2

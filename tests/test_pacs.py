@@ -549,8 +549,9 @@ def test_a_result_refused_for_good_is_parked_later_ones_go_and_redeliver_sends_i
         listener.wait(timeout=60)
     listener = start_listener(tmp_path, None, port, extra=(*extra, "--redeliver"))  # the parked SR goes again
     try:
-        wait_for(lambda: len(pacs.stored) == 3)
-        assert not list(parked.glob("*")) and not list((tmp_path / "spool" / "outbox").glob("*"))
+        # the PACS has it once its C-STORE answers; the outbox is empty once the listener took the answer in
+        wait_for(lambda: len(pacs.stored) == 3 and not list((tmp_path / "spool" / "outbox").glob("*")))
+        assert not list(parked.glob("*"))
         assert len(set(pacs.stored)) == 3 and pacs.refused[0] in pacs.stored
     finally:
         listener.send_signal(signal.SIGTERM)

@@ -233,11 +233,18 @@ def bundle(results: Sequence[tuple[Prediction, StudyRef]]) -> dict:
     return out
 
 
-def study_bundle(items: Sequence[tuple[Prediction, StudyRef]], study) -> dict:
+def study_report_id(study_uid: str, model_sha256: str) -> str:
+    """The stable identifier value of a study's DiagnosticReport: one per study and model, whatever films it
+    answers (a film that comes later amends it in place)."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{RESULT_ID}|{study_uid}|{model_sha256}|study-report"))
+
+
+def study_bundle(items: Sequence[tuple[Prediction, StudyRef]], study, *, amended: bool = False) -> dict:
     """One ``transaction`` Bundle for a whole study (:mod:`cxr.hospital.dicom.study`): an Observation per frontal film and
     one DiagnosticReport with the study answer (``study``, a :class:`cxr.hospital.dicom.study.StudyResult`) whose results are
     those Observations; laterals get nothing of their own. Created conditionally on identifiers, like
-    :func:`bundle`.
+    :func:`bundle`; ``amended`` (a film came after the study was answered, and ``items`` are all its films) updates
+    the study's DiagnosticReport in place, by its identifier (a conditional update), with status ``amended``.
 
     Raises:
         FhirError: A resource does not validate.
@@ -251,9 +258,7 @@ def study_bundle(items: Sequence[tuple[Prediction, StudyRef]], study) -> dict:
     for pred, ref in items:
         if ref.instance_uid in frontal:
             observations.append(result_entries(pred, ref, device_url=device_url, issued=issued)[0])
-    instances = sorted(ref.instance_uid for _, ref in items)
-    rep_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{RESULT_ID}|{ref0.study_uid}|{'|'.join(instances)}|"
-                                                f"{model.model_sha256}|study-report"))
+    rep_id = study_report_id(ref0.study_uid, model.model_sha256)
     if study.status is contract.Status.OK:
         positive = study.label == contract.LABELS[1]
         conclusion = (f"Pneumonia {'present' if positive else 'absent'} in the study (AI screening aid, preliminary; "
@@ -264,7 +269,7 @@ def study_bundle(items: Sequence[tuple[Prediction, StudyRef]], study) -> dict:
     rep: dict = {
         "resourceType": "DiagnosticReport",
         "identifier": [{"system": RESULT_ID, "value": rep_id}],
-        "status": "preliminary",
+        "status": "amended" if amended else "preliminary",
         "category": [_cc("http://terminology.hl7.org/CodeSystem/v2-0074", "RAD", "Radiology")],
         "code": _cc(LOINC, *REPORT_CODE),
         "issued": issued,
@@ -283,8 +288,9 @@ def study_bundle(items: Sequence[tuple[Prediction, StudyRef]], study) -> dict:
         rep["imagingStudy"] = [{"type": "ImagingStudy", "identifier": {"system": DICOM_UID,
                                                                        "value": f"urn:oid:{ref0.study_uid}"}}]
     entries += observations
-    entries.append({"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": rep,
-                    "request": _conditional("DiagnosticReport", rep_id)})
+    request = ({"method": "PUT", "url": f"DiagnosticReport?identifier={RESULT_ID}|{rep_id}"} if amended
+               else _conditional("DiagnosticReport", rep_id))
+    entries.append({"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": rep, "request": request})
     out = {"resourceType": "Bundle", "type": "transaction", "timestamp": issued, "entry": entries}
     validate(out)
     return out

@@ -101,27 +101,35 @@ class ResultBuilder:
             self.fhir_lines.append(json.dumps(b, separators=(",", ":")))
         return [("fhir", f"{uid}.json", json.dumps(b).encode())] if self.fhir_post else []
 
-    def for_study(self, films: Sequence[Film], study: StudyResult, *,
-                  at: dt.datetime | None = None) -> list[Result]:
-        """A study's results: one SR for the study (and a heatmap per positive frontal film), one FHIR Bundle."""
+    def for_study(self, films: Sequence[Film], study: StudyResult, *, at: dt.datetime | None = None,
+                  version: int = 1, predecessor: dict | None = None,
+                  new: set[str] | None = None) -> tuple[list[Result], dict]:
+        """A study's results: one SR for the study (and a heatmap per positive frontal film among ``new``, the
+        films not answered before; all when ``None``), one FHIR Bundle; and the SR's identity (for the next
+        amendment). ``version`` > 1 amends the study's earlier result ``predecessor`` (its identity)."""
         from cxr.hospital import fhir
         from cxr.hospital.dicom.sr import build_study_sr
 
-        sr = build_study_sr([src for _, _, src, _ in films], [pred for _, pred, _, _ in films], study, at=at)
+        sr = build_study_sr([src for _, _, src, _ in films], [pred for _, pred, _, _ in films], study, at=at,
+                            instance_number=version, predecessor=predecessor)
         encoded = [(f"{sr.SOPInstanceUID}.dcm", encode(sr))]
         for uid, pred, src, film in films:
-            if uid in study.frontal:
+            if uid in study.frontal and (new is None or uid in new):
                 sc = self._heatmap_sc(film, src, pred, at)
                 if sc is not None:
                     encoded.append(sc)
         results = [(kind, name, data) for kind in ("dimse", "stow") for name, data in encoded]
         if self.fhir_post or self.fhir_lines is not None:
-            b = fhir.study_bundle([(pred, fhir.StudyRef.of_file(film)) for _, pred, _, film in films], study)
+            b = fhir.study_bundle([(pred, fhir.StudyRef.of_file(film)) for _, pred, _, film in films], study,
+                                  amended=version > 1)
             if self.fhir_lines is not None:
                 self.fhir_lines.append(json.dumps(b, separators=(",", ":")))
             if self.fhir_post:
                 results.append(("fhir", f"{sr.SOPInstanceUID}.json", json.dumps(b).encode()))
-        return results
+        identity = {"sop_instance_uid": str(sr.SOPInstanceUID), "sop_class_uid": str(sr.SOPClassUID),
+                    "series_instance_uid": str(sr.SeriesInstanceUID), "study_instance_uid": str(sr.StudyInstanceUID),
+                    "instance_number": int(sr.InstanceNumber)}
+        return results, identity
 
     @staticmethod
     def _key(row: dict) -> tuple[str, str, str]:

@@ -83,6 +83,16 @@ class Spool:
         that is screened again); how many."""
         cutoff = (time.time() if now is None else now) - retention_s
         n = 0
+        answered = [d / "report.json" for d in self.answered.iterdir()] if self.answered.is_dir() else []
+        for report in answered:  # a study answered that long ago is not amended any more
+            try:
+                if report.stat().st_mtime < cutoff:
+                    import shutil
+
+                    shutil.rmtree(report.parent)
+                    n += 1
+            except FileNotFoundError:
+                continue
         for folder in (self.done, *(d for d in self.delivered.iterdir() if d.is_dir())):
             for m in folder.iterdir():
                 try:
@@ -227,14 +237,41 @@ class Spool:
         fsync_dir(self.incoming)
         fsync_dir(folder)
 
-    def finish_study(self, folder: Path, uids: list[str], results: list[tuple[str, str, bytes]]) -> None:
-        """A study's results into their outboxes (dated with its first arrival), then every instance's done marker,
-        then the study's folder away."""
+    @property
+    def answered(self) -> Path:
+        """Studies answered already: ``answered/<Study UID>/`` holds each answered film's answer (``<UID>.json``) and
+        header without pixels (``<UID>.hdr``), and ``report.json``: the last study SR (its UIDs, Instance Number,
+        version) and the films it answered. A film that comes later amends the study's result from there."""
+        return self.root / "answered"
+
+    def study_answered(self, study: str) -> tuple[list[tuple[str, dict, Path]], dict | None]:
+        """The films a study was answered with (``(UID, answer, header file)``) and its last report (``None``:
+        never answered)."""
+        folder = self.answered / study
+        try:
+            report = dict(json.loads((folder / "report.json").read_text()))
+        except FileNotFoundError:
+            return [], None
+        films = [(uid, dict(json.loads((folder / f"{uid}.json").read_text())), folder / f"{uid}.hdr")
+                 for uid in report["films"]]
+        return films, report
+
+    def finish_study(self, folder: Path, uids: list[str], results: list[tuple[str, str, bytes]], *,
+                     keep: dict[str, tuple[bytes, bytes]] | None = None, report: dict | None = None) -> None:
+        """A study's results into their outboxes (dated with its first arrival), then (``keep``: UID -> (answer,
+        header)) the answered films and the ``report`` into ``answered/<Study UID>/`` (the report last: it names the
+        films), then every instance's done marker, then the study's folder away."""
         import shutil
 
         urgent = (folder / ".urgent").exists()
         arrived = min((p.stat().st_mtime for p in folder.glob("*.dcm")), default=None)
         self._to_outboxes(results, urgent=urgent, arrived=arrived)
+        if report is not None:
+            kept = _mkdir(self.answered / folder.name)
+            for uid, (answer, header) in (keep or {}).items():
+                _write(kept / f"{uid}.json", answer)
+                _write(kept / f"{uid}.hdr", header)
+            _write(kept / "report.json", json.dumps(report).encode())
         for uid in uids:
             _write(self.done / uid, b"")
         shutil.rmtree(folder)

@@ -225,10 +225,14 @@ def study_sr_uid(study_uid: str, model_sha256: str, instances: list[str]) -> str
     return generate_uid(entropy_srcs=[study_uid, model_sha256, *sorted(instances), "cxr-study-sr"])
 
 
-def build_study_sr(sources: list[Dataset], results: list[Prediction], study, *, at: dt.datetime | None = None):
+def build_study_sr(sources: list[Dataset], results: list[Prediction], study, *, at: dt.datetime | None = None,
+                   instance_number: int = 1, predecessor: dict | None = None):
     """One ``ComprehensiveSR`` for a study (:mod:`cxr.hospital.dicom.study`): a group with the study answer, then a group per
     frontal film with its own answer. ``sources`` and ``results`` pair up; ``study`` is the
-    :class:`cxr.hospital.dicom.study.StudyResult`."""
+    :class:`cxr.hospital.dicom.study.StudyResult`. An amended study answer (a film came after the study was
+    answered) takes the next ``instance_number`` and names the SR it replaces, ``predecessor`` (its
+    ``study_instance_uid``, ``series_instance_uid``, ``sop_class_uid``, ``sop_instance_uid``), in the Predecessor
+    Documents Sequence."""
     import highdicom as hd
 
     for r in results:
@@ -261,10 +265,19 @@ def build_study_sr(sources: list[Dataset], results: list[Prediction], study, *, 
         procedure_reported=_code(*CHEST_XRAY),
         imaging_measurements=groups,
     )
+    previous = None
+    if predecessor is not None:
+        pre = Dataset()
+        pre.StudyInstanceUID = predecessor["study_instance_uid"]
+        pre.SeriesInstanceUID = predecessor["series_instance_uid"]
+        pre.SOPClassUID = predecessor["sop_class_uid"]
+        pre.SOPInstanceUID = predecessor["sop_instance_uid"]
+        previous = [pre]
     return _dated(hd.sr.ComprehensiveSR(
         evidence=[placement_evidence(s) for s in sources], content=report,
         series_instance_uid=result_uids(sources[0], model.model_sha256)["sr_series"], series_number=SERIES_NUMBER,
-        sop_instance_uid=sr_uid, instance_number=1, manufacturer=DEVICE_NAME, is_complete=True, is_final=False,
+        sop_instance_uid=sr_uid, instance_number=instance_number, manufacturer=DEVICE_NAME, is_complete=True,
+        is_final=False, previous_versions=previous,
         series_description="AI pneumonia screening (screening aid, not for diagnosis)",
     ), at)
 

@@ -278,32 +278,52 @@ class ScreeningWorker:
         self._on_results()
 
     def _close_study(self, folder: Path) -> None:
+        """Answer a quiet study. A study answered before (``answered/``) is answered again over all its films,
+        the earlier ones and the new: the new SR names the earlier one as its predecessor and takes the next
+        Instance Number, the FHIR DiagnosticReport is updated in place (``amended``)."""
         import datetime as dt
         import json
 
         import pydicom
 
+        from cxr.hospital.dicom.results import encode
         from cxr.hospital.dicom.study import combine, from_json
 
+        new = {a.stem for a in folder.glob("*.json")}
+        earlier, report = self.spool.study_answered(folder.name)
+        if report is not None and new <= set(report["films"]):  # answered with them before a crash: clean up only
+            self.spool.finish_study(folder, sorted(new), [])
+            return
         films: list[Film] = []
         times = []
-        for a in sorted(folder.glob("*.json")):
-            film = folder / f"{a.stem}.dcm"
-            answer = json.loads(a.read_text())
+        keep: dict[str, tuple[bytes, bytes]] = {}
+        answers = [(uid, answer, hdr) for uid, answer, hdr in earlier if uid not in new]
+        answers += [(a.stem, json.loads(a.read_text()), folder / f"{a.stem}.dcm") for a in sorted(folder.glob("*.json"))]
+        for uid, answer, film in answers:
             if answer.get("screened_at"):
-                times.append(dt.datetime.fromisoformat(str(answer.pop("screened_at"))))
-            films.append((a.stem, from_json(answer), pydicom.dcmread(film, stop_before_pixels=True), film))
+                times.append(dt.datetime.fromisoformat(str(answer["screened_at"])))
+            header = pydicom.dcmread(film, stop_before_pixels=True)
+            films.append((uid, from_json({k: v for k, v in answer.items() if k != "screened_at"}), header, film))
+            if uid in new:  # kept without its pixels, in an uncompressed syntax, for an amendment
+                copy = pydicom.dcmread(film, stop_before_pixels=True)
+                copy.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+                keep[uid] = (json.dumps(answer).encode(), encode(copy))
         # films in the order they were taken (Instance Number), then by UID
         films.sort(key=lambda it: (int(it[2].get("InstanceNumber", 0) or 0), it[0]))
         study = combine([(uid, pred) for uid, pred, _, _ in films])
-        results = self.results.for_study(films, study, at=max(times, default=None))
+        version = int(report["version"]) + 1 if report is not None else 1
+        results, sr = self.results.for_study(films, study, at=max(times, default=None), version=version,
+                                             predecessor=report["sr"] if report is not None else None, new=new)
         model = films[0][1]
         # once per key: the study, the model and the films answered (which make the study SR's UID)
         self.telemetry.event_once("screened", ["study", folder.name, model.model_sha256,
                                                *sorted(uid for uid, *_ in films)],
                                   study_uid=folder.name, model_sha256=model.model_sha256, level="study",
                                   status=study.status.value, label=study.label, probability=study.probability,
-                                  instances=len(films), frontal=len(study.frontal), why=study.why or None)
-        self.spool.finish_study(folder, [uid for uid, *_ in films], results)
-        logger.info("study %s: %s%s from %d film(s), %d frontal", folder.name, study.status.value,
-                    f" ({study.label})" if study.label else "", len(films), len(study.frontal))
+                                  instances=len(films), frontal=len(study.frontal), why=study.why or None,
+                                  version=version, amends=report["sr"]["sop_instance_uid"] if report else None)
+        self.spool.finish_study(folder, sorted(new), results, keep=keep, report={
+            "version": version, "films": sorted(uid for uid, *_ in films), "sr": sr})
+        logger.info("study %s: %s%s from %d film(s), %d frontal%s", folder.name, study.status.value,
+                    f" ({study.label})" if study.label else "", len(films), len(study.frontal),
+                    f"; amends its result (version {version})" if version > 1 else "")
