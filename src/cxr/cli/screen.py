@@ -53,6 +53,10 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help="with --dicomweb: a QIDO-RS study filter, e.g. ModalitiesInStudy=DX or StudyDate=20261201- "
                    "(repeatable)")
     options.add_result_doors(p)
+    p.add_argument("--patient-id-system", metavar="URI",
+                   help="the site's patient identifier system (its MRN system, e.g. urn:oid:1.2.3 or "
+                   "https://hospital.example/mrn) for FHIR subjects; a header's IssuerOfPatientID that names a "
+                   "system (an OID or a URI) wins")
     p.add_argument("--priority", choices=sorted(contract.PRIORITIES), default=contract.DEFAULT_PRIORITY,
                    help="Triton priority level of the requests: urgent is batched before routine work")
     options.add_operating_point(p)
@@ -78,7 +82,13 @@ def _cmd_predict(a: argparse.Namespace) -> int:
                               **options.client_security(a))
     except ValueError as exc:
         raise CxrError(f"--{str(exc)}" if str(exc).startswith(("chunk", "retries")) else str(exc)) from None
-    return run_predict(opts, source=DicomWebSource.of(opts), delivery=FhirDelivery.of(opts))
+    if a.patient_id_system and a.fhir_url is None and a.fhir_out is None:
+        raise CxrError("--patient-id-system names the patients of FHIR results: give --fhir-url or --fhir-out too")
+    try:
+        delivery = FhirDelivery.of(opts, patient_id_system=a.patient_id_system)
+    except ValueError as exc:
+        raise CxrError(str(exc)) from None
+    return run_predict(opts, source=DicomWebSource.of(opts), delivery=delivery)
 
 
 def _add_listen(sub: argparse._SubParsersAction) -> None:
@@ -122,6 +132,9 @@ def _add_listen(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve Prometheus metrics of the answers (by status, rule, Manufacturer/StationName; "
                    "ood_score and probability histograms; the pipeline's counters) on --metrics-host:PORT")
+    p.add_argument("--patient-id-system", metavar="URI",
+                   help="the site's patient identifier system (its MRN system) for the FHIR results' subjects; a "
+                   "header's IssuerOfPatientID that names a system (an OID or a URI) wins")
     p.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDRESS",
                    help="address the metrics are served on (loopback by default; this host's address, or 0.0.0.0, "
                    "for a Prometheus on another host)")
@@ -173,7 +186,7 @@ def _cmd_listen(a: argparse.Namespace) -> int:
                            repository=a.model_repository, dicom_tls=dicom_tls, send_tls=send_tls,
                            metrics_port=a.metrics_port, metrics_host=a.metrics_host, stow_url=a.stow_url,
                            fhir_url=a.fhir_url,
-                           fhir_out=a.fhir_out, audit_log=a.audit_log,
+                           fhir_out=a.fhir_out, audit_log=a.audit_log, patient_id_system=a.patient_id_system,
                            urgent_if=tuple(UrgentRule.parse(t) for t in a.urgent_if), redeliver=a.redeliver,
                            study_quiet_s=a.study_quiet_s, operating_point=a.operating_point,
                            web_auth=HttpAuth.of(a.web_token_file, a.web_tls_cert, a.web_tls_key, a.web_tls_ca), screen=ScreenFilter.of(tuple(a.screen_sop_class), tuple(a.screen_modality),

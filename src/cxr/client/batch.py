@@ -258,13 +258,38 @@ class InputSource(Protocol):
         """List the instances and read them into ``folder``."""
 
 
+#: ``cxr predict``'s exit status when results remain undelivered for now (EX_TEMPFAIL, as ``cxr.cli`` exits for an
+#: upstream that is unreachable or failing): a rerun later delivers them.
+EXIT_TEMPFAIL = 75
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """What a :class:`ResultDelivery` left undone.
+
+    Attributes:
+        undelivered: Results not delivered.
+        retryable: A rerun can deliver them (the destination was unreachable or failing for now): ``cxr predict``
+            exits 75 (EX_TEMPFAIL), not 1.
+    """
+
+    undelivered: int = 0
+    retryable: bool = False
+
+    def __post_init__(self) -> None:
+        if self.undelivered < 0:
+            raise ValueError("undelivered must be >= 0")
+        if self.retryable and not self.undelivered:
+            raise ValueError("only undelivered results can be retryable")
+
+
 class ResultDelivery(Protocol):
     """Where ``cxr predict`` also delivers the answers once the run is over (the FHIR door:
     :class:`cxr.hospital.fhir.FhirDelivery`)."""
 
-    def deliver(self, rows: list[dict], files: Mapping[str, Path], audit: AuditLog | None, actor: str) -> int:
+    def deliver(self, rows: list[dict], files: Mapping[str, Path], audit: AuditLog | None, actor: str) -> Delivered:
         """Deliver the answered ``rows`` (``files``: each row's ``path`` -> its file), each delivery audited as
-        ``actor``; the number of inputs left without a result (0 when all went)."""
+        ``actor``; what was not delivered."""
 
 
 def run_predict(opts: PredictOptions, *, source: InputSource | None = None,
@@ -311,13 +336,18 @@ def run_predict(opts: PredictOptions, *, source: InputSource | None = None,
         rows = _run(opts, paths, names, audit)
         counts = {s.value: sum(1 for r in rows if r["status"] == s.value) for s in contract.Status}
         missing = len(paths) + len(unread) - len(rows)
+        sent = Delivered()
         if delivery is not None:
-            missing += delivery.deliver(rows, {names.get(str(p), str(p)): p for p in paths}, audit, _actor())
+            sent = delivery.deliver(rows, {names.get(str(p), str(p)): p for p in paths}, audit, _actor())
         print(f"{len(rows)} of {len(paths) + len(unread)} inputs answered: {counts['ok']} ok, "
               f"{counts['not_assessable']} not assessable, {counts['error']} errors"
-              + (f", {missing} without a result" if missing else "") + (f" (written to {opts.out})" if opts.out else ""),
-              file=sys.stderr)
-        return 1 if counts["error"] or missing else 0
+              + (f", {missing} without a result" if missing else "")
+              + (f", {sent.undelivered} results not delivered" + (" (rerun to deliver them)" if sent.retryable else "")
+                 if sent.undelivered else "")
+              + (f" (written to {opts.out})" if opts.out else ""), file=sys.stderr)
+        if counts["error"] or missing or (sent.undelivered and not sent.retryable):
+            return 1
+        return EXIT_TEMPFAIL if sent.undelivered else 0
 
 
 def _run(opts: PredictOptions, paths: list[Path], names: dict[str, str], audit) -> list[dict]:

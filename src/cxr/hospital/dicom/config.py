@@ -75,6 +75,8 @@ class ListenConfig:
         study_quiet_s: One result per study (:mod:`cxr.hospital.dicom.study`): a study is answered once nothing of
             it has arrived for this many seconds (``None``: one result per instance).
         web_auth: How ``stow_url`` and ``fhir_url`` authenticate (:class:`cxr.core.security.HttpAuth`).
+        patient_id_system: The site's patient identifier system (a URI) for the FHIR results' subjects, where the
+            header names no IssuerOfPatientID that is a system.
         operating_point: Answer every film at this served operating point (``None``: by the patient's age in the
             header, else the model's default).
     """
@@ -110,6 +112,7 @@ class ListenConfig:
     study_quiet_s: float | None = None
     web_auth: HttpAuth | None = field(default=None, repr=False)
     operating_point: str | None = None
+    patient_id_system: str | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.ae_title) <= 16:
@@ -124,6 +127,13 @@ class ListenConfig:
             raise ValueError("--study-quiet-s must be in 0..86400 seconds")
         from cxr.core.security import is_loopback
 
+        if self.patient_id_system is not None:
+            if not (self.fhir_url or self.fhir_out):
+                raise ValueError("--patient-id-system names the patients of FHIR results: give --fhir-url or "
+                                 "--fhir-out too")
+            if not re.match(r"^(urn:[a-z0-9][a-z0-9-]*:\S+|https?://\S+)$", self.patient_id_system, re.I):
+                raise ValueError(f"--patient-id-system must be a URI (urn:oid:..., http(s)://...), got "
+                                 f"{self.patient_id_system!r}")
         if not self.metrics_host.strip():
             raise ValueError("--metrics-host must name an address")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:

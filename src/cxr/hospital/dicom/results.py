@@ -48,6 +48,7 @@ class ResultBuilder:
         self._rows = {self._key(r) for r in (self.csv.rows if self.csv is not None else [])}
         self.fhir_lines = AppendOnlyLines(cfg.fhir_out) if cfg.fhir_out is not None else None
         self.fhir_post = bool(cfg.fhir_url)
+        self.patient_id_system = cfg.patient_id_system
         self.gradcam: GradCam | None = None
         self.positive_label = ""
 
@@ -96,7 +97,7 @@ class ResultBuilder:
         Bundle appended as one line of the NDJSON file (linear: nothing written before is read or rewritten)."""
         from cxr.hospital import fhir
 
-        b = fhir.bundle([(pred, fhir.StudyRef.of_file(f))])
+        b = fhir.bundle([(pred, fhir.StudyRef.of_file(f))], patient_id_system=self.patient_id_system)
         if self.fhir_lines is not None:
             self.fhir_lines.append(json.dumps(b, separators=(",", ":")))
         return [("fhir", f"{uid}.json", json.dumps(b).encode())] if self.fhir_post else []
@@ -121,7 +122,7 @@ class ResultBuilder:
         results = [(kind, name, data) for kind in ("dimse", "stow") for name, data in encoded]
         if self.fhir_post or self.fhir_lines is not None:
             b = fhir.study_bundle([(pred, fhir.StudyRef.of_file(film)) for _, pred, _, film in films], study,
-                                  amended=version > 1)
+                                  amended=version > 1, patient_id_system=self.patient_id_system)
             if self.fhir_lines is not None:
                 self.fhir_lines.append(json.dumps(b, separators=(",", ":")))
             if self.fhir_post:
