@@ -96,15 +96,16 @@ def test_inputs_from_a_source_are_screened_under_their_names_and_the_unread_ones
         films: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     """run_predict's seam for the hospital's doors: a source (here a stand-in for DICOMweb) lists two instances and
     reads one; the row carries its name, the other is reported, audited as a failed receipt, and exits 1."""
-    from cxr.client.batch import Fetched
-
     class Copies:
         where, kind = "the test archive", "copies"
 
-        def fetch(self, folder: Path) -> Fetched:
+        def find(self) -> tuple[tuple[str, str], ...]:
+            return (("1.2.3", "1.2.3.4"), ("1.2.3", "1.2.3.5"))
+
+        def read(self, names: list[str], folder: Path) -> dict[Path, str]:
             f = folder / "x.dcm"
             shutil.copy(films / "chest_dx.dcm", f)
-            return Fetched({f: "1.2.3.4"}, (("1.2.3", "1.2.3.4"), ("1.2.3", "1.2.3.5")))
+            return {f: "1.2.3.4"}
 
     out = tmp_path / "r.csv"
     opts = PredictOptions(inputs=(), dicomweb="http://127.0.0.1:1/dicom-web", protocol="embedded", format="csv",
