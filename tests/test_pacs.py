@@ -480,6 +480,9 @@ def test_an_instance_that_cannot_be_answered_is_set_aside_and_later_studies_are_
         why = {p.name.removesuffix(".why"): json.loads(p.read_text())["reason"] for p in dead.glob("*.why")}
         assert "Study Instance UID" in why[str(no_study.SOPInstanceUID)]
         assert why[str(corrupt.SOPInstanceUID)].startswith("unreadable")
+        # what was wrong, and where the file is now (not incoming/, where it was read)
+        assert "pixel data truncated" in why[str(corrupt.SOPInstanceUID)]
+        assert str(dead / f"{corrupt.SOPInstanceUID}.dcm") in why[str(corrupt.SOPInstanceUID)]
         assert not list((tmp_path / "spool" / "incoming").glob("*.dcm"))
         aside = [r for r in read(audit) if r["event"] == "screened" and r["detail"].get("status") == "set_aside"]
         assert {r["instance_uid"] for r in aside} == {str(no_study.SOPInstanceUID), str(corrupt.SOPInstanceUID)}

@@ -135,6 +135,9 @@ def _add_listen(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patient-id-system", metavar="URI",
                    help="the site's patient identifier system (its MRN system) for the FHIR results' subjects; a "
                    "header's IssuerOfPatientID that names a system (an OID or a URI) wins")
+    p.add_argument("--retention-days", type=float, default=30.0, metavar="DAYS",
+                   help="keep the spool's done and delivered markers (and what answered studies were answered with) "
+                   "this long, then remove them (default 30)")
     p.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDRESS",
                    help="address the metrics are served on (loopback by default; this host's address, or 0.0.0.0, "
                    "for a Prometheus on another host)")
@@ -187,6 +190,7 @@ def _cmd_listen(a: argparse.Namespace) -> int:
                            metrics_port=a.metrics_port, metrics_host=a.metrics_host, stow_url=a.stow_url,
                            fhir_url=a.fhir_url,
                            fhir_out=a.fhir_out, audit_log=a.audit_log, patient_id_system=a.patient_id_system,
+                           retention_days=a.retention_days,
                            urgent_if=tuple(UrgentRule.parse(t) for t in a.urgent_if), redeliver=a.redeliver,
                            study_quiet_s=a.study_quiet_s, operating_point=a.operating_point,
                            web_auth=HttpAuth.of(a.web_token_file, a.web_tls_cert, a.web_tls_key, a.web_tls_ca), screen=ScreenFilter.of(tuple(a.screen_sop_class), tuple(a.screen_modality),

@@ -43,6 +43,9 @@ drops or duplicates a result:
 * ``incoming/<UID>.urgent``: an urgent study's marker (Requested Procedure Priority STAT or HIGH, or a site rule
   such as the emergency department's Station Name): urgent instances are screened first, at Triton's urgent level.
 * ``studies/<Study UID>/``: with ``--study-quiet-s``, screened instances waiting for the rest of their study;
+* ``answered/<Study UID>/``: with ``--study-quiet-s``, what each study was answered with (a later film amends it);
+* markers in ``done/`` and ``delivered/`` and folders in ``answered/`` are removed after ``--retention-days``; every
+  file is readable by its owner only (0600, folders 0700);
 * ``dead-letter/`` (instances that cannot be answered) and ``dead-letter-<destination>/`` (results refused for
   good), each file beside its ``.why``.
 

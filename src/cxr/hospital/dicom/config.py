@@ -75,6 +75,9 @@ class ListenConfig:
         study_quiet_s: One result per study (:mod:`cxr.hospital.dicom.study`): a study is answered once nothing of
             it has arrived for this many seconds (``None``: one result per instance).
         web_auth: How ``stow_url`` and ``fhir_url`` authenticate (:class:`cxr.core.security.HttpAuth`).
+        retention_days: Done and delivered markers, and what answered studies were answered with, are kept this many
+            days (checked at start and every hour), then removed: an instance sent again after that is screened again,
+            a film of a study answered that long ago makes a new study result.
         patient_id_system: The site's patient identifier system (a URI) for the FHIR results' subjects, where the
             header names no IssuerOfPatientID that is a system.
         operating_point: Answer every film at this served operating point (``None``: by the patient's age in the
@@ -113,6 +116,7 @@ class ListenConfig:
     web_auth: HttpAuth | None = field(default=None, repr=False)
     operating_point: str | None = None
     patient_id_system: str | None = None
+    retention_days: float = 30.0
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.ae_title) <= 16:
@@ -127,6 +131,8 @@ class ListenConfig:
             raise ValueError("--study-quiet-s must be in 0..86400 seconds")
         from cxr.core.security import is_loopback
 
+        if not 0 < self.retention_days <= 3650:
+            raise ValueError("--retention-days must be in (0, 3650]")
         if self.patient_id_system is not None:
             if not (self.fhir_url or self.fhir_out):
                 raise ValueError("--patient-id-system names the patients of FHIR results: give --fhir-url or "

@@ -72,6 +72,8 @@ class ScreeningWorker:
 
     #: Tries of an instance whose screening raises before it is set aside.
     MAX_SCREEN_FAILURES = 3
+    #: How often the spool's markers older than the retention period are removed.
+    PRUNE_EVERY_S = 3600.0
 
     def __init__(self, cfg: ListenConfig, spool: Spool, results: ResultBuilder, telemetry: Telemetry,
                  studies: StudyTracker, stop: threading.Event, on_results: Callable[[], None]) -> None:
@@ -95,7 +97,11 @@ class ScreeningWorker:
         backoff = 0.5
         quiet = self.cfg.study_quiet_s
         tick = 2.0 if quiet is None else min(2.0, max(0.1, quiet / 4))
+        pruned = float("-inf")
         while not self._stop.is_set():
+            if time.monotonic() - pruned >= self.PRUNE_EVERY_S:
+                pruned = time.monotonic()
+                self._prune()
             self._wake.wait(timeout=tick)
             self._wake.clear()
             while not self._stop.is_set():
@@ -113,6 +119,16 @@ class ScreeningWorker:
                     backoff = min(backoff * 2, 30.0)
                     break
                 backoff = 0.5
+
+    def _prune(self) -> None:
+        """Done and delivered markers (and answered studies) older than ``--retention-days`` away."""
+        try:
+            n = self.spool.prune(self.cfg.retention_days * 86400)
+        except OSError as exc:  # a spool that cannot be pruned now is pruned next time
+            logger.warning("pruning the spool failed: %s", exc)
+            return
+        if n:
+            logger.info("%d markers older than %g days removed from the spool", n, self.cfg.retention_days)
 
     def _screen_one_by_one(self, files: list[Path]) -> bool:
         """After a batch raised: each instance alone; one that raises :attr:`MAX_SCREEN_FAILURES` times is set
@@ -135,6 +151,8 @@ class ScreeningWorker:
     def _set_aside(self, uid: str, why: str, reason: str, study: str = "") -> None:
         """An instance that cannot be answered: out of the queue into ``dead-letter/`` with its reason, audited,
         counted."""
+        # the reason names the file where it is now (dead-letter/), not where it was read (incoming/)
+        reason = reason.replace(str(self.spool.incoming / f"{uid}.dcm"), str(self.spool.dead_letter / f"{uid}.dcm"))
         self.spool.set_aside(uid, reason)
         self._failures.pop(uid, None)
         self.studies.screened(uid)
@@ -142,7 +160,8 @@ class ScreeningWorker:
         self.telemetry.metric("set_aside", why=why)
         self.telemetry.event("screened", outcome="failure", study_uid=study, instance_uid=uid, status="set_aside",
                              why=why)
-        logger.error("instance %s set aside in %s: %s", uid, self.spool.dead_letter, reason)
+        logger.error("instance %s set aside: %s (the file is now %s, its reason beside it in %s.why)", uid, reason,
+                     self.spool.dead_letter / f"{uid}.dcm", uid)
 
     def _screen(self, files: list[Path]) -> bool:
         """Screen a batch (its urgent instances first, at the urgent level); ``True`` when at least one instance
