@@ -131,3 +131,118 @@ def test_a_crash_at_each_step_of_finishing_leaves_one_sr_one_row_one_record(step
     delivered = Counter(r["instance_uid"] for r in records if r["event"] == "result_delivered")
     assert delivered == Counter(dict.fromkeys(by_uid, 1))
     assert not list((spool / "screened").iterdir())  # every record finished and cleared
+
+
+@pytest.mark.parametrize("step", [s for s in STEPS if s != "done"])  # a study's films are cleared with its folder
+def test_a_crash_while_answering_a_study_leaves_one_study_sr(step: str, tmp_path: Path) -> None:
+    """--study-quiet-s: the same crashes while a study of two films is answered; one study SR reaches the PACS,
+    one row per film, one `screened` record per film and one for the study."""
+    from cxr.core.audit_trail import read
+
+    pacs = CountingPacs()
+    port = free_ports(1)[0]
+    spool, out, audit = tmp_path / "spool", tmp_path / "results.csv", tmp_path / "audit.jsonl"
+    args = ["--port", str(port), "--spool", str(spool), "--out", str(out), "--url", str(SHIPPED_REPOSITORY),
+            "--send-to", f"PACS@127.0.0.1:{pacs.port}", "--audit-log", str(audit), "--allow", "ORTHANC",
+            "--study-quiet-s", "0.5"]
+    study = pydicom.uid.generate_uid(entropy_srcs=["crash-study", step])
+    films = [pydicom.dcmread(io.BytesIO(chest_dx(90 + i, study=study))) for i in range(2)]
+    for i, f in enumerate(films):
+        f.InstanceNumber = i + 1
+    try:
+        crashing = _listen([sys.executable, str(REPO / "tests" / "listen_crash.py"), step, *args],
+                           tmp_path / "crash.log", port)
+        try:
+            _send(port, films)
+            assert crashing.wait(timeout=120) == CRASHED, (tmp_path / "crash.log").read_text()[-3000:]
+        finally:
+            if crashing.poll() is None:
+                crashing.kill()
+                crashing.wait(timeout=30)
+        listener = _listen([sys.executable, "-m", "cxr.cli", "listen", *args], tmp_path / "listen.log", port)
+        try:
+            _send(port, films)
+            wait_for(lambda: len(pacs.stored()) == 1 and spool_idle(spool), timeout=180)
+        finally:
+            listener.terminate()
+            listener.wait(timeout=60)
+    finally:
+        pacs.stop()
+    by_uid: dict[str, set[str]] = {}
+    for uid, digest in pacs.got:
+        by_uid.setdefault(uid, set()).add(digest)
+    assert len(by_uid) == 1 and all(len(d) == 1 for d in by_uid.values()), by_uid  # one study SR
+    rows = Counter(r["sop_instance_uid"] for r in csv.DictReader(out.open()))
+    assert rows == Counter({str(f.SOPInstanceUID): 1 for f in films})
+    records = read(audit)
+    screened = Counter(r["instance_uid"] or r["study_uid"] for r in records if r["event"] == "screened")
+    assert screened == Counter({**{str(f.SOPInstanceUID): 1 for f in films}, study: 1})
+    assert Counter(r["instance_uid"] for r in records if r["event"] == "result_delivered") == Counter(
+        dict.fromkeys(by_uid, 1))
+
+
+def test_three_sigkills_during_a_burst_then_everything_sent_again_one_sr_each(tmp_path: Path) -> None:
+    """The issue's measurement, smaller: a burst of instances (one association each), the listener SIGKILLed three
+    times while it screens and delivers, restarted each time, and everything sent again at the end: one SR per
+    instance at the PACS (a copy sent again is the same SR), one row and one record of each kind per key."""
+    import signal
+
+    from cxr.core.audit_trail import read
+
+    pacs = CountingPacs()
+    port = free_ports(1)[0]
+    spool, out, audit = tmp_path / "spool", tmp_path / "results.csv", tmp_path / "audit.jsonl"
+    args = ["--port", str(port), "--spool", str(spool), "--out", str(out), "--url", str(SHIPPED_REPOSITORY),
+            "--send-to", f"PACS@127.0.0.1:{pacs.port}", "--audit-log", str(audit), "--allow", "ORTHANC"]
+    films = [pydicom.dcmread(io.BytesIO(chest_dx(300 + i))) for i in range(30)]
+    done = threading.Event()
+
+    def burst() -> None:
+        for f in films:
+            if done.is_set():
+                return
+            try:
+                _send(port, [f])
+            except Exception:  # noqa: BLE001 - the listener was killed mid-association
+                pass
+
+    def rows() -> int:
+        return len(out.read_text().splitlines()) - 1 if out.exists() else 0
+
+    sender = threading.Thread(target=burst)
+    try:
+        for kill in range(3):
+            listener = _listen([sys.executable, "-m", "cxr.cli", "listen", *args], tmp_path / f"listen-{kill}.log",
+                               port)
+            if kill == 0:
+                sender.start()
+            before = rows()
+            try:
+                wait_for(lambda before=before: rows() >= min(before + 3, len(films)), timeout=120)
+            finally:
+                listener.send_signal(signal.SIGKILL)
+                listener.wait(timeout=30)
+        done.set()
+        sender.join(timeout=300)
+        listener = _listen([sys.executable, "-m", "cxr.cli", "listen", *args], tmp_path / "listen-last.log", port)
+        try:
+            for i in range(0, len(films), 10):  # everything sent again
+                _send(port, films[i : i + 10])
+            wait_for(lambda: len(pacs.stored()) == len(films) and spool_idle(spool), timeout=300)
+        finally:
+            listener.terminate()
+            listener.wait(timeout=60)
+    finally:
+        done.set()
+        pacs.stop()
+    by_uid: dict[str, set[str]] = {}
+    for uid, digest in pacs.got:
+        by_uid.setdefault(uid, set()).add(digest)
+    assert len(by_uid) == len(films) and all(len(d) == 1 for d in by_uid.values())
+    assert len(pacs.got) <= len(films) + 3  # only a kill between the PACS's answer and the marker sends one again
+    uids = {str(f.SOPInstanceUID) for f in films}
+    assert Counter(r["sop_instance_uid"] for r in csv.DictReader(out.open())) == Counter(dict.fromkeys(uids, 1))
+    records = read(audit)
+    assert Counter(r["instance_uid"] for r in records if r["event"] == "screened") == Counter(dict.fromkeys(uids, 1))
+    assert Counter(r["instance_uid"] for r in records if r["event"] == "result_delivered") == Counter(
+        dict.fromkeys(by_uid, 1))
