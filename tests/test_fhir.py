@@ -316,3 +316,21 @@ def test_a_fhir_server_answering_500_exits_75_and_the_rerun_delivers_everything(
         rep = json.loads(resp.read())["entry"][0]["resource"]
     if "subject" in rep:
         assert rep["subject"]["type"] == "Patient"
+
+
+def test_predict_groups_a_studys_films_into_one_report() -> None:
+    """With the listener's study rule, the DICOM films of one study make one DiagnosticReport (the study answer,
+    an Observation per frontal film), the same identifier the listener gives it; other inputs one report each."""
+    from cxr.hospital.dicom.study import combine
+
+    films = [(_ok(p), fhir.StudyRef("1.2.3", f"1.2.3.{i}", "PAT001", "", "ACC42")) for i, p in enumerate((0.01, 0.9, 0.02))]
+    other = (_ok(0.5), fhir.StudyRef())
+    b = fhir.bundle([films[0], other, *films[1:]], study_rule=combine)
+    reports = _resources(b, "DiagnosticReport")
+    assert len(reports) == 2 and len(_resources(b, "Observation")) == 4 and len(_resources(b, "Device")) == 1
+    study = [r for r in reports if r.get("imagingStudy")]
+    assert len(study) == 1 and len(study[0]["result"]) == 3 and study[0]["conclusion"].startswith("Pneumonia present")
+    assert [i["value"] for i in study[0]["identifier"] if i.get("system") == fhir.RESULT_ID] == [
+        fhir.study_report_id("1.2.3", SHA)]
+    assert len(fhir.split_transaction(b)) == 2  # each report atomic with its Observations
+    assert len(_resources(fhir.bundle([*films, other]), "DiagnosticReport")) == 4  # without the rule: one per film

@@ -84,8 +84,10 @@ def _cmd_predict(a: argparse.Namespace) -> int:
         raise CxrError(f"--{str(exc)}" if str(exc).startswith(("chunk", "retries")) else str(exc)) from None
     if a.patient_id_system and a.fhir_url is None and a.fhir_out is None:
         raise CxrError("--patient-id-system names the patients of FHIR results: give --fhir-url or --fhir-out too")
-    try:
-        delivery = FhirDelivery.of(opts, patient_id_system=a.patient_id_system)
+    from cxr.hospital.dicom.study import combine
+
+    try:  # a study's films make one DiagnosticReport, by the listener's rule
+        delivery = FhirDelivery.of(opts, patient_id_system=a.patient_id_system, study_rule=combine)
     except ValueError as exc:
         raise CxrError(str(exc)) from None
     return run_predict(opts, source=DicomWebSource.of(opts), delivery=delivery)

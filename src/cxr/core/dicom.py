@@ -153,7 +153,7 @@ def read_dicom(data: bytes, *, name: str, eligibility: object | None = None,
     return gray, uid, chroma
 
 
-def _truncated(ds) -> tuple[int, int] | None:  # type: ignore[no-untyped-def]
+def _truncated(ds) -> tuple[int, int] | None:
     """(bytes present, bytes expected) when native (uncompressed) pixel data is shorter than its header says."""
     try:
         if ds.file_meta.TransferSyntaxUID.is_compressed:

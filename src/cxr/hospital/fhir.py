@@ -26,10 +26,10 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cxr.client.client import Prediction
 from cxr.core import contract
@@ -38,6 +38,10 @@ from cxr.core.errors import CxrError, RetryableServerError
 if TYPE_CHECKING:
     from cxr.client.batch import Delivered, PredictOptions
     from cxr.core.audit_trail import AuditLog
+
+#: How several films of a study make one answer (:func:`cxr.hospital.dicom.study.combine`, given by the caller:
+#: this module sits below the DICOM listener): ``(SOP Instance UID, prediction)`` pairs -> a study answer.
+StudyRule = Callable[[Sequence[tuple[str, Prediction]]], Any]
 
 SNOMED = "http://snomed.info/sct"
 LOINC = "http://loinc.org"
@@ -238,9 +242,12 @@ def result_entries(pred: Prediction, study: StudyRef, *, device_url: str, issued
             {"fullUrl": rep_url, "resource": rep, "request": _conditional("DiagnosticReport", rep_id)}]
 
 
-def bundle(results: Sequence[tuple[Prediction, StudyRef]], *, patient_id_system: str | None = None) -> dict:
+def bundle(results: Sequence[tuple[Prediction, StudyRef]], *, patient_id_system: str | None = None,
+           study_rule: StudyRule | None = None) -> dict:
     """One ``transaction`` Bundle for the answered inputs (errors are left out), validated; patients identified in
-    ``patient_id_system`` where the header names no issuer (:func:`subject`).
+    ``patient_id_system`` where the header names no issuer (:func:`subject`). With ``study_rule`` (the listener's,
+    :func:`cxr.hospital.dicom.study.combine`), the DICOM films of one study and model make one DiagnosticReport with
+    the study answer (:func:`study_entries`), as ``cxr listen --study-quiet-s`` does; other inputs one each.
 
     Raises:
         FhirError: A resource does not validate.
@@ -248,6 +255,7 @@ def bundle(results: Sequence[tuple[Prediction, StudyRef]], *, patient_id_system:
     issued = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     entries: list[dict] = []
     devices: dict[str, str] = {}
+    studies: dict[tuple[str, str], list[tuple[Prediction, StudyRef]]] = {}
     for pred, study in results:
         if pred.status is contract.Status.ERROR:
             continue
@@ -255,8 +263,26 @@ def bundle(results: Sequence[tuple[Prediction, StudyRef]], *, patient_id_system:
         if key not in devices:
             devices[key] = f"urn:uuid:{uuid.uuid4()}"
             entries.append(device(pred, full_url=devices[key]))
+        if study_rule is not None and study.study_uid and study.instance_uid:
+            group = studies.setdefault((study.study_uid, key), [])
+            if not group:
+                entries.append({"study": group})  # where the study's entries go, in input order
+            group.append((pred, study))
+            continue
         entries += result_entries(pred, study, device_url=devices[key], issued=issued,
                                   patient_id_system=patient_id_system)
+    if study_rule is not None:
+        expanded: list[dict] = []
+        for e in entries:
+            if "study" not in e:
+                expanded.append(e)
+                continue
+            items = e["study"]
+            key = f"{items[0][0].model_name}|{items[0][0].model_version}|{items[0][0].model_sha256}"
+            answer = study_rule([(ref.instance_uid, pred) for pred, ref in items])
+            expanded += study_entries(items, answer, device_url=devices[key], issued=issued,
+                                      patient_id_system=patient_id_system)
+        entries = expanded
     out = {"resourceType": "Bundle", "type": "transaction", "timestamp": issued, "entry": entries}
     validate(out)
     return out
@@ -280,9 +306,20 @@ def study_bundle(items: Sequence[tuple[Prediction, StudyRef]], study, *, amended
         FhirError: A resource does not validate.
     """
     issued = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    model, ref0 = items[0]
     device_url = f"urn:uuid:{uuid.uuid4()}"
-    entries = [device(model, full_url=device_url)]
+    entries = [device(items[0][0], full_url=device_url)]
+    entries += study_entries(items, study, device_url=device_url, issued=issued, amended=amended,
+                             patient_id_system=patient_id_system)
+    out = {"resourceType": "Bundle", "type": "transaction", "timestamp": issued, "entry": entries}
+    validate(out)
+    return out
+
+
+def study_entries(items: Sequence[tuple[Prediction, StudyRef]], study, *, device_url: str, issued: str,
+                  amended: bool = False, patient_id_system: str | None = None) -> list[dict]:
+    """The entries of :func:`study_bundle` but its Device (referenced as ``device_url``)."""
+    model, ref0 = items[0]
+    entries: list[dict] = []
     frontal = set(study.frontal)
     observations = []
     for pred, ref in items:
@@ -322,9 +359,7 @@ def study_bundle(items: Sequence[tuple[Prediction, StudyRef]], study, *, amended
     request = ({"method": "PUT", "url": f"DiagnosticReport?identifier={RESULT_ID}|{rep_id}"} if amended
                else _conditional("DiagnosticReport", rep_id))
     entries.append({"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": rep, "request": request})
-    out = {"resourceType": "Bundle", "type": "transaction", "timestamp": issued, "entry": entries}
-    validate(out)
-    return out
+    return entries
 
 
 def validate(resource: dict) -> None:
@@ -497,6 +532,8 @@ class FhirDelivery:
             names no IssuerOfPatientID.
         tries: POSTs before the results are left for a rerun, when the server is unreachable or answers 429/5xx.
         backoff_s: The wait after the first failed try; it doubles after each.
+        study_rule: How a study's films make one answer (:func:`cxr.hospital.dicom.study.combine`): the DICOM films
+            of one study get one DiagnosticReport (``None``: one per film).
     """
 
     out: Path | None = None
@@ -505,6 +542,7 @@ class FhirDelivery:
     patient_id_system: str | None = None
     tries: int = 4
     backoff_s: float = 1.0
+    study_rule: StudyRule | None = None
 
     def __post_init__(self) -> None:
         if self.out is None and self.url is None:
@@ -521,11 +559,12 @@ class FhirDelivery:
                              f"{self.patient_id_system!r}")
 
     @classmethod
-    def of(cls, opts: PredictOptions, *, patient_id_system: str | None = None) -> FhirDelivery | None:
+    def of(cls, opts: PredictOptions, *, patient_id_system: str | None = None,
+           study_rule: StudyRule | None = None) -> FhirDelivery | None:
         """What ``cxr predict``'s options ask for (``None``: no FHIR results)."""
         if opts.fhir_out is None and opts.fhir_url is None:
             return None
-        return cls(opts.fhir_out, opts.fhir_url, opts.timeout_s, patient_id_system)
+        return cls(opts.fhir_out, opts.fhir_url, opts.timeout_s, patient_id_system, study_rule=study_rule)
 
     def _post(self, b: dict) -> dict:
         """POST with retries: an unreachable server or a 429/5xx answer is tried again after a growing wait (bounded
@@ -564,7 +603,7 @@ class FhirDelivery:
                 path = files.get(r["path"])
                 results.append((pred, StudyRef.of_file(path) if path is not None else StudyRef()))
                 shas.append(sha)
-        b = bundle(results, patient_id_system=self.patient_id_system)
+        b = bundle(results, patient_id_system=self.patient_id_system, study_rule=self.study_rule)
         if self.out is not None:
             write_durably(self.out, (json.dumps(b, indent=1) + "\n").encode())
             print(f"FHIR: {len(results)} results written to {self.out}", file=sys.stderr)
