@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import subprocess
 import sys
 import threading
@@ -94,8 +95,10 @@ def test_a_crash_at_each_step_of_finishing_leaves_one_sr_one_row_one_record(step
     pacs = CountingPacs()
     port = free_ports(1)[0]
     spool, out, audit = tmp_path / "spool", tmp_path / "results.csv", tmp_path / "audit.jsonl"
+    ndjson = tmp_path / "fhir.ndjson"
     args = ["--port", str(port), "--spool", str(spool), "--out", str(out), "--url", str(SHIPPED_REPOSITORY),
-            "--send-to", f"PACS@127.0.0.1:{pacs.port}", "--audit-log", str(audit), "--allow", "ORTHANC"]
+            "--send-to", f"PACS@127.0.0.1:{pacs.port}", "--audit-log", str(audit), "--allow", "ORTHANC",
+            "--fhir-out", str(ndjson)]
     films = [pydicom.dcmread(io.BytesIO(chest_dx(80 + i))) for i in range(2)]
     try:
         crashing = _listen([sys.executable, str(REPO / "tests" / "listen_crash.py"), step, *args],
@@ -131,6 +134,10 @@ def test_a_crash_at_each_step_of_finishing_leaves_one_sr_one_row_one_record(step
     delivered = Counter(r["instance_uid"] for r in records if r["event"] == "result_delivered")
     assert delivered == Counter(dict.fromkeys(by_uid, 1))
     assert not list((spool / "screened").iterdir())  # every record finished and cleared
+    lines = [json.loads(line) for line in ndjson.read_text().splitlines()]  # one FHIR Bundle line per instance
+    reports = [i["value"] for b in lines for e in b["entry"] if e["resource"]["resourceType"] == "DiagnosticReport"
+               for i in e["resource"]["identifier"] if i.get("system") == "urn:cxr-triton:result"]
+    assert len(lines) == len(films) and len(set(reports)) == len(films), reports
 
 
 @pytest.mark.parametrize("step", [s for s in STEPS if s != "done"])  # a study's films are cleared with its folder

@@ -42,7 +42,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help="run on a Ray cluster (host:port, or auto): preprocessing as CPU tasks, inference in an actor "
                    "pool (the --url fleet, or embedded onnxruntime); needs the ray extra and shared input paths")
     p.add_argument("--metrics-port", type=int, metavar="PORT",
-                   help="serve Prometheus metrics of the answers on 127.0.0.1:PORT while the run lasts")
+                   help="serve Prometheus metrics of the answers on --metrics-host:PORT while the run lasts")
+    p.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDRESS",
+                   help="address the metrics are served on (loopback by default)")
     p.add_argument("--metrics-file", type=Path, help="write the metrics (Prometheus text format) here after every chunk")
     p.add_argument("--dicomweb", metavar="URL",
                    help="read the inputs from this DICOMweb root (e.g. http://127.0.0.1:8042/dicom-web): QIDO-RS finds "
@@ -75,7 +77,8 @@ def _cmd_predict(a: argparse.Namespace) -> int:
         opts = PredictOptions(inputs=tuple(a.inputs), url=a.url, protocol=a.protocol, model=a.model,
                               timeout_s=a.timeout_s, format=a.format, out=a.out, chunk=a.chunk,
                               eligibility=a.eligibility, retries=a.retries, ray=a.ray,
-                              metrics_port=a.metrics_port, metrics_file=a.metrics_file,
+                              metrics_port=a.metrics_port, metrics_host=a.metrics_host,
+                              metrics_file=a.metrics_file,
                               dicomweb=a.dicomweb, studies=tuple(a.study), query=tuple(a.query),
                               priority=a.priority, fhir_out=a.fhir_out, fhir_url=a.fhir_url,
                               audit_log=a.audit_log, operating_point=a.operating_point,

@@ -65,7 +65,8 @@ class PredictOptions:
         tls: TLS settings for the server (:class:`cxr.core.security.TlsClient`).
         config_key: Key for a server that restricts model-config.
         ray: Run on a Ray cluster at this address (``auto``: the local cluster); see :mod:`cxr.client.ray_batch`.
-        metrics_port: Serve Prometheus metrics of the answers on this loopback port while the run lasts
+        metrics_port: Serve Prometheus metrics of the answers on this port while the run lasts
+        metrics_host: The address they are served on (loopback by default)
             (:mod:`cxr.client.metrics`; 0 picks a free port).
         metrics_file: Write the metrics in the Prometheus text format to this file after every chunk
             (for node_exporter's textfile collector).
@@ -97,6 +98,7 @@ class PredictOptions:
     config_key: str | None = field(default=None, repr=False)
     ray: str | None = None
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     metrics_file: Path | None = None
     dicomweb: str | None = None
     studies: tuple[str, ...] = ()
@@ -530,8 +532,9 @@ class _Screener:
 
                 metrics = self.metrics = ScreeningMetrics(self.client.info.ood_threshold)
                 if opts.metrics_port is not None:
-                    print(f"metrics on http://127.0.0.1:{metrics.serve(opts.metrics_port)}/metrics",
-                          file=sys.stderr)
+                    port = metrics.serve(opts.metrics_port, opts.metrics_host)
+                    host = f"[{opts.metrics_host}]" if ":" in opts.metrics_host else opts.metrics_host
+                    print(f"metrics on http://{host}:{port}/metrics", file=sys.stderr)
         except BaseException:
             self.client.close()
             raise

@@ -47,6 +47,15 @@ class ResultBuilder:
         #: The keys of the rows written (SOP Instance UID, model sha256, operating point): one row per key.
         self._rows = {self._key(r) for r in (self.csv.rows if self.csv is not None else [])}
         self.fhir_lines = AppendOnlyLines(cfg.fhir_out) if cfg.fhir_out is not None else None
+        #: The Bundles in the NDJSON file already (by :meth:`_bundle_key`): one line per result, crashes or not.
+        self._lines: set[str] = set()
+        if cfg.fhir_out is not None:
+            with open(cfg.fhir_out, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    try:
+                        self._lines.add(self._bundle_key(json.loads(line)))
+                    except (ValueError, KeyError, TypeError):
+                        continue
         self.fhir_post = bool(cfg.fhir_url)
         self.patient_id_system = cfg.patient_id_system
         self.gradcam: GradCam | None = None
@@ -92,14 +101,34 @@ class ResultBuilder:
             results += self._fhir_instance(f, pred, f.stem)
         return results
 
+    @staticmethod
+    def _bundle_key(b: dict) -> str:
+        """A Bundle's identity: its results' identifiers (and their statuses: an amendment is another line)."""
+        keys = []
+        for e in b["entry"]:
+            r = e["resource"]
+            ids = [str(i.get("value")) for i in r.get("identifier", []) if "value" in i]
+            if ids:
+                keys.append(f"{r['resourceType']}:{'|'.join(ids)}:{r.get('status', '')}")
+        return "\n".join(sorted(keys))
+
+    def _append_line(self, b: dict) -> None:
+        """``b`` as one NDJSON line, unless the same results are in the file already (written before a crash)."""
+        if self.fhir_lines is None:
+            return
+        key = self._bundle_key(b)
+        if key in self._lines:
+            return
+        self.fhir_lines.append(json.dumps(b, separators=(",", ":")))
+        self._lines.add(key)
+
     def _fhir_instance(self, f: Path, pred: Prediction, uid: str) -> list[Result]:
         """The instance's FHIR results: a transaction Bundle for the FHIR outbox, and (``--fhir-out``) the same
         Bundle appended as one line of the NDJSON file (linear: nothing written before is read or rewritten)."""
         from cxr.hospital import fhir
 
         b = fhir.bundle([(pred, fhir.StudyRef.of_file(f))], patient_id_system=self.patient_id_system)
-        if self.fhir_lines is not None:
-            self.fhir_lines.append(json.dumps(b, separators=(",", ":")))
+        self._append_line(b)
         return [("fhir", f"{uid}.json", json.dumps(b).encode())] if self.fhir_post else []
 
     def for_study(self, films: Sequence[Film], study: StudyResult, *, at: dt.datetime | None = None,
@@ -123,8 +152,7 @@ class ResultBuilder:
         if self.fhir_post or self.fhir_lines is not None:
             b = fhir.study_bundle([(pred, fhir.StudyRef.of_file(film)) for _, pred, _, film in films], study,
                                   amended=version > 1, patient_id_system=self.patient_id_system)
-            if self.fhir_lines is not None:
-                self.fhir_lines.append(json.dumps(b, separators=(",", ":")))
+            self._append_line(b)
             if self.fhir_post:
                 results.append(("fhir", f"{sr.SOPInstanceUID}.json", json.dumps(b).encode()))
         identity = {"sop_instance_uid": str(sr.SOPInstanceUID), "sop_class_uid": str(sr.SOPClassUID),
