@@ -420,6 +420,9 @@ def _run_streaming(opts: PredictOptions, source: InputSource, instances: tuple[t
             print(f"interrupted: {len(done)} of {len(names)} rows saved in {opts.out}; rerun to finish",
                   file=sys.stderr)
             journal = None
+        elif rows:  # no journal: this run's rows are shown, or written, as they would have been
+            _emit(rows, opts.format, opts.out)
+            print(f"interrupted: {len(rows)} of {len(names)} rows written", file=sys.stderr)
         raise
     finally:
         if journal is not None:
