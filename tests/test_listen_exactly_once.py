@@ -68,8 +68,9 @@ def _listen(cmd: list[str], log: Path, port: int) -> subprocess.Popen[bytes]:
     raise AssertionError("cxr listen did not start")
 
 
-def _send(port: int, films: list[pydicom.Dataset]) -> None:
-    """C-STORE the films in one association, as a PACS would; a listener that dies mid-association ends it."""
+def _send(port: int, films: list[pydicom.Dataset]) -> int:
+    """C-STORE the films in one association, as a PACS would; a listener that dies mid-association ends it. How
+    many the listener accepted."""
     from pynetdicom import AE, StoragePresentationContexts
 
     ae = AE(ae_title="ORTHANC")
@@ -77,15 +78,18 @@ def _send(port: int, films: list[pydicom.Dataset]) -> None:
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     assoc = ae.associate("127.0.0.1", port, ae_title="CXR_AI")
     if not assoc.is_established:
-        return
+        return 0
+    accepted = 0
     try:
         for ds in films:
             if not assoc.is_established:
-                return
-            assoc.send_c_store(ds)
+                break
+            status = assoc.send_c_store(ds)
+            accepted += bool(status) and int(getattr(status, "Status", -1)) == 0
     finally:
         if assoc.is_established:
             assoc.release()
+    return accepted
 
 
 @pytest.mark.parametrize("step", STEPS)
@@ -205,13 +209,15 @@ def test_three_sigkills_during_a_burst_then_everything_sent_again_one_sr_each(tm
     done = threading.Event()
 
     def burst() -> None:
+        """Each film until the listener accepts it (a PACS retries), one association each, until told to stop."""
         for f in films:
-            if done.is_set():
-                return
-            try:
-                _send(port, [f])
-            except Exception:  # noqa: BLE001 - the listener was killed mid-association
-                pass
+            while not done.is_set():
+                try:
+                    if _send(port, [f]):
+                        break
+                except Exception:  # noqa: BLE001 - the listener was killed mid-association
+                    pass
+                done.wait(0.2)  # the listener is down: try again shortly
 
     def rows() -> int:
         return len(out.read_text().splitlines()) - 1 if out.exists() else 0

@@ -238,6 +238,9 @@ class ScreeningWorker:
             self.spool.record_screened(uid, record)
         at = dt.datetime.fromisoformat(str(record["screened_at"]))
         key = [str(k) for k in record["key"]]
+        results: list[tuple[str, str, bytes]] = []
+        if source is not None and self.cfg.study_quiet_s is None:  # made first: one that cannot be made has no row
+            results = self.results.for_instance(f, pred, source, at=at)
         self.results.row(f, pred)
         self.telemetry.observe(pred, manufacturer=str(getattr(source, "Manufacturer", "") or "")[:64],
                                station=str(getattr(source, "StationName", "") or "")[:64])
@@ -256,8 +259,6 @@ class ScreeningWorker:
                             urgent=priority == "urgent")
             self.studies.screened(uid)
         else:
-            assert source is not None
-            results = self.results.for_instance(f, pred, source, at=at)
             self.spool.finish(uid, results, urgent=priority == "urgent")
         self._failures.pop(uid, None)
         self.telemetry.count("screened")
