@@ -73,3 +73,27 @@ def test_spool_files_and_folders_are_the_owners_only(tmp_path: Path) -> None:
     for p in files:
         assert p.stat().st_mode & 0o077 == 0, (p, oct(p.stat().st_mode))
     assert spool.root.stat().st_mode & 0o777 == 0o700
+
+
+def test_the_listeners_fhir_results_name_the_patient_in_the_sites_system(tmp_path: Path) -> None:
+    import pydicom
+
+    from cxr.client.client import Prediction
+    from cxr.core import contract
+
+    film = tmp_path / "film.dcm"
+    film.write_bytes(chest_dx(7))
+    ndjson = tmp_path / "fhir.ndjson"
+    cfg = ListenConfig(spool=tmp_path / "spool", fhir_out=ndjson, patient_id_system="https://hospital.example/mrn")
+    pred = Prediction(source=str(film), status=contract.Status.OK, label="Normal", probability=0.01, threshold=0.13,
+                      model_name="pneumonia", model_version="1", model_sha256="ab" * 32, operating_point="adult")
+    builder = ResultBuilder(cfg)
+    builder.for_instance(film, pred, pydicom.dcmread(film, stop_before_pixels=True))
+    builder.close()
+    (line,) = ndjson.read_text().splitlines()
+    subjects = [e["resource"]["subject"] for e in json.loads(line)["entry"] if "subject" in e["resource"]]
+    assert subjects and all(s == {"type": "Patient", "identifier": {"value": "PAT007",
+                                                                    "system": "https://hospital.example/mrn"}}
+                            for s in subjects)
+    with pytest.raises(ValueError, match="--fhir-url or --fhir-out"):
+        ListenConfig(spool=tmp_path / "spool", patient_id_system="https://hospital.example/mrn")
