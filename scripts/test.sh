@@ -19,9 +19,12 @@ command -v chromium >/dev/null 2>&1 || need+=(chromium)
 # Orthanc's DICOMweb plugin (the QIDO/WADO/STOW tests) and Node.js (the FHIR server the FHIR tests POST to)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
 command -v node >/dev/null 2>&1 || need+=(nodejs npm)
+# promtool (Debian's prometheus package) runs the alert rules' unit tests (tests/test_alerts.py)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
-    # policy-rc.d 101: the packages' own services (nginx on :80, Orthanc on :8042/:4242) are never started
+    # policy-rc.d 101: the packages' own services (nginx on :80, Orthanc on :8042/:4242, Prometheus on :9090) are
+    # never started
     policy_added=0
     if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; policy_added=1; fi
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null

@@ -86,7 +86,74 @@ def test_a_qido_wado_pull_answers_as_the_files_do(web_pacs, tmp_path: Path) -> N
     assert r.returncode == 0, r.stderr[-2000:]
     assert sorted(a["path"] for a in json.loads(r.stdout)) == sorted(uids[:3])  # the DX series, not study b's CT
     r = _predict("--dicomweb", orthanc.dicomweb_url, "--query", "ModalitiesInStudy=MR", "--format", "json")
-    assert r.returncode == 2 and "no instance found" in r.stderr
+    assert r.returncode == 0 and "nothing to screen" in r.stderr  # a quiet night is no failure
+
+
+@pytest.mark.slow
+def test_dicomweb_streams_and_a_sigterm_saves_the_rows_and_leaves_no_file(web_pacs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`cxr predict --dicomweb` reads, screens and journals batch by batch: stopped by SIGTERM part way, the rows
+    done are saved and no temporary file is left (patient data included); the rerun finishes with every instance
+    once; a third run reads no instance."""
+    import os
+    import time
+
+    orthanc, _ = web_pacs
+    study = pydicom.uid.generate_uid(entropy_srcs=["stream-study"])
+    n = 48
+    for i in range(n):
+        orthanc.upload(chest_dx(200 + i, study=study))
+    tmp, out, audit = tmp_path / "tmp", tmp_path / "web.csv", tmp_path / "audit.jsonl"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    cmd = [sys.executable, "-m", "cxr.cli", "predict", "--protocol", "embedded", "--dicomweb", orthanc.dicomweb_url,
+           "--format", "csv", "--out", str(out), "--chunk", "4", "--audit-log", str(audit)]
+    journal = out.with_name(out.name + ".journal")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        most, modes = 0, set()
+        while time.monotonic() < deadline and proc.poll() is None:
+            files = [f for d in tmp.glob("cxr-*") for f in d.rglob("*")]  # the run's own folder
+            try:
+                modes |= {f.stat().st_mode & 0o777 for f in files}
+            except FileNotFoundError:  # removed meanwhile
+                pass
+            most = max(most, sum(1 for f in files if f.suffix == ".dcm"))
+            if most and journal.exists() and len(journal.read_text().splitlines()) > 8:  # two batches journaled
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert 1 <= most <= 4  # a batch on disk at a time, never the query
+        assert modes <= {0o600, 0o700}, sorted(map(oct, modes))  # readable by the owner only
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err[-3000:]
+    assert not list(tmp.glob("cxr-*")), list(tmp.rglob("*"))  # no temporary file left
+    saved = _rows(out)
+    assert 8 <= len(saved) < n and "rows saved" in err
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"{len(saved)} of {n} instances already final" in r.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == n and len({x["path"] for x in rows}) == n
+    received = len([x for x in read(audit) if x["event"] == "received"])
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and f"{n} of {n} instances already final" in r.stderr, r.stderr[-3000:]
+    assert len([x for x in read(audit) if x["event"] == "received"]) == received  # nothing read the third time
+    assert not list(tmp.glob("cxr-*"))
+    # no inference server answers (gRPC, nothing listening): one line, exit 75, before any instance is read
+    port = free_ports(1)[0]
+    r = subprocess.run([sys.executable, "-m", "cxr.cli", "predict", "--dicomweb", orthanc.dicomweb_url, "--url",
+                        f"127.0.0.1:{port}", "--format", "csv", "--out", str(tmp_path / "none.csv"), "--audit-log",
+                        str(tmp_path / "none.jsonl")], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 75, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("cxr predict: error:")]
+    assert "Traceback" not in r.stderr and len(errors) == 1 and "rerun later" in errors[0], r.stderr[-3000:]
+    assert not [x for x in read(tmp_path / "none.jsonl") if x["event"] == "received"]
 
 
 @pytest.mark.slow

@@ -202,3 +202,135 @@ def test_the_observation_says_which_operating_point_answered_and_each_point_is_i
     assert comp["operating-point"]["valueString"] == "adult"
     assert fhir.result_id(adult, study, "report") != fhir.result_id(pediatric, study, "report")
     assert fhir.result_id(adult, study, "report") == fhir.result_id(_ok(0.5, operating_point="adult"), study, "report")
+
+
+@pytest.mark.slow
+def test_an_amended_study_report_is_updated_in_place(fhir_server: str) -> None:
+    """A film that comes after its study was answered: the study's DiagnosticReport is updated in place (a
+    conditional update on its identifier), status `amended`, its results all the films' Observations; still one
+    report for the study; sending the amendment again changes nothing."""
+    from cxr.hospital.dicom.study import combine
+
+    refs = [fhir.StudyRef("1.2.3", f"1.2.3.{i}", "PAT001", "", "ACC42") for i in (1, 2)]
+    first = [(_ok(0.01), refs[0])]
+    both = [*first, (_ok(0.9), refs[1])]
+    fhir.post_bundle(fhir_server, fhir.study_bundle(first, combine([(r.instance_uid, p) for p, r in first])))
+    amended = fhir.study_bundle(both, combine([(r.instance_uid, p) for p, r in both]), amended=True)
+    fhir.post_bundle(fhir_server, amended)
+    fhir.post_bundle(fhir_server, amended)
+
+    with urllib.request.urlopen(f"{fhir_server}/DiagnosticReport") as r:
+        reports = [e["resource"] for e in json.loads(r.read())["entry"]]
+    assert len(reports) == 1
+    (rep,) = reports
+    assert rep["status"] == "amended" and rep["conclusion"].startswith("Pneumonia present")
+    assert len(rep["result"]) == 2
+    assert [i["value"] for i in rep["identifier"] if i.get("system") == fhir.RESULT_ID] == [
+        fhir.study_report_id("1.2.3", _ok(0.1).model_sha256)]
+    with urllib.request.urlopen(f"{fhir_server}/Observation?_summary=count") as r:
+        assert json.loads(r.read())["total"] == 2
+
+
+def test_the_subject_is_a_patient_in_the_sites_or_the_headers_system() -> None:
+    """`subject` is typed Patient; its identifier's system is the header's IssuerOfPatientID where that names a
+    system (an OID, a URI), else the site's --patient-id-system; an issuer that is only a name is kept as the
+    assigner."""
+    site = "https://hospital.example/mrn"
+
+    def subj(issuer: str, system: str | None) -> dict:
+        b = fhir.bundle([(_ok(0.9), fhir.StudyRef("1.2.3", "1.2.3.4", "PAT001", issuer, ""))], patient_id_system=system)
+        (rep,) = _resources(b, "DiagnosticReport")
+        assert _resources(b, "Observation")[0]["subject"] == rep["subject"]
+        return rep["subject"]
+
+    assert subj("", site) == {"type": "Patient", "identifier": {"value": "PAT001", "system": site}}
+    assert subj("1.2.840.99", site)["identifier"]["system"] == "urn:oid:1.2.840.99"
+    assert subj("urn:oid:2.16.1", None)["identifier"]["system"] == "urn:oid:2.16.1"
+    assert subj("HOSP_A", site)["identifier"] == {"value": "PAT001", "system": site, "assigner": {"display": "HOSP_A"}}
+    assert subj("", None) == {"type": "Patient", "identifier": {"value": "PAT001"}}
+    with pytest.raises(ValueError, match="must be a URI"):
+        fhir.FhirDelivery(url="http://127.0.0.1:1", patient_id_system="MRN")
+
+
+class _Failing:
+    """An HTTP server on loopback that answers every request 500 (a FHIR server failing for now); counts them."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        outer = self
+        self.requests = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                outer.requests += 1
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = b'{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"exception"}]}'
+                self.send_response(500)
+                self.send_header("Content-Type", "application/fhir+json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.slow
+def test_a_fhir_server_answering_500_exits_75_and_the_rerun_delivers_everything(fhir_server: str,
+                                                                                tmp_path: Path) -> None:
+    inputs = [str(EXAMPLES / "dicom" / "chest_dx.dcm"), str(EXAMPLES / "NORMAL")]
+    out, audit = tmp_path / "out.csv", tmp_path / "audit.jsonl"
+    cmd = [sys.executable, "-m", "cxr.cli", "predict", *inputs, "--protocol", "embedded", "--format", "csv", "--out", str(out),
+           "--audit-log", str(audit), "--patient-id-system", "https://hospital.example/mrn"]
+    failing = _Failing()
+    try:
+        r = subprocess.run([*cmd, "--fhir-url", failing.url], capture_output=True, text=True, timeout=300)
+    finally:
+        failing.stop()
+    answered = sum(1 for line in out.read_text().splitlines()[1:] if ",ok," in line or ",not_assessable," in line)
+    assert answered >= 2
+    assert r.returncode == 75, r.stderr[-2000:]
+    assert failing.requests == 4  # retried with backoff, then left for a rerun
+    assert f"{answered} results not delivered (rerun to deliver them)" in r.stderr, r.stderr[-2000:]
+    assert "without a result" not in r.stderr
+    from cxr.core.audit_trail import read
+
+    failed = [x for x in read(audit) if x["event"] == "delivery_failed"]
+    assert len(failed) == answered and all(x["detail"]["retry"] is True for x in failed)
+    r = subprocess.run([*cmd, "--fhir-url", fhir_server], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and f"FHIR: {answered} results posted" in r.stderr, r.stderr[-2000:]
+    with urllib.request.urlopen(f"{fhir_server}/DiagnosticReport?_summary=count") as resp:
+        assert int(json.loads(resp.read())["total"]) == answered  # nothing lost
+    with urllib.request.urlopen(f"{fhir_server}/DiagnosticReport?_count=1") as resp:
+        rep = json.loads(resp.read())["entry"][0]["resource"]
+    if "subject" in rep:
+        assert rep["subject"]["type"] == "Patient"
+
+
+def test_predict_groups_a_studys_films_into_one_report() -> None:
+    """With the listener's study rule, the DICOM films of one study make one DiagnosticReport (the study answer,
+    an Observation per frontal film), the same identifier the listener gives it; other inputs one report each."""
+    from cxr.hospital.dicom.study import combine
+
+    films = [(_ok(p), fhir.StudyRef("1.2.3", f"1.2.3.{i}", "PAT001", "", "ACC42")) for i, p in enumerate((0.01, 0.9, 0.02))]
+    other = (_ok(0.5), fhir.StudyRef())
+    b = fhir.bundle([films[0], other, *films[1:]], study_rule=combine)
+    reports = _resources(b, "DiagnosticReport")
+    assert len(reports) == 2 and len(_resources(b, "Observation")) == 4 and len(_resources(b, "Device")) == 1
+    study = [r for r in reports if r.get("imagingStudy")]
+    assert len(study) == 1 and len(study[0]["result"]) == 3 and study[0]["conclusion"].startswith("Pneumonia present")
+    assert [i["value"] for i in study[0]["identifier"] if i.get("system") == fhir.RESULT_ID] == [
+        fhir.study_report_id("1.2.3", SHA)]
+    assert len(fhir.split_transaction(b)) == 2  # each report atomic with its Observations
+    assert len(_resources(fhir.bundle([*films, other]), "DiagnosticReport")) == 4  # without the rule: one per film

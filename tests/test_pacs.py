@@ -480,6 +480,9 @@ def test_an_instance_that_cannot_be_answered_is_set_aside_and_later_studies_are_
         why = {p.name.removesuffix(".why"): json.loads(p.read_text())["reason"] for p in dead.glob("*.why")}
         assert "Study Instance UID" in why[str(no_study.SOPInstanceUID)]
         assert why[str(corrupt.SOPInstanceUID)].startswith("unreadable")
+        # what was wrong, and where the file is now (not incoming/, where it was read)
+        assert "pixel data truncated" in why[str(corrupt.SOPInstanceUID)]
+        assert str(dead / f"{corrupt.SOPInstanceUID}.dcm") in why[str(corrupt.SOPInstanceUID)]
         assert not list((tmp_path / "spool" / "incoming").glob("*.dcm"))
         aside = [r for r in read(audit) if r["event"] == "screened" and r["detail"].get("status") == "set_aside"]
         assert {r["instance_uid"] for r in aside} == {str(no_study.SOPInstanceUID), str(corrupt.SOPInstanceUID)}
@@ -549,8 +552,9 @@ def test_a_result_refused_for_good_is_parked_later_ones_go_and_redeliver_sends_i
         listener.wait(timeout=60)
     listener = start_listener(tmp_path, None, port, extra=(*extra, "--redeliver"))  # the parked SR goes again
     try:
-        wait_for(lambda: len(pacs.stored) == 3)
-        assert not list(parked.glob("*")) and not list((tmp_path / "spool" / "outbox").glob("*"))
+        # the PACS has it once its C-STORE answers; the outbox is empty once the listener took the answer in
+        wait_for(lambda: len(pacs.stored) == 3 and not list((tmp_path / "spool" / "outbox").glob("*")))
+        assert not list(parked.glob("*"))
         assert len(set(pacs.stored)) == 3 and pacs.refused[0] in pacs.stored
     finally:
         listener.send_signal(signal.SIGTERM)

@@ -96,15 +96,16 @@ def test_inputs_from_a_source_are_screened_under_their_names_and_the_unread_ones
         films: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     """run_predict's seam for the hospital's doors: a source (here a stand-in for DICOMweb) lists two instances and
     reads one; the row carries its name, the other is reported, audited as a failed receipt, and exits 1."""
-    from cxr.client.batch import Fetched
-
     class Copies:
         where, kind = "the test archive", "copies"
 
-        def fetch(self, folder: Path) -> Fetched:
+        def find(self) -> tuple[tuple[str, str], ...]:
+            return (("1.2.3", "1.2.3.4"), ("1.2.3", "1.2.3.5"))
+
+        def read(self, names: list[str], folder: Path) -> dict[Path, str]:
             f = folder / "x.dcm"
             shutil.copy(films / "chest_dx.dcm", f)
-            return Fetched({f: "1.2.3.4"}, (("1.2.3", "1.2.3.4"), ("1.2.3", "1.2.3.5")))
+            return {f: "1.2.3.4"}
 
     out = tmp_path / "r.csv"
     opts = PredictOptions(inputs=(), dicomweb="http://127.0.0.1:1/dicom-web", protocol="embedded", format="csv",
@@ -169,3 +170,49 @@ def test_journal_latest_row_wins_and_transient_errors_are_not_final(tmp_path: Pa
     assert from_row(again.latest[str(f)])[0] == ok and tuple(_read(tmp_path / "r.csv.journal")[0]) == JOURNAL_COLUMNS
     again.close()
     assert file_sha256(tmp_path / "missing.png") == ""
+
+
+class _Interrupted:
+    """A source of three instances (copies of one film) whose second batch is interrupted, as SIGINT or SIGTERM
+    would (KeyboardInterrupt); it notes where it put its files."""
+
+    where, kind = "the test archive", "copies"
+
+    def __init__(self, film: Path) -> None:
+        self.film, self.calls, self.folders = film, 0, []  # type: ignore[var-annotated]
+
+    def find(self) -> tuple[tuple[str, str], ...]:
+        return tuple(("1.2.3", f"1.2.3.{i}") for i in range(3))
+
+    def read(self, names: list[str], folder: Path) -> dict[Path, str]:
+        self.calls += 1
+        self.folders.append(folder)
+        out = {}
+        for n in names:
+            f = folder / f"{n}.dcm"
+            shutil.copy(self.film, f)
+            out[f] = n
+        if self.calls == 2:
+            raise KeyboardInterrupt
+        return out
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_an_interrupted_stream_saves_its_rows_and_leaves_no_file(films: Path, tmp_path: Path, fmt: str,
+                                                                  capsys) -> None:  # type: ignore[no-untyped-def]
+    source = _Interrupted(films / "chest_dx.dcm")
+    out = tmp_path / f"r.{fmt}"
+    opts = PredictOptions(inputs=(), dicomweb="http://127.0.0.1:1/dicom-web", protocol="embedded", format=fmt,
+                          out=out, chunk=1)
+    with pytest.raises(KeyboardInterrupt):
+        run_predict(opts, source=source)
+    assert source.calls == 2 and all(not f.exists() for f in source.folders)  # the temporary folder is gone
+    assert not source.folders[0].parent.exists()
+    saved = _read(out) if fmt == "csv" else json.loads(out.read_text())
+    assert [r["path"] for r in saved] == ["1.2.3.0"]
+    assert "interrupted: 1 of 3 rows" in capsys.readouterr().err
+    if fmt == "csv":  # the rerun reads only what is not final
+        source = _Interrupted(films / "chest_dx.dcm")
+        source.calls = 5
+        assert run_predict(opts, source=source) == 0
+        assert source.calls == 7 and [r["path"] for r in _read(out)] == ["1.2.3.0", "1.2.3.1", "1.2.3.2"]

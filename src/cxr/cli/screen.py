@@ -45,7 +45,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help="run on a Ray cluster (host:port, or auto): preprocessing as CPU tasks, inference in an actor "
                    "pool (the --url fleet, or embedded onnxruntime); needs the ray extra and shared input paths")
     p.add_argument("--metrics-port", type=int, metavar="PORT",
-                   help="serve Prometheus metrics of the answers on 127.0.0.1:PORT while the run lasts")
+                   help="serve Prometheus metrics of the answers on --metrics-host:PORT while the run lasts")
+    p.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDRESS",
+                   help="address the metrics are served on (loopback by default)")
     p.add_argument("--metrics-file", type=Path, help="write the metrics (Prometheus text format) here after every chunk")
     p.add_argument("--dicomweb", metavar="URL",
                    help="read the inputs from this DICOMweb root (e.g. http://127.0.0.1:8042/dicom-web): QIDO-RS finds "
@@ -56,6 +58,10 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help="with --dicomweb: a QIDO-RS study filter, e.g. ModalitiesInStudy=DX or StudyDate=20261201- "
                    "(repeatable)")
     options.add_result_doors(p)
+    p.add_argument("--patient-id-system", metavar="URI",
+                   help="the site's patient identifier system (its MRN system, e.g. urn:oid:1.2.3 or "
+                   "https://hospital.example/mrn) for FHIR subjects; a header's IssuerOfPatientID that names a "
+                   "system (an OID or a URI) wins")
     p.add_argument("--priority", choices=sorted(contract.PRIORITIES), default=contract.DEFAULT_PRIORITY,
                    help="Triton priority level of the requests: urgent is batched before routine work")
     options.add_operating_point(p)
@@ -74,14 +80,23 @@ def _cmd_predict(a: argparse.Namespace) -> int:
         opts = PredictOptions(inputs=tuple(a.inputs), url=a.url, protocol=a.protocol, model=a.model,
                               timeout_s=a.timeout_s, format=a.format, out=a.out, chunk=a.chunk,
                               eligibility=a.eligibility, retries=a.retries, ray=a.ray,
-                              metrics_port=a.metrics_port, metrics_file=a.metrics_file,
+                              metrics_port=a.metrics_port, metrics_host=a.metrics_host,
+                              metrics_file=a.metrics_file,
                               dicomweb=a.dicomweb, studies=tuple(a.study), query=tuple(a.query),
                               priority=a.priority, fhir_out=a.fhir_out, fhir_url=a.fhir_url,
                               audit_log=a.audit_log, operating_point=a.operating_point,
                               **options.client_security(a))
     except ValueError as exc:
         raise CxrError(f"--{str(exc)}" if str(exc).startswith(("chunk", "retries")) else str(exc)) from None
-    return run_predict(opts, source=DicomWebSource.of(opts), delivery=FhirDelivery.of(opts))
+    if a.patient_id_system and a.fhir_url is None and a.fhir_out is None:
+        raise CxrError("--patient-id-system names the patients of FHIR results: give --fhir-url or --fhir-out too")
+    from cxr.hospital.dicom.study import combine
+
+    try:  # a study's films make one DiagnosticReport, by the listener's rule
+        delivery = FhirDelivery.of(opts, patient_id_system=a.patient_id_system, study_rule=combine)
+    except ValueError as exc:
+        raise CxrError(str(exc)) from None
+    return run_predict(opts, source=DicomWebSource.of(opts), delivery=delivery)
 
 
 def _add_listen(sub: argparse._SubParsersAction) -> None:
@@ -125,7 +140,16 @@ def _add_listen(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--send-tls-key", type=Path, help="its private key")
     p.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve Prometheus metrics of the answers (by status, rule, Manufacturer/StationName; "
-                   "ood_score and probability histograms) on 127.0.0.1:PORT")
+                   "ood_score and probability histograms; the pipeline's counters) on --metrics-host:PORT")
+    p.add_argument("--patient-id-system", metavar="URI",
+                   help="the site's patient identifier system (its MRN system) for the FHIR results' subjects; a "
+                   "header's IssuerOfPatientID that names a system (an OID or a URI) wins")
+    p.add_argument("--retention-days", type=float, default=30.0, metavar="DAYS",
+                   help="keep the spool's done and delivered markers (and what answered studies were answered with) "
+                   "this long, then remove them (default 30)")
+    p.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDRESS",
+                   help="address the metrics are served on (loopback by default; this host's address, or 0.0.0.0, "
+                   "for a Prometheus on another host)")
     p.add_argument("--stow-url", metavar="URL",
                    help="store the SR (and Secondary Capture) with STOW-RS at this DICOMweb root, instead of or "
                    "beside --send-to")
@@ -172,8 +196,10 @@ def _cmd_listen(a: argparse.Namespace) -> int:
                            send_to=Destination.parse(a.send_to) if a.send_to else None, allow=tuple(a.allow),
                            out=a.out, url=a.url, protocol=a.protocol, model=a.model, heatmap=a.heatmap,
                            repository=a.model_repository, dicom_tls=dicom_tls, send_tls=send_tls,
-                           metrics_port=a.metrics_port, stow_url=a.stow_url, fhir_url=a.fhir_url,
-                           fhir_out=a.fhir_out, audit_log=a.audit_log,
+                           metrics_port=a.metrics_port, metrics_host=a.metrics_host, stow_url=a.stow_url,
+                           fhir_url=a.fhir_url,
+                           fhir_out=a.fhir_out, audit_log=a.audit_log, patient_id_system=a.patient_id_system,
+                           retention_days=a.retention_days,
                            urgent_if=tuple(UrgentRule.parse(t) for t in a.urgent_if), redeliver=a.redeliver,
                            study_quiet_s=a.study_quiet_s, operating_point=a.operating_point,
                            web_auth=HttpAuth.of(a.web_token_file, a.web_tls_cert, a.web_tls_key, a.web_tls_ca), screen=ScreenFilter.of(tuple(a.screen_sop_class), tuple(a.screen_modality),
@@ -192,7 +218,8 @@ def _cmd_listen(a: argparse.Namespace) -> int:
         print(f"listening: {cfg.ae_title}@{cfg.host}:{cfg.port}" + (f", results to {', '.join(where)}" if where else
               ", results kept in the outbox (no --send-to)") + f"; spool {cfg.spool}; Ctrl-C to stop", flush=True)
         if listener.metrics_port is not None:
-            print(f"metrics on http://127.0.0.1:{listener.metrics_port}/metrics", flush=True)
+            host = f"[{cfg.metrics_host}]" if ":" in cfg.metrics_host else cfg.metrics_host
+            print(f"metrics on http://{host}:{listener.metrics_port}/metrics", flush=True)
         serve_until_signal()
     return 0
 

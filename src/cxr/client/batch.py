@@ -20,13 +20,14 @@ was found.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
 import logging
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -38,6 +39,7 @@ from cxr.core.errors import InvalidInputError
 from cxr.core.security import TlsClient
 
 if TYPE_CHECKING:
+    from cxr.client.metrics import ScreeningMetrics
     from cxr.core.audit_trail import AuditLog
 
 logger = logging.getLogger(__name__)
@@ -63,7 +65,8 @@ class PredictOptions:
         tls: TLS settings for the server (:class:`cxr.core.security.TlsClient`).
         config_key: Key for a server that restricts model-config.
         ray: Run on a Ray cluster at this address (``auto``: the local cluster); see :mod:`cxr.client.ray_batch`.
-        metrics_port: Serve Prometheus metrics of the answers on this loopback port while the run lasts
+        metrics_port: Serve Prometheus metrics of the answers on this port while the run lasts
+        metrics_host: The address they are served on (loopback by default)
             (:mod:`cxr.client.metrics`; 0 picks a free port).
         metrics_file: Write the metrics in the Prometheus text format to this file after every chunk
             (for node_exporter's textfile collector).
@@ -95,6 +98,7 @@ class PredictOptions:
     config_key: str | None = field(default=None, repr=False)
     ray: str | None = None
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     metrics_file: Path | None = None
     dicomweb: str | None = None
     studies: tuple[str, ...] = ()
@@ -197,6 +201,12 @@ class Journal:
             return False
         return not (r.get("status") == contract.Status.ERROR.value and r.get("retryable") == "1")
 
+    def is_done(self, path: str, operating_point: str | None = None) -> bool:
+        """:meth:`is_final` without the file's sha256, for inputs named before they are read (a SOP Instance UID
+        names one instance's content)."""
+        r = self.latest.get(path)
+        return r is not None and self.is_final(path, r.get("sha256", ""), operating_point)
+
     def close(self) -> None:
         self._csv.close()
 
@@ -228,23 +238,9 @@ def _actor() -> str:
         return default_actor()
 
 
-@dataclass(frozen=True)
-class Fetched:
-    """What an :class:`InputSource` read into the run's folder.
-
-    Attributes:
-        files: Each file read -> the name its row carries (the CSV's ``path``; a SOP Instance UID).
-        instances: Every instance the source listed, ``(Study Instance UID, name)``, in its order; those whose name
-            is not in ``files`` could not be read (each is reported, and counts as an input without a result).
-    """
-
-    files: Mapping[Path, str]
-    instances: tuple[tuple[str, str], ...]
-
-
 class InputSource(Protocol):
-    """Inputs of ``cxr predict`` that are not files, read into a private folder for the run (the DICOMweb door:
-    :class:`cxr.hospital.dicomweb.DicomWebSource`)."""
+    """Inputs of ``cxr predict`` that are not files, listed first and then read batch by batch into a private folder
+    of the run (the DICOMweb door: :class:`cxr.hospital.dicomweb.DicomWebSource`)."""
 
     @property
     def where(self) -> str:
@@ -254,17 +250,47 @@ class InputSource(Protocol):
     def kind(self) -> str:
         """The audit trail's ``source`` of each instance received (e.g. ``dicomweb``)."""
 
-    def fetch(self, folder: Path) -> Fetched:
-        """List the instances and read them into ``folder``."""
+    def find(self) -> tuple[tuple[str, str], ...]:
+        """Every instance, ``(Study Instance UID, name)`` (the name is the row's ``path``: a SOP Instance UID), in
+        its order; nothing is read yet."""
+
+    def read(self, names: list[str], folder: Path) -> Mapping[Path, str]:
+        """Read these instances into ``folder`` (files readable by the owner only); each file read -> its name.
+        One that cannot be read is left out (the run reports it, and it counts as an input without a result)."""
+
+
+#: ``cxr predict``'s exit status when results remain undelivered for now (EX_TEMPFAIL, as ``cxr.cli`` exits for an
+#: upstream that is unreachable or failing): a rerun later delivers them.
+EXIT_TEMPFAIL = 75
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """What a :class:`ResultDelivery` left undone.
+
+    Attributes:
+        undelivered: Results not delivered.
+        retryable: A rerun can deliver them (the destination was unreachable or failing for now): ``cxr predict``
+            exits 75 (EX_TEMPFAIL), not 1.
+    """
+
+    undelivered: int = 0
+    retryable: bool = False
+
+    def __post_init__(self) -> None:
+        if self.undelivered < 0:
+            raise ValueError("undelivered must be >= 0")
+        if self.retryable and not self.undelivered:
+            raise ValueError("only undelivered results can be retryable")
 
 
 class ResultDelivery(Protocol):
     """Where ``cxr predict`` also delivers the answers once the run is over (the FHIR door:
     :class:`cxr.hospital.fhir.FhirDelivery`)."""
 
-    def deliver(self, rows: list[dict], files: Mapping[str, Path], audit: AuditLog | None, actor: str) -> int:
+    def deliver(self, rows: list[dict], files: Mapping[str, Path], audit: AuditLog | None, actor: str) -> Delivered:
         """Deliver the answered ``rows`` (``files``: each row's ``path`` -> its file), each delivery audited as
-        ``actor``; the number of inputs left without a result (0 when all went)."""
+        ``actor``; what was not delivered."""
 
 
 def run_predict(opts: PredictOptions, *, source: InputSource | None = None,
@@ -285,39 +311,149 @@ def run_predict(opts: PredictOptions, *, source: InputSource | None = None,
                          "PredictOptions.fhir_out or fhir_url is set")
     with ExitStack() as stack:
         audit = stack.enter_context(AuditLog(opts.audit_log, component="cxr predict")) if opts.audit_log else None
-        names: dict[str, str] = {}
         if source is not None:
+            # a private folder (0700) for the instances in flight, removed however the run ends (SIGTERM included)
             folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"cxr-{source.kind}-")))
-            fetched = source.fetch(folder)
-            if not fetched.instances:
-                print(f"cxr predict: no instance found on {source.where}", file=sys.stderr)
-                return 2
-            names = {str(p): name for p, name in fetched.files.items()}
-            read = set(names.values())
-            unread = [name for _, name in fetched.instances if name not in read]
-            for name in unread:
-                print(f"error: {name}: could not be read from {source.where} (rerun to retry)", file=sys.stderr)
-            paths = sorted(fetched.files, key=lambda p: names[str(p)])
-            if audit is not None:
-                for study, name in fetched.instances:
-                    audit.event("received", actor=_actor(), outcome="success" if name in read else "failure",
-                                study_uid=study, instance_uid=name, source=source.kind)
+            stack.enter_context(_terminate_as_interrupt())
+            instances = source.find()
+            if not instances:
+                print(f"cxr predict: nothing to screen: no instance matches on {source.where}", file=sys.stderr)
+                return 0
+            rows, total, delivered_files = _run_streaming(opts, source, instances, folder, audit,
+                                                          keep_headers=delivery is not None)
         else:
-            unread = []
             paths = expand_inputs(opts.inputs)
             if not paths:
                 print("cxr predict: no input files found", file=sys.stderr)
                 return 2
-        rows = _run(opts, paths, names, audit)
+            rows, total = _run(opts, paths, {}, audit), len(paths)
+            delivered_files = {str(p): p for p in paths}
         counts = {s.value: sum(1 for r in rows if r["status"] == s.value) for s in contract.Status}
-        missing = len(paths) + len(unread) - len(rows)
+        missing = total - len(rows)
+        sent = Delivered()
         if delivery is not None:
-            missing += delivery.deliver(rows, {names.get(str(p), str(p)): p for p in paths}, audit, _actor())
-        print(f"{len(rows)} of {len(paths) + len(unread)} inputs answered: {counts['ok']} ok, "
+            sent = delivery.deliver(rows, delivered_files, audit, _actor())
+        print(f"{len(rows)} of {total} inputs answered: {counts['ok']} ok, "
               f"{counts['not_assessable']} not assessable, {counts['error']} errors"
-              + (f", {missing} without a result" if missing else "") + (f" (written to {opts.out})" if opts.out else ""),
-              file=sys.stderr)
-        return 1 if counts["error"] or missing else 0
+              + (f", {missing} without a result" if missing else "")
+              + (f", {sent.undelivered} results not delivered" + (" (rerun to deliver them)" if sent.retryable else "")
+                 if sent.undelivered else "")
+              + (f" (written to {opts.out})" if opts.out else ""), file=sys.stderr)
+        if counts["error"] or missing or (sent.undelivered and not sent.retryable):
+            return 1
+        return EXIT_TEMPFAIL if sent.undelivered else 0
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises :class:`KeyboardInterrupt`, as SIGINT does, while the block runs (in the main thread): the
+    run saves the rows done and removes its temporary files on either."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _run_streaming(opts: PredictOptions, source: InputSource, instances: tuple[tuple[str, str], ...], folder: Path,
+                   audit, *, keep_headers: bool) -> tuple[list[dict], int, dict[str, Path]]:
+    """Screen a source's instances as they are read: instances already final in the journal are skipped before
+    they are read; the rest are read, screened and journaled in batches of ``opts.chunk`` (the disk holds one batch,
+    never the query), each batch's files removed once its rows are journaled. Interrupted (SIGINT, SIGTERM), the
+    rows done are saved (``opts.out``) before the interrupt goes on. Returns every instance's row, how many
+    instances there are, and (``keep_headers``, for the FHIR door) each answered instance's header file, without
+    pixels, in ``folder``."""
+    import shutil
+
+    from cxr.core.eligibility import Eligibility
+
+    names = [name for _, name in instances]
+    journal = None
+    if opts.out is not None and opts.format == "csv":
+        journal = Journal(opts.out.with_name(opts.out.name + JOURNAL_SUFFIX), seed_csv=opts.out)
+    todo = [n for n in names if journal is None or not journal.is_done(n, opts.operating_point)]
+    if len(todo) < len(names):
+        print(f"resuming: {len(names) - len(todo)} of {len(names)} instances already final in {opts.out}; not read "
+              "again", file=sys.stderr)
+    study_of = {name: study for study, name in instances}
+    rows: list[dict] = []
+    headers: dict[str, Path] = {}
+    rules = Eligibility.load(opts.eligibility) if opts.eligibility else None
+    try:
+        if todo:
+            with _Screener(opts, rules, check_server=True) as screener:  # the server answers before anything is read
+                for start in range(0, len(todo), opts.chunk):
+                    part = todo[start : start + opts.chunk]
+                    batch = folder / f"batch-{start}"
+                    batch.mkdir(mode=0o700)
+                    files = source.read(part, batch)
+                    got = set(files.values())
+                    for name in part:
+                        if name not in got:
+                            print(f"error: {name}: could not be read from {source.where} (rerun to retry)",
+                                  file=sys.stderr)
+                        if audit is not None:
+                            audit.event("received", actor=_actor(), outcome="success" if name in got else "failure",
+                                        study_uid=study_of[name], instance_uid=name, source=source.kind)
+                    paths = sorted(files, key=lambda f: files[f])
+                    screener.screen([(f, file_sha256(f)) for f in paths], journal, rows,
+                                    lambda f, files=files: files[f], audit)
+                    if keep_headers:
+                        for f in paths:
+                            headers[files[f]] = _header_copy(f, folder / "headers")
+                    shutil.rmtree(batch)
+    except KeyboardInterrupt:
+        if journal is not None:
+            assert opts.out is not None
+            journal.close()
+            done = materialise(journal, [Path(n) for n in names], opts.out)
+            print(f"interrupted: {len(done)} of {len(names)} rows saved in {opts.out}; rerun to finish",
+                  file=sys.stderr)
+            journal = None
+        elif rows:  # no journal: this run's rows are shown, or written, as they would have been
+            _emit(rows, opts.format, opts.out)
+            print(f"interrupted: {len(rows)} of {len(names)} rows written", file=sys.stderr)
+        raise
+    finally:
+        if journal is not None:
+            journal.close()
+    if journal is not None:
+        assert opts.out is not None
+        rows = materialise(journal, [Path(n) for n in names], opts.out)
+        if audit is not None:
+            audit.event("result_delivered", actor=_actor(), destination="csv", rows=len(rows))
+    else:
+        _emit(rows, opts.format, opts.out)
+    return rows, len(names), headers
+
+
+def _header_copy(f: Path, folder: Path) -> Path:
+    """A DICOM file's header without its pixels, in ``folder`` (readable by the owner only)."""
+    import os
+
+    import pydicom
+
+    folder.mkdir(mode=0o700, exist_ok=True)
+    out = folder / f.name
+    try:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            ds.save_as(fh, enforce_file_format=True)
+    except Exception:  # noqa: BLE001 - not DICOM: the result stands without a study
+        out.write_bytes(b"")
+    return out
 
 
 def _run(opts: PredictOptions, paths: list[Path], names: dict[str, str], audit) -> list[dict]:
@@ -368,26 +504,63 @@ def _run(opts: PredictOptions, paths: list[Path], names: dict[str, str], audit) 
 def _screen(opts: PredictOptions, todo: list[tuple[Path, str]], rules, journal: Journal | None,
             rows: list[dict], key=str, audit=None) -> None:
     """Send ``todo`` chunk by chunk; journal each chunk (or collect its rows when there is no journal)."""
-    from tqdm import tqdm
+    with _Screener(opts, rules) as screener:
+        screener.screen(todo, journal, rows, key, audit)
 
-    from cxr.client import PneumoniaClient, RetryPolicy
 
-    with PneumoniaClient(opts.url, protocol=opts.protocol, model=opts.model, timeout_s=opts.timeout_s,
-                         eligibility=rules, retry=RetryPolicy(attempts=opts.retries), tls=opts.tls,
-                         config_key=opts.config_key, priority=opts.priority,
-                         operating_point=opts.operating_point) as client:
-        metrics = None
-        if opts.metrics_port is not None or opts.metrics_file is not None:
-            from cxr.client.metrics import ScreeningMetrics, device_of
+class _Screener:
+    """One client (and the run's metrics) for every chunk of a run. With ``check_server`` the server is asked for
+    its model when the block starts, so that a run with no server answering says so in one line before it reads
+    anything (a DICOMweb query is not fetched for nothing)."""
 
-            metrics = ScreeningMetrics(client.info.ood_threshold)
-            if opts.metrics_port is not None:
-                print(f"metrics on http://127.0.0.1:{metrics.serve(opts.metrics_port)}/metrics", file=sys.stderr)
+    def __init__(self, opts: PredictOptions, rules, *, check_server: bool = False) -> None:
+        self.opts = opts
+        self.rules = rules
+        self.check_server = check_server
+        self.metrics: ScreeningMetrics | None = None
+
+    def __enter__(self) -> _Screener:
+        from cxr.client import PneumoniaClient, RetryPolicy
+
+        opts = self.opts
+        self.client = PneumoniaClient(opts.url, protocol=opts.protocol, model=opts.model, timeout_s=opts.timeout_s,
+                                      eligibility=self.rules, retry=RetryPolicy(attempts=opts.retries), tls=opts.tls,
+                                      config_key=opts.config_key, priority=opts.priority,
+                                      operating_point=opts.operating_point)
+        try:
+            if self.check_server:
+                self.client.info  # noqa: B018 - raises, in one line, when no server answers
+            if opts.metrics_port is not None or opts.metrics_file is not None:
+                from cxr.client.metrics import ScreeningMetrics
+
+                metrics = self.metrics = ScreeningMetrics(self.client.info.ood_threshold)
+                if opts.metrics_port is not None:
+                    port = metrics.serve(opts.metrics_port, opts.metrics_host)
+                    host = f"[{opts.metrics_host}]" if ":" in opts.metrics_host else opts.metrics_host
+                    print(f"metrics on http://{host}:{port}/metrics", file=sys.stderr)
+        except BaseException:
+            self.client.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self.metrics is not None:
+                self.metrics.close()
+        finally:
+            self.client.close()
+
+    def screen(self, todo: list[tuple[Path, str]], journal: Journal | None, rows: list[dict], key=str,
+               audit=None) -> None:
+        """Send ``todo`` chunk by chunk; journal each chunk (or collect its rows when there is no journal)."""
+        from tqdm import tqdm
+
+        opts, metrics = self.opts, self.metrics
         bar = tqdm(total=len(todo), unit="img", desc="predict", disable=len(todo) < 2 or not sys.stderr.isatty())
         try:
             for start in range(0, len(todo), opts.chunk):
                 part = todo[start : start + opts.chunk]
-                preds = client.predict([str(p) for p, _ in part])
+                preds = self.client.predict([str(p) for p, _ in part])
                 chunk_rows = []
                 for pr, (p, sha) in zip(preds, part):
                     row = to_row(pr, sha)
@@ -395,6 +568,8 @@ def _screen(opts: PredictOptions, todo: list[tuple[Path, str]], rules, journal: 
                     chunk_rows.append(row)
                 _record(chunk_rows, journal, rows, audit)
                 if metrics is not None:
+                    from cxr.client.metrics import device_of
+
                     for pr, (path, _) in zip(preds, part):
                         manufacturer, station = device_of(path)
                         metrics.observe(pr, manufacturer=manufacturer, station=station)
@@ -403,8 +578,6 @@ def _screen(opts: PredictOptions, todo: list[tuple[Path, str]], rules, journal: 
                 bar.update(len(part))
         finally:
             bar.close()
-            if metrics is not None:
-                metrics.close()
 
 
 def _record(chunk_rows: list[dict], journal: Journal | None, rows: list[dict], audit=None) -> None:

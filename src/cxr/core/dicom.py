@@ -117,7 +117,13 @@ def read_dicom(data: bytes, *, name: str, eligibility: object | None = None,
             pixels = ds.pixel_array
         except Exception as exc:  # noqa: BLE001
             syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
-            raise InvalidInputError(f"{name}: cannot decode DICOM pixel data (transfer syntax {syntax}: {type(exc).__name__})") from None
+            short = _truncated(ds)
+            if short is not None:
+                raise InvalidInputError(f"{name}: DICOM pixel data truncated: {short[0]} of {short[1]} bytes (the file "
+                                        "was cut short in transfer or on disk; send it again)") from None
+            raise InvalidInputError(f"{name}: cannot decode DICOM pixel data (transfer syntax {syntax}: "
+                                    f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})"
+                                    ) from None
         if not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[-1] == 3)):
             raise InvalidInputError(f"{name}: unsupported DICOM pixel shape {pixels.shape}")
         h, w = pixels.shape[:2]
@@ -145,3 +151,17 @@ def read_dicom(data: bytes, *, name: str, eligibility: object | None = None,
     if photometric == "MONOCHROME1":
         gray = 255 - gray  # MONOCHROME1: high values are dark
     return gray, uid, chroma
+
+
+def _truncated(ds) -> tuple[int, int] | None:
+    """(bytes present, bytes expected) when native (uncompressed) pixel data is shorter than its header says."""
+    try:
+        if ds.file_meta.TransferSyntaxUID.is_compressed:
+            return None
+        per_sample = (int(ds.BitsAllocated) + 7) // 8
+        expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * per_sample
+                    * int(ds.get("NumberOfFrames", 1) or 1))
+        present = len(ds.PixelData)
+    except Exception:  # noqa: BLE001 - a header too broken to say: the generic reason stands
+        return None
+    return (present, expected) if present < expected else None

@@ -3,8 +3,11 @@
 ``cxr predict --dicomweb URL [--study UID]... [--query KEY=VALUE]...`` searches the archive (QIDO-RS at study
 level with the query's filters, e.g. ``ModalitiesInStudy=DX`` or ``StudyDate=20260101-20261231``; or the given
 studies), lists every instance of the matching studies, reads each one (WADO-RS, the whole Part 10 instance) into
-a private spool folder and screens the files like any others (:class:`DicomWebSource`, the ``source`` that
-``cxr.cli`` gives :func:`cxr.client.batch.run_predict`); the CSV's ``path`` is the SOP Instance UID.
+a private folder (0700, files 0600) and screens the files like any others, in batches as they are read, so
+the first answers come within seconds and the disk holds one batch, never the query; instances already final in
+the run's journal are not read again; an interrupted run (SIGINT, SIGTERM) saves its rows and leaves no file
+behind (:class:`DicomWebSource`, the ``source`` that ``cxr.cli`` gives :func:`cxr.client.batch.run_predict`);
+the CSV's ``path`` is the SOP Instance UID.
 ``cxr listen --stow-url URL`` stores its SR and Secondary Capture with STOW-RS. Uses ``dicomweb-client``.
 """
 
@@ -14,14 +17,14 @@ import io
 import logging
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cxr.core.errors import CxrError, ExitCode, InvalidInputError, RetryableServerError
 
 if TYPE_CHECKING:
-    from cxr.client.batch import Fetched, PredictOptions
+    from cxr.client.batch import PredictOptions
 
 logger = logging.getLogger(__name__)
 
@@ -186,23 +189,33 @@ class DicomWeb:
         return buf.getvalue()
 
     def download(self, refs: list[InstanceRef], folder: Path, *, threads: int = 4) -> dict[Path, str]:
-        """Read ``refs`` into ``folder`` (one ``<SOP Instance UID>.dcm`` each); returns file -> SOP Instance UID.
+        """Read ``refs`` into ``folder`` (one ``<SOP Instance UID>.dcm`` each, readable by the owner only); returns
+        file -> SOP Instance UID.
 
-        An instance that cannot be read is left out and logged; the caller reports it as an error row.
+        An instance that cannot be read is left out and logged; the caller reports it as an error row. Interrupted,
+        the reads not started are cancelled (the one in flight finishes).
         """
-        folder.mkdir(parents=True, exist_ok=True)
+        import os
+
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
 
         def one(ref: InstanceRef) -> tuple[Path, str] | tuple[None, str]:
             path = folder / f"{ref.sop_uid}.dcm"
             try:
-                path.write_bytes(self.retrieve(ref))
+                data = self.retrieve(ref)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
             except CxrError as exc:
                 logger.error("%s", exc)
                 return None, ref.sop_uid
             return path, ref.sop_uid
 
-        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        pool = ThreadPoolExecutor(max_workers=max(1, threads))
+        try:
             done = list(pool.map(one, refs))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
         return {p: uid for p, uid in done if p is not None}
 
     def store(self, datasets: list, *, study_uid: str | None = None) -> None:
@@ -234,6 +247,8 @@ class DicomWebSource:
     studies: tuple[str, ...] = ()
     query: tuple[str, ...] = ()
     timeout_s: float = 30.0
+    #: The client and the instances listed (filled by :meth:`find`; not part of the value).
+    _state: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.url:
@@ -257,11 +272,19 @@ class DicomWebSource:
     def kind(self) -> str:
         return "dicomweb"
 
-    def fetch(self, folder: Path) -> Fetched:
-        """QIDO-RS for the instances, WADO-RS for each into ``folder``; the files named by SOP Instance UID."""
-        from cxr.client.batch import Fetched
+    def _web(self) -> DicomWeb:
+        if "web" not in self._state:
+            self._state["web"] = DicomWeb(self.url, timeout_s=self.timeout_s)
+        return self._state["web"]
 
-        web = DicomWeb(self.url, timeout_s=self.timeout_s)
-        refs = web.find(studies=self.studies, query=parse_query(self.query))
-        files = web.download(refs, folder) if refs else {}
-        return Fetched(files, tuple((r.study_uid, r.sop_uid) for r in refs))
+    def find(self) -> tuple[tuple[str, str], ...]:
+        """QIDO-RS: every instance of the matching studies, ``(Study Instance UID, SOP Instance UID)``; nothing is
+        read yet."""
+        refs = self._web().find(studies=self.studies, query=parse_query(self.query))
+        self._state["refs"] = {r.sop_uid: r for r in refs}
+        return tuple((r.study_uid, r.sop_uid) for r in refs)
+
+    def read(self, names: list[str], folder: Path) -> dict[Path, str]:
+        """WADO-RS: these instances (found by :meth:`find`) into ``folder``, files named by SOP Instance UID."""
+        refs = self._state.get("refs", {})
+        return self._web().download([refs[n] for n in names if n in refs], folder)

@@ -22,20 +22,26 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import re
 import sys
+import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cxr.client.client import Prediction
 from cxr.core import contract
 from cxr.core.errors import CxrError, ExitCode, RetryableServerError
 
 if TYPE_CHECKING:
-    from cxr.client.batch import PredictOptions
+    from cxr.client.batch import Delivered, PredictOptions
     from cxr.core.audit_trail import AuditLog
+
+#: How several films of a study make one answer (:func:`cxr.hospital.dicom.study.combine`, given by the caller:
+#: this module sits below the DICOM listener): ``(SOP Instance UID, prediction)`` pairs -> a study answer.
+StudyRule = Callable[[Sequence[tuple[str, Prediction]]], Any]
 
 SNOMED = "http://snomed.info/sct"
 LOINC = "http://loinc.org"
@@ -141,16 +147,41 @@ def _conditional(resource_type: str, value: str) -> dict:
     return {"method": "POST", "url": resource_type, "ifNoneExist": f"identifier={RESULT_ID}|{value}"}
 
 
-def result_entries(pred: Prediction, study: StudyRef, *, device_url: str, issued: str) -> list[dict]:
+def patient_system(issuer: str, site_system: str | None = None) -> str | None:
+    """The identifier system of a patient ID: the DICOM header's IssuerOfPatientID where it names one (an OID
+    becomes ``urn:oid:...``, a URI stays as it is), else the site's ``--patient-id-system`` (``None``: neither)."""
+    issuer = issuer.strip()
+    if issuer and re.fullmatch(r"[0-2](\.(0|[1-9][0-9]*))+", issuer):
+        return f"urn:oid:{issuer}"
+    if issuer and re.match(r"^(urn:|https?://)", issuer):
+        return issuer
+    return site_system or None
+
+
+def subject(study: StudyRef, site_system: str | None = None) -> dict | None:
+    """The Patient a result is about, as a typed logical reference (``type: Patient``, the header's PatientID in
+    the system :func:`patient_system` says; an IssuerOfPatientID that is not a system is kept as the assigner's
+    name); ``None`` without a PatientID."""
+    if not study.patient_id:
+        return None
+    ident: dict = {"value": study.patient_id}
+    system = patient_system(study.patient_issuer, site_system)
+    if system:
+        ident["system"] = system
+    if study.patient_issuer and system != patient_system(study.patient_issuer):
+        ident["assigner"] = {"display": study.patient_issuer}
+    return {"type": "Patient", "identifier": ident}
+
+
+def result_entries(pred: Prediction, study: StudyRef, *, device_url: str, issued: str,
+                   patient_id_system: str | None = None) -> list[dict]:
     """The Observation and the DiagnosticReport of one answered input (``ok`` or ``not_assessable``), each created
     conditionally on its stable identifier (:func:`result_id`): sending them twice leaves one of each."""
     if pred.status is contract.Status.ERROR:
         raise ValueError(f"{pred.source}: an unreadable input or a failed request gets no FHIR result")
     obs_id, rep_id = result_id(pred, study, "observation"), result_id(pred, study, "report")
     obs_url, rep_url = f"urn:uuid:{uuid.uuid4()}", f"urn:uuid:{uuid.uuid4()}"
-    subject = ({"identifier": {"value": study.patient_id, **({"system": f"urn:oid:{study.patient_issuer}"}
-                                                             if study.patient_issuer.replace(".", "").isdigit() else {})}}
-               if study.patient_id else None)
+    patient = subject(study, patient_id_system)
     imaging = ({"type": "ImagingStudy", "identifier": {"system": DICOM_UID, "value": f"urn:oid:{study.study_uid}"}}
                if study.study_uid else None)
     components = [
@@ -182,8 +213,8 @@ def result_entries(pred: Prediction, study: StudyRef, *, device_url: str, issued
                        _component("refusal-value", f"{r.rule}: measured value", r.value),
                        _component("refusal-limit", f"{r.rule}: limit", r.limit)]
     obs["component"] = [c for c in components if c is not None]
-    if subject:
-        obs["subject"] = subject
+    if patient:
+        obs["subject"] = patient
     if imaging:
         obs["derivedFrom"] = [imaging]
     if pred.ok:
@@ -205,16 +236,20 @@ def result_entries(pred: Prediction, study: StudyRef, *, device_url: str, issued
     if study.accession:
         rep["identifier"].insert(0, {"type": _cc("http://terminology.hl7.org/CodeSystem/v2-0203", "ACSN",
                                                  "Accession ID"), "value": study.accession})
-    if subject:
-        rep["subject"] = subject
+    if patient:
+        rep["subject"] = patient
     if imaging:
         rep["imagingStudy"] = [imaging]
     return [{"fullUrl": obs_url, "resource": obs, "request": _conditional("Observation", obs_id)},
             {"fullUrl": rep_url, "resource": rep, "request": _conditional("DiagnosticReport", rep_id)}]
 
 
-def bundle(results: Sequence[tuple[Prediction, StudyRef]]) -> dict:
-    """One ``transaction`` Bundle for the answered inputs (errors are left out), validated.
+def bundle(results: Sequence[tuple[Prediction, StudyRef]], *, patient_id_system: str | None = None,
+           study_rule: StudyRule | None = None) -> dict:
+    """One ``transaction`` Bundle for the answered inputs (errors are left out), validated; patients identified in
+    ``patient_id_system`` where the header names no issuer (:func:`subject`). With ``study_rule`` (the listener's,
+    :func:`cxr.hospital.dicom.study.combine`), the DICOM films of one study and model make one DiagnosticReport with
+    the study answer (:func:`study_entries`), as ``cxr listen --study-quiet-s`` does; other inputs one each.
 
     Raises:
         FhirError: A resource does not validate.
@@ -222,6 +257,7 @@ def bundle(results: Sequence[tuple[Prediction, StudyRef]]) -> dict:
     issued = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     entries: list[dict] = []
     devices: dict[str, str] = {}
+    studies: dict[tuple[str, str], list[tuple[Prediction, StudyRef]]] = {}
     for pred, study in results:
         if pred.status is contract.Status.ERROR:
             continue
@@ -229,33 +265,70 @@ def bundle(results: Sequence[tuple[Prediction, StudyRef]]) -> dict:
         if key not in devices:
             devices[key] = f"urn:uuid:{uuid.uuid4()}"
             entries.append(device(pred, full_url=devices[key]))
-        entries += result_entries(pred, study, device_url=devices[key], issued=issued)
+        if study_rule is not None and study.study_uid and study.instance_uid:
+            group = studies.setdefault((study.study_uid, key), [])
+            if not group:
+                entries.append({"study": group})  # where the study's entries go, in input order
+            group.append((pred, study))
+            continue
+        entries += result_entries(pred, study, device_url=devices[key], issued=issued,
+                                  patient_id_system=patient_id_system)
+    if study_rule is not None:
+        expanded: list[dict] = []
+        for e in entries:
+            if "study" not in e:
+                expanded.append(e)
+                continue
+            items = e["study"]
+            key = f"{items[0][0].model_name}|{items[0][0].model_version}|{items[0][0].model_sha256}"
+            answer = study_rule([(ref.instance_uid, pred) for pred, ref in items])
+            expanded += study_entries(items, answer, device_url=devices[key], issued=issued,
+                                      patient_id_system=patient_id_system)
+        entries = expanded
     out = {"resourceType": "Bundle", "type": "transaction", "timestamp": issued, "entry": entries}
     validate(out)
     return out
 
 
-def study_bundle(items: Sequence[tuple[Prediction, StudyRef]], study) -> dict:
+def study_report_id(study_uid: str, model_sha256: str) -> str:
+    """The stable identifier value of a study's DiagnosticReport: one per study and model, whatever films it
+    answers (a film that comes later amends it in place)."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{RESULT_ID}|{study_uid}|{model_sha256}|study-report"))
+
+
+def study_bundle(items: Sequence[tuple[Prediction, StudyRef]], study, *, amended: bool = False,
+                 patient_id_system: str | None = None) -> dict:
     """One ``transaction`` Bundle for a whole study (:mod:`cxr.hospital.dicom.study`): an Observation per frontal film and
     one DiagnosticReport with the study answer (``study``, a :class:`cxr.hospital.dicom.study.StudyResult`) whose results are
     those Observations; laterals get nothing of their own. Created conditionally on identifiers, like
-    :func:`bundle`.
+    :func:`bundle`; ``amended`` (a film came after the study was answered, and ``items`` are all its films) updates
+    the study's DiagnosticReport in place, by its identifier (a conditional update), with status ``amended``.
 
     Raises:
         FhirError: A resource does not validate.
     """
     issued = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    model, ref0 = items[0]
     device_url = f"urn:uuid:{uuid.uuid4()}"
-    entries = [device(model, full_url=device_url)]
+    entries = [device(items[0][0], full_url=device_url)]
+    entries += study_entries(items, study, device_url=device_url, issued=issued, amended=amended,
+                             patient_id_system=patient_id_system)
+    out = {"resourceType": "Bundle", "type": "transaction", "timestamp": issued, "entry": entries}
+    validate(out)
+    return out
+
+
+def study_entries(items: Sequence[tuple[Prediction, StudyRef]], study, *, device_url: str, issued: str,
+                  amended: bool = False, patient_id_system: str | None = None) -> list[dict]:
+    """The entries of :func:`study_bundle` but its Device (referenced as ``device_url``)."""
+    model, ref0 = items[0]
+    entries: list[dict] = []
     frontal = set(study.frontal)
     observations = []
     for pred, ref in items:
         if ref.instance_uid in frontal:
-            observations.append(result_entries(pred, ref, device_url=device_url, issued=issued)[0])
-    instances = sorted(ref.instance_uid for _, ref in items)
-    rep_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{RESULT_ID}|{ref0.study_uid}|{'|'.join(instances)}|"
-                                                f"{model.model_sha256}|study-report"))
+            observations.append(result_entries(pred, ref, device_url=device_url, issued=issued,
+                                               patient_id_system=patient_id_system)[0])
+    rep_id = study_report_id(ref0.study_uid, model.model_sha256)
     if study.status is contract.Status.OK:
         positive = study.label == contract.LABELS[1]
         conclusion = (f"Pneumonia {'present' if positive else 'absent'} in the study (AI screening aid, preliminary; "
@@ -266,7 +339,7 @@ def study_bundle(items: Sequence[tuple[Prediction, StudyRef]], study) -> dict:
     rep: dict = {
         "resourceType": "DiagnosticReport",
         "identifier": [{"system": RESULT_ID, "value": rep_id}],
-        "status": "preliminary",
+        "status": "amended" if amended else "preliminary",
         "category": [_cc("http://terminology.hl7.org/CodeSystem/v2-0074", "RAD", "Radiology")],
         "code": _cc(LOINC, *REPORT_CODE),
         "issued": issued,
@@ -280,16 +353,15 @@ def study_bundle(items: Sequence[tuple[Prediction, StudyRef]], study) -> dict:
         rep["identifier"].insert(0, {"type": _cc("http://terminology.hl7.org/CodeSystem/v2-0203", "ACSN",
                                                  "Accession ID"), "value": ref0.accession})
     if ref0.patient_id:
-        rep["subject"] = {"identifier": {"value": ref0.patient_id}}
+        rep["subject"] = subject(ref0, patient_id_system)
     if ref0.study_uid:
         rep["imagingStudy"] = [{"type": "ImagingStudy", "identifier": {"system": DICOM_UID,
                                                                        "value": f"urn:oid:{ref0.study_uid}"}}]
     entries += observations
-    entries.append({"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": rep,
-                    "request": _conditional("DiagnosticReport", rep_id)})
-    out = {"resourceType": "Bundle", "type": "transaction", "timestamp": issued, "entry": entries}
-    validate(out)
-    return out
+    request = ({"method": "PUT", "url": f"DiagnosticReport?identifier={RESULT_ID}|{rep_id}"} if amended
+               else _conditional("DiagnosticReport", rep_id))
+    entries.append({"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": rep, "request": request})
+    return entries
 
 
 def validate(resource: dict) -> None:
@@ -458,28 +530,71 @@ class FhirDelivery:
         out: The Bundle's file (JSON).
         url: A FHIR server's base URL.
         timeout_s: The POST's deadline.
+        patient_id_system: The site's patient identifier system (a URI: its MRN system), for patients whose header
+            names no IssuerOfPatientID.
+        tries: POSTs before the results are left for a rerun, when the server is unreachable or answers 429/5xx.
+        backoff_s: The wait after the first failed try; it doubles after each.
+        study_rule: How a study's films make one answer (:func:`cxr.hospital.dicom.study.combine`): the DICOM films
+            of one study get one DiagnosticReport (``None``: one per film).
     """
 
     out: Path | None = None
     url: str | None = None
     timeout_s: float = 30.0
+    patient_id_system: str | None = None
+    tries: int = 4
+    backoff_s: float = 1.0
+    study_rule: StudyRule | None = None
 
     def __post_init__(self) -> None:
         if self.out is None and self.url is None:
             raise ValueError("FHIR delivery: give a file, a server's URL, or both")
         if self.timeout_s <= 0:
             raise ValueError("timeout_s must be > 0")
+        if not 1 <= self.tries <= 20:
+            raise ValueError("FHIR delivery: tries must be in 1..20")
+        if not 0 <= self.backoff_s <= 600:
+            raise ValueError("FHIR delivery: backoff_s must be in 0..600 seconds")
+        if self.patient_id_system is not None and not re.match(r"^(urn:[a-z0-9][a-z0-9-]*:\S+|https?://\S+)$",
+                                                               self.patient_id_system, re.I):
+            raise ValueError(f"--patient-id-system must be a URI (urn:oid:..., http(s)://...), got "
+                             f"{self.patient_id_system!r}")
 
     @classmethod
-    def of(cls, opts: PredictOptions) -> FhirDelivery | None:
+    def of(cls, opts: PredictOptions, *, patient_id_system: str | None = None,
+           study_rule: StudyRule | None = None) -> FhirDelivery | None:
         """What ``cxr predict``'s options ask for (``None``: no FHIR results)."""
         if opts.fhir_out is None and opts.fhir_url is None:
             return None
-        return cls(opts.fhir_out, opts.fhir_url, opts.timeout_s)
+        return cls(opts.fhir_out, opts.fhir_url, opts.timeout_s, patient_id_system, study_rule=study_rule)
 
-    def deliver(self, rows: list[dict], files: Mapping[str, Path], audit: AuditLog | None, actor: str) -> int:
+    def _post(self, b: dict) -> dict:
+        """POST with retries: an unreachable server or a 429/5xx answer is tried again after a growing wait (bounded
+        by :attr:`tries`), a refusal (4xx) is not.
+
+        Raises:
+            RetryableServerError: Every try failed for now.
+            FhirError: The server refused the results.
+        """
+        assert self.url is not None
+        wait = self.backoff_s
+        for attempt in range(1, self.tries + 1):
+            try:
+                return post_bundle(self.url, b, timeout_s=self.timeout_s)
+            except RetryableServerError as exc:
+                if attempt == self.tries:
+                    raise
+                print(f"FHIR: try {attempt} of {self.tries} failed ({exc}); trying again in {wait:.0f} s",
+                      file=sys.stderr)
+                time.sleep(wait)
+                wait *= 2
+        raise AssertionError("unreachable")
+
+    def deliver(self, rows: list[dict], files: Mapping[str, Path], audit: AuditLog | None, actor: str) -> Delivered:
         """Write and/or POST the FHIR results of the answered ``rows`` (``files``: each row's ``path`` -> its file,
-        whose DICOM header names the study), each delivery audited as ``actor``; 1 when the POST failed, else 0."""
+        whose DICOM header names the study), each delivery audited as ``actor``; how many results were not
+        delivered, and whether a rerun can deliver them (the server was unreachable or failing for now)."""
+        from cxr.client.batch import Delivered
         from cxr.client.results import from_row
         from cxr.core.durable import write_durably
 
@@ -490,25 +605,28 @@ class FhirDelivery:
                 path = files.get(r["path"])
                 results.append((pred, StudyRef.of_file(path) if path is not None else StudyRef()))
                 shas.append(sha)
-        b = bundle(results)
+        b = bundle(results, patient_id_system=self.patient_id_system, study_rule=self.study_rule)
         if self.out is not None:
             write_durably(self.out, (json.dumps(b, indent=1) + "\n").encode())
             print(f"FHIR: {len(results)} results written to {self.out}", file=sys.stderr)
-        failed = 0
-        if self.url is not None:
+        failed, retryable = False, False
+        if self.url is not None and results:
             try:
-                resp = post_bundle(self.url, b, timeout_s=self.timeout_s)
+                resp = self._post(b)
                 print(f"FHIR: {len(results)} results posted to {self.url} ({resp.get('type')})", file=sys.stderr)
+            except RetryableServerError as exc:
+                print(f"error: {exc}: {len(results)} results not delivered; rerun to deliver them", file=sys.stderr)
+                failed, retryable = True, True
             except CxrError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                failed = 1
+                print(f"error: {exc}: {len(results)} results refused", file=sys.stderr)
+                failed = True
         if audit is not None:
             dests = ([("fhir-file", False)] if self.out is not None else []) + (
-                [("fhir-server", bool(failed))] if self.url is not None else [])
+                [("fhir-server", failed)] if self.url is not None else [])
             for (pred, study), sha in zip(results, shas):
                 for dest, bad in dests:
                     audit.event("delivery_failed" if bad else "result_delivered", actor=actor,
                                 outcome="failure" if bad else "success", study_uid=study.study_uid,
                                 instance_uid=study.instance_uid or f"sha256:{sha}", model_sha256=pred.model_sha256,
-                                destination=dest)
-        return failed
+                                destination=dest, **({"retry": retryable} if bad else {}))
+        return Delivered(len(results) if failed else 0, retryable)

@@ -23,8 +23,18 @@ drops or duplicates a result:
 
 * ``incoming/<SOP Instance UID>.dcm``: written to a temporary file, fsynced and renamed (and the folder fsynced)
   *before* C-STORE answers success;
+* ``screened/<SOP Instance UID>.json``: the answer, recorded durably as soon as the model gave it, with its key
+  (SOP Instance UID, model sha256, operating point) and its time; a restart finishes the instance from it and never
+  screens it again. Each later step happens once per key however often a crash interrupts it: the CSV row (the
+  rows already in the file are read at start), the ``screened`` and ``result_delivered`` audit records (their keys
+  are read back from the trail at start), the results (named by their UIDs, which derive from the key, and dated
+  with the answer's time, so a result made again is the same bytes);
 * ``done/<SOP Instance UID>``: a marker once the instance's result is in the outbox and the CSV; a second copy of
   the same instance is acknowledged and skipped (deduplication by SOP Instance UID);
+* ``delivered/<destination>/<result>``: a marker once the destination confirmed a result (written before the
+  result leaves the outbox); a result already delivered is never queued or sent again. Only a crash between the
+  destination's confirmation and this marker sends a result twice, and then it is the same SOP Instance with the
+  same bytes: the PACS keeps one;
 * ``outbox/<UID>.dcm`` (C-STORE, ``--send-to``), ``outbox-stow/<UID>.dcm`` (STOW-RS, ``--stow-url``) and
   ``outbox-fhir/<UID>.json`` (a FHIR transaction Bundle, ``--fhir-url``): results waiting for their destination;
   each has a sender that retries with exponential backoff and removes a file only after the destination confirmed
@@ -33,6 +43,9 @@ drops or duplicates a result:
 * ``incoming/<UID>.urgent``: an urgent study's marker (Requested Procedure Priority STAT or HIGH, or a site rule
   such as the emergency department's Station Name): urgent instances are screened first, at Triton's urgent level.
 * ``studies/<Study UID>/``: with ``--study-quiet-s``, screened instances waiting for the rest of their study;
+* ``answered/<Study UID>/``: with ``--study-quiet-s``, what each study was answered with (a later film amends it);
+* markers in ``done/`` and ``delivered/`` and folders in ``answered/`` are removed after ``--retention-days``; every
+  file is readable by its owner only (0600, folders 0700);
 * ``dead-letter/`` (instances that cannot be answered) and ``dead-letter-<destination>/`` (results refused for
   good), each file beside its ``.why``.
 

@@ -62,7 +62,9 @@ class ListenConfig:
         config_key: Key for an inference server that restricts model-config.
         dicom_tls: DICOM TLS for incoming associations (:class:`cxr.core.security.TlsServer`; mutual with a client CA).
         send_tls: DICOM TLS for sending results (:class:`cxr.core.security.TlsClient`).
-        metrics_port: Serve Prometheus metrics on this loopback port (0 picks a free port).
+        metrics_port: Serve Prometheus metrics on this port (0 picks a free port).
+        metrics_host: The address the metrics are served on (loopback by default; a Prometheus on another host
+            needs this host's address, or ``0.0.0.0``).
         stow_url: A DICOMweb root: results are also (or only) stored there with STOW-RS.
         fhir_url: A FHIR server's base URL: each screened instance's results are POSTed there.
         fhir_out: An NDJSON file: one line per screened instance, its FHIR transaction Bundle (appended).
@@ -73,6 +75,11 @@ class ListenConfig:
         study_quiet_s: One result per study (:mod:`cxr.hospital.dicom.study`): a study is answered once nothing of
             it has arrived for this many seconds (``None``: one result per instance).
         web_auth: How ``stow_url`` and ``fhir_url`` authenticate (:class:`cxr.core.security.HttpAuth`).
+        retention_days: Done and delivered markers, and what answered studies were answered with, are kept this many
+            days (checked at start and every hour), then removed: an instance sent again after that is screened again,
+            a film of a study answered that long ago makes a new study result.
+        patient_id_system: The site's patient identifier system (a URI) for the FHIR results' subjects, where the
+            header names no IssuerOfPatientID that is a system.
         operating_point: Answer every film at this served operating point (``None``: by the patient's age in the
             header, else the model's default).
     """
@@ -97,6 +104,7 @@ class ListenConfig:
     dicom_tls: TlsServer | None = None
     send_tls: TlsClient | None = None
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     stow_url: str | None = None
     fhir_url: str | None = None
     fhir_out: Path | None = None
@@ -107,6 +115,8 @@ class ListenConfig:
     study_quiet_s: float | None = None
     web_auth: HttpAuth | None = field(default=None, repr=False)
     operating_point: str | None = None
+    patient_id_system: str | None = None
+    retention_days: float = 30.0
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.ae_title) <= 16:
@@ -121,6 +131,19 @@ class ListenConfig:
             raise ValueError("--study-quiet-s must be in 0..86400 seconds")
         from cxr.core.security import is_loopback
 
+        if not 0 < self.retention_days <= 3650:
+            raise ValueError("--retention-days must be in (0, 3650]")
+        if self.patient_id_system is not None:
+            if not (self.fhir_url or self.fhir_out):
+                raise ValueError("--patient-id-system names the patients of FHIR results: give --fhir-url or "
+                                 "--fhir-out too")
+            if not re.match(r"^(urn:[a-z0-9][a-z0-9-]*:\S+|https?://\S+)$", self.patient_id_system, re.I):
+                raise ValueError(f"--patient-id-system must be a URI (urn:oid:..., http(s)://...), got "
+                                 f"{self.patient_id_system!r}")
+        if not self.metrics_host.strip():
+            raise ValueError("--metrics-host must name an address")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ValueError("--metrics-port must be in 0..65535")
         if not is_loopback(self.host) and self.dicom_tls is None:
             logger.warning("listening on %s without DICOM TLS: keep this link on a trusted network", self.host)
 

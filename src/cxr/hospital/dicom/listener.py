@@ -77,7 +77,11 @@ class Listener:
             self.results.explain(Path(self.cfg.repository or DEFAULT_REPOSITORY) / self.cfg.model, info.sha256,
                                  info.labels[1])
         if self.cfg.metrics_port is not None:
-            self.telemetry.serve_metrics(info.ood_threshold, self.cfg.metrics_port)
+            try:
+                self.telemetry.serve_metrics(info.ood_threshold, self.cfg.metrics_port, self.cfg.metrics_host)
+            except OSError as exc:
+                raise CxrError(f"--metrics-host {self.cfg.metrics_host} --metrics-port {self.cfg.metrics_port}: "
+                               f"cannot serve the metrics there ({exc.strerror or exc})") from None
         ssl_context = server_ssl_context(self.cfg.dicom_tls) if self.cfg.dicom_tls is not None else None
         if self.cfg.study_quiet_s is not None:  # instances spooled before a restart count for their studies
             import pydicom

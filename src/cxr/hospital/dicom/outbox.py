@@ -151,8 +151,9 @@ class Outbox:
             pass
         self.telemetry.count("sent")
         self.telemetry.metric("delivered", destination=kind)
-        self.telemetry.event("result_delivered", study_uid=study, instance_uid=instance,
-                             destination=f"{kind}:{self._where(kind)}")
+        # once per result and destination: a re-delivery after a crash (before the delivered marker) is not recorded
+        self.telemetry.event_once("result_delivered", [kind, f.name], study_uid=study, instance_uid=instance,
+                                  destination=f"{kind}:{self._where(kind)}")
 
     def _deliver_one(self, kind: str, f: Path) -> None:
         """One result by STOW-RS or FHIR POST (raises :class:`cxr.core.errors.RetryableServerError` for a retry,

@@ -22,6 +22,7 @@ time, accession number); birth date and sex stay empty.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 
 import numpy as np
@@ -58,16 +59,36 @@ def check_result(result: Prediction) -> Prediction:
     return result
 
 
-def result_uids(source: Dataset, model_sha256: str) -> dict[str, str]:
-    """Deterministic UIDs of the SR (and the heatmap SC) made for ``source`` by the model with ``model_sha256``."""
+def result_uids(source: Dataset, model_sha256: str, operating_point: str = "") -> dict[str, str]:
+    """Deterministic UIDs of the SR (and the heatmap SC) made for ``source`` by the model with ``model_sha256`` at
+    ``operating_point``: a result's key (SOP Instance UID, model sha256, operating point) is its identity, so a
+    result made again after a crash is the same instance at the PACS."""
     sop = str(source.SOPInstanceUID)
     study = str(source.StudyInstanceUID)
+    point = [operating_point] if operating_point else []  # results of models without points keep their UIDs
     return {
         "sr_series": generate_uid(entropy_srcs=[study, model_sha256, "cxr-sr-series"]),
-        "sr_instance": generate_uid(entropy_srcs=[sop, model_sha256, "cxr-sr"]),
+        "sr_instance": generate_uid(entropy_srcs=[sop, model_sha256, *point, "cxr-sr"]),
         "sc_series": generate_uid(entropy_srcs=[study, model_sha256, "cxr-sc-series"]),
-        "sc_instance": generate_uid(entropy_srcs=[sop, model_sha256, "cxr-sc"]),
+        "sc_instance": generate_uid(entropy_srcs=[sop, model_sha256, *point, "cxr-sc"]),
     }
+
+
+def _dated(ds: Dataset, at: dt.datetime | None) -> Dataset:
+    """The object's content and creation date and time set to ``at`` (when its answer was made), so the same
+    answer makes the same bytes; unchanged when ``at`` is ``None``."""
+    if at is not None:
+        local = at.astimezone(dt.timezone.utc)
+        day, clock = local.strftime("%Y%m%d"), local.strftime("%H%M%S.%f")
+        ds.InstanceCreationDate = day
+        ds.InstanceCreationTime = clock
+        if "ContentDate" in ds or ds.SOPClassUID != "1.2.840.10008.5.1.4.1.1.7":
+            ds.ContentDate = day
+            ds.ContentTime = clock
+        for item in ds.get("ContributingEquipmentSequence", None) or []:
+            if "ContributionDateTime" in item:
+                item.ContributionDateTime = day + clock
+    return ds
 
 
 def placement_evidence(source: Dataset) -> Dataset:
@@ -167,12 +188,12 @@ def _group(algorithm, sources: list[Dataset], qualitative: list, measurements: l
     )
 
 
-def build_sr(source: Dataset, result: Prediction):
-    """A ``highdicom.sr.ComprehensiveSR`` for one screened instance."""
+def build_sr(source: Dataset, result: Prediction, *, at: dt.datetime | None = None):
+    """A ``highdicom.sr.ComprehensiveSR`` for one screened instance (dated ``at``, when given)."""
     import highdicom as hd
 
     check_result(result)
-    uids = result_uids(source, result.model_sha256)
+    uids = result_uids(source, result.model_sha256, result.operating_point or "")
     evidence = placement_evidence(source)
     algorithm, observer = _context(result)
     qualitative, measurements = _evaluations(result)
@@ -182,12 +203,12 @@ def build_sr(source: Dataset, result: Prediction):
         procedure_reported=_code(*CHEST_XRAY),
         imaging_measurements=[group],
     )
-    return hd.sr.ComprehensiveSR(
+    return _dated(hd.sr.ComprehensiveSR(
         evidence=[evidence], content=report, series_instance_uid=uids["sr_series"], series_number=SERIES_NUMBER,
         sop_instance_uid=uids["sr_instance"], instance_number=_instance_number(source), manufacturer=DEVICE_NAME,
         is_complete=True, is_final=False,
         series_description="AI pneumonia screening (screening aid, not for diagnosis)",
-    )
+    ), at)
 
 
 #: Tracking identifier of a study SR's study-answer group (the films' groups are "pneumonia screening: film N").
@@ -204,10 +225,14 @@ def study_sr_uid(study_uid: str, model_sha256: str, instances: list[str]) -> str
     return generate_uid(entropy_srcs=[study_uid, model_sha256, *sorted(instances), "cxr-study-sr"])
 
 
-def build_study_sr(sources: list[Dataset], results: list[Prediction], study):
+def build_study_sr(sources: list[Dataset], results: list[Prediction], study, *, at: dt.datetime | None = None,
+                   instance_number: int = 1, predecessor: dict | None = None):
     """One ``ComprehensiveSR`` for a study (:mod:`cxr.hospital.dicom.study`): a group with the study answer, then a group per
     frontal film with its own answer. ``sources`` and ``results`` pair up; ``study`` is the
-    :class:`cxr.hospital.dicom.study.StudyResult`."""
+    :class:`cxr.hospital.dicom.study.StudyResult`. An amended study answer (a film came after the study was
+    answered) takes the next ``instance_number`` and names the SR it replaces, ``predecessor`` (its
+    ``study_instance_uid``, ``series_instance_uid``, ``sop_class_uid``, ``sop_instance_uid``), in the Predecessor
+    Documents Sequence."""
     import highdicom as hd
 
     for r in results:
@@ -240,12 +265,21 @@ def build_study_sr(sources: list[Dataset], results: list[Prediction], study):
         procedure_reported=_code(*CHEST_XRAY),
         imaging_measurements=groups,
     )
-    return hd.sr.ComprehensiveSR(
+    previous = None
+    if predecessor is not None:
+        pre = Dataset()
+        pre.StudyInstanceUID = predecessor["study_instance_uid"]
+        pre.SeriesInstanceUID = predecessor["series_instance_uid"]
+        pre.SOPClassUID = predecessor["sop_class_uid"]
+        pre.SOPInstanceUID = predecessor["sop_instance_uid"]
+        previous = [pre]
+    return _dated(hd.sr.ComprehensiveSR(
         evidence=[placement_evidence(s) for s in sources], content=report,
         series_instance_uid=result_uids(sources[0], model.model_sha256)["sr_series"], series_number=SERIES_NUMBER,
-        sop_instance_uid=sr_uid, instance_number=1, manufacturer=DEVICE_NAME, is_complete=True, is_final=False,
+        sop_instance_uid=sr_uid, instance_number=instance_number, manufacturer=DEVICE_NAME, is_complete=True,
+        is_final=False, previous_versions=previous,
         series_description="AI pneumonia screening (screening aid, not for diagnosis)",
-    )
+    ), at)
 
 
 #: The SR's numeric measurements, by code.
@@ -307,7 +341,7 @@ def read_sr(ds: Dataset) -> dict:
 
 
 def build_heatmap_sc(source: Dataset, result: Prediction, overlay_rgb: np.ndarray, *,
-                     unverified: bool = False):
+                     unverified: bool = False, at: dt.datetime | None = None):
     """The Grad-CAM overlay as a Secondary Capture in the source's study, with "screening aid, not for diagnosis"
     burned in; ``unverified`` (the map failed the model-randomisation check, ``GradCam.passes_check``) burns in
     that warning too."""
@@ -319,7 +353,7 @@ def build_heatmap_sc(source: Dataset, result: Prediction, overlay_rgb: np.ndarra
     text = "SCREENING AID, NOT FOR DIAGNOSIS" + ("; MAP FAILED THE RANDOMISATION CHECK" if unverified else "")
     d.rectangle([0, 0, img.width, 22], fill=(0, 0, 0))
     d.text((6, 5), text, fill=(255, 255, 0))
-    uids = result_uids(source, result.model_sha256)
+    uids = result_uids(source, result.model_sha256, result.operating_point or "")
     ev = placement_evidence(source)
     # The overlay is drawn as the film is displayed; a frontal chest film is shown with the patient's left on the
     # viewer's right (columns towards the patient's left, rows towards the feet) unless the source says otherwise.
@@ -332,4 +366,4 @@ def build_heatmap_sc(source: Dataset, result: Prediction, overlay_rgb: np.ndarra
         series_description="AI pneumonia heatmap (screening aid, not for diagnosis)",
     )
     sc.BurnedInAnnotation = "YES"
-    return sc
+    return _dated(sc, at)

@@ -8,7 +8,11 @@ of that study has arrived for S seconds, then answers the study once:
 * **the study answer** (:func:`combine`): *Pneumonia* when any frontal film is Pneumonia; else *Normal* when any
   frontal film was judged; else *not assessable* (every frontal film refused, or no frontal film at all: a reader
   looks at it). Its probability is the highest of the judged frontal films';
-* the SR and the FHIR DiagnosticReport carry the study answer with each frontal film's own answer inside.
+* the SR and the FHIR DiagnosticReport carry the study answer with each frontal film's own answer inside;
+* **a film after the study was answered** (``answered/<Study UID>/`` in the spool keeps what it was answered
+  with) makes the study answered again over all its films, earlier and new, by the same rule: the new SR takes the
+  next Instance Number and names the earlier SR as its predecessor; the DiagnosticReport (one identifier per study
+  and model) is updated in place with status ``amended``.
 """
 
 from __future__ import annotations

@@ -36,15 +36,16 @@ class Telemetry:
 
             self.audit = AuditLog(audit_log, component="cxr listen")
             self._me = default_actor()
+        self._recorded = self._keys(audit_log)
         self.metrics: ScreeningMetrics | None = None
         self.metrics_port: int | None = None
 
-    def serve_metrics(self, ood_threshold: float | None, port: int) -> int:
-        """Serve the Prometheus metrics on this loopback port (0: a free one); the port."""
+    def serve_metrics(self, ood_threshold: float | None, port: int, host: str = "127.0.0.1") -> int:
+        """Serve the Prometheus metrics on ``host:port`` (port 0: a free one); the port."""
         from cxr.client.metrics import ScreeningMetrics
 
         self.metrics = ScreeningMetrics(ood_threshold)
-        self.metrics_port = self.metrics.serve(port)
+        self.metrics_port = self.metrics.serve(port, host)
         return self.metrics_port
 
     def count(self, stat: str, n: int = 1) -> None:
@@ -58,6 +59,38 @@ class Telemetry:
         """One audit event (by this process unless ``actor`` says who caused it)."""
         if self.audit is not None:
             self.audit.event(event, actor=actor or self._me, **kw)
+
+    #: Events recorded once per key (``detail.key``): a restart after a crash does not record them again.
+    ONCE = ("screened", "result_delivered")
+
+    @classmethod
+    def _keys(cls, audit_log: Path | None) -> set[tuple[str, ...]]:
+        """The keys of the :data:`ONCE` events already in the trail (a torn or foreign line is skipped)."""
+        import json
+
+        keys: set[tuple[str, ...]] = set()
+        if audit_log is None or not Path(audit_log).exists():
+            return keys
+        with open(audit_log, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                    key = rec["detail"]["key"] if rec.get("event") in cls.ONCE else None
+                except (ValueError, KeyError, TypeError):
+                    continue
+                if isinstance(key, list):
+                    keys.add((str(rec["event"]), *map(str, key)))
+        return keys
+
+    def event_once(self, event: str, key: list[str], **kw: Any) -> bool:
+        """:meth:`event`, unless an ``event`` with this ``key`` is in the trail already (recorded before a crash);
+        whether it was recorded now."""
+        k = (event, *map(str, key))
+        if self.audit is None or k in self._recorded:
+            return False
+        self.event(event, key=[str(x) for x in key], **kw)
+        self._recorded.add(k)
+        return True
 
     def observe(self, pred: Prediction, *, manufacturer: str, station: str) -> None:
         if self.metrics is not None:

@@ -72,6 +72,8 @@ class ScreeningWorker:
 
     #: Tries of an instance whose screening raises before it is set aside.
     MAX_SCREEN_FAILURES = 3
+    #: How often the spool's markers older than the retention period are removed.
+    PRUNE_EVERY_S = 3600.0
 
     def __init__(self, cfg: ListenConfig, spool: Spool, results: ResultBuilder, telemetry: Telemetry,
                  studies: StudyTracker, stop: threading.Event, on_results: Callable[[], None]) -> None:
@@ -95,7 +97,11 @@ class ScreeningWorker:
         backoff = 0.5
         quiet = self.cfg.study_quiet_s
         tick = 2.0 if quiet is None else min(2.0, max(0.1, quiet / 4))
+        pruned = float("-inf")
         while not self._stop.is_set():
+            if time.monotonic() - pruned >= self.PRUNE_EVERY_S:
+                pruned = time.monotonic()
+                self._prune()
             self._wake.wait(timeout=tick)
             self._wake.clear()
             while not self._stop.is_set():
@@ -113,6 +119,16 @@ class ScreeningWorker:
                     backoff = min(backoff * 2, 30.0)
                     break
                 backoff = 0.5
+
+    def _prune(self) -> None:
+        """Done and delivered markers (and answered studies) older than ``--retention-days`` away."""
+        try:
+            n = self.spool.prune(self.cfg.retention_days * 86400)
+        except OSError as exc:  # a spool that cannot be pruned now is pruned next time
+            logger.warning("pruning the spool failed: %s", exc)
+            return
+        if n:
+            logger.info("%d markers older than %g days removed from the spool", n, self.cfg.retention_days)
 
     def _screen_one_by_one(self, files: list[Path]) -> bool:
         """After a batch raised: each instance alone; one that raises :attr:`MAX_SCREEN_FAILURES` times is set
@@ -135,6 +151,8 @@ class ScreeningWorker:
     def _set_aside(self, uid: str, why: str, reason: str, study: str = "") -> None:
         """An instance that cannot be answered: out of the queue into ``dead-letter/`` with its reason, audited,
         counted."""
+        # the reason names the file where it is now (dead-letter/), not where it was read (incoming/)
+        reason = reason.replace(str(self.spool.incoming / f"{uid}.dcm"), str(self.spool.dead_letter / f"{uid}.dcm"))
         self.spool.set_aside(uid, reason)
         self._failures.pop(uid, None)
         self.studies.screened(uid)
@@ -142,15 +160,27 @@ class ScreeningWorker:
         self.telemetry.metric("set_aside", why=why)
         self.telemetry.event("screened", outcome="failure", study_uid=study, instance_uid=uid, status="set_aside",
                              why=why)
-        logger.error("instance %s set aside in %s: %s", uid, self.spool.dead_letter, reason)
+        logger.error("instance %s set aside: %s (the file is now %s, its reason beside it in %s.why)", uid, reason,
+                     self.spool.dead_letter / f"{uid}.dcm", uid)
 
     def _screen(self, files: list[Path]) -> bool:
         """Screen a batch (its urgent instances first, at the urgent level); ``True`` when at least one instance
-        reached a final state."""
+        reached a final state. An instance screened before a crash (its ``screened/`` record) is finished from
+        that record, never screened again."""
         assert self._client is not None
-        urgent = [f for f in files if self.spool.is_urgent(f)]
-        routine = [f for f in files if f not in set(urgent)]
         progressed = False
+        fresh = []
+        for f in files:
+            record = self.spool.screened_record(f.stem)
+            if record is None:
+                fresh.append(f)
+                continue
+            from cxr.hospital.dicom.study import from_json
+
+            progressed |= self._finish([f], [from_json(record["answer"])], str(record.get("priority", "routine")),
+                                       record)
+        urgent = [f for f in fresh if self.spool.is_urgent(f)]
+        routine = [f for f in fresh if f not in set(urgent)]
         for group, priority in ((urgent, "urgent"), (routine, "routine")):
             if group:
                 preds = self._client.predict([str(f) for f in group], priority=priority)
@@ -159,7 +189,7 @@ class ScreeningWorker:
             self._on_results()
         return progressed
 
-    def _finish(self, files: list[Path], preds: list[Prediction], priority: str) -> bool:
+    def _finish(self, files: list[Path], preds: list[Prediction], priority: str, record: dict | None = None) -> bool:
         progressed = False
         for f, pred in zip(files, preds):
             uid = f.stem
@@ -167,7 +197,7 @@ class ScreeningWorker:
                 logger.warning("instance %s: transient failure, kept for a retry", uid)
                 continue
             try:
-                self._finish_one(f, pred, priority)
+                self._finish_one(f, pred, priority, record)
             except Unanswerable as exc:
                 self._set_aside(uid, exc.why, str(exc), exc.study)
             except Exception as exc:  # noqa: BLE001 - one instance's failure must not hold the others
@@ -176,11 +206,21 @@ class ScreeningWorker:
             progressed = True
         return progressed
 
-    def _finish_one(self, f: Path, pred: Prediction, priority: str) -> None:
+    @staticmethod
+    def key(uid: str, pred: Prediction) -> list[str]:
+        """A result's key: (SOP Instance UID, model sha256, operating point)."""
+        return [uid, pred.model_sha256, pred.operating_point or ""]
+
+    def _finish_one(self, f: Path, pred: Prediction, priority: str, record: dict | None = None) -> None:
+        """Finish one screened instance, each step once per key however often a crash interrupts it: the answer
+        recorded (``screened/``), its CSV row, its ``screened`` audit record, its results in the outboxes, its done
+        marker. A step done before a crash is recognised on the rerun (the row and the audit record by their key,
+        an outbox result by its name, which derives from the key) and not done again."""
+        import datetime as dt
+
         import pydicom
 
         uid = f.stem
-        results = []
         source = None
         study = ""
         if pred.status is not contract.Status.ERROR:
@@ -189,26 +229,38 @@ class ScreeningWorker:
             if not is_uid(study):
                 raise Unanswerable("no_study_uid", "no valid Study Instance UID: a result cannot be filed in its "
                                    "study")
-        if source is not None and self.cfg.study_quiet_s is None:
-            results = self.results.for_instance(f, pred, source)
+        if record is None:
+            from cxr.hospital.dicom.study import to_json
+
+            record = {"key": self.key(uid, pred), "study_uid": study, "priority": priority,
+                      "screened_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"),
+                      "answer": to_json(pred)}
+            self.spool.record_screened(uid, record)
+        at = dt.datetime.fromisoformat(str(record["screened_at"]))
+        key = [str(k) for k in record["key"]]
+        results: list[tuple[str, str, bytes]] = []
+        if source is not None and self.cfg.study_quiet_s is None:  # made first: one that cannot be made has no row
+            results = self.results.for_instance(f, pred, source, at=at)
         self.results.row(f, pred)
         self.telemetry.observe(pred, manufacturer=str(getattr(source, "Manufacturer", "") or "")[:64],
                                station=str(getattr(source, "StationName", "") or "")[:64])
         if pred.status is contract.Status.ERROR:  # unreadable: an error row, and the file set aside, visibly
             raise Unanswerable("unreadable", f"unreadable: {pred.reason}")
+        self.telemetry.event_once("screened", key, outcome="success", study_uid=study, instance_uid=uid,
+                                  model_sha256=pred.model_sha256, status=pred.status.value, rule=pred.rule,
+                                  probability=pred.probability, priority=priority,
+                                  operating_point=pred.operating_point or None)
         if self.cfg.study_quiet_s is not None:  # answered with its study, once the study is quiet
             import json
 
             from cxr.hospital.dicom.study import to_json
 
-            self.spool.hold(study, uid, json.dumps(to_json(pred)).encode(), urgent=priority == "urgent")
+            self.spool.hold(study, uid, json.dumps({**to_json(pred), "screened_at": record["screened_at"]}).encode(),
+                            urgent=priority == "urgent")
             self.studies.screened(uid)
         else:
             self.spool.finish(uid, results, urgent=priority == "urgent")
         self._failures.pop(uid, None)
-        self.telemetry.event("screened", outcome="success", study_uid=study, instance_uid=uid,
-                             model_sha256=pred.model_sha256, status=pred.status.value, rule=pred.rule,
-                             probability=pred.probability, priority=priority)
         self.telemetry.count("screened")
         logger.info("instance %s: %s%s", uid, pred.status.value, f" ({pred.label})" if pred.label else "")
 
@@ -246,25 +298,52 @@ class ScreeningWorker:
         self._on_results()
 
     def _close_study(self, folder: Path) -> None:
+        """Answer a quiet study. A study answered before (``answered/``) is answered again over all its films,
+        the earlier ones and the new: the new SR names the earlier one as its predecessor and takes the next
+        Instance Number, the FHIR DiagnosticReport is updated in place (``amended``)."""
+        import datetime as dt
         import json
 
         import pydicom
 
+        from cxr.hospital.dicom.results import encode
         from cxr.hospital.dicom.study import combine, from_json
 
+        new = {a.stem for a in folder.glob("*.json")}
+        earlier, report = self.spool.study_answered(folder.name)
+        if report is not None and new <= set(report["films"]):  # answered with them before a crash: clean up only
+            self.spool.finish_study(folder, sorted(new), [])
+            return
         films: list[Film] = []
-        for a in sorted(folder.glob("*.json")):
-            film = folder / f"{a.stem}.dcm"
-            films.append((a.stem, from_json(json.loads(a.read_text())), pydicom.dcmread(film, stop_before_pixels=True),
-                          film))
+        times = []
+        keep: dict[str, tuple[bytes, bytes]] = {}
+        answers = [(uid, answer, hdr) for uid, answer, hdr in earlier if uid not in new]
+        answers += [(a.stem, json.loads(a.read_text()), folder / f"{a.stem}.dcm") for a in sorted(folder.glob("*.json"))]
+        for uid, answer, film in answers:
+            if answer.get("screened_at"):
+                times.append(dt.datetime.fromisoformat(str(answer["screened_at"])))
+            header = pydicom.dcmread(film, stop_before_pixels=True)
+            films.append((uid, from_json({k: v for k, v in answer.items() if k != "screened_at"}), header, film))
+            if uid in new:  # kept without its pixels, in an uncompressed syntax, for an amendment
+                copy = pydicom.dcmread(film, stop_before_pixels=True)
+                copy.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+                keep[uid] = (json.dumps(answer).encode(), encode(copy))
         # films in the order they were taken (Instance Number), then by UID
         films.sort(key=lambda it: (int(it[2].get("InstanceNumber", 0) or 0), it[0]))
         study = combine([(uid, pred) for uid, pred, _, _ in films])
-        results = self.results.for_study(films, study)
-        self.spool.finish_study(folder, [uid for uid, *_ in films], results)
+        version = int(report["version"]) + 1 if report is not None else 1
+        results, sr = self.results.for_study(films, study, at=max(times, default=None), version=version,
+                                             predecessor=report["sr"] if report is not None else None, new=new)
         model = films[0][1]
-        self.telemetry.event("screened", study_uid=folder.name, model_sha256=model.model_sha256, level="study",
-                             status=study.status.value, label=study.label, probability=study.probability,
-                             instances=len(films), frontal=len(study.frontal), why=study.why or None)
-        logger.info("study %s: %s%s from %d film(s), %d frontal", folder.name, study.status.value,
-                    f" ({study.label})" if study.label else "", len(films), len(study.frontal))
+        # once per key: the study, the model and the films answered (which make the study SR's UID)
+        self.telemetry.event_once("screened", ["study", folder.name, model.model_sha256,
+                                               *sorted(uid for uid, *_ in films)],
+                                  study_uid=folder.name, model_sha256=model.model_sha256, level="study",
+                                  status=study.status.value, label=study.label, probability=study.probability,
+                                  instances=len(films), frontal=len(study.frontal), why=study.why or None,
+                                  version=version, amends=report["sr"]["sop_instance_uid"] if report else None)
+        self.spool.finish_study(folder, sorted(new), results, keep=keep, report={
+            "version": version, "films": sorted(uid for uid, *_ in films), "sr": sr})
+        logger.info("study %s: %s%s from %d film(s), %d frontal%s", folder.name, study.status.value,
+                    f" ({study.label})" if study.label else "", len(films), len(study.frontal),
+                    f"; amends its result (version {version})" if version > 1 else "")
