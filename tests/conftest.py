@@ -16,6 +16,8 @@ REAL_TRAIN = SHARED / "chest_xray"
 REAL_SITE = SHARED / "chest_xray_site"
 REAL_FULLRES = SHARED / "chest_xray_fullres"
 SHIPPED_REPOSITORY = REPO / "model_repository"
+#: Every shipped model folder: the CPU model and the accurate one, each with its INT8 twin.
+SHIPPED_MODELS = ("pneumonia", "pneumonia_accurate", "pneumonia_accurate_int8", "pneumonia_int8")
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # cxr's state folder (spools, reports of commands run without --out, the decoded-image cache) for every test and

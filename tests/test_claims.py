@@ -167,9 +167,9 @@ def test_the_readme_table_is_the_shipped_claims():
 def test_the_card_shows_the_claims_of_its_own_file():
     from cxr.core.claims import Claims
     from cxr.export.claims_render import claims_markdown
-    from tests.conftest import SHIPPED_REPOSITORY
+    from tests.conftest import SHIPPED_MODELS, SHIPPED_REPOSITORY
 
-    for model in ("pneumonia", "pneumonia_int8"):
+    for model in SHIPPED_MODELS:
         md = (SHIPPED_REPOSITORY / model / "MODEL_CARD.md").read_text()
         table = claims_markdown(Claims.load(SHIPPED_REPOSITORY / model / "claims.json"), own_population_only=False)
         assert table.rstrip() in md

@@ -12,12 +12,12 @@ import pytest
 from cxr.core.errors import CxrError, ModelIntegrityError
 from cxr.core.model_dir import CARD_FILE, ModelCard, ModelDir, ServedParams, model_dirs
 from cxr.export import repository
-from tests.conftest import REPO, SHIPPED_REPOSITORY
+from tests.conftest import REPO, SHIPPED_MODELS, SHIPPED_REPOSITORY
 
 
 def test_the_shipped_folders_read_typed() -> None:
     names = [d.name for d in model_dirs(SHIPPED_REPOSITORY)]
-    assert names == ["pneumonia", "pneumonia_int8"]
+    assert names == list(SHIPPED_MODELS)
     for folder in model_dirs(SHIPPED_REPOSITORY):
         raw = json.loads((folder.path / "model_card.json").read_text())
         card = folder.card()

@@ -15,7 +15,7 @@ from cxr.client import PneumoniaClient, Prediction
 from cxr.core import contract, eligibility, imaging
 from cxr.core.errors import CxrError, InvalidInputError, NotAssessableError
 from cxr.train import ood_corpus
-from tests.conftest import SHIPPED_REPOSITORY, synthetic_xray
+from tests.conftest import SHIPPED_MODELS, SHIPPED_REPOSITORY, synthetic_xray
 from tests.test_dicom import _ramp, make_dicom
 
 
@@ -172,7 +172,7 @@ def test_real_cr_chest_dicom_from_pydicom_data_passes_headers() -> None:
 
 
 def test_eligibility_file_ships_with_the_model_and_is_served_in_the_config() -> None:
-    for model in ("pneumonia", "pneumonia_int8"):
+    for model in SHIPPED_MODELS:
         shipped = json.loads((SHIPPED_REPOSITORY / model / "eligibility.json").read_text())
         assert shipped == json.loads(eligibility.default_text())
 

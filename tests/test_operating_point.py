@@ -16,7 +16,7 @@ from cxr.core.integrity import sha256_file
 from cxr.core.ort_session import make_session
 from cxr.export import ood_head
 from cxr.train.evaluate import choose_threshold, operating_point, sensitivity_lower_bound
-from tests.conftest import SHIPPED_REPOSITORY
+from tests.conftest import SHIPPED_MODELS, SHIPPED_REPOSITORY
 
 ONNX = SHIPPED_REPOSITORY / "pneumonia" / "1" / "model.onnx"
 
@@ -63,17 +63,19 @@ def test_operating_point_reports_bounds() -> None:
 def test_the_shipped_points_are_chosen_on_their_populations_select_patients_and_served() -> None:
     from cxr.core.model_dir import ModelDir
 
-    for model in ("pneumonia", "pneumonia_int8"):
+    for model in SHIPPED_MODELS:
         folder = ModelDir(SHIPPED_REPOSITORY / model)
         card = folder.card()
         points = card.operating_points
         assert set(points) == {"pediatric", "adult"}
         assert points["pediatric"]["chosen_on"]["sources"] == ["kaggle_site"]
-        assert points["adult"]["chosen_on"]["sources"] == ["nih"]
+        assert points["adult"]["chosen_on"]["sources"] == ["siim", "nih"] and points["adult"]["chosen_on"]["each_source"]
         for pt in points.values():
             assert pt["chosen_on"]["side"] == "select"
             f = pt["select_figures_in_sample"]
             assert f["sensitivity"] >= pt["target"] and f["tp"] / f["n_pos"] == pytest.approx(f["sensitivity"])
+        for source, f in points["adult"]["select_figures_in_sample_by_source"].items():  # the target on each source
+            assert f["sensitivity"] >= points["adult"]["target"], (model, source)
         served = folder.served_params()
         assert dict(served.operating_points) == {k: v["threshold"] for k, v in points.items()}
         assert served.threshold_for(None) == (card.default_operating_point, card.threshold)
@@ -138,7 +140,7 @@ def test_fit_refuses_too_few_images() -> None:
 
 
 def test_card_sha_and_ood_threshold_match_the_file() -> None:
-    for model in ("pneumonia", "pneumonia_int8"):
+    for model in SHIPPED_MODELS:
         card = json.loads((SHIPPED_REPOSITORY / model / "model_card.json").read_text())
         assert card["sha256"] == sha256_file(SHIPPED_REPOSITORY / model / card["file"])
         ood = card["ood"]

@@ -11,9 +11,9 @@ import pytest
 
 from cxr.core.model_dir import read_provenance
 from cxr.train import data as data_mod
-from tests.conftest import REPO, SHARED, SHIPPED_REPOSITORY
+from tests.conftest import REPO, SHARED, SHIPPED_MODELS, SHIPPED_REPOSITORY
 
-MODELS = ("pneumonia", "pneumonia_int8")
+MODELS = SHIPPED_MODELS
 
 
 def _where(path: str | Path) -> Path:  # the file itself, however the data folder is reached (copy or link)
