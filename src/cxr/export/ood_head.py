@@ -43,8 +43,9 @@ logger = logging.getLogger(__name__)
 TAPS = {
     "compact_cnn": ("gap", "s2b_relu"),
     "inception_v3": ("gap", "mixed7"),
-    # the expansion of block 12 (stage 6: 7x7, 1152 channels), the same resolution as the GAP's input, not twice it
-    "efficientnet_lite0": ("gap", "b12_expand_relu"),
+    # the GAP alone: with a second tap (block 12's expansion, 1,152 channels) the precision matrix in the graph
+    # and the adapt kit's covariance were 23 MB each, too large for a model folder kept in git
+    "efficientnet_lite0": ("gap",),
 }
 #: Fraction of all held-out real chest X-rays, pooled, that must pass.
 PASS_RATE = 0.995
