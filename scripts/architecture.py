@@ -23,18 +23,20 @@ END = "<!-- /architecture -->"
 ROLES = {
     "cli": "the one CLI (`cxr ...`): a module per group (build, measure, serve, screen, site) of thin commands",
     "ui": "screening page (Gradio), Grad-CAM on Pneumonia answers",
-    "hospital": "the hospital's doors (DICOM listener, DICOMweb, FHIR); site audit, `cxr adapt`, drift monitor",
+    "site": "site tools: `cxr site-audit`, `cxr adapt` (on export's adapt kit), `cxr monitor` (drift)",
     "loadtest": "Locust, `cxr bench`, `cxr capacity`, soak",
     "export": "ONNX, INT8, TensorRT, Triton configs, OOD head, adapt kit",
     "train": "Keras training on several sources, evaluation, calibration",
+    "doors": "the network doors: DICOM listener (`cxr listen`), DICOMweb, FHIR",
     "client": "PneumoniaClient (grpc | http | embedded), `cxr predict`, results codec, Prometheus metrics",
     "serving": "embedded CPU Triton, its Python backend, the TLS proxy",
     "core": "contract < pixels < eligibility < dicom < imaging; model folder, durable writes, security",
 }
 #: Where each layer lives in the checkout.
-FOLDERS = {"cli": "src/cxr/cli/", "ui": "src/cxr/ui.py", "hospital": "src/cxr/hospital/",
+FOLDERS = {"cli": "src/cxr/cli/", "ui": "src/cxr/ui.py", "site": "src/cxr/site/",
            "loadtest": "src/cxr/loadtest/", "export": "src/cxr/export/", "train": "src/cxr/train/",
-           "client": "src/cxr/client/", "serving": "src/cxr/serving/", "core": "src/cxr/core/"}
+           "doors": "src/cxr/doors/", "client": "src/cxr/client/", "serving": "src/cxr/serving/",
+           "core": "src/cxr/core/"}
 
 
 def layers() -> list[list[str]]:

@@ -40,7 +40,7 @@ GROUPS = {
     "audit chain": ("src/cxr/core/audit_trail.py",),
     "refusal rules": ("src/cxr/core/eligibility.py", "src/cxr/core/pixels.py"),
     "threshold choice": ("src/cxr/train/evaluate.py",),
-    "go/no-go": ("src/cxr/hospital/site_audit.py",),
+    "go/no-go": ("src/cxr/site/site_audit.py",),
     "CSV codec": ("src/cxr/client/results.py",),
     "contract": ("src/cxr/core/contract.py",),
     "durable writes": ("src/cxr/core/durable.py",),
@@ -50,7 +50,7 @@ TARGETS = tuple(t for ts in GROUPS.values() for t in ts)
 #: data, the model or the rendering of reports).
 FUNCTIONS = {
     "src/cxr/train/evaluate.py": ("sensitivity_lower_bound", "choose_threshold", "operating_point"),
-    "src/cxr/hospital/site_audit.py": ("Targets", "Screened", "clopper_pearson", "lower_bound", "upper_bound", "Needs",
+    "src/cxr/site/site_audit.py": ("Targets", "Screened", "clopper_pearson", "lower_bound", "upper_bound", "Needs",
                                "_smallest_n", "films_needed", "check_sample", "_rate", "audit"),
 }
 #: The fast tests that guard them (mutmut runs, for each mutant, those of them that reach its function).

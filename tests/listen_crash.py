@@ -22,7 +22,7 @@ def _die(*_a: object, **_k: object) -> None:
 
 def arm(step: str) -> None:
     """Patch the listener's parts so that it dies at ``step``."""
-    from cxr.hospital.dicom import outbox, results, spool, telemetry
+    from cxr.doors.dicom import outbox, results, spool, telemetry
 
     def after(cls: type, name: str, when=lambda *a, **k: True) -> None:  # type: ignore[no-untyped-def]
         original = getattr(cls, name)

@@ -78,8 +78,8 @@ def test_the_metrics_address_is_an_option(monkeypatch: pytest.MonkeyPatch, tmp_p
 
     from cxr.cli import main
     from cxr.client.metrics import ScreeningMetrics
-    from cxr.hospital.dicom.config import ListenConfig
-    from cxr.hospital.dicom.telemetry import Telemetry
+    from cxr.doors.dicom.config import ListenConfig
+    from cxr.doors.dicom.telemetry import Telemetry
 
     t = Telemetry()
     port = t.serve_metrics(None, 0, "127.0.0.1")

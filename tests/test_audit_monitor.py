@@ -13,8 +13,8 @@ import pytest
 from cxr.core import contract
 from cxr.core.errors import CxrError, DataError
 from cxr.core.model_dir import ModelCard
-from cxr.hospital import monitor
-from cxr.hospital import site_audit as audit
+from cxr.site import monitor
+from cxr.site import site_audit as audit
 from tests.conftest import REPO, SHIPPED_REPOSITORY
 
 EXAMPLES = REPO / "examples"
@@ -380,7 +380,7 @@ def test_monitor_image_statistics_alarm_on_a_new_scanners_gamma(tmp_path: Path) 
 def test_monitor_without_a_baseline_never_judges_ood_or_flagged_against_the_pooled_reference(tmp_path: Path) -> None:
     """Issue 33: without --baseline, withheld adult NIH films alarmed on ood_score against the select side (79%
     children) in 96.5% of 30-film batches. The model's pooled reference is now shown, never judged."""
-    from cxr.hospital.monitor import MonitorOptions
+    from cxr.site.monitor import MonitorOptions
 
     repo = _monitor_repository(tmp_path / "repo")
     rows = _workload(np.random.default_rng(31), 300, 0.3)
@@ -399,7 +399,7 @@ def test_monitor_without_a_baseline_never_judges_ood_or_flagged_against_the_pool
 def test_monitor_keeps_its_state_follows_a_growing_csv_and_exports_prometheus(tmp_path: Path) -> None:
     import threading
 
-    from cxr.hospital.monitor import MonitorOptions
+    from cxr.site.monitor import MonitorOptions
 
     repo = _monitor_repository(tmp_path / "repo")
     base = _write_csv(tmp_path / "w1.csv", _workload(np.random.default_rng(41), 400, 0.3), "bb" * 32)

@@ -187,7 +187,7 @@ def test_serve_records_its_models_and_a_change_through_the_repository_api(tmp_pa
 
 def test_every_event_exports_with_its_own_dicom_code(tmp_path: Path) -> None:
     from cxr.core.audit_trail import EVENTS, AuditLog, read
-    from cxr.hospital.fhir import AUDIT_TYPES, audit_events
+    from cxr.doors.fhir import AUDIT_TYPES, audit_events
 
     assert set(AUDIT_TYPES) == set(EVENTS)  # a new event cannot break the export
     path = tmp_path / "a.jsonl"

@@ -15,10 +15,10 @@ import pydicom
 import pytest
 
 from cxr.core.audit_trail import read, verify
-from cxr.hospital import fhir
-from cxr.hospital.dicom.intake import UrgentRule, study_priority
-from cxr.hospital.dicom.spool import Spool
-from cxr.hospital.dicom.sr import read_sr
+from cxr.doors import fhir
+from cxr.doors.dicom.intake import UrgentRule, study_priority
+from cxr.doors.dicom.spool import Spool
+from cxr.doors.dicom.sr import read_sr
 from cxr.serving.server import free_ports
 from tests.test_pacs import Orthanc, chest_dx, start_listener, wait_for
 
@@ -300,7 +300,7 @@ def test_an_instance_set_aside_leaves_the_queue_with_its_reason(tmp_path: Path) 
 
 
 def test_the_screen_filter_drops_by_sop_class_modality_and_body_part() -> None:
-    from cxr.hospital.dicom.intake import ScreenFilter
+    from cxr.doors.dicom.intake import ScreenFilter
 
     dx, mr = "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.4"
     ds = pydicom.Dataset()
@@ -326,7 +326,7 @@ def test_a_5xx_is_retried_with_backoff_and_a_4xx_is_not(tmp_path: Path) -> None:
     import threading
 
     from cxr.core.errors import RetryableServerError
-    from cxr.hospital.dicomweb import DicomWeb, DicomWebError
+    from cxr.doors.dicomweb import DicomWeb, DicomWebError
 
     hits: list[str] = []
 

@@ -128,7 +128,7 @@ def test_3_a_check_said_no(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caps
     path.write_text("\n".join(lines[1:]) + "\n")  # the first record deleted
     assert main(["audit-log", "verify", str(path)]) == ExitCode.CHECK_FAILED == 3
     assert main(["audit-log", "export", str(path), "--fhir-out", str(tmp_path / "ae.json")]) == 3
-    from cxr.hospital.site_audit import NO_GO
+    from cxr.site.site_audit import NO_GO
     assert NO_GO == 3
     for exc in (errors.ModelIntegrityError("sha256 differs"), errors.ExportValidationError(["parity"]),
                 AuditChainError("broken")):

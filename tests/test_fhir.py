@@ -19,7 +19,7 @@ import pytest
 from cxr.client.client import Prediction
 from cxr.core import contract
 from cxr.core.errors import RetryableServerError
-from cxr.hospital import fhir
+from cxr.doors import fhir
 from tests.conftest import READY_DEADLINE_S, REPO, read_line
 
 SHA = "ab" * 32
@@ -209,7 +209,7 @@ def test_an_amended_study_report_is_updated_in_place(fhir_server: str) -> None:
     """A film that comes after its study was answered: the study's DiagnosticReport is updated in place (a
     conditional update on its identifier), status `amended`, its results all the films' Observations; still one
     report for the study; sending the amendment again changes nothing."""
-    from cxr.hospital.dicom.study import combine
+    from cxr.doors.dicom.study import combine
 
     refs = [fhir.StudyRef("1.2.3", f"1.2.3.{i}", "PAT001", "", "ACC42") for i in (1, 2)]
     first = [(_ok(0.01), refs[0])]
@@ -321,7 +321,7 @@ def test_a_fhir_server_answering_500_exits_75_and_the_rerun_delivers_everything(
 def test_predict_groups_a_studys_films_into_one_report() -> None:
     """With the listener's study rule, the DICOM films of one study make one DiagnosticReport (the study answer,
     an Observation per frontal film), the same identifier the listener gives it; other inputs one report each."""
-    from cxr.hospital.dicom.study import combine
+    from cxr.doors.dicom.study import combine
 
     films = [(_ok(p), fhir.StudyRef("1.2.3", f"1.2.3.{i}", "PAT001", "", "ACC42")) for i, p in enumerate((0.01, 0.9, 0.02))]
     other = (_ok(0.5), fhir.StudyRef())

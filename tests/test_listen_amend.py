@@ -13,8 +13,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from cxr.hospital import fhir
-from cxr.hospital.dicom.sr import read_study_sr
+from cxr.doors import fhir
+from cxr.doors.dicom.sr import read_study_sr
 from tests.test_pacs import Orthanc, chest_dx, pacs, spool_idle, start_listener, wait_for
 
 pytestmark = pytest.mark.slow

@@ -13,11 +13,11 @@ import pytest
 
 from cxr.core.dicom import read_dicom
 from cxr.core.errors import InvalidInputError
-from cxr.hospital.dicom.config import ListenConfig
-from cxr.hospital.dicom.results import ResultBuilder
-from cxr.hospital.dicom.spool import Spool
-from cxr.hospital.dicom.telemetry import Telemetry
-from cxr.hospital.dicom.worker import ScreeningWorker, StudyTracker
+from cxr.doors.dicom.config import ListenConfig
+from cxr.doors.dicom.results import ResultBuilder
+from cxr.doors.dicom.spool import Spool
+from cxr.doors.dicom.telemetry import Telemetry
+from cxr.doors.dicom.worker import ScreeningWorker, StudyTracker
 from tests.test_pacs import chest_dx
 
 

@@ -28,7 +28,7 @@ from cxr.core.audit_trail import (
 from cxr.core.durable import AppendOnlyCsv, AppendOnlyLines, write_durably
 from cxr.core.eligibility import Condition, Eligibility, default_text
 from cxr.core.errors import CalibrationError, CxrError, DataError, InvalidInputError, NotAssessableError
-from cxr.hospital import site_audit as audit_mod
+from cxr.site import site_audit as audit_mod
 from cxr.train import metrics
 from cxr.train.claims import patient_bootstrap
 from cxr.train.evaluate import choose_threshold, operating_point, sensitivity_lower_bound
@@ -528,7 +528,7 @@ def test_resize_to_the_model_input() -> None:
     assert out.shape == contract.IMAGE_SHAPE and out.dtype == np.uint8
 
 
-# --- the go/no-go (cxr.hospital.site_audit) -----------------------------------------------------------------------------
+# --- the go/no-go (cxr.site.site_audit) -----------------------------------------------------------------------------
 
 
 def _films() -> list[audit_mod.Screened]:

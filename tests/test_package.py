@@ -65,7 +65,7 @@ def test_the_version_is_written_once_and_printed() -> None:
 #: Files that still hash files their own way, with why (their owners are changing them now).
 OWN_FILE_HASH = {
     "src/cxr/client/batch.py": "the predict journal's key (returns '' on OSError); its move out of client/ is under way",
-    "src/cxr/hospital/site_audit.py": "hospital/ is being split into the doors and the site tools",
+    "src/cxr/site/site_audit.py": "the site audit's own hash (the site tools now live in cxr/site/)",
 }
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from cxr.hospital.dicom.sr import read_sr
+from cxr.doors.dicom.sr import read_sr
 from cxr.serving.server import free_ports
 from tests.conftest import SHIPPED_REPOSITORY
 from tests.test_dicom import make_dicom
@@ -581,7 +581,7 @@ def test_one_result_per_study_pa_lateral_and_mr(pacs, tmp_path) -> None:  # type
     import io
 
     from cxr.core.audit_trail import read
-    from cxr.hospital.dicom.sr import read_study_sr
+    from cxr.doors.dicom.sr import read_study_sr
 
     orthanc, port = pacs
     audit, ndjson = tmp_path / "audit.jsonl", tmp_path / "fhir.ndjson"

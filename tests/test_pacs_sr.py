@@ -10,7 +10,7 @@ import pytest
 
 from cxr.client.client import Prediction
 from cxr.core import contract
-from cxr.hospital.dicom.sr import build_heatmap_sc, build_sr, check_result, read_sr, result_uids
+from cxr.doors.dicom.sr import build_heatmap_sc, build_sr, check_result, read_sr, result_uids
 from tests.test_dicom import _ramp, make_dicom
 
 SHA = "ab" * 32
@@ -123,7 +123,7 @@ def _lateral() -> Prediction:
 
 
 def test_one_study_answer_by_the_stated_rule() -> None:
-    from cxr.hospital.dicom.study import combine
+    from cxr.doors.dicom.study import combine
 
     pa, ap = _ok("Normal", 0.2), _ok("Pneumonia", 0.7)
     assert combine([("1", pa), ("2", _lateral())]).label == "Normal"
@@ -138,8 +138,8 @@ def test_one_study_answer_by_the_stated_rule() -> None:
 
 
 def test_a_study_sr_carries_the_study_answer_and_each_frontal_films() -> None:
-    from cxr.hospital.dicom.sr import build_study_sr, read_study_sr
-    from cxr.hospital.dicom.study import combine
+    from cxr.doors.dicom.sr import build_study_sr, read_study_sr
+    from cxr.doors.dicom.study import combine
 
     films = [_film(1, "PA"), _film(2, "LL"), _film(3, "AP")]
     results = [_ok("Normal", 0.2), _lateral(), _ok("Pneumonia", 0.83)]

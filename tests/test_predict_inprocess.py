@@ -77,7 +77,7 @@ def test_json_output_is_numbers_from_the_predictions(films: Path, tmp_path: Path
 
 
 def test_fhir_bundle_and_audit_of_an_in_process_run(films: Path, tmp_path: Path) -> None:
-    from cxr.hospital.fhir import FhirDelivery
+    from cxr.doors.fhir import FhirDelivery
 
     b = tmp_path / "b.json"
     opts = PredictOptions(inputs=(films / "chest_dx.dcm", films / "camera.png"), protocol="embedded", fhir_out=b,
@@ -120,8 +120,8 @@ def test_inputs_from_a_source_are_screened_under_their_names_and_the_unread_ones
 
 def test_a_door_the_options_ask_for_must_be_given() -> None:
     """PredictOptions.dicomweb / fhir_* without the hospital's source / delivery (or the reverse) is refused."""
-    from cxr.hospital.dicomweb import DicomWebSource
-    from cxr.hospital.fhir import FhirDelivery
+    from cxr.doors.dicomweb import DicomWebSource
+    from cxr.doors.fhir import FhirDelivery
 
     web = PredictOptions(inputs=(), dicomweb="http://127.0.0.1:1/dicom-web", protocol="embedded")
     with pytest.raises(ValueError, match="source"):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cxr.core import contract, stats
-from cxr.hospital import site_audit as audit_mod
+from cxr.site import site_audit as audit_mod
 
 OK = contract.Status.OK
 
@@ -153,7 +153,7 @@ def _samples(n_patients: int, films_each: int = 1, folder: str = "site") -> list
 
 
 def test_the_audit_part_is_fixed_by_the_patient_ids_not_the_seed() -> None:
-    from cxr.hospital.adapt import split_sample
+    from cxr.site.adapt import split_sample
 
     samples = _samples(300, films_each=2)
     a = split_sample(samples, set(), calibrate_fraction=0.3, audit_fraction=0.3, seed=0)
@@ -173,7 +173,7 @@ def test_the_audit_part_is_fixed_by_the_patient_ids_not_the_seed() -> None:
 
 def test_the_service_point_is_the_populations_then_the_default() -> None:
     from cxr.core.model_dir import ModelDir
-    from cxr.hospital.adapt import service_point
+    from cxr.site.adapt import service_point
     from tests.conftest import SHIPPED_REPOSITORY
 
     card = ModelDir(SHIPPED_REPOSITORY / "pneumonia").card()
@@ -207,7 +207,7 @@ def test_publishing_replaces_a_model_folder_in_one_step_or_recoverably(tmp_path:
     old folder restored after a crash between the renames. A crash at every step leaves a servable folder."""
     import shutil
 
-    from cxr.hospital import adapt as adapt_mod
+    from cxr.site import adapt as adapt_mod
 
     if not exchange:
         monkeypatch.setattr(adapt_mod, "_exchange", lambda a, b: False)
@@ -257,7 +257,7 @@ def test_publishing_replaces_a_model_folder_in_one_step_or_recoverably(tmp_path:
 
 
 def _try_exchange(tmp_path: Path) -> bool:
-    from cxr.hospital import adapt as adapt_mod
+    from cxr.site import adapt as adapt_mod
 
     (tmp_path / "x1").mkdir()
     (tmp_path / "x2").mkdir()

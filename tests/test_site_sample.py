@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cxr.hospital import site_audit as audit
+from cxr.site import site_audit as audit
 from cxr.train import data as data_mod
 from tests.conftest import synthetic_xray
 

@@ -251,8 +251,8 @@ def test_adapt_end_to_end_and_the_new_folder_is_served(tmp_path: Path) -> None:
 def test_the_audit_part_chooses_nothing(tmp_path: Path) -> None:
     """With the split fixed, flipping every label of the audit part changes the audit and nothing chosen: the
     weights and the OOD refit (the graph's sha256) and the threshold."""
-    from cxr.hospital.adapt import AdaptConfig, adapt
-    from cxr.hospital.site_audit import Targets
+    from cxr.site.adapt import AdaptConfig, adapt
+    from cxr.site.site_audit import Targets
 
     sample = variants(tmp_path / "a" / "site", per_film=30, seed=4, patient_per_variant=True)
     cfg = AdaptConfig(sample=sample, model_dir=SHIPPED_REPOSITORY / "pneumonia", out_repository=tmp_path / "repo",

@@ -70,8 +70,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_predict(a: argparse.Namespace) -> int:
     from cxr.client.batch import PredictOptions, run_predict
-    from cxr.hospital.dicomweb import DicomWebSource
-    from cxr.hospital.fhir import FhirDelivery
+    from cxr.doors.dicomweb import DicomWebSource
+    from cxr.doors.fhir import FhirDelivery
 
     if a.priority != contract.DEFAULT_PRIORITY and a.protocol == "embedded":  # the library ignores it there
         raise CxrError(f"--priority {a.priority} orders requests in Triton's queue; --protocol embedded has no "
@@ -90,7 +90,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
         raise CxrError(f"--{str(exc)}" if str(exc).startswith(("chunk", "retries")) else str(exc)) from None
     if a.patient_id_system and a.fhir_url is None and a.fhir_out is None:
         raise CxrError("--patient-id-system names the patients of FHIR results: give --fhir-url or --fhir-out too")
-    from cxr.hospital.dicom.study import combine
+    from cxr.doors.dicom.study import combine
 
     try:  # a study's films make one DiagnosticReport, by the listener's rule
         delivery = FhirDelivery.of(opts, patient_id_system=a.patient_id_system, study_rule=combine)
@@ -185,9 +185,9 @@ def _add_listen(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_listen(a: argparse.Namespace) -> int:
     from cxr.core.security import HttpAuth, TlsClient, TlsServer
-    from cxr.hospital.dicom.config import Destination, ListenConfig
-    from cxr.hospital.dicom.intake import ScreenFilter, UrgentRule
-    from cxr.hospital.dicom.listener import Listener
+    from cxr.doors.dicom.config import Destination, ListenConfig
+    from cxr.doors.dicom.intake import ScreenFilter, UrgentRule
+    from cxr.doors.dicom.listener import Listener
 
     try:
         dicom_tls = TlsServer(a.dicom_tls_cert, a.dicom_tls_key, a.dicom_tls_client_ca) if a.dicom_tls_cert else None
@@ -226,8 +226,8 @@ def _cmd_listen(a: argparse.Namespace) -> int:
 
 def unfinished_work(spool: Path) -> int:
     """Instances and results a listener's spool still holds: waiting to be screened, held for their study, or
-    waiting to be delivered (its layout: :mod:`cxr.hospital.dicom`)."""
-    from cxr.hospital.dicom.spool import Spool
+    waiting to be delivered (its layout: :mod:`cxr.doors.dicom`)."""
+    from cxr.doors.dicom.spool import Spool
 
     def files(folder: Path, pattern: str = "*") -> int:
         return sum(1 for f in folder.rglob(pattern) if f.is_file() and not f.name.startswith("."))

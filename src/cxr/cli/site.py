@@ -52,7 +52,7 @@ def _add_site_audit(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_site_audit(a: argparse.Namespace) -> int:
     from cxr.client import PneumoniaClient
-    from cxr.hospital import site_audit as audit
+    from cxr.site import site_audit as audit
 
     model_dir = a.model_repository / a.model
     if a.plan:
@@ -124,8 +124,8 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_adapt(a: argparse.Namespace) -> int:
-    from cxr.hospital.adapt import AdaptConfig, adapt
-    from cxr.hospital.site_audit import summary, targets_from, targets_source
+    from cxr.site.adapt import AdaptConfig, adapt
+    from cxr.site.site_audit import summary, targets_from, targets_source
 
     name = a.name or f"{a.model}_site"
     targets = targets_from(ModelDir(a.model_repository / a.model).card(), a.targets)
@@ -203,7 +203,7 @@ def _add_monitor(sub: argparse._SubParsersAction) -> None:
 def _cmd_monitor(a: argparse.Namespace) -> int:
     import threading
 
-    from cxr.hospital.monitor import MonitorOptions, SequentialRule, follow, monitor
+    from cxr.site.monitor import MonitorOptions, SequentialRule, follow, monitor
 
     opts = options.typed(MonitorOptions, predictions=a.predictions, repository=a.model_repository, model=a.model,
                           baseline=a.baseline, prevalence=a.prevalence, alpha=a.alpha, out=a.out, state=a.state,
@@ -272,7 +272,7 @@ def _cmd_audit_export(a: argparse.Namespace) -> int:
 
     from cxr.core.audit_trail import read
     from cxr.core.durable import write_durably
-    from cxr.hospital.fhir import audit_events
+    from cxr.doors.fhir import audit_events
 
     bundle = audit_events(read(a.file))
     write_durably(a.fhir_out, (json.dumps(bundle, indent=1) + "\n").encode())

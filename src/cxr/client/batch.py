@@ -72,13 +72,13 @@ class PredictOptions:
             (for node_exporter's textfile collector).
         dicomweb: Read the inputs from this DICOMweb root instead of files (QIDO-RS, then WADO-RS); the CSV's
             ``path`` is each instance's SOP Instance UID. :func:`run_predict` reads them through its ``source``
-            (:class:`cxr.hospital.dicomweb.DicomWebSource`).
+            (:class:`cxr.doors.dicomweb.DicomWebSource`).
         studies: With ``dicomweb``: these studies (Study Instance UIDs).
         query: With ``dicomweb``: QIDO-RS study filters, ``KEY=VALUE`` (e.g. ``ModalitiesInStudy=DX``).
         priority: ``urgent`` or ``routine``: the Triton priority level of the requests.
         fhir_out: Write the answered inputs' FHIR results here (a transaction Bundle).
         fhir_url: POST them to this FHIR server's base URL (both through :func:`run_predict`'s ``delivery``,
-            :class:`cxr.hospital.fhir.FhirDelivery`).
+            :class:`cxr.doors.fhir.FhirDelivery`).
         audit_log: Append the run's events to this audit trail (:mod:`cxr.core.audit_trail`).
         operating_point: Answer every input at this served operating point (``None``: by the DICOM patient's age
             where stated, else the model's default). A journaled answer at another named point is screened again.
@@ -240,7 +240,7 @@ def _actor() -> str:
 
 class InputSource(Protocol):
     """Inputs of ``cxr predict`` that are not files, listed first and then read batch by batch into a private folder
-    of the run (the DICOMweb door: :class:`cxr.hospital.dicomweb.DicomWebSource`)."""
+    of the run (the DICOMweb door: :class:`cxr.doors.dicomweb.DicomWebSource`)."""
 
     @property
     def where(self) -> str:
@@ -286,7 +286,7 @@ class Delivered:
 
 class ResultDelivery(Protocol):
     """Where ``cxr predict`` also delivers the answers once the run is over (the FHIR door:
-    :class:`cxr.hospital.fhir.FhirDelivery`)."""
+    :class:`cxr.doors.fhir.FhirDelivery`)."""
 
     def deliver(self, rows: list[dict], files: Mapping[str, Path], audit: AuditLog | None, actor: str) -> Delivered:
         """Deliver the answered ``rows`` (``files``: each row's ``path`` -> its file), each delivery audited as
@@ -304,10 +304,10 @@ def run_predict(opts: PredictOptions, *, source: InputSource | None = None,
     from cxr.core.audit_trail import AuditLog
 
     if (source is not None) != bool(opts.dicomweb):
-        raise ValueError("run_predict: give source (cxr.hospital.dicomweb.DicomWebSource) exactly when "
+        raise ValueError("run_predict: give source (cxr.doors.dicomweb.DicomWebSource) exactly when "
                          "PredictOptions.dicomweb is set")
     if (delivery is None) != (opts.fhir_out is None and opts.fhir_url is None):
-        raise ValueError("run_predict: give delivery (cxr.hospital.fhir.FhirDelivery) exactly when "
+        raise ValueError("run_predict: give delivery (cxr.doors.fhir.FhirDelivery) exactly when "
                          "PredictOptions.fhir_out or fhir_url is set")
     with ExitStack() as stack:
         audit = stack.enter_context(AuditLog(opts.audit_log, component="cxr predict")) if opts.audit_log else None

@@ -1,10 +1,10 @@
 """``cxr listen``: a DICOM Storage SCP that screens what it receives and sends its results back to the PACS.
 
-:class:`Listener` composes the parts over one durable spool (the layout: :mod:`cxr.hospital.dicom`): the SCP
-(:mod:`~cxr.hospital.dicom.scp`) spools what arrives, the screening worker (:mod:`~cxr.hospital.dicom.worker`)
-screens it and queues its results (:mod:`~cxr.hospital.dicom.results`), and one sender per destination
-(:mod:`~cxr.hospital.dicom.outbox`) delivers them with retries; all report through
-:mod:`~cxr.hospital.dicom.telemetry`. Screening runs through the project's client: the eligibility rules and
+:class:`Listener` composes the parts over one durable spool (the layout: :mod:`cxr.doors.dicom`): the SCP
+(:mod:`~cxr.doors.dicom.scp`) spools what arrives, the screening worker (:mod:`~cxr.doors.dicom.worker`)
+screens it and queues its results (:mod:`~cxr.doors.dicom.results`), and one sender per destination
+(:mod:`~cxr.doors.dicom.outbox`) delivers them with retries; all report through
+:mod:`~cxr.doors.dicom.telemetry`. Screening runs through the project's client: the eligibility rules and
 ``not_assessable`` apply as everywhere. Logs carry SOP Instance UIDs, never patient attributes; with
 ``--audit-log`` every event goes to the hash-chained audit trail (:mod:`cxr.core.audit_trail`).
 """
@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cxr.core.errors import CxrError
-from cxr.hospital.dicom.config import ListenConfig
-from cxr.hospital.dicom.outbox import Outbox
-from cxr.hospital.dicom.results import ResultBuilder
-from cxr.hospital.dicom.scp import StorageScp, server_ssl_context
-from cxr.hospital.dicom.spool import Spool
-from cxr.hospital.dicom.telemetry import Telemetry
-from cxr.hospital.dicom.worker import ScreeningWorker, StudyTracker
+from cxr.doors.dicom.config import ListenConfig
+from cxr.doors.dicom.outbox import Outbox
+from cxr.doors.dicom.results import ResultBuilder
+from cxr.doors.dicom.scp import StorageScp, server_ssl_context
+from cxr.doors.dicom.spool import Spool
+from cxr.doors.dicom.telemetry import Telemetry
+from cxr.doors.dicom.worker import ScreeningWorker, StudyTracker
 
 if TYPE_CHECKING:
     from cxr.client import PneumoniaClient
@@ -50,7 +50,7 @@ class Listener:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Events counted since the start (:data:`cxr.hospital.dicom.telemetry.STATS`)."""
+        """Events counted since the start (:data:`cxr.doors.dicom.telemetry.STATS`)."""
         return self.telemetry.stats
 
     @property

@@ -1,7 +1,7 @@
-"""The listener's results for a screened instance or study: the DICOM SR (:mod:`cxr.hospital.dicom.sr`), the
+"""The listener's results for a screened instance or study: the DICOM SR (:mod:`cxr.doors.dicom.sr`), the
 Grad-CAM Secondary Capture (``--heatmap``), the FHIR transaction Bundle (``--fhir-url``, ``--fhir-out``) and the
 CSV row (``--out``, the columns of ``cxr predict``). Each result is ``(destination, file name, bytes)`` for the
-outbox of that destination (:class:`cxr.hospital.dicom.spool.Spool`)."""
+outbox of that destination (:class:`cxr.doors.dicom.spool.Spool`)."""
 
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING
 from cxr.core import imaging
 from cxr.core.durable import AppendOnlyCsv, AppendOnlyLines
 from cxr.core.errors import CxrError
-from cxr.hospital.dicom.config import ListenConfig
+from cxr.doors.dicom.config import ListenConfig
 
 if TYPE_CHECKING:
     from pydicom import Dataset
 
     from cxr.client.client import Prediction
     from cxr.client.explain import GradCam
-    from cxr.hospital.dicom.study import StudyResult
+    from cxr.doors.dicom.study import StudyResult
 
 #: One result: (destination kind ``dimse``, ``stow`` or ``fhir``; file name in its outbox; content).
 Result = tuple[str, str, bytes]
@@ -78,7 +78,7 @@ class ResultBuilder:
         if self.gradcam is None or not pred.ok or pred.label != self.positive_label:
             return None
         from cxr.client.explain import film_for_display, overlay
-        from cxr.hospital.dicom.sr import build_heatmap_sc
+        from cxr.doors.dicom.sr import build_heatmap_sc
 
         shown = film_for_display(film)
         heat = self.gradcam.heatmap(imaging.preprocess(film), size=(shown.shape[1], shown.shape[0]))
@@ -89,7 +89,7 @@ class ResultBuilder:
                      at: dt.datetime | None = None) -> list[Result]:
         """One instance's results: its SR (and heatmap) for the DICOM outboxes, its FHIR Bundle. ``at`` (when it
         was screened) dates them, so that results made again after a crash are the same bytes."""
-        from cxr.hospital.dicom.sr import build_sr
+        from cxr.doors.dicom.sr import build_sr
 
         sr = build_sr(source, pred, at=at)
         encoded = [(f"{sr.SOPInstanceUID}.dcm", encode(sr))]
@@ -125,7 +125,7 @@ class ResultBuilder:
     def _fhir_instance(self, f: Path, pred: Prediction, uid: str) -> list[Result]:
         """The instance's FHIR results: a transaction Bundle for the FHIR outbox, and (``--fhir-out``) the same
         Bundle appended as one line of the NDJSON file (linear: nothing written before is read or rewritten)."""
-        from cxr.hospital import fhir
+        from cxr.doors import fhir
 
         b = fhir.bundle([(pred, fhir.StudyRef.of_file(f))], patient_id_system=self.patient_id_system)
         self._append_line(b)
@@ -137,8 +137,8 @@ class ResultBuilder:
         """A study's results: one SR for the study (and a heatmap per positive frontal film among ``new``, the
         films not answered before; all when ``None``), one FHIR Bundle; and the SR's identity (for the next
         amendment). ``version`` > 1 amends the study's earlier result ``predecessor`` (its identity)."""
-        from cxr.hospital import fhir
-        from cxr.hospital.dicom.sr import build_study_sr
+        from cxr.doors import fhir
+        from cxr.doors.dicom.sr import build_study_sr
 
         sr = build_study_sr([src for _, _, src, _ in films], [pred for _, pred, _, _ in films], study, at=at,
                             instance_number=version, predecessor=predecessor)

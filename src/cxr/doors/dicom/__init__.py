@@ -3,20 +3,20 @@ back to the PACS (and, optionally, to a DICOMweb server and a FHIR server).
 
 By role (each module imports only from the lines below it; ``pyproject.toml`` holds the contract):
 
-* :mod:`~cxr.hospital.dicom.listener`: :class:`~cxr.hospital.dicom.listener.Listener`, the composition of the
+* :mod:`~cxr.doors.dicom.listener`: :class:`~cxr.doors.dicom.listener.Listener`, the composition of the
   parts below that ``cxr listen`` starts and stops;
-* :mod:`~cxr.hospital.dicom.scp`: the Storage SCP (pynetdicom): associations, C-ECHO, C-STORE into the spool;
-  :mod:`~cxr.hospital.dicom.worker`: the screening worker, one result per instance or per study;
-  :mod:`~cxr.hospital.dicom.outbox`: one sender per destination (C-STORE to the PACS, STOW-RS, FHIR POST) with
+* :mod:`~cxr.doors.dicom.scp`: the Storage SCP (pynetdicom): associations, C-ECHO, C-STORE into the spool;
+  :mod:`~cxr.doors.dicom.worker`: the screening worker, one result per instance or per study;
+  :mod:`~cxr.doors.dicom.outbox`: one sender per destination (C-STORE to the PACS, STOW-RS, FHIR POST) with
   retries and a dead letter per destination;
-* :mod:`~cxr.hospital.dicom.results`: the results of an answer: SR, Grad-CAM Secondary Capture, FHIR Bundle, CSV
+* :mod:`~cxr.doors.dicom.results`: the results of an answer: SR, Grad-CAM Secondary Capture, FHIR Bundle, CSV
   row;
-* :mod:`~cxr.hospital.dicom.config`: what ``cxr listen`` does (:class:`~cxr.hospital.dicom.config.ListenConfig`);
-  :mod:`~cxr.hospital.dicom.spool`: the durable state folder; :mod:`~cxr.hospital.dicom.telemetry`: counters,
+* :mod:`~cxr.doors.dicom.config`: what ``cxr listen`` does (:class:`~cxr.doors.dicom.config.ListenConfig`);
+  :mod:`~cxr.doors.dicom.spool`: the durable state folder; :mod:`~cxr.doors.dicom.telemetry`: counters,
   Prometheus metrics and the audit trail;
-* :mod:`~cxr.hospital.dicom.intake`: which instances are screened, which studies are urgent;
-  :mod:`~cxr.hospital.dicom.sr`: the result objects with highdicom (a Comprehensive SR, TID 1500, per instance or
-  study; the Grad-CAM overlay as a Secondary Capture); :mod:`~cxr.hospital.dicom.study`: one answer per study.
+* :mod:`~cxr.doors.dicom.intake`: which instances are screened, which studies are urgent;
+  :mod:`~cxr.doors.dicom.sr`: the result objects with highdicom (a Comprehensive SR, TID 1500, per instance or
+  study; the Grad-CAM overlay as a Secondary Capture); :mod:`~cxr.doors.dicom.study`: one answer per study.
 
 Durable by design; the spool folder holds every state, so a restart finishes whatever was in flight and never
 drops or duplicates a result:

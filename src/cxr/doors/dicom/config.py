@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cxr.hospital.dicom.intake import ScreenFilter, UrgentRule
+from cxr.doors.dicom.intake import ScreenFilter, UrgentRule
 
 if TYPE_CHECKING:
     from cxr.core.security import HttpAuth, TlsClient, TlsServer
@@ -72,7 +72,7 @@ class ListenConfig:
         urgent_if: Site rules that make a study urgent (besides Requested Procedure Priority STAT/HIGH).
         screen: Which received instances are screened; the others are accepted and dropped.
         redeliver: On start, put the results parked in ``dead-letter-<destination>/`` back into their outboxes.
-        study_quiet_s: One result per study (:mod:`cxr.hospital.dicom.study`): a study is answered once nothing of
+        study_quiet_s: One result per study (:mod:`cxr.doors.dicom.study`): a study is answered once nothing of
             it has arrived for this many seconds (``None``: one result per instance).
         web_auth: How ``stow_url`` and ``fhir_url`` authenticate (:class:`cxr.core.security.HttpAuth`).
         retention_days: Done and delivered markers, and what answered studies were answered with, are kept this many

@@ -7,7 +7,7 @@ Steps (each one's figures go into the report and the new model card):
    nothing). Films whose sha256 the model's ``provenance.csv`` lists (it trained, selected or calibrated on
    them) are set aside and counted; their patients' other films go to the adapt part, never to calibrate or audit.
    A sample without patient ids gets a warning (patients are then guessed from file names).
-   Before any work, the audit part must be able to show the targets (:func:`cxr.hospital.site_audit.check_sample`) and
+   Before any work, the audit part must be able to show the targets (:func:`cxr.site.site_audit.check_sample`) and
    the calibrate part's positives must be able to show the sensitivity target (:func:`supported_target`);
    otherwise exit 2 with the films per class needed.
 2. **Fine-tune the classifier head** (``Dense(128)`` and the logit, read from and written back into the ONNX
@@ -18,15 +18,15 @@ Steps (each one's figures go into the report and the new model card):
    parts (half the mass by default, ``site_mass``).
 4. **Recalibrate** with the ``sensitivity_lcb`` rule on the calibrate part's assessable films, at the card's
    sensitivity target (never a lower one the sample happens to support).
-5. **Audit** the result on the audit part against the targets, on bounds (:func:`cxr.hospital.site_audit.audit`),
-   and against the model in service on the same patients (:func:`cxr.hospital.site_audit.compare_with_service`:
+5. **Audit** the result on the audit part against the targets, on bounds (:func:`cxr.site.site_audit.audit`),
+   and against the model in service on the same patients (:func:`cxr.site.site_audit.compare_with_service`:
    the paired AUC difference's one-sided bound above 0, a sensitivity bound not lower), at a confidence of at
    least 0.95; measure its :class:`cxr.core.claims.Claim` (patient bootstrap, ``in_sample`` false). Only a
    passing model is published (with ``claims.json``, by :func:`publish_folder`); a failing one exits 3 and
    leaves only its report.
 
 The audit part is fixed by a hash of the patient ids (:func:`audit_patients`), and every run is appended to the
-report folder's ``attempts.jsonl`` (:func:`cxr.hospital.site_audit.record_attempt`); the report and the
+report folder's ``attempts.jsonl`` (:func:`cxr.site.site_audit.record_attempt`); the report and the
 published card list the earlier attempts on the same sample.
 """
 
@@ -110,7 +110,7 @@ class AdaptConfig:
             block whose input the kit carries (``adapt_kit.REPLAY_BLOCK_CONVS`` convolutions).
         adapt_limit: Use only this many films of the adapt part (a learning curve); ``None``: all.
         targets_from: Whose targets ``targets`` are (``the card``, or the site's own: written into the card, the
-            claims and every report; :func:`cxr.hospital.site_audit.targets_source`).
+            claims and every report; :func:`cxr.site.site_audit.targets_source`).
     """
 
     sample: Path
@@ -171,7 +171,7 @@ class AdaptConfig:
 def patient_rank(patient: str) -> str:
     """A patient's place in the audit draw: the sha256 of its bare id (the folder's namespace left out), so the
     audit part is fixed by the patients themselves: no seed, option or copy of the folder redraws it."""
-    from cxr.hospital.site_audit import bare_patient
+    from cxr.site.site_audit import bare_patient
 
     return hashlib.sha256(bare_patient(patient).encode()).hexdigest()
 
@@ -281,7 +281,7 @@ def _parts(cfg: AdaptConfig, site, targets) -> dict[str, list[data_mod.Sample]]:
     """The sample's three parts by patient (films the model's provenance lists set aside), refused with the films
     per class needed when a part cannot do its job (the audit part show the targets; the calibrate part set a
     threshold at the sensitivity target; the adapt part hold both classes)."""
-    from cxr.hospital import site_audit as audit_mod
+    from cxr.site import site_audit as audit_mod
 
     held = {s.patient for s in site.set_aside}
     parts = split_sample(list(site.films), held, calibrate_fraction=cfg.calibrate_fraction,
@@ -450,7 +450,7 @@ def _refit_ood(cfg: AdaptConfig, kit, dec: _Decoded, a_part: list[data_mod.Sampl
 def _screened(dec: _Decoded, prob: np.ndarray, ood: np.ndarray, ood_threshold: float,
               part: list[data_mod.Sample]) -> list:
     """The part's films as the adapted model answers them (refusals by the rules or the OOD score included)."""
-    from cxr.hospital import site_audit as audit_mod
+    from cxr.site import site_audit as audit_mod
 
     res = []
     for s in part:
@@ -473,7 +473,7 @@ def _screened(dec: _Decoded, prob: np.ndarray, ood: np.ndarray, ood_threshold: f
 def _site_threshold(cfg: AdaptConfig, targets, cal_films: list) -> tuple[float, dict, int]:
     """The threshold on the calibrate part's assessable films, at the card's sensitivity target as a lower bound:
     (threshold, its operating point, the positives it stood on)."""
-    from cxr.hospital import site_audit as audit_mod
+    from cxr.site import site_audit as audit_mod
     from cxr.train.evaluate import choose_threshold, operating_point
 
     y_c = np.array([f.label for f in cal_films])
@@ -550,7 +550,7 @@ def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
     from cxr.core.eligibility import Eligibility
     from cxr.core.ort_session import make_session
     from cxr.export import adapt_kit, ood_head, repository
-    from cxr.hospital import site_audit as audit_mod
+    from cxr.site import site_audit as audit_mod
 
     t0 = time.time()
     src_dir = Path(cfg.model_dir)

@@ -1,6 +1,6 @@
 """The Storage SCP of ``cxr listen`` (pynetdicom): associations (calling AE titles allowed, called AE title ours,
 optionally over TLS), C-ECHO, and C-STORE into the spool. An instance is spooled durably before C-STORE answers
-success; one the screen filter does not take (:class:`cxr.hospital.dicom.intake.ScreenFilter`) is acknowledged,
+success; one the screen filter does not take (:class:`cxr.doors.dicom.intake.ScreenFilter`) is acknowledged,
 counted and audited as dropped, and not kept."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from cxr.core.errors import CxrError
-from cxr.hospital.dicom.config import ListenConfig
-from cxr.hospital.dicom.intake import is_uid, study_priority
-from cxr.hospital.dicom.spool import Spool
-from cxr.hospital.dicom.telemetry import Telemetry
+from cxr.doors.dicom.config import ListenConfig
+from cxr.doors.dicom.intake import is_uid, study_priority
+from cxr.doors.dicom.spool import Spool
+from cxr.doors.dicom.telemetry import Telemetry
 
 if TYPE_CHECKING:
     from pynetdicom import AE

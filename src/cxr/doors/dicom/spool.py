@@ -1,5 +1,5 @@
 """The listener's durable state folder: every state of every instance and result is a file, so a restart finishes
-whatever was in flight and never drops or duplicates a result (the layout: :mod:`cxr.hospital.dicom`)."""
+whatever was in flight and never drops or duplicates a result (the layout: :mod:`cxr.doors.dicom`)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ For every screened input (IHE AI Results in spirit):
 Resources are built and validated with ``fhir.resources`` (its R4B models: R4's technical correction, identical
 for these resources), gathered in one ``transaction`` Bundle, and written to a file (``--fhir-out``) or POSTed to
 a FHIR server's base URL (``--fhir-url``): by :class:`FhirDelivery` after a ``cxr predict`` run, by the listener's
-FHIR outbox (:mod:`cxr.hospital.dicom.outbox`) for ``cxr listen``.
+FHIR outbox (:mod:`cxr.doors.dicom.outbox`) for ``cxr listen``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from cxr.client.batch import Delivered, PredictOptions
     from cxr.core.audit_trail import AuditLog
 
-#: How several films of a study make one answer (:func:`cxr.hospital.dicom.study.combine`, given by the caller:
+#: How several films of a study make one answer (:func:`cxr.doors.dicom.study.combine`, given by the caller:
 #: this module sits below the DICOM listener): ``(SOP Instance UID, prediction)`` pairs -> a study answer.
 StudyRule = Callable[[Sequence[tuple[str, Prediction]]], Any]
 
@@ -248,7 +248,7 @@ def bundle(results: Sequence[tuple[Prediction, StudyRef]], *, patient_id_system:
            study_rule: StudyRule | None = None) -> dict:
     """One ``transaction`` Bundle for the answered inputs (errors are left out), validated; patients identified in
     ``patient_id_system`` where the header names no issuer (:func:`subject`). With ``study_rule`` (the listener's,
-    :func:`cxr.hospital.dicom.study.combine`), the DICOM films of one study and model make one DiagnosticReport with
+    :func:`cxr.doors.dicom.study.combine`), the DICOM films of one study and model make one DiagnosticReport with
     the study answer (:func:`study_entries`), as ``cxr listen --study-quiet-s`` does; other inputs one each.
 
     Raises:
@@ -298,8 +298,8 @@ def study_report_id(study_uid: str, model_sha256: str) -> str:
 
 def study_bundle(items: Sequence[tuple[Prediction, StudyRef]], study, *, amended: bool = False,
                  patient_id_system: str | None = None) -> dict:
-    """One ``transaction`` Bundle for a whole study (:mod:`cxr.hospital.dicom.study`): an Observation per frontal film and
-    one DiagnosticReport with the study answer (``study``, a :class:`cxr.hospital.dicom.study.StudyResult`) whose results are
+    """One ``transaction`` Bundle for a whole study (:mod:`cxr.doors.dicom.study`): an Observation per frontal film and
+    one DiagnosticReport with the study answer (``study``, a :class:`cxr.doors.dicom.study.StudyResult`) whose results are
     those Observations; laterals get nothing of their own. Created conditionally on identifiers, like
     :func:`bundle`; ``amended`` (a film came after the study was answered, and ``items`` are all its films) updates
     the study's DiagnosticReport in place, by its identifier (a conditional update), with status ``amended``.
@@ -534,7 +534,7 @@ class FhirDelivery:
             names no IssuerOfPatientID.
         tries: POSTs before the results are left for a rerun, when the server is unreachable or answers 429/5xx.
         backoff_s: The wait after the first failed try; it doubles after each.
-        study_rule: How a study's films make one answer (:func:`cxr.hospital.dicom.study.combine`): the DICOM films
+        study_rule: How a study's films make one answer (:func:`cxr.doors.dicom.study.combine`): the DICOM films
             of one study get one DiagnosticReport (``None``: one per film).
     """
 

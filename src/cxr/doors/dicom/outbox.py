@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from cxr.core.errors import CxrError
-from cxr.hospital.dicom.config import ListenConfig
-from cxr.hospital.dicom.spool import Spool
-from cxr.hospital.dicom.telemetry import Telemetry
+from cxr.doors.dicom.config import ListenConfig
+from cxr.doors.dicom.spool import Spool
+from cxr.doors.dicom.telemetry import Telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -163,13 +163,13 @@ class Outbox:
         import pydicom
 
         if kind == "stow":
-            from cxr.hospital.dicomweb import DicomWeb
+            from cxr.doors.dicomweb import DicomWeb
 
             ds = pydicom.dcmread(f)
             DicomWeb(str(self.cfg.stow_url), auth=self.cfg.web_auth).store([ds], study_uid=str(ds.StudyInstanceUID))
             study, instance = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
         else:
-            from cxr.hospital import fhir
+            from cxr.doors import fhir
 
             fhir.post_bundle(str(self.cfg.fhir_url), json.loads(f.read_text()), auth=self.cfg.web_auth)
             study, instance = "", f.stem

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cxr.core import contract
-from cxr.hospital.dicom.config import ListenConfig
-from cxr.hospital.dicom.intake import is_uid
-from cxr.hospital.dicom.results import Film, ResultBuilder
-from cxr.hospital.dicom.spool import Spool
-from cxr.hospital.dicom.telemetry import Telemetry
+from cxr.doors.dicom.config import ListenConfig
+from cxr.doors.dicom.intake import is_uid
+from cxr.doors.dicom.results import Film, ResultBuilder
+from cxr.doors.dicom.spool import Spool
+from cxr.doors.dicom.telemetry import Telemetry
 
 if TYPE_CHECKING:
     from cxr.client import PneumoniaClient, Prediction
@@ -175,7 +175,7 @@ class ScreeningWorker:
             if record is None:
                 fresh.append(f)
                 continue
-            from cxr.hospital.dicom.study import from_json
+            from cxr.doors.dicom.study import from_json
 
             progressed |= self._finish([f], [from_json(record["answer"])], str(record.get("priority", "routine")),
                                        record)
@@ -230,7 +230,7 @@ class ScreeningWorker:
                 raise Unanswerable("no_study_uid", "no valid Study Instance UID: a result cannot be filed in its "
                                    "study")
         if record is None:
-            from cxr.hospital.dicom.study import to_json
+            from cxr.doors.dicom.study import to_json
 
             record = {"key": self.key(uid, pred), "study_uid": study, "priority": priority,
                       "screened_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"),
@@ -253,7 +253,7 @@ class ScreeningWorker:
         if self.cfg.study_quiet_s is not None:  # answered with its study, once the study is quiet
             import json
 
-            from cxr.hospital.dicom.study import to_json
+            from cxr.doors.dicom.study import to_json
 
             self.spool.hold(study, uid, json.dumps({**to_json(pred), "screened_at": record["screened_at"]}).encode(),
                             urgent=priority == "urgent")
@@ -306,8 +306,8 @@ class ScreeningWorker:
 
         import pydicom
 
-        from cxr.hospital.dicom.results import encode
-        from cxr.hospital.dicom.study import combine, from_json
+        from cxr.doors.dicom.results import encode
+        from cxr.doors.dicom.study import combine, from_json
 
         new = {a.stem for a in folder.glob("*.json")}
         earlier, report = self.spool.study_answered(folder.name)

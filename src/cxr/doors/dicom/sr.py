@@ -227,9 +227,9 @@ def study_sr_uid(study_uid: str, model_sha256: str, instances: list[str]) -> str
 
 def build_study_sr(sources: list[Dataset], results: list[Prediction], study, *, at: dt.datetime | None = None,
                    instance_number: int = 1, predecessor: dict | None = None):
-    """One ``ComprehensiveSR`` for a study (:mod:`cxr.hospital.dicom.study`): a group with the study answer, then a group per
+    """One ``ComprehensiveSR`` for a study (:mod:`cxr.doors.dicom.study`): a group with the study answer, then a group per
     frontal film with its own answer. ``sources`` and ``results`` pair up; ``study`` is the
-    :class:`cxr.hospital.dicom.study.StudyResult`. An amended study answer (a film came after the study was
+    :class:`cxr.doors.dicom.study.StudyResult`. An amended study answer (a film came after the study was
     answered) takes the next ``instance_number`` and names the SR it replaces, ``predecessor`` (its
     ``study_instance_uid``, ``series_instance_uid``, ``sop_class_uid``, ``sop_instance_uid``), in the Predecessor
     Documents Sequence."""
