@@ -11,7 +11,7 @@ import pytest
 
 from cxr.cli import build_parser
 
-SUBCOMMANDS = ["lock-split", "train", "evaluate", "operating-points", "claims", "trials", "compare", "calibrate", "export", "ood-fit", "ood-eval", "explain-eval", "configs", "serve",
+SUBCOMMANDS = ["lock-split", "import-weights", "train", "evaluate", "operating-points", "claims", "trials", "compare", "calibrate", "export", "ood-fit", "ood-eval", "explain-eval", "configs", "serve",
                "predict", "site-audit", "adapt", "monitor", "health", "bench", "capacity", "soak", "ui", "ui-passwd", "proxy",
                "listen", "audit-log", "bench-priority"]
 

@@ -235,3 +235,35 @@ def test_an_operating_point_rule_pools_or_holds_on_each_source() -> None:
     assert (each.sources, each.each, each.target) == (("siim", "nih"), True, 0.85)
     with pytest.raises(CxrError, match="expected NAME="):
         PointRule.parse("adult=siim+nih,covid:sensitivity")
+
+
+def test_a_lock_puts_identical_films_under_one_patient(tmp_path: Path) -> None:
+    """SIIM holds one image under two studies: a lock must not put its two copies on two sides."""
+    import shutil
+
+    root = make_dataset(tmp_path / "src", n_per_class=40, split=None, seed=3)
+    films = sorted((root / "PNEUMONIA").glob("*.jpeg"))
+    for i in range(10):  # ten films copied under a new patient each
+        shutil.copy(films[i], root / "PNEUMONIA" / f"person{900 + i}_bacteria_{900 + i}.jpeg")
+    src = data_mod.Source("s", root)
+    for seed in range(5):
+        split = data_mod.make_locked_split([(src, data_mod.source_samples(src), data_mod.LockShares(0.25, 0.25))],
+                                           seed=seed)
+        side_of = {}
+        for side in ("train", "select", "test"):
+            for s, digest in zip(split.samples(side), data_mod.content_hashes(split.samples(side))):
+                assert side_of.setdefault(digest, side) == side, f"seed {seed}: one image on {side_of[digest]} and {side}"
+        assert data_mod.without_duplicated_tests(split)[1] == []
+
+
+def test_duplicated_test_films_are_taken_off_an_old_lock(tmp_path: Path) -> None:
+    import shutil
+
+    root = make_dataset(tmp_path / "src", n_per_class=20, split=None, seed=4)
+    src = data_mod.Source("s", root)
+    split = data_mod.make_locked_split([(src, data_mod.source_samples(src), data_mod.LockShares(0.25, 0.25))])
+    test_entry = split.test[0]
+    train_entry = split.train[0]
+    shutil.copy(root / Path(*Path(train_entry).parts[1:]), root / Path(*Path(test_entry).parts[1:]))  # a leak
+    amended, removed = data_mod.without_duplicated_tests(split)
+    assert removed == [test_entry] and test_entry not in amended.test and len(amended.test) == len(split.test) - 1

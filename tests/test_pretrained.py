@@ -151,7 +151,9 @@ def test_the_packaged_imagenet_weights_convert_and_classify_photographs(tmp_path
     from cxr.train import models
 
     record = pretrained.convert(tmp_path / "lite0.npz")
-    assert record["source_sha256"] == pretrained.sha256_file(pretrained.package_weights())
+    from cxr.core.integrity import sha256_file
+
+    assert record["source_sha256"] == sha256_file(pretrained.package_weights())
     top1 = record["imagenet_check"]["top1"]["signed"]
     assert top1["chelsea"][0] in pretrained.CHECK_IMAGES["chelsea"] and top1["chelsea"][1] > 0.5
     assert top1["coffee"][0] in pretrained.CHECK_IMAGES["coffee"]

@@ -54,19 +54,6 @@ def test_a_test_film_or_patient_has_no_other_role(model: str) -> None:
     assert not train & {r["patient"] for r in rows if r["role"] == "select"}
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_the_onboarding_sample_never_built_the_shipped_model(model: str) -> None:
-    rows = read_provenance(SHIPPED_REPOSITORY / model / "provenance.csv")
-    assert not [r for r in rows if "siim" in r["path"] or "siim" in r["source"]]
-    manifest = SHARED / "chest_xray_adult_siim_site" / "MANIFEST.csv"
-    if manifest.exists():  # with the data: no onboarding file under any name either
-        import csv
-
-        with manifest.open(newline="") as fh:
-            siim = {r["sha256"] for r in csv.DictReader(fh)}
-        assert not siim & {r["sha256"] for r in rows}
-
-
 def test_claims_are_of_the_shipped_file_and_on_test_patients_only() -> None:
     from cxr.core.claims import Claims
 

@@ -139,9 +139,10 @@ def refit_ood(
     card = read_card(model_dir)
     path = verified_onnx(model_dir, card)
     split = data_mod.Split.load(split_file)
-    tr, va = split.samples("train", data_dir), split.samples("val", data_dir)
-    x_train, tr, _ = data_mod.load_samples(tr, cache_dir=cache_dir, progress=True, what="OOD fit, train")
-    x_val, va, _ = data_mod.load_samples(va, cache_dir=cache_dir, what="OOD fit, select")
+    locked_train, locked_val = split.samples("train", data_dir), split.samples("val", data_dir)
+    # fitted on the films the pixel rules accept; provenance lists every film of the lock in its role
+    x_train, tr, _ = data_mod.load_samples(locked_train, cache_dir=cache_dir, progress=True, what="OOD fit, train")
+    x_val, va, _ = data_mod.load_samples(locked_val, cache_dir=cache_dir, what="OOD fit, select")
     per_source = {name: sum(s.source == name for s in tr) for name in {s.source for s in tr}}
     weights = np.array([1.0 / (len(per_source) * per_source[s.source]) for s in tr])
     real = {"train_validation": x_val}
@@ -169,7 +170,7 @@ def refit_ood(
     ])
     folder = ModelDir(model_dir)
     chose = "select" if split.locked else "validation"
-    folder.write_provenance(data_mod.provenance_rows("train", tr) + data_mod.provenance_rows(chose, va)
+    folder.write_provenance(data_mod.provenance_rows("train", locked_train) + data_mod.provenance_rows(chose, locked_val)
                             + site_rows, replace_roles=("train", "validation", "select", "ood_reference"))
     card = card.replace(provenance={"file": PROVENANCE_FILE,
                                     "summary": data_mod.provenance_summary(folder.provenance())})

@@ -373,6 +373,7 @@ def make_locked_split(
     select: list[str] = []
     test: list[str] = []
     for src, samples, shares in sources:
+        samples = same_content_same_patient(samples)
         test_patients = draw_patients(samples, shares.test, rng)
         if shares.select + shares.test >= 1.0:
             select_patients = {s.patient for s in samples} - test_patients
@@ -386,6 +387,59 @@ def make_locked_split(
     return Split(seed, min(max(mean_select, 0.01), 0.99), tuple(sorted(train)), tuple(sorted(select)),
                  tuple(sorted((src.name, relative(src.root)) for src, _, _ in sources)),
                  tuple(sorted((src.name, sh.select) for src, _, sh in sources)), tuple(sorted(test)))
+
+
+def content_hashes(samples: Sequence[Sample]) -> list[str]:
+    """sha256 of each sample's file: from its source's ``MANIFEST.csv`` (a ``sha256`` column) when listed there,
+    else read from the file."""
+    from cxr.core.integrity import sha256_file
+
+    listed: dict[Path, dict[str, str]] = {}
+    out = []
+    for s in samples:
+        root = s.path.parent.parent
+        if root not in listed:
+            listed[root] = {}
+            manifest = root / "MANIFEST.csv"
+            if manifest.exists():
+                with manifest.open(newline="") as fh:
+                    listed[root] = {r.get("file_name") or r.get("filename") or "": r.get("sha256") or ""
+                                    for r in csv.DictReader(fh)}
+        out.append(listed[root].get(s.path.name) or sha256_file(s.path))
+    return out
+
+
+def same_content_same_patient(samples: Sequence[Sample]) -> list[Sample]:
+    """Samples whose files have identical content joined under one patient (the first, sorted), so that a lock
+    cannot put one image on two sides under two ids (SIIM holds the same film under two studies)."""
+    parent: dict[str, str] = {s.patient: s.patient for s in samples}
+
+    def find(p: str) -> str:
+        while parent[p] != p:
+            parent[p] = parent[parent[p]]
+            p = parent[p]
+        return p
+
+    first: dict[str, str] = {}
+    for s, digest in zip(samples, content_hashes(samples)):
+        if digest in first:
+            a, b = sorted((find(first[digest]), find(s.patient)))
+            parent[b] = a
+        else:
+            first[digest] = s.patient
+    return [s if find(s.patient) == s.patient else Sample(s.path, s.label, find(s.patient), s.source) for s in samples]
+
+
+def without_duplicated_tests(split: Split) -> tuple[Split, list[str]]:
+    """``split`` with every test film whose content (sha256) is also on its train or select side taken off the test
+    side (a lock made before :func:`same_content_same_patient` could hold one), and the entries removed."""
+    from dataclasses import replace
+
+    others = split.samples("train") + split.samples("select")
+    seen = set(content_hashes(others))
+    tests = split.samples("test")
+    removed = [e for e, d in zip(split.test, content_hashes(tests)) if d in seen]
+    return replace(split, test=tuple(e for e in split.test if e not in set(removed))), removed
 
 
 def lock_split(sources: Sequence[tuple[Source, LockShares]], out: Path, *, seed: int = 0) -> Split:

