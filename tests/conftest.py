@@ -83,8 +83,24 @@ def read_line(proc, text: str, *, deadline_s: float) -> str | None:  # type: ign
     return None
 
 
+#: Set by ``pytest --real-data``: fixtures then use ``../shared``'s films where they exist. By default every fixture
+#: is generated or taken from ``examples/``, so a test means the same thing on every machine.
+USE_REAL_DATA = False
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--real-data", action="store_true",
+                     help="fixtures use ../shared/data's real films where present (default: generated films)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global USE_REAL_DATA
+    USE_REAL_DATA = bool(config.getoption("--real-data"))
+
+
 def have_real_data() -> bool:
-    return (REAL_TRAIN / "train" / "NORMAL").is_dir() and (REAL_SITE / "NORMAL").is_dir()
+    """Whether fixtures use the real films: only with ``--real-data``, and only where they exist."""
+    return USE_REAL_DATA and (REAL_TRAIN / "train" / "NORMAL").is_dir() and (REAL_SITE / "NORMAL").is_dir()
 
 
 def synthetic_xray(seed: int, *, pneumonia: bool, size: tuple[int, int] = (256, 240)) -> Image.Image:
@@ -180,7 +196,7 @@ def site_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def sample_images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """A few realistic inputs: full-resolution originals when present, generated large images otherwise."""
-    if REAL_FULLRES.is_dir():
+    if have_real_data() and REAL_FULLRES.is_dir():
         files = sorted(REAL_FULLRES.rglob("*.jpeg"))
         return files[:6] + files[-6:]
     d = tmp_path_factory.mktemp("samples")

@@ -251,7 +251,7 @@ def test_a_lock_puts_identical_films_under_one_patient(tmp_path: Path) -> None:
                                            seed=seed)
         side_of = {}
         for side in ("train", "select", "test"):
-            for s, digest in zip(split.samples(side), data_mod.content_hashes(split.samples(side))):
+            for digest in data_mod.content_hashes(split.samples(side)):
                 assert side_of.setdefault(digest, side) == side, f"seed {seed}: one image on {side_of[digest]} and {side}"
         assert data_mod.without_duplicated_tests(split)[1] == []
 

@@ -11,7 +11,7 @@ import pytest
 
 from cxr.core.model_dir import read_provenance
 from cxr.train import data as data_mod
-from tests.conftest import REPO, SHARED, SHIPPED_MODELS, SHIPPED_REPOSITORY
+from tests.conftest import REPO, SHIPPED_MODELS, SHIPPED_REPOSITORY
 
 MODELS = SHIPPED_MODELS
 
