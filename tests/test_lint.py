@@ -6,7 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
+#: Static checks, marked apart from the unit tests (`pytest -m "not lint"` leaves them out; CI runs them once).
+pytestmark = pytest.mark.lint
 
 
 def test_ruff() -> None:

@@ -293,3 +293,20 @@ def test_decision_and_ood_rules_live_in_the_contract() -> None:
 @pytest.mark.parametrize(("p", "text"), [(0.9997, "> 0.999"), (0.0004, "< 0.001"), (0.0331, "0.033"), (0.999, "0.999")])
 def test_probabilities_are_never_rounded_to_certainty(p: float, text: str) -> None:
     assert contract.format_probability(p) == text
+
+
+def test_unjudgeable_copies_of_chest_films_join_the_body_part_fit() -> None:
+    """Inverted and rotated training films are on the non-chest side of the body-part check, half of them held out
+    to validate it."""
+    from cxr.export.body_part import combined, unjudgeable_chest
+
+    rng = np.random.default_rng(0)
+    chest = rng.integers(0, 256, size=(30, *contract.IMAGE_SHAPE), dtype=np.uint8)
+    non = unjudgeable_chest(chest, [f"film_{i}.png" for i in range(30)], per_kind=10)
+    assert non.images.shape == (30, *contract.IMAGE_SHAPE)
+    assert sorted(set(non.kinds)) == ["unjudgeable:inverted", "unjudgeable:rotated_180", "unjudgeable:rotated_90"]
+    inverted = non.images[[k == "unjudgeable:inverted" for k in non.kinds]]
+    assert all(any(np.array_equal(255 - x, c) for c in chest) for x in inverted)
+    assert 0 < non.fitting.sum() < len(non.fitting)  # a held-out half
+    both = combined(non, non)
+    assert len(both.kinds) == 60 and both.fitting.shape == (60,)

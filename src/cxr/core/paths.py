@@ -101,7 +101,13 @@ WHERE_MODELS_ARE = (f"models are looked for in ${REPOSITORY_ENV}, then the check
 
 def relative(path: str | Path) -> str:
     """``path`` relative to the repository when it lies inside it or beside it (``../shared/...``), so that
-    committed reports never carry a machine's absolute paths; other paths are returned as given."""
+    committed reports never carry a machine's absolute paths; a path under the user's home (the state and cache
+    folders) as ``~/...``; other paths are returned as given."""
     p = Path(path).resolve()
     rel = os.path.relpath(p, REPO_ROOT)
-    return rel if not rel.startswith(os.pardir + os.sep + os.pardir) else str(path)
+    if not rel.startswith(os.pardir + os.sep + os.pardir):
+        return rel
+    home = Path.home().resolve()
+    if p.is_relative_to(home):
+        return str(Path("~") / p.relative_to(home))
+    return str(path)

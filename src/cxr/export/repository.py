@@ -155,9 +155,10 @@ def refit_ood(
         site_rows = data_mod.provenance_rows("ood_reference", data_mod.folder_samples(site_dir))
     non_chest = None
     if body_part:
-        from cxr.export.body_part import load_non_chest
+        from cxr.export.body_part import combined, load_non_chest, unjudgeable_chest
 
-        non_chest = load_non_chest(non_chest_dir, cache_dir=cache_dir)
+        non_chest = combined(load_non_chest(non_chest_dir, cache_dir=cache_dir),
+                             unjudgeable_chest(x_train, [s.path.name for s in tr], seed=split.seed))
     report, feats = ood_head.build(path, x_train, real, weights=weights, non_chest=non_chest)
     ood = {**report.as_dict(), "method": "Mahalanobis distance of log1p pooled features (ood_head)",
            "weighting": "every training source has equal mass" if len(per_source) > 1 else "equal per image",
