@@ -100,7 +100,9 @@ def test_dicomweb_streams_and_a_sigterm_saves_the_rows_and_leaves_no_file(web_pa
 
     orthanc, _ = web_pacs
     study = pydicom.uid.generate_uid(entropy_srcs=["stream-study"])
-    n = 300  # the measurement: 300 instances, stopped halfway
+    # stopped halfway; 60 instances in the suite (uploading 2 MB instances to Orthanc is the slow part here), the
+    # issue's 300 with CXR_TEST_DICOMWEB_INSTANCES=300
+    n = int(os.environ.get("CXR_TEST_DICOMWEB_INSTANCES", "60"))
     for i in range(n):
         orthanc.upload(chest_dx(200 + i, study=study))
     tmp, out, audit = tmp_path / "tmp", tmp_path / "web.csv", tmp_path / "audit.jsonl"
@@ -110,7 +112,7 @@ def test_dicomweb_streams_and_a_sigterm_saves_the_rows_and_leaves_no_file(web_pa
            "--format", "csv", "--out", str(out), "--chunk", "4", "--audit-log", str(audit)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + 900
         most, modes = 0, set()
         while time.monotonic() < deadline and proc.poll() is None:
             files = [f for d in tmp.glob("cxr-*") for f in d.rglob("*")]  # the run's own folder
