@@ -179,22 +179,8 @@ def patient_rank(patient: str) -> str:
 def audit_patients(samples: list[data_mod.Sample], fraction: float, *, exclude: set[str]) -> set[str]:
     """The audit part's patients: class by class, in the order of :func:`patient_rank`, until their films reach
     ``fraction`` of the class's films (patients in ``exclude`` never; a patient of both classes once)."""
-    groups: dict[tuple[int, str], int] = {}
-    for s in samples:
-        groups[(s.label, s.patient)] = groups.get((s.label, s.patient), 0) + 1
-    chosen: set[str] = set()
-    for label in (0, 1):
-        keys = sorted((k for k in groups if k[0] == label), key=lambda k: (patient_rank(k[1]), k[1]))
-        target = fraction * sum(groups[k] for k in keys)
-        taken = 0
-        for k in keys:
-            if taken >= target:
-                break
-            if k[1] in chosen or k[1] in exclude:
-                continue
-            chosen.add(k[1])
-            taken += groups[k]
-    return chosen
+    return data_mod.take_patients(samples, fraction, lambda ps: sorted(ps, key=lambda p: (patient_rank(p), p)),
+                                  exclude=exclude)
 
 
 def split_sample(samples: list[data_mod.Sample], held: set[str], *, calibrate_fraction: float, audit_fraction: float,

@@ -22,7 +22,7 @@ import os
 import random
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,31 +290,39 @@ class Split:
         return out
 
 
-def draw_patients(samples: Sequence[Sample], fraction: float, rng: random.Random, *,
+def take_patients(samples: Sequence[Sample], fraction: float, order: Callable[[list[str]], list[str]], *,
                   exclude: frozenset[str] | set[str] = frozenset()) -> set[str]:
-    """Patients drawn, class by class, until their films reach ``fraction`` of the class's films.
-
-    Patients are shuffled with ``rng`` (sorted first, so a seed reproduces the draw); a patient with films of
-    both classes is drawn once; patients in ``exclude`` are never drawn (their films still count in the class's
-    total). Used by the training split (validation side) and by ``cxr adapt`` (audit part).
-    """
-    groups: dict[tuple[int, str], list[Sample]] = defaultdict(list)
+    """Patients taken, class by class, in the ``order`` given to each class's sorted patient ids, until their films
+    reach ``fraction`` of the class's films. A patient with films of both classes is taken once; patients in
+    ``exclude`` never (their films still count in the class's total)."""
+    films: dict[tuple[int, str], int] = defaultdict(int)
     for s in samples:
-        groups[(s.label, s.patient)].append(s)
+        films[(s.label, s.patient)] += 1
     chosen: set[str] = set()
     for label in (0, 1):
-        keys = sorted(k for k in groups if k[0] == label)
-        rng.shuffle(keys)
-        target = fraction * sum(len(groups[k]) for k in keys)
+        patients = sorted(p for lab, p in films if lab == label)
+        target = fraction * sum(films[(label, p)] for p in patients)
         taken = 0
-        for k in keys:
+        for p in order(patients):
             if taken >= target:
                 break
-            if k[1] in chosen or k[1] in exclude:
+            if p in chosen or p in exclude:
                 continue
-            chosen.add(k[1])
-            taken += len(groups[k])
+            chosen.add(p)
+            taken += films[(label, p)]
     return chosen
+
+
+def draw_patients(samples: Sequence[Sample], fraction: float, rng: random.Random, *,
+                  exclude: frozenset[str] | set[str] = frozenset()) -> set[str]:
+    """Patients drawn at random (:func:`take_patients`, shuffled with ``rng`` after sorting, so a seed reproduces the
+    draw). Used by the training split (validation side) and the lock."""
+
+    def shuffled(patients: list[str]) -> list[str]:
+        rng.shuffle(patients)
+        return patients
+
+    return take_patients(samples, fraction, shuffled, exclude=exclude)
 
 
 def make_source_split(
