@@ -160,3 +160,18 @@ def test_the_packaged_imagenet_weights_convert_and_classify_photographs(tmp_path
     net = models.build_efficientnet_lite0(weights=tmp_path / "lite0.npz", train_from_block=6)
     assert not net.get_layer("stem_conv").trainable and not net.get_layer("b5_project_bn").trainable
     assert net.get_layer("b6_expand_conv").trainable and net.get_layer("head_conv").trainable
+
+
+def test_the_accurate_models_card_names_the_imagenet_weights_it_started_from() -> None:
+    import json
+
+    from tests.conftest import SHIPPED_REPOSITORY
+
+    for model in ("pneumonia_accurate", "pneumonia_accurate_int8"):
+        card = json.loads((SHIPPED_REPOSITORY / model / "model_card.json").read_text())
+        record = card["training"]["config"]["weights_record"]
+        assert record["source_package"] == pretrained.PACKAGE and len(record["source_sha256"]) == 64
+        assert record["imagenet_check"]["scaling"] == "signed"
+        md = (SHIPPED_REPOSITORY / model / "MODEL_CARD.md").read_text()
+        assert f"sha256 `{record['source_sha256']}`" in md and "started from: ImageNet weights" in md
+    assert "started from" not in (SHIPPED_REPOSITORY / "pneumonia" / "MODEL_CARD.md").read_text()  # from scratch

