@@ -197,7 +197,10 @@ def test_int8_model_is_served(triton_server) -> None:  # type: ignore[no-untyped
             assert client.info.ood_threshold is not None
     assert len(films) == 6 and all(p.ok and p.ood_score is not None for p in answers["pneumonia_int8"])
     for q, f in zip(answers["pneumonia_int8"], answers["pneumonia"]):
-        assert q.label == f.label and abs(q.probability - f.probability) < 0.05  # type: ignore[operator]
+        assert abs(q.probability - f.probability) < 0.05  # type: ignore[operator]
+        # the same label, unless the FP32 answer lies within that tolerance of the threshold: then quantisation may
+        # put it on either side (IM-0178-0001: FP32 0.378, INT8 0.407, threshold 0.403)
+        assert q.label == f.label or abs(f.probability - f.threshold) < 0.05  # type: ignore[operator]
 
 
 def test_tampered_model_refuses_to_serve(tmp_path) -> None:  # type: ignore[no-untyped-def]
