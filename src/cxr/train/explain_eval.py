@@ -168,9 +168,12 @@ def markdown(rep: dict) -> str:
             f"{e.get('randomised_head_correlation', float('nan')):.2f} | {e.get('peaks_in_centre', float('nan')):.0%} | "
             f"{e.get('distinct_peak_cells_of_196', '-')} |"
         )
+    verdict = ("" if rep.get("passes_randomisation_check") else
+               " **No map passes the randomisation check**, so the rule fell back to every map: the chosen one is "
+               "the best of maps that fail it, and the page says so beside each map.")
     lines += [
         "",
-        f"Chosen: **{rep['best_layer']}**. Rule: among the maps that pass the model-randomisation check "
+        f"Chosen: **{rep['best_layer']}**.{verdict} Rule: among the maps that pass the model-randomisation check "
         f"(correlation with the randomised-head map below {MAX_RANDOMISED_CORRELATION}), the largest mean fall of "
         "P(pneumonia) at 5% and 10% deletion; at 20% so much of the film is greyed out that a coarse central blob "
         "lowers P whatever it marks. The page uses `cxr.client.explain.DEFAULT_LAYER`, which a test keeps equal to this choice.",

@@ -194,9 +194,10 @@ def markdown(report: dict) -> str:
     pt = report.get("point")
     if pt:
         at = sorted({s for t in report["trials"].values() for s in t["at_point"]})
-        lines += ["", f"At each run's own operating point chosen as the shipped adult one (sensitivity >= {pt['target']} "
-                  f"on its `{pt['source']}` select films), sensitivity / specificity on each source's select films "
-                  f"(in-sample for `{pt['source']}`, which chose the point):", "",
+        lines += ["", f"At each run's own adult point chosen on `{pt['source']}` alone (sensitivity >= {pt['target']} on "
+                  f"its `{pt['source']}` select films; the first lock's rule, not necessarily the shipped one's, which "
+                  "the model card states), sensitivity / specificity on each source's select films (in-sample for "
+                  f"`{pt['source']}`, which chose the point):", "",
                   "| run | threshold | " + " | ".join(at) + " |", "|---|---|" + "---|" * len(at)]
         for name, t in report["trials"].items():
             cells = []
