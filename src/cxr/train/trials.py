@@ -176,8 +176,8 @@ def markdown(report: dict) -> str:
     sources = sorted({s for t in report["trials"].values() for s in t["auc"]})
     lines = ["# Trials on the locked split (select side)", "",
              f"Split: `{report['split']}`. Every run trained on its train side and chose its checkpoint on its select "
-             "side; this table reads the **select side only** (the test side is read once, by `cxr claims`, for the "
-             "model that ships). AUC of the raw model output per source, 95% patient-bootstrap interval. *LOSO*: the "
+             "side; this table reads the **select side only** (the test side is read only by `cxr claims`, for the "
+             "models that ship, and each read is recorded in their `claims.json`). AUC of the raw model output per source, 95% patient-bootstrap interval. *LOSO*: the "
              "run never saw that source (leave-one-source-out). Only sources with both classes have an AUC. "
              "GFLOP: per film, from the layers' shapes; films/s: the exported graph in ONNX Runtime on this CPU "
              "(batch 16, all cores), measured one trial after another in one run.", "",
