@@ -137,3 +137,34 @@ def test_the_kit_block_replay_is_validated() -> None:
     with pytest.raises(ValueError, match="block replay"):
         adapt_kit.AdaptKit(**{**fields, "replay_block_input": "t:0", "replay_block": np.zeros((3, 2, 7, 7), np.float16),
                               "replay_block_index": np.array([0, 1, len(kit.replay_gap)])})
+
+
+def test_the_efficientnets_linear_projection_and_relu6_head_conv_adapt_as_served() -> None:
+    """EfficientNet-Lite0 ends ... depthwise conv, ReLU6, a linear 1x1 projection, a 1x1 head convolution, ReLU6,
+    the pool: its last 2 convolutions are a block (no activation between them), a third would be the depthwise
+    convolution, which the trainer does not run."""
+    folder = SHIPPED_REPOSITORY / "pneumonia_accurate"
+    base = ood_head.strip(onnx.load(str(folder / "1" / "model.onnx")))
+    tap = adapt_kit.load(folder).taps[0]
+    blk = af.find_block(base, tap, 2)
+    assert blk is not None and blk.ops == ("Conv", "Conv", "Clip")
+    assert af.find_block(base, tap, 3) is None and af.find_block(base, tap, af.WHOLE) == blk
+    x = _images(16)
+    y = np.array([1 - i % 2 for i in range(16)])
+    w0 = head.read(base, tap)
+    same = af.write_block(base, blk, af.BlockFit(convs=tuple(af.conv_weights(base, blk)), head=w0))
+    assert _served(same, x) == pytest.approx(_served(base, x), abs=1e-5)  # ReLU6 and the linear conv as in the graph
+    acts = af.block_inputs(base, blk, x)
+    fit = af.finetune_block(acts, y, acts, _served(base, x), af.conv_weights(base, blk), w0, val_acts=acts, val_y=y,
+                            epochs=2, learning_rate=3e-3, l2=0.0, distill=0.0, ops=blk.ops)
+    from cxr.train import metrics
+
+    served = _served(af.write_block(base, blk, fit), x)
+    assert metrics.roc_auc(y, served) == pytest.approx(fit.history[fit.epoch]["calibrate_auc"], abs=1e-6)
+
+
+def test_two_activations_in_a_row_or_none_first_is_not_a_block() -> None:
+    assert af._conv_then_activation(["Conv", "Clip", "Conv", "Conv", "Relu"])
+    assert not af._conv_then_activation(["Conv", "Relu", "Clip"])
+    assert not af._conv_then_activation(["Relu", "Conv"])
+    assert not af._conv_then_activation([])

@@ -41,7 +41,7 @@ class Block:
         nodes: Node names of the chain, in order (Conv, Relu, ..., GlobalAveragePool[, Squeeze]).
         convs: Conv node names, in order, with their (weight, bias) initializer names.
         gap_tensor: The head's input (the OOD head's first tap).
-        ops: The op types before the pool, in order (Conv, Relu, MaxPool), as the trainer runs them.
+        ops: The op types before the pool, in order (Conv, Relu, Clip (ReLU6), MaxPool), as the trainer runs them.
         strides: Each convolution's stride: 1 for a 'same' convolution, k for a k x k stride-k patch convolution
             without padding (a stem). Empty: all 1.
     """
@@ -64,6 +64,16 @@ def _pool_ok(node) -> bool:
     att = {a.name: list(a.ints) for a in node.attribute}
     return (att.get("kernel_shape") == [2, 2] and att.get("strides") == [2, 2] and not any(att.get("pads", []))
             and not any(a.name in ("ceil_mode", "auto_pad") and (a.i or a.s) for a in node.attribute))
+
+
+def _relu6(node, inits: dict) -> bool:
+    """A ``Clip`` between 0 and 6 (ReLU6, EfficientNet-Lite's activation), its bounds constant initializers."""
+    from onnx import numpy_helper
+
+    if node.op_type != "Clip" or len(node.input) != 3 or not all(i in inits for i in node.input[1:]):
+        return False
+    lo, hi = (float(numpy_helper.to_array(inits[i])) for i in node.input[1:])
+    return lo == 0.0 and hi == 6.0
 
 
 def _conv_stride(node, inits: set[str]) -> int | None:
@@ -90,9 +100,10 @@ WHOLE = 0
 
 
 def find_block(model, gap_tensor: str, convs: int = 2) -> Block | None:
-    """The last ``convs`` convolutions before ``gap_tensor`` as a trainable chain (Conv-ReLU pairs, 2x2 max pools
-    between them, stride 1 'same' convolutions or a stride-k k x k patch convolution), or ``None`` when the graph
-    does not end that way. ``convs=WHOLE``: every convolution the chain has (at least one)."""
+    """The last ``convs`` convolutions before ``gap_tensor`` as a trainable chain (each convolution followed by a
+    ReLU, a ReLU6 or nothing (a linear bottleneck, as EfficientNet's projections), 2x2 max pools between them, stride
+    1 'same' convolutions or a stride-k k x k patch convolution), or ``None`` when the graph does not end that way
+    (a depthwise convolution ends it). ``convs=WHOLE``: every convolution the chain has (at least one)."""
     if convs == WHOLE:
         whole = None
         for count in range(1, 256):
@@ -103,7 +114,8 @@ def find_block(model, gap_tensor: str, convs: int = 2) -> Block | None:
         return whole
     g = model.graph
     producer = {o: n for n in g.node for o in n.output}
-    inits = {i.name for i in g.initializer}
+    init_protos = {i.name: i for i in g.initializer}
+    inits = set(init_protos)
     chain = []
     n = producer.get(gap_tensor)
     if n is not None and n.op_type == "Squeeze":
@@ -117,7 +129,7 @@ def find_block(model, gap_tensor: str, convs: int = 2) -> Block | None:
     strides: list[int] = []
     while t in producer and len(found) < convs:
         p = producer[t]
-        if p.op_type == "Relu" or (p.op_type == "MaxPool" and _pool_ok(p)):
+        if p.op_type == "Relu" or _relu6(p, init_protos) or (p.op_type == "MaxPool" and _pool_ok(p)):
             chain.append(p)
         elif p.op_type == "Conv" and (stride := _conv_stride(p, inits)) is not None:
             chain.append(p)
@@ -130,11 +142,18 @@ def find_block(model, gap_tensor: str, convs: int = 2) -> Block | None:
         t = chain.pop().output[0]  # start at a convolution
     ops = [x.op_type for x in reversed(chain)]
     body = [o for o in ops[: ops.index("GlobalAveragePool")] if o != "MaxPool"]
-    if len(found) < convs or body != ["Conv", "Relu"] * convs:
-        return None  # the trainer's forward pass is Conv-ReLU pairs with max pools between
+    if len(found) < convs or body.count("Conv") != convs or not _conv_then_activation(body):
+        return None  # the trainer's forward pass: convolutions, each with one activation or none, max pools between
     return Block(input=t, nodes=tuple(x.name for x in reversed(chain)), convs=tuple(reversed(found)),
                  gap_tensor=gap_tensor, ops=tuple(o for o in ops[: ops.index("GlobalAveragePool")]),
                  strides=tuple(reversed(strides)))
+
+
+def _conv_then_activation(body: list[str]) -> bool:
+    """``body`` starts with a convolution and has at most one activation after each."""
+    if not body or body[0] != "Conv":
+        return False
+    return all(not (a in ("Relu", "Clip") and b in ("Relu", "Clip")) for a, b in zip(body, body[1:]))
 
 
 def conv_weights(model, block: Block) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -207,6 +226,8 @@ def _forward(tf, a, convs, head, scale: float, bias: float, ops: tuple[str, ...]
             k += 1
         elif op == "Relu":
             h = tf.nn.relu(h)
+        elif op == "Clip":
+            h = tf.nn.relu6(h)
         else:
             h = tf.nn.max_pool2d(h, 2, 2, "VALID")
     g = tf.reduce_mean(h, axis=(1, 2))
