@@ -1,6 +1,10 @@
 """Lay out one side of a training run's split, optionally one source's, as a labelled folder of symlinks.
 
     .venv/bin/python scripts/split_side.py RUN/split.json OUT [--side val] [--source nih] [--data KAGGLE_ROOT]
+        [--patients N --seed S]
+
+``--patients N`` keeps N patients drawn at random (``--seed``) with all their films, as a site's sample comes:
+its class mix is what the side's is, not stratified.
 
 OUT/{NORMAL,PNEUMONIA}/ then holds links to the films (and OUT/MANIFEST.csv their patients), so that the
 commands that take a labelled folder (cxr site-audit, cxr evaluate, cxr adapt) run on held-out patients.
@@ -9,6 +13,7 @@ commands that take a labelled folder (cxr site-audit, cxr evaluate, cxr adapt) r
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 from pathlib import Path
 
@@ -24,8 +29,17 @@ def main() -> int:
                    help="val and select are one side (a locked split calls it select)")
     p.add_argument("--source", action="append", help="only this source's films (repeatable)")
     p.add_argument("--data", type=Path, help="Kaggle root, for splits without source roots")
+    p.add_argument("--patients", type=int, help="keep this many patients, drawn at random (with --seed)")
+    p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     samples = [s for s in Split.load(a.split).samples(a.side, a.data) if a.source is None or s.source in a.source]
+    if a.patients is not None:
+        patients = sorted({s.patient for s in samples})
+        if not 0 < a.patients <= len(patients):
+            print(f"--patients {a.patients}: the side has {len(patients)} patients", file=sys.stderr)
+            return 2
+        keep = set(random.Random(a.seed).sample(patients, a.patients))
+        samples = [s for s in samples if s.patient in keep]
     if not samples:
         print(f"no films on the {a.side} side" + (f" of source {a.source}" if a.source else ""), file=sys.stderr)
         return 2

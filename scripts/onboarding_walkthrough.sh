@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# docs/onboarding.md's walk-through, rerunnable: a hospital (SIIM) meets a model that never saw it.
+# The model in service is validation/model_repository/pneumonia_without_siim (`cxr train --leave-out siim` on the
+# adult lock, built by scripts/build_adult_model.sh: no SIIM film in its provenance). The site's sample is 600 SIIM
+# studies drawn at random (seed 33) from the SIIM train side of the lock (no SIIM film trained that model; the
+# shipped models' SIIM test side is not touched). Writes everything under OUT (default runs/onboarding).
+#   ./scripts/onboarding_walkthrough.sh [OUT]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-runs/onboarding}
+CXR=.venv/bin/cxr
+PY=.venv/bin/python
+VREPO=validation/model_repository
+BASE=pneumonia_without_siim
+SAMPLE=$OUT/siim_sample
+mkdir -p "$OUT"
+[ -d "$SAMPLE" ] || $PY scripts/split_side.py docs/model/adult_lock/split.json "$SAMPLE" --side train --source siim \
+  --patients 600 --seed 33
+run() {  # the command, its exit code and its output, into OUT/log.md
+  echo "\$ $*" | sed "s#$PWD/##g" >> "$OUT/log.md"
+  set +e; "$@" > "$OUT/last.out" 2>&1; rc=$?; set -e
+  tail -n 25 "$OUT/last.out" | sed 's/^/    /' >> "$OUT/log.md"
+  echo "exit $rc" >> "$OUT/log.md"; echo >> "$OUT/log.md"
+}
+: > "$OUT/log.md"
+# 1. plan
+run $CXR site-audit --plan --model-repository $VREPO --model $BASE
+# 2. audit the model in service at the adult point
+run $CXR site-audit "$SAMPLE" --protocol embedded --url $VREPO --model $BASE --model-repository $VREPO \
+  --operating-point adult --out "$OUT/audit"
+# 3. adapt: the card's targets, then a second seed (the same audit patients; the report lists the first attempt)
+run $CXR adapt "$SAMPLE" --model-repository $VREPO --model $BASE --out-repository "$OUT/R" --name pneumonia_siim \
+  --population adult --report "$OUT/adapt"
+run $CXR adapt "$SAMPLE" --model-repository $VREPO --model $BASE --out-repository "$OUT/R" --name pneumonia_siim \
+  --population adult --report "$OUT/adapt" --seed 1
+echo "log: $OUT/log.md"
