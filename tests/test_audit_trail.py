@@ -19,6 +19,7 @@ from cxr.core.audit_trail import (
     record_hash,
     verify,
 )
+from tests.conftest import cxr, wait_until
 
 SHA = "ab" * 32
 
@@ -33,8 +34,7 @@ def _trail(path: Path, n: int = 6) -> list[str]:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cxr.cli", "audit-log", *args], capture_output=True, text=True,
-                          timeout=120)
+    return cxr("audit-log", *args, timeout=120)
 
 
 def test_records_chain_and_carry_what_was_asked(tmp_path: Path) -> None:
@@ -164,7 +164,6 @@ def test_serve_records_its_models_and_a_change_through_the_repository_api(tmp_pa
     """`cxr serve --audit-log`: start, the served model with its sha256, an unload through the repository API seen
     as admin_api + model_changed, stop; the chain holds."""
     import signal
-    import time
     import urllib.request
 
     from cxr.core.model_dir import ModelDir
@@ -176,11 +175,8 @@ def test_serve_records_its_models_and_a_change_through_the_repository_api(tmp_pa
         req = urllib.request.Request(f"http://127.0.0.1:{h}/v2/repository/models/pneumonia/unload", data=b"{}",
                                      method="POST")
         urllib.request.urlopen(req, timeout=60).read()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # the serve loop looks at the repository index every 5 s
-            if any(r["event"] == "admin_api" for r in read(trail)):
-                break
-            time.sleep(0.5)
+        # the serve loop looks at the repository index every 5 s
+        wait_until(lambda: any(r["event"] == "admin_api" for r in read(trail)), 60, "the admin_api record")
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)

@@ -12,7 +12,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -20,9 +19,9 @@ import pydicom
 import pytest
 
 from cxr.serving.server import free_ports
-from tests.conftest import REPO, SHIPPED_REPOSITORY
+from tests.conftest import REPO, SHIPPED_REPOSITORY, wait_until
 from tests.listen_crash import CRASHED, STEPS
-from tests.test_pacs import chest_dx, echo, spool_idle, wait_for
+from tests.test_pacs import chest_dx, echo, spool_idle
 
 pytestmark = pytest.mark.slow
 
@@ -57,15 +56,13 @@ class CountingPacs:
 
 def _listen(cmd: list[str], log: Path, port: int) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=REPO)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(log.read_text()[-3000:])
-        if echo(port):
-            return proc
-        time.sleep(0.3)
-    proc.kill()
-    raise AssertionError("cxr listen did not start")
+    try:
+        wait_until(lambda: echo(port), 90, "cxr listen to answer C-ECHO", proc=proc, log=log, every_s=0.3)
+    except AssertionError:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
 
 
 def _send(port: int, films: list[pydicom.Dataset]) -> int:
@@ -117,7 +114,7 @@ def test_a_crash_at_each_step_of_finishing_leaves_one_sr_one_row_one_record(step
         listener = _listen([sys.executable, "-m", "cxr.cli", "listen", *args], tmp_path / "listen.log", port)
         try:
             _send(port, films)  # the PACS sends everything again
-            wait_for(lambda: len(pacs.stored()) == len(films) and spool_idle(spool), timeout=180)
+            wait_until(lambda: len(pacs.stored()) == len(films) and spool_idle(spool), 180)
         finally:
             listener.terminate()
             listener.wait(timeout=60)
@@ -173,7 +170,7 @@ def test_a_crash_while_answering_a_study_leaves_one_study_sr(step: str, tmp_path
         listener = _listen([sys.executable, "-m", "cxr.cli", "listen", *args], tmp_path / "listen.log", port)
         try:
             _send(port, films)
-            wait_for(lambda: len(pacs.stored()) == 1 and spool_idle(spool), timeout=180)
+            wait_until(lambda: len(pacs.stored()) == 1 and spool_idle(spool), 180)
         finally:
             listener.terminate()
             listener.wait(timeout=60)
@@ -231,7 +228,7 @@ def test_three_sigkills_during_a_burst_then_everything_sent_again_one_sr_each(tm
                 sender.start()
             before = rows()
             try:
-                wait_for(lambda before=before: rows() >= min(before + 10, len(films)), timeout=180)
+                wait_until(lambda before=before: rows() >= min(before + 10, len(films)), 180)
             finally:
                 listener.send_signal(signal.SIGKILL)
                 listener.wait(timeout=30)
@@ -241,7 +238,7 @@ def test_three_sigkills_during_a_burst_then_everything_sent_again_one_sr_each(tm
         try:
             for i in range(0, len(films), 10):  # everything sent again
                 _send(port, films[i : i + 10])
-            wait_for(lambda: len(pacs.stored()) == len(films) and spool_idle(spool), timeout=600)
+            wait_until(lambda: len(pacs.stored()) == len(films) and spool_idle(spool), 600)
         finally:
             listener.terminate()
             listener.wait(timeout=60)

@@ -17,7 +17,7 @@ from cxr.core.integrity import sha256_file
 from cxr.core.ort_session import make_session
 from cxr.export import ood_head
 from cxr.train.evaluate import choose_threshold, operating_point, sensitivity_lower_bound
-from tests.conftest import SHIPPED_MODELS, SHIPPED_REPOSITORY
+from tests.conftest import SHIPPED_MODELS, SHIPPED_REPOSITORY, cxr
 
 ONNX = SHIPPED_REPOSITORY / "pneumonia" / "1" / "model.onnx"
 
@@ -157,14 +157,11 @@ def test_calibrate_refuses_a_model_with_operating_points_before_any_work(tmp_pat
     """`cxr calibrate` sets one threshold; on a model that answers at operating points it says so in one line,
     names the commands that do set them, and writes nothing (the site folder is never even read)."""
     import shutil
-    import subprocess
-    import sys
 
     model = tmp_path / "repo" / "pneumonia"
     shutil.copytree(SHIPPED_REPOSITORY / "pneumonia", model, ignore=shutil.ignore_patterns("__pycache__"))
     before = {str(p): p.read_bytes() for p in sorted(model.rglob("*")) if p.is_file()}
-    r = subprocess.run([sys.executable, "-m", "cxr.cli", "calibrate", "--model", str(model), "--data",
-                        str(tmp_path / "no_such_site"), "--overwrite"], capture_output=True, text=True, timeout=300)
+    r = cxr("calibrate", "--model", str(model), "--data", str(tmp_path / "no_such_site"), "--overwrite", timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]  # (TensorFlow's own start-up lines may come before it)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -12,7 +10,7 @@ from cxr.client.client import Prediction
 from cxr.client.results import CSV_COLUMNS, JOURNAL_COLUMNS, as_json, from_row, refusal_text, table, to_row
 from cxr.core import contract
 from cxr.core.errors import DataError
-from tests.conftest import REPO
+from tests.conftest import REPO, cxr, prediction
 
 SHA = "ab" * 32
 THRESHOLD = 0.029920369386672974  # what a served config now carries, every digit
@@ -23,14 +21,14 @@ def _preds() -> list[Prediction]:
                                   limit=35.067726135253906)
     hdr = contract.not_assessable("d.dcm", "dicom_modality", "Modality 'CT' not in CR/DX", value="CT", limit="CR/DX")
     return [
-        Prediction(source="a.png", status=contract.Status.OK, label="Pneumonia", probability=0.12345678901234567, threshold=THRESHOLD, model_name="pneumonia", model_version="1",
+        prediction(source="a.png", label="Pneumonia", probability=0.12345678901234567, threshold=THRESHOLD, model_version="1",
                    ood_score=12.345678901234567, ood_threshold=35.07, model_sha256=SHA),
-        Prediction(source="b.png", status=contract.Status.ERROR, label=None, probability=None, threshold=THRESHOLD, model_name="pneumonia", model_version="1", reason="b.png: server down",
+        prediction("error", source="b.png", threshold=THRESHOLD, model_version="1", reason="b.png: server down",
                    retryable=True, model_sha256=SHA),
-        Prediction(source="c.png", status=contract.Status.NOT_ASSESSABLE, label=None, probability=None, threshold=THRESHOLD, model_name="pneumonia", model_version="1", reason=str(ood),
+        prediction("not_assessable", source="c.png", threshold=THRESHOLD, model_version="1", reason=str(ood),
                    ood_score=90.123456789012, ood_threshold=35.067726135253906, refusal=contract.Refusal.of(ood),
                    model_sha256=SHA),
-        Prediction(source="d.dcm", status=contract.Status.NOT_ASSESSABLE, label=None, probability=None, threshold=THRESHOLD, model_name="pneumonia", model_version="1", reason=str(hdr),
+        prediction("not_assessable", source="d.dcm", threshold=THRESHOLD, model_version="1", reason=str(hdr),
                    sop_instance_uid="1.2.3", refusal=contract.Refusal.of(hdr), model_sha256=SHA),
     ]
 
@@ -77,8 +75,7 @@ def test_predict_json_carries_every_digit_of_the_served_numbers() -> None:
     from cxr.client import PneumoniaClient
 
     files = [str(REPO / "examples" / "NORMAL" / "IM-0117-0001.jpeg"), str(REPO / "examples" / "not_chest" / "camera.png")]
-    r = subprocess.run([sys.executable, "-m", "cxr.cli", "predict", "--protocol", "embedded", "--format", "json", *files],
-                       capture_output=True, text=True, timeout=300)
+    r = cxr("predict", "--protocol", "embedded", "--format", "json", *files, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout)
     with PneumoniaClient(protocol="embedded") as c:
@@ -93,15 +90,15 @@ def test_predict_json_carries_every_digit_of_the_served_numbers() -> None:
 
 
 def _ok(source: str = "a", **kw) -> Prediction:  # type: ignore[no-untyped-def]
-    return Prediction(source=source, status="ok", label="Pneumonia", probability=0.9995, threshold=0.25, model_name="pneumonia", model_version="3", **kw)
+    return prediction(source=source, label="Pneumonia", probability=0.9995, threshold=0.25, model_version="3", **kw)
 
 
 def _refused(value: float | str | None = 2.5, detail: str = "std low") -> Prediction:
-    return Prediction(source="b.dcm", status="not_assessable", label=None, probability=None, threshold=0.25, model_name="pneumonia", model_version="3", reason="blank", refusal=contract.Refusal("blank_image", value, 8.0 if value is not None else None, detail))
+    return prediction("not_assessable", source="b.dcm", threshold=0.25, model_version="3", reason="blank", refusal=contract.Refusal("blank_image", value, 8.0 if value is not None else None, detail))
 
 
 def _error() -> Prediction:
-    return Prediction(source="c", status="error", label=None, probability=None, threshold=0.25, model_name="pneumonia", model_version="3", reason="server down", retryable=True)
+    return prediction("error", source="c", threshold=0.25, model_version="3", reason="server down", retryable=True)
 
 
 # guards cxr.client.results: to_row: an ok row's refusal and error cells stay empty
@@ -180,7 +177,7 @@ def test_refusal_text_shows_the_measure_and_limit_else_the_detail_else_the_meani
 
 # guards cxr.client.results: table: columns, widths and the > 0.999 / < 0.001 ends
 def test_the_terminal_table() -> None:
-    low = Prediction(source="d", status="ok", label="Normal", probability=0.0004, threshold=0.25, model_name="pneumonia", model_version="3")
+    low = prediction(source="d", label="Normal", probability=0.0004, threshold=0.25, model_version="3")
     assert table([_ok(operating_point="high"), _refused(), _error(), low]) == (
         "path   status          label      P(pneumonia)     thr  point       detail\n"
         "a      ok              Pneumonia       > 0.999  0.2500  high        pneumonia v3\n"
