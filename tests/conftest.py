@@ -97,6 +97,53 @@ def prediction(status: str = "ok", **fields: Any) -> Prediction:
     return Prediction(status=status, **{**base, **fields})
 
 
+class StubPacs:
+    """The tests' PACS when only its C-STORE answers matter: a pynetdicom Storage SCP (AE title ``PACS``) on a free
+    loopback ``port``. It answers the first ``refuse`` C-STOREs with 0xA900 (refused for good) and accepts the rest.
+    ``stored``: the SOP Instance UIDs it accepted, in order; ``got``: (SOP Instance UID, sha256 of the dataset) of
+    each of them; ``refused``: the UIDs it refused. Always ``stop()`` it (or use it as a context manager)."""
+
+    def __init__(self, refuse: int = 0) -> None:
+        import threading
+
+        from pynetdicom import AE, StoragePresentationContexts, evt
+
+        from cxr.serving.server import free_ports
+
+        self.refuse = refuse
+        self.stored: list[str] = []
+        self.got: list[tuple[str, str]] = []
+        self.refused: list[str] = []
+        self.port = free_ports(1)[0]
+        self._lock = threading.Lock()
+        ae = AE(ae_title="PACS")
+        ae.supported_contexts = StoragePresentationContexts
+        self._server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+
+    def _on_store(self, event) -> int:  # type: ignore[no-untyped-def]
+        import hashlib
+
+        uid = str(event.request.AffectedSOPInstanceUID)
+        digest = hashlib.sha256(event.request.DataSet.getvalue()).hexdigest()
+        with self._lock:
+            if len(self.refused) < self.refuse:
+                self.refused.append(uid)
+                return 0xA900
+            self.stored.append(uid)
+            self.got.append((uid, digest))
+        return 0x0000
+
+    def stop(self) -> None:
+        self._server.shutdown()
+
+    def __enter__(self) -> StubPacs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 def start_cxr_serve(*extra: str):  # type: ignore[no-untyped-def]
     """`cxr serve` of the shipped model on free loopback ports, returned once it printed its readiness line:
     (process, http port). The caller stops it."""

@@ -17,7 +17,7 @@ import pytest
 
 from cxr.doors.dicom.sr import read_sr
 from cxr.serving.server import free_ports
-from tests.conftest import SHIPPED_REPOSITORY, cxr, wait_until
+from tests.conftest import SHIPPED_REPOSITORY, StubPacs, cxr, wait_until
 from tests.test_dicom import make_dicom
 
 pytestmark = pytest.mark.slow
@@ -484,42 +484,12 @@ def test_an_instance_that_cannot_be_answered_is_set_aside_and_later_studies_are_
         listener.wait(timeout=60)
 
 
-class RefusingPacs:
-    """A pynetdicom Storage SCP that answers the first ``refuse`` C-STOREs with a failure status (0xA900: refused for
-    good) and accepts the rest; what it accepted is in ``stored`` (SOP Instance UIDs)."""
-
-    def __init__(self, refuse: int = 1) -> None:
-        import threading
-
-        from pynetdicom import AE, StoragePresentationContexts, evt
-
-        self.refuse, self.stored, self.refused = refuse, [], []  # type: ignore[var-annotated]
-        self.port = free_ports(1)[0]
-        self._lock = threading.Lock()
-        ae = AE(ae_title="PACS")
-        ae.supported_contexts = StoragePresentationContexts
-        self._server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
-
-    def _on_store(self, event) -> int:  # type: ignore[no-untyped-def]
-        uid = str(event.request.AffectedSOPInstanceUID)
-        with self._lock:
-            if len(self.refused) < self.refuse:
-                self.refused.append(uid)
-                return 0xA900
-            self.stored.append(uid)
-        return 0x0000
-
-    def stop(self) -> None:
-        self._server.shutdown()
-
-
 def test_a_result_refused_for_good_is_parked_later_ones_go_and_redeliver_sends_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import io
 
     from cxr.core.audit_trail import read
 
-    pacs = RefusingPacs(refuse=1)
+    pacs = StubPacs(refuse=1)
     port = free_ports(1)[0]
     audit = tmp_path / "audit.jsonl"
     extra = ("--send-to", f"PACS@127.0.0.1:{pacs.port}", "--audit-log", str(audit))
@@ -637,7 +607,7 @@ def test_pipeline_metrics_count_what_came_what_was_dropped_and_what_left(tmp_pat
     import io
     import re
 
-    pacs = RefusingPacs(refuse=0)
+    pacs = StubPacs()
     port = free_ports(1)[0]
     listener = start_listener(tmp_path, None, port, extra=("--send-to", f"PACS@127.0.0.1:{pacs.port}",
                                                            "--metrics-port", "0"))
