@@ -57,7 +57,8 @@ FUNCTIONS = {
 TESTS = ("tests/test_audit_trail.py", "tests/test_not_assessable.py", "tests/test_dicom.py", "tests/test_robustness.py",
          "tests/test_contract.py", "tests/test_operating_point.py", "tests/test_metrics.py",
          "tests/test_audit_monitor.py", "tests/test_site_tools.py", "tests/test_site_sample.py",
-         "tests/test_results.py", "tests/test_csv_columns.py", "tests/test_mutation_guards.py")
+         "tests/test_results.py", "tests/test_csv_columns.py", "tests/test_durable.py", "tests/test_eligibility.py",
+         "tests/test_pixels.py", "tests/test_site_audit.py")
 
 
 class _OnlyThese(cst.CSTTransformer):

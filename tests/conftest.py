@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
+
+if TYPE_CHECKING:
+    from cxr.client.client import Prediction
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"
@@ -25,12 +32,121 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CXR_HOME", str(REPO / "out" / "test-home"))
 
 
+# --- helpers the test files share: import them from here (``from tests.conftest import cxr, wait_until``) --------
+
+
+def cxr(*args: str, ok: bool = False, timeout: float = 600, cwd: Path | None = None, home: Path | None = None,
+        input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``cxr ARGS`` as a user runs it (``python -m cxr.cli``), its output captured as text. ``ok``: assert that it
+    exited 0, the assertion naming the command and showing the tail of its output. ``home``: its state folder
+    ($CXR_HOME; default: the tests' own, set below)."""
+    env = {**os.environ, "CXR_HOME": str(home)} if home is not None else None
+    r = subprocess.run([sys.executable, "-m", "cxr.cli", *args], capture_output=True, text=True, timeout=timeout,
+                       cwd=cwd, env=env, input=input)
+    if ok:
+        assert r.returncode == 0, \
+            f"cxr {' '.join(args)} failed (exit {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    return r
+
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], deadline_s: float = 120.0, what: str | None = None, *,
+               proc: subprocess.Popen[Any] | None = None, log: Path | None = None,
+               ignore: tuple[type[BaseException], ...] = (), every_s: float = 0.5) -> T:
+    """Synchronise on an event: call ``predicate`` until it returns something true, and return that. The test
+    fails (an AssertionError naming ``what``) when ``deadline_s`` passes first, or when ``proc``, the process
+    whose work the test waits on, ends first; either message ends with the tail of ``log`` (its output). Exceptions
+    of the types in ``ignore`` mean "not yet" (a server that does not answer yet). ``every_s`` is the polling
+    interval, never a synchronisation of its own. Without ``what`` the message names the predicate's line."""
+    if what is None:
+        code = getattr(predicate, "__code__", None)
+        what = f"the condition of {Path(code.co_filename).name}:{code.co_firstlineno}" if code else repr(predicate)
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            got = predicate()
+        except ignore:
+            got = None  # type: ignore[assignment]
+        if got:
+            return got
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"waiting for {what}: the process ended first (exit {proc.returncode}){_tail(log)}")
+        if time.monotonic() >= end:
+            raise AssertionError(f"waiting for {what}: not within {deadline_s:.0f} s{_tail(log)}")
+        time.sleep(every_s)
+
+
+def _tail(log: Path | None) -> str:
+    return f"\n{log.read_text(errors='replace')[-3000:]}" if log is not None and log.exists() else ""
+
+
+def prediction(status: str = "ok", **fields: Any) -> Prediction:
+    """A :class:`~cxr.client.client.Prediction` with the fields a test does not look at filled in: source ``a``,
+    threshold 0.25, model ``pneumonia`` version ``3``; an ``ok`` one ``Normal`` at probability 0.1, the others
+    without label or probability (a ``not_assessable`` one needs its ``refusal`` and ``reason``, an ``error`` its
+    ``reason``). ``fields`` override any of them."""
+    from cxr.client.client import Prediction
+    from cxr.core import contract
+
+    base: dict[str, Any] = {"source": "a", "label": None, "probability": None, "threshold": 0.25,
+                            "model_name": "pneumonia", "model_version": "3"}
+    if contract.Status(status) is contract.Status.OK:
+        base.update(label="Normal", probability=0.1)
+    return Prediction(status=status, **{**base, **fields})
+
+
+class StubPacs:
+    """The tests' PACS when only its C-STORE answers matter: a pynetdicom Storage SCP (AE title ``PACS``) on a free
+    loopback ``port``. It answers the first ``refuse`` C-STOREs with 0xA900 (refused for good) and accepts the rest.
+    ``stored``: the SOP Instance UIDs it accepted, in order; ``got``: (SOP Instance UID, sha256 of the dataset) of
+    each of them; ``refused``: the UIDs it refused. Always ``stop()`` it (or use it as a context manager)."""
+
+    def __init__(self, refuse: int = 0) -> None:
+        import threading
+
+        from pynetdicom import AE, StoragePresentationContexts, evt
+
+        from cxr.serving.server import free_ports
+
+        self.refuse = refuse
+        self.stored: list[str] = []
+        self.got: list[tuple[str, str]] = []
+        self.refused: list[str] = []
+        self.port = free_ports(1)[0]
+        self._lock = threading.Lock()
+        ae = AE(ae_title="PACS")
+        ae.supported_contexts = StoragePresentationContexts
+        self._server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+
+    def _on_store(self, event) -> int:  # type: ignore[no-untyped-def]
+        import hashlib
+
+        uid = str(event.request.AffectedSOPInstanceUID)
+        digest = hashlib.sha256(event.request.DataSet.getvalue()).hexdigest()
+        with self._lock:
+            if len(self.refused) < self.refuse:
+                self.refused.append(uid)
+                return 0xA900
+            self.stored.append(uid)
+            self.got.append((uid, digest))
+        return 0x0000
+
+    def stop(self) -> None:
+        self._server.shutdown()
+
+    def __enter__(self) -> StubPacs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 def start_cxr_serve(*extra: str):  # type: ignore[no-untyped-def]
     """`cxr serve` of the shipped model on free loopback ports, returned once it printed its readiness line:
     (process, http port). The caller stops it."""
-    import subprocess
-    import sys
-
     from cxr.serving.server import free_ports
 
     h, g, m = free_ports(3)
@@ -58,7 +174,6 @@ def read_line(proc, text: str, *, deadline_s: float) -> str | None:  # type: ign
     the process ends or the deadline passes first. Reads the pipe's descriptor directly (``select``), so a process
     that prints nothing cannot hold the caller past the deadline."""
     import select
-    import time
 
     end = time.monotonic() + deadline_s
     buf = ""
@@ -150,13 +265,9 @@ def freeze_after_journal_rows(proc, out: Path, rows: int, deadline_s: float = 12
     (SIGSTOP) so that it can write no more: the test acts on a run known to be mid-way, not on a count it races.
     Returns the inputs the journal then holds; the caller kills or continues (SIGCONT) the process."""
     import signal
-    import time
 
-    deadline = time.monotonic() + deadline_s
-    while len(journal_rows(out)) < rows:
-        assert proc.poll() is None, f"cxr predict ended (exit {proc.returncode}) before {rows} journal rows"
-        assert time.monotonic() < deadline, f"fewer than {rows} journal rows within {deadline_s:.0f} s"
-        time.sleep(0.01)
+    wait_until(lambda: len(journal_rows(out)) >= rows, deadline_s, f"{rows} journal rows of cxr predict", proc=proc,
+               every_s=0.01)
     proc.send_signal(signal.SIGSTOP)
     assert proc.poll() is None, "cxr predict finished every input before it could be stopped mid-run"
     return len({r["path"] for r in journal_rows(out)})

@@ -9,7 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from cxr.core.audit_trail import GENESIS, AuditLog, AuditRecord, read, verify
+from cxr.core.audit_trail import (
+    GENESIS,
+    AuditChainError,
+    AuditLog,
+    AuditRecord,
+    Verification,
+    read,
+    record_hash,
+    verify,
+)
+from tests.conftest import cxr, wait_until
 
 SHA = "ab" * 32
 
@@ -24,8 +34,7 @@ def _trail(path: Path, n: int = 6) -> list[str]:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cxr.cli", "audit-log", *args], capture_output=True, text=True,
-                          timeout=120)
+    return cxr("audit-log", *args, timeout=120)
 
 
 def test_records_chain_and_carry_what_was_asked(tmp_path: Path) -> None:
@@ -155,7 +164,6 @@ def test_serve_records_its_models_and_a_change_through_the_repository_api(tmp_pa
     """`cxr serve --audit-log`: start, the served model with its sha256, an unload through the repository API seen
     as admin_api + model_changed, stop; the chain holds."""
     import signal
-    import time
     import urllib.request
 
     from cxr.core.model_dir import ModelDir
@@ -167,11 +175,8 @@ def test_serve_records_its_models_and_a_change_through_the_repository_api(tmp_pa
         req = urllib.request.Request(f"http://127.0.0.1:{h}/v2/repository/models/pneumonia/unload", data=b"{}",
                                      method="POST")
         urllib.request.urlopen(req, timeout=60).read()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # the serve loop looks at the repository index every 5 s
-            if any(r["event"] == "admin_api" for r in read(trail)):
-                break
-            time.sleep(0.5)
+        # the serve loop looks at the repository index every 5 s
+        wait_until(lambda: any(r["event"] == "admin_api" for r in read(trail)), 60, "the admin_api record")
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
@@ -199,3 +204,87 @@ def test_every_event_exports_with_its_own_dicom_code(tmp_path: Path) -> None:
     types = [(e["resource"]["type"]["code"], e["resource"]["type"]["display"]) for e in audit_events(read(path))["entry"]]
     assert types == [("110131", "Software Configuration"), ("110107", "Import"), ("110126", "Node Authentication"),
                      ("110121", "Application Stop")]
+
+
+# --- found by the mutation check (scripts/mutation.py, docs/tests/mutation.md): each test pins a decision, a
+# bound or a message that a mutant changed without any other test noticing ------------------------------------
+
+
+def _chain(path: Path, n: int = 4) -> list[dict]:
+    with AuditLog(path, component="test") as log:
+        return [log.event("screened", actor="ae:MODALITY", instance_uid=f"1.2.{i}", status="ok") for i in range(n)]
+
+
+def _line(rec: dict) -> str:
+    rec = {k: v for k, v in rec.items() if k != "hash"}
+    rec["hash"] = record_hash(rec)
+    return json.dumps(rec, sort_keys=True, separators=(",", ":"))
+
+
+# guards cxr.core.audit_trail: verify: the line and the reason of each kind of break
+def test_verify_says_exactly_where_and_why_the_chain_breaks(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    recs = _chain(path)
+    good = path.read_text().splitlines()
+    h = [r["hash"] for r in recs]
+
+    def check(lines: list[str], expected: Verification, **kw: str) -> None:
+        path.write_text("\n".join(lines) + "\n")
+        assert verify(path, **kw) == expected
+
+    check(good, Verification(True, 4, h[3]))
+    check([*good[:2], "{not json", *good[2:]], Verification(False, 2, h[1], 3, "line 3 is not a JSON record"))
+    check([*good[:2], "[1, 2]"], Verification(False, 2, h[1], 3, "line 3 does not carry the hash of line 2 (a line "
+                                                                  "before it was edited, inserted or deleted)"))
+    check(good[1:], Verification(False, 0, GENESIS, 1, "line 1 does not start the chain (the trail's first lines "
+                                                         "were deleted)"))
+    check([good[0], good[2]], Verification(False, 1, h[0], 2, "line 2 does not carry the hash of line 1 (a line "
+                                                                "before it was edited, inserted or deleted)"))
+    edited = good[1].replace("1.2.1", "1.2.9")
+    check([good[0], edited], Verification(False, 1, h[0], 2, "line 2 was edited (its content does not match its hash)"))
+    check([good[0], _line({**recs[1], "seq": 7})],
+          Verification(False, 1, h[0], 2, "line 2 has sequence number 7, expected 2"))
+    check([good[0], _line({**recs[1], "event": "coffee"})],
+          Verification(False, 1, h[0], 2, "line 2 has an unknown event 'coffee'"))
+    check(good[:2], Verification(False, 2, h[1], None, "the last record is not the one filed (the trail's tail was "
+                                                         "removed or replaced)"), expect_last_hash=h[3])
+    check(good, Verification(True, 4, h[3]), expect_last_hash=h[3])
+
+
+# guards cxr.core.audit_trail: verify/read: their AuditChainError messages
+def test_an_unreadable_trail_and_a_broken_read_say_so_in_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.jsonl"
+    with pytest.raises(AuditChainError, match=rf"^{missing}: cannot read the audit trail \(FileNotFoundError\)$"):
+        verify(missing)
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b"\xff\xfe\n")
+    with pytest.raises(AuditChainError, match=r"cannot read the audit trail \(UnicodeDecodeError\)$"):
+        verify(path)
+    path = tmp_path / "b.jsonl"
+    _chain(path, 2)
+    assert [r["instance_uid"] for r in read(path)] == ["1.2.0", "1.2.1"]
+    path.write_text(path.read_text().splitlines()[1] + "\n")
+    with pytest.raises(AuditChainError, match=rf"^{path}: line 1 does not start the chain"):
+        read(path)
+
+
+# guards cxr.core.audit_trail: AuditRecord: credential redaction and field checks
+def test_audit_records_redact_url_credentials_and_refuse_bad_fields(tmp_path: Path) -> None:
+    rec = AuditRecord("result_delivered", "cert:https://u:pw@ris.example/x", detail={"to": "https://u:pw@pacs/x"})
+    assert rec.actor == "cert:https://***@ris.example/x" and rec.detail == {"to": "https://***@pacs/x"}
+    plain = AuditRecord("received", "ae:A", detail={"n": 1, "path": "/data/x"})
+    assert plain.actor == "ae:A" and plain.detail == {"n": 1, "path": "/data/x"}
+    with pytest.raises(ValueError, match=r"^unknown audit event 'x' \(one of received, screened, "):
+        AuditRecord("x", "ae:A")
+    with pytest.raises(ValueError, match=r"^outcome must be one of \('success', 'failure'\), got 'maybe'$"):
+        AuditRecord("received", "ae:A", outcome="maybe")
+    with pytest.raises(ValueError, match="^an audit record needs its actor$"):
+        AuditRecord("received", "")
+    with pytest.raises(ValueError, match=r"^audit detail must not carry patient data \(PatientID, name\)$"):
+        AuditRecord("received", "ae:A", detail={"name": "x", "PatientID": "1"})
+    with AuditLog(tmp_path / "a.jsonl", component="cxr listen") as log:
+        out = log.event("received", actor="ae:A")
+    assert out["component"] == "cxr listen"
+    assert (out["outcome"], out["study_uid"], out["instance_uid"], out["model_sha256"], out["detail"]) == (
+        "success", "", "", "", {})
+

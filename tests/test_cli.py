@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from cxr.cli import build_parser
+from tests.conftest import cxr
 
 SUBCOMMANDS = ["lock-split", "import-weights", "train", "evaluate", "operating-points", "claims", "trials", "compare", "calibrate", "export", "ood-fit", "ood-eval", "explain-eval", "configs", "serve",
                "predict", "site-audit", "adapt", "monitor", "health", "bench", "capacity", "soak", "ui", "ui-passwd", "proxy",
@@ -54,13 +53,12 @@ def test_subcommand_help(cmd: str, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_console_script_runs() -> None:
-    r = subprocess.run([sys.executable, "-m", "cxr.cli", "--help"], capture_output=True, text=True, timeout=60)
+    r = cxr("--help", timeout=60)
     assert r.returncode == 0 and "predict" in r.stdout
 
 
 def test_errors_are_one_line_and_exit_2(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    r = subprocess.run([sys.executable, "-m", "cxr.cli", "evaluate", "--model", str(tmp_path / "none.keras"),
-                        "--data", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    r = cxr("evaluate", "--model", str(tmp_path / "none.keras"), "--data", str(tmp_path), timeout=120)
     assert r.returncode == 2 and "error: model not found" in r.stderr
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cxr.serving.server import free_ports
-from tests.conftest import REPO, SHIPPED_REPOSITORY
+from tests.conftest import REPO, SHIPPED_REPOSITORY, cxr
 
 FILM = str(next((REPO / "examples" / "NORMAL").iterdir()))
 
@@ -68,8 +68,7 @@ def test_misuse_is_one_line_and_non_zero(argv: list[str], code: int, says: str, 
     args = [a.format(closed=_closed_port(), busy=busy_port, tmp=tmp_path) for a in argv]
     if args[0] == "listen":
         args += ["--spool", str(tmp_path / "spool")]
-    r = subprocess.run([sys.executable, "-m", "cxr.cli", *args], capture_output=True, text=True, timeout=300,
-                       cwd=tmp_path)
+    r = cxr(*args, timeout=300, cwd=tmp_path)
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     assert r.returncode == code, (r.returncode, r.stderr[-2000:])
     errors = [line for line in r.stderr.splitlines() if ": error: " in line]
@@ -79,8 +78,7 @@ def test_misuse_is_one_line_and_non_zero(argv: list[str], code: int, says: str, 
 
 def test_an_empty_audit_log_does_not_verify(tmp_path: Path) -> None:
     (tmp_path / "empty.jsonl").write_text("")
-    r = subprocess.run([sys.executable, "-m", "cxr.cli", "audit-log", "verify", str(tmp_path / "empty.jsonl")],
-                       capture_output=True, text=True, timeout=120)
+    r = cxr("audit-log", "verify", str(tmp_path / "empty.jsonl"), timeout=120)
     assert r.returncode == 3 and "empty" in r.stderr and "chain holds" not in r.stdout
 
 

@@ -4,25 +4,15 @@ commands that build a run record themselves in its commands.txt once their work 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 from cxr.train import run_log
-from tests.conftest import REPO, SHIPPED_REPOSITORY
+from tests.conftest import REPO, SHIPPED_REPOSITORY, cxr
 
 
 def _tree(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _cxr(*args: str, cwd: Path, home: Path | None = None) -> subprocess.CompletedProcess:
-    """``cxr ARGS`` in ``cwd``, its state folder ($CXR_HOME) in ``home`` (default: ``cwd/home``)."""
-    env = {**os.environ, "CXR_HOME": str(home or cwd / "home")}
-    return subprocess.run([sys.executable, "-m", "cxr.cli", *args], capture_output=True, text=True, timeout=300,
-                          cwd=cwd, env=env)
 
 
 def test_reading_commands_leave_the_model_folder_byte_identical(tmp_path: Path) -> None:
@@ -31,18 +21,19 @@ def test_reading_commands_leave_the_model_folder_byte_identical(tmp_path: Path) 
     work.mkdir()
     before = _tree(repo)
     films = REPO / "examples"
-    r = _cxr("evaluate", "--model", str(repo / "pneumonia" / "1" / "model.onnx"), "--data", str(films),
-             "--n-boot", "20", cwd=work)
+    r = cxr("evaluate", "--model", str(repo / "pneumonia" / "1" / "model.onnx"), "--data", str(films),
+            "--n-boot", "20", cwd=work, home=work / "home", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     # an exported model's report: in the state folder's reports, not the working directory
     assert (work / "home" / "reports" / "evaluate" / "eval_examples" / "report.json").exists()
     assert not (work / "eval_examples").exists()
-    r = _cxr("predict", str(films / "NORMAL"), "--protocol", "embedded", "--url", str(repo), "--format", "csv",
-             "--out", str(work / "answers.csv"), cwd=work)
+    r = cxr("predict", str(films / "NORMAL"), "--protocol", "embedded", "--url", str(repo), "--format", "csv",
+            "--out", str(work / "answers.csv"), cwd=work, home=work / "home", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = _cxr("monitor", str(work / "answers.csv"), "--model-repository", str(repo), cwd=work)
+    r = cxr("monitor", str(work / "answers.csv"), "--model-repository", str(repo), cwd=work, home=work / "home",
+            timeout=300)
     assert r.returncode in (0, 3), r.stderr[-2000:]
-    r = _cxr("health", "--protocol", "embedded", "--url", str(repo), cwd=work)
+    r = cxr("health", "--protocol", "embedded", "--url", str(repo), cwd=work, home=work / "home", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert _tree(repo) == before
 
@@ -59,7 +50,8 @@ def test_a_failed_command_records_nothing(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
     (run / "model.keras").write_bytes(b"not a model")
-    r = _cxr("calibrate", "--model", str(run / "model.keras"), "--data", str(tmp_path / "missing"), cwd=tmp_path)
+    r = cxr("calibrate", "--model", str(run / "model.keras"), "--data", str(tmp_path / "missing"), cwd=tmp_path,
+            home=tmp_path / "home", timeout=300)
     assert r.returncode != 0 and not (run / run_log.COMMANDS_FILE).exists()
 
 
@@ -80,11 +72,12 @@ def test_writing_commands_never_change_the_shipped_model_by_default(tmp_path: Pa
     without --overwrite, refuses in one line (exit 2) and leaves the shipped folders byte-identical."""
     shipped = {name: _tree(SHIPPED_REPOSITORY / name) for name in ("pneumonia", "pneumonia_int8")}
     for name, argv in WRITING_COMMANDS.items():
-        r = _cxr(*argv, cwd=tmp_path)
+        r = cxr(*argv, cwd=tmp_path, home=tmp_path / "home", timeout=300)
         assert r.returncode == 2, (name, r.stderr[-2000:])
         if name != "calibrate":  # (its destination is --model itself)
             assert "--repository" in r.stderr, (name, r.stderr[-2000:])
-            r = _cxr(*argv, "--repository", str(SHIPPED_REPOSITORY), cwd=tmp_path)
+            r = cxr(*argv, "--repository", str(SHIPPED_REPOSITORY), cwd=tmp_path, home=tmp_path / "home",
+                    timeout=300)
             assert r.returncode == 2, (name, r.stderr[-2000:])
         assert "--overwrite" in r.stderr.strip().splitlines()[-1], (name, r.stderr[-2000:])
         assert "Traceback" not in r.stderr
@@ -98,7 +91,8 @@ def test_overwrite_keeps_the_previous_version_aside(tmp_path: Path) -> None:
     before = _tree(repo / "pneumonia")
     card = json.loads((repo / "pneumonia" / "model_card.json").read_text())
     other = next(p for p in card["operating_points"] if p != card["default_operating_point"])
-    r = _cxr("configs", "--repository", str(repo), "--default-operating-point", other, "--overwrite", cwd=tmp_path)
+    r = cxr("configs", "--repository", str(repo), "--default-operating-point", other, "--overwrite", cwd=tmp_path,
+            home=tmp_path / "home", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     [kept] = (tmp_path / "repo.previous").iterdir()
     assert kept.name.startswith("pneumonia-") and _tree(kept) == before  # the previous version, whole

@@ -162,3 +162,52 @@ def test_validate_batch_accepts_contract_batch() -> None:
 def test_label_for_threshold_is_inclusive() -> None:
     assert contract.label_for(0.3, 0.3) == "Pneumonia"
     assert contract.label_for(0.2999, 0.3) == "Normal"
+
+
+# --- found by the mutation check (scripts/mutation.py, docs/tests/mutation.md): each test pins a decision, a
+# bound or a message that a mutant changed without any other test noticing ------------------------------------
+
+
+# guards cxr.core.contract: population_for_age: the 18-year boundary and bad ages
+def test_the_population_of_an_age() -> None:
+    assert [contract.population_for_age(a) for a in (0, 17.9, 18, 80)] == ["pediatric", "pediatric", "adult", "adult"]
+    for bad in (-1, float("nan")):
+        with pytest.raises(ValueError, match=rf"^age must be >= 0 years, got {bad}$"):
+            contract.population_for_age(bad)
+
+
+# guards cxr.core.contract: format_probability: the ends of the scale
+def test_probabilities_for_people_at_the_ends() -> None:
+    assert [contract.format_probability(p) for p in (0.0009, 0.001, 0.5, 0.999, 0.9991)] == [
+        "< 0.001", "0.001", "0.500", "0.999", "> 0.999"]
+
+
+# guards cxr.core.contract: validate_batch: batch sizes and messages
+def test_validate_batch_sizes_and_messages() -> None:
+    one = np.zeros((1, *contract.IMAGE_SHAPE), np.uint8)
+    assert contract.validate_batch(one) is one
+    two = np.zeros((2, *contract.IMAGE_SHAPE), np.uint8)
+    assert contract.validate_batch(two, max_batch_size=2) is two
+    with pytest.raises(InvalidInputError, match=r"^batch: batch of 2 exceeds max_batch_size 1$"):
+        contract.validate_batch(two, max_batch_size=1)
+    with pytest.raises(InvalidInputError, match=r"^batch: expected numpy.ndarray, got list$"):
+        contract.validate_batch([1])  # type: ignore[arg-type]
+    shape = ", ".join(map(str, contract.IMAGE_SHAPE))
+    with pytest.raises(InvalidInputError, match=rf"^batch: shape must be \(N, {shape}\), got \(0, {shape}\)$"):
+        contract.validate_batch(np.zeros((0, *contract.IMAGE_SHAPE), np.uint8))
+
+
+# guards cxr.core.contract: priority_level/Refusal/not_assessable: their validation
+def test_priorities_and_refusals_validate_with_their_message() -> None:
+    assert contract.priority_level("urgent") < contract.priority_level("routine")
+    with pytest.raises(ValueError, match=r"^priority must be one of urgent, routine, got 'soon'$"):
+        contract.priority_level("soon")
+    with pytest.raises(ValueError, match=r"^unknown rule 'nope'$"):
+        contract.Refusal("nope")
+    with pytest.raises(ValueError, match="^refusal value must be a number or text, got list$"):
+        contract.Refusal("blank_image", [1])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="^refusal limit must be a number or text, got dict$"):
+        contract.not_assessable("x", "blank_image", "d", value=1.0, limit={})  # type: ignore[arg-type]
+    e = contract.not_assessable("x", "blank_image", "std low", value=2.0, limit=8.0)
+    assert contract.Refusal.of(e) == contract.Refusal("blank_image", 2.0, 8.0, "std low")
+

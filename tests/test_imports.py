@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "scripts" / "check_imports.py"
+from tests.conftest import REPO
+
+SCRIPT = REPO / "scripts" / "check_imports.py"
 
 
 def _load(name: str, path: Path):  # type: ignore[no-untyped-def]
@@ -22,7 +23,7 @@ def _load(name: str, path: Path):  # type: ignore[no-untyped-def]
 
 
 check = _load("check_imports", SCRIPT)
-contracts = _load("import_contracts", ROOT / "scripts" / "import_contracts.py")
+contracts = _load("import_contracts", REPO / "scripts" / "import_contracts.py")
 
 
 @pytest.mark.parametrize(("line", "names"), [
@@ -94,8 +95,8 @@ def test_the_project_keeps_its_layers_and_has_no_cycle() -> None:
 
 
 def test_the_readme_architecture_picture_is_the_contract() -> None:
-    arch = _load("architecture", ROOT / "scripts" / "architecture.py")
-    readme = (ROOT / "README.md").read_text()
+    arch = _load("architecture", REPO / "scripts" / "architecture.py")
+    readme = (REPO / "README.md").read_text()
     assert arch.block() in readme, "run python scripts/architecture.py --write"
     # every layer of the contract is in the picture, in order, top first
     drawn = [line.split()[0] for line in arch.picture().splitlines()[1:-1] if not line.lstrip().startswith("▼")]
@@ -110,6 +111,6 @@ def test_importing_the_client_does_not_load_tensorflow() -> None:
     code = ("import importlib, pkgutil, sys\nimport cxr.client\n"
             "for m in pkgutil.iter_modules(cxr.client.__path__):\n    importlib.import_module('cxr.client.' + m.name)\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'tf2onnx')))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "[]", r.stdout[-2000:]

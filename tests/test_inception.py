@@ -16,23 +16,17 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cxr.core.paths import DEFAULT_REPOSITORY
+from tests.conftest import cxr, wait_until
 
 pytestmark = pytest.mark.slow
 
 NAME = "pneumonia_inception"
-
-
-def cxr(*args: str, timeout: int = 900) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run([sys.executable, "-m", "cxr.cli", *args], capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, f"cxr {' '.join(args)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
-    return r
 
 
 def _base(weights: Path | None = None, seed: int = 0):  # type: ignore[no-untyped-def]
@@ -62,7 +56,7 @@ def inception_run(tmp_path_factory: pytest.TempPathFactory, train_data: Path, no
     run = tmp_path_factory.mktemp("inception_run")
     cxr("train", "--data", str(train_data), "--out", str(run), "--arch", "inception_v3", "--weights", str(notop_weights),
         "--epochs", "1", "--limit-per-class", "24", "--batch-size", "16", "--val-fraction", "0.25",
-        "--cache-dir", str(tmp_path_factory.mktemp("cache")))
+        "--cache-dir", str(tmp_path_factory.mktemp("cache")), ok=True, timeout=900)
     return run
 
 
@@ -93,7 +87,7 @@ def test_calibrate_export_serve_predict(inception_run: Path, train_data: Path, s
     # sample is too small for the Clopper-Pearson rule (test_pipeline checks that refusal), so the point rule.
     rule = "sensitivity_lcb" if len(list((site_data / "PNEUMONIA").glob("*"))) >= 60 else "sensitivity"
     cxr("calibrate", "--model", str(inception_run / "model.keras"), "--data", str(site_data), "--scaling", "none",
-        "--rule", rule)
+        "--rule", rule, ok=True, timeout=900)
     cal = json.loads((inception_run / "calibration.json").read_text())
     assert 0 < cal["threshold"] < 1 and cal["metrics"]["sensitivity"] >= 0.95
 
@@ -103,7 +97,7 @@ def test_calibrate_export_serve_predict(inception_run: Path, train_data: Path, s
     # INT8 skipped: a head trained for one epoch on random-weight features is judged by noise, and the gate's
     # accuracy comparison would say nothing; quantization and the gate are tested in test_pipeline.
     r = cxr("export", "--model", str(inception_run / "model.keras"), "--data", str(train_data), "--repository",
-            str(repo), "--name", NAME, "--no-int8", timeout=1500)
+            str(repo), "--name", NAME, "--no-int8", timeout=1500, ok=True)
     assert "fp32" in r.stdout
     card = json.loads((repo / NAME / "model_card.json").read_text())
     parity = card["export"]["parity"]["fp32"]["parity"]
@@ -124,22 +118,19 @@ def test_calibrate_export_serve_predict(inception_run: Path, train_data: Path, s
         import tritonclient.grpc as grpcclient
 
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc}")
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if client.is_model_ready(NAME) and client.is_model_ready("pneumonia"):
-                    break
-            except Exception:  # noqa: BLE001 - not up yet
-                pass
-            assert server.poll() is None, f"cxr serve exited:\n{server.stdout.read() if server.stdout else ''}"
-            assert time.monotonic() < deadline, "both models not ready within 300 s"
-            time.sleep(1.0)
+        try:
+            wait_until(lambda: client.is_model_ready(NAME) and client.is_model_ready("pneumonia"), 300,
+                       "both models ready", proc=server, ignore=(Exception,), every_s=1.0)  # (an exception: not up yet)
+        except AssertionError as e:
+            if server.poll() is None:
+                raise
+            raise AssertionError(f"{e}\ncxr serve exited:\n{server.stdout.read() if server.stdout else ''}") from None
 
         answers = {}
         for model in (NAME, "pneumonia"):
             out = tmp_path / f"{model}.csv"
             cxr("predict", *map(str, sample_images[:6]), "--url", f"127.0.0.1:{grpc}", "--protocol", "grpc",
-                "--model", model, "--format", "csv", "--out", str(out))
+                "--model", model, "--format", "csv", "--out", str(out), ok=True, timeout=900)
             rows = list(csv.DictReader(out.open()))
             assert len(rows) == 6 and {row["model_name"] for row in rows} == {model}
             answers[model] = rows

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO
+
 #: Static checks, marked apart from the unit tests (`pytest -m "not lint"` leaves them out; CI runs them once).
 pytestmark = pytest.mark.lint
 

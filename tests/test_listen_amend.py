@@ -15,7 +15,8 @@ import pytest
 
 from cxr.doors import fhir
 from cxr.doors.dicom.sr import read_study_sr
-from tests.test_pacs import Orthanc, chest_dx, pacs, spool_idle, start_listener, wait_for
+from tests.conftest import wait_until
+from tests.test_pacs import Orthanc, chest_dx, pacs, spool_idle, start_listener
 
 pytestmark = pytest.mark.slow
 assert pacs  # the fixture
@@ -48,7 +49,7 @@ def test_a_late_film_amends_its_study_result(pacs: tuple[Orthanc, int], tmp_path
     listener = start_listener(tmp_path, orthanc, port, extra=extra)
     try:
         orthanc.store_to_listener(ids[:3])
-        wait_for(lambda: len(orthanc.srs_in_study(study)) == 1 and spool_idle(spool))
+        wait_until(lambda: len(orthanc.srs_in_study(study)) == 1 and spool_idle(spool))
         (first,) = orthanc.srs_in_study(study)
         assert sorted(read_study_sr(first)["study"]["instance_uids"]) == sorted(uids[:3])
         assert int(first.InstanceNumber) == 1 and "PredecessorDocumentsSequence" not in first
@@ -59,7 +60,7 @@ def test_a_late_film_amends_its_study_result(pacs: tuple[Orthanc, int], tmp_path
     listener = start_listener(tmp_path, orthanc, port, extra=extra)
     try:
         orthanc.store_to_listener([ids[3]])
-        wait_for(lambda: len(orthanc.srs_in_study(study)) == 2 and spool_idle(spool))
+        wait_until(lambda: len(orthanc.srs_in_study(study)) == 2 and spool_idle(spool))
         last = max(orthanc.srs_in_study(study), key=lambda s: int(s.InstanceNumber))
         assert int(last.InstanceNumber) == 2
         content = read_study_sr(last)
@@ -70,7 +71,7 @@ def test_a_late_film_amends_its_study_result(pacs: tuple[Orthanc, int], tmp_path
         assert ref.ReferencedSOPInstanceUID == first.SOPInstanceUID
         assert last.SOPInstanceUID != first.SOPInstanceUID and last.StudyInstanceUID == study
         orthanc.store_to_listener(ids)  # everything again: duplicates, acknowledged and skipped
-        wait_for(lambda: spool_idle(spool))
+        wait_until(lambda: spool_idle(spool))
         assert len(orthanc.srs_in_study(study)) == 2
     finally:
         listener.send_signal(signal.SIGTERM)

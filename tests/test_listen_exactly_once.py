@@ -6,13 +6,11 @@ instance at the PACS, one CSV row and one `screened` and one `result_delivered` 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -20,52 +18,22 @@ import pydicom
 import pytest
 
 from cxr.serving.server import free_ports
-from tests.conftest import REPO, SHIPPED_REPOSITORY
+from tests.conftest import REPO, SHIPPED_REPOSITORY, StubPacs, wait_until
 from tests.listen_crash import CRASHED, STEPS
-from tests.test_pacs import chest_dx, echo, spool_idle, wait_for
+from tests.test_pacs import chest_dx, echo, spool_idle
 
 pytestmark = pytest.mark.slow
 
 
-class CountingPacs:
-    """A pynetdicom Storage SCP that keeps every C-STORE it got: ``(SOP Instance UID, sha256 of the dataset)``."""
-
-    def __init__(self) -> None:
-        from pynetdicom import AE, StoragePresentationContexts, evt
-
-        self.got: list[tuple[str, str]] = []
-        self.port = free_ports(1)[0]
-        self._lock = threading.Lock()
-        ae = AE(ae_title="PACS")
-        ae.supported_contexts = StoragePresentationContexts
-        self._server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
-
-    def _on_store(self, event) -> int:  # type: ignore[no-untyped-def]
-        digest = hashlib.sha256(event.request.DataSet.getvalue()).hexdigest()
-        with self._lock:
-            self.got.append((str(event.request.AffectedSOPInstanceUID), digest))
-        return 0x0000
-
-    def stored(self) -> set[str]:
-        with self._lock:
-            return {uid for uid, _ in self.got}
-
-    def stop(self) -> None:
-        self._server.shutdown()
-
-
 def _listen(cmd: list[str], log: Path, port: int) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=REPO)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(log.read_text()[-3000:])
-        if echo(port):
-            return proc
-        time.sleep(0.3)
-    proc.kill()
-    raise AssertionError("cxr listen did not start")
+    try:
+        wait_until(lambda: echo(port), 90, "cxr listen to answer C-ECHO", proc=proc, log=log, every_s=0.3)
+    except AssertionError:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
 
 
 def _send(port: int, films: list[pydicom.Dataset]) -> int:
@@ -96,7 +64,7 @@ def _send(port: int, films: list[pydicom.Dataset]) -> int:
 def test_a_crash_at_each_step_of_finishing_leaves_one_sr_one_row_one_record(step: str, tmp_path: Path) -> None:
     from cxr.core.audit_trail import read
 
-    pacs = CountingPacs()
+    pacs = StubPacs()
     port = free_ports(1)[0]
     spool, out, audit = tmp_path / "spool", tmp_path / "results.csv", tmp_path / "audit.jsonl"
     ndjson = tmp_path / "fhir.ndjson"
@@ -117,7 +85,7 @@ def test_a_crash_at_each_step_of_finishing_leaves_one_sr_one_row_one_record(step
         listener = _listen([sys.executable, "-m", "cxr.cli", "listen", *args], tmp_path / "listen.log", port)
         try:
             _send(port, films)  # the PACS sends everything again
-            wait_for(lambda: len(pacs.stored()) == len(films) and spool_idle(spool), timeout=180)
+            wait_until(lambda: len(set(pacs.stored)) == len(films) and spool_idle(spool), 180)
         finally:
             listener.terminate()
             listener.wait(timeout=60)
@@ -150,7 +118,7 @@ def test_a_crash_while_answering_a_study_leaves_one_study_sr(step: str, tmp_path
     one row per film, one `screened` record per film and one for the study."""
     from cxr.core.audit_trail import read
 
-    pacs = CountingPacs()
+    pacs = StubPacs()
     port = free_ports(1)[0]
     spool, out, audit = tmp_path / "spool", tmp_path / "results.csv", tmp_path / "audit.jsonl"
     args = ["--port", str(port), "--spool", str(spool), "--out", str(out), "--url", str(SHIPPED_REPOSITORY),
@@ -173,7 +141,7 @@ def test_a_crash_while_answering_a_study_leaves_one_study_sr(step: str, tmp_path
         listener = _listen([sys.executable, "-m", "cxr.cli", "listen", *args], tmp_path / "listen.log", port)
         try:
             _send(port, films)
-            wait_for(lambda: len(pacs.stored()) == 1 and spool_idle(spool), timeout=180)
+            wait_until(lambda: len(set(pacs.stored)) == 1 and spool_idle(spool), 180)
         finally:
             listener.terminate()
             listener.wait(timeout=60)
@@ -200,7 +168,7 @@ def test_three_sigkills_during_a_burst_then_everything_sent_again_one_sr_each(tm
 
     from cxr.core.audit_trail import read
 
-    pacs = CountingPacs()
+    pacs = StubPacs()
     port = free_ports(1)[0]
     spool, out, audit = tmp_path / "spool", tmp_path / "results.csv", tmp_path / "audit.jsonl"
     args = ["--port", str(port), "--spool", str(spool), "--out", str(out), "--url", str(SHIPPED_REPOSITORY),
@@ -231,7 +199,7 @@ def test_three_sigkills_during_a_burst_then_everything_sent_again_one_sr_each(tm
                 sender.start()
             before = rows()
             try:
-                wait_for(lambda before=before: rows() >= min(before + 10, len(films)), timeout=180)
+                wait_until(lambda before=before: rows() >= min(before + 10, len(films)), 180)
             finally:
                 listener.send_signal(signal.SIGKILL)
                 listener.wait(timeout=30)
@@ -241,7 +209,7 @@ def test_three_sigkills_during_a_burst_then_everything_sent_again_one_sr_each(tm
         try:
             for i in range(0, len(films), 10):  # everything sent again
                 _send(port, films[i : i + 10])
-            wait_for(lambda: len(pacs.stored()) == len(films) and spool_idle(spool), timeout=600)
+            wait_until(lambda: len(set(pacs.stored)) == len(films) and spool_idle(spool), 600)
         finally:
             listener.terminate()
             listener.wait(timeout=60)

@@ -18,6 +18,7 @@ from cxr.doors.dicom.results import ResultBuilder
 from cxr.doors.dicom.spool import Spool
 from cxr.doors.dicom.telemetry import Telemetry
 from cxr.doors.dicom.worker import ScreeningWorker, StudyTracker
+from tests.conftest import prediction
 from tests.test_pacs import chest_dx
 
 
@@ -78,14 +79,11 @@ def test_spool_files_and_folders_are_the_owners_only(tmp_path: Path) -> None:
 def test_the_listeners_fhir_results_name_the_patient_in_the_sites_system(tmp_path: Path) -> None:
     import pydicom
 
-    from cxr.client.client import Prediction
-    from cxr.core import contract
-
     film = tmp_path / "film.dcm"
     film.write_bytes(chest_dx(7))
     ndjson = tmp_path / "fhir.ndjson"
     cfg = ListenConfig(spool=tmp_path / "spool", fhir_out=ndjson, patient_id_system="https://hospital.example/mrn")
-    pred = Prediction(source=str(film), status=contract.Status.OK, label="Normal", probability=0.01, threshold=0.13,
+    pred = prediction(source=str(film), label="Normal", probability=0.01, threshold=0.13,
                       model_name="pneumonia", model_version="1", model_sha256="ab" * 32, operating_point="adult")
     builder = ResultBuilder(cfg)
     builder.for_instance(film, pred, pydicom.dcmread(film, stop_before_pixels=True))

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from cxr.loadtest.capacity import LOCUSTFILE, CapacityConfig, plan, sweep
+from tests.conftest import cxr
 
 pytestmark = pytest.mark.slow
 
@@ -66,9 +67,9 @@ def test_bench_json_schema_on_a_tiny_run(tmp_path) -> None:  # type: ignore[no-u
     from tests.conftest import SHIPPED_REPOSITORY
 
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, "-m", "cxr.cli", "bench", "--model-repository", str(SHIPPED_REPOSITORY),
-                        "--seconds", "0.5", "--tail-seconds", "1", "--ray-images", "16", "--out", str(out), "--no-inception",
-                        "--perf-analyzer-root", str(tmp_path / "none")], capture_output=True, text=True, timeout=600)
+    r = cxr("bench", "--model-repository", str(SHIPPED_REPOSITORY), "--seconds", "0.5", "--tail-seconds", "1",
+            "--ray-images", "16", "--out", str(out), "--no-inception", "--perf-analyzer-root", str(tmp_path / "none"),
+            timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     for k in REQUIRED_KEYS:
@@ -125,9 +126,8 @@ def test_bench_uses_an_exported_inception_when_the_repository_has_one(tmp_path) 
 def test_bench_priority_report_on_a_short_run(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """`cxr bench-priority`, bounded: every phase measured, every routine request answered or retried, none failed.
     (The figures themselves are in docs/capacity/priority/, measured without other load on the machine.)"""
-    r = subprocess.run([sys.executable, "-m", "cxr.cli", "bench-priority", "--urgent-requests", "20",
-                        "--routine-threads", "2", "--max-seconds", "15", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=600)
+    r = cxr("bench-priority", "--urgent-requests", "20", "--routine-threads", "2", "--max-seconds", "15", "--out",
+            str(tmp_path), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((tmp_path / "priority.json").read_text())
     phases = rep["phases"]

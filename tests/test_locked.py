@@ -13,7 +13,7 @@ from cxr.client.transport import ModelInfo, Scores, Transport
 from cxr.core import contract
 from cxr.core.errors import CxrError
 from cxr.train import data as data_mod
-from tests.conftest import SHIPPED_REPOSITORY, make_dataset
+from tests.conftest import REPO, SHIPPED_REPOSITORY, make_dataset
 
 
 def _sources(tmp_path: Path) -> list:
@@ -215,7 +215,7 @@ def test_no_example_film_is_a_locked_test_film() -> None:
     test film read again and again. Checked against every committed lock (NIH examples carry an ``nih_`` prefix)."""
     import json
 
-    repo = Path(__file__).resolve().parent.parent
+    repo = REPO
     locks = [p for p in (repo / "docs" / "model").rglob("split.json") if json.loads(p.read_text()).get("test")]
     assert locks, "no committed lock found"
     examples = {(p.parent.name, p.name.removeprefix("nih_")) for p in (repo / "examples").glob("*/*")

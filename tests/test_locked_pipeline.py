@@ -17,17 +17,11 @@ from cxr.core import contract
 from cxr.core.claims import CLAIMS_FILE, Claims
 from cxr.core.model_dir import ModelDir
 from cxr.train import data as data_mod
-from tests.conftest import make_dataset
+from tests.conftest import REPO, cxr, make_dataset
 
 pytestmark = pytest.mark.slow
 
 BLANK = "person999_bacteria_9999.jpeg"
-
-
-def cxr(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "cxr.cli", *args], capture_output=True, text=True, timeout=900, cwd=cwd)
-    assert r.returncode == 0, f"cxr {args[0]}: {r.stderr[-3000:]}"
-    return r
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +31,7 @@ def locked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     a = make_dataset(root / "site_a", n_per_class=40, split=None, seed=11)
     b = make_dataset(root / "site_b", n_per_class=40, split=None, seed=12)
     split = root / "split.json"
-    cxr("lock-split", str(split), "--source", f"a={a}:0.25:0.25", "--source", f"b={b}:0.25:0.25")
+    cxr("lock-split", str(split), "--source", f"a={a}:0.25:0.25", "--source", f"b={b}:0.25:0.25", ok=True, timeout=900)
     # a real archive holds films the pixel rules refuse: one blank film of a patient of its own, on the train side
     Image.new("L", (256, 256), 128).save(a / "PNEUMONIA" / BLANK)
     s = data_mod.Split.load(split)
@@ -46,20 +40,21 @@ def locked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     run = root / "run"
     cache = root / "cache"
     cxr("train", "--split", str(split), "--out", str(run), "--epochs", "2", "--batch-size", "16",
-        "--cache-dir", str(cache))
+        "--cache-dir", str(cache), ok=True, timeout=900)
     select = root / "select"
     subprocess.run([sys.executable, "scripts/split_side.py", str(split), str(select), "--side", "select",
                     "--source", "a", "--source", "b"], check=True, capture_output=True, timeout=300,
-                   cwd=Path(__file__).resolve().parent.parent)
+                   cwd=REPO)
     cxr("calibrate", "--model", str(run / "model.keras"), "--data", str(select), "--rule", "youden",
-        "--scaling", "none")
+        "--scaling", "none", ok=True, timeout=900)
     repo = root / "repository"
     cxr("export", "--model", str(run / "model.keras"), "--repository", str(repo), "--split", str(split),
-        "--no-int8")
+        "--no-int8", ok=True, timeout=900)
     cxr("operating-points", "--repository", str(repo), "--name", "pneumonia", "--split", str(split),
-        "--point", "strict=a:sensitivity:0.8", "--point", "lenient=b:youden", "--default", "strict", "--overwrite")
+        "--point", "strict=a:sensitivity:0.8", "--point", "lenient=b:youden", "--default", "strict", "--overwrite",
+        ok=True, timeout=900)
     cxr("claims", "--repository", str(repo), "--name", "pneumonia", "--split", str(split),
-        "--population", "a=strict", "--population", "b=lenient", "--overwrite")
+        "--population", "a=strict", "--population", "b=lenient", "--overwrite", ok=True, timeout=900)
     return {"split": split, "run": run, "repo": repo, "a": a, "b": b}
 
 
@@ -106,7 +101,7 @@ def test_predict_answers_at_the_named_point(locked: dict[str, Path], tmp_path: P
     rows = {}
     for point in ("strict", "lenient"):
         r = cxr("predict", *map(str, films), "--protocol", "embedded", "--url", str(locked["repo"]),
-                "--operating-point", point, "--format", "json")
+                "--operating-point", point, "--format", "json", ok=True, timeout=900)
         rows[point] = json.loads(r.stdout)
     card = ModelDir(locked["repo"] / "pneumonia").card()
     for point, answered in rows.items():
@@ -154,7 +149,7 @@ def test_a_second_read_of_the_test_side_shows(locked: dict[str, Path], tmp_path:
     assert first.reads == 1 and first.test_reads[0]["split"].endswith("split.json")
     assert claims_markdown(first).startswith("Measured once")
     cxr("claims", "--repository", str(repo), "--name", "pneumonia", "--split", str(locked["split"]),
-        "--population", "a=strict", "--population", "b=lenient", "--overwrite")
+        "--population", "a=strict", "--population", "b=lenient", "--overwrite", ok=True, timeout=900)
     second = Claims.load(repo / "pneumonia" / CLAIMS_FILE)
     assert second.reads == 2 and second.test_reads[0] == first.test_reads[0]
     assert "read **2 times**" in claims_markdown(second)

@@ -4,11 +4,12 @@ safety module's mutants are at least 85% killed, and every mutant not killed has
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-REPORT = Path(__file__).resolve().parent.parent / "docs" / "tests" / "mutation.json"
+from tests.conftest import REPO
+
+REPORT = REPO / "docs" / "tests" / "mutation.json"
 SAFETY = ("audit chain", "refusal rules", "threshold choice", "go/no-go", "CSV codec", "contract", "durable writes")
 
 

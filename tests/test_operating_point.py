@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from cxr.core.integrity import sha256_file
 from cxr.core.ort_session import make_session
 from cxr.export import ood_head
 from cxr.train.evaluate import choose_threshold, operating_point, sensitivity_lower_bound
-from tests.conftest import SHIPPED_MODELS, SHIPPED_REPOSITORY
+from tests.conftest import SHIPPED_MODELS, SHIPPED_REPOSITORY, cxr
 
 ONNX = SHIPPED_REPOSITORY / "pneumonia" / "1" / "model.onnx"
 
@@ -156,17 +157,88 @@ def test_calibrate_refuses_a_model_with_operating_points_before_any_work(tmp_pat
     """`cxr calibrate` sets one threshold; on a model that answers at operating points it says so in one line,
     names the commands that do set them, and writes nothing (the site folder is never even read)."""
     import shutil
-    import subprocess
-    import sys
 
     model = tmp_path / "repo" / "pneumonia"
     shutil.copytree(SHIPPED_REPOSITORY / "pneumonia", model, ignore=shutil.ignore_patterns("__pycache__"))
     before = {str(p): p.read_bytes() for p in sorted(model.rglob("*")) if p.is_file()}
-    r = subprocess.run([sys.executable, "-m", "cxr.cli", "calibrate", "--model", str(model), "--data",
-                        str(tmp_path / "no_such_site"), "--overwrite"], capture_output=True, text=True, timeout=300)
+    r = cxr("calibrate", "--model", str(model), "--data", str(tmp_path / "no_such_site"), "--overwrite", timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]  # (TensorFlow's own start-up lines may come before it)
     assert last.startswith("cxr calibrate: error: ") and "operating points (adult, pediatric)" in last, last
     assert "cxr operating-points" in last
     assert {str(p): p.read_bytes() for p in sorted(model.rglob("*")) if p.is_file()} == before
+
+
+# --- found by the mutation check (scripts/mutation.py, docs/tests/mutation.md): each test pins a decision, a
+# bound or a message that a mutant changed without any other test noticing ------------------------------------
+
+
+# guards cxr.train.evaluate: sensitivity_lower_bound: its argument checks and the n-of-n value
+def test_the_sensitivity_bound_refuses_what_it_cannot_bound() -> None:
+    for confidence in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match=rf"^confidence must be in \(0, 1\), got {confidence}$"):
+            sensitivity_lower_bound(1, 2, confidence)
+    for tp, n_pos in ((0, 0), (-1, 5), (6, 5)):
+        with pytest.raises(ValueError, match=rf"^need 0 <= tp <= n_pos and n_pos >= 1, got tp={tp}, n_pos={n_pos}$"):
+            sensitivity_lower_bound(tp, n_pos, 0.9)
+    # one positive, found: the one-sided 90% bound is exactly 0.1 (0.1 ** (1 / n) for n of n)
+    assert sensitivity_lower_bound(1, 1, 0.9) == pytest.approx(0.1)
+    assert sensitivity_lower_bound(0, 1, 0.9) == 0.0
+
+
+# guards cxr.train.evaluate: choose_threshold: its CalibrationError messages
+def test_the_threshold_rule_refuses_targets_and_confidences_out_of_range() -> None:
+    y, p = np.array([0, 1, 1]), np.array([0.1, 0.5, 0.9])
+    for target in (0.0, 1.5):
+        with pytest.raises(CalibrationError, match=rf"^target must be in \(0, 1\], got {target}$"):
+            choose_threshold(y, p, rule="sensitivity", target=target)
+    for confidence in (0.0, 1.0):
+        with pytest.raises(CalibrationError, match=rf"^confidence must be in \(0, 1\), got {confidence}$"):
+            choose_threshold(y, p, rule="sensitivity_lcb", target=0.5, confidence=confidence)
+    with pytest.raises(CalibrationError, match=r"^unknown rule 'best'$"):
+        choose_threshold(y, p, rule="best")
+    with pytest.raises(CalibrationError, match=r"use a larger sample or a lower confidence$"):
+        choose_threshold(y, p, rule="sensitivity_lcb", target=0.99)
+
+
+# guards cxr.train.evaluate: choose_threshold: the default target and confidence
+def test_the_threshold_rule_defaults_to_95_percent_at_90_percent_confidence() -> None:
+    rng = np.random.default_rng(3)
+    y = np.r_[np.ones(300, int), np.zeros(300, int)]
+    p = np.clip(np.r_[rng.normal(0.7, 0.15, 300), rng.normal(0.3, 0.15, 300)], 0, 1)
+    assert choose_threshold(y, p, rule="sensitivity_lcb") == \
+        choose_threshold(y, p, rule="sensitivity_lcb", target=0.95, confidence=0.9)
+
+
+# guards cxr.train.evaluate: choose_threshold: >= (a bound equal to the target meets it)
+def test_a_bound_that_exactly_meets_the_target_is_enough() -> None:
+    """``>=``: with every one of 5 positives found the bound is 0.1 ** (1/5); that target is met, not missed."""
+    y, p = np.array([0, 1, 1, 1, 1, 1]), np.array([0.1, 0.5, 0.6, 0.7, 0.8, 0.9])
+    target = sensitivity_lower_bound(5, 5, 0.9)
+    assert choose_threshold(y, p, rule="sensitivity_lcb", target=target, confidence=0.9) == pytest.approx(0.3)
+
+
+# guards cxr.train.evaluate: choose_threshold: where between scores the threshold lies
+def test_the_threshold_lies_midway_to_the_next_lower_score_or_on_the_lowest() -> None:
+    assert choose_threshold([0, 0, 1, 1], [0.2, 0.4, 0.6, 0.8], rule="sensitivity", target=1.0) == pytest.approx(0.5)
+    # the lowest score chosen: nothing below it, the threshold is that score
+    assert choose_threshold([1, 0, 1], [0.1, 0.5, 0.9], rule="sensitivity", target=1.0) == pytest.approx(0.1)
+    # a threshold of 1 would refer nothing: it is kept just below 1
+    assert choose_threshold([1, 0], [1.0, 1.0], rule="sensitivity", target=1.0) == 1 - 1e-6
+
+
+# guards cxr.train.evaluate: operating_point: its counts and bounds, one-class samples included
+def test_the_operating_point_counts_and_bounds() -> None:
+    y = np.array([1, 1, 1, 0, 0, 0, 0])
+    p = np.array([0.9, 0.8, 0.2, 0.7, 0.3, 0.1, 0.05])
+    op = operating_point(y, p, 0.5)
+    assert op["confidence"] == 0.9
+    assert (op["tp"], op["n_pos"], op["tn"], op["n_neg"]) == (2, 3, 3, 4)
+    assert op["sensitivity_lower_bound"] == pytest.approx(sensitivity_lower_bound(2, 3, 0.9))
+    assert op["specificity_lower_bound"] == pytest.approx(sensitivity_lower_bound(3, 4, 0.9))
+    only_neg = operating_point(np.zeros(3, int), np.array([0.1, 0.2, 0.9]), 0.5)
+    assert math.isnan(only_neg["sensitivity_lower_bound"]) and only_neg["tn"] == 2
+    only_pos = operating_point(np.ones(3, int), np.array([0.1, 0.6, 0.9]), 0.5)
+    assert math.isnan(only_pos["specificity_lower_bound"]) and only_pos["tp"] == 2
+

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from cxr.core import paths
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO
 
 
 def test_the_tree_holds_no_symbolic_link() -> None:

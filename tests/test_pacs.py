@@ -17,7 +17,7 @@ import pytest
 
 from cxr.doors.dicom.sr import read_sr
 from cxr.serving.server import free_ports
-from tests.conftest import SHIPPED_REPOSITORY
+from tests.conftest import SHIPPED_REPOSITORY, StubPacs, cxr, wait_until
 from tests.test_dicom import make_dicom
 
 pytestmark = pytest.mark.slow
@@ -84,15 +84,9 @@ class Orthanc:
         log = open(self.dir / "orthanc.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen([ORTHANC, str(self.dir / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, (self.dir / "orthanc.log").read_text()[-2000:]
-            try:
-                self.get("/system")
-                return self
-            except OSError:
-                time.sleep(0.3)
-        raise RuntimeError("Orthanc did not start")
+        wait_until(lambda: self.get("/system"), 60, "Orthanc to answer on its HTTP port", proc=self.proc,
+                   log=self.dir / "orthanc.log", ignore=(OSError,), every_s=0.3)
+        return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -137,14 +131,14 @@ def start_listener(tmp: Path, orthanc: Orthanc | None, port: int, *, allow: tupl
         cmd += ["--allow", a]
     log = open(tmp / f"listen-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, Path(log.name).read_text()[-3000:]
-        if echo(port):
-            return proc
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("cxr listen did not start")
+    try:
+        wait_until(lambda: echo(port), 60, "cxr listen to answer C-ECHO", proc=proc, log=Path(log.name),
+                   every_s=0.3)
+    except AssertionError:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
 
 
 def echo(port: int, calling: str = "ORTHANC") -> bool:
@@ -162,12 +156,8 @@ def echo(port: int, calling: str = "ORTHANC") -> bool:
 
 
 def wait_for(cond, timeout: float = 120.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.5)
-    raise AssertionError("timed out waiting")
+    """The old name of :func:`tests.conftest.wait_until`, kept while tests/test_dicomweb.py imports it."""
+    wait_until(cond, timeout)
 
 
 def spool_idle(spool: Path) -> bool:
@@ -183,8 +173,7 @@ def spool_idle(spool: Path) -> bool:
 
 
 def _predict_embedded(path: Path) -> dict:
-    r = subprocess.run([sys.executable, "-m", "cxr.cli", "predict", str(path), "--protocol", "embedded", "--format",
-                        "json"], capture_output=True, text=True, timeout=120)
+    r = cxr("predict", str(path), "--protocol", "embedded", "--format", "json", timeout=120)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)[0]
 
@@ -207,7 +196,7 @@ def test_orthanc_routes_a_study_and_the_sr_lands_in_the_same_study(pacs, tmp_pat
         src = pydicom.dcmread(__import__("io").BytesIO(data))
         oid = orthanc.upload(data)
         orthanc.store_to_listener([oid])
-        wait_for(lambda: len(orthanc.srs_in_study(src.StudyInstanceUID)) == 1)
+        wait_until(lambda: len(orthanc.srs_in_study(src.StudyInstanceUID)) == 1)
         (sr,) = orthanc.srs_in_study(src.StudyInstanceUID)
         assert sr.PatientID == src.PatientID and sr.Modality == "SR"
         content = read_sr(sr)
@@ -244,7 +233,7 @@ def test_pynetdicom_scu_echo_store_and_refusals(pacs, tmp_path) -> None:  # type
         mr.Modality = "MR"
         assert assoc.send_c_store(mr).Status == 0x0000  # not screened: accepted and dropped
         assoc.release()
-        wait_for(lambda: len(orthanc.srs_in_study(ds.StudyInstanceUID)) == 1)
+        wait_until(lambda: len(orthanc.srs_in_study(ds.StudyInstanceUID)) == 1)
         assert not (tmp_path / "spool" / "incoming" / f"{mr.SOPInstanceUID}.dcm").exists()
         rows = (tmp_path / "results.csv").read_text()
         assert str(mr.SOPInstanceUID) not in rows  # no answer of its own
@@ -265,7 +254,7 @@ def test_listener_killed_mid_stream_every_instance_gets_exactly_one_sr(pacs, tmp
     sender = threading.Thread(target=lambda: [_store_quietly(orthanc, [i]) for i in ids])
     sender.start()
     results = tmp_path / "results.csv"
-    wait_for(lambda: results.exists() and len(results.read_text().splitlines()) >= 3)  # 2 instances screened
+    wait_until(lambda: results.exists() and len(results.read_text().splitlines()) >= 3)  # 2 instances screened
     listener.send_signal(signal.SIGSTOP)  # frozen where it is: what it screened so far is what the kill leaves
     listener.send_signal(signal.SIGKILL)  # mid-stream
     listener.wait()
@@ -275,8 +264,8 @@ def test_listener_killed_mid_stream_every_instance_gets_exactly_one_sr(pacs, tmp
     listener = start_listener(tmp_path, orthanc, port)  # finishes the spool
     try:
         orthanc.store_to_listener(ids)  # Orthanc resends everything: duplicates are acknowledged and skipped
-        wait_for(lambda: len(orthanc.srs_in_study(study)) == 12, timeout=240)
-        wait_for(lambda: spool_idle(tmp_path / "spool"))  # every resend answered, every result out: nothing more
+        wait_until(lambda: len(orthanc.srs_in_study(study)) == 12, 240)
+        wait_until(lambda: spool_idle(tmp_path / "spool"))  # every resend answered, every result out: nothing more
         srs = orthanc.srs_in_study(study)
         assert len(srs) == 12 and len({s.SOPInstanceUID for s in srs}) == 12
         refs = {s.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
@@ -312,17 +301,17 @@ def test_pacs_down_when_results_are_due_then_delivered(tmp_path) -> None:  # typ
         ds = pydicom.dcmread(__import__("io").BytesIO(chest_dx(30)))
         assert assoc.send_c_store(ds).Status == 0
         assoc.release()
-        wait_for(lambda: list((tmp_path / "spool" / "outbox").glob("*.dcm")))  # screened, queued, not delivered
+        wait_until(lambda: list((tmp_path / "spool" / "outbox").glob("*.dcm")))  # screened, queued, not delivered
 
         def failed_tries() -> int:  # the association to the PACS refused: every due result waits its backoff
             return sum(r["event"] == "delivery_failed" and r["detail"].get("error") == "association" for r in read(audit))
 
-        wait_for(lambda: failed_tries() >= 2, timeout=60)  # tried, failed, tried again after its backoff ...
+        wait_until(lambda: failed_tries() >= 2, 60)  # tried, failed, tried again after its backoff ...
         assert list((tmp_path / "spool" / "outbox").glob("*.dcm"))  # ... and still queued, not dropped
         assert not any(r["event"] == "result_delivered" for r in read(audit))
         orthanc.start()  # the PACS comes back
-        wait_for(lambda: len(orthanc.srs_in_study(ds.StudyInstanceUID)) == 1, timeout=180)
-        wait_for(lambda: not list((tmp_path / "spool" / "outbox").glob("*.dcm")), timeout=60)
+        wait_until(lambda: len(orthanc.srs_in_study(ds.StudyInstanceUID)) == 1, 180)
+        wait_until(lambda: not list((tmp_path / "spool" / "outbox").glob("*.dcm")), 60)
     finally:
         listener.send_signal(signal.SIGTERM)
         listener.wait(timeout=60)
@@ -330,7 +319,7 @@ def test_pacs_down_when_results_are_due_then_delivered(tmp_path) -> None:  # typ
 
 
 def test_listen_help_reads_well() -> None:
-    r = subprocess.run([sys.executable, "-m", "cxr.cli", "listen", "--help"], capture_output=True, text=True, timeout=60)
+    r = cxr("listen", "--help", timeout=60)
     assert r.returncode == 0
     for opt in ("--host", "--port", "--ae-title", "--send-to", "--allow", "--spool", "--out", "--protocol", "--url",
                 "--model", "--heatmap"):
@@ -380,14 +369,14 @@ def test_dicom_tls_both_ways_with_orthanc(tmp_path) -> None:  # type: ignore[no-
     log = open(tmp_path / "listen-tls.log", "wb")  # noqa: SIM115
     listener = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: listener.poll() is None and _tls_echo(port, pki), timeout=60)
+        wait_until(lambda: listener.poll() is None and _tls_echo(port, pki), 60)
         assert not _tls_echo(port, {"ca": pki["ca"]})  # no client certificate: refused
         assert not _tls_echo(port, {"ca": pki["ca"], "client_cert": other["client_cert"], "client_key": other["client_key"]})
         assert not echo(port)  # plaintext: refused
         data = chest_dx(40)
         src = pydicom.dcmread(__import__("io").BytesIO(data))
         orthanc.store_to_listener([orthanc.upload(data)])  # Orthanc -> listener over TLS (UseDicomTls)
-        wait_for(lambda: len(orthanc.srs_in_study(src.StudyInstanceUID)) == 1, timeout=120)  # and back over TLS
+        wait_until(lambda: len(orthanc.srs_in_study(src.StudyInstanceUID)) == 1, 120)  # and back over TLS
     finally:
         listener.send_signal(signal.SIGTERM)
         listener.wait(timeout=60)
@@ -424,13 +413,13 @@ def test_orthanc_routes_a_whole_study_dx_and_mr_and_the_dx_gets_its_sr(pacs, tmp
         study_id = orthanc.get(f"/instances/{orthanc.upload(dx)}/study")["ID"]
         job = orthanc.store_to_listener([study_id])  # the whole study; raises on HTTP 500 (a failed job)
         assert job.get("InstancesCount", 2) == 2 and job.get("FailedInstancesCount", 0) == 0, job
-        wait_for(lambda: len(orthanc.srs_in_study(study)) == 1)
+        wait_until(lambda: len(orthanc.srs_in_study(study)) == 1)
         (sr,) = orthanc.srs_in_study(study)
         ref = (sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
                .ReferencedSOPInstanceUID)
         assert ref == pydicom.dcmread(__import__("io").BytesIO(dx)).SOPInstanceUID  # the DX's SR, none for the MR
         mr_uid = str(pydicom.dcmread(__import__("io").BytesIO(mr)).SOPInstanceUID)
-        wait_for(lambda: any(r["event"] == "dropped" and r["instance_uid"] == mr_uid for r in read(audit)))
+        wait_until(lambda: any(r["event"] == "dropped" and r["instance_uid"] == mr_uid for r in read(audit)))
         (dropped,) = [r for r in read(audit) if r["event"] == "dropped"]
         assert dropped["detail"]["why"] == "sop_class" and dropped["study_uid"] == study
         assert not list((tmp_path / "spool" / "incoming").glob("*"))
@@ -474,9 +463,9 @@ def test_an_instance_that_cannot_be_answered_is_set_aside_and_later_studies_are_
         later = [pydicom.dcmread(io.BytesIO(chest_dx(62 + i))) for i in range(2)]
         assert _store(port, *later) == [0, 0]
         for ds in later:  # the studies after the bad instances are screened and delivered
-            wait_for(lambda ds=ds: len(orthanc.srs_in_study(str(ds.StudyInstanceUID))) == 1)
+            wait_until(lambda ds=ds: len(orthanc.srs_in_study(str(ds.StudyInstanceUID))) == 1)
         dead = tmp_path / "spool" / "dead-letter"
-        wait_for(lambda: len(list(dead.glob("*.dcm"))) == 2)
+        wait_until(lambda: len(list(dead.glob("*.dcm"))) == 2)
         why = {p.name.removesuffix(".why"): json.loads(p.read_text())["reason"] for p in dead.glob("*.why")}
         assert "Study Instance UID" in why[str(no_study.SOPInstanceUID)]
         assert why[str(corrupt.SOPInstanceUID)].startswith("unreadable")
@@ -495,42 +484,12 @@ def test_an_instance_that_cannot_be_answered_is_set_aside_and_later_studies_are_
         listener.wait(timeout=60)
 
 
-class RefusingPacs:
-    """A pynetdicom Storage SCP that answers the first ``refuse`` C-STOREs with a failure status (0xA900: refused for
-    good) and accepts the rest; what it accepted is in ``stored`` (SOP Instance UIDs)."""
-
-    def __init__(self, refuse: int = 1) -> None:
-        import threading
-
-        from pynetdicom import AE, StoragePresentationContexts, evt
-
-        self.refuse, self.stored, self.refused = refuse, [], []  # type: ignore[var-annotated]
-        self.port = free_ports(1)[0]
-        self._lock = threading.Lock()
-        ae = AE(ae_title="PACS")
-        ae.supported_contexts = StoragePresentationContexts
-        self._server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
-
-    def _on_store(self, event) -> int:  # type: ignore[no-untyped-def]
-        uid = str(event.request.AffectedSOPInstanceUID)
-        with self._lock:
-            if len(self.refused) < self.refuse:
-                self.refused.append(uid)
-                return 0xA900
-            self.stored.append(uid)
-        return 0x0000
-
-    def stop(self) -> None:
-        self._server.shutdown()
-
-
 def test_a_result_refused_for_good_is_parked_later_ones_go_and_redeliver_sends_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import io
 
     from cxr.core.audit_trail import read
 
-    pacs = RefusingPacs(refuse=1)
+    pacs = StubPacs(refuse=1)
     port = free_ports(1)[0]
     audit = tmp_path / "audit.jsonl"
     extra = ("--send-to", f"PACS@127.0.0.1:{pacs.port}", "--audit-log", str(audit))
@@ -539,10 +498,10 @@ def test_a_result_refused_for_good_is_parked_later_ones_go_and_redeliver_sends_i
     try:
         first = pydicom.dcmread(io.BytesIO(chest_dx(70)))
         assert _store(port, first) == [0]
-        wait_for(lambda: len(pacs.refused) == 1 and len(list(parked.glob("*.dcm"))) == 1)
+        wait_until(lambda: len(pacs.refused) == 1 and len(list(parked.glob("*.dcm"))) == 1)
         later = [pydicom.dcmread(io.BytesIO(chest_dx(71 + i))) for i in range(2)]
         assert _store(port, *later) == [0, 0]
-        wait_for(lambda: len(pacs.stored) == 2)  # the destination that refused one still gets the later ones
+        wait_until(lambda: len(pacs.stored) == 2)  # the destination that refused one still gets the later ones
         (why,) = parked.glob("*.why")
         assert "0xA900" in json.loads(why.read_text())["reason"]
         failed = [r for r in read(audit) if r["event"] == "delivery_failed"]
@@ -553,7 +512,7 @@ def test_a_result_refused_for_good_is_parked_later_ones_go_and_redeliver_sends_i
     listener = start_listener(tmp_path, None, port, extra=(*extra, "--redeliver"))  # the parked SR goes again
     try:
         # the PACS has it once its C-STORE answers; the outbox is empty once the listener took the answer in
-        wait_for(lambda: len(pacs.stored) == 3 and not list((tmp_path / "spool" / "outbox").glob("*")))
+        wait_until(lambda: len(pacs.stored) == 3 and not list((tmp_path / "spool" / "outbox").glob("*")))
         assert not list(parked.glob("*"))
         assert len(set(pacs.stored)) == 3 and pacs.refused[0] in pacs.stored
     finally:
@@ -596,15 +555,15 @@ def test_one_result_per_study_pa_lateral_and_mr(pacs, tmp_path) -> None:  # type
         orthanc.upload(lateral)
         orthanc.upload(mr)
         orthanc.store_to_listener([study_id])
-        wait_for(lambda: len(orthanc.srs_in_study(study)) == 1)
+        wait_until(lambda: len(orthanc.srs_in_study(study)) == 1)
         (sr,) = orthanc.srs_in_study(study)
         content = read_study_sr(sr)
         pa_uid = str(pydicom.dcmread(io.BytesIO(pa)).SOPInstanceUID)
         assert content["study"]["instance_uids"] == [pa_uid]
         assert [f["instance_uid"] for f in content["films"]] == [pa_uid]  # the lateral has no answer of its own
         assert content["study"]["finding"] == content["films"][0]["finding"] in ("Present", "Absent")
-        wait_for(lambda: any(r["event"] == "result_delivered" for r in read(audit)))
-        wait_for(lambda: spool_idle(tmp_path / "spool"))  # nothing left to screen or send: no second SR can come
+        wait_until(lambda: any(r["event"] == "result_delivered" for r in read(audit)))
+        wait_until(lambda: spool_idle(tmp_path / "spool"))  # nothing left to screen or send: no second SR can come
         assert len(orthanc.srs_in_study(study)) == 1
         assert sum(r["event"] == "result_delivered" for r in read(audit)) == 1
         lines = ndjson.read_text().splitlines()
@@ -635,7 +594,7 @@ def test_associations_to_another_called_ae_or_from_a_stranger_are_refused_and_au
         ae.acse_timeout = ae.network_timeout = 5
         assoc = ae.associate("127.0.0.1", port, ae_title="OTHER_AI")  # addressed to another AE title
         assert not assoc.is_established
-        wait_for(lambda: sum(r["event"] == "refused" for r in read(audit)) == 2, timeout=30)
+        wait_until(lambda: sum(r["event"] == "refused" for r in read(audit)) == 2, 30)
         refused = {r["detail"]["why"]: r for r in read(audit) if r["event"] == "refused"}
         assert refused["calling_ae"]["actor"] == "ae:STRANGER" and refused["calling_ae"]["outcome"] == "failure"
         assert refused["called_ae"]["actor"] == "ae:ORTHANC"
@@ -648,7 +607,7 @@ def test_pipeline_metrics_count_what_came_what_was_dropped_and_what_left(tmp_pat
     import io
     import re
 
-    pacs = RefusingPacs(refuse=0)
+    pacs = StubPacs()
     port = free_ports(1)[0]
     listener = start_listener(tmp_path, None, port, extra=("--send-to", f"PACS@127.0.0.1:{pacs.port}",
                                                            "--metrics-port", "0"))
@@ -656,19 +615,19 @@ def test_pipeline_metrics_count_what_came_what_was_dropped_and_what_left(tmp_pat
         dx = chest_dx(95)
         mr = pydicom.dcmread(io.BytesIO(_mr_in_study_of(dx)))
         assert _store(port, pydicom.dcmread(io.BytesIO(dx)), mr) == [0, 0]
-        wait_for(lambda: len(pacs.stored) == 1)
+        wait_until(lambda: len(pacs.stored) == 1)
 
         def metrics() -> str:
             log = "".join(p.read_text() for p in tmp_path.glob("listen-*.log"))
             url = re.search(r"metrics on (http://127\.0\.0\.1:\d+/metrics)", log).group(1)  # type: ignore[union-attr]
             return urllib.request.urlopen(url, timeout=10).read().decode()
 
-        wait_for(lambda: 'cxr_listen_delivered_total{destination="dimse"} 1.0' in metrics(), timeout=30)
+        wait_until(lambda: 'cxr_listen_delivered_total{destination="dimse"} 1.0' in metrics(), 30)
         text = metrics()
         for line in ("cxr_listen_received_total 1.0", 'cxr_listen_dropped_total{why="sop_class"} 1.0',
                      "cxr_listen_end_to_end_seconds_count 1.0"):
             assert line in text, line
-        wait_for(lambda: 'cxr_listen_outbox_depth{destination="dimse"} 0.0' in metrics(), timeout=30)
+        wait_until(lambda: 'cxr_listen_outbox_depth{destination="dimse"} 0.0' in metrics(), 30)
     finally:
         listener.send_signal(signal.SIGTERM)
         listener.wait(timeout=60)

@@ -14,7 +14,8 @@ import pytest
 from cxr.core.audit_trail import read
 from cxr.core.security import redact_url, split_url_credentials
 from cxr.serving.server import free_ports
-from tests.test_pacs import Orthanc, _store, chest_dx, start_listener, wait_for
+from tests.conftest import cxr, wait_until
+from tests.test_pacs import Orthanc, _store, chest_dx, start_listener
 
 PASSWORD = "S3cret-Pw-77"
 
@@ -40,8 +41,8 @@ def test_a_password_in_a_url_is_in_no_file_written(tmp_path: Path) -> None:
     try:
         ds = pydicom.dcmread(io.BytesIO(chest_dx(80)))
         assert _store(port, ds) == [0]
-        wait_for(lambda: len(orthanc.srs_in_study(str(ds.StudyInstanceUID))) == 1)  # STOW-RS went through
-        wait_for(lambda: sum(r["event"] == "delivery_failed" for r in read(audit)) >= 2)  # FHIR retried, logged
+        wait_until(lambda: len(orthanc.srs_in_study(str(ds.StudyInstanceUID))) == 1)  # STOW-RS went through
+        wait_until(lambda: sum(r["event"] == "delivery_failed" for r in read(audit)) >= 2)  # FHIR retried, logged
     finally:
         listener.send_signal(signal.SIGTERM)
         listener.wait(timeout=60)
@@ -49,9 +50,8 @@ def test_a_password_in_a_url_is_in_no_file_written(tmp_path: Path) -> None:
     assert delivered and all("***@" in r["detail"]["destination"] for r in delivered)
 
     orthanc.upload(chest_dx(81))
-    r = subprocess.run([sys.executable, "-m", "cxr.cli", "predict", "--dicomweb", web, "--protocol", "embedded",
-                        "--format", "csv", "--out", str(work / "pull.csv"), "--audit-log", str(work / "pull.jsonl"),
-                        "--fhir-url", fhir_down], capture_output=True, text=True, timeout=300)
+    r = cxr("predict", "--dicomweb", web, "--protocol", "embedded", "--format", "csv", "--out", str(work / "pull.csv"),
+            "--audit-log", str(work / "pull.jsonl"), "--fhir-url", fhir_down, timeout=300)
     (work / "predict.stdout").write_text(r.stdout)
     (work / "predict.stderr").write_text(r.stderr)
     assert "received" in (work / "pull.jsonl").read_text()  # the pull ran and was audited
@@ -116,7 +116,7 @@ def test_fhir_results_go_with_a_bearer_token_and_a_client_certificate_and_the_to
         str(pki["client_key"]), "--audit-log", str(audit)))
     try:
         assert _store(port, pydicom.dcmread(io.BytesIO(chest_dx(85)))) == [0]
-        wait_for(lambda: any(r["event"] == "result_delivered" for r in read(audit)), timeout=120)
+        wait_until(lambda: any(r["event"] == "result_delivered" for r in read(audit)), 120)
     finally:
         listener.send_signal(signal.SIGTERM)
         listener.wait(timeout=60)

@@ -11,13 +11,14 @@ import pytest
 from cxr.client.client import Prediction
 from cxr.core import contract
 from cxr.doors.dicom.sr import build_heatmap_sc, build_sr, check_result, read_sr, result_uids
+from tests.conftest import prediction
 from tests.test_dicom import _ramp, make_dicom
 
 SHA = "ab" * 32
 
 
 def _ok(label: str, p: float, model: str = "pneumonia", sha: str = SHA) -> Prediction:
-    return Prediction(source="x.dcm", status=contract.Status.OK, label=label, probability=p, threshold=0.4, model_name=model, model_version="1", model_sha256=sha)
+    return prediction(source="x.dcm", label=label, probability=p, threshold=0.4, model_name=model, model_version="1", model_sha256=sha)
 
 
 def _source() -> pydicom.Dataset:
@@ -57,7 +58,7 @@ def test_sr_carries_finding_probability_threshold_and_algorithm(p: float, findin
 def test_not_assessable_sr_has_no_finding() -> None:
     src = _source()
     exc = contract.not_assessable("x", "out_of_distribution", "ood_score 90.25 > 35.07", value=90.25, limit=35.07)
-    res = Prediction(source="x.dcm", status=contract.Status.NOT_ASSESSABLE, label=None, probability=None, threshold=0.4, model_name="pneumonia", model_version="1", reason=str(exc),
+    res = prediction("not_assessable", source="x.dcm", threshold=0.4, model_version="1", reason=str(exc),
                      ood_score=90.25, ood_threshold=35.07, refusal=contract.Refusal.of(exc), model_sha256=SHA)
     content = read_sr(_roundtrip(build_sr(src, res)))
     assert content["not_assessable"] == "out_of_distribution"
@@ -97,7 +98,7 @@ def test_heatmap_secondary_capture_is_burned_in_and_placed() -> None:
 
 
 def test_result_validation() -> None:
-    err = Prediction(source="x.dcm", status=contract.Status.ERROR, label=None, probability=None, threshold=0.4, model_name="m", model_version="1", reason="x.dcm: unreadable", model_sha256=SHA)
+    err = prediction("error", source="x.dcm", threshold=0.4, model_name="m", model_version="1", reason="x.dcm: unreadable", model_sha256=SHA)
     with pytest.raises(ValueError, match="ok and not_assessable"):
         check_result(err)  # an unreadable input gets no SR
     with pytest.raises(ValueError, match="sha256"):
@@ -118,7 +119,7 @@ def _film(n: int, view: str) -> pydicom.Dataset:
 
 def _lateral() -> Prediction:
     refusal = contract.Refusal("dicom_view_position", "LL", "PA, AP")
-    return Prediction(source="l.dcm", status=contract.Status.NOT_ASSESSABLE, label=None, probability=None, threshold=0.4, model_name="pneumonia", model_version="1", reason="lateral",
+    return prediction("not_assessable", source="l.dcm", threshold=0.4, model_version="1", reason="lateral",
                       refusal=refusal, model_sha256=SHA)
 
 
@@ -132,7 +133,7 @@ def test_one_study_answer_by_the_stated_rule() -> None:
     only_lateral = combine([("3", _lateral())])
     assert only_lateral.status is contract.Status.NOT_ASSESSABLE and only_lateral.why == "no_frontal"
     refusal = contract.Refusal("out_of_distribution", 99.0, 50.0)
-    ood = Prediction(source="o.dcm", status=contract.Status.NOT_ASSESSABLE, label=None, probability=None, threshold=0.4, model_name="pneumonia", model_version="1", reason="ood",
+    ood = prediction("not_assessable", source="o.dcm", threshold=0.4, model_version="1", reason="ood",
                      refusal=refusal, model_sha256=SHA)
     assert combine([("1", ood), ("3", _lateral())]).why == "all_frontal_refused"
 
@@ -161,7 +162,7 @@ def test_an_instance_sr_is_numbered_as_its_film() -> None:
 
 
 def test_sr_says_which_operating_point_answered() -> None:
-    pred = Prediction(source="x.dcm", status=contract.Status.OK, label="Pneumonia", probability=0.5, threshold=0.4, model_name="pneumonia", model_version="1", model_sha256=SHA,
+    pred = prediction(source="x.dcm", label="Pneumonia", probability=0.5, threshold=0.4, model_version="1", model_sha256=SHA,
                       operating_point="adult")
     content = read_sr(_roundtrip(build_sr(_source(), pred)))
     assert content["operating_point"] == "adult" and content["threshold"] == 0.4

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +10,9 @@ import pytest
 
 from cxr.core import contract
 from cxr.core.errors import CxrError
+from tests.conftest import cxr
 
 pytestmark = pytest.mark.slow
-
-
-def cxr(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run([sys.executable, "-m", "cxr.cli", *args], capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, f"cxr {' '.join(args)} failed:\n{r.stdout}\n{r.stderr[-4000:]}"
-    return r
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +20,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, train_data: Path, site_da
     run = tmp_path_factory.mktemp("run")
     cxr("train", "--data", str(train_data), "--out", str(run), "--epochs", "1", "--limit-per-class", "40",
         "--batch-size", "16", "--val-fraction", "0.25", "--monitor", str(site_data),
-        "--cache-dir", str(tmp_path_factory.mktemp("cache")))
+        "--cache-dir", str(tmp_path_factory.mktemp("cache")), ok=True)
     return run
 
 
@@ -44,21 +37,21 @@ def test_calibrate_evaluate_export_parity(tiny_run: Path, train_data: Path, site
     # A one-epoch model has near-constant logits; Platt scaling would blow them up, so no scaling here.
     if len(list((site_data / "PNEUMONIA").glob("*"))) < 60:
         # 16 generated positives cannot show sensitivity >= 0.95 at 90% confidence: the default rule says so
-        r = subprocess.run([sys.executable, "-m", "cxr.cli", "calibrate", "--model", str(tiny_run / "model.keras"),
-                            "--data", str(site_data), "--scaling", "none"], capture_output=True, text=True, timeout=600)
+        r = cxr("calibrate", "--model", str(tiny_run / "model.keras"), "--data", str(site_data), "--scaling", "none",
+                timeout=600)
         assert r.returncode == 2 and "cannot show sensitivity >= 0.95 at 90% confidence" in r.stderr, r.stderr[-2000:]
         rule = "sensitivity"
     else:
         rule = "sensitivity_lcb"
     cxr("calibrate", "--model", str(tiny_run / "model.keras"), "--data", str(site_data), "--scaling", "none",
-        "--rule", rule)
+        "--rule", rule, ok=True)
     cal = json.loads((tiny_run / "calibration.json").read_text())
     assert cal["rule"] == rule and 0 < cal["threshold"] < 1 and cal["metrics"]["sensitivity"] >= 0.95
     if rule == "sensitivity_lcb":
         assert cal["metrics"]["sensitivity_lower_bound"] >= 0.95 and cal["confidence"] == 0.9
 
     cxr("evaluate", "--model", str(tiny_run / "model.keras"), "--data", str(site_data), "--n-boot", "100",
-        "--out", str(tiny_run / "eval_site"))
+        "--out", str(tiny_run / "eval_site"), ok=True)
     rep = json.loads((tiny_run / "eval_site" / "report.json").read_text())
     for key in ("accuracy", "precision", "sensitivity", "specificity", "f1", "roc_auc", "pr_auc", "ece", "brier", "accuracy_at_0.5"):
         lo, hi = rep["metrics"][key]["ci95"]
@@ -70,7 +63,7 @@ def test_calibrate_evaluate_export_parity(tiny_run: Path, train_data: Path, site
     repo = tmp_path / "repo"
     # INT8 of a one-epoch model is judged by noise; its own test below covers quantization and the gate.
     r = cxr("export", "--model", str(tiny_run / "model.keras"), "--data", str(train_data), "--repository", str(repo),
-            "--no-int8")
+            "--no-int8", ok=True)
     assert "fp32" in r.stdout
     card = json.loads((repo / "pneumonia" / "model_card.json").read_text())
     par = card["export"]["parity"]["fp32"]["parity"]
@@ -147,7 +140,7 @@ def test_compare_scores_each_model_like_evaluate(tiny_run: Path, site_data: Path
     out = tmp_path / "cmp"
     r = cxr("compare", "--data", str(site_data), "--out", str(out), "--n-boot", "50",
             "--model", f"tiny={tiny_run / 'model.keras'}", "--model", f"shipped={DEFAULT_REPOSITORY / 'pneumonia'}",
-            "--quoted", "a report=80.9%=its own test split", "--note", "tiny is a one-epoch smoke run")
+            "--quoted", "a report=80.9%=its own test split", "--note", "tiny is a one-epoch smoke run", ok=True)
     result = json.loads((out / "comparison.json").read_text())
     assert [row["name"] for row in result["measured"]] == ["tiny", "shipped"]
     assert result["quoted"] == [{"label": "a report", "accuracy": pytest.approx(0.809), "source": "its own test split"}]
@@ -169,8 +162,7 @@ def test_compare_scores_each_model_like_evaluate(tiny_run: Path, site_data: Path
 
 
 def test_compare_refuses_bad_entries(tmp_path: Path, site_data: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "cxr.cli", "compare", "--data", str(site_data), "--out", str(tmp_path),
-                        "--model", f"x={tmp_path}"], capture_output=True, text=True, timeout=120)
+    r = cxr("compare", "--data", str(site_data), "--out", str(tmp_path), "--model", f"x={tmp_path}", timeout=120)
     assert r.returncode == 2 and "model_card.json" in r.stderr.strip().splitlines()[-1]
     from cxr.train.compare import parse_quoted
 
@@ -189,8 +181,8 @@ def test_calibrate_on_too_small_a_sample_is_one_line_error(tiny_run: Path, site_
         for f in sorted((site_data / cls).iterdir())[:10]:
             shutil.copy(f, small / cls / f.name)
     before = {p.name: p.read_bytes() for p in tiny_run.iterdir() if p.is_file()}
-    r = subprocess.run([sys.executable, "-m", "cxr.cli", "calibrate", "--model", str(tiny_run / "model.keras"),
-                        "--data", str(small), "--scaling", "none"], capture_output=True, text=True, timeout=600)
+    r = cxr("calibrate", "--model", str(tiny_run / "model.keras"), "--data", str(small), "--scaling", "none",
+            timeout=600)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]

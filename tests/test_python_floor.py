@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO
+
 FLOOR = (3, 10)
 
 #: Standard-library modules that are newer than the floor.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, xray_copies
+from tests.conftest import REPO, cxr, xray_copies
 
 pytestmark = pytest.mark.slow
 
@@ -66,8 +66,7 @@ def test_two_node_cluster_gives_the_local_answers(tmp_path) -> None:  # type: ig
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert (tmp_path / "ray.exit").read_text().strip() == "exit=1"  # the one unreadable file is an error row
     assert (tmp_path / "nodes.txt").read_text().strip() == "2"
-    local = subprocess.run([sys.executable, "-m", "cxr.cli", "predict", str(d), "--protocol", "embedded", "--format",
-                            "json"], capture_output=True, text=True, timeout=300)
+    local = cxr("predict", str(d), "--protocol", "embedded", "--format", "json", timeout=300)
     ref = {Path(x["path"]).name: x for x in json.loads(local.stdout)}
     rows = _rows(tmp_path / "ray.csv")
     assert sorted(Path(r["path"]).name for r in rows) == sorted(ref)

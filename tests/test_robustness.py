@@ -19,7 +19,7 @@ from PIL import Image
 
 from cxr.client import PneumoniaClient, RetryPolicy
 from cxr.core.errors import InvalidInputError, RetryableServerError, ServerError
-from tests.conftest import SHIPPED_REPOSITORY, freeze_after_journal_rows, journal_rows, synthetic_xray
+from tests.conftest import SHIPPED_REPOSITORY, cxr, freeze_after_journal_rows, journal_rows, synthetic_xray, wait_until
 from tests.test_contract import _encode, _png_with_claimed_size
 from tests.test_dicom import _ramp, make_dicom
 
@@ -73,9 +73,8 @@ def _rows(path: Path) -> list[dict]:
 def test_hostile_corpus_fails_per_file_and_the_rest_completes(triton_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
     good, bad = hostile_corpus(tmp_path / "in")
     out = tmp_path / "results.csv"
-    r = subprocess.run([sys.executable, "-m", "cxr.cli", "predict", str(tmp_path / "in"), "--url",
-                        triton_server.config.grpc_url, "--format", "csv", "--out", str(out)],
-                       capture_output=True, text=True, timeout=300)
+    r = cxr("predict", str(tmp_path / "in"), "--url", triton_server.config.grpc_url, "--format", "csv", "--out",
+            str(out), timeout=300)
     assert r.returncode == 1  # some failed
     rows = {Path(row["path"]).name: row for row in _rows(out)}
     assert set(rows) == {p.name for p in good + bad}
@@ -160,13 +159,8 @@ def test_server_outage_past_the_retries_then_rerun_retries_only_what_failed(tmp_
     transient = {n for n, r in first.items() if r["status"] == "error" and n != bad.name}
     assert transient, "the outage left no failed rows"
     assert all("UNAVAILABLE" in first[n]["reason"] or "DEADLINE" in first[n]["reason"] for n in transient)
-    restarted = None
-    t0 = time.monotonic()
-    while restarted is None and time.monotonic() - t0 < 60:
-        try:
-            restarted = TritonServer(cfg).start()
-        except ServerError:
-            time.sleep(1)
+    restarted = wait_until(lambda: TritonServer(cfg).start(), 60, "tritonserver to restart on its ports",
+                           ignore=(ServerError,), every_s=1)
     assert restarted is not None
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -233,13 +227,9 @@ def test_server_restart_mid_batch_completes(tmp_path) -> None:  # type: ignore[n
     assert progressed.wait(timeout=120), "the batch never got going"
     server.kill()  # SIGKILL once 32 answers are in: the middle of the batch
     answered_before_kill = len(done)
-    killed_at = time.monotonic()
-    restarted = None
-    while restarted is None and time.monotonic() - killed_at < 60:
-        try:
-            restarted = TritonServer(cfg).start()  # same ports: clients reconnect
-        except ServerError:
-            time.sleep(1)  # the gRPC port can stay busy for a few seconds
+    # same ports: clients reconnect (the gRPC port can stay busy for a few seconds)
+    restarted = wait_until(lambda: TritonServer(cfg).start(), 60, "tritonserver to restart on its ports",
+                           ignore=(ServerError,), every_s=1)
     assert restarted is not None, "could not restart tritonserver"
     try:
         t.join(timeout=240)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cxr.serving.server import ServerConfig, TritonServer, free_ports
-from tests.conftest import REPO, SHIPPED_REPOSITORY, freeze_after_journal_rows, xray_copies
+from tests.conftest import REPO, SHIPPED_REPOSITORY, cxr, freeze_after_journal_rows, xray_copies
 
 MANIFESTS = sorted((REPO / "deploy" / "kubernetes").glob("*.yaml"))
 
@@ -54,8 +54,7 @@ def test_fleet_of_three_with_one_sigkilled_gives_every_input_one_row(fleet, tmp_
     assert [Path(r["path"]).name for r in rows] == [f"img_{i:03d}.jpeg" for i in range(160)]
     assert all(r["status"] in ("ok", "not_assessable") for r in rows)  # none failed
     # identical to a single server's answers (the embedded runtime on the same model file)
-    single = subprocess.run([sys.executable, "-m", "cxr.cli", "predict", str(d), "--protocol", "embedded", "--format",
-                             "json"], capture_output=True, text=True, timeout=300)
+    single = cxr("predict", str(d), "--protocol", "embedded", "--format", "json", timeout=300)
     assert single.returncode == 0, single.stderr
     ref = {Path(x["path"]).name: x for x in json.loads(single.stdout)}
     for r in rows:

@@ -26,7 +26,7 @@ from cxr.core.security import (
     read_key,
 )
 from cxr.serving.server import ServerConfig, TritonServer, free_ports
-from tests.conftest import SHIPPED_REPOSITORY
+from tests.conftest import REPO, SHIPPED_REPOSITORY
 
 pytestmark = pytest.mark.slow
 
@@ -256,5 +256,5 @@ def test_bench_records_tls_cost_keys() -> None:
     from cxr.loadtest.bench import REQUIRED_KEYS
 
     assert "tls_vs_plaintext" in REQUIRED_KEYS
-    report = json.loads((Path(__file__).resolve().parent.parent / "bench" / "results.json").read_text())
+    report = json.loads((REPO / "bench" / "results.json").read_text())
     assert "tls_vs_plaintext" in report

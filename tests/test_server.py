@@ -15,7 +15,7 @@ import pytest
 from cxr.client import PneumoniaClient
 from cxr.core import contract, imaging
 from cxr.core.errors import InvalidInputError, ServerError
-from tests.conftest import SHIPPED_REPOSITORY
+from tests.conftest import SHIPPED_REPOSITORY, cxr
 
 pytestmark = pytest.mark.slow
 
@@ -151,8 +151,7 @@ def test_cli_predict_csv_and_health(triton_server, sample_images, tmp_path, prot
     for row in rows[:4]:
         assert (row["label"] != "") == (row["status"] == "ok") and row["ood_score"] != ""
         assert (row["reason"] != "") == (row["status"] != "ok")
-    h = subprocess.run([sys.executable, "-m", "cxr.cli", "health", "--url", url, "--protocol", protocol],
-                       capture_output=True, text=True, timeout=120)
+    h = cxr("health", "--url", url, "--protocol", protocol, timeout=120)
     assert h.returncode == 0, h.stderr
     info = json.loads(h.stdout)
     assert info["ready"] is True and info["model"] == "pneumonia" and info["version"] == "1"
@@ -168,8 +167,7 @@ def test_only_not_assessable_rows_exit_zero(triton_server, tmp_path, protocol) -
         Image.new("L", (300, 300), level).save(tmp_path / f"blank{i}.png")
     url = str(SHIPPED_REPOSITORY) if protocol == "embedded" else _url(triton_server, protocol)
     for fmt in ("json", "table"):
-        r = subprocess.run([sys.executable, "-m", "cxr.cli", "predict", str(tmp_path), "--url", url, "--protocol",
-                            protocol, "--format", fmt], capture_output=True, text=True, timeout=300)
+        r = cxr("predict", str(tmp_path), "--url", url, "--protocol", protocol, "--format", fmt, timeout=300)
         assert r.returncode == 0, r.stderr
         if fmt == "json":
             rows = json.loads(r.stdout)

@@ -19,15 +19,11 @@ from PIL import Image
 from cxr.core.integrity import sha256_file
 from cxr.core.model_dir import read_provenance
 from cxr.train import data as data_mod
-from tests.conftest import REPO, SHIPPED_REPOSITORY
+from tests.conftest import REPO, SHIPPED_REPOSITORY, cxr, wait_until
 
 pytestmark = pytest.mark.slow
 
 EXAMPLES = REPO / "examples"
-
-
-def cxr(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cxr.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def variants(dest: Path, *, per_film: int, seed: int, gamma: float | None = None, patient_per_variant: bool = False) -> Path:
@@ -314,7 +310,7 @@ def test_metrics_are_scraped_from_a_running_listener(tmp_path: Path) -> None:
     from pynetdicom import AE
 
     from cxr.serving.server import free_ports
-    from tests.test_pacs import echo, wait_for
+    from tests.test_pacs import echo
 
     port, mport = free_ports(2)
     log = open(tmp_path / "listen.log", "wb")  # noqa: SIM115
@@ -322,7 +318,7 @@ def test_metrics_are_scraped_from_a_running_listener(tmp_path: Path) -> None:
                              str(tmp_path / "spool"), "--out", str(tmp_path / "results.csv"), "--url",
                              str(SHIPPED_REPOSITORY), "--metrics-port", str(mport)], stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: proc.poll() is None and echo(port), timeout=90)
+        wait_until(lambda: echo(port), 90, "cxr listen to answer C-ECHO", proc=proc, log=tmp_path / "listen.log")
         ds = pydicom.dcmread(EXAMPLES / "dicom" / "chest_dx.dcm")
         ae = AE(ae_title="MODALITY1")
         ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
@@ -330,7 +326,7 @@ def test_metrics_are_scraped_from_a_running_listener(tmp_path: Path) -> None:
         assert assoc.is_established and assoc.send_c_store(ds).Status == 0
         assoc.release()
         results = tmp_path / "results.csv"
-        wait_for(lambda: results.exists() and len(results.read_text().splitlines()) == 2)
+        wait_until(lambda: results.exists() and len(results.read_text().splitlines()) == 2)
         status = list(csv.DictReader(results.open()))[0]["status"]
         text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read().decode()
         assert f'cxr_screened_total{{model="pneumonia",status="{status}"}} 1.0' in text

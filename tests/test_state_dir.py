@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cxr.core import paths
-from tests.conftest import REPO, SHIPPED_REPOSITORY
+from tests.conftest import REPO, SHIPPED_REPOSITORY, cxr, wait_until
 
 
 def test_the_state_folder_is_cxr_home_else_the_users_state_folder(monkeypatch: pytest.MonkeyPatch,
@@ -70,9 +70,8 @@ def test_a_listener_on_an_empty_spool_names_the_spool_with_unfinished_work(tmp_p
     busy.bind(("127.0.0.1", 0))
     busy.listen(1)
     try:
-        r = subprocess.run([sys.executable, "-m", "cxr.cli", "listen", "--port", str(busy.getsockname()[1]),
-                            "--url", str(SHIPPED_REPOSITORY), "--spool", "spool"], capture_output=True, text=True,
-                           timeout=300, cwd=tmp_path / "second", env={**os.environ, "CXR_HOME": str(home)})
+        r = cxr("listen", "--port", str(busy.getsockname()[1]), "--url", str(SHIPPED_REPOSITORY), "--spool", "spool",
+                timeout=300, cwd=tmp_path / "second", home=home)
     finally:
         busy.close()
     warnings = [line for line in r.stderr.splitlines() if "warning:" in line]
@@ -108,7 +107,7 @@ def test_a_listener_killed_and_restarted_from_another_directory_finishes_its_spo
     import pydicom
 
     from cxr.serving.server import free_ports
-    from tests.test_pacs import _store, chest_dx, echo, wait_for
+    from tests.test_pacs import _store, chest_dx, echo
 
     home, results = tmp_path / "home", tmp_path / "results.csv"
     port = free_ports(1)[0]
@@ -121,17 +120,15 @@ def test_a_listener_killed_and_restarted_from_another_directory_finishes_its_spo
         with log.open("wb") as out:
             proc = subprocess.Popen([sys.executable, "-m", "cxr.cli", *options], cwd=cwd, stdout=out,
                                     stderr=subprocess.STDOUT, env={**os.environ, "CXR_HOME": str(home)})
-        deadline = time.monotonic() + 240
-        while not echo(port, calling="MODALITY1"):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.3)
+        wait_until(lambda: echo(port, calling="MODALITY1"), 240, "cxr listen to answer C-ECHO", proc=proc, log=log,
+                   every_s=0.3)
         return proc
 
     first, second = (pydicom.dcmread(__import__("io").BytesIO(chest_dx(40 + i))) for i in range(2))
     listener = start(tmp_path / "a")
     try:
         assert _store(port, first, calling="MODALITY1") == [0]
-        wait_for(lambda: results.exists() and len(results.read_text().splitlines()) == 2)
+        wait_until(lambda: results.exists() and len(results.read_text().splitlines()) == 2)
     finally:
         listener.send_signal(signal.SIGKILL)
         listener.wait()
@@ -140,10 +137,10 @@ def test_a_listener_killed_and_restarted_from_another_directory_finishes_its_spo
     (spool / "incoming" / f"{second.SOPInstanceUID}.dcm").write_bytes(chest_dx(41))
     listener = start(tmp_path / "b")
     try:
-        wait_for(lambda: len(results.read_text().splitlines()) == 3)  # the left instance, screened
+        wait_until(lambda: len(results.read_text().splitlines()) == 3)  # the left instance, screened
         assert _store(port, first, calling="MODALITY1") == [0]  # sent again: acknowledged, not screened again
-        wait_for(lambda: not list((spool / "incoming").glob("*.dcm")))  # (no --send-to: results stay in the outbox)
-        time.sleep(2)
+        wait_until(lambda: not list((spool / "incoming").glob("*.dcm")))  # (no --send-to: results stay in the outbox)
+        time.sleep(2)  # not a synchronisation: the time a wrong second screening would have to show its row
     finally:
         listener.send_signal(signal.SIGTERM)
         listener.wait(timeout=60)

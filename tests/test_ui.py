@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,12 +15,12 @@ from typing import Any
 import pytest
 
 from cxr.serving.server import free_port
-from tests.conftest import REPO
+from tests.conftest import REPO, cxr, wait_until
 
 pytestmark = pytest.mark.slow
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "out" / "ui"
+SCREENSHOTS = REPO / "out" / "ui"
 
 
 @contextlib.contextmanager
@@ -36,17 +35,12 @@ def running_ui(args: list[str], log_path: Path) -> Iterator[str]:
                                 stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             url = f"http://127.0.0.1:{port}/"
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                if proc.poll() is not None:
-                    pytest.fail(f"cxr ui exited: {log_path.read_text()[-3000:]}")
-                try:
-                    with urllib.request.urlopen(url, timeout=2):
-                        break
-                except OSError:
-                    time.sleep(0.5)
-            else:
-                pytest.fail("cxr ui did not come up")
+
+            def answers() -> bool:
+                with urllib.request.urlopen(url, timeout=2):
+                    return True
+
+            wait_until(answers, 120, "cxr ui to answer", proc=proc, log=log_path, ignore=(OSError,))
             yield url
         finally:
             proc.terminate()
@@ -102,8 +96,7 @@ def page(ui_url):  # type: ignore[no-untyped-def]
 def _cli_answer(path: Path, triton_server) -> dict:  # type: ignore[no-untyped-def]
     import json
 
-    r = subprocess.run([sys.executable, "-m", "cxr.cli", "predict", str(path), "--url", triton_server.config.grpc_url,
-                        "--format", "json"], capture_output=True, text=True, timeout=120)
+    r = cxr("predict", str(path), "--url", triton_server.config.grpc_url, "--format", "json", timeout=120)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)[0]
 
@@ -184,8 +177,7 @@ def test_several_images_give_a_table_and_csv(page, sample_images) -> None:  # ty
 def test_login_refuses_a_wrong_password_in_chromium(triton_server, page, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """`cxr ui --auth-file`: Gradio's login in front of the page, credentials from a scrypt file (cxr ui-passwd)."""
     creds = tmp_path / "users"
-    r = subprocess.run([sys.executable, "-m", "cxr.cli", "ui-passwd", str(creds), "reader"], input="correct horse battery\n",
-                       capture_output=True, text=True, timeout=60)
+    r = cxr("ui-passwd", str(creds), "reader", input="correct horse battery\n", timeout=60)
     assert r.returncode == 0, r.stderr
     assert oct(creds.stat().st_mode & 0o777) == "0o600" and "correct horse" not in creds.read_text()
     with running_ui(["--url", triton_server.config.grpc_url, "--auth-file", str(creds)], tmp_path / "ui.log") as url:
