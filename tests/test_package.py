@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -172,6 +173,9 @@ def test_the_wheel_answers_the_examples_outside_the_checkout(tmp_path: Path) -> 
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(REPO)],
                    check=True, timeout=600, capture_output=True)
     (wheel,) = wheels.glob("cxr_triton-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any("/model_repository/pneumonia/" in n for n in names)
+    assert not [n for n in names if "validation" in n or "without_siim" in n]  # evidence, not the product
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     py = env_dir / "bin" / "python"

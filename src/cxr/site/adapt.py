@@ -377,7 +377,8 @@ def _fit_weights(cfg: AdaptConfig, base, kit, dec: _Decoded, a_part: list[data_m
             what = (f"last {n_convs} convolutions and head" if n_convs != adapt_features.WHOLE
                     else f"every convolution ({len(blk.convs) if blk else 0}) and head")
             if blk is None:
-                tried.append({"what": what, "skipped": "the graph does not end in that many Conv-ReLU pairs"})
+                tried.append({"what": what, "skipped": "the graph does not end in that many convolutions the trainer "
+                              "runs (each plain or with a ReLU or ReLU6; a depthwise convolution ends the chain)"})
                 continue
             acts = adapt_features.block_inputs(base, blk, dec.x)
             augment = cfg.augment and acts.shape[2:] == contract.IMAGE_SHAPE[:2]  # the block starts at the image
