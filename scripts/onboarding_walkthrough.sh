@@ -31,6 +31,21 @@ run $CXR site-audit "$SAMPLE" --protocol embedded --url $VREPO --model $BASE --m
 # 3. adapt: the card's targets, then a second seed (the same audit patients; the report lists the first attempt)
 run $CXR adapt "$SAMPLE" --model-repository $VREPO --model $BASE --out-repository "$OUT/R" --name pneumonia_siim \
   --population adult --report "$OUT/adapt"
+if [ -f "$OUT/adapt/unpublished.onnx" ]; then cp "$OUT/adapt/unpublished.onnx" "$OUT/adapted_seed0.onnx"; fi
 run $CXR adapt "$SAMPLE" --model-repository $VREPO --model $BASE --out-repository "$OUT/R" --name pneumonia_siim \
   --population adult --report "$OUT/adapt" --seed 1
+# 4. the site states its own targets (a third attempt on the sample: the report and the published card list all three)
+run $CXR adapt "$SAMPLE" --model-repository $VREPO --model $BASE --out-repository "$OUT/R" --name pneumonia_siim \
+  --population adult --report "$OUT/adapt" --targets sensitivity=0.80 specificity=0.20 roc_auc=0.70 flagged=0.02
+# 5. both models on films of the hospital outside the sample (SIIM's select side of the lock: 601 films, no study of
+#    the sample) and on the Kaggle site's select side (children: what the site model must not forget); the adapted
+#    graph is the first attempt's (published or not)
+ADAPTED=$OUT/adapted_seed0.onnx
+if [ -d "$OUT/R/pneumonia_siim" ]; then ADAPTED=$OUT/R/pneumonia_siim/1/model.onnx; fi
+for src in siim kaggle_site; do
+  S=$OUT/check_$src
+  [ -d "$S" ] || $PY scripts/split_side.py docs/model/adult_lock/split.json "$S" --side select --source $src
+  run $CXR evaluate --model $VREPO/$BASE/1/model.onnx --data "$S" --out "$OUT/eval_${src}_in_service"
+  if [ -f "$ADAPTED" ]; then run $CXR evaluate --model "$ADAPTED" --data "$S" --out "$OUT/eval_${src}_adapted"; fi
+done
 echo "log: $OUT/log.md"
