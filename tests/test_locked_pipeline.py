@@ -131,7 +131,7 @@ def test_trials_never_read_the_test_side(locked: dict[str, Path], tmp_path: Path
     split = tmp_path / "split.json"
     data_mod.Split(s.seed, s.val_fraction, s.train, s.val, s.roots, s.val_fractions, ghost).save(split)
     report = run([Trial("t", locked["run"], "the run")], split, tmp_path / "trials", n_boot=50, point_source="a",
-                 speed=lambda path: 123.0)
+                 speed=lambda paths: [123.0] * len(paths))
     row = report["trials"]["t"]
     assert report["side"] == "select" and set(row["auc"]) == {"a", "b"}
     assert row["films_per_s"] == 123.0 and row["parameters"] > 0 and row["gflop_per_film"] > 0

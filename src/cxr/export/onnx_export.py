@@ -13,7 +13,7 @@ import logging
 import platform
 import shlex
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -130,13 +130,18 @@ def to_onnx(keras_model_path: Path, onnx_path: Path, calibration: Calibration, *
 
 #: Films timed per trial by :func:`served_throughput` (after a warm-up batch), and the batch size.
 SPEED_FILMS = 256
+#: Interleaved rounds of :func:`served_throughput` (the median is reported).
+SPEED_ROUNDS = 5
 SPEED_BATCH = 16
 
 
-def served_throughput(keras_model_path: Path, *, films: int = SPEED_FILMS, batch: int = SPEED_BATCH) -> float:
-    """Films per second of a trained model as it would be served: converted to ONNX (the contract's uint8 input)
-    in a temporary folder and run by ONNX Runtime on every core of this CPU, ``films`` films in batches of
-    ``batch`` after one warm-up batch. Compare trials measured in one run (the CPU differs between machines)."""
+def served_throughput(keras_model_paths: Sequence[Path], *, films: int = SPEED_FILMS, batch: int = SPEED_BATCH,
+                      rounds: int = SPEED_ROUNDS) -> list[float]:
+    """Films per second of trained models as they would be served, side by side: each converted to ONNX (the
+    contract's uint8 input) in a temporary folder and run by ONNX Runtime on every core of this CPU after one
+    warm-up batch; then ``rounds`` rounds in which every model in turn screens ``films`` films in batches of
+    ``batch``. Each model's figure is the median of its rounds, so a load that comes and goes during the run falls on
+    every model alike. Compare the models of one call (the CPU differs between machines and runs)."""
     import tempfile
     import time
 
@@ -144,16 +149,22 @@ def served_throughput(keras_model_path: Path, *, films: int = SPEED_FILMS, batch
 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, size=(batch, *contract.IMAGE_SHAPE), dtype=np.uint8)
+    feed = {contract.INPUT_NAME: x}
+    per_round = max(1, films // batch)
     with tempfile.TemporaryDirectory(prefix="cxr-speed-") as tmp:
-        path = to_onnx(Path(keras_model_path), Path(tmp) / "model.onnx", Calibration())
-        sess = make_session(path)
-        feed = {contract.INPUT_NAME: x}
-        sess.run(None, feed)
-        rounds = max(1, films // batch)
-        t0 = time.perf_counter()
-        for _ in range(rounds):
+        sessions = []
+        for i, keras_path in enumerate(keras_model_paths):
+            sess = make_session(to_onnx(Path(keras_path), Path(tmp) / f"model{i}.onnx", Calibration()))
             sess.run(None, feed)
-        return rounds * batch / (time.perf_counter() - t0)
+            sessions.append(sess)
+        rates: list[list[float]] = [[] for _ in sessions]
+        for _ in range(rounds):
+            for k, sess in enumerate(sessions):
+                t0 = time.perf_counter()
+                for _ in range(per_round):
+                    sess.run(None, feed)
+                rates[k].append(per_round * batch / (time.perf_counter() - t0))
+        return [float(np.median(r)) for r in rates]
 
 
 class _Reader:
