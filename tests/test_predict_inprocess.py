@@ -118,6 +118,43 @@ def test_inputs_from_a_source_are_screened_under_their_names_and_the_unread_ones
         ("1.2.3.4", "success", "copies"), ("1.2.3.5", "failure", "copies")]
 
 
+def test_an_interrupt_just_after_a_chunk_is_written_saves_that_chunk(films: Path, tmp_path: Path,
+                                                                     monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    """SIGTERM (a KeyboardInterrupt) landing after a chunk's rows reached the journal but before the run's bookkeeping
+    in memory: the rows saved are those on disk, so the rerun's count of instances already final matches them."""
+    from cxr.client import batch
+
+    class Copies:
+        where, kind = "the test archive", "copies"
+
+        def find(self) -> tuple[tuple[str, str], ...]:
+            return (("1.2.3", "1.2.3.4"), ("1.2.3", "1.2.3.5"))
+
+        def read(self, names: list[str], folder: Path) -> dict[Path, str]:
+            out = {}
+            for n in names:
+                shutil.copy(films / "chest_dx.dcm", folder / f"{n}.dcm")
+                out[folder / f"{n}.dcm"] = n
+            return out
+
+    def append(self, rows: list[dict]) -> None:  # type: ignore[no-untyped-def]
+        self._csv.append(rows)
+        raise KeyboardInterrupt("signal 15")  # written and fsynced; Journal.latest not yet updated
+
+    out = tmp_path / "r.csv"
+    opts = PredictOptions(inputs=(), dicomweb="http://127.0.0.1:1/dicom-web", protocol="embedded", format="csv",
+                          out=out, chunk=1)
+    with monkeypatch.context() as m:
+        m.setattr(batch.Journal, "append", append)
+        with pytest.raises(KeyboardInterrupt):
+            run_predict(opts, source=Copies())
+    assert [r["path"] for r in _read(out)] == ["1.2.3.4"]
+    assert "interrupted: 1 of 2 rows saved" in capsys.readouterr().err
+    assert run_predict(opts, source=Copies()) == 0
+    assert "1 of 2 instances already final" in capsys.readouterr().err
+    assert [r["path"] for r in _read(out)] == ["1.2.3.4", "1.2.3.5"]
+
+
 def test_a_door_the_options_ask_for_must_be_given() -> None:
     """PredictOptions.dicomweb / fhir_* without the hospital's source / delivery (or the reverse) is refused."""
     from cxr.doors.dicomweb import DicomWebSource

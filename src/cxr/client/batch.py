@@ -256,7 +256,10 @@ class InputSource(Protocol):
 
     def read(self, names: list[str], folder: Path) -> Mapping[Path, str]:
         """Read these instances into ``folder`` (files readable by the owner only); each file read -> its name.
-        One that cannot be read is left out (the run reports it, and it counts as an input without a result)."""
+        One that cannot be read is left out (the run reports it, and it counts as an input without a result).
+
+        A source may also have ``close()``: :func:`run_predict` calls it when the run ends, before the run's folder
+        is removed (a reader still writing there would leave a file behind)."""
 
 
 #: ``cxr predict``'s exit status when results remain undelivered for now (EX_TEMPFAIL, as ``cxr.cli`` exits for an
@@ -314,6 +317,9 @@ def run_predict(opts: PredictOptions, *, source: InputSource | None = None,
         if source is not None:
             # a private folder (0700) for the instances in flight, removed however the run ends (SIGTERM included)
             folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"cxr-{source.kind}-")))
+            close = getattr(source, "close", None)
+            if close is not None:  # its readers finish and its connections close before the folder goes
+                stack.callback(close)
             stack.enter_context(_terminate_as_interrupt())
             instances = source.find()
             if not instances:
@@ -415,6 +421,10 @@ def _run_streaming(opts: PredictOptions, source: InputSource, instances: tuple[t
     except KeyboardInterrupt:
         if journal is not None:
             assert opts.out is not None
+            journal.close()
+            # the rows on disk, read again: the interrupt may have come between a chunk's write and the bookkeeping
+            # in memory, and the rerun counts what the file holds
+            journal = Journal(journal.path)
             journal.close()
             done = materialise(journal, [Path(n) for n in names], opts.out)
             print(f"interrupted: {len(done)} of {len(names)} rows saved in {opts.out}; rerun to finish",

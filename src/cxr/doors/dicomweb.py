@@ -92,24 +92,87 @@ def _classify(exc: BaseException, where: str) -> Exception:
 
 
 class DicomWeb:
-    """A DICOMweb server (QIDO, WADO and STOW under one root URL, e.g. ``http://127.0.0.1:8042/dicom-web``)."""
+    """A DICOMweb server (QIDO, WADO and STOW under one root URL, e.g. ``http://127.0.0.1:8042/dicom-web``).
 
-    def __init__(self, url: str, *, timeout_s: float = 30.0, auth=None) -> None:
-        """``auth``: a :class:`cxr.core.security.HttpAuth` (bearer token, client certificate, CA)."""
-        import requests
-        from dicomweb_client.api import DICOMwebClient
+    Every thread that talks to the server has its own HTTP session (``requests.Session`` is not safe to share
+    between threads), each with one kept-alive connection: the searches and stores use the caller's, and
+    :meth:`download`'s readers (a pool of ``threads``, kept for the object's life) one each, so the run holds at most
+    ``threads + 1`` connections to the archive however many batches it reads. :meth:`close` (or ``with``) closes
+    them all; an archive's HTTP threads are not held by idle connections after the run.
+    """
+
+    #: Seconds to open a connection (at most; ``timeout_s`` when smaller). The read deadline is ``timeout_s``: a
+    #: server silent that long fails the request (retryable), it never waits forever.
+    CONNECT_TIMEOUT_S = 10.0
+
+    def __init__(self, url: str, *, timeout_s: float = 30.0, auth=None, threads: int = 4) -> None:
+        """``auth``: a :class:`cxr.core.security.HttpAuth` (bearer token, client certificate, CA). ``threads``: the
+        readers of :meth:`download`."""
+        import threading
 
         from cxr.core.security import split_url_credentials
 
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be > 0")
         bare, credentials = split_url_credentials(url.rstrip("/"))
         self.url = bare  # what messages show: never the credentials
+        self._credentials, self._auth = credentials, auth
+        self.timeout = (min(self.CONNECT_TIMEOUT_S, timeout_s), timeout_s)
+        self.threads = max(1, threads)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._sessions: list = []
+        self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
+
+    def _new_client(self):
+        """A DICOMweb client on a session of its own (one pooled connection: a session serves one thread)."""
+        import requests
+        from dicomweb_client.api import DICOMwebClient
+        from requests.adapters import HTTPAdapter
+
         session = requests.Session()
-        if credentials is not None:
-            session.auth = credentials  # HTTP Basic, in a header
-        if auth is not None:
-            auth.apply(session)
-        self._client = DICOMwebClient(bare, session=session, timeout=timeout_s)
-        self._client.set_http_retry_params(retry=False)  # one retry policy, ours (bounded, every 5xx)
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=1, max_retries=0)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        if self._credentials is not None:
+            session.auth = self._credentials  # HTTP Basic, in a header
+        if self._auth is not None:
+            self._auth.apply(session)
+        client = DICOMwebClient(self.url, session=session, timeout=self.timeout)
+        client.set_http_retry_params(retry=False)  # one retry policy, ours (bounded, every 5xx)
+        with self._lock:
+            if self._closed:
+                session.close()
+                raise RuntimeError("DicomWeb: closed")
+            self._sessions.append(session)
+        return client
+
+    @property
+    def _client(self):
+        """This thread's client (made on first use)."""
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = self._new_client()
+        return client
+
+    def close(self) -> None:
+        """Stop the readers (those not started are cancelled) and close every connection."""
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            sessions, self._sessions = self._sessions, []
+        for session in sessions:
+            session.close()
+
+    def __enter__(self) -> DicomWeb:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def find(self, *, studies: Iterable[str] = (), query: Mapping[str, str] | None = None,
              modalities: Iterable[str] = ()) -> list[InstanceRef]:
@@ -125,7 +188,9 @@ class DicomWeb:
         if not uids:
             found = self._retrying(lambda: self._pages(self._client.search_for_studies, STUDY_UID,
                                                        search_filters=dict(query or {})), "search")
-            uids = [_value(s, STUDY_UID) for s in found if _value(s, STUDY_UID)]
+            # one Study Instance UID can answer more than once (Orthanc keys a study by patient and UID: the same
+            # UID under several Patient IDs is several studies there); each study's instances are listed once
+            uids = list(dict.fromkeys(_value(s, STUDY_UID) for s in found if _value(s, STUDY_UID)))
         refs = []
         for uid in uids:
             if wanted:
@@ -188,12 +253,12 @@ class DicomWeb:
         pydicom.dcmwrite(buf, ds, enforce_file_format=True)
         return buf.getvalue()
 
-    def download(self, refs: list[InstanceRef], folder: Path, *, threads: int = 4) -> dict[Path, str]:
-        """Read ``refs`` into ``folder`` (one ``<SOP Instance UID>.dcm`` each, readable by the owner only); returns
-        file -> SOP Instance UID.
+    def download(self, refs: list[InstanceRef], folder: Path) -> dict[Path, str]:
+        """Read ``refs`` into ``folder`` (one ``<SOP Instance UID>.dcm`` each, readable by the owner only), by
+        :attr:`threads` readers at a time; returns file -> SOP Instance UID.
 
         An instance that cannot be read is left out and logged; the caller reports it as an error row. Interrupted,
-        the reads not started are cancelled (the one in flight finishes).
+        the reads not started are cancelled (those in flight finish, each within its deadline).
         """
         import os
 
@@ -211,11 +276,19 @@ class DicomWeb:
                 return None, ref.sop_uid
             return path, ref.sop_uid
 
-        pool = ThreadPoolExecutor(max_workers=max(1, threads))
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("DicomWeb: closed")
+            if self._pool is None:  # the readers live as long as this object: their sessions are reused
+                self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="wado")
+            pool = self._pool
+        futures = [pool.submit(one, ref) for ref in refs]
         try:
-            done = list(pool.map(one, refs))
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            done = [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
         return {p: uid for p, uid in done if p is not None}
 
     def store(self, datasets: list, *, study_uid: str | None = None) -> None:
@@ -276,6 +349,13 @@ class DicomWebSource:
         if "web" not in self._state:
             self._state["web"] = DicomWeb(self.url, timeout_s=self.timeout_s)
         return self._state["web"]
+
+    def close(self) -> None:
+        """Close the connections to the archive (the readers finish first); ``cxr predict`` does, before it removes
+        the run's folder."""
+        web = self._state.pop("web", None)
+        if web is not None:
+            web.close()
 
     def find(self) -> tuple[tuple[str, str], ...]:
         """QIDO-RS: every instance of the matching studies, ``(Study Instance UID, SOP Instance UID)``; nothing is
