@@ -164,6 +164,91 @@ def test_dicomweb_streams_and_a_sigterm_saves_the_rows_and_leaves_no_file(web_pa
     assert not [x for x in read(tmp_path / "none.jsonl") if x["event"] == "received"]
 
 
+class _Fhir:
+    """A FHIR endpoint on loopback that keeps the transaction Bundles POSTed to it and answers them; with ``fail_after``
+    it answers 500 once it has taken that many (a server failing part way: a partial delivery)."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        import http.server
+        import threading
+
+        outer = self
+        self.taken: list[dict] = []
+        self.refused = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                b = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+                if fail_after is not None and len(outer.taken) >= fail_after:
+                    outer.refused += 1
+                    code, body = 500, {"resourceType": "OperationOutcome", "issue": [{"severity": "error",
+                                                                                      "code": "exception"}]}
+                else:
+                    outer.taken.append(b)
+                    code, body = 200, {"resourceType": "Bundle", "type": "transaction-response",
+                                       "entry": [{"response": {"status": "201 Created"}} for _ in b["entry"]]}
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/fhir+json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/fhir"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def resources(self, kind: str) -> list[dict]:
+        return [e["resource"] for b in self.taken for e in b["entry"] if e["resource"]["resourceType"] == kind]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.slow
+def test_a_rerun_after_a_partial_fhir_delivery_delivers_every_result_with_its_study(web_pacs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`cxr predict --dicomweb --fhir-url`, the FHIR server failing after its first transaction: exit 75, the results
+    left for a rerun. The rerun reads no instance again (all final in the journal), yet delivers every result with
+    its study and patient, as the first run would have: the headers come by WADO-RS metadata, without pixels."""
+    orthanc, _ = web_pacs
+    studies = [pydicom.uid.generate_uid(entropy_srcs=[f"fhir-rerun-{k}"]) for k in range(2)]
+    blobs = [chest_dx(300 + i, study=studies[i % 2]) for i in range(4)]
+    for data in blobs:
+        orthanc.upload(data)
+    out, audit = tmp_path / "web.csv", tmp_path / "audit.jsonl"
+    cmd = ["--dicomweb", orthanc.dicomweb_url, "--format", "csv", "--out", str(out), "--audit-log", str(audit),
+           "--patient-id-system", "https://hospital.example/mrn"]
+    failing = _Fhir(fail_after=1)
+    try:
+        r = _predict(*cmd, "--fhir-url", failing.url)
+    finally:
+        failing.stop()
+    assert r.returncode == 75, r.stderr[-3000:]
+    assert len(failing.taken) == 1 and failing.refused >= 1  # one study's transaction taken, then 500s
+    assert "4 results not delivered (rerun to deliver them)" in r.stderr, r.stderr[-3000:]
+    received = [x for x in read(audit) if x["event"] == "received"]
+    assert len(received) == 4
+    server = _Fhir()
+    try:
+        r = _predict(*cmd, "--fhir-url", server.url)
+    finally:
+        server.stop()
+    assert r.returncode == 0 and "FHIR: 4 results posted" in r.stderr, r.stderr[-3000:]
+    assert "4 of 4 instances already final" in r.stderr
+    assert len([x for x in read(audit) if x["event"] == "received"]) == 4  # no instance read again
+    reports = server.resources("DiagnosticReport")
+    assert sorted(rep["imagingStudy"][0]["identifier"]["value"] for rep in reports) == sorted(
+        f"urn:oid:{s}" for s in studies)  # one report per study, as the first run's was
+    (first,) = failing.resources("DiagnosticReport")  # delivered by the first run: the rerun sends it as it was
+    assert first["identifier"] in [rep["identifier"] for rep in reports]  # (created on its identifier: not twice)
+    observations = server.resources("Observation")
+    assert len(observations) == 4 and all(o["subject"]["identifier"]["value"].startswith("PAT") for o in observations)
+
+
 @pytest.mark.slow
 def test_listen_stores_its_sr_by_stow_and_keeps_an_audit_trail(web_pacs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     orthanc, port = web_pacs

@@ -259,7 +259,10 @@ class InputSource(Protocol):
         One that cannot be read is left out (the run reports it, and it counts as an input without a result).
 
         A source may also have ``close()``: :func:`run_predict` calls it when the run ends, before the run's folder
-        is removed (a reader still writing there would leave a file behind)."""
+        is removed (a reader still writing there would leave a file behind); and ``read_headers(names, folder)``,
+        :meth:`read` for the headers alone (no pixels): with a ``delivery``, the headers of the instances a rerun
+        does not read again (final in the journal), so that their results are delivered with their study and
+        patient."""
 
 
 #: ``cxr predict``'s exit status when results remain undelivered for now (EX_TEMPFAIL, as ``cxr.cli`` exits for an
@@ -444,6 +447,19 @@ def _run_streaming(opts: PredictOptions, source: InputSource, instances: tuple[t
             audit.event("result_delivered", actor=_actor(), destination="csv", rows=len(rows))
     else:
         _emit(rows, opts.format, opts.out)
+    if keep_headers:  # answered by an earlier run, not read again: their headers, for the delivery
+        earlier = [r["path"] for r in rows if r["status"] != contract.Status.ERROR.value and r["path"] not in headers]
+        read_headers = getattr(source, "read_headers", None)
+        if earlier and read_headers is not None:
+            (folder / "headers").mkdir(mode=0o700, exist_ok=True)
+            got = read_headers(earlier, folder / "headers")
+            headers.update({name: f for f, name in got.items()})
+            print(f"read the headers (no pixels) of {len(got)} instances answered earlier, for their delivery",
+                  file=sys.stderr)
+            for name in earlier:
+                if name not in headers:
+                    print(f"warning: {name}: header not read from {source.where}; its result goes without its study",
+                          file=sys.stderr)
     return rows, len(names), headers
 
 

@@ -253,9 +253,36 @@ class DicomWeb:
         pydicom.dcmwrite(buf, ds, enforce_file_format=True)
         return buf.getvalue()
 
-    def download(self, refs: list[InstanceRef], folder: Path) -> dict[Path, str]:
+    def retrieve_header(self, ref: InstanceRef) -> bytes:
+        """One instance's header without its pixels (WADO-RS metadata: nothing bulk is read), as a DICOM Part 10
+        file.
+
+        Raises:
+            DicomWebError: The metadata is not a DICOM data set.
+        """
+        import pydicom
+        from pydicom.dataset import FileMetaDataset
+
+        meta = self._retrying(lambda: self._client.retrieve_instance_metadata(ref.study_uid, ref.series_uid,
+                                                                              ref.sop_uid), f"metadata of {ref.sop_uid}")
+        try:
+            ds = pydicom.Dataset.from_json({k: v for k, v in meta.items()
+                                            if not (isinstance(v, dict) and "BulkDataURI" in v)})
+            ds.file_meta = FileMetaDataset()
+            ds.file_meta.MediaStorageSOPClassUID = ds.get("SOPClassUID") or pydicom.uid.SecondaryCaptureImageStorage
+            ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.UID(ds.get("SOPInstanceUID") or ref.sop_uid)
+            ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+            buf = io.BytesIO()
+            pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+        except Exception as exc:  # noqa: BLE001 - pydicom's many errors for a data set it cannot take
+            raise DicomWebError(f"DICOMweb {self.url} metadata of {ref.sop_uid}: not a DICOM data set "
+                                f"({type(exc).__name__})") from None
+        return buf.getvalue()
+
+    def download(self, refs: list[InstanceRef], folder: Path, *, headers_only: bool = False) -> dict[Path, str]:
         """Read ``refs`` into ``folder`` (one ``<SOP Instance UID>.dcm`` each, readable by the owner only), by
-        :attr:`threads` readers at a time; returns file -> SOP Instance UID.
+        :attr:`threads` readers at a time; returns file -> SOP Instance UID. ``headers_only``: their headers,
+        without pixels (:meth:`retrieve_header`).
 
         An instance that cannot be read is left out and logged; the caller reports it as an error row. Interrupted,
         the reads not started are cancelled (those in flight finish, each within its deadline).
@@ -267,7 +294,7 @@ class DicomWeb:
         def one(ref: InstanceRef) -> tuple[Path, str] | tuple[None, str]:
             path = folder / f"{ref.sop_uid}.dcm"
             try:
-                data = self.retrieve(ref)
+                data = self.retrieve_header(ref) if headers_only else self.retrieve(ref)
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
@@ -368,3 +395,9 @@ class DicomWebSource:
         """WADO-RS: these instances (found by :meth:`find`) into ``folder``, files named by SOP Instance UID."""
         refs = self._state.get("refs", {})
         return self._web().download([refs[n] for n in names if n in refs], folder)
+
+    def read_headers(self, names: list[str], folder: Path) -> dict[Path, str]:
+        """WADO-RS metadata: these instances' headers, without pixels, into ``folder`` (for the FHIR results of
+        instances answered by an earlier run, which are not read again)."""
+        refs = self._state.get("refs", {})
+        return self._web().download([refs[n] for n in names if n in refs], folder, headers_only=True)
