@@ -509,3 +509,49 @@ def test_a_study_found_twice_is_listed_once_and_the_connections_are_bounded_and_
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_closing_ends_a_read_in_flight_without_retries_and_writes_nothing(tmp_path: Path) -> None:
+    """An interrupted run closes its DicomWeb before it removes its folder: a read in flight against a failing
+    archive (503 after 1 s) ends with that request, is not retried, and writes no file, so the run ends within one
+    request's time, not after every retry's."""
+    import http.server
+    import threading
+    import time
+
+    from cxr.doors.dicomweb import DicomWeb, InstanceRef
+
+    hits: list[str] = []
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            hits.append(self.path)
+            time.sleep(1.0)
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        web = DicomWeb(f"http://127.0.0.1:{server.server_port}/dicom-web", timeout_s=5)
+        web.BACKOFF_S = 1.0  # four tries would take 1 + 1 + 1 + 2 + 1 + 4 + 1 = 11 s
+        got: list[dict] = []
+        reader = threading.Thread(target=lambda: got.append(web.download([InstanceRef("1.2", "1.2.3", "1.2.3.4")],
+                                                                          tmp_path / "batch")))
+        reader.start()
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        web.close()
+        took = time.monotonic() - t0
+        reader.join(timeout=30)
+        assert got == [{}] and len(hits) == 1, (got, hits)
+        assert took < 3, took
+        assert not list((tmp_path / "batch").iterdir())
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -157,7 +157,8 @@ class DicomWeb:
         return client
 
     def close(self) -> None:
-        """Stop the readers (those not started are cancelled) and close every connection."""
+        """Stop the readers and close every connection: reads not started are cancelled, a read in flight ends with
+        its request (no retry, nothing written), so an interrupted run waits for one request at most."""
         with self._lock:
             self._closed = True
             pool, self._pool = self._pool, None
@@ -222,8 +223,8 @@ class DicomWeb:
                 return call()
             except Exception as exc:  # noqa: BLE001 - requests' and dicomweb-client's own errors
                 err = _classify(exc, f"{self.url} {what}")
-                if not isinstance(err, RetryableServerError) or attempt == self.ATTEMPTS - 1:
-                    raise err from None
+                if not isinstance(err, RetryableServerError) or attempt == self.ATTEMPTS - 1 or self._closed:
+                    raise err from None  # closing (the run interrupted): no more tries, the run ends now
                 logger.warning("%s; retrying in %.1f s", err, self.BACKOFF_S * 2 ** attempt)
                 time.sleep(self.BACKOFF_S * 2 ** attempt)
         raise AssertionError("unreachable")
@@ -295,6 +296,8 @@ class DicomWeb:
             path = folder / f"{ref.sop_uid}.dcm"
             try:
                 data = self.retrieve_header(ref) if headers_only else self.retrieve(ref)
+                if self._closed:  # interrupted meanwhile: nothing more is written, the folder is about to go
+                    return None, ref.sop_uid
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
