@@ -6,7 +6,7 @@ studies), lists every instance of the matching studies, reads each one (WADO-RS,
 a private folder (0700, files 0600) and screens the files like any others, in batches as they are read, so
 the first answers come within seconds and the disk holds one batch, never the query; instances already final in
 the run's journal are not read again; an interrupted run (SIGINT, SIGTERM) saves its rows and leaves no file
-behind (:class:`DicomWebSource`, the ``source`` that ``cxr.cli`` gives :func:`cxr.client.batch.run_predict`);
+behind (:class:`DicomWebSource`, the ``source`` that ``cxr.cli`` gives :func:`cxr.doors.predict.run_predict`);
 the CSV's ``path`` is the SOP Instance UID.
 ``cxr listen --stow-url URL`` stores its SR and Secondary Capture with STOW-RS. Uses ``dicomweb-client``.
 """
@@ -19,12 +19,8 @@ from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cxr.core.errors import CxrError, ExitCode, InvalidInputError, RetryableServerError
-
-if TYPE_CHECKING:
-    from cxr.client.batch import PredictOptions
 
 logger = logging.getLogger(__name__)
 
@@ -337,7 +333,7 @@ class DicomWeb:
 @dataclass(frozen=True)
 class DicomWebSource:
     """``cxr predict --dicomweb URL [--study UID]... [--query KEY=VALUE]...``: the instances of the matching studies,
-    read into the run's folder (the ``source`` of :func:`cxr.client.batch.run_predict`).
+    read into the run's folder (the ``source`` of :func:`cxr.doors.predict.run_predict`).
 
     Attributes:
         url: The DICOMweb root.
@@ -359,13 +355,6 @@ class DicomWebSource:
         if self.timeout_s <= 0:
             raise ValueError("timeout_s must be > 0")
         parse_query(self.query)  # unknown or malformed keys refused before anything starts
-
-    @classmethod
-    def of(cls, opts: PredictOptions) -> DicomWebSource | None:
-        """What ``cxr predict``'s options ask for (``None``: the inputs are files)."""
-        if not opts.dicomweb:
-            return None
-        return cls(opts.dicomweb, opts.studies, opts.query, opts.timeout_s)
 
     @property
     def where(self) -> str:
