@@ -102,7 +102,7 @@ def test_dicomweb_streams_and_a_sigterm_saves_the_rows_and_leaves_no_file(web_pa
     orthanc, _ = web_pacs
     study = pydicom.uid.generate_uid(entropy_srcs=["stream-study"])
     # stopped halfway; 60 instances in the suite (25 s here); the 300 with CXR_TEST_DICOMWEB_INSTANCES=300:
-    # 50-137 s for this test here (2 cores shared with a training run, load 5-8), too long for the suite; of 15 runs
+    # 50-137 s for this test here (2 cores shared with a training run, load 5-8), too long for the suite; of 16 runs
     # at 300, one failed (output not kept) before the interrupted run's rows were read back from the journal's file,
     # none of the eight since.
     # The cost that grew faster than the count was QIDO-RS: these films are one study under 300 Patient IDs, which
