@@ -27,8 +27,8 @@ ROLES = {
     "loadtest": "Locust, `cxr bench`, `cxr capacity`, soak",
     "export": "ONNX, INT8, TensorRT, Triton configs, OOD head, adapt kit",
     "train": "Keras training on several sources, evaluation, calibration",
-    "doors": "the network doors: DICOM listener (`cxr listen`), DICOMweb, FHIR",
-    "client": "PneumoniaClient (grpc | http | embedded), `cxr predict`, results codec, Prometheus metrics",
+    "doors": "the network doors: DICOM listener (`cxr listen`), DICOMweb, FHIR; `cxr predict`'s application",
+    "client": "PneumoniaClient (grpc | http | embedded), batch screening and its journal, results codec, Prometheus metrics",
     "serving": "embedded CPU Triton, its Python backend, the TLS proxy",
     "core": "contract < pixels < eligibility < dicom < imaging; model folder, durable writes, security",
 }

@@ -91,6 +91,7 @@ def test_a_qido_wado_pull_answers_as_the_files_do(web_pacs, tmp_path: Path) -> N
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900, method="signal")  # a hang fails in the test: the finally and the fixture stop everything
 def test_dicomweb_streams_and_a_sigterm_saves_the_rows_and_leaves_no_file(web_pacs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """`cxr predict --dicomweb` reads, screens and journals batch by batch: stopped by SIGTERM part way, the rows
     done are saved and no temporary file is left (patient data included); the rerun finishes with every instance
@@ -100,8 +101,15 @@ def test_dicomweb_streams_and_a_sigterm_saves_the_rows_and_leaves_no_file(web_pa
 
     orthanc, _ = web_pacs
     study = pydicom.uid.generate_uid(entropy_srcs=["stream-study"])
-    # stopped halfway; 60 instances in the suite (25 s here). With the issue's 300 (CXR_TEST_DICOMWEB_INSTANCES=300)
-    # one predict process stalled after 68 instances here (a batch's WADO-RS reads not returning): an open bug
+    # stopped halfway; 60 instances in the suite (25 s here); the issue's 300 with CXR_TEST_DICOMWEB_INSTANCES=300:
+    # 50-137 s for this test here (2 cores shared with a training run, load 5-8), too long for the suite; of 16 runs
+    # at 300, one failed (output not kept) before the interrupted run's rows were read back from the journal's file,
+    # none of the eight since.
+    # The cost that grew faster than the count was QIDO-RS: these films are one study under 300 Patient IDs, which
+    # Orthanc answers as 300 studies, and each answer's 300 instances were listed again (300 searches: 54 s before
+    # the first row, three runs per test). Now the study is listed once: first row after 2-3 s, all 300 screened
+    # in 86-104 s (embedded model, --chunk 4), the WADO-RS reads never the slow part; the reported stall of the
+    # reads after 68 instances did not recur (docs/hospital.md, DICOMweb in).
     n = int(os.environ.get("CXR_TEST_DICOMWEB_INSTANCES", "60"))
     for i in range(n):
         orthanc.upload(chest_dx(200 + i, study=study))
@@ -156,6 +164,91 @@ def test_dicomweb_streams_and_a_sigterm_saves_the_rows_and_leaves_no_file(web_pa
     errors = [line for line in r.stderr.splitlines() if line.startswith("cxr predict: error:")]
     assert "Traceback" not in r.stderr and len(errors) == 1 and "rerun later" in errors[0], r.stderr[-3000:]
     assert not [x for x in read(tmp_path / "none.jsonl") if x["event"] == "received"]
+
+
+class _Fhir:
+    """A FHIR endpoint on loopback that keeps the transaction Bundles POSTed to it and answers them; with ``fail_after``
+    it answers 500 once it has taken that many (a server failing part way: a partial delivery)."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        import http.server
+        import threading
+
+        outer = self
+        self.taken: list[dict] = []
+        self.refused = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                b = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+                if fail_after is not None and len(outer.taken) >= fail_after:
+                    outer.refused += 1
+                    code, body = 500, {"resourceType": "OperationOutcome", "issue": [{"severity": "error",
+                                                                                      "code": "exception"}]}
+                else:
+                    outer.taken.append(b)
+                    code, body = 200, {"resourceType": "Bundle", "type": "transaction-response",
+                                       "entry": [{"response": {"status": "201 Created"}} for _ in b["entry"]]}
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/fhir+json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/fhir"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def resources(self, kind: str) -> list[dict]:
+        return [e["resource"] for b in self.taken for e in b["entry"] if e["resource"]["resourceType"] == kind]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.slow
+def test_a_rerun_after_a_partial_fhir_delivery_delivers_every_result_with_its_study(web_pacs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`cxr predict --dicomweb --fhir-url`, the FHIR server failing after its first transaction: exit 75, the results
+    left for a rerun. The rerun reads no instance again (all final in the journal), yet delivers every result with
+    its study and patient, as the first run would have: the headers come by WADO-RS metadata, without pixels."""
+    orthanc, _ = web_pacs
+    studies = [pydicom.uid.generate_uid(entropy_srcs=[f"fhir-rerun-{k}"]) for k in range(2)]
+    blobs = [chest_dx(300 + i, study=studies[i % 2]) for i in range(4)]
+    for data in blobs:
+        orthanc.upload(data)
+    out, audit = tmp_path / "web.csv", tmp_path / "audit.jsonl"
+    cmd = ["--dicomweb", orthanc.dicomweb_url, "--format", "csv", "--out", str(out), "--audit-log", str(audit),
+           "--patient-id-system", "https://hospital.example/mrn"]
+    failing = _Fhir(fail_after=1)
+    try:
+        r = _predict(*cmd, "--fhir-url", failing.url)
+    finally:
+        failing.stop()
+    assert r.returncode == 75, r.stderr[-3000:]
+    assert len(failing.taken) == 1 and failing.refused >= 1  # one study's transaction taken, then 500s
+    assert "4 results not delivered (rerun to deliver them)" in r.stderr, r.stderr[-3000:]
+    received = [x for x in read(audit) if x["event"] == "received"]
+    assert len(received) == 4
+    server = _Fhir()
+    try:
+        r = _predict(*cmd, "--fhir-url", server.url)
+    finally:
+        server.stop()
+    assert r.returncode == 0 and "FHIR: 4 results posted" in r.stderr, r.stderr[-3000:]
+    assert "4 of 4 instances already final" in r.stderr
+    assert len([x for x in read(audit) if x["event"] == "received"]) == 4  # no instance read again
+    reports = server.resources("DiagnosticReport")
+    assert sorted(rep["imagingStudy"][0]["identifier"]["value"] for rep in reports) == sorted(
+        f"urn:oid:{s}" for s in studies)  # one report per study, as the first run's was
+    (first,) = failing.resources("DiagnosticReport")  # delivered by the first run: the rerun sends it as it was
+    assert first["identifier"] in [rep["identifier"] for rep in reports]  # (created on its identifier: not twice)
+    observations = server.resources("Observation")
+    assert len(observations) == 4 and all(o["subject"]["identifier"]["value"].startswith("PAT") for o in observations)
 
 
 @pytest.mark.slow
@@ -364,3 +457,103 @@ def test_a_5xx_is_retried_with_backoff_and_a_4xx_is_not(tmp_path: Path) -> None:
     down.BACKOFF_S = 0.05
     with pytest.raises(RetryableServerError):
         down.find()  # nobody listens: retried, then retryable (the CLI exits 75)
+
+
+def test_a_study_found_twice_is_listed_once_and_the_connections_are_bounded_and_closed() -> None:
+    """Orthanc keys a study by patient and Study Instance UID: one UID under several Patient IDs answers a QIDO-RS
+    study search once per patient. Its instances are listed once (listing them once per answer made the search
+    quadratic: 300 instances of one study under 300 Patient IDs took 300 searches of 300 answers each, most of a
+    minute here before the first read). The readers reuse one kept-alive connection each, and close() closes them."""
+    import http.server
+    import threading
+
+    from cxr.doors.dicomweb import SERIES_UID, SOP_UID, STUDY_UID, DicomWeb, InstanceRef
+
+    hits: list[str] = []
+    peers: set[tuple[str, int]] = set()
+
+    def item(**tags: str) -> dict:
+        return {tag: {"vr": "UI", "Value": [v]} for tag, v in tags.items()}
+
+    class Qido(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # kept alive: the connections a client holds are visible
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            hits.append(self.path.split("?")[0])
+            peers.add(self.client_address)
+            if self.path.startswith("/dicom-web/studies?"):
+                body = json.dumps([item(**{STUDY_UID: "1.2.3"}) for _ in range(3)]).encode()  # three patients
+            else:
+                body = json.dumps([item(**{STUDY_UID: "1.2.3", SERIES_UID: "1.2.3.1", SOP_UID: f"1.2.3.1.{i}"})
+                                   for i in range(5)]).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Qido)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with DicomWeb(f"http://127.0.0.1:{server.server_port}/dicom-web", timeout_s=5) as web:
+            refs = web.find(query={"StudyDate": "20260101-"})
+            assert refs == [InstanceRef("1.2.3", "1.2.3.1", f"1.2.3.1.{i}") for i in range(5)]
+            assert hits.count("/dicom-web/studies/1.2.3/instances") == 1, hits
+            for _ in range(3):
+                assert web.find(studies=["1.2.3"])
+            assert len(peers) == 1  # one kept-alive connection for the searches
+            sessions = list(web._sessions)
+        assert sessions and all(not s.adapters["http://"].poolmanager.pools for s in sessions)  # all closed
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_closing_ends_a_read_in_flight_without_retries_and_writes_nothing(tmp_path: Path) -> None:
+    """An interrupted run closes its DicomWeb before it removes its folder: a read in flight against a failing
+    archive (503 after 1 s) ends with that request, is not retried, and writes no file, so the run ends within one
+    request's time, not after every retry's."""
+    import http.server
+    import threading
+    import time
+
+    from cxr.doors.dicomweb import DicomWeb, InstanceRef
+
+    hits: list[str] = []
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            hits.append(self.path)
+            time.sleep(1.0)
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        web = DicomWeb(f"http://127.0.0.1:{server.server_port}/dicom-web", timeout_s=5)
+        web.BACKOFF_S = 1.0  # four tries would take 1 + 1 + 1 + 2 + 1 + 4 + 1 = 11 s
+        got: list[dict] = []
+        reader = threading.Thread(target=lambda: got.append(web.download([InstanceRef("1.2", "1.2.3", "1.2.3.4")],
+                                                                          tmp_path / "batch")))
+        reader.start()
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        web.close()
+        took = time.monotonic() - t0
+        reader.join(timeout=30)
+        assert got == [{}] and len(hits) == 1, (got, hits)
+        assert took < 3, took
+        assert not list((tmp_path / "batch").iterdir())
+    finally:
+        server.shutdown()
+        server.server_close()

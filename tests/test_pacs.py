@@ -51,6 +51,18 @@ def chest_dx(seed: int, *, study: str | None = None, modality: str = "DX") -> by
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 
+def die_with_parent() -> None:
+    """``preexec_fn``: the child gets SIGTERM when the process that started it dies (Linux ``PR_SET_PDEATHSIG``), so
+    that a test stopped without its finalizers (pytest-timeout's thread method ends pytest with ``os._exit``, a
+    SIGKILL) leaves no server behind."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):  # not Linux: the finalizers alone stop it
+        pass
+
+
 class Orthanc:
     """Orthanc on loopback ports with a generated configuration; always stopped."""
 
@@ -83,7 +95,7 @@ class Orthanc:
     def start(self) -> Orthanc:
         log = open(self.dir / "orthanc.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen([ORTHANC, str(self.dir / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=die_with_parent)
         wait_until(lambda: self.get("/system"), 60, "Orthanc to answer on its HTTP port", proc=self.proc,
                    log=self.dir / "orthanc.log", ignore=(OSError,), every_s=0.3)
         return self
@@ -91,7 +103,11 @@ class Orthanc:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(timeout=30)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # stuck: never left running
+                self.proc.kill()
+                self.proc.wait(timeout=30)
         self.proc = None
 
     def _req(self, method: str, path: str, body: bytes | None = None, ctype: str = "application/json"):  # type: ignore[no-untyped-def]

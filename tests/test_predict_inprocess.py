@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from cxr.client.batch import JOURNAL_SUFFIX, Journal, PredictOptions, expand_inputs, file_sha256, run_predict
+from cxr.cli.screen import predict_exit_status
+from cxr.client.batch import JOURNAL_SUFFIX, Journal, expand_inputs, file_sha256
 from cxr.client.results import JOURNAL_COLUMNS, from_row, to_row
 from cxr.core.audit_trail import read, verify
+from cxr.doors.predict import PredictOptions, PredictSummary, run_predict
 from tests.conftest import REPO
 
 EXAMPLES = REPO / "examples"
@@ -38,7 +40,9 @@ def test_csv_run_journals_and_a_rerun_only_redoes_what_is_not_final(films: Path,
     out = tmp_path / "r.csv"
     opts = PredictOptions(inputs=(films,), protocol="embedded", format="csv", out=out, chunk=2,
                           audit_log=tmp_path / "audit.jsonl")
-    assert run_predict(opts) == 1  # the unreadable file is an error: exit 1
+    summary = run_predict(opts)
+    assert summary == PredictSummary(inputs=5, answered=5, ok=3, not_assessable=1, errors=1, out=out)
+    assert predict_exit_status(summary) == 1  # the unreadable file is an error: exit 1
     rows = _read(out)
     assert [r["path"] for r in rows] == [str(p) for p in expand_inputs([films])]  # input order, one row each
     by_name = {Path(r["path"]).name: r for r in rows}
@@ -52,12 +56,12 @@ def test_csv_run_journals_and_a_rerun_only_redoes_what_is_not_final(films: Path,
     assert "5 of 5 inputs answered: 3 ok, 1 not assessable, 1 errors" in first
 
     # a rerun: everything is final (the input error too, for the same content): nothing is sent again
-    assert run_predict(opts) == 1
+    assert predict_exit_status(run_predict(opts)) == 1
     assert "resuming: 5 of 5 inputs already final" in capsys.readouterr().err
     assert len(_read(journal)) == 5
     # the broken file is replaced: only it is screened again
     shutil.copy(EXAMPLES / "NORMAL" / "IM-0178-0001.jpeg", films / "notes.txt.png")
-    assert run_predict(opts) == 0
+    assert predict_exit_status(run_predict(opts)) == 0
     assert "resuming: 4 of 5 inputs already final" in capsys.readouterr().err
     assert len(_read(journal)) == 6 and {r["status"] for r in _read(out)} == {"ok", "not_assessable"}
     v = verify(tmp_path / "audit.jsonl")
@@ -68,8 +72,8 @@ def test_csv_run_journals_and_a_rerun_only_redoes_what_is_not_final(films: Path,
 
 def test_json_output_is_numbers_from_the_predictions(films: Path, tmp_path: Path) -> None:
     out = tmp_path / "r.json"
-    assert run_predict(PredictOptions(inputs=(films / "IM-0117-0001.jpeg", films / "camera.png"), protocol="embedded",
-                                      format="json", out=out)) == 0
+    assert predict_exit_status(run_predict(PredictOptions(inputs=(films / "IM-0117-0001.jpeg", films / "camera.png"),
+                                                          protocol="embedded", format="json", out=out))) == 0
     got = json.loads(out.read_text())
     assert isinstance(got[0]["probability"], float) and got[0]["label"] in ("Normal", "Pneumonia")
     assert got[1]["probability"] is None and got[1]["refusal"]["rule"] == "out_of_distribution"
@@ -77,12 +81,10 @@ def test_json_output_is_numbers_from_the_predictions(films: Path, tmp_path: Path
 
 
 def test_fhir_bundle_and_audit_of_an_in_process_run(films: Path, tmp_path: Path) -> None:
-    from cxr.doors.fhir import FhirDelivery
-
     b = tmp_path / "b.json"
     opts = PredictOptions(inputs=(films / "chest_dx.dcm", films / "camera.png"), protocol="embedded", fhir_out=b,
                           audit_log=tmp_path / "a.jsonl", priority="urgent")
-    assert run_predict(opts, delivery=FhirDelivery.of(opts)) == 0
+    assert predict_exit_status(run_predict(opts, delivery=opts.delivery())) == 0
     bundle = json.loads(b.read_text())
     kinds = [e["resource"]["resourceType"] for e in bundle["entry"]]
     assert kinds.count("Observation") == 2 and kinds.count("Device") == 1
@@ -110,12 +112,50 @@ def test_inputs_from_a_source_are_screened_under_their_names_and_the_unread_ones
     out = tmp_path / "r.csv"
     opts = PredictOptions(inputs=(), dicomweb="http://127.0.0.1:1/dicom-web", protocol="embedded", format="csv",
                           out=out, audit_log=tmp_path / "a.jsonl")
-    assert run_predict(opts, source=Copies()) == 1
+    summary = run_predict(opts, source=Copies())
+    assert (summary.inputs, summary.answered, summary.unread) == (2, 1, 1) and predict_exit_status(summary) == 1
     assert [r["path"] for r in _read(out)] == ["1.2.3.4"]
     assert "error: 1.2.3.5: could not be read from the test archive" in capsys.readouterr().err
     received = [r for r in read(tmp_path / "a.jsonl") if r["event"] == "received"]
     assert [(r["instance_uid"], r["outcome"], r["detail"]["source"]) for r in received] == [
         ("1.2.3.4", "success", "copies"), ("1.2.3.5", "failure", "copies")]
+
+
+def test_an_interrupt_just_after_a_chunk_is_written_saves_that_chunk(films: Path, tmp_path: Path,
+                                                                     monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    """SIGTERM (a KeyboardInterrupt) landing after a chunk's rows reached the journal but before the run's bookkeeping
+    in memory: the rows saved are those on disk, so the rerun's count of instances already final matches them."""
+    from cxr.client import batch
+
+    class Copies:
+        where, kind = "the test archive", "copies"
+
+        def find(self) -> tuple[tuple[str, str], ...]:
+            return (("1.2.3", "1.2.3.4"), ("1.2.3", "1.2.3.5"))
+
+        def read(self, names: list[str], folder: Path) -> dict[Path, str]:
+            out = {}
+            for n in names:
+                shutil.copy(films / "chest_dx.dcm", folder / f"{n}.dcm")
+                out[folder / f"{n}.dcm"] = n
+            return out
+
+    def append(self, rows: list[dict]) -> None:  # type: ignore[no-untyped-def]
+        self._csv.append(rows)
+        raise KeyboardInterrupt("signal 15")  # written and fsynced; Journal.latest not yet updated
+
+    out = tmp_path / "r.csv"
+    opts = PredictOptions(inputs=(), dicomweb="http://127.0.0.1:1/dicom-web", protocol="embedded", format="csv",
+                          out=out, chunk=1)
+    with monkeypatch.context() as m:
+        m.setattr(batch.Journal, "append", append)
+        with pytest.raises(KeyboardInterrupt):
+            run_predict(opts, source=Copies())
+    assert [r["path"] for r in _read(out)] == ["1.2.3.4"]
+    assert "interrupted: 1 of 2 rows saved" in capsys.readouterr().err
+    assert predict_exit_status(run_predict(opts, source=Copies())) == 0
+    assert "1 of 2 instances already final" in capsys.readouterr().err
+    assert [r["path"] for r in _read(out)] == ["1.2.3.4", "1.2.3.5"]
 
 
 def test_a_door_the_options_ask_for_must_be_given() -> None:
@@ -128,12 +168,13 @@ def test_a_door_the_options_ask_for_must_be_given() -> None:
         run_predict(web)
     files = PredictOptions(inputs=(Path("x"),), protocol="embedded")
     with pytest.raises(ValueError, match="source"):
-        run_predict(files, source=DicomWebSource.of(web))
+        run_predict(files, source=web.source())
     with pytest.raises(ValueError, match="delivery"):
         run_predict(PredictOptions(inputs=(Path("x"),), protocol="embedded", fhir_url="http://127.0.0.1:1/fhir"))
     with pytest.raises(ValueError, match="delivery"):
         run_predict(files, delivery=FhirDelivery(url="http://127.0.0.1:1/fhir"))
-    assert DicomWebSource.of(files) is None and FhirDelivery.of(files) is None
+    assert files.source() is None and files.delivery() is None
+    assert isinstance(web.source(), DicomWebSource)
 
 
 @pytest.mark.parametrize(("kw", "match"), [
@@ -214,5 +255,5 @@ def test_an_interrupted_stream_saves_its_rows_and_leaves_no_file(films: Path, tm
     if fmt == "csv":  # the rerun reads only what is not final
         source = _Interrupted(films / "chest_dx.dcm")
         source.calls = 5
-        assert run_predict(opts, source=source) == 0
+        assert predict_exit_status(run_predict(opts, source=source)) == 0
         assert source.calls == 7 and [r["path"] for r in _read(out)] == ["1.2.3.0", "1.2.3.1", "1.2.3.2"]

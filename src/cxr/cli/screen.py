@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cxr.cli import options
 from cxr.core import contract
@@ -13,6 +14,9 @@ from cxr.core.errors import CxrError
 from cxr.core.lifecycle import serve_until_signal
 from cxr.core.paths import DEFAULT_MODEL, DEFAULT_REPOSITORY, DEFAULT_SPOOL, EARLIER_SPOOL, KNOWN_SPOOLS, REPO_ROOT
 from cxr.core.security import check_url, redact_url
+
+if TYPE_CHECKING:
+    from cxr.doors.predict import PredictSummary
 
 TITLE = "screening: films in, answers out"
 
@@ -69,9 +73,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_predict(a: argparse.Namespace) -> int:
-    from cxr.client.batch import PredictOptions, run_predict
-    from cxr.doors.dicomweb import DicomWebSource
-    from cxr.doors.fhir import FhirDelivery
+    from cxr.doors.predict import PredictOptions, run_predict
 
     if a.priority != contract.DEFAULT_PRIORITY and a.protocol == "embedded":  # the library ignores it there
         raise CxrError(f"--priority {a.priority} orders requests in Triton's queue; --protocol embedded has no "
@@ -93,10 +95,34 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     from cxr.doors.dicom.study import combine
 
     try:  # a study's films make one DiagnosticReport, by the listener's rule
-        delivery = FhirDelivery.of(opts, patient_id_system=a.patient_id_system, study_rule=combine)
+        delivery = opts.delivery(patient_id_system=a.patient_id_system, study_rule=combine)
+        source = opts.source()
     except ValueError as exc:
         raise CxrError(str(exc)) from None
-    return run_predict(opts, source=DicomWebSource.of(opts), delivery=delivery)
+    return predict_exit_status(run_predict(opts, source=source, delivery=delivery))
+
+
+def predict_exit_status(s: PredictSummary) -> int:
+    """A run's summary (:class:`cxr.doors.predict.PredictSummary`) in one line, and its exit status: 0 when every
+    input has an answer that is not an error (``not_assessable`` is an answer) and every result was delivered (or a
+    query matched nothing); 1 when an input has an error or no result, or a result was refused; 75 when results
+    remain undelivered for now (EX_TEMPFAIL: a rerun delivers them); 2 when no input file was found."""
+    from cxr.core.errors import ExitCode
+
+    if not s.inputs:
+        if s.where is not None:  # a quiet night is no failure for a cron job
+            print(f"cxr predict: nothing to screen: no instance matches on {s.where}", file=sys.stderr)
+            return ExitCode.OK
+        print("cxr predict: no input files found", file=sys.stderr)
+        return ExitCode.USAGE
+    print(f"{s.answered} of {s.inputs} inputs answered: {s.ok} ok, {s.not_assessable} not assessable, {s.errors} errors"
+          + (f", {s.unread} without a result" if s.unread else "")
+          + (f", {s.undelivered} results not delivered" + (" (rerun to deliver them)" if s.retryable else "")
+             if s.undelivered else "")
+          + (f" (written to {s.out})" if s.out else ""), file=sys.stderr)
+    if s.errors or s.unread or (s.undelivered and not s.retryable):
+        return ExitCode.INTERNAL  # 1: the table's "cxr predict: some input's answer is an error"
+    return ExitCode.TEMPFAIL if s.undelivered else ExitCode.OK
 
 
 def _add_listen(sub: argparse._SubParsersAction) -> None:

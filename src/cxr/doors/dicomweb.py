@@ -6,7 +6,7 @@ studies), lists every instance of the matching studies, reads each one (WADO-RS,
 a private folder (0700, files 0600) and screens the files like any others, in batches as they are read, so
 the first answers come within seconds and the disk holds one batch, never the query; instances already final in
 the run's journal are not read again; an interrupted run (SIGINT, SIGTERM) saves its rows and leaves no file
-behind (:class:`DicomWebSource`, the ``source`` that ``cxr.cli`` gives :func:`cxr.client.batch.run_predict`);
+behind (:class:`DicomWebSource`, the ``source`` that ``cxr.cli`` gives :func:`cxr.doors.predict.run_predict`);
 the CSV's ``path`` is the SOP Instance UID.
 ``cxr listen --stow-url URL`` stores its SR and Secondary Capture with STOW-RS. Uses ``dicomweb-client``.
 """
@@ -19,12 +19,8 @@ from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cxr.core.errors import CxrError, ExitCode, InvalidInputError, RetryableServerError
-
-if TYPE_CHECKING:
-    from cxr.client.batch import PredictOptions
 
 logger = logging.getLogger(__name__)
 
@@ -92,24 +88,88 @@ def _classify(exc: BaseException, where: str) -> Exception:
 
 
 class DicomWeb:
-    """A DICOMweb server (QIDO, WADO and STOW under one root URL, e.g. ``http://127.0.0.1:8042/dicom-web``)."""
+    """A DICOMweb server (QIDO, WADO and STOW under one root URL, e.g. ``http://127.0.0.1:8042/dicom-web``).
 
-    def __init__(self, url: str, *, timeout_s: float = 30.0, auth=None) -> None:
-        """``auth``: a :class:`cxr.core.security.HttpAuth` (bearer token, client certificate, CA)."""
-        import requests
-        from dicomweb_client.api import DICOMwebClient
+    Every thread that talks to the server has its own HTTP session (``requests.Session`` is not safe to share
+    between threads), each with one kept-alive connection: the searches and stores use the caller's, and
+    :meth:`download`'s readers (a pool of ``threads``, kept for the object's life) one each, so the run holds at most
+    ``threads + 1`` connections to the archive however many batches it reads. :meth:`close` (or ``with``) closes
+    them all; an archive's HTTP threads are not held by idle connections after the run.
+    """
+
+    #: Seconds to open a connection (at most; ``timeout_s`` when smaller). The read deadline is ``timeout_s``: a
+    #: server silent that long fails the request (retryable), it never waits forever.
+    CONNECT_TIMEOUT_S = 10.0
+
+    def __init__(self, url: str, *, timeout_s: float = 30.0, auth=None, threads: int = 4) -> None:
+        """``auth``: a :class:`cxr.core.security.HttpAuth` (bearer token, client certificate, CA). ``threads``: the
+        readers of :meth:`download`."""
+        import threading
 
         from cxr.core.security import split_url_credentials
 
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be > 0")
         bare, credentials = split_url_credentials(url.rstrip("/"))
         self.url = bare  # what messages show: never the credentials
+        self._credentials, self._auth = credentials, auth
+        self.timeout = (min(self.CONNECT_TIMEOUT_S, timeout_s), timeout_s)
+        self.threads = max(1, threads)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._sessions: list = []
+        self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
+
+    def _new_client(self):
+        """A DICOMweb client on a session of its own (one pooled connection: a session serves one thread)."""
+        import requests
+        from dicomweb_client.api import DICOMwebClient
+        from requests.adapters import HTTPAdapter
+
         session = requests.Session()
-        if credentials is not None:
-            session.auth = credentials  # HTTP Basic, in a header
-        if auth is not None:
-            auth.apply(session)
-        self._client = DICOMwebClient(bare, session=session, timeout=timeout_s)
-        self._client.set_http_retry_params(retry=False)  # one retry policy, ours (bounded, every 5xx)
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=1, max_retries=0)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        if self._credentials is not None:
+            session.auth = self._credentials  # HTTP Basic, in a header
+        if self._auth is not None:
+            self._auth.apply(session)
+        client = DICOMwebClient(self.url, session=session, timeout=self.timeout)
+        client.set_http_retry_params(retry=False)  # one retry policy, ours (bounded, every 5xx)
+        with self._lock:
+            if self._closed:
+                session.close()
+                raise RuntimeError("DicomWeb: closed")
+            self._sessions.append(session)
+        return client
+
+    @property
+    def _client(self):
+        """This thread's client (made on first use)."""
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = self._new_client()
+        return client
+
+    def close(self) -> None:
+        """Stop the readers and close every connection: reads not started are cancelled, a read in flight ends with
+        its request (no retry, nothing written), so an interrupted run waits for one request at most."""
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            sessions, self._sessions = self._sessions, []
+        for session in sessions:
+            session.close()
+
+    def __enter__(self) -> DicomWeb:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def find(self, *, studies: Iterable[str] = (), query: Mapping[str, str] | None = None,
              modalities: Iterable[str] = ()) -> list[InstanceRef]:
@@ -125,7 +185,9 @@ class DicomWeb:
         if not uids:
             found = self._retrying(lambda: self._pages(self._client.search_for_studies, STUDY_UID,
                                                        search_filters=dict(query or {})), "search")
-            uids = [_value(s, STUDY_UID) for s in found if _value(s, STUDY_UID)]
+            # one Study Instance UID can answer more than once (Orthanc keys a study by patient and UID: the same
+            # UID under several Patient IDs is several studies there); each study's instances are listed once
+            uids = list(dict.fromkeys(_value(s, STUDY_UID) for s in found if _value(s, STUDY_UID)))
         refs = []
         for uid in uids:
             if wanted:
@@ -157,8 +219,8 @@ class DicomWeb:
                 return call()
             except Exception as exc:  # noqa: BLE001 - requests' and dicomweb-client's own errors
                 err = _classify(exc, f"{self.url} {what}")
-                if not isinstance(err, RetryableServerError) or attempt == self.ATTEMPTS - 1:
-                    raise err from None
+                if not isinstance(err, RetryableServerError) or attempt == self.ATTEMPTS - 1 or self._closed:
+                    raise err from None  # closing (the run interrupted): no more tries, the run ends now
                 logger.warning("%s; retrying in %.1f s", err, self.BACKOFF_S * 2 ** attempt)
                 time.sleep(self.BACKOFF_S * 2 ** attempt)
         raise AssertionError("unreachable")
@@ -188,12 +250,39 @@ class DicomWeb:
         pydicom.dcmwrite(buf, ds, enforce_file_format=True)
         return buf.getvalue()
 
-    def download(self, refs: list[InstanceRef], folder: Path, *, threads: int = 4) -> dict[Path, str]:
-        """Read ``refs`` into ``folder`` (one ``<SOP Instance UID>.dcm`` each, readable by the owner only); returns
-        file -> SOP Instance UID.
+    def retrieve_header(self, ref: InstanceRef) -> bytes:
+        """One instance's header without its pixels (WADO-RS metadata: nothing bulk is read), as a DICOM Part 10
+        file.
+
+        Raises:
+            DicomWebError: The metadata is not a DICOM data set.
+        """
+        import pydicom
+        from pydicom.dataset import FileMetaDataset
+
+        meta = self._retrying(lambda: self._client.retrieve_instance_metadata(ref.study_uid, ref.series_uid,
+                                                                              ref.sop_uid), f"metadata of {ref.sop_uid}")
+        try:
+            ds = pydicom.Dataset.from_json({k: v for k, v in meta.items()
+                                            if not (isinstance(v, dict) and "BulkDataURI" in v)})
+            ds.file_meta = FileMetaDataset()
+            ds.file_meta.MediaStorageSOPClassUID = ds.get("SOPClassUID") or pydicom.uid.SecondaryCaptureImageStorage
+            ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.UID(ds.get("SOPInstanceUID") or ref.sop_uid)
+            ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+            buf = io.BytesIO()
+            pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+        except Exception as exc:  # noqa: BLE001 - pydicom's many errors for a data set it cannot take
+            raise DicomWebError(f"DICOMweb {self.url} metadata of {ref.sop_uid}: not a DICOM data set "
+                                f"({type(exc).__name__})") from None
+        return buf.getvalue()
+
+    def download(self, refs: list[InstanceRef], folder: Path, *, headers_only: bool = False) -> dict[Path, str]:
+        """Read ``refs`` into ``folder`` (one ``<SOP Instance UID>.dcm`` each, readable by the owner only), by
+        :attr:`threads` readers at a time; returns file -> SOP Instance UID. ``headers_only``: their headers,
+        without pixels (:meth:`retrieve_header`).
 
         An instance that cannot be read is left out and logged; the caller reports it as an error row. Interrupted,
-        the reads not started are cancelled (the one in flight finishes).
+        the reads not started are cancelled (those in flight finish, each within its deadline).
         """
         import os
 
@@ -202,7 +291,9 @@ class DicomWeb:
         def one(ref: InstanceRef) -> tuple[Path, str] | tuple[None, str]:
             path = folder / f"{ref.sop_uid}.dcm"
             try:
-                data = self.retrieve(ref)
+                data = self.retrieve_header(ref) if headers_only else self.retrieve(ref)
+                if self._closed:  # interrupted meanwhile: nothing more is written, the folder is about to go
+                    return None, ref.sop_uid
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
@@ -211,11 +302,19 @@ class DicomWeb:
                 return None, ref.sop_uid
             return path, ref.sop_uid
 
-        pool = ThreadPoolExecutor(max_workers=max(1, threads))
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("DicomWeb: closed")
+            if self._pool is None:  # the readers live as long as this object: their sessions are reused
+                self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="wado")
+            pool = self._pool
+        futures = [pool.submit(one, ref) for ref in refs]
         try:
-            done = list(pool.map(one, refs))
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            done = [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
         return {p: uid for p, uid in done if p is not None}
 
     def store(self, datasets: list, *, study_uid: str | None = None) -> None:
@@ -234,7 +333,7 @@ class DicomWeb:
 @dataclass(frozen=True)
 class DicomWebSource:
     """``cxr predict --dicomweb URL [--study UID]... [--query KEY=VALUE]...``: the instances of the matching studies,
-    read into the run's folder (the ``source`` of :func:`cxr.client.batch.run_predict`).
+    read into the run's folder (the ``source`` of :func:`cxr.doors.predict.run_predict`).
 
     Attributes:
         url: The DICOMweb root.
@@ -257,13 +356,6 @@ class DicomWebSource:
             raise ValueError("timeout_s must be > 0")
         parse_query(self.query)  # unknown or malformed keys refused before anything starts
 
-    @classmethod
-    def of(cls, opts: PredictOptions) -> DicomWebSource | None:
-        """What ``cxr predict``'s options ask for (``None``: the inputs are files)."""
-        if not opts.dicomweb:
-            return None
-        return cls(opts.dicomweb, opts.studies, opts.query, opts.timeout_s)
-
     @property
     def where(self) -> str:
         return self.url
@@ -277,6 +369,13 @@ class DicomWebSource:
             self._state["web"] = DicomWeb(self.url, timeout_s=self.timeout_s)
         return self._state["web"]
 
+    def close(self) -> None:
+        """Close the connections to the archive (the readers finish first); ``cxr predict`` does, before it removes
+        the run's folder."""
+        web = self._state.pop("web", None)
+        if web is not None:
+            web.close()
+
     def find(self) -> tuple[tuple[str, str], ...]:
         """QIDO-RS: every instance of the matching studies, ``(Study Instance UID, SOP Instance UID)``; nothing is
         read yet."""
@@ -288,3 +387,9 @@ class DicomWebSource:
         """WADO-RS: these instances (found by :meth:`find`) into ``folder``, files named by SOP Instance UID."""
         refs = self._state.get("refs", {})
         return self._web().download([refs[n] for n in names if n in refs], folder)
+
+    def read_headers(self, names: list[str], folder: Path) -> dict[Path, str]:
+        """WADO-RS metadata: these instances' headers, without pixels, into ``folder`` (for the FHIR results of
+        instances answered by an earlier run, which are not read again)."""
+        refs = self._state.get("refs", {})
+        return self._web().download([refs[n] for n in names if n in refs], folder, headers_only=True)

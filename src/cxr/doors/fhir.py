@@ -36,7 +36,7 @@ from cxr.core import contract
 from cxr.core.errors import CxrError, ExitCode, RetryableServerError
 
 if TYPE_CHECKING:
-    from cxr.client.batch import Delivered, PredictOptions
+    from cxr.client.batch import Delivered
     from cxr.core.audit_trail import AuditLog
 
 #: How several films of a study make one answer (:func:`cxr.doors.dicom.study.combine`, given by the caller:
@@ -524,7 +524,7 @@ def audit_events(records: Sequence[dict]) -> dict:
 class FhirDelivery:
     """``cxr predict --fhir-out FILE`` and/or ``--fhir-url URL``: once the run is over, the answered inputs' results
     as one transaction Bundle, written to ``out`` and/or POSTed to ``url`` (the ``delivery`` of
-    :func:`cxr.client.batch.run_predict`).
+    :func:`cxr.doors.predict.run_predict`).
 
     Attributes:
         out: The Bundle's file (JSON).
@@ -559,14 +559,6 @@ class FhirDelivery:
                                                                self.patient_id_system, re.I):
             raise ValueError(f"--patient-id-system must be a URI (urn:oid:..., http(s)://...), got "
                              f"{self.patient_id_system!r}")
-
-    @classmethod
-    def of(cls, opts: PredictOptions, *, patient_id_system: str | None = None,
-           study_rule: StudyRule | None = None) -> FhirDelivery | None:
-        """What ``cxr predict``'s options ask for (``None``: no FHIR results)."""
-        if opts.fhir_out is None and opts.fhir_url is None:
-            return None
-        return cls(opts.fhir_out, opts.fhir_url, opts.timeout_s, patient_id_system, study_rule=study_rule)
 
     def _post(self, b: dict) -> dict:
         """POST with retries: an unreachable server or a 429/5xx answer is tried again after a growing wait (bounded

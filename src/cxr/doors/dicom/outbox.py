@@ -166,7 +166,8 @@ class Outbox:
             from cxr.doors.dicomweb import DicomWeb
 
             ds = pydicom.dcmread(f)
-            DicomWeb(str(self.cfg.stow_url), auth=self.cfg.web_auth).store([ds], study_uid=str(ds.StudyInstanceUID))
+            with DicomWeb(str(self.cfg.stow_url), auth=self.cfg.web_auth) as web:  # its connection closed after
+                web.store([ds], study_uid=str(ds.StudyInstanceUID))
             study, instance = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
         else:
             from cxr.doors import fhir
