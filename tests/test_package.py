@@ -62,13 +62,6 @@ def test_the_version_is_written_once_and_printed() -> None:
     assert r.returncode == 0 and r.stdout.strip() == f"cxr {cxr.__version__}", r.stdout + r.stderr
 
 
-#: Files that still hash files their own way, with why (their owners are changing them now).
-OWN_FILE_HASH = {
-    "src/cxr/client/batch.py": "the predict journal's key (returns '' on OSError); its move out of client/ is under way",
-    "src/cxr/site/site_audit.py": "the site audit's own hash (the site tools now live in cxr/site/)",
-}
-
-
 def test_one_file_hash() -> None:
     """sha256 of a file's bytes is computed in one place, cxr.core.integrity.sha256_file."""
     import re
@@ -76,7 +69,7 @@ def test_one_file_hash() -> None:
     pattern = re.compile(r"sha256\([^)]*read_bytes\(\)|iter\(lambda: \w+\.read\(")
     found = sorted(str(f.relative_to(REPO)) for f in [*(REPO / "src").rglob("*.py"), *(REPO / "scripts").rglob("*.py")]
                    if pattern.search(f.read_text()))
-    assert found == sorted(["src/cxr/core/integrity.py", *OWN_FILE_HASH]), found
+    assert found == ["src/cxr/core/integrity.py"], found
 
 
 def test_the_file_hash(tmp_path: Path) -> None:

@@ -23,7 +23,6 @@ was found (``cxr.cli`` decides, from :class:`cxr.doors.predict.PredictSummary`).
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -118,15 +117,15 @@ def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
 
 
 def file_sha256(path: Path) -> str:
-    """Content hash used to recognise inputs already done ('' if unreadable)."""
-    h = hashlib.sha256()
+    """The journal's content key of an input (:func:`cxr.core.integrity.sha256_file`), ``''`` when it cannot be
+    read: the journal keys on (path, content), so an unreadable file never shares a key with another path, and once
+    it can be read its digest differs from ``''`` and it is screened again."""
+    from cxr.core.integrity import sha256_file
+
     try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        return sha256_file(path)
     except OSError:
         return ""
-    return h.hexdigest()
 
 
 class Journal:

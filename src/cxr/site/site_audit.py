@@ -169,15 +169,14 @@ class SiteSample:
 
 def site_sample(folder: Path, provenance: list[dict]) -> SiteSample:
     """The labelled folder, with the films ``provenance`` (the model folder's rows) lists set aside."""
-    import hashlib
-
+    from cxr.core.integrity import sha256_file
     from cxr.train import data as data_mod
 
     folder = Path(folder)
     samples = data_mod.folder_samples(folder)
     named = data_mod.manifest_patients(folder)
     known = all(s.path.name in named for s in samples)
-    digests = {s.path: hashlib.sha256(s.path.read_bytes()).hexdigest() for s in samples}
+    digests = {s.path: sha256_file(s.path) for s in samples}
     listed = {r["sha256"] for r in provenance}
     return SiteSample(films=tuple(s for s in samples if digests[s.path] not in listed),
                       set_aside=tuple(s for s in samples if digests[s.path] in listed),
