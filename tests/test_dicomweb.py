@@ -20,8 +20,8 @@ from cxr.doors.dicom.intake import UrgentRule, study_priority
 from cxr.doors.dicom.spool import Spool
 from cxr.doors.dicom.sr import read_sr
 from cxr.serving.server import free_ports
-from tests.conftest import journal_rows
-from tests.test_pacs import Orthanc, chest_dx, start_listener, wait_for
+from tests.conftest import cxr, journal_rows, wait_until
+from tests.test_pacs import Orthanc, chest_dx, start_listener
 
 
 def _rows(path: Path) -> dict[str, dict]:
@@ -30,8 +30,7 @@ def _rows(path: Path) -> dict[str, dict]:
 
 
 def _predict(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cxr.cli", "predict", "--protocol", "embedded", *args],
-                          capture_output=True, text=True, timeout=600)
+    return cxr("predict", "--protocol", "embedded", *args)
 
 
 @pytest.fixture()
@@ -265,11 +264,12 @@ def test_listen_stores_its_sr_by_stow_and_keeps_an_audit_trail(web_pacs, tmp_pat
         ids = [orthanc.upload(routine), orthanc.upload(buf.getvalue())]
         orthanc.store_to_listener(ids)
         studies = [str(pydicom.dcmread(io.BytesIO(routine)).StudyInstanceUID), str(urgent.StudyInstanceUID)]
-        wait_for(lambda: all(len(orthanc.srs_in_study(s)) == 1 for s in studies))
+        wait_until(lambda: all(len(orthanc.srs_in_study(s)) == 1 for s in studies), 120, "one SR in every study")
         for s in studies:
             (sr,) = orthanc.srs_in_study(s)
             assert read_sr(sr)["sha256"] and sr.StudyInstanceUID == s
-        wait_for(lambda: sum(r["event"] == "result_delivered" for r in read(tmp_path / "audit.jsonl")) == 2)
+        wait_until(lambda: sum(r["event"] == "result_delivered" for r in read(tmp_path / "audit.jsonl")) == 2, 120,
+                   "two result_delivered records")
     finally:
         listener.send_signal(signal.SIGTERM)
         listener.wait(timeout=60)
@@ -309,11 +309,12 @@ def test_stow_outage_keeps_results_until_the_archive_is_back(tmp_path: Path) -> 
         assoc = ae.associate("127.0.0.1", port, ae_title="CXR_AI")
         assert assoc.is_established and assoc.send_c_store(ds).Status == 0
         assoc.release()
-        wait_for(lambda: any(r["event"] == "delivery_failed" for r in read(tmp_path / "audit.jsonl")))
+        wait_until(lambda: any(r["event"] == "delivery_failed" for r in read(tmp_path / "audit.jsonl")), 120,
+                   "a delivery_failed record")
         assert len(list((tmp_path / "spool" / "outbox-stow").glob("*.dcm"))) == 1
         orthanc.start()
         try:
-            wait_for(lambda: len(orthanc.srs_in_study(str(ds.StudyInstanceUID))) == 1, timeout=180)
+            wait_until(lambda: len(orthanc.srs_in_study(str(ds.StudyInstanceUID))) == 1, 180, "the SR delivered")
         finally:
             orthanc.stop()
     finally:
@@ -546,7 +547,7 @@ def test_closing_ends_a_read_in_flight_without_retries_and_writes_nothing(tmp_pa
         reader = threading.Thread(target=lambda: got.append(web.download([InstanceRef("1.2", "1.2.3", "1.2.3.4")],
                                                                           tmp_path / "batch")))
         reader.start()
-        time.sleep(0.3)
+        wait_until(lambda: hits, 10, "the read to reach the server", every_s=0.02)
         t0 = time.monotonic()
         web.close()
         took = time.monotonic() - t0

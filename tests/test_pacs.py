@@ -171,11 +171,6 @@ def echo(port: int, calling: str = "ORTHANC") -> bool:
     return bool(status) and status.Status == 0
 
 
-def wait_for(cond, timeout: float = 120.0) -> None:  # type: ignore[no-untyped-def]
-    """The old name of :func:`tests.conftest.wait_until`, kept while tests/test_dicomweb.py imports it."""
-    wait_until(cond, timeout)
-
-
 def spool_idle(spool: Path) -> bool:
     """Nothing left for the listener to do: no instance waiting in ``incoming/`` or in a study folder, no result
     waiting in an outbox. Results only come from there, so once it is idle, what the PACS holds is final (until
