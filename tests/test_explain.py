@@ -9,13 +9,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxr.client.explain import COMPACT_LAYERS, DEFAULT_LAYER, ExplanationUnavailable, GradCam, overlay
+from cxr.client.explain import (
+    COMPACT_LAYERS,
+    DEFAULT_LAYER,
+    EFFICIENTNET_LAYERS,
+    ExplanationUnavailable,
+    GradCam,
+    overlay,
+)
 from cxr.core import imaging
 from cxr.core.integrity import sha256_file
 from tests.conftest import REPO, SHIPPED_REPOSITORY
 
 MODEL_DIR = SHIPPED_REPOSITORY / "pneumonia"
 SHA = sha256_file(MODEL_DIR / "1" / "model.onnx")
+ACCURATE_DIR = SHIPPED_REPOSITORY / "pneumonia_accurate"
+ACCURATE_SHA = sha256_file(ACCURATE_DIR / "1" / "model.onnx")
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +32,13 @@ def films(sample_images: list[Path]) -> np.ndarray:
     return np.stack([imaging.preprocess(p, rules=False) for p in sample_images])
 
 
-@pytest.fixture(scope="module", params=COMPACT_LAYERS)
+@pytest.fixture(scope="module", params=[*((MODEL_DIR, SHA, layer) for layer in COMPACT_LAYERS),
+                                        *((ACCURATE_DIR, ACCURATE_SHA, layer) for layer in EFFICIENTNET_LAYERS)],
+                ids=lambda p: f"{p[0].name}-{p[2]}")
 def cam(request: pytest.FixtureRequest) -> GradCam:
-    return GradCam(MODEL_DIR, served_sha256=SHA, layer=request.param)
+    """Both shipped networks at every layer they are explained at (the EfficientNet's through ReLU6)."""
+    folder, sha, layer = request.param
+    return GradCam(folder, served_sha256=sha, layer=layer)
 
 
 def test_numpy_tail_reproduces_the_graph_logit(cam: GradCam, films: np.ndarray) -> None:
@@ -97,6 +110,13 @@ def test_default_layer_is_the_measured_choice() -> None:
     report = json.loads((REPO / "docs" / "model" / "gradcam.json").read_text())
     assert DEFAULT_LAYER["compact_cnn"] == report["best_layer"] == GradCam(MODEL_DIR, served_sha256=SHA).layer
     assert report["sha256"] == SHA, "docs/model/gradcam.md is of another model: rerun `cxr explain-eval`"
+
+
+def test_the_accurate_models_default_layer_is_its_measured_choice() -> None:
+    report = json.loads((REPO / "docs" / "model" / "accurate" / "gradcam.json").read_text())
+    assert report["sha256"] == ACCURATE_SHA, "docs/model/accurate/gradcam.md is of another model: rerun it"
+    assert DEFAULT_LAYER["efficientnet_lite0"] == report["best_layer"] == GradCam(ACCURATE_DIR, served_sha256=ACCURATE_SHA).layer
+    assert set(report["layers"]) == {*EFFICIENTNET_LAYERS, "random"}
 
 
 def test_heatmap_keeps_the_film_size_and_aspect(films: np.ndarray) -> None:

@@ -40,6 +40,21 @@ logger = logging.getLogger(__name__)
 DEFAULT_LAYER = {"compact_cnn": "s3b_relu", "inception_v3": "mixed10", "efficientnet_lite0": "head_relu"}
 #: Every layer the compact CNN can be explained at, coarse to fine.
 COMPACT_LAYERS = ("s3b_relu", "s2b_relu", "s1b_relu")
+#: EfficientNet-Lite0's: the head convolution's activations and the last block's depthwise ones, both 7x7 (the
+#: gradient is taken in the served graph, which has no path from an earlier stage without a residual Add).
+EFFICIENTNET_LAYERS = ("head_relu", "b15_dw_relu")
+#: The layers ``cxr explain-eval`` compares, per architecture.
+LAYERS = {"compact_cnn": COMPACT_LAYERS, "efficientnet_lite0": EFFICIENTNET_LAYERS}
+
+
+def architecture(model_folder: Path) -> str | None:
+    """The architecture (a key of :data:`DEFAULT_LAYER`) whose name the folder's graph nodes carry, else ``None``."""
+    import onnx
+
+    from cxr.core.model_dir import ModelDir
+
+    names = [n.name for n in onnx.load(str(ModelDir(model_folder).onnx_path())).graph.node]
+    return next((a for a in DEFAULT_LAYER if any(a in n for n in names)), None)
 
 
 class ExplanationUnavailable(CxrError):
@@ -92,6 +107,8 @@ def _chain(model, start: str, end: str) -> list[_Op]:
             ops.append(_Op("maxpool", n.output[0], kernel=k[0]))
         elif n.op_type in ("Relu", "GlobalAveragePool"):
             ops.append(_Op(n.op_type.lower(), n.output[0]))
+        elif n.op_type == "Clip" and len(consts) == 2 and [float(c) for c in consts] == [0.0, 6.0]:
+            ops.append(_Op("relu6", n.output[0]))  # EfficientNet-Lite's activation
         elif n.op_type in ("Squeeze", "Flatten", "Reshape"):
             ops.append(_Op("flatten", n.output[0]))
         elif n.op_type == "MatMul" and consts:
@@ -156,6 +173,8 @@ class Tail:
                 x = _conv(x, op.weight, op.bias, op.pad)  # type: ignore[arg-type]
             elif op.kind == "relu":
                 x = np.maximum(x, 0)
+            elif op.kind == "relu6":
+                x = np.clip(x, 0, 6)
             elif op.kind == "maxpool":
                 x, arg = _maxpool(x, op.kernel)
                 cache[-1] = (op, (cache[-1][1], arg))
@@ -177,6 +196,8 @@ class Tail:
                 g = _conv_backward(g, op.weight, op.pad, x.shape)
             elif op.kind == "relu":
                 g = g * (x > 0)
+            elif op.kind == "relu6":
+                g = g * ((x > 0) & (x < 6))
             elif op.kind == "maxpool":
                 inp, arg = x
                 g = _maxpool_backward(g, arg, op.kernel, inp.shape)

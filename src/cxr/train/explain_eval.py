@@ -12,7 +12,7 @@ centre explains nothing).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,7 @@ class ExplainEvalConfig:
         data: Labelled folder ({NORMAL,PNEUMONIA}/); its Pneumonia-answered films are used.
         out_dir: Where ``gradcam.md``, ``gradcam.json`` and ``gradcam_examples.png`` go.
         limit: Films used at most.
-        layers: Layers compared.
+        layers: Layers compared (default: the architecture's, :data:`cxr.client.explain.LAYERS`).
     """
 
     repository: Path
@@ -40,7 +40,7 @@ class ExplainEvalConfig:
     data: Path
     out_dir: Path
     limit: int = 60
-    layers: tuple[str, ...] = ("s3b_relu", "s2b_relu", "s1b_relu")
+    layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.limit < 2:
@@ -55,8 +55,15 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
 
 def run(cfg: ExplainEvalConfig) -> dict:
     from cxr.client import PneumoniaClient
-    from cxr.client.explain import GradCam
+    from cxr.client.explain import LAYERS, GradCam, architecture
+    from cxr.core.errors import CxrError
     from cxr.train.evaluate import load_labelled
+
+    if not cfg.layers:
+        arch = architecture(Path(cfg.repository) / cfg.model)
+        if arch not in LAYERS:
+            raise CxrError(f"{cfg.model}: no layers to compare for architecture {arch}")
+        cfg = replace(cfg, layers=LAYERS[arch])
 
     x, y, paths = load_labelled(cfg.data)
     with PneumoniaClient(str(cfg.repository), protocol="embedded", model=cfg.model) as client:
@@ -111,7 +118,8 @@ def run(cfg: ExplainEvalConfig) -> dict:
     folder.write_card(folder.card().replace(explain={
         "layer": best, "sha256": info.sha256, "randomised_head_correlation": corr,
         "max_randomised_correlation": MAX_RANDOMISED_CORRELATION,
-        "passes_randomisation_check": report["passes_randomisation_check"], "report": "docs/model/gradcam.md"}))
+        "passes_randomisation_check": report["passes_randomisation_check"],
+        "report": str(Path(cfg.out_dir) / "gradcam.md")}))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gradcam.json").write_text(json.dumps(report, indent=1) + "\n")
