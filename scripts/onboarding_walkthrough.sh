@@ -13,6 +13,9 @@ PY=.venv/bin/python
 VREPO=validation/model_repository
 BASE=pneumonia_without_siim
 SAMPLE=$OUT/siim_sample
+if [ -e "$OUT/adapt/attempts.jsonl" ]; then  # attempts are evidence: a rerun goes into a fresh folder
+  echo "$OUT already holds attempts on the sample ($OUT/adapt/attempts.jsonl): give a fresh folder" >&2; exit 2
+fi
 mkdir -p "$OUT"
 [ -d "$SAMPLE" ] || $PY scripts/split_side.py docs/model/adult_lock/split.json "$SAMPLE" --side train --source siim \
   --patients 600 --seed 33
@@ -37,15 +40,15 @@ run $CXR adapt "$SAMPLE" --model-repository $VREPO --model $BASE --out-repositor
 # 4. the site states its own targets (a third attempt on the sample: the report and the published card list all three)
 run $CXR adapt "$SAMPLE" --model-repository $VREPO --model $BASE --out-repository "$OUT/R" --name pneumonia_siim \
   --population adult --report "$OUT/adapt" --targets sensitivity=0.80 specificity=0.20 roc_auc=0.70 flagged=0.02
-# 5. both models on films of the hospital outside the sample (SIIM's select side of the lock: 601 films, no study of
-#    the sample) and on the Kaggle site's select side (children: what the site model must not forget); the adapted
-#    graph is the first attempt's (published or not)
+# 5. both graphs on films of the hospital outside the sample (SIIM's select side of the lock: 601 films, no study of
+#    the sample) and on the Kaggle site's select side (children: what the site model must not forget), by patient,
+#    paired; the adapted graph is the first attempt's (published or not)
 ADAPTED=$OUT/adapted_seed0.onnx
 if [ -d "$OUT/R/pneumonia_siim" ]; then ADAPTED=$OUT/R/pneumonia_siim/1/model.onnx; fi
 for src in siim kaggle_site; do
   S=$OUT/check_$src
   [ -d "$S" ] || $PY scripts/split_side.py docs/model/adult_lock/split.json "$S" --side select --source $src
-  run $CXR evaluate --model $VREPO/$BASE/1/model.onnx --data "$S" --out "$OUT/eval_${src}_in_service"
-  if [ -f "$ADAPTED" ]; then run $CXR evaluate --model "$ADAPTED" --data "$S" --out "$OUT/eval_${src}_adapted"; fi
+  run $PY scripts/compare_graphs.py "$S" "$ADAPTED" $VREPO/$BASE/1/model.onnx --names adapted in_service \
+    --out "$OUT/compare_$src.json"
 done
 echo "log: $OUT/log.md"
