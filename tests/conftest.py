@@ -52,6 +52,35 @@ def cxr(*args: str, ok: bool = False, timeout: float = 600, cwd: Path | None = N
 T = TypeVar("T")
 
 
+class LoopbackHttp:
+    """A threaded HTTP server on a free loopback port running ``handler`` (a stand-in archive, FHIR server, ...),
+    until :meth:`stop` or the end of a ``with`` block. ``wrap``: applied to its listening socket first (TLS)."""
+
+    def __init__(self, handler: type, wrap: Callable[[Any], Any] | None = None) -> None:
+        import http.server
+        import threading
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        if wrap is not None:
+            self.server.socket = wrap(self.server.socket)
+        self.port: int = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, path: str = "", scheme: str = "http") -> str:
+        return f"{scheme}://127.0.0.1:{self.port}{path}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> LoopbackHttp:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 def wait_until(predicate: Callable[[], T], deadline_s: float = 120.0, what: str | None = None, *,
                proc: subprocess.Popen[Any] | None = None, log: Path | None = None,
                ignore: tuple[type[BaseException], ...] = (), every_s: float = 0.5) -> T:

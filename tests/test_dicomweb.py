@@ -20,7 +20,7 @@ from cxr.doors.dicom.intake import UrgentRule, study_priority
 from cxr.doors.dicom.spool import Spool
 from cxr.doors.dicom.sr import read_sr
 from cxr.serving.server import free_ports
-from tests.conftest import cxr, journal_rows, wait_until
+from tests.conftest import LoopbackHttp, cxr, journal_rows, wait_until
 from tests.test_pacs import Orthanc, chest_dx, start_listener
 
 
@@ -171,7 +171,6 @@ class _Fhir:
 
     def __init__(self, fail_after: int | None = None) -> None:
         import http.server
-        import threading
 
         outer = self
         self.taken: list[dict] = []
@@ -198,16 +197,12 @@ class _Fhir:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/fhir"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.http = LoopbackHttp(Handler)
+        self.url = self.http.url("/fhir")
+        self.stop = self.http.stop
 
     def resources(self, kind: str) -> list[dict]:
         return [e["resource"] for b in self.taken for e in b["entry"] if e["resource"]["resourceType"] == kind]
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.mark.slow
@@ -419,7 +414,6 @@ def test_the_screen_filter_drops_by_sop_class_modality_and_body_part() -> None:
 def test_a_5xx_is_retried_with_backoff_and_a_4xx_is_not(tmp_path: Path) -> None:
     """A loopback HTTP server answers 503 twice, then an empty QIDO-RS result; another path answers 404."""
     import http.server
-    import threading
 
     from cxr.core.errors import RetryableServerError
     from cxr.doors.dicomweb import DicomWeb, DicomWebError
@@ -440,21 +434,16 @@ def test_a_5xx_is_retried_with_backoff_and_a_4xx_is_not(tmp_path: Path) -> None:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        web = DicomWeb(f"http://127.0.0.1:{server.server_port}/dicom-web", timeout_s=5)
+    with LoopbackHttp(Flaky) as server:
+        web = DicomWeb(server.url("/dicom-web"), timeout_s=5)
         web.BACKOFF_S = 0.05
         assert web.find(query={"ModalitiesInStudy": "DX"}) == []
         assert len(hits) == 3  # two 503s, then the answer
         hits.clear()
         with pytest.raises(DicomWebError, match="404"):
-            DicomWeb(f"http://127.0.0.1:{server.server_port}/gone", timeout_s=5).find()
+            DicomWeb(server.url("/gone"), timeout_s=5).find()
         assert len(hits) == 1  # a 4xx is final
-    finally:
-        server.shutdown()
-        server.server_close()
-    down = DicomWeb(f"http://127.0.0.1:{server.server_port}/dicom-web", timeout_s=2)
+    down = DicomWeb(server.url("/dicom-web"), timeout_s=2)
     down.BACKOFF_S = 0.05
     with pytest.raises(RetryableServerError):
         down.find()  # nobody listens: retried, then retryable (the CLI exits 75)
@@ -466,7 +455,6 @@ def test_a_study_found_twice_is_listed_once_and_the_connections_are_bounded_and_
     quadratic: 300 instances of one study under 300 Patient IDs took 300 searches of 300 answers each, most of a
     minute here before the first read). The readers reuse one kept-alive connection each, and close() closes them."""
     import http.server
-    import threading
 
     from cxr.doors.dicomweb import SERIES_UID, SOP_UID, STUDY_UID, DicomWeb, InstanceRef
 
@@ -496,11 +484,8 @@ def test_a_study_found_twice_is_listed_once_and_the_connections_are_bounded_and_
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Qido)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        with DicomWeb(f"http://127.0.0.1:{server.server_port}/dicom-web", timeout_s=5) as web:
+    with LoopbackHttp(Qido) as server:
+        with DicomWeb(server.url("/dicom-web"), timeout_s=5) as web:
             refs = web.find(query={"StudyDate": "20260101-"})
             assert refs == [InstanceRef("1.2.3", "1.2.3.1", f"1.2.3.1.{i}") for i in range(5)]
             assert hits.count("/dicom-web/studies/1.2.3/instances") == 1, hits
@@ -509,9 +494,6 @@ def test_a_study_found_twice_is_listed_once_and_the_connections_are_bounded_and_
             assert len(peers) == 1  # one kept-alive connection for the searches
             sessions = list(web._sessions)
         assert sessions and all(not s.adapters["http://"].poolmanager.pools for s in sessions)  # all closed
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_closing_ends_a_read_in_flight_without_retries_and_writes_nothing(tmp_path: Path) -> None:
@@ -537,11 +519,8 @@ def test_closing_ends_a_read_in_flight_without_retries_and_writes_nothing(tmp_pa
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        web = DicomWeb(f"http://127.0.0.1:{server.server_port}/dicom-web", timeout_s=5)
+    with LoopbackHttp(Slow) as server:
+        web = DicomWeb(server.url("/dicom-web"), timeout_s=5)
         web.BACKOFF_S = 1.0  # four tries would take 1 + 1 + 1 + 2 + 1 + 4 + 1 = 11 s
         got: list[dict] = []
         reader = threading.Thread(target=lambda: got.append(web.download([InstanceRef("1.2", "1.2.3", "1.2.3.4")],
@@ -555,6 +534,3 @@ def test_closing_ends_a_read_in_flight_without_retries_and_writes_nothing(tmp_pa
         assert got == [{}] and len(hits) == 1, (got, hits)
         assert took < 3, took
         assert not list((tmp_path / "batch").iterdir())
-    finally:
-        server.shutdown()
-        server.server_close()

@@ -20,7 +20,7 @@ from cxr.client.client import Prediction
 from cxr.core import contract
 from cxr.core.errors import RetryableServerError
 from cxr.doors import fhir
-from tests.conftest import READY_DEADLINE_S, REPO, read_line
+from tests.conftest import READY_DEADLINE_S, REPO, LoopbackHttp, read_line
 
 SHA = "ab" * 32
 SERVER = REPO / "tests" / "fhir_server"
@@ -257,7 +257,6 @@ class _Failing:
 
     def __init__(self) -> None:
         import http.server
-        import threading
 
         outer = self
         self.requests = 0
@@ -276,14 +275,9 @@ class _Failing:
             def log_message(self, *a: object) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.http = LoopbackHttp(Handler)
+        self.url = self.http.url()
+        self.stop = self.http.stop
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import pytest
 from cxr.core.audit_trail import read
 from cxr.core.security import redact_url, split_url_credentials
 from cxr.serving.server import free_ports
-from tests.conftest import cxr, wait_until
+from tests.conftest import LoopbackHttp, cxr, wait_until
 from tests.test_pacs import Orthanc, _store, chest_dx, start_listener
 
 PASSWORD = "S3cret-Pw-77"
@@ -73,7 +73,6 @@ def test_fhir_results_go_with_a_bearer_token_and_a_client_certificate_and_the_to
     import http.server
     import json
     import ssl
-    import threading
 
     from cxr.core.security import make_dev_pki
 
@@ -96,13 +95,11 @@ def test_fhir_results_go_with_a_bearer_token_and_a_client_certificate_and_the_to
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Fhir)
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(str(pki["server_cert"]), str(pki["server_key"]))
     ctx.load_verify_locations(cafile=str(pki["ca"]))
     ctx.verify_mode = ssl.CERT_REQUIRED
-    server.socket = ctx.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = LoopbackHttp(Fhir, wrap=lambda sock: ctx.wrap_socket(sock, server_side=True))
     work = tmp_path / "work"
     work.mkdir()
     token_file = work / "token"
@@ -111,7 +108,7 @@ def test_fhir_results_go_with_a_bearer_token_and_a_client_certificate_and_the_to
     port = free_ports(1)[0]
     audit = work / "audit.jsonl"
     listener = start_listener(work, None, port, extra=(
-        "--fhir-url", f"https://127.0.0.1:{server.server_port}/fhir", "--web-token-file", str(token_file),
+        "--fhir-url", server.url("/fhir", scheme="https"), "--web-token-file", str(token_file),
         "--web-tls-ca", str(pki["ca"]), "--web-tls-cert", str(pki["client_cert"]), "--web-tls-key",
         str(pki["client_key"]), "--audit-log", str(audit)))
     try:
@@ -120,8 +117,7 @@ def test_fhir_results_go_with_a_bearer_token_and_a_client_certificate_and_the_to
     finally:
         listener.send_signal(signal.SIGTERM)
         listener.wait(timeout=60)
-        server.shutdown()
-        server.server_close()
+        server.stop()
     assert seen and all(s == (f"Bearer {token}", True) for s in seen)  # the token and a client certificate
     leaks = [str(p.relative_to(work)) for p in work.rglob("*") if p.is_file() and p != token_file
              and token.encode() in p.read_bytes()]
