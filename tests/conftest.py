@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import subprocess
 import sys
@@ -52,12 +53,26 @@ def cxr(*args: str, ok: bool = False, timeout: float = 600, cwd: Path | None = N
 T = TypeVar("T")
 
 
+class StubHandler(http.server.BaseHTTPRequestHandler):
+    """The request handler of a stand-in server (:class:`LoopbackHttp`): quiet, with one way to answer."""
+
+    def reply(self, code: int, body: bytes = b"", content_type: str | None = None) -> None:
+        self.send_response(code)
+        if content_type is not None:
+            self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
 class LoopbackHttp:
     """A threaded HTTP server on a free loopback port running ``handler`` (a stand-in archive, FHIR server, ...),
     until :meth:`stop` or the end of a ``with`` block. ``wrap``: applied to its listening socket first (TLS)."""
 
-    def __init__(self, handler: type, wrap: Callable[[Any], Any] | None = None) -> None:
-        import http.server
+    def __init__(self, handler: type[StubHandler], wrap: Callable[[Any], Any] | None = None) -> None:
         import threading
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)

@@ -20,7 +20,7 @@ from cxr.doors.dicom.intake import UrgentRule, study_priority
 from cxr.doors.dicom.spool import Spool
 from cxr.doors.dicom.sr import read_sr
 from cxr.serving.server import free_ports
-from tests.conftest import LoopbackHttp, cxr, journal_rows, wait_until
+from tests.conftest import LoopbackHttp, StubHandler, cxr, journal_rows, wait_until
 from tests.test_pacs import Orthanc, chest_dx, start_listener
 
 
@@ -170,13 +170,12 @@ class _Fhir:
     it answers 500 once it has taken that many (a server failing part way: a partial delivery)."""
 
     def __init__(self, fail_after: int | None = None) -> None:
-        import http.server
 
         outer = self
         self.taken: list[dict] = []
         self.refused = 0
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(StubHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 b = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
                 if fail_after is not None and len(outer.taken) >= fail_after:
@@ -188,14 +187,7 @@ class _Fhir:
                     code, body = 200, {"resourceType": "Bundle", "type": "transaction-response",
                                        "entry": [{"response": {"status": "201 Created"}} for _ in b["entry"]]}
                 data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/fhir+json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: object) -> None:
-                pass
+                self.reply(code, data, "application/fhir+json")
 
         self.http = LoopbackHttp(Handler)
         self.url = self.http.url("/fhir")
@@ -413,26 +405,18 @@ def test_the_screen_filter_drops_by_sop_class_modality_and_body_part() -> None:
 
 def test_a_5xx_is_retried_with_backoff_and_a_4xx_is_not(tmp_path: Path) -> None:
     """A loopback HTTP server answers 503 twice, then an empty QIDO-RS result; another path answers 404."""
-    import http.server
 
     from cxr.core.errors import RetryableServerError
     from cxr.doors.dicomweb import DicomWeb, DicomWebError
 
     hits: list[str] = []
 
-    class Flaky(http.server.BaseHTTPRequestHandler):
+    class Flaky(StubHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             hits.append(self.path)
             code = 404 if self.path.startswith("/gone") else (503 if len(hits) <= 2 else 200)
             body = b"[]" if code == 200 else b""
-            self.send_response(code)
-            self.send_header("Content-Type", "application/dicom+json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
+            self.reply(code, body, "application/dicom+json")
 
     with LoopbackHttp(Flaky) as server:
         web = DicomWeb(server.url("/dicom-web"), timeout_s=5)
@@ -454,7 +438,6 @@ def test_a_study_found_twice_is_listed_once_and_the_connections_are_bounded_and_
     study search once per patient. Its instances are listed once (listing them once per answer made the search
     quadratic: 300 instances of one study under 300 Patient IDs took 300 searches of 300 answers each, most of a
     minute here before the first read). The readers reuse one kept-alive connection each, and close() closes them."""
-    import http.server
 
     from cxr.doors.dicomweb import SERIES_UID, SOP_UID, STUDY_UID, DicomWeb, InstanceRef
 
@@ -464,7 +447,7 @@ def test_a_study_found_twice_is_listed_once_and_the_connections_are_bounded_and_
     def item(**tags: str) -> dict:
         return {tag: {"vr": "UI", "Value": [v]} for tag, v in tags.items()}
 
-    class Qido(http.server.BaseHTTPRequestHandler):
+    class Qido(StubHandler):
         protocol_version = "HTTP/1.1"  # kept alive: the connections a client holds are visible
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
@@ -475,14 +458,7 @@ def test_a_study_found_twice_is_listed_once_and_the_connections_are_bounded_and_
             else:
                 body = json.dumps([item(**{STUDY_UID: "1.2.3", SERIES_UID: "1.2.3.1", SOP_UID: f"1.2.3.1.{i}"})
                                    for i in range(5)]).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/dicom+json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
+            self.reply(200, body, "application/dicom+json")
 
     with LoopbackHttp(Qido) as server:
         with DicomWeb(server.url("/dicom-web"), timeout_s=5) as web:
@@ -500,7 +476,6 @@ def test_closing_ends_a_read_in_flight_without_retries_and_writes_nothing(tmp_pa
     """An interrupted run closes its DicomWeb before it removes its folder: a read in flight against a failing
     archive (503 after 1 s) ends with that request, is not retried, and writes no file, so the run ends within one
     request's time, not after every retry's."""
-    import http.server
     import threading
     import time
 
@@ -508,16 +483,11 @@ def test_closing_ends_a_read_in_flight_without_retries_and_writes_nothing(tmp_pa
 
     hits: list[str] = []
 
-    class Slow(http.server.BaseHTTPRequestHandler):
+    class Slow(StubHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             hits.append(self.path)
             time.sleep(1.0)
-            self.send_response(503)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
+            self.reply(503)
 
     with LoopbackHttp(Slow) as server:
         web = DicomWeb(server.url("/dicom-web"), timeout_s=5)

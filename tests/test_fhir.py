@@ -20,7 +20,7 @@ from cxr.client.client import Prediction
 from cxr.core import contract
 from cxr.core.errors import RetryableServerError
 from cxr.doors import fhir
-from tests.conftest import READY_DEADLINE_S, REPO, LoopbackHttp, read_line
+from tests.conftest import READY_DEADLINE_S, REPO, LoopbackHttp, StubHandler, read_line
 
 SHA = "ab" * 32
 SERVER = REPO / "tests" / "fhir_server"
@@ -256,24 +256,16 @@ class _Failing:
     """An HTTP server on loopback that answers every request 500 (a FHIR server failing for now); counts them."""
 
     def __init__(self) -> None:
-        import http.server
 
         outer = self
         self.requests = 0
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(StubHandler):
             def do_POST(self) -> None:  # noqa: N802
                 outer.requests += 1
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 body = b'{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"exception"}]}'
-                self.send_response(500)
-                self.send_header("Content-Type", "application/fhir+json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *a: object) -> None:
-                pass
+                self.reply(500, body, "application/fhir+json")
 
         self.http = LoopbackHttp(Handler)
         self.url = self.http.url()

@@ -14,7 +14,7 @@ import pytest
 from cxr.core.audit_trail import read
 from cxr.core.security import redact_url, split_url_credentials
 from cxr.serving.server import free_ports
-from tests.conftest import LoopbackHttp, cxr, wait_until
+from tests.conftest import LoopbackHttp, StubHandler, cxr, wait_until
 from tests.test_pacs import Orthanc, _store, chest_dx, start_listener
 
 PASSWORD = "S3cret-Pw-77"
@@ -70,7 +70,6 @@ def test_a_password_in_a_url_is_in_no_file_written(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_fhir_results_go_with_a_bearer_token_and_a_client_certificate_and_the_token_is_in_no_file(tmp_path: Path) -> None:
     """A loopback HTTPS endpoint that requires a client certificate from the site CA records what it is sent."""
-    import http.server
     import json
     import ssl
 
@@ -80,20 +79,13 @@ def test_fhir_results_go_with_a_bearer_token_and_a_client_certificate_and_the_to
     token = "tok-" + PASSWORD + "-bearer"
     seen: list[tuple[str, bool]] = []
 
-    class Fhir(http.server.BaseHTTPRequestHandler):
+    class Fhir(StubHandler):
         def do_POST(self) -> None:  # noqa: N802 - http.server's name
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             seen.append((self.headers.get("Authorization", ""), bool(self.connection.getpeercert())))
             out = json.dumps({"resourceType": "Bundle", "type": "transaction-response",
                               "entry": [{"response": {"status": "201"}} for _ in body["entry"]]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/fhir+json")
-            self.send_header("Content-Length", str(len(out)))
-            self.end_headers()
-            self.wfile.write(out)
-
-        def log_message(self, *args: object) -> None:
-            pass
+            self.reply(200, out, "application/fhir+json")
 
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(str(pki["server_cert"]), str(pki["server_key"]))
