@@ -46,10 +46,10 @@ def main() -> int:
                  "pneumonia_patients": int(ya.sum())}
     for name, s in zip(args.names, (sa, sb)):
         b = stats.auc_bound(ya, s)
-        half = z * b.se / (b.auc * (1 - b.auc))  # DeLong's interval on the logit scale, as the bounds are
-        logit = np.log(b.auc / (1 - b.auc))
-        out[name] = {"auc": b.auc, "se": b.se, "lower_one_sided_95": b.lower,
-                     "two_sided_95": [float(1 / (1 + np.exp(-(logit - half)))), float(1 / (1 + np.exp(-(logit + half))))]}
+        # DeLong's two-sided 95% interval on the logit scale, from the one bound: the lower end is the 97.5% bound,
+        # the upper end the same bound of the reversed scores (AUC(-s) = 1 - AUC(s), one variance)
+        low, up = stats.auc_bound(ya, s, 0.975).lower, 1 - stats.auc_bound(ya, -s, 0.975).lower
+        out[name] = {"auc": b.auc, "se": b.se, "lower_one_sided_95": b.lower, "two_sided_95": [low, up]}
     d = stats.paired_auc_difference(ya, sa, sb)
     out["difference"] = {"a_minus_b": d.difference, "se": d.se, "lower_one_sided_95": d.lower,
                          "two_sided_95": [d.difference - z * d.se, d.difference + z * d.se]}

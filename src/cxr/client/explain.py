@@ -47,14 +47,16 @@ EFFICIENTNET_LAYERS = ("head_relu", "b15_dw_relu")
 LAYERS = {"compact_cnn": COMPACT_LAYERS, "efficientnet_lite0": EFFICIENTNET_LAYERS}
 
 
-def architecture(model_folder: Path) -> str | None:
-    """The architecture (a key of :data:`DEFAULT_LAYER`) whose name the folder's graph nodes carry, else ``None``."""
-    import onnx
+def architecture(model: Path | Any) -> str | None:
+    """The architecture (a key of :data:`DEFAULT_LAYER`) whose name the graph's nodes carry, else ``None``;
+    ``model`` is a loaded ONNX model or a model folder."""
+    if isinstance(model, Path):
+        import onnx
 
-    from cxr.core.model_dir import ModelDir
+        from cxr.core.model_dir import ModelDir
 
-    names = [n.name for n in onnx.load(str(ModelDir(model_folder).onnx_path())).graph.node]
-    return next((a for a in DEFAULT_LAYER if any(a in n for n in names)), None)
+        model = onnx.load(str(ModelDir(model).onnx_path()))
+    return next((a for a in DEFAULT_LAYER if any(a in n.name for n in model.graph.node)), None)
 
 
 class ExplanationUnavailable(CxrError):
@@ -266,7 +268,7 @@ class GradCam:
             raise ExplanationUnavailable(f"the local model file ({self.sha256[:12]}) is not the served model "
                                          f"({served_sha256[:12] or 'no sha256 published'})")
         base = strip_ood(onnx.load(str(path)))
-        arch = next((a for a in DEFAULT_LAYER if any(a in n.name for n in base.graph.node)), None)
+        arch = architecture(base)
         measured = folder.card().explain
         if measured.get("sha256") != self.sha256:
             measured = {}  # measured on another file: no verdict
