@@ -6,13 +6,24 @@
 # A run that left sources out (`cxr train --leave-out siim`, the onboarding model of docs/onboarding.md) is built
 # on its own split (the lock less those sources): nothing of a left-out source calibrates, chooses a point or is
 # claimed on, so its provenance lists none of its films.
-#   ./scripts/build_adult_model.sh RUN_DIR REPOSITORY NAME [--no-int8]
+# --no-claims stops before the test side is read: to compare on select first, or to measure claims in a folder
+# whose earlier claims.json (and so its record of earlier test reads) is kept, with the `cxr claims` line this
+# script prints.
+#   ./scripts/build_adult_model.sh RUN_DIR REPOSITORY NAME [--no-int8] [--no-claims]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:?run directory (cxr train --split docs/model/adult_lock/split.json ...)}
 OUT=${2:?model repository to write into}
 NAME=${3:?model folder name}
-INT8=${4:-}
+INT8=
+CLAIMS=1
+for opt in "${@:4}"; do
+  case $opt in
+    --no-int8) INT8=--no-int8;;
+    --no-claims) CLAIMS=;;
+    *) echo "unknown option $opt (--no-int8, --no-claims)" >&2; exit 2;;
+  esac
+done
 D=../shared/data
 CXR=.venv/bin/cxr
 SPLIT=docs/model/adult_lock/split.json
@@ -55,6 +66,10 @@ ALSO=()
 $CXR operating-points --repository "$OUT" --name "$NAME" "${ALSO[@]}" --split "$SPLIT" \
   --point pediatric=kaggle_site:sensitivity:0.97 --point adult=$ADULT_SOURCES:sensitivity:0.9 --overwrite
 for m in "$NAME" "${ALSO[@]:1}"; do
+  if [ -z "$CLAIMS" ]; then
+    echo "not read (--no-claims): $CXR claims --repository $OUT --name $m --split $SPLIT ${POPS[*]} --overwrite"
+    continue
+  fi
   $CXR claims --repository "$OUT" --name "$m" --split "$SPLIT" \
     "${POPS[@]}" \
     --overwrite

@@ -46,11 +46,21 @@ def refusal_lines(card: ModelCard) -> list[str]:
     lines = ["", f"Refusal: `ood_score` (threshold {ood['threshold']:.2f}) folds a body-part check into the feature "
              f"distance. Other body parts it did not see refused: {half} (held-out halves); {left}. Real chest films "
              f"of the select side flagged: at most {flagged:.1%} of any source."]
-    report = ROOT / "docs" / "model" / "ood.json"
-    if report.exists():
+    unseen = ood.get("unseen") or {}
+    for kind, what in (("new_patients", "new patients of a training hospital"),
+                       ("new_hospital", "a hospital the fit never saw")):
+        rates = {u["source"]: u["flagged"] for u in unseen.values() if u["kind"] == kind}
+        if rates:
+            worst = max(rates, key=lambda k: rates[k])
+            lines[-1] += (f" Training films scored by fits that did not see them, as {what}: at most "
+                          f"{rates[worst]:.1%} flagged ({worst}).")
+    for report in (ROOT / "docs" / "model" / "ood.json", ROOT / "docs" / "model" / "accurate" / "ood.json"):
+        if not report.exists():
+            continue
         rep = json.loads(report.read_text())
         if rep.get("model_sha256") == card.sha256:
-            lines[-1] += (f" `cxr ood-eval` ([docs/model/ood.md](docs/model/ood.md)): {rep['refused_rate_all']:.1%} of "
+            md = report.with_suffix(".md").relative_to(ROOT).as_posix()
+            lines[-1] += (f" `cxr ood-eval` ([{md}]({md})): {rep['refused_rate_all']:.1%} of "
                           f"the {rep['n_items']} hard inputs of the local corpus (inverted and rotated films included) "
                           f"get no label, {rep['refused_rate_not_chest_xray']:.1%} of its {rep['n_not_chest_xray']} "
                           "inputs that are not chest X-rays at all (partly in-sample: half the corpus fitted the "

@@ -104,6 +104,61 @@ def test_threshold_keeps_the_pooled_pass_rate_and_each_sets_rate() -> None:
         np.mean(s <= below) < ood_head.PER_SET_PASS_RATE for s in sets.values())  # the smallest such threshold
 
 
+def _hospitals(rng: np.random.Generator, p: int = 60) -> tuple[np.ndarray, list[str], list[str]]:
+    """Features of three hospitals: two large, one small (40 patients); each hospital has its own offset and each
+    patient its own deviation, in more dimensions than the small hospital has patients."""
+    x, src, pat = [], [], []
+    for name, n, shift in (("big", 600, 0.0), ("other", 400, 0.5), ("small", 40, 1.5)):
+        centre = rng.normal(0, shift, p)
+        for i in range(n):
+            x.append(centre + rng.normal(0, 1, p))
+            src.append(name)
+            pat.append(f"{name}{i}")
+    return np.array(x), src, pat
+
+
+def test_unseen_films_are_scored_by_fits_that_did_not_see_them() -> None:
+    rng = np.random.default_rng(1)
+    x, src, pat = _hospitals(rng)
+    srcs = np.array(src)
+    w = np.array([1 / (3 * (srcs == s).sum()) for s in src])  # equal mass per source, as refit_ood weighs
+    mean, cov = ood_head.moments(x, w)
+    fit = ood_head.shrink(mean, cov, x[:50], (), n_train=len(x))
+    seen = fit.distance(x)
+    unseen = {u.name: u for u in ood_head.unseen_scores(x, src, pat, fit.shrinkage)}
+    assert set(unseen) == {f"{k}_{s}" for k in ("new_patients", "new_hospital") for s in ("big", "other", "small")}
+    assert unseen["new_hospital_small"].pass_rate == ood_head.NEW_HOSPITAL_PASS_RATE
+    assert unseen["new_patients_small"].pass_rate == ood_head.PER_SET_PASS_RATE
+    small = srcs == "small"
+    # a small source's films sit close to the fit that saw them; new patients of it lie further out, and a new
+    # hospital further still: the fit's own distances understate what the next films score
+    assert np.median(unseen["new_patients_small"].distances) > 1.1 * np.median(seen[small])
+    assert np.median(unseen["new_hospital_small"].distances) > np.median(unseen["new_patients_small"].distances)
+    # a new patient's distance is the one from the fit on the other folds: the same film scored twice agrees
+    again = {u.name: u for u in ood_head.unseen_scores(x, src, pat, fit.shrinkage)}
+    assert np.array_equal(again["new_patients_small"].distances, unseen["new_patients_small"].distances)
+    # a patient's films share one fold: duplicating every film of one patient leaves its distance unseen
+    xd = np.vstack([x, x[small][:1]])
+    dup = {u.name: u for u in ood_head.unseen_scores(xd, [*src, "small"], [*pat, pat[int(np.flatnonzero(small)[0])]],
+                                                      fit.shrinkage)}
+    first, copy = dup["new_patients_small"].distances[0], dup["new_patients_small"].distances[-1]
+    assert first == pytest.approx(copy) and first > 1e-6  # not scored by a fit that held its twin
+
+
+def test_threshold_keeps_each_unseen_set_at_its_own_rate_and_pools_none() -> None:
+    rng = np.random.default_rng(2)
+    sets = {"validation_a": rng.normal(10, 1, 500)}
+    far = rng.normal(14, 1, 100)
+    thr_seen = ood_head.choose_threshold(sets)
+    thr = ood_head.choose_threshold(sets, unseen={"new_hospital_b": (far, ood_head.NEW_HOSPITAL_PASS_RATE)})
+    assert thr > thr_seen
+    assert np.mean(far <= thr) >= ood_head.NEW_HOSPITAL_PASS_RATE
+    below = np.nextafter(np.float32(thr), np.float32(-np.inf))
+    assert np.mean(far <= below) < ood_head.NEW_HOSPITAL_PASS_RATE  # the smallest such threshold: not pooled
+    with pytest.raises(CxrError, match="no scores for new_patients_c"):
+        ood_head.choose_threshold(sets, unseen={"new_patients_c": (np.array([]), 0.98)})
+
+
 def test_shipped_model_has_both_outputs_and_its_head_is_replaceable() -> None:
     model = onnx.load(str(ONNX))
     assert [o.name for o in model.graph.output] == list(contract.OUTPUT_NAMES)
@@ -150,6 +205,9 @@ def test_card_sha_and_ood_threshold_match_the_file() -> None:
         parts = ood_head.disjoint(ood["flagged"])
         pooled = sum(ood["flagged"][k] * n[k] for k in parts) / sum(n[k] for k in parts)
         assert pooled <= 1 - ood["pass_rate_target"] + 1e-9  # all held-out real films, pooled
+        # the training films scored by fits that did not see them: new patients and a new hospital per source
+        assert {u["kind"] for u in ood["unseen"].values()} == {"new_patients", "new_hospital"}
+        assert all(u["flagged"] <= 1 - u["pass_rate"] + 1e-9 for u in ood["unseen"].values())
         assert ood["parity_max_rel_diff"] <= ood_head.OOD_RTOL
 
 
@@ -242,3 +300,18 @@ def test_the_operating_point_counts_and_bounds() -> None:
     only_pos = operating_point(np.ones(3, int), np.array([0.1, 0.6, 0.9]), 0.5)
     assert math.isnan(only_pos["specificity_lower_bound"]) and only_pos["tp"] == 2
 
+
+
+@pytest.mark.parametrize("model", SHIPPED_MODELS)
+def test_ood_eval_compares_scores_every_shipped_architecture_has(model: str) -> None:
+    """`cxr ood-eval` crashed on the accurate model: its comparison of scores assumed the compact CNN's two taps
+    and dense layer. Each shipped graph now gets the scores it has, the served one among them."""
+    from cxr.export.ood_eval import score_candidates
+
+    base = ood_head.strip(onnx.load(str(SHIPPED_REPOSITORY / model / "1" / "model.onnx")))
+    candidates = score_candidates(base)
+    served = [taps for name, (taps, kind) in candidates.items() if name.endswith("(served)")]
+    assert served == [tuple(ood_head.find_taps(base))] and "feature norm (GAP, low = OOD)" in candidates
+    names = {t for taps, _ in candidates.values() for t in taps}
+    outputs = {o for n in base.graph.node for o in n.output}
+    assert names <= outputs  # every tapped tensor is in the graph

@@ -98,6 +98,11 @@ def test_provenance_lists_every_file_once_per_role_with_its_sha256(tmp_path: Pat
         assert hashlib.sha256(Path(r["path"]).read_bytes()).hexdigest() == r["sha256"]
     summary = data_mod.provenance_summary(rows)
     assert summary["train"]["kaggle"]["images"] == 8 and summary["calibration"]["kaggle"]["patients"] >= 1
+    # rewriting one role keeps the file's order: roles in PROVENANCE_ROLES' order, whatever was written last
+    before = path.read_text()
+    write_provenance(path, data_mod.provenance_rows("train", samples[:8]), replace_roles=("train",))
+    assert path.read_text() == before
+    assert [r["role"] for r in read_provenance(path)] == ["train"] * 8 + ["validation"] * 4 + ["calibration"] * 3
 
 
 def test_source_names_are_checked() -> None:

@@ -542,13 +542,17 @@ def read_provenance(path: str | os.PathLike) -> list[dict]:
 
 
 def write_provenance(path: str | os.PathLike, rows: Sequence[Mapping], *, replace_roles: Sequence[str] = ()) -> None:
-    """Write ``provenance.csv`` durably: the existing rows of other roles are kept, ``replace_roles`` are replaced."""
+    """Write ``provenance.csv`` durably: the existing rows of other roles are kept, ``replace_roles`` are replaced.
+    Rows are grouped by role in :data:`PROVENANCE_ROLES`' order (each role's rows in the order given), so
+    rewriting one role leaves the file's other lines where they were."""
     from cxr.core.durable import write_durably
 
     path = Path(path)
     kept = [r for r in read_provenance(path) if r["role"] not in set(replace_roles)]
+    rank = {role: i for i, role in enumerate(PROVENANCE_ROLES)}
+    both = sorted([*kept, *rows], key=lambda r: rank.get(r["role"], len(rank)))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=PROVENANCE_COLUMNS, lineterminator="\n")
     w.writeheader()
-    w.writerows([*kept, *rows])
+    w.writerows(both)
     write_durably(path, buf.getvalue().encode())

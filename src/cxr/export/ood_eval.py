@@ -169,8 +169,7 @@ def compare_scores(cfg: OodEvalConfig, items: list, real: dict[str, list[Path]])
     base = strip_ood(onnx.load(str(ModelDir(Path(cfg.repository) / cfg.model).onnx_path())))
     x_train, train, _ = data_mod.load_samples(data_mod.Split.load(cfg.split_file).samples("train", cfg.data_dir),
                                               cache_dir=cfg.cache_dir, what="OOD evaluation, train")
-    counts = {name: sum(s.source == name for s in train) for name in {s.source for s in train}}
-    weights = np.array([1.0 / (len(counts) * counts[s.source]) for s in train])  # as the served fit: equal per source
+    weights = ood_head.source_weights(np.array([s.source for s in train]))  # as the served fit: equal per source
     x_real = {k: data_mod.load_assessable(v, cache_dir=cfg.cache_dir)[0] for k, v in real.items()}
     x_ood = []
     for it in items:
@@ -179,16 +178,7 @@ def compare_scores(cfg: OodEvalConfig, items: list, real: dict[str, list[Path]])
         except (InvalidInputError, NotAssessableError):
             continue  # refused before the model: not a test of the score
     xo = np.stack(x_ood)
-    gap, stage = ood_head.find_taps(base)
-    dense = next(o for n in base.graph.node for o in n.output if "/dense_1/Relu" in o)
-    logit = next(o for n in base.graph.node for o in n.output if "/logit_1/Add" in o)
-    candidates: dict[str, tuple] = {
-        "feature norm (GAP, low = OOD)": ((gap,), "neg_norm"),
-        "energy of the logit (-log(1 + e^z))": ((logit,), "energy"),
-        "Mahalanobis, dense-128 layer": ((dense,), "maha"),
-        "Mahalanobis, GAP only": ((gap,), "maha"),
-        "Mahalanobis, GAP + earlier stage (served)": ((gap, stage), "maha"),
-    }
+    candidates = score_candidates(base)
     out = []
     for name, (taps, kind) in candidates.items():
         fx = ood_head.FeatureExtractor(base, taps, log=kind == "maha")
@@ -209,6 +199,31 @@ def compare_scores(cfg: OodEvalConfig, items: list, real: dict[str, list[Path]])
         out.append({"score": name, "auroc": _auroc(s_ood, pooled), "refused_at_99_5_pass": float(np.mean(s_ood > thr)),
                     "n_ood_reaching_model": len(xo)})
     return out
+
+
+def score_candidates(base) -> dict[str, tuple[tuple[str, ...], str]]:
+    """The scores ``cxr ood-eval`` compares on a model graph without its OOD head: name -> (tapped tensors, kind),
+    the kinds ``neg_norm``, ``energy`` and ``maha``. The feature norm and the served taps' Mahalanobis distance
+    always; the logit's energy and the compact CNN's dense layer where the graph has them; the GAP alone beside
+    the served taps where those are more than the GAP."""
+    from cxr.export import ood_head
+
+    served = ood_head.find_taps(base)
+    gap = served[0]
+    tensors = [o for n in base.graph.node for o in n.output]
+    dense = next((o for o in tensors if "/dense_1/Relu" in o), None)  # the compact CNN's 128-unit layer
+    logit = next((o for o in tensors if "/logit_1/Add" in o), None)
+    candidates: dict[str, tuple[tuple[str, ...], str]] = {"feature norm (GAP, low = OOD)": ((gap,), "neg_norm")}
+    if logit is not None:
+        candidates["energy of the logit (-log(1 + e^z))"] = ((logit,), "energy")
+    if dense is not None:
+        candidates["Mahalanobis, dense-128 layer"] = ((dense,), "maha")
+    if len(served) > 1:
+        candidates["Mahalanobis, GAP only"] = ((gap,), "maha")
+        candidates["Mahalanobis, GAP + earlier stage (served)"] = (tuple(served), "maha")
+    else:  # the architecture taps the GAP alone (EfficientNet-Lite0)
+        candidates["Mahalanobis, GAP only (served)"] = (tuple(served), "maha")
+    return candidates
 
 
 def _auroc(pos: np.ndarray, neg: np.ndarray) -> float:

@@ -115,7 +115,9 @@ def refit_ood(
 
     The mean and covariance weight every source equally (a small adult source is not outvoted by Kaggle's 4,430
     films); the threshold keeps :data:`cxr.export.ood_head.PASS_RATE` of the pooled validation side, of each
-    source's validation side, and of the site sample. Also written: ``provenance.csv`` (every file that trained,
+    source's validation side, and of the site sample, and of the training films scored by fits that did not see
+    them (each source's new patients and, with several sources, each source as a new hospital:
+    :func:`cxr.export.ood_head.unseen_scores`). Also written: ``provenance.csv`` (every file that trained,
     validated or set a threshold, with its sha256), ``reference.json`` (the numbers drift monitoring and the site
     audit compare with) and ``adapt_kit.npz`` (what ``cxr adapt`` needs at a hospital).
 
@@ -144,7 +146,7 @@ def refit_ood(
     x_train, tr, _ = data_mod.load_samples(locked_train, cache_dir=cache_dir, progress=True, what="OOD fit, train")
     x_val, va, _ = data_mod.load_samples(locked_val, cache_dir=cache_dir, what="OOD fit, select")
     per_source = {name: sum(s.source == name for s in tr) for name in {s.source for s in tr}}
-    weights = np.array([1.0 / (len(per_source) * per_source[s.source]) for s in tr])
+    weights = ood_head.source_weights(np.array([s.source for s in tr]))
     real = {"train_validation": x_val}
     if len(per_source) > 1:
         for name in sorted({s.source for s in va}):
@@ -159,7 +161,8 @@ def refit_ood(
 
         non_chest = combined(load_non_chest(non_chest_dir, cache_dir=cache_dir),
                              unjudgeable_chest(x_train, [s.path.name for s in tr], seed=split.seed))
-    report, feats = ood_head.build(path, x_train, real, weights=weights, non_chest=non_chest)
+    report, feats = ood_head.build(path, x_train, real, weights=weights, non_chest=non_chest,
+                                   sources=tuple(s.source for s in tr), patients=tuple(s.patient for s in tr))
     ood = {**report.as_dict(), "method": "Mahalanobis distance of log1p pooled features (ood_head)",
            "weighting": "every training source has equal mass" if len(per_source) > 1 else "equal per image",
            "fitted_on": {"train": relative(data_dir) if data_dir else None, "split": relative(split_file),
@@ -177,7 +180,8 @@ def refit_ood(
                                     "summary": data_mod.provenance_summary(folder.provenance())})
     x_ref = np.concatenate([x_val, real["site"]]) if "site" in real else x_val
     write_reference(model_dir, path, report.threshold, x_ref, what=f"{chose} side of {relative(split_file)}"
-                    + (f" and {relative(site_dir)}" if site_dir else ""))
+                    + (f" and {relative(site_dir)}" if site_dir else ""),
+                    groups=[(s.source, s.label) for s in va])
     adapt_kit.save(model_dir, path, tr, x_train, feats, weights, seed=split.seed)
     if not card.go_live_targets:
         card = card.replace(targets=dict(DEFAULT_TARGETS))
@@ -191,21 +195,37 @@ DEFAULT_TARGETS = {"sensitivity": 0.90, "specificity": 0.60, "roc_auc": 0.85, "f
 
 
 def write_reference(model_dir: Path, model_path: Path, ood_threshold: float | None, images: np.ndarray, *,
-                    what: str) -> dict:
+                    what: str, groups: list[tuple[str, int]] | None = None) -> dict:
     """``reference.json``: the served outputs on real chest X-rays like those the model was validated on, as
-    numbers (``probability`` of the films it judges, ``ood_score`` of all), for drift monitoring and the audit."""
+    numbers (``probability`` of the films it judges, ``ood_score`` of all), for drift monitoring and the audit.
+    ``groups``: (source, class index) of the first ``len(groups)`` images: the same numbers per source and class
+    (``by_source``), so a monitor can build the reference of one hospital's population at a stated prevalence."""
     p, ood = served_outputs(model_path, images)
-    return save_reference(model_dir, p, ood, ood_threshold, what=what)
+    return save_reference(model_dir, p, ood, ood_threshold, what=what, groups=groups)
+
+
+def _reference_numbers(probability: np.ndarray, ood_score: np.ndarray, ood_threshold: float | None) -> dict:
+    ok = ~np.array([contract.is_out_of_distribution(v, ood_threshold) for v in ood_score], bool)
+    return {"n": int(len(probability)), "flagged_rate": float(1 - ok.mean()) if len(ok) else 0.0,
+            "probability": [round(float(v), 6) for v in np.asarray(probability)[ok]],
+            "ood_score": [round(float(v), 4) for v in ood_score]}
 
 
 def save_reference(model_dir: Path, probability: np.ndarray, ood_score: np.ndarray, ood_threshold: float | None, *,
-                   what: str) -> dict:
-    """Write ``reference.json`` from the served outputs of the reference films (numbers, one per film)."""
-    ok = ~np.array([contract.is_out_of_distribution(v, ood_threshold) for v in ood_score], bool)
-    ref = {"what": what, "n": int(len(probability)), "ood_threshold": ood_threshold,
-           "flagged_rate": float(1 - ok.mean()) if len(ok) else 0.0,
-           "probability": [round(float(v), 6) for v in np.asarray(probability)[ok]],
-           "ood_score": [round(float(v), 4) for v in ood_score]}
+                   what: str, groups: list[tuple[str, int]] | None = None) -> dict:
+    """Write ``reference.json`` from the served outputs of the reference films (numbers, one per film), and with
+    ``groups`` (source, class index of the first films) the same per source and class under ``by_source``."""
+    probability, ood_score = np.asarray(probability, float).ravel(), np.asarray(ood_score, float).ravel()
+    ref = {"what": what, "ood_threshold": ood_threshold, **_reference_numbers(probability, ood_score, ood_threshold)}
+    if groups:
+        by_source: dict[str, dict] = {}
+        for source in sorted({g[0] for g in groups}):
+            for label in (0, 1):
+                idx = [i for i, g in enumerate(groups) if g == (source, label)]
+                if idx:
+                    by_source.setdefault(source, {})[contract.LABELS[label]] = _reference_numbers(
+                        probability[idx], ood_score[idx], ood_threshold)
+        ref["by_source"] = by_source
     ModelDir(Path(model_dir)).write_reference(ref)
     return ref
 
