@@ -487,3 +487,102 @@ def test_monitor_command_uses_the_threshold_of_the_model_the_csv_names(tmp_path:
     assert cli.main(["monitor", str(other), "--model-repository", str(repo)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cccccccccccc" in err
+
+
+def _source_reference_folder(root: Path, rng: np.random.Generator) -> Path:
+    """A model folder whose reference.json holds one hospital's select films by class (``by_source``) beside a
+    pooled part unlike it (children: lower ood_score, more positives), and the shipped CPU model's claims."""
+    import shutil
+
+    d = root / "site"
+    d.mkdir(parents=True)
+    (d / "model_card.json").write_text(json.dumps({"model": "site", "sha256": "dd" * 32,
+                                                   "calibration": {"threshold": 0.5}}))
+    shutil.copy(SHIPPED_REPOSITORY / "pneumonia" / "claims.json", d / "claims.json")
+
+    def films(n: int, centre: float, scale: float) -> dict:
+        return {"n": n, "flagged_rate": 0.01, "probability": (1 / (1 + np.exp(-rng.normal(centre, 1, n)))).tolist(),
+                "ood_score": rng.gamma(9, scale, n).tolist()}
+
+    pooled = films(1200, 2.0, 1.5)
+    (d / "reference.json").write_text(json.dumps({
+        **pooled, "what": "pooled", "by_source": {"siim": {"Normal": films(400, -1.0, 2.5),
+                                                           "Pneumonia": films(300, 1.0, 2.5)},
+                                                  "nih": {"Normal": films(40, -1.0, 2.5),
+                                                          "Pneumonia": films(13, 1.0, 2.5)}}}))
+    return root
+
+
+def test_source_reference_is_the_hospitals_films_mixed_at_the_prevalence() -> None:
+    rng = np.random.default_rng(40)
+    normal, pneumonia = rng.normal(0, 1, 400), rng.normal(3, 1, 300)
+    ref = {"by_source": {"siim": {"Normal": {"n": 400, "flagged_rate": 0.02, "probability": normal.tolist(),
+                                             "ood_score": normal.tolist()},
+                                  "Pneumonia": {"n": 300, "flagged_rate": 0.0, "probability": pneumonia.tolist(),
+                                                "ood_score": pneumonia.tolist()}}}}
+    for prevalence in (0.1, 0.5):
+        r = monitor.source_reference(ref, "siim", prevalence)
+        assert r is not None and r["n"] == 700 and len(r["probability"]) == 700
+        assert r["flagged_rate"] == pytest.approx((1 - prevalence) * 0.02)
+        mixed = np.asarray(r["probability"])
+        for cut in (0.5, 1.5, 2.5):  # the share above any cut is the mixture's
+            want = (1 - prevalence) * np.mean(normal > cut) + prevalence * np.mean(pneumonia > cut)
+            assert np.mean(mixed > cut) == pytest.approx(want, abs=2 / 700)
+    assert monitor.source_reference(ref, "nih", 0.3) is None and monitor.source_reference(ref, None, 0.3) is None
+    few = {"by_source": {"siim": {**ref["by_source"]["siim"], "Pneumonia": {
+        "n": monitor.MIN_CLASS_FILMS - 1, "flagged_rate": 0.0, "probability": [0.9] * 19, "ood_score": [1.0] * 19}}}}
+    assert monitor.source_reference(few, "siim", 0.3) is None  # too few films of a class to judge against
+
+
+def test_monitor_at_a_prevalence_judges_ood_score_against_the_sites_hospital_only(tmp_path: Path) -> None:
+    """Issue 33: ood_score and the flagged rate are judged only against a reference that matches the site's
+    population. With --prevalence and --claims-source, the model's select films of that hospital, mixed at the
+    prevalence, are that reference: the hospital's own films do not move anything there (they moved ood_score
+    against the pooled films, which are not judged), and a scanner that shifts ood_score does."""
+    rng = np.random.default_rng(41)
+    repo = _source_reference_folder(tmp_path / "repo", rng)
+
+    def batch(name: str, scale: float) -> Path:
+        rows = _mix(rng, 600, 0.3)
+        for r in rows:
+            if r["status"] is OK:
+                r["ood_score"] = float(rng.gamma(9, scale))
+        return _write_csv(tmp_path / f"{name}.csv", rows, "dd" * 32)
+
+    opts = monitor.MonitorOptions(predictions=batch("same", 2.5), repository=repo, model="site", prevalence=0.3,
+                                  claims_source="siim")
+    result, _ = monitor.monitor(opts)
+    checks = {c["name"]: c for c in result["checks"]}
+    assert checks["ood_score"]["judged"] and checks["flagged_rate"]["judged"] and checks["probability"]["judged"]
+    assert result["moved"] == [] and "siim's select films" in result["against"]
+    shifted, _ = monitor.monitor(replace(opts, predictions=batch("scanner", 3.5), state=tmp_path / "state.json"))
+    assert "ood_score" in shifted["moved"]
+    # the sequential rule judges against the same reference: its alarm names ood_score going up
+    assert shifted["sequential"]["alarms"][0]["series"] == "ood_score" and shifted["sequential"]["alarms"][0]["direction"] == "up"
+    assert "siim's select films" in shifted["sequential"]["against"]
+    # without the hospital, the pooled reference (children here) is shown, never judged
+    pooled, _ = monitor.monitor(replace(opts, claims_source=None))
+    assert not {c["name"]: c for c in pooled["checks"]}["ood_score"]["judged"] and pooled["moved"] == []
+    # the same hospital's films against the pooled part would have moved: the test can fail
+    assert {c["name"]: c for c in pooled["checks"]}["ood_score"]["p_value"] < 1e-6
+    # too few films of a class (nih: 13 Pneumonia): the claims' positive rate only, as before
+    nih, _ = monitor.monitor(replace(opts, claims_source="nih"))
+    assert not {c["name"]: c for c in nih["checks"]}["ood_score"]["judged"]
+
+
+def test_the_reference_a_refit_writes_holds_each_source_by_class(tmp_path: Path) -> None:
+    """refit_ood's reference.json (save_reference with the select films' source and class) is what
+    source_reference reads: the producer and the monitor agree on one layout."""
+    from cxr.export.repository import save_reference
+
+    rng = np.random.default_rng(42)
+    groups = [("siim", 0)] * 30 + [("siim", 1)] * 25 + [("nih", 0)] * 5
+    prob, ood = rng.random(70), rng.gamma(9, 2.5, 70)
+    ood[0] = 1e6  # one refused Normal SIIM film
+    ref = save_reference(tmp_path, prob, ood, 100.0, what="select", groups=groups)  # 10 site films after them
+    assert json.loads((tmp_path / "reference.json").read_text()) == ref and ref["n"] == 70
+    siim = ref["by_source"]["siim"]
+    assert (siim["Normal"]["n"], siim["Pneumonia"]["n"], len(siim["Normal"]["probability"])) == (30, 25, 29)
+    assert siim["Normal"]["flagged_rate"] == pytest.approx(1 / 30) and set(ref["by_source"]["nih"]) == {"Normal"}
+    mixed = monitor.source_reference(ref, "siim", 0.5)
+    assert mixed is not None and mixed["flagged_rate"] == pytest.approx(0.5 / 30) and mixed["n"] == 55

@@ -183,8 +183,11 @@ def _add_monitor(sub: argparse._SubParsersAction) -> None:
                    help="the site's share of Pneumonia among its films: the expected positive rate is "
                    "prevalence x sensitivity + (1 - prevalence) x (1 - specificity) from the model's claims at each "
                    "row's operating point (without --baseline)")
-    p.add_argument("--claims-source", help="the claim (source) whose sensitivity and specificity --prevalence uses "
-                   "(default: the operating point's own population, most films)")
+    p.add_argument("--claims-source", metavar="SOURCE",
+                   help="the claim (source) whose sensitivity and specificity --prevalence uses (default: the "
+                   "operating point's own population, most films); when the model's reference.json holds SOURCE's "
+                   "select films of both classes, the flagged rate, P(pneumonia) and ood_score are judged too, "
+                   "against those films mixed at --prevalence")
     p.add_argument("--alpha", type=float, default=0.001, help="significance level of each check (default 0.001)")
     p.add_argument("--out", type=Path, help="also write the report (.md and .json beside it)")
     p.add_argument("--state", type=Path, help="the CUSUM state file, kept between batches (created when missing)")

@@ -21,8 +21,11 @@ The reference must be the site's population:
 * ``--baseline``: a period of the site's own films (every quantity is judged against it);
 * ``--prevalence``: the site's share of **Pneumonia**: the expected positive rate is
   ``prevalence x sensitivity + (1 - prevalence) x (1 - specificity)`` from the model's claims at the operating
-  point each row was answered at, with that row's threshold (:func:`expected_positive_rates`); nothing else is
-  judged;
+  point each row was answered at, with that row's threshold (:func:`expected_positive_rates`); with
+  ``--claims-source SOURCE``, when the model's ``reference.json`` holds that source's select films of both classes,
+  the flagged rate and the distributions of P(pneumonia) and ``ood_score`` are judged too, against that
+  hospital's films mixed at the prevalence (:func:`source_reference`: a reference per source and class); else
+  nothing else is judged;
 * neither: every check is shown, none judged. The model's ``reference.json`` is its pooled validation films
   (mostly children): the flagged rate and ``ood_score`` are never judged against it (issue 33: adult films of a
   training source alarmed there in almost every batch).
@@ -318,8 +321,9 @@ class MonitorOptions:
             JSON): the reference of every check.
         prevalence: The site's share of **Pneumonia** among its films: the expected positive rate comes from the
             model's claims at the operating point each row was answered at, with that row's threshold (not with
-            ``baseline``). The flagged rate and the distributions are then not judged (the model's reference is
-            its pooled validation films, not the site's population).
+            ``baseline``). The flagged rate and the distributions are judged only with ``claims_source`` whose
+            films the model's reference holds (:func:`source_reference`); never against its pooled validation
+            films, which are not the site's population.
         alpha: Significance level of each batch check.
         out: Also write the report here (``.md`` and ``.json``).
         state: The sequential rule's state file, kept between batches (created when missing).
@@ -327,7 +331,8 @@ class MonitorOptions:
         rule: The sequential rule (:class:`SequentialRule`).
         metrics: Also write the state as Prometheus text (a node-exporter textfile).
         claims_source: Which claim's sensitivity and specificity give the expected positive rate (default: the
-            operating point's own population, most films).
+            operating point's own population, most films), and with ``prevalence`` whose select films, mixed at
+            it, are the reference of the flagged rate and the distributions.
     """
 
     predictions: Path
@@ -400,8 +405,14 @@ def expectations_for(opts: MonitorOptions, folder: ModelDir, threshold: float, r
             raise CxrError(f"{folder.path}: no claims.json, so the positive rate at a prevalence cannot be known; "
                            "give --baseline")
         positive = expected_positive_rates(Claims.load(claims_file), opts.prevalence, source=opts.claims_source)
-        return Expectations(rates={}, positive=positive, distributions={},
-                            what=f"{folder.name}'s claims at prevalence {opts.prevalence:.3f}")
+        own = source_reference(folder.reference(), opts.claims_source, opts.prevalence)
+        if own is None:
+            return Expectations(rates={}, positive=positive, distributions={},
+                                what=f"{folder.name}'s claims at prevalence {opts.prevalence:.3f}")
+        dists = {k: np.sort(np.asarray(own[k], float)) for k in ("probability", "ood_score") if len(own[k]) >= 20}
+        return Expectations(rates={"flagged_rate": _floor_rate(own["flagged_rate"] * own["n"], own["n"])},
+                            positive=positive, distributions=dists,
+                            what=f"{folder.name}'s claims at prevalence {opts.prevalence:.3f} and {own['what']}")
     return None
 
 
@@ -459,9 +470,18 @@ def monitor(opts: MonitorOptions) -> tuple[dict, str]:
             raise CxrError(f"{folder.path}: no reference.json (refit its OOD head with `cxr ood-fit` to write one)")
         against = (f"{folder.name}'s reference (its pooled validation films: shown, not judged; give --baseline, "
                    "a period of this site's own films)")
-        checks = [replace(c, moved=False, judged=False) for c in
-                  compare(judged, reference, threshold, alpha=opts.alpha, rules=rules, judge_case_mix=False)]
-        if state is not None and opts.prevalence is not None:
+        own = (source_reference(reference, opts.claims_source, opts.prevalence)
+               if opts.prevalence is not None else None)
+        if own is not None:  # the site's hospital, at its prevalence: every check judged
+            against = f"{folder.name}'s claims and {own['what']}"
+            checks = compare(judged, own, threshold, alpha=opts.alpha, rules=rules, judge_case_mix=True)
+            if state is not None:
+                pc = _positive_check(judged, state.expectations, threshold, opts.alpha)
+                checks = [c for c in checks if c.name != "positive_rate"] + ([pc] if pc else [])
+        else:
+            checks = [replace(c, moved=False, judged=False) for c in
+                      compare(judged, reference, threshold, alpha=opts.alpha, rules=rules, judge_case_mix=False)]
+        if own is None and state is not None and opts.prevalence is not None:
             pc = _positive_check(judged, state.expectations, threshold, opts.alpha)
             checks = [c for c in checks if c.name != "positive_rate"] + ([pc] if pc else [])
             against = (f"{folder.name}'s claims at prevalence {opts.prevalence:.3f} (positive rate; the rest "
@@ -706,6 +726,44 @@ class Expectations:
 def _floor_rate(k: float, n: int) -> float:
     """A rate estimated from ``k`` of ``n`` reference films, kept inside (0, 1) (half a film at either end)."""
     return min(max(k, 0.5), n - 0.5) / n
+
+
+#: Fewest films of each class a source's reference needs before its mixture at a prevalence is judged against.
+MIN_CLASS_FILMS = 20
+
+
+def _mixture_quantiles(normal: np.ndarray, pneumonia: np.ndarray, prevalence: float, n: int) -> np.ndarray:
+    """``n`` values whose empirical distribution is ``(1 - prevalence) F_normal + prevalence F_pneumonia`` (the
+    mixture's quantiles at ``(i + 0.5) / n``), sorted."""
+    a, b = np.sort(np.asarray(normal, float)), np.sort(np.asarray(pneumonia, float))
+    grid = np.union1d(a, b)
+    cdf = ((1 - prevalence) * np.searchsorted(a, grid, side="right") / len(a)
+           + prevalence * np.searchsorted(b, grid, side="right") / len(b))
+    q = (np.arange(n) + 0.5) / n
+    return grid[np.minimum(np.searchsorted(cdf, q, side="left"), len(grid) - 1)]
+
+
+def source_reference(reference: dict | None, source: str | None, prevalence: float) -> dict | None:
+    """One hospital's population at a stated prevalence, from the model's ``reference.json``: that source's select
+    films, Normal and Pneumonia mixed at ``prevalence`` (flagged rate, and the distributions of P(pneumonia) and
+    ``ood_score`` as the mixture's quantiles, as many as the source has films). ``None`` when the reference has no
+    such source, or fewer than :data:`MIN_CLASS_FILMS` films of either class."""
+    by_class = ((reference or {}).get("by_source") or {}).get(source or "")
+    if not by_class:
+        return None
+    normal, pneumonia = by_class.get(contract.LABELS[0]), by_class.get(contract.LABELS[1])
+    if not normal or not pneumonia or min(normal["n"], pneumonia["n"]) < MIN_CLASS_FILMS:
+        return None
+    n = int(normal["n"] + pneumonia["n"])
+    out = {"n": n, "what": f"{source}'s select films ({normal['n']} Normal, {pneumonia['n']} Pneumonia) mixed at "
+                           f"prevalence {prevalence:.3f}",
+           "flagged_rate": (1 - prevalence) * normal["flagged_rate"] + prevalence * pneumonia["flagged_rate"]}
+    for name in ("probability", "ood_score"):
+        if len(normal[name]) and len(pneumonia[name]):
+            out[name] = _mixture_quantiles(normal[name], pneumonia[name], prevalence, n).tolist()
+        else:
+            out[name] = []
+    return out
 
 
 def expectations_from_baseline(rows: list[dict], *, what: str, threshold: float, rules: frozenset[str],
