@@ -127,13 +127,15 @@ def card_markdown(card: ModelCard, claims: Claims | None = None) -> str:
             f"smallest that keeps at least {ood['pass_rate_target']:.1%} of all held-out real chest X-rays pooled"
             + (f" and {ood['per_set_pass_rate']:.0%} of each set" if ood.get("per_set_pass_rate") else " and of each set")
             + f"; flagged: {fl}",
-            *(["- and of the training films, each scored by fits that did not see it (`new_patients`: the other "
-               "folds of patients; `new_hospital`: the other sources only), the stated share of each: "
+            *(["- the threshold also keeps the stated share of the training films, each scored by fits that did not "
+               "see it (`new_patients`: the other folds of patients; `new_hospital`: the other sources only); "
+               "flagged: "
                + ", ".join(f"{k} {u['flagged']:.2%} of {u['n']} (keeps >= {u['pass_rate']:.0%})"
                            for k, u in ood["unseen"].items())] if ood.get("unseen") else []),
             f"- export parity of `{contract.OOD_OUTPUT_NAME}` (graph vs float64 reference): max relative difference "
             f"{ood['parity_max_rel_diff']:.2e}",
-            "- refusal rates per category of non-chest inputs: `docs/model/ood.md`",
+            "- refusal rates per category of non-chest inputs: `cxr ood-eval` (`docs/model/ood.md`; the accurate "
+            "model's: `docs/model/accurate/ood.md`)",
         ]
     prov = card.provenance.get("summary")
     if prov:
