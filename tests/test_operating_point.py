@@ -315,3 +315,15 @@ def test_ood_eval_compares_scores_every_shipped_architecture_has(model: str) -> 
     names = {t for taps, _ in candidates.values() for t in taps}
     outputs = {o for n in base.graph.node for o in n.output}
     assert names <= outputs  # every tapped tensor is in the graph
+
+
+def test_unseen_training_films_the_body_part_check_refuses_count_as_refused_while_the_rate_can_hold() -> None:
+    d = np.arange(1.0, 101.0)  # 100 training films' distances
+    u = ood_head.Unseen("new_patients", "kaggle", d, 0.98)
+    one = np.zeros(100, bool)
+    one[0] = True  # the body-part check refuses one film: the two checks together keep 98%
+    counted = ood_head._counting_refused(u, one)
+    assert np.isinf(counted.distances[0]) and ood_head._keep(counted.distances, 0.98) == 99.0  # 98 of 100 kept
+    many = np.zeros(100, bool)
+    many[:5] = True  # it refuses 5%: no distance threshold keeps 98%, so the distance is held to 98% on its own
+    assert ood_head._counting_refused(u, many) is u and ood_head._keep(d, 0.98) == 98.0
