@@ -49,17 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     extract = ood_head.FeatureExtractor(base, tuple(ood["taps"]))
     f_train, f_val = extract(x_train), extract(x_val)
     sources = np.array([s.source for s in tr])
-    mean, cov = ood_head.moments(f_train, ood_head.source_weights(sources))
-    p = cov.shape[0]
     a_ = float(ood["shrinkage"])
-    prec = np.linalg.inv((1 - a_) * cov + a_ * float(np.trace(cov)) / p * np.eye(p))
-
-    def distance(f: np.ndarray) -> np.ndarray:
-        z = f - mean
-        return np.sqrt(np.maximum(((z @ prec) * z).sum(axis=1), 0.0))
+    fit = ood_head.at_shrinkage(*ood_head.moments(f_train, ood_head.source_weights(sources)), a_, n_train=len(f_train))
 
     thr = float(a.threshold if a.threshold is not None else ood["threshold"])
-    d_train, d_val = distance(f_train), distance(f_val)
+    d_train, d_val = fit.distance(f_train), fit.distance(f_val)
     val_sources = np.array([s.source for s in va])
     unseen = ood_head.unseen_scores(f_train, [s.source for s in tr], [s.patient for s in tr], a_)
     out: dict = {"model": a.name, "sha256": card.sha256, "threshold": thr, "sources": {}}

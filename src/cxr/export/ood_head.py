@@ -203,7 +203,14 @@ def shrink(mean: np.ndarray, cov: np.ndarray, val_features: np.ndarray, taps: tu
             best = (ll, a)
     if best is None:
         raise CxrError("OOD covariance is singular at every shrinkage")
-    a = best[1]
+    return at_shrinkage(mean, cov, best[1], taps, n_train=n_train)
+
+
+def at_shrinkage(mean: np.ndarray, cov: np.ndarray, a: float, taps: tuple[str, ...] = (), *,
+                 n_train: int = 0) -> OodFit:
+    """The fit from a mean and covariance shrunk by ``a`` towards the scaled identity, ``(1 - a) S + a tr(S)/p I``."""
+    p = cov.shape[0]
+    scale = float(np.trace(cov)) / p
     precision = np.linalg.inv((1 - a) * cov + a * scale * np.eye(p))
     chol = np.linalg.cholesky((precision + precision.T) / 2)
     return OodFit(taps=taps, mean=mean, chol=chol, shrinkage=a, n_train=n_train)
@@ -295,10 +302,7 @@ def unseen_scores(features: np.ndarray, sources: list[str] | tuple[str, ...], pa
 
     def distance(fit_on: np.ndarray, score: np.ndarray) -> np.ndarray:
         mean, cov = moments(x[fit_on], source_weights(src[fit_on]))
-        p = cov.shape[0]
-        prec = np.linalg.inv((1 - shrinkage) * cov + shrinkage * float(np.trace(cov)) / p * np.eye(p))
-        z = x[score] - mean
-        return np.sqrt(np.maximum(((z @ prec) * z).sum(axis=1), 0.0))
+        return at_shrinkage(mean, cov, shrinkage, n_train=int(fit_on.sum())).distance(x[score])
 
     names = sorted(set(src.tolist()))
     rng = np.random.default_rng(seed)
