@@ -33,6 +33,7 @@ from PIL import Image
 
 from cxr.core import contract, imaging
 from cxr.core.errors import CxrError, ExitCode
+from cxr.core.graph import is_relu6
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def _chain(model, start: str, end: str) -> list[_Op]:
             ops.append(_Op("maxpool", n.output[0], kernel=k[0]))
         elif n.op_type in ("Relu", "GlobalAveragePool"):
             ops.append(_Op(n.op_type.lower(), n.output[0]))
-        elif n.op_type == "Clip" and len(consts) == 2 and [float(c) for c in consts] == [0.0, 6.0]:
+        elif is_relu6(n, init):
             ops.append(_Op("relu6", n.output[0]))  # EfficientNet-Lite's activation
         elif n.op_type in ("Squeeze", "Flatten", "Reshape"):
             ops.append(_Op("flatten", n.output[0]))

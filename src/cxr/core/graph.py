@@ -21,6 +21,17 @@ def load(model: Path | object):
     return onnx.load(str(model)) if isinstance(model, (str, Path)) else model
 
 
+def is_relu6(node, constants: dict) -> bool:
+    """Whether ``node`` is ReLU6 (EfficientNet-Lite's activation): a ``Clip`` whose bounds are the constants 0 and 6.
+    ``constants``: the graph's initializers by name, as arrays or as ``onnx.TensorProto``."""
+    if node.op_type != "Clip" or len(node.input) != 3 or not all(i in constants for i in node.input[1:]):
+        return False
+    from onnx import TensorProto, numpy_helper
+
+    bounds = [constants[i] for i in node.input[1:]]
+    return [float(numpy_helper.to_array(b) if isinstance(b, TensorProto) else b) for b in bounds] == [0.0, 6.0]
+
+
 def strip_ood(model):
     """A copy of ``model`` without any OOD head (the base graph with its one ``probability`` output)."""
     import onnx

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cxr.core import contract
+from cxr.core.graph import is_relu6
 from cxr.export.head import HeadWeights
 
 logger = logging.getLogger(__name__)
@@ -64,16 +65,6 @@ def _pool_ok(node) -> bool:
     att = {a.name: list(a.ints) for a in node.attribute}
     return (att.get("kernel_shape") == [2, 2] and att.get("strides") == [2, 2] and not any(att.get("pads", []))
             and not any(a.name in ("ceil_mode", "auto_pad") and (a.i or a.s) for a in node.attribute))
-
-
-def _relu6(node, inits: dict) -> bool:
-    """A ``Clip`` between 0 and 6 (ReLU6, EfficientNet-Lite's activation), its bounds constant initializers."""
-    from onnx import numpy_helper
-
-    if node.op_type != "Clip" or len(node.input) != 3 or not all(i in inits for i in node.input[1:]):
-        return False
-    lo, hi = (float(numpy_helper.to_array(inits[i])) for i in node.input[1:])
-    return lo == 0.0 and hi == 6.0
 
 
 def _conv_stride(node, inits: set[str]) -> int | None:
@@ -129,7 +120,7 @@ def find_block(model, gap_tensor: str, convs: int = 2) -> Block | None:
     strides: list[int] = []
     while t in producer and len(found) < convs:
         p = producer[t]
-        if p.op_type == "Relu" or _relu6(p, init_protos) or (p.op_type == "MaxPool" and _pool_ok(p)):
+        if p.op_type == "Relu" or is_relu6(p, init_protos) or (p.op_type == "MaxPool" and _pool_ok(p)):
             chain.append(p)
         elif p.op_type == "Conv" and (stride := _conv_stride(p, inits)) is not None:
             chain.append(p)
