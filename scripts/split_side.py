@@ -1,10 +1,11 @@
 """Lay out one side of a training run's split, optionally one source's, as a labelled folder of symlinks.
 
     .venv/bin/python scripts/split_side.py RUN/split.json OUT [--side val] [--source nih] [--data KAGGLE_ROOT]
-        [--patients N --seed S]
+        [--patients N --seed S] [--exclude OTHER_SAMPLE ...]
 
 ``--patients N`` keeps N patients drawn at random (``--seed``) with all their films, as a site's sample comes:
-its class mix is what the side's is, not stratified.
+its class mix is what the side's is, not stratified. ``--exclude`` leaves out the patients of another sample laid
+out by this script (its ``MANIFEST.csv``), so that a second sample shares no patient with the first.
 
 OUT/{NORMAL,PNEUMONIA}/ then holds links to the films (and OUT/MANIFEST.csv their patients), so that the
 commands that take a labelled folder (cxr site-audit, cxr evaluate, cxr adapt) run on held-out patients.
@@ -13,6 +14,7 @@ commands that take a labelled folder (cxr site-audit, cxr evaluate, cxr adapt) r
 from __future__ import annotations
 
 import argparse
+import csv
 import random
 import sys
 from pathlib import Path
@@ -31,8 +33,19 @@ def main() -> int:
     p.add_argument("--data", type=Path, help="Kaggle root, for splits without source roots")
     p.add_argument("--patients", type=int, help="keep this many patients, drawn at random (with --seed)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--exclude", type=Path, action="append", default=[],
+                   help="a sample folder this script wrote: none of its patients is drawn (repeatable)")
     a = p.parse_args()
     samples = [s for s in Split.load(a.split).samples(a.side, a.data) if a.source is None or s.source in a.source]
+    excluded: set[str] = set()
+    for folder in a.exclude:
+        manifest = folder / "MANIFEST.csv"
+        if not manifest.is_file():
+            print(f"--exclude {folder}: no MANIFEST.csv there", file=sys.stderr)
+            return 2
+        with manifest.open(newline="") as fh:
+            excluded |= {row["patient"] for row in csv.DictReader(fh)}
+    samples = [s for s in samples if s.patient not in excluded]
     if a.patients is not None:
         patients = sorted({s.patient for s in samples})
         if not 0 < a.patients <= len(patients):

@@ -262,3 +262,26 @@ def _try_exchange(tmp_path: Path) -> bool:
     (tmp_path / "x1").mkdir()
     (tmp_path / "x2").mkdir()
     return adapt_mod._exchange(tmp_path / "x1", tmp_path / "x2")
+
+
+def test_the_calibrate_part_aims_where_the_audit_part_can_show_the_sensitivity_target() -> None:
+    from cxr.site.adapt import sensitivity_aim
+
+    # 138 positive audit films (the SIIM walk-through's): a 95% bound of 0.90 needs 130 found, 0.80 needs 118
+    aim = sensitivity_aim(138, 0.90, 0.95)
+    assert aim is not None and aim > 0.93
+    k = round(aim * 138)
+    assert stats.lower_bound(k, 138, 0.95) >= 0.90 > stats.lower_bound(k - 1, 138, 0.95)
+    assert 0.85 < sensitivity_aim(138, 0.80, 0.95) < sensitivity_aim(138, 0.90, 0.95)  # type: ignore[operator]
+    # more positives, a lower aim; too few for the target even with all found: no aim
+    assert sensitivity_aim(1000, 0.90, 0.95) < aim  # type: ignore[operator]
+    assert sensitivity_aim(20, 0.90, 0.95) is None
+    # aimed at the target itself, an audit part drawn from the same films would show it in about half the draws:
+    # aimed at the aim, in most (binomial draws of 138 positives at each point)
+    rng = np.random.default_rng(0)
+
+    def shown(point: float) -> float:
+        found = rng.binomial(138, point, 4000)
+        return float(np.mean([stats.lower_bound(int(f), 138, 0.95) >= 0.90 for f in found]))
+
+    assert shown(0.90) < 0.1 and shown(aim + 0.02) > 0.5

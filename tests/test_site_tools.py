@@ -246,13 +246,13 @@ def test_adapt_end_to_end_and_the_new_folder_is_served(tmp_path: Path) -> None:
 
 def test_the_audit_part_chooses_nothing(tmp_path: Path) -> None:
     """With the split fixed, flipping every label of the audit part changes the audit and nothing chosen: the
-    weights and the OOD refit (the graph's sha256) and the threshold."""
+    weights and the OOD refit (the graph's sha256), the threshold and the sensitivity it aimed at."""
     from cxr.site.adapt import AdaptConfig, adapt
     from cxr.site.site_audit import Targets
 
     sample = variants(tmp_path / "a" / "site", per_film=30, seed=4, patient_per_variant=True)
     cfg = AdaptConfig(sample=sample, model_dir=SHIPPED_REPOSITORY / "pneumonia", out_repository=tmp_path / "repo",
-                      name="a", report_dir=tmp_path / "r1", targets=Targets(flagged=0.1), confidence=0.9,
+                      name="a", report_dir=tmp_path / "r1", targets=Targets(flagged=0.1, sensitivity=0.7), confidence=0.9,
                       block_candidates=((2, 1e-3), (0, 1e-3)), block_epochs=3)  # the whole chain: augmented
     _, first = adapt(cfg, progress=False)
     by_patient = first["split"]["by_patient"]
@@ -272,6 +272,7 @@ def test_the_audit_part_chooses_nothing(tmp_path: Path) -> None:
     assert again["split"]["by_patient"] == by_patient
     assert again["model_sha256"] == first["model_sha256"]
     assert again["calibration"]["threshold"] == first["calibration"]["threshold"]
+    assert again["calibration"]["target"] == first["calibration"]["target"] > 0.7  # the aim: no audit label in it
     assert again["ood"]["threshold"] == first["ood"]["threshold"]
     assert again["features"]["tried"] == first["features"]["tried"]  # the block's fit and its choice, epoch by epoch
     assert first["audit"]["roc_auc"]["value"] > 0.9 > again["audit"]["roc_auc"]["value"]  # the audit saw the flip

@@ -8,7 +8,7 @@ Steps (each one's figures go into the report and the new model card):
    them) are set aside and counted; their patients' other films go to the adapt part, never to calibrate or audit.
    A sample without patient ids gets a warning (patients are then guessed from file names).
    Before any work, the audit part must be able to show the targets (:func:`cxr.site.site_audit.check_sample`) and
-   the calibrate part's positives must be able to show the sensitivity target (:func:`supported_target`);
+   the calibrate part's positives must be able to set a threshold at the sensitivity aim (:func:`_aim`);
    otherwise exit 2 with the films per class needed.
 2. **Fine-tune the classifier head** (``Dense(128)`` and the logit, read from and written back into the ONNX
    graph by :mod:`cxr.export.head`) on the adapt part, class-balanced, while distilling the shipped model's
@@ -16,8 +16,11 @@ Steps (each one's figures go into the report and the new model card):
    forgotten), with an L2 pull towards the shipped weights. The convolutional features stay as shipped.
 3. **Refit the OOD reference** as a mixture of the shipped training moments and the site's adapt and calibrate
    parts (half the mass by default, ``site_mass``).
-4. **Recalibrate** with the ``sensitivity_lcb`` rule on the calibrate part's assessable films, at the card's
-   sensitivity target (never a lower one the sample happens to support).
+4. **Recalibrate** with the ``sensitivity_lcb`` rule on the calibrate part's assessable films, aimed at the
+   sensitivity an audit part of the calibrate part's size needs to show the target at its bound (:func:`_aim`,
+   :func:`sensitivity_aim`: with 138 Pneumonia films a 95% bound of 0.90 needs about 0.94 found), never at a lower
+   target than the card's or the site's; the audit part's labels are not read for it.
+   Aimed at the target itself, the threshold lands the audit's point near the target and its bound below it.
 5. **Audit** the result on the audit part against the targets, on bounds (:func:`cxr.site.site_audit.audit`),
    and against the model in service on the same patients (:func:`cxr.site.site_audit.compare_with_service`:
    the paired AUC difference's one-sided bound above 0, a sensitivity bound not lower), at a confidence of at
@@ -206,6 +209,37 @@ def split_sample(samples: list[data_mod.Sample], held: set[str], *, calibrate_fr
     return {part: [s for s in samples if parts[s.patient] == part] for part in PARTS}
 
 
+def sensitivity_aim(n_pos: int, target: float, confidence: float) -> float | None:
+    """The smallest share of ``n_pos`` positives found whose one-sided exact lower bound at ``confidence`` reaches
+    ``target``: the sensitivity the threshold must give for an audit part with ``n_pos`` positive films to show the
+    target (``None``: not even all of them found would). The calibrate part sets its threshold at this aim."""
+    from cxr.site import site_audit as audit_mod
+
+    for k in range(n_pos + 1):
+        if audit_mod.lower_bound(k, n_pos, confidence) >= target:
+            return k / n_pos
+    return None
+
+
+def _aim(cfg: AdaptConfig, targets, calibrate_part: list[data_mod.Sample]) -> float | None:
+    """The calibrate part's sensitivity aim: what an audit part with as many Pneumonia films as this calibrate part's
+    (scaled by the parts' fractions; both are drawn by patient within each class) needs to show the target at the
+    audit's confidence. The audit part's own labels are not read: it chooses nothing. ``None``: no threshold can
+    reach it."""
+    n_audit = round(sum(s.label for s in calibrate_part) * cfg.audit_fraction / cfg.calibrate_fraction)
+    aim = sensitivity_aim(n_audit, targets.sensitivity, cfg.confidence)
+    return None if aim is None else max(aim, targets.sensitivity)
+
+
+def _calibrate_positives_needed(cfg: AdaptConfig, target: float) -> int:
+    """The fewest Pneumonia films of a calibrate part that can set a threshold at its aim (:func:`_aim`)."""
+    for n in range(1, 100_000):
+        aim = sensitivity_aim(round(n * cfg.audit_fraction / cfg.calibrate_fraction), target, cfg.confidence)
+        if aim is not None and supported_target(n, aim, cfg.calibration_confidence):
+            return n
+    raise ValueError(f"no sample can show sensitivity {target}")
+
+
 def supported_target(n_pos: int, target: float, confidence: float = CALIBRATION_CONFIDENCE) -> bool:
     """Whether ``n_pos`` positives can show sensitivity >= ``target`` at ``confidence``: the one-sided lower bound
     of a perfect result (every positive found) reaches it. (The rule then keeps as many misses as the bound allows;
@@ -287,13 +321,13 @@ def _parts(cfg: AdaptConfig, site, targets) -> dict[str, list[data_mod.Sample]]:
             f"{needs.negatives / cfg.audit_fraction:.0f} Normal and {needs.films / cfg.audit_fraction:.0f} patients in "
             "all") from None
     c_pos = sum(s.label for s in c_part)
-    if not supported_target(c_pos, targets.sensitivity, cfg.calibration_confidence) or c_pos == len(c_part):
-        need = audit_mod.films_needed(audit_mod.Targets(sensitivity=targets.sensitivity), cfg.calibration_confidence)
+    aim = _aim(cfg, targets, c_part)
+    if aim is None or not supported_target(c_pos, aim, cfg.calibration_confidence) or c_pos == len(c_part):
+        need = _calibrate_positives_needed(cfg, targets.sensitivity)
         raise audit_mod.InsufficientSample(
-            f"the calibrate part has {c_pos} Pneumonia and {len(c_part) - c_pos} Normal films: a threshold with "
-            f"sensitivity >= {targets.sensitivity} at {cfg.calibration_confidence:.0%} confidence needs both classes "
-            f"and >= {need.positives} Pneumonia films (the whole sample about "
-            f"{need.positives / cfg.calibrate_fraction:.0f})")
+            f"the calibrate part has {c_pos} Pneumonia and {len(c_part) - c_pos} Normal films: a threshold the audit "
+            f"part can show sensitivity >= {targets.sensitivity} at (its {cfg.confidence:.0%} bound) needs both "
+            f"classes and >= {need} Pneumonia films (the whole sample about {need / cfg.calibrate_fraction:.0f})")
     if not {0, 1} <= {s.label for s in a_part}:
         raise audit_mod.InsufficientSample("the adapt part needs films of both classes; give a larger sample")
     return parts
@@ -457,20 +491,20 @@ def _screened(dec: _Decoded, prob: np.ndarray, ood: np.ndarray, ood_threshold: f
     return res
 
 
-def _site_threshold(cfg: AdaptConfig, targets, cal_films: list) -> tuple[float, dict, int]:
-    """The threshold on the calibrate part's assessable films, at the card's sensitivity target as a lower bound:
-    (threshold, its operating point, the positives it stood on)."""
+def _site_threshold(cfg: AdaptConfig, aim: float, cal_films: list) -> tuple[float, dict, int]:
+    """The threshold on the calibrate part's assessable films, with ``aim`` (:func:`_aim`) as the lower bound of
+    their sensitivity: (threshold, its operating point, the positives it stood on)."""
     from cxr.site import site_audit as audit_mod
     from cxr.train.evaluate import choose_threshold, operating_point
 
     y_c = np.array([f.label for f in cal_films])
     p_c = np.array([f.probability for f in cal_films])
-    if len(set(y_c.tolist())) < 2 or not supported_target(int(y_c.sum()), targets.sensitivity, cfg.calibration_confidence):
+    if len(set(y_c.tolist())) < 2 or not supported_target(int(y_c.sum()), aim, cfg.calibration_confidence):
         raise audit_mod.InsufficientSample(
             f"the calibrate part has {int(y_c.sum())} assessable Pneumonia and {int((y_c == 0).sum())} Normal films: "
-            f"too few to set a threshold with sensitivity >= {targets.sensitivity} at "
+            f"too few to set a threshold with sensitivity >= {aim:.3f} at "
             f"{cfg.calibration_confidence:.0%} confidence; give a larger sample")
-    threshold = choose_threshold(y_c, p_c, rule="sensitivity_lcb", target=targets.sensitivity,
+    threshold = choose_threshold(y_c, p_c, rule="sensitivity_lcb", target=aim,
                                  confidence=cfg.calibration_confidence)
     return threshold, operating_point(y_c, p_c, threshold, confidence=cfg.calibration_confidence), int(y_c.sum())
 
@@ -587,7 +621,9 @@ def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
     prob, ood = out[0][:, 0].astype(np.float64), out[1][:, 0].astype(np.float64)
     # 4. the threshold on the calibrate part's assessable films, at the card's sensitivity target
     cal_films = [f for f in _screened(dec, prob, ood, site_ood.threshold, c_part) if f.probability is not None]
-    threshold, point, cal_positives = _site_threshold(cfg, targets, cal_films)
+    aim = _aim(cfg, targets, c_part)
+    assert aim is not None  # _parts refused the sample otherwise
+    threshold, point, cal_positives = _site_threshold(cfg, aim, cal_films)
     model_bytes = model.SerializeToString()
     model_sha = hashlib.sha256(model_bytes).hexdigest()
 
@@ -629,12 +665,14 @@ def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
                      "chosen_on": "calibrate part"},
         "ood": {"threshold": site_ood.threshold, "site_mass": cfg.site_mass, "shrinkage": site_ood.fit.shrinkage,
                 "flagged": {k: float(np.mean(v > site_ood.threshold)) for k, v in sets.items()}},
-        "calibration": {"rule": "sensitivity_lcb", "target": targets.sensitivity,
+        "calibration": {"rule": "sensitivity_lcb", "target": aim, "sensitivity_target": targets.sensitivity,
                         "confidence": cfg.calibration_confidence, "threshold": threshold,
                         "fitted_on": "calibrate part", "metrics": point,
-                        "why_target": f"the sensitivity target {targets.sensitivity} ({cfg.targets_from}) as a "
-                        f"{cfg.calibration_confidence:.0%} lower bound on the calibrate part's {cal_positives} "
-                        "assessable positives (the audit part chose nothing)"},
+                        "why_target": f"sensitivity {aim:.3f} as a {cfg.calibration_confidence:.0%} lower bound on the "
+                        f"calibrate part's {cal_positives} assessable positives: what an audit part with as many "
+                        f"Pneumonia films as the calibrate part needs to show the sensitivity target "
+                        f"{targets.sensitivity} ({cfg.targets_from}) at its {cfg.confidence:.0%} bound (the audit "
+                        "part chose nothing, not even this aim)"},
         "audit": {k: result[k] for k in ("go", "meets_targets", "confidence_allows_go", "checks", "flagged",
                                          "sensitivity", "specificity", "roc_auc", "confidence", "needs_if_no",
                                          "comparison", "targets_from")},
@@ -696,8 +734,8 @@ def _publish(cfg: AdaptConfig, src_dir: Path, dest: Path, card, model_bytes: byt
              "n": {k: len(v) for k, v in site_ood.sets.items()}, "parity_max_rel_diff": card.ood.get("parity_max_rel_diff"),
              "weighting": f"shipped moments plus the site's adapt and calibrate parts at mass {cfg.site_mass:.3f}"},
         calibration={**card.calibration, "threshold": threshold, "rule": "sensitivity_lcb",
-                     "target": targets.sensitivity, "confidence": cfg.calibration_confidence,
-                     "fitted_on": f"{cfg.sample} (calibrate part)", "n_images": n_calibration,
+                     "target": summary["calibration"]["target"], "sensitivity_target": targets.sensitivity,
+                     "confidence": cfg.calibration_confidence, "fitted_on": f"{cfg.sample} (calibrate part)", "n_images": n_calibration,
                      "metrics": point, "previous_threshold": card.threshold},
         targets=asdict(targets),
         site={"sample": str(cfg.sample), "sample_sha256": summary["sample_sha256"], "split": summary["split"],
