@@ -51,4 +51,23 @@ for src in siim kaggle_site; do
   run $PY scripts/compare_graphs.py "$S" "$ADAPTED" $VREPO/$BASE/1/model.onnx --names adapted in_service \
     --out "$OUT/compare_$src.json"
 done
+# 6. a second sample of the same hospital (600 other studies of the SIIM train side, none of the first sample's), with
+#    the site's targets of step 4 stated before any attempt on it (they are in this script, committed before the run)
+SAMPLE2=$OUT/siim_sample2
+SITE_TARGETS=(sensitivity=0.80 specificity=0.20 roc_auc=0.70 flagged=0.02)
+[ -d "$SAMPLE2" ] || $PY scripts/split_side.py docs/model/adult_lock/split.json "$SAMPLE2" --side train --source siim \
+  --patients 600 --seed 34 --exclude "$SAMPLE"
+run $CXR adapt "$SAMPLE2" --model-repository $VREPO --model $BASE --out-repository "$OUT/R2" --name pneumonia_siim \
+  --population adult --report "$OUT/adapt2" --targets "${SITE_TARGETS[@]}"
+# 7. what it published (if it did), on the hospital's films outside both samples (the select side) and on the
+#    children: the ranking against the model in service, and the published model at its own threshold there (its
+#    claims' bounds are the audit part's; these films show whether they hold)
+if [ -d "$OUT/R2/pneumonia_siim" ]; then
+  for src in siim kaggle_site; do
+    run $PY scripts/compare_graphs.py "$OUT/check_$src" "$OUT/R2/pneumonia_siim/1/model.onnx" \
+      $VREPO/$BASE/1/model.onnx --names adapted in_service --out "$OUT/compare2_$src.json"
+    run $CXR evaluate --model "$OUT/R2/pneumonia_siim/1/model.onnx" --data "$OUT/check_$src" \
+      --out "$OUT/check2_eval_$src"
+  done
+fi
 echo "log: $OUT/log.md"
