@@ -285,3 +285,26 @@ def test_the_calibrate_part_aims_where_the_audit_part_can_show_the_sensitivity_t
         return float(np.mean([stats.lower_bound(int(f), 138, 0.95) >= 0.90 for f in found]))
 
     assert shown(0.90) < 0.1 and shown(aim + 0.02) > 0.5
+
+
+def test_a_no_says_what_ranking_the_sensitivity_and_specificity_targets_need() -> None:
+    # the card's targets: 0.90 and 0.60 together need a binormal AUC of about 0.86 in truth; at the bounds of an audit
+    # part with 138 Pneumonia and 55 Normal films (the SIIM walk-through's) the points must be 0.949 and 0.727: 0.94
+    targets = audit_mod.Targets()
+    need = audit_mod.auc_targets_need(targets, 138, 55)
+    assert need["in_truth"] == pytest.approx(0.861, abs=0.001) and need["at_bounds"] == pytest.approx(0.944, abs=0.001)
+    assert audit_mod.auc_targets_need(audit_mod.Targets(sensitivity=0.0))["in_truth"] is None
+    assert audit_mod.auc_targets_need(targets, 10, 5)["at_bounds"] is None  # no rates of 10 and 5 films show them
+    assert "ROC AUC of about 0.86 or more" in audit_mod.plan_text(targets, 0.95)
+    # a model at AUC 0.75: the audit's no names the ranking the two targets need beside the model's
+    rng = np.random.default_rng(5)
+    y = np.r_[np.ones(150, int), np.zeros(150, int)]
+    p = 1 / (1 + np.exp(-(0.95 * y + rng.normal(0, 1, 300))))
+    res = audit_mod.audit(_films(list(p), list(y)), threshold=float(np.quantile(p, 0.2)), targets=targets)
+    assert not res["go"] and res["auc_targets_need"]["at_bounds"] > res["auc_targets_need"]["in_truth"] > 0.86 - 1e-3
+    line = f"this model reads {res['roc_auc']['value']:.3f}"
+    assert line in audit_mod.summary(res) and line in audit_mod.markdown(res, title="t", model="m", sample="s")
+    # targets that hold say nothing of it
+    easy = audit_mod.audit(_films(list(p), list(y)), threshold=0.5, targets=audit_mod.Targets(
+        sensitivity=0.2, specificity=0.2, roc_auc=0.5, flagged=0.5))
+    assert "together need" not in audit_mod.summary(easy)

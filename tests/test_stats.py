@@ -124,3 +124,20 @@ def test_per_patient_cases_and_patients_for_a_rate() -> None:
     n = stats.patients_for_rate(0.95, 0.9)
     assert n is not None and stats.lower_bound(0.95 * n, n) >= 0.9 > stats.lower_bound(0.95 * (n - 1), n - 1)
     assert stats.patients_for_rate(0.85, 0.9) is None
+
+
+def test_binormal_auc_and_the_rate_a_bound_needs() -> None:
+    from cxr.core.stats import binormal_auc, lower_bound, rate_to_show
+
+    assert binormal_auc(0.5, 0.5) == pytest.approx(0.5)
+    # equal-variance binormal scores at d' = 1.5: the ROC through any of its points gives Phi(1.5 / sqrt 2)
+    from statistics import NormalDist
+    nd = NormalDist()
+    for c in (-0.5, 0.3, 1.2):
+        sens, spec = 1 - nd.cdf(c - 1.5), nd.cdf(c)
+        assert binormal_auc(sens, spec) == pytest.approx(nd.cdf(1.5 / 2 ** 0.5))
+    with pytest.raises(ValueError):
+        binormal_auc(1.0, 0.5)
+    r = rate_to_show(0.9, 138)
+    assert r is not None and lower_bound(round(r * 138), 138) >= 0.9 > lower_bound(round(r * 138) - 1, 138)
+    assert rate_to_show(0.9, 10) is None and rate_to_show(0.0, 5) == 0.0

@@ -326,3 +326,26 @@ def patients_for_rate(rate: float, target: float, confidence: float = 0.95, *, l
         mid = (lo + n) // 2
         n, lo = (mid, lo) if lower_bound(rate * mid, mid, confidence) >= target else (n, mid + 1)
     return n
+
+
+def binormal_auc(sensitivity: float, specificity: float) -> float:
+    """The ROC AUC of a binormal model with equal variances whose ROC passes through (``1 - specificity``,
+    ``sensitivity``): ``Phi((Phi^-1(sens) + Phi^-1(spec)) / sqrt 2)``. What a ranking must be worth before one
+    threshold can give both rates (a model whose scores are not binormal may need a little more or less)."""
+    for v in (sensitivity, specificity):
+        if not 0 < v < 1:
+            raise ValueError(f"rates must be in (0, 1), got {v}")
+    nd = NormalDist()
+    return nd.cdf((nd.inv_cdf(sensitivity) + nd.inv_cdf(specificity)) / math.sqrt(2))
+
+
+def rate_to_show(target: float, n: int, confidence: float = 0.95) -> float | None:
+    """The smallest observed share ``k / n`` whose one-sided exact lower bound at ``confidence`` reaches
+    ``target`` (``None``: not even ``n / n`` does)."""
+    z_of(confidence)
+    if n < 1 or not 0 <= target <= 1:
+        raise ValueError(f"need n >= 1 and a target in [0, 1], got n={n}, target={target}")
+    for k in range(n + 1):
+        if lower_bound(k, n, confidence) >= target:
+            return k / n
+    return None

@@ -211,14 +211,12 @@ def split_sample(samples: list[data_mod.Sample], held: set[str], *, calibrate_fr
 
 def sensitivity_aim(n_pos: int, target: float, confidence: float) -> float | None:
     """The smallest share of ``n_pos`` positives found whose one-sided exact lower bound at ``confidence`` reaches
-    ``target``: the sensitivity the threshold must give for an audit part with ``n_pos`` positive films to show the
-    target (``None``: not even all of them found would). The calibrate part sets its threshold at this aim."""
-    from cxr.site import site_audit as audit_mod
+    ``target`` (:func:`cxr.core.stats.rate_to_show`): the sensitivity the threshold must give for an audit part
+    with ``n_pos`` positive films to show the target (``None``: not even all of them found would). The calibrate
+    part sets its threshold at this aim."""
+    from cxr.core import stats
 
-    for k in range(n_pos + 1):
-        if audit_mod.lower_bound(k, n_pos, confidence) >= target:
-            return k / n_pos
-    return None
+    return stats.rate_to_show(target, n_pos, confidence) if n_pos >= 1 else None
 
 
 def _aim(cfg: AdaptConfig, targets, calibrate_part: list[data_mod.Sample]) -> float | None:

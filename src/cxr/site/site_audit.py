@@ -311,6 +311,25 @@ def films_needed(targets: Targets, confidence: float = CONFIDENCE) -> Needs:
                  confidence=confidence)
 
 
+def auc_targets_need(targets: Targets, n_pos: int | None = None, n_neg: int | None = None,
+                     confidence: float = CONFIDENCE) -> dict[str, float | None]:
+    """The ROC AUC a model needs before one threshold can give the sensitivity and specificity targets together
+    (binormal, equal variances: :func:`cxr.core.stats.binormal_auc`): ``in_truth`` at the targets themselves, and
+    ``at_bounds`` at the rates a sample of ``n_pos`` Pneumonia and ``n_neg`` Normal films must show for its one-sided
+    exact bounds to reach them (:func:`cxr.core.stats.rate_to_show`; ``None``: no such rates, or no counts). About,
+    not exact: real scores are not binormal, and a patient bootstrap's bound can be more cautious."""
+    if not (0 < targets.sensitivity < 1 and 0 < targets.specificity < 1):
+        return {"in_truth": None, "at_bounds": None}
+    truth = stats.binormal_auc(targets.sensitivity, targets.specificity)
+    at_bounds = None
+    if n_pos and n_neg:
+        sens = stats.rate_to_show(targets.sensitivity, n_pos, confidence)
+        spec = stats.rate_to_show(targets.specificity, n_neg, confidence)
+        if sens is not None and spec is not None and sens < 1 and spec < 1:
+            at_bounds = stats.binormal_auc(sens, spec)
+    return {"in_truth": truth, "at_bounds": at_bounds}
+
+
 def patients_by_class(films: Sequence[Any]) -> tuple[int, int, int]:
     """(patients with a Pneumonia film, patients with a Normal film, patients) of films that have ``label`` and
     ``patient`` (a film without a patient is a patient of its own, by ``path``)."""
@@ -414,6 +433,7 @@ def audit(films: list[Screened], *, threshold: float, targets: Targets, referenc
     result["confidence_allows_go"] = confidence >= PUBLISH_CONFIDENCE
     result["go"] = all(c["holds"] for c in result["checks"].values()) and result["confidence_allows_go"]
     result["needs_if_no"] = patients_needed(result)
+    result["auc_targets_need"] = auc_targets_need(targets, n_pos, n_neg, confidence)
     return result
 
 
@@ -579,7 +599,24 @@ def summary(result: dict) -> str:
     needs = {**result.get("needs_if_no", {}), **(cmp_ or {}).get("needs_if_no", {})}
     if not result["go"] and needs:
         lines.append("  patients needed if the figures held: " + _needs_text(needs))
+    reach = _reach_text(result)
+    if reach:
+        lines.append("  " + reach)
     return "\n".join(lines)
+
+
+def _reach_text(result: dict) -> str:
+    """When the sensitivity or specificity target was missed: the ROC AUC the two targets need together
+    (:func:`auc_targets_need`) beside the model's; empty otherwise."""
+    need = result.get("auc_targets_need") or {}
+    checks = result.get("checks", {})
+    if need.get("in_truth") is None or all(checks.get(k, {}).get("holds", True) for k in ("sensitivity", "specificity")):
+        return ""
+    at = need.get("at_bounds")
+    return (f"sensitivity {_fmt(result['targets']['sensitivity'], 2)} and specificity "
+            f"{_fmt(result['targets']['specificity'], 2)} together need a ROC AUC of about {_fmt(need['in_truth'])} "
+            + (f"in truth and {_fmt(at)} for this sample's bounds to show them " if at is not None else "in truth ")
+            + f"(binormal, equal variances); this model reads {_fmt(result['roc_auc']['value'])}")
 
 
 def markdown(result: dict, *, title: str, model: str, sample: str) -> str:
@@ -622,6 +659,9 @@ def markdown(result: dict, *, title: str, model: str, sample: str) -> str:
     needs = {**result.get("needs_if_no", {}), **(cmp_ or {}).get("needs_if_no", {})}
     if not result["go"] and needs:
         lines += ["", "Patients needed if the observed figures held: " + _needs_text(needs) + "."]
+    reach = _reach_text(result)
+    if reach:
+        lines += ["", reach[0].upper() + reach[1:] + "."]
     lines += ["", "| class | films | flagged | flagged rate |", "|---|---|---|---|"]
     for name, cnt in result["counts"].items():
         lines.append(f"| {name} | {cnt['films']} | {cnt['flagged']} | {_fmt(cnt['flagged_rate'])} |")
@@ -741,10 +781,14 @@ def plan_text(targets: Targets, confidence: float) -> str:
     if not 0.5 < confidence < 1:
         raise CxrError(f"--confidence must be in (0.5, 1), got {confidence}")
     needs = films_needed(targets, confidence)
+    truth = auc_targets_need(targets, confidence=confidence)["in_truth"]
     return (f"targets {targets.sensitivity:.2f} sensitivity, {targets.specificity:.2f} specificity, "
             f"{targets.roc_auc:.2f} AUC, <= {targets.flagged:.1%} flagged at {confidence:.0%} confidence: label the "
             f"films of {needs.text()}; more where the model errs (a patient's further films count for little: the "
             f"bounds resample patients)"
+            + (f"; the sensitivity and specificity targets together need a model that ranks the site's films at a "
+               f"ROC AUC of about {truth:.2f} or more (binormal, equal variances), more for a sample's bounds to show "
+               "them" if truth is not None else "")
             + (f"; a go needs {PUBLISH_CONFIDENCE:.0%} confidence, so this plans an exploration only"
                if confidence < PUBLISH_CONFIDENCE else ""))
 
