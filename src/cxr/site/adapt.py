@@ -18,7 +18,7 @@ Steps (each one's figures go into the report and the new model card):
    parts (half the mass by default, ``site_mass``).
 4. **Recalibrate** with the ``sensitivity_lcb`` rule on the calibrate part's assessable films, aimed at the
    sensitivity an audit part of the calibrate part's size needs to show the target at its bound (:func:`_aim`,
-   :func:`sensitivity_aim`: with 138 Pneumonia films a 95% bound of 0.90 needs about 0.94 found), never at a lower
+   :func:`sensitivity_aim`: with 138 Pneumonia films a 95% bound of 0.90 needs 131 found, 0.949), never at a lower
    target than the card's or the site's; the audit part's labels are not read for it.
    Aimed at the target itself, the threshold lands the audit's point near the target and its bound below it.
 5. **Audit** the result on the audit part against the targets, on bounds (:func:`cxr.site.site_audit.audit`),
@@ -323,9 +323,9 @@ def _parts(cfg: AdaptConfig, site, targets) -> dict[str, list[data_mod.Sample]]:
     if aim is None or not supported_target(c_pos, aim, cfg.calibration_confidence) or c_pos == len(c_part):
         need = _calibrate_positives_needed(cfg, targets.sensitivity)
         raise audit_mod.InsufficientSample(
-            f"the calibrate part has {c_pos} Pneumonia and {len(c_part) - c_pos} Normal films: a threshold the audit "
-            f"part can show sensitivity >= {targets.sensitivity} at (its {cfg.confidence:.0%} bound) needs both "
-            f"classes and >= {need} Pneumonia films (the whole sample about {need / cfg.calibrate_fraction:.0f})")
+            f"the calibrate part has {c_pos} Pneumonia and {len(c_part) - c_pos} Normal films: a threshold at which "
+            f"the audit part could show sensitivity >= {targets.sensitivity} at its {cfg.confidence:.0%} bound needs "
+            f"both classes and >= {need} Pneumonia films (the whole sample about {need / cfg.calibrate_fraction:.0f})")
     if not {0, 1} <= {s.label for s in a_part}:
         raise audit_mod.InsufficientSample("the adapt part needs films of both classes; give a larger sample")
     return parts
@@ -617,7 +617,8 @@ def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
     out = (sess.run([contract.OUTPUT_NAME, contract.OOD_OUTPUT_NAME], {contract.INPUT_NAME: dec.x}) if len(dec.x)
            else [np.zeros((0, 1))] * 2)
     prob, ood = out[0][:, 0].astype(np.float64), out[1][:, 0].astype(np.float64)
-    # 4. the threshold on the calibrate part's assessable films, at the card's sensitivity target
+    # 4. the threshold on the calibrate part's assessable films, at the sensitivity aim (the target's, as the audit
+    #    part's bound would need it)
     cal_films = [f for f in _screened(dec, prob, ood, site_ood.threshold, c_part) if f.probability is not None]
     aim = _aim(cfg, targets, c_part)
     assert aim is not None  # _parts refused the sample otherwise
