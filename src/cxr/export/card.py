@@ -48,6 +48,17 @@ def _points_markdown(card: ModelCard) -> list[str]:
     return lines
 
 
+def _threshold_target(cal: dict) -> str:
+    """`` (sensitivity target T, ...)`` of a threshold rule; a site model's threshold aims higher than its target
+    (``sensitivity_target``: the aim an audit part needs, :func:`cxr.site.adapt.sensitivity_aim`)."""
+    if not cal.get("target"):
+        return ""
+    what = (f"sensitivity aim {cal['target']:.3f} for the target {cal['sensitivity_target']}"
+            if cal.get("sensitivity_target") else f"sensitivity target {cal['target']}")
+    bound = f", one-sided Clopper-Pearson bound at {cal['confidence']:.0%} confidence" if cal.get("confidence") else ""
+    return f" ({what}{bound})"
+
+
 def _pretrained_line(training: dict) -> list[str]:
     """The pretrained weights the network started from (``cxr import-weights``' record) and the teacher it was
     distilled from, when there are any."""
@@ -90,9 +101,7 @@ def card_markdown(card: ModelCard, claims: Claims | None = None) -> str:
         "",
         "## Operating point",
         "",
-        f"- threshold: **{cal['threshold']:.4f}**, rule `{cal['rule']}`"
-        + (f" (sensitivity target {cal['target']}" + (f", one-sided Clopper-Pearson bound at {cal['confidence']:.0%} confidence"
-                                                      if cal.get("confidence") else "") + ")" if cal.get("target") else "")
+        f"- threshold: **{cal['threshold']:.4f}**, rule `{cal['rule']}`{_threshold_target(cal)}"
         + f", fitted on `{cal['fitted_on']}` ({cal['n_images']} images); probability scaling `{cal['scaling']}` "
         f"(scale {cal['scale']:.4f}, bias {cal['bias']:.4f})",
     ]
