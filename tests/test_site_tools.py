@@ -214,6 +214,10 @@ def test_adapt_end_to_end_and_the_new_folder_is_served(tmp_path: Path) -> None:
     for f in ("1/model.onnx", "1/model.py", "config.pbtxt", "configs/cpu.pbtxt", "eligibility.json", "reference.json",
               "adapt_kit.npz", "MODEL_CARD.md", "claims.json"):
         assert (model_dir / f).is_file(), f
+    # the threshold aimed above the site's sensitivity target (what the audit part's bound needs), and says so
+    cal = card["calibration"]
+    assert cal["sensitivity_target"] == 0.8 and cal["target"] > 0.8
+    assert f"sensitivity aim {cal['target']:.3f} for the target 0.8" in (model_dir / "MODEL_CARD.md").read_text()
     films = sorted(str(p) for p in (sample / "PNEUMONIA").iterdir())[:6]
     with PneumoniaClient(str(out), protocol="embedded", model="pneumonia_site") as c:
         local = c.predict(films)
