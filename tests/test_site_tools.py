@@ -281,6 +281,10 @@ def test_the_audit_part_chooses_nothing(tmp_path: Path) -> None:
     assert again["features"]["tried"] == first["features"]["tried"]  # the block's fit and its choice, epoch by epoch
     assert first["audit"]["roc_auc"]["value"] > 0.9 > again["audit"]["roc_auc"]["value"]  # the audit saw the flip
     assert not again["audit"]["go"]
+    # the terminal's summary of a no names the ranking the targets need (the adapt summary carries what it reads)
+    from cxr.site.site_audit import summary
+    assert again["audit"]["auc_targets_need"]["in_truth"] == pytest.approx(0.709, abs=0.001)  # 0.70 and 0.60
+    assert "together need a ROC AUC of about 0.709" in summary(again["audit"])
     # at confidence 0.9 nothing is ever published, whatever the bounds say
     assert not first["audit"]["go"] and not first["audit"]["confidence_allows_go"]
     assert not (tmp_path / "repo" / "a").exists()

@@ -674,7 +674,7 @@ def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
                         "part chose nothing, not even this aim)"},
         "audit": {k: result[k] for k in ("go", "meets_targets", "confidence_allows_go", "checks", "flagged",
                                          "sensitivity", "specificity", "roc_auc", "confidence", "needs_if_no",
-                                         "comparison", "targets_from")},
+                                         "comparison", "targets_from", "targets", "auc_targets_need")},
         "claim": claim.as_dict(),
         "attempts": earlier,
     }
