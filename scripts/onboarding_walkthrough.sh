@@ -13,9 +13,11 @@ PY=.venv/bin/python
 VREPO=validation/model_repository
 BASE=pneumonia_without_siim
 SAMPLE=$OUT/siim_sample
-if [ -e "$OUT/adapt/attempts.jsonl" ]; then  # attempts are evidence: a rerun goes into a fresh folder
-  echo "$OUT already holds attempts on the sample ($OUT/adapt/attempts.jsonl): give a fresh folder" >&2; exit 2
-fi
+for f in "$OUT/adapt/attempts.jsonl" "$OUT/adapt2/attempts.jsonl"; do  # attempts are evidence: a rerun goes into a fresh folder
+  if [ -e "$f" ]; then echo "$OUT already holds attempts ($f): give a fresh folder" >&2; exit 2; fi
+done
+# the site's own targets (steps 4 and 6), stated here before any attempt on the second sample
+SITE_TARGETS=(sensitivity=0.80 specificity=0.20 roc_auc=0.70 flagged=0.02)
 mkdir -p "$OUT"
 [ -d "$SAMPLE" ] || $PY scripts/split_side.py docs/model/adult_lock/split.json "$SAMPLE" --side train --source siim \
   --patients 600 --seed 33
@@ -39,7 +41,7 @@ run $CXR adapt "$SAMPLE" --model-repository $VREPO --model $BASE --out-repositor
   --population adult --report "$OUT/adapt" --seed 1
 # 4. the site states its own targets (a third attempt on the sample: the report and the published card list all three)
 run $CXR adapt "$SAMPLE" --model-repository $VREPO --model $BASE --out-repository "$OUT/R" --name pneumonia_siim \
-  --population adult --report "$OUT/adapt" --targets sensitivity=0.80 specificity=0.20 roc_auc=0.70 flagged=0.02
+  --population adult --report "$OUT/adapt" --targets "${SITE_TARGETS[@]}"
 # 5. both graphs on films of the hospital outside the sample (SIIM's select side of the lock: 601 films, no study of
 #    the sample) and on the Kaggle site's select side (children: what the site model must not forget), by patient,
 #    paired; the adapted graph is the first attempt's (published or not)
@@ -54,7 +56,6 @@ done
 # 6. a second sample of the same hospital (600 other studies of the SIIM train side, none of the first sample's), with
 #    the site's targets of step 4 stated before any attempt on it (they are in this script, committed before the run)
 SAMPLE2=$OUT/siim_sample2
-SITE_TARGETS=(sensitivity=0.80 specificity=0.20 roc_auc=0.70 flagged=0.02)
 [ -d "$SAMPLE2" ] || $PY scripts/split_side.py docs/model/adult_lock/split.json "$SAMPLE2" --side train --source siim \
   --patients 600 --seed 34 --exclude "$SAMPLE"
 run $CXR adapt "$SAMPLE2" --model-repository $VREPO --model $BASE --out-repository "$OUT/R2" --name pneumonia_siim \

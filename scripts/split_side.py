@@ -44,7 +44,14 @@ def main() -> int:
             print(f"--exclude {folder}: no MANIFEST.csv there", file=sys.stderr)
             return 2
         with manifest.open(newline="") as fh:
-            excluded |= {row["patient"] for row in csv.DictReader(fh)}
+            rows = list(csv.DictReader(fh))
+        if rows and "patient" not in rows[0]:
+            print(f"--exclude {folder}: its MANIFEST.csv has no patient column", file=sys.stderr)
+            return 2
+        excluded |= {row["patient"] for row in rows}
+    if excluded and not excluded & {s.patient for s in samples}:
+        print(f"warning: --exclude: none of the {len(excluded)} patients named is on this side, so nothing is left out "
+              "(another side, split or source?)", file=sys.stderr)
     samples = [s for s in samples if s.patient not in excluded]
     if a.patients is not None:
         patients = sorted({s.patient for s in samples})

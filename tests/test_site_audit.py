@@ -41,8 +41,11 @@ def test_the_audit_result_names_every_figure_it_reports() -> None:
                         reference={"ood_score": [0.1, 0.2], "ood_threshold": 1.5})
     top = {"n", "threshold", "counts", "confidence", "patients", "patients_known", "flagged", "sensitivity",
            "specificity", "referrals_count_as_positive", "roc_auc", "calibration", "ood_score", "refused", "targets",
-           "checks", "go", "confidence_allows_go", "needs_if_no"}
+           "checks", "go", "confidence_allows_go", "needs_if_no", "auc_targets_need"}
     assert set(r) == top
+    assert r["auc_targets_need"] == audit_mod.auc_targets_need(audit_mod.Targets(), r["sensitivity"]["n"],
+                                                               r["specificity"]["n"])
+    assert r["auc_targets_need"]["in_truth"] == pytest.approx(0.861, abs=1e-3)
     assert set(r["counts"]["Normal"]) == {"films", "flagged", "flagged_rate"}
     assert set(r["roc_auc"]) == {"value", "se", "bound", "n", "positives", "negatives", "by", "confidence", "films"}
     assert set(r["calibration"]) == {"ece", "bins"}

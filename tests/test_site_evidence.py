@@ -264,20 +264,21 @@ def _try_exchange(tmp_path: Path) -> bool:
     return adapt_mod._exchange(tmp_path / "x1", tmp_path / "x2")
 
 
-def test_the_calibrate_part_aims_where_the_audit_part_can_show_the_sensitivity_target() -> None:
-    from cxr.site.adapt import sensitivity_aim
+def test_the_calibrate_part_aims_where_the_audit_part_can_show_the_sensitivity_target(tmp_path: Path) -> None:
+    from cxr.site.adapt import AdaptConfig, _aim, _calibrate_positives_needed, sensitivity_aim
+    from cxr.train.data import Sample
 
-    # 138 positive audit films (the SIIM walk-through's): a 95% bound of 0.90 needs 130 found, 0.80 needs 118
+    # 138 positive audit films (the SIIM walk-through's): a 95% bound of 0.90 needs 131 found, 0.80 needs 119
     aim = sensitivity_aim(138, 0.90, 0.95)
-    assert aim is not None and aim > 0.93
+    assert aim is not None and round(aim * 138) == 131
+    assert round(sensitivity_aim(138, 0.80, 0.95) * 138) == 119  # type: ignore[operator]
     k = round(aim * 138)
     assert stats.lower_bound(k, 138, 0.95) >= 0.90 > stats.lower_bound(k - 1, 138, 0.95)
-    assert 0.85 < sensitivity_aim(138, 0.80, 0.95) < sensitivity_aim(138, 0.90, 0.95)  # type: ignore[operator]
     # more positives, a lower aim; too few for the target even with all found: no aim
     assert sensitivity_aim(1000, 0.90, 0.95) < aim  # type: ignore[operator]
     assert sensitivity_aim(20, 0.90, 0.95) is None
-    # aimed at the target itself, an audit part drawn from the same films would show it in about half the draws:
-    # aimed at the aim, in most (binomial draws of 138 positives at each point)
+    # a threshold aimed at the target itself leaves the audit's bound below it in almost every draw (binomial draws
+    # of 138 positives); aimed a little above the aim, in most draws it shows the target
     rng = np.random.default_rng(0)
 
     def shown(point: float) -> float:
@@ -285,6 +286,21 @@ def test_the_calibrate_part_aims_where_the_audit_part_can_show_the_sensitivity_t
         return float(np.mean([stats.lower_bound(int(f), 138, 0.95) >= 0.90 for f in found]))
 
     assert shown(0.90) < 0.1 and shown(aim + 0.02) > 0.5
+    # the aim reads the calibrate part only, scaled by the parts' fractions: an audit part is never passed to it
+    cfg = AdaptConfig(sample=tmp_path, model_dir=tmp_path, out_repository=tmp_path, name="m", report_dir=tmp_path,
+                      calibrate_fraction=0.3, audit_fraction=0.3)
+    calibrate = [Sample(tmp_path / f"{i}.png", int(i < 138), patient=f"p{i}") for i in range(190)]
+    assert _aim(cfg, audit_mod.Targets(), calibrate) == aim
+    wider = AdaptConfig(**{**cfg.__dict__, "audit_fraction": 0.45})  # 207 audit positives expected: a lower aim
+    assert _aim(wider, audit_mod.Targets(), calibrate) == sensitivity_aim(207, 0.90, 0.95) < aim  # type: ignore[operator]
+    assert _aim(cfg, audit_mod.Targets(), calibrate[130:]) is None  # 8 positives: no aim
+    # the calibrate positives a sample needs, and a target no sample can show: one line, exit 2
+    need = _calibrate_positives_needed(cfg, 0.90)
+    assert _aim(cfg, audit_mod.Targets(), [Sample(tmp_path / f"{i}.png", 1, f"p{i}") for i in range(need)]) is not None
+    with pytest.raises(audit_mod.InsufficientSample, match="no sample can show sensitivity 1.0"):
+        _calibrate_positives_needed(cfg, 1.0)
+    with pytest.raises(audit_mod.InsufficientSample, match="no sample can show"):
+        audit_mod.films_needed(audit_mod.Targets(sensitivity=1.0))
 
 
 def test_a_no_says_what_ranking_the_sensitivity_and_specificity_targets_need() -> None:
@@ -294,7 +310,8 @@ def test_a_no_says_what_ranking_the_sensitivity_and_specificity_targets_need() -
     need = audit_mod.auc_targets_need(targets, 138, 55)
     assert need["in_truth"] == pytest.approx(0.861, abs=0.001) and need["at_bounds"] == pytest.approx(0.944, abs=0.001)
     assert audit_mod.auc_targets_need(audit_mod.Targets(sensitivity=0.0))["in_truth"] is None
-    assert audit_mod.auc_targets_need(targets, 10, 5)["at_bounds"] is None  # no rates of 10 and 5 films show them
+    assert audit_mod.auc_targets_need(targets, 10, 5)["bounds_need"] == "more films"  # 10 perfect films: bound 0.74
+    assert audit_mod.auc_targets_need(targets, 29, 6)["bounds_need"] == "every film right"  # the plan's smallest
     assert "ROC AUC of about 0.86 or more" in audit_mod.plan_text(targets, 0.95)
     # a model at AUC 0.75: the audit's no names the ranking the two targets need beside the model's
     rng = np.random.default_rng(5)

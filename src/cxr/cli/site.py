@@ -146,7 +146,8 @@ def _cmd_adapt(a: argparse.Namespace) -> int:
                                                       else t["skipped"]) for t in info["features"]["tried"])
           + f"; kept: {info['features']['chosen']}")
     print(f"OOD threshold {info['ood']['threshold']:.3f}; threshold {info['calibration']['threshold']:.4f} "
-          f"(sensitivity_lcb at {info['calibration']['target']} on the calibrate part)")
+          f"(sensitivity_lcb at {info['calibration']['target']:.3f} on the calibrate part: the aim for the sensitivity "
+          f"target {info['calibration']['sensitivity_target']})")
     for e in info["attempts"]:
         print(f"earlier attempt on this sample: {e['time']} {e['command']}: {e['outcome']}")
     print(summary({**info["audit"], "go": info["audit"]["go"]}))

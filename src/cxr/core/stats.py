@@ -345,7 +345,8 @@ def rate_to_show(target: float, n: int, confidence: float = 0.95) -> float | Non
     z_of(confidence)
     if n < 1 or not 0 <= target <= 1:
         raise ValueError(f"need n >= 1 and a target in [0, 1], got n={n}, target={target}")
-    for k in range(n + 1):
+    # the bound never exceeds k / n, so no k below target * n can do: start just under it
+    for k in range(max(0, math.floor(target * n) - 1), n + 1):
         if lower_bound(k, n, confidence) >= target:
             return k / n
     return None

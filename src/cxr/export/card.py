@@ -49,12 +49,12 @@ def _points_markdown(card: ModelCard) -> list[str]:
 
 
 def _threshold_target(cal: dict) -> str:
-    """`` (sensitivity target T, ...)`` of a threshold rule; a site model's threshold aims higher than its target
-    (``sensitivity_target``: the aim an audit part needs, :func:`cxr.site.adapt.sensitivity_aim`)."""
+    """`` (sensitivity target T, ...)`` of a threshold rule. A site model's ``target`` is the aim an audit part
+    needs (:func:`cxr.site.adapt.sensitivity_aim`), above its ``sensitivity_target`` (the card's or the site's)."""
     if not cal.get("target"):
         return ""
     what = (f"sensitivity aim {cal['target']:.3f} for the target {cal['sensitivity_target']}"
-            if cal.get("sensitivity_target") else f"sensitivity target {cal['target']}")
+            if cal.get("sensitivity_target") is not None else f"sensitivity target {cal['target']}")
     bound = f", one-sided Clopper-Pearson bound at {cal['confidence']:.0%} confidence" if cal.get("confidence") else ""
     return f" ({what}{bound})"
 

@@ -220,22 +220,34 @@ def sensitivity_aim(n_pos: int, target: float, confidence: float) -> float | Non
 
 
 def _aim(cfg: AdaptConfig, targets, calibrate_part: list[data_mod.Sample]) -> float | None:
-    """The calibrate part's sensitivity aim: what an audit part with as many Pneumonia films as this calibrate part's
-    (scaled by the parts' fractions; both are drawn by patient within each class) needs to show the target at the
-    audit's confidence. The audit part's own labels are not read: it chooses nothing. ``None``: no threshold can
-    reach it."""
+    """The calibrate part's sensitivity aim: what an audit part of the expected size (the calibrate part's Pneumonia
+    films x ``audit_fraction / calibrate_fraction``; both parts are drawn by patient within each class) needs to
+    show the target at its exact bound at the audit's confidence. Only the calibrate part is read: the audit part
+    chooses nothing. With a fixed split (``parts``) the fractions may not describe it; the aim is then a rough one.
+    The audit's bound is the more cautious of the exact one and the patient bootstrap's, so where patients have
+    several films the aim can fall a little short. ``None``: no threshold can reach it."""
     n_audit = round(sum(s.label for s in calibrate_part) * cfg.audit_fraction / cfg.calibrate_fraction)
     aim = sensitivity_aim(n_audit, targets.sensitivity, cfg.confidence)
     return None if aim is None else max(aim, targets.sensitivity)
 
 
 def _calibrate_positives_needed(cfg: AdaptConfig, target: float) -> int:
-    """The fewest Pneumonia films of a calibrate part that can set a threshold at its aim (:func:`_aim`)."""
-    for n in range(1, 100_000):
+    """The fewest Pneumonia films of a calibrate part that can set a threshold at its aim (:func:`_aim`): more
+    positives only lower the aim and raise what a perfect result shows, so the search doubles, then bisects.
+
+    Raises:
+        InsufficientSample: No sample can (a target of 1, say).
+    """
+    from cxr.site import site_audit as audit_mod
+
+    def ok(n: int) -> bool:
         aim = sensitivity_aim(round(n * cfg.audit_fraction / cfg.calibrate_fraction), target, cfg.confidence)
-        if aim is not None and supported_target(n, aim, cfg.calibration_confidence):
-            return n
-    raise ValueError(f"no sample can show sensitivity {target}")
+        return aim is not None and supported_target(n, aim, cfg.calibration_confidence)
+
+    try:
+        return audit_mod._smallest_n(ok)
+    except ValueError:
+        raise audit_mod.InsufficientSample(f"no sample can show sensitivity {target} at its bound") from None
 
 
 def supported_target(n_pos: int, target: float, confidence: float = CALIBRATION_CONFIDENCE) -> bool:
@@ -298,7 +310,7 @@ def _part_counts(films: list[data_mod.Sample]) -> dict[str, int]:
 def _parts(cfg: AdaptConfig, site, targets) -> dict[str, list[data_mod.Sample]]:
     """The sample's three parts by patient (films the model's provenance lists set aside), refused with the films
     per class needed when a part cannot do its job (the audit part show the targets; the calibrate part set a
-    threshold at the sensitivity target; the adapt part hold both classes)."""
+    threshold at the sensitivity aim, :func:`_aim`; the adapt part hold both classes)."""
     from cxr.site import site_audit as audit_mod
 
     held = {s.patient for s in site.set_aside}
@@ -325,7 +337,8 @@ def _parts(cfg: AdaptConfig, site, targets) -> dict[str, list[data_mod.Sample]]:
         raise audit_mod.InsufficientSample(
             f"the calibrate part has {c_pos} Pneumonia and {len(c_part) - c_pos} Normal films: a threshold at which "
             f"the audit part could show sensitivity >= {targets.sensitivity} at its {cfg.confidence:.0%} bound needs "
-            f"both classes and >= {need} Pneumonia films (the whole sample about {need / cfg.calibrate_fraction:.0f})")
+            f"both classes and >= {need} Pneumonia films (the whole sample about {need / cfg.calibrate_fraction:.0f} "
+            "Pneumonia films)")
     if not {0, 1} <= {s.label for s in a_part}:
         raise audit_mod.InsufficientSample("the adapt part needs films of both classes; give a larger sample")
     return parts
@@ -621,7 +634,9 @@ def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
     #    part's bound would need it)
     cal_films = [f for f in _screened(dec, prob, ood, site_ood.threshold, c_part) if f.probability is not None]
     aim = _aim(cfg, targets, c_part)
-    assert aim is not None  # _parts refused the sample otherwise
+    if aim is None:  # _parts refused such a sample before any work
+        raise audit_mod.InsufficientSample(f"the calibrate part cannot set a threshold for sensitivity "
+                                           f"{targets.sensitivity}; give a larger sample")
     threshold, point, cal_positives = _site_threshold(cfg, aim, cal_films)
     model_bytes = model.SerializeToString()
     model_sha = hashlib.sha256(model_bytes).hexdigest()
@@ -668,8 +683,10 @@ def adapt(cfg: AdaptConfig, *, progress: bool = True) -> tuple[int, dict]:
                         "confidence": cfg.calibration_confidence, "threshold": threshold,
                         "fitted_on": "calibrate part", "metrics": point,
                         "why_target": f"sensitivity {aim:.3f} as a {cfg.calibration_confidence:.0%} lower bound on the "
-                        f"calibrate part's {cal_positives} assessable positives: what an audit part with as many "
-                        f"Pneumonia films as the calibrate part needs to show the sensitivity target "
+                        f"calibrate part's {cal_positives} assessable positives: what an audit part of the expected "
+                        f"size ({round(sum(s.label for s in c_part) * cfg.audit_fraction / cfg.calibrate_fraction)} "
+                        "Pneumonia films: the calibrate part's, times the parts' fractions) needs to show the "
+                        f"sensitivity target "
                         f"{targets.sensitivity} ({cfg.targets_from}) at its {cfg.confidence:.0%} bound (the audit "
                         "part chose nothing, not even this aim)"},
         "audit": {k: result[k] for k in ("go", "meets_targets", "confidence_allows_go", "checks", "flagged",

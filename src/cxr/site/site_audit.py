@@ -306,28 +306,39 @@ def films_needed(targets: Targets, confidence: float = CONFIDENCE) -> Needs:
     def rate_n(target: float) -> int:
         return 1 if target <= 0 else _smallest_n(lambda n: lower_bound(n, n, confidence) >= target)
 
-    flagged = 1 if targets.flagged >= 1 else _smallest_n(lambda n: upper_bound(0, n, confidence) <= targets.flagged)
-    return Needs(positives=rate_n(targets.sensitivity), negatives=rate_n(targets.specificity), films=flagged,
-                 confidence=confidence)
+    try:
+        flagged = 1 if targets.flagged >= 1 else _smallest_n(lambda n: upper_bound(0, n, confidence) <= targets.flagged)
+        pos, neg = rate_n(targets.sensitivity), rate_n(targets.specificity)
+    except ValueError:
+        raise InsufficientSample(f"no sample can show sensitivity {targets.sensitivity}, specificity "
+                                 f"{targets.specificity} and at most {targets.flagged:.1%} flagged at its bounds (a "
+                                 "rate target of 1, or a flagged target of 0)") from None
+    return Needs(positives=pos, negatives=neg, films=flagged, confidence=confidence)
 
 
 def auc_targets_need(targets: Targets, n_pos: int | None = None, n_neg: int | None = None,
-                     confidence: float = CONFIDENCE) -> dict[str, float | None]:
+                     confidence: float = CONFIDENCE) -> dict[str, Any]:
     """The ROC AUC a model needs before one threshold can give the sensitivity and specificity targets together
     (binormal, equal variances: :func:`cxr.core.stats.binormal_auc`): ``in_truth`` at the targets themselves, and
     ``at_bounds`` at the rates a sample of ``n_pos`` Pneumonia and ``n_neg`` Normal films must show for its one-sided
-    exact bounds to reach them (:func:`cxr.core.stats.rate_to_show`; ``None``: no such rates, or no counts). About,
-    not exact: real scores are not binormal, and a patient bootstrap's bound can be more cautious."""
+    exact bounds to reach them (:func:`cxr.core.stats.rate_to_show`). ``at_bounds`` is ``None`` without counts, and
+    where only every film right would do (``bounds_need``: ``"every film right"``) or nothing would (``"more
+    films"``). About, not exact: real scores are not binormal, and a patient bootstrap's bound can be more
+    cautious."""
     if not (0 < targets.sensitivity < 1 and 0 < targets.specificity < 1):
-        return {"in_truth": None, "at_bounds": None}
+        return {"in_truth": None, "at_bounds": None, "bounds_need": None}
     truth = stats.binormal_auc(targets.sensitivity, targets.specificity)
-    at_bounds = None
+    at_bounds, bounds_need = None, None
     if n_pos and n_neg:
         sens = stats.rate_to_show(targets.sensitivity, n_pos, confidence)
         spec = stats.rate_to_show(targets.specificity, n_neg, confidence)
-        if sens is not None and spec is not None and sens < 1 and spec < 1:
+        if sens is None or spec is None:
+            bounds_need = "more films"
+        elif sens == 1 or spec == 1:
+            bounds_need = "every film right"
+        else:
             at_bounds = stats.binormal_auc(sens, spec)
-    return {"in_truth": truth, "at_bounds": at_bounds}
+    return {"in_truth": truth, "at_bounds": at_bounds, "bounds_need": bounds_need}
 
 
 def patients_by_class(films: Sequence[Any]) -> tuple[int, int, int]:
@@ -615,7 +626,9 @@ def _reach_text(result: dict) -> str:
     at = need.get("at_bounds")
     return (f"sensitivity {_fmt(result['targets']['sensitivity'], 2)} and specificity "
             f"{_fmt(result['targets']['specificity'], 2)} together need a ROC AUC of about {_fmt(need['in_truth'])} "
-            + (f"in truth and {_fmt(at)} for this sample's bounds to show them " if at is not None else "in truth ")
+            + (f"in truth and {_fmt(at)} for this sample's bounds to show them " if at is not None else
+               f"in truth, and {need['bounds_need']} for this sample's bounds to show them " if need.get("bounds_need")
+               else "in truth ")
             + f"(binormal, equal variances); this model reads {_fmt(result['roc_auc']['value'])}")
 
 
