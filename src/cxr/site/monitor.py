@@ -475,17 +475,15 @@ def monitor(opts: MonitorOptions) -> tuple[dict, str]:
         if own is not None:  # the site's hospital, at its prevalence: every check judged
             against = f"{folder.name}'s claims and {own['what']}"
             checks = compare(judged, own, threshold, alpha=opts.alpha, rules=rules, judge_case_mix=True)
-            if state is not None:
-                pc = _positive_check(judged, state.expectations, threshold, opts.alpha)
-                checks = [c for c in checks if c.name != "positive_rate"] + ([pc] if pc else [])
         else:
             checks = [replace(c, moved=False, judged=False) for c in
                       compare(judged, reference, threshold, alpha=opts.alpha, rules=rules, judge_case_mix=False)]
-        if own is None and state is not None and opts.prevalence is not None:
+        if state is not None and opts.prevalence is not None:  # the positive rate: against the claims
             pc = _positive_check(judged, state.expectations, threshold, opts.alpha)
             checks = [c for c in checks if c.name != "positive_rate"] + ([pc] if pc else [])
-            against = (f"{folder.name}'s claims at prevalence {opts.prevalence:.3f} (positive rate; the rest "
-                       "shown, not judged)")
+            if own is None:
+                against = (f"{folder.name}'s claims at prevalence {opts.prevalence:.3f} (positive rate; the rest "
+                           "shown, not judged)")
     result = report(checks, batch=str(opts.predictions), model=folder.name, n_rows=len(judged),
                     header_refused=header_refused, threshold=threshold, against=against)
     if state is not None:
